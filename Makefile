@@ -1,0 +1,60 @@
+# Mesh: `make run` starts a local mesh, `make test` runs every test.
+# Both set up what they need first (virtualenv, packages, generated code, etcd,
+# grpcurl, redis-server, the Node.js example's packages).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+GEN    := generated/.stamp
+PROTOS := $(shell find protos -name '*.proto')
+NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
+
+.PHONY: setup generate run test bench lint clean
+
+setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) redis-server
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Code generation must run before the editable install, which maps the
+	# `mesh` package onto generated/mesh.
+	$(PY) -m pip install --quiet "grpcio-tools>=1.85,<2" "mypy-protobuf>=3.6"
+	$(PY) tools/generate.py
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(GEN) $@
+
+$(GEN): $(PROTOS) tools/generate.py | $(STAMP)
+	$(PY) tools/generate.py
+	touch $@
+
+generate: $(STAMP)
+	$(PY) tools/generate.py
+	touch $(GEN)
+
+$(NODE_EXAMPLE): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+
+# Debian's redis-server, for the benchmark's baseline and the global rate limiter.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: install Debian's redis-server package" >&2; exit 1; fi; }
+
+run: setup
+	$(BIN)/meshctl up --nodes 3
+
+test: setup lint
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+clean:
+	rm -rf $(VENV) generated clients/node/node_modules .pytest_cache .mypy_cache .ruff_cache

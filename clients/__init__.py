@@ -1,0 +1,49 @@
+"""The typed Python client for Mesh.
+
+    async with Mesh(etcd="127.0.0.1:2379") as mesh:
+        await mesh.cache.set("greeting", "hello", ttl=60)
+        print(await mesh.cache.get("greeting"))
+
+``clients.sync.SyncMesh`` offers the same calls without asyncio.
+"""
+
+from clients.cache import CacheEntry, CacheEvent, EventType, NodeStats
+from clients.errors import (
+    ConflictError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    KeyExistsError,
+    MeshError,
+    NoNodesError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UnimplementedError,
+    VersionMismatchError,
+    WatchGapError,
+)
+from clients.mesh import Mesh
+
+__all__ = [
+    "CacheEntry",
+    "CacheEvent",
+    "ConflictError",
+    "DeadlineExceededError",
+    "EventType",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "KeyExistsError",
+    "Mesh",
+    "MeshError",
+    "NoNodesError",
+    "NodeStats",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "VersionMismatchError",
+    "WatchGapError",
+]

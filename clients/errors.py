@@ -1,0 +1,168 @@
+"""The exceptions the Mesh client raises: one hierarchy, rooted at MeshError.
+
+::
+
+    MeshError
+    ├── InvalidArgumentError        bad input; .field_violations names the fields
+    ├── ConflictError               a conditional write's condition failed (re-read, retry)
+    │   ├── KeyExistsError          only_if_absent, and the key exists
+    │   └── VersionMismatchError    only_if_version, and .current_version differs
+    ├── NotFoundError
+    ├── FailedPreconditionError     the system is not in a state to do this; don't retry as is
+    ├── ResourceExhaustedError      overload or a limit (cache full, too many watches); back off
+    ├── UnavailableError            the node could not be reached; safe calls were retried
+    │   └── NoNodesError            no node offers the service
+    ├── DeadlineExceededError       the call's deadline passed
+    ├── WatchGapError               a watch stream lost .missed changes (the reader was too slow)
+    ├── UnimplementedError          the node does not implement this call (yet)
+    └── InternalError               a bug or an unexpected server failure
+
+Each carries the gRPC ``code``, the server's stable ``reason`` (``ErrorInfo.reason``,
+e.g. ``VERSION_MISMATCH``) and the ``ErrorInfo.metadata``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class MeshError(Exception):
+    """Base class of every error raised by the Mesh client."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgumentError(MeshError):
+    """The request was malformed. ``field_violations`` maps each bad field to why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = grpc.StatusCode.INVALID_ARGUMENT,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, reason=reason, metadata=metadata)
+        self.field_violations: dict[str, str] = dict(field_violations or {})
+
+
+class ConflictError(MeshError):
+    """A conditional write did not apply: read the current state and decide again."""
+
+
+class KeyExistsError(ConflictError):
+    """``only_if_absent`` was set and the key exists."""
+
+
+class VersionMismatchError(ConflictError):
+    """``only_if_version`` did not match; ``current_version`` is the version now (0 = absent)."""
+
+    @property
+    def current_version(self) -> int:
+        return int(self.metadata.get("current_version", "0"))
+
+
+class NotFoundError(MeshError):
+    """The named thing does not exist."""
+
+
+class FailedPreconditionError(MeshError):
+    """The system is not in a state that allows the call; retrying it as is won't help."""
+
+
+class ResourceExhaustedError(MeshError):
+    """Overload or a configured limit; back off before retrying."""
+
+
+class UnavailableError(MeshError):
+    """The node could not be reached (or is shutting down). Safe calls were already retried."""
+
+
+class NoNodesError(UnavailableError):
+    """No live node offers the service."""
+
+
+class DeadlineExceededError(MeshError):
+    """The call's deadline passed before it completed; it may or may not have applied."""
+
+
+class WatchGapError(MeshError):
+    """A watch stream dropped ``missed`` changes because it was read too slowly."""
+
+    def __init__(self, message: str, *, missed: int) -> None:
+        super().__init__(message)
+        self.missed = missed
+
+
+class UnimplementedError(MeshError):
+    """The node does not implement this call."""
+
+
+class InternalError(MeshError):
+    """An unexpected failure on the server (or a status this client does not know)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.ALREADY_EXISTS: KeyExistsError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+}
+_BY_REASON: dict[str, type[MeshError]] = {
+    "VERSION_MISMATCH": VersionMismatchError,
+    "KEY_EXISTS": KeyExistsError,
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> MeshError:
+    """Translate a gRPC error, reading the google.rpc.Status details if present."""
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or code.name
+    reason = ""
+    metadata: dict[str, str] = {}
+    violations: dict[str, str] = {}
+    for key, value in error.trailing_metadata() or ():
+        if key != _DETAILS_KEY:
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+                metadata = dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = {v.field: v.description for v in bad.field_violations}
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, InternalError)
+    if cls is InvalidArgumentError:
+        return InvalidArgumentError(
+            message, code=code, reason=reason, metadata=metadata, field_violations=violations
+        )
+    return cls(message, code=code, reason=reason, metadata=metadata)

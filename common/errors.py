@@ -1,0 +1,111 @@
+"""Error reasons and the helpers that put them on the wire.
+
+Every error a Mesh service returns is a canonical gRPC status with a
+``google.rpc.Status`` in the trailers carrying an ``ErrorInfo`` (a stable
+UPPER_SNAKE ``reason`` in the ``mesh`` domain) and, for bad input, a
+``BadRequest`` listing each offending field. Clients map them back with
+``clients.errors``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "mesh"
+
+
+class Reason(enum.StrEnum):
+    """Stable machine-readable error reasons (``ErrorInfo.reason``)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    KEY_EXISTS = "KEY_EXISTS"
+    VERSION_MISMATCH = "VERSION_MISMATCH"
+    NOT_AN_INTEGER = "NOT_AN_INTEGER"
+    INTEGER_OVERFLOW = "INTEGER_OVERFLOW"
+    CACHE_FULL = "CACHE_FULL"
+    WATCH_LIMIT = "WATCH_LIMIT"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    WRONG_OWNER = "WRONG_OWNER"
+    STALE_EPOCH = "STALE_EPOCH"
+    NOT_ENOUGH_REPLICAS = "NOT_ENOUGH_REPLICAS"
+    LOCK_NOT_HELD = "LOCK_NOT_HELD"
+    LEASE_LOST = "LEASE_LOST"
+
+
+class MeshStatusError(Exception):
+    """Raised inside a servicer to end the call with a rich status.
+
+    The server-side error interceptor turns it into the wire status; raising
+    (rather than awaiting ``context.abort``) keeps domain code free of gRPC context.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: Reason,
+        metadata: Mapping[str, str] | None = None,
+        violations: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.violations = dict(violations or {})
+
+    def to_status(self) -> grpc.Status:
+        details = []
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason.value, domain=DOMAIN, metadata=self.metadata
+        )
+        details.append(_pack(info))
+        if self.violations:
+            bad = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in self.violations.items()
+                ]
+            )
+            details.append(_pack(bad))
+        proto = status_pb2.Status(
+            code=_CODE_NUMBERS[self.code], message=self.message, details=details
+        )
+        return rpc_status.to_status(proto)
+
+
+def invalid_argument(field: str, description: str) -> MeshStatusError:
+    """INVALID_ARGUMENT naming one field, e.g. ``invalid_argument("key", "must not be empty")``."""
+    return MeshStatusError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{field}: {description}",
+        Reason.INVALID_ARGUMENT,
+        metadata={"field": field},
+        violations={field: description},
+    )
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+_CODE_NUMBERS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
+    grpc.StatusCode.ABORTED: code_pb2.ABORTED,
+    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
+    grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+    grpc.StatusCode.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
+}

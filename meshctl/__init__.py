@@ -1,0 +1,1 @@
+"""meshctl: the command a person uses to run and inspect a Mesh."""

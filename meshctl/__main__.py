@@ -1,0 +1,105 @@
+"""``meshctl``: run a local mesh and talk to one.
+
+    meshctl up --nodes 3          etcd + N nodes on free ports; Ctrl-C stops all of it
+    meshctl status                the registered nodes, their health and cache size
+    meshctl cache get KEY
+    meshctl cache set KEY VALUE [--ttl SECONDS] [--if-absent] [--if-version N]
+    meshctl cache del KEY
+
+Every command but ``up`` finds the mesh through ``--etcd`` (default
+``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
+``$MESH_CLUSTER``, else ``mesh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from clients import Mesh, MeshError
+from meshctl.up import run_up
+
+
+def _mesh(args: argparse.Namespace) -> Mesh:
+    return Mesh(etcd=args.etcd, cluster=args.cluster, timeout=args.timeout)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from meshctl.status import print_status
+
+    async with _mesh(args) as mesh:
+        return await print_status(mesh)
+
+
+async def _cache(args: argparse.Namespace) -> int:
+    async with _mesh(args) as mesh:
+        if args.cache_command == "get":
+            entry = await mesh.cache.get_entry(args.key)
+            if entry is None:
+                print("(nil)")
+                return 1
+            sys.stdout.buffer.write(entry.value + b"\n")
+            print(f"# version {entry.version}"
+                  + (f", expires at {entry.expire_at:.3f}" if entry.expire_at else ""),
+                  file=sys.stderr)
+        elif args.cache_command == "set":
+            version = await mesh.cache.set(
+                args.key, args.value, ttl=args.ttl, only_if_absent=args.if_absent,
+                only_if_version=args.if_version)
+            print(f"OK version {version}")
+        elif args.cache_command == "del":
+            print("deleted" if await mesh.cache.delete(args.key) else "not found")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshctl", description="Run and inspect a Mesh.")
+    p.add_argument("--etcd", default=os.environ.get("MESH_ETCD_ENDPOINTS", "127.0.0.1:2379"),
+                   help="etcd endpoints (MESH_ETCD_ENDPOINTS)")
+    p.add_argument("--cluster", default=os.environ.get("MESH_CLUSTER", "mesh"),
+                   help="cluster name (MESH_CLUSTER)")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline per call, seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local mesh until Ctrl-C")
+    up.add_argument("--nodes", type=int, default=3, help="how many nodes")
+    up.add_argument("--etcd-port", type=int, default=2379,
+                    help="etcd client port; a free one if taken (0 = always a free one)")
+    up.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL, seconds")
+    up.add_argument("--no-status", action="store_true", help="no live status line")
+
+    sub.add_parser("status", help="show nodes, health and cache sizes")
+
+    cache = sub.add_parser("cache", help="cache calls")
+    csub = cache.add_subparsers(dest="cache_command", required=True)
+    get = csub.add_parser("get", help="print a key's value")
+    get.add_argument("key")
+    set_ = csub.add_parser("set", help="write a key")
+    set_.add_argument("key")
+    set_.add_argument("value")
+    set_.add_argument("--ttl", type=float, default=None, help="seconds")
+    set_.add_argument("--if-absent", action="store_true")
+    set_.add_argument("--if-version", type=int, default=0)
+    delete = csub.add_parser("del", help="delete a key")
+    delete.add_argument("key")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return run_up(args)
+        if args.command == "status":
+            return asyncio.run(_status(args))
+        return asyncio.run(_cache(args))
+    except MeshError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""Starting and stopping local etcd and node processes.
+
+Used by ``meshctl up``, the test fixtures and the benchmark, so all three run
+the mesh the same way. Children are tied to their parent with
+``PR_SET_PDEATHSIG``: if the parent dies, even by SIGKILL, the kernel kills
+them too, so no run leaves orphan processes behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # Own process group: a terminal's Ctrl-C reaches only the launcher, which then
+    # stops the children in order (nodes first, so they can still revoke their
+    # etcd leases, then etcd).
+    os.setpgid(0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tool(name: str) -> str:
+    """Path of a binary installed in this virtualenv (etcd, grpcurl), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found; run `make setup`")
+    return found
+
+
+class ProcessError(RuntimeError):
+    """A child process failed to start or exited unexpectedly."""
+
+
+@dataclass
+class Child:
+    """One child process with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            # A SIGSTOPped child would ignore SIGTERM until continued.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait_for_line(self, prefix: str, timeout: float) -> str:
+        """Wait until the child's log has a line starting with ``prefix``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                for line in self.log_path.read_text(errors="replace").splitlines():
+                    if line.startswith(prefix):
+                        return line
+            except FileNotFoundError:
+                pass
+            if not self.alive():
+                raise ProcessError(f"{self.name} exited early:\n{self.log_tail()}")
+            time.sleep(0.05)
+        raise ProcessError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+
+@dataclass
+class Etcd:
+    """A single-member etcd for development and tests, data in a temp dir."""
+
+    workdir: Path
+    client_port: int = 0
+    child: Child | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.client_port = self.client_port or free_port()
+        peer_port = free_port()
+        data = self.workdir / "etcd-data"
+        argv = [
+            tool("etcd"), "--name", "mesh-dev", "--data-dir", str(data),
+            "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"mesh-dev=http://127.0.0.1:{peer_port}",
+            # Short raft timers: 1 s leases work, so failover takes seconds.
+            "--heartbeat-interval", "50", "--election-timeout", "250",
+            "--log-level", "warn",
+        ]
+        self.child = Child("etcd", argv, self.workdir / "etcd.log")
+        self.child.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.child.alive():
+                raise ProcessError(f"etcd exited early:\n{self.child.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.client_port), timeout=0.2
+            ):
+                if _etcd_healthy(self.endpoint):
+                    return
+            time.sleep(0.05)
+        raise ProcessError(f"etcd not ready after {timeout}s:\n{self.child.log_tail()}")
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
+def _etcd_healthy(endpoint: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=0.5) as r:
+            return bool(json.loads(r.read()).get("health") == "true")
+    except OSError:
+        return False
+
+
+@dataclass
+class NodeProcess:
+    """One ``python -m nodes`` child."""
+
+    node_id: str
+    child: Child
+    address: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+
+@dataclass
+class LocalMesh:
+    """etcd plus N nodes on free ports, all children of this process."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mesh-")))
+    cluster: str = "mesh"
+    etcd: Etcd | None = None
+    etcd_endpoint: str = ""
+    nodes: list[NodeProcess] = field(default_factory=list)
+    lease_ttl: int = 5
+    _owns_workdir: bool = True
+
+    def start_etcd(self, port: int = 0) -> str:
+        self.etcd = Etcd(self.workdir, client_port=port)
+        self.etcd.start()
+        self.etcd_endpoint = self.etcd.endpoint
+        return self.etcd_endpoint
+
+    def start_node(
+        self, node_id: str | None = None, extra: Sequence[str] = (), timeout: float = 30.0
+    ) -> NodeProcess:
+        node_id = node_id or f"node-{len(self.nodes) + 1}"
+        argv = [
+            sys.executable, "-m", "nodes", "--listen", "127.0.0.1:0",
+            "--etcd", self.etcd_endpoint, "--cluster", self.cluster, "--node-id", node_id,
+            "--lease-ttl", str(self.lease_ttl),
+            "--data-dir", str(self.workdir / node_id), *extra,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = Child(node_id, argv, self.workdir / f"{node_id}.log", env=env)
+        child.start()
+        node = NodeProcess(node_id, child)
+        self.nodes.append(node)
+        line = child.wait_for_line("READY ", timeout)
+        node.address = json.loads(line.removeprefix("READY "))["address"]
+        return node
+
+    def start_nodes(self, count: int, extra: Sequence[str] = ()) -> list[NodeProcess]:
+        return [self.start_node(extra=extra) for _ in range(count)]
+
+    def stop(self) -> None:
+        """Stop every node, then etcd; remove the temp dir if we made it."""
+        for node in self.nodes:
+            node.child.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def logs(self) -> str:
+        parts = []
+        for node in self.nodes:
+            parts.append(f"--- {node.node_id} ---\n{node.child.log_tail()}")
+        if self.etcd is not None and self.etcd.child is not None:
+            parts.append(f"--- etcd ---\n{self.etcd.child.log_tail(10)}")
+        return "\n".join(parts)

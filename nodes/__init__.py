@@ -1,0 +1,1 @@
+"""The Mesh node: one grpc.aio server hosting the services, registered in etcd."""

@@ -1,0 +1,326 @@
+"""Eviction policies: which key a full cache gives up first.
+
+A policy only orders keys; it holds no values and makes no decision about *when*
+to evict. The store tells it about every write (`on_insert`, which also carries the
+key's expiry), read (`on_access`) and removal (`on_remove`), and asks it for
+victims in order (`candidates`) or just the first one (`victim`).
+
+All hooks are O(1) (amortised O(log n) for volatile-ttl, which keeps a heap).
+Policies are deterministic: the same sequence of calls yields the same victims, so
+replicas that replay the same commands agree.
+"""
+
+from __future__ import annotations
+
+import heapq
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import ClassVar
+
+__all__ = [
+    "POLICY_NAMES",
+    "EvictionPolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "NoEvictionPolicy",
+    "VolatileTTLPolicy",
+    "make_policy",
+]
+
+
+class EvictionPolicy(ABC):
+    """Orders the keys of one store for eviction.
+
+    Contract with the store:
+
+    * ``on_insert(key, expire_at)`` after every write of ``key`` -- both a new key
+      and an overwrite of a tracked one (an overwrite counts as a use and updates
+      the expiry). ``expire_at`` is the absolute expiry or None.
+    * ``on_access(key)`` after every successful read of a tracked key.
+    * ``on_remove(key)`` when the key leaves the store (delete, expiry, eviction).
+      Unknown keys are ignored.
+    * ``victim()`` the key to evict first, or None when the policy offers none.
+      It does not remove the key: the store evicts it and then calls on_remove.
+    * ``candidates()`` every evictable key, best victim first, lazily. The store
+      must not call the other hooks while iterating.
+    """
+
+    __slots__ = ()
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+        """Record a write of ``key`` (new or overwritten) expiring at ``expire_at``."""
+
+    @abstractmethod
+    def on_access(self, key: str) -> None:
+        """Record a read of a tracked ``key``."""
+
+    @abstractmethod
+    def on_remove(self, key: str) -> None:
+        """Forget ``key``; a key the policy does not track is ignored."""
+
+    @abstractmethod
+    def victim(self) -> str | None:
+        """The key to evict first, or None when there is no candidate."""
+
+    @abstractmethod
+    def candidates(self) -> Iterator[str]:
+        """All evictable keys, best victim first."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The number of evictable keys."""
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used (read or written) first."""
+
+    __slots__ = ("_order",)
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        # Oldest first; the values are unused.
+        self._order: OrderedDict[str, None] = OrderedDict()
+
+    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+        else:
+            order[key] = None
+
+    def on_access(self, key: str) -> None:
+        self._order.move_to_end(key)
+
+    def on_remove(self, key: str) -> None:
+        self._order.pop(key, None)
+
+    def victim(self) -> str | None:
+        return next(iter(self._order), None)
+
+    def candidates(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class _Bucket:
+    """The keys used exactly ``freq`` times, least recently used first.
+
+    Buckets form a circular doubly linked list in increasing ``freq`` order, so
+    the lowest frequency, and the next one up, are always one step away.
+    """
+
+    __slots__ = ("freq", "keys", "next", "prev")
+
+    def __init__(self, freq: int) -> None:
+        self.freq = freq
+        self.keys: OrderedDict[str, None] = OrderedDict()
+        self.prev: _Bucket = self
+        self.next: _Bucket = self
+
+
+class LFUPolicy(EvictionPolicy):
+    """Least frequently used first; ties go to the least recently used.
+
+    O(1) for every hook (the constant-time LFU of Shah, Mitra and Matani): a
+    linked list of frequency buckets, each an OrderedDict in recency order.
+    Removing an arbitrary key never requires a search for the next minimum.
+    A write counts as a use, as a read does; a new key starts at frequency 1.
+    """
+
+    __slots__ = ("_bucket_of", "_head")
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._head = _Bucket(0)  # sentinel; head.next is the lowest frequency
+        self._bucket_of: dict[str, _Bucket] = {}
+
+    @staticmethod
+    def _insert_after(prev: _Bucket, freq: int) -> _Bucket:
+        bucket = _Bucket(freq)
+        nxt = prev.next
+        bucket.prev = prev
+        bucket.next = nxt
+        prev.next = bucket
+        nxt.prev = bucket
+        return bucket
+
+    @staticmethod
+    def _unlink(bucket: _Bucket) -> None:
+        bucket.prev.next = bucket.next
+        bucket.next.prev = bucket.prev
+
+    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+        if key in self._bucket_of:
+            self.on_access(key)
+            return
+        head = self._head
+        first = head.next
+        if first is head or first.freq != 1:
+            first = self._insert_after(head, 1)
+        first.keys[key] = None
+        self._bucket_of[key] = first
+
+    def on_access(self, key: str) -> None:
+        bucket = self._bucket_of[key]
+        target = bucket.next
+        freq = bucket.freq + 1
+        if target is self._head or target.freq != freq:
+            target = self._insert_after(bucket, freq)
+        del bucket.keys[key]
+        target.keys[key] = None
+        self._bucket_of[key] = target
+        if not bucket.keys:
+            self._unlink(bucket)
+
+    def on_remove(self, key: str) -> None:
+        bucket = self._bucket_of.pop(key, None)
+        if bucket is None:
+            return
+        del bucket.keys[key]
+        if not bucket.keys:
+            self._unlink(bucket)
+
+    def victim(self) -> str | None:
+        first = self._head.next
+        if first is self._head:
+            return None
+        return next(iter(first.keys))
+
+    def candidates(self) -> Iterator[str]:
+        head = self._head
+        bucket = head.next
+        while bucket is not head:
+            yield from bucket.keys
+            bucket = bucket.next
+
+    def frequency(self, key: str) -> int:
+        """How many times ``key`` was used (0 if untracked); for tests and stats."""
+        bucket = self._bucket_of.get(key)
+        return 0 if bucket is None else bucket.freq
+
+    def __len__(self) -> int:
+        return len(self._bucket_of)
+
+
+class VolatileTTLPolicy(EvictionPolicy):
+    """Among keys with an expiry, the one expiring soonest first.
+
+    Keys without an expiry are never candidates. A heap of
+    ``(expire_at, seq, key)`` with lazy deletion: an entry is live only while
+    ``seq`` is the key's current sequence number, so a key whose expiry changed
+    or that was removed leaves a stale entry that is skipped (and compacted away
+    once stale entries outnumber live ones). Equal expiries go to the key whose
+    expiry was set first.
+    """
+
+    __slots__ = ("_current", "_heap", "_seq")
+
+    name = "volatile-ttl"
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._current: dict[str, int] = {}  # key -> seq of its live heap entry
+        self._seq = 0
+
+    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+        if expire_at is None:
+            self.on_remove(key)
+            return
+        self._seq += 1
+        self._current[key] = self._seq
+        heapq.heappush(self._heap, (expire_at, self._seq, key))
+        if len(self._heap) > 2 * len(self._current) + 64:
+            self._compact()
+
+    def on_access(self, key: str) -> None:
+        pass
+
+    def on_remove(self, key: str) -> None:
+        if self._current.pop(key, None) is not None and not self._current:
+            self._heap.clear()
+
+    def _compact(self) -> None:
+        current = self._current
+        self._heap = [item for item in self._heap if current.get(item[2]) == item[1]]
+        heapq.heapify(self._heap)
+
+    def victim(self) -> str | None:
+        heap = self._heap
+        current = self._current
+        while heap:
+            _, seq, key = heap[0]
+            if current.get(key) == seq:
+                return key
+            heapq.heappop(heap)
+        return None
+
+    def candidates(self) -> Iterator[str]:
+        # Best-first walk of the heap tree: yields in heap order without popping.
+        heap = self._heap
+        current = self._current
+        if not heap:
+            return
+        frontier: list[tuple[tuple[float, int, str], int]] = [(heap[0], 0)]
+        size = len(heap)
+        while frontier:
+            item, index = heapq.heappop(frontier)
+            if current.get(item[2]) == item[1]:
+                yield item[2]
+            for child in (2 * index + 1, 2 * index + 2):
+                if child < size:
+                    heapq.heappush(frontier, (heap[child], child))
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+
+class NoEvictionPolicy(EvictionPolicy):
+    """Never evicts: a write over the limit fails."""
+
+    __slots__ = ()
+
+    name = "noeviction"
+
+    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+        pass
+
+    def on_access(self, key: str) -> None:
+        pass
+
+    def on_remove(self, key: str) -> None:
+        pass
+
+    def victim(self) -> str | None:
+        return None
+
+    def candidates(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_POLICIES: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, VolatileTTLPolicy, NoEvictionPolicy)
+}
+
+POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
+"""The accepted policy names: "lru", "lfu", "volatile-ttl", "noeviction"."""
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    """A fresh policy by name (case-insensitive; "_" may stand for "-")."""
+    cls = _POLICIES.get(name.strip().lower().replace("_", "-"))
+    if cls is None:
+        raise ValueError(
+            f"unknown eviction policy {name!r}; expected one of {', '.join(POLICY_NAMES)}"
+        )
+    return cls()

@@ -1,0 +1,636 @@
+"""The cache's state machine: one in-memory key/value store with TTLs and limits.
+
+`CacheStore` is deterministic given its inputs and its clock: every decision that
+depends on time reads the injected ``clock`` (once per operation), and every state
+change is numbered (the store's ``revision``) and reported to listeners as a
+`Change`, so the same store can later run per slot and be replicated by shipping
+its changes.
+
+Rules the whole module keeps:
+
+* An operation that raises changes nothing (conditions and room are checked before
+  the first mutation).
+* An expired key is never returned or counted as present; it leaves the store
+  (with an EXPIRE change) on the first read or write that meets it, when room is
+  needed, or when `expire_due` sweeps it.
+* A key's version is the revision of its last write, so versions strictly
+  increase and are never reused, even after a delete.
+* Memory: an entry costs ``len(key.encode()) + len(value) + ENTRY_OVERHEAD``.
+  Limits cover everything held, including expired keys not yet swept; expired keys
+  are reclaimed before live keys are evicted.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from nodes.cache.eviction import EvictionPolicy, make_policy
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "CacheError",
+    "CacheFullError",
+    "CacheStats",
+    "CacheStore",
+    "Change",
+    "ChangeType",
+    "Entry",
+    "IntegerOverflowError",
+    "KeyExistsError",
+    "NotAnIntegerError",
+    "VersionMismatchError",
+]
+
+log = logging.getLogger(__name__)
+
+ENTRY_OVERHEAD = 64
+"""Bytes accounted to every entry on top of its key and value."""
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_INTEGER = re.compile(rb"-?[0-9]{1,19}")
+
+
+# -- data --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored value. ``version`` is the revision of the write that made it."""
+
+    value: bytes
+    version: int
+    expire_at: float | None
+
+
+class ChangeType(enum.Enum):
+    """What happened to a key."""
+
+    SET = "set"
+    DELETE = "delete"
+    EXPIRE = "expire"
+    EVICT = "evict"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One state change. ``value`` and ``expire_at`` are set for SET only."""
+
+    type: ChangeType
+    key: str
+    value: bytes
+    revision: int
+    expire_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of the store's counters; entries and bytes count live keys only."""
+
+    entries: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    expirations: int
+    policy: str
+    revision: int
+
+
+# -- errors ------------------------------------------------------------------
+
+
+class CacheError(Exception):
+    """Base of every error the store raises on purpose."""
+
+
+class KeyExistsError(CacheError):
+    """An only_if_absent write met a live key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key {key!r} already exists")
+        self.key = key
+
+
+class VersionMismatchError(CacheError):
+    """An only_if_version condition failed; ``current_version`` is 0 if the key is absent."""
+
+    def __init__(self, key: str, current_version: int, expected_version: int) -> None:
+        super().__init__(f"key {key!r} is at version {current_version}, not {expected_version}")
+        self.key = key
+        self.current_version = current_version
+        self.expected_version = expected_version
+
+
+class CacheFullError(CacheError):
+    """The limits cannot be met by eviction; nothing was changed."""
+
+
+class NotAnIntegerError(CacheError):
+    """Incr met a value that is not a decimal signed 64-bit integer."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the value of key {key!r} is not a decimal 64-bit integer")
+        self.key = key
+
+
+class IntegerOverflowError(CacheError):
+    """Incr's result does not fit a signed 64-bit integer."""
+
+    def __init__(self, key: str, current: int, delta: int) -> None:
+        super().__init__(f"incrementing key {key!r} ({current}) by {delta} overflows 64 bits")
+        self.key = key
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _size(key: str, value: bytes) -> int:
+    # isascii() is O(1) on CPython's compact strings: no encode for ASCII keys.
+    return (len(key) if key.isascii() else len(key.encode())) + len(value) + ENTRY_OVERHEAD
+
+
+def _expire_at(ttl: float | None, now: float) -> float | None:
+    if ttl is None or ttl == 0:
+        return None
+    if not math.isfinite(ttl) or ttl < 0:
+        raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
+    return now + ttl
+
+
+def _check_limit(name: str, value: int) -> int:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = unlimited), got {value}")
+    return value
+
+
+def _check_version(only_if_version: int) -> None:
+    if only_if_version < 0:
+        raise ValueError(f"only_if_version must be >= 0, got {only_if_version}")
+
+
+_SET = ChangeType.SET
+_DELETE = ChangeType.DELETE
+_EXPIRE = ChangeType.EXPIRE
+_EVICT = ChangeType.EVICT
+
+
+# -- the store ---------------------------------------------------------------
+
+
+class CacheStore:
+    """A key/value store with TTLs, versions, memory limits and eviction.
+
+    Not thread-safe: call it from one thread (the node's event loop).
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_clock",
+        "_data",
+        "_delivering",
+        "_evictions",
+        "_expirations",
+        "_expiry",
+        "_hits",
+        "_listeners",
+        "_max_bytes",
+        "_max_entries",
+        "_misses",
+        "_next_listener_id",
+        "_pending",
+        "_policy",
+        "_revision",
+        "_subscriptions",
+        "_touch",
+        "_volatile",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 0,
+        max_bytes: int = 0,
+        policy: str = "lru",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._max_entries = _check_limit("max_entries", max_entries)
+        self._max_bytes = _check_limit("max_bytes", max_bytes)
+        self._policy: EvictionPolicy = make_policy(policy)
+        self._touch = self._policy.on_access
+        self._clock = clock
+        self._data: dict[str, Entry] = {}
+        # (expire_at, key, version); an item is stale unless the key still holds
+        # exactly that version. Stale items are skipped, and compacted away.
+        self._expiry: list[tuple[float, str, int]] = []
+        self._volatile = 0  # entries with an expiry (live items in _expiry)
+        self._bytes = 0  # everything held, expired-but-unswept included
+        self._revision = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._expirations = 0
+        self._subscriptions: dict[int, Callable[[Change], None]] = {}
+        self._listeners: tuple[Callable[[Change], None], ...] = ()
+        self._next_listener_id = 0
+        self._pending: deque[Change] = deque()
+        self._delivering = False
+
+    # -- reading -------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The number of state changes so far (the revision of the last one)."""
+        return self._revision
+
+    @property
+    def policy(self) -> str:
+        """The eviction policy's name."""
+        return self._policy.name
+
+    def get(self, key: str) -> Entry | None:
+        """The live entry for ``key``, or None. An expired key is removed (EXPIRE)."""
+        entry = self._data.get(key)
+        if entry is None:
+            self._misses += 1
+            return None
+        expire_at = entry.expire_at
+        if expire_at is not None and expire_at <= self._clock():
+            self._misses += 1
+            self._remove(key, entry, _EXPIRE)
+            self._flush()
+            return None
+        self._hits += 1
+        self._touch(key)
+        return entry
+
+    def __len__(self) -> int:
+        """Live keys held (expired keys not yet swept are not counted)."""
+        return len(self._data) - sum(1 for _ in self._iter_due(self._clock()))
+
+    def stats(self) -> CacheStats:
+        """Counters and limits; entries and bytes cover live keys only."""
+        due_entries = due_bytes = 0
+        for key, entry in self._iter_due(self._clock()):
+            due_entries += 1
+            due_bytes += _size(key, entry.value)
+        return CacheStats(
+            entries=len(self._data) - due_entries,
+            bytes=self._bytes - due_bytes,
+            max_entries=self._max_entries,
+            max_bytes=self._max_bytes,
+            hits=self._hits,
+            misses=self._misses,
+            evictions=self._evictions,
+            expirations=self._expirations,
+            policy=self._policy.name,
+            revision=self._revision,
+        )
+
+    # -- writing -------------------------------------------------------------
+
+    def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        only_if_absent: bool = False,
+        only_if_version: int = 0,
+    ) -> Entry:
+        """Write ``key``; ttl None or 0 means no expiry. An overwrite replaces the TTL.
+
+        Raises KeyExistsError, VersionMismatchError, CacheFullError (nothing
+        changed), or ValueError for a negative ttl or version, or both conditions.
+        """
+        _check_version(only_if_version)
+        if only_if_absent and only_if_version:
+            raise ValueError("only_if_absent and only_if_version cannot be combined")
+        now = self._clock()
+        expire_at = _expire_at(ttl, now)
+        old = self._data.get(key)
+        live = old is not None and (old.expire_at is None or old.expire_at > now)
+        if only_if_absent and live:
+            raise KeyExistsError(key)
+        if only_if_version:
+            current = old.version if old is not None and live else 0
+            if current != only_if_version:
+                raise VersionMismatchError(key, current, only_if_version)
+        entry = self._write_one(key, value, expire_at, old, now)
+        self._flush()
+        return entry
+
+    def delete(self, key: str, *, only_if_version: int = 0) -> bool:
+        """Remove ``key``; False if it was absent (or expired: then it is swept)."""
+        _check_version(only_if_version)
+        entry = self._data.get(key)
+        if entry is None:
+            if only_if_version:
+                raise VersionMismatchError(key, 0, only_if_version)
+            return False
+        expire_at = entry.expire_at
+        expired = expire_at is not None and expire_at <= self._clock()
+        if only_if_version:
+            current = 0 if expired else entry.version
+            if current != only_if_version:
+                raise VersionMismatchError(key, current, only_if_version)
+        self._remove(key, entry, _EXPIRE if expired else _DELETE)
+        self._flush()
+        return not expired
+
+    def mset(self, items: Sequence[tuple[str, bytes, float | None]]) -> list[int]:
+        """Write every ``(key, value, ttl)`` atomically: all of them or none.
+
+        If a key repeats, its last item wins and is the only one written; every
+        occurrence reports that write's version. Changes are emitted in the order
+        of the winning items.
+        """
+        if not items:
+            return []
+        now = self._clock()
+        expiries = [_expire_at(ttl, now) for _, _, ttl in items]
+        last: dict[str, int] = {}
+        for index, item in enumerate(items):
+            last[item[0]] = index
+        winners = sorted(last.values())
+        data = self._data
+        if self._max_entries or self._max_bytes:
+            sizes = {items[i][0]: _size(items[i][0], items[i][1]) for i in winners}
+            freed_entries = freed_bytes = 0
+            for key in sizes:
+                old = data.get(key)
+                if old is not None:
+                    freed_entries += 1
+                    freed_bytes += _size(key, old.value)
+            if not self._fits(
+                len(data) - freed_entries + len(sizes),
+                self._bytes - freed_bytes + sum(sizes.values()),
+            ):
+                self._make_room(sizes, now)
+        versions: dict[str, int] = {}
+        for index in winners:
+            key, value, _ = items[index]
+            entry = self._put(key, value, expiries[index], data.get(key), now)
+            versions[key] = entry.version
+        self._flush()
+        return [versions[item[0]] for item in items]
+
+    def incr(self, key: str, delta: int, *, ttl: float | None = None) -> tuple[int, int]:
+        """Add ``delta`` to the decimal integer at ``key``; returns (value, version).
+
+        A missing (or expired) key starts at 0 and gets ``ttl``; an existing key
+        keeps its expiry. Raises NotAnIntegerError, IntegerOverflowError,
+        CacheFullError (nothing changed), or ValueError for a bad delta or ttl.
+        """
+        if not INT64_MIN <= delta <= INT64_MAX:
+            raise ValueError(f"delta must be a signed 64-bit integer, got {delta}")
+        now = self._clock()
+        expire_at = _expire_at(ttl, now)
+        old = self._data.get(key)
+        current = 0
+        if old is not None and (old.expire_at is None or old.expire_at > now):
+            raw = old.value
+            if _INTEGER.fullmatch(raw) is None:
+                raise NotAnIntegerError(key)
+            current = int(raw)
+            if not INT64_MIN <= current <= INT64_MAX:
+                raise NotAnIntegerError(key)
+            expire_at = old.expire_at
+        result = current + delta
+        if not INT64_MIN <= result <= INT64_MAX:
+            raise IntegerOverflowError(key, current, delta)
+        entry = self._write_one(key, b"%d" % result, expire_at, old, now)
+        self._flush()
+        return result, entry.version
+
+    # -- expiry --------------------------------------------------------------
+
+    def expire_due(self, max_keys: int = 1000) -> int:
+        """Remove up to ``max_keys`` expired keys (EXPIRE changes); returns how many."""
+        heap = self._expiry
+        data = self._data
+        now = self._clock()
+        removed = 0
+        while removed < max_keys and heap and heap[0][0] <= now:
+            _, key, version = heapq.heappop(heap)
+            entry = data.get(key)
+            if entry is None or entry.version != version:
+                continue  # stale: deleted, expired or rewritten since
+            self._remove(key, entry, _EXPIRE)
+            removed += 1
+        self._flush()
+        return removed
+
+    def next_expiry(self) -> float | None:
+        """When the next key expires (possibly already past), or None."""
+        heap = self._expiry
+        data = self._data
+        while heap:
+            _, key, version = heap[0]
+            entry = data.get(key)
+            if entry is not None and entry.version == version:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    # -- listeners -----------------------------------------------------------
+
+    def add_listener(self, fn: Callable[[Change], None]) -> Callable[[], None]:
+        """Call ``fn`` with every change, in revision order, after the state changed.
+
+        Delivery is synchronous, at the end of the operation that caused it. A
+        listener may call the store; the changes it causes are delivered after
+        the ones already queued, so order holds for every listener. An exception
+        from a listener is logged and does not reach the caller. Returns a
+        function that unsubscribes (calling it again does nothing).
+        """
+        sub_id = self._next_listener_id
+        self._next_listener_id += 1
+        self._subscriptions[sub_id] = fn
+        self._listeners = tuple(self._subscriptions.values())
+
+        def unsubscribe() -> None:
+            if self._subscriptions.pop(sub_id, None) is not None:
+                self._listeners = tuple(self._subscriptions.values())
+
+        return unsubscribe
+
+    # -- internals -----------------------------------------------------------
+
+    def _fits(self, entries: int, nbytes: int) -> bool:
+        return (not self._max_entries or entries <= self._max_entries) and (
+            not self._max_bytes or nbytes <= self._max_bytes
+        )
+
+    def _write_one(
+        self, key: str, value: bytes, expire_at: float | None, old: Entry | None, now: float
+    ) -> Entry:
+        """Make room for one write (or raise CacheFullError untouched), then do it."""
+        if self._max_entries or self._max_bytes:
+            size = _size(key, value)
+            if old is None:
+                fits = self._fits(len(self._data) + 1, self._bytes + size)
+            else:
+                fits = self._fits(len(self._data), self._bytes - _size(key, old.value) + size)
+            if not fits:
+                self._make_room({key: size}, now)
+        return self._put(key, value, expire_at, old, now)
+
+    def _put(
+        self, key: str, value: bytes, expire_at: float | None, old: Entry | None, now: float
+    ) -> Entry:
+        """Store the entry; ``old`` is what the key holds now. Room was made."""
+        if old is not None:
+            old_expire = old.expire_at
+            if old_expire is not None and old_expire <= now:
+                self._remove(key, old, _EXPIRE)
+            else:
+                self._bytes -= _size(key, old.value)
+                if old_expire is not None:
+                    self._volatile -= 1
+        self._revision += 1
+        revision = self._revision
+        entry = Entry(value, revision, expire_at)
+        self._data[key] = entry
+        self._bytes += _size(key, value)
+        self._policy.on_insert(key, expire_at)
+        if expire_at is not None:
+            self._volatile += 1
+            heap = self._expiry
+            heapq.heappush(heap, (expire_at, key, revision))
+            if len(heap) > 2 * self._volatile + 64:
+                self._compact_expiry()
+        if self._listeners:
+            self._pending.append(Change(_SET, key, value, revision, expire_at))
+        return entry
+
+    def _remove(self, key: str, entry: Entry, kind: ChangeType) -> None:
+        del self._data[key]
+        self._bytes -= _size(key, entry.value)
+        if entry.expire_at is not None:
+            self._volatile -= 1
+        self._policy.on_remove(key)
+        self._revision += 1
+        if kind is _EXPIRE:
+            self._expirations += 1
+        elif kind is _EVICT:
+            self._evictions += 1
+        if self._listeners:
+            self._pending.append(Change(kind, key, b"", self._revision, None))
+
+    def _compact_expiry(self) -> None:
+        data = self._data
+        live = []
+        for item in self._expiry:
+            entry = data.get(item[1])
+            if entry is not None and entry.version == item[2]:
+                live.append(item)
+        heapq.heapify(live)
+        self._expiry = live
+
+    def _iter_due(self, now: float) -> Iterator[tuple[str, Entry]]:
+        """Every held key whose expiry is <= now, without changing anything.
+
+        Walks only the part of the heap tree that is due: O(due keys).
+        """
+        heap = self._expiry
+        data = self._data
+        size = len(heap)
+        stack = [0] if heap and heap[0][0] <= now else []
+        while stack:
+            index = stack.pop()
+            expire_at, key, version = heap[index]
+            if expire_at > now:
+                continue
+            entry = data.get(key)
+            if entry is not None and entry.version == version:
+                yield key, entry
+            for child in (2 * index + 1, 2 * index + 2):
+                if child < size:
+                    stack.append(child)
+
+    def _make_room(self, batch: dict[str, int], now: float) -> None:
+        """Free enough room for ``batch`` (key -> new size) or raise, changing nothing.
+
+        Plans first: the batch's own keys free their old size and are never
+        victims; expired keys go first (all of them that are due), then the
+        policy's candidates in order. Only when the plan meets both limits is it
+        carried out, with EXPIRE and EVICT changes.
+        """
+        data = self._data
+        new_entries = len(batch)
+        new_bytes = sum(batch.values())
+        if self._max_entries and new_entries > self._max_entries:
+            raise CacheFullError(
+                f"{new_entries} keys cannot fit in max_entries={self._max_entries}"
+            )
+        if self._max_bytes and new_bytes > self._max_bytes:
+            raise CacheFullError(f"{new_bytes} bytes cannot fit in max_bytes={self._max_bytes}")
+        # What the other keys hold, and how much of it must go.
+        entries = len(data)
+        nbytes = self._bytes
+        for key in batch:
+            old = data.get(key)
+            if old is not None:
+                entries -= 1
+                nbytes -= _size(key, old.value)
+        excess_entries = entries + new_entries - self._max_entries if self._max_entries else 0
+        excess_bytes = nbytes + new_bytes - self._max_bytes if self._max_bytes else 0
+
+        expired: list[tuple[str, Entry]] = []
+        for key, entry in self._iter_due(now):
+            if key not in batch:
+                expired.append((key, entry))
+                excess_entries -= 1
+                excess_bytes -= _size(key, entry.value)
+
+        victims: list[tuple[str, Entry]] = []
+        if excess_entries > 0 or excess_bytes > 0:
+            skip = {key for key, _ in expired}
+            for key in self._policy.candidates():
+                if key in batch or key in skip:
+                    continue
+                entry = data[key]
+                victims.append((key, entry))
+                excess_entries -= 1
+                excess_bytes -= _size(key, entry.value)
+                if excess_entries <= 0 and excess_bytes <= 0:
+                    break
+            else:
+                raise CacheFullError(
+                    f"eviction policy {self._policy.name!r} cannot free room: "
+                    f"{max(excess_entries, 0)} more entries and {max(excess_bytes, 0)} more "
+                    f"bytes needed (max_entries={self._max_entries}, "
+                    f"max_bytes={self._max_bytes})"
+                )
+        for key, entry in expired:
+            self._remove(key, entry, _EXPIRE)
+        for key, entry in victims:
+            self._remove(key, entry, _EVICT)
+
+    def _flush(self) -> None:
+        """Deliver queued changes unless a delivery is already running (re-entry)."""
+        if self._delivering or not self._pending:
+            return
+        self._delivering = True
+        pending = self._pending
+        try:
+            while pending:
+                change = pending.popleft()
+                for fn in self._listeners:
+                    try:
+                        fn(change)
+                    except Exception:
+                        log.exception("cache listener %r failed on change %d", fn, change.revision)
+        finally:
+            self._delivering = False

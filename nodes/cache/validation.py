@@ -1,0 +1,44 @@
+"""Request validation for the cache: every failure names the offending field."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf import duration_pb2
+
+from common.errors import invalid_argument
+
+MAX_KEY_BYTES = 1024
+MAX_BATCH = 1000
+MAX_WATCH_KEYS = 1000
+
+
+def check_key(key: str, field: str = "key") -> None:
+    if not key:
+        raise invalid_argument(field, "must not be empty")
+    # Most keys are short ASCII: skip the encode when even 4 bytes/char would fit.
+    if len(key) * 4 > MAX_KEY_BYTES and len(key.encode()) > MAX_KEY_BYTES:
+        raise invalid_argument(field, f"must be at most {MAX_KEY_BYTES} bytes")
+
+
+def check_value(value: bytes, max_bytes: int, field: str = "value") -> None:
+    if len(value) > max_bytes:
+        raise invalid_argument(field, f"is {len(value)} bytes; the limit is {max_bytes}")
+
+
+def ttl_seconds(request_has_ttl: bool, ttl: duration_pb2.Duration, field: str = "ttl") -> float:
+    """The TTL in seconds, 0.0 for none; negative or malformed durations are rejected."""
+    if not request_has_ttl:
+        return 0.0
+    if ttl.seconds < 0 or ttl.nanos < 0:
+        raise invalid_argument(field, "must not be negative")
+    if ttl.nanos >= 1_000_000_000:
+        raise invalid_argument(field, "nanos must be below 1e9")
+    return ttl.seconds + ttl.nanos / 1e9
+
+
+def check_batch(items: Sequence[object], field: str) -> None:
+    if not items:
+        raise invalid_argument(field, "must not be empty")
+    if len(items) > MAX_BATCH:
+        raise invalid_argument(field, f"has {len(items)} items; the limit is {MAX_BATCH}")

@@ -1,0 +1,113 @@
+"""Node settings: every flag also reads a ``MESH_*`` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+SERVICES = ("cache", "lock", "events", "scheduler")
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    """Per-node cache limits (0 = unlimited)."""
+
+    max_entries: int = 0
+    max_bytes: int = 0
+    max_value_bytes: int = 1 << 20
+    eviction_policy: str = "lru"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start."""
+
+    listen: str = "127.0.0.1:0"
+    advertise: str = ""
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    cluster: str = "mesh"
+    node_id: str = ""
+    services: tuple[str, ...] = SERVICES
+    data_dir: str = ""
+    lease_ttl: int = 5
+    shutdown_grace: float = 10.0
+    max_concurrent_rpcs: int = 1000
+    max_message_bytes: int = 32 << 20
+    cache: CacheLimits = field(default_factory=CacheLimits)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"MESH_{name}", default)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
+    """Build a NodeConfig from flags, falling back to MESH_* variables, then defaults."""
+    d = NodeConfig()
+    p = argparse.ArgumentParser(prog="python -m nodes", description="Run a Mesh node.")
+    p.add_argument("--listen", default=_env("LISTEN", d.listen),
+                   help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
+    p.add_argument("--advertise", default=_env("ADVERTISE", ""),
+                   help="address other processes use to reach this node; "
+                        "default: the bound listen address (MESH_ADVERTISE)")
+    p.add_argument("--etcd", default=_env("ETCD_ENDPOINTS", ",".join(d.etcd_endpoints)),
+                   help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
+    p.add_argument("--cluster", default=_env("CLUSTER", d.cluster),
+                   help="cluster name, the etcd key prefix (MESH_CLUSTER)")
+    p.add_argument("--node-id", default=_env("NODE_ID", ""),
+                   help="stable node id; default: hostname + random suffix (MESH_NODE_ID)")
+    p.add_argument("--services", default=_env("SERVICES", ",".join(d.services)),
+                   help=f"services to host, from {','.join(SERVICES)} (MESH_SERVICES)")
+    p.add_argument("--data-dir", default=_env("DATA_DIR", ""),
+                   help="directory for durable state (MESH_DATA_DIR)")
+    p.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", str(d.lease_ttl))),
+                   help="etcd registration lease, seconds (MESH_LEASE_TTL)")
+    p.add_argument("--shutdown-grace", type=float,
+                   default=float(_env("SHUTDOWN_GRACE", str(d.shutdown_grace))),
+                   help="seconds in-flight calls get to finish on SIGTERM (MESH_SHUTDOWN_GRACE)")
+    p.add_argument("--max-concurrent-rpcs", type=int,
+                   default=int(_env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
+                   help="calls in flight before new ones get RESOURCE_EXHAUSTED "
+                        "(MESH_MAX_CONCURRENT_RPCS)")
+    c = d.cache
+    p.add_argument("--cache-max-entries", type=int,
+                   default=int(_env("CACHE_MAX_ENTRIES", str(c.max_entries))),
+                   help="0 = unlimited (MESH_CACHE_MAX_ENTRIES)")
+    p.add_argument("--cache-max-bytes", type=int,
+                   default=int(_env("CACHE_MAX_BYTES", str(c.max_bytes))),
+                   help="0 = unlimited (MESH_CACHE_MAX_BYTES)")
+    p.add_argument("--cache-max-value-bytes", type=int,
+                   default=int(_env("CACHE_MAX_VALUE_BYTES", str(c.max_value_bytes))),
+                   help="largest value accepted (MESH_CACHE_MAX_VALUE_BYTES)")
+    p.add_argument("--cache-eviction", default=_env("CACHE_EVICTION", c.eviction_policy),
+                   choices=["lru", "lfu", "volatile-ttl", "noeviction"],
+                   help="eviction policy (MESH_CACHE_EVICTION)")
+    a = p.parse_args(argv)
+
+    services = tuple(s.strip() for s in a.services.split(",") if s.strip())
+    unknown = sorted(set(services) - set(SERVICES))
+    if unknown:
+        p.error(f"--services: unknown {', '.join(unknown)}")
+    if a.lease_ttl < 1:
+        p.error("--lease-ttl must be at least 1 second")
+    return NodeConfig(
+        listen=a.listen,
+        advertise=a.advertise,
+        etcd_endpoints=tuple(e.strip() for e in a.etcd.split(",") if e.strip()),
+        cluster=a.cluster,
+        node_id=a.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+        services=services,
+        data_dir=a.data_dir,
+        lease_ttl=a.lease_ttl,
+        shutdown_grace=a.shutdown_grace,
+        max_concurrent_rpcs=a.max_concurrent_rpcs,
+        cache=CacheLimits(
+            max_entries=a.cache_max_entries,
+            max_bytes=a.cache_max_bytes,
+            max_value_bytes=a.cache_max_value_bytes,
+            eviction_policy=a.cache_eviction,
+        ),
+    )

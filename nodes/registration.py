@@ -1,0 +1,90 @@
+"""Keeping this node's key alive in etcd under a lease.
+
+The key disappears when the lease ends: at once when the node revokes it on a
+clean shutdown, or ``ttl`` seconds after the node stops renewing it (crash,
+SIGKILL, network partition). If etcd forgets the lease (etcd restarted from an
+old snapshot, or this process was paused past the TTL) the node registers again
+with a fresh lease, so membership heals without a manual step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aetcd
+
+log = logging.getLogger(__name__)
+
+
+class Registration:
+    """One key in etcd, kept alive for as long as ``start()``..``close()`` runs."""
+
+    def __init__(self, etcd: aetcd.Client, key: bytes, value: bytes, ttl: int) -> None:
+        self._etcd = etcd
+        self._key = key
+        self._value = value
+        self._ttl = ttl
+        self._lease_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Monotonic time until which etcd certainly still holds our lease: the last
+        # successful renewal plus the TTL etcd granted. Writes that rely on
+        # ownership must stop before this passes.
+        self.valid_until = 0.0
+        self.registered = asyncio.Event()
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease_id
+
+    async def start(self) -> None:
+        """Register now (raising if etcd is unreachable), then keep the lease alive."""
+        await self._register()
+        self._task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
+
+    async def close(self) -> None:
+        """Stop renewing and revoke the lease, so the key disappears at once."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._lease_id is not None:
+            try:
+                await asyncio.wait_for(self._etcd.revoke_lease(self._lease_id), timeout=2)
+            except Exception as exc:  # the lease then simply runs out
+                log.warning("could not revoke lease %x: %s", self._lease_id, exc)
+            self._lease_id = None
+        self.registered.clear()
+
+    async def _register(self) -> None:
+        sent = time.monotonic()
+        lease = await self._etcd.lease(self._ttl)
+        await self._etcd.put(self._key, self._value, lease=lease.id)
+        self._lease_id = lease.id
+        self.valid_until = sent + lease.ttl
+        self.registered.set()
+        log.info("registered %s with lease %x (ttl %ss)", self._key.decode(), lease.id, lease.ttl)
+
+    async def _keepalive(self) -> None:
+        # Renew three times per TTL: one lost renewal still leaves a margin.
+        interval = max(self._ttl / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            sent = time.monotonic()
+            try:
+                if self._lease_id is None:
+                    await self._register()
+                    continue
+                reply = await self._etcd.refresh_lease(self._lease_id)
+                if reply is None or reply.TTL <= 0:
+                    log.warning("lease %x is gone; registering again", self._lease_id)
+                    self.registered.clear()
+                    self._lease_id = None
+                    await self._register()
+                else:
+                    self.valid_until = sent + reply.TTL
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease renewal failed (%s); retrying", exc)

@@ -1,0 +1,145 @@
+"""Node bootstrap: build the gRPC server, register in etcd, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.etcd import client_for
+from common.membership import NodeInfo, node_key
+from mesh.cache.v1 import cache_pb2
+from mesh.events.v1 import events_pb2, events_pb2_grpc
+from mesh.lock.v1 import lock_pb2, lock_pb2_grpc
+from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from nodes.cache.service import CacheService
+from nodes.config import NodeConfig
+from nodes.registration import Registration
+from nodes.rpc import add_service
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
+    """Channel options shared by the server (and mirrored by clients)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Ping idle connections so a dead peer is noticed in seconds, not at the
+        # next call; accept client pings as often as every 5 s.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Node:
+    """A running node: its server, its services and its etcd registration."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.server = grpc.aio.server(
+            options=grpc_options(config),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self.health = health.aio.HealthServicer()
+        self.cache: CacheService | None = None
+        self.port = 0
+        self.address = ""
+        self._registration: Registration | None = None
+        self._etcd = client_for(config.etcd_endpoints)
+        self._add_services()
+
+    def _add_services(self) -> None:
+        names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        wanted = set(self.config.services)
+        if "cache" in wanted:
+            self.cache = CacheService(self.config.cache)
+            service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
+            add_service(self.server, self.cache, service)
+            names.append(service.full_name)
+        # Lock, events and scheduler have their contracts but no implementation
+        # yet: the generated base servicers answer UNIMPLEMENTED to every call.
+        if "lock" in wanted:
+            lock_pb2_grpc.add_LockServiceServicer_to_server(
+                lock_pb2_grpc.LockServiceServicer(), self.server)
+            names.append(lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name)
+        if "events" in wanted:
+            events_pb2_grpc.add_EventsServiceServicer_to_server(
+                events_pb2_grpc.EventsServiceServicer(), self.server)
+            names.append(events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name)
+        if "scheduler" in wanted:
+            scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+                scheduler_pb2_grpc.SchedulerServiceServicer(), self.server)
+            names.append(
+                scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name)
+        self.service_names = names
+        reflection.enable_server_reflection(names, self.server)
+
+    async def start(self) -> None:
+        """Bind, serve, mark healthy, then register in etcd."""
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.listen}")
+        host = self.config.listen.rpartition(":")[0]
+        self.address = self.config.advertise or f"{host}:{self.port}"
+        await self.server.start()
+        if self.cache is not None:
+            self.cache.start()
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        info = NodeInfo(
+            node_id=self.config.node_id, address=self.address,
+            services=self.config.services, version=VERSION,
+            pid=os.getpid(), started_at=time.time(),
+        )
+        self._registration = Registration(
+            self._etcd, node_key(self.config.cluster, self.config.node_id),
+            info.to_json(), self.config.lease_ttl,
+        )
+        await self._registration.start()
+
+    async def stop(self) -> None:
+        """Clean shutdown: NOT_SERVING, leave etcd at once, let in-flight calls finish."""
+        await self.health.enter_graceful_shutdown()
+        if self._registration is not None:
+            await self._registration.close()
+        if self.cache is not None:
+            await self.cache.close()
+        await self.server.stop(self.config.shutdown_grace)
+        with contextlib.suppress(Exception):
+            await self._etcd.close()
+
+    def ready_line(self) -> str:
+        """The line printed on stdout once the node serves and is registered."""
+        return "READY " + json.dumps(
+            {"node_id": self.config.node_id, "address": self.address, "pid": os.getpid()}
+        )
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event) -> None:
+    """Run a node until ``stop`` is set."""
+    node = Node(config)
+    await node.start()
+    print(node.ready_line(), flush=True)
+    log.info("node %s serving %s on %s", config.node_id, ",".join(config.services), node.address)
+    await stop.wait()
+    log.info("shutting down")
+    await node.stop()
+    log.info("stopped")

@@ -1,0 +1,194 @@
+"""Every cache RPC against a real node process, through the typed client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import pytest
+
+from clients import (
+    EventType,
+    InvalidArgumentError,
+    KeyExistsError,
+    Mesh,
+    VersionMismatchError,
+)
+from meshctl.processes import LocalMesh
+
+Connect = Callable[..., Awaitable[Mesh]]
+
+
+@pytest.fixture
+async def mesh(shared_node: LocalMesh, mesh_client: Connect) -> Mesh:
+    return await mesh_client(cluster=shared_node.cluster)
+
+
+async def test_set_get_delete(mesh: Mesh) -> None:
+    assert await mesh.cache.get("sgd:missing") is None
+    v1 = await mesh.cache.set("sgd:k", b"one")
+    assert await mesh.cache.get("sgd:k") == b"one"
+    v2 = await mesh.cache.set("sgd:k", "two")
+    assert v2 > v1
+    entry = await mesh.cache.get_entry("sgd:k")
+    assert entry is not None and entry.value == b"two" and entry.version == v2
+    assert entry.expire_at is None
+    assert await mesh.cache.delete("sgd:k") is True
+    assert await mesh.cache.delete("sgd:k") is False
+    assert await mesh.cache.get("sgd:k") is None
+
+
+async def test_ttl_expiry(mesh: Mesh) -> None:
+    await mesh.cache.set("ttl:short", b"x", ttl=0.3)
+    await mesh.cache.set("ttl:long", b"y", ttl=timedelta(minutes=5))
+    entry = await mesh.cache.get_entry("ttl:short")
+    assert entry is not None and entry.expire_at is not None
+    assert 0 < entry.expire_at - time.time() <= 0.3
+    await asyncio.sleep(0.45)
+    assert await mesh.cache.get("ttl:short") is None
+    assert await mesh.cache.get("ttl:long") == b"y"
+    # Overwriting without a TTL removes the TTL, as in Redis.
+    await mesh.cache.set("ttl:long", b"z")
+    entry = await mesh.cache.get_entry("ttl:long")
+    assert entry is not None and entry.expire_at is None
+
+
+async def test_expired_key_is_swept_and_reported(mesh: Mesh) -> None:
+    async with mesh.cache.watch(keys=["sweep:k"]) as events:
+        await mesh.cache.set("sweep:k", b"v", ttl=0.2)
+        got = [await asyncio.wait_for(events.__aiter__().__anext__(), 5) for _ in range(2)]
+    assert [e.type for e in got] == [EventType.SET, EventType.EXPIRE]
+
+
+async def test_only_if_absent(mesh: Mesh) -> None:
+    await mesh.cache.set("nx:k", b"first", only_if_absent=True)
+    with pytest.raises(KeyExistsError) as info:
+        await mesh.cache.set("nx:k", b"second", only_if_absent=True)
+    assert info.value.reason == "KEY_EXISTS"
+    assert await mesh.cache.get("nx:k") == b"first"
+    # An expired key counts as absent.
+    await mesh.cache.set("nx:t", b"old", ttl=0.1)
+    await asyncio.sleep(0.2)
+    await mesh.cache.set("nx:t", b"new", only_if_absent=True)
+    assert await mesh.cache.get("nx:t") == b"new"
+
+
+async def test_only_if_version_cas(mesh: Mesh) -> None:
+    version = await mesh.cache.set("cas:k", b"a")
+    newer = await mesh.cache.set("cas:k", b"b", only_if_version=version)
+    with pytest.raises(VersionMismatchError) as info:
+        await mesh.cache.set("cas:k", b"c", only_if_version=version)
+    assert info.value.current_version == newer
+    assert info.value.reason == "VERSION_MISMATCH"
+    assert await mesh.cache.get("cas:k") == b"b"
+    # Delete with a stale version fails, with the right one succeeds.
+    with pytest.raises(VersionMismatchError):
+        await mesh.cache.delete("cas:k", only_if_version=version)
+    assert await mesh.cache.delete("cas:k", only_if_version=newer)
+    # A version is never reused: re-creating the key does not revive old versions.
+    recreated = await mesh.cache.set("cas:k", b"d")
+    assert recreated > newer
+    with pytest.raises(VersionMismatchError) as info:
+        await mesh.cache.set("cas:missing", b"x", only_if_version=5)
+    assert info.value.current_version == 0
+
+
+async def test_concurrent_cas_increments_exactly_once_each(mesh: Mesh) -> None:
+    await mesh.cache.set("cas:counter", b"0")
+
+    async def bump() -> None:
+        while True:
+            entry = await mesh.cache.get_entry("cas:counter")
+            assert entry is not None
+            try:
+                await mesh.cache.set("cas:counter", str(int(entry.value) + 1),
+                                     only_if_version=entry.version)
+                return
+            except VersionMismatchError:
+                continue
+
+    await asyncio.gather(*(bump() for _ in range(20)))
+    assert await mesh.cache.get("cas:counter") == b"20"
+
+
+async def test_mget_mset(mesh: Mesh) -> None:
+    versions = await mesh.cache.mset({"mm:a": b"1", "mm:b": "2", "mm:c": b"3"})
+    assert len(versions) == 3 and len(set(versions)) == 3
+    assert await mesh.cache.mget(["mm:a", "mm:missing", "mm:c", "mm:a"]) == [
+        b"1", None, b"3", b"1"]
+    await mesh.cache.mset([("mm:t", b"x")], ttl=0.1)
+    await asyncio.sleep(0.2)
+    assert await mesh.cache.mget(["mm:t", "mm:b"]) == [None, b"2"]
+
+
+async def test_large_mget_is_split_into_batches(mesh: Mesh) -> None:
+    keys = [f"big:{i}" for i in range(2500)]
+    await mesh.cache.mset({k: k for k in keys})
+    values = await mesh.cache.mget(keys)
+    assert values == [k.encode() for k in keys]
+
+
+async def test_incr(mesh: Mesh) -> None:
+    assert await mesh.cache.incr("incr:n") == 1
+    assert await mesh.cache.incr("incr:n", 41) == 42
+    assert await mesh.cache.incr("incr:n", -50) == -8
+    assert await mesh.cache.get("incr:n") == b"-8"
+    await mesh.cache.set("incr:text", b"hello")
+    with pytest.raises(InvalidArgumentError) as info:
+        await mesh.cache.incr("incr:text")
+    assert info.value.reason == "NOT_AN_INTEGER"
+    assert "key" in info.value.field_violations
+    await mesh.cache.set("incr:max", str(2**63 - 1))
+    with pytest.raises(InvalidArgumentError) as info:
+        await mesh.cache.incr("incr:max")
+    assert info.value.reason == "INTEGER_OVERFLOW"
+    assert await mesh.cache.get("incr:max") == str(2**63 - 1).encode()
+    # The TTL applies on creation only.
+    await mesh.cache.incr("incr:ttl", ttl=60)
+    await mesh.cache.incr("incr:ttl", ttl=1)
+    entry = await mesh.cache.get_entry("incr:ttl")
+    assert entry is not None and entry.expire_at is not None
+    assert entry.expire_at - time.time() > 50
+
+
+async def test_concurrent_incr_is_atomic(mesh: Mesh) -> None:
+    await asyncio.gather(*(mesh.cache.incr("incr:race") for _ in range(200)))
+    assert await mesh.cache.get("incr:race") == b"200"
+
+
+async def test_watch_keys_and_prefixes_in_order(mesh: Mesh) -> None:
+    async with mesh.cache.watch(keys=["w:exact"], prefixes=["w:pre:"]) as events:
+        await mesh.cache.set("w:exact", b"1")
+        await mesh.cache.set("w:other", b"ignored")
+        await mesh.cache.set("w:pre:a", b"2")
+        await mesh.cache.incr("w:pre:n")
+        await mesh.cache.delete("w:exact")
+        it = events.__aiter__()
+        got = [await asyncio.wait_for(it.__anext__(), 5) for _ in range(4)]
+    assert [(e.type, e.key) for e in got] == [
+        (EventType.SET, "w:exact"), (EventType.SET, "w:pre:a"),
+        (EventType.SET, "w:pre:n"), (EventType.DELETE, "w:exact")]
+    assert got[0].value == b"1" and got[2].value == b"1"
+    revisions = [e.revision for e in got]
+    assert revisions == sorted(revisions)
+
+
+async def test_watch_needs_a_key(mesh: Mesh) -> None:
+    with pytest.raises(InvalidArgumentError):
+        async with mesh.cache.watch():
+            pass
+
+
+async def test_stats(mesh: Mesh) -> None:
+    before = (await mesh.cache.stats())[0]
+    await mesh.cache.set("stats:k", b"v")
+    await mesh.cache.get("stats:k")
+    await mesh.cache.get("stats:nothing")
+    after = (await mesh.cache.stats())[0]
+    assert after.hits == before.hits + 1
+    assert after.misses == before.misses + 1
+    assert after.revision > before.revision
+    assert after.eviction_policy == "lru"
+    assert after.entries >= 1 and after.bytes > 0
