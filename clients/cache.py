@@ -89,13 +89,15 @@ def _duration(ttl: TTL) -> duration_pb2.Duration | None:
         return None
     seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
     whole = int(seconds) if seconds >= 0 else -int(-seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
 def _entry(r: pb.GetResponse) -> CacheEntry | None:
     if not r.found:
         return None
-    expire = r.expire_time.seconds + r.expire_time.nanos / 1e9 if r.HasField("expire_time") else None
+    expire = None
+    if r.HasField("expire_time"):
+        expire = r.expire_time.seconds + r.expire_time.nanos / 1e9
     return CacheEntry(r.value, r.version, expire)
 
 
@@ -196,7 +198,9 @@ class CacheClient:
             groups[self._mesh.route("cache", key).address].append(i)
         return groups
 
-    async def mget(self, keys: Sequence[str], *, timeout: float | None = None) -> list[bytes | None]:
+    async def mget(
+        self, keys: Sequence[str], *, timeout: float | None = None
+    ) -> list[bytes | None]:
         """Values for ``keys``, in order (None where missing). Nodes are asked in parallel."""
         results: list[bytes | None] = [None] * len(keys)
 

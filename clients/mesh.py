@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -61,7 +61,7 @@ class Mesh:
         self._routers: dict[str, SlotRouter] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._stubs: dict[tuple[type, str], object] = {}
+        self._stubs: dict[tuple[object, str], object] = {}
         self.directory.on_change(self._membership_changed)
         self.cache = CacheClient(self)
 
@@ -116,13 +116,13 @@ class Mesh:
             self._channels[address] = channel
         return channel
 
-    def stub(self, stub_class: type[S], address: str) -> S:
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], S], address: str) -> S:
         """A generated stub bound to the one channel for ``address``."""
         key = (stub_class, address)
         stub = self._stubs.get(key)
         if stub is None:
             stub = self._stubs[key] = stub_class(self.channel(address))
-        return stub  # type: ignore[no-any-return]
+        return stub  # type: ignore[return-value]
 
     async def refresh(self) -> None:
         await self.directory.refresh()

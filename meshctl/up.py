@@ -80,7 +80,9 @@ async def _watch(local: LocalMesh, args: argparse.Namespace, stopped: object) ->
                     keys = sum(r.keys or 0 for r in rows)
                     dead = [n.node_id for n in local.nodes if not n.child.alive()]
                     line = (f"[{time.strftime('%H:%M:%S')}] {serving}/{len(local.nodes)} nodes "
-                            f"serving, {keys} keys" + (f", exited: {','.join(dead)}" if dead else ""))
+                            f"serving, {keys} keys")
+                    if dead:
+                        line += f", exited: {','.join(dead)}"
                     end = "\n" if not sys.stdout.isatty() else ""
                     print(f"\r{line:<78}", end=end, flush=True)
             await asyncio.sleep(0.1)

@@ -82,3 +82,45 @@ def add_service(
     generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def add_unimplemented(
+    server: grpc.aio.Server, service: descriptor.ServiceDescriptor, why: str
+) -> None:
+    """Serve ``service`` so that it is listed (health, reflection) but every call
+    answers UNIMPLEMENTED with ``why``: the contract exists, the code does not yet."""
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
+
+    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
+        yield None  # pragma: no cover - makes this an async generator
+
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_drain(why))
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_drain_unary(why))
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
+                                                                          handlers),))
+
+
+def _drain(why: str) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[None]]:
+    async def handler(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
+        yield None  # pragma: no cover
+
+    return handler
+
+
+def _drain_unary(why: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    async def handler(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
+
+    return handler

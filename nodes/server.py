@@ -16,17 +16,24 @@ from grpc_reflection.v1alpha import reflection
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
 from mesh.cache.v1 import cache_pb2
-from mesh.events.v1 import events_pb2, events_pb2_grpc
-from mesh.lock.v1 import lock_pb2, lock_pb2_grpc
-from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from mesh.events.v1 import events_pb2
+from mesh.lock.v1 import lock_pb2
+from mesh.scheduler.v1 import scheduler_pb2
 from nodes.cache.service import CacheService
 from nodes.config import NodeConfig
 from nodes.registration import Registration
-from nodes.rpc import add_service
+from nodes.rpc import add_service, add_unimplemented
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+
+# Services whose contract is published but whose implementation is still an open issue.
+_PENDING = [
+    ("lock", lock_pb2, "LockService", "issue #4"),
+    ("events", events_pb2, "EventsService", "issue #5"),
+    ("scheduler", scheduler_pb2, "SchedulerService", "issue #6"),
+]
 
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
@@ -73,20 +80,13 @@ class Node:
             add_service(self.server, self.cache, service)
             names.append(service.full_name)
         # Lock, events and scheduler have their contracts but no implementation
-        # yet: the generated base servicers answer UNIMPLEMENTED to every call.
-        if "lock" in wanted:
-            lock_pb2_grpc.add_LockServiceServicer_to_server(
-                lock_pb2_grpc.LockServiceServicer(), self.server)
-            names.append(lock_pb2.DESCRIPTOR.services_by_name["LockService"].full_name)
-        if "events" in wanted:
-            events_pb2_grpc.add_EventsServiceServicer_to_server(
-                events_pb2_grpc.EventsServiceServicer(), self.server)
-            names.append(events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name)
-        if "scheduler" in wanted:
-            scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-                scheduler_pb2_grpc.SchedulerServiceServicer(), self.server)
-            names.append(
-                scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name)
+        # yet: they are listed (reflection, health) and every call says so.
+        for name, module, service_name, issue in _PENDING:
+            if name in wanted:
+                service = module.DESCRIPTOR.services_by_name[service_name]
+                add_unimplemented(self.server, service,
+                                  f"{service.full_name} is not implemented yet ({issue})")
+                names.append(service.full_name)
         self.service_names = names
         reflection.enable_server_reflection(names, self.server)
 

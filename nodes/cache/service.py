@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -30,6 +31,8 @@ from nodes.cache.watch import WatchHub
 from nodes.config import CacheLimits
 
 log = logging.getLogger(__name__)
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
 
 _POLICIES = {
     "lru": pb.EVICTION_POLICY_LRU,
@@ -138,13 +141,13 @@ class CacheService(pb_grpc.CacheServiceServicer):
 
     # -- RPCs --------------------------------------------------------------
 
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+    async def Get(self, request: pb.GetRequest, context: Ctx) -> pb.GetResponse:
         key = request.key
         v.check_key(key)
         entry = self.store.get(key)
         return pb.GetResponse() if entry is None else _found(entry)
 
-    async def Set(self, request: pb.SetRequest, context: grpc.aio.ServicerContext) -> pb.SetResponse:
+    async def Set(self, request: pb.SetRequest, context: Ctx) -> pb.SetResponse:
         v.check_key(request.key)
         v.check_value(request.value, self.limits.max_value_bytes)
         ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
@@ -163,7 +166,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
         return pb.SetResponse(version=entry.version, expire_time=_timestamp(entry.expire_at))
 
     async def Delete(
-        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteRequest, context: Ctx
     ) -> pb.DeleteResponse:
         v.check_key(request.key)
         try:
@@ -172,7 +175,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
             raise _store_error(exc) from None
         return pb.DeleteResponse(deleted=deleted)
 
-    async def MGet(self, request: pb.MGetRequest, context: grpc.aio.ServicerContext) -> pb.MGetResponse:
+    async def MGet(self, request: pb.MGetRequest, context: Ctx) -> pb.MGetResponse:
         keys = request.keys
         v.check_batch(keys, "keys")
         for i, key in enumerate(keys):
@@ -184,7 +187,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
             results.append(pb.GetResponse() if entry is None else _found(entry))
         return pb.MGetResponse(results=results)
 
-    async def MSet(self, request: pb.MSetRequest, context: grpc.aio.ServicerContext) -> pb.MSetResponse:
+    async def MSet(self, request: pb.MSetRequest, context: Ctx) -> pb.MSetResponse:
         entries = request.entries
         v.check_batch(entries, "entries")
         items: list[tuple[str, bytes, float | None]] = []
@@ -199,7 +202,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
             raise _store_error(exc) from None
         return pb.MSetResponse(versions=versions)
 
-    async def Incr(self, request: pb.IncrRequest, context: grpc.aio.ServicerContext) -> pb.IncrResponse:
+    async def Incr(self, request: pb.IncrRequest, context: Ctx) -> pb.IncrResponse:
         v.check_key(request.key)
         ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
         try:
@@ -209,7 +212,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
         return pb.IncrResponse(value=value, version=version)
 
     async def Watch(
-        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchResponse]:
         if not request.keys and not request.prefixes:
             raise invalid_argument("keys", "give at least one key or prefix")
@@ -252,7 +255,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
             event.expire_time.CopyFrom(_timestamp(change.expire_at))
         return event
 
-    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+    async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
         s = self.store.stats()
         return pb.StatsResponse(
             entries=s.entries, bytes=s.bytes, max_entries=s.max_entries, max_bytes=s.max_bytes,
