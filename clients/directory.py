@@ -9,9 +9,8 @@ import random
 from collections.abc import Callable, Sequence
 
 import aetcd
-import aetcd.utils
 
-from common.etcd import client_for
+from common.etcd import client_for, watch_prefix
 from common.membership import NodeInfo, nodes_prefix
 
 log = logging.getLogger(__name__)
@@ -107,18 +106,14 @@ class EtcdDirectory(NodeDirectory):
         delay = 0.1
         while True:
             try:
-                watch = await self._etcd.watch(
-                    self._prefix,
-                    range_end=aetcd.utils.prefix_range_end(self._prefix),
-                    start_revision=revision + 1,
-                )
-                async for event in watch:
+                changes = watch_prefix(self._etcd, self._prefix, revision + 1)
+                async for kind, key, value, mod_revision in changes:
                     delay = 0.1
-                    revision = max(revision, event.kv.mod_revision)
+                    revision = max(revision, mod_revision)
                     nodes = dict(self.nodes)
-                    node_id = event.kv.key[len(self._prefix):].decode()
-                    if event.kind == "PUT":
-                        nodes[node_id] = NodeInfo.from_json(event.kv.value)
+                    node_id = key[len(self._prefix):].decode()
+                    if kind == "PUT":
+                        nodes[node_id] = NodeInfo.from_json(value)
                     else:
                         nodes.pop(node_id, None)
                     self._replace(nodes)

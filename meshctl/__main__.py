@@ -18,6 +18,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from clients import Mesh, MeshError
 from meshctl.up import run_up
@@ -62,28 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=os.environ.get("MESH_CLUSTER", "mesh"),
                    help="cluster name (MESH_CLUSTER)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per call, seconds")
+    # The same options are accepted after the subcommand too (`meshctl up --cluster x`).
+    common = argparse.ArgumentParser(add_help=False)
+    for flag in ("--etcd", "--cluster"):
+        common.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run a local mesh until Ctrl-C")
+    def command(parent: Any, name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = parent.add_parser(name, help=help, parents=[common])
+        return parser
+
+    up = command(sub, "up", "run a local mesh until Ctrl-C")
     up.add_argument("--nodes", type=int, default=3, help="how many nodes")
     up.add_argument("--etcd-port", type=int, default=2379,
                     help="etcd client port; a free one if taken (0 = always a free one)")
     up.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL, seconds")
     up.add_argument("--no-status", action="store_true", help="no live status line")
 
-    sub.add_parser("status", help="show nodes, health and cache sizes")
+    command(sub, "status", "show nodes, health and cache sizes")
 
-    cache = sub.add_parser("cache", help="cache calls")
+    cache = command(sub, "cache", "cache calls")
     csub = cache.add_subparsers(dest="cache_command", required=True)
-    get = csub.add_parser("get", help="print a key's value")
+    get = command(csub, "get", "print a key's value")
     get.add_argument("key")
-    set_ = csub.add_parser("set", help="write a key")
+    set_ = command(csub, "set", "write a key")
     set_.add_argument("key")
     set_.add_argument("value")
     set_.add_argument("--ttl", type=float, default=None, help="seconds")
     set_.add_argument("--if-absent", action="store_true")
     set_.add_argument("--if-version", type=int, default=0)
-    delete = csub.add_parser("del", help="delete a key")
+    delete = command(csub, "del", "delete a key")
     delete.add_argument("key")
     return p
 

@@ -43,7 +43,9 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         port = args.etcd_port if args.etcd_port and _port_free(args.etcd_port) else 0
         endpoint = local.start_etcd(port)
-        print(f"etcd      {endpoint}   (data in {local.workdir})", flush=True)
+        assert local.etcd is not None and local.etcd.child is not None
+        print(f"{'etcd':<9} {endpoint}   pid {local.etcd.child.pid}   (data in {local.workdir})",
+              flush=True)
         for _ in range(args.nodes):
             if stop:
                 break

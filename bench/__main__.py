@@ -1,0 +1,110 @@
+"""``python -m bench``: start the servers, run every workload, print and save the results.
+
+Options: ``--seconds`` (measured window per workload), ``--warmup``, ``--quick``
+(a ~0.5 s smoke run), ``--output`` (results.json path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import signal
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+
+from bench import report
+from bench.progress import Progress
+from bench.services import Endpoints, running_services
+from bench.timing import Measurement, measure
+from bench.workloads import VALUE_BYTES, connected, prepare, workloads
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0,
+                   help="measured wall-clock window per workload (default 3)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="unmeasured warmup before each window (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 0.5 s windows after 0.2 s warmups")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                   help=f"where to write the JSON results (default {DEFAULT_OUTPUT})")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seconds, args.warmup = 0.5, 0.2
+    if args.seconds <= 0 or args.warmup < 0:
+        p.error("--seconds must be > 0 and --warmup >= 0")
+    return args
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def run(endpoints: Endpoints, warmup: float, window: float
+              ) -> tuple[list[Measurement], dict[str, Any]]:
+    async with connected(endpoints) as clients:
+        info = await prepare(clients)
+        work = workloads(clients)
+        progress = Progress(len(work))
+        measurements = []
+        for workload in work:
+            m = await measure(workload, warmup, window, progress)
+            keys = f", {m.keys_per_s:,.0f} keys/s" if workload.batch > 1 else ""
+            progress.finish(f"{m.ops_per_s:,.0f} ops/s{keys}")
+            measurements.append(m)
+    environment = {
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": _version("protobuf"),
+        "redis_py": _version("redis"),
+        "redis_server": str(info.get("redis_version", "unknown")),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "warmup_s": warmup,
+        "window_s": window,
+        "value_bytes": VALUE_BYTES,
+    }
+    return measurements, environment
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="mesh-bench-") as workdir,
+            running_services(Path(workdir), VALUE_BYTES) as endpoints,
+        ):
+            measurements, environment = asyncio.run(run(endpoints, args.warmup, args.seconds))
+    except KeyboardInterrupt:
+        print("\ninterrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    results = report.build(measurements, environment)
+    print(report.markdown(results))
+    report.write_json(results, args.output)
+    print(f"\nresults written to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

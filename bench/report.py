@@ -1,0 +1,119 @@
+"""Turning measurements into the Markdown table (stdout) and results.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.timing import Measurement
+
+GOAL = 0.85
+"""The issue's target for cache GET through the typed client, as a share of the echo."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Mesh against one baseline, in calls/s or keys/s."""
+
+    key: str
+    label: str
+    unit: str
+    mesh: str
+    baseline: str
+    baseline_label: str
+
+
+COMPARISONS = [
+    Comparison("get.seq", "cache GET, sequential", "calls/s",
+               "mesh.get.seq", "echo.get.seq", "raw gRPC echo"),
+    Comparison("get.c64", "cache GET, 64 in flight", "calls/s",
+               "mesh.get.c64", "echo.get.c64", "raw gRPC echo"),
+    Comparison("mget100.seq", "MGet 100 keys, sequential", "keys/s",
+               "mesh.mget100.seq", "redis.pipeline100.seq", "redis-py pipeline of 100 GETs"),
+    Comparison("mget100.c16", "MGet 100 keys, 16 in flight", "keys/s",
+               "mesh.mget100.c16", "redis.pipeline100.c16", "redis-py pipeline of 100 GETs"),
+    Comparison("get.seq.redis", "cache GET, sequential", "calls/s",
+               "mesh.get.seq", "redis.get.seq", "redis-py GET"),
+]
+GOAL_COMPARISONS = ("get.seq", "get.c64")
+
+
+def _rate(m: Measurement, unit: str) -> float:
+    return m.keys_per_s if unit == "keys/s" else m.ops_per_s
+
+
+def build(measurements: list[Measurement], environment: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable results: environment, every workload, every ratio."""
+    by_name = {m.workload.name: m for m in measurements}
+    workloads = {
+        m.workload.name: {
+            "description": m.workload.description,
+            "in_flight": m.workload.concurrency,
+            "keys_per_op": m.workload.batch,
+            "ops": m.ops,
+            "seconds": round(m.seconds, 4),
+            "ops_per_s": round(m.ops_per_s, 1),
+            "keys_per_s": round(m.keys_per_s, 1),
+        }
+        for m in measurements
+    }
+    comparisons: dict[str, dict[str, Any]] = {}
+    for c in COMPARISONS:
+        mesh, baseline = _rate(by_name[c.mesh], c.unit), _rate(by_name[c.baseline], c.unit)
+        comparisons[c.key] = {
+            "label": c.label, "unit": c.unit,
+            "mesh": c.mesh, "mesh_rate": round(mesh, 1),
+            "baseline": c.baseline, "baseline_label": c.baseline_label,
+            "baseline_rate": round(baseline, 1),
+            "ratio": round(mesh / baseline, 3),
+        }
+    goal_ratios = [comparisons[k]["ratio"] for k in GOAL_COMPARISONS]
+    return {
+        **environment,
+        "workloads": workloads,
+        "comparisons": comparisons,
+        "goal": {"comparisons": list(GOAL_COMPARISONS), "min_ratio": GOAL,
+                 "met": all(r >= GOAL for r in goal_ratios)},
+    }
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}" if math.isfinite(value) else "-"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The summary table, the raw numbers, and the environment."""
+    lines = [
+        f"## Mesh benchmark: {results['cpu_count']} CPUs, Python {results['python']}, "
+        f"grpcio {results['grpcio']}, redis-server {results['redis_server']}, "
+        f"{results['window_s']:g} s per workload after {results['warmup_s']:g} s warmup",
+        "",
+        "| workload | Mesh | baseline | ratio |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for c in results["comparisons"].values():
+        lines.append(f"| {c['label']} ({c['unit']}) vs {c['baseline_label']} "
+                     f"| {_n(c['mesh_rate'])} | {_n(c['baseline_rate'])} | {c['ratio']:.2f}x |")
+    goal = results["goal"]
+    lines += [
+        "",
+        f"Goal: cache GET through the typed client >= {goal['min_ratio']}x the echo baseline "
+        f"({', '.join(goal['comparisons'])}): {'met' if goal['met'] else 'NOT met'}.",
+        "",
+        "Raw numbers:",
+        "",
+        "| workload | what | in flight | ops/s | keys/s | ops | seconds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, w in results["workloads"].items():
+        lines.append(f"| {name} | {w['description']} | {w['in_flight']} | {_n(w['ops_per_s'])} "
+                     f"| {_n(w['keys_per_s'])} | {w['ops']} | {w['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,81 @@
+"""The benchmark's child processes: etcd + one node, the echo server, redis-server.
+
+All of them are started inside one ``running_services()`` block and stopped when it
+exits, normally, on error or on Ctrl-C; ``meshctl.processes`` children also die
+with the benchmark if it is killed outright (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshctl.processes import Child, LocalMesh, ProcessError, free_port
+
+CLUSTER = "bench"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the benchmark's servers listen."""
+
+    etcd: str
+    cluster: str
+    node: str
+    echo: str
+    redis_port: int
+
+
+def _started(stack: contextlib.ExitStack, child: Child) -> Child:
+    stack.callback(child.stop)
+    child.start()
+    return child
+
+
+def _start_echo(stack: contextlib.ExitStack, workdir: Path, value_bytes: int) -> str:
+    argv = [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0",
+            "--value-bytes", str(value_bytes)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    child = _started(stack, Child("echo-server", argv, workdir / "echo.log", env=env))
+    return child.wait_for_line("READY ", 30.0).removeprefix("READY ").strip()
+
+
+def _start_redis(stack: contextlib.ExitStack, workdir: Path, timeout: float = 20.0) -> int:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server not found: install Debian's redis-server "
+                                "(`make setup` does)")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]
+    child = _started(stack, Child("redis-server", argv, workdir / "redis.log"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise ProcessError(f"redis-server exited early:\n{child.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return port
+        time.sleep(0.05)
+    raise ProcessError(f"redis-server not ready after {timeout}s:\n{child.log_tail()}")
+
+
+@contextlib.contextmanager
+def running_services(workdir: Path, value_bytes: int) -> Iterator[Endpoints]:
+    """Start etcd, one node, the echo server and redis-server; stop them all on exit."""
+    with contextlib.ExitStack() as stack:
+        local = LocalMesh(workdir=workdir, cluster=CLUSTER, _owns_workdir=False)
+        stack.callback(local.stop)  # nodes first, then etcd
+        etcd = local.start_etcd()
+        node = local.start_node()
+        echo = _start_echo(stack, workdir, value_bytes)
+        redis_port = _start_redis(stack, workdir)
+        yield Endpoints(etcd, CLUSTER, node.address, echo, redis_port)

@@ -1,0 +1,91 @@
+"""Timing one workload: N workers repeat an operation; count completions in a window.
+
+The workers run through a warmup and then a fixed wall-clock window without
+pausing, so the window sees steady state with exactly ``concurrency`` operations
+in flight. Only operations that complete inside the window are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bench.progress import Progress
+
+Op = Callable[[], Awaitable[object]]
+
+_TICK = 0.1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One operation to repeat; ``batch`` is how many keys each operation reads."""
+
+    name: str
+    description: str
+    op: Op
+    concurrency: int = 1
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Operations completed in the window and the window's exact length."""
+
+    workload: Workload
+    ops: int
+    seconds: float
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds
+
+    @property
+    def keys_per_s(self) -> float:
+        return self.ops_per_s * self.workload.batch
+
+
+async def measure(workload: Workload, warmup: float, window: float,
+                  progress: Progress) -> Measurement:
+    """Run ``workload`` for ``warmup`` then ``window`` seconds; raise if an operation fails."""
+    completed = 0
+    running = True
+
+    async def worker() -> None:
+        nonlocal completed
+        op = workload.op
+        while running:
+            await op()
+            completed += 1
+
+    progress.start(workload.name)
+    tasks = [asyncio.create_task(worker()) for _ in range(workload.concurrency)]
+    start = time.perf_counter()
+    total = warmup + window
+    try:
+        await _run_until(tasks, start, warmup, total, progress)
+        first, t0 = completed, time.perf_counter()
+        await _run_until(tasks, start, total, total, progress)
+        last, t1 = completed, time.perf_counter()
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    running = False  # let the calls in flight finish; they are not counted
+    await asyncio.gather(*tasks)
+    return Measurement(workload, last - first, t1 - t0)
+
+
+async def _run_until(tasks: list[asyncio.Task[None]], start: float, until: float,
+                     total: float, progress: Progress) -> None:
+    """Keep the workers going until ``start + until``, ticking the progress bar."""
+    while (remaining := start + until - time.perf_counter()) > 0:
+        done, _ = await asyncio.wait(tasks, timeout=min(_TICK, remaining),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for task in done:  # a worker only ends early by raising
+            task.result()
+            raise RuntimeError(f"a {progress.name} worker stopped early")
+        progress.tick(time.perf_counter() - start, total)

@@ -1,0 +1,147 @@
+"""``meshctl``: the dev launcher and the manual commands, as a person uses them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshctl.processes import Etcd, LocalMesh
+
+MESHCTL = [sys.executable, "-m", "meshctl"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has exited all the same.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if _alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+class Up:
+    """A running ``meshctl up`` and what it printed."""
+
+    def __init__(self, tmp: Path, nodes: int) -> None:
+        self.log = tmp / "up.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*MESHCTL, "up", "--nodes", str(nodes), "--etcd-port", "0",
+                 "--lease-ttl", "2", "--cluster", "uptest"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops the mesh." not in self.text():
+            assert self.proc.poll() is None, self.text()
+            assert time.monotonic() < deadline, self.text()
+            time.sleep(0.1)
+        self.etcd = re.search(r"^etcd\s+(\S+)", self.text(), re.M).group(1)  # type: ignore[union-attr]
+        self.pids = [int(p) for p in re.findall(r"pid (\d+)", self.text())]
+        self.addresses = re.findall(r"^node-\d+\s+(\S+)", self.text(), re.M)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*MESHCTL, "--etcd", self.etcd, "--cluster", "uptest", *args],
+            capture_output=True, text=True, timeout=30,
+        )
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    running = Up(tmp_path, nodes=3)
+    try:
+        yield running
+    finally:
+        running.proc.kill()
+        running.proc.wait()
+        _wait_gone(running.pids, 10)
+
+
+def test_up_runs_a_working_mesh_and_ctrl_c_leaves_nothing(up: Up) -> None:
+    assert len(up.addresses) == 3 and len(up.pids) == 4  # etcd + 3 nodes
+
+    assert up.ctl("cache", "set", "greeting", "hello", "--ttl", "60").returncode == 0
+    got = up.ctl("cache", "get", "greeting")
+    assert got.returncode == 0 and got.stdout == "hello\n"
+    assert up.ctl("cache", "get", "nothing-here").stdout == "(nil)\n"
+    conflict = up.ctl("cache", "set", "greeting", "again", "--if-absent")
+    assert conflict.returncode == 2 and "KeyExistsError" in conflict.stderr
+    assert up.ctl("cache", "del", "greeting").stdout == "deleted\n"
+
+    status = up.ctl("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("SERVING") == 3
+    for address in up.addresses:
+        assert address in status.stdout
+
+    up.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert up.proc.wait(30) == 0, up.text()
+    assert "no process left behind" in up.text()
+    assert _wait_gone(up.pids, 5) == []
+
+
+def test_killed_launcher_takes_its_children_with_it(up: Up) -> None:
+    up.proc.kill()  # SIGKILL: no chance to clean up by itself
+    up.proc.wait()
+    assert _wait_gone(up.pids) == [], "children must die with the launcher"
+
+
+def test_bad_input_on_the_command_line(up: Up) -> None:
+    result = up.ctl("cache", "set", "", "v")
+    assert result.returncode == 2
+    assert "InvalidArgumentError" in result.stderr and "key" in result.stderr
+
+
+def test_meshctl_status_with_no_nodes(etcd: Etcd) -> None:
+    result = subprocess.run(
+        [*MESHCTL, "--etcd", etcd.endpoint, "--cluster", "empty-cluster", "status"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1 and "no nodes registered" in result.stdout
+
+
+def test_node_flags_and_env(etcd: Etcd, tmp_path: Path) -> None:
+    """Configuration by MESH_* variables works like the flags."""
+    local = LocalMesh(workdir=tmp_path, cluster="envtest", _owns_workdir=False)
+    local.etcd_endpoint = etcd.endpoint
+    os.environ["MESH_CACHE_EVICTION"] = "lfu"
+    try:
+        local.start_node()
+    finally:
+        del os.environ["MESH_CACHE_EVICTION"]
+    try:
+        result = subprocess.run(
+            [*MESHCTL, "--etcd", etcd.endpoint, "--cluster", "envtest", "status"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0 and "SERVING" in result.stdout
+        bad = subprocess.run([sys.executable, "-m", "nodes", "--services", "cache,teleport"],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and "teleport" in bad.stderr
+    finally:
+        local.stop()
