@@ -55,7 +55,7 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-async def run(endpoints: Endpoints, warmup: float, window: float
+async def run(endpoints: Endpoints, warmup: float, window: float, load_before: float
               ) -> tuple[list[Measurement], dict[str, Any]]:
     async with connected(endpoints) as clients:
         info = await prepare(clients)
@@ -75,6 +75,7 @@ async def run(endpoints: Endpoints, warmup: float, window: float
         "redis_py": _version("redis"),
         "redis_server": str(info.get("redis_version", "unknown")),
         "cpu_count": os.cpu_count(),
+        "loadavg_1m_before": load_before,
         "platform": platform.platform(),
         "warmup_s": warmup,
         "window_s": window,
@@ -90,12 +91,14 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number
     try:
         with (
             tempfile.TemporaryDirectory(prefix="mesh-bench-") as workdir,
             running_services(Path(workdir), VALUE_BYTES) as endpoints,
         ):
-            measurements, environment = asyncio.run(run(endpoints, args.warmup, args.seconds))
+            measurements, environment = asyncio.run(
+                run(endpoints, args.warmup, args.seconds, load_before))
     except KeyboardInterrupt:
         print("\ninterrupted; every child process was stopped", file=sys.stderr)
         return 130

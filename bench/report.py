@@ -89,7 +89,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"## Mesh benchmark: {results['cpu_count']} CPUs, Python {results['python']}, "
         f"grpcio {results['grpcio']}, redis-server {results['redis_server']}, "
-        f"{results['window_s']:g} s per workload after {results['warmup_s']:g} s warmup",
+        f"{results['window_s']:g} s per workload after {results['warmup_s']:g} s warmup "
+        f"(1-minute load average before the run: {results['loadavg_1m_before']:.2f})",
         "",
         "| workload | Mesh | baseline | ratio |",
         "| --- | ---: | ---: | ---: |",

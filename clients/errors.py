@@ -94,7 +94,11 @@ class ResourceExhaustedError(MeshError):
 
 
 class UnavailableError(MeshError):
-    """The node could not be reached (or is shutting down). Safe calls were already retried."""
+    """The node could not be reached, or dropped the call (shutting down).
+
+    Calls that are safe to repeat were already retried until their deadline; for
+    the others (conditional writes, incr) the write may or may not have applied.
+    """
 
 
 class NoNodesError(UnavailableError):
@@ -130,6 +134,10 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    # A CANCELLED that reaches us as an error was not our doing (our own
+    # cancellation raises asyncio.CancelledError): the server dropped the call,
+    # typically while shutting down. Treated like UNAVAILABLE.
+    grpc.StatusCode.CANCELLED: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
 }

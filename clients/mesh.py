@@ -90,6 +90,8 @@ class Mesh:
         for channel in channels.values():
             with contextlib.suppress(Exception):
                 await channel.close()
+        for task in list(self._closing):
+            task.cancel()  # _retire then closes its channel at once
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- used by the per-service clients -------------------------------------
@@ -124,6 +126,12 @@ class Mesh:
             stub = self._stubs[key] = stub_class(self.channel(address))
         return stub  # type: ignore[return-value]
 
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await asyncio.sleep(self.timeout + 1.0)
+        finally:
+            await channel.close(grace=1.0)
+
     async def refresh(self) -> None:
         await self.directory.refresh()
 
@@ -134,8 +142,9 @@ class Mesh:
             channel = self._channels.pop(address)
             for key in [k for k in self._stubs if k[1] == address]:
                 del self._stubs[key]
-            # A node leaves etcd before it stops serving: let calls already sent
-            # to it finish instead of cancelling them.
-            task = asyncio.get_running_loop().create_task(channel.close(grace=self.timeout))
+            # Calls may still be on their way to it (a call object created just
+            # before a close is cancelled, even with a grace period): retire the
+            # channel only once every such call has passed its deadline.
+            task = asyncio.get_running_loop().create_task(self._retire(channel))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)

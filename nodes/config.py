@@ -35,6 +35,7 @@ class NodeConfig:
     data_dir: str = ""
     lease_ttl: int = 5
     shutdown_grace: float = 10.0
+    drain_delay: float = 1.0
     max_concurrent_rpcs: int = 1000
     max_message_bytes: int = 32 << 20
     cache: CacheLimits = field(default_factory=CacheLimits)
@@ -68,6 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--shutdown-grace", type=float,
                    default=float(_env("SHUTDOWN_GRACE", str(d.shutdown_grace))),
                    help="seconds in-flight calls get to finish on SIGTERM (MESH_SHUTDOWN_GRACE)")
+    p.add_argument("--drain-delay", type=float,
+                   default=float(_env("DRAIN_DELAY", str(d.drain_delay))),
+                   help="seconds to keep serving after leaving etcd on SIGTERM, so clients "
+                        "move away before the server stops (MESH_DRAIN_DELAY)")
     p.add_argument("--max-concurrent-rpcs", type=int,
                    default=int(_env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
                    help="calls in flight before new ones get RESOURCE_EXHAUSTED "
@@ -103,6 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         data_dir=a.data_dir,
         lease_ttl=a.lease_ttl,
         shutdown_grace=a.shutdown_grace,
+        drain_delay=a.drain_delay,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
         cache=CacheLimits(
             max_entries=a.cache_max_entries,

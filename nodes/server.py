@@ -120,6 +120,11 @@ class Node:
         await self.health.enter_graceful_shutdown()
         if self._registration is not None:
             await self._registration.close()
+        # Keep serving while clients learn (from etcd) that this node is gone:
+        # calls they send meanwhile are answered instead of refused, and once
+        # the server stops only calls already in flight remain, with the grace
+        # period to finish.
+        await asyncio.sleep(self.config.drain_delay)
         if self.cache is not None:
             await self.cache.close()
         await self.server.stop(self.config.shutdown_grace)

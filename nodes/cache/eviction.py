@@ -263,11 +263,12 @@ class VolatileTTLPolicy(EvictionPolicy):
         return None
 
     def candidates(self) -> Iterator[str]:
-        # Best-first walk of the heap tree: yields in heap order without popping.
+        # Drop stale entries from the top first (nothing iterates yet), then walk
+        # the heap tree best-first: yields in heap order without popping.
+        if self.victim() is None:
+            return
         heap = self._heap
         current = self._current
-        if not heap:
-            return
         frontier: list[tuple[tuple[float, int, str], int]] = [(heap[0], 0)]
         size = len(heap)
         while frontier:

@@ -541,8 +541,10 @@ class CacheStore:
     def _iter_due(self, now: float) -> Iterator[tuple[str, Entry]]:
         """Every held key whose expiry is <= now, without changing anything.
 
-        Walks only the part of the heap tree that is due: O(due keys).
+        Walks only the part of the heap tree that is due: O(due keys), once the
+        stale items at the top are dropped.
         """
+        self.next_expiry()
         heap = self._expiry
         data = self._data
         size = len(heap)
