@@ -8,7 +8,7 @@ typed client and the baselines it is judged against:
 * MGet of 100 keys through ``mesh.cache.mget`` vs. redis-py pipelines of 100 GETs;
 * redis-py GET, for orientation.
 
-Modules: ``services`` starts the child processes, ``workloads`` defines and times
-the calls, ``progress`` draws the bar on stderr, ``report`` prints the Markdown
-table and writes ``results.json``.
+Modules: ``services`` starts the child processes (``echo_server`` is one of them),
+``workloads`` defines the calls, ``timing`` times them, ``progress`` draws the bar
+on stderr, ``report`` prints the Markdown table and writes ``results.json``.
 """

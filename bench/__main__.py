@@ -1,7 +1,11 @@
 """``python -m bench``: start the servers, run every workload, print and save the results.
 
-Options: ``--seconds`` (measured window per workload), ``--warmup``, ``--quick``
-(a ~0.5 s smoke run), ``--output`` (results.json path).
+Options: ``--seconds`` (measured window per workload), ``--warmup``, ``--rounds``,
+``--quick`` (a ~0.5 s smoke run), ``--output`` (results.json path).
+
+Each workload's warmup and window are split into ``--rounds`` rounds and the
+rounds run interleaved (every workload once, then again, ...), so a load spike on
+the machine hits a Mesh workload and its baseline alike instead of skewing a ratio.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import grpc
 from bench import report
 from bench.progress import Progress
 from bench.services import Endpoints, running_services
-from bench.timing import Measurement, measure
+from bench.timing import Measurement, combine, measure
 from bench.workloads import VALUE_BYTES, connected, prepare, workloads
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
@@ -33,18 +37,21 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0,
-                   help="measured wall-clock window per workload (default 3)")
+                   help="measured wall-clock seconds per workload, over all rounds (default 3)")
     p.add_argument("--warmup", type=float, default=1.0,
-                   help="unmeasured warmup before each window (default 1)")
+                   help="unmeasured warmup seconds per workload, over all rounds (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="split each warmup and window into this many interleaved rounds "
+                        "(default 3)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 0.5 s windows after 0.2 s warmups")
+                   help="smoke run: 0.5 s windows after 0.2 s warmups, one round")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help=f"where to write the JSON results (default {DEFAULT_OUTPUT})")
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup = 0.5, 0.2
-    if args.seconds <= 0 or args.warmup < 0:
-        p.error("--seconds must be > 0 and --warmup >= 0")
+        args.seconds, args.warmup, args.rounds = 0.5, 0.2, 1
+    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
+        p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
     return args
 
 
@@ -55,18 +62,21 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-async def run(endpoints: Endpoints, warmup: float, window: float, load_before: float
+async def run(args: argparse.Namespace, endpoints: Endpoints, load_before: float
               ) -> tuple[list[Measurement], dict[str, Any]]:
+    warmup, window = args.warmup / args.rounds, args.seconds / args.rounds
     async with connected(endpoints) as clients:
         info = await prepare(clients)
         work = workloads(clients)
-        progress = Progress(len(work))
-        measurements = []
-        for workload in work:
-            m = await measure(workload, warmup, window, progress)
-            keys = f", {m.keys_per_s:,.0f} keys/s" if workload.batch > 1 else ""
-            progress.finish(f"{m.ops_per_s:,.0f} ops/s{keys}")
-            measurements.append(m)
+        progress = Progress(len(work) * args.rounds)
+        parts: dict[str, list[Measurement]] = {w.name: [] for w in work}
+        for _ in range(args.rounds):
+            for workload in work:
+                m = await measure(workload, warmup, window, progress)
+                keys = f", {m.keys_per_s:,.0f} keys/s" if workload.batch > 1 else ""
+                progress.finish(f"{m.ops_per_s:,.0f} ops/s{keys}")
+                parts[workload.name].append(m)
+    measurements = [combine(p) for p in parts.values()]
     environment = {
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -75,10 +85,11 @@ async def run(endpoints: Endpoints, warmup: float, window: float, load_before: f
         "redis_py": _version("redis"),
         "redis_server": str(info.get("redis_version", "unknown")),
         "cpu_count": os.cpu_count(),
-        "loadavg_1m_before": load_before,
+        "loadavg_1m_before": round(load_before, 2),
         "platform": platform.platform(),
-        "warmup_s": warmup,
-        "window_s": window,
+        "warmup_s": args.warmup,
+        "window_s": args.seconds,
+        "rounds": args.rounds,
         "value_bytes": VALUE_BYTES,
     }
     return measurements, environment
@@ -97,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="mesh-bench-") as workdir,
             running_services(Path(workdir), VALUE_BYTES) as endpoints,
         ):
-            measurements, environment = asyncio.run(
-                run(endpoints, args.warmup, args.seconds, load_before))
+            measurements, environment = asyncio.run(run(args, endpoints, load_before))
     except KeyboardInterrupt:
         print("\ninterrupted; every child process was stopped", file=sys.stderr)
         return 130

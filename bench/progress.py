@@ -1,4 +1,4 @@
-"""A one-line progress bar on stderr: ``[3/9] mesh.get.c64 [#####.....] 2.1/4.0 s``."""
+"""A one-line progress bar on stderr: ``[3/27] mesh.get.c64 [#####.....] 0.7/1.3 s``."""
 
 from __future__ import annotations
 

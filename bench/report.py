@@ -57,6 +57,7 @@ def build(measurements: list[Measurement], environment: dict[str, Any]) -> dict[
             "seconds": round(m.seconds, 4),
             "ops_per_s": round(m.ops_per_s, 1),
             "keys_per_s": round(m.keys_per_s, 1),
+            "rounds_ops_per_s": [round(r, 1) for r in m.rounds],
         }
         for m in measurements
     }
@@ -89,7 +90,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"## Mesh benchmark: {results['cpu_count']} CPUs, Python {results['python']}, "
         f"grpcio {results['grpcio']}, redis-server {results['redis_server']}, "
-        f"{results['window_s']:g} s per workload after {results['warmup_s']:g} s warmup "
+        f"{results['window_s']:g} s per workload after {results['warmup_s']:g} s warmup, "
+        f"in {results['rounds']} interleaved round(s) "
         f"(1-minute load average before the run: {results['loadavg_1m_before']:.2f})",
         "",
         "| workload | Mesh | baseline | ratio |",
@@ -106,12 +108,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Raw numbers:",
         "",
-        "| workload | what | in flight | ops/s | keys/s | ops | seconds |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | what | in flight | ops/s | keys/s | ops | seconds | ops/s by round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, w in results["workloads"].items():
+        by_round = " / ".join(_n(r) for r in w["rounds_ops_per_s"])
         lines.append(f"| {name} | {w['description']} | {w['in_flight']} | {_n(w['ops_per_s'])} "
-                     f"| {_n(w['keys_per_s'])} | {w['ops']} | {w['seconds']:.2f} |")
+                     f"| {_n(w['keys_per_s'])} | {w['ops']} | {w['seconds']:.2f} | {by_round} |")
     return "\n".join(lines)
 
 

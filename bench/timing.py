@@ -2,7 +2,9 @@
 
 The workers run through a warmup and then a fixed wall-clock window without
 pausing, so the window sees steady state with exactly ``concurrency`` operations
-in flight. Only operations that complete inside the window are counted.
+in flight. Only operations that complete inside the window are counted. A run
+may time each workload in several rounds (interleaved with the others) and
+``combine`` them.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ class Workload:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Operations completed in the window and the window's exact length."""
+    """Operations completed in the window and the window's exact length.
+
+    A combined measurement (see ``combine``) keeps each round's rate in ``rounds``.
+    """
 
     workload: Workload
     ops: int
     seconds: float
+    rounds: tuple[float, ...] = ()
 
     @property
     def ops_per_s(self) -> float:
@@ -45,6 +51,12 @@ class Measurement:
     @property
     def keys_per_s(self) -> float:
         return self.ops_per_s * self.workload.batch
+
+
+def combine(parts: list[Measurement]) -> Measurement:
+    """One workload's rounds as one measurement: all operations over all windows."""
+    return Measurement(parts[0].workload, sum(p.ops for p in parts),
+                       sum(p.seconds for p in parts), tuple(p.ops_per_s for p in parts))
 
 
 async def measure(workload: Workload, warmup: float, window: float,
@@ -65,9 +77,9 @@ async def measure(workload: Workload, warmup: float, window: float,
     start = time.perf_counter()
     total = warmup + window
     try:
-        await _run_until(tasks, start, warmup, total, progress)
+        await _run_until(tasks, start + warmup, start, total, progress)
         first, t0 = completed, time.perf_counter()
-        await _run_until(tasks, start, total, total, progress)
+        await _run_until(tasks, t0 + window, start, total, progress)
         last, t1 = completed, time.perf_counter()
     except BaseException:
         for task in tasks:
@@ -79,10 +91,10 @@ async def measure(workload: Workload, warmup: float, window: float,
     return Measurement(workload, last - first, t1 - t0)
 
 
-async def _run_until(tasks: list[asyncio.Task[None]], start: float, until: float,
+async def _run_until(tasks: list[asyncio.Task[None]], deadline: float, start: float,
                      total: float, progress: Progress) -> None:
-    """Keep the workers going until ``start + until``, ticking the progress bar."""
-    while (remaining := start + until - time.perf_counter()) > 0:
+    """Keep the workers going until ``deadline`` (perf_counter), ticking the progress bar."""
+    while (remaining := deadline - time.perf_counter()) > 0:
         done, _ = await asyncio.wait(tasks, timeout=min(_TICK, remaining),
                                      return_when=asyncio.FIRST_COMPLETED)
         for task in done:  # a worker only ends early by raising

@@ -7,28 +7,16 @@ non-empty ``{...}`` is hashed if there is one, so ``{user:1}:cart`` and
 
 from __future__ import annotations
 
+import binascii
+
 SLOT_COUNT = 16384
-
-
-def _make_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-        table.append(crc & 0xFFFF)
-    return table
-
-
-_TABLE = _make_table()
 
 
 def crc16_xmodem(data: bytes) -> int:
     """CRC16-XMODEM (poly 0x1021, init 0): crc16(b"123456789") == 0x31C3."""
-    crc = 0
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _TABLE[((crc >> 8) ^ byte) & 0xFF]
-    return crc
+    # binascii.crc_hqx is this exact CRC (CRC-CCITT, poly 0x1021) computed in C;
+    # with an initial value of 0 it is XMODEM, several times faster than a Python loop.
+    return binascii.crc_hqx(data, 0)
 
 
 def hash_part(key: bytes) -> bytes:

@@ -173,6 +173,9 @@ class LFUPolicy(EvictionPolicy):
         target = bucket.next
         freq = bucket.freq + 1
         if target is self._head or target.freq != freq:
+            if len(bucket.keys) == 1:
+                bucket.freq = freq  # alone in its bucket: bump it in place, order holds
+                return
             target = self._insert_after(bucket, freq)
         del bucket.keys[key]
         target.keys[key] = None

@@ -18,21 +18,31 @@ Rules the whole module keeps:
 * Memory: an entry costs ``len(key.encode()) + len(value) + ENTRY_OVERHEAD``.
   Limits cover everything held, including expired keys not yet swept; expired keys
   are reclaimed before live keys are evicted.
+
+Two helpers hold the parts that are not about entries: `ExpiryIndex`
+(nodes/cache/expiry.py) finds what expires when, and `ChangeFeed`
+(nodes/cache/feed.py) delivers changes to listeners.
 """
 
 from __future__ import annotations
 
-import enum
-import heapq
-import logging
 import math
 import re
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
+from nodes.cache.errors import (
+    CacheError,
+    CacheFullError,
+    IntegerOverflowError,
+    KeyExistsError,
+    NotAnIntegerError,
+    VersionMismatchError,
+)
 from nodes.cache.eviction import EvictionPolicy, make_policy
+from nodes.cache.expiry import ExpiryIndex
+from nodes.cache.feed import ChangeFeed
+from nodes.cache.model import CacheStats, Change, ChangeType, Entry
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -49,107 +59,12 @@ __all__ = [
     "VersionMismatchError",
 ]
 
-log = logging.getLogger(__name__)
-
 ENTRY_OVERHEAD = 64
 """Bytes accounted to every entry on top of its key and value."""
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 _INTEGER = re.compile(rb"-?[0-9]{1,19}")
-
-
-# -- data --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stored value. ``version`` is the revision of the write that made it."""
-
-    value: bytes
-    version: int
-    expire_at: float | None
-
-
-class ChangeType(enum.Enum):
-    """What happened to a key."""
-
-    SET = "set"
-    DELETE = "delete"
-    EXPIRE = "expire"
-    EVICT = "evict"
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One state change. ``value`` and ``expire_at`` are set for SET only."""
-
-    type: ChangeType
-    key: str
-    value: bytes
-    revision: int
-    expire_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    """A snapshot of the store's counters; entries and bytes count live keys only."""
-
-    entries: int
-    bytes: int
-    max_entries: int
-    max_bytes: int
-    hits: int
-    misses: int
-    evictions: int
-    expirations: int
-    policy: str
-    revision: int
-
-
-# -- errors ------------------------------------------------------------------
-
-
-class CacheError(Exception):
-    """Base of every error the store raises on purpose."""
-
-
-class KeyExistsError(CacheError):
-    """An only_if_absent write met a live key."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"key {key!r} already exists")
-        self.key = key
-
-
-class VersionMismatchError(CacheError):
-    """An only_if_version condition failed; ``current_version`` is 0 if the key is absent."""
-
-    def __init__(self, key: str, current_version: int, expected_version: int) -> None:
-        super().__init__(f"key {key!r} is at version {current_version}, not {expected_version}")
-        self.key = key
-        self.current_version = current_version
-        self.expected_version = expected_version
-
-
-class CacheFullError(CacheError):
-    """The limits cannot be met by eviction; nothing was changed."""
-
-
-class NotAnIntegerError(CacheError):
-    """Incr met a value that is not a decimal signed 64-bit integer."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"the value of key {key!r} is not a decimal 64-bit integer")
-        self.key = key
-
-
-class IntegerOverflowError(CacheError):
-    """Incr's result does not fit a signed 64-bit integer."""
-
-    def __init__(self, key: str, current: int, delta: int) -> None:
-        super().__init__(f"incrementing key {key!r} ({current}) by {delta} overflows 64 bits")
-        self.key = key
 
 
 # -- helpers -----------------------------------------------------------------
@@ -198,22 +113,19 @@ class CacheStore:
         "_bytes",
         "_clock",
         "_data",
-        "_delivering",
         "_evictions",
         "_expirations",
         "_expiry",
+        "_feed",
+        "_flush",
         "_hits",
-        "_listeners",
         "_max_bytes",
         "_max_entries",
         "_misses",
-        "_next_listener_id",
-        "_pending",
         "_policy",
+        "_publish",
         "_revision",
-        "_subscriptions",
         "_touch",
-        "_volatile",
     )
 
     def __init__(
@@ -230,21 +142,17 @@ class CacheStore:
         self._touch = self._policy.on_access
         self._clock = clock
         self._data: dict[str, Entry] = {}
-        # (expire_at, key, version); an item is stale unless the key still holds
-        # exactly that version. Stale items are skipped, and compacted away.
-        self._expiry: list[tuple[float, str, int]] = []
-        self._volatile = 0  # entries with an expiry (live items in _expiry)
+        self._expiry = ExpiryIndex(self._data)  # reads _data: never rebind it
+        self._feed = ChangeFeed()
+        # Bound once, like _touch: the write path pays one attribute read for each.
+        self._publish = self._feed.publish
+        self._flush = self._feed.flush
         self._bytes = 0  # everything held, expired-but-unswept included
         self._revision = 0
         self._hits = 0
         self._misses = 0
         self._evictions = 0
         self._expirations = 0
-        self._subscriptions: dict[int, Callable[[Change], None]] = {}
-        self._listeners: tuple[Callable[[Change], None], ...] = ()
-        self._next_listener_id = 0
-        self._pending: deque[Change] = deque()
-        self._delivering = False
 
     # -- reading -------------------------------------------------------------
 
@@ -276,12 +184,12 @@ class CacheStore:
 
     def __len__(self) -> int:
         """Live keys held (expired keys not yet swept are not counted)."""
-        return len(self._data) - sum(1 for _ in self._iter_due(self._clock()))
+        return len(self._data) - sum(1 for _ in self._expiry.iter_due(self._clock()))
 
     def stats(self) -> CacheStats:
         """Counters and limits; entries and bytes cover live keys only."""
         due_entries = due_bytes = 0
-        for key, entry in self._iter_due(self._clock()):
+        for key, entry in self._expiry.iter_due(self._clock()):
             due_entries += 1
             due_bytes += _size(key, entry.value)
         return CacheStats(
@@ -417,31 +325,21 @@ class CacheStore:
 
     def expire_due(self, max_keys: int = 1000) -> int:
         """Remove up to ``max_keys`` expired keys (EXPIRE changes); returns how many."""
-        heap = self._expiry
-        data = self._data
+        pop_due = self._expiry.pop_due
         now = self._clock()
         removed = 0
-        while removed < max_keys and heap and heap[0][0] <= now:
-            _, key, version = heapq.heappop(heap)
-            entry = data.get(key)
-            if entry is None or entry.version != version:
-                continue  # stale: deleted, expired or rewritten since
-            self._remove(key, entry, _EXPIRE)
+        while removed < max_keys:
+            due = pop_due(now)
+            if due is None:
+                break
+            self._remove(due[0], due[1], _EXPIRE)
             removed += 1
         self._flush()
         return removed
 
     def next_expiry(self) -> float | None:
         """When the next key expires (possibly already past), or None."""
-        heap = self._expiry
-        data = self._data
-        while heap:
-            _, key, version = heap[0]
-            entry = data.get(key)
-            if entry is not None and entry.version == version:
-                return heap[0][0]
-            heapq.heappop(heap)
-        return None
+        return self._expiry.next_expiry()
 
     # -- listeners -----------------------------------------------------------
 
@@ -454,16 +352,7 @@ class CacheStore:
         from a listener is logged and does not reach the caller. Returns a
         function that unsubscribes (calling it again does nothing).
         """
-        sub_id = self._next_listener_id
-        self._next_listener_id += 1
-        self._subscriptions[sub_id] = fn
-        self._listeners = tuple(self._subscriptions.values())
-
-        def unsubscribe() -> None:
-            if self._subscriptions.pop(sub_id, None) is not None:
-                self._listeners = tuple(self._subscriptions.values())
-
-        return unsubscribe
+        return self._feed.add_listener(fn)
 
     # -- internals -----------------------------------------------------------
 
@@ -490,6 +379,7 @@ class CacheStore:
         self, key: str, value: bytes, expire_at: float | None, old: Entry | None, now: float
     ) -> Entry:
         """Store the entry; ``old`` is what the key holds now. Room was made."""
+        replacing = False  # a live old entry with an expiry gets a new expiry
         if old is not None:
             old_expire = old.expire_at
             if old_expire is not None and old_expire <= now:
@@ -497,7 +387,10 @@ class CacheStore:
             else:
                 self._bytes -= _size(key, old.value)
                 if old_expire is not None:
-                    self._volatile -= 1
+                    if expire_at is None:
+                        self._expiry.discard()
+                    else:
+                        replacing = True
         self._revision += 1
         revision = self._revision
         entry = Entry(value, revision, expire_at)
@@ -505,61 +398,24 @@ class CacheStore:
         self._bytes += _size(key, value)
         self._policy.on_insert(key, expire_at)
         if expire_at is not None:
-            self._volatile += 1
-            heap = self._expiry
-            heapq.heappush(heap, (expire_at, key, revision))
-            if len(heap) > 2 * self._volatile + 64:
-                self._compact_expiry()
-        if self._listeners:
-            self._pending.append(Change(_SET, key, value, revision, expire_at))
+            self._expiry.push(expire_at, key, revision, replacing=replacing)
+        if self._feed.listeners:
+            self._publish(Change(_SET, key, value, revision, expire_at))
         return entry
 
     def _remove(self, key: str, entry: Entry, kind: ChangeType) -> None:
         del self._data[key]
         self._bytes -= _size(key, entry.value)
         if entry.expire_at is not None:
-            self._volatile -= 1
+            self._expiry.discard()
         self._policy.on_remove(key)
         self._revision += 1
         if kind is _EXPIRE:
             self._expirations += 1
         elif kind is _EVICT:
             self._evictions += 1
-        if self._listeners:
-            self._pending.append(Change(kind, key, b"", self._revision, None))
-
-    def _compact_expiry(self) -> None:
-        data = self._data
-        live = []
-        for item in self._expiry:
-            entry = data.get(item[1])
-            if entry is not None and entry.version == item[2]:
-                live.append(item)
-        heapq.heapify(live)
-        self._expiry = live
-
-    def _iter_due(self, now: float) -> Iterator[tuple[str, Entry]]:
-        """Every held key whose expiry is <= now, without changing anything.
-
-        Walks only the part of the heap tree that is due: O(due keys), once the
-        stale items at the top are dropped.
-        """
-        self.next_expiry()
-        heap = self._expiry
-        data = self._data
-        size = len(heap)
-        stack = [0] if heap and heap[0][0] <= now else []
-        while stack:
-            index = stack.pop()
-            expire_at, key, version = heap[index]
-            if expire_at > now:
-                continue
-            entry = data.get(key)
-            if entry is not None and entry.version == version:
-                yield key, entry
-            for child in (2 * index + 1, 2 * index + 2):
-                if child < size:
-                    stack.append(child)
+        if self._feed.listeners:
+            self._publish(Change(kind, key, b"", self._revision, None))
 
     def _make_room(self, batch: dict[str, int], now: float) -> None:
         """Free enough room for ``batch`` (key -> new size) or raise, changing nothing.
@@ -590,11 +446,13 @@ class CacheStore:
         excess_bytes = nbytes + new_bytes - self._max_bytes if self._max_bytes else 0
 
         expired: list[tuple[str, Entry]] = []
-        for key, entry in self._iter_due(now):
-            if key not in batch:
-                expired.append((key, entry))
-                excess_entries -= 1
-                excess_bytes -= _size(key, entry.value)
+        soonest = self._expiry.next_expiry()
+        if soonest is not None and soonest <= now:
+            for key, entry in self._expiry.iter_due(now):
+                if key not in batch:
+                    expired.append((key, entry))
+                    excess_entries -= 1
+                    excess_bytes -= _size(key, entry.value)
 
         victims: list[tuple[str, Entry]] = []
         if excess_entries > 0 or excess_bytes > 0:
@@ -619,20 +477,3 @@ class CacheStore:
             self._remove(key, entry, _EXPIRE)
         for key, entry in victims:
             self._remove(key, entry, _EVICT)
-
-    def _flush(self) -> None:
-        """Deliver queued changes unless a delivery is already running (re-entry)."""
-        if self._delivering or not self._pending:
-            return
-        self._delivering = True
-        pending = self._pending
-        try:
-            while pending:
-                change = pending.popleft()
-                for fn in self._listeners:
-                    try:
-                        fn(change)
-                    except Exception:
-                        log.exception("cache listener %r failed on change %d", fn, change.revision)
-        finally:
-            self._delivering = False

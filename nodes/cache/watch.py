@@ -30,9 +30,6 @@ class Watcher:
         self._buffer: deque[tuple[int, Change]] = deque()
         self._wakeup = asyncio.Event()
 
-    def matches(self, key: str) -> bool:
-        return key in self.keys or any(key.startswith(p) for p in self.prefixes)
-
     def push(self, change: Change) -> None:
         self.seq += 1
         if len(self._buffer) < self._limit:

@@ -900,6 +900,16 @@ def test_volatile_policy_order() -> None:
     assert list(p.candidates()) == ["d", "c"]
 
 
+def test_volatile_policy_drops_stale_entries_before_walking() -> None:
+    p = VolatileTTLPolicy()
+    for i in range(1000):
+        p.on_insert(f"k{i}", float(i))
+    for i in range(999):
+        p.on_remove(f"k{i}")  # what eviction of the soonest keys leaves behind
+    assert list(p.candidates()) == ["k999"]
+    assert len(p._heap) == 1  # later walks do not pay for the removed keys again
+
+
 def test_noeviction_policy() -> None:
     p = NoEvictionPolicy()
     p.on_insert("a", 1.0)
