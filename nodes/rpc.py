@@ -9,7 +9,7 @@ raised anywhere in a handler into the rich status it describes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import descriptor, message, message_factory
@@ -25,21 +25,20 @@ def _parser(method: descriptor.MethodDescriptor) -> Callable[[bytes], message.Me
     return from_string
 
 
-async def _parse(
-    parse: Callable[[bytes], message.Message], raw: bytes, context: grpc.aio.ServicerContext
-) -> message.Message:
-    try:
-        return parse(raw)
-    except message.DecodeError as exc:
-        error = invalid_argument("request", f"not a valid message: {exc}")
-        await context.abort_with_status(error.to_status())
-        raise  # unreachable: abort raises
+async def _reject(exc: message.DecodeError, context: grpc.aio.ServicerContext) -> NoReturn:
+    error = invalid_argument("request", f"not a valid message: {exc}")
+    await context.abort_with_status(error.to_status())
+    raise AssertionError("abort_with_status always raises")
 
 
 def _unary(parse: Callable[[bytes], message.Message],
            method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Handler:
+    # The hot path of every call: parse inline, one await, no extra coroutine.
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        request = await _parse(parse, raw, context)
+        try:
+            request = parse(raw)
+        except message.DecodeError as exc:
+            await _reject(exc, context)
         try:
             return await method(request, context)
         except MeshStatusError as exc:
@@ -52,7 +51,10 @@ def _server_stream(parse: Callable[[bytes], message.Message],
                    method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
                    ) -> Handler:
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        request = await _parse(parse, raw, context)
+        try:
+            request = parse(raw)
+        except message.DecodeError as exc:
+            await _reject(exc, context)
         try:
             async for item in method(request, context):
                 yield item

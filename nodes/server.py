@@ -59,7 +59,7 @@ class Node:
         self.config = config
         self.server = grpc.aio.server(
             options=grpc_options(config),
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         )
         self.health = health.aio.HealthServicer()
         self.cache: CacheService | None = None
