@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                         "move away before the server stops (MESH_DRAIN_DELAY)")
     p.add_argument("--max-concurrent-rpcs", type=int,
                    default=int(_env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
-                   help="calls in flight before new ones get RESOURCE_EXHAUSTED "
+                   help="calls in flight before new ones get RESOURCE_EXHAUSTED; 0 = no limit "
                         "(MESH_MAX_CONCURRENT_RPCS)")
     c = d.cache
     p.add_argument("--cache-max-entries", type=int,
