@@ -5,19 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
 
 from clients.errors import (
     InvalidArgumentError,
-    MeshError,
     NoNodesError,
     UnavailableError,
     WatchGapError,
@@ -35,6 +34,10 @@ TTL = float | timedelta | None
 
 _BATCH = 1000
 _RETRY = Backoff()
+
+T = TypeVar("T")
+# send(address, indexes, budget): one batch call to one node for keys[i] for i in indexes.
+Send = Callable[[str, list[int], float], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,36 +113,45 @@ class CacheClient:
     def _stub(self, address: str) -> pb_grpc.CacheServiceStub:
         return self._mesh.stub(pb_grpc.CacheServiceStub, address)
 
-    async def _call(
-        self, key: str, method: str, request: Any, timeout: float | None, retry: bool
-    ) -> Any:
-        """One unary call to the key's node.
+    async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
+        try:
+            return await getattr(self._stub(address), method)(request, timeout=budget)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
 
-        UNAVAILABLE (the node went away or is shutting down) is retried on the
-        current membership with backoff until the deadline when ``retry`` is set:
-        calls are only marked so when repeating them cannot change the outcome.
+    async def _retrying(
+        self, attempt: Callable[[float], Awaitable[T]], timeout: float | None, retry: bool
+    ) -> T:
+        """Run ``attempt(budget)``; if the node was unavailable and ``retry`` is set,
+        run it again on the current membership, with backoff, until the deadline.
+
+        Only calls whose repetition cannot change the outcome are marked ``retry``.
         """
         loop = asyncio.get_running_loop()
         budget = self._mesh.timeout if timeout is None else timeout
         deadline = loop.time() + budget
-        attempt = 0
+        tries = 0
         while True:
             try:
-                node = self._mesh.route("cache", key)
-                return await getattr(self._stub(node.address), method)(request, timeout=budget)
-            except grpc.aio.AioRpcError as exc:
-                error: MeshError = from_rpc_error(exc)
-            except UnavailableError as exc:  # no node right now
-                error = exc
-            if not retry or not isinstance(error, UnavailableError):
-                raise error
-            pause = _RETRY.delay(attempt)
-            budget = deadline - loop.time() - pause
-            if budget <= 0:
-                raise error
-            attempt += 1
+                return await attempt(budget)
+            except UnavailableError:
+                pause = _RETRY.delay(tries)
+                budget = deadline - loop.time() - pause
+                if not retry or budget <= 0:
+                    raise
+            tries += 1
             await asyncio.sleep(pause)
-            await self._mesh.refresh()
+            await self._mesh.refresh(timeout=budget)
+
+    async def _call(
+        self, key: str, method: str, request: Any, timeout: float | None, retry: bool
+    ) -> Any:
+        """One unary call to the node that owns ``key``."""
+
+        async def attempt(budget: float) -> Any:
+            return await self._rpc(self._mesh.route("cache", key).address, method, request, budget)
+
+        return await self._retrying(attempt, timeout, retry)
 
     # -- single keys -------------------------------------------------------
 
@@ -192,11 +204,29 @@ class CacheClient:
 
     # -- batches -----------------------------------------------------------
 
-    def _by_node(self, keys: Iterable[str]) -> dict[str, list[int]]:
+    def _by_node(self, indexes: Iterable[int], keys: Sequence[str]) -> list[tuple[str, list[int]]]:
+        """``indexes`` into ``keys`` grouped by owner node, at most _BATCH per group."""
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, key in enumerate(keys):
-            groups[self._mesh.route("cache", key).address].append(i)
-        return groups
+        for i in indexes:
+            groups[self._mesh.route("cache", keys[i]).address].append(i)
+        return [(address, share[start:start + _BATCH])
+                for address, share in groups.items()
+                for start in range(0, len(share), _BATCH)]
+
+    async def _batched(self, keys: Sequence[str], send: Send, timeout: float | None) -> None:
+        """Call ``send(address, indexes, budget)`` for each node's share of ``keys``, in
+        parallel. A share whose node is unavailable is grouped again by the current
+        owners and re-sent (batch calls are safe to repeat), within the deadline."""
+
+        async def deliver(indexes: list[int]) -> None:
+            async def attempt(budget: float) -> None:
+                shares = self._by_node(indexes, keys)
+                await asyncio.gather(*(send(address, share, budget) for address, share in shares))
+
+            await self._retrying(attempt, timeout, True)
+
+        shares = self._by_node(range(len(keys)), keys)
+        await asyncio.gather(*(deliver(share) for _, share in shares))
 
     async def mget(
         self, keys: Sequence[str], *, timeout: float | None = None
@@ -204,13 +234,13 @@ class CacheClient:
         """Values for ``keys``, in order (None where missing). Nodes are asked in parallel."""
         results: list[bytes | None] = [None] * len(keys)
 
-        async def fetch(indexes: list[int]) -> None:
-            batch = [keys[i] for i in indexes]
-            r = await self._call(batch[0], "MGet", pb.MGetRequest(keys=batch), timeout, True)
+        async def fetch(address: str, indexes: list[int], budget: float) -> None:
+            request = pb.MGetRequest(keys=[keys[i] for i in indexes])
+            r = await self._rpc(address, "MGet", request, budget)
             for i, item in zip(indexes, r.results, strict=True):
                 results[i] = item.value if item.found else None
 
-        await self._each_node(keys, fetch)
+        await self._batched(keys, fetch, timeout)
         return results
 
     async def mset(
@@ -226,26 +256,15 @@ class CacheClient:
         versions = [0] * len(pairs)
         duration = _duration(ttl)
 
-        async def store(indexes: list[int]) -> None:
+        async def store(address: str, indexes: list[int], budget: float) -> None:
             entries = [pb.MSetEntry(key=pairs[i][0], value=_bytes(pairs[i][1]), ttl=duration)
                        for i in indexes]
-            r = await self._call(keys[indexes[0]], "MSet", pb.MSetRequest(entries=entries),
-                                 timeout, True)
+            r = await self._rpc(address, "MSet", pb.MSetRequest(entries=entries), budget)
             for i, version in zip(indexes, r.versions, strict=True):
                 versions[i] = version
 
-        await self._each_node(keys, store)
+        await self._batched(keys, store, timeout)
         return versions
-
-    async def _each_node(self, keys: Sequence[str], work: Any) -> None:
-        chunks = []
-        for indexes in self._by_node(keys).values():
-            for start in range(0, len(indexes), _BATCH):
-                chunks.append(indexes[start:start + _BATCH])
-        if len(chunks) == 1:
-            await work(chunks[0])
-        else:
-            await asyncio.gather(*(work(c) for c in chunks))
 
     # -- watch and stats ---------------------------------------------------
 

@@ -132,8 +132,10 @@ class Mesh:
         finally:
             await channel.close(grace=1.0)
 
-    async def refresh(self) -> None:
-        await self.directory.refresh()
+    async def refresh(self, timeout: float | None = None) -> None:
+        """Re-read membership now, giving up quietly after ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.directory.refresh(), timeout or self.timeout)
 
     def _membership_changed(self) -> None:
         self._routers.clear()

@@ -141,3 +141,19 @@ async def test_sigkill_key_expires_with_the_lease(etcd: Etcd, local_mesh: Any) -
     while await _etcd_value(etcd, key) is not None:
         assert time.monotonic() < deadline, "the key should expire with its 2 s lease"
         await asyncio.sleep(0.2)
+
+
+async def test_batches_regroup_when_a_node_dies(local_mesh: Any, mesh_client: Connect) -> None:
+    """A batch share sent to a dead node is split again by the current owners:
+    every key ends up on the node that owns it, so a fresh client finds it."""
+    local = local_mesh(3, lease_ttl=2)
+    mesh = await mesh_client(timeout=15)
+    keys = [f"batch:{i}" for i in range(300)]
+    dead = local.nodes[0]
+    assert any(mesh.route("cache", k).node_id == dead.node_id for k in keys)
+    dead.child.kill()  # still registered until its 2 s lease runs out
+    await mesh.cache.mset({k: k for k in keys})
+    assert await mesh.cache.mget(keys) == [k.encode() for k in keys]
+    fresh = await mesh_client()
+    assert len(fresh.nodes("cache")) == 2
+    assert await fresh.cache.mget(keys) == [k.encode() for k in keys]
