@@ -281,10 +281,7 @@ class CacheClient:
         budget = self._mesh.timeout if timeout is None else timeout
 
         async def one(node: str, address: str) -> NodeStats:
-            try:
-                r = await self._stub(address).Stats(pb.StatsRequest(), timeout=budget)
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from None
+            r = await self._rpc(address, "Stats", pb.StatsRequest(), budget)
             policy = pb.EvictionPolicy.Name(r.eviction_policy)
             return NodeStats(node, r.entries, r.bytes, r.max_entries, r.max_bytes, r.hits,
                              r.misses, r.evictions, r.expirations,

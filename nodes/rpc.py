@@ -92,37 +92,21 @@ def add_unimplemented(
     """Serve ``service`` so that it is listed (health, reflection) but every call
     answers UNIMPLEMENTED with ``why``: the contract exists, the code does not yet."""
 
-    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
 
-    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-        yield None  # pragma: no cover - makes this an async generator
+        yield None  # never reached; the yield makes this an async generator
 
     handlers = {}
     for method in service.methods:
-        if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_drain(why))
-        elif method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(stream)
-        elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_drain_unary(why))
+        if method.client_streaming:
+            make = (grpc.stream_stream_rpc_method_handler if method.server_streaming
+                    else grpc.stream_unary_rpc_method_handler)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
-                                                                          handlers),))
-
-
-def _drain(why: str) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[None]]:
-    async def handler(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-        yield None  # pragma: no cover
-
-    return handler
-
-
-def _drain_unary(why: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
-    async def handler(requests: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-
-    return handler
+            make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(streaming if method.server_streaming else unary)
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
