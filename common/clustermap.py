@@ -1,0 +1,219 @@
+"""The cluster map: which replica group owns each slot, and which nodes hold it.
+
+The leading coordinator stores the map in etcd as a serialized
+``mesh.admin.v1.ClusterMap`` under ``/<cluster>/map``; nodes and clients follow
+that key. The slot space is cut once, when the map is created, into
+``group_count`` contiguous ranges, one per group, and never re-cut: what moves
+between nodes is a whole group (like Couchbase's vBuckets), so moving data is
+always "snapshot, then command stream", the path a new replica takes anyway.
+
+`RoutingTable` is the read side everybody shares: slot -> group -> primary ->
+address, in O(1). `MapFollower` keeps the newest table from etcd (a read, then a
+watch; epochs only grow, so an older map is never taken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aetcd
+from mesh.admin.v1 import admin_pb2
+
+from common.etcd import watch_prefix
+from common.slots import SLOT_COUNT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP_COUNT = 256
+"""Groups a new cluster is cut into: enough that 10-20 nodes balance within a few
+percent (each group is 1/256 of the slots), few enough to replicate cheaply."""
+
+
+def map_key(cluster: str) -> bytes:
+    """The etcd key holding the serialized ClusterMap."""
+    return f"/{cluster}/map".encode()
+
+
+def leader_key(cluster: str) -> bytes:
+    """The etcd key the leading coordinator holds under its lease."""
+    return f"/{cluster}/coordinator/leader".encode()
+
+
+def group_ranges(group_count: int) -> list[tuple[int, int]]:
+    """Cut the slot space into ``group_count`` contiguous, near-equal ranges."""
+    if not 1 <= group_count <= SLOT_COUNT:
+        raise ValueError(f"group_count must be 1..{SLOT_COUNT}, got {group_count}")
+    bounds = [i * SLOT_COUNT // group_count for i in range(group_count + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(group_count)]
+
+
+def slot_count(group: admin_pb2.Group) -> int:
+    """How many slots a group owns."""
+    return sum(r.end - r.start + 1 for r in group.slot_ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """One group as the map has it."""
+
+    group_id: int
+    epoch: int
+    primary: str
+    """Node id of the primary; empty when the group has none (all members lost)."""
+    replicas: tuple[str, ...]
+    in_sync: frozenset[str]
+    """Replicas that count for commits and may be promoted."""
+    slots: int
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return ((self.primary,) if self.primary else ()) + self.replicas
+
+
+class RoutingTable:
+    """An immutable, indexed view of one ClusterMap."""
+
+    __slots__ = ("_slot_group", "addresses", "epoch", "groups", "proto", "states")
+
+    def __init__(self, cmap: admin_pb2.ClusterMap) -> None:
+        self.proto = cmap
+        self.epoch = cmap.epoch
+        self.groups: dict[int, GroupView] = {}
+        self._slot_group = array("H", bytes(2 * SLOT_COUNT))  # 0: no group
+        for group in cmap.groups:
+            self.groups[group.group_id] = GroupView(
+                group_id=group.group_id,
+                epoch=group.epoch,
+                primary=group.primary_node_id,
+                replicas=tuple(r.node_id for r in group.replicas),
+                in_sync=frozenset(r.node_id for r in group.replicas if r.in_sync),
+                slots=slot_count(group),
+            )
+            for r in group.slot_ranges:
+                for slot in range(r.start, r.end + 1):
+                    self._slot_group[slot] = group.group_id
+        self.addresses = {n.node_id: n.address for n in cmap.nodes}
+        self.states = {n.node_id: n.state for n in cmap.nodes}
+
+    @classmethod
+    def parse(cls, raw: bytes) -> RoutingTable:
+        cmap = admin_pb2.ClusterMap()
+        cmap.ParseFromString(raw)
+        return cls(cmap)
+
+    def group_of_slot(self, slot: int) -> GroupView | None:
+        group_id = self._slot_group[slot]
+        return self.groups.get(group_id) if group_id else None
+
+    def primary_address(self, group: GroupView) -> str | None:
+        return self.addresses.get(group.primary) if group.primary else None
+
+    def groups_of(self, node_id: str) -> Iterable[GroupView]:
+        """Groups in which ``node_id`` holds the primary or a replica."""
+        return (g for g in self.groups.values() if node_id in g.members)
+
+
+class MapFollower:
+    """The newest cluster map in etcd, kept current by a watch.
+
+    ``table`` is None until a map exists (no coordinator has written one yet).
+    Listeners run synchronously on every newer map. If the watch breaks (etcd
+    restarted, compaction) it reads again and re-watches with backoff, for as
+    long as the follower is open.
+    """
+
+    def __init__(self, etcd: aetcd.Client, cluster: str) -> None:
+        self._etcd = etcd
+        self._key = map_key(cluster)
+        self.table: RoutingTable | None = None
+        self._listeners: list[Callable[[RoutingTable], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    def on_change(self, listener: Callable[[RoutingTable], None]) -> None:
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        """Read the map (raising if etcd is unreachable), then follow it."""
+        revision = await self._read()
+        self._task = asyncio.create_task(self._follow(revision), name="mesh-map-follower")
+
+    async def refresh(self) -> None:
+        """Read the map now; errors are swallowed (the watch keeps trying)."""
+        with contextlib.suppress(Exception):
+            await self._read()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def wait_for(self, predicate: Callable[[RoutingTable], bool], timeout: float) -> bool:
+        """Wait until the current table satisfies ``predicate``; False on timeout."""
+        async def wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: self.table is not None and predicate(self.table))
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def offer(self, raw: bytes) -> bool:
+        """Take a serialized map if it is newer than ours; True if taken."""
+        try:
+            table = RoutingTable.parse(raw)
+        except Exception as exc:  # a corrupt value must not stop the follower
+            log.warning("ignoring unreadable cluster map: %s", exc)
+            return False
+        if self.table is not None and table.epoch <= self.table.epoch:
+            return False
+        self.table = table
+        for listener in self._listeners:
+            try:
+                listener(table)
+            except Exception:
+                log.exception("cluster map listener %r failed", listener)
+        asyncio.get_running_loop().create_task(self._notify())
+        return True
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _read(self) -> int:
+        # A range read, not get(): it reports the store revision even when the
+        # key does not exist yet, and the watch must start right after it.
+        result = await self._etcd.get_prefix(self._key)
+        for kv in result:
+            if kv.key == self._key:
+                self.offer(kv.value)
+        return int(result.header.revision) if result.header is not None else 0
+
+    async def _follow(self, revision: int) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async for kind, _key, value, mod_revision in watch_prefix(
+                        self._etcd, self._key, revision + 1):
+                    delay = 0.1
+                    revision = max(revision, mod_revision)
+                    if kind == "PUT":
+                        self.offer(value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("cluster map watch broke (%s); re-reading", exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+            with contextlib.suppress(Exception):
+                revision = await self._read()
