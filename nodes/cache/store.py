@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
+from nodes.cache.budget import Budget
 from nodes.cache.errors import (
     CacheError,
     CacheFullError,
@@ -43,6 +44,7 @@ from nodes.cache.eviction import EvictionPolicy, make_policy
 from nodes.cache.expiry import ExpiryIndex
 from nodes.cache.feed import ChangeFeed
 from nodes.cache.model import CacheStats, Change, ChangeType, Entry
+from nodes.cache.room import ENTRY_OVERHEAD, entry_size, plan_room
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -59,9 +61,6 @@ __all__ = [
     "VersionMismatchError",
 ]
 
-ENTRY_OVERHEAD = 64
-"""Bytes accounted to every entry on top of its key and value."""
-
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 _INTEGER = re.compile(rb"-?[0-9]{1,19}")
@@ -70,23 +69,12 @@ _INTEGER = re.compile(rb"-?[0-9]{1,19}")
 # -- helpers -----------------------------------------------------------------
 
 
-def _size(key: str, value: bytes) -> int:
-    # isascii() is O(1) on CPython's compact strings: no encode for ASCII keys.
-    return (len(key) if key.isascii() else len(key.encode())) + len(value) + ENTRY_OVERHEAD
-
-
 def _expire_at(ttl: float | None, now: float) -> float | None:
     if ttl is None or ttl == 0:
         return None
     if not math.isfinite(ttl) or ttl < 0:
         raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
     return now + ttl
-
-
-def _check_limit(name: str, value: int) -> int:
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 (0 = unlimited), got {value}")
-    return value
 
 
 def _check_version(only_if_version: int) -> None:
@@ -110,6 +98,7 @@ class CacheStore:
     """
 
     __slots__ = (
+        "_budget",
         "_bytes",
         "_clock",
         "_data",
@@ -119,8 +108,6 @@ class CacheStore:
         "_feed",
         "_flush",
         "_hits",
-        "_max_bytes",
-        "_max_entries",
         "_misses",
         "_policy",
         "_publish",
@@ -135,9 +122,11 @@ class CacheStore:
         max_bytes: int = 0,
         policy: str = "lru",
         clock: Callable[[], float] = time.time,
+        budget: Budget | None = None,
     ) -> None:
-        self._max_entries = _check_limit("max_entries", max_entries)
-        self._max_bytes = _check_limit("max_bytes", max_bytes)
+        # Limits are checked against ``budget`` (shared by a node's stores) when
+        # given, else against a budget of this store's own.
+        self._budget = budget if budget is not None else Budget(max_entries, max_bytes)
         self._policy: EvictionPolicy = make_policy(policy)
         self._touch = self._policy.on_access
         self._clock = clock
@@ -191,12 +180,12 @@ class CacheStore:
         due_entries = due_bytes = 0
         for key, entry in self._expiry.iter_due(self._clock()):
             due_entries += 1
-            due_bytes += _size(key, entry.value)
+            due_bytes += entry_size(key, entry.value)
         return CacheStats(
             entries=len(self._data) - due_entries,
             bytes=self._bytes - due_bytes,
-            max_entries=self._max_entries,
-            max_bytes=self._max_bytes,
+            max_entries=self._budget.max_entries,
+            max_bytes=self._budget.max_bytes,
             hits=self._hits,
             misses=self._misses,
             evictions=self._evictions,
@@ -272,17 +261,18 @@ class CacheStore:
             last[item[0]] = index
         winners = sorted(last.values())
         data = self._data
-        if self._max_entries or self._max_bytes:
-            sizes = {items[i][0]: _size(items[i][0], items[i][1]) for i in winners}
+        budget = self._budget
+        if budget.max_entries or budget.max_bytes:
+            sizes = {items[i][0]: entry_size(items[i][0], items[i][1]) for i in winners}
             freed_entries = freed_bytes = 0
             for key in sizes:
                 old = data.get(key)
                 if old is not None:
                     freed_entries += 1
-                    freed_bytes += _size(key, old.value)
-            if not self._fits(
-                len(data) - freed_entries + len(sizes),
-                self._bytes - freed_bytes + sum(sizes.values()),
+                    freed_bytes += entry_size(key, old.value)
+            if not budget.fits(
+                budget.entries - freed_entries + len(sizes),
+                budget.bytes - freed_bytes + sum(sizes.values()),
             ):
                 self._make_room(sizes, now)
         versions: dict[str, int] = {}
@@ -341,6 +331,47 @@ class CacheStore:
         """When the next key expires (possibly already past), or None."""
         return self._expiry.next_expiry()
 
+    # -- replication ---------------------------------------------------------
+
+    def mirror(self, change: Change) -> None:
+        """Apply a change made by another copy of this store (the group's primary).
+
+        No limit, clock or eviction policy decides anything here: a replica holds
+        exactly what its primary decided, and the change's revision becomes this
+        store's, so versions keep growing after a promotion.
+        """
+        key = change.key
+        old = self._data.get(key)
+        if old is not None:
+            self._drop(key, old)
+        kind = change.type
+        if kind is _SET:
+            self._insert(key, Entry(change.value, change.revision, change.expire_at))
+        elif old is not None and kind is _EXPIRE:
+            self._expirations += 1
+        elif old is not None and kind is _EVICT:
+            self._evictions += 1
+        self._revision = max(self._revision, change.revision)
+        if self._feed.listeners:
+            self._publish(change)
+            self._flush()
+
+    def export(self) -> tuple[int, list[tuple[str, Entry]]]:
+        """A consistent copy of the state: ``(revision, [(key, entry), ...])``.
+
+        Entries are immutable, so the copy is a list of references, taken in one
+        step (no await can interleave a write).
+        """
+        return self._revision, list(self._data.items())
+
+    def load(self, revision: int, items: Sequence[tuple[str, Entry]]) -> None:
+        """Fill an empty store from `export` output (of another copy)."""
+        if self._data:
+            raise RuntimeError("load() needs an empty store")
+        for key, entry in items:
+            self._insert(key, entry)
+        self._revision = revision
+
     # -- listeners -----------------------------------------------------------
 
     def add_listener(self, fn: Callable[[Change], None]) -> Callable[[], None]:
@@ -356,21 +387,17 @@ class CacheStore:
 
     # -- internals -----------------------------------------------------------
 
-    def _fits(self, entries: int, nbytes: int) -> bool:
-        return (not self._max_entries or entries <= self._max_entries) and (
-            not self._max_bytes or nbytes <= self._max_bytes
-        )
-
     def _write_one(
         self, key: str, value: bytes, expire_at: float | None, old: Entry | None, now: float
     ) -> Entry:
         """Make room for one write (or raise CacheFullError untouched), then do it."""
-        if self._max_entries or self._max_bytes:
-            size = _size(key, value)
+        budget = self._budget
+        if budget.max_entries or budget.max_bytes:
+            size = entry_size(key, value)
             if old is None:
-                fits = self._fits(len(self._data) + 1, self._bytes + size)
+                fits = budget.fits(budget.entries + 1, budget.bytes + size)
             else:
-                fits = self._fits(len(self._data), self._bytes - _size(key, old.value) + size)
+                fits = budget.fits(budget.entries, budget.bytes - entry_size(key, old.value) + size)
             if not fits:
                 self._make_room({key: size}, now)
         return self._put(key, value, expire_at, old, now)
@@ -380,12 +407,18 @@ class CacheStore:
     ) -> Entry:
         """Store the entry; ``old`` is what the key holds now. Room was made."""
         replacing = False  # a live old entry with an expiry gets a new expiry
-        if old is not None:
+        budget = self._budget
+        if old is None:
+            budget.entries += 1
+        else:
             old_expire = old.expire_at
             if old_expire is not None and old_expire <= now:
                 self._remove(key, old, _EXPIRE)
+                budget.entries += 1
             else:
-                self._bytes -= _size(key, old.value)
+                old_size = entry_size(key, old.value)
+                self._bytes -= old_size
+                budget.bytes -= old_size
                 if old_expire is not None:
                     if expire_at is None:
                         self._expiry.discard()
@@ -395,7 +428,9 @@ class CacheStore:
         revision = self._revision
         entry = Entry(value, revision, expire_at)
         self._data[key] = entry
-        self._bytes += _size(key, value)
+        size = entry_size(key, value)
+        self._bytes += size
+        budget.bytes += size
         self._policy.on_insert(key, expire_at)
         if expire_at is not None:
             self._expiry.push(expire_at, key, revision, replacing=replacing)
@@ -404,11 +439,7 @@ class CacheStore:
         return entry
 
     def _remove(self, key: str, entry: Entry, kind: ChangeType) -> None:
-        del self._data[key]
-        self._bytes -= _size(key, entry.value)
-        if entry.expire_at is not None:
-            self._expiry.discard()
-        self._policy.on_remove(key)
+        self._drop(key, entry)
         self._revision += 1
         if kind is _EXPIRE:
             self._expirations += 1
@@ -417,62 +448,32 @@ class CacheStore:
         if self._feed.listeners:
             self._publish(Change(kind, key, b"", self._revision, None))
 
+    def _drop(self, key: str, entry: Entry) -> None:
+        """Forget ``key`` (holding ``entry``) everywhere; no revision, no change."""
+        del self._data[key]
+        size = entry_size(key, entry.value)
+        self._bytes -= size
+        self._budget.bytes -= size
+        self._budget.entries -= 1
+        if entry.expire_at is not None:
+            self._expiry.discard()
+        self._policy.on_remove(key)
+
+    def _insert(self, key: str, entry: Entry) -> None:
+        """Hold ``entry`` for a key that is not held; no limit check, no change."""
+        self._data[key] = entry
+        size = entry_size(key, entry.value)
+        self._bytes += size
+        self._budget.bytes += size
+        self._budget.entries += 1
+        self._policy.on_insert(key, entry.expire_at)
+        if entry.expire_at is not None:
+            self._expiry.push(entry.expire_at, key, entry.version)
+
     def _make_room(self, batch: dict[str, int], now: float) -> None:
-        """Free enough room for ``batch`` (key -> new size) or raise, changing nothing.
-
-        Plans first: the batch's own keys free their old size and are never
-        victims; expired keys go first (all of them that are due), then the
-        policy's candidates in order. Only when the plan meets both limits is it
-        carried out, with EXPIRE and EVICT changes.
-        """
-        data = self._data
-        new_entries = len(batch)
-        new_bytes = sum(batch.values())
-        if self._max_entries and new_entries > self._max_entries:
-            raise CacheFullError(
-                f"{new_entries} keys cannot fit in max_entries={self._max_entries}"
-            )
-        if self._max_bytes and new_bytes > self._max_bytes:
-            raise CacheFullError(f"{new_bytes} bytes cannot fit in max_bytes={self._max_bytes}")
-        # What the other keys hold, and how much of it must go.
-        entries = len(data)
-        nbytes = self._bytes
-        for key in batch:
-            old = data.get(key)
-            if old is not None:
-                entries -= 1
-                nbytes -= _size(key, old.value)
-        excess_entries = entries + new_entries - self._max_entries if self._max_entries else 0
-        excess_bytes = nbytes + new_bytes - self._max_bytes if self._max_bytes else 0
-
-        expired: list[tuple[str, Entry]] = []
-        soonest = self._expiry.next_expiry()
-        if soonest is not None and soonest <= now:
-            for key, entry in self._expiry.iter_due(now):
-                if key not in batch:
-                    expired.append((key, entry))
-                    excess_entries -= 1
-                    excess_bytes -= _size(key, entry.value)
-
-        victims: list[tuple[str, Entry]] = []
-        if excess_entries > 0 or excess_bytes > 0:
-            skip = {key for key, _ in expired}
-            for key in self._policy.candidates():
-                if key in batch or key in skip:
-                    continue
-                entry = data[key]
-                victims.append((key, entry))
-                excess_entries -= 1
-                excess_bytes -= _size(key, entry.value)
-                if excess_entries <= 0 and excess_bytes <= 0:
-                    break
-            else:
-                raise CacheFullError(
-                    f"eviction policy {self._policy.name!r} cannot free room: "
-                    f"{max(excess_entries, 0)} more entries and {max(excess_bytes, 0)} more "
-                    f"bytes needed (max_entries={self._max_entries}, "
-                    f"max_bytes={self._max_bytes})"
-                )
+        """Free enough room for ``batch`` (key -> new size) or raise, changing nothing."""
+        expired, victims = plan_room(
+            batch, self._data, self._budget, self._expiry, self._policy, now)
         for key, entry in expired:
             self._remove(key, entry, _EXPIRE)
         for key, entry in victims:
