@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aetcd
-from mesh.admin.v1 import admin_pb2
 
 from common.etcd import watch_prefix
 from common.slots import SLOT_COUNT
+from mesh.admin.v1 import admin_pb2
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,9 @@ class CacheLimits:
     max_bytes: int = 0
     max_value_bytes: int = 1 << 20
     eviction_policy: str = "lru"
+    replication: str = "sync"
+    """"sync": a write is answered once every in-sync replica holds it; "async":
+    at once, replicas follow (faster, but a failover may lose recent writes)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--cache-eviction", default=_env("CACHE_EVICTION", c.eviction_policy),
                    choices=["lru", "lfu", "volatile-ttl", "noeviction"],
                    help="eviction policy (MESH_CACHE_EVICTION)")
+    p.add_argument("--cache-replication", default=_env("CACHE_REPLICATION", c.replication),
+                   choices=["sync", "async"],
+                   help="answer writes after the replicas hold them (sync) or at once "
+                        "(async) (MESH_CACHE_REPLICATION)")
     a = p.parse_args(argv)
 
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
@@ -115,5 +122,6 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_bytes=a.cache_max_bytes,
             max_value_bytes=a.cache_max_value_bytes,
             eviction_policy=a.cache_eviction,
+            replication=a.cache_replication,
         ),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import aetcd
 
@@ -21,8 +22,15 @@ log = logging.getLogger(__name__)
 class Registration:
     """One key in etcd, kept alive for as long as ``start()``..``close()`` runs."""
 
-    def __init__(self, etcd: aetcd.Client, key: bytes, value: bytes, ttl: int) -> None:
+    def __init__(
+        self, etcd: aetcd.Client, key: bytes, value: bytes, ttl: int,
+        before_valid: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._etcd = etcd
+        # Awaited after each (re-)registration, before valid_until moves: after a
+        # lost lease the node must learn what changed (the cluster map) before it
+        # trusts its old role again.
+        self._before_valid = before_valid
         self._key = key
         self._value = value
         self._ttl = ttl
@@ -45,6 +53,7 @@ class Registration:
 
     async def close(self) -> None:
         """Stop renewing and revoke the lease, so the key disappears at once."""
+        self.valid_until = 0.0  # from now on the node relies on no lease
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -62,6 +71,8 @@ class Registration:
         lease = await self._etcd.lease(self._ttl)
         await self._etcd.put(self._key, self._value, lease=lease.id)
         self._lease_id = lease.id
+        if self._before_valid is not None:
+            await self._before_valid()
         self.valid_until = sent + lease.ttl
         self.registered.set()
         log.info("registered %s with lease %x (ttl %ss)", self._key.decode(), lease.id, lease.ttl)

@@ -19,6 +19,21 @@ from common.errors import MeshStatusError, invalid_argument
 Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
+class ForwardedError(Exception):
+    """Another node's answer to a forwarded call: returned to the caller unchanged
+    (code, message and trailing metadata, so rich error details survive)."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
+
+    async def abort(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        error = self.error
+        await context.abort(error.code(), error.details() or "",
+                            error.trailing_metadata() or ())
+        raise AssertionError("abort always raises")
+
+
 def _parser(method: descriptor.MethodDescriptor) -> Callable[[bytes], message.Message]:
     from_string: Callable[[bytes], message.Message] = message_factory.GetMessageClass(
         method.input_type).FromString
@@ -43,6 +58,8 @@ def _unary(parse: Callable[[bytes], message.Message],
             return await method(request, context)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
+        except ForwardedError as exc:
+            await exc.abort(context)
 
     return handler
 
@@ -60,6 +77,8 @@ def _server_stream(parse: Callable[[bytes], message.Message],
                 yield item
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
+        except ForwardedError as exc:
+            await exc.abort(context)
 
     return handler
 

@@ -13,15 +13,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
 from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
 from mesh.lock.v1 import lock_pb2
+from mesh.replication.v1 import replication_pb2, replication_pb2_grpc
 from mesh.scheduler.v1 import scheduler_pb2
+from nodes.cache.machine import CACHE
 from nodes.cache.service import CacheService
 from nodes.config import NodeConfig
+from nodes.forwarding import Forwarder
 from nodes.registration import Registration
+from nodes.replication.machine import MachineFactory
+from nodes.replication.manager import Replication
+from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service, add_unimplemented
 
 log = logging.getLogger(__name__)
@@ -67,7 +74,19 @@ class Node:
         self.address = ""
         self._registration: Registration | None = None
         self._etcd = client_for(config.etcd_endpoints)
+        self.drained = asyncio.Event()
+        self._factories: dict[int, MachineFactory] = {}
         self._add_services()
+        self.replication = Replication(
+            config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl)
+        self.replication.on_drained = self.drained.set
+        self.map = MapFollower(self._etcd, config.cluster)
+        self.map.on_change(self.replication.on_map)
+        replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
+            ReplicationService(self.replication), self.server)
+
+    def _lease_valid_until(self) -> float:
+        return self._registration.valid_until if self._registration is not None else 0.0
 
     def _add_services(self) -> None:
         names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -75,7 +94,9 @@ class Node:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         wanted = set(self.config.services)
         if "cache" in wanted:
-            self.cache = CacheService(self.config.cache)
+            self.cache = CacheService(
+                self.config.cache, sync_replication=self.config.cache.replication == "sync")
+            self._factories[CACHE] = self.cache.machine
             service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
             add_service(self.server, self.cache, service)
             names.append(service.full_name)
@@ -88,7 +109,8 @@ class Node:
                                   f"{service.full_name} is not implemented yet ({issue})")
                 names.append(service.full_name)
         self.service_names = names
-        reflection.enable_server_reflection(names, self.server)
+        internal = replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name
+        reflection.enable_server_reflection([*names, internal], self.server)
 
     async def start(self) -> None:
         """Bind, serve, mark healthy, then register in etcd."""
@@ -97,9 +119,10 @@ class Node:
             raise RuntimeError(f"could not bind {self.config.listen}")
         host = self.config.listen.rpartition(":")[0]
         self.address = self.config.advertise or f"{host}:{self.port}"
+        self.replication.address = self.address
         await self.server.start()
         if self.cache is not None:
-            self.cache.start()
+            self.cache.start(self.replication, Forwarder(self.replication))
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -111,9 +134,10 @@ class Node:
         )
         self._registration = Registration(
             self._etcd, node_key(self.config.cluster, self.config.node_id),
-            info.to_json(), self.config.lease_ttl,
+            info.to_json(), self.config.lease_ttl, before_valid=self.map.refresh,
         )
         await self._registration.start()
+        await self.map.start()
 
     async def stop(self) -> None:
         """Clean shutdown: NOT_SERVING, leave etcd at once, let in-flight calls finish."""
@@ -128,6 +152,8 @@ class Node:
         if self.cache is not None:
             await self.cache.close()
         await self.server.stop(self.config.shutdown_grace)
+        await self.map.close()
+        await self.replication.close()
         with contextlib.suppress(Exception):
             await self._etcd.close()
 
@@ -144,7 +170,11 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> None:
     await node.start()
     print(node.ready_line(), flush=True)
     log.info("node %s serving %s on %s", config.node_id, ",".join(config.services), node.address)
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    drained = asyncio.ensure_future(node.drained.wait())
+    await asyncio.wait({stopping, drained}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    drained.cancel()
     log.info("shutting down")
     await node.stop()
     log.info("stopped")

@@ -1,4 +1,10 @@
-"""The gRPC face of the cache: validation, the store, and error mapping."""
+"""The gRPC face of the cache: validation, routing to the slot's group, error mapping.
+
+Each request is served by the store of the group that owns its key's slot, on
+the group's primary; a write is answered once its changes are committed (held
+by every in-sync replica), or at once with ``--cache-replication async``.
+Requests for slots led elsewhere are redirected or forwarded (nodes/forwarding.py).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TypeAlias
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from common.errors import MeshStatusError, Reason, invalid_argument
+from common.slots import slot_for
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 from nodes.cache import validation as v
+from nodes.cache.budget import Budget
+from nodes.cache.machine import CACHE, CacheMachine
 from nodes.cache.store import (
     CacheFullError,
     CacheStore,
@@ -29,10 +38,15 @@ from nodes.cache.store import (
 )
 from nodes.cache.watch import WatchHub
 from nodes.config import CacheLimits
+from nodes.forwarding import Forwarder
+from nodes.replication.group import Group
+from nodes.replication.manager import Redirect, Replication
 
 log = logging.getLogger(__name__)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+_Local: TypeAlias = dict[int, tuple[Group, list[int]]]
+_Remote: TypeAlias = dict[str, tuple[Redirect, list[int]]]
 
 _POLICIES = {
     "lru": pb.EVICTION_POLICY_LRU,
@@ -101,22 +115,27 @@ def _store_error(exc: Exception, key_field: str = "key") -> MeshStatusError:
 
 
 class CacheService(pb_grpc.CacheServiceServicer):
-    """CacheService backed by one in-memory store per node."""
+    """CacheService over one store per replica group, within one node-wide budget."""
 
-    def __init__(self, limits: CacheLimits) -> None:
+    def __init__(self, limits: CacheLimits, *, sync_replication: bool = True) -> None:
         self.limits = limits
-        self.store = CacheStore(
-            max_entries=limits.max_entries,
-            max_bytes=limits.max_bytes,
-            policy=limits.eviction_policy,
-        )
+        self.budget = Budget(limits.max_entries, limits.max_bytes)
         self.watches = WatchHub()
-        self.store.add_listener(self.watches.publish)
+        self._sync = sync_replication
+        self._replication: Replication | None = None
+        self._forwarder: Forwarder | None = None
         self._expiry_task: asyncio.Task[None] | None = None
+
+    def machine(self, group: Group) -> CacheMachine:
+        """The cache's state machine for a group (the replication layer's factory)."""
+        return CacheMachine(group, self.budget, self.limits.eviction_policy,
+                            self.watches.publish)
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, replication: Replication, forwarder: Forwarder) -> None:
+        self._replication = replication
+        self._forwarder = forwarder
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="cache-expiry")
 
     async def close(self) -> None:
@@ -127,24 +146,66 @@ class CacheService(pb_grpc.CacheServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
 
+    def _primary_stores(self) -> list[CacheStore]:
+        if self._replication is None:
+            return []
+        return [_store(g) for g in self._replication.groups.values() if g.writable]
+
     async def _expire_loop(self) -> None:
         # Expired keys are never returned (reads check), but they still hold
-        # memory and watchers expect an EXPIRE event: sweep them actively.
+        # memory and watchers expect an EXPIRE event: the primary sweeps them,
+        # and each expiry is a replicated change like any write.
         while True:
-            removed = self.store.expire_due(1000)
-            if removed >= 1000:
+            busy = False
+            soonest: float | None = None
+            for store in self._primary_stores():
+                busy |= store.expire_due(1000) >= 1000
+                due = store.next_expiry()
+                if due is not None and (soonest is None or due < soonest):
+                    soonest = due
+            if busy:
                 await asyncio.sleep(0)
                 continue
-            due = self.store.next_expiry()
-            delay = 1.0 if due is None else min(max(due - time.time(), 0.005), 1.0)
+            delay = 1.0 if soonest is None else min(max(soonest - time.time(), 0.005), 1.0)
             await asyncio.sleep(delay)
+
+    # -- routing -----------------------------------------------------------
+
+    def _route(self, key: str, context: Ctx) -> Group | Redirect:
+        assert self._forwarder is not None, "start() first"
+        return self._forwarder.resolve(slot_for(key), context)
+
+    async def _forward(self, target: Redirect, method: str, request: Any,
+                       context: Ctx) -> Any:
+        assert self._forwarder is not None
+        return await self._forwarder.unary(
+            target, _PATH + method, request, _RESPONSES[method], context)
+
+    async def _commit(self, group: Group) -> None:
+        if self._sync:
+            await group.wait_committed(group.log.last_seq)
+
+    def _split(self, keys: Sequence[str], context: Ctx) -> tuple[_Local, _Remote]:
+        """Indexes of ``keys`` by local group, and by the remote owner to forward to."""
+        local: _Local = {}
+        remote: _Remote = {}
+        for i, key in enumerate(keys):
+            target = self._route(key, context)
+            if isinstance(target, Redirect):
+                remote.setdefault(target.owner_address, (target, []))[1].append(i)
+            else:
+                local.setdefault(target.group_id, (target, []))[1].append(i)
+        return local, remote
 
     # -- RPCs --------------------------------------------------------------
 
     async def Get(self, request: pb.GetRequest, context: Ctx) -> pb.GetResponse:
         key = request.key
         v.check_key(key)
-        entry = self.store.get(key)
+        target = self._route(key, context)
+        if isinstance(target, Redirect):
+            return cast(pb.GetResponse, await self._forward(target, "Get", request, context))
+        entry = _store(target).get(key)
         return pb.GetResponse() if entry is None else _found(entry)
 
     async def Set(self, request: pb.SetRequest, context: Ctx) -> pb.SetResponse:
@@ -153,14 +214,18 @@ class CacheService(pb_grpc.CacheServiceServicer):
         ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
         if request.only_if_absent and request.only_if_version:
             raise invalid_argument("only_if_version", "cannot be combined with only_if_absent")
+        target = self._route(request.key, context)
+        if isinstance(target, Redirect):
+            return cast(pb.SetResponse, await self._forward(target, "Set", request, context))
         try:
-            entry = self.store.set(
+            entry = _store(target).set(
                 request.key, request.value, ttl=ttl or None,
                 only_if_absent=request.only_if_absent,
                 only_if_version=request.only_if_version,
             )
         except (VersionMismatchError, KeyExistsError, CacheFullError) as exc:
             raise _store_error(exc) from None
+        await self._commit(target)
         if entry.expire_at is None:
             return pb.SetResponse(version=entry.version)
         return pb.SetResponse(version=entry.version, expire_time=_timestamp(entry.expire_at))
@@ -169,10 +234,16 @@ class CacheService(pb_grpc.CacheServiceServicer):
         self, request: pb.DeleteRequest, context: Ctx
     ) -> pb.DeleteResponse:
         v.check_key(request.key)
+        target = self._route(request.key, context)
+        if isinstance(target, Redirect):
+            return cast(pb.DeleteResponse,
+                        await self._forward(target, "Delete", request, context))
         try:
-            deleted = self.store.delete(request.key, only_if_version=request.only_if_version)
+            deleted = _store(target).delete(
+                request.key, only_if_version=request.only_if_version)
         except VersionMismatchError as exc:
             raise _store_error(exc) from None
+        await self._commit(target)
         return pb.DeleteResponse(deleted=deleted)
 
     async def MGet(self, request: pb.MGetRequest, context: Ctx) -> pb.MGetResponse:
@@ -180,11 +251,18 @@ class CacheService(pb_grpc.CacheServiceServicer):
         v.check_batch(keys, "keys")
         for i, key in enumerate(keys):
             v.check_key(key, f"keys[{i}]")
-        get = self.store.get
-        results = []
-        for key in keys:
-            entry = get(key)
-            results.append(pb.GetResponse() if entry is None else _found(entry))
+        local, remote = self._split(keys, context)
+        results: list[pb.GetResponse] = [pb.GetResponse()] * len(keys)
+        for group, indexes in local.values():
+            get = _store(group).get
+            for i in indexes:
+                entry = get(keys[i])
+                results[i] = pb.GetResponse() if entry is None else _found(entry)
+        for target, indexes in remote.values():
+            share = pb.MGetRequest(keys=[keys[i] for i in indexes])
+            answer = await self._forward(target, "MGet", share, context)
+            for i, result in zip(indexes, answer.results, strict=True):
+                results[i] = result
         return pb.MGetResponse(results=results)
 
     async def MSet(self, request: pb.MSetRequest, context: Ctx) -> pb.MSetResponse:
@@ -196,19 +274,36 @@ class CacheService(pb_grpc.CacheServiceServicer):
             v.check_value(e.value, self.limits.max_value_bytes, f"entries[{i}].value")
             ttl = v.ttl_seconds(e.HasField("ttl"), e.ttl, f"entries[{i}].ttl")
             items.append((e.key, e.value, ttl or None))
-        try:
-            versions = self.store.mset(items)
-        except CacheFullError as exc:
-            raise _store_error(exc) from None
+        local, remote = self._split([item[0] for item in items], context)
+        versions = [0] * len(items)
+        # Atomic per group: each group's share is one store operation.
+        for group, indexes in local.values():
+            try:
+                share = _store(group).mset([items[i] for i in indexes])
+            except CacheFullError as exc:
+                raise _store_error(exc) from None
+            for i, version in zip(indexes, share, strict=True):
+                versions[i] = version
+        for target, indexes in remote.values():
+            forwarded = pb.MSetRequest(entries=[entries[i] for i in indexes])
+            answer = await self._forward(target, "MSet", forwarded, context)
+            for i, version in zip(indexes, answer.versions, strict=True):
+                versions[i] = version
+        for group, _ in local.values():
+            await self._commit(group)
         return pb.MSetResponse(versions=versions)
 
     async def Incr(self, request: pb.IncrRequest, context: Ctx) -> pb.IncrResponse:
         v.check_key(request.key)
         ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
+        target = self._route(request.key, context)
+        if isinstance(target, Redirect):
+            return cast(pb.IncrResponse, await self._forward(target, "Incr", request, context))
         try:
-            value, version = self.store.incr(request.key, request.delta, ttl=ttl or None)
+            value, version = _store(target).incr(request.key, request.delta, ttl=ttl or None)
         except (NotAnIntegerError, IntegerOverflowError, CacheFullError) as exc:
             raise _store_error(exc) from None
+        await self._commit(target)
         return pb.IncrResponse(value=value, version=version)
 
     async def Watch(
@@ -222,6 +317,19 @@ class CacheService(pb_grpc.CacheServiceServicer):
             v.check_key(key, f"keys[{i}]")
         for i, prefix in enumerate(request.prefixes):
             v.check_key(prefix, f"prefixes[{i}]")
+        # Keys are watched where they are written: on their group's primary. A
+        # request for keys led elsewhere is redirected or forwarded as a whole
+        # (to the first key's owner); prefixes span groups, so a prefix watch
+        # sees the changes of the groups this node leads (the Python client
+        # opens one on every primary).
+        if request.keys:
+            target = self._route(request.keys[0], context)
+            if isinstance(target, Redirect) and not request.prefixes:
+                assert self._forwarder is not None
+                async for item in self._forwarder.stream(
+                        target, _PATH + "Watch", request, pb.WatchResponse, context):
+                    yield item
+                return
         if len(self.watches) >= self.watches.max_watchers:
             raise MeshStatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -230,19 +338,21 @@ class CacheService(pb_grpc.CacheServiceServicer):
             )
         watcher = self.watches.subscribe(request.keys, request.prefixes)
         try:
-            yield pb.WatchResponse(seq=0, created=True, revision=self.store.revision)
+            yield pb.WatchResponse(seq=0, created=True, revision=0)
             while True:
                 batch = await watcher.next_batch()
                 if not batch:
                     break
                 for seq, change in batch:
                     yield pb.WatchResponse(
-                        seq=seq, event=self._event(change), revision=self.store.revision
+                        seq=seq, event=self._event(change), revision=change.revision
                     )
         finally:
             self.watches.unsubscribe(watcher)
         raise MeshStatusError(
-            grpc.StatusCode.UNAVAILABLE, "the node is shutting down", Reason.SHUTTING_DOWN
+            grpc.StatusCode.UNAVAILABLE,
+            "the watch ended: the node is shutting down or no longer leads these keys",
+            Reason.SHUTTING_DOWN,
         )
 
     @staticmethod
@@ -256,9 +366,26 @@ class CacheService(pb_grpc.CacheServiceServicer):
         return event
 
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
-        s = self.store.stats()
+        """Totals over the groups this node leads (what it serves)."""
+        stats = [store.stats() for store in self._primary_stores()]
         return pb.StatsResponse(
-            entries=s.entries, bytes=s.bytes, max_entries=s.max_entries, max_bytes=s.max_bytes,
-            hits=s.hits, misses=s.misses, evictions=s.evictions, expirations=s.expirations,
-            eviction_policy=_POLICIES[s.policy], revision=s.revision, watchers=len(self.watches),
+            entries=sum(s.entries for s in stats), bytes=sum(s.bytes for s in stats),
+            max_entries=self.budget.max_entries, max_bytes=self.budget.max_bytes,
+            hits=sum(s.hits for s in stats), misses=sum(s.misses for s in stats),
+            evictions=sum(s.evictions for s in stats),
+            expirations=sum(s.expirations for s in stats),
+            eviction_policy=_POLICIES[self.limits.eviction_policy],
+            revision=max((s.revision for s in stats), default=0),
+            watchers=len(self.watches),
         )
+
+
+_PATH = f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/"
+_RESPONSES: dict[str, type[Any]] = {
+    "Get": pb.GetResponse, "Set": pb.SetResponse, "Delete": pb.DeleteResponse,
+    "MGet": pb.MGetResponse, "MSet": pb.MSetResponse, "Incr": pb.IncrResponse,
+}
+
+
+def _store(group: Group) -> CacheStore:
+    return cast(CacheMachine, group.machines[CACHE]).store

@@ -372,6 +372,14 @@ class CacheStore:
             self._insert(key, entry)
         self._revision = revision
 
+    def release(self) -> None:
+        """Drop everything without changes (the group left this node), and give its
+        room back to the budget. The store is not used afterwards."""
+        self._budget.entries -= len(self._data)
+        self._budget.bytes -= self._bytes
+        self._data.clear()
+        self._bytes = 0
+
     # -- listeners -----------------------------------------------------------
 
     def add_listener(self, fn: Callable[[Change], None]) -> Callable[[], None]:

@@ -1,0 +1,102 @@
+"""Any node is an entry point: a request for a slot led elsewhere is redirected or forwarded.
+
+Callers that route by themselves (the Python client) send ``x-mesh-route:
+client`` and get ``FAILED_PRECONDITION`` / ``WRONG_OWNER`` naming the owner and
+the map epoch, so they fix their map and go straight there next time. Everyone
+else (grpcurl, the Node example, any plain gRPC stub) is forwarded to the owner,
+with the caller's deadline, and gets the owner's answer, errors included.
+``x-mesh-hops`` bounds forwarding when maps disagree for a moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import message
+
+from common.errors import MeshStatusError, Reason
+from nodes.replication.group import Group
+from nodes.replication.manager import Redirect, Replication
+from nodes.rpc import ForwardedError
+
+__all__ = ["HOPS_HEADER", "ROUTE_HEADER", "Forwarder", "wrong_owner"]
+
+ROUTE_HEADER = "x-mesh-route"
+HOPS_HEADER = "x-mesh-hops"
+MAX_HOPS = 2
+_FALLBACK_TIMEOUT = 5.0
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class Forwarder:
+    """Decides, per request, between serving here, redirecting and forwarding."""
+
+    def __init__(self, replication: Replication) -> None:
+        self._replication = replication
+
+    def resolve(self, slot: int, context: grpc.aio.ServicerContext) -> Group | Redirect:
+        """The local group for ``slot``, or a Redirect to forward along.
+
+        Raises WRONG_OWNER instead of returning a Redirect when the caller routes
+        by itself, and TOO_MANY_HOPS when forwarding would loop.
+        """
+        target = self._replication.resolve(slot)
+        if isinstance(target, Group):
+            return target
+        metadata = _metadata(context)
+        if metadata.get(ROUTE_HEADER) == "client":
+            raise wrong_owner(target)
+        if int(metadata.get(HOPS_HEADER, "0") or 0) >= MAX_HOPS or not target.owner_address:
+            raise MeshStatusError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot forward slot {slot}: maps disagree or the owner is unknown; retry",
+                Reason.TOO_MANY_HOPS, {"slot": str(slot)})
+        return target
+
+    def _call_args(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        hops = int(_metadata(context).get(HOPS_HEADER, "0") or 0)
+        remaining = context.time_remaining()
+        return {"timeout": remaining if remaining is not None else _FALLBACK_TIMEOUT,
+                "metadata": ((HOPS_HEADER, str(hops + 1)),)}
+
+    async def unary(self, target: Redirect, path: str, request: message.Message,
+                    response_type: type[message.Message],
+                    context: grpc.aio.ServicerContext) -> Any:
+        """Send ``request`` to the owner and return its response."""
+        call = self._replication.channel(target.owner_address).unary_unary(
+            path, request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString)
+        try:
+            return await call(request, **self._call_args(context))
+        except grpc.aio.AioRpcError as exc:
+            raise ForwardedError(exc) from None
+
+    async def stream(self, target: Redirect, path: str, request: message.Message,
+                     response_type: type[message.Message],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Relay a server stream from the owner."""
+        call = self._replication.channel(target.owner_address).unary_stream(
+            path, request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString)
+        try:
+            async for item in call(request, **self._call_args(context)):
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise ForwardedError(exc) from None
+
+
+def wrong_owner(target: Redirect) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"slot {target.slot} is served by {target.owner_node_id or 'no node'} "
+        f"({target.owner_address or 'unknown address'}) at map epoch {target.epoch}",
+        Reason.WRONG_OWNER,
+        {"slot": str(target.slot), "group_id": str(target.group_id),
+         "epoch": str(target.epoch), "owner_node_id": target.owner_node_id,
+         "owner_address": target.owner_address},
+    )

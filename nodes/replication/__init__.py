@@ -1,0 +1,1 @@
+"""Replication, written once for every service: groups, command log, streams, snapshots."""

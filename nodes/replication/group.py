@@ -1,0 +1,230 @@
+"""One replica group on this node: its role, its position, its services' state.
+
+A group's history is a sequence of commands numbered by ``seq`` and tagged with
+the epoch of the primary that issued them. On the primary, a service changes its
+state while serving a request and `Group.append` turns each change into the next
+command; the request is answered once `Group.wait_committed` says the required
+replicas hold it. On a replica, `Group.apply_batch` replays the primary's
+commands in order, and refuses any sender whose epoch is older than the newest
+this node has seen (a deposed primary can no longer complete a write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import grpc
+
+from common.errors import MeshStatusError, Reason
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication.log import CommandLog
+from nodes.replication.machine import MachineFactory, StateMachine
+
+if TYPE_CHECKING:
+    from nodes.replication.sender import ReplicaTracker
+
+__all__ = ["Group", "not_committed"]
+
+log = logging.getLogger(__name__)
+
+PRIMARY = rpb.GROUP_ROLE_PRIMARY
+REPLICA = rpb.GROUP_ROLE_REPLICA
+CATCHING_UP = rpb.GROUP_ROLE_CATCHING_UP
+
+
+def not_committed(group_id: int, why: str) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"group {group_id}: the write was applied here but not acknowledged by its "
+        f"replicas before {why}; it may or may not have taken effect",
+        Reason.NOT_COMMITTED, {"group_id": str(group_id)},
+    )
+
+
+
+class Group:
+    """This node's copy of one group (primary or replica)."""
+
+    def __init__(
+        self, group_id: int, node_id: str, factories: Mapping[int, MachineFactory],
+    ) -> None:
+        self.group_id = group_id
+        self.node_id = node_id
+        self.epoch = 0  # the highest epoch seen for this group
+        self.role: rpb.GroupRole.ValueType = CATCHING_UP
+        self.log = CommandLog()
+        self._factories = factories
+        self.machines: dict[int, StateMachine] = {k: f(self) for k, f in factories.items()}
+        # Primary side.
+        self.commit_seq = 0
+        self.fenced = False  # a replica reported a newer epoch: stop until the map says more
+        self.trackers: dict[str, ReplicaTracker] = {}
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # Replica side.
+        self.snapshotting = False
+
+    # -- position ------------------------------------------------------------
+
+    @property
+    def is_primary(self) -> bool:
+        return self.role == PRIMARY
+
+    @property
+    def writable(self) -> bool:
+        return self.role == PRIMARY and not self.fenced
+
+    @property
+    def applied(self) -> tuple[int, int]:
+        """``(epoch, seq)`` of the last command in this copy's state."""
+        return self.log.last_epoch, self.log.last_seq
+
+    def position(self) -> rpb.GetPositionResponse:
+        epoch, seq = self.applied
+        response = rpb.GetPositionResponse(
+            group_id=self.group_id, epoch=self.epoch, applied_epoch=epoch, applied_seq=seq,
+            role=self.role, last_seq=seq)
+        for tracker in self.trackers.values():
+            response.replicas.append(tracker.progress())
+        return response
+
+    # -- primary -------------------------------------------------------------
+
+    def append(self, slot: int, service: int, payload: bytes) -> int:
+        """Issue the next command (primary only); returns its seq."""
+        command = rpb.Command(
+            seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
+            payload=payload, epoch=self.epoch)
+        command.issued_at.FromNanoseconds(time.time_ns())
+        self.log.append(command)
+        if self.trackers:
+            for tracker in self.trackers.values():
+                tracker.wake()
+        self.advance_commit()
+        return command.seq
+
+    async def wait_committed(self, seq: int) -> None:
+        """Return once command ``seq`` is held by every required replica."""
+        if seq <= self.commit_seq:
+            return
+        if not self.writable:
+            raise not_committed(self.group_id, "this node stopped being its primary")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        await future
+
+    def advance_commit(self) -> None:
+        commit = self.log.last_seq
+        for tracker in self.trackers.values():
+            if tracker.in_sync and tracker.acked_seq < commit:
+                commit = tracker.acked_seq
+        if commit <= self.commit_seq:
+            return
+        self.commit_seq = commit
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= commit:
+            _, future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+
+    def fail_waiters(self, why: str) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for _, future in waiters:
+            if not future.done():
+                future.set_exception(not_committed(self.group_id, why))
+
+    def become_primary(self, epoch: int) -> None:
+        """Take over at ``epoch``: continue the history from this copy's last command."""
+        if self.role != PRIMARY or epoch != self.epoch:
+            log.info("group %d: primary at epoch %d from seq %d", self.group_id, epoch,
+                     self.log.last_seq)
+        self.role = PRIMARY
+        self.epoch = max(self.epoch, epoch)
+        self.fenced = False
+        self.snapshotting = False
+
+    def step_down(self, epoch: int, why: str) -> None:
+        """Stop being primary (a newer epoch exists); pending writes fail."""
+        if self.role == PRIMARY:
+            log.info("group %d: stepping down at epoch %d (%s)", self.group_id, epoch, why)
+        self.role = REPLICA
+        self.epoch = max(self.epoch, epoch)
+        self.fail_waiters(why)
+        for tracker in self.trackers.values():
+            tracker.detach()
+        self.trackers.clear()
+
+    def fence(self, seen_epoch: int) -> None:
+        """A replica has seen a newer epoch: this primary was deposed."""
+        if not self.fenced:
+            log.warning("group %d: a replica reports epoch %d > ours %d; fenced",
+                        self.group_id, seen_epoch, self.epoch)
+        self.fenced = True
+        self.fail_waiters("a newer primary took over")
+
+    # -- replica -------------------------------------------------------------
+
+    def apply_batch(self, batch: rpb.CommandBatch) -> rpb.Ack:
+        """Apply a batch from the primary if it continues this copy's history."""
+        if batch.epoch < self.epoch:
+            return self._ack(rpb.ACK_STATUS_STALE_EPOCH)
+        if batch.epoch > self.epoch and self.role == PRIMARY:
+            self.step_down(batch.epoch, f"{batch.primary_node_id} leads epoch {batch.epoch}")
+        if self.role == PRIMARY:  # same epoch, two primaries: never acknowledge
+            return self._ack(rpb.ACK_STATUS_STALE_EPOCH)
+        self.epoch = batch.epoch
+        if self.snapshotting:
+            return self._ack(rpb.ACK_STATUS_SNAPSHOTTING)
+        self.role = REPLICA if batch.in_sync else CATCHING_UP
+        if (batch.prev_epoch, batch.prev_seq) != self.applied:
+            return self._ack(rpb.ACK_STATUS_POSITION_MISMATCH)
+        machines = self.machines
+        for command in batch.commands:
+            machine = machines.get(command.service)
+            if machine is not None:
+                machine.apply(command)
+            self.log.append(command)
+        return self._ack(rpb.ACK_STATUS_OK)
+
+    def _ack(self, status: int) -> rpb.Ack:
+        epoch, seq = self.applied
+        return rpb.Ack(group_id=self.group_id, epoch=self.epoch, applied_epoch=epoch,
+                       applied_seq=seq, status=status, seen_epoch=self.epoch)  # type: ignore[arg-type]
+
+    def ack_ok(self) -> rpb.Ack:
+        return self._ack(rpb.ACK_STATUS_OK)
+
+    # -- snapshots -----------------------------------------------------------
+
+    def take_snapshot(self) -> tuple[int, int, list[tuple[int, int, bytes]]]:
+        """``(epoch, seq, [(service, slot, data)])``: this copy's whole state, at once."""
+        epoch, seq = self.applied
+        chunks = [(service, slot, data) for service, machine in self.machines.items()
+                  for slot, data in machine.snapshot()]
+        return epoch, seq, chunks
+
+    def install(self, epoch: int, seq: int, chunks: Iterable[tuple[int, int, bytes]]) -> None:
+        """Replace this copy's state by a snapshot taken at ``(epoch, seq)``."""
+        by_service: dict[int, list[tuple[int, bytes]]] = {k: [] for k in self._factories}
+        for service, slot, data in chunks:
+            by_service.setdefault(service, []).append((slot, data))
+        self.close_machines()
+        self.machines = {k: f(self) for k, f in self._factories.items()}
+        for service, machine in self.machines.items():
+            machine.restore(by_service.get(service, []))
+        self.log.reset(epoch, seq)
+        log.info("group %d: installed a snapshot at (%d, %d)", self.group_id, epoch, seq)
+
+    def close_machines(self) -> None:
+        for machine in self.machines.values():
+            machine.close()
+        self.machines = {}
+
+    def close(self, why: str) -> None:
+        """The group leaves this node."""
+        self.step_down(self.epoch, why)
+        self.close_machines()

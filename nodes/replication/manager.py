@@ -1,0 +1,196 @@
+"""This node's part in every replica group, driven by the cluster map.
+
+`Replication` follows the map: it creates the groups the node is a member of,
+makes it primary (at the group's epoch) or replica as the map says, opens the
+replication streams a primary needs, and drops groups that left. Services ask
+it which group serves a slot (`resolve`), which is also where a primary that
+could not renew its etcd lease stops accepting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from common.clustermap import GroupView, RoutingTable
+from common.errors import MeshStatusError, Reason
+from mesh.admin.v1 import admin_pb2
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication.group import Group
+from nodes.replication.machine import MachineFactory
+from nodes.replication.sender import PeerLink, ReplicaTracker
+
+__all__ = ["Redirect", "Replication"]
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """The slot's group is led by another node."""
+
+    slot: int
+    group_id: int
+    epoch: int
+    owner_node_id: str
+    owner_address: str
+
+
+def unavailable(reason: Reason, message: str, **metadata: str) -> MeshStatusError:
+    return MeshStatusError(grpc.StatusCode.UNAVAILABLE, message, reason, metadata)
+
+
+class Replication:
+    """Every group this node holds, kept in line with the cluster map."""
+
+    def __init__(
+        self, node_id: str, address: str, factories: Mapping[int, MachineFactory],
+        lease_valid_until: Callable[[], float], lease_ttl: float,
+    ) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.table: RoutingTable | None = None
+        self.groups: dict[int, Group] = {}
+        self._factories = factories
+        self._lease_valid_until = lease_valid_until
+        # Stop serving a bit before the lease could run out: the coordinator acts
+        # only once etcd expired it, and our clock and etcd's run at slightly
+        # different speeds.
+        self._lease_margin = min(0.25 * lease_ttl, 1.0)
+        self._links: dict[str, PeerLink] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.on_drained: Callable[[], None] | None = None
+        self._drained = False
+
+    # -- serving -------------------------------------------------------------
+
+    def resolve(self, slot: int) -> Group | Redirect:
+        """The local group leading ``slot``, or where it is led; raises if neither."""
+        table = self.table
+        if table is None:
+            raise unavailable(Reason.NO_MAP, "this node has no cluster map yet")
+        view = table.group_of_slot(slot)
+        if view is None or not view.primary:
+            raise unavailable(Reason.GROUP_UNAVAILABLE,
+                              f"slot {slot} has no primary right now (failover in progress)",
+                              slot=str(slot))
+        if view.primary != self.node_id:
+            return Redirect(slot, view.group_id, table.epoch, view.primary,
+                            table.addresses.get(view.primary, ""))
+        group = self.groups.get(view.group_id)
+        if group is None or not group.writable:
+            raise unavailable(Reason.GROUP_UNAVAILABLE,
+                              f"group {view.group_id} is changing primary; retry",
+                              slot=str(slot), group_id=str(view.group_id))
+        if time.monotonic() >= self._lease_valid_until() - self._lease_margin:
+            raise unavailable(Reason.OWNERSHIP_EXPIRED,
+                              "this node could not renew its etcd lease, so it no longer "
+                              "takes requests for the slots it leads")
+        return group
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The one channel this node uses to reach ``address``."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS)
+        return channel
+
+    # -- following the map -----------------------------------------------------
+
+    def on_map(self, table: RoutingTable) -> None:
+        """Make this node's groups what ``table`` says (a newer map arrived)."""
+        me = self.node_id
+        mine: dict[int, GroupView] = {v.group_id: v for v in table.groups_of(me)}
+        for group_id, view in mine.items():
+            group = self.groups.get(group_id) or self._create(group_id)
+            if view.primary == me:
+                if group.epoch > view.epoch:
+                    continue  # we have seen a newer epoch: wait for the map to catch up
+                group.become_primary(view.epoch)
+                self._sync_trackers(group, view, table)
+            else:
+                if group.is_primary:
+                    group.step_down(view.epoch, "the map moved its primary")
+                group.epoch = max(group.epoch, view.epoch)
+        for group_id in [g for g in self.groups if g not in mine]:
+            self.groups.pop(group_id).close("the group left this node")
+        for node_id in [n for n, link in self._links.items() if not len(link)]:
+            asyncio.get_running_loop().create_task(self._links.pop(node_id).close())
+        self.table = table
+        self._check_drained(table)
+
+    def group_for_batch(self, batch: rpb.CommandBatch) -> Group:
+        """The group a replication batch is for, created empty if new here (the map
+        naming us a replica may arrive after the primary's first batch)."""
+        group = self.groups.get(batch.group_id)
+        return group if group is not None else self._create(batch.group_id)
+
+    def _create(self, group_id: int) -> Group:
+        group = Group(group_id, self.node_id, self._factories)
+        self.groups[group_id] = group
+        return group
+
+    def _sync_trackers(self, group: Group, view: GroupView, table: RoutingTable) -> None:
+        wanted = set(view.replicas)
+        for node_id in [n for n in group.trackers if n not in wanted]:
+            group.trackers.pop(node_id).detach()
+        for node_id in view.replicas:
+            address = table.addresses.get(node_id, "")
+            link = self._link(node_id, address)
+            tracker = group.trackers.get(node_id)
+            if tracker is None or tracker.link is not link:
+                if tracker is not None:
+                    tracker.detach()
+                group.trackers[node_id] = ReplicaTracker(
+                    group, node_id, link, in_sync=node_id in view.in_sync)
+            elif node_id in view.in_sync:
+                tracker.in_sync = True
+        group.advance_commit()
+
+    def _link(self, node_id: str, address: str) -> PeerLink:
+        link = self._links.get(node_id)
+        if link is None or link.address != address:
+            if link is not None:
+                asyncio.get_running_loop().create_task(link.close())
+            link = self._links[node_id] = PeerLink(
+                node_id, address, self.channel(address), self.address)
+        return link
+
+    def _check_drained(self, table: RoutingTable) -> None:
+        if self._drained or table.states.get(self.node_id) != admin_pb2.NODE_STATE_DRAINING:
+            return
+        if any(True for _ in table.groups_of(self.node_id)):
+            return
+        self._drained = True
+        log.info("drained: this node holds no group any more; stopping")
+        if self.on_drained is not None:
+            self.on_drained()
+
+    async def close(self) -> None:
+        for group in self.groups.values():
+            group.close("the node is stopping")
+        self.groups.clear()
+        for link in self._links.values():
+            await link.close()
+        self._links.clear()
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._channels.clear()

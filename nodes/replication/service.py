@@ -1,0 +1,142 @@
+"""ReplicationService: the replica's side of Replicate, and Snapshot and GetPosition."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from common.errors import MeshStatusError, Reason
+from mesh.replication.v1 import replication_pb2 as rpb
+from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
+
+if TYPE_CHECKING:
+    from nodes.replication.group import Group
+    from nodes.replication.manager import Replication
+
+__all__ = ["ReplicationService"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT = 60.0
+
+
+class ReplicationService(rpb_grpc.ReplicationServiceServicer):
+    def __init__(self, replication: Replication) -> None:
+        self._replication = replication
+
+    async def Replicate(
+        self, request_iterator: AsyncIterator[rpb.ReplicateRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[rpb.ReplicateResponse]:
+        acks: asyncio.Queue[rpb.Ack | None] = asyncio.Queue()
+        installs: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    batch = request.batch
+                    group = self._replication.group_for_batch(batch)
+                    if batch.install_snapshot and not group.snapshotting \
+                            and batch.epoch >= group.epoch and not group.is_primary:
+                        group.epoch = batch.epoch
+                        group.snapshotting = True
+                        task = asyncio.create_task(self._install(group, batch, acks))
+                        installs.add(task)
+                        task.add_done_callback(installs.discard)
+                        acks.put_nowait(group.apply_batch(rpb.CommandBatch(
+                            group_id=batch.group_id, epoch=batch.epoch)))
+                        continue
+                    acks.put_nowait(group.apply_batch(batch))
+            finally:
+                acks.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (ack := await acks.get()) is not None:
+                yield rpb.ReplicateResponse(ack=ack)
+        finally:
+            reader.cancel()
+            for task in list(installs):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _install(self, group: Group, batch: rpb.CommandBatch,
+                       acks: asyncio.Queue[rpb.Ack | None]) -> None:
+        try:
+            epoch, seq, chunks = await fetch_snapshot(
+                self._replication.channel(batch.primary_address), group.group_id, batch.epoch)
+            if group.epoch > batch.epoch or group.is_primary:
+                return  # the world moved on while we copied
+            group.install(epoch, seq, chunks)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("group %d: snapshot from %s failed: %s", group.group_id,
+                        batch.primary_address, exc)
+            await asyncio.sleep(0.2)
+        finally:
+            group.snapshotting = False
+        acks.put_nowait(group.ack_ok())
+
+    async def Snapshot(
+        self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.SnapshotResponse]:
+        group = self._replication.groups.get(request.group_id)
+        if group is None or not group.is_primary or group.epoch != request.epoch:
+            reason = Reason.STALE_EPOCH if group is not None and group.epoch < request.epoch \
+                else Reason.NOT_A_MEMBER
+            await context.abort_with_status(MeshStatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"not the primary of group {request.group_id} at epoch {request.epoch}",
+                reason).to_status())
+            return
+        epoch, seq, chunks = group.take_snapshot()  # one step: consistent
+        crc = 0
+        total = 0
+        for service, slot, data in chunks:
+            crc = zlib.crc32(data, crc)
+            total += len(data)
+            yield rpb.SnapshotResponse(chunk=rpb.SnapshotChunk(
+                service=service, slot=slot, data=data))  # type: ignore[arg-type]
+        yield rpb.SnapshotResponse(end=rpb.SnapshotEnd(
+            last_epoch=epoch, last_seq=seq, chunks=len(chunks), bytes=total, crc32=crc))
+
+    async def GetPosition(
+        self, request: rpb.GetPositionRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.GetPositionResponse:
+        group = self._replication.groups.get(request.group_id)
+        if group is None:
+            await context.abort_with_status(MeshStatusError(
+                grpc.StatusCode.NOT_FOUND, f"no state of group {request.group_id} here",
+                Reason.GROUP_NOT_FOUND).to_status())
+            raise AssertionError("unreachable")
+        return group.position()
+
+
+async def fetch_snapshot(
+    channel: grpc.aio.Channel, group_id: int, epoch: int,
+) -> tuple[int, int, list[tuple[int, int, bytes]]]:
+    """Copy a group's state from its primary: ``(epoch, seq, [(service, slot, data)])``."""
+    stub = rpb_grpc.ReplicationServiceStub(channel)
+    chunks: list[tuple[int, int, bytes]] = []
+    crc = 0
+    call = stub.Snapshot(rpb.SnapshotRequest(group_id=group_id, epoch=epoch),
+                         timeout=SNAPSHOT_TIMEOUT)
+    async for response in call:
+        if response.HasField("chunk"):
+            chunk = response.chunk
+            crc = zlib.crc32(chunk.data, crc)
+            chunks.append((chunk.service, chunk.slot, chunk.data))
+        else:
+            end = response.end
+            if end.chunks != len(chunks) or end.crc32 != crc:
+                raise ValueError(f"snapshot of group {group_id} arrived damaged")
+            return end.last_epoch, end.last_seq, chunks
+    raise ValueError(f"snapshot of group {group_id} ended without its end marker")
