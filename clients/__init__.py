@@ -7,7 +7,8 @@
 ``clients.sync.SyncMesh`` offers the same calls without asyncio.
 """
 
-from clients.cache import CacheEntry, CacheEvent, EventType, NodeStats
+from clients.cache import CacheEntry, NodeStats
+from clients.cache_watch import CacheEvent, EventType
 from clients.errors import (
     ConflictError,
     DeadlineExceededError,

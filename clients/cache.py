@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import Enum
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import duration_pb2
 
-from clients.errors import (
-    InvalidArgumentError,
-    NoNodesError,
-    UnavailableError,
-    WatchGapError,
-    from_rpc_error,
-)
-from clients.retry import Backoff
+from clients.cache_watch import CacheWatch
+from clients.errors import MeshError, from_rpc_error
+from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 
@@ -33,9 +25,7 @@ Value = bytes | str
 TTL = float | timedelta | None
 
 _BATCH = 1000
-_RETRY = Backoff()
 
-T = TypeVar("T")
 # send(address, indexes, budget): one batch call to one node for keys[i] for i in indexes.
 Send = Callable[[str, list[int], float], Awaitable[None]]
 
@@ -47,24 +37,6 @@ class CacheEntry:
     value: bytes
     version: int
     expire_at: float | None
-
-
-class EventType(Enum):
-    SET = pb.EVENT_TYPE_SET
-    DELETE = pb.EVENT_TYPE_DELETE
-    EXPIRE = pb.EVENT_TYPE_EXPIRE
-    EVICT = pb.EVENT_TYPE_EVICT
-
-
-@dataclass(frozen=True, slots=True)
-class CacheEvent:
-    """One change seen by ``watch``."""
-
-    type: EventType
-    key: str
-    value: bytes
-    revision: int
-    node: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +76,24 @@ def _entry(r: pb.GetResponse) -> CacheEntry | None:
     return CacheEntry(r.value, r.version, expire)
 
 
+_PRECEDENCE = {Verdict.FINAL: 0, Verdict.REDIRECT: 1, Verdict.UNKNOWN: 2, Verdict.NOT_EXECUTED: 3}
+
+
+def _decisive(errors: Sequence[BaseException]) -> BaseException:
+    """The one error a partly failed batch raises: the one that decides what the retry
+    loop does. A bug first, then a final answer, then a refusal from the newest map
+    (it may trigger a map read), then the unavailable ones."""
+
+    def rank(e: BaseException) -> tuple[int, int]:
+        if not isinstance(e, MeshError):
+            return (-1, 0)
+        verdict = classify(e)
+        epoch = WrongOwner.of(e).epoch if verdict is Verdict.REDIRECT else 0
+        return (_PRECEDENCE[verdict], -epoch)
+
+    return min(errors, key=rank)
+
+
 class CacheClient:
     """The cache, spread over the mesh's nodes. Every call takes ``timeout=`` (seconds)."""
 
@@ -115,43 +105,22 @@ class CacheClient:
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         try:
-            return await getattr(self._stub(address), method)(request, timeout=budget)
+            return await getattr(self._stub(address), method)(
+                request, timeout=budget, metadata=self._mesh.call_metadata())
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    async def _retrying(
-        self, attempt: Callable[[float], Awaitable[T]], timeout: float | None, retry: bool
-    ) -> T:
-        """Run ``attempt(budget)``; if the node was unavailable and ``retry`` is set,
-        run it again on the current membership, with backoff, until the deadline.
-
-        Only calls whose repetition cannot change the outcome are marked ``retry``.
-        """
-        loop = asyncio.get_running_loop()
-        budget = self._mesh.timeout if timeout is None else timeout
-        deadline = loop.time() + budget
-        tries = 0
-        while True:
-            try:
-                return await attempt(budget)
-            except UnavailableError:
-                pause = _RETRY.delay(tries)
-                budget = deadline - loop.time() - pause
-                if not retry or budget <= 0:
-                    raise
-            tries += 1
-            await asyncio.sleep(pause)
-            await self._mesh.refresh(timeout=budget)
+            raise from_rpc_error(exc, address) from None
 
     async def _call(
         self, key: str, method: str, request: Any, timeout: float | None, retry: bool
     ) -> Any:
-        """One unary call to the node that owns ``key``."""
+        """One unary call to the node that owns ``key``; ``retry``: safe to repeat
+        even when a failed try may have applied (see ``clients.retry``)."""
 
-        async def attempt(budget: float) -> Any:
-            return await self._rpc(self._mesh.route("cache", key).address, method, request, budget)
+        async def attempt(budget: float, address: str | None) -> Any:
+            address = address or self._mesh.route("cache", key).address
+            return await self._rpc(address, method, request, budget)
 
-        return await self._retrying(attempt, timeout, retry)
+        return await with_retries(self._mesh, attempt, timeout=timeout, safe=retry)
 
     # -- single keys -------------------------------------------------------
 
@@ -205,28 +174,47 @@ class CacheClient:
     # -- batches -----------------------------------------------------------
 
     def _by_node(self, indexes: Iterable[int], keys: Sequence[str]) -> list[tuple[str, list[int]]]:
-        """``indexes`` into ``keys`` grouped by owner node, at most _BATCH per group."""
+        """``indexes`` into ``keys`` grouped by owner node, at most _BATCH per group.
+
+        Keys whose slot has no owner in the map (or with no map at all) go
+        together to one node, which forwards them or says why it cannot.
+        """
         groups: dict[str, list[int]] = defaultdict(list)
+        unowned: list[int] = []
         for i in indexes:
-            groups[self._mesh.route("cache", keys[i]).address].append(i)
+            target = self._mesh.route("cache", keys[i])
+            if target.owner:
+                groups[target.address].append(i)
+            else:
+                unowned.append(i)
+        if unowned:
+            groups[self._mesh.any_node("cache").address].extend(unowned)
         return [(address, share[start:start + _BATCH])
                 for address, share in groups.items()
                 for start in range(0, len(share), _BATCH)]
 
     async def _batched(self, keys: Sequence[str], send: Send, timeout: float | None) -> None:
         """Call ``send(address, indexes, budget)`` for each node's share of ``keys``, in
-        parallel. A share whose node is unavailable is grouped again by the current
-        owners and re-sent (batch calls are safe to repeat), within the deadline."""
+        parallel. Shares that fail (node unavailable, not the owner) are grouped
+        again by the current owners and re-sent, within the deadline: batch calls
+        are safe to repeat. Shares that succeeded are not sent again."""
+        pending = list(range(len(keys)))
 
-        async def deliver(indexes: list[int]) -> None:
-            async def attempt(budget: float) -> None:
-                shares = self._by_node(indexes, keys)
-                await asyncio.gather(*(send(address, share, budget) for address, share in shares))
+        async def attempt(budget: float, _address: str | None) -> None:
+            nonlocal pending
+            shares = self._by_node(pending, keys)
+            outcomes = await asyncio.gather(
+                *(send(address, share, budget) for address, share in shares),
+                return_exceptions=True)
+            failed = [(share, e) for (_, share), e in zip(shares, outcomes, strict=True)
+                      if isinstance(e, BaseException)]
+            pending = sorted(i for share, _ in failed for i in share)
+            if failed:
+                raise _decisive([e for _, e in failed])
 
-            await self._retrying(attempt, timeout, True)
-
-        shares = self._by_node(range(len(keys)), keys)
-        await asyncio.gather(*(deliver(share) for _, share in shares))
+        # An owner named by one slot's refusal says nothing about the other
+        # keys: redirects regroup by the (refreshed) map instead.
+        await with_retries(self._mesh, attempt, timeout=timeout, safe=True, follow_hints=False)
 
     async def mget(
         self, keys: Sequence[str], *, timeout: float | None = None
@@ -269,12 +257,13 @@ class CacheClient:
     # -- watch and stats ---------------------------------------------------
 
     def watch(
-        self, keys: Sequence[str] = (), prefixes: Sequence[str] = ()
+        self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *,
+        timeout: float | None = None,
     ) -> CacheWatch:
         """Follow changes: ``async with mesh.cache.watch(prefixes=["user:"]) as w:
         async for event in w: ...``. Entering returns once every node has confirmed
-        the watch, so no later change is missed."""
-        return CacheWatch(self, list(keys), list(prefixes))
+        the watch, so no later change is missed; ``timeout`` bounds that."""
+        return CacheWatch(self._mesh, list(keys), list(prefixes), timeout)
 
     async def stats(self, *, timeout: float | None = None) -> list[NodeStats]:
         """Per-node cache counters."""
@@ -290,97 +279,3 @@ class CacheClient:
 
         nodes = self._mesh.nodes("cache")
         return list(await asyncio.gather(*(one(n.node_id, n.address) for n in nodes)))
-
-
-class CacheWatch:
-    """A merged stream of changes from every node that holds watched keys."""
-
-    def __init__(self, client: CacheClient, keys: list[str], prefixes: list[str]) -> None:
-        self._client = client
-        self._keys = keys
-        self._prefixes = prefixes
-        self._queue: asyncio.Queue[CacheEvent | BaseException] = asyncio.Queue()
-        self._calls: list[Any] = []
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> CacheWatch:
-        mesh = self._client._mesh
-        plan: dict[str, tuple[str, list[str], list[str]]] = {}
-        for key in self._keys:
-            node = mesh.route("cache", key)
-            plan.setdefault(node.address, (node.node_id, [], []))[1].append(key)
-        if self._prefixes:  # a prefix can match keys on any node
-            for node in mesh.nodes("cache"):
-                plan.setdefault(node.address, (node.node_id, [], []))[2].extend(self._prefixes)
-        if not self._keys and not self._prefixes:
-            raise InvalidArgumentError("keys: give at least one key or prefix",
-                                       field_violations={"keys": "give at least one key or prefix"})
-        if not plan:
-            raise NoNodesError("no live node offers the cache service")
-        started: list[asyncio.Future[None]] = []
-        loop = asyncio.get_running_loop()
-        for address, (node_id, keys, prefixes) in plan.items():
-            call = self._client._stub(address).Watch(pb.WatchRequest(keys=keys, prefixes=prefixes))
-            self._calls.append(call)
-            ready: asyncio.Future[None] = loop.create_future()
-            started.append(ready)
-            self._tasks.append(asyncio.create_task(self._pump(node_id, call, ready)))
-        try:
-            await asyncio.gather(*started)
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        for call in self._calls:
-            call.cancel()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def __aiter__(self) -> AsyncIterator[CacheEvent]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[CacheEvent]:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def _pump(self, node: str, call: Any, ready: asyncio.Future[None]) -> None:
-        last = 0
-        try:
-            async for message in call:
-                if message.created:
-                    if not ready.done():
-                        ready.set_result(None)
-                    continue
-                if message.seq != last + 1:
-                    missed = message.seq - last - 1
-                    self._queue.put_nowait(WatchGapError(
-                        f"watch on {node} missed {missed} changes", missed=missed))
-                    return
-                last = message.seq
-                e = message.event
-                self._queue.put_nowait(
-                    CacheEvent(EventType(e.type), e.key, e.value, e.revision, node))
-            error: BaseException = UnavailableError(f"watch stream from {node} ended")
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            error = from_rpc_error(exc)
-        except asyncio.CancelledError:
-            raise
-        if not ready.done():
-            ready.set_exception(error)
-        else:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(error)

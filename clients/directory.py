@@ -1,4 +1,9 @@
-"""Where the nodes are: a live view of etcd's membership, or a fixed list."""
+"""Which nodes are up: a live view of etcd's membership, or a fixed list.
+
+Routing comes from the cluster map (``clients.router``); membership is what
+``stats``, prefix watches and ``meshctl status`` fan out to, the nodes tried
+while the map names no owner, and (with the map) which channels to keep.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import aetcd
 
-from common.etcd import client_for, watch_prefix
+from common.etcd import watch_prefix
 from common.membership import NodeInfo, nodes_prefix
 
 log = logging.getLogger(__name__)
@@ -67,9 +72,10 @@ class EtcdDirectory(NodeDirectory):
     re-watches, with backoff, for as long as the directory is open.
     """
 
-    def __init__(self, endpoints: Sequence[str], cluster: str) -> None:
+    def __init__(self, etcd: aetcd.Client, cluster: str) -> None:
+        """``etcd``: a client the caller owns (and closes)."""
         super().__init__()
-        self._etcd: aetcd.Client = client_for(list(endpoints))
+        self._etcd = etcd
         self._prefix = nodes_prefix(cluster)
         self._task: asyncio.Task[None] | None = None
 
@@ -86,8 +92,7 @@ class EtcdDirectory(NodeDirectory):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        with contextlib.suppress(Exception):
-            await self._etcd.close()
+            self._task = None
 
     async def _read(self) -> int:
         result = await self._etcd.get_prefix(self._prefix)

@@ -10,7 +10,7 @@
     ├── NotFoundError
     ├── FailedPreconditionError     the system is not in a state to do this; don't retry as is
     ├── ResourceExhaustedError      overload or a limit (cache full, too many watches); back off
-    ├── UnavailableError            the node could not be reached; safe calls were retried
+    ├── UnavailableError            no node took the call in time; see the class for retries
     │   └── NoNodesError            no node offers the service
     ├── DeadlineExceededError       the call's deadline passed
     ├── WatchGapError               a watch stream lost .missed changes (the reader was too slow)
@@ -18,7 +18,8 @@
     └── InternalError               a bug or an unexpected server failure
 
 Each carries the gRPC ``code``, the server's stable ``reason`` (``ErrorInfo.reason``,
-e.g. ``VERSION_MISMATCH``) and the ``ErrorInfo.metadata``.
+e.g. ``VERSION_MISMATCH``), the ``ErrorInfo.metadata`` and the ``address`` of the
+node that answered.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class MeshError(Exception):
         self.code = code
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.address = ""
+        """The node that answered (host:port), when the error came from one."""
 
 
 class InvalidArgumentError(MeshError):
@@ -94,10 +97,14 @@ class ResourceExhaustedError(MeshError):
 
 
 class UnavailableError(MeshError):
-    """The node could not be reached, or dropped the call (shutting down).
+    """No node could take the call before its deadline: unreachable, shutting down,
+    or the slot's group has no serving primary right now (``reason`` says which).
 
-    Calls that are safe to repeat were already retried until their deadline; for
-    the others (conditional writes, incr) the write may or may not have applied.
+    The client already retried until the deadline every call that was certainly
+    not executed (reasons NO_MAP, GROUP_UNAVAILABLE, OWNERSHIP_EXPIRED,
+    TOO_MANY_HOPS, WRONG_OWNER) and every call safe to repeat. For the others
+    (conditional writes, incr) after a lost connection or NOT_COMMITTED, the
+    write may or may not have applied.
     """
 
 
@@ -147,8 +154,9 @@ _BY_REASON: dict[str, type[MeshError]] = {
 }
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> MeshError:
-    """Translate a gRPC error, reading the google.rpc.Status details if present."""
+def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "") -> MeshError:
+    """Translate a gRPC error from the node at ``address``, reading the
+    google.rpc.Status details if present."""
     code: grpc.StatusCode = error.code()
     message: str = error.details() or code.name
     reason = ""
@@ -169,8 +177,12 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> MeshError:
                 detail.Unpack(bad)
                 violations = {v.field: v.description for v in bad.field_violations}
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, InternalError)
+    result: MeshError
     if cls is InvalidArgumentError:
-        return InvalidArgumentError(
+        result = InvalidArgumentError(
             message, code=code, reason=reason, metadata=metadata, field_violations=violations
         )
-    return cls(message, code=code, reason=reason, metadata=metadata)
+    else:
+        result = cls(message, code=code, reason=reason, metadata=metadata)
+    result.address = address
+    return result

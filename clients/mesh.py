@@ -9,15 +9,25 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
+import aetcd
 import grpc
 
 from clients.cache import CacheClient
 from clients.directory import EtcdDirectory, NodeDirectory, StaticDirectory
 from clients.errors import NoNodesError
-from clients.routing import SlotRouter
+from clients.router import Router, Target
+from common.clustermap import MapFollower, RoutingTable
+from common.etcd import client_for
 from common.membership import NodeInfo
+from mesh.admin.v1 import admin_pb2
 
 DEFAULT_TIMEOUT = 5.0
+
+ROUTE_HEADER = "x-mesh-route"
+"""Request metadata: ``client`` asks a node to refuse (WRONG_OWNER) rather than
+forward a call for a slot it does not own, so that this client learns the owner."""
+
+_ROUTED_BY_CLIENT: tuple[tuple[str, str], ...] = ((ROUTE_HEADER, "client"),)
 
 S = TypeVar("S")
 
@@ -34,12 +44,13 @@ _CHANNEL_OPTIONS = [
 
 
 class Mesh:
-    """A connection to a Mesh cluster: membership, routing, one channel per node.
+    """A connection to a Mesh cluster: the cluster map, membership, one channel per node.
 
     Give ``etcd`` endpoints (default ``$MESH_ETCD_ENDPOINTS``, else
-    ``127.0.0.1:2379``) to follow the cluster's membership, or ``addresses`` to
-    talk to a fixed list of nodes. ``timeout`` is the default deadline of every
-    call; each method also takes its own ``timeout=``.
+    ``127.0.0.1:2379``) to follow the cluster map and send each call to its
+    key's owner, or ``addresses`` to talk to a fixed list of nodes (round-robin;
+    they forward each call to its owner). ``timeout`` is the default deadline
+    of every call; each method also takes its own ``timeout=``.
     """
 
     def __init__(
@@ -52,17 +63,23 @@ class Mesh:
     ) -> None:
         self.timeout = timeout
         self.cluster = cluster or os.environ.get("MESH_CLUSTER", "mesh")
+        self._etcd: aetcd.Client | None = None
+        self.follower: MapFollower | None = None
         if addresses:
             self.directory: NodeDirectory = StaticDirectory(addresses)
         else:
             raw = etcd or os.environ.get("MESH_ETCD_ENDPOINTS", "127.0.0.1:2379")
             endpoints = raw.split(",") if isinstance(raw, str) else list(raw)
-            self.directory = EtcdDirectory(endpoints, self.cluster)
-        self._routers: dict[str, SlotRouter] = {}
+            self._etcd = client_for(endpoints)
+            self.directory = EtcdDirectory(self._etcd, self.cluster)
+            self.follower = MapFollower(self._etcd, self.cluster)
+            self.follower.on_change(self._map_changed)
+        self._routers: dict[str, Router] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._stubs: dict[tuple[object, str], object] = {}
-        self.directory.on_change(self._membership_changed)
+        self._refreshing: asyncio.Task[None] | None = None
+        self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self)
 
     async def __aenter__(self) -> Mesh:
@@ -76,15 +93,35 @@ class Mesh:
         await self.close()
 
     async def start(self) -> None:
-        """Read membership; raises UnavailableError if etcd cannot be reached in time."""
+        """Read membership and the map; raises NoNodesError if etcd cannot be reached in time.
+
+        A cluster without a map yet (no coordinator has written one) is fine:
+        calls go to any node until the map appears.
+        """
         try:
-            await asyncio.wait_for(self.directory.start(), self.timeout)
+            await asyncio.wait_for(self._start(), self.timeout)
         except Exception as exc:
-            await self.directory.close()
-            raise NoNodesError(f"cannot read cluster membership: {exc}") from exc
+            await self._stop_following()
+            raise NoNodesError(f"cannot read the cluster's membership and map: {exc}") from exc
+
+    async def _start(self) -> None:
+        await self.directory.start()
+        if self.follower is not None:
+            await self.follower.start()
+
+    async def _stop_following(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            await asyncio.gather(self._refreshing, return_exceptions=True)
+        if self.follower is not None:
+            await self.follower.close()
+        await self.directory.close()
+        if self._etcd is not None:
+            with contextlib.suppress(Exception):
+                await self._etcd.close()
 
     async def close(self) -> None:
-        await self.directory.close()
+        await self._stop_following()
         channels, self._channels = self._channels, {}
         self._stubs.clear()
         for channel in channels.values():
@@ -96,19 +133,49 @@ class Mesh:
 
     # -- used by the per-service clients -------------------------------------
 
+    @property
+    def table(self) -> RoutingTable | None:
+        """The newest cluster map; None before one exists, or with fixed ``addresses``."""
+        return self.follower.table if self.follower is not None else None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of our map (0: no map)."""
+        table = self.table
+        return table.epoch if table is not None else 0
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Metadata for every call: with a map we route, so nodes should refuse, not forward."""
+        return _ROUTED_BY_CLIENT if self.table is not None else None
+
     def nodes(self, service: str) -> list[NodeInfo]:
+        """The live nodes (membership) that offer ``service``."""
         return self.directory.offering(service)
 
-    def route(self, service: str, key: str) -> NodeInfo:
-        """The node that serves ``key`` for ``service``."""
+    def route(self, service: str, key: str | bytes) -> Target:
+        """Where a call for ``key`` goes: the primary of its slot's group, else any node.
+
+        Raises NoNodesError when no node at all is known.
+        """
         router = self._routers.get(service)
         if router is None:
-            router = self._routers[service] = SlotRouter()
-            router.update(self.directory.offering(service))
-        node = router.node_for_key(key)
-        if node is None:
-            raise NoNodesError(f"no live node offers the {service} service")
-        return node
+            router = self._routers[service] = self._router(service)
+        return router.for_key(key)
+
+    def any_node(self, service: str) -> Target:
+        """A node to send a call that any node can take (round-robin)."""
+        router = self._routers.get(service)
+        if router is None:
+            router = self._routers[service] = self._router(service)
+        return router.any_node()
+
+    def _router(self, service: str) -> Router:
+        table = self.table
+        nodes = sorted((n.node_id, n.address) for n in self.nodes(service))
+        if not nodes and table is not None:  # membership unread or empty: the map's nodes
+            nodes = sorted((node_id, address) for node_id, address in table.addresses.items()
+                           if table.states.get(node_id) != admin_pb2.NODE_STATE_DOWN)
+        return Router(table, nodes)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The one channel to ``address``, created on first use and reused after."""
@@ -126,20 +193,46 @@ class Mesh:
             stub = self._stubs[key] = stub_class(self.channel(address))
         return stub  # type: ignore[return-value]
 
-    async def _retire(self, channel: grpc.aio.Channel) -> None:
-        try:
-            await asyncio.sleep(self.timeout + 1.0)
-        finally:
-            await channel.close(grace=1.0)
-
     async def refresh(self, timeout: float | None = None) -> None:
-        """Re-read membership now, giving up quietly after ``timeout`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.directory.refresh(), timeout or self.timeout)
+        """Re-read the map and membership now, giving up quietly after ``timeout`` seconds.
 
-    def _membership_changed(self) -> None:
+        Concurrent callers share one read: a failover makes every in-flight call
+        ask at once, and etcd should see one read, not hundreds.
+        """
+        task = self._refreshing
+        if task is None or task.done():
+            task = self._refreshing = asyncio.get_running_loop().create_task(self._reread())
+        budget = self.timeout if timeout is None else timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), budget)
+
+    async def _reread(self) -> None:
+        reads = [self.directory.refresh()]
+        if self.follower is not None:
+            reads.append(self.follower.refresh())
+        await asyncio.gather(*reads, return_exceptions=True)
+
+    # -- keeping routes and channels current ----------------------------------
+
+    def _map_changed(self, table: RoutingTable) -> None:
         self._routers.clear()
+        self._retire_departed()
+
+    def _nodes_changed(self) -> None:
+        self._routers.clear()
+        self._retire_departed()
+
+    def _live_addresses(self) -> set[str]:
         live = {n.address for n in self.directory.nodes.values()}
+        table = self.table
+        if table is not None:
+            live.update(address for node_id, address in table.addresses.items()
+                        if table.states.get(node_id) != admin_pb2.NODE_STATE_DOWN)
+        return live
+
+    def _retire_departed(self) -> None:
+        """Retire the channels of nodes that left both the map and membership."""
+        live = self._live_addresses()
         for address in [a for a in self._channels if a not in live]:
             channel = self._channels.pop(address)
             for key in [k for k in self._stubs if k[1] == address]:
@@ -150,3 +243,9 @@ class Mesh:
             task = asyncio.get_running_loop().create_task(self._retire(channel))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await asyncio.sleep(self.timeout + 1.0)
+        finally:
+            await channel.close(grace=1.0)
