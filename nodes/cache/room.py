@@ -8,6 +8,7 @@ carries out a plan already known to meet both limits.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from nodes.cache.budget import Budget
 from nodes.cache.errors import CacheFullError
@@ -15,12 +16,21 @@ from nodes.cache.eviction import EvictionPolicy
 from nodes.cache.expiry import ExpiryIndex
 from nodes.cache.model import Entry
 
-__all__ = ["ENTRY_OVERHEAD", "entry_size", "plan_room"]
+__all__ = ["ENTRY_OVERHEAD", "Plan", "entry_size", "plan_room"]
 
 ENTRY_OVERHEAD = 64
 """Bytes accounted to every entry on top of its key and value."""
 
 Removals = list[tuple[str, Entry]]
+
+
+class Plan(NamedTuple):
+    """What to remove from one store, and what the node still lacks after that."""
+
+    expired: Removals
+    evicted: Removals
+    short_entries: int
+    short_bytes: int
 
 
 def entry_size(key: str, value: bytes) -> int:
@@ -36,13 +46,14 @@ def plan_room(
     expiry: ExpiryIndex,
     policy: EvictionPolicy,
     now: float,
-) -> tuple[Removals, Removals]:
-    """Plan room for ``batch`` (key -> new size) as ``(expired, evicted)``, or raise.
+) -> Plan:
+    """Plan room for ``batch`` (key -> new size) in one store.
 
     The batch's own keys free their old size and are never victims; expired keys
     go first (all of them that are due), then the policy's candidates in order,
     until the node's budget can hold the batch. Victims come from ``data`` only
-    (one store), even when the budget is shared by several.
+    (one store): when it cannot free enough, the plan says how much is still
+    missing. Raises CacheFullError only when the batch alone exceeds a limit.
     """
     max_entries, max_bytes = budget.max_entries, budget.max_bytes
     new_entries = len(batch)
@@ -83,10 +94,4 @@ def plan_room(
             excess_bytes -= entry_size(key, entry.value)
             if excess_entries <= 0 and excess_bytes <= 0:
                 break
-        else:
-            raise CacheFullError(
-                f"eviction policy {policy.name!r} cannot free room: "
-                f"{max(excess_entries, 0)} more entries and {max(excess_bytes, 0)} more "
-                f"bytes needed (max_entries={max_entries}, max_bytes={max_bytes})"
-            )
-    return expired, victims
+    return Plan(expired, victims, max(excess_entries, 0), max(excess_bytes, 0))

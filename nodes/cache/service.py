@@ -36,9 +36,9 @@ from nodes.cache.store import (
     NotAnIntegerError,
     VersionMismatchError,
 )
-from nodes.cache.watch import WatchHub
+from nodes.cache.watch import Watcher, WatchHub
 from nodes.config import CacheLimits
-from nodes.forwarding import Forwarder
+from nodes.forwarding import Forwarder, wrong_owner
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect, Replication
 
@@ -120,6 +120,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
     def __init__(self, limits: CacheLimits, *, sync_replication: bool = True) -> None:
         self.limits = limits
         self.budget = Budget(limits.max_entries, limits.max_bytes)
+        self.budget.donors = self._primary_stores
         self.watches = WatchHub()
         self._sync = sync_replication
         self._replication: Replication | None = None
@@ -136,6 +137,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self._replication = replication
         self._forwarder = forwarder
+        replication.on_lost.append(self._lost_groups)
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="cache-expiry")
 
     async def close(self) -> None:
@@ -145,6 +147,19 @@ class CacheService(pb_grpc.CacheServiceServicer):
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
+
+    def _lost_groups(self, group_ids: set[int]) -> None:
+        """End the watches that relied on groups this node no longer leads: their
+        keys now change elsewhere, and the client re-opens them at the new owner."""
+        table = self._replication.table if self._replication is not None else None
+
+        def affected(watcher: Watcher) -> bool:
+            if watcher.prefixes or table is None:
+                return True
+            return any((g := table.group_of_slot(slot_for(key))) is None
+                       or g.group_id in group_ids for key in watcher.keys)
+
+        self.watches.close_where(affected)
 
     def _primary_stores(self) -> list[CacheStore]:
         if self._replication is None:
@@ -322,14 +337,17 @@ class CacheService(pb_grpc.CacheServiceServicer):
         # (to the first key's owner); prefixes span groups, so a prefix watch
         # sees the changes of the groups this node leads (the Python client
         # opens one on every primary).
-        if request.keys:
-            target = self._route(request.keys[0], context)
-            if isinstance(target, Redirect) and not request.prefixes:
-                assert self._forwarder is not None
-                async for item in self._forwarder.stream(
-                        target, _PATH + "Watch", request, pb.WatchResponse, context):
-                    yield item
-                return
+        remote = [t for t in (self._route(key, context) for key in request.keys)
+                  if isinstance(t, Redirect)]
+        if remote:
+            owners = {t.owner_address for t in remote}
+            if len(remote) < len(request.keys) or request.prefixes or len(owners) > 1:
+                raise wrong_owner(remote[0])  # one stream cannot span several owners
+            assert self._forwarder is not None
+            async for item in self._forwarder.stream(
+                    remote[0], _PATH + "Watch", request, pb.WatchResponse, context):
+                yield item
+            return
         if len(self.watches) >= self.watches.max_watchers:
             raise MeshStatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -351,8 +369,9 @@ class CacheService(pb_grpc.CacheServiceServicer):
             self.watches.unsubscribe(watcher)
         raise MeshStatusError(
             grpc.StatusCode.UNAVAILABLE,
-            "the watch ended: the node is shutting down or no longer leads these keys",
-            Reason.SHUTTING_DOWN,
+            "the watch ended: the node is shutting down or no longer leads these keys; "
+            "watch again (at their new owner)",
+            Reason.GROUP_UNAVAILABLE,
         )
 
     @staticmethod

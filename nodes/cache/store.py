@@ -479,10 +479,34 @@ class CacheStore:
             self._expiry.push(entry.expire_at, key, entry.version)
 
     def _make_room(self, batch: dict[str, int], now: float) -> None:
-        """Free enough room for ``batch`` (key -> new size) or raise, changing nothing."""
-        expired, victims = plan_room(
-            batch, self._data, self._budget, self._expiry, self._policy, now)
-        for key, entry in expired:
+        """Free enough room for ``batch`` (key -> new size) or raise, changing nothing
+        here (other stores may have evicted for it)."""
+        budget = self._budget
+        plan = plan_room(batch, self._data, budget, self._expiry, self._policy, now)
+        if (plan.short_entries or plan.short_bytes) and not budget.reclaim(
+                plan.short_entries, plan.short_bytes, asking=self):
+            raise CacheFullError(
+                f"eviction policy {self._policy.name!r} cannot free room: "
+                f"{plan.short_entries} more entries and {plan.short_bytes} more bytes "
+                f"needed (max_entries={budget.max_entries}, max_bytes={budget.max_bytes})")
+        for key, entry in plan.expired:
             self._remove(key, entry, _EXPIRE)
+        for key, entry in plan.evicted:
+            self._remove(key, entry, _EVICT)
+
+    def evict(self, entries: int, nbytes: int) -> tuple[int, int]:
+        """Evict by policy until ``entries`` entries and ``nbytes`` bytes are freed or
+        nothing evictable is left (another store of the node needs room)."""
+        victims = []
+        freed_entries = freed_bytes = 0
+        for key in self._policy.candidates():
+            if freed_entries >= entries and freed_bytes >= nbytes:
+                break
+            entry = self._data[key]
+            victims.append((key, entry))
+            freed_entries += 1
+            freed_bytes += entry_size(key, entry.value)
         for key, entry in victims:
             self._remove(key, entry, _EVICT)
+        self._flush()
+        return freed_entries, freed_bytes

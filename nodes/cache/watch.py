@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nodes.cache.store import Change
 
@@ -95,6 +95,11 @@ class WatchHub:
                 change.key.startswith(p) for p in watcher.prefixes
             ):
                 watcher.push(change)
+
+    def close_where(self, ends: Callable[[Watcher], bool]) -> None:
+        """Close the watchers for which ``ends(watcher)`` is true."""
+        for watcher in [w for w in self._all if ends(w)]:
+            watcher.close()
 
     def close_all(self) -> None:
         for watcher in list(self._all):

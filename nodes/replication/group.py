@@ -140,7 +140,7 @@ class Group:
     def become_primary(self, epoch: int) -> None:
         """Take over at ``epoch``: continue the history from this copy's last command."""
         if self.role != PRIMARY or epoch != self.epoch:
-            log.info("group %d: primary at epoch %d from seq %d", self.group_id, epoch,
+            log.debug("group %d: primary at epoch %d from seq %d", self.group_id, epoch,
                      self.log.last_seq)
         self.role = PRIMARY
         self.epoch = max(self.epoch, epoch)
@@ -150,7 +150,7 @@ class Group:
     def step_down(self, epoch: int, why: str) -> None:
         """Stop being primary (a newer epoch exists); pending writes fail."""
         if self.role == PRIMARY:
-            log.info("group %d: stepping down at epoch %d (%s)", self.group_id, epoch, why)
+            log.debug("group %d: stepping down at epoch %d (%s)", self.group_id, epoch, why)
         self.role = REPLICA
         self.epoch = max(self.epoch, epoch)
         self.fail_waiters(why)

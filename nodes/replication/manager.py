@@ -76,6 +76,9 @@ class Replication:
         self._links: dict[str, PeerLink] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.on_drained: Callable[[], None] | None = None
+        # Called with the ids of groups this node stopped leading (services end
+        # what they serve from them, such as watch streams).
+        self.on_lost: list[Callable[[set[int]], None]] = []
         self._drained = False
 
     # -- serving -------------------------------------------------------------
@@ -118,6 +121,7 @@ class Replication:
         """Make this node's groups what ``table`` says (a newer map arrived)."""
         me = self.node_id
         mine: dict[int, GroupView] = {v.group_id: v for v in table.groups_of(me)}
+        led_before = {g for g, group in self.groups.items() if group.is_primary}
         for group_id, view in mine.items():
             group = self.groups.get(group_id) or self._create(group_id)
             if view.primary == me:
@@ -131,8 +135,16 @@ class Replication:
                 group.epoch = max(group.epoch, view.epoch)
         for group_id in [g for g in self.groups if g not in mine]:
             self.groups.pop(group_id).close("the group left this node")
+        lost = {g for g in led_before if g not in self.groups or not self.groups[g].is_primary}
+        if lost:
+            for callback in self.on_lost:
+                callback(lost)
         for node_id in [n for n, link in self._links.items() if not len(link)]:
             asyncio.get_running_loop().create_task(self._links.pop(node_id).close())
+        if self.table is None or self.table.epoch != table.epoch:
+            led = sum(1 for g in self.groups.values() if g.is_primary)
+            log.info("map epoch %d: leading %d groups, replica of %d%s", table.epoch, led,
+                     len(self.groups) - led, f", stopped leading {len(lost)}" if lost else "")
         self.table = table
         self._check_drained(table)
 

@@ -1,0 +1,333 @@
+"""Group placement: which node holds each group's primary and replicas.
+
+Pure logic, no I/O. The coordinator calls `place` whenever the eligible node set
+changes. Groups move whole (snapshot, then command stream), so moves are
+expensive: `place` keeps every current role it can and otherwise prefers, in
+order, promoting a replica, swapping a primary with one of its replicas (no
+data moves), and only then copying a group to another node. Iteration is in
+sorted order with ties broken by node and group id, so every coordinator
+computes the same result from the same input, and placing a placement again
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Where one group lives."""
+
+    primary: str
+    """Node id of the primary; "" when the group has none."""
+    replicas: tuple[str, ...]
+    """Node ids of the replicas: distinct, never the primary."""
+
+
+def place(
+    current: Mapping[int, Assignment], nodes: Iterable[str], replicas: int
+) -> dict[int, Assignment]:
+    """Where every group of ``current`` should live on ``nodes`` with ``replicas`` copies.
+
+    Every group gets a primary and ``min(replicas, len(nodes) - 1)`` replicas, all on
+    distinct eligible nodes; each node holds floor or ceil of its fair share of
+    primaries and of roles in total, while keeping as many current roles as possible.
+    """
+    if replicas < 0:
+        raise ValueError(f"replicas must be >= 0, got {replicas}")
+    node_list = sorted({n for n in nodes if n})
+    if not node_list:
+        return {g: Assignment("", ()) for g in sorted(current)}
+    return _Placer(current, node_list, min(replicas, len(node_list) - 1)).run()
+
+
+def _members(a: Assignment) -> set[str]:
+    return {a.primary, *a.replicas} - {""}
+
+
+def primary_moves(before: Mapping[int, Assignment], after: Mapping[int, Assignment]) -> list[int]:
+    """Ids of the groups whose primary node differs between ``before`` and ``after``."""
+    empty = Assignment("", ())
+    return [
+        g
+        for g in sorted(before.keys() | after.keys())
+        if before.get(g, empty).primary != after.get(g, empty).primary
+    ]
+
+
+def role_moves(before: Mapping[int, Assignment], after: Mapping[int, Assignment]) -> int:
+    """How many (group, node) roles ``after`` has that ``before`` lacks: copies to make."""
+    empty = Assignment("", ())
+    return sum(len(_members(a) - _members(before.get(g, empty))) for g, a in after.items())
+
+
+def imbalance_percent(assignment: Mapping[int, Assignment], nodes: Iterable[str]) -> float:
+    """Largest deviation of a node's primary count from the mean, in percent of the mean."""
+    node_set = set(nodes)
+    if not node_set or not assignment:
+        return 0.0
+    counts = Counter(a.primary for a in assignment.values())
+    mean = len(assignment) / len(node_set)
+    return max(abs(counts[n] - mean) for n in node_set) / mean * 100.0
+
+
+def _quotas(
+    total: int, nodes: list[str], counts: Mapping[str, int], forced: set[str]
+) -> dict[str, int]:
+    """Split ``total`` into floor/ceil shares: ceil ones to ``forced``, then the fullest."""
+    base, extra = divmod(total, len(nodes))
+    order = sorted(nodes, key=lambda n: (n not in forced, -counts[n], n))
+    return {n: base + (1 if i < extra else 0) for i, n in enumerate(order)}
+
+
+class _Placer:
+    """One run of `place`: mutable working state over sorted groups and nodes."""
+
+    def __init__(self, current: Mapping[int, Assignment], nodes: list[str], r: int) -> None:
+        self.nodes = nodes
+        self.r = r
+        self.gids = sorted(current)
+        eligible = set(nodes)
+        self.before: dict[int, frozenset[str]] = {}
+        self.primary: dict[int, str] = {}
+        self.reps: dict[int, list[str]] = {}
+        for g in self.gids:
+            a = current[g]
+            p = a.primary if a.primary in eligible else ""
+            reps: list[str] = []
+            for x in a.replicas:
+                if x in eligible and x != p and x not in reps:
+                    reps.append(x)
+            self.primary[g] = p
+            self.reps[g] = reps
+            self.before[g] = frozenset(_members(a))
+        self.promoted: set[int] = set()
+        self.pcount = Counter({n: 0 for n in nodes})
+        self.pcount.update(p for p in self.primary.values() if p)
+        self.pq: dict[str, int] = {}
+        # Replica-phase state, filled by _place_replicas.
+        self.rq: dict[str, int] = {}
+        self.rcount: Counter[str] = Counter()
+        self.rgroups: dict[str, set[int]] = {}
+        # (primary, replica) -> groups. Spreading each node's replicas over many
+        # primaries spreads the promotions, and so the load, when a node dies.
+        self.pair: Counter[tuple[str, str]] = Counter()
+
+    def run(self) -> dict[int, Assignment]:
+        self._place_primaries()
+        self._place_replicas()
+        return {g: Assignment(self.primary[g], tuple(self.reps[g])) for g in self.gids}
+
+    # Primaries.
+
+    def _place_primaries(self) -> None:
+        for g in self.gids:
+            reps = self.reps[g]
+            if not self.primary[g] and reps:
+                best = min(reps, key=lambda n: (self.pcount[n], n))
+                reps.remove(best)
+                self.primary[g] = best
+                self.pcount[best] += 1
+                self.promoted.add(g)
+        self.pq = _quotas(len(self.gids), self.nodes, self.pcount, set())
+
+        def short(g: int) -> bool:
+            return len(self.reps[g]) < self.r
+
+        # A group short of replicas needs a new copy anyway, so handing its primary
+        # to an under-quota node costs no extra data and leaves unaffected groups
+        # alone; that is why it comes before swaps in unaffected groups. A promoted
+        # primary has the data, unlike the new node, so it only goes when no swap is
+        # left.
+        self._shed(short, swap=True)
+        self._shed(lambda g: short(g) and g not in self.promoted, swap=False)
+        self._shed(lambda g: True, swap=True)
+        self._shed(short, swap=False)
+        for g in self.gids:
+            if not self.primary[g]:
+                self._set_primary(g, self._neediest(g))
+        self._shed(lambda g: True, swap=False)
+
+    def _shed(self, eligible: Callable[[int], bool], *, swap: bool) -> None:
+        """Hand primaries of over-quota nodes to under-quota nodes, in ``eligible`` groups.
+
+        With ``swap`` only to an under-quota replica of the group, which moves no data.
+        """
+        for a in self.nodes:
+            if self.pcount[a] <= self.pq[a]:
+                continue
+            groups = sorted(
+                (g for g in self.gids if self.primary[g] == a and eligible(g)),
+                key=lambda g: (g in self.promoted, g),
+            )
+            for g in groups:
+                if self.pcount[a] <= self.pq[a]:
+                    break
+                if not swap:
+                    self._set_primary(g, self._neediest(g))
+                    continue
+                under = [n for n in self.reps[g] if self.pcount[n] < self.pq[n]]
+                if under:
+                    self._set_primary(g, min(under, key=lambda n: (self.pcount[n] - self.pq[n], n)))
+
+    def _neediest(self, g: int) -> str:
+        """The under-quota node to take group ``g``'s primary: a replica of it if possible."""
+        under = [n for n in self.nodes if self.pcount[n] < self.pq[n]]
+        return min(under, key=lambda n: (n not in self.reps[g], self.pcount[n] - self.pq[n], n))
+
+    def _set_primary(self, g: int, b: str) -> None:
+        """Make ``b`` the primary of ``g``; the old primary stays on as a replica."""
+        a = self.primary[g]
+        reps = self.reps[g]
+        if b in reps:
+            if a:
+                reps[reps.index(b)] = a
+            else:
+                reps.remove(b)
+        elif a:
+            reps.append(a)
+        if a:
+            self.pcount[a] -= 1
+        self.pcount[b] += 1
+        self.primary[g] = b
+
+    # Replicas.
+
+    def _place_replicas(self) -> None:
+        self.rgroups = {n: set() for n in self.nodes}
+        for g in self.gids:
+            for x in self.reps[g]:
+                self.rcount[x] += 1
+                self.rgroups[x].add(g)
+                self.pair[self.primary[g], x] += 1
+        total = len(self.gids) * (1 + self.r)
+        held = {n: self.pcount[n] + self.rcount[n] for n in self.nodes}
+        # A node whose primary share is above the floor of the total share must get
+        # the ceil of it, or it would need a negative number of replicas.
+        floor = total // len(self.nodes)
+        forced = {n for n in self.nodes if self.pq[n] > floor}
+        tq = _quotas(total, self.nodes, held, forced)
+        self.rq = {n: tq[n] - self.pq[n] for n in self.nodes}
+
+        for g in self.gids:
+            p = self.primary[g]
+            while len(self.reps[g]) > self.r:
+                x = max(self.reps[g], key=lambda n: (self._excess(n), self.pair[p, n], n))
+                self._remove(g, x)
+            while len(self.reps[g]) < self.r:
+                taken = {p, *self.reps[g]}
+                x = min(
+                    (n for n in self.nodes if n not in taken),
+                    key=lambda n: (self._excess(n) >= 0, self.pair[p, n], self._excess(n), n),
+                )
+                self._add(g, x)
+        # First re-route only copies planned in this run, which touches no group that
+        # was otherwise unchanged; then move kept replicas as well.
+        for planned_only in (True, False):
+            while any(self._excess(n) > 0 for n in self.nodes):
+                path = self._path(planned_only)
+                if path is None:
+                    break  # no feasible exchange left: stay as balanced as we got
+                for x, y, g in path:
+                    self._remove(g, x, replace_with=y)
+
+    def _excess(self, n: str) -> int:
+        return self.rcount[n] - self.rq[n]
+
+    def _add(self, g: int, x: str) -> None:
+        self.reps[g].append(x)
+        self.rcount[x] += 1
+        self.rgroups[x].add(g)
+        self.pair[self.primary[g], x] += 1
+
+    def _remove(self, g: int, x: str, replace_with: str = "") -> None:
+        reps = self.reps[g]
+        i = reps.index(x)
+        self.rcount[x] -= 1
+        self.rgroups[x].discard(g)
+        self.pair[self.primary[g], x] -= 1
+        if replace_with:
+            reps[i] = replace_with
+            self.rcount[replace_with] += 1
+            self.rgroups[replace_with].add(g)
+            self.pair[self.primary[g], replace_with] += 1
+        else:
+            del reps[i]
+
+    def _path(self, planned_only: bool) -> list[tuple[str, str, int]] | None:
+        """Cheapest chain of replica hand-overs from an over- to an under-quota node.
+
+        A step (x, y, g) moves x's replica of g to y. A step costs one for a new copy
+        on y (none if y held g before) and one for taking away a copy x already had;
+        among equal costs the shorter chain wins. Chains are needed when every group
+        of the over-quota nodes already has the under-quota node as a member. With
+        ``planned_only`` only replicas that x did not hold before may move.
+        """
+        sources = [n for n in self.nodes if self._excess(n) > 0]
+        under = [n for n in self.nodes if self._excess(n) < 0]
+        direct: tuple[int, int, int, str, str] | None = None
+        for x in sources:
+            for g, y, cost in self._steps(x, under, planned_only, 3):
+                cand = (cost, self.pair.get((self.primary[g], y), 0), g, x, y)
+                if direct is None or cand < direct:
+                    direct = cand
+        if direct is not None and direct[0] == 0:
+            return [(direct[3], direct[4], direct[2])]
+        # Only a chain strictly cheaper than the best direct step can beat it.
+        limit = direct[0] if direct is not None else 2 * len(self.nodes)
+        dist: dict[str, tuple[int, int]] = {x: (0, 0) for x in sources}
+        parent: dict[str, tuple[str, int]] = {}
+        heap: list[tuple[int, int, str]] = [(0, 0, x) for x in sources]
+        done: set[str] = set()
+        while heap:
+            cost, hops, x = heapq.heappop(heap)
+            if x in done:
+                continue
+            done.add(x)
+            if self._excess(x) < 0:
+                steps: list[tuple[str, str, int]] = []
+                y = x
+                while y in parent:
+                    prev, g = parent[y]
+                    steps.append((prev, y, g))
+                    y = prev
+                steps.reverse()
+                return steps
+            targets = [y for y in self.nodes if y not in done]
+            best: dict[str, tuple[int, int, int]] = {}
+            for g, y, step in self._steps(x, targets, planned_only, limit - cost):
+                key = (step, self.pair.get((self.primary[g], y), 0), g)
+                old = best.get(y)
+                if old is None or key < old:
+                    best[y] = key
+            for y, (step, _, g) in best.items():
+                d = (cost + step, hops + 1)
+                if y not in dist or d < dist[y]:
+                    dist[y] = d
+                    parent[y] = (x, g)
+                    heapq.heappush(heap, (d[0], d[1], y))
+        if direct is None:
+            return None
+        return [(direct[3], direct[4], direct[2])]
+
+    def _steps(
+        self, x: str, targets: list[str], planned_only: bool, below: int
+    ) -> Iterator[tuple[int, str, int]]:
+        """Possible steps (group, target, cost) handing on a replica of ``x``, cost < ``below``."""
+        for g in self.rgroups[x]:
+            before = self.before[g]
+            kept = x in before
+            if (kept and planned_only) or kept >= below:
+                continue
+            p = self.primary[g]
+            reps = self.reps[g]
+            # A step to a node that held g before costs one less; when only those fit
+            # under the bound, look at them alone (the common, cheap case).
+            ys = targets if kept + 1 < below else [y for y in targets if y in before]
+            for y in ys:
+                if y != p and y not in reps:
+                    yield g, y, kept + (y not in before)

@@ -1,0 +1,73 @@
+"""Moving groups under load: a node joining takes its share, a drained node leaves empty.
+
+The client writes throughout and must see no error at all: every move is a
+snapshot, catch-up, then one map flip, and retries absorb the flip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from coordinator.client import admin_client
+from mesh.admin.v1 import admin_pb2
+from tests.cluster import Writer, primary_slots, wait_converged, wait_settled
+
+
+async def test_fourth_node_takes_a_quarter_under_load(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    local = local_mesh(3, lease_ttl=2)
+    mesh = await mesh_client(timeout=15)
+    await mesh.cache.mset({f"pre{i}": b"p" * 64 for i in range(5000)})
+    writer = Writer(mesh)
+    writer.start()
+    await asyncio.sleep(0.5)
+
+    started = time.monotonic()
+    fourth = await asyncio.to_thread(local.start_node)
+    table = await wait_settled(local.etcd_endpoint, local.cluster,
+                               [n.node_id for n in local.nodes], timeout=60)
+    took = time.monotonic() - started
+    await asyncio.sleep(0.5)
+    await writer.stop()
+
+    share = primary_slots(table).get(fourth.node_id, 0) / 16384
+    print(f"\nthe 4th node leads {share:.1%} of the slots; the move took {took:.1f} s; "
+          f"{len(writer.acked)} writes acknowledged meanwhile")
+    assert 0.20 <= share <= 0.30
+    assert writer.errors == []
+    assert await writer.lost() == []
+    assert await mesh.cache.mget([f"pre{i}" for i in range(5000)]) == [b"p" * 64] * 5000
+    await wait_converged(table)
+
+
+async def test_drain_moves_everything_away_then_the_node_exits(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    local = local_mesh(4, lease_ttl=2)
+    mesh = await mesh_client(timeout=15)
+    await mesh.cache.mset({f"pre{i}": b"p" * 64 for i in range(5000)})
+    writer = Writer(mesh)
+    writer.start()
+    await asyncio.sleep(0.5)
+
+    leaving = local.nodes[1]
+    async with admin_client(local.etcd_endpoint, local.cluster) as admin:
+        reply = await admin.Drain(admin_pb2.DrainRequest(node_id=leaving.node_id, wait=True),
+                                  timeout=60)
+    assert reply.done and reply.primary_slots > 0
+    assert leaving.child.proc is not None
+    exit_code = await asyncio.to_thread(leaving.child.proc.wait, 20)
+    await asyncio.sleep(0.5)
+    await writer.stop()
+
+    assert exit_code == 0
+    assert writer.errors == []
+    assert await writer.lost() == []
+    stayed = [n.node_id for n in local.nodes if n is not leaving]
+    table = await wait_settled(local.etcd_endpoint, local.cluster, stayed, timeout=30)
+    assert leaving.node_id not in table.addresses
+    assert await mesh.cache.mget([f"pre{i}" for i in range(5000)]) == [b"p" * 64] * 5000
+    await wait_converged(table)
