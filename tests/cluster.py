@@ -52,7 +52,10 @@ async def wait_for_map(etcd_endpoint: str, cluster: str,
     deadline = time.monotonic() + timeout
     table = None
     while time.monotonic() < deadline:
-        table = await read_map(etcd_endpoint, cluster)
+        try:
+            table = await read_map(etcd_endpoint, cluster)
+        except Exception:  # etcd restarting: keep polling until the deadline
+            table = None
         if table is not None and predicate(table):
             return table
         await asyncio.sleep(0.1)

