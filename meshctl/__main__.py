@@ -1,7 +1,9 @@
 """``meshctl``: run a local mesh and talk to one.
 
-    meshctl up --nodes 3          etcd + N nodes on free ports; Ctrl-C stops all of it
-    meshctl status                the registered nodes, their health and cache size
+    meshctl up --nodes 3          etcd + a coordinator + N nodes on free ports; Ctrl-C stops all
+    meshctl status                leader, map epoch, coverage; each node's health and cache size
+    meshctl topology [--nodes]    the cluster map: groups, their slots, primary and replicas
+    meshctl drain NODE [--no-wait]  move every role off a node, which then leaves
     meshctl cache get KEY
     meshctl cache set KEY VALUE [--ttl SECONDS] [--if-absent] [--if-version N]
     meshctl cache del KEY
@@ -29,10 +31,24 @@ def _mesh(args: argparse.Namespace) -> Mesh:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from meshctl.admin import print_cluster
     from meshctl.status import print_status
 
+    try:
+        await print_cluster(args.etcd, args.cluster, args.timeout)
+    except MeshError as exc:
+        print(f"coordinator: {exc}")
     async with _mesh(args) as mesh:
         return await print_status(mesh)
+
+
+async def _admin(args: argparse.Namespace) -> int:
+    from meshctl.admin import drain, print_topology
+
+    if args.command == "topology":
+        return await print_topology(args.etcd, args.cluster, args.timeout, args.nodes)
+    timeout = max(args.timeout, args.wait_timeout) if args.wait else args.timeout
+    return await drain(args.etcd, args.cluster, args.node_id, args.wait, timeout)
 
 
 async def _cache(args: argparse.Namespace) -> int:
@@ -79,10 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3, help="how many nodes")
     up.add_argument("--etcd-port", type=int, default=2379,
                     help="etcd client port; a free one if taken (0 = always a free one)")
-    up.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL, seconds")
+    up.add_argument("--lease-ttl", type=int, default=5,
+                    help="node and coordinator lease TTL, seconds")
+    up.add_argument("--coordinators", type=int, default=1, help="how many coordinators")
+    up.add_argument("--replicas", type=int, default=1, help="replicas per group")
     up.add_argument("--no-status", action="store_true", help="no live status line")
 
-    command(sub, "status", "show nodes, health and cache sizes")
+    command(sub, "status", "show the leader, map epoch, nodes, health and cache sizes")
+
+    topology = command(sub, "topology", "show the cluster map")
+    topology.add_argument("--nodes", action="store_true", help="only the per-node summary")
+
+    drain = command(sub, "drain", "move every slot role off a node")
+    drain.add_argument("node_id")
+    drain.add_argument("--no-wait", dest="wait", action="store_false",
+                       help="return once the drain is planned")
+    drain.add_argument("--wait-timeout", type=float, default=120.0,
+                       help="seconds to wait for the node to be empty")
 
     cache = command(sub, "cache", "cache calls")
     csub = cache.add_subparsers(dest="cache_command", required=True)
@@ -106,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_up(args)
         if args.command == "status":
             return asyncio.run(_status(args))
+        if args.command in ("topology", "drain"):
+            return asyncio.run(_admin(args))
         return asyncio.run(_cache(args))
     except MeshError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

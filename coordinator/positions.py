@@ -1,0 +1,83 @@
+"""Asking nodes where they are in a group: ReplicationService.GetPosition.
+
+One channel per node address, reused; every call has its own deadline, and a
+node that does not answer (down, slow, or not serving the call) is simply
+unknown: the reconcile step decides with what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+
+import grpc
+
+from coordinator.reconcile import NodeGroup
+from mesh.replication.v1 import replication_pb2, replication_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 1.0
+_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+Positions = dict[NodeGroup, replication_pb2.GetPositionResponse]
+
+
+class PositionProbe:
+    """GetPosition on many (node, group) pairs at once, at most ``concurrency`` in flight."""
+
+    def __init__(self, timeout: float = CALL_TIMEOUT, concurrency: int = 32) -> None:
+        self._timeout = timeout
+        self._limit = asyncio.Semaphore(concurrency)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, replication_pb2_grpc.ReplicationServiceStub] = {}
+
+    def _stub(self, address: str) -> replication_pb2_grpc.ReplicationServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+            self._channels[address] = channel
+            stub = self._stubs[address] = replication_pb2_grpc.ReplicationServiceStub(channel)
+        return stub
+
+    async def ask(self, address: str, group_id: int
+                  ) -> replication_pb2.GetPositionResponse | bool | None:
+        """The node's position; False if it holds nothing of the group; None if unknown."""
+        async with self._limit:
+            try:
+                reply: replication_pb2.GetPositionResponse = await self._stub(address).GetPosition(
+                    replication_pb2.GetPositionRequest(group_id=group_id), timeout=self._timeout)
+                return reply
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                log.debug("GetPosition(%d) on %s: %s", group_id, address, exc.code().name)
+                return None
+
+    async def gather(self, pairs: Iterable[NodeGroup], addresses: Mapping[str, str]
+                     ) -> tuple[Positions, frozenset[NodeGroup]]:
+        """Positions of every pair whose node answered, and the pairs answered NOT_FOUND."""
+        wanted = [(n, g) for n, g in pairs if n in addresses]
+        replies = await asyncio.gather(*(self.ask(addresses[n], g) for n, g in wanted))
+        positions: Positions = {}
+        absent: set[NodeGroup] = set()
+        for pair, reply in zip(wanted, replies, strict=True):
+            if reply is False:
+                absent.add(pair)
+            elif isinstance(reply, replication_pb2.GetPositionResponse):
+                positions[pair] = reply
+        return positions, frozenset(absent)
+
+    async def retain(self, addresses: Iterable[str]) -> None:
+        """Close the channels of addresses no longer in use."""
+        keep = set(addresses)
+        for address in [a for a in self._channels if a not in keep]:
+            channel = self._channels.pop(address)
+            self._stubs.pop(address, None)
+            with contextlib.suppress(Exception):
+                await channel.close(grace=0)
+
+    async def close(self) -> None:
+        await self.retain(())

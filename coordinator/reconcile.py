@@ -1,0 +1,266 @@
+"""The reconcile step, a pure function: (map, membership, facts) -> next map.
+
+One call does, in order:
+
+a. membership: registered nodes missing from the map join as JOINING; map
+   nodes no longer registered leave, and for each group one of them was primary
+   of, the live in-sync replica with the highest applied position is promoted
+   (never a replica that is not in sync: with none left the group has no
+   primary and is unavailable);
+b. planning: ``place()`` over JOINING and ACTIVE nodes, starting from where
+   each group is going (its target, else its members); a group whose desired
+   members differ from its current ones gets that as its ``target``;
+c. progress: target members join their group as catching-up replicas, become
+   in sync when the group's primary reports so, and once every target member
+   is the primary or an in-sync replica the group flips to its target;
+d. JOINING nodes with no catching-up replica become ACTIVE.
+
+A group's epoch becomes the new map epoch whenever its primary changes. The
+result is None when nothing changed, so the caller writes only real changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from common.clustermap import group_ranges
+from common.membership import NodeInfo
+from coordinator.mapmodel import (
+    assignments,
+    catching_up,
+    eligible_nodes,
+    fill_counts,
+    members,
+    new_node,
+    refresh_node,
+    same,
+    set_target,
+    stamp,
+    target,
+)
+from coordinator.placement import Assignment, place
+from mesh.admin.v1 import admin_pb2
+from mesh.replication.v1 import replication_pb2
+
+log = logging.getLogger(__name__)
+
+NodeGroup = tuple[str, int]
+"""(node_id, group_id)."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the nodes told the coordinator this round."""
+
+    positions: Mapping[NodeGroup, replication_pb2.GetPositionResponse] = field(
+        default_factory=dict)
+    """GetPosition answers; a pair missing here did not answer (unknown)."""
+    absent: frozenset[NodeGroup] = frozenset()
+    """Pairs answered NOT_FOUND: the node holds nothing of the group."""
+    restarted: frozenset[str] = frozenset()
+    """Nodes that registered again (new process, same id): their old roles are lost."""
+
+
+def initial_map(registered: Mapping[str, NodeInfo], group_count: int, replicas: int,
+                now: float | None = None) -> admin_pb2.ClusterMap:
+    """The first map: every group placed at once, all in sync (there is no data yet)."""
+    now = time.time() if now is None else now
+    ranges = group_ranges(group_count)
+    blank = {gid: Assignment("", ()) for gid in range(1, group_count + 1)}
+    plan = place(blank, sorted(registered), replicas)
+    cmap = admin_pb2.ClusterMap(epoch=1)
+    for gid, (start, end) in enumerate(ranges, 1):
+        where = plan[gid]
+        cmap.groups.add(
+            group_id=gid, epoch=1, primary_node_id=where.primary, desired_replicas=replicas,
+            slot_ranges=[admin_pb2.SlotRange(start=start, end=end)],
+            replicas=[admin_pb2.Replica(node_id=n, in_sync=True) for n in where.replicas])
+    for node_id in sorted(registered):
+        cmap.nodes.append(new_node(registered[node_id], admin_pb2.NODE_STATE_ACTIVE, now))
+    fill_counts(cmap)
+    stamp(cmap, now)
+    return cmap
+
+
+def needed_positions(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo],
+                     restarted: frozenset[str] = frozenset()) -> set[NodeGroup]:
+    """The GetPosition calls the next step wants: the in-sync replicas of groups
+    whose primary left, and the primaries of groups with catching-up replicas."""
+    live = set(registered) - restarted
+    need: set[NodeGroup] = set()
+    for group in current.groups:
+        primary = group.primary_node_id
+        if not primary:
+            continue
+        if primary not in live:
+            need.update((r.node_id, group.group_id) for r in group.replicas
+                        if r.in_sync and r.node_id in live)
+        elif any(not r.in_sync for r in group.replicas):
+            need.add((primary, group.group_id))
+    return need
+
+
+def next_map(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], facts: Facts,
+             replicas: int, now: float | None = None) -> admin_pb2.ClusterMap | None:
+    """The map that should follow ``current``, or None if nothing changes."""
+    now = time.time() if now is None else now
+    epoch = current.epoch + 1
+    new = admin_pb2.ClusterMap()
+    new.CopyFrom(current)
+    live = {n for n in registered if n not in facts.restarted}
+    _join(new, registered, live, now)
+    _depart(new, live, facts, epoch)
+    _plan(new, replicas)
+    _progress(new, facts, epoch)
+    _activate(new)
+    for group in new.groups:
+        group.desired_replicas = replicas
+    fill_counts(new)
+    if _same_content(current, new):
+        return None
+    new.epoch = epoch
+    stamp(new, now)
+    return new
+
+
+def _same_content(a: admin_pb2.ClusterMap, b: admin_pb2.ClusterMap) -> bool:
+    a2, b2 = admin_pb2.ClusterMap(), admin_pb2.ClusterMap()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    for m in (a2, b2):
+        m.epoch = 0
+        m.ClearField("update_time")
+    return a2 == b2
+
+
+def _join(new: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], live: set[str],
+          now: float) -> None:
+    known = {n.node_id: n for n in new.nodes}
+    for node_id in sorted(live):
+        node = known.get(node_id)
+        if node is None:
+            log.info("node %s joins", node_id)
+            known[node_id] = new_node(registered[node_id], admin_pb2.NODE_STATE_JOINING, now)
+        else:
+            refresh_node(node, registered[node_id])
+    nodes = [known[k] for k in sorted(known)]
+    del new.nodes[:]
+    new.nodes.extend(nodes)
+
+
+def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int) -> None:
+    gone = {n.node_id for n in new.nodes if n.node_id not in live}
+    if not gone:
+        return
+    for group in new.groups:
+        if group.primary_node_id in gone:
+            _promote(group, gone, facts, epoch)
+        kept = [r for r in group.replicas if r.node_id not in gone]
+        if len(kept) != len(group.replicas):
+            del group.replicas[:]
+            group.replicas.extend(kept)
+        going = target(group)
+        if going is not None and gone.intersection((going.primary, *going.replicas)):
+            set_target(group, None)  # planned again from the members left
+    nodes = [n for n in new.nodes if n.node_id not in gone]
+    del new.nodes[:]
+    new.nodes.extend(nodes)
+    for node_id in sorted(gone):
+        log.info("node %s left the map", node_id)
+
+
+def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -> None:
+    old = group.primary_node_id
+    gid = group.group_id
+    candidates = [r.node_id for r in group.replicas
+                  if r.in_sync and r.node_id not in gone and (r.node_id, gid) not in facts.absent]
+    group.epoch = epoch
+    if not candidates:
+        group.primary_node_id = ""
+        log.error("group %d lost its primary %s and has no in-sync replica left: "
+                  "its slots are unavailable", gid, old)
+        return
+
+    def rank(item: tuple[int, str]) -> tuple[int, int, int, int]:
+        # Known positions first, highest (epoch, seq) first; then map order.
+        index, node_id = item
+        pos = facts.positions.get((node_id, gid))
+        if pos is None:
+            return (0, 0, 0, -index)
+        return (1, pos.applied_epoch, pos.applied_seq, -index)
+
+    _, chosen = max(enumerate(candidates), key=rank)
+    pos = facts.positions.get((chosen, gid))
+    kept = [r for r in group.replicas if r.node_id != chosen]
+    del group.replicas[:]
+    group.replicas.extend(kept)
+    group.primary_node_id = chosen
+    log.info("group %d: promoted %s (position %s) in place of %s, epoch %d", gid, chosen,
+             f"{pos.applied_epoch}/{pos.applied_seq}" if pos else "unknown", old, epoch)
+
+
+def _plan(new: admin_pb2.ClusterMap, replicas: int) -> None:
+    eligible = eligible_nodes(new)
+    if not eligible:
+        return
+    desired = place(assignments(new.groups, use_targets=True), eligible, replicas)
+    for group in new.groups:
+        want = desired.get(group.group_id)
+        if want is None or not group.primary_node_id:
+            continue
+        if same(want, members(group)) and all(r.in_sync for r in group.replicas):
+            set_target(group, None)
+            continue
+        going = target(group)
+        if going is None or not same(going, want):
+            set_target(group, want)
+
+
+def _progress(new: admin_pb2.ClusterMap, facts: Facts, epoch: int) -> None:
+    for group in new.groups:
+        if not group.primary_node_id:
+            continue
+        going = target(group)
+        if going is not None:
+            have = {group.primary_node_id, *(r.node_id for r in group.replicas)}
+            for node_id in (going.primary, *going.replicas):
+                if node_id not in have:
+                    group.replicas.add(node_id=node_id, in_sync=False)
+                    have.add(node_id)
+        report = facts.positions.get((group.primary_node_id, group.group_id))
+        if report is not None and report.role == replication_pb2.GROUP_ROLE_PRIMARY:
+            synced = {p.node_id for p in report.replicas if p.in_sync}
+            for replica in group.replicas:
+                if not replica.in_sync and replica.node_id in synced:
+                    replica.in_sync = True
+                    log.debug("group %d: replica %s is in sync", group.group_id,
+                              replica.node_id)
+        if going is not None:
+            _maybe_flip(group, going, epoch)
+
+
+def _maybe_flip(group: admin_pb2.Group, going: Assignment, epoch: int) -> None:
+    ready = {group.primary_node_id, *(r.node_id for r in group.replicas if r.in_sync)}
+    if not ready.issuperset((going.primary, *going.replicas)):
+        return
+    before = members(group)
+    group.primary_node_id = going.primary
+    del group.replicas[:]
+    group.replicas.extend(admin_pb2.Replica(node_id=n, in_sync=True) for n in going.replicas)
+    set_target(group, None)
+    if going.primary != before.primary:
+        group.epoch = epoch
+    log.info("group %d: flipped to primary %s replicas %s (was %s %s), epoch %d",
+             group.group_id, going.primary, list(going.replicas), before.primary,
+             list(before.replicas), group.epoch)
+
+
+def _activate(new: admin_pb2.ClusterMap) -> None:
+    pending = catching_up(new)
+    for node in new.nodes:
+        if node.state == admin_pb2.NODE_STATE_JOINING and node.node_id not in pending:
+            node.state = admin_pb2.NODE_STATE_ACTIVE
+            log.info("node %s is active", node.node_id)

@@ -1,0 +1,121 @@
+"""Coordinator bootstrap: the gRPC server, the election, and the leader's work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.clustermap import MapFollower, leader_key
+from common.etcd import client_for
+from coordinator.admin import AdminService
+from coordinator.config import CoordinatorConfig
+from coordinator.election import Election, Leadership
+from coordinator.etcdhealth import EtcdHealthCheck
+from coordinator.leader import LeaderDriver
+from coordinator.positions import PositionProbe
+from mesh.admin.v1 import admin_pb2
+from nodes.rpc import add_service
+
+log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+
+
+def create_server(listen: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A server with health and reflection (listing AdminService), bound to ``listen``.
+
+    The caller adds the AdminService servicer before starting it.
+    """
+    server = grpc.aio.server(options=[
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 0),
+    ])
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection(
+        [ADMIN_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    return server, port, checker
+
+
+class Coordinator:
+    """One coordinator process: serves the admin API, campaigns, leads when elected."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self._etcd = client_for(config.etcd_endpoints)
+        self._probe = PositionProbe()
+        self._follower = MapFollower(self._etcd, config.cluster)
+        self._health_check = EtcdHealthCheck(config.etcd_endpoints, leader_key(config.cluster))
+        self.driver: LeaderDriver | None = None
+        self.server, self.port, self._health = create_server(config.listen)
+        host = config.listen.rpartition(":")[0]
+        self.address = config.advertise or f"{host}:{self.port}"
+        self.election = Election(self._etcd, config.cluster, config.coordinator_id,
+                                 self.address, config.lease_ttl, self._lead)
+        self.admin = AdminService(
+            election=self.election, follower=self._follower, probe=self._probe,
+            replicas=config.replicas, driver=lambda: self.driver,
+            etcd_health=self._health_check.check)
+        add_service(self.server, self.admin, ADMIN_SERVICE)
+
+    async def start(self) -> None:
+        """Serve, read the map and the leader key (raising if etcd is unreachable), campaign."""
+        await self.server.start()
+        await self._follower.start()
+        await self.election.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(ADMIN_SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _lead(self, term: Leadership) -> None:
+        driver = LeaderDriver(self._etcd, self.config, term, self._probe)
+        self.driver = driver
+        try:
+            await driver.run()
+        finally:
+            if self.driver is driver:
+                self.driver = None
+
+    async def stop(self) -> None:
+        """Resign at once (the lease is revoked, another coordinator takes over), then stop."""
+        await self._health.enter_graceful_shutdown()
+        await self.election.close()
+        await self.server.stop(1.0)
+        await self._follower.close()
+        await self._probe.close()
+        await self._health_check.close()
+        with contextlib.suppress(Exception):
+            await self._etcd.close()
+
+    def ready_line(self) -> str:
+        """The line printed on stdout once the coordinator serves and campaigns."""
+        return "READY " + json.dumps({"coordinator_id": self.config.coordinator_id,
+                                      "address": self.address, "pid": os.getpid()})
+
+
+async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
+    """Run a coordinator until ``stop`` is set."""
+    coordinator = Coordinator(config)
+    try:
+        await coordinator.start()
+    except BaseException:
+        await coordinator.stop()
+        raise
+    print(coordinator.ready_line(), flush=True)
+    log.info("coordinator %s serving on %s", config.coordinator_id, coordinator.address)
+    await stop.wait()
+    log.info("shutting down")
+    await coordinator.stop()
+    log.info("stopped")
