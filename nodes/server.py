@@ -82,8 +82,9 @@ class Node:
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
+        self._replication_service = ReplicationService(self.replication)
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
-            ReplicationService(self.replication), self.server)
+            self._replication_service, self.server)
 
     def _lease_valid_until(self) -> float:
         return self._registration.valid_until if self._registration is not None else 0.0
@@ -151,9 +152,12 @@ class Node:
         await asyncio.sleep(self.config.drain_delay)
         if self.cache is not None:
             await self.cache.close()
-        await self.server.stop(self.config.shutdown_grace)
+        # Long-lived streams (replication both ways, watches) would hold the
+        # server's grace period for nothing: end them, then let calls finish.
         await self.map.close()
         await self.replication.close()
+        self._replication_service.close()
+        await self.server.stop(self.config.shutdown_grace)
         with contextlib.suppress(Exception):
             await self._etcd.close()
 

@@ -1,6 +1,7 @@
 """The benchmark runs end to end (``python -m bench --quick``) and reports every number.
 
-Only the shape of results.json is checked: tests never assert speed.
+Only the shape of results.json is checked: tests never assert speed. The quick
+run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,8 +21,14 @@ WORKLOADS = {
     "echo.get.seq", "mesh.get.seq", "echo.get.c64", "mesh.get.c64",
     "mesh.mget100.seq", "mesh.mget100.c16",
     "redis.get.seq", "redis.pipeline100.seq", "redis.pipeline100.c16",
+    "cluster.set.r0.seq", "cluster.set.r1sync.seq", "cluster.set.r1async.seq",
+    "cluster.set.r0.c64", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",
 }
-COMPARISONS = {"get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis"}
+COMPARISONS = {
+    "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
+    "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
+}
+QUICK_REBALANCE_KEYS = 2000
 
 
 @pytest.mark.timeout(150)
@@ -49,3 +57,31 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
         assert c["mesh_rate"] > 0 and c["baseline_rate"] > 0, key
         assert isinstance(c["ratio"], float) and math.isfinite(c["ratio"]), key
         assert c["ratio"] == pytest.approx(c["mesh_rate"] / c["baseline_rate"], rel=0.01), key
+
+    assert "| failover: SIGKILL of a primary -> a Set of its key succeeds" in run.stdout
+    assert "| rebalance: 4th node launched -> map settled over 4 nodes" in run.stdout
+    _check_failover(results["failover"])
+    _check_rebalance(results["rebalance"])
+
+
+def _check_failover(failover: dict[str, Any]) -> None:
+    assert len(failover["runs"]) == 1  # --quick: one kill
+    spread = failover["recovered_s"]
+    assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+    assert failover["acked_writes"] > 0
+    assert isinstance(failover["lost_writes"], int) and failover["lost_writes"] >= 0
+    run = failover["runs"][0]
+    assert run["victim"].startswith("node-")
+    assert run["recovered_s"] == pytest.approx(spread["median"], abs=0.001)
+    assert run["probe_attempts"] >= 1
+    assert run["acked_writes"] == failover["acked_writes"]
+
+
+def _check_rebalance(rebalance: dict[str, Any]) -> None:
+    assert rebalance["keys"] == QUICK_REBALANCE_KEYS
+    assert 0 <= rebalance["keys_read_back"] <= rebalance["keys"]
+    for key in ("load_s", "node_ready_s", "settled_s"):
+        assert rebalance[key] > 0, key
+    assert rebalance["settled_s"] >= rebalance["node_ready_s"]
+    assert 0 <= rebalance["new_node_slot_share"] <= 1
+    assert 0 <= rebalance["new_node_groups"] <= rebalance["groups"]

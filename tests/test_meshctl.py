@@ -83,7 +83,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
 
 
 def test_up_runs_a_working_mesh_and_ctrl_c_leaves_nothing(up: Up) -> None:
-    assert len(up.addresses) == 3 and len(up.pids) == 4  # etcd + 3 nodes
+    assert len(up.addresses) == 3 and len(up.pids) == 5  # etcd + coordinator + 3 nodes
 
     assert up.ctl("cache", "set", "greeting", "hello", "--ttl", "60").returncode == 0
     got = up.ctl("cache", "get", "greeting")

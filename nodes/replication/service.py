@@ -29,6 +29,13 @@ SNAPSHOT_TIMEOUT = 60.0
 class ReplicationService(rpb_grpc.ReplicationServiceServicer):
     def __init__(self, replication: Replication) -> None:
         self._replication = replication
+        self._streams: set[asyncio.Queue[rpb.Ack | None]] = set()
+
+    def close(self) -> None:
+        """End every incoming Replicate stream (the node is stopping): a stream
+        never ends on its own, and the server's grace period would wait for it."""
+        for acks in self._streams:
+            acks.put_nowait(None)
 
     async def Replicate(
         self, request_iterator: AsyncIterator[rpb.ReplicateRequest],
@@ -57,10 +64,12 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                 acks.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        self._streams.add(acks)
         try:
             while (ack := await acks.get()) is not None:
                 yield rpb.ReplicateResponse(ack=ack)
         finally:
+            self._streams.discard(acks)
             reader.cancel()
             for task in list(installs):
                 task.cancel()
