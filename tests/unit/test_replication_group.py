@@ -1,0 +1,157 @@
+"""A group's replication rules, without a network: epochs fence, positions must
+match, trackers choose between resending and snapshots, commits wait for in-sync
+replicas."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from common.errors import MeshStatusError
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication.group import Group
+from nodes.replication.sender import Phase, ReplicaTracker
+
+
+class Recorder:
+    """A state machine that remembers the payloads it applied."""
+
+    service = rpb.SERVICE_KIND_CACHE
+
+    def __init__(self, group: Group) -> None:
+        self.applied: list[bytes] = []
+
+    def apply(self, command: rpb.Command) -> None:
+        self.applied.append(command.payload)
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        return [(0, b",".join(self.applied))]
+
+    def restore(self, chunks: Any) -> None:
+        for _, data in chunks:
+            self.applied = data.split(b",") if data else []
+
+    def close(self) -> None:
+        pass
+
+
+class Link:
+    """Stands in for a PeerLink: the tracker only attaches, detaches and wakes."""
+
+    def attach(self, tracker: ReplicaTracker) -> None:
+        pass
+
+    def detach(self, tracker: ReplicaTracker) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+def group(node: str = "a") -> Group:
+    return Group(1, node, {rpb.SERVICE_KIND_CACHE: Recorder})
+
+
+def batch(epoch: int, prev: tuple[int, int], *payloads: bytes, start: int = 0,
+          cmd_epoch: int | None = None) -> rpb.CommandBatch:
+    first = (start or prev[1]) + 1
+    return rpb.CommandBatch(
+        group_id=1, epoch=epoch, prev_epoch=prev[0], prev_seq=prev[1],
+        commands=[rpb.Command(seq=first + i, epoch=cmd_epoch or epoch, payload=p,
+                              service=rpb.SERVICE_KIND_CACHE)
+                  for i, p in enumerate(payloads)])
+
+
+def applied(g: Group) -> list[bytes]:
+    recorder = g.machines[rpb.SERVICE_KIND_CACHE]
+    assert isinstance(recorder, Recorder)
+    return recorder.applied
+
+
+def test_replica_applies_in_order_and_refuses_gaps_and_old_epochs() -> None:
+    replica = group("b")
+    assert replica.apply_batch(batch(1, (0, 0), b"x", b"y")).status == rpb.ACK_STATUS_OK
+    gap = replica.apply_batch(batch(1, (1, 5), b"z"))
+    assert gap.status == rpb.ACK_STATUS_POSITION_MISMATCH and gap.applied_seq == 2
+    assert replica.apply_batch(batch(2, (1, 2), b"z")).status == rpb.ACK_STATUS_OK
+    stale = replica.apply_batch(batch(1, (2, 3), b"old"))
+    assert stale.status == rpb.ACK_STATUS_STALE_EPOCH and stale.seen_epoch == 2
+    assert applied(replica) == [b"x", b"y", b"z"]
+
+
+def test_a_primary_seeing_a_newer_epoch_steps_down() -> None:
+    old = group("a")
+    old.become_primary(1)
+    old.append(0, rpb.SERVICE_KIND_CACHE, b"mine")
+    ack = old.apply_batch(batch(2, (1, 1), b"theirs"))
+    assert not old.is_primary and ack.status == rpb.ACK_STATUS_OK
+
+
+async def test_commit_waits_for_in_sync_replicas_only() -> None:
+    primary = group("a")
+    primary.become_primary(1)
+    synced = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    catching_up = ReplicaTracker(primary, "c", Link(), in_sync=False)  # type: ignore[arg-type]
+    primary.trackers = {"b": synced, "c": catching_up}
+    seq = primary.append(0, rpb.SERVICE_KIND_CACHE, b"w")
+    waiter = asyncio.ensure_future(primary.wait_committed(seq))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    synced.on_ack(rpb.Ack(group_id=1, epoch=1, applied_epoch=1, applied_seq=seq,
+                          status=rpb.ACK_STATUS_OK))
+    await asyncio.wait_for(waiter, 1)  # c's lag does not hold the write
+
+
+async def test_fencing_fails_pending_writes() -> None:
+    primary = group("a")
+    primary.become_primary(1)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    waiter = asyncio.ensure_future(
+        primary.wait_committed(primary.append(0, rpb.SERVICE_KIND_CACHE, b"w")))
+    await asyncio.sleep(0)
+    tracker.on_ack(rpb.Ack(group_id=1, status=rpb.ACK_STATUS_STALE_EPOCH, seen_epoch=2))
+    with pytest.raises(MeshStatusError) as info:
+        await waiter
+    assert info.value.reason == "NOT_COMMITTED" and not primary.writable
+
+
+def test_tracker_resends_from_history_or_asks_for_a_snapshot() -> None:
+    primary = group("a")
+    primary.become_primary(2)
+    for payload in (b"1", b"2", b"3"):
+        primary.append(0, rpb.SERVICE_KIND_CACHE, payload)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=False)  # type: ignore[arg-type]
+    probe = tracker.next_batch("a:1")
+    assert probe is not None and not probe.commands and probe.prev_seq == 3
+    # Behind, on our history: resend from there.
+    tracker.on_ack(rpb.Ack(group_id=1, applied_epoch=2, applied_seq=1,
+                           status=rpb.ACK_STATUS_POSITION_MISMATCH))
+    resend = tracker.next_batch("a:1")
+    assert resend is not None and [c.seq for c in resend.commands] == [2, 3]
+    tracker.on_ack(rpb.Ack(group_id=1, applied_epoch=2, applied_seq=3,
+                           status=rpb.ACK_STATUS_OK))
+    assert tracker.in_sync  # caught up: its acks count from now on
+    # Diverged (a deposed primary's seq 3 at epoch 1): snapshot.
+    tracker.reset()
+    tracker.on_ack(rpb.Ack(group_id=1, applied_epoch=1, applied_seq=3,
+                           status=rpb.ACK_STATUS_POSITION_MISMATCH))
+    assert tracker.phase is Phase.SNAPSHOT
+    install = tracker.next_batch("a:1")
+    assert install is not None and install.install_snapshot
+
+
+def test_snapshot_install_replaces_state_and_position() -> None:
+    source = group("a")
+    source.become_primary(3)
+    for payload in (b"p", b"q"):
+        source.append(0, rpb.SERVICE_KIND_CACHE, payload)
+    applied(source).extend([b"p", b"q"])  # the primary changed its state itself
+    replica = group("b")
+    replica.apply_batch(batch(1, (0, 0), b"diverged"))
+    epoch, seq, chunks = source.take_snapshot()
+    replica.install(epoch, seq, chunks)
+    assert replica.applied == (3, 2) and applied(replica) == [b"p", b"q"]
+    assert replica.apply_batch(batch(3, (3, 2), b"r")).status == rpb.ACK_STATUS_OK
