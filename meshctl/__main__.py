@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Like any Unix tool: `meshctl topology | head` ends quietly when head exits.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if args.command == "up":
             return run_up(args)
