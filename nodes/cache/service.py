@@ -28,15 +28,13 @@ from nodes.cache.machine import CACHE, CacheMachine
 from nodes.cache.store import (
     CacheFullError,
     CacheStore,
-    Change,
-    ChangeType,
     Entry,
     IntegerOverflowError,
     KeyExistsError,
     NotAnIntegerError,
     VersionMismatchError,
 )
-from nodes.cache.watch import Watcher, WatchHub
+from nodes.cache.watch import WatchHub
 from nodes.config import CacheLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.replication.group import Group
@@ -54,14 +52,6 @@ _POLICIES = {
     "volatile-ttl": pb.EVICTION_POLICY_VOLATILE_TTL,
     "noeviction": pb.EVICTION_POLICY_NOEVICTION,
 }
-_EVENT_TYPES = {
-    ChangeType.SET: pb.EVENT_TYPE_SET,
-    ChangeType.DELETE: pb.EVENT_TYPE_DELETE,
-    ChangeType.EXPIRE: pb.EVENT_TYPE_EXPIRE,
-    ChangeType.EVICT: pb.EVENT_TYPE_EVICT,
-}
-
-
 def _timestamp(at: float) -> timestamp_pb2.Timestamp:
     seconds = int(at)
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=int((at - seconds) * 1e9))
@@ -153,13 +143,11 @@ class CacheService(pb_grpc.CacheServiceServicer):
         keys now change elsewhere, and the client re-opens them at the new owner."""
         table = self._replication.table if self._replication is not None else None
 
-        def affected(watcher: Watcher) -> bool:
-            if watcher.prefixes or table is None:
-                return True
-            return any((g := table.group_of_slot(slot_for(key))) is None
-                       or g.group_id in group_ids for key in watcher.keys)
+        def group_of(key: str) -> int | None:
+            group = table.group_of_slot(slot_for(key)) if table is not None else None
+            return group.group_id if group is not None else None
 
-        self.watches.close_where(affected)
+        self.watches.end_for_groups(group_ids, group_of)
 
     def _primary_stores(self) -> list[CacheStore]:
         if self._replication is None:
@@ -348,41 +336,8 @@ class CacheService(pb_grpc.CacheServiceServicer):
                     remote[0], _PATH + "Watch", request, pb.WatchResponse, context):
                 yield item
             return
-        if len(self.watches) >= self.watches.max_watchers:
-            raise MeshStatusError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this node already serves {self.watches.max_watchers} watches",
-                Reason.WATCH_LIMIT,
-            )
-        watcher = self.watches.subscribe(request.keys, request.prefixes)
-        try:
-            yield pb.WatchResponse(seq=0, created=True, revision=0)
-            while True:
-                batch = await watcher.next_batch()
-                if not batch:
-                    break
-                for seq, change in batch:
-                    yield pb.WatchResponse(
-                        seq=seq, event=self._event(change), revision=change.revision
-                    )
-        finally:
-            self.watches.unsubscribe(watcher)
-        raise MeshStatusError(
-            grpc.StatusCode.UNAVAILABLE,
-            "the watch ended: the node is shutting down or no longer leads these keys; "
-            "watch again (at their new owner)",
-            Reason.GROUP_UNAVAILABLE,
-        )
-
-    @staticmethod
-    def _event(change: Change) -> pb.WatchEvent:
-        event = pb.WatchEvent(
-            type=_EVENT_TYPES[change.type], key=change.key, value=change.value,
-            revision=change.revision,
-        )
-        if change.expire_at is not None and change.type is ChangeType.SET:
-            event.expire_time.CopyFrom(_timestamp(change.expire_at))
-        return event
+        async for message in self.watches.stream(request.keys, request.prefixes):
+            yield message
 
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
         """Totals over the groups this node leads (what it serves)."""

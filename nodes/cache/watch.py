@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
-from nodes.cache.store import Change
+import grpc
+from google.protobuf import timestamp_pb2
+
+from common.errors import MeshStatusError, Reason
+from mesh.cache.v1 import cache_pb2 as pb
+from nodes.cache.store import Change, ChangeType
 
 DEFAULT_BUFFER = 4096
 
@@ -96,11 +101,55 @@ class WatchHub:
             ):
                 watcher.push(change)
 
-    def close_where(self, ends: Callable[[Watcher], bool]) -> None:
-        """Close the watchers for which ``ends(watcher)`` is true."""
-        for watcher in [w for w in self._all if ends(w)]:
-            watcher.close()
+    def end_for_groups(self, group_ids: set[int],
+                       group_of: Callable[[str], int | None]) -> None:
+        """Close the watchers that depend on ``group_ids`` (lost by this node): those
+        with a key in one of them, and every prefix watcher (prefixes span groups)."""
+        for watcher in list(self._all):
+            if watcher.prefixes or any(group_of(k) in group_ids or group_of(k) is None
+                                       for k in watcher.keys):
+                watcher.close()
+
+    async def stream(self, keys: Iterable[str], prefixes: Iterable[str]
+                     ) -> AsyncIterator[pb.WatchResponse]:
+        """One Watch stream: the created message, then numbered changes until the
+        watcher is closed, then UNAVAILABLE (the client watches again)."""
+        if len(self) >= self.max_watchers:
+            raise MeshStatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this node already serves {self.max_watchers} watches", Reason.WATCH_LIMIT)
+        watcher = self.subscribe(keys, prefixes)
+        try:
+            yield pb.WatchResponse(seq=0, created=True, revision=0)
+            while batch := await watcher.next_batch():
+                for seq, change in batch:
+                    yield pb.WatchResponse(seq=seq, event=_event(change),
+                                           revision=change.revision)
+        finally:
+            self.unsubscribe(watcher)
+        raise MeshStatusError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the watch ended: the node is shutting down or no longer leads these keys; "
+            "watch again (at their new owner)", Reason.GROUP_UNAVAILABLE)
 
     def close_all(self) -> None:
         for watcher in list(self._all):
             watcher.close()
+
+
+_EVENT_TYPES = {
+    ChangeType.SET: pb.EVENT_TYPE_SET,
+    ChangeType.DELETE: pb.EVENT_TYPE_DELETE,
+    ChangeType.EXPIRE: pb.EVENT_TYPE_EXPIRE,
+    ChangeType.EVICT: pb.EVENT_TYPE_EVICT,
+}
+
+
+def _event(change: Change) -> pb.WatchEvent:
+    event = pb.WatchEvent(type=_EVENT_TYPES[change.type], key=change.key,
+                          value=change.value, revision=change.revision)
+    if change.expire_at is not None and change.type is ChangeType.SET:
+        seconds = int(change.expire_at)
+        event.expire_time.CopyFrom(timestamp_pb2.Timestamp(
+            seconds=seconds, nanos=int((change.expire_at - seconds) * 1e9)))
+    return event
