@@ -52,6 +52,8 @@ _POLICIES = {
     "volatile-ttl": pb.EVICTION_POLICY_VOLATILE_TTL,
     "noeviction": pb.EVICTION_POLICY_NOEVICTION,
 }
+
+
 def _timestamp(at: float) -> timestamp_pb2.Timestamp:
     seconds = int(at)
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=int((at - seconds) * 1e9))
