@@ -6,9 +6,15 @@ typed client and the baselines it is judged against:
 * cache GET through ``mesh.cache.get`` vs. a raw grpc.aio echo server that answers
   the same method with the same messages (the limit of one Python gRPC hop);
 * MGet of 100 keys through ``mesh.cache.mget`` vs. redis-py pipelines of 100 GETs;
-* redis-py GET, for orientation.
+* redis-py GET, for orientation;
+* Set on 3-node clusters with R=1 (sync, async) vs. R=0, the cost of replication;
+* failover time after SIGKILL of a primary, and rebalance time when a 4th node
+  joins 3 that hold 100k keys (with checks that no acknowledged write is lost).
 
-Modules: ``services`` starts the child processes (``echo_server`` is one of them),
-``workloads`` defines the calls, ``timing`` times them, ``progress`` draws the bar
-on stderr, ``report`` prints the Markdown table and writes ``results.json``.
+Modules: ``services`` starts the single-node rows' child processes (``echo_server``
+is one of them), ``workloads`` defines their calls, ``timing`` times them,
+``progress`` draws the bar on stderr, ``report`` prints the Markdown tables and
+writes ``results.json``. ``cluster`` runs the cluster rows: ``clusters`` starts
+whole clusters, ``maps`` waits for their maps, ``replicated``, ``failover`` and
+``rebalance`` are the scenarios.
 """

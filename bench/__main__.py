@@ -1,7 +1,12 @@
 """``python -m bench``: start the servers, run every workload, print and save the results.
 
 Options: ``--seconds`` (measured window per workload), ``--warmup``, ``--rounds``,
-``--quick`` (a ~0.5 s smoke run), ``--output`` (results.json path).
+``--failover-runs``, ``--rebalance-keys``, ``--quick`` (a smoke run with tiny
+sizes), ``--output`` (results.json path).
+
+First the single-node rows (etcd, a coordinator and one node against the echo
+server and redis-server), then the cluster rows (``bench.cluster``): replicated
+Set throughput, failover time and rebalance time, on 3- and 4-node clusters.
 
 Each workload's warmup and window are split into ``--rounds`` rounds and the
 rounds run interleaved (every workload once, then again, ...), so a load spike on
@@ -11,7 +16,6 @@ the machine hits a Mesh workload and its baseline alike instead of skewing a rat
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import os
 import platform
@@ -25,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from bench import report
+from bench import aio, cluster, report
 from bench.progress import Progress
 from bench.services import Endpoints, running_services
 from bench.timing import Measurement, combine, measure
@@ -43,15 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3,
                    help="split each warmup and window into this many interleaved rounds "
                         "(default 3)")
+    p.add_argument("--failover-runs", type=int, default=3,
+                   help="primaries killed, each in a fresh 3-node cluster (default 3)")
+    p.add_argument("--rebalance-keys", type=int, default=100_000,
+                   help="keys the 3 nodes hold when a 4th joins (default 100000)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 0.5 s windows after 0.2 s warmups, one round")
+                   help="smoke run: 0.5 s windows after 0.2 s warmups, one round, "
+                        "one failover, 2000 keys to rebalance")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help=f"where to write the JSON results (default {DEFAULT_OUTPUT})")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.rounds = 0.5, 0.2, 1
+        args.failover_runs, args.rebalance_keys = 1, 2000
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
         p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
+    if args.failover_runs < 1 or args.rebalance_keys < 1:
+        p.error("--failover-runs and --rebalance-keys must be >= 1")
     return args
 
 
@@ -91,6 +103,7 @@ async def run(args: argparse.Namespace, endpoints: Endpoints, load_before: float
         "window_s": args.seconds,
         "rounds": args.rounds,
         "value_bytes": VALUE_BYTES,
+        "quick": args.quick,
     }
     return measurements, environment
 
@@ -104,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     load_before = os.getloadavg()[0]  # other work on the machine skews every number
     try:
-        with (
-            tempfile.TemporaryDirectory(prefix="mesh-bench-") as workdir,
-            running_services(Path(workdir), VALUE_BYTES) as endpoints,
-        ):
-            measurements, environment = asyncio.run(run(args, endpoints, load_before))
+        with tempfile.TemporaryDirectory(prefix="mesh-bench-") as workdir:
+            with running_services(Path(workdir) / "single", VALUE_BYTES) as endpoints:
+                measurements, environment = aio.run(run(args, endpoints, load_before))
+            clustered = cluster.run(Path(workdir), args)
     except KeyboardInterrupt:
         print("\ninterrupted; every child process was stopped", file=sys.stderr)
         return 130
-    results = report.build(measurements, environment)
+    results = report.build(measurements + clustered.measurements, environment,
+                           clustered.scenarios)
     print(report.markdown(results))
     report.write_json(results, args.output)
     print(f"\nresults written to {args.output}", file=sys.stderr)

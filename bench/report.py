@@ -37,6 +37,14 @@ COMPARISONS = [
                "mesh.mget100.c16", "redis.pipeline100.c16", "redis-py pipeline of 100 GETs"),
     Comparison("get.seq.redis", "cache GET, sequential", "calls/s",
                "mesh.get.seq", "redis.get.seq", "redis-py GET"),
+    Comparison("set.r1sync.seq", "Set on 3 nodes, R=1 sync, sequential", "calls/s",
+               "cluster.set.r1sync.seq", "cluster.set.r0.seq", "3 nodes, R=0 (unreplicated)"),
+    Comparison("set.r1sync.c64", "Set on 3 nodes, R=1 sync, 64 in flight", "calls/s",
+               "cluster.set.r1sync.c64", "cluster.set.r0.c64", "3 nodes, R=0 (unreplicated)"),
+    Comparison("set.r1async.seq", "Set on 3 nodes, R=1 async, sequential", "calls/s",
+               "cluster.set.r1async.seq", "cluster.set.r0.seq", "3 nodes, R=0 (unreplicated)"),
+    Comparison("set.r1async.c64", "Set on 3 nodes, R=1 async, 64 in flight", "calls/s",
+               "cluster.set.r1async.c64", "cluster.set.r0.c64", "3 nodes, R=0 (unreplicated)"),
 ]
 GOAL_COMPARISONS = ("get.seq", "get.c64")
 
@@ -45,8 +53,10 @@ def _rate(m: Measurement, unit: str) -> float:
     return m.keys_per_s if unit == "keys/s" else m.ops_per_s
 
 
-def build(measurements: list[Measurement], environment: dict[str, Any]) -> dict[str, Any]:
-    """The machine-readable results: environment, every workload, every ratio."""
+def build(measurements: list[Measurement], environment: dict[str, Any],
+          scenarios: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable results: environment, every workload, every ratio, and
+    the cluster scenarios (``failover``, ``rebalance``)."""
     by_name = {m.workload.name: m for m in measurements}
     workloads = {
         m.workload.name: {
@@ -78,6 +88,7 @@ def build(measurements: list[Measurement], environment: dict[str, Any]) -> dict[
         "comparisons": comparisons,
         "goal": {"comparisons": list(GOAL_COMPARISONS), "min_ratio": GOAL,
                  "met": all(r >= GOAL for r in goal_ratios)},
+        **scenarios,
     }
 
 
@@ -115,7 +126,42 @@ def markdown(results: dict[str, Any]) -> str:
         by_round = " / ".join(_n(r) for r in w["rounds_ops_per_s"])
         lines.append(f"| {name} | {w['description']} | {w['in_flight']} | {_n(w['ops_per_s'])} "
                      f"| {_n(w['keys_per_s'])} | {w['ops']} | {w['seconds']:.2f} | {by_round} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _scenario_lines(results))
+
+
+def _spread(values: dict[str, float] | None) -> str:
+    if values is None:
+        return "- | - | -"
+    return f"{values['min']:.2f} | {values['median']:.2f} | {values['max']:.2f}"
+
+
+def _scenario_lines(results: dict[str, Any]) -> list[str]:
+    """The failover and rebalance times, then what they left behind."""
+    f, r = results["failover"], results["rebalance"]
+    runs = len(f["runs"])
+    probe_errors = "; ".join(
+        ", ".join(f"{n} x {e}" for e, n in run["probe_errors"].items()) or "none"
+        for run in f["runs"])
+    return [
+        "",
+        "Cluster scenarios (seconds):",
+        "",
+        "| scenario | min | median | max |",
+        "| --- | ---: | ---: | ---: |",
+        f"| failover: SIGKILL of a primary -> a Set of its key succeeds ({runs} run(s)) "
+        f"| {_spread(f['recovered_s'])} |",
+        f"| failover: SIGKILL of a primary -> map settled over the 2 survivors "
+        f"| {_spread(f['resettled_s'])} |",
+        f"| rebalance: 4th node launched -> map settled over 4 nodes ({r['keys']:,} keys) "
+        f"| {r['settled_s']:.2f} | {r['settled_s']:.2f} | {r['settled_s']:.2f} |",
+        "",
+        f"- Failover ({f['setup']}): {f['lost_writes']} of {f['acked_writes']:,} acknowledged "
+        f"writes lost; {f['writer_errors']} writer errors; probe errors by run: {probe_errors}.",
+        f"- Rebalance ({r['setup']}): the new node leads {r['new_node_slot_share']:.1%} of the "
+        f"slots ({r['new_node_groups']} of {r['groups']} groups); {r['keys_read_back']:,} of "
+        f"{r['keys']:,} keys read back; node READY {r['node_ready_s']:.2f} s after launch; "
+        f"load took {r['load_s']:.2f} s ({r['keys'] / r['load_s']:,.0f} keys/s).",
+    ]
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The benchmark's child processes: etcd + one node, the echo server, redis-server.
+"""The benchmark's child processes: etcd, a coordinator and one node, the echo server,
+redis-server.
 
 All of them are started inside one ``running_services()`` block and stopped when it
 exits, normally, on error or on Ctrl-C; ``meshctl.processes`` children also die
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import aio
+from bench.maps import wait_settled
 from meshctl.processes import Child, LocalMesh, ProcessError, free_port
 
 CLUSTER = "bench"
@@ -70,12 +73,17 @@ def _start_redis(stack: contextlib.ExitStack, workdir: Path, timeout: float = 20
 
 @contextlib.contextmanager
 def running_services(workdir: Path, value_bytes: int) -> Iterator[Endpoints]:
-    """Start etcd, one node, the echo server and redis-server; stop them all on exit."""
+    """Start etcd, a coordinator, one node, the echo server and redis-server; stop them
+    all on exit. Yields once the node serves (its cluster map is settled)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         local = LocalMesh(workdir=workdir, cluster=CLUSTER, _owns_workdir=False)
-        stack.callback(local.stop)  # nodes first, then etcd
+        stack.callback(local.stop)  # coordinator, then nodes, then etcd
         etcd = local.start_etcd()
+        # A node serves nothing until the coordinator has written a map with it in.
+        local.start_coordinator(["--replicas", "0", "--min-nodes", "1"])
         node = local.start_node()
+        aio.run(wait_settled(etcd, CLUSTER, [node.node_id], replicas=0, timeout=30))
         echo = _start_echo(stack, workdir, value_bytes)
         redis_port = _start_redis(stack, workdir)
         yield Endpoints(etcd, CLUSTER, node.address, echo, redis_port)

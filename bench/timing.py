@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.progress import Progress
 
@@ -53,9 +53,20 @@ class Measurement:
         return self.ops_per_s * self.workload.batch
 
 
+async def _spent() -> None:
+    raise RuntimeError("this workload's clients are closed")
+
+
 def combine(parts: list[Measurement]) -> Measurement:
-    """One workload's rounds as one measurement: all operations over all windows."""
-    return Measurement(parts[0].workload, sum(p.ops for p in parts),
+    """One workload's rounds as one measurement: all operations over all windows.
+
+    The result keeps the workload's name and shape but not its ``op``: the op holds
+    clients and their gRPC channels, which must be freed when the event loop that
+    used them ends (a grpc.aio channel alive across ``asyncio.run`` calls keeps
+    gRPC's poller bound to the closed loop, which then gets late events).
+    """
+    workload = replace(parts[0].workload, op=_spent)
+    return Measurement(workload, sum(p.ops for p in parts),
                        sum(p.seconds for p in parts), tuple(p.ops_per_s for p in parts))
 
 

@@ -30,6 +30,11 @@ def _with_parent_death(argv: list[str]) -> list[str]:
     it. Doing it in a ``preexec_fn`` instead would run Python code between fork
     and exec, which is unsafe in a process with threads (gRPC's): the child can
     die before it ever starts.
+
+    The kernel ties PDEATHSIG to the *thread* that forked: start children from a
+    thread that lives as long as they should (the main thread, or asyncio's
+    default executor, whose threads last until the loop closes), never from a
+    short-lived pool.
     """
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv

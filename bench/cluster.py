@@ -1,0 +1,49 @@
+"""The cluster rows: replicated Set throughput, failover time, rebalance time.
+
+They run after the single-node rows, on an etcd of their own; each scenario
+uses its own cluster names, and stops every process it started before the next
+one begins (also when it fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import failover, rebalance, replicated
+from bench.timing import Measurement
+from meshctl.processes import Etcd
+
+
+@dataclass(frozen=True)
+class ClusterResults:
+    """The Set measurements (for the ratio table) and the two scenario sections."""
+
+    measurements: list[Measurement]
+    scenarios: dict[str, Any]
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
+
+
+def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
+    """Every cluster scenario, one after the other, with ``args``' sizes."""
+    with contextlib.ExitStack() as stack:
+        etcd = Etcd(workdir / "cluster-etcd")
+        etcd.workdir.mkdir()
+        stack.callback(etcd.stop)
+        etcd.start()
+        sets = replicated.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
+        pause = 0.5 if args.quick else 1.0  # writes before the kill and after recovery
+        runs = failover.run(workdir, etcd.endpoint, args.failover_runs, pause, pause)
+        joined = rebalance.run(workdir, etcd.endpoint, args.rebalance_keys)
+    return ClusterResults(sets, {
+        "failover": failover.summary(runs),
+        "rebalance": {"setup": f"3 nodes, R=1 sync, {rebalance.VALUE_BYTES}-byte values "
+                               f"loaded by mset in batches of {rebalance.BATCH}; a 4th joins",
+                      **_rounded(asdict(joined))},
+    })
