@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -131,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Like any Unix tool: `meshctl topology | head` ends quietly when head exits.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if args.command == "up":
             return run_up(args)
@@ -144,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `meshctl topology | head`: the reader left; end quietly, like Unix tools.
+        # (Not SIGPIPE's default action: that would also kill us on a socket.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
