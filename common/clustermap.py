@@ -15,16 +15,14 @@ watch; epochs only grow, so an older map is never taken).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aetcd
 
-from common.etcd import watch_prefix
+from common.etcd import PrefixFollower
 from common.slots import SLOT_COUNT
 from mesh.admin.v1 import admin_pb2
 
@@ -123,38 +121,31 @@ class MapFollower:
     """The newest cluster map in etcd, kept current by a watch.
 
     ``table`` is None until a map exists (no coordinator has written one yet).
-    Listeners run synchronously on every newer map. If the watch breaks (etcd
-    restarted, compaction) it reads again and re-watches with backoff, for as
-    long as the follower is open.
+    Listeners run synchronously on every newer map; an older or equal epoch is
+    ignored, so a late read can never move a follower back.
     """
 
     def __init__(self, etcd: aetcd.Client, cluster: str) -> None:
-        self._etcd = etcd
         self._key = map_key(cluster)
         self.table: RoutingTable | None = None
         self._listeners: list[Callable[[RoutingTable], None]] = []
-        self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
+        self._follower = PrefixFollower(etcd, self._key, self._on_read, self._on_event,
+                                        name="mesh-map-follower")
 
     def on_change(self, listener: Callable[[RoutingTable], None]) -> None:
         self._listeners.append(listener)
 
     async def start(self) -> None:
         """Read the map (raising if etcd is unreachable), then follow it."""
-        revision = await self._read()
-        self._task = asyncio.create_task(self._follow(revision), name="mesh-map-follower")
+        await self._follower.start()
 
     async def refresh(self) -> None:
         """Read the map now; errors are swallowed (the watch keeps trying)."""
-        with contextlib.suppress(Exception):
-            await self._read()
+        await self._follower.refresh()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await self._follower.close()
 
     async def wait_for(self, predicate: Callable[[RoutingTable], bool], timeout: float) -> bool:
         """Wait until the current table satisfies ``predicate``; False on timeout."""
@@ -190,30 +181,12 @@ class MapFollower:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _read(self) -> int:
-        # A range read, not get(): it reports the store revision even when the
-        # key does not exist yet, and the watch must start right after it.
-        result = await self._etcd.get_prefix(self._key)
-        for kv in result:
-            if kv.key == self._key:
-                self.offer(kv.value)
-        return int(result.header.revision) if result.header is not None else 0
+    def _on_read(self, kvs: list[tuple[bytes, bytes]]) -> None:
+        # A prefix read (the key's own prefix): skip keys that merely start alike.
+        for key, value in kvs:
+            if key == self._key:
+                self.offer(value)
 
-    async def _follow(self, revision: int) -> None:
-        delay = 0.1
-        while True:
-            try:
-                async for kind, _key, value, mod_revision in watch_prefix(
-                        self._etcd, self._key, revision + 1):
-                    delay = 0.1
-                    revision = max(revision, mod_revision)
-                    if kind == "PUT":
-                        self.offer(value)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("cluster map watch broke (%s); re-reading", exc)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
-            with contextlib.suppress(Exception):
-                revision = await self._read()
+    def _on_event(self, kind: str, key: bytes, value: bytes) -> None:
+        if kind == "PUT" and key == self._key:
+            self.offer(value)

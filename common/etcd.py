@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
 
 import aetcd
 import aetcd.utils
 from aetcd import rpc
+
+log = logging.getLogger(__name__)
 
 # Every etcd call made through a client from here is bounded by this many seconds.
 CALL_TIMEOUT = 3
@@ -70,3 +75,67 @@ async def watch_prefix(
     finally:
         done.set()
         call.cancel()
+
+
+class PrefixFollower:
+    """Keeps a local view of an etcd prefix: one full read, then a watch from its
+    revision. If the watch breaks (etcd restarted, compaction, network) it reads
+    again and re-watches, with backoff, for as long as it is open.
+
+    ``on_read(kvs)`` gets every ``(key, value)`` of a full read (the view is
+    replaced); ``on_event(kind, key, value)`` each later change ("PUT" or
+    "DELETE"). Both run on the event loop and must not block.
+    """
+
+    def __init__(
+        self, client: aetcd.Client, prefix: bytes,
+        on_read: Callable[[list[tuple[bytes, bytes]]], None],
+        on_event: Callable[[str, bytes, bytes], None],
+        name: str = "etcd-follower",
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._on_read = on_read
+        self._on_event = on_event
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Read the prefix (raising if etcd is unreachable), then follow it."""
+        revision = await self._read()
+        self._task = asyncio.create_task(self._follow(revision), name=self._name)
+
+    async def refresh(self) -> None:
+        """Read the prefix again now; errors are swallowed (the watch keeps trying)."""
+        with contextlib.suppress(Exception):
+            await self._read()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _read(self) -> int:
+        result = await asyncio.wait_for(self._client.get_prefix(self._prefix), CALL_TIMEOUT)
+        self._on_read([(kv.key, kv.value) for kv in result])
+        return int(result.header.revision) if result.header is not None else 0
+
+    async def _follow(self, revision: int) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async for kind, key, value, mod_revision in watch_prefix(
+                        self._client, self._prefix, revision + 1):
+                    delay = 0.1
+                    revision = max(revision, mod_revision)
+                    self._on_event(kind, key, value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("%s: watch broke (%s); re-reading", self._name, exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+            with contextlib.suppress(Exception):
+                revision = await self._read()

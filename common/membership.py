@@ -8,7 +8,15 @@ Layout under the cluster prefix (the cluster name)::
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+import aetcd
+
+from common.etcd import PrefixFollower
+
+log = logging.getLogger(__name__)
 
 
 def nodes_prefix(cluster: str) -> bytes:
@@ -44,3 +52,57 @@ class NodeInfo:
             pid=int(data.get("pid", 0)),
             started_at=float(data.get("started_at", 0.0)),
         )
+
+
+class Membership:
+    """The live registrations under ``/<cluster>/nodes/``, kept current from etcd.
+
+    ``nodes`` maps node_id -> NodeInfo; listeners run on every change. A
+    malformed record is logged and skipped, never fatal.
+    """
+
+    def __init__(self, client: aetcd.Client, cluster: str) -> None:
+        self._prefix = nodes_prefix(cluster)
+        self.nodes: dict[str, NodeInfo] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._follower = PrefixFollower(client, self._prefix, self._on_read, self._on_event,
+                                        name="membership")
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        """Read the registrations (raising if etcd is unreachable), then follow them."""
+        await self._follower.start()
+
+    async def refresh(self) -> None:
+        await self._follower.refresh()
+
+    async def close(self) -> None:
+        await self._follower.close()
+
+    def _parse(self, key: bytes, value: bytes) -> NodeInfo | None:
+        try:
+            return NodeInfo.from_json(value)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring malformed node record %r: %s", key, exc)
+            return None
+
+    def _on_read(self, kvs: list[tuple[bytes, bytes]]) -> None:
+        infos = (self._parse(key, value) for key, value in kvs)
+        self._replace({info.node_id: info for info in infos if info is not None})
+
+    def _on_event(self, kind: str, key: bytes, value: bytes) -> None:
+        nodes = dict(self.nodes)
+        info = self._parse(key, value) if kind == "PUT" else None
+        if info is None:
+            nodes.pop(key[len(self._prefix):].decode(), None)
+        else:
+            nodes[info.node_id] = info
+        self._replace(nodes)
+
+    def _replace(self, nodes: dict[str, NodeInfo]) -> None:
+        if nodes != self.nodes:
+            self.nodes = nodes
+            for listener in self._listeners:
+                listener()

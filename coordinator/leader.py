@@ -17,13 +17,12 @@ from collections.abc import Awaitable, Callable
 
 import aetcd
 
-from common.membership import NodeInfo
+from common.membership import Membership, NodeInfo
 from coordinator.config import CoordinatorConfig
 from coordinator.election import Leadership
 from coordinator.mapstore import Deposed, MapConflict, MapStore
 from coordinator.positions import PositionProbe
 from coordinator.reconcile import Facts, initial_map, needed_positions, next_map
-from coordinator.registry import NodeRegistry
 from mesh.admin.v1 import admin_pb2
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class LeaderDriver:
         self._term = term
         self._probe = probe
         self._store = MapStore(etcd, config.cluster, term.create_revision)
-        self._directory = NodeRegistry(etcd, config.cluster)
+        self._directory = Membership(etcd, config.cluster)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._changed = asyncio.Condition()
