@@ -75,6 +75,7 @@ class Node:
         self._registration: Registration | None = None
         self._etcd = client_for(config.etcd_endpoints)
         self.drained = asyncio.Event()
+        self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
         self._add_services()
         self.replication = Replication(
@@ -114,7 +115,7 @@ class Node:
         reflection.enable_server_reflection([*names, internal], self.server)
 
     async def start(self) -> None:
-        """Bind, serve, mark healthy, then register in etcd."""
+        """Bind and serve, register in etcd, follow the map; healthy once a map is in."""
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.listen}")
@@ -124,9 +125,13 @@ class Node:
         await self.server.start()
         if self.cache is not None:
             self.cache.start(self.replication, Forwarder(self.replication))
-        for name in self.service_names:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        # Ready means "can answer": with a cluster map, every call is served,
+        # forwarded or redirected; without one, every call would be NO_MAP.
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        map_loaded = asyncio.Event()
+        self.map.on_change(lambda _table: map_loaded.set())
+        self._ready_task = asyncio.create_task(self._serving_when(map_loaded))
 
         info = NodeInfo(
             node_id=self.config.node_id, address=self.address,
@@ -140,8 +145,15 @@ class Node:
         await self._registration.start()
         await self.map.start()
 
+    async def _serving_when(self, map_loaded: asyncio.Event) -> None:
+        await map_loaded.wait()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
     async def stop(self) -> None:
         """Clean shutdown: NOT_SERVING, leave etcd at once, let in-flight calls finish."""
+        if self._ready_task is not None:
+            self._ready_task.cancel()
         await self.health.enter_graceful_shutdown()
         if self._registration is not None:
             await self._registration.close()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import Mesh
 from clients.errors import MeshError
@@ -69,6 +70,22 @@ async def wait_settled(etcd_endpoint: str, cluster: str, nodes: Iterable[str],
     return await wait_for_map(etcd_endpoint, cluster,
                               lambda t: settled(t, node_set, replicas), timeout,
                               f"a settled map over {sorted(node_set)}")
+
+
+async def wait_serving(addresses: Iterable[str], timeout: float = 10.0) -> None:
+    """Wait until every address answers its health check with SERVING."""
+    deadline = time.monotonic() + timeout
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{address} is not SERVING after {timeout}s")
+                await asyncio.sleep(0.05)
 
 
 def primary_slots(table: RoutingTable) -> dict[str, int]:

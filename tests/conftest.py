@@ -23,7 +23,7 @@ import pytest
 from clients import Mesh
 from common.slots import slot_for
 from meshctl.processes import Etcd, LocalMesh
-from tests.cluster import read_map, wait_settled
+from tests.cluster import read_map, wait_serving, wait_settled
 
 _clusters = itertools.count(1)
 
@@ -61,12 +61,17 @@ MeshFactory = Callable[..., LocalMesh]
 
 
 def settle(local: LocalMesh, replicas: int = 1, timeout: float = 30.0) -> None:
-    """Block until the map is settled over ``local``'s running nodes (callable from
-    sync code and from inside a running event loop alike)."""
-    nodes = [n.node_id for n in local.nodes if n.child.alive()]
+    """Block until the map is settled over ``local``'s running nodes and each of them
+    says SERVING (callable from sync code and from inside a running event loop)."""
+    running = [n for n in local.nodes if n.child.alive()]
+
+    async def ready() -> None:
+        await wait_settled(local.etcd_endpoint, local.cluster,
+                           [n.node_id for n in running], replicas, timeout)
+        await wait_serving([n.address for n in running])
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, wait_settled(
-            local.etcd_endpoint, local.cluster, nodes, replicas, timeout)).result()
+        pool.submit(asyncio.run, ready()).result()
 
 
 def start_cluster(local: LocalMesh, nodes: int, extra: Sequence[str] = (),

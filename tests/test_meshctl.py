@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshctl.processes import Etcd, LocalMesh
+from tests.conftest import start_cluster
 
 MESHCTL = [sys.executable, "-m", "meshctl"]
 
@@ -131,7 +132,7 @@ def test_node_flags_and_env(etcd: Etcd, tmp_path: Path) -> None:
     local.etcd_endpoint = etcd.endpoint
     os.environ["MESH_CACHE_EVICTION"] = "lfu"
     try:
-        local.start_node()
+        start_cluster(local, 1)
     finally:
         del os.environ["MESH_CACHE_EVICTION"]
     try:
