@@ -68,6 +68,8 @@ class GroupView:
     in_sync: frozenset[str]
     """Replicas that count for commits and may be promoted."""
     slots: int
+    since: dict[str, int]
+    """Replica node id -> map epoch of its assignment to the group."""
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -92,6 +94,7 @@ class RoutingTable:
                 replicas=tuple(r.node_id for r in group.replicas),
                 in_sync=frozenset(r.node_id for r in group.replicas if r.in_sync),
                 slots=slot_count(group),
+                since={r.node_id: r.since_epoch for r in group.replicas},
             )
             for r in group.slot_ranges:
                 for slot in range(r.start, r.end + 1):

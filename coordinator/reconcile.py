@@ -77,7 +77,8 @@ def initial_map(registered: Mapping[str, NodeInfo], group_count: int, replicas: 
         cmap.groups.add(
             group_id=gid, epoch=1, primary_node_id=where.primary, desired_replicas=replicas,
             slot_ranges=[admin_pb2.SlotRange(start=start, end=end)],
-            replicas=[admin_pb2.Replica(node_id=n, in_sync=True) for n in where.replicas])
+            replicas=[admin_pb2.Replica(node_id=n, in_sync=True, since_epoch=1)
+                      for n in where.replicas])
     for node_id in sorted(registered):
         cmap.nodes.append(new_node(registered[node_id], admin_pb2.NODE_STATE_ACTIVE, now))
     fill_counts(cmap)
@@ -228,13 +229,15 @@ def _progress(new: admin_pb2.ClusterMap, facts: Facts, epoch: int) -> None:
             have = {group.primary_node_id, *(r.node_id for r in group.replicas)}
             for node_id in (going.primary, *going.replicas):
                 if node_id not in have:
-                    group.replicas.add(node_id=node_id, in_sync=False)
+                    group.replicas.add(node_id=node_id, in_sync=False, since_epoch=epoch)
                     have.add(node_id)
         report = facts.positions.get((group.primary_node_id, group.group_id))
         if report is not None and report.role == replication_pb2.GROUP_ROLE_PRIMARY:
-            synced = {p.node_id for p in report.replicas if p.in_sync}
+            # Only a report about this very assignment counts: a primary that
+            # missed the replica's removal may still vouch for its old copy.
+            synced = {(p.node_id, p.since_epoch) for p in report.replicas if p.in_sync}
             for replica in group.replicas:
-                if not replica.in_sync and replica.node_id in synced:
+                if not replica.in_sync and (replica.node_id, replica.since_epoch) in synced:
                     replica.in_sync = True
                     log.debug("group %d: replica %s is in sync", group.group_id,
                               replica.node_id)
@@ -247,9 +250,14 @@ def _maybe_flip(group: admin_pb2.Group, going: Assignment, epoch: int) -> None:
     if not ready.issuperset((going.primary, *going.replicas)):
         return
     before = members(group)
+    # Replicas keep their assignment; the old primary staying on as a replica
+    # starts a new one.
+    since = {r.node_id: r.since_epoch for r in group.replicas}
     group.primary_node_id = going.primary
     del group.replicas[:]
-    group.replicas.extend(admin_pb2.Replica(node_id=n, in_sync=True) for n in going.replicas)
+    group.replicas.extend(admin_pb2.Replica(node_id=n, in_sync=True,
+                                            since_epoch=since.get(n, epoch))
+                          for n in going.replicas)
     set_target(group, None)
     if going.primary != before.primary:
         group.epoch = epoch

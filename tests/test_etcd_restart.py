@@ -45,6 +45,9 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
             await mesh.cache.set("after", b"restart")
             assert await mesh.cache.get("after") == b"restart"
             await wait_converged(table)
+    except BaseException:
+        print(f"\n===== process logs =====\n{local.logs()}")
+        raise
     finally:
         local.stop()
         etcd.stop()

@@ -166,12 +166,16 @@ class Replication:
         for node_id in view.replicas:
             address = table.addresses.get(node_id, "")
             link = self._link(node_id, address)
+            since = view.since.get(node_id, 0)
             tracker = group.trackers.get(node_id)
-            if tracker is None or tracker.link is not link:
+            # A new assignment (the node was removed and assigned again, maybe in
+            # maps this node never saw) starts a new tracker: what we knew of its
+            # earlier copy says nothing about the new one.
+            if tracker is None or tracker.link is not link or tracker.since_epoch != since:
                 if tracker is not None:
                     tracker.detach()
                 group.trackers[node_id] = ReplicaTracker(
-                    group, node_id, link, in_sync=node_id in view.in_sync)
+                    group, node_id, link, in_sync=node_id in view.in_sync, since_epoch=since)
             elif node_id in view.in_sync:
                 tracker.in_sync = True
         group.advance_commit()

@@ -47,11 +47,13 @@ class Phase(enum.Enum):
 class ReplicaTracker:
     """The primary's view of one replica of one group."""
 
-    def __init__(self, group: Group, node_id: str, link: PeerLink, in_sync: bool) -> None:
+    def __init__(self, group: Group, node_id: str, link: PeerLink, in_sync: bool,
+                 since_epoch: int = 0) -> None:
         self.group = group
         self.node_id = node_id
         self.link = link
         self.in_sync = in_sync
+        self.since_epoch = since_epoch  # the map's assignment this tracker is for
         self.acked_seq = 0
         self.next_seq = 0
         self.phase = Phase.PROBE
@@ -59,7 +61,7 @@ class ReplicaTracker:
         link.attach(self)
 
     def wake(self) -> None:
-        self.link.wake()
+        self.link.wake(self)
 
     def detach(self) -> None:
         self.link.detach(self)
@@ -79,14 +81,15 @@ class ReplicaTracker:
                 lag_seconds = max(time.time() - pending[0].issued_at.ToNanoseconds() / 1e9, 0.0)
         return rpb.ReplicaProgress(node_id=self.node_id, acked_seq=self.acked_seq,
                                    in_sync=self.in_sync, lag_commands=lag,
-                                   lag_seconds=lag_seconds)
+                                   lag_seconds=lag_seconds, since_epoch=self.since_epoch)
 
     def next_batch(self, address: str) -> rpb.CommandBatch | None:
         """The batch to send now, if any (at most one in flight)."""
-        if self.inflight:
-            return None
         group = self.group
         glog = group.log
+        if self.inflight or (self.phase is Phase.STREAM and self.next_seq > glog.last_seq) \
+                or self.phase is Phase.INSTALLING:
+            return None
         batch = rpb.CommandBatch(group_id=group.group_id, epoch=group.epoch,
                                  primary_node_id=group.node_id, primary_address=address,
                                  in_sync=self.in_sync)
@@ -95,15 +98,13 @@ class ReplicaTracker:
         elif self.phase is Phase.SNAPSHOT:
             batch.install_snapshot = True
             self.phase = Phase.INSTALLING
-        elif self.phase is Phase.STREAM and self.next_seq <= glog.last_seq:
+        else:  # STREAM, with something to send
             prev_epoch = glog.epoch_at(self.next_seq - 1)
             if prev_epoch is None:  # the log no longer reaches back that far
                 self.phase = Phase.SNAPSHOT
                 return self.next_batch(address)
             batch.prev_epoch, batch.prev_seq = prev_epoch, self.next_seq - 1
             batch.commands.extend(glog.since(self.next_seq - 1, MAX_BATCH))
-        else:
-            return None
         batch.commit_seq = group.commit_seq
         self.inflight = True
         return batch
@@ -148,6 +149,9 @@ class PeerLink:
         self._stub = rpb_grpc.ReplicationServiceStub(channel)
         self._local_address = local_address
         self._trackers: dict[int, ReplicaTracker] = {}
+        # Trackers that may have something to send: a write wakes only its
+        # group's tracker, not every group this link carries.
+        self._pending: set[ReplicaTracker] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -156,16 +160,18 @@ class PeerLink:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"replicate-to-{self.node_id}")
-        self.wake()
+        self.wake(tracker)
 
     def detach(self, tracker: ReplicaTracker) -> None:
         if self._trackers.get(tracker.group.group_id) is tracker:
             del self._trackers[tracker.group.group_id]
+        self._pending.discard(tracker)
 
     def __len__(self) -> int:
         return len(self._trackers)
 
-    def wake(self) -> None:
+    def wake(self, tracker: ReplicaTracker) -> None:
+        self._pending.add(tracker)
         self._wakeup.set()
 
     async def close(self) -> None:
@@ -193,13 +199,15 @@ class PeerLink:
                     await reader
                 for tracker in self._trackers.values():
                     tracker.reset()
+                self._pending.update(self._trackers.values())
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None]) -> None:
         while not reader.done():
             self._wakeup.clear()
-            for tracker in list(self._trackers.values()):
+            pending, self._pending = self._pending, set()
+            for tracker in pending:
                 batch = tracker.next_batch(self._local_address)
                 if batch is not None:
                     await call.write(rpb.ReplicateRequest(batch=batch))
@@ -214,6 +222,7 @@ class PeerLink:
                 for tracker in self._trackers.values():
                     if tracker.phase is Phase.INSTALLING:
                         tracker.reset()
+                        self._pending.add(tracker)
         reader.result()  # raise the reader's error, if any
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
@@ -222,5 +231,5 @@ class PeerLink:
             tracker = self._trackers.get(ack.group_id)
             if tracker is not None:
                 tracker.on_ack(ack)
-            self.wake()
+                self.wake(tracker)
         raise ConnectionError("the replica ended the stream")

@@ -44,7 +44,8 @@ def primary_reports_all_in_sync(cmap: admin_pb2.ClusterMap,
         if node_id == g.primary_node_id:
             positions[node_id, gid] = rpb.GetPositionResponse(
                 group_id=gid, role=rpb.GROUP_ROLE_PRIMARY,
-                replicas=[rpb.ReplicaProgress(node_id=r.node_id, in_sync=True)
+                replicas=[rpb.ReplicaProgress(node_id=r.node_id, in_sync=True,
+                                              since_epoch=r.since_epoch)
                           for r in g.replicas])
     return Facts(positions=positions)
 
@@ -126,6 +127,13 @@ def test_join_sets_targets_adds_catching_up_replicas_and_flips_only_when_in_sync
     not_yet = Facts(positions={(targeted[0].primary_node_id, gid): rpb.GetPositionResponse(
         role=rpb.GROUP_ROLE_PRIMARY, replicas=[rpb.ReplicaProgress(node_id="c", in_sync=False)])})
     assert next_map(joined, reg, not_yet, 1) is None
+    # A report about an earlier assignment of "c" (from a primary that missed its
+    # removal and re-assignment) does not count either.
+    c_since = next(r.since_epoch for r in targeted[0].replicas if r.node_id == "c")
+    stale = Facts(positions={(targeted[0].primary_node_id, gid): rpb.GetPositionResponse(
+        role=rpb.GROUP_ROLE_PRIMARY,
+        replicas=[rpb.ReplicaProgress(node_id="c", in_sync=True, since_epoch=c_since - 1)])})
+    assert next_map(joined, reg, stale, 1) is None
     # The step asks exactly the primaries of the moving groups.
     assert needed_positions(joined, reg) == {(g.primary_node_id, g.group_id) for g in targeted}
 

@@ -46,7 +46,7 @@ class Link:
     def detach(self, tracker: ReplicaTracker) -> None:
         pass
 
-    def wake(self) -> None:
+    def wake(self, tracker: ReplicaTracker) -> None:
         pass
 
 
