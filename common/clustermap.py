@@ -133,6 +133,7 @@ class MapFollower:
         self.table: RoutingTable | None = None
         self._listeners: list[Callable[[RoutingTable], None]] = []
         self._changed = asyncio.Condition()
+        self._notifying: set[asyncio.Task[None]] = set()
         self._follower = PrefixFollower(etcd, self._key, self._on_read, self._on_event,
                                         name="mesh-map-follower")
 
@@ -177,7 +178,9 @@ class MapFollower:
                 listener(table)
             except Exception:
                 log.exception("cluster map listener %r failed", listener)
-        asyncio.get_running_loop().create_task(self._notify())
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifying.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._notifying.discard)
         return True
 
     async def _notify(self) -> None:

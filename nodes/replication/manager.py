@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -75,6 +75,7 @@ class Replication:
         self._lease_margin = min(0.25 * lease_ttl, 1.0)
         self._links: dict[str, PeerLink] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.on_drained: Callable[[], None] | None = None
         # Called with the ids of groups this node stopped leading (services end
         # what they serve from them, such as watch streams).
@@ -140,7 +141,7 @@ class Replication:
             for callback in self.on_lost:
                 callback(lost)
         for node_id in [n for n, link in self._links.items() if not len(link)]:
-            asyncio.get_running_loop().create_task(self._links.pop(node_id).close())
+            self._in_background(self._links.pop(node_id).close())
         if self.table is None or self.table.epoch != table.epoch:
             led = sum(1 for g in self.groups.values() if g.is_primary)
             log.info("map epoch %d: leading %d groups, replica of %d%s", table.epoch, led,
@@ -184,10 +185,16 @@ class Replication:
         link = self._links.get(node_id)
         if link is None or link.address != address:
             if link is not None:
-                asyncio.get_running_loop().create_task(link.close())
+                self._in_background(link.close())
             link = self._links[node_id] = PeerLink(
                 node_id, address, self.channel(address), self.address)
         return link
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        # The loop keeps only weak references to tasks: hold ours until done.
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _check_drained(self, table: RoutingTable) -> None:
         if self._drained or table.states.get(self.node_id) != admin_pb2.NODE_STATE_DRAINING:
