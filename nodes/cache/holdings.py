@@ -1,0 +1,178 @@
+"""What a cache store holds, and the primitive changes to it.
+
+`Holdings` owns the entries and everything kept in step with them: the byte
+count and the node's `Budget`, the `ExpiryIndex` (what expires when), the
+eviction policy's order, the revision counter and the `ChangeFeed` that reports
+each change. `CacheStore` (nodes/cache/store.py) builds the cache's operations
+and rules on top; replication uses the primitives directly to mirror another
+copy of a store (`mirror`), or to copy one whole (`export` / `load`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from nodes.cache.budget import Budget
+from nodes.cache.eviction import EvictionPolicy, make_policy
+from nodes.cache.expiry import ExpiryIndex
+from nodes.cache.feed import ChangeFeed
+from nodes.cache.model import Change, ChangeType, Entry
+from nodes.cache.room import entry_size
+
+__all__ = ["Holdings"]
+
+_SET = ChangeType.SET
+_EXPIRE = ChangeType.EXPIRE
+_EVICT = ChangeType.EVICT
+
+
+class Holdings:
+    """Entries with their indexes, counters and change feed."""
+
+    __slots__ = (
+        "_budget",
+        "_bytes",
+        "_clock",
+        "_data",
+        "_evictions",
+        "_expirations",
+        "_expiry",
+        "_feed",
+        "_flush",
+        "_hits",
+        "_misses",
+        "_policy",
+        "_publish",
+        "_revision",
+        "_touch",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 0,
+        max_bytes: int = 0,
+        policy: str = "lru",
+        clock: Callable[[], float] = time.time,
+        budget: Budget | None = None,
+    ) -> None:
+        # Limits are checked against ``budget`` (shared by a node's stores) when
+        # given, else against a budget of this store's own.
+        self._budget = budget if budget is not None else Budget(max_entries, max_bytes)
+        self._policy: EvictionPolicy = make_policy(policy)
+        self._touch = self._policy.on_access
+        self._clock = clock
+        self._data: dict[str, Entry] = {}
+        self._expiry = ExpiryIndex(self._data)  # reads _data: never rebind it
+        self._feed = ChangeFeed()
+        # Bound once, like _touch: the write path pays one attribute read for each.
+        self._publish = self._feed.publish
+        self._flush = self._feed.flush
+        self._bytes = 0  # everything held, expired-but-unswept included
+        self._revision = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._expirations = 0
+
+    @property
+    def revision(self) -> int:
+        """The number of state changes so far (the revision of the last one)."""
+        return self._revision
+
+    # -- replication ---------------------------------------------------------
+
+    def mirror(self, change: Change) -> None:
+        """Apply a change made by another copy of this store (the group's primary).
+
+        No limit, clock or eviction policy decides anything here: a replica holds
+        exactly what its primary decided, and the change's revision becomes this
+        store's, so versions keep growing after a promotion.
+        """
+        key = change.key
+        old = self._data.get(key)
+        if old is not None:
+            self._drop(key, old)
+        kind = change.type
+        if kind is _SET:
+            self._insert(key, Entry(change.value, change.revision, change.expire_at))
+        elif old is not None and kind is _EXPIRE:
+            self._expirations += 1
+        elif old is not None and kind is _EVICT:
+            self._evictions += 1
+        self._revision = max(self._revision, change.revision)
+        if self._feed.listeners:
+            self._publish(change)
+            self._flush()
+
+    def export(self) -> tuple[int, list[tuple[str, Entry]]]:
+        """A consistent copy of the state: ``(revision, [(key, entry), ...])``.
+
+        Entries are immutable, so the copy is a list of references, taken in one
+        step (no await can interleave a write).
+        """
+        return self._revision, list(self._data.items())
+
+    def load(self, revision: int, items: Sequence[tuple[str, Entry]]) -> None:
+        """Fill an empty store from `export` output (of another copy)."""
+        if self._data:
+            raise RuntimeError("load() needs an empty store")
+        for key, entry in items:
+            self._insert(key, entry)
+        self._revision = revision
+
+    def release(self) -> None:
+        """Drop everything without changes (the group left this node), and give its
+        room back to the budget. The store is not used afterwards."""
+        self._budget.entries -= len(self._data)
+        self._budget.bytes -= self._bytes
+        self._data.clear()
+        self._bytes = 0
+
+    # -- listeners -----------------------------------------------------------
+
+    def add_listener(self, fn: Callable[[Change], None]) -> Callable[[], None]:
+        """Call ``fn`` with every change, in revision order, after the state changed.
+
+        Delivery is synchronous, at the end of the operation that caused it. A
+        listener may call the store; the changes it causes are delivered after
+        the ones already queued, so order holds for every listener. An exception
+        from a listener is logged and does not reach the caller. Returns a
+        function that unsubscribes (calling it again does nothing).
+        """
+        return self._feed.add_listener(fn)
+
+    # -- primitives ----------------------------------------------------------
+
+    def _remove(self, key: str, entry: Entry, kind: ChangeType) -> None:
+        self._drop(key, entry)
+        self._revision += 1
+        if kind is _EXPIRE:
+            self._expirations += 1
+        elif kind is _EVICT:
+            self._evictions += 1
+        if self._feed.listeners:
+            self._publish(Change(kind, key, b"", self._revision, None))
+
+    def _drop(self, key: str, entry: Entry) -> None:
+        """Forget ``key`` (holding ``entry``) everywhere; no revision, no change."""
+        del self._data[key]
+        size = entry_size(key, entry.value)
+        self._bytes -= size
+        self._budget.bytes -= size
+        self._budget.entries -= 1
+        if entry.expire_at is not None:
+            self._expiry.discard()
+        self._policy.on_remove(key)
+
+    def _insert(self, key: str, entry: Entry) -> None:
+        """Hold ``entry`` for a key that is not held; no limit check, no change."""
+        self._data[key] = entry
+        size = entry_size(key, entry.value)
+        self._bytes += size
+        self._budget.bytes += size
+        self._budget.entries += 1
+        self._policy.on_insert(key, entry.expire_at)
+        if entry.expire_at is not None:
+            self._expiry.push(entry.expire_at, key, entry.version)
