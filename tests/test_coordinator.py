@@ -25,8 +25,6 @@ from coordinator.election import Election, Leadership
 from coordinator.mapstore import Deposed, MapConflict, MapStore
 from mesh.admin.v1 import admin_pb2
 from mesh.admin.v1 import admin_pb2_grpc as admin_grpc
-from mesh.replication.v1 import replication_pb2 as rpb
-from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 from meshctl.processes import CoordinatorProcess, Etcd, LocalMesh
 
 MeshFactory = Callable[[], LocalMesh]
@@ -275,17 +273,7 @@ async def test_admin_validation_and_status(
     assert error.reason == "NOT_ENOUGH_NODES"
 
 
-# -- drain, end to end (needs the nodes' ReplicationService) -------------------------------
-
-
-async def _serves_replication(address: str) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            await rpb_grpc.ReplicationServiceStub(channel).GetPosition(
-                rpb.GetPositionRequest(group_id=1), timeout=2)
-        except grpc.aio.AioRpcError as exc:
-            return bool(exc.code() != grpc.StatusCode.UNIMPLEMENTED)
-    return True
+# -- drain, end to end ---------------------------------------------------------------------
 
 
 async def test_drain_moves_every_role_away_and_the_node_leaves(
@@ -294,8 +282,6 @@ async def test_drain_moves_every_role_away_and_the_node_leaves(
     local = bare_mesh()
     (coordinator,) = coordinators(local, 1, "--min-nodes", "3", "--groups", "32")
     nodes = local.start_nodes(3)
-    if not await _serves_replication(nodes[0].address):
-        pytest.skip("nodes do not serve ReplicationService.GetPosition yet")
     stub = channels(coordinator.address)
     await wait_map(etcd, local.cluster, lambda t: len(t.addresses) == 3, 10, "first map")
 
