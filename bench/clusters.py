@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import aio
-from bench.maps import wait_settled
+from common.clustermap import wait_settled
 from meshctl.processes import LocalMesh, NodeProcess
 
 

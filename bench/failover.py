@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import aio, clusters
-from bench.maps import key_led_by, wait_settled
 from clients import Mesh
+from common.clustermap import wait_settled
 from meshctl.processes import LocalMesh
 
 LEASE_TTL = 2
@@ -124,7 +124,7 @@ async def _once(local: LocalMesh, victim_id: str, before: float, after: float) -
                     timeout=CLIENT_TIMEOUT) as mesh:
         if mesh.table is None:
             raise RuntimeError(f"{local.cluster}: the client has no cluster map")
-        probe = key_led_by(mesh.table, victim_id, PROBE_PREFIX)
+        probe = mesh.table.key_led_by(victim_id, PROBE_PREFIX)
         victim = next(n for n in local.nodes if n.node_id == victim_id)
         survivors = [n.node_id for n in local.nodes if n is not victim]
         await mesh.cache.set(probe, _value(probe))

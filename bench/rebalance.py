@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import aio, clusters
-from bench.maps import slot_share, wait_settled
 from clients import Mesh
+from common.clustermap import wait_settled
+from common.slots import SLOT_COUNT
 
 BATCH = 1000
 IN_FLIGHT = 4
@@ -99,7 +100,7 @@ def run(workdir: Path, etcd: str, keys: int) -> Result:
 
         read_back = aio.run(_read_back(etcd, keys))
     result = Result(
-        keys, load_s, ready_s, settled_s, slot_share(table, fourth.node_id),
+        keys, load_s, ready_s, settled_s, table.primary_slots().get(fourth.node_id, 0) / SLOT_COUNT,
         sum(g.primary == fourth.node_id for g in table.groups.values()), len(table.groups),
         read_back)
     print(f"[rebalance] {keys:,} keys loaded in {load_s:.2f} s; 4th node settled after "

@@ -15,15 +15,17 @@ watch; epochs only grow, so an older map is never taken).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import aetcd
 
-from common.etcd import PrefixFollower
-from common.slots import SLOT_COUNT
+from common.etcd import PrefixFollower, client_for
+from common.slots import SLOT_COUNT, slot_for
 from mesh.admin.v1 import admin_pb2
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,39 @@ class RoutingTable:
         """Groups in which ``node_id`` holds the primary or a replica."""
         return (g for g in self.groups.values() if node_id in g.members)
 
+    def primary_slots(self) -> dict[str, int]:
+        """Node id -> how many slots it leads."""
+        counts: dict[str, int] = {}
+        for group in self.groups.values():
+            counts[group.primary] = counts.get(group.primary, 0) + group.slots
+        return counts
+
+    def settled(self, nodes: Iterable[str], replicas: int) -> bool:
+        """Every group led by one of ``nodes`` (exactly the map's nodes), with
+        ``replicas`` in-sync replicas among them (fewer if there are not enough
+        nodes), and no move pending."""
+        members = set(nodes)
+        want = min(replicas, len(members) - 1)
+        if set(self.addresses) != members or not self.groups:
+            return False
+        return all(
+            not group.HasField("target") and group.primary_node_id in members
+            and len(group.replicas) == want
+            and all(r.in_sync and r.node_id in members for r in group.replicas)
+            for group in self.proto.groups
+        )
+
+    def key_led_by(self, node_id: str, prefix: str = "probe") -> str:
+        """The first of ``prefix-0``, ``prefix-1``, ... whose group ``node_id`` leads."""
+        if not any(g.primary == node_id for g in self.groups.values()):
+            raise ValueError(f"{node_id} leads no group")
+        for i in itertools.count():
+            key = f"{prefix}-{i}"
+            group = self.group_of_slot(slot_for(key))
+            if group is not None and group.primary == node_id:
+                return key
+        raise AssertionError("unreachable")
+
 
 class MapFollower:
     """The newest cluster map in etcd, kept current by a watch.
@@ -187,12 +222,53 @@ class MapFollower:
         async with self._changed:
             self._changed.notify_all()
 
-    def _on_read(self, kvs: list[tuple[bytes, bytes]]) -> None:
+    def _on_read(self, kvs: list[tuple[bytes, bytes, int]]) -> None:
         # A prefix read (the key's own prefix): skip keys that merely start alike.
-        for key, value in kvs:
+        for key, value, _ in kvs:
             if key == self._key:
                 self.offer(value)
 
-    def _on_event(self, kind: str, key: bytes, value: bytes) -> None:
+    def _on_event(self, kind: str, key: bytes, value: bytes, _revision: int) -> None:
         if kind == "PUT" and key == self._key:
             self.offer(value)
+
+
+# -- reading the map from outside (tools, tests, benchmarks) ---------------------------
+
+
+async def read_map(etcd_endpoint: str, cluster: str) -> RoutingTable | None:
+    """The map now in etcd, or None if no coordinator has written one."""
+    client = client_for([etcd_endpoint])
+    try:
+        found = await client.get(map_key(cluster))
+        return RoutingTable.parse(found.value) if found is not None else None
+    finally:
+        await client.close()
+
+
+async def wait_for_map(etcd_endpoint: str, cluster: str,
+                       predicate: Callable[[RoutingTable], bool], timeout: float,
+                       what: str = "the map") -> RoutingTable:
+    """Poll etcd until the map satisfies ``predicate``; TimeoutError after ``timeout``
+    seconds. Read errors (etcd restarting) only mean "not yet"."""
+    deadline = time.monotonic() + timeout
+    table: RoutingTable | None = None
+    while time.monotonic() < deadline:
+        try:
+            table = await read_map(etcd_endpoint, cluster)
+        except Exception:
+            table = None
+        if table is not None and predicate(table):
+            return table
+        await asyncio.sleep(0.05)
+    epoch = table.epoch if table is not None else None
+    raise TimeoutError(f"{cluster}: no {what} after {timeout:g} s (map epoch {epoch})")
+
+
+async def wait_settled(etcd_endpoint: str, cluster: str, nodes: Iterable[str],
+                       replicas: int = 1, timeout: float = 30.0) -> RoutingTable:
+    """The first map that is `RoutingTable.settled` over exactly ``nodes``."""
+    members = sorted(set(nodes))
+    return await wait_for_map(etcd_endpoint, cluster,
+                              lambda t: t.settled(members, replicas), timeout,
+                              f"settled map over {members}")

@@ -92,15 +92,15 @@ class PrefixFollower:
     revision. If the watch breaks (etcd restarted, compaction, network) it reads
     again and re-watches, with backoff, for as long as it is open.
 
-    ``on_read(kvs)`` gets every ``(key, value)`` of a full read (the view is
-    replaced); ``on_event(kind, key, value)`` each later change ("PUT" or
-    "DELETE"). Both run on the event loop and must not block.
+    ``on_read(kvs)`` gets every ``(key, value, create_revision)`` of a full read
+    (the view is replaced); ``on_event(kind, key, value, mod_revision)`` each later
+    change ("PUT" or "DELETE"). Both run on the event loop and must not block.
     """
 
     def __init__(
         self, client: aetcd.Client, prefix: bytes,
-        on_read: Callable[[list[tuple[bytes, bytes]]], None],
-        on_event: Callable[[str, bytes, bytes], None],
+        on_read: Callable[[list[tuple[bytes, bytes, int]]], None],
+        on_event: Callable[[str, bytes, bytes, int], None],
         name: str = "etcd-follower",
     ) -> None:
         self._client = client
@@ -129,7 +129,7 @@ class PrefixFollower:
 
     async def _read(self) -> int:
         result = await asyncio.wait_for(self._client.get_prefix(self._prefix), CALL_TIMEOUT)
-        self._on_read([(kv.key, kv.value) for kv in result])
+        self._on_read([(kv.key, kv.value, int(kv.create_revision)) for kv in result])
         return int(result.header.revision) if result.header is not None else 0
 
     async def _follow(self, revision: int) -> None:
@@ -140,7 +140,7 @@ class PrefixFollower:
                         self._client, self._prefix, revision + 1):
                     delay = 0.1
                     revision = max(revision, mod_revision)
-                    self._on_event(kind, key, value)
+                    self._on_event(kind, key, value, mod_revision)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -88,11 +88,11 @@ class Membership:
             log.warning("ignoring malformed node record %r: %s", key, exc)
             return None
 
-    def _on_read(self, kvs: list[tuple[bytes, bytes]]) -> None:
-        infos = (self._parse(key, value) for key, value in kvs)
+    def _on_read(self, kvs: list[tuple[bytes, bytes, int]]) -> None:
+        infos = (self._parse(key, value) for key, value, _ in kvs)
         self._replace({info.node_id: info for info in infos if info is not None})
 
-    def _on_event(self, kind: str, key: bytes, value: bytes) -> None:
+    def _on_event(self, kind: str, key: bytes, value: bytes, _revision: int) -> None:
         nodes = dict(self.nodes)
         info = self._parse(key, value) if kind == "PUT" else None
         if info is None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.clustermap import DEFAULT_GROUP_COUNT
+from common.process import add_server_flags, env, etcd_endpoints
 from common.slots import SLOT_COUNT
 
 
@@ -29,36 +29,25 @@ class CoordinatorConfig:
     settle: float = 0.5
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"MESH_{name}", default)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
     """Build a CoordinatorConfig from flags, falling back to MESH_* variables, then defaults."""
     d = CoordinatorConfig()
     p = argparse.ArgumentParser(prog="python -m coordinator",
                                 description="Run a Mesh coordinator.")
-    p.add_argument("--listen", default=_env("LISTEN", d.listen),
-                   help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
-    p.add_argument("--advertise", default=_env("ADVERTISE", ""),
-                   help="address others use to reach this coordinator; default: the bound "
-                        "listen address (MESH_ADVERTISE)")
-    p.add_argument("--etcd", default=_env("ETCD_ENDPOINTS", ",".join(d.etcd_endpoints)),
-                   help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
-    p.add_argument("--cluster", default=_env("CLUSTER", d.cluster),
-                   help="cluster name, the etcd key prefix (MESH_CLUSTER)")
-    p.add_argument("--coordinator-id", default=_env("COORDINATOR_ID", ""),
+    add_server_flags(p, listen=d.listen, etcd=d.etcd_endpoints, cluster=d.cluster,
+                     what="coordinator")
+    p.add_argument("--coordinator-id", default=env("COORDINATOR_ID", ""),
                    help="this coordinator's id; default: coord-<random hex> "
                         "(MESH_COORDINATOR_ID)")
-    p.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", str(d.lease_ttl))),
+    p.add_argument("--lease-ttl", type=int, default=int(env("LEASE_TTL", str(d.lease_ttl))),
                    help="leadership lease, seconds: a dead leader is replaced after about "
                         "this long (MESH_LEASE_TTL)")
-    p.add_argument("--replicas", type=int, default=int(_env("REPLICAS", str(d.replicas))),
+    p.add_argument("--replicas", type=int, default=int(env("REPLICAS", str(d.replicas))),
                    help="replicas per group besides the primary (MESH_REPLICAS)")
-    p.add_argument("--groups", type=int, default=int(_env("GROUPS", str(d.groups))),
+    p.add_argument("--groups", type=int, default=int(env("GROUPS", str(d.groups))),
                    help="replica groups the slot space is cut into; only used when the "
                         "first map is created (MESH_GROUPS)")
-    p.add_argument("--min-nodes", type=int, default=int(_env("MIN_NODES", str(d.min_nodes))),
+    p.add_argument("--min-nodes", type=int, default=int(env("MIN_NODES", str(d.min_nodes))),
                    help="nodes that must be registered before the first map is created; "
                         "0 counts as 1 (MESH_MIN_NODES)")
     a = p.parse_args(argv)
@@ -70,7 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         p.error(f"--groups must be 1..{SLOT_COUNT}")
     if a.min_nodes < 0:
         p.error("--min-nodes must be 0 or more")
-    endpoints = tuple(e.strip() for e in a.etcd.split(",") if e.strip())
+    endpoints = etcd_endpoints(a.etcd)
     if not endpoints:
         p.error("--etcd: no endpoint given")
     return CoordinatorConfig(

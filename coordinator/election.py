@@ -26,7 +26,7 @@ import aetcd
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
 from common.clustermap import leader_key
-from common.etcd import watch_prefix
+from common.etcd import PrefixFollower
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class Election:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._unrevoked: set[int] = set()
+        self._observer = PrefixFollower(etcd, self._key, self._on_read, self._on_event,
+                                        name="election-observe")
 
     @property
     def coordinator_id(self) -> str:
@@ -100,11 +102,8 @@ class Election:
 
     async def start(self) -> None:
         """Read the leader key (raising if etcd is unreachable), then campaign."""
-        revision = await self._read()
-        self._tasks = [
-            asyncio.create_task(self._observe(revision), name="election-observe"),
-            asyncio.create_task(self._campaign(), name="election-campaign"),
-        ]
+        await self._observer.start()
+        self._tasks = [asyncio.create_task(self._campaign(), name="election-campaign")]
 
     async def close(self) -> None:
         """Stop campaigning; a leader resigns at once (its lease is revoked)."""
@@ -112,6 +111,7 @@ class Election:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._observer.close()
 
     async def wait_leading(self, timeout: float) -> Leadership | None:
         """Our term once we lead, or None after ``timeout`` seconds."""
@@ -133,14 +133,12 @@ class Election:
                      if leader else "nobody")
             self._changed.set()
 
-    async def _read(self) -> int:
-        result = await asyncio.wait_for(self._etcd.get_prefix(self._key), CALL_TIMEOUT)
+    def _on_read(self, kvs: list[tuple[bytes, bytes, int]]) -> None:
         leader = None
-        for kv in result:
-            if kv.key == self._key:
-                leader = self._parse(kv.value, kv.create_revision)
+        for key, value, create_revision in kvs:
+            if key == self._key:
+                leader = self._parse(value, create_revision)
         self._set_leader(leader)
-        return int(result.header.revision)
 
     @staticmethod
     def _parse(raw: bytes, create_revision: int) -> LeaderInfo | None:
@@ -150,34 +148,19 @@ class Election:
             log.warning("unreadable leader key (%s); treating it as held", exc)
             return LeaderInfo("?", "", create_revision)
 
-    async def _observe(self, revision: int) -> None:
-        delay = 0.1
-        while True:
-            try:
-                async for kind, key, value, mod_revision in watch_prefix(
-                        self._etcd, self._key, revision + 1):
-                    delay = 0.1
-                    revision = max(revision, mod_revision)
-                    if key != self._key:
-                        continue
-                    if kind == "DELETE":
-                        term = self.leadership
-                        if term is not None and mod_revision > term.create_revision:
-                            log.warning("leader key deleted under us")
-                            term.lost.set()
-                        self._set_leader(None)
-                    else:
-                        # A watch event carries no create revision; the key is only
-                        # ever created (never overwritten), so it is this one.
-                        self._set_leader(self._parse(value, mod_revision))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("leader watch broke (%s); re-reading", exc)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
-            with contextlib.suppress(Exception):
-                revision = await self._read()
+    def _on_event(self, kind: str, key: bytes, value: bytes, mod_revision: int) -> None:
+        if key != self._key:
+            return
+        if kind == "DELETE":
+            term = self.leadership
+            if term is not None and mod_revision > term.create_revision:
+                log.warning("leader key deleted under us")
+                term.lost.set()
+            self._set_leader(None)
+        else:
+            # A watch event carries no create revision; the key is only ever
+            # created (never overwritten), so it is this one.
+            self._set_leader(self._parse(value, mod_revision))
 
     # -- campaigning ------------------------------------------------------------
 

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-
+from common.process import run_until_signalled
 from nodes.config import parse_args
 from nodes.server import serve
 
 
-async def _main() -> None:
-    config = parse_args()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(config, stop)
-
-
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    asyncio.run(_main())
+    config = parse_args()
+    run_until_signalled(lambda stop: serve(config, stop))
 
 
 if __name__ == "__main__":

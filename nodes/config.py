@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from common.process import add_server_flags, env, etcd_endpoints
 
 SERVICES = ("cache", "lock", "events", "scheduler")
 
@@ -44,56 +45,45 @@ class NodeConfig:
     cache: CacheLimits = field(default_factory=CacheLimits)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"MESH_{name}", default)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     """Build a NodeConfig from flags, falling back to MESH_* variables, then defaults."""
     d = NodeConfig()
     p = argparse.ArgumentParser(prog="python -m nodes", description="Run a Mesh node.")
-    p.add_argument("--listen", default=_env("LISTEN", d.listen),
-                   help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
-    p.add_argument("--advertise", default=_env("ADVERTISE", ""),
-                   help="address other processes use to reach this node; "
-                        "default: the bound listen address (MESH_ADVERTISE)")
-    p.add_argument("--etcd", default=_env("ETCD_ENDPOINTS", ",".join(d.etcd_endpoints)),
-                   help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
-    p.add_argument("--cluster", default=_env("CLUSTER", d.cluster),
-                   help="cluster name, the etcd key prefix (MESH_CLUSTER)")
-    p.add_argument("--node-id", default=_env("NODE_ID", ""),
+    add_server_flags(p, listen=d.listen, etcd=d.etcd_endpoints, cluster=d.cluster,
+                     what="node")
+    p.add_argument("--node-id", default=env("NODE_ID", ""),
                    help="stable node id; default: hostname + random suffix (MESH_NODE_ID)")
-    p.add_argument("--services", default=_env("SERVICES", ",".join(d.services)),
+    p.add_argument("--services", default=env("SERVICES", ",".join(d.services)),
                    help=f"services to host, from {','.join(SERVICES)} (MESH_SERVICES)")
-    p.add_argument("--data-dir", default=_env("DATA_DIR", ""),
+    p.add_argument("--data-dir", default=env("DATA_DIR", ""),
                    help="directory for durable state (MESH_DATA_DIR)")
-    p.add_argument("--lease-ttl", type=int, default=int(_env("LEASE_TTL", str(d.lease_ttl))),
+    p.add_argument("--lease-ttl", type=int, default=int(env("LEASE_TTL", str(d.lease_ttl))),
                    help="etcd registration lease, seconds (MESH_LEASE_TTL)")
     p.add_argument("--shutdown-grace", type=float,
-                   default=float(_env("SHUTDOWN_GRACE", str(d.shutdown_grace))),
+                   default=float(env("SHUTDOWN_GRACE", str(d.shutdown_grace))),
                    help="seconds in-flight calls get to finish on SIGTERM (MESH_SHUTDOWN_GRACE)")
     p.add_argument("--drain-delay", type=float,
-                   default=float(_env("DRAIN_DELAY", str(d.drain_delay))),
+                   default=float(env("DRAIN_DELAY", str(d.drain_delay))),
                    help="seconds to keep serving after leaving etcd on SIGTERM, so clients "
                         "move away before the server stops (MESH_DRAIN_DELAY)")
     p.add_argument("--max-concurrent-rpcs", type=int,
-                   default=int(_env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
+                   default=int(env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
                    help="calls in flight before new ones get RESOURCE_EXHAUSTED; 0 = no limit "
                         "(MESH_MAX_CONCURRENT_RPCS)")
     c = d.cache
     p.add_argument("--cache-max-entries", type=int,
-                   default=int(_env("CACHE_MAX_ENTRIES", str(c.max_entries))),
+                   default=int(env("CACHE_MAX_ENTRIES", str(c.max_entries))),
                    help="0 = unlimited (MESH_CACHE_MAX_ENTRIES)")
     p.add_argument("--cache-max-bytes", type=int,
-                   default=int(_env("CACHE_MAX_BYTES", str(c.max_bytes))),
+                   default=int(env("CACHE_MAX_BYTES", str(c.max_bytes))),
                    help="0 = unlimited (MESH_CACHE_MAX_BYTES)")
     p.add_argument("--cache-max-value-bytes", type=int,
-                   default=int(_env("CACHE_MAX_VALUE_BYTES", str(c.max_value_bytes))),
+                   default=int(env("CACHE_MAX_VALUE_BYTES", str(c.max_value_bytes))),
                    help="largest value accepted (MESH_CACHE_MAX_VALUE_BYTES)")
-    p.add_argument("--cache-eviction", default=_env("CACHE_EVICTION", c.eviction_policy),
+    p.add_argument("--cache-eviction", default=env("CACHE_EVICTION", c.eviction_policy),
                    choices=["lru", "lfu", "volatile-ttl", "noeviction"],
                    help="eviction policy (MESH_CACHE_EVICTION)")
-    p.add_argument("--cache-replication", default=_env("CACHE_REPLICATION", c.replication),
+    p.add_argument("--cache-replication", default=env("CACHE_REPLICATION", c.replication),
                    choices=["sync", "async"],
                    help="answer writes after the replicas hold them (sync) or at once "
                         "(async) (MESH_CACHE_REPLICATION)")
@@ -108,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     return NodeConfig(
         listen=a.listen,
         advertise=a.advertise,
-        etcd_endpoints=tuple(e.strip() for e in a.etcd.split(",") if e.strip()),
+        etcd_endpoints=etcd_endpoints(a.etcd),
         cluster=a.cluster,
         node_id=a.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
         services=services,

@@ -1,5 +1,6 @@
-"""Test helpers for whole clusters: reading the map, waiting for it to settle, a writer
-that records every acknowledged write, and checks that replicas hold what primaries do."""
+"""Test helpers for whole clusters: waiting for nodes to serve, a writer that records
+every acknowledged write, and checks that replicas hold what primaries do. (Reading
+the map and waiting for it to settle: `common.clustermap`.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,61 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import Mesh
 from clients.errors import MeshError
-from common.clustermap import RoutingTable, map_key
-from common.etcd import client_for
-from common.slots import slot_for
+from common.clustermap import RoutingTable
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
-
-
-async def read_map(etcd_endpoint: str, cluster: str) -> RoutingTable | None:
-    client = client_for([etcd_endpoint])
-    try:
-        found = await client.get(map_key(cluster))
-        return RoutingTable.parse(found.value) if found is not None else None
-    finally:
-        await client.close()
-
-
-def settled(table: RoutingTable, nodes: Iterable[str], replicas: int = 1) -> bool:
-    """Every group led by one of ``nodes``, fully replicated among them, no move pending."""
-    members = set(nodes)
-    want = min(replicas, len(members) - 1)
-    if set(table.addresses) != members:
-        return False
-    for group in table.proto.groups:
-        if group.HasField("target") or group.primary_node_id not in members:
-            return False
-        if len(group.replicas) != want or not all(r.in_sync for r in group.replicas):
-            return False
-        if any(r.node_id not in members for r in group.replicas):
-            return False
-    return bool(table.groups)
-
-
-async def wait_for_map(etcd_endpoint: str, cluster: str,
-                       predicate: Callable[[RoutingTable], bool], timeout: float,
-                       what: str = "the map") -> RoutingTable:
-    deadline = time.monotonic() + timeout
-    table = None
-    while time.monotonic() < deadline:
-        try:
-            table = await read_map(etcd_endpoint, cluster)
-        except Exception:  # etcd restarting: keep polling until the deadline
-            table = None
-        if table is not None and predicate(table):
-            return table
-        await asyncio.sleep(0.1)
-    epoch = table.epoch if table is not None else None
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (epoch {epoch})")
-
-
-async def wait_settled(etcd_endpoint: str, cluster: str, nodes: Iterable[str],
-                       replicas: int = 1, timeout: float = 30.0) -> RoutingTable:
-    node_set = set(nodes)
-    return await wait_for_map(etcd_endpoint, cluster,
-                              lambda t: settled(t, node_set, replicas), timeout,
-                              f"a settled map over {sorted(node_set)}")
 
 
 async def wait_serving(addresses: Iterable[str], timeout: float = 10.0) -> None:
@@ -86,23 +35,6 @@ async def wait_serving(addresses: Iterable[str], timeout: float = 10.0) -> None:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{address} is not SERVING after {timeout}s")
                 await asyncio.sleep(0.05)
-
-
-def primary_slots(table: RoutingTable) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for group in table.groups.values():
-        counts[group.primary] = counts.get(group.primary, 0) + group.slots
-    return counts
-
-
-def key_led_by(table: RoutingTable, node_id: str, prefix: str = "probe") -> str:
-    """A key whose slot's group is led by ``node_id``."""
-    for i in itertools.count():
-        key = f"{prefix}-{i}"
-        group = table.group_of_slot(slot_for(key))
-        if group is not None and group.primary == node_id:
-            return key
-    raise AssertionError("unreachable")
 
 
 @dataclass

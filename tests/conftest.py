@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from clients import Mesh
+from common.clustermap import read_map, wait_settled
 from common.slots import slot_for
 from meshctl.processes import Etcd, LocalMesh
-from tests.cluster import read_map, wait_serving, wait_settled
+from tests.cluster import wait_serving
 
 _clusters = itertools.count(1)
 
@@ -85,16 +86,14 @@ def start_cluster(local: LocalMesh, nodes: int, extra: Sequence[str] = (),
     settle(local, replicas)
 
 
-@pytest.fixture(scope="module")
-def shared_node(
-    etcd: Etcd, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalMesh]:
-    """One default cache node for a whole test module (tests use distinct keys)."""
-    local = LocalMesh(workdir=tmp_path_factory.mktemp("shared"),
-                      cluster=f"shared{next(_clusters)}", _owns_workdir=False)
+def _module_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory, name: str,
+                    nodes: int) -> Iterator[LocalMesh]:
+    """A cluster shared by a whole test module (its tests use distinct keys)."""
+    local = LocalMesh(workdir=tmp_path_factory.mktemp(name),
+                      cluster=f"{name}{next(_clusters)}", _owns_workdir=False)
     local.etcd_endpoint = etcd.endpoint
     try:
-        start_cluster(local, 1)
+        start_cluster(local, nodes)
         yield local
     except BaseException:
         print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
@@ -104,21 +103,15 @@ def shared_node(
 
 
 @pytest.fixture(scope="module")
-def shared_cluster(
-    etcd: Etcd, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalMesh]:
-    """Three nodes (R = 1) for a whole test module (tests use distinct keys)."""
-    local = LocalMesh(workdir=tmp_path_factory.mktemp("trio"),
-                      cluster=f"trio{next(_clusters)}", _owns_workdir=False)
-    local.etcd_endpoint = etcd.endpoint
-    try:
-        start_cluster(local, 3)
-        yield local
-    except BaseException:
-        print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
+def shared_node(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """One default cache node for a whole test module."""
+    yield from _module_cluster(etcd, tmp_path_factory, "shared", 1)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """Three nodes (R = 1) for a whole test module."""
+    yield from _module_cluster(etcd, tmp_path_factory, "trio", 3)
 
 
 def non_owner(local: LocalMesh, key: str) -> list[str]:

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from clients.errors import MeshError, from_rpc_error
-from common.clustermap import RoutingTable, leader_key, map_key
+from common.clustermap import RoutingTable, leader_key, map_key, wait_for_map
 from common.etcd import client_for
 from coordinator.election import Election, Leadership
 from coordinator.mapstore import Deposed, MapConflict, MapStore
@@ -78,24 +78,9 @@ async def call_error(call: Any) -> MeshError:
     return from_rpc_error(info.value)
 
 
-async def read_map(etcd: Etcd, cluster: str) -> RoutingTable | None:
-    client = client_for([etcd.endpoint])
-    try:
-        kv = await client.get(map_key(cluster))
-        return RoutingTable.parse(kv.value) if kv is not None else None
-    finally:
-        await client.close()
-
-
 async def wait_map(etcd: Etcd, cluster: str, predicate: Callable[[RoutingTable], bool],
                    timeout: float, what: str) -> RoutingTable:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        table = await read_map(etcd, cluster)
-        if table is not None and predicate(table):
-            return table
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return await wait_for_map(etcd.endpoint, cluster, predicate, timeout, what)
 
 
 async def leader_id(stub: admin_grpc.AdminServiceStub) -> str:

@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 from clients import Mesh
+from common.clustermap import wait_settled
 from meshctl.processes import Etcd, LocalMesh
-from tests.cluster import Writer, wait_converged, wait_settled
+from tests.cluster import Writer, wait_converged
 from tests.conftest import start_cluster
 
 

@@ -15,9 +15,10 @@ import grpc
 import pytest
 
 from clients import Mesh
+from common.clustermap import wait_for_map, wait_settled
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
-from tests.cluster import Writer, key_led_by, wait_converged, wait_for_map, wait_settled
+from tests.cluster import Writer, wait_converged
 
 LEASE_TTL = 2
 
@@ -41,7 +42,7 @@ async def test_sigkill_a_primary_under_writes_loses_nothing(
     victim = local.nodes[0]
     table = mesh.table
     assert table is not None
-    probe = key_led_by(table, victim.node_id)
+    probe = table.key_led_by(victim.node_id)
     writer = Writer(mesh)
     writer.start()
     await asyncio.sleep(1.0)
@@ -71,7 +72,7 @@ async def test_sigstopped_primary_is_fenced_and_never_diverges(
     table = mesh.table
     assert table is not None
     led = {g.group_id for g in table.groups.values() if g.primary == victim.node_id}
-    probe = key_led_by(table, victim.node_id)
+    probe = table.key_led_by(victim.node_id)
     writer = Writer(mesh)
     writer.start()
     await asyncio.sleep(1.0)

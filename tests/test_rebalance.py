@@ -10,9 +10,10 @@ import asyncio
 import time
 from typing import Any
 
+from common.clustermap import wait_settled
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
-from tests.cluster import Writer, primary_slots, wait_converged, wait_settled
+from tests.cluster import Writer, wait_converged
 
 
 async def test_fourth_node_takes_a_quarter_under_load(
@@ -33,7 +34,7 @@ async def test_fourth_node_takes_a_quarter_under_load(
     await asyncio.sleep(0.5)
     await writer.stop()
 
-    share = primary_slots(table).get(fourth.node_id, 0) / 16384
+    share = table.primary_slots().get(fourth.node_id, 0) / 16384
     print(f"\nthe 4th node leads {share:.1%} of the slots; the move took {took:.1f} s; "
           f"{len(writer.acked)} writes acknowledged meanwhile")
     assert 0.20 <= share <= 0.30

@@ -1,0 +1,54 @@
+"""What every Mesh server process (node, coordinator) shares: its flags and its main.
+
+Each flag falls back to a ``MESH_*`` environment variable, then to the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+__all__ = ["add_server_flags", "env", "etcd_endpoints", "run_until_signalled"]
+
+
+def env(name: str, default: str) -> str:
+    """``$MESH_<name>``, or ``default``."""
+    return os.environ.get(f"MESH_{name}", default)
+
+
+def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str, ...],
+                     cluster: str, what: str) -> None:
+    """--listen, --advertise, --etcd and --cluster, as every server process takes them."""
+    p.add_argument("--listen", default=env("LISTEN", listen),
+                   help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
+    p.add_argument("--advertise", default=env("ADVERTISE", ""),
+                   help=f"address others use to reach this {what}; default: the bound "
+                        "listen address (MESH_ADVERTISE)")
+    p.add_argument("--etcd", default=env("ETCD_ENDPOINTS", ",".join(etcd)),
+                   help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
+    p.add_argument("--cluster", default=env("CLUSTER", cluster),
+                   help="cluster name, the etcd key prefix (MESH_CLUSTER)")
+
+
+def etcd_endpoints(raw: str) -> tuple[str, ...]:
+    """``"a:1, b:2"`` -> ``("a:1", "b:2")``."""
+    return tuple(e.strip() for e in raw.split(",") if e.strip())
+
+
+def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Log to stderr and run ``serve(stop)``; SIGTERM or SIGINT sets ``stop``."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    asyncio.run(main())
