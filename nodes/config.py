@@ -27,6 +27,17 @@ class CacheLimits:
 
 
 @dataclass(frozen=True)
+class LockLimits:
+    """Per-node lock settings (seconds)."""
+
+    min_ttl: float = 1.0
+    max_ttl: float = 3600.0
+    default_ttl: float = 30.0
+    max_waiters: int = 10_000
+    """Queued Acquire calls per lock before new ones get RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start."""
 
@@ -43,6 +54,7 @@ class NodeConfig:
     max_concurrent_rpcs: int = 1000
     max_message_bytes: int = 32 << 20
     cache: CacheLimits = field(default_factory=CacheLimits)
+    lock: LockLimits = field(default_factory=LockLimits)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
@@ -87,6 +99,17 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    choices=["sync", "async"],
                    help="answer writes after the replicas hold them (sync) or at once "
                         "(async) (MESH_CACHE_REPLICATION)")
+    lk = d.lock
+    p.add_argument("--lock-min-ttl", type=float, default=float(env("LOCK_MIN_TTL", str(lk.min_ttl))),
+                   help="shortest lease ttl accepted, seconds (MESH_LOCK_MIN_TTL)")
+    p.add_argument("--lock-max-ttl", type=float, default=float(env("LOCK_MAX_TTL", str(lk.max_ttl))),
+                   help="longest lease ttl accepted, seconds (MESH_LOCK_MAX_TTL)")
+    p.add_argument("--lock-default-ttl", type=float,
+                   default=float(env("LOCK_DEFAULT_TTL", str(lk.default_ttl))),
+                   help="ttl of an Acquire that gives none, seconds (MESH_LOCK_DEFAULT_TTL)")
+    p.add_argument("--lock-max-waiters", type=int,
+                   default=int(env("LOCK_MAX_WAITERS", str(lk.max_waiters))),
+                   help="queued Acquire calls per lock (MESH_LOCK_MAX_WAITERS)")
     a = p.parse_args(argv)
 
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
@@ -95,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error(f"--services: unknown {', '.join(unknown)}")
     if a.lease_ttl < 1:
         p.error("--lease-ttl must be at least 1 second")
+    if not 0 < a.lock_min_ttl <= a.lock_default_ttl <= a.lock_max_ttl:
+        p.error("lock ttls: need 0 < --lock-min-ttl <= --lock-default-ttl <= --lock-max-ttl")
     return NodeConfig(
         listen=a.listen,
         advertise=a.advertise,
@@ -113,5 +138,11 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_value_bytes=a.cache_max_value_bytes,
             eviction_policy=a.cache_eviction,
             replication=a.cache_replication,
+        ),
+        lock=LockLimits(
+            min_ttl=a.lock_min_ttl,
+            max_ttl=a.lock_max_ttl,
+            default_ttl=a.lock_default_ttl,
+            max_waiters=a.lock_max_waiters,
         ),
     )
