@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
     LOCK_TIMEOUT = "LOCK_TIMEOUT"
     PERMITS_MISMATCH = "PERMITS_MISMATCH"
     TOO_MANY_WAITERS = "TOO_MANY_WAITERS"
+    SUPERSEDED = "SUPERSEDED"
     LEASE_LOST = "LEASE_LOST"
     # Cluster map and replication.
     NO_MAP = "NO_MAP"

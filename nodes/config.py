@@ -100,9 +100,11 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    help="answer writes after the replicas hold them (sync) or at once "
                         "(async) (MESH_CACHE_REPLICATION)")
     lk = d.lock
-    p.add_argument("--lock-min-ttl", type=float, default=float(env("LOCK_MIN_TTL", str(lk.min_ttl))),
+    p.add_argument("--lock-min-ttl", type=float,
+                   default=float(env("LOCK_MIN_TTL", str(lk.min_ttl))),
                    help="shortest lease ttl accepted, seconds (MESH_LOCK_MIN_TTL)")
-    p.add_argument("--lock-max-ttl", type=float, default=float(env("LOCK_MAX_TTL", str(lk.max_ttl))),
+    p.add_argument("--lock-max-ttl", type=float,
+                   default=float(env("LOCK_MAX_TTL", str(lk.max_ttl))),
                    help="longest lease ttl accepted, seconds (MESH_LOCK_MAX_TTL)")
     p.add_argument("--lock-default-ttl", type=float,
                    default=float(env("LOCK_DEFAULT_TTL", str(lk.default_ttl))),

@@ -25,6 +25,8 @@ from nodes.cache.machine import CACHE
 from nodes.cache.service import CacheService
 from nodes.config import NodeConfig
 from nodes.forwarding import Forwarder
+from nodes.lock.machine import LOCK
+from nodes.lock.service import LockService
 from nodes.registration import Registration
 from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
@@ -37,7 +39,6 @@ VERSION = "0.1.0"
 
 # Services whose contract is published but whose implementation is still an open issue.
 _PENDING = [
-    ("lock", lock_pb2, "LockService", "issue #4"),
     ("events", events_pb2, "EventsService", "issue #5"),
     ("scheduler", scheduler_pb2, "SchedulerService", "issue #6"),
 ]
@@ -70,6 +71,7 @@ class Node:
         )
         self.health = health.aio.HealthServicer()
         self.cache: CacheService | None = None
+        self.locks: LockService | None = None
         self.port = 0
         self.address = ""
         self._registration: Registration | None = None
@@ -102,7 +104,13 @@ class Node:
             service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
             add_service(self.server, self.cache, service)
             names.append(service.full_name)
-        # Lock, events and scheduler have their contracts but no implementation
+        if "lock" in wanted:
+            self.locks = LockService(self.config.lock)
+            self._factories[LOCK] = self.locks.machine
+            service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
+            add_service(self.server, self.locks, service)
+            names.append(service.full_name)
+        # Events and scheduler have their contracts but no implementation
         # yet: they are listed (reflection, health) and every call says so.
         for name, module, service_name, issue in _PENDING:
             if name in wanted:
@@ -123,8 +131,11 @@ class Node:
         self.address = self.config.advertise or f"{host}:{self.port}"
         self.replication.address = self.address
         await self.server.start()
+        forwarder = Forwarder(self.replication)
         if self.cache is not None:
-            self.cache.start(self.replication, Forwarder(self.replication))
+            self.cache.start(self.replication, forwarder)
+        if self.locks is not None:
+            self.locks.start(forwarder)
         # Ready means "can answer": with a cluster map, every call is served,
         # forwarded or redirected; without one, every call would be NO_MAP.
         for name in ["", *self.service_names]:

@@ -100,5 +100,8 @@ class CacheMachine:
                          for e in piece.entries)
         self.store.load(revision, items)
 
+    def role_changed(self) -> None:
+        """Nothing to do: the service asks the group before every change."""
+
     def close(self) -> None:
         self.store.release()

@@ -139,17 +139,21 @@ class Group:
 
     def become_primary(self, epoch: int) -> None:
         """Take over at ``epoch``: continue the history from this copy's last command."""
-        if self.role != PRIMARY or epoch != self.epoch:
+        changed = self.role != PRIMARY or epoch != self.epoch or self.fenced
+        if changed:
             log.debug("group %d: primary at epoch %d from seq %d", self.group_id, epoch,
                      self.log.last_seq)
         self.role = PRIMARY
         self.epoch = max(self.epoch, epoch)
         self.fenced = False
         self.snapshotting = False
+        if changed:
+            self._role_changed()
 
     def step_down(self, epoch: int, why: str) -> None:
         """Stop being primary (a newer epoch exists); pending writes fail."""
-        if self.role == PRIMARY:
+        was_primary = self.role == PRIMARY
+        if was_primary:
             log.debug("group %d: stepping down at epoch %d (%s)", self.group_id, epoch, why)
         self.role = REPLICA
         self.epoch = max(self.epoch, epoch)
@@ -157,14 +161,22 @@ class Group:
         for tracker in self.trackers.values():
             tracker.detach()
         self.trackers.clear()
+        if was_primary:
+            self._role_changed()
 
     def fence(self, seen_epoch: int) -> None:
         """A replica has seen a newer epoch: this primary was deposed."""
-        if not self.fenced:
-            log.warning("group %d: a replica reports epoch %d > ours %d; fenced",
-                        self.group_id, seen_epoch, self.epoch)
+        if self.fenced:
+            return
+        log.warning("group %d: a replica reports epoch %d > ours %d; fenced",
+                    self.group_id, seen_epoch, self.epoch)
         self.fenced = True
         self.fail_waiters("a newer primary took over")
+        self._role_changed()
+
+    def _role_changed(self) -> None:
+        for machine in self.machines.values():
+            machine.role_changed()
 
     # -- replica -------------------------------------------------------------
 

@@ -33,6 +33,10 @@ class StateMachine(Protocol):
     def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
         """Replace the (empty) state by a snapshot's chunks."""
 
+    def role_changed(self) -> None:
+        """The group's role changed: it became writable here (a new primary, or
+        unfenced) or stopped being so. Read ``group.writable`` and ``group.epoch``."""
+
     def close(self) -> None:
         """The group is leaving this node: release what the state holds."""
 

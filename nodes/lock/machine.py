@@ -1,0 +1,229 @@
+"""One group's locks: the replicated table, and on the primary the decisions.
+
+The primary decides everything that needs a clock or a queue (who is granted,
+with which token, when a lease expires) and ships each decision as a command;
+replicas only replay them into their `LockTable`. Expiry is a timer per lease
+on the primary. When a copy becomes primary it gives every lease a full ttl
+from that moment (etcd does the same on a leader change): the old primary's
+clock is not ours, and a lease must never end early because of a failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from common.slots import slot_for
+from mesh.lock.v1 import lock_replication_pb2 as lpb
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.config import LockLimits
+from nodes.lock import errors
+from nodes.lock.table import Lease, LockTable
+from nodes.lock.waiters import Grant, Waiter, WaitQueue
+
+if TYPE_CHECKING:
+    from nodes.replication.group import Group
+
+__all__ = ["LOCK", "LockMachine"]
+
+LOCK = rpb.SERVICE_KIND_LOCK
+
+
+class LockMachine:
+    """The locks of one group on this node."""
+
+    service = LOCK
+
+    def __init__(self, group: Group, limits: LockLimits) -> None:
+        self._group = group
+        self._limits = limits
+        self.table = LockTable()
+        # Primary only:
+        self.queues: dict[str, WaitQueue] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._leading = False
+
+    # -- replication (every copy) -----------------------------------------------
+
+    def apply(self, command: rpb.Command) -> None:
+        self.table.apply(lpb.LockCommand.FromString(command.payload))
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        return [(0, self.table.to_snapshot().SerializeToString())]
+
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+        for _, data in chunks:
+            self.table.load(lpb.LockSnapshot.FromString(data))
+
+    def role_changed(self) -> None:
+        if self._group.writable and not self._leading:
+            self._lead()
+        elif not self._group.writable and self._leading:
+            self._stop_leading()
+
+    def close(self) -> None:
+        self._stop_leading()
+
+    def _lead(self) -> None:
+        self._leading = True
+        now = time.time()
+        for name, lease in self.table.leases():
+            lease.expire_at = max(lease.expire_at, now + lease.ttl)
+            self._schedule(name, lease)
+
+    def _stop_leading(self) -> None:
+        self._leading = False
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        queues, self.queues = self.queues, {}
+        for queue in queues.values():
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(errors.primary_lost(self._group.group_id))
+
+    # -- decisions (primary) ------------------------------------------------------
+
+    def acquire(self, name: str, *, owner: str, permits: int, max_permits: int, ttl: float,
+                request_id: str, wait: float) -> Grant | Waiter:
+        """Grant at once, or queue a waiter (``wait`` > 0), or raise LOCK_TIMEOUT."""
+        lock = self.table.get(name)
+        queue = self.queues.get(name)
+        size = lock.max_permits if lock else queue.max_permits if queue else max_permits
+        if size != max_permits:
+            raise errors.permits_mismatch(name, size)
+        if request_id:
+            lease = lock.by_request(request_id) if lock else None
+            if lease is not None:  # a retry of a granted Acquire: the same lease
+                return Grant(lease, self._group.log.last_seq)
+            old = queue.by_request(request_id) if queue else None
+            if queue is not None and old is not None:
+                waiter = self._waiter(owner, permits, ttl, request_id, wait)
+                queue.replace(old, waiter)
+                if not old.future.done():
+                    old.future.set_exception(errors.superseded())
+                return waiter
+        if not queue and (lock is None or lock.available >= permits):
+            return self._grant(name, max_permits, owner, permits, ttl, request_id)
+        if wait <= 0:
+            raise errors.lock_timeout(name, self.table.token_bound(name), len(queue or ()))
+        if queue is None:
+            queue = self.queues[name] = WaitQueue(max_permits)
+        if len(queue) >= self._limits.max_waiters:
+            raise errors.too_many_waiters(name, self._limits.max_waiters)
+        waiter = self._waiter(owner, permits, ttl, request_id, wait)
+        queue.push(waiter)
+        return waiter
+
+    @staticmethod
+    def _waiter(owner: str, permits: int, ttl: float, request_id: str, wait: float) -> Waiter:
+        now = time.time()
+        return Waiter(owner, permits, ttl, request_id, since=now, give_up_at=now + wait)
+
+    def leave(self, name: str, waiter: Waiter) -> None:
+        """A waiter gave up (timeout or cancelled call)."""
+        queue = self.queues.get(name)
+        if queue is not None and queue.remove(waiter):
+            self._serve(name)  # it may have been the head holding back smaller requests
+
+    def release(self, name: str, lease_id: str) -> int:
+        """End a lease at its holder's request; returns the command's seq."""
+        lease = self.live_lease(name, lease_id)
+        return self._end(name, lease, lpb.LEASE_END_RELEASED)
+
+    def abandon(self, name: str, lease: Lease) -> None:
+        """A lease was granted to a call that went away before hearing of it."""
+        if self._leading and self.table.lease(name, lease.lease_id) is lease:
+            self._end(name, lease, lpb.LEASE_END_ABANDONED)
+
+    def refresh(self, name: str, lease_id: str, ttl: float | None) -> tuple[Lease, int]:
+        """Extend a live lease by ``ttl`` (default: its own) from now."""
+        lease = self.live_lease(name, lease_id)
+        ttl = ttl or lease.ttl
+        expire_at = time.time() + ttl
+        self.table.refresh(name, lease_id, ttl, expire_at)
+        seq = self._issue(name, lpb.LockCommand(refresh=lpb.LeaseRefresh(
+            name=name, lease_id=lease_id, ttl_seconds=ttl, expire_at=expire_at)))
+        self._schedule(name, lease)
+        return lease, seq
+
+    def live_lease(self, name: str, lease_id: str) -> Lease:
+        """The lease, if it has not ended or expired (else LOCK_NOT_HELD)."""
+        lease = self.table.lease(name, lease_id)
+        if lease is not None and lease.expire_at <= time.time():
+            self._expire(name, lease_id)  # its timer is due but has not run yet
+            lease = None
+        if lease is None:
+            raise errors.not_held(name, lease_id)
+        return lease
+
+    def live_leases(self, name: str) -> list[Lease]:
+        lock = self.table.get(name)
+        if lock is None:
+            return []
+        now = time.time()
+        return [lease for lease in lock.leases.values() if lease.expire_at > now]
+
+    def _grant(self, name: str, max_permits: int, owner: str, permits: int, ttl: float,
+               request_id: str) -> Grant:
+        now = time.time()
+        lease = Lease(uuid.uuid4().hex, owner, self.table.next_token(self._group.epoch),
+                      permits, ttl, now + ttl, now, request_id)
+        self.table.grant(name, max_permits, lease)
+        seq = self._issue(name, lpb.LockCommand(grant=lpb.LeaseGrant(
+            name=name, max_permits=max_permits, lease=lease.to_record())))
+        self._schedule(name, lease)
+        return Grant(lease, seq)
+
+    def _end(self, name: str, lease: Lease, why: lpb.LeaseEnd.ValueType) -> int:
+        self.table.end(name, lease.lease_id)
+        timer = self._timers.pop(lease.lease_id, None)
+        if timer is not None:
+            timer.cancel()
+        seq = self._issue(name, lpb.LockCommand(end=lpb.LeaseEndCommand(
+            name=name, lease_id=lease.lease_id, why=why)))
+        self._serve(name)
+        return seq
+
+    def _serve(self, name: str) -> None:
+        """Grant to the queue's head while the permits allow, in order."""
+        queue = self.queues.get(name)
+        if queue is None:
+            return
+        while (head := queue.head()) is not None:
+            lock = self.table.get(name)
+            if head.permits > (lock.available if lock else queue.max_permits):
+                break
+            queue.remove(head)
+            if not head.future.done():
+                head.future.set_result(self._grant(
+                    name, queue.max_permits, head.owner, head.permits, head.ttl,
+                    head.request_id))
+        if not queue:
+            del self.queues[name]
+
+    def _issue(self, name: str, command: lpb.LockCommand) -> int:
+        return self._group.append(slot_for(name), LOCK, command.SerializeToString())
+
+    # -- expiry (primary) -----------------------------------------------------------
+
+    def _schedule(self, name: str, lease: Lease) -> None:
+        timer = self._timers.pop(lease.lease_id, None)
+        if timer is not None:
+            timer.cancel()
+        delay = max(lease.expire_at - time.time(), 0.0)
+        self._timers[lease.lease_id] = asyncio.get_running_loop().call_later(
+            delay, self._expire, name, lease.lease_id)
+
+    def _expire(self, name: str, lease_id: str) -> None:
+        self._timers.pop(lease_id, None)
+        lease = self.table.lease(name, lease_id)
+        if not self._leading or lease is None:
+            return
+        if lease.expire_at > time.time():  # refreshed meanwhile
+            self._schedule(name, lease)
+            return
+        self._end(name, lease, lpb.LEASE_END_EXPIRED)

@@ -1,0 +1,159 @@
+"""A group's replicated lock state: live leases per lock name, and the token watermark.
+
+Every copy of a group (primary and replicas) keeps the same `LockTable`; it
+changes only through three decisions the primary ships (grant, end, refresh),
+so replaying them in order rebuilds it exactly. It knows nothing of clocks,
+waiters or timers: those belong to the primary (`nodes.lock.machine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from mesh.lock.v1 import lock_replication_pb2 as lpb
+
+__all__ = ["EPOCH_SHIFT", "Lease", "Lock", "LockTable"]
+
+EPOCH_SHIFT = 32
+"""A fencing token is ``epoch << 32 | n``: a new primary (a new epoch) starts above
+every token an older one could have granted, even if the group's state were lost."""
+
+
+@dataclass(slots=True)
+class Lease:
+    """A live lease, as every copy keeps it."""
+
+    lease_id: str
+    owner: str
+    token: int
+    permits: int
+    ttl: float
+    expire_at: float
+    acquire_at: float
+    request_id: str = ""
+
+    def to_record(self) -> lpb.LeaseRecord:
+        return lpb.LeaseRecord(
+            lease_id=self.lease_id, owner=self.owner, fencing_token=self.token,
+            permits=self.permits, ttl_seconds=self.ttl, expire_at=self.expire_at,
+            acquire_at=self.acquire_at, request_id=self.request_id)
+
+    @classmethod
+    def of(cls, r: lpb.LeaseRecord) -> Lease:
+        return cls(r.lease_id, r.owner, r.fencing_token, r.permits, r.ttl_seconds,
+                   r.expire_at, r.acquire_at, r.request_id)
+
+
+@dataclass(slots=True)
+class Lock:
+    """A lock in use: its size and its leases in grant order."""
+
+    name: str
+    max_permits: int
+    last_token: int = 0
+    leases: dict[str, Lease] = field(default_factory=dict)
+    held: int = 0
+    """Permits held by the leases."""
+
+    @property
+    def available(self) -> int:
+        return self.max_permits - self.held
+
+    def by_request(self, request_id: str) -> Lease | None:
+        for lease in self.leases.values():
+            if lease.request_id == request_id:
+                return lease
+        return None
+
+
+class LockTable:
+    """The locks of one group that have live leases. A lock with none is forgotten
+    (names are unbounded); the group's ``last_token`` keeps tokens growing for it."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, Lock] = {}
+        self.last_token = 0
+
+    def get(self, name: str) -> Lock | None:
+        return self.locks.get(name)
+
+    def lease(self, name: str, lease_id: str) -> Lease | None:
+        lock = self.locks.get(name)
+        return lock.leases.get(lease_id) if lock is not None else None
+
+    def leases(self) -> Iterator[tuple[str, Lease]]:
+        for name, lock in self.locks.items():
+            for lease in lock.leases.values():
+                yield name, lease
+
+    def next_token(self, epoch: int) -> int:
+        """The token for the next grant by a primary of ``epoch``."""
+        return max(self.last_token + 1, epoch << EPOCH_SHIFT)
+
+    def token_bound(self, name: str) -> int:
+        """At least the latest token granted for ``name``, below the next one."""
+        lock = self.locks.get(name)
+        return lock.last_token if lock is not None else self.last_token
+
+    # -- the three decisions -------------------------------------------------
+
+    def grant(self, name: str, max_permits: int, lease: Lease) -> None:
+        lock = self.locks.get(name)
+        if lock is None:
+            lock = self.locks[name] = Lock(name, max_permits)
+        lock.leases[lease.lease_id] = lease
+        lock.held += lease.permits
+        lock.last_token = max(lock.last_token, lease.token)
+        self.last_token = max(self.last_token, lease.token)
+
+    def end(self, name: str, lease_id: str) -> Lease | None:
+        lock = self.locks.get(name)
+        if lock is None:
+            return None
+        lease = lock.leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        lock.held -= lease.permits
+        if not lock.leases:
+            del self.locks[name]
+        return lease
+
+    def refresh(self, name: str, lease_id: str, ttl: float, expire_at: float) -> Lease | None:
+        lease = self.lease(name, lease_id)
+        if lease is not None:
+            lease.ttl = ttl
+            lease.expire_at = expire_at
+        return lease
+
+    # -- replication -----------------------------------------------------------
+
+    def apply(self, command: lpb.LockCommand) -> None:
+        """Replay one decision of the primary."""
+        kind = command.WhichOneof("change")
+        if kind == "grant":
+            g = command.grant
+            self.grant(g.name, g.max_permits, Lease.of(g.lease))
+        elif kind == "end":
+            self.end(command.end.name, command.end.lease_id)
+        elif kind == "refresh":
+            r = command.refresh
+            self.refresh(r.name, r.lease_id, r.ttl_seconds, r.expire_at)
+
+    def to_snapshot(self) -> lpb.LockSnapshot:
+        snapshot = lpb.LockSnapshot(last_token=self.last_token)
+        for lock in self.locks.values():
+            snapshot.locks.append(lpb.LockRecord(
+                name=lock.name, max_permits=lock.max_permits, last_token=lock.last_token,
+                leases=[lease.to_record() for lease in lock.leases.values()]))
+        return snapshot
+
+    def load(self, snapshot: lpb.LockSnapshot) -> None:
+        self.last_token = max(self.last_token, snapshot.last_token)
+        for record in snapshot.locks:
+            lock = Lock(record.name, record.max_permits, record.last_token)
+            for r in record.leases:
+                lock.leases[r.lease_id] = Lease.of(r)
+                lock.held += r.permits
+            if lock.leases:
+                self.locks[record.name] = lock

@@ -1,0 +1,60 @@
+"""Request validation for locks: every failure names the offending field."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2
+
+from common.errors import invalid_argument
+from nodes.cache.validation import check_key
+from nodes.config import LockLimits
+
+__all__ = ["check_name", "check_owner", "check_request_id", "permits", "ttl", "wait"]
+
+MAX_OWNER_BYTES = 256
+MAX_REQUEST_ID_BYTES = 64
+
+
+def check_name(name: str) -> None:
+    check_key(name, "name")
+
+
+def check_owner(owner: str) -> None:
+    if len(owner) * 4 > MAX_OWNER_BYTES and len(owner.encode()) > MAX_OWNER_BYTES:
+        raise invalid_argument("owner", f"must be at most {MAX_OWNER_BYTES} bytes")
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise invalid_argument("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes")
+
+
+def _seconds(value: duration_pb2.Duration, field: str) -> float:
+    if value.seconds < 0 or value.nanos < 0:
+        raise invalid_argument(field, "must not be negative")
+    if value.nanos >= 1_000_000_000:
+        raise invalid_argument(field, "nanos must be below 1e9")
+    return value.seconds + value.nanos / 1e9
+
+
+def ttl(value: duration_pb2.Duration, limits: LockLimits, *, default: float | None) -> float | None:
+    """The ttl in seconds; unset or zero gives ``default``."""
+    seconds = _seconds(value, "ttl")
+    if seconds == 0:
+        return default
+    if not limits.min_ttl <= seconds <= limits.max_ttl:
+        raise invalid_argument(
+            "ttl", f"must lie within [{limits.min_ttl:g}s, {limits.max_ttl:g}s] (got {seconds:g}s)")
+    return seconds
+
+
+def wait(value: duration_pb2.Duration) -> float:
+    return _seconds(value, "wait_timeout")
+
+
+def permits(wanted: int, max_permits: int) -> tuple[int, int]:
+    """``(permits, max_permits)`` with zeros meaning 1."""
+    wanted, max_permits = wanted or 1, max_permits or 1
+    if wanted > max_permits:
+        raise invalid_argument(
+            "permits", f"asks for {wanted} permits of a lock that has max_permits {max_permits}")
+    return wanted, max_permits

@@ -1,0 +1,248 @@
+"""LockService over the wire, against a real node, with the raw generated stub:
+what any gRPC language sees (codes, reasons, named fields, FIFO, expiry)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from meshctl.processes import LocalMesh
+from mesh.lock.v1 import lock_pb2 as pb
+from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
+
+
+def _d(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(reason, ErrorInfo metadata, BadRequest violations) of a rich error."""
+    reason, metadata, violations = "", {}, {}
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = {v.field: v.description for v in bad.field_violations}
+    return reason, metadata, violations
+
+
+@pytest.fixture
+async def stub(shared_node: LocalMesh) -> AsyncIterator[pb_grpc.LockServiceStub]:
+    async with grpc.aio.insecure_channel(shared_node.nodes[0].address) as channel:
+        yield pb_grpc.LockServiceStub(channel)
+
+
+async def _acquire(stub: pb_grpc.LockServiceStub, name: str, *, ttl: float = 10.0,
+                   wait: float = 0.0, owner: str = "", permits: int = 0,
+                   max_permits: int = 0, request_id: str = "") -> pb.AcquireResponse:
+    response: pb.AcquireResponse = await stub.Acquire(
+        pb.AcquireRequest(name=name, owner=owner, ttl=_d(ttl), wait_timeout=_d(wait),
+                          permits=permits, max_permits=max_permits, request_id=request_id),
+        timeout=wait + 5.0)
+    return response
+
+
+async def _error(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value
+
+
+async def test_acquire_release_and_tokens_grow(stub: pb_grpc.LockServiceStub) -> None:
+    first = await _acquire(stub, "rpc:basic", owner="me")
+    assert first.lease_id and first.fencing_token > 0
+    assert first.expire_time.ToSeconds() > time.time() + 5
+    await stub.Release(pb.ReleaseRequest(name="rpc:basic", lease_id=first.lease_id))
+    second = await _acquire(stub, "rpc:basic")
+    assert second.fencing_token > first.fencing_token
+    await stub.Release(pb.ReleaseRequest(name="rpc:basic", lease_id=second.lease_id))
+
+
+async def test_try_lock_when_held_is_lock_timeout(stub: pb_grpc.LockServiceStub) -> None:
+    held = await _acquire(stub, "rpc:try")
+    error = await _error(_acquire(stub, "rpc:try"))
+    reason, metadata, _ = _details(error)
+    assert error.code() == grpc.StatusCode.ABORTED and reason == "LOCK_TIMEOUT"
+    assert metadata["fencing_token"] == str(held.fencing_token)
+    assert metadata["waiters"] == "0"
+
+
+async def test_wait_timeout_leaves_the_queue(stub: pb_grpc.LockServiceStub) -> None:
+    await _acquire(stub, "rpc:wait")
+    started = time.monotonic()
+    error = await _error(_acquire(stub, "rpc:wait", wait=0.3))
+    assert _details(error)[0] == "LOCK_TIMEOUT"
+    assert time.monotonic() - started >= 0.3
+    described = await stub.Describe(pb.DescribeRequest(name="rpc:wait"))
+    assert len(described.holders) == 1 and not described.waiters
+
+
+async def test_waiters_are_served_in_arrival_order(stub: pb_grpc.LockServiceStub) -> None:
+    held = await _acquire(stub, "rpc:fifo")
+    granted: list[str] = []
+
+    async def wait(owner: str) -> None:
+        lease = await _acquire(stub, "rpc:fifo", owner=owner, wait=10.0)
+        granted.append(owner)
+        await stub.Release(pb.ReleaseRequest(name="rpc:fifo", lease_id=lease.lease_id))
+
+    tasks = []
+    for i in range(5):
+        tasks.append(asyncio.create_task(wait(f"w{i}")))
+        while len((await stub.Describe(pb.DescribeRequest(name="rpc:fifo"))).waiters) <= i:
+            await asyncio.sleep(0.01)
+    described = await stub.Describe(pb.DescribeRequest(name="rpc:fifo"))
+    assert [w.owner for w in described.waiters] == [f"w{i}" for i in range(5)]
+    await stub.Release(pb.ReleaseRequest(name="rpc:fifo", lease_id=held.lease_id))
+    await asyncio.gather(*tasks)
+    assert granted == [f"w{i}" for i in range(5)]
+
+
+async def test_cancelled_waiter_leaves_the_queue(stub: pb_grpc.LockServiceStub) -> None:
+    held = await _acquire(stub, "rpc:cancel")
+    call = stub.Acquire(pb.AcquireRequest(name="rpc:cancel", owner="quitter", wait_timeout=_d(30)),
+                        timeout=35)
+    while not (await stub.Describe(pb.DescribeRequest(name="rpc:cancel"))).waiters:
+        await asyncio.sleep(0.01)
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while (await stub.Describe(pb.DescribeRequest(name="rpc:cancel"))).waiters:
+        assert time.monotonic() < deadline, "the cancelled waiter stayed queued"
+        await asyncio.sleep(0.01)
+    await stub.Release(pb.ReleaseRequest(name="rpc:cancel", lease_id=held.lease_id))
+    described = await stub.Describe(pb.DescribeRequest(name="rpc:cancel"))
+    assert not described.holders  # nothing was granted to the departed waiter
+
+
+async def test_expiry_releases_and_wakes_the_next_waiter(
+        stub: pb_grpc.LockServiceStub) -> None:
+    first = await _acquire(stub, "rpc:expiry", ttl=1.0)
+    started = time.monotonic()
+    second = await _acquire(stub, "rpc:expiry", wait=5.0)
+    waited = time.monotonic() - started
+    assert 0.5 < waited < 3.0
+    assert second.fencing_token > first.fencing_token
+    error = await _error(stub.Refresh(pb.RefreshRequest(name="rpc:expiry",
+                                                        lease_id=first.lease_id)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert _details(error)[0] == "LOCK_NOT_HELD"
+
+
+async def test_refresh_extends_and_keeps_the_token(stub: pb_grpc.LockServiceStub) -> None:
+    lease = await _acquire(stub, "rpc:refresh", ttl=1.0)
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        refreshed = await stub.Refresh(pb.RefreshRequest(name="rpc:refresh",
+                                                         lease_id=lease.lease_id))
+        assert refreshed.fencing_token == lease.fencing_token
+    longer = await stub.Refresh(pb.RefreshRequest(name="rpc:refresh", lease_id=lease.lease_id,
+                                                  ttl=_d(60)))
+    assert longer.expire_time.ToSeconds() > time.time() + 50
+    described = await stub.Describe(pb.DescribeRequest(name="rpc:refresh"))
+    assert [h.lease_id for h in described.holders] == [lease.lease_id]
+
+
+async def test_validate(stub: pb_grpc.LockServiceStub) -> None:
+    lease = await _acquire(stub, "rpc:validate")
+    ok = await stub.Validate(pb.ValidateRequest(name="rpc:validate",
+                                                fencing_token=lease.fencing_token))
+    assert ok.valid and ok.current_token == lease.fencing_token
+    stale = await stub.Validate(pb.ValidateRequest(name="rpc:validate",
+                                                   fencing_token=lease.fencing_token - 1))
+    assert not stale.valid
+    await stub.Release(pb.ReleaseRequest(name="rpc:validate", lease_id=lease.lease_id))
+    gone = await stub.Validate(pb.ValidateRequest(name="rpc:validate",
+                                                  fencing_token=lease.fencing_token))
+    assert not gone.valid and gone.current_token == 0
+
+
+async def test_semaphore_permits(stub: pb_grpc.LockServiceStub) -> None:
+    a = await _acquire(stub, "rpc:sem", permits=2, max_permits=3)
+    b = await _acquire(stub, "rpc:sem", permits=1, max_permits=3)
+    assert b.fencing_token > a.fencing_token
+    error = await _error(_acquire(stub, "rpc:sem", permits=1, max_permits=3))
+    assert _details(error)[0] == "LOCK_TIMEOUT"
+    mismatch = await _error(_acquire(stub, "rpc:sem", max_permits=2))
+    reason, metadata, _ = _details(mismatch)
+    assert mismatch.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason == "PERMITS_MISMATCH" and metadata["max_permits"] == "3"
+    described = await stub.Describe(pb.DescribeRequest(name="rpc:sem"))
+    assert described.max_permits == 3 and described.available_permits == 0
+    # The head of the queue wants 2: a later request for 1 waits behind it.
+    big = asyncio.create_task(_acquire(stub, "rpc:sem", permits=2, max_permits=3, wait=10))
+    while not (await stub.Describe(pb.DescribeRequest(name="rpc:sem"))).waiters:
+        await asyncio.sleep(0.01)
+    small = asyncio.create_task(_acquire(stub, "rpc:sem", permits=1, max_permits=3, wait=10))
+    while len((await stub.Describe(pb.DescribeRequest(name="rpc:sem"))).waiters) < 2:
+        await asyncio.sleep(0.01)
+    await stub.Release(pb.ReleaseRequest(name="rpc:sem", lease_id=b.lease_id))
+    await asyncio.sleep(0.2)
+    assert not big.done() and not small.done()
+    await stub.Release(pb.ReleaseRequest(name="rpc:sem", lease_id=a.lease_id))
+    big_lease, small_lease = await asyncio.gather(big, small)
+    assert small_lease.fencing_token > big_lease.fencing_token
+
+
+async def test_retried_acquire_with_request_id_gets_the_same_lease(
+        stub: pb_grpc.LockServiceStub) -> None:
+    first = await _acquire(stub, "rpc:idem", request_id="req-1")
+    again = await _acquire(stub, "rpc:idem", request_id="req-1")
+    assert (again.lease_id, again.fencing_token) == (first.lease_id, first.fencing_token)
+    other = await _error(_acquire(stub, "rpc:idem", request_id="req-2"))
+    assert _details(other)[0] == "LOCK_TIMEOUT"
+
+
+async def test_wrong_lease_is_lock_not_held(stub: pb_grpc.LockServiceStub) -> None:
+    await _acquire(stub, "rpc:wrong")
+    for call in (stub.Release(pb.ReleaseRequest(name="rpc:wrong", lease_id="nope")),
+                 stub.Refresh(pb.RefreshRequest(name="rpc:wrong", lease_id="nope")),
+                 stub.Release(pb.ReleaseRequest(name="rpc:never-used", lease_id="nope"))):
+        error = await _error(call)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _details(error)[0] == "LOCK_NOT_HELD"
+
+
+@pytest.mark.parametrize(("request_", "field"), [
+    (pb.AcquireRequest(name=""), "name"),
+    (pb.AcquireRequest(name="x" * 1025), "name"),
+    (pb.AcquireRequest(name="n", owner="o" * 257), "owner"),
+    (pb.AcquireRequest(name="n", ttl=_d(0.5)), "ttl"),
+    (pb.AcquireRequest(name="n", ttl=_d(3601)), "ttl"),
+    (pb.AcquireRequest(name="n", ttl=duration_pb2.Duration(seconds=-1)), "ttl"),
+    (pb.AcquireRequest(name="n", wait_timeout=duration_pb2.Duration(seconds=-1)),
+     "wait_timeout"),
+    (pb.AcquireRequest(name="n", permits=2), "permits"),
+    (pb.AcquireRequest(name="n", request_id="r" * 65), "request_id"),
+])
+async def test_bad_acquire_names_the_field(stub: pb_grpc.LockServiceStub,
+                                           request_: pb.AcquireRequest, field: str) -> None:
+    error = await _error(stub.Acquire(request_, timeout=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in _details(error)[2]
+
+
+async def test_bad_refresh_ttl_and_empty_names(stub: pb_grpc.LockServiceStub) -> None:
+    error = await _error(stub.Refresh(pb.RefreshRequest(name="n", lease_id="l",
+                                                        ttl=_d(7200))))
+    assert "ttl" in _details(error)[2]
+    for call in (stub.Release(pb.ReleaseRequest(name="")),
+                 stub.Describe(pb.DescribeRequest(name="")),
+                 stub.Validate(pb.ValidateRequest(name=""))):
+        error = await _error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "name" in _details(error)[2]
