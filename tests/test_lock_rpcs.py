@@ -12,9 +12,9 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from meshctl.processes import LocalMesh
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
+from meshctl.processes import LocalMesh
 
 
 def _d(seconds: float) -> duration_pb2.Duration:
@@ -55,6 +55,17 @@ async def _acquire(stub: pb_grpc.LockServiceStub, name: str, *, ttl: float = 10.
                           permits=permits, max_permits=max_permits, request_id=request_id),
         timeout=wait + 5.0)
     return response
+
+
+async def _queued(stub: pb_grpc.LockServiceStub, name: str, count: int) -> None:
+    """Wait until ``name`` has ``count`` waiters."""
+    deadline = time.monotonic() + 5
+    while True:
+        described = await stub.Describe(pb.DescribeRequest(name=name))
+        if len(described.waiters) == count:
+            return
+        assert time.monotonic() < deadline, f"{name}: {len(described.waiters)} waiters"
+        await asyncio.sleep(0.01)
 
 
 async def _error(call: object) -> grpc.aio.AioRpcError:
@@ -104,8 +115,7 @@ async def test_waiters_are_served_in_arrival_order(stub: pb_grpc.LockServiceStub
     tasks = []
     for i in range(5):
         tasks.append(asyncio.create_task(wait(f"w{i}")))
-        while len((await stub.Describe(pb.DescribeRequest(name="rpc:fifo"))).waiters) <= i:
-            await asyncio.sleep(0.01)
+        await _queued(stub, "rpc:fifo", i + 1)
     described = await stub.Describe(pb.DescribeRequest(name="rpc:fifo"))
     assert [w.owner for w in described.waiters] == [f"w{i}" for i in range(5)]
     await stub.Release(pb.ReleaseRequest(name="rpc:fifo", lease_id=held.lease_id))
@@ -115,15 +125,11 @@ async def test_waiters_are_served_in_arrival_order(stub: pb_grpc.LockServiceStub
 
 async def test_cancelled_waiter_leaves_the_queue(stub: pb_grpc.LockServiceStub) -> None:
     held = await _acquire(stub, "rpc:cancel")
-    call = stub.Acquire(pb.AcquireRequest(name="rpc:cancel", owner="quitter", wait_timeout=_d(30)),
-                        timeout=35)
-    while not (await stub.Describe(pb.DescribeRequest(name="rpc:cancel"))).waiters:
-        await asyncio.sleep(0.01)
+    call = stub.Acquire(pb.AcquireRequest(name="rpc:cancel", owner="quitter",
+                                          wait_timeout=_d(30)), timeout=35)
+    await _queued(stub, "rpc:cancel", 1)
     call.cancel()
-    deadline = time.monotonic() + 5
-    while (await stub.Describe(pb.DescribeRequest(name="rpc:cancel"))).waiters:
-        assert time.monotonic() < deadline, "the cancelled waiter stayed queued"
-        await asyncio.sleep(0.01)
+    await _queued(stub, "rpc:cancel", 0)
     await stub.Release(pb.ReleaseRequest(name="rpc:cancel", lease_id=held.lease_id))
     described = await stub.Describe(pb.DescribeRequest(name="rpc:cancel"))
     assert not described.holders  # nothing was granted to the departed waiter
@@ -185,11 +191,9 @@ async def test_semaphore_permits(stub: pb_grpc.LockServiceStub) -> None:
     assert described.max_permits == 3 and described.available_permits == 0
     # The head of the queue wants 2: a later request for 1 waits behind it.
     big = asyncio.create_task(_acquire(stub, "rpc:sem", permits=2, max_permits=3, wait=10))
-    while not (await stub.Describe(pb.DescribeRequest(name="rpc:sem"))).waiters:
-        await asyncio.sleep(0.01)
+    await _queued(stub, "rpc:sem", 1)
     small = asyncio.create_task(_acquire(stub, "rpc:sem", permits=1, max_permits=3, wait=10))
-    while len((await stub.Describe(pb.DescribeRequest(name="rpc:sem"))).waiters) < 2:
-        await asyncio.sleep(0.01)
+    await _queued(stub, "rpc:sem", 2)
     await stub.Release(pb.ReleaseRequest(name="rpc:sem", lease_id=b.lease_id))
     await asyncio.sleep(0.2)
     assert not big.done() and not small.done()
