@@ -33,6 +33,9 @@ class Recorder:
         for _, data in chunks:
             self.applied = data.split(b",") if data else []
 
+    def role_changed(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -1,0 +1,186 @@
+"""Lock decisions on a primary and their replay on a replica, without a network.
+
+A real `Group` with no replicas commits at once; a second group stands for a
+replica and applies the primary's commands as the replication layer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from common.errors import MeshStatusError
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.config import LockLimits
+from nodes.lock.machine import LOCK, LockMachine
+from nodes.lock.table import EPOCH_SHIFT, LockTable
+from nodes.lock.waiters import Grant, Waiter
+from nodes.replication.group import Group
+
+LIMITS = LockLimits(max_waiters=3)
+
+
+def _group(node: str, epoch: int, primary: bool) -> Group:
+    group = Group(7, node, {LOCK: lambda g: LockMachine(g, LIMITS)})
+    if primary:
+        group.become_primary(epoch)
+    else:
+        group.epoch = epoch
+    return group
+
+
+def _machine(group: Group) -> LockMachine:
+    machine = group.machines[LOCK]
+    assert isinstance(machine, LockMachine)
+    return machine
+
+
+def _replay(primary: Group, replica: Group, after: int = 0) -> None:
+    machine = _machine(replica)
+    for command in primary.log.since(after, 10_000):
+        machine.apply(command)
+
+
+def _acquire(machine: LockMachine, name: str, *, wait: float = 0.0, permits: int = 1,
+             max_permits: int = 1, ttl: float = 10.0, request_id: str = "",
+             owner: str = "") -> Grant | Waiter:
+    return machine.acquire(name, owner=owner, permits=permits, max_permits=max_permits,
+                           ttl=ttl, request_id=request_id, wait=wait)
+
+
+def _granted(outcome: Grant | Waiter) -> Grant:
+    assert isinstance(outcome, Grant)
+    return outcome
+
+
+async def test_tokens_start_at_the_epoch_and_grow() -> None:
+    primary = _group("a", epoch=3, primary=True)
+    m = _machine(primary)
+    first = _granted(_acquire(m, "x"))
+    assert first.lease.token == 3 << EPOCH_SHIFT
+    m.release("x", first.lease.lease_id)
+    second = _granted(_acquire(m, "y"))
+    assert second.lease.token == first.lease.token + 1
+    assert m.table.token_bound("x") == second.lease.token  # forgotten: the group's bound
+    m.close()
+
+
+async def test_replica_replays_to_the_same_state_and_a_new_epoch_tokens_higher() -> None:
+    primary = _group("a", epoch=2, primary=True)
+    replica = _group("b", epoch=2, primary=False)
+    m = _machine(primary)
+    kept = _granted(_acquire(m, "kept", ttl=5.0, owner="o1"))
+    gone = _granted(_acquire(m, "gone"))
+    m.release("gone", gone.lease.lease_id)
+    m.refresh("kept", kept.lease.lease_id, 20.0)
+    _replay(primary, replica)
+    r = _machine(replica)
+    assert r.table.to_snapshot() == m.table.to_snapshot()
+    lease = r.table.lease("kept", kept.lease.lease_id)
+    assert lease is not None and lease.ttl == 20.0 and lease.owner == "o1"
+    assert r.table.get("gone") is None
+
+    # Failover: the replica leads epoch 5 and grants above every earlier token.
+    replica.become_primary(5)
+    other = _granted(_acquire(r, "other"))
+    assert other.lease.token == 5 << EPOCH_SHIFT > kept.lease.token
+    m.close()
+    r.close()
+
+
+async def test_promotion_gives_every_lease_a_full_ttl() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    replica = _group("b", epoch=1, primary=False)
+    m = _machine(primary)
+    grant = _granted(_acquire(m, "held", ttl=10.0))
+    _replay(primary, replica)
+    copy = _machine(replica).table.lease("held", grant.lease.lease_id)
+    assert copy is not None
+    copy.expire_at = time.time() - 1  # as if the old primary's clock ran ahead
+    replica.become_primary(2)
+    assert copy.expire_at >= time.time() + 9
+    lease, _ = _machine(replica).refresh("held", grant.lease.lease_id, None)
+    assert lease.token == grant.lease.token
+    m.close()
+    _machine(replica).close()
+
+
+async def test_waiters_fifo_and_expiry_hands_over() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    m = _machine(primary)
+    held = _granted(_acquire(m, "q", ttl=0.05))
+    w1 = _acquire(m, "q", wait=5, owner="w1")
+    w2 = _acquire(m, "q", wait=5, owner="w2")
+    assert isinstance(w1, Waiter) and isinstance(w2, Waiter)
+    granted = await asyncio.wait_for(w1.future, 2)  # the 50 ms lease expired
+    assert granted.lease.owner == "w1" and granted.lease.token > held.lease.token
+    assert not w2.future.done()
+    m.release("q", granted.lease.lease_id)
+    assert (await asyncio.wait_for(w2.future, 1)).lease.owner == "w2"
+    m.close()
+
+
+async def test_queue_limit_and_leaving() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    m = _machine(primary)
+    held = _granted(_acquire(m, "full"))
+    waiters = [_acquire(m, "full", wait=5) for _ in range(3)]
+    with pytest.raises(MeshStatusError) as info:
+        _acquire(m, "full", wait=5)
+    assert info.value.reason == "TOO_MANY_WAITERS"
+    first = waiters[0]
+    assert isinstance(first, Waiter)
+    m.leave("full", first)
+    m.release("full", held.lease.lease_id)
+    assert not first.future.done()
+    second, third = waiters[1:]
+    assert isinstance(second, Waiter) and second.future.done()
+    m.close()
+    assert isinstance(third, Waiter) and isinstance(third.future.exception(), MeshStatusError)
+
+
+async def test_a_retry_with_the_same_request_id_takes_the_waiters_place() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    m = _machine(primary)
+    held = _granted(_acquire(m, "r"))
+    first = _acquire(m, "r", wait=5, request_id="req")
+    behind = _acquire(m, "r", wait=5, request_id="other")
+    retry = _acquire(m, "r", wait=5, request_id="req")
+    assert isinstance(first, Waiter) and isinstance(retry, Waiter)
+    assert isinstance(behind, Waiter)
+    with pytest.raises(MeshStatusError):
+        first.future.result()
+    m.release("r", held.lease.lease_id)
+    assert retry.future.done() and not behind.future.done()
+    lease = retry.future.result().lease
+    again = _granted(_acquire(m, "r", request_id="req"))
+    assert again.lease is lease
+    m.close()
+    assert isinstance(behind.future.exception(), MeshStatusError)
+
+
+async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    m = _machine(primary)
+    _granted(_acquire(m, "s", ttl=0.05))
+    waiter = _acquire(m, "s", wait=5)
+    assert isinstance(waiter, Waiter)
+    primary.step_down(2, "test")
+    with pytest.raises(MeshStatusError) as info:
+        waiter.future.result()
+    assert info.value.reason == "GROUP_UNAVAILABLE"
+    await asyncio.sleep(0.1)
+    assert m.table.get("s") is not None  # a replica never expires on its own
+    m.close()
+
+
+def test_snapshot_round_trip() -> None:
+    table = LockTable()
+    snapshot = table.to_snapshot()
+    assert LockTable().to_snapshot() == snapshot
+    restored = LockTable()
+    restored.load(snapshot)
+    assert restored.last_token == 0 and not restored.locks
+    assert rpb.SERVICE_KIND_LOCK == LOCK
