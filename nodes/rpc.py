@@ -29,8 +29,9 @@ class ForwardedError(Exception):
 
     async def abort(self, context: grpc.aio.ServicerContext) -> NoReturn:
         error = self.error
+        # aio gives a Metadata object; abort() wants a tuple of pairs.
         await context.abort(error.code(), error.details() or "",
-                            error.trailing_metadata() or ())
+                            tuple(error.trailing_metadata() or ()))
         raise AssertionError("abort always raises")
 
 

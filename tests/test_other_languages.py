@@ -133,6 +133,34 @@ async def test_grpcurl_set_then_get_through_nodes_that_forward(
     assert "expire_time" in reply  # grpcurl keeps the proto field names
 
 
+async def test_grpcurl_lock_acquire_validate_release_through_forwarding_nodes(
+    shared_cluster: LocalMesh,
+) -> None:
+    name = "grpcurl:lock"
+    first, second = non_owner(shared_cluster, name)
+    acquired = await grpcurl(first, "mesh.lock.v1.LockService/Acquire",
+                             data={"name": name, "owner": "grpcurl", "ttl": "30s"})
+    assert acquired.returncode == 0, acquired.stderr
+    lease = json.loads(acquired.stdout)
+    token = lease["fencing_token"]  # uint64 is a JSON string
+
+    busy = await grpcurl(second, "mesh.lock.v1.LockService/Acquire",
+                         data={"name": name, "wait_timeout": "0.2s"})
+    assert busy.returncode == 64 + 10, busy.stderr  # ABORTED
+    assert "not acquired in time" in busy.stderr and "LOCK_TIMEOUT" in busy.stderr
+
+    valid = await grpcurl(second, "mesh.lock.v1.LockService/Validate",
+                          data={"name": name, "fencing_token": token})
+    assert valid.returncode == 0, valid.stderr
+    assert json.loads(valid.stdout) == {"valid": True, "current_token": token}
+
+    released = await grpcurl(second, "mesh.lock.v1.LockService/Release",
+                             data={"name": name, "lease_id": lease["lease_id"]})
+    assert released.returncode == 0, released.stderr
+    described = await grpcurl(first, "mesh.lock.v1.LockService/Describe", data={"name": name})
+    assert json.loads(described.stdout).get("holders") is None  # empty lists are omitted
+
+
 async def test_grpcurl_bad_input_is_invalid_argument_naming_the_field(address: str) -> None:
     result = await grpcurl(address, "mesh.cache.v1.CacheService/Set",
                            data={"key": "", "value": b64("v")})
