@@ -3,6 +3,8 @@
     async with Mesh(etcd="127.0.0.1:2379") as mesh:
         await mesh.cache.set("greeting", "hello", ttl=60)
         print(await mesh.cache.get("greeting"))
+        async with mesh.lock("orders", ttl=10) as lease:
+            ...  # pass lease.token to whatever the lock protects
 
 ``clients.sync.SyncMesh`` offers the same calls without asyncio.
 """
@@ -16,6 +18,9 @@ from clients.errors import (
     InternalError,
     InvalidArgumentError,
     KeyExistsError,
+    LockLostError,
+    LockNotHeldError,
+    LockTimeoutError,
     MeshError,
     NoNodesError,
     NotFoundError,
@@ -25,6 +30,8 @@ from clients.errors import (
     VersionMismatchError,
     WatchGapError,
 )
+from clients.lease import Lease
+from clients.lock import HolderInfo, LockClient, LockInfo, WaiterInfo
 from clients.mesh import Mesh
 
 __all__ = [
@@ -34,9 +41,16 @@ __all__ = [
     "DeadlineExceededError",
     "EventType",
     "FailedPreconditionError",
+    "HolderInfo",
     "InternalError",
     "InvalidArgumentError",
     "KeyExistsError",
+    "Lease",
+    "LockClient",
+    "LockInfo",
+    "LockLostError",
+    "LockNotHeldError",
+    "LockTimeoutError",
     "Mesh",
     "MeshError",
     "NoNodesError",
@@ -46,5 +60,6 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "VersionMismatchError",
+    "WaiterInfo",
     "WatchGapError",
 ]

@@ -6,14 +6,17 @@
     ├── InvalidArgumentError        bad input; .field_violations names the fields
     ├── ConflictError               a conditional write's condition failed (re-read, retry)
     │   ├── KeyExistsError          only_if_absent, and the key exists
-    │   └── VersionMismatchError    only_if_version, and .current_version differs
+    │   ├── VersionMismatchError    only_if_version, and .current_version differs
+    │   └── LockTimeoutError        the lock was not acquired in time (nothing held or queued)
     ├── NotFoundError
     ├── FailedPreconditionError     the system is not in a state to do this; don't retry as is
+    │   └── LockNotHeldError        the lease is unknown, released or expired: acquire again
     ├── ResourceExhaustedError      overload or a limit (cache full, too many watches); back off
     ├── UnavailableError            no node took the call in time; see the class for retries
     │   └── NoNodesError            no node offers the service
     ├── DeadlineExceededError       the call's deadline passed
     ├── WatchGapError               a watch stream lost .missed changes (the reader was too slow)
+    ├── LockLostError               (client-side) a lease was lost, or presumed lost, while held
     ├── UnimplementedError          the node does not implement this call (yet)
     └── InternalError               a bug or an unexpected server failure
 
@@ -84,12 +87,32 @@ class VersionMismatchError(ConflictError):
         return int(self.metadata.get("current_version", "0"))
 
 
+class LockTimeoutError(ConflictError):
+    """Acquire could not get the permits in time; the caller holds nothing and is not queued.
+
+    ``fencing_token`` is the lock's latest token and ``waiters`` its queue length
+    (0 when the server did not say).
+    """
+
+    @property
+    def fencing_token(self) -> int:
+        return _int(self.metadata.get("fencing_token", "0"))
+
+    @property
+    def waiters(self) -> int:
+        return _int(self.metadata.get("waiters", "0"))
+
+
 class NotFoundError(MeshError):
     """The named thing does not exist."""
 
 
 class FailedPreconditionError(MeshError):
     """The system is not in a state that allows the call; retrying it as is won't help."""
+
+
+class LockNotHeldError(FailedPreconditionError):
+    """Release or Refresh named a lease that is unknown, released or expired."""
 
 
 class ResourceExhaustedError(MeshError):
@@ -124,6 +147,12 @@ class WatchGapError(MeshError):
         self.missed = missed
 
 
+class LockLostError(MeshError):
+    """Raised by the client, not a node: a lease was lost, or must be presumed lost
+    (its local deadline passed without a successful refresh), while it was held.
+    Work it protected may have overlapped with another holder's."""
+
+
 class UnimplementedError(MeshError):
     """The node does not implement this call."""
 
@@ -151,7 +180,16 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
 _BY_REASON: dict[str, type[MeshError]] = {
     "VERSION_MISMATCH": VersionMismatchError,
     "KEY_EXISTS": KeyExistsError,
+    "LOCK_TIMEOUT": LockTimeoutError,
+    "LOCK_NOT_HELD": LockNotHeldError,
 }
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "") -> MeshError:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TypeVar
 
@@ -15,6 +16,8 @@ import grpc
 from clients.cache import CacheClient
 from clients.directory import EtcdDirectory, NodeDirectory, StaticDirectory
 from clients.errors import NoNodesError
+from clients.lease import Lease, LostCallback
+from clients.lock import LockClient
 from clients.router import Router, Target
 from common.clustermap import MapFollower, RoutingTable
 from common.etcd import client_for
@@ -81,6 +84,7 @@ class Mesh:
         self._refreshing: asyncio.Task[None] | None = None
         self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self)
+        self.locks = LockClient(self)
 
     async def __aenter__(self) -> Mesh:
         await self.start()
@@ -130,6 +134,20 @@ class Mesh:
         for task in list(self._closing):
             task.cancel()  # _retire then closes its channel at once
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def lock(
+        self, name: str, *, ttl: float = 30.0, wait: float | None = None, permits: int = 1,
+        max_permits: int = 1, owner: str = "", on_lost: LostCallback | None = None,
+        timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[Lease]:
+        """``async with mesh.lock("orders", ttl=10) as lease: ... lease.token ...``
+
+        Holds the lock for the block, refreshing it in the background; see
+        ``LockClient.lock``. Raises LockTimeoutError if ``wait`` runs out first.
+        """
+        return self.locks.lock(name, ttl=ttl, wait=wait, permits=permits,
+                               max_permits=max_permits, owner=owner, on_lost=on_lost,
+                               timeout=timeout)
 
     # -- used by the per-service clients -------------------------------------
 

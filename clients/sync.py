@@ -3,6 +3,8 @@
     with SyncMesh(etcd="127.0.0.1:2379") as mesh:
         mesh.cache.set("k", "v")
         mesh.cache.get("k")
+        with mesh.lock("orders", ttl=10) as lease:
+            ...  # refreshed in the background meanwhile
 
 The asyncio client runs on a private event loop in a daemon thread; each call
 blocks until its coroutine finishes there. Same arguments, same exceptions.
@@ -11,12 +13,15 @@ blocks until its coroutine finishes there. Same arguments, same exceptions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from clients.cache import TTL, CacheEntry, NodeStats, Value
+from clients.lease import Lease, LostCallback
+from clients.lock import LockInfo
 from clients.mesh import Mesh
 
 T = TypeVar("T")
@@ -77,6 +82,44 @@ class SyncCache:
         return self._loop.run(self._cache.stats(timeout=timeout))
 
 
+class SyncLocks:
+    """Blocking versions of ``LockClient``'s calls. A lease's ``held`` and ``check()``
+    work from any thread; refresh and release it through these calls."""
+
+    def __init__(self, mesh: Mesh, loop: _Loop) -> None:
+        self._locks = mesh.locks
+        self._loop = loop
+
+    def acquire(
+        self, name: str, *, ttl: float | None = None, wait: float | None = None,
+        permits: int = 1, max_permits: int = 1, owner: str = "", timeout: float | None = None,
+    ) -> Lease:
+        return self._loop.run(self._locks.acquire(
+            name, ttl=ttl, wait=wait, permits=permits, max_permits=max_permits, owner=owner,
+            timeout=timeout))
+
+    def try_acquire(
+        self, name: str, *, ttl: float | None = None, permits: int = 1, max_permits: int = 1,
+        owner: str = "", timeout: float | None = None,
+    ) -> Lease | None:
+        return self._loop.run(self._locks.try_acquire(
+            name, ttl=ttl, permits=permits, max_permits=max_permits, owner=owner,
+            timeout=timeout))
+
+    def release(self, lease: Lease, *, timeout: float | None = None) -> None:
+        self._loop.run(self._locks.release(lease, timeout=timeout))
+
+    def refresh(self, lease: Lease, ttl: float | None = None, *,
+                timeout: float | None = None) -> None:
+        self._loop.run(self._locks.refresh(lease, ttl, timeout=timeout))
+
+    def describe(self, name: str, *, timeout: float | None = None) -> LockInfo:
+        return self._loop.run(self._locks.describe(name, timeout=timeout))
+
+    def validate(self, name: str, token: int, *, timeout: float | None = None) -> bool:
+        return self._loop.run(self._locks.validate(name, token, timeout=timeout))
+
+
 class SyncMesh:
     """``Mesh`` without asyncio. Takes the same arguments."""
 
@@ -88,12 +131,33 @@ class SyncMesh:
             self._loop.stop()
             raise
         self.cache = SyncCache(self._mesh, self._loop)
+        self.locks = SyncLocks(self._mesh, self._loop)
 
     @staticmethod
     async def _make(kwargs: dict[str, Any]) -> Mesh:
         mesh = Mesh(**kwargs)  # channels must be created on the loop that uses them
         await mesh.start()
         return mesh
+
+    @contextlib.contextmanager
+    def lock(
+        self, name: str, *, ttl: float = 30.0, wait: float | None = None, permits: int = 1,
+        max_permits: int = 1, owner: str = "", on_lost: LostCallback | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Lease]:
+        """``with mesh.lock("orders", ttl=10) as lease: ...``, as ``Mesh.lock``; the
+        lease is refreshed on the client's loop thread (where ``on_lost`` runs too)."""
+        held = self._mesh.lock(name, ttl=ttl, wait=wait, permits=permits,
+                               max_permits=max_permits, owner=owner, on_lost=on_lost,
+                               timeout=timeout)
+        lease = self._loop.run(held.__aenter__())
+        try:
+            yield lease
+        except BaseException as exc:
+            if not self._loop.run(held.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            self._loop.run(held.__aexit__(None, None, None))
 
     def close(self) -> None:
         self._loop.run(self._mesh.close())

@@ -7,6 +7,7 @@
     meshctl cache get KEY
     meshctl cache set KEY VALUE [--ttl SECONDS] [--if-absent] [--if-version N]
     meshctl cache del KEY
+    meshctl lock describe NAME    holders (tokens, expiry), waiters, latest fencing token
 
 Every command but ``up`` finds the mesh through ``--etcd`` (default
 ``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +71,21 @@ async def _cache(args: argparse.Namespace) -> int:
             print(f"OK version {version}")
         elif args.cache_command == "del":
             print("deleted" if await mesh.cache.delete(args.key) else "not found")
+    return 0
+
+
+async def _lock(args: argparse.Namespace) -> int:
+    async with _mesh(args) as mesh:
+        info = await mesh.locks.describe(args.name)
+    now = time.time()
+    print(f"lock {info.name!r}: {info.max_permits - info.available_permits} of "
+          f"{info.max_permits} permits held, latest fencing token {info.fencing_token}")
+    for h in info.holders:
+        print(f"  holder  {h.owner or '-':24} token {h.fencing_token:<20} "
+              f"permits {h.permits}  expires in {h.expire_time - now:.1f}s  lease {h.lease_id}")
+    for w in info.waiters:
+        print(f"  waiter  {w.owner or '-':24} permits {w.permits}  "
+              f"waiting {now - w.since:.1f}s, gives up in {w.give_up_time - now:.1f}s")
     return 0
 
 
@@ -125,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     set_.add_argument("--if-version", type=int, default=0)
     delete = command(csub, "del", "delete a key")
     delete.add_argument("key")
+
+    lock = command(sub, "lock", "lock calls")
+    lsub = lock.add_subparsers(dest="lock_command", required=True)
+    describe = command(lsub, "describe", "show a lock's holders and waiters")
+    describe.add_argument("name")
     return p
 
 
@@ -137,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_status(args))
         if args.command in ("topology", "drain"):
             return asyncio.run(_admin(args))
+        if args.command == "lock":
+            return asyncio.run(_lock(args))
         return asyncio.run(_cache(args))
     except MeshError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

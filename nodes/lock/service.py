@@ -107,8 +107,10 @@ class LockService(pb_grpc.LockServiceServicer):
             machine.abandon(name, grant.lease)
             raise
         lease = grant.lease
-        return pb.AcquireResponse(lease_id=lease.lease_id, fencing_token=lease.token,
-                                  expire_time=_timestamp(lease.expire_at))
+        response = pb.AcquireResponse(lease_id=lease.lease_id, fencing_token=lease.token,
+                                      expire_time=_timestamp(lease.expire_at))
+        response.ttl.FromNanoseconds(int(lease.ttl * 1e9))
+        return response
 
     @staticmethod
     async def _wait(machine: LockMachine, name: str, waiter: Waiter, wait: float) -> Grant:

@@ -1,0 +1,249 @@
+"""The lock service's acceptance scenarios, with real processes throughout.
+
+Real etcd, a coordinator and three nodes (R = 1); lock clients run as separate
+processes (tests/lock_worker.py) where the scenario is about a client process
+(its death, its pause, twenty of them racing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from clients import Mesh
+from common.clustermap import wait_settled
+from common.slots import slot_for
+from meshctl.processes import LocalMesh, _with_parent_death
+from tests.lock_history import Op, check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Worker:
+    """One ``python -m tests.lock_worker`` process; its stdout is read line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process, errors: Path) -> None:
+        self.process = process
+        self.errors = errors
+
+    async def line(self, prefix: str, timeout: float = 30.0) -> str:
+        """The next stdout line starting with ``prefix`` (others are skipped)."""
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.process.stdout.readline()
+                if not raw:
+                    tail = self.errors.read_text()[-3000:]
+                    raise AssertionError(f"worker exited ({await self.process.wait()}) "
+                                         f"before printing {prefix!r}:\n{tail}")
+                text = raw.decode().strip()
+                if text.startswith(prefix):
+                    return text
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+
+@asynccontextmanager
+async def workers(local: LocalMesh, tmp_path: Path) -> AsyncIterator[Any]:
+    """``start(*args) -> Worker``; every worker is killed on the way out."""
+    started: list[Worker] = []
+    env = {**os.environ, "MESH_ETCD_ENDPOINTS": local.etcd_endpoint,
+           "MESH_CLUSTER": local.cluster, "PYTHONUNBUFFERED": "1"}
+
+    async def start(*args: str) -> Worker:
+        path = tmp_path / f"worker-{len(started)}.err"
+        with path.open("w") as errors:
+            process = await asyncio.create_subprocess_exec(
+                *_with_parent_death([sys.executable, "-m", "tests.lock_worker", *args]),
+                cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=errors)
+        worker = Worker(process, path)
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            if worker.process.returncode is None:
+                worker.process.kill()
+            await worker.process.wait()
+
+
+async def _queued(mesh: Mesh, name: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        info = await mesh.locks.describe(name)
+        if len(info.waiters) >= count:
+            return
+        assert time.monotonic() < deadline, f"{name}: {len(info.waiters)} waiters"
+        await asyncio.sleep(0.02)
+
+
+async def test_twenty_processes_keep_a_file_counter_exact(
+    shared_cluster: LocalMesh, tmp_path: Path
+) -> None:
+    counter, tokens = tmp_path / "counter", tmp_path / "tokens"
+    counter.write_text("0")
+    tokens.write_text("")
+    async with workers(shared_cluster, tmp_path) as start:
+        racers = [await start("counter", "acc:counter", str(counter), str(tokens), "50")
+                  for _ in range(20)]
+        for racer in racers:
+            await racer.line("DONE", timeout=240)
+    assert counter.read_text() == "1000"
+    granted = [int(t) for t in tokens.read_text().split()]
+    assert len(granted) == 1000
+    assert all(a < b for a, b in itertools.pairwise(granted)), \
+        "tokens did not strictly increase in grant order"
+
+
+async def test_a_killed_holder_hands_over_within_ttl(
+    shared_cluster: LocalMesh, mesh_client: Any, tmp_path: Path
+) -> None:
+    ttl = 2.0
+    mesh = await mesh_client(cluster=shared_cluster.cluster)
+    async with workers(shared_cluster, tmp_path) as start:
+        holder = await start("hold", "acc:killed", str(ttl))
+        held_token = int((await holder.line("HELD")).split()[1])
+        waiting = asyncio.create_task(mesh.locks.acquire("acc:killed", ttl=10.0, wait=30.0))
+        await _queued(mesh, "acc:killed", 1)
+        holder.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        lease = await waiting
+        handover = time.monotonic() - killed
+    print(f"\nthe waiter got the lock {handover:.2f} s after its holder was killed "
+          f"(ttl {ttl} s)")
+    assert lease.token > held_token
+    assert handover <= ttl + 1.0
+    await lease.release()
+
+
+class FencedResource:
+    """A store that accepts a write only if Validate says its token is live."""
+
+    def __init__(self, mesh: Mesh, name: str) -> None:
+        self.mesh = mesh
+        self.name = name
+        self.accepted: list[tuple[float, int]] = []
+        self.refused: list[tuple[float, int]] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            token = int(line)
+            ok = await self.mesh.locks.validate(self.name, token)
+            (self.accepted if ok else self.refused).append((time.monotonic(), token))
+            writer.write(b"OK\n" if ok else b"REFUSED\n")
+            await writer.drain()
+        writer.close()
+
+
+async def test_a_paused_holder_past_its_ttl_is_refused(
+    shared_cluster: LocalMesh, mesh_client: Any, tmp_path: Path
+) -> None:
+    ttl = 1.5
+    mesh = await mesh_client(cluster=shared_cluster.cluster)
+    resource = FencedResource(mesh, "acc:paused")
+    server = await asyncio.start_server(resource.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with workers(shared_cluster, tmp_path) as start:
+            holder = await start("guarded", "acc:paused", str(ttl), str(port))
+            old = int((await holder.line("HELD")).split()[1])
+            await holder.line("OK")
+            holder.signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            # Another client gets the lock once the paused holder's lease ran out.
+            lease = await mesh.locks.acquire("acc:paused", ttl=30.0, wait=3 * ttl)
+            assert lease.token > old
+            holder.signal(signal.SIGCONT)
+            await holder.line("REFUSED")
+            await asyncio.sleep(0.5)
+    finally:
+        server.close()
+    late = [token for at, token in resource.accepted if at > stopped]
+    assert late == [], "a write with the expired token was accepted"
+    assert any(token == old for _, token in resource.refused)
+    await lease.release()
+
+
+async def test_primary_killed_while_held_and_awaited(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    name = "acc:failover"
+    local = local_mesh(3, lease_ttl=2)
+    mesh = await mesh_client(timeout=20)
+    table = mesh.table
+    assert table is not None
+    group = table.group_of_slot(slot_for(name))
+    assert group is not None
+    victim = next(n for n in local.nodes if n.node_id == group.primary)
+    history: list[Op] = []
+
+    async def waiter(client: str, rounds: int) -> None:
+        for _ in range(rounds):
+            invoke = time.monotonic()
+            lease = await mesh.locks.acquire(name, ttl=6.0, wait=60.0, owner=client)
+            history.append(Op(client, "acquire", invoke, time.monotonic(), lease.token))
+            await asyncio.sleep(0.05)
+            history.append(Op(client, "release", time.monotonic(), time.monotonic()))
+            await lease.release()
+
+    invoke = time.monotonic()
+    held = await mesh.locks.acquire(name, ttl=6.0, owner="holder")
+    history.append(Op("holder", "acquire", invoke, time.monotonic(), held.token))
+    waiters = [asyncio.create_task(waiter(f"w{i}", 3)) for i in range(3)]
+    await _queued(mesh, name, 3)
+
+    victim.child.signal(signal.SIGKILL)
+    survivors = [n.node_id for n in local.nodes if n is not victim]
+    await wait_settled(local.etcd_endpoint, local.cluster, survivors, timeout=30)
+    # The holder still holds it: its refresh works at the new primary.
+    await held.refresh()
+    assert held.held and not held.lost.is_set()
+    info = await mesh.locks.describe(name)
+    assert [h.lease_id for h in info.holders] == [held.lease_id]
+    history.append(Op("holder", "release", time.monotonic(), time.monotonic()))
+    await held.release()
+    await asyncio.wait_for(asyncio.gather(*waiters), 60)
+
+    assert check(history) == []
+    after = [op.token for op in history if op.kind == "acquire" and op.client != "holder"]
+    assert len(after) == 9 and min(after) > held.token
+
+
+async def test_tokens_keep_growing_while_every_node_is_restarted(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    name = "acc:rolling"
+    local = local_mesh(3, lease_ttl=2)
+    mesh = await mesh_client(timeout=20)
+    tokens = []
+    async with mesh.lock(name, ttl=6.0) as held:
+        for node in list(local.nodes):
+            await asyncio.to_thread(node.child.stop)  # keep the loop (and refreshes) running
+            others = [n.node_id for n in local.nodes if n is not node and n.child.alive()]
+            await wait_settled(local.etcd_endpoint, local.cluster, others, timeout=30)
+            restarted = await asyncio.to_thread(local.start_node, node.node_id)
+            local.nodes.remove(node)
+            await wait_settled(local.etcd_endpoint, local.cluster,
+                               [n.node_id for n in local.nodes if n.child.alive()],
+                               timeout=30)
+            assert restarted.child.alive()
+            await held.refresh()  # held all along, across each failover
+            lease = await mesh.locks.acquire(f"{name}:other", ttl=5.0)
+            tokens.append(lease.token)
+            await lease.release()
+        assert held.held
+    assert all(a < b for a, b in itertools.pairwise(tokens))
+    fresh = await mesh.locks.acquire(name, ttl=5.0)
+    assert fresh.token > held.token
+    await fresh.release()
