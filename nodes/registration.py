@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aetcd
+import aetcd.exceptions
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,22 @@ class Registration:
     def lease_id(self) -> int | None:
         return self._lease_id
 
-    async def start(self) -> None:
-        """Register now (raising if etcd is unreachable), then keep the lease alive."""
-        await self._register()
+    async def start(self, patience: float = 15.0) -> None:
+        """Register now, then keep the lease alive. A failure to connect is retried
+        for up to ``patience`` seconds (etcd starting, a busy machine), then raised."""
+        deadline = time.monotonic() + patience
+        delay = 0.1
+        while True:
+            try:
+                await self._register()
+                break
+            except (aetcd.exceptions.ConnectionFailedError,
+                    aetcd.exceptions.ConnectionTimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("etcd is not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         self._task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
 
     async def close(self) -> None:
