@@ -6,7 +6,8 @@ sizes), ``--output`` (results.json path).
 
 First the single-node rows (etcd, a coordinator and one node against the echo
 server and redis-server), then the cluster rows (``bench.cluster``): replicated
-Set throughput, failover time and rebalance time, on 3- and 4-node clusters.
+Set throughput, lock acquire+release cycles against etcd's own lock on the same
+etcd (``bench.locks``), failover time and rebalance time, on 3- and 4-node clusters.
 
 Each workload's warmup and window are split into ``--rounds`` rounds and the
 rounds run interleaved (every workload once, then again, ...), so a load spike on

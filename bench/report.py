@@ -12,6 +12,8 @@ from bench.timing import Measurement
 
 GOAL = 0.85
 """The issue's target for cache GET through the typed client, as a share of the echo."""
+LOCK_GOAL = 1.5
+"""The issue's target for lock acquire+release cycles/s, as a multiple of etcd's lock."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,21 @@ COMPARISONS = [
     Comparison("set.r1async.c64", "Set on 3 nodes, R=1 async, 64 in flight", "calls/s",
                "cluster.set.r1async.c64", "cluster.set.r0.c64", "3 nodes, R=0 (unreplicated)"),
 ]
+LOCK_COMPARISONS = [
+    Comparison("lock.r1.seq", "Lock acquire+release on 3 nodes, R=1, sequential",
+               "cycles/s", "cluster.lock.r1.seq", "etcd.lock.seq", "etcd lock (aetcd)"),
+    Comparison("lock.r1.c16", "Lock acquire+release on 3 nodes, R=1, 16 locks in parallel",
+               "cycles/s", "cluster.lock.r1.c16", "etcd.lock.c16", "etcd lock (aetcd)"),
+    Comparison("lock.r0.seq", "Lock acquire+release on 3 nodes, R=0, sequential",
+               "cycles/s", "cluster.lock.r0.seq", "etcd.lock.seq", "etcd lock (aetcd)"),
+    Comparison("lock.r0.c16", "Lock acquire+release on 3 nodes, R=0, 16 locks in parallel",
+               "cycles/s", "cluster.lock.r0.c16", "etcd.lock.c16", "etcd lock (aetcd)"),
+]
+COMPARISONS += LOCK_COMPARISONS
 GOAL_COMPARISONS = ("get.seq", "get.c64")
+LOCK_GOAL_COMPARISONS = ("lock.r1.seq", "lock.r1.c16")
+"""The lock goal is judged on the replicated (R=1) cluster; R=0 is shown for reference."""
+LOCK_GOAL_WHAT = "lock acquire+release on 3 nodes, R=1"
 
 
 def _rate(m: Measurement, unit: str) -> float:
@@ -71,8 +87,21 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
         }
         for m in measurements
     }
+    comparisons = _compare(by_name, COMPARISONS)
+    return {
+        **environment,
+        "workloads": workloads,
+        "comparisons": comparisons,
+        "goal": _goal(comparisons, GOAL_COMPARISONS, GOAL),
+        "lock_goal": _goal(comparisons, LOCK_GOAL_COMPARISONS, LOCK_GOAL),
+        **scenarios,
+    }
+
+
+def _compare(by_name: dict[str, Measurement], which: list[Comparison]
+             ) -> dict[str, dict[str, Any]]:
     comparisons: dict[str, dict[str, Any]] = {}
-    for c in COMPARISONS:
+    for c in which:
         mesh, baseline = _rate(by_name[c.mesh], c.unit), _rate(by_name[c.baseline], c.unit)
         comparisons[c.key] = {
             "label": c.label, "unit": c.unit,
@@ -81,15 +110,13 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
             "baseline_rate": round(baseline, 1),
             "ratio": round(mesh / baseline, 3),
         }
-    goal_ratios = [comparisons[k]["ratio"] for k in GOAL_COMPARISONS]
-    return {
-        **environment,
-        "workloads": workloads,
-        "comparisons": comparisons,
-        "goal": {"comparisons": list(GOAL_COMPARISONS), "min_ratio": GOAL,
-                 "met": all(r >= GOAL for r in goal_ratios)},
-        **scenarios,
-    }
+    return comparisons
+
+
+def _goal(comparisons: dict[str, dict[str, Any]], keys: tuple[str, ...], min_ratio: float
+          ) -> dict[str, Any]:
+    met = all(comparisons[k]["ratio"] >= min_ratio for k in keys)
+    return {"comparisons": list(keys), "min_ratio": min_ratio, "met": met}
 
 
 def _n(value: float) -> str:
@@ -105,17 +132,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"in {results['rounds']} interleaved round(s) "
         f"(1-minute load average before the run: {results['loadavg_1m_before']:.2f})",
         "",
-        "| workload | Mesh | baseline | ratio |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for c in results["comparisons"].values():
-        lines.append(f"| {c['label']} ({c['unit']}) vs {c['baseline_label']} "
-                     f"| {_n(c['mesh_rate'])} | {_n(c['baseline_rate'])} | {c['ratio']:.2f}x |")
-    goal = results["goal"]
-    lines += [
+        *_comparison_table(results["comparisons"]),
         "",
-        f"Goal: cache GET through the typed client >= {goal['min_ratio']}x the echo baseline "
-        f"({', '.join(goal['comparisons'])}): {'met' if goal['met'] else 'NOT met'}.",
+        _goal_line("cache GET through the typed client", "the echo baseline", results["goal"]),
+        _goal_line(LOCK_GOAL_WHAT, "etcd's lock", results["lock_goal"]),
         "",
         "Raw numbers:",
         "",
@@ -127,6 +147,31 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {w['description']} | {w['in_flight']} | {_n(w['ops_per_s'])} "
                      f"| {_n(w['keys_per_s'])} | {w['ops']} | {w['seconds']:.2f} | {by_round} |")
     return "\n".join(lines + _scenario_lines(results))
+
+
+def _comparison_table(comparisons: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| workload | Mesh | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
+    for c in comparisons.values():
+        lines.append(f"| {c['label']} ({c['unit']}) vs {c['baseline_label']} "
+                     f"| {_n(c['mesh_rate'])} | {_n(c['baseline_rate'])} | {c['ratio']:.2f}x |")
+    return lines
+
+
+def _goal_line(what: str, baseline: str, goal: dict[str, Any]) -> str:
+    return (f"Goal: {what} >= {goal['min_ratio']}x {baseline} "
+            f"({', '.join(goal['comparisons'])}): {'met' if goal['met'] else 'NOT met'}.")
+
+
+def lock_markdown(measurements: list[Measurement]) -> str:
+    """The lock rows alone (``python -m bench.locks``): ratios, goal, rates by round."""
+    comparisons = _compare({m.workload.name: m for m in measurements}, LOCK_COMPARISONS)
+    lines = [*_comparison_table(comparisons), "",
+             _goal_line(LOCK_GOAL_WHAT, "etcd's lock",
+                        _goal(comparisons, LOCK_GOAL_COMPARISONS, LOCK_GOAL)), ""]
+    for m in measurements:
+        by_round = " / ".join(_n(r) for r in m.rounds)
+        lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} cycles/s ({by_round} by round)")
+    return "\n".join(lines)
 
 
 def _spread(values: dict[str, float] | None) -> str:

@@ -1,7 +1,8 @@
 """The benchmark runs end to end (``python -m bench --quick``) and reports every number.
 
 Only the shape of results.json is checked: tests never assert speed. The quick
-run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance).
+run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance)
+and the lock rows (Mesh R=1 and R=0 against etcd's lock, 0.7 s per workload).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ WORKLOADS = {
     "redis.get.seq", "redis.pipeline100.seq", "redis.pipeline100.c16",
     "cluster.set.r0.seq", "cluster.set.r1sync.seq", "cluster.set.r1async.seq",
     "cluster.set.r0.c64", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",
+    "etcd.lock.seq", "cluster.lock.r1.seq", "cluster.lock.r0.seq",
+    "etcd.lock.c16", "cluster.lock.r1.c16", "cluster.lock.r0.c16",
 }
+LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
 COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
     "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
+    *LOCK_COMPARISONS,
 }
 QUICK_REBALANCE_KEYS = 2000
 
@@ -58,10 +63,27 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
         assert isinstance(c["ratio"], float) and math.isfinite(c["ratio"]), key
         assert c["ratio"] == pytest.approx(c["mesh_rate"] / c["baseline_rate"], rel=0.01), key
 
+    _check_locks(results, run.stdout)
+
     assert "| failover: SIGKILL of a primary -> a Set of its key succeeds" in run.stdout
     assert "| rebalance: 4th node launched -> map settled over 4 nodes" in run.stdout
     _check_failover(results["failover"])
     _check_rebalance(results["rebalance"])
+
+
+def _check_locks(results: dict[str, Any], stdout: str) -> None:
+    for key in LOCK_COMPARISONS:
+        c = results["comparisons"][key]
+        assert c["unit"] == "cycles/s", key
+        assert c["baseline"].startswith("etcd.lock."), key
+        assert c["mesh"].startswith("cluster.lock."), key
+    for name in ("etcd.lock.c16", "cluster.lock.r1.c16", "cluster.lock.r0.c16"):
+        assert results["workloads"][name]["in_flight"] == 16, name
+    goal = results["lock_goal"]
+    assert goal["comparisons"] == ["lock.r1.seq", "lock.r1.c16"]
+    assert goal["min_ratio"] == 1.5
+    assert isinstance(goal["met"], bool)
+    assert "Goal: lock acquire+release on 3 nodes, R=1 >= 1.5x etcd's lock" in stdout
 
 
 def _check_failover(failover: dict[str, Any]) -> None:

@@ -1,0 +1,177 @@
+"""Lock throughput: acquire+release cycles/s, Mesh's LockService against etcd's lock.
+
+Two 3-node clusters, R=1 (as the replicated Set rows) and R=0 (unreplicated),
+run on the cluster rows' etcd; the baseline is etcd's own lock through aetcd
+(``client.lock(key, ttl=...)``: a fresh lease and a create-if-absent Txn to
+acquire, a compare-and-delete Txn to release) against that same etcd. Each
+workload loops acquire -> release, either on one lock (``seq``) or in 16 tasks
+on 16 distinct locks (``c16``), so no cycle ever waits for another. Workloads
+are interleaved in rounds (etcd, Mesh R=1, Mesh R=0, then again), like the
+other rows, so drift on the machine hits every side alike.
+
+``python -m bench.locks`` runs only these rows (its own etcd) and prints their table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aetcd
+
+from bench import aio, clusters, report
+from bench.progress import Progress
+from bench.timing import Measurement, Op, Workload, combine, measure
+from clients import Mesh
+from common.etcd import client_for
+from meshctl.processes import Etcd
+
+TTL = 10.0
+"""Lease ttl of every acquire, seconds (aetcd takes whole seconds)."""
+WAIT = 5.0
+"""How long an acquire may wait; locks are never contended, so it never does."""
+CONCURRENCY = (1, 16)
+SPECS = {
+    "r1": clusters.Spec("lock-r1", replicas=1, replication="sync"),
+    "r0": clusters.Spec("lock-r0", replicas=0),
+}
+"""Mesh variant -> its cluster (same shape as the replicated Set rows)."""
+TITLES = {"r1": "3 nodes, R=1", "r0": "3 nodes, R=0 (unreplicated)"}
+ETCD_PREFIX = "bench-lock/"
+"""etcd key prefix of the baseline's locks (apart from every cluster's keys)."""
+
+
+def workload_name(side: str, in_flight: int) -> str:
+    """``etcd.lock.seq``, ``cluster.lock.r1.c16``, ..."""
+    shape = "seq" if in_flight == 1 else f"c{in_flight}"
+    return f"etcd.lock.{shape}" if side == "etcd" else f"cluster.lock.{side}.{shape}"
+
+
+def _locks(in_flight: int) -> str:
+    return "1 lock, 1 loop" if in_flight == 1 else f"{in_flight} locks, {in_flight} loops"
+
+
+@dataclass(frozen=True)
+class Clients:
+    """One typed client per Mesh variant and one aetcd client, all connected."""
+
+    meshes: dict[str, Mesh]
+    etcd: aetcd.Client
+
+
+def _cycles(names: list[str], cycle: Callable[[str], Awaitable[None]]) -> Op:
+    """An op running ``cycle`` on a free name from ``names`` (one name per worker).
+
+    Each call takes a name off the pool and puts it back when done, so two calls
+    never share a lock; as the pool is a stack, a worker keeps reusing its own name.
+    """
+    async def op() -> None:
+        name = names.pop()
+        try:
+            await cycle(name)
+        finally:
+            names.append(name)
+    return op
+
+
+def _mesh_cycle(mesh: Mesh) -> Callable[[str], Awaitable[None]]:
+    async def cycle(name: str) -> None:
+        lease = await mesh.locks.acquire(name, ttl=TTL, wait=WAIT)
+        await lease.release()
+    return cycle
+
+
+def _etcd_cycle(client: aetcd.Client) -> Callable[[str], Awaitable[None]]:
+    async def cycle(name: str) -> None:
+        lock = client.lock(name.encode(), ttl=int(TTL))
+        if not await lock.acquire(timeout=int(WAIT)):
+            raise RuntimeError(f"etcd lock {name!r} not acquired within {WAIT:g}s")
+        if not await lock.release():
+            raise RuntimeError(f"etcd lock {name!r} was not held at release")
+    return cycle
+
+
+def workloads(c: Clients) -> list[Workload]:
+    """etcd then every Mesh variant, at each concurrency."""
+    work = []
+    for n in CONCURRENCY:
+        names = [f"{ETCD_PREFIX}c{n}-{i}" for i in range(n)]
+        work.append(Workload(
+            workload_name("etcd", n),
+            f"etcd lock (aetcd client.lock) acquire+release, {_locks(n)}",
+            _cycles(names, _etcd_cycle(c.etcd)), n))
+        for variant, mesh in c.meshes.items():
+            names = [f"bench-lock:{variant}:c{n}-{i}" for i in range(n)]
+            work.append(Workload(
+                workload_name(variant, n),
+                f"mesh.locks acquire+release, {TITLES[variant]}, {_locks(n)}",
+                _cycles(names, _mesh_cycle(mesh)), n))
+    return work
+
+
+@contextlib.asynccontextmanager
+async def connected(etcd: str) -> AsyncIterator[Clients]:
+    """Connect every client and check that one cycle works on each side."""
+    async with contextlib.AsyncExitStack() as stack:
+        meshes = {variant: await stack.enter_async_context(Mesh(etcd=etcd, cluster=spec.name))
+                  for variant, spec in SPECS.items()}
+        client = await stack.enter_async_context(client_for([etcd]))
+        for variant, mesh in meshes.items():  # routes known and channels open
+            await _mesh_cycle(mesh)(f"bench-lock:{variant}:check")
+        await _etcd_cycle(client)(f"{ETCD_PREFIX}check")
+        yield Clients(meshes, client)
+
+
+async def _measure(etcd: str, warmup: float, window: float, rounds: int
+                   ) -> list[Measurement]:
+    async with connected(etcd) as c:
+        work = workloads(c)
+        progress = Progress(len(work) * rounds)
+        parts: dict[str, list[Measurement]] = {w.name: [] for w in work}
+        for _ in range(rounds):
+            for workload in work:
+                m = await measure(workload, warmup, window, progress)
+                progress.finish(f"{m.ops_per_s:,.0f} cycles/s")
+                parts[workload.name].append(m)
+    return [combine(p) for p in parts.values()]
+
+
+def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
+        ) -> list[Measurement]:
+    """Start both clusters on ``etcd``, time every lock workload, stop the clusters.
+
+    ``warmup`` and ``window`` are per workload over all ``rounds``.
+    """
+    with contextlib.ExitStack() as stack:
+        clusters.start(stack, workdir, etcd, list(SPECS.values()))
+        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only the lock rows, on an etcd of their own: print their ratios."""
+    p = argparse.ArgumentParser(prog="python -m bench.locks", description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per workload")
+    p.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per workload")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    args = p.parse_args(argv)
+    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
+        p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-locks-") as workdir, \
+            contextlib.ExitStack() as stack:
+        server = Etcd(Path(workdir) / "etcd")
+        server.workdir.mkdir()
+        stack.callback(server.stop)
+        server.start()
+        measurements = run(Path(workdir), server.endpoint, args.warmup, args.seconds,
+                           args.rounds)
+    print(report.lock_markdown(measurements))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
