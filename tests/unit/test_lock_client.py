@@ -232,7 +232,7 @@ async def test_keep_alive_refreshes_every_third_of_the_ttl() -> None:
 
 
 async def test_keep_alive_retries_transient_errors_until_the_deadline() -> None:
-    client = FakeLeases(cast(MeshError, unavailable()), forever=True)
+    client = FakeLeases(unavailable(), forever=True)
     held = lease(client, ttl=1.0)
     task = asyncio.create_task(keep_alive(held))
     await asyncio.wait_for(held.lost.wait(), 5)
