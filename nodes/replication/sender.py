@@ -204,18 +204,19 @@ class PeerLink:
             delay = min(delay * 2, 1.0)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None]) -> None:
+        reader.add_done_callback(lambda _: self._wakeup.set())
         while not reader.done():
             self._wakeup.clear()
             pending, self._pending = self._pending, set()
-            for tracker in pending:
-                batch = tracker.next_batch(self._local_address)
-                if batch is not None:
-                    await call.write(rpb.ReplicateRequest(batch=batch))
-            waiter = asyncio.ensure_future(self._wakeup.wait())
-            done, _ = await asyncio.wait({waiter, reader}, timeout=1.0,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if not done:
+            batches = [batch for tracker in pending
+                       if (batch := tracker.next_batch(self._local_address)) is not None]
+            if batches:
+                await call.write(rpb.ReplicateRequest(batches=batches))
+                continue  # more may have been appended while we wrote
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._wakeup.wait()
+            except TimeoutError:
                 # Idle for a second: re-probe trackers stuck in flight (a lost
                 # stream would have ended; this only unsticks an install whose
                 # Ack never came).
@@ -227,9 +228,9 @@ class PeerLink:
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         async for response in call:
-            ack = response.ack
-            tracker = self._trackers.get(ack.group_id)
-            if tracker is not None:
-                tracker.on_ack(ack)
-                self.wake(tracker)
+            for ack in response.acks:
+                tracker = self._trackers.get(ack.group_id)
+                if tracker is not None:
+                    tracker.on_ack(ack)
+                    self.wake(tracker)
         raise ConnectionError("the replica ended the stream")

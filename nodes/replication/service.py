@@ -29,7 +29,7 @@ SNAPSHOT_TIMEOUT = 60.0
 class ReplicationService(rpb_grpc.ReplicationServiceServicer):
     def __init__(self, replication: Replication) -> None:
         self._replication = replication
-        self._streams: set[asyncio.Queue[rpb.Ack | None]] = set()
+        self._streams: set[asyncio.Queue[list[rpb.Ack] | None]] = set()
 
     def close(self) -> None:
         """End every incoming Replicate stream (the node is stopping): a stream
@@ -41,33 +41,32 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         self, request_iterator: AsyncIterator[rpb.ReplicateRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[rpb.ReplicateResponse]:
-        acks: asyncio.Queue[rpb.Ack | None] = asyncio.Queue()
+        acks: asyncio.Queue[list[rpb.Ack] | None] = asyncio.Queue()
         installs: set[asyncio.Task[None]] = set()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    batch = request.batch
-                    group = self._replication.group_for_batch(batch)
-                    if batch.install_snapshot and not group.snapshotting \
-                            and batch.epoch >= group.epoch and not group.is_primary:
-                        group.epoch = batch.epoch
-                        group.snapshotting = True
-                        task = asyncio.create_task(self._install(group, batch, acks))
-                        installs.add(task)
-                        task.add_done_callback(installs.discard)
-                        acks.put_nowait(group.apply_batch(rpb.CommandBatch(
-                            group_id=batch.group_id, epoch=batch.epoch)))
-                        continue
-                    acks.put_nowait(group.apply_batch(batch))
+                    acks.put_nowait([self._apply(batch, acks, installs)
+                                     for batch in request.batches])
             finally:
                 acks.put_nowait(None)
 
         reader = asyncio.create_task(read())
         self._streams.add(acks)
         try:
-            while (ack := await acks.get()) is not None:
-                yield rpb.ReplicateResponse(ack=ack)
+            while (ready := await acks.get()) is not None:
+                # Whatever else is ready goes in the same response.
+                ended = False
+                while not acks.empty():
+                    more = acks.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    ready.extend(more)
+                yield rpb.ReplicateResponse(acks=ready)
+                if ended:
+                    break
         finally:
             self._streams.discard(acks)
             reader.cancel()
@@ -76,8 +75,24 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
+    def _apply(self, batch: rpb.CommandBatch, acks: asyncio.Queue[list[rpb.Ack] | None],
+               installs: set[asyncio.Task[None]]) -> rpb.Ack:
+        """Apply one batch; an install request starts the install and is answered
+        SNAPSHOTTING now (and again once the install is done)."""
+        group = self._replication.group_for_batch(batch)
+        if batch.install_snapshot and not group.snapshotting \
+                and batch.epoch >= group.epoch and not group.is_primary:
+            group.epoch = batch.epoch
+            group.snapshotting = True
+            task = asyncio.create_task(self._install(group, batch, acks))
+            installs.add(task)
+            task.add_done_callback(installs.discard)
+            return group.apply_batch(rpb.CommandBatch(group_id=batch.group_id,
+                                                      epoch=batch.epoch))
+        return group.apply_batch(batch)
+
     async def _install(self, group: Group, batch: rpb.CommandBatch,
-                       acks: asyncio.Queue[rpb.Ack | None]) -> None:
+                       acks: asyncio.Queue[list[rpb.Ack] | None]) -> None:
         try:
             epoch, seq, chunks = await fetch_snapshot(
                 self._replication.channel(batch.primary_address), group.group_id, batch.epoch)
@@ -92,7 +107,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
             await asyncio.sleep(0.2)
         finally:
             group.snapshotting = False
-        acks.put_nowait(group.ack_ok())
+        acks.put_nowait([group.ack_ok()])
 
     async def Snapshot(
         self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
