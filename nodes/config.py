@@ -35,6 +35,9 @@ class LockLimits:
     default_ttl: float = 30.0
     max_waiters: int = 10_000
     """Queued Acquire calls per lock before new ones get RESOURCE_EXHAUSTED."""
+    max_leases: int = 1_000_000
+    """Live leases kept by the node (its groups, led or replicated) before a new
+    Acquire gets RESOURCE_EXHAUSTED."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--lock-max-waiters", type=int,
                    default=int(env("LOCK_MAX_WAITERS", str(lk.max_waiters))),
                    help="queued Acquire calls per lock (MESH_LOCK_MAX_WAITERS)")
+    p.add_argument("--lock-max-leases", type=int,
+                   default=int(env("LOCK_MAX_LEASES", str(lk.max_leases))),
+                   help="live leases kept by the node (MESH_LOCK_MAX_LEASES)")
     a = p.parse_args(argv)
 
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
@@ -146,5 +152,6 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_ttl=a.lock_max_ttl,
             default_ttl=a.lock_default_ttl,
             max_waiters=a.lock_max_waiters,
+            max_leases=a.lock_max_leases,
         ),
     )

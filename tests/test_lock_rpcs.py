@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -250,3 +251,17 @@ async def test_bad_refresh_ttl_and_empty_names(stub: pb_grpc.LockServiceStub) ->
         error = await _error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "name" in _details(error)[2]
+
+
+async def test_the_node_lease_limit_is_resource_exhausted(local_mesh: Any) -> None:
+    local = local_mesh(1, extra=["--lock-max-leases", "2"])
+    async with grpc.aio.insecure_channel(local.nodes[0].address) as channel:
+        stub = pb_grpc.LockServiceStub(channel)
+        first = await _acquire(stub, "limit:a")
+        await _acquire(stub, "limit:b")
+        error = await _error(_acquire(stub, "limit:c"))
+        reason, metadata, _ = _details(error)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason == "TOO_MANY_LEASES" and metadata["limit"] == "2"
+        await stub.Release(pb.ReleaseRequest(name="limit:a", lease_id=first.lease_id))
+        assert (await _acquire(stub, "limit:c")).fencing_token > 0

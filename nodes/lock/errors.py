@@ -7,7 +7,7 @@ import grpc
 from common.errors import MeshStatusError, Reason
 
 __all__ = ["lock_timeout", "not_held", "permits_mismatch", "primary_lost", "superseded",
-           "too_many_waiters"]
+           "too_many_leases", "too_many_waiters"]
 
 
 def lock_timeout(name: str, fencing_token: int, waiters: int) -> MeshStatusError:
@@ -52,3 +52,10 @@ def superseded() -> MeshStatusError:
         grpc.StatusCode.ABORTED,
         "a retry of this Acquire (same request_id) took its place in the queue",
         Reason.SUPERSEDED)
+
+
+def too_many_leases(limit: int) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"this node already keeps {limit} leases (its limit); back off",
+        Reason.TOO_MANY_LEASES, {"limit": str(limit)})

@@ -21,7 +21,7 @@ from mesh.lock.v1 import lock_replication_pb2 as lpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.config import LockLimits
 from nodes.lock import errors
-from nodes.lock.table import Lease, LockTable
+from nodes.lock.table import Lease, LeaseCount, LockTable
 from nodes.lock.waiters import Grant, Waiter, WaitQueue
 
 if TYPE_CHECKING:
@@ -37,10 +37,12 @@ class LockMachine:
 
     service = LOCK
 
-    def __init__(self, group: Group, limits: LockLimits) -> None:
+    def __init__(self, group: Group, limits: LockLimits, count: LeaseCount | None = None
+                 ) -> None:
         self._group = group
         self._limits = limits
-        self.table = LockTable()
+        self._count = count or LeaseCount()
+        self.table = LockTable(self._count)
         # Primary only:
         self.queues: dict[str, WaitQueue] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -66,6 +68,7 @@ class LockMachine:
 
     def close(self) -> None:
         self._stop_leading()
+        self.table.clear()
 
     def _lead(self) -> None:
         self._leading = True
@@ -106,6 +109,8 @@ class LockMachine:
                 if not old.future.done():
                     old.future.set_exception(errors.superseded())
                 return waiter
+        if self._count.total >= self._limits.max_leases:
+            raise errors.too_many_leases(self._limits.max_leases)
         if not queue and (lock is None or lock.available >= permits):
             return self._grant(name, max_permits, owner, permits, ttl, request_id)
         if wait <= 0:

@@ -23,7 +23,7 @@ from nodes.forwarding import Forwarder
 from nodes.lock import errors
 from nodes.lock import validation as v
 from nodes.lock.machine import LOCK, LockMachine
-from nodes.lock.table import Lease
+from nodes.lock.table import Lease, LeaseCount
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
@@ -59,11 +59,12 @@ class LockService(pb_grpc.LockServiceServicer):
 
     def __init__(self, limits: LockLimits) -> None:
         self.limits = limits
+        self.leases = LeaseCount()
         self._forwarder: Forwarder | None = None
 
     def machine(self, group: Group) -> LockMachine:
         """The lock state machine for a group (the replication layer's factory)."""
-        return LockMachine(group, self.limits)
+        return LockMachine(group, self.limits, self.leases)
 
     def start(self, forwarder: Forwarder) -> None:
         self._forwarder = forwarder

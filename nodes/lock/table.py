@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mesh.lock.v1 import lock_replication_pb2 as lpb
 
-__all__ = ["EPOCH_SHIFT", "Lease", "Lock", "LockTable"]
+__all__ = ["EPOCH_SHIFT", "Lease", "LeaseCount", "Lock", "LockTable"]
 
 EPOCH_SHIFT = 32
 """A fencing token is ``epoch << 32 | n``: a new primary (a new epoch) starts above
@@ -67,13 +67,23 @@ class Lock:
         return None
 
 
+class LeaseCount:
+    """Live leases in every table of a node (the node's limit is on their number)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
 class LockTable:
     """The locks of one group that have live leases. A lock with none is forgotten
     (names are unbounded); the group's ``last_token`` keeps tokens growing for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: LeaseCount | None = None) -> None:
         self.locks: dict[str, Lock] = {}
         self.last_token = 0
+        self.size = 0
+        """Live leases in this table."""
+        self._count = count or LeaseCount()
 
     def get(self, name: str) -> Lock | None:
         return self.locks.get(name)
@@ -104,6 +114,7 @@ class LockTable:
             lock = self.locks[name] = Lock(name, max_permits)
         lock.leases[lease.lease_id] = lease
         lock.held += lease.permits
+        self._resize(1)
         lock.last_token = max(lock.last_token, lease.token)
         self.last_token = max(self.last_token, lease.token)
 
@@ -115,9 +126,19 @@ class LockTable:
         if lease is None:
             return None
         lock.held -= lease.permits
+        self._resize(-1)
         if not lock.leases:
             del self.locks[name]
         return lease
+
+    def clear(self) -> None:
+        """Forget everything (the group left this node)."""
+        self._resize(-self.size)
+        self.locks.clear()
+
+    def _resize(self, delta: int) -> None:
+        self.size += delta
+        self._count.total += delta
 
     def refresh(self, name: str, lease_id: str, ttl: float, expire_at: float) -> Lease | None:
         lease = self.lease(name, lease_id)
@@ -155,5 +176,6 @@ class LockTable:
             for r in record.leases:
                 lock.leases[r.lease_id] = Lease.of(r)
                 lock.held += r.permits
+                self._resize(1)
             if lock.leases:
                 self.locks[record.name] = lock

@@ -15,7 +15,7 @@ from common.errors import MeshStatusError
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.config import LockLimits
 from nodes.lock.machine import LOCK, LockMachine
-from nodes.lock.table import EPOCH_SHIFT, LockTable
+from nodes.lock.table import EPOCH_SHIFT, LeaseCount, LockTable
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
 
@@ -174,6 +174,25 @@ async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
     await asyncio.sleep(0.1)
     assert m.table.get("s") is not None  # a replica never expires on its own
     m.close()
+
+
+async def test_the_lease_count_follows_grants_ends_and_departures() -> None:
+    count = LeaseCount()
+    group = Group(9, "a", {LOCK: lambda g: LockMachine(g, LIMITS, count)})
+    group.become_primary(1)
+    m = _machine(group)
+    a = _granted(_acquire(m, "a"))
+    _granted(_acquire(m, "b", permits=2, max_permits=2))
+    assert count.total == 2
+    m.release("a", a.lease.lease_id)
+    assert count.total == 1
+    replica = Group(9, "b", {LOCK: lambda g: LockMachine(g, LIMITS, count)})
+    epoch, seq, chunks = group.take_snapshot()
+    replica.install(epoch, seq, chunks)
+    assert count.total == 2  # both copies live on this (test) node
+    group.close("test")
+    replica.close("test")
+    assert count.total == 0
 
 
 def test_snapshot_round_trip() -> None:
