@@ -55,6 +55,8 @@ class HolderInfo:
     permits: int
     expire_time: float
     acquire_time: float
+    shared: bool = False
+    """A read (shared) lease."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,8 @@ class WaiterInfo:
     permits: int
     since: float
     give_up_time: float
+    shared: bool = False
+    """Waiting for a read (shared) lease."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +133,15 @@ class LockClient:
 
     async def acquire(
         self, name: str, *, ttl: float | None = None, wait: float | None = None,
-        permits: int = 1, max_permits: int = 1, owner: str = "", timeout: float | None = None,
+        permits: int = 1, max_permits: int = 1, shared: bool = False, owner: str = "",
+        timeout: float | None = None,
     ) -> Lease:
         """Take ``permits`` of the lock ``name`` (a semaphore of ``max_permits``).
 
         ``wait``: None waits as long as it takes, 0 tries once, otherwise up to
         ``wait`` seconds, then LockTimeoutError. ``ttl``: None takes the node's
-        default. ``timeout`` bounds each call apart from its waiting.
+        default. ``shared``: a read lease of a plain lock, held alongside other
+        readers but never a writer. ``timeout`` bounds each call apart from its waiting.
         """
         if wait is not None and wait < 0:
             raise InvalidArgumentError("wait: must not be negative",
@@ -145,7 +151,8 @@ class LockClient:
         give_up = None if wait is None else loop.time() + wait
         request = pb.AcquireRequest(
             name=name, owner=owner or default_owner(), ttl=_duration(ttl) if ttl else None,
-            permits=permits, max_permits=max_permits)
+            permits=permits, max_permits=max_permits,
+            mode=pb.LOCK_MODE_SHARED if shared else pb.LOCK_MODE_UNSPECIFIED)
         while True:
             # One id for every try of this grant: a retry after an unknown
             # outcome gets back the lease an earlier try may have been given.
@@ -213,12 +220,13 @@ class LockClient:
 
     async def try_acquire(
         self, name: str, *, ttl: float | None = None, permits: int = 1, max_permits: int = 1,
-        owner: str = "", timeout: float | None = None,
+        shared: bool = False, owner: str = "", timeout: float | None = None,
     ) -> Lease | None:
         """The lease if the permits are free right now, else None."""
         try:
             return await self.acquire(name, ttl=ttl, wait=0, permits=permits,
-                                      max_permits=max_permits, owner=owner, timeout=timeout)
+                                      max_permits=max_permits, shared=shared, owner=owner,
+                                      timeout=timeout)
         except LockTimeoutError:
             return None
 
@@ -297,9 +305,11 @@ class LockClient:
         """The lock's holders, waiters and latest fencing token (an unused lock has none)."""
         r = await self._call(name, "Describe", pb.DescribeRequest(name=name), timeout)
         holders = [HolderInfo(h.lease_id, h.owner, h.fencing_token, h.permits,
-                              _seconds(h.expire_time), _seconds(h.acquire_time))
+                              _seconds(h.expire_time), _seconds(h.acquire_time),
+                              h.mode == pb.LOCK_MODE_SHARED)
                    for h in r.holders]
-        waiters = [WaiterInfo(w.owner, w.permits, _seconds(w.since), _seconds(w.give_up_time))
+        waiters = [WaiterInfo(w.owner, w.permits, _seconds(w.since), _seconds(w.give_up_time),
+                              w.mode == pb.LOCK_MODE_SHARED)
                    for w in r.waiters]
         return LockInfo(name, holders, waiters, r.max_permits, r.available_permits,
                         r.fencing_token)
@@ -315,8 +325,8 @@ class LockClient:
     @contextlib.asynccontextmanager
     async def lock(
         self, name: str, *, ttl: float = 30.0, wait: float | None = None, permits: int = 1,
-        max_permits: int = 1, owner: str = "", on_lost: LostCallback | None = None,
-        timeout: float | None = None,
+        max_permits: int = 1, shared: bool = False, owner: str = "",
+        on_lost: LostCallback | None = None, timeout: float | None = None,
     ) -> AsyncIterator[Lease]:
         """Hold ``name`` for the ``async with`` block, refreshing every ttl/3.
 
@@ -325,7 +335,8 @@ class LockClient:
         not raise, exiting raises LockLostError: the block may have run unprotected.
         """
         lease = await self.acquire(name, ttl=ttl, wait=wait, permits=permits,
-                                   max_permits=max_permits, owner=owner, timeout=timeout)
+                                   max_permits=max_permits, shared=shared, owner=owner,
+                                   timeout=timeout)
         if on_lost is not None:
             lease.on_lost(on_lost)
         refresher = asyncio.get_running_loop().create_task(

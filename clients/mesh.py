@@ -137,8 +137,8 @@ class Mesh:
 
     def lock(
         self, name: str, *, ttl: float = 30.0, wait: float | None = None, permits: int = 1,
-        max_permits: int = 1, owner: str = "", on_lost: LostCallback | None = None,
-        timeout: float | None = None,
+        max_permits: int = 1, shared: bool = False, owner: str = "",
+        on_lost: LostCallback | None = None, timeout: float | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """``async with mesh.lock("orders", ttl=10) as lease: ... lease.token ...``
 
@@ -146,7 +146,7 @@ class Mesh:
         ``LockClient.lock``. Raises LockTimeoutError if ``wait`` runs out first.
         """
         return self.locks.lock(name, ttl=ttl, wait=wait, permits=permits,
-                               max_permits=max_permits, owner=owner, on_lost=on_lost,
+                               max_permits=max_permits, shared=shared, owner=owner, on_lost=on_lost,
                                timeout=timeout)
 
     # -- used by the per-service clients -------------------------------------

@@ -92,18 +92,19 @@ class SyncLocks:
 
     def acquire(
         self, name: str, *, ttl: float | None = None, wait: float | None = None,
-        permits: int = 1, max_permits: int = 1, owner: str = "", timeout: float | None = None,
+        permits: int = 1, max_permits: int = 1, shared: bool = False, owner: str = "",
+        timeout: float | None = None,
     ) -> Lease:
         return self._loop.run(self._locks.acquire(
-            name, ttl=ttl, wait=wait, permits=permits, max_permits=max_permits, owner=owner,
-            timeout=timeout))
+            name, ttl=ttl, wait=wait, permits=permits, max_permits=max_permits, shared=shared,
+            owner=owner, timeout=timeout))
 
     def try_acquire(
         self, name: str, *, ttl: float | None = None, permits: int = 1, max_permits: int = 1,
-        owner: str = "", timeout: float | None = None,
+        shared: bool = False, owner: str = "", timeout: float | None = None,
     ) -> Lease | None:
         return self._loop.run(self._locks.try_acquire(
-            name, ttl=ttl, permits=permits, max_permits=max_permits, owner=owner,
+            name, ttl=ttl, permits=permits, max_permits=max_permits, shared=shared, owner=owner,
             timeout=timeout))
 
     def release(self, lease: Lease, *, timeout: float | None = None) -> None:
@@ -142,13 +143,13 @@ class SyncMesh:
     @contextlib.contextmanager
     def lock(
         self, name: str, *, ttl: float = 30.0, wait: float | None = None, permits: int = 1,
-        max_permits: int = 1, owner: str = "", on_lost: LostCallback | None = None,
-        timeout: float | None = None,
+        max_permits: int = 1, shared: bool = False, owner: str = "",
+        on_lost: LostCallback | None = None, timeout: float | None = None,
     ) -> Iterator[Lease]:
         """``with mesh.lock("orders", ttl=10) as lease: ...``, as ``Mesh.lock``; the
         lease is refreshed on the client's loop thread (where ``on_lost`` runs too)."""
         held = self._mesh.lock(name, ttl=ttl, wait=wait, permits=permits,
-                               max_permits=max_permits, owner=owner, on_lost=on_lost,
+                               max_permits=max_permits, shared=shared, owner=owner, on_lost=on_lost,
                                timeout=timeout)
         lease = self._loop.run(held.__aenter__())
         try:

@@ -81,10 +81,12 @@ async def _lock(args: argparse.Namespace) -> int:
     print(f"lock {info.name!r}: {info.max_permits - info.available_permits} of "
           f"{info.max_permits} permits held, latest fencing token {info.fencing_token}")
     for h in info.holders:
-        print(f"  holder  {h.owner or '-':24} token {h.fencing_token:<20} "
+        kind = "reader" if h.shared else "holder"
+        print(f"  {kind}  {h.owner or '-':24} token {h.fencing_token:<20} "
               f"permits {h.permits}  expires in {h.expire_time - now:.1f}s  lease {h.lease_id}")
     for w in info.waiters:
-        print(f"  waiter  {w.owner or '-':24} permits {w.permits}  "
+        wants = "shared" if w.shared else f"permits {w.permits}"
+        print(f"  waiter  {w.owner or '-':24} {wants}  "
               f"waiting {now - w.since:.1f}s, gives up in {w.give_up_time - now:.1f}s")
     return 0
 

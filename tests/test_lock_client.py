@@ -296,3 +296,22 @@ def test_sync_wrapper(shared_node: LocalMesh) -> None:
             while lost.held:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+async def test_readers_share_and_a_writer_waits_for_them(mesh: Mesh) -> None:
+    async with mesh.lock("client:rw", ttl=10, shared=True) as first, \
+            mesh.lock("client:rw", ttl=10, shared=True) as second:
+        assert second.token > first.token
+        assert await mesh.locks.try_acquire("client:rw") is None
+        info = await mesh.locks.describe("client:rw")
+        assert [h.shared for h in info.holders] == [True, True]
+        writer = asyncio.create_task(mesh.locks.acquire("client:rw", ttl=10, wait=10))
+        await until(lambda: _waiters(mesh, "client:rw", 1))
+        assert not writer.done()
+    lease = await writer
+    assert lease.token > second.token
+    await lease.release()
+
+
+async def _waiters(mesh: Mesh, name: str, count: int) -> bool:
+    return len((await mesh.locks.describe(name)).waiters) == count

@@ -50,10 +50,13 @@ async def stub(shared_node: LocalMesh) -> AsyncIterator[pb_grpc.LockServiceStub]
 
 async def _acquire(stub: pb_grpc.LockServiceStub, name: str, *, ttl: float = 10.0,
                    wait: float = 0.0, owner: str = "", permits: int = 0,
-                   max_permits: int = 0, request_id: str = "") -> pb.AcquireResponse:
+                   max_permits: int = 0, request_id: str = "",
+                   mode: pb.LockMode.ValueType = pb.LOCK_MODE_UNSPECIFIED
+                   ) -> pb.AcquireResponse:
     response: pb.AcquireResponse = await stub.Acquire(
         pb.AcquireRequest(name=name, owner=owner, ttl=_d(ttl), wait_timeout=_d(wait),
-                          permits=permits, max_permits=max_permits, request_id=request_id),
+                          permits=permits, max_permits=max_permits, request_id=request_id,
+                          mode=mode),
         timeout=wait + 5.0)
     return response
 
@@ -203,6 +206,27 @@ async def test_semaphore_permits(stub: pb_grpc.LockServiceStub) -> None:
     assert small_lease.fencing_token > big_lease.fencing_token
 
 
+async def test_read_write_lock(stub: pb_grpc.LockServiceStub) -> None:
+    shared = pb.LOCK_MODE_SHARED
+    r1 = await _acquire(stub, "rpc:rw", mode=shared, owner="r1")
+    r2 = await _acquire(stub, "rpc:rw", mode=shared, owner="r2")
+    busy = await _error(_acquire(stub, "rpc:rw", mode=pb.LOCK_MODE_EXCLUSIVE))
+    assert _details(busy)[0] == "LOCK_TIMEOUT"
+    described = await stub.Describe(pb.DescribeRequest(name="rpc:rw"))
+    assert [h.mode for h in described.holders] == [shared, shared]
+    assert described.available_permits == 0
+    writer = asyncio.create_task(_acquire(stub, "rpc:rw", wait=10, owner="w"))
+    await _queued(stub, "rpc:rw", 1)
+    reader = asyncio.create_task(_acquire(stub, "rpc:rw", wait=10, mode=shared, owner="r3"))
+    await _queued(stub, "rpc:rw", 2)
+    for lease in (r1, r2):
+        await stub.Release(pb.ReleaseRequest(name="rpc:rw", lease_id=lease.lease_id))
+    w = await writer
+    assert not reader.done()
+    await stub.Release(pb.ReleaseRequest(name="rpc:rw", lease_id=w.lease_id))
+    assert (await reader).fencing_token > w.fencing_token > r2.fencing_token
+
+
 async def test_retried_acquire_with_request_id_gets_the_same_lease(
         stub: pb_grpc.LockServiceStub) -> None:
     first = await _acquire(stub, "rpc:idem", request_id="req-1")
@@ -233,6 +257,8 @@ async def test_wrong_lease_is_lock_not_held(stub: pb_grpc.LockServiceStub) -> No
      "wait_timeout"),
     (pb.AcquireRequest(name="n", permits=2), "permits"),
     (pb.AcquireRequest(name="n", request_id="r" * 65), "request_id"),
+    (pb.AcquireRequest(name="n", mode=pb.LOCK_MODE_SHARED, max_permits=2), "mode"),
+    (pb.AcquireRequest(name="n", mode=7), "mode"),  # type: ignore[arg-type]
 ])
 async def test_bad_acquire_names_the_field(stub: pb_grpc.LockServiceStub,
                                            request_: pb.AcquireRequest, field: str) -> None:

@@ -91,7 +91,7 @@ class LockMachine:
     # -- decisions (primary) ------------------------------------------------------
 
     def acquire(self, name: str, *, owner: str, permits: int, max_permits: int, ttl: float,
-                request_id: str, wait: float) -> Grant | Waiter:
+                request_id: str, wait: float, shared: bool = False) -> Grant | Waiter:
         """Grant at once, or queue a waiter (``wait`` > 0), or raise LOCK_TIMEOUT."""
         lock = self.table.get(name)
         queue = self.queues.get(name)
@@ -104,29 +104,31 @@ class LockMachine:
                 return Grant(lease, self._group.log.last_seq)
             old = queue.by_request(request_id) if queue else None
             if queue is not None and old is not None:
-                waiter = self._waiter(owner, permits, ttl, request_id, wait)
+                waiter = self._waiter(owner, permits, ttl, request_id, wait, shared)
                 queue.replace(old, waiter)
                 if not old.future.done():
                     old.future.set_exception(errors.superseded())
                 return waiter
         if self._count.total >= self._limits.max_leases:
             raise errors.too_many_leases(self._limits.max_leases)
-        if not queue and (lock is None or lock.available >= permits):
-            return self._grant(name, max_permits, owner, permits, ttl, request_id)
+        if not queue and (lock is None or lock.admits(permits, shared)):
+            return self._grant(name, max_permits, owner, permits, ttl, request_id, shared)
         if wait <= 0:
             raise errors.lock_timeout(name, self.table.token_bound(name), len(queue or ()))
         if queue is None:
             queue = self.queues[name] = WaitQueue(max_permits)
         if len(queue) >= self._limits.max_waiters:
             raise errors.too_many_waiters(name, self._limits.max_waiters)
-        waiter = self._waiter(owner, permits, ttl, request_id, wait)
+        waiter = self._waiter(owner, permits, ttl, request_id, wait, shared)
         queue.push(waiter)
         return waiter
 
     @staticmethod
-    def _waiter(owner: str, permits: int, ttl: float, request_id: str, wait: float) -> Waiter:
+    def _waiter(owner: str, permits: int, ttl: float, request_id: str, wait: float,
+                shared: bool) -> Waiter:
         now = time.time()
-        return Waiter(owner, permits, ttl, request_id, since=now, give_up_at=now + wait)
+        return Waiter(owner, permits, ttl, request_id, since=now, give_up_at=now + wait,
+                      shared=shared)
 
     def leave(self, name: str, waiter: Waiter) -> None:
         """A waiter gave up (timeout or cancelled call)."""
@@ -173,10 +175,10 @@ class LockMachine:
         return [lease for lease in lock.leases.values() if lease.expire_at > now]
 
     def _grant(self, name: str, max_permits: int, owner: str, permits: int, ttl: float,
-               request_id: str) -> Grant:
+               request_id: str, shared: bool) -> Grant:
         now = time.time()
         lease = Lease(uuid.uuid4().hex, owner, self.table.next_token(self._group.epoch),
-                      permits, ttl, now + ttl, now, request_id)
+                      permits, ttl, now + ttl, now, request_id, shared)
         self.table.grant(name, max_permits, lease)
         seq = self._issue(name, lpb.LockCommand(grant=lpb.LeaseGrant(
             name=name, max_permits=max_permits, lease=lease.to_record())))
@@ -194,19 +196,20 @@ class LockMachine:
         return seq
 
     def _serve(self, name: str) -> None:
-        """Grant to the queue's head while the permits allow, in order."""
+        """Grant to the queue's head while the permits allow, in order (so a run of
+        shared waiters at the head is granted together)."""
         queue = self.queues.get(name)
         if queue is None:
             return
         while (head := queue.head()) is not None:
             lock = self.table.get(name)
-            if head.permits > (lock.available if lock else queue.max_permits):
+            if lock is not None and not lock.admits(head.permits, head.shared):
                 break
             queue.remove(head)
             if not head.future.done():
                 head.future.set_result(self._grant(
                     name, queue.max_permits, head.owner, head.permits, head.ttl,
-                    head.request_id))
+                    head.request_id, head.shared))
         if not queue:
             del self.queues[name]
 

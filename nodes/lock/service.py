@@ -89,6 +89,7 @@ class LockService(pb_grpc.LockServiceServicer):
         assert ttl is not None
         wait = v.wait(request.wait_timeout)
         permits, max_permits = v.permits(request.permits, request.max_permits)
+        shared = v.shared(request.mode, permits, max_permits)
         target = self._route(name, context)
         if isinstance(target, Redirect):
             return cast(pb.AcquireResponse,
@@ -99,7 +100,7 @@ class LockService(pb_grpc.LockServiceServicer):
         machine = _machine(target)
         outcome = machine.acquire(
             name, owner=request.owner, permits=permits, max_permits=max_permits, ttl=ttl,
-            request_id=request.request_id, wait=wait)
+            request_id=request.request_id, wait=wait, shared=shared)
         grant = await self._wait(machine, name, outcome, wait) \
             if isinstance(outcome, Waiter) else outcome
         try:
@@ -165,12 +166,14 @@ class LockService(pb_grpc.LockServiceServicer):
         queue = machine.queues.get(name)
         leases = machine.live_leases(name)
         size = lock.max_permits if lock else queue.max_permits if queue else 1
+        shared = any(lease.shared for lease in leases)
         return pb.DescribeResponse(
             holders=[_holder(lease) for lease in leases],
             waiters=[pb.Waiter(owner=w.owner, permits=w.permits, since=_timestamp(w.since),
-                               give_up_time=_timestamp(w.give_up_at)) for w in queue or ()],
+                               give_up_time=_timestamp(w.give_up_at), mode=_mode(w.shared))
+                     for w in queue or ()],
             max_permits=size,
-            available_permits=size - sum(lease.permits for lease in leases),
+            available_permits=0 if shared else size - sum(lease.permits for lease in leases),
             fencing_token=machine.table.token_bound(name))
 
     async def Validate(self, request: pb.ValidateRequest, context: Ctx) -> pb.ValidateResponse:
@@ -190,4 +193,8 @@ class LockService(pb_grpc.LockServiceServicer):
 def _holder(lease: Lease) -> pb.Holder:
     return pb.Holder(lease_id=lease.lease_id, owner=lease.owner, fencing_token=lease.token,
                      expire_time=_timestamp(lease.expire_at), permits=lease.permits,
-                     acquire_time=_timestamp(lease.acquire_at))
+                     acquire_time=_timestamp(lease.acquire_at), mode=_mode(lease.shared))
+
+
+def _mode(shared: bool) -> pb.LockMode.ValueType:
+    return pb.LOCK_MODE_SHARED if shared else pb.LOCK_MODE_EXCLUSIVE

@@ -32,17 +32,18 @@ class Lease:
     expire_at: float
     acquire_at: float
     request_id: str = ""
+    shared: bool = False
 
     def to_record(self) -> lpb.LeaseRecord:
         return lpb.LeaseRecord(
             lease_id=self.lease_id, owner=self.owner, fencing_token=self.token,
             permits=self.permits, ttl_seconds=self.ttl, expire_at=self.expire_at,
-            acquire_at=self.acquire_at, request_id=self.request_id)
+            acquire_at=self.acquire_at, request_id=self.request_id, shared=self.shared)
 
     @classmethod
     def of(cls, r: lpb.LeaseRecord) -> Lease:
         return cls(r.lease_id, r.owner, r.fencing_token, r.permits, r.ttl_seconds,
-                   r.expire_at, r.acquire_at, r.request_id)
+                   r.expire_at, r.acquire_at, r.request_id, r.shared)
 
 
 @dataclass(slots=True)
@@ -54,11 +55,23 @@ class Lock:
     last_token: int = 0
     leases: dict[str, Lease] = field(default_factory=dict)
     held: int = 0
-    """Permits held by the leases."""
+    """Permits held by exclusive leases."""
+    readers: int = 0
+    """Shared leases (a read lock's holders)."""
 
     @property
     def available(self) -> int:
-        return self.max_permits - self.held
+        """Permits an exclusive request could take now."""
+        return 0 if self.readers else self.max_permits - self.held
+
+    def admits(self, permits: int, shared: bool) -> bool:
+        return self.held == 0 if shared else permits <= self.available
+
+    def _count(self, lease: Lease, sign: int) -> None:
+        if lease.shared:
+            self.readers += sign
+        else:
+            self.held += sign * lease.permits
 
     def by_request(self, request_id: str) -> Lease | None:
         for lease in self.leases.values():
@@ -113,7 +126,7 @@ class LockTable:
         if lock is None:
             lock = self.locks[name] = Lock(name, max_permits)
         lock.leases[lease.lease_id] = lease
-        lock.held += lease.permits
+        lock._count(lease, 1)
         self._resize(1)
         lock.last_token = max(lock.last_token, lease.token)
         self.last_token = max(self.last_token, lease.token)
@@ -125,7 +138,7 @@ class LockTable:
         lease = lock.leases.pop(lease_id, None)
         if lease is None:
             return None
-        lock.held -= lease.permits
+        lock._count(lease, -1)
         self._resize(-1)
         if not lock.leases:
             del self.locks[name]
@@ -174,8 +187,8 @@ class LockTable:
         for record in snapshot.locks:
             lock = Lock(record.name, record.max_permits, record.last_token)
             for r in record.leases:
-                lock.leases[r.lease_id] = Lease.of(r)
-                lock.held += r.permits
+                lease = lock.leases[r.lease_id] = Lease.of(r)
+                lock._count(lease, 1)
                 self._resize(1)
             if lock.leases:
                 self.locks[record.name] = lock

@@ -5,10 +5,12 @@ from __future__ import annotations
 from google.protobuf import duration_pb2
 
 from common.errors import invalid_argument
+from mesh.lock.v1 import lock_pb2 as pb
 from nodes.cache.validation import check_key
 from nodes.config import LockLimits
 
-__all__ = ["check_name", "check_owner", "check_request_id", "permits", "ttl", "wait"]
+__all__ = ["check_name", "check_owner", "check_request_id", "permits", "shared", "ttl",
+           "wait"]
 
 MAX_OWNER_BYTES = 256
 MAX_REQUEST_ID_BYTES = 64
@@ -58,3 +60,14 @@ def permits(wanted: int, max_permits: int) -> tuple[int, int]:
         raise invalid_argument(
             "permits", f"asks for {wanted} permits of a lock that has max_permits {max_permits}")
     return wanted, max_permits
+
+
+def shared(mode: int, permits: int, max_permits: int) -> bool:
+    """Whether a request with ``mode`` (a ``LockMode``) is for a shared (read) lease."""
+    if mode not in (pb.LOCK_MODE_UNSPECIFIED, pb.LOCK_MODE_EXCLUSIVE, pb.LOCK_MODE_SHARED):
+        raise invalid_argument("mode", f"unknown mode {mode}")
+    if mode != pb.LOCK_MODE_SHARED:
+        return False
+    if max_permits != 1 or permits != 1:
+        raise invalid_argument("mode", "SHARED applies to plain locks (max_permits 1)")
+    return True

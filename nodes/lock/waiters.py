@@ -35,6 +35,7 @@ class Waiter:
     request_id: str
     since: float
     give_up_at: float
+    shared: bool = False
     future: asyncio.Future[Grant] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 

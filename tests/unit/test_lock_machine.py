@@ -45,9 +45,9 @@ def _replay(primary: Group, replica: Group, after: int = 0) -> None:
 
 def _acquire(machine: LockMachine, name: str, *, wait: float = 0.0, permits: int = 1,
              max_permits: int = 1, ttl: float = 10.0, request_id: str = "",
-             owner: str = "") -> Grant | Waiter:
+             owner: str = "", shared: bool = False) -> Grant | Waiter:
     return machine.acquire(name, owner=owner, permits=permits, max_permits=max_permits,
-                           ttl=ttl, request_id=request_id, wait=wait)
+                           ttl=ttl, request_id=request_id, wait=wait, shared=shared)
 
 
 def _granted(outcome: Grant | Waiter) -> Grant:
@@ -193,6 +193,32 @@ async def test_the_lease_count_follows_grants_ends_and_departures() -> None:
     group.close("test")
     replica.close("test")
     assert count.total == 0
+
+
+async def test_readers_share_writers_queue_fairly() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    replica = _group("b", epoch=1, primary=False)
+    m = _machine(primary)
+    r1 = _granted(_acquire(m, "rw", shared=True, owner="r1"))
+    r2 = _granted(_acquire(m, "rw", shared=True, owner="r2"))
+    writer = _acquire(m, "rw", wait=5, owner="w")
+    late_reader = _acquire(m, "rw", wait=5, shared=True, owner="r3")  # behind the writer
+    also_late = _acquire(m, "rw", wait=5, shared=True, owner="r4")
+    assert isinstance(writer, Waiter) and isinstance(late_reader, Waiter)
+    assert isinstance(also_late, Waiter)
+    m.release("rw", r1.lease.lease_id)
+    assert not writer.future.done()  # r2 still reads
+    m.release("rw", r2.lease.lease_id)
+    w = writer.future.result()
+    assert not late_reader.future.done()
+    m.release("rw", w.lease.lease_id)
+    # Both readers behind the writer are granted together, with growing tokens.
+    tokens = [late_reader.future.result().lease.token, also_late.future.result().lease.token]
+    assert w.lease.token < tokens[0] < tokens[1]
+    _replay(primary, replica)
+    lock = _machine(replica).table.get("rw")
+    assert lock is not None and lock.readers == 2 and lock.held == 0 and lock.available == 0
+    m.close()
 
 
 def test_snapshot_round_trip() -> None:
