@@ -100,7 +100,8 @@ class LockMachine:
             raise errors.permits_mismatch(name, size)
         if request_id:
             lease = lock.by_request(request_id) if lock else None
-            if lease is not None:  # a retry of a granted Acquire: the same lease
+            if lease is not None and lease.expire_at > time.time():
+                # A retry of a granted Acquire: the same lease.
                 return Grant(lease, self._group.log.last_seq)
             old = queue.by_request(request_id) if queue else None
             if queue is not None and old is not None:
