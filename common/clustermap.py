@@ -72,6 +72,8 @@ class GroupView:
     slots: int
     since: dict[str, int]
     """Replica node id -> map epoch of its assignment to the group."""
+    origin_epoch: int = 0
+    """Epoch at which the group's history began (copies from before it are void)."""
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -97,6 +99,7 @@ class RoutingTable:
                 in_sync=frozenset(r.node_id for r in group.replicas if r.in_sync),
                 slots=slot_count(group),
                 since={r.node_id: r.since_epoch for r in group.replicas},
+                origin_epoch=group.origin_epoch,
             )
             for r in group.slot_ranges:
                 for slot in range(r.start, r.end + 1):

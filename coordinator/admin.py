@@ -23,7 +23,14 @@ from coordinator.election import Election
 from coordinator.leader import LeaderDriver
 from coordinator.mapmodel import holds_role, under_replicated
 from coordinator.mapstore import Deposed
-from coordinator.operations import apply_rebalance, find_node, mark_draining, plan_rebalance
+from coordinator.operations import (
+    apply_rebalance,
+    find_node,
+    lost_groups,
+    mark_draining,
+    plan_rebalance,
+    recover_lost,
+)
 from coordinator.positions import PositionProbe
 from mesh.admin.v1 import admin_pb2
 
@@ -173,6 +180,27 @@ class AdminService:
         reply = planned[0] if planned else admin_pb2.RebalanceResponse()
         reply.epoch = new.epoch if new is not None else 0
         return reply
+
+    async def RecoverLostGroups(
+        self, request: admin_pb2.RecoverLostGroupsRequest, context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.RecoverLostGroupsResponse:
+        driver = await self._driver(context)
+        lost: list[admin_pb2.Group] = []
+
+        def change(cmap: admin_pb2.ClusterMap | None) -> admin_pb2.ClusterMap | None:
+            lost[:] = lost_groups(cmap)
+            return None if request.dry_run else recover_lost(cmap, self._replicas)
+
+        try:
+            new = await driver.update(change)
+        except Deposed as exc:
+            raise self._not_leader(grpc.StatusCode.UNAVAILABLE, "leadership lost") from exc
+        if new is not None:
+            log.warning("recreated %d lost group(s), empty, at map epoch %d: %s", len(lost),
+                        new.epoch, ",".join(str(g.group_id) for g in lost))
+        return admin_pb2.RecoverLostGroupsResponse(
+            group_ids=[g.group_id for g in lost], slots=sum(slot_count(g) for g in lost),
+            epoch=new.epoch if new is not None else 0)
 
     async def Status(self, request: admin_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> admin_pb2.StatusResponse:

@@ -1,7 +1,8 @@
-"""Admin changes to the map, as pure functions: Drain and Rebalance.
+"""Admin changes to the map, as pure functions: Drain, Rebalance, RecoverLostGroups.
 
-They only mark intent (a node DRAINING, group targets); the reconcile loop
-then moves the roles the way it moves any other: catch up, then flip.
+Drain and Rebalance only mark intent (a node DRAINING, group targets); the
+reconcile loop then moves the roles the way it moves any other: catch up, then
+flip. RecoverLostGroups places groups that have no copy left, empty.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from coordinator.mapmodel import (
     same,
     stamp,
 )
-from coordinator.placement import imbalance_percent, place, primary_moves
+from coordinator.placement import Assignment, imbalance_percent, place, primary_moves
 from mesh.admin.v1 import admin_pb2
 
 
@@ -112,5 +113,42 @@ def apply_rebalance(cmap: admin_pb2.ClusterMap | None, plan: admin_pb2.Rebalance
             primary_node_id=move.to_primary_node_id,
             replica_node_ids=list(move.to_replica_node_ids)))
     new.epoch = cmap.epoch + 1
+    stamp(new, time.time() if now is None else now)
+    return new
+
+
+def lost_groups(cmap: admin_pb2.ClusterMap | None) -> list[admin_pb2.Group]:
+    """Groups with no primary: no copy of them is left."""
+    return [g for g in cmap.groups if not g.primary_node_id] if cmap is not None else []
+
+
+def recover_lost(cmap: admin_pb2.ClusterMap | None, replicas: int,
+                 now: float | None = None) -> admin_pb2.ClusterMap | None:
+    """The map with every lost group placed again, empty, at a new epoch (None if
+    none is lost). Its replicas start catching up, as any new replica does: the
+    primary vouches for them once they hold its (empty) state."""
+    if cmap is None or not lost_groups(cmap):
+        return None
+    nodes = eligible_nodes(cmap)
+    if not nodes:
+        raise MeshStatusError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no ACTIVE or JOINING node to place the lost groups on",
+            Reason.NOT_ENOUGH_NODES, metadata={"eligible_nodes": "0"})
+    new = admin_pb2.ClusterMap()
+    new.CopyFrom(cmap)
+    new.epoch = cmap.epoch + 1
+    current = assignments(new.groups, use_targets=True)
+    lost = lost_groups(new)
+    current.update((g.group_id, Assignment("", ())) for g in lost)
+    desired = place(current, nodes, replicas)
+    for group in lost:
+        where = desired[group.group_id]
+        group.primary_node_id = where.primary
+        group.epoch = group.origin_epoch = new.epoch
+        del group.replicas[:]
+        group.replicas.extend(admin_pb2.Replica(node_id=n, in_sync=False, since_epoch=new.epoch)
+                              for n in where.replicas)
+        group.ClearField("target")
     stamp(new, time.time() if now is None else now)
     return new

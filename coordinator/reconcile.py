@@ -6,7 +6,7 @@ a. membership: registered nodes missing from the map join as JOINING; map
    nodes no longer registered leave, and for each group one of them was primary
    of, the live in-sync replica with the highest applied position is promoted
    (never a replica that is not in sync: with none left the group has no
-   primary and is unavailable);
+   primary and is unavailable until an operator calls RecoverLostGroups);
 b. planning: ``place()`` over JOINING and ACTIVE nodes, starting from where
    each group is going (its target, else its members); a group whose desired
    members differ from its current ones gets that as its ``target``;
@@ -156,9 +156,10 @@ def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
     gone = {n.node_id for n in new.nodes if n.node_id not in live}
     if not gone:
         return
+    lost: list[int] = []
     for group in new.groups:
-        if group.primary_node_id in gone:
-            _promote(group, gone, facts, epoch)
+        if group.primary_node_id in gone and not _promote(group, gone, facts, epoch):
+            lost.append(group.group_id)
         kept = [r for r in group.replicas if r.node_id not in gone]
         if len(kept) != len(group.replicas):
             del group.replicas[:]
@@ -171,9 +172,14 @@ def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
     new.nodes.extend(nodes)
     for node_id in sorted(gone):
         log.info("node %s left the map", node_id)
+    if lost:
+        shown = ",".join(map(str, lost[:20])) + (",..." if len(lost) > 20 else "")
+        log.error("%d group(s) lost their primary and have no in-sync replica left: their "
+                  "slots are unavailable until `meshctl recover` (groups %s)", len(lost), shown)
 
 
-def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -> None:
+def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -> bool:
+    """Promote the best in-sync replica; False if there is none (the group is lost)."""
     old = group.primary_node_id
     gid = group.group_id
     candidates = [r.node_id for r in group.replicas
@@ -181,9 +187,7 @@ def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -
     group.epoch = epoch
     if not candidates:
         group.primary_node_id = ""
-        log.error("group %d lost its primary %s and has no in-sync replica left: "
-                  "its slots are unavailable", gid, old)
-        return
+        return False
 
     def rank(item: tuple[int, str]) -> tuple[int, int, int, int]:
         # Known positions first, highest (epoch, seq) first; then map order.
@@ -201,6 +205,7 @@ def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -
     group.primary_node_id = chosen
     log.info("group %d: promoted %s (position %s) in place of %s, epoch %d", gid, chosen,
              f"{pos.applied_epoch}/{pos.applied_seq}" if pos else "unknown", old, epoch)
+    return True
 
 
 def _plan(new: admin_pb2.ClusterMap, replicas: int) -> None:

@@ -4,6 +4,7 @@
     meshctl status                leader, map epoch, coverage; each node's health and cache size
     meshctl topology [--nodes]    the cluster map: groups, their slots, primary and replicas
     meshctl drain NODE [--no-wait]  move every role off a node, which then leaves
+    meshctl recover [--dry-run]   give groups that lost every copy a new, EMPTY primary
     meshctl cache get KEY
     meshctl cache set KEY VALUE [--ttl SECONDS] [--if-absent] [--if-version N]
     meshctl cache del KEY
@@ -45,10 +46,12 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _admin(args: argparse.Namespace) -> int:
-    from meshctl.admin import drain, print_topology
+    from meshctl.admin import drain, print_topology, recover
 
     if args.command == "topology":
         return await print_topology(args.etcd, args.cluster, args.timeout, args.nodes)
+    if args.command == "recover":
+        return await recover(args.etcd, args.cluster, args.dry_run, args.timeout)
     timeout = max(args.timeout, args.wait_timeout) if args.wait else args.timeout
     return await drain(args.etcd, args.cluster, args.node_id, args.wait, timeout)
 
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--wait-timeout", type=float, default=120.0,
                        help="seconds to wait for the node to be empty")
 
+    recover = command(sub, "recover", "recreate groups that lost every copy, empty")
+    recover.add_argument("--dry-run", action="store_true", help="only list the lost groups")
+
     cache = command(sub, "cache", "cache calls")
     csub = cache.add_subparsers(dest="cache_command", required=True)
     get = command(csub, "get", "print a key's value")
@@ -159,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_up(args)
         if args.command == "status":
             return asyncio.run(_status(args))
-        if args.command in ("topology", "drain"):
+        if args.command in ("topology", "drain", "recover"):
             return asyncio.run(_admin(args))
         if args.command == "lock":
             return asyncio.run(_lock(args))

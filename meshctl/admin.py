@@ -1,4 +1,4 @@
-"""``meshctl topology``, ``meshctl drain`` and the cluster lines of ``meshctl status``:
+"""``meshctl topology``, ``drain``, ``recover`` and the cluster lines of ``meshctl status``:
 calls to the leading coordinator's AdminService, found through etcd."""
 
 from __future__ import annotations
@@ -81,6 +81,22 @@ async def drain(etcd: str, cluster: str, node_id: str, wait: bool, timeout: floa
     state = "done: it holds no role" if reply.done else "in progress (see meshctl topology)"
     print(f"draining {node_id} since map epoch {reply.epoch}: {reply.primary_slots} primary "
           f"and {reply.replica_slots} replica slots to move; {state}")
+    return 0
+
+
+async def recover(etcd: str, cluster: str, dry_run: bool, timeout: float) -> int:
+    async with admin_client(etcd, cluster, timeout) as stub:
+        reply = await _call(stub.RecoverLostGroups(
+            admin_pb2.RecoverLostGroupsRequest(dry_run=dry_run), timeout=timeout))
+    if not reply.group_ids:
+        print("no group is lost")
+        return 0
+    ids = ",".join(map(str, reply.group_ids))
+    if dry_run:
+        print(f"{len(reply.group_ids)} lost group(s) ({reply.slots} slots): {ids}")
+    else:
+        print(f"recreated {len(reply.group_ids)} lost group(s) ({reply.slots} slots), empty, "
+              f"at map epoch {reply.epoch}: {ids}")
     return 0
 
 

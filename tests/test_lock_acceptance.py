@@ -18,9 +18,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from clients import Mesh
-from common.clustermap import wait_settled
+import pytest
+
+from clients import Mesh, UnavailableError
+from common.clustermap import read_map, wait_for_map, wait_settled
 from common.slots import slot_for
+from coordinator.client import admin_client
+from mesh.admin.v1 import admin_pb2
 from meshctl.processes import LocalMesh, _with_parent_death
 from tests.lock_history import Op, check
 
@@ -247,3 +251,45 @@ async def test_tokens_keep_growing_while_every_node_is_restarted(
     fresh = await mesh.locks.acquire(name, ttl=5.0)
     assert fresh.token > held.token
     await fresh.release()
+
+
+async def test_tokens_keep_growing_after_every_node_dies_and_lost_groups_are_recovered(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    name = "acc:total-loss"
+    local = local_mesh(3, lease_ttl=2)
+    mesh = await mesh_client(timeout=3)
+    before = await mesh.locks.acquire(name, ttl=30.0)  # held when everything dies
+    await mesh.cache.set("acc:total-loss:key", b"v")
+    ids = [n.node_id for n in local.nodes]
+    for node in local.nodes:
+        node.child.signal(signal.SIGKILL)
+    await wait_for_map(local.etcd_endpoint, local.cluster,
+                       lambda t: not any(g.primary for g in t.groups.values()), 30,
+                       "every group lost")
+    local.nodes.clear()
+    for node_id in ids:
+        await asyncio.to_thread(local.start_node, node_id)
+    await wait_for_map(local.etcd_endpoint, local.cluster,
+                       lambda t: sorted(t.addresses) == sorted(ids), 30, "nodes back")
+    with pytest.raises(UnavailableError):  # lost groups stay lost until an operator acts
+        await mesh.locks.try_acquire(name, ttl=5.0, timeout=1.0)
+
+    every_group = sorted((await _table(local)).groups)
+    async with admin_client(local.etcd_endpoint, local.cluster) as admin:
+        dry = await admin.RecoverLostGroups(admin_pb2.RecoverLostGroupsRequest(dry_run=True))
+        assert sorted(dry.group_ids) == every_group and dry.epoch == 0
+        done = await admin.RecoverLostGroups(admin_pb2.RecoverLostGroupsRequest())
+        assert sorted(done.group_ids) == every_group and done.epoch > 0
+    await wait_settled(local.etcd_endpoint, local.cluster, ids, timeout=30)
+
+    after = await mesh.locks.acquire(name, ttl=5.0, wait=5.0)  # the old lease died too
+    assert after.token > before.token
+    assert await mesh.cache.get("acc:total-loss:key") is None  # recreated empty
+    await after.release()
+
+
+async def _table(local: LocalMesh) -> Any:
+    table = await read_map(local.etcd_endpoint, local.cluster)
+    assert table is not None
+    return table

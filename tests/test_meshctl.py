@@ -93,6 +93,8 @@ def test_up_runs_a_working_mesh_and_ctrl_c_leaves_nothing(up: Up) -> None:
     conflict = up.ctl("cache", "set", "greeting", "again", "--if-absent")
     assert conflict.returncode == 2 and "KeyExistsError" in conflict.stderr
     assert up.ctl("cache", "del", "greeting").stdout == "deleted\n"
+    recover = up.ctl("recover", "--dry-run")
+    assert recover.returncode == 0 and recover.stdout == "no group is lost\n", recover.stderr
     unused = up.ctl("lock", "describe", "jobs")
     assert unused.returncode == 0, unused.stderr
     assert unused.stdout.startswith("lock 'jobs': 0 of 1 permits held")

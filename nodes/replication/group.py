@@ -52,9 +52,11 @@ class Group:
 
     def __init__(
         self, group_id: int, node_id: str, factories: Mapping[int, MachineFactory],
+        origin_epoch: int = 0,
     ) -> None:
         self.group_id = group_id
         self.node_id = node_id
+        self.origin_epoch = origin_epoch  # the group history this copy belongs to
         self.epoch = 0  # the highest epoch seen for this group
         self.role: rpb.GroupRole.ValueType = CATCHING_UP
         self.log = CommandLog()

@@ -123,8 +123,17 @@ class Replication:
         me = self.node_id
         mine: dict[int, GroupView] = {v.group_id: v for v in table.groups_of(me)}
         led_before = {g for g, group in self.groups.items() if group.is_primary}
+        recreated: set[int] = set()
         for group_id, view in mine.items():
-            group = self.groups.get(group_id) or self._create(group_id)
+            group = self.groups.get(group_id)
+            if group is not None and group.origin_epoch < view.origin_epoch:
+                # The group was made again, empty (RecoverLostGroups): what this
+                # node kept of its earlier history must not come back.
+                self.groups.pop(group_id).close("the group was recreated")
+                recreated.add(group_id)
+                group = None
+            if group is None:
+                group = self._create(group_id, view.origin_epoch)
             if view.primary == me:
                 if group.epoch > view.epoch:
                     continue  # we have seen a newer epoch: wait for the map to catch up
@@ -136,7 +145,8 @@ class Replication:
                 group.epoch = max(group.epoch, view.epoch)
         for group_id in [g for g in self.groups if g not in mine]:
             self.groups.pop(group_id).close("the group left this node")
-        lost = {g for g in led_before if g not in self.groups or not self.groups[g].is_primary}
+        lost = {g for g in led_before
+                if g in recreated or g not in self.groups or not self.groups[g].is_primary}
         if lost:
             for callback in self.on_lost:
                 callback(lost)
@@ -155,8 +165,8 @@ class Replication:
         group = self.groups.get(batch.group_id)
         return group if group is not None else self._create(batch.group_id)
 
-    def _create(self, group_id: int) -> Group:
-        group = Group(group_id, self.node_id, self._factories)
+    def _create(self, group_id: int, origin_epoch: int = 0) -> Group:
+        group = Group(group_id, self.node_id, self._factories, origin_epoch)
         self.groups[group_id] = group
         return group
 

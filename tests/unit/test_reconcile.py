@@ -13,7 +13,13 @@ from common.errors import MeshStatusError, Reason
 from common.membership import NodeInfo
 from common.slots import SLOT_COUNT
 from coordinator.mapmodel import holds_role
-from coordinator.operations import apply_rebalance, mark_draining, plan_rebalance
+from coordinator.operations import (
+    apply_rebalance,
+    lost_groups,
+    mark_draining,
+    plan_rebalance,
+    recover_lost,
+)
 from coordinator.reconcile import Facts, initial_map, needed_positions, next_map
 from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
@@ -318,3 +324,35 @@ def test_epochs_only_grow_and_group_epochs_follow_primary_changes() -> None:
             seen_group_epochs[g.group_id] = g.epoch
         cmap = new
 
+
+
+# -- RecoverLostGroups ------------------------------------------------------------------
+
+
+def test_recover_lost_places_lost_groups_empty_at_a_new_epoch() -> None:
+    cmap = hand_map([(1, "a", [("b", True)]), (2, "", [("b", False)]), (3, "", [])],
+                    nodes="ab", r=1)
+    assert [g.group_id for g in lost_groups(cmap)] == [2, 3]
+    new = recover_lost(cmap, 1, now=20.0)
+    assert new is not None and new.epoch == cmap.epoch + 1
+    assert group(new, 1) == group(cmap, 1)  # untouched
+    for gid in (2, 3):
+        g = group(new, gid)
+        assert g.primary_node_id in ("a", "b")
+        assert g.epoch == g.origin_epoch == new.epoch
+        # Its replica starts catching up, even a node that had a (partial) copy.
+        assert [(r.in_sync, r.since_epoch) for r in g.replicas] == [(False, new.epoch)]
+        assert g.replicas[0].node_id != g.primary_node_id
+    assert not lost_groups(new)
+    assert_invariants(new)
+    # The reconcile loop then takes them in sync like any new replica.
+    settled = settle(new, registered("a", "b"), 1)
+    assert all(r.in_sync for g in settled.groups for r in g.replicas)
+    assert recover_lost(settled, 1) is None
+
+
+def test_recover_lost_needs_a_node() -> None:
+    cmap = hand_map([(1, "", [])], nodes="")
+    with pytest.raises(MeshStatusError) as info:
+        recover_lost(cmap, 1)
+    assert info.value.reason == Reason.NOT_ENOUGH_NODES

@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 
+from common.clustermap import RoutingTable
 from common.errors import MeshStatusError
+from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
+from nodes.replication.manager import Replication
 from nodes.replication.sender import Phase, ReplicaTracker
 
 
@@ -158,3 +161,27 @@ def test_snapshot_install_replaces_state_and_position() -> None:
     replica.install(epoch, seq, chunks)
     assert replica.applied == (3, 2) and applied(replica) == [b"p", b"q"]
     assert replica.apply_batch(batch(3, (3, 2), b"r")).status == rpb.ACK_STATUS_OK
+
+
+async def test_a_recreated_group_drops_the_copy_from_its_earlier_history() -> None:
+    def cmap(epoch: int, origin: int) -> admin_pb2.ClusterMap:
+        m = admin_pb2.ClusterMap(epoch=epoch)
+        m.groups.add(group_id=1, epoch=epoch, primary_node_id="a", origin_epoch=origin,
+                     slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
+        m.nodes.add(node_id="a", address="a:1", state=admin_pb2.NODE_STATE_ACTIVE)
+        return m
+
+    replication = Replication("a", "a:1", {rpb.SERVICE_KIND_CACHE: Recorder},
+                              lambda: float("inf"), 5)
+    lost: list[set[int]] = []
+    replication.on_lost.append(lost.append)
+    replication.on_map(RoutingTable(cmap(1, 0)))
+    old = replication.groups[1]
+    old.append(0, rpb.SERVICE_KIND_CACHE, b"x")
+    replication.on_map(RoutingTable(cmap(2, 0)))  # same history: kept
+    assert replication.groups[1] is old
+    replication.on_map(RoutingTable(cmap(7, 7)))  # made again: starts empty
+    new = replication.groups[1]
+    assert new is not old and new.is_primary and new.applied == (0, 0)
+    assert lost == [{1}]
+    await replication.close()
