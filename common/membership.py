@@ -37,6 +37,8 @@ class NodeInfo:
     version: str
     pid: int = 0
     started_at: float = 0.0
+    metrics: str = ""
+    """host:port of its Prometheus /metrics endpoint ("" if it serves none)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -51,6 +53,7 @@ class NodeInfo:
             version=str(data.get("version", "")),
             pid=int(data.get("pid", 0)),
             started_at=float(data.get("started_at", 0.0)),
+            metrics=str(data.get("metrics", "")),
         )
 
 

@@ -27,6 +27,8 @@ class CoordinatorConfig:
     min_nodes: int = 1
     reconcile_interval: float = 0.2
     settle: float = 0.5
+    metrics_listen: str = "127.0.0.1:0"
+    """Where /metrics is served (port 0: a free one); empty: not served."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
@@ -72,4 +74,5 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         replicas=a.replicas,
         groups=a.groups,
         min_nodes=max(a.min_nodes, 1),
+        metrics_listen=a.metrics_listen,
     )

@@ -14,11 +14,13 @@ from grpc_reflection.v1alpha import reflection
 
 from common.clustermap import MapFollower, leader_key
 from common.etcd import client_for
+from common.metrics import Metrics, Snapshot
 from coordinator.admin import AdminService
 from coordinator.config import CoordinatorConfig
 from coordinator.election import Election, Leadership
 from coordinator.etcdhealth import EtcdHealthCheck
 from coordinator.leader import LeaderDriver
+from coordinator.mapmodel import under_replicated
 from coordinator.positions import PositionProbe
 from mesh.admin.v1 import admin_pb2
 from nodes.rpc import add_service
@@ -69,11 +71,14 @@ class Coordinator:
             election=self.election, follower=self._follower, probe=self._probe,
             replicas=config.replicas, driver=lambda: self.driver,
             etcd_health=self._health_check.check)
-        add_service(self.server, self.admin, ADMIN_SERVICE)
+        self.metrics = Metrics(self._snapshot)
+        add_service(self.server, self.admin, ADMIN_SERVICE, self.metrics.rpc)
 
     async def start(self) -> None:
         """Serve, read the map and the leader key (raising if etcd is unreachable), campaign."""
         await self.server.start()
+        if self.config.metrics_listen:
+            self.metrics.serve(self.config.metrics_listen)
         await self._follower.start()
         await self.election.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -96,13 +101,36 @@ class Coordinator:
         await self._follower.close()
         await self._probe.close()
         await self._health_check.close()
+        await self.metrics.close()
         with contextlib.suppress(Exception):
             await self._etcd.close()
 
     def ready_line(self) -> str:
         """The line printed on stdout once the coordinator serves and campaigns."""
         return "READY " + json.dumps({"coordinator_id": self.config.coordinator_id,
-                                      "address": self.address, "pid": os.getpid()})
+                                      "address": self.address, "pid": os.getpid(),
+                                      "metrics": self.metrics.address})
+
+    def _snapshot(self) -> Snapshot:
+        table = self._follower.table
+        cmap = table.proto if table is not None else admin_pb2.ClusterMap()
+        states = {name: 0.0 for name in ("JOINING", "ACTIVE", "DRAINING", "DOWN")}
+        for node in cmap.nodes:
+            name = admin_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_")
+            states[name] = states.get(name, 0.0) + 1
+        return Snapshot(gauges={
+            "mesh_coordinator_leader": ("1 if this coordinator leads",
+                                        {(): float(self.election.is_leader)}),
+            "mesh_map_epoch": ("Cluster map epoch", {(): float(cmap.epoch)}),
+            "mesh_nodes": ("Nodes in the map, by state",
+                           {(("state", s),): n for s, n in states.items()}),
+            "mesh_groups_lost": ("Groups with no copy left (see meshctl recover)",
+                                 {(): float(sum(not g.primary_node_id for g in cmap.groups))}),
+            "mesh_groups_under_replicated": ("Groups with fewer in-sync replicas than wanted",
+                                             {(): float(len(under_replicated(cmap)))}),
+            "mesh_groups_moving": ("Groups moving to a new placement",
+                                   {(): float(sum(g.HasField("target") for g in cmap.groups))}),
+        })
 
 
 async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:

@@ -211,6 +211,8 @@ class NodeProcess:
     node_id: str
     child: Child
     address: str = ""
+    metrics: str = ""
+    """host:port of its /metrics endpoint."""
 
     @property
     def pid(self) -> int:
@@ -224,6 +226,8 @@ class CoordinatorProcess:
     coordinator_id: str
     child: Child
     address: str = ""
+    metrics: str = ""
+    """host:port of its /metrics endpoint."""
 
     @property
     def pid(self) -> int:
@@ -264,8 +268,8 @@ class LocalMesh:
         child.start()
         node = NodeProcess(node_id, child)
         self.nodes.append(node)
-        line = child.wait_for_line("READY ", timeout)
-        node.address = json.loads(line.removeprefix("READY "))["address"]
+        ready = json.loads(child.wait_for_line("READY ", timeout).removeprefix("READY "))
+        node.address, node.metrics = ready["address"], ready.get("metrics", "")
         return node
 
     def start_nodes(self, count: int, extra: Sequence[str] = ()) -> list[NodeProcess]:
@@ -291,8 +295,8 @@ class LocalMesh:
         child.start()
         coordinator = CoordinatorProcess(coordinator_id, child)
         self.coordinators.append(coordinator)
-        line = child.wait_for_line("READY ", timeout)
-        coordinator.address = json.loads(line.removeprefix("READY "))["address"]
+        ready = json.loads(child.wait_for_line("READY ", timeout).removeprefix("READY "))
+        coordinator.address, coordinator.metrics = ready["address"], ready.get("metrics", "")
         return coordinator
 
     def stop(self) -> None:

@@ -1,14 +1,19 @@
-"""``meshctl status``: one line per registered node."""
+"""``meshctl status``: one line per registered node (health, cache keys, and figures
+read from its /metrics)."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+import urllib.request
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from clients import Mesh
+from common.membership import NodeInfo
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 
 
@@ -19,6 +24,8 @@ class NodeStatus:
     services: tuple[str, ...]
     health: str
     keys: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Sums of the node's metric families, by name ({} if it serves none)."""
 
 
 async def collect(mesh: Mesh, timeout: float = 2.0) -> list[NodeStatus]:
@@ -42,8 +49,27 @@ async def collect(mesh: Mesh, timeout: float = 2.0) -> list[NodeStatus]:
                 pass
         return NodeStatus(node_id, address, services, health, keys)
 
+    async def with_metrics(info: NodeInfo) -> NodeStatus:
+        status = await one(info.node_id, info.address, info.services)
+        if info.metrics:
+            with contextlib.suppress(OSError):
+                status.metrics.update(await asyncio.to_thread(scrape, info.metrics, timeout))
+        return status
+
     nodes = sorted(mesh.directory.nodes.values(), key=lambda n: n.node_id)
-    return list(await asyncio.gather(*(one(n.node_id, n.address, n.services) for n in nodes)))
+    return list(await asyncio.gather(*(with_metrics(n) for n in nodes)))
+
+
+def scrape(address: str, timeout: float) -> dict[str, float]:
+    """``http://address/metrics``, each family summed over its samples (the _total,
+    _count and _sum samples of counters and histograms kept apart)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return sums
 
 
 async def print_status(mesh: Mesh) -> int:
@@ -51,8 +77,16 @@ async def print_status(mesh: Mesh) -> int:
     if not rows:
         print("no nodes registered")
         return 1
-    print(f"{'NODE':<16} {'ADDRESS':<22} {'HEALTH':<12} {'KEYS':>8}  SERVICES")
+    print(f"{'NODE':<16} {'ADDRESS':<22} {'HEALTH':<12} {'KEYS':>8} {'LEASES':>7} "
+          f"{'RPCS':>9}  SERVICES")
     for r in rows:
         keys = "-" if r.keys is None else str(r.keys)
-        print(f"{r.node_id:<16} {r.address:<22} {r.health:<12} {keys:>8}  {','.join(r.services)}")
+        leases = _figure(r.metrics, "mesh_lock_leases")
+        rpcs = _figure(r.metrics, "mesh_rpc_requests_total")
+        print(f"{r.node_id:<16} {r.address:<22} {r.health:<12} {keys:>8} {leases:>7} "
+              f"{rpcs:>9}  {','.join(r.services)}")
     return 0 if all(r.health == "SERVING" for r in rows) else 1
+
+
+def _figure(metrics: dict[str, float], name: str) -> str:
+    return f"{metrics[name]:.0f}" if name in metrics else "-"

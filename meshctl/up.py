@@ -55,12 +55,14 @@ def run_up(args: argparse.Namespace) -> int:
             coordinator = local.start_coordinator(
                 ["--min-nodes", str(max(args.nodes, 1)), "--replicas", str(args.replicas)])
             print(f"{coordinator.coordinator_id:<9} {coordinator.address}   "
-                  f"pid {coordinator.pid}", flush=True)
+                  f"pid {coordinator.pid}   metrics http://{coordinator.metrics}/metrics",
+                  flush=True)
         for _ in range(args.nodes):
             if stop:
                 break
             node = local.start_node()
-            print(f"{node.node_id:<9} {node.address}   pid {node.pid}", flush=True)
+            print(f"{node.node_id:<9} {node.address}   pid {node.pid}   "
+                  f"metrics http://{node.metrics}/metrics", flush=True)
         if not stop:
             print(f"\nexport MESH_ETCD_ENDPOINTS={endpoint} MESH_CLUSTER={args.cluster}")
             first = local.nodes[0].address if local.nodes else "<node>"

@@ -56,6 +56,8 @@ class NodeConfig:
     drain_delay: float = 1.0
     max_concurrent_rpcs: int = 1000
     max_message_bytes: int = 32 << 20
+    metrics_listen: str = "127.0.0.1:0"
+    """Where /metrics is served (port 0: a free one); empty: not served."""
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
 
@@ -140,6 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         shutdown_grace=a.shutdown_grace,
         drain_delay=a.drain_delay,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
+        metrics_listen=a.metrics_listen,
         cache=CacheLimits(
             max_entries=a.cache_max_entries,
             max_bytes=a.cache_max_bytes,

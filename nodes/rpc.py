@@ -8,6 +8,8 @@ raised anywhere in a handler into the rich status it describes.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -15,6 +17,7 @@ import grpc
 from google.protobuf import descriptor, message, message_factory
 
 from common.errors import MeshStatusError, invalid_argument
+from common.metrics import RpcMetrics
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
@@ -84,23 +87,78 @@ def _server_stream(parse: Callable[[bytes], message.Message],
     return handler
 
 
+def _measured_unary(handler: Handler, name: str, rpc: RpcMetrics) -> Handler:
+    async def measured(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = "UNKNOWN"  # an exception nobody turned into a status
+        try:
+            result = await handler(raw, context)
+            code = _code(context)
+            return result
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code(context, "UNKNOWN")
+            raise
+        finally:
+            rpc.observe(name, code, time.perf_counter() - started)
+
+    return measured
+
+
+def _measured_stream(handler: Handler, name: str, rpc: RpcMetrics) -> Handler:
+    async def measured(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            async for item in handler(raw, context):
+                yield item
+            code = _code(context)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code(context, "UNKNOWN")
+            raise
+        finally:
+            rpc.observe(name, code, time.perf_counter() - started)
+
+    return measured
+
+
+def _code(context: grpc.aio.ServicerContext, default: str = "OK") -> str:
+    """The status the handler set (abort sets it before raising), else ``default``."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else default
+
+
 def add_service(
-    server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor
+    server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor,
+    rpc: RpcMetrics | None = None,
 ) -> None:
-    """Serve every unary and server-streaming method of ``service`` from ``servicer``."""
+    """Serve every unary and server-streaming method of ``service`` from ``servicer``,
+    counting each call in ``rpc`` if given."""
     handlers = {}
     for method in service.methods:
         parse = _parser(method)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         behaviour = getattr(servicer, method.name)
+        name = f"/{service.full_name}/{method.name}"
         if method.client_streaming:
             raise NotImplementedError(f"{method.full_name}: client streaming is not wired")
         if method.server_streaming:
+            stream = _server_stream(parse, behaviour)
+            if rpc is not None:
+                stream = _measured_stream(stream, name, rpc)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _server_stream(parse, behaviour), response_serializer=serialize)
+                stream, response_serializer=serialize)
         else:
+            unary = _unary(parse, behaviour)
+            if rpc is not None:
+                unary = _measured_unary(unary, name, rpc)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(parse, behaviour), response_serializer=serialize)
+                unary, response_serializer=serialize)
     generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
+from common.metrics import Metrics
 from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
 from mesh.lock.v1 import lock_pb2
@@ -27,6 +28,7 @@ from nodes.config import NodeConfig
 from nodes.forwarding import Forwarder
 from nodes.lock.machine import LOCK
 from nodes.lock.service import LockService
+from nodes.metrics import node_snapshot
 from nodes.registration import Registration
 from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
@@ -79,6 +81,7 @@ class Node:
         self.drained = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
+        self.metrics = Metrics(lambda: node_snapshot(self.replication))
         self._add_services()
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl)
@@ -102,13 +105,13 @@ class Node:
                 self.config.cache, sync_replication=self.config.cache.replication == "sync")
             self._factories[CACHE] = self.cache.machine
             service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
-            add_service(self.server, self.cache, service)
+            add_service(self.server, self.cache, service, self.metrics.rpc)
             names.append(service.full_name)
         if "lock" in wanted:
             self.locks = LockService(self.config.lock)
             self._factories[LOCK] = self.locks.machine
             service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
-            add_service(self.server, self.locks, service)
+            add_service(self.server, self.locks, service, self.metrics.rpc)
             names.append(service.full_name)
         # Events and scheduler have their contracts but no implementation
         # yet: they are listed (reflection, health) and every call says so.
@@ -131,6 +134,8 @@ class Node:
         self.address = self.config.advertise or f"{host}:{self.port}"
         self.replication.address = self.address
         await self.server.start()
+        if self.config.metrics_listen:
+            self.metrics.serve(self.config.metrics_listen)
         forwarder = Forwarder(self.replication)
         if self.cache is not None:
             self.cache.start(self.replication, forwarder)
@@ -147,7 +152,7 @@ class Node:
         info = NodeInfo(
             node_id=self.config.node_id, address=self.address,
             services=self.config.services, version=VERSION,
-            pid=os.getpid(), started_at=time.time(),
+            pid=os.getpid(), started_at=time.time(), metrics=self.metrics.address,
         )
         self._registration = Registration(
             self._etcd, node_key(self.config.cluster, self.config.node_id),
@@ -181,13 +186,15 @@ class Node:
         await self.replication.close()
         self._replication_service.close()
         await self.server.stop(self.config.shutdown_grace)
+        await self.metrics.close()
         with contextlib.suppress(Exception):
             await self._etcd.close()
 
     def ready_line(self) -> str:
         """The line printed on stdout once the node serves and is registered."""
         return "READY " + json.dumps(
-            {"node_id": self.config.node_id, "address": self.address, "pid": os.getpid()}
+            {"node_id": self.config.node_id, "address": self.address, "pid": os.getpid(),
+             "metrics": self.metrics.address}
         )
 
 

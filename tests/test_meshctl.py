@@ -104,6 +104,9 @@ def test_up_runs_a_working_mesh_and_ctrl_c_leaves_nothing(up: Up) -> None:
     assert status.stdout.count("SERVING") == 3
     for address in up.addresses:
         assert address in status.stdout
+    # Figures read from each node's /metrics: KEYS, LEASES, RPCS are all numbers.
+    assert len(re.findall(r"SERVING\s+\d+\s+\d+\s+\d+", status.stdout)) == 3, status.stdout
+    assert len(re.findall(r"metrics http://\S+/metrics", up.text())) == 4  # coord + 3 nodes
 
     up.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     assert up.proc.wait(30) == 0, up.text()

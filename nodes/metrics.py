@@ -1,0 +1,82 @@
+"""What a node reports besides RPC counts: its groups, replication lag, cache and locks.
+
+Summed up on the event loop (`common.metrics.Metrics` calls `node_snapshot`
+once a second); cache counters cover the groups this node leads, like the
+cache's Stats RPC, so they restart from the new primary's figures when a group
+moves.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from common.metrics import Labels, Snapshot
+from nodes.cache.machine import CACHE, CacheMachine
+from nodes.lock.machine import LOCK, LockMachine
+from nodes.replication.manager import Replication
+
+__all__ = ["node_snapshot"]
+
+
+def _one(value: float) -> dict[Labels, float]:
+    return {(): value}
+
+
+def node_snapshot(replication: Replication) -> Snapshot:
+    """The node's gauges and counters, now."""
+    table = replication.table
+    groups = {"primary": 0, "replica": 0}
+    slots = {"primary": 0, "replica": 0}
+    replicas = {"in_sync": 0, "catching_up": 0}
+    lag_commands = lag_seconds = 0.0
+    cache = {"hits": 0, "misses": 0, "evictions": 0, "expirations": 0, "entries": 0,
+             "bytes": 0}
+    leases = waiters = 0
+    for group_id, group in replication.groups.items():
+        role = "primary" if group.is_primary else "replica"
+        groups[role] += 1
+        view = table.groups.get(group_id) if table is not None else None
+        slots[role] += view.slots if view is not None else 0
+        if not group.is_primary:
+            continue
+        for tracker in group.trackers.values():
+            progress = tracker.progress()
+            replicas["in_sync" if progress.in_sync else "catching_up"] += 1
+            lag_commands = max(lag_commands, progress.lag_commands)
+            lag_seconds = max(lag_seconds, progress.lag_seconds)
+        machine = group.machines.get(CACHE)
+        if machine is not None:
+            stats = cast(CacheMachine, machine).store.stats()
+            for name in cache:
+                cache[name] += getattr(stats, name)
+        locks = group.machines.get(LOCK)
+        if locks is not None:
+            lock_machine = cast(LockMachine, locks)
+            leases += lock_machine.table.size
+            waiters += sum(len(q) for q in lock_machine.queues.values())
+    return Snapshot(
+        gauges={
+            "mesh_groups": ("Replica groups held, by role",
+                            {(("role", r),): float(n) for r, n in groups.items()}),
+            "mesh_slots": ("Slots held, by role",
+                           {(("role", r),): float(n) for r, n in slots.items()}),
+            "mesh_replicas": ("Replicas of the groups this node leads, by state",
+                              {(("state", s),): float(n) for s, n in replicas.items()}),
+            "mesh_replication_lag_commands": (
+                "Commands the furthest-behind replica of a led group still lacks",
+                _one(lag_commands)),
+            "mesh_replication_lag_seconds": (
+                "Age of the oldest command a replica of a led group still lacks",
+                _one(lag_seconds)),
+            "mesh_map_epoch": ("Cluster map epoch this node follows",
+                               _one(float(table.epoch if table is not None else 0))),
+            "mesh_cache_entries": ("Live cache keys in led groups", _one(cache["entries"])),
+            "mesh_cache_bytes": ("Bytes of live cache keys in led groups", _one(cache["bytes"])),
+            "mesh_lock_leases": ("Live lock leases in led groups (holders)", _one(leases)),
+            "mesh_lock_waiters": ("Acquire calls queued on this node", _one(waiters)),
+        },
+        counters={
+            f"mesh_cache_{name}": (f"Cache {name} in led groups", _one(cache[name]))
+            for name in ("hits", "misses", "evictions", "expirations")
+        },
+    )
