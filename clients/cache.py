@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
-from clients.errors import MeshError, from_rpc_error
+from clients.errors import MeshError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -100,15 +99,8 @@ class CacheClient:
     def __init__(self, mesh: Mesh) -> None:
         self._mesh = mesh
 
-    def _stub(self, address: str) -> pb_grpc.CacheServiceStub:
-        return self._mesh.stub(pb_grpc.CacheServiceStub, address)
-
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
-        try:
-            return await getattr(self._stub(address), method)(
-                request, timeout=budget, metadata=self._mesh.call_metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, address) from None
+        return await self._mesh.call(pb_grpc.CacheServiceStub, address, method, request, budget)
 
     async def _call(
         self, key: str, method: str, request: Any, timeout: float | None, retry: bool

@@ -29,7 +29,6 @@ from clients.errors import (
     LockNotHeldError,
     LockTimeoutError,
     MeshError,
-    from_rpc_error,
 )
 from clients.lease import Lease, LostCallback, keep_alive
 from clients.retry import Verdict, classify, with_retries
@@ -109,15 +108,8 @@ class LockClient:
     def __init__(self, mesh: Mesh) -> None:
         self._mesh = mesh
 
-    def _stub(self, address: str) -> pb_grpc.LockServiceStub:
-        return self._mesh.stub(pb_grpc.LockServiceStub, address)
-
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
-        try:
-            return await getattr(self._stub(address), method)(
-                request, timeout=budget, metadata=self._mesh.call_metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, address) from None
+        return await self._mesh.call(pb_grpc.LockServiceStub, address, method, request, budget)
 
     async def _call(self, name: str, method: str, request: Any, timeout: float | None) -> Any:
         """One unary call to the primary of ``name``'s slot, retried (every lock call is

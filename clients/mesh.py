@@ -8,14 +8,21 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aetcd
 import grpc
 
+from clients.breaker import CIRCUIT_OPEN, CircuitBreaker
 from clients.cache import CacheClient
 from clients.directory import EtcdDirectory, NodeDirectory, StaticDirectory
-from clients.errors import NoNodesError
+from clients.errors import (
+    DeadlineExceededError,
+    MeshError,
+    NoNodesError,
+    UnavailableError,
+    from_rpc_error,
+)
 from clients.lease import Lease, LostCallback
 from clients.lock import LockClient
 from clients.router import Router, Target
@@ -33,6 +40,11 @@ forward a call for a slot it does not own, so that this client learns the owner.
 _ROUTED_BY_CLIENT: tuple[tuple[str, str], ...] = ((ROUTE_HEADER, "client"),)
 
 S = TypeVar("S")
+
+def _node_silent(error: MeshError) -> bool:
+    """The node gave no answer of its own: the connection failed or the deadline passed."""
+    return isinstance(error, DeadlineExceededError) or (
+        isinstance(error, UnavailableError) and not error.reason)
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 32 << 20),
@@ -81,6 +93,7 @@ class Mesh:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._stubs: dict[tuple[object, str], object] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self)
@@ -202,6 +215,43 @@ class Mesh:
             channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
+
+    def breaker(self, address: str) -> CircuitBreaker:
+        """The circuit breaker of the node at ``address``."""
+        breaker = self._breakers.get(address)
+        if breaker is None:
+            breaker = self._breakers[address] = CircuitBreaker()
+        return breaker
+
+    async def call(self, stub_class: Callable[[grpc.aio.Channel], Any], address: str,
+                   method: str, request: Any, budget: float) -> Any:
+        """One unary call to ``address`` within ``budget`` seconds, through its breaker.
+
+        Raises the MeshError of the answer; UnavailableError reason CIRCUIT_OPEN
+        (nothing sent) while the node's breaker is open.
+        """
+        breaker = self.breaker(address)
+        if not breaker.allow():
+            refused = UnavailableError(
+                f"{address} stopped answering; calls to it are held back for a moment",
+                code=grpc.StatusCode.UNAVAILABLE, reason=CIRCUIT_OPEN)
+            refused.address = address
+            raise refused
+        try:
+            response = await getattr(self.stub(stub_class, address), method)(
+                request, timeout=budget, metadata=self.call_metadata())
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc, address)
+            if _node_silent(error):
+                breaker.failure()
+            else:
+                breaker.success()
+            raise error from None
+        except BaseException:
+            breaker.abandon()
+            raise
+        breaker.success()
+        return response
 
     def stub(self, stub_class: Callable[[grpc.aio.Channel], S], address: str) -> S:
         """A generated stub bound to the one channel for ``address``."""

@@ -14,6 +14,10 @@ The rules (``with_retries``):
   GROUP_UNAVAILABLE, OWNERSHIP_EXPIRED, TOO_MANY_HOPS, a refused redirect);
   when the outcome is unknown (a connection error, NOT_COMMITTED) only calls
   that are safe to repeat are.
+- CIRCUIT_OPEN (the node's breaker is open, see ``clients.breaker``): nothing
+  was sent, so it is one more not-executed UNAVAILABLE; while the node stays
+  silent each try fails at once instead of waiting on it, and the call ends
+  when the map sends it elsewhere (a failover) or at its deadline.
 - Nothing is sent, and no pause is taken, past the call's deadline.
 """
 
@@ -28,6 +32,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 
+from clients.breaker import CIRCUIT_OPEN
 from clients.errors import MeshError, NoNodesError, UnavailableError
 
 T = TypeVar("T")
@@ -37,6 +42,7 @@ MAX_HOPS = 3
 
 NOT_EXECUTED_REASONS = frozenset({
     "NO_MAP", "GROUP_UNAVAILABLE", "OWNERSHIP_EXPIRED", "TOO_MANY_HOPS", "WRONG_OWNER",
+    CIRCUIT_OPEN,
 })
 """UNAVAILABLE reasons that promise the call had no effect (WRONG_OWNER: after
 the hop limit, re-raised as UNAVAILABLE)."""

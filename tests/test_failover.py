@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
-from clients import Mesh
+from clients import Mesh, UnavailableError
+from clients.breaker import State
 from common.clustermap import wait_for_map, wait_settled
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -134,3 +135,39 @@ async def test_node_restart_rejoins_and_catches_up(
     assert any(g.primary == victim.node_id for g in table.groups.values())
     assert await mesh.cache.mget([f"r{i}" for i in range(2000)]) == [b"x" * 100] * 2000
     await wait_converged(table)
+
+
+async def test_a_killed_nodes_breaker_opens_and_no_call_overruns_its_deadline(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    local = local_mesh(3, lease_ttl=LEASE_TTL)
+    mesh = await mesh_client(timeout=15)
+    victim = local.nodes[0]
+    table = mesh.table
+    assert table is not None
+    probe = table.key_led_by(victim.node_id)
+    await mesh.cache.set(probe, b"v")
+    breaker = mesh.breaker(victim.address)
+
+    victim.child.signal(signal.SIGKILL)
+    deadline = 0.3
+    states: set[State] = set()
+    overruns: list[float] = []
+    first_success: float | None = None
+    killed = time.monotonic()
+    while time.monotonic() - killed < LEASE_TTL + 10:
+        started = time.monotonic()
+        try:
+            assert await mesh.cache.get(probe, timeout=deadline) == b"v"
+            first_success = first_success or started
+        except UnavailableError:
+            assert first_success is None, "a call failed after the failover"
+        took = time.monotonic() - started
+        if took > deadline + 0.25:  # scheduling slack on a busy machine
+            overruns.append(took)
+        states.add(breaker.state)
+        if first_success is not None and time.monotonic() - first_success > 1.0:
+            break
+    assert first_success is not None, "calls never succeeded again"
+    assert State.OPEN in states  # calls to the dead node were held back, not sent
+    assert overruns == []
