@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aetcd
 import grpc
@@ -30,6 +30,9 @@ from common.clustermap import MapFollower, RoutingTable
 from common.etcd import client_for
 from common.membership import NodeInfo
 from mesh.admin.v1 import admin_pb2
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -65,7 +68,9 @@ class Mesh:
     ``127.0.0.1:2379``) to follow the cluster map and send each call to its
     key's owner, or ``addresses`` to talk to a fixed list of nodes (round-robin;
     they forward each call to its owner). ``timeout`` is the default deadline
-    of every call; each method also takes its own ``timeout=``.
+    of every call; each method also takes its own ``timeout=``. With a
+    ``tracer_provider`` (OpenTelemetry), every call is a client span whose
+    context travels to the nodes, which join its trace if they trace too.
     """
 
     def __init__(
@@ -75,8 +80,14 @@ class Mesh:
         addresses: Sequence[str] | None = None,
         cluster: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.timeout = timeout
+        self._interceptors: list[Any] = []
+        if tracer_provider is not None:
+            from opentelemetry.instrumentation.grpc import aio_client_interceptors
+            self._interceptors = list(
+                aio_client_interceptors(tracer_provider=tracer_provider))  # type: ignore[no-untyped-call]
         self.cluster = cluster or os.environ.get("MESH_CLUSTER", "mesh")
         self._etcd: aetcd.Client | None = None
         self.follower: MapFollower | None = None
@@ -212,7 +223,8 @@ class Mesh:
         """The one channel to ``address``, created on first use and reused after."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS,
+                                                interceptors=self._interceptors or None)
             self._channels[address] = channel
         return channel
 

@@ -22,8 +22,8 @@ def env(name: str, default: str) -> str:
 
 def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str, ...],
                      cluster: str, what: str) -> None:
-    """--listen, --advertise, --etcd, --cluster and --metrics-listen, as every server
-    process takes them."""
+    """--listen, --advertise, --etcd, --cluster, --tracing and --metrics-listen, as
+    every server process takes them."""
     p.add_argument("--listen", default=env("LISTEN", listen),
                    help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
     p.add_argument("--advertise", default=env("ADVERTISE", ""),
@@ -33,6 +33,9 @@ def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str
                    help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
     p.add_argument("--cluster", default=env("CLUSTER", cluster),
                    help="cluster name, the etcd key prefix (MESH_CLUSTER)")
+    p.add_argument("--tracing", default=env("TRACING", "off"),
+                   help="OpenTelemetry spans: off, console, otlp (OTEL_EXPORTER_OTLP_* "
+                        "settings) or file:DIR (JSON lines) (MESH_TRACING)")
     p.add_argument("--metrics-listen", default=env("METRICS_LISTEN", "127.0.0.1:0"),
                    help="host:port for Prometheus /metrics; port 0 picks a free one, empty "
                         "turns it off (MESH_METRICS_LISTEN)")

@@ -29,6 +29,8 @@ class CoordinatorConfig:
     settle: float = 0.5
     metrics_listen: str = "127.0.0.1:0"
     """Where /metrics is served (port 0: a free one); empty: not served."""
+    tracing: str = "off"
+    """Span export: off, console, otlp or file:DIR (common.tracing)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
@@ -75,4 +77,5 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         groups=a.groups,
         min_nodes=max(a.min_nodes, 1),
         metrics_listen=a.metrics_listen,
+        tracing=a.tracing,
     )

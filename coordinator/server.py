@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from common.clustermap import MapFollower, leader_key
 from common.etcd import client_for
 from common.metrics import Metrics, Snapshot
+from common.tracing import Tracing
 from coordinator.admin import AdminService
 from coordinator.config import CoordinatorConfig
 from coordinator.election import Election, Leadership
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
 
-def create_server(listen: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def create_server(listen: str, interceptors: Sequence[Any] = ()
+                  ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A server with health and reflection (listing AdminService), bound to ``listen``.
 
     The caller adds the AdminService servicer before starting it.
@@ -40,7 +44,7 @@ def create_server(listen: str) -> tuple[grpc.aio.Server, int, health.aio.HealthS
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.so_reuseport", 0),
-    ])
+    ], interceptors=list(interceptors) or None)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection(
@@ -62,7 +66,9 @@ class Coordinator:
         self._follower = MapFollower(self._etcd, config.cluster)
         self._health_check = EtcdHealthCheck(config.etcd_endpoints, leader_key(config.cluster))
         self.driver: LeaderDriver | None = None
-        self.server, self.port, self._health = create_server(config.listen)
+        self.tracing = Tracing(config.tracing, f"mesh-coordinator {config.coordinator_id}")
+        self.server, self.port, self._health = create_server(
+            config.listen, self.tracing.server_interceptors())
         host = config.listen.rpartition(":")[0]
         self.address = config.advertise or f"{host}:{self.port}"
         self.election = Election(self._etcd, config.cluster, config.coordinator_id,
@@ -102,6 +108,7 @@ class Coordinator:
         await self._probe.close()
         await self._health_check.close()
         await self.metrics.close()
+        await asyncio.to_thread(self.tracing.shutdown)
         with contextlib.suppress(Exception):
             await self._etcd.close()
 

@@ -58,6 +58,8 @@ class NodeConfig:
     max_message_bytes: int = 32 << 20
     metrics_listen: str = "127.0.0.1:0"
     """Where /metrics is served (port 0: a free one); empty: not served."""
+    tracing: str = "off"
+    """Span export: off, console, otlp or file:DIR (common.tracing)."""
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
 
@@ -143,6 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         drain_delay=a.drain_delay,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
         metrics_listen=a.metrics_listen,
+        tracing=a.tracing,
         cache=CacheLimits(
             max_entries=a.cache_max_entries,
             max_bytes=a.cache_max_bytes,

@@ -17,6 +17,7 @@ from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
 from common.metrics import Metrics
+from common.tracing import Tracing
 from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
 from mesh.lock.v1 import lock_pb2
@@ -67,9 +68,11 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        self.tracing = Tracing(config.tracing, f"mesh-node {config.node_id}")
         self.server = grpc.aio.server(
             options=grpc_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+            interceptors=self.tracing.server_interceptors(),
         )
         self.health = health.aio.HealthServicer()
         self.cache: CacheService | None = None
@@ -84,7 +87,8 @@ class Node:
         self.metrics = Metrics(lambda: node_snapshot(self.replication))
         self._add_services()
         self.replication = Replication(
-            config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl)
+            config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
+            interceptors=self.tracing.client_interceptors())
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
@@ -187,6 +191,7 @@ class Node:
         self._replication_service.close()
         await self.server.stop(self.config.shutdown_grace)
         await self.metrics.close()
+        await asyncio.to_thread(self.tracing.shutdown)
         with contextlib.suppress(Exception):
             await self._etcd.close()
 

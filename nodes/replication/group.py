@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from common import tracing
 from common.errors import MeshStatusError, Reason
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.log import CommandLog
@@ -102,6 +103,8 @@ class Group:
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
             payload=payload, epoch=self.epoch)
         command.issued_at.FromNanoseconds(time.time_ns())
+        if tracing.enabled():
+            command.traceparent = tracing.traceparent()
         self.log.append(command)
         if self.trackers:
             for tracker in self.trackers.values():
@@ -117,7 +120,8 @@ class Group:
             raise not_committed(self.group_id, "this node stopped being its primary")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, future))
-        await future
+        with tracing.span("mesh.replicate.commit", group=self.group_id, seq=seq):
+            await future
 
     def advance_commit(self) -> None:
         commit = self.log.last_seq
@@ -200,7 +204,12 @@ class Group:
         for command in batch.commands:
             machine = machines.get(command.service)
             if machine is not None:
-                machine.apply(command)
+                if command.traceparent and tracing.enabled():
+                    with tracing.span("mesh.replicate.apply", command.traceparent,
+                                      group=self.group_id, seq=command.seq):
+                        machine.apply(command)
+                else:
+                    machine.apply(command)
             self.log.append(command)
         return self._ack(rpb.ACK_STATUS_OK)
 

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -62,6 +63,7 @@ class Replication:
     def __init__(
         self, node_id: str, address: str, factories: Mapping[int, MachineFactory],
         lease_valid_until: Callable[[], float], lease_ttl: float,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -73,6 +75,7 @@ class Replication:
         # only once etcd expired it, and our clock and etcd's run at slightly
         # different speeds.
         self._lease_margin = min(0.25 * lease_ttl, 1.0)
+        self._interceptors = list(interceptors)  # on node-to-node channels (tracing)
         self._links: dict[str, PeerLink] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -113,7 +116,7 @@ class Replication:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS)
+                address, options=CHANNEL_OPTIONS, interceptors=self._interceptors or None)
         return channel
 
     # -- following the map -----------------------------------------------------
