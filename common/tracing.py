@@ -18,22 +18,21 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry import propagate
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.trace import Tracer
+
+# The SDK and the gRPC instrumentation are imported only when tracing is on:
+# they add a noticeable share to every process's start-up.
 
 __all__ = ["Tracing", "enabled", "traceparent"]
 
-_tracer: trace.Tracer | None = None
+_tracer: Tracer | None = None
 """Set while this process traces: the hot paths check it and do nothing otherwise."""
 
 
@@ -64,6 +63,10 @@ class Tracing:
         self.provider: TracerProvider | None = None
         if spec in ("", "off"):
             return
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
         exporter: SpanExporter
         if spec == "console":
             exporter = ConsoleSpanExporter()
@@ -82,11 +85,13 @@ class Tracing:
     def server_interceptors(self) -> list[Any]:
         if self.provider is None:
             return []
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
         return [aio_server_interceptor(tracer_provider=self.provider)]  # type: ignore[no-untyped-call]
 
     def client_interceptors(self) -> list[Any]:
         if self.provider is None:
             return []
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
         return list(aio_client_interceptors(tracer_provider=self.provider))  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
