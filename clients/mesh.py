@@ -29,6 +29,7 @@ from clients.router import Router, Target
 from common.clustermap import MapFollower, RoutingTable
 from common.etcd import client_for
 from common.membership import NodeInfo
+from common.tls import Tls, open_channel
 from mesh.admin.v1 import admin_pb2
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ class Mesh:
     of every call; each method also takes its own ``timeout=``. With a
     ``tracer_provider`` (OpenTelemetry), every call is a client span whose
     context travels to the nodes, which join its trace if they trace too.
+    ``tls`` (default: from ``MESH_TLS_CERT/KEY/CA``) turns on TLS: the CA to
+    trust, and the client certificate when the nodes require one.
     """
 
     def __init__(
@@ -81,8 +84,10 @@ class Mesh:
         cluster: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         tracer_provider: TracerProvider | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.timeout = timeout
+        self.tls = tls or Tls.from_env()
         self._interceptors: list[Any] = []
         if tracer_provider is not None:
             from opentelemetry.instrumentation.grpc import aio_client_interceptors
@@ -223,8 +228,7 @@ class Mesh:
         """The one channel to ``address``, created on first use and reused after."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS,
-                                                interceptors=self._interceptors or None)
+            channel = open_channel(address, self.tls, _CHANNEL_OPTIONS, self._interceptors)
             self._channels[address] = channel
         return channel
 

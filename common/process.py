@@ -22,8 +22,8 @@ def env(name: str, default: str) -> str:
 
 def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str, ...],
                      cluster: str, what: str) -> None:
-    """--listen, --advertise, --etcd, --cluster, --tracing and --metrics-listen, as
-    every server process takes them."""
+    """--listen, --advertise, --etcd, --cluster, --tls-*, --tracing and
+    --metrics-listen, as every server process takes them."""
     p.add_argument("--listen", default=env("LISTEN", listen),
                    help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
     p.add_argument("--advertise", default=env("ADVERTISE", ""),
@@ -33,6 +33,13 @@ def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str
                    help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
     p.add_argument("--cluster", default=env("CLUSTER", cluster),
                    help="cluster name, the etcd key prefix (MESH_CLUSTER)")
+    p.add_argument("--tls-cert", default=env("TLS_CERT", ""),
+                   help="PEM certificate this process presents; turns TLS on (MESH_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("TLS_KEY", ""),
+                   help="PEM private key of --tls-cert (MESH_TLS_KEY)")
+    p.add_argument("--tls-ca", default=env("TLS_CA", ""),
+                   help="PEM CA that signs the peers' certificates; with it, callers must "
+                        "present one (mutual TLS) (MESH_TLS_CA)")
     p.add_argument("--tracing", default=env("TRACING", "off"),
                    help="OpenTelemetry spans: off, console, otlp (OTEL_EXPORTER_OTLP_* "
                         "settings) or file:DIR (JSON lines) (MESH_TRACING)")

@@ -6,11 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-import grpc
-
 from clients.errors import UnavailableError
 from common.clustermap import leader_key
 from common.etcd import client_for
+from common.tls import Tls, open_channel
 from coordinator.election import LeaderInfo
 from mesh.admin.v1 import admin_pb2_grpc
 
@@ -38,21 +37,24 @@ async def find_leader(etcd_endpoints: str | Sequence[str], cluster: str,
 
 @contextlib.asynccontextmanager
 async def admin_client(etcd_endpoints: str | Sequence[str], cluster: str,
-                       timeout: float = ETCD_TIMEOUT
+                       timeout: float = ETCD_TIMEOUT, tls: Tls | None = None
                        ) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
-    """A stub on the leader's channel, closed on exit; UnavailableError if nobody leads."""
+    """A stub on the leader's channel, closed on exit; UnavailableError if nobody leads.
+    ``tls`` defaults to the ``MESH_TLS_*`` environment variables."""
     leader = await find_leader(etcd_endpoints, cluster, timeout)
     if leader is None or not leader.address:
         raise UnavailableError(f"no coordinator leads cluster {cluster!r}")
-    async with grpc.aio.insecure_channel(leader.address) as channel:
+    async with open_channel(leader.address, tls or Tls.from_env()) as channel:
         yield admin_pb2_grpc.AdminServiceStub(channel)
 
 
 async def admin_stub(etcd_endpoints: str | Sequence[str], cluster: str,
-                     timeout: float = ETCD_TIMEOUT) -> admin_pb2_grpc.AdminServiceStub:
+                     timeout: float = ETCD_TIMEOUT, tls: Tls | None = None
+                     ) -> admin_pb2_grpc.AdminServiceStub:
     """A stub on a new channel to the leader (the channel lives as long as the stub);
     prefer `admin_client`, which closes it."""
     leader = await find_leader(etcd_endpoints, cluster, timeout)
     if leader is None or not leader.address:
         raise UnavailableError(f"no coordinator leads cluster {cluster!r}")
-    return admin_pb2_grpc.AdminServiceStub(grpc.aio.insecure_channel(leader.address))
+    return admin_pb2_grpc.AdminServiceStub(open_channel(leader.address,
+                                                        tls or Tls.from_env()))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from common.clustermap import DEFAULT_GROUP_COUNT
 from common.process import add_server_flags, env, etcd_endpoints
 from common.slots import SLOT_COUNT
+from common.tls import Tls
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class CoordinatorConfig:
     """Where /metrics is served (port 0: a free one); empty: not served."""
     tracing: str = "off"
     """Span export: off, console, otlp or file:DIR (common.tracing)."""
+    tls: Tls | None = None
+    """Certificates for TLS (None: plaintext)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
@@ -78,4 +81,12 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         min_nodes=max(a.min_nodes, 1),
         metrics_listen=a.metrics_listen,
         tracing=a.tracing,
+        tls=_tls(p, a),
     )
+
+
+def _tls(p: argparse.ArgumentParser, a: argparse.Namespace) -> Tls | None:
+    try:
+        return Tls.of(a.tls_cert, a.tls_key, a.tls_ca)
+    except ValueError as exc:
+        p.error(str(exc))

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
+from common.tls import Tls, open_channel
 from coordinator.reconcile import NodeGroup
 from mesh.replication.v1 import replication_pb2, replication_pb2_grpc
 
@@ -28,8 +29,10 @@ Positions = dict[NodeGroup, replication_pb2.GetPositionResponse]
 class PositionProbe:
     """GetPosition on many (node, group) pairs at once, at most ``concurrency`` in flight."""
 
-    def __init__(self, timeout: float = CALL_TIMEOUT, concurrency: int = 32) -> None:
+    def __init__(self, timeout: float = CALL_TIMEOUT, concurrency: int = 32,
+                 tls: Tls | None = None) -> None:
         self._timeout = timeout
+        self._tls = tls
         self._limit = asyncio.Semaphore(concurrency)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, replication_pb2_grpc.ReplicationServiceStub] = {}
@@ -37,7 +40,7 @@ class PositionProbe:
     def _stub(self, address: str) -> replication_pb2_grpc.ReplicationServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+            channel = open_channel(address, self._tls, _OPTIONS)
             self._channels[address] = channel
             stub = self._stubs[address] = replication_pb2_grpc.ReplicationServiceStub(channel)
         return stub

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from common.clustermap import MapFollower, leader_key
 from common.etcd import client_for
 from common.metrics import Metrics, Snapshot
+from common.tls import Tls, bind
 from common.tracing import Tracing
 from coordinator.admin import AdminService
 from coordinator.config import CoordinatorConfig
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 
 
-def create_server(listen: str, interceptors: Sequence[Any] = ()
+def create_server(listen: str, interceptors: Sequence[Any] = (), tls: Tls | None = None,
                   ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A server with health and reflection (listing AdminService), bound to ``listen``.
 
@@ -50,7 +51,7 @@ def create_server(listen: str, interceptors: Sequence[Any] = ()
     reflection.enable_server_reflection(
         [ADMIN_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(listen)
+    port = bind(server, listen, tls)
     if port == 0:
         raise RuntimeError(f"could not bind {listen}")
     return server, port, checker
@@ -62,13 +63,13 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self._etcd = client_for(config.etcd_endpoints)
-        self._probe = PositionProbe()
+        self._probe = PositionProbe(tls=config.tls)
         self._follower = MapFollower(self._etcd, config.cluster)
         self._health_check = EtcdHealthCheck(config.etcd_endpoints, leader_key(config.cluster))
         self.driver: LeaderDriver | None = None
         self.tracing = Tracing(config.tracing, f"mesh-coordinator {config.coordinator_id}")
         self.server, self.port, self._health = create_server(
-            config.listen, self.tracing.server_interceptors())
+            config.listen, self.tracing.server_interceptors(), config.tls)
         host = config.listen.rpartition(":")[0]
         self.address = config.advertise or f"{host}:{self.port}"
         self.election = Election(self._etcd, config.cluster, config.coordinator_id,

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.process import add_server_flags, env, etcd_endpoints
+from common.tls import Tls
 
 SERVICES = ("cache", "lock", "events", "scheduler")
 
@@ -60,6 +61,8 @@ class NodeConfig:
     """Where /metrics is served (port 0: a free one); empty: not served."""
     tracing: str = "off"
     """Span export: off, console, otlp or file:DIR (common.tracing)."""
+    tls: Tls | None = None
+    """Certificates for TLS (None: plaintext)."""
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
 
@@ -146,6 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         max_concurrent_rpcs=a.max_concurrent_rpcs,
         metrics_listen=a.metrics_listen,
         tracing=a.tracing,
+        tls=_tls(p, a),
         cache=CacheLimits(
             max_entries=a.cache_max_entries,
             max_bytes=a.cache_max_bytes,
@@ -161,3 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_leases=a.lock_max_leases,
         ),
     )
+
+
+def _tls(p: argparse.ArgumentParser, a: argparse.Namespace) -> Tls | None:
+    try:
+        return Tls.of(a.tls_cert, a.tls_key, a.tls_ca)
+    except ValueError as exc:
+        p.error(str(exc))

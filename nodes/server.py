@@ -17,6 +17,7 @@ from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
 from common.metrics import Metrics
+from common.tls import bind
 from common.tracing import Tracing
 from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
@@ -88,7 +89,7 @@ class Node:
         self._add_services()
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
-            interceptors=self.tracing.client_interceptors())
+            interceptors=self.tracing.client_interceptors(), tls=config.tls)
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
@@ -131,7 +132,7 @@ class Node:
 
     async def start(self) -> None:
         """Bind and serve, register in etcd, follow the map; healthy once a map is in."""
-        self.port = self.server.add_insecure_port(self.config.listen)
+        self.port = bind(self.server, self.config.listen, self.config.tls)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.listen}")
         host = self.config.listen.rpartition(":")[0]

@@ -17,15 +17,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import Mesh
 from clients.errors import MeshError
 from common.clustermap import RoutingTable
+from common.tls import Tls, open_channel
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 
 
-async def wait_serving(addresses: Iterable[str], timeout: float = 10.0) -> None:
+async def wait_serving(addresses: Iterable[str], timeout: float = 10.0,
+                       tls: Tls | None = None) -> None:
     """Wait until every address answers its health check with SERVING."""
     deadline = time.monotonic() + timeout
     for address in addresses:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 with contextlib.suppress(grpc.aio.AioRpcError):

@@ -23,6 +23,7 @@ import pytest
 from clients import Mesh
 from common.clustermap import read_map, wait_settled
 from common.slots import slot_for
+from common.tls import Tls
 from meshctl.processes import Etcd, LocalMesh
 from tests.cluster import wait_serving
 
@@ -61,7 +62,8 @@ def cluster_name() -> str:
 MeshFactory = Callable[..., LocalMesh]
 
 
-def settle(local: LocalMesh, replicas: int = 1, timeout: float = 30.0) -> None:
+def settle(local: LocalMesh, replicas: int = 1, timeout: float = 30.0,
+           tls: Tls | None = None) -> None:
     """Block until the map is settled over ``local``'s running nodes and each of them
     says SERVING (callable from sync code and from inside a running event loop)."""
     running = [n for n in local.nodes if n.child.alive()]
@@ -69,7 +71,7 @@ def settle(local: LocalMesh, replicas: int = 1, timeout: float = 30.0) -> None:
     async def ready() -> None:
         await wait_settled(local.etcd_endpoint, local.cluster,
                            [n.node_id for n in running], replicas, timeout)
-        await wait_serving([n.address for n in running])
+        await wait_serving([n.address for n in running], tls=tls)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, ready()).result()
@@ -77,13 +79,13 @@ def settle(local: LocalMesh, replicas: int = 1, timeout: float = 30.0) -> None:
 
 def start_cluster(local: LocalMesh, nodes: int, extra: Sequence[str] = (),
                   replicas: int = 1, coordinators: int = 1,
-                  coordinator_extra: Sequence[str] = ()) -> None:
+                  coordinator_extra: Sequence[str] = (), tls: Tls | None = None) -> None:
     """Coordinator(s) first, then the nodes, then wait for a settled map."""
     for _ in range(coordinators):
         local.start_coordinator(
             ["--replicas", str(replicas), "--min-nodes", str(nodes), *coordinator_extra])
     local.start_nodes(nodes, extra)
-    settle(local, replicas)
+    settle(local, replicas, tls=tls)
 
 
 def _module_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory, name: str,
@@ -135,13 +137,13 @@ def local_mesh(
 
     def start(nodes: int = 1, extra: Sequence[str] = (), lease_ttl: int = 5,
               replicas: int = 1, coordinators: int = 1,
-              coordinator_extra: Sequence[str] = ()) -> LocalMesh:
+              coordinator_extra: Sequence[str] = (), tls: Tls | None = None) -> LocalMesh:
         local = LocalMesh(workdir=tmp_path / f"mesh{len(started)}", cluster=cluster_name,
                           lease_ttl=lease_ttl, _owns_workdir=False)
         local.workdir.mkdir()
         local.etcd_endpoint = etcd.endpoint
         started.append(local)
-        start_cluster(local, nodes, extra, replicas, coordinators, coordinator_extra)
+        start_cluster(local, nodes, extra, replicas, coordinators, coordinator_extra, tls)
         return local
 
     try:

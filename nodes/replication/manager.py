@@ -21,6 +21,7 @@ import grpc
 
 from common.clustermap import GroupView, RoutingTable
 from common.errors import MeshStatusError, Reason
+from common.tls import Tls, open_channel
 from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
@@ -63,7 +64,7 @@ class Replication:
     def __init__(
         self, node_id: str, address: str, factories: Mapping[int, MachineFactory],
         lease_valid_until: Callable[[], float], lease_ttl: float,
-        interceptors: Sequence[Any] = (),
+        interceptors: Sequence[Any] = (), tls: Tls | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -76,6 +77,7 @@ class Replication:
         # different speeds.
         self._lease_margin = min(0.25 * lease_ttl, 1.0)
         self._interceptors = list(interceptors)  # on node-to-node channels (tracing)
+        self._tls = tls
         self._links: dict[str, PeerLink] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -115,8 +117,8 @@ class Replication:
         """The one channel this node uses to reach ``address``."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=self._interceptors or None)
+            channel = self._channels[address] = open_channel(
+                address, self._tls, CHANNEL_OPTIONS, self._interceptors)
         return channel
 
     # -- following the map -----------------------------------------------------
