@@ -17,6 +17,7 @@
     ├── DeadlineExceededError       the call's deadline passed
     ├── WatchGapError               a watch stream lost .missed changes (the reader was too slow)
     ├── LockLostError               (client-side) a lease was lost, or presumed lost, while held
+    ├── UnauthenticatedError        no valid bearer token (missing, malformed, expired, forged)
     ├── UnimplementedError          the node does not implement this call (yet)
     └── InternalError               a bug or an unexpected server failure
 
@@ -153,6 +154,11 @@ class LockLostError(MeshError):
     Work it protected may have overlapped with another holder's."""
 
 
+class UnauthenticatedError(MeshError):
+    """The call carried no valid bearer token (``reason``: TOKEN_MISSING, TOKEN_INVALID or
+    TOKEN_EXPIRED). Get a valid token; retrying as is cannot help."""
+
+
 class UnimplementedError(MeshError):
     """The node does not implement this call."""
 
@@ -176,6 +182,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.CANCELLED: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 _BY_REASON: dict[str, type[MeshError]] = {
     "VERSION_MISMATCH": VersionMismatchError,

@@ -26,6 +26,7 @@ from clients.errors import (
 from clients.lease import Lease, LostCallback
 from clients.lock import LockClient
 from clients.router import Router, Target
+from common.auth import bearer
 from common.clustermap import MapFollower, RoutingTable
 from common.etcd import client_for
 from common.membership import NodeInfo
@@ -73,7 +74,8 @@ class Mesh:
     ``tracer_provider`` (OpenTelemetry), every call is a client span whose
     context travels to the nodes, which join its trace if they trace too.
     ``tls`` (default: from ``MESH_TLS_CERT/KEY/CA``) turns on TLS: the CA to
-    trust, and the client certificate when the nodes require one.
+    trust, and the client certificate when the nodes require one. ``token``
+    (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
     """
 
     def __init__(
@@ -85,8 +87,11 @@ class Mesh:
         timeout: float = DEFAULT_TIMEOUT,
         tracer_provider: TracerProvider | None = None,
         tls: Tls | None = None,
+        token: str | None = None,
     ) -> None:
         self.timeout = timeout
+        token = token if token is not None else os.environ.get("MESH_TOKEN", "")
+        self._auth: tuple[tuple[str, str], ...] = (bearer(token),) if token else ()
         self.tls = tls or Tls.from_env()
         self._interceptors: list[Any] = []
         if tracer_provider is not None:
@@ -192,8 +197,10 @@ class Mesh:
         return table.epoch if table is not None else 0
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """Metadata for every call: with a map we route, so nodes should refuse, not forward."""
-        return _ROUTED_BY_CLIENT if self.table is not None else None
+        """Metadata for every call: the bearer token, if any; and with a map we route,
+        so nodes should refuse, not forward."""
+        routed = _ROUTED_BY_CLIENT if self.table is not None else ()
+        return (*routed, *self._auth) or None
 
     def nodes(self, service: str) -> list[NodeInfo]:
         """The live nodes (membership) that offer ``service``."""

@@ -40,6 +40,9 @@ class Reason(enum.StrEnum):
     TOO_MANY_WAITERS = "TOO_MANY_WAITERS"
     TOO_MANY_LEASES = "TOO_MANY_LEASES"
     SUPERSEDED = "SUPERSEDED"
+    TOKEN_MISSING = "TOKEN_MISSING"
+    TOKEN_INVALID = "TOKEN_INVALID"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
     LEASE_LOST = "LEASE_LOST"
     # Cluster map and replication.
     NO_MAP = "NO_MAP"
@@ -117,6 +120,7 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
 
 _CODE_NUMBERS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
     grpc.StatusCode.ABORTED: code_pb2.ABORTED,
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,

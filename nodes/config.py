@@ -63,6 +63,10 @@ class NodeConfig:
     """Span export: off, console, otlp or file:DIR (common.tracing)."""
     tls: Tls | None = None
     """Certificates for TLS (None: plaintext)."""
+    auth_tokens: str = ""
+    """File of '<token> <tenant>' lines; with auth_jwt_secret empty too: no authentication."""
+    auth_jwt_secret: str = ""
+    """File holding the HS256 secret that signs JWT bearer tokens."""
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
 
@@ -109,6 +113,12 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    choices=["sync", "async"],
                    help="answer writes after the replicas hold them (sync) or at once "
                         "(async) (MESH_CACHE_REPLICATION)")
+    p.add_argument("--auth-tokens", default=env("AUTH_TOKENS", ""),
+                   help="file of '<token> <tenant>' lines accepted as bearer tokens "
+                        "(MESH_AUTH_TOKENS)")
+    p.add_argument("--auth-jwt-secret", default=env("AUTH_JWT_SECRET", ""),
+                   help="file holding the HS256 secret of JWT bearer tokens "
+                        "(MESH_AUTH_JWT_SECRET); with neither flag, no authentication")
     lk = d.lock
     p.add_argument("--lock-min-ttl", type=float,
                    default=float(env("LOCK_MIN_TTL", str(lk.min_ttl))),
@@ -150,6 +160,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         metrics_listen=a.metrics_listen,
         tracing=a.tracing,
         tls=_tls(p, a),
+        auth_tokens=a.auth_tokens,
+        auth_jwt_secret=a.auth_jwt_secret,
         cache=CacheLimits(
             max_entries=a.cache_max_entries,
             max_bytes=a.cache_max_bytes,

@@ -19,18 +19,15 @@ from google.protobuf import message
 from common.errors import MeshStatusError, Reason
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect, Replication
-from nodes.rpc import ForwardedError
+from nodes.rpc import ForwardedError, metadata_of
 
 __all__ = ["HOPS_HEADER", "ROUTE_HEADER", "Forwarder", "wrong_owner"]
 
 ROUTE_HEADER = "x-mesh-route"
 HOPS_HEADER = "x-mesh-hops"
+AUTH_HEADER = "authorization"
 MAX_HOPS = 2
 _FALLBACK_TIMEOUT = 5.0
-
-
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
 class Forwarder:
@@ -48,7 +45,7 @@ class Forwarder:
         target = self._replication.resolve(slot)
         if isinstance(target, Group):
             return target
-        metadata = _metadata(context)
+        metadata = metadata_of(context)
         if metadata.get(ROUTE_HEADER) == "client":
             raise wrong_owner(target)
         if int(metadata.get(HOPS_HEADER, "0") or 0) >= MAX_HOPS or not target.owner_address:
@@ -59,10 +56,14 @@ class Forwarder:
         return target
 
     def _call_args(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
-        hops = int(_metadata(context).get(HOPS_HEADER, "0") or 0)
+        metadata = metadata_of(context)
+        hops = int(metadata.get(HOPS_HEADER, "0") or 0)
         remaining = context.time_remaining()
+        forwarded = [(HOPS_HEADER, str(hops + 1))]
+        if AUTH_HEADER in metadata:  # the owner authenticates the caller itself
+            forwarded.append((AUTH_HEADER, metadata[AUTH_HEADER]))
         return {"timeout": remaining if remaining is not None else _FALLBACK_TIMEOUT,
-                "metadata": ((HOPS_HEADER, str(hops + 1)),)}
+                "metadata": tuple(forwarded)}
 
     async def unary(self, target: Redirect, path: str, request: message.Message,
                     response_type: type[message.Message],

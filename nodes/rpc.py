@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import descriptor, message, message_factory
 
+from common.auth import Authenticator
 from common.errors import MeshStatusError, invalid_argument
 from common.metrics import RpcMetrics
 
@@ -87,6 +88,35 @@ def _server_stream(parse: Callable[[bytes], message.Message],
     return handler
 
 
+def _authenticated_unary(handler: Handler, auth: Authenticator) -> Handler:
+    async def authenticated(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            auth.tenant(metadata_of(context))
+        except MeshStatusError as exc:
+            await context.abort_with_status(exc.to_status())
+        return await handler(raw, context)
+
+    return authenticated
+
+
+def _authenticated_stream(handler: Handler, auth: Authenticator) -> Handler:
+    async def authenticated(raw: bytes, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:
+        try:
+            auth.tenant(metadata_of(context))
+        except MeshStatusError as exc:
+            await context.abort_with_status(exc.to_status())
+        async for item in handler(raw, context):
+            yield item
+
+    return authenticated
+
+
+def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata as a dict."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 def _measured_unary(handler: Handler, name: str, rpc: RpcMetrics) -> Handler:
     async def measured(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
@@ -135,10 +165,10 @@ def _code(context: grpc.aio.ServicerContext, default: str = "OK") -> str:
 
 def add_service(
     server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor,
-    rpc: RpcMetrics | None = None,
+    rpc: RpcMetrics | None = None, auth: Authenticator | None = None,
 ) -> None:
     """Serve every unary and server-streaming method of ``service`` from ``servicer``,
-    counting each call in ``rpc`` if given."""
+    counting each call in ``rpc`` and authenticating it with ``auth``, if given."""
     handlers = {}
     for method in service.methods:
         parse = _parser(method)
@@ -149,12 +179,16 @@ def add_service(
             raise NotImplementedError(f"{method.full_name}: client streaming is not wired")
         if method.server_streaming:
             stream = _server_stream(parse, behaviour)
+            if auth is not None:
+                stream = _authenticated_stream(stream, auth)
             if rpc is not None:
                 stream = _measured_stream(stream, name, rpc)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 stream, response_serializer=serialize)
         else:
             unary = _unary(parse, behaviour)
+            if auth is not None:
+                unary = _authenticated_unary(unary, auth)
             if rpc is not None:
                 unary = _measured_unary(unary, name, rpc)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(

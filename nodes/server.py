@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.auth import Authenticator
 from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
@@ -86,6 +87,7 @@ class Node:
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
         self.metrics = Metrics(lambda: node_snapshot(self.replication))
+        self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret)
         self._add_services()
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
@@ -110,13 +112,13 @@ class Node:
                 self.config.cache, sync_replication=self.config.cache.replication == "sync")
             self._factories[CACHE] = self.cache.machine
             service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
-            add_service(self.server, self.cache, service, self.metrics.rpc)
+            add_service(self.server, self.cache, service, self.metrics.rpc, self.auth)
             names.append(service.full_name)
         if "lock" in wanted:
             self.locks = LockService(self.config.lock)
             self._factories[LOCK] = self.locks.machine
             service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
-            add_service(self.server, self.locks, service, self.metrics.rpc)
+            add_service(self.server, self.locks, service, self.metrics.rpc, self.auth)
             names.append(service.full_name)
         # Events and scheduler have their contracts but no implementation
         # yet: they are listed (reflection, health) and every call says so.
