@@ -25,8 +25,7 @@ from pathlib import Path
 import aetcd
 
 from bench import aio, clusters, report
-from bench.progress import Progress
-from bench.timing import Measurement, Op, Workload, combine, measure
+from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 from common.etcd import client_for
 from meshctl.processes import Etcd
@@ -130,15 +129,7 @@ async def connected(etcd: str) -> AsyncIterator[Clients]:
 async def _measure(etcd: str, warmup: float, window: float, rounds: int
                    ) -> list[Measurement]:
     async with connected(etcd) as c:
-        work = workloads(c)
-        progress = Progress(len(work) * rounds)
-        parts: dict[str, list[Measurement]] = {w.name: [] for w in work}
-        for _ in range(rounds):
-            for workload in work:
-                m = await measure(workload, warmup, window, progress)
-                progress.finish(f"{m.ops_per_s:,.0f} cycles/s")
-                parts[workload.name].append(m)
-    return [combine(p) for p in parts.values()]
+        return await interleaved(workloads(c), warmup, window, rounds, "cycles/s")
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench import aio, clusters
-from bench.progress import Progress
-from bench.timing import Measurement, Op, Workload, combine, measure
+from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 
 VALUE = b"s" * 100
@@ -63,15 +62,7 @@ async def _connected(etcd: str) -> AsyncIterator[dict[str, Mesh]]:
 async def _measure(etcd: str, warmup: float, window: float, rounds: int
                    ) -> list[Measurement]:
     async with _connected(etcd) as meshes:
-        work = workloads(meshes)
-        progress = Progress(len(work) * rounds)
-        parts: dict[str, list[Measurement]] = {w.name: [] for w in work}
-        for _ in range(rounds):
-            for workload in work:
-                m = await measure(workload, warmup, window, progress)
-                progress.finish(f"{m.ops_per_s:,.0f} ops/s")
-                parts[workload.name].append(m)
-    return [combine(p) for p in parts.values()]
+        return await interleaved(workloads(meshes), warmup, window, rounds)
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int

@@ -70,6 +70,21 @@ def combine(parts: list[Measurement]) -> Measurement:
                        sum(p.seconds for p in parts), tuple(p.ops_per_s for p in parts))
 
 
+async def interleaved(work: list[Workload], warmup: float, window: float, rounds: int,
+                      unit: str = "ops/s") -> list[Measurement]:
+    """Time every workload in ``rounds`` interleaved rounds (so drift on the machine
+    hits them all alike) and combine each one's rounds; ``warmup`` and ``window``
+    are per round."""
+    progress = Progress(len(work) * rounds)
+    parts: dict[str, list[Measurement]] = {w.name: [] for w in work}
+    for _ in range(rounds):
+        for workload in work:
+            m = await measure(workload, warmup, window, progress)
+            progress.finish(f"{m.ops_per_s:,.0f} {unit}")
+            parts[workload.name].append(m)
+    return [combine(p) for p in parts.values()]
+
+
 async def measure(workload: Workload, warmup: float, window: float,
                   progress: Progress) -> Measurement:
     """Run ``workload`` for ``warmup`` then ``window`` seconds; raise if an operation fails."""

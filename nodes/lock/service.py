@@ -49,9 +49,7 @@ def _timestamp(at: float) -> timestamp_pb2.Timestamp:
 
 
 def _machine(group: Group) -> LockMachine:
-    machine = cast(LockMachine, group.machines[LOCK])
-    machine.role_changed()  # normally already told; cheap if so
-    return machine
+    return cast(LockMachine, group.machines[LOCK])
 
 
 class LockService(pb_grpc.LockServiceServicer):

@@ -67,7 +67,8 @@ class Lock:
     def admits(self, permits: int, shared: bool) -> bool:
         return self.held == 0 if shared else permits <= self.available
 
-    def _count(self, lease: Lease, sign: int) -> None:
+    def account(self, lease: Lease, sign: int) -> None:
+        """Count ``lease`` in (``sign`` 1) or out (-1) of the permits held."""
         if lease.shared:
             self.readers += sign
         else:
@@ -126,7 +127,7 @@ class LockTable:
         if lock is None:
             lock = self.locks[name] = Lock(name, max_permits)
         lock.leases[lease.lease_id] = lease
-        lock._count(lease, 1)
+        lock.account(lease, 1)
         self._resize(1)
         lock.last_token = max(lock.last_token, lease.token)
         self.last_token = max(self.last_token, lease.token)
@@ -138,7 +139,7 @@ class LockTable:
         lease = lock.leases.pop(lease_id, None)
         if lease is None:
             return None
-        lock._count(lease, -1)
+        lock.account(lease, -1)
         self._resize(-1)
         if not lock.leases:
             del self.locks[name]
@@ -188,7 +189,7 @@ class LockTable:
             lock = Lock(record.name, record.max_permits, record.last_token)
             for r in record.leases:
                 lease = lock.leases[r.lease_id] = Lease.of(r)
-                lock._count(lease, 1)
+                lock.account(lease, 1)
                 self._resize(1)
             if lock.leases:
                 self.locks[record.name] = lock

@@ -61,7 +61,11 @@ class WaitQueue:
         return next(iter(self._waiters), None)
 
     def remove(self, waiter: Waiter) -> bool:
-        return self._waiters.pop(waiter, 1) is None
+        """Take ``waiter`` out of the queue; False if it was not in it."""
+        if waiter not in self._waiters:
+            return False
+        del self._waiters[waiter]
+        return True
 
     def by_request(self, request_id: str) -> Waiter | None:
         for waiter in self._waiters:
