@@ -39,6 +39,8 @@ class NodeInfo:
     started_at: float = 0.0
     metrics: str = ""
     """host:port of its Prometheus /metrics endpoint ("" if it serves none)."""
+    incarnation: str = ""
+    """Random id of this process (new at every start)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -54,6 +56,7 @@ class NodeInfo:
             pid=int(data.get("pid", 0)),
             started_at=float(data.get("started_at", 0.0)),
             metrics=str(data.get("metrics", "")),
+            incarnation=str(data.get("incarnation", "")),
         )
 
 

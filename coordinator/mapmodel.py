@@ -79,6 +79,7 @@ def refresh_node(node: admin_pb2.Node, info: NodeInfo) -> None:
     """Copy what a node says about itself (address, services, version)."""
     node.address = info.address
     node.version = info.version
+    node.incarnation = info.incarnation
     del node.services[:]
     node.services.extend(SERVICE_KINDS[s] for s in info.services if s in SERVICE_KINDS)
 

@@ -146,6 +146,7 @@ def recover_lost(cmap: admin_pb2.ClusterMap | None, replicas: int,
         where = desired[group.group_id]
         group.primary_node_id = where.primary
         group.epoch = group.origin_epoch = new.epoch
+        del group.lost_copies[:]
         del group.replicas[:]
         group.replicas.extend(admin_pb2.Replica(node_id=n, in_sync=False, since_epoch=new.epoch)
                               for n in where.replicas)

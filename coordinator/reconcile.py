@@ -89,12 +89,14 @@ def initial_map(registered: Mapping[str, NodeInfo], group_count: int, replicas: 
 def needed_positions(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo],
                      restarted: frozenset[str] = frozenset()) -> set[NodeGroup]:
     """The GetPosition calls the next step wants: the in-sync replicas of groups
-    whose primary left, and the primaries of groups with catching-up replicas."""
+    whose primary left, the primaries of groups with catching-up replicas, and
+    the returning holders of lost groups' last copies."""
     live = set(registered) - restarted
     need: set[NodeGroup] = set()
     for group in current.groups:
         primary = group.primary_node_id
         if not primary:
+            need.update((n, group.group_id) for n in group.lost_copies if n in live)
             continue
         if primary not in live:
             need.update((r.node_id, group.group_id) for r in group.replicas
@@ -114,6 +116,7 @@ def next_map(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], 
     live = {n for n in registered if n not in facts.restarted}
     _join(new, registered, live, now)
     _depart(new, live, facts, epoch)
+    _revive(new, live, facts, epoch)
     _plan(new, replicas)
     _progress(new, facts, epoch)
     _activate(new)
@@ -158,8 +161,11 @@ def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
         return
     lost: list[int] = []
     for group in new.groups:
+        copies = [group.primary_node_id, *(r.node_id for r in group.replicas if r.in_sync)]
         if group.primary_node_id in gone and not _promote(group, gone, facts, epoch):
             lost.append(group.group_id)
+            del group.lost_copies[:]
+            group.lost_copies.extend(copies)
         kept = [r for r in group.replicas if r.node_id not in gone]
         if len(kept) != len(group.replicas):
             del group.replicas[:]
@@ -175,7 +181,44 @@ def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
     if lost:
         shown = ",".join(map(str, lost[:20])) + (",..." if len(lost) > 20 else "")
         log.error("%d group(s) lost their primary and have no in-sync replica left: their "
-                  "slots are unavailable until `meshctl recover` (groups %s)", len(lost), shown)
+                  "slots are unavailable until a node that held them comes back with its "
+                  "durable copy, or `meshctl recover` (groups %s)", len(lost), shown)
+
+
+def _revive(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int) -> None:
+    """Give lost groups a primary again from the copies their last members kept.
+
+    Every node in ``lost_copies`` held an in-sync copy, so each one's disk has
+    every acknowledged durable write: the first back with a copy becomes the
+    primary (the highest position if several are). A group none of them kept
+    anything of comes back empty once all of them are back (nothing durable
+    was written to it); until then the ones still away might hold it.
+    """
+    revived: list[int] = []
+    for group in new.groups:
+        if group.primary_node_id or not group.lost_copies:
+            continue
+        gid = group.group_id
+        back = [n for n in group.lost_copies if n in live]
+        found = [(facts.positions[(n, gid)], n) for n in back if (n, gid) in facts.positions]
+        if found:
+            position, chosen = max(found, key=lambda f: (f[0].applied_epoch, f[0].applied_seq))
+            where = f"its copy at {position.applied_epoch}/{position.applied_seq}"
+        elif len(back) == len(group.lost_copies) and all((n, gid) in facts.absent for n in back):
+            chosen, where = back[0], "empty (no copy holds durable state)"
+        else:
+            continue
+        group.primary_node_id = chosen
+        group.epoch = epoch
+        del group.replicas[:]
+        del group.lost_copies[:]
+        revived.append(gid)
+        log.debug("group %d: revived on %s from %s, epoch %d", gid, chosen, where, epoch)
+    if revived:
+        shown = ",".join(map(str, revived[:20])) + (",..." if len(revived) > 20 else "")
+        log.warning("%d lost group(s) revived from the copies their last members kept: "
+                    "durable state is back, in-memory state starts empty (groups %s)",
+                    len(revived), shown)
 
 
 def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -> bool:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import socket
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.process import add_server_flags, env, etcd_endpoints
 from common.tls import Tls
 
 SERVICES = ("cache", "lock", "events", "scheduler")
+DURABLE_SERVICES = frozenset({"events", "scheduler"})
+"""Services whose state is kept on disk (in the data dir)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,25 @@ class LockLimits:
 
 
 @dataclass(frozen=True)
+class EventsLimits:
+    """Per-node event store settings."""
+
+    max_event_bytes: int = 1 << 20
+    """data + metadata of one event."""
+    max_append_bytes: int = 16 << 20
+    """data + metadata of all the events of one Append."""
+    max_append_events: int = 10_000
+    max_subscriptions: int = 10_000
+    """Subscribe streams served at once by the node."""
+    subscriber_max_lag: int = 10_000
+    """A live subscription this many log entries behind the committed head is
+    switched back to catch-up (FellBehind)."""
+    scavenge_interval: float = 5.0
+    """Seconds between the primary's passes that remove events hidden by
+    retention or deletion."""
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start."""
 
@@ -69,6 +92,7 @@ class NodeConfig:
     """File holding the HS256 secret that signs JWT bearer tokens."""
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
+    events: EventsLimits = field(default_factory=EventsLimits)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
@@ -82,7 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--services", default=env("SERVICES", ",".join(d.services)),
                    help=f"services to host, from {','.join(SERVICES)} (MESH_SERVICES)")
     p.add_argument("--data-dir", default=env("DATA_DIR", ""),
-                   help="directory for durable state (MESH_DATA_DIR)")
+                   help="directory for durable state (MESH_DATA_DIR); default for a node "
+                        "hosting events or scheduler: $TMPDIR/mesh-data/CLUSTER/NODE_ID")
     p.add_argument("--lease-ttl", type=int, default=int(env("LEASE_TTL", str(d.lease_ttl))),
                    help="etcd registration lease, seconds (MESH_LEASE_TTL)")
     p.add_argument("--shutdown-grace", type=float,
@@ -135,6 +160,28 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p.add_argument("--lock-max-leases", type=int,
                    default=int(env("LOCK_MAX_LEASES", str(lk.max_leases))),
                    help="live leases kept by the node (MESH_LOCK_MAX_LEASES)")
+    ev = d.events
+    p.add_argument("--events-max-event-bytes", type=int,
+                   default=int(env("EVENTS_MAX_EVENT_BYTES", str(ev.max_event_bytes))),
+                   help="largest data + metadata of one event (MESH_EVENTS_MAX_EVENT_BYTES)")
+    p.add_argument("--events-max-append-bytes", type=int,
+                   default=int(env("EVENTS_MAX_APPEND_BYTES", str(ev.max_append_bytes))),
+                   help="largest data + metadata of one Append "
+                        "(MESH_EVENTS_MAX_APPEND_BYTES)")
+    p.add_argument("--events-max-append-events", type=int,
+                   default=int(env("EVENTS_MAX_APPEND_EVENTS", str(ev.max_append_events))),
+                   help="most events in one Append (MESH_EVENTS_MAX_APPEND_EVENTS)")
+    p.add_argument("--events-max-subscriptions", type=int,
+                   default=int(env("EVENTS_MAX_SUBSCRIPTIONS", str(ev.max_subscriptions))),
+                   help="Subscribe streams served at once (MESH_EVENTS_MAX_SUBSCRIPTIONS)")
+    p.add_argument("--events-subscriber-max-lag", type=int,
+                   default=int(env("EVENTS_SUBSCRIBER_MAX_LAG", str(ev.subscriber_max_lag))),
+                   help="log entries a live subscription may fall behind before it goes "
+                        "back to catch-up (MESH_EVENTS_SUBSCRIBER_MAX_LAG)")
+    p.add_argument("--events-scavenge-interval", type=float,
+                   default=float(env("EVENTS_SCAVENGE_INTERVAL", str(ev.scavenge_interval))),
+                   help="seconds between removals of events hidden by retention or "
+                        "deletion (MESH_EVENTS_SCAVENGE_INTERVAL)")
     a = p.parse_args(argv)
 
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
@@ -145,14 +192,24 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error("--lease-ttl must be at least 1 second")
     if not 0 < a.lock_min_ttl <= a.lock_default_ttl <= a.lock_max_ttl:
         p.error("lock ttls: need 0 < --lock-min-ttl <= --lock-default-ttl <= --lock-max-ttl")
+    if not 0 < a.events_max_event_bytes <= a.events_max_append_bytes:
+        p.error("events: need 0 < --events-max-event-bytes <= --events-max-append-bytes")
+    if a.events_max_append_events < 1 or a.events_subscriber_max_lag < 1 \
+            or a.events_scavenge_interval <= 0:
+        p.error("events: --events-max-append-events and --events-subscriber-max-lag must "
+                "be at least 1, --events-scavenge-interval positive")
+    data_dir = a.data_dir
+    node_id = a.node_id or _kept_node_id(data_dir)
+    if not data_dir and DURABLE_SERVICES.intersection(services):
+        data_dir = str(Path(tempfile.gettempdir()) / "mesh-data" / a.cluster / node_id)
     return NodeConfig(
         listen=a.listen,
         advertise=a.advertise,
         etcd_endpoints=etcd_endpoints(a.etcd),
         cluster=a.cluster,
-        node_id=a.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+        node_id=node_id,
         services=services,
-        data_dir=a.data_dir,
+        data_dir=data_dir,
         lease_ttl=a.lease_ttl,
         shutdown_grace=a.shutdown_grace,
         drain_delay=a.drain_delay,
@@ -176,7 +233,29 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_waiters=a.lock_max_waiters,
             max_leases=a.lock_max_leases,
         ),
+        events=EventsLimits(
+            max_event_bytes=a.events_max_event_bytes,
+            max_append_bytes=a.events_max_append_bytes,
+            max_append_events=a.events_max_append_events,
+            max_subscriptions=a.events_max_subscriptions,
+            subscriber_max_lag=a.events_subscriber_max_lag,
+            scavenge_interval=a.events_scavenge_interval,
+        ),
     )
+
+
+def _kept_node_id(data_dir: str) -> str:
+    """A generated node id, kept in the data dir so that a restart reuses it (a
+    node's durable copies are known to the coordinator under its id)."""
+    if not data_dir:
+        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    path = Path(data_dir) / "node_id"
+    if path.exists():
+        return path.read_text().strip()
+    node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(node_id + "\n")
+    return node_id
 
 
 def _tls(p: argparse.ArgumentParser, a: argparse.Namespace) -> Tls | None:

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import time
+import uuid
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,12 +29,13 @@ from mesh.replication.v1 import replication_pb2, replication_pb2_grpc
 from mesh.scheduler.v1 import scheduler_pb2
 from nodes.cache.machine import CACHE
 from nodes.cache.service import CacheService
-from nodes.config import NodeConfig
+from nodes.config import DURABLE_SERVICES, NodeConfig
 from nodes.forwarding import Forwarder
 from nodes.lock.machine import LOCK
 from nodes.lock.service import LockService
 from nodes.metrics import node_snapshot
 from nodes.registration import Registration
+from nodes.replication.journal import Journal
 from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
 from nodes.replication.service import ReplicationService
@@ -88,10 +91,17 @@ class Node:
         self._factories: dict[int, MachineFactory] = {}
         self.metrics = Metrics(lambda: node_snapshot(self.replication))
         self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret)
+        self.incarnation = uuid.uuid4().hex
+        # Durable services share one journal: their writes share its fsyncs.
+        self.journal: Journal | None = None
+        if DURABLE_SERVICES.intersection(config.services):
+            self.journal = Journal(Path(config.data_dir) / "durable.sqlite3",
+                                   on_fatal=lambda _exc: self.drained.set())
         self._add_services()
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
-            interceptors=self.tracing.client_interceptors(), tls=config.tls)
+            interceptors=self.tracing.client_interceptors(), tls=config.tls,
+            journal=self.journal, incarnation=self.incarnation)
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
@@ -140,6 +150,9 @@ class Node:
         host = self.config.listen.rpartition(":")[0]
         self.address = self.config.advertise or f"{host}:{self.port}"
         self.replication.address = self.address
+        if self.journal is not None:
+            self.journal.start()
+            self.replication.load_durable()
         await self.server.start()
         if self.config.metrics_listen:
             self.metrics.serve(self.config.metrics_listen)
@@ -160,6 +173,7 @@ class Node:
             node_id=self.config.node_id, address=self.address,
             services=self.config.services, version=VERSION,
             pid=os.getpid(), started_at=time.time(), metrics=self.metrics.address,
+            incarnation=self.incarnation,
         )
         self._registration = Registration(
             self._etcd, node_key(self.config.cluster, self.config.node_id),
@@ -193,6 +207,8 @@ class Node:
         await self.replication.close()
         self._replication_service.close()
         await self.server.stop(self.config.shutdown_grace)
+        if self.journal is not None:
+            await self.journal.close()
         await self.metrics.close()
         await asyncio.to_thread(self.tracing.shutdown)
         with contextlib.suppress(Exception):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import Mesh
@@ -105,3 +106,21 @@ async def wait_converged(table: RoutingTable, timeout: float = 10.0) -> None:
         if pending:
             await asyncio.sleep(0.2)
     assert not pending, f"groups whose members disagree: {sorted(pending)[:10]}"
+
+
+def error_details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(reason, ErrorInfo metadata, BadRequest violations) of a rich error."""
+    reason, metadata, violations = "", {}, {}
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = {v.field: v.description for v in bad.field_violations}
+    return reason, metadata, violations

@@ -268,6 +268,9 @@ async def test_tokens_keep_growing_after_every_node_dies_and_lost_groups_are_rec
                        lambda t: not any(g.primary for g in t.groups.values()), 30,
                        "every group lost")
     local.nodes.clear()
+    # New machines: the old nodes (and their disks) never come back, so nothing
+    # can revive the groups on its own.
+    ids = [f"{node_id}-new" for node_id in ids]
     for node_id in ids:
         await asyncio.to_thread(local.start_node, node_id)
     await wait_for_map(local.etcd_endpoint, local.cluster,

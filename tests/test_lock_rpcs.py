@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
 from meshctl.processes import LocalMesh
+from tests.cluster import error_details
 
 
 def _d(seconds: float) -> duration_pb2.Duration:
@@ -24,22 +24,6 @@ def _d(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def _details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], dict[str, str]]:
-    """(reason, ErrorInfo metadata, BadRequest violations) of a rich error."""
-    reason, metadata, violations = "", {}, {}
-    for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin":
-            continue
-        for detail in status_pb2.Status.FromString(value).details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations = {v.field: v.description for v in bad.field_violations}
-    return reason, metadata, violations
 
 
 @pytest.fixture
@@ -91,7 +75,7 @@ async def test_acquire_release_and_tokens_grow(stub: pb_grpc.LockServiceStub) ->
 async def test_try_lock_when_held_is_lock_timeout(stub: pb_grpc.LockServiceStub) -> None:
     held = await _acquire(stub, "rpc:try")
     error = await _error(_acquire(stub, "rpc:try"))
-    reason, metadata, _ = _details(error)
+    reason, metadata, _ = error_details(error)
     assert error.code() == grpc.StatusCode.ABORTED and reason == "LOCK_TIMEOUT"
     assert metadata["fencing_token"] == str(held.fencing_token)
     assert metadata["waiters"] == "0"
@@ -101,7 +85,7 @@ async def test_wait_timeout_leaves_the_queue(stub: pb_grpc.LockServiceStub) -> N
     await _acquire(stub, "rpc:wait")
     started = time.monotonic()
     error = await _error(_acquire(stub, "rpc:wait", wait=0.3))
-    assert _details(error)[0] == "LOCK_TIMEOUT"
+    assert error_details(error)[0] == "LOCK_TIMEOUT"
     assert time.monotonic() - started >= 0.3
     described = await stub.Describe(pb.DescribeRequest(name="rpc:wait"))
     assert len(described.holders) == 1 and not described.waiters
@@ -150,7 +134,7 @@ async def test_expiry_releases_and_wakes_the_next_waiter(
     error = await _error(stub.Refresh(pb.RefreshRequest(name="rpc:expiry",
                                                         lease_id=first.lease_id)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _details(error)[0] == "LOCK_NOT_HELD"
+    assert error_details(error)[0] == "LOCK_NOT_HELD"
 
 
 async def test_refresh_extends_and_keeps_the_token(stub: pb_grpc.LockServiceStub) -> None:
@@ -186,9 +170,9 @@ async def test_semaphore_permits(stub: pb_grpc.LockServiceStub) -> None:
     b = await _acquire(stub, "rpc:sem", permits=1, max_permits=3)
     assert b.fencing_token > a.fencing_token
     error = await _error(_acquire(stub, "rpc:sem", permits=1, max_permits=3))
-    assert _details(error)[0] == "LOCK_TIMEOUT"
+    assert error_details(error)[0] == "LOCK_TIMEOUT"
     mismatch = await _error(_acquire(stub, "rpc:sem", max_permits=2))
-    reason, metadata, _ = _details(mismatch)
+    reason, metadata, _ = error_details(mismatch)
     assert mismatch.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason == "PERMITS_MISMATCH" and metadata["max_permits"] == "3"
     described = await stub.Describe(pb.DescribeRequest(name="rpc:sem"))
@@ -211,7 +195,7 @@ async def test_read_write_lock(stub: pb_grpc.LockServiceStub) -> None:
     r1 = await _acquire(stub, "rpc:rw", mode=shared, owner="r1")
     r2 = await _acquire(stub, "rpc:rw", mode=shared, owner="r2")
     busy = await _error(_acquire(stub, "rpc:rw", mode=pb.LOCK_MODE_EXCLUSIVE))
-    assert _details(busy)[0] == "LOCK_TIMEOUT"
+    assert error_details(busy)[0] == "LOCK_TIMEOUT"
     described = await stub.Describe(pb.DescribeRequest(name="rpc:rw"))
     assert [h.mode for h in described.holders] == [shared, shared]
     assert described.available_permits == 0
@@ -233,7 +217,7 @@ async def test_retried_acquire_with_request_id_gets_the_same_lease(
     again = await _acquire(stub, "rpc:idem", request_id="req-1")
     assert (again.lease_id, again.fencing_token) == (first.lease_id, first.fencing_token)
     other = await _error(_acquire(stub, "rpc:idem", request_id="req-2"))
-    assert _details(other)[0] == "LOCK_TIMEOUT"
+    assert error_details(other)[0] == "LOCK_TIMEOUT"
 
 
 async def test_wrong_lease_is_lock_not_held(stub: pb_grpc.LockServiceStub) -> None:
@@ -243,7 +227,7 @@ async def test_wrong_lease_is_lock_not_held(stub: pb_grpc.LockServiceStub) -> No
                  stub.Release(pb.ReleaseRequest(name="rpc:never-used", lease_id="nope"))):
         error = await _error(call)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert _details(error)[0] == "LOCK_NOT_HELD"
+        assert error_details(error)[0] == "LOCK_NOT_HELD"
 
 
 @pytest.mark.parametrize(("request_", "field"), [
@@ -264,19 +248,19 @@ async def test_bad_acquire_names_the_field(stub: pb_grpc.LockServiceStub,
                                            request_: pb.AcquireRequest, field: str) -> None:
     error = await _error(stub.Acquire(request_, timeout=5))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in _details(error)[2]
+    assert field in error_details(error)[2]
 
 
 async def test_bad_refresh_ttl_and_empty_names(stub: pb_grpc.LockServiceStub) -> None:
     error = await _error(stub.Refresh(pb.RefreshRequest(name="n", lease_id="l",
                                                         ttl=_d(7200))))
-    assert "ttl" in _details(error)[2]
+    assert "ttl" in error_details(error)[2]
     for call in (stub.Release(pb.ReleaseRequest(name="")),
                  stub.Describe(pb.DescribeRequest(name="")),
                  stub.Validate(pb.ValidateRequest(name=""))):
         error = await _error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "name" in _details(error)[2]
+        assert "name" in error_details(error)[2]
 
 
 async def test_the_node_lease_limit_is_resource_exhausted(local_mesh: Any) -> None:
@@ -286,7 +270,7 @@ async def test_the_node_lease_limit_is_resource_exhausted(local_mesh: Any) -> No
         first = await _acquire(stub, "limit:a")
         await _acquire(stub, "limit:b")
         error = await _error(_acquire(stub, "limit:c"))
-        reason, metadata, _ = _details(error)
+        reason, metadata, _ = error_details(error)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert reason == "TOO_MANY_LEASES" and metadata["limit"] == "2"
         await stub.Release(pb.ReleaseRequest(name="limit:a", lease_id=first.lease_id))

@@ -27,6 +27,7 @@ from nodes.replication.log import CommandLog
 from nodes.replication.machine import MachineFactory, StateMachine
 
 if TYPE_CHECKING:
+    from nodes.replication.journal import DurableCopy
     from nodes.replication.sender import ReplicaTracker
 
 __all__ = ["Group", "not_committed"]
@@ -53,7 +54,7 @@ class Group:
 
     def __init__(
         self, group_id: int, node_id: str, factories: Mapping[int, MachineFactory],
-        origin_epoch: int = 0,
+        origin_epoch: int = 0, durable: DurableCopy | None = None,
     ) -> None:
         self.group_id = group_id
         self.node_id = node_id
@@ -61,6 +62,20 @@ class Group:
         self.epoch = 0  # the highest epoch seen for this group
         self.role: rpb.GroupRole.ValueType = CATCHING_UP
         self.log = CommandLog()
+        # Durability (see Journal): writes queued but not yet on disk, as
+        # (ticket, seq) in ticket order, and replicas' acks waiting for them.
+        self._unflushed: deque[tuple[int, int]] = deque()
+        self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.dropped = False  # its durable rows were deleted (it left this node)
+        # Read back from disk at start-up: the durable services hold their
+        # state at the copy's position, the in-memory ones hold nothing, so this
+        # copy can become a primary (the group was lost) but never a replica
+        # that continues from a log: it asks for a snapshot instead.
+        self.restored = durable is not None
+        if durable is not None:
+            self.origin_epoch = durable.origin_epoch
+            self.epoch = durable.epoch
+            self.log.reset(durable.epoch, durable.seq)
         self._factories = factories
         self.machines: dict[int, StateMachine] = {k: f(self) for k, f in factories.items()}
         # Primary side.
@@ -97,14 +112,22 @@ class Group:
 
     # -- primary -------------------------------------------------------------
 
-    def append(self, slot: int, service: int, payload: bytes) -> int:
-        """Issue the next command (primary only); returns its seq."""
+    def append(self, slot: int, service: int, payload: bytes, apply: bool = False) -> int:
+        """Issue the next command (primary only); returns its seq.
+
+        Services that changed their state already pass ``apply=False``; with
+        ``apply=True`` the service's machine applies the command here, exactly as
+        a replica will (durable services do this, so that their disk writes are
+        queued before the commit point is computed).
+        """
         command = rpb.Command(
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
             payload=payload, epoch=self.epoch)
         command.issued_at.FromNanoseconds(time.time_ns())
         if tracing.enabled():
             command.traceparent = tracing.traceparent()
+        if apply:
+            self.machines[service].apply(command)
         self.log.append(command)
         if self.trackers:
             for tracker in self.trackers.values():
@@ -127,7 +150,7 @@ class Group:
             await future
 
     def advance_commit(self) -> None:
-        commit = self.log.last_seq
+        commit = self.durable_seq
         for tracker in self.trackers.values():
             if tracker.in_sync and tracker.acked_seq < commit:
                 commit = tracker.acked_seq
@@ -156,6 +179,7 @@ class Group:
         self.epoch = max(self.epoch, epoch)
         self.fenced = False
         self.snapshotting = False
+        self.restored = False  # a revived copy: its in-memory services start empty
         if changed:
             self._role_changed()
 
@@ -201,6 +225,8 @@ class Group:
         if self.snapshotting:
             return self._ack(rpb.ACK_STATUS_SNAPSHOTTING)
         self.role = REPLICA if batch.in_sync else CATCHING_UP
+        if self.restored:
+            return self._ack(rpb.ACK_STATUS_NEEDS_SNAPSHOT)
         if (batch.prev_epoch, batch.prev_seq) != self.applied:
             return self._ack(rpb.ACK_STATUS_POSITION_MISMATCH)
         machines = self.machines
@@ -239,10 +265,13 @@ class Group:
         for service, slot, data in chunks:
             by_service.setdefault(service, []).append((slot, data))
         self.close_machines()
+        # The position first: durable machines record their restored state as
+        # written at it.
+        self.log.reset(epoch, seq)
+        self.restored = False
         self.machines = {k: f(self) for k, f in self._factories.items()}
         for service, machine in self.machines.items():
             machine.restore(by_service.get(service, []))
-        self.log.reset(epoch, seq)
         log.info("group %d: installed a snapshot at (%d, %d)", self.group_id, epoch, seq)
 
     def close_machines(self) -> None:
@@ -254,3 +283,49 @@ class Group:
         """The group leaves this node."""
         self.step_down(self.epoch, why)
         self.close_machines()
+        self._release_durable_waiters(all_of_them=True)
+
+    # -- durability ------------------------------------------------------------
+
+    @property
+    def durable_seq(self) -> int:
+        """Every command up to this seq is durable here: on disk for durable
+        services, applied in memory for the others."""
+        last = self.log.last_seq
+        if not self._unflushed:
+            return last
+        return min(last, min(seq for _, seq in self._unflushed) - 1)
+
+    def note_unflushed(self, ticket: int, seq: int) -> None:
+        """A durable service queued a write for command ``seq`` (Journal.write)."""
+        self._unflushed.append((ticket, seq))
+
+    def mark_flushed(self, ticket: int) -> None:
+        """Every write of this group up to ``ticket`` is on disk."""
+        unflushed = self._unflushed
+        while unflushed and unflushed[0][0] <= ticket:
+            unflushed.popleft()
+        self._release_durable_waiters()
+        if self.role == PRIMARY:
+            self.advance_commit()
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once commands up to ``seq`` are durable here (or the group left)."""
+        if self.durable_seq >= seq or self.dropped:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waiters.append((seq, future))
+        await future
+
+    def _release_durable_waiters(self, all_of_them: bool = False) -> None:
+        if not self._durable_waiters:
+            return
+        durable = self.durable_seq
+        waiting = []
+        for seq, future in self._durable_waiters:
+            if all_of_them or seq <= durable:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((seq, future))
+        self._durable_waiters = waiting

@@ -25,6 +25,7 @@ from common.tls import Tls, open_channel
 from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
+from nodes.replication.journal import Journal
 from nodes.replication.machine import MachineFactory
 from nodes.replication.sender import PeerLink, ReplicaTracker
 
@@ -65,8 +66,11 @@ class Replication:
         self, node_id: str, address: str, factories: Mapping[int, MachineFactory],
         lease_valid_until: Callable[[], float], lease_ttl: float,
         interceptors: Sequence[Any] = (), tls: Tls | None = None,
+        journal: Journal | None = None, incarnation: str = "",
     ) -> None:
         self.node_id = node_id
+        self.incarnation = incarnation
+        self.journal = journal
         self.address = address
         self.table: RoutingTable | None = None
         self.groups: dict[int, Group] = {}
@@ -123,9 +127,39 @@ class Replication:
 
     # -- following the map -----------------------------------------------------
 
+    def load_durable(self) -> None:
+        """Take back the group copies kept on disk (at start-up, before serving).
+
+        They hold the durable services' state only, so they serve as a replica
+        only after a snapshot; the coordinator makes one the primary if its
+        group was lost (every member left) and this node held it in sync.
+        """
+        if self.journal is None:
+            return
+        copies = self.journal.copies()
+        for copy in copies:
+            self.groups[copy.group_id] = Group(
+                copy.group_id, self.node_id, self._factories, copy.origin_epoch, durable=copy)
+        if copies:
+            log.info("read back durable copies of %d group(s) from %s", len(copies),
+                     self.journal.path)
+
+    def _remove(self, group_id: int, why: str) -> None:
+        """The group leaves this node, with what the disk holds of it."""
+        group = self.groups.pop(group_id)
+        if self.journal is not None:
+            self.journal.drop_group(group)
+        group.close(why)
+
     def on_map(self, table: RoutingTable) -> None:
         """Make this node's groups what ``table`` says (a newer map arrived)."""
         me = self.node_id
+        named = table.incarnations.get(me, "")
+        if named and self.incarnation and named != self.incarnation:
+            # The map still describes this node's previous process: its roles
+            # there went with that process's state. Route by it, act on nothing.
+            self.table = table
+            return
         mine: dict[int, GroupView] = {v.group_id: v for v in table.groups_of(me)}
         led_before = {g for g, group in self.groups.items() if group.is_primary}
         recreated: set[int] = set()
@@ -134,7 +168,7 @@ class Replication:
             if group is not None and group.origin_epoch < view.origin_epoch:
                 # The group was made again, empty (RecoverLostGroups): what this
                 # node kept of its earlier history must not come back.
-                self.groups.pop(group_id).close("the group was recreated")
+                self._remove(group_id, "the group was recreated")
                 recreated.add(group_id)
                 group = None
             if group is None:
@@ -149,7 +183,9 @@ class Replication:
                     group.step_down(view.epoch, "the map moved its primary")
                 group.epoch = max(group.epoch, view.epoch)
         for group_id in [g for g in self.groups if g not in mine]:
-            self.groups.pop(group_id).close("the group left this node")
+            if self._kept_for_revival(group_id, table):
+                continue
+            self._remove(group_id, "the group left this node")
         lost = {g for g in led_before
                 if g in recreated or g not in self.groups or not self.groups[g].is_primary}
         if lost:
@@ -163,6 +199,14 @@ class Replication:
                      len(self.groups) - led, f", stopped leading {len(lost)}" if lost else "")
         self.table = table
         self._check_drained(table)
+
+    def _kept_for_revival(self, group_id: int, table: RoutingTable) -> bool:
+        """A copy read back from disk of a group that has no primary: it may be
+        the one the coordinator revives the group from."""
+        group = self.groups[group_id]
+        view = table.groups.get(group_id)
+        return (group.restored and view is not None and not view.primary
+                and view.origin_epoch <= group.origin_epoch)
 
     def group_for_batch(self, batch: rpb.CommandBatch) -> Group:
         """The group a replication batch is for, created empty if new here (the map

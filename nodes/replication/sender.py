@@ -120,6 +120,12 @@ class ReplicaTracker:
             self.phase = Phase.INSTALLING
             self.inflight = True  # the replica's Ack after its install releases us
             return
+        if status == rpb.ACK_STATUS_NEEDS_SNAPSHOT:
+            log.info("group %d: replica %s restarted from disk; snapshot",
+                     group.group_id, self.node_id)
+            self.phase = Phase.SNAPSHOT
+            self.acked_seq = 0
+            return
         if status == rpb.ACK_STATUS_OK or status == rpb.ACK_STATUS_POSITION_MISMATCH:
             position = (ack.applied_epoch, ack.applied_seq)
             if group.log.follows(*position):

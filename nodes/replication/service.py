@@ -25,11 +25,20 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 60.0
 
+AckQueue = asyncio.Queue["list[rpb.Ack] | asyncio.Task[list[rpb.Ack]] | None"]
+"""A Replicate stream's acknowledgements, in order; a task stands for acks that
+wait for the journal."""
+
+
+async def _acks_of(item: list[rpb.Ack] | asyncio.Task[list[rpb.Ack]] | None
+                   ) -> list[rpb.Ack] | None:
+    return await item if isinstance(item, asyncio.Task) else item
+
 
 class ReplicationService(rpb_grpc.ReplicationServiceServicer):
     def __init__(self, replication: Replication) -> None:
         self._replication = replication
-        self._streams: set[asyncio.Queue[list[rpb.Ack] | None]] = set()
+        self._streams: set[AckQueue] = set()
 
     def close(self) -> None:
         """End every incoming Replicate stream (the node is stopping): a stream
@@ -41,25 +50,25 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         self, request_iterator: AsyncIterator[rpb.ReplicateRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[rpb.ReplicateResponse]:
-        acks: asyncio.Queue[list[rpb.Ack] | None] = asyncio.Queue()
+        acks: AckQueue = asyncio.Queue()
         installs: set[asyncio.Task[None]] = set()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    acks.put_nowait([self._apply(batch, acks, installs)
-                                     for batch in request.batches])
+                    acks.put_nowait(self._when_durable(
+                        [self._apply(batch, acks, installs) for batch in request.batches]))
             finally:
                 acks.put_nowait(None)
 
         reader = asyncio.create_task(read())
         self._streams.add(acks)
         try:
-            while (ready := await acks.get()) is not None:
+            while (ready := await _acks_of(await acks.get())) is not None:
                 # Whatever else is ready goes in the same response.
                 ended = False
                 while not acks.empty():
-                    more = acks.get_nowait()
+                    more = await _acks_of(acks.get_nowait())
                     if more is None:
                         ended = True
                         break
@@ -75,7 +84,24 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    def _apply(self, batch: rpb.CommandBatch, acks: asyncio.Queue[list[rpb.Ack] | None],
+    def _when_durable(self, acks: list[rpb.Ack]) -> list[rpb.Ack] | asyncio.Task[list[rpb.Ack]]:
+        """``acks`` as soon as what they acknowledge is durable here: at once for
+        in-memory services, after the journal's next flush for durable ones.
+        (Later batches keep being applied meanwhile, and share that flush.)"""
+        groups = self._replication.groups
+        waits = [group.wait_durable(ack.applied_seq) for ack in acks
+                 if ack.status == rpb.ACK_STATUS_OK
+                 and (group := groups.get(ack.group_id)) is not None
+                 and group.durable_seq < ack.applied_seq]
+        if not waits:
+            return acks
+
+        async def later() -> list[rpb.Ack]:
+            await asyncio.gather(*waits)
+            return acks
+        return asyncio.ensure_future(later())
+
+    def _apply(self, batch: rpb.CommandBatch, acks: AckQueue,
                installs: set[asyncio.Task[None]]) -> rpb.Ack:
         """Apply one batch; an install request starts the install and is answered
         SNAPSHOTTING now (and again once the install is done)."""
@@ -92,7 +118,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         return group.apply_batch(batch)
 
     async def _install(self, group: Group, batch: rpb.CommandBatch,
-                       acks: asyncio.Queue[list[rpb.Ack] | None]) -> None:
+                       acks: AckQueue) -> None:
         try:
             epoch, seq, chunks = await fetch_snapshot(
                 self._replication.channel(batch.primary_address), group.group_id, batch.epoch)
@@ -107,7 +133,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
             await asyncio.sleep(0.2)
         finally:
             group.snapshotting = False
-        acks.put_nowait([group.ack_ok()])
+        acks.put_nowait(self._when_durable([group.ack_ok()]))
 
     async def Snapshot(
         self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
