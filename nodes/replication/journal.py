@@ -81,6 +81,7 @@ class Journal:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fatal = on_fatal
+        self._closing = False
         self.flushes = 0  # for metrics: transactions committed
         self.flushed_writes = 0
 
@@ -133,24 +134,24 @@ class Journal:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="journal")
 
     async def close(self) -> None:
-        """Flush what is queued, then stop."""
+        """Flush what is queued, then stop. (The flusher is asked to finish rather
+        than cancelled: a transaction already in its thread must end first.)"""
+        self._closing = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception):
                 await self._task
             self._task = None
-        if self._pending:
+        else:
             await self._flush()
         self._db.close()
 
     async def _run(self) -> None:
-        while True:
+        while not (self._closing and not self._pending):
             await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 await self._flush()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # a disk that fails writes: stop the node
                 log.critical("cannot write %s: %s", self.path, exc)
                 if self._on_fatal is not None:
@@ -169,7 +170,7 @@ class Journal:
                 positions.pop(w.group.group_id, None)
             else:
                 positions[w.group.group_id] = (w.group.origin_epoch, w.epoch, w.seq)
-        await asyncio.shield(asyncio.to_thread(self._commit, writes, positions))
+        await asyncio.to_thread(self._commit, writes, positions)
         self.flushes += 1
         self.flushed_writes += len(writes)
         last: dict[int, tuple[Group, int]] = {}

@@ -1,0 +1,140 @@
+"""The journal and a group's durability: nothing counts before it is on disk."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication.group import Group
+from nodes.replication.journal import DurableCopy, Journal
+
+KIND = rpb.SERVICE_KIND_EVENTS
+SCHEMA = "CREATE TABLE IF NOT EXISTS notes (group_id INTEGER, seq INTEGER, body BLOB);"
+
+
+class Notes:
+    """A durable machine: every command's payload is a row."""
+
+    service = KIND
+
+    def __init__(self, group: Group, journal: Journal) -> None:
+        self.group = group
+        self.journal = journal
+        self.rows: list[bytes] = []
+        if group.restored:
+            self.rows = [r[0] for r in journal.query(
+                "SELECT body FROM notes WHERE group_id = ? ORDER BY seq", (group.group_id,))]
+
+    def apply(self, command: rpb.Command) -> None:
+        self.rows.append(command.payload)
+        self.journal.write(self.group, command.seq, command.epoch,
+                           "INSERT INTO notes VALUES (?, ?, ?)",
+                           (self.group.group_id, command.seq, command.payload))
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        return [(0, b"\n".join(self.rows))]
+
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+        self.journal.clear(self.group, ["notes"])
+        for _, data in chunks:
+            self.rows = data.split(b"\n") if data else []
+        for i, row in enumerate(self.rows):
+            self.journal.write(self.group, self.group.log.last_seq, self.group.log.last_epoch,
+                               "INSERT INTO notes VALUES (?, ?, ?)",
+                               (self.group.group_id, i, row))
+
+    def role_changed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def journal_at(path: Path) -> Journal:
+    journal = Journal(path / "durable.sqlite3")
+    journal.create_tables(SCHEMA, ["notes"])
+    return journal
+
+
+def group_on(journal: Journal, durable: DurableCopy | None = None) -> Group:
+    return Group(3, "a", {KIND: lambda g: Notes(g, journal)}, durable=durable)
+
+
+async def test_a_write_commits_only_once_flushed(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    group = group_on(journal)
+    group.become_primary(4)
+    seq = group.append(17, KIND, b"one", apply=True)
+    assert group.commit_seq < seq  # queued, not yet on disk
+    journal.start()
+    await asyncio.wait_for(group.wait_committed(seq), 5)
+    assert journal.copies() == [DurableCopy(3, 0, 4, seq)]
+    await journal.close()
+
+
+async def test_concurrent_writes_share_a_flush(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    group = group_on(journal)
+    group.become_primary(1)
+    seqs = [group.append(1, KIND, f"w{i}".encode(), apply=True) for i in range(50)]
+    journal.start()
+    await asyncio.gather(*(group.wait_committed(s) for s in seqs))
+    assert journal.flushes == 1 and journal.flushed_writes == 50
+    await journal.close()
+
+
+async def test_a_restarted_copy_is_read_back_and_asks_for_a_snapshot(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.start()
+    group = group_on(journal)
+    group.become_primary(2)
+    for body in (b"a", b"b", b"c"):
+        await group.wait_committed(group.append(1, KIND, body, apply=True))
+    await journal.close()
+
+    journal = journal_at(tmp_path)  # the node restarts
+    [copy] = journal.copies()
+    restored = group_on(journal, copy)
+    assert restored.restored and restored.applied == (2, 3)
+    notes = restored.machines[KIND]
+    assert isinstance(notes, Notes) and notes.rows == [b"a", b"b", b"c"]
+    ack = restored.apply_batch(rpb.CommandBatch(group_id=3, epoch=5, prev_epoch=2, prev_seq=3))
+    assert ack.status == rpb.ACK_STATUS_NEEDS_SNAPSHOT
+    journal.start()
+    restored.install(5, 9, [(KIND, 0, b"x\ny")])
+    assert not restored.restored and restored.durable_seq < 9
+    await asyncio.wait_for(restored.wait_durable(9), 5)
+    assert journal.query("SELECT body FROM notes WHERE group_id = 3") == [(b"x",), (b"y",)]
+    assert journal.copies() == [DurableCopy(3, 0, 5, 9)]
+    await journal.close()
+
+
+async def test_a_replica_is_durable_only_after_the_flush(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    replica = group_on(journal)
+    command = rpb.Command(seq=1, slot=0, service=KIND, payload=b"r", epoch=1)
+    ack = replica.apply_batch(rpb.CommandBatch(group_id=3, epoch=1, commands=[command]))
+    assert ack.status == rpb.ACK_STATUS_OK and ack.applied_seq == 1
+    assert replica.durable_seq == 0
+    waiting = asyncio.ensure_future(replica.wait_durable(1))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    journal.start()
+    await asyncio.wait_for(waiting, 5)
+    assert replica.durable_seq == 1
+    await journal.close()
+
+
+async def test_dropping_a_group_removes_its_rows_and_position(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.start()
+    group = group_on(journal)
+    group.become_primary(1)
+    await group.wait_committed(group.append(1, KIND, b"gone", apply=True))
+    journal.drop_group(group)
+    await journal.close()  # flushes what is queued
+    journal = journal_at(tmp_path)
+    assert journal.copies() == []
+    assert journal.query("SELECT count(*) FROM notes") == [(0,)]
