@@ -230,6 +230,46 @@ def test_a_restarted_node_loses_its_roles_then_joins_again() -> None:
     assert again is not None and node(again, "a").state == JOINING
 
 
+def test_a_group_whose_members_all_leave_remembers_its_last_copies() -> None:
+    cmap = hand_map([(1, "a", [("b", True), ("c", False)])], nodes="abc", r=2)
+    new = next_map(cmap, registered("c"), Facts(), 2)
+    assert new is not None
+    g = group(new, 1)
+    assert g.primary_node_id == "" and list(g.lost_copies) == ["a", "b"]  # c was not in sync
+    assert needed_positions(new, registered("a", "c")) == {("a", 1)}
+
+
+def test_a_lost_group_comes_back_from_the_best_copy_of_its_last_members() -> None:
+    lost = hand_map([(1, "", []), (2, "", [])], nodes="", r=1)
+    for g in lost.groups:
+        g.lost_copies.extend(["a", "b"])
+    reg = registered("a", "b", "c")
+    facts = Facts(positions={
+        ("a", 1): rpb.GetPositionResponse(applied_epoch=4, applied_seq=90),
+        ("b", 1): rpb.GetPositionResponse(applied_epoch=5, applied_seq=10),
+    }, absent=frozenset({("a", 2)}))
+    new = next_map(lost, reg, facts, 1)
+    assert new is not None
+    g1 = group(new, 1)
+    assert g1.primary_node_id == "b" and g1.epoch == new.epoch  # epoch before seq
+    assert not g1.lost_copies and g1.origin_epoch == 0  # the same history goes on
+    # Group 2: a holds nothing of it and b has not answered: b may hold it; wait.
+    assert group(new, 2).primary_node_id == ""
+    # Once both say they hold nothing, nothing durable was lost: it comes back empty.
+    facts = Facts(absent=frozenset({("a", 2), ("b", 2)}))
+    again = next_map(new, reg, facts, 1)
+    assert again is not None and group(again, 2).primary_node_id == "a"
+    assert_invariants(again)
+
+
+def test_copies_of_nodes_that_were_not_in_sync_never_revive_a_group() -> None:
+    lost = hand_map([(1, "", [])], nodes="", r=1)
+    group(lost, 1).lost_copies.append("a")
+    facts = Facts(positions={("z", 1): rpb.GetPositionResponse(applied_epoch=9, applied_seq=9)})
+    new = next_map(lost, registered("z"), facts, 1)
+    assert new is not None and group(new, 1).primary_node_id == ""
+
+
 # -- drain -----------------------------------------------------------------------------------
 
 
@@ -332,6 +372,7 @@ def test_epochs_only_grow_and_group_epochs_follow_primary_changes() -> None:
 def test_recover_lost_places_lost_groups_empty_at_a_new_epoch() -> None:
     cmap = hand_map([(1, "a", [("b", True)]), (2, "", [("b", False)]), (3, "", [])],
                     nodes="ab", r=1)
+    group(cmap, 3).lost_copies.append("gone-for-good")
     assert [g.group_id for g in lost_groups(cmap)] == [2, 3]
     new = recover_lost(cmap, 1, now=20.0)
     assert new is not None and new.epoch == cmap.epoch + 1
@@ -339,7 +380,7 @@ def test_recover_lost_places_lost_groups_empty_at_a_new_epoch() -> None:
     for gid in (2, 3):
         g = group(new, gid)
         assert g.primary_node_id in ("a", "b")
-        assert g.epoch == g.origin_epoch == new.epoch
+        assert g.epoch == g.origin_epoch == new.epoch and not g.lost_copies
         # Its replica starts catching up, even a node that had a (partial) copy.
         assert [(r.in_sync, r.since_epoch) for r in g.replicas] == [(False, new.epoch)]
         assert g.replicas[0].node_id != g.primary_node_id
