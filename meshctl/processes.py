@@ -71,8 +71,12 @@ class Child:
     log_path: Path
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    log_start: int = 0
+    """Where this run's output begins in the log file."""
 
     def start(self) -> None:
+        # A restarted child appends to the same log: only what it writes counts.
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             # Own process group: a terminal's Ctrl-C reaches only the launcher, which
@@ -137,7 +141,10 @@ class Child:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                for line in self.log_path.read_text(errors="replace").splitlines():
+                with open(self.log_path, "rb") as log:
+                    log.seek(self.log_start)
+                    text = log.read().decode(errors="replace")
+                for line in text.splitlines():
                     if line.startswith(prefix):
                         return line
             except FileNotFoundError:

@@ -1,4 +1,4 @@
-"""What a node reports besides RPC counts: its groups, replication lag, cache and locks.
+"""What a node reports besides RPC counts: groups, replication lag, cache, locks, events.
 
 Summed up on the event loop (`common.metrics.Metrics` calls `node_snapshot`
 once a second); cache counters cover the groups this node leads, like the
@@ -12,6 +12,7 @@ from typing import cast
 
 from common.metrics import Labels, Snapshot
 from nodes.cache.machine import CACHE, CacheMachine
+from nodes.events.service import EventsService
 from nodes.lock.machine import LOCK, LockMachine
 from nodes.replication.manager import Replication
 
@@ -22,7 +23,7 @@ def _one(value: float) -> dict[Labels, float]:
     return {(): value}
 
 
-def node_snapshot(replication: Replication) -> Snapshot:
+def node_snapshot(replication: Replication, events: EventsService | None = None) -> Snapshot:
     """The node's gauges and counters, now."""
     table = replication.table
     groups = {"primary": 0, "replica": 0}
@@ -74,9 +75,42 @@ def node_snapshot(replication: Replication) -> Snapshot:
             "mesh_cache_bytes": ("Bytes of live cache keys in led groups", _one(cache["bytes"])),
             "mesh_lock_leases": ("Live lock leases in led groups (holders)", _one(leases)),
             "mesh_lock_waiters": ("Acquire calls queued on this node", _one(waiters)),
+            **_events_gauges(events),
         },
         counters={
-            f"mesh_cache_{name}": (f"Cache {name} in led groups", _one(cache[name]))
-            for name in ("hits", "misses", "evictions", "expirations")
+            **{f"mesh_cache_{name}": (f"Cache {name} in led groups", _one(cache[name]))
+               for name in ("hits", "misses", "evictions", "expirations")},
+            **_journal(replication),
+            **_events_counters(events),
         },
     )
+
+
+def _events_gauges(events: EventsService | None) -> dict[str, tuple[str, dict[Labels, float]]]:
+    if events is None:
+        return {}
+    return {
+        "mesh_events_streams": ("Event streams in led groups", _one(events.streams())),
+        "mesh_events_subscriptions": ("Open Subscribe streams on this node",
+                                      _one(events.subscriptions)),
+    }
+
+
+def _events_counters(events: EventsService | None
+                     ) -> dict[str, tuple[str, dict[Labels, float]]]:
+    if events is None:
+        return {}
+    return {"mesh_events_appended": ("Events appended through this node as primary",
+                                     _one(events.appended_total))}
+
+
+def _journal(replication: Replication) -> dict[str, tuple[str, dict[Labels, float]]]:
+    journal = replication.journal
+    if journal is None:
+        return {}
+    return {
+        "mesh_journal_flushes": ("Transactions (each one fsync) the durable store committed",
+                                 _one(journal.flushes)),
+        "mesh_journal_writes": ("Writes of durable services made durable, over all flushes",
+                                _one(journal.flushed_writes)),
+    }

@@ -30,6 +30,8 @@ from mesh.scheduler.v1 import scheduler_pb2
 from nodes.cache.machine import CACHE
 from nodes.cache.service import CacheService
 from nodes.config import DURABLE_SERVICES, NodeConfig
+from nodes.events.machine import EVENTS
+from nodes.events.service import EventsService
 from nodes.forwarding import Forwarder
 from nodes.lock.machine import LOCK
 from nodes.lock.service import LockService
@@ -47,7 +49,6 @@ VERSION = "0.1.0"
 
 # Services whose contract is published but whose implementation is still an open issue.
 _PENDING = [
-    ("events", events_pb2, "EventsService", "issue #5"),
     ("scheduler", scheduler_pb2, "SchedulerService", "issue #6"),
 ]
 
@@ -82,6 +83,7 @@ class Node:
         self.health = health.aio.HealthServicer()
         self.cache: CacheService | None = None
         self.locks: LockService | None = None
+        self.events: EventsService | None = None
         self.port = 0
         self.address = ""
         self._registration: Registration | None = None
@@ -89,7 +91,7 @@ class Node:
         self.drained = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
-        self.metrics = Metrics(lambda: node_snapshot(self.replication))
+        self.metrics = Metrics(lambda: node_snapshot(self.replication, self.events))
         self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret)
         self.incarnation = uuid.uuid4().hex
         # Durable services share one journal: their writes share its fsyncs.
@@ -130,8 +132,15 @@ class Node:
             service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
             add_service(self.server, self.locks, service, self.metrics.rpc, self.auth)
             names.append(service.full_name)
-        # Events and scheduler have their contracts but no implementation
-        # yet: they are listed (reflection, health) and every call says so.
+        if "events" in wanted:
+            assert self.journal is not None  # events is a durable service
+            self.events = EventsService(self.config.events, self.journal)
+            self._factories[EVENTS] = self.events.machine
+            service = events_pb2.DESCRIPTOR.services_by_name["EventsService"]
+            add_service(self.server, self.events, service, self.metrics.rpc, self.auth)
+            names.append(service.full_name)
+        # The scheduler has its contract but no implementation
+        # yet: it is listed (reflection, health) and every call says so.
         for name, module, service_name, issue in _PENDING:
             if name in wanted:
                 service = module.DESCRIPTOR.services_by_name[service_name]
@@ -161,6 +170,8 @@ class Node:
             self.cache.start(self.replication, forwarder)
         if self.locks is not None:
             self.locks.start(forwarder)
+        if self.events is not None:
+            self.events.start(self.replication, forwarder)
         # Ready means "can answer": with a cluster map, every call is served,
         # forwarded or redirected; without one, every call would be NO_MAP.
         for name in ["", *self.service_names]:
@@ -201,6 +212,8 @@ class Node:
         await asyncio.sleep(self.config.drain_delay)
         if self.cache is not None:
             await self.cache.close()
+        if self.events is not None:
+            await self.events.close()
         # Long-lived streams (replication both ways, watches) would hold the
         # server's grace period for nothing: end them, then let calls finish.
         await self.map.close()

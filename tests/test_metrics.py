@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients import InvalidArgumentError, Mesh
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
+from mesh.events.v1 import events_pb2, events_pb2_grpc
 from mesh.lock.v1 import lock_pb2, lock_pb2_grpc
 from meshctl.processes import LocalMesh
 from meshctl.status import scrape
@@ -61,6 +62,10 @@ async def test_node_metrics_move_with_calls(shared_node: LocalMesh, mesh_client:
         await mesh.cache.set("", b"v")
     lease = await mesh.locks.acquire("metrics:lock", ttl=30)
     waiter = asyncio.create_task(mesh.locks.acquire("metrics:lock", ttl=30, wait=20))
+    async with grpc.aio.insecure_channel(node.address) as channel:
+        await events_pb2_grpc.EventsServiceStub(channel).Append(events_pb2.AppendRequest(
+            stream="metrics-1", events=[events_pb2.EventData(id="e1", type="T"),
+                                        events_pb2.EventData(id="e2", type="T")]))
 
     def moved(series: dict[str, float]) -> bool:
         return (series.get(SET_OK, 0) >= before.get(SET_OK, 0) + 1
@@ -69,6 +74,11 @@ async def test_node_metrics_move_with_calls(shared_node: LocalMesh, mesh_client:
                 and series["mesh_cache_hits_total"] >= before["mesh_cache_hits_total"] + 1
                 and series["mesh_cache_misses_total"] >= before["mesh_cache_misses_total"] + 1
                 and series["mesh_lock_leases"] >= 1 and series["mesh_lock_waiters"] >= 1
+                and series["mesh_events_appended_total"]
+                >= before.get("mesh_events_appended_total", 0) + 2
+                and series["mesh_journal_flushes_total"]
+                > before.get("mesh_journal_flushes_total", 0)
+                and series["mesh_events_streams"] >= 1
                 and series['mesh_slots{role="primary"}'] == 16384
                 and series["mesh_map_epoch"] >= 1)
 

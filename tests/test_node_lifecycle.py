@@ -18,7 +18,7 @@ from clients import Mesh, UnimplementedError
 from clients.errors import from_rpc_error
 from common.etcd import client_for
 from common.membership import node_key
-from mesh.events.v1 import events_pb2, events_pb2_grpc
+from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from meshctl.processes import Etcd
 
 Connect = Callable[..., Awaitable[Mesh]]
@@ -63,13 +63,13 @@ async def test_health_reflection_and_unimplemented_services(local_mesh: Any) -> 
                 "grpc.health.v1.Health"} <= names
 
         # Services whose issues have not landed say so plainly.
-        events = events_pb2_grpc.EventsServiceStub(channel)
+        scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         try:
-            await events.Append(events_pb2.AppendRequest(stream="x"))
+            await scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id="x"))
         except grpc.aio.AioRpcError as exc:
             assert isinstance(from_rpc_error(exc), UnimplementedError)
         else:
-            raise AssertionError("EventsService.Append should be UNIMPLEMENTED")
+            raise AssertionError("SchedulerService.GetJob should be UNIMPLEMENTED")
 
 
 async def test_three_nodes_behave_as_one_cache(local_mesh: Any, mesh_client: Connect) -> None:

@@ -1,0 +1,144 @@
+"""Reading a group's events as clients may see them: committed and not hidden.
+
+A `View` fixes the commit point and the clock for one read, so one page is
+consistent: an event shows if its append is committed, its stream is not
+tombstoned, and retention (truncate_before, max_count, max_age) keeps it.
+Pages are bounded by count, by bytes, and by entries scanned, so that a long
+run of hidden events never makes one call expensive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+
+from mesh.events.v1 import events_pb2 as pb
+from nodes.events.model import SlotLog, StoredEvent, Stream
+from nodes.events.store import EventStore
+
+__all__ = ["MAX_PAGE_BYTES", "Page", "View", "read_slot", "read_stream", "recorded"]
+
+MAX_PAGE_BYTES = 4 << 20
+MAX_SCAN = 10_000
+"""Entries one page looks at, at most (hidden ones included)."""
+_OCTET_STREAM = "application/octet-stream"
+_NO_AGE_LIMIT = -(1 << 63)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Events in reading order; ``next`` is where the following page starts."""
+
+    events: list[StoredEvent]
+    next: int
+    end: bool
+
+
+class View:
+    """What readers see of one store at one commit point and instant."""
+
+    __slots__ = ("_bounds", "commit_seq", "now_ns", "store")
+
+    def __init__(self, store: EventStore, commit_seq: int, now_ns: int) -> None:
+        self.store = store
+        self.commit_seq = commit_seq
+        self.now_ns = now_ns
+        self._bounds: dict[str, tuple[int, int, int]] = {}
+
+    def bounds(self, stream: Stream) -> tuple[int, int, int]:
+        """``(floor, last, oldest)``: visible versions are floor..last, created at
+        or after ``oldest`` (ns)."""
+        found = self._bounds.get(stream.stream_id)
+        if found is None:
+            last = stream.committed_last(self.commit_seq)
+            floor = last + 1 if stream.tombstoned else stream.floor(last)
+            oldest = self.now_ns - stream.max_age_ns if stream.max_age_ns else _NO_AGE_LIMIT
+            found = self._bounds[stream.stream_id] = (floor, last, oldest)
+        return found
+
+    def visible(self, event: StoredEvent) -> bool:
+        if event.removed or event.seq > self.commit_seq:
+            return False
+        stream = self.store.streams.get(event.stream)
+        if stream is None:
+            return False
+        floor, last, oldest = self.bounds(stream)
+        return floor <= event.version <= last and event.created_ns >= oldest
+
+
+def read_stream(stream: Stream, view: View, from_version: int | None, backward: bool,
+                limit: int, max_bytes: int = MAX_PAGE_BYTES) -> Page:
+    """A page of one stream's visible events."""
+    floor, last, oldest = view.bounds(stream)
+    first = stream.events[0].version if stream.events else last + 1
+    low = max(floor, first)
+    out: list[StoredEvent] = []
+    size = scanned = 0
+    if not backward:
+        version = low if from_version is None else max(from_version, low)
+        while version <= last and len(out) < limit and scanned < MAX_SCAN:
+            event = stream.at(version)
+            scanned += 1
+            if event is not None and event.created_ns >= oldest:
+                if out and size + event.size > max_bytes:
+                    break
+                out.append(event)
+                size += event.size
+            version += 1
+        return Page(out, version, version > last)
+    version = last if from_version is None else min(from_version, last)
+    while version >= low and len(out) < limit and scanned < MAX_SCAN:
+        event = stream.at(version)
+        scanned += 1
+        if event is not None and event.created_ns >= oldest:
+            if out and size + event.size > max_bytes:
+                break
+            out.append(event)
+            size += event.size
+        version -= 1
+    return Page(out, max(version, 0), version < low)
+
+
+def read_slot(log: SlotLog, view: View, from_position: int | None, backward: bool,
+              limit: int, max_bytes: int = MAX_PAGE_BYTES) -> Page:
+    """A page of one slot's log: the visible events of all its streams."""
+    entries = log.entries
+    end = log.committed_end(view.commit_seq)
+    out: list[StoredEvent] = []
+    size = scanned = 0
+    if not backward:
+        i = 0 if from_position is None else log.index_at(from_position)
+        while i < end and len(out) < limit and scanned < MAX_SCAN:
+            event = entries[i]
+            scanned += 1
+            if view.visible(event):
+                if out and size + event.size > max_bytes:
+                    break
+                out.append(event)
+                size += event.size
+            i += 1
+        if i < end:
+            return Page(out, entries[i].position, False)
+        return Page(out, log.committed_last(view.commit_seq) + 1, True)
+    i = end - 1 if from_position is None else min(log.index_after(from_position), end) - 1
+    while i >= 0 and len(out) < limit and scanned < MAX_SCAN:
+        event = entries[i]
+        scanned += 1
+        if view.visible(event):
+            if out and size + event.size > max_bytes:
+                break
+            out.append(event)
+            size += event.size
+        i -= 1
+    return Page(out, entries[i].position if i >= 0 else 0, i < 0)
+
+
+def recorded(event: StoredEvent) -> pb.RecordedEvent:
+    """The wire form of a stored event."""
+    seconds, nanos = divmod(event.created_ns, 1_000_000_000)
+    return pb.RecordedEvent(
+        stream=event.stream, version=event.version, slot=event.slot, position=event.position,
+        id=event.event_id, type=event.type, data=event.data, metadata=event.metadata,
+        content_type=event.content_type or _OCTET_STREAM,
+        create_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))

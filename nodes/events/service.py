@@ -1,0 +1,400 @@
+"""The gRPC face of the event store: validation, routing to the stream's group,
+commit before answering, reads and subscriptions from the committed state.
+
+A stream lives in the group that owns its id's slot and only that group's
+primary serves it; requests for slots led elsewhere are redirected or
+forwarded (nodes/forwarding.py). Writes are answered once committed: on the
+primary's disk and acknowledged by every in-sync replica after theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias, cast
+
+import grpc
+
+from common.errors import MeshStatusError, invalid_argument
+from common.slots import slot_for
+from mesh.events.v1 import events_pb2 as pb
+from mesh.events.v1 import events_pb2_grpc as pb_grpc
+from nodes.config import EventsLimits
+from nodes.events import errors
+from nodes.events import validation as v
+from nodes.events.machine import EVENTS, EventsMachine
+from nodes.events.model import LIVE, Stream
+from nodes.events.reads import View, read_slot, read_stream, recorded
+from nodes.events.storage import SCHEMA, TABLES
+from nodes.events.subscriptions import (
+    SHUTDOWN,
+    Ended,
+    SlotTarget,
+    SubscriptionHub,
+    follow_slots,
+    follow_stream,
+    start_version,
+)
+from nodes.forwarding import Forwarder, wrong_owner
+from nodes.replication.group import Group
+from nodes.replication.journal import Journal
+from nodes.replication.manager import Redirect, Replication
+
+__all__ = ["EventsService"]
+
+log = logging.getLogger(__name__)
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
+
+_PATH = "/mesh.events.v1.EventsService/"
+_RESPONSES: dict[str, Any] = {
+    "Append": pb.AppendResponse, "Read": pb.ReadResponse, "ReadAll": pb.ReadAllResponse,
+    "GetStreamMetadata": pb.GetStreamMetadataResponse,
+    "SetStreamMetadata": pb.SetStreamMetadataResponse,
+    "DeleteStream": pb.DeleteStreamResponse, "TombstoneStream": pb.TombstoneStreamResponse,
+}
+_DEFAULT_CHECKPOINT_INTERVAL = 1000
+
+
+def _machine(group: Group) -> EventsMachine:
+    return cast(EventsMachine, group.machines[EVENTS])
+
+
+class EventsService(pb_grpc.EventsServiceServicer):
+    """EventsService over one `EventsMachine` per replica group."""
+
+    def __init__(self, limits: EventsLimits, journal: Journal) -> None:
+        self.limits = limits
+        self._journal = journal
+        journal.create_tables(SCHEMA, TABLES)
+        self.hub = SubscriptionHub(limits.max_subscriptions)
+        self.appended_total = 0
+        """Events appended through this node as primary (for metrics)."""
+        self._replication: Replication | None = None
+        self._forwarder: Forwarder | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._scavenger: asyncio.Task[None] | None = None
+
+    def machine(self, group: Group) -> EventsMachine:
+        """The event store state machine for a group (the replication layer's factory)."""
+        return EventsMachine(group, self._journal, self.hub.end_group)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, replication: Replication, forwarder: Forwarder) -> None:
+        self._replication = replication
+        self._forwarder = forwarder
+        self._scavenger = asyncio.create_task(self._scavenge_loop(), name="events-scavenger")
+
+    async def close(self) -> None:
+        """End every subscription and stop the scavenger."""
+        self.hub.end_all()
+        tasks = [t for t in (self._scavenger, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def streams(self) -> int:
+        """Streams in the groups this node leads (for metrics)."""
+        if self._replication is None:
+            return 0
+        return sum(len(_machine(g).store.streams) for g in self._replication.groups.values()
+                   if g.is_primary and EVENTS in g.machines)
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self.hub)
+
+    async def _scavenge_loop(self) -> None:
+        # Retention hides events at once; removing them (memory and disk) is a
+        # replicated command like any write, issued by the primary now and then.
+        while True:
+            await asyncio.sleep(self.limits.scavenge_interval)
+            if self._replication is None:
+                continue
+            now = time.time_ns()
+            for group in list(self._replication.groups.values()):
+                machine = group.machines.get(EVENTS)
+                if group.writable and machine is not None:
+                    try:
+                        cast(EventsMachine, machine).scavenge(now)
+                    except Exception:
+                        log.exception("group %d: scavenging failed", group.group_id)
+
+    # -- routing and commits -----------------------------------------------------
+
+    def _route(self, stream: str, context: Ctx) -> Group | Redirect:
+        assert self._forwarder is not None, "start() first"
+        return self._forwarder.resolve(slot_for(stream), context)
+
+    async def _forward(self, target: Redirect, method: str, request: Any, context: Ctx) -> Any:
+        assert self._forwarder is not None
+        return await self._forwarder.unary(
+            target, _PATH + method, request, _RESPONSES[method], context)
+
+    async def _committed(self, group: Group, seq: int) -> None:
+        """Wait for ``seq`` to commit, then wake the group's subscriptions."""
+        try:
+            await group.wait_committed(seq)
+        except asyncio.CancelledError:
+            # The caller left, but the write goes on: subscribers must still
+            # hear of it when it commits.
+            self._notify_when_committed(group, seq)
+            raise
+        self.hub.notify(group.group_id)
+
+    def _notify_when_committed(self, group: Group, seq: int) -> None:
+        async def notify() -> None:
+            with contextlib.suppress(MeshStatusError):
+                await group.wait_committed(seq)
+                self.hub.notify(group.group_id)
+
+        task = asyncio.get_running_loop().create_task(notify())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settled(self, group: Group, stream_id: str) -> Stream | None:
+        """The stream once its latest settings/state change is committed."""
+        stream = _machine(group).store.streams.get(stream_id)
+        if stream is not None and stream.changed_seq > group.commit_seq:
+            await group.wait_committed(stream.changed_seq)
+            stream = _machine(group).store.streams.get(stream_id)
+        return stream
+
+    # -- writes ------------------------------------------------------------------
+
+    async def Append(self, request: pb.AppendRequest, context: Ctx) -> pb.AppendResponse:
+        v.check_stream(request.stream)
+        v.check_events(request.events, self.limits)
+        expected = v.check_expected(request.expected_state, request.exact_version)
+        target = self._route(request.stream, context)
+        if isinstance(target, Redirect):
+            return cast(pb.AppendResponse,
+                        await self._forward(target, "Append", request, context))
+        result = _machine(target).append(request.stream, request.events, expected,
+                                         request.exact_version)
+        await self._committed(target, result.seq)
+        if not result.duplicate:
+            self.appended_total += result.last_version - result.first_version + 1
+        return pb.AppendResponse(
+            first_version=result.first_version, last_version=result.last_version,
+            slot=result.slot, position=result.position, duplicate=result.duplicate)
+
+    async def SetStreamMetadata(self, request: pb.SetStreamMetadataRequest, context: Ctx
+                                ) -> pb.SetStreamMetadataResponse:
+        v.check_stream(request.stream)
+        settings = v.check_metadata(request.metadata)
+        target = self._route(request.stream, context)
+        if isinstance(target, Redirect):
+            return cast(pb.SetStreamMetadataResponse,
+                        await self._forward(target, "SetStreamMetadata", request, context))
+        expected = request.expected_metadata_version \
+            if request.HasField("expected_metadata_version") else None
+        version, seq = _machine(target).set_metadata(request.stream, settings, expected)
+        await self._committed(target, seq)
+        return pb.SetStreamMetadataResponse(metadata_version=version)
+
+    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Ctx
+                           ) -> pb.DeleteStreamResponse:
+        v.check_stream(request.stream)
+        expected = v.check_expected(request.expected_state, request.exact_version)
+        target = self._route(request.stream, context)
+        if isinstance(target, Redirect):
+            return cast(pb.DeleteStreamResponse,
+                        await self._forward(target, "DeleteStream", request, context))
+        last, seq = _machine(target).delete(request.stream, expected, request.exact_version)
+        await self._committed(target, seq)
+        return pb.DeleteStreamResponse(last_version=last)
+
+    async def TombstoneStream(self, request: pb.TombstoneStreamRequest, context: Ctx
+                              ) -> pb.TombstoneStreamResponse:
+        v.check_stream(request.stream)
+        expected = v.check_expected(request.expected_state, request.exact_version)
+        target = self._route(request.stream, context)
+        if isinstance(target, Redirect):
+            return cast(pb.TombstoneStreamResponse,
+                        await self._forward(target, "TombstoneStream", request, context))
+        last, seq = _machine(target).tombstone(request.stream, expected,
+                                               request.exact_version)
+        await self._committed(target, seq)
+        return pb.TombstoneStreamResponse(last_version=last)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def Read(self, request: pb.ReadRequest, context: Ctx) -> pb.ReadResponse:
+        v.check_stream(request.stream)
+        backward = v.direction(request.direction)
+        limit = v.page_size(request.max_count)
+        target = self._route(request.stream, context)
+        if isinstance(target, Redirect):
+            return cast(pb.ReadResponse, await self._forward(target, "Read", request, context))
+        stream = await self._settled(target, request.stream)
+        if stream is None:
+            return pb.ReadResponse(end_of_stream=True)
+        if stream.tombstoned:
+            raise errors.stream_deleted(request.stream)
+        view = View(_machine(target).store, target.commit_seq, time.time_ns())
+        start = request.from_version if request.HasField("from_version") else None
+        page = read_stream(stream, view, start, backward, limit)
+        last = view.bounds(stream)[1]
+        return pb.ReadResponse(
+            events=[recorded(e) for e in page.events], next_version=page.next,
+            end_of_stream=page.end, last_version=last,
+            stream_exists=last > 0 and stream.state == LIVE)
+
+    async def ReadAll(self, request: pb.ReadAllRequest, context: Ctx) -> pb.ReadAllResponse:
+        v.check_slot(request.slot)
+        backward = v.direction(request.direction)
+        limit = v.page_size(request.max_count)
+        assert self._forwarder is not None, "start() first"
+        target = self._forwarder.resolve(request.slot, context)
+        if isinstance(target, Redirect):
+            return cast(pb.ReadAllResponse,
+                        await self._forward(target, "ReadAll", request, context))
+        store = _machine(target).store
+        slot_log = store.slots.get(request.slot)
+        if slot_log is None:
+            return pb.ReadAllResponse(end_of_log=True)
+        view = View(store, target.commit_seq, time.time_ns())
+        start = request.from_position if request.HasField("from_position") else None
+        page = read_slot(slot_log, view, start, backward, limit)
+        return pb.ReadAllResponse(
+            events=[recorded(e) for e in page.events], next_position=page.next,
+            end_of_log=page.end, last_position=slot_log.committed_last(target.commit_seq))
+
+    async def GetStreamMetadata(self, request: pb.GetStreamMetadataRequest, context: Ctx
+                                ) -> pb.GetStreamMetadataResponse:
+        v.check_stream(request.stream)
+        target = self._route(request.stream, context)
+        if isinstance(target, Redirect):
+            return cast(pb.GetStreamMetadataResponse,
+                        await self._forward(target, "GetStreamMetadata", request, context))
+        stream = await self._settled(target, request.stream)
+        if stream is None:
+            return pb.GetStreamMetadataResponse()
+        if stream.tombstoned:
+            raise errors.stream_deleted(request.stream)
+        metadata = pb.StreamMetadata(max_count=stream.max_count,
+                                     truncate_before=stream.truncate_before)
+        if stream.max_age_ns:
+            metadata.max_age.FromNanoseconds(stream.max_age_ns)
+        return pb.GetStreamMetadataResponse(metadata=metadata,
+                                            metadata_version=stream.metadata_version)
+
+    # -- subscriptions -------------------------------------------------------------
+
+    async def Subscribe(self, request: pb.SubscribeRequest, context: Ctx
+                        ) -> AsyncIterator[pb.SubscribeResponse]:
+        kind = request.WhichOneof("target")
+        if kind is None:
+            raise invalid_argument("target", "give one of stream, category or all")
+        if request.start not in pb.SubscribeStart.values():
+            raise invalid_argument("start", f"unknown start {request.start}")
+        from_end = request.start == pb.SUBSCRIBE_START_END
+        if kind == "stream":
+            stream = request.stream
+            v.check_stream(stream)
+            target = self._route(stream, context)
+            if isinstance(target, Redirect):
+                assert self._forwarder is not None
+                async for item in self._forwarder.stream(
+                        target, _PATH + "Subscribe", request, pb.SubscribeResponse, context):
+                    yield item
+                return
+            messages = self._follow_stream(target, stream, request.after_version, from_end)
+        else:
+            prefix = ""
+            if kind == "category":
+                prefix = request.category
+                v.check_stream(prefix, "category")
+            interval = request.checkpoint_interval or _DEFAULT_CHECKPOINT_INTERVAL
+            targets = self._slot_targets(v.subscribe_slots(request.slots))
+            cursors = self._cursors(targets, dict(request.after_positions), from_end)
+            messages = self._follow_slots(targets, cursors, prefix, interval)
+        async for message in messages:
+            yield message
+
+    async def _follow_stream(self, group: Group, stream: str, after_version: int,
+                             from_end: bool) -> AsyncIterator[pb.SubscribeResponse]:
+        machine = _machine(group)
+        sub = self.hub.open(frozenset({group.group_id}))
+        cursor = start_version(machine, stream, after_version, from_end)
+        try:
+            yield pb.SubscribeResponse(
+                confirmation=pb.SubscriptionConfirmation(subscription_id=sub.id))
+            async for message in follow_stream(sub, machine, stream, cursor,
+                                               self.limits.subscriber_max_lag):
+                yield message
+        except Ended as ended:
+            raise self._ended(ended.group_id, slot_for(stream)) from None
+        finally:
+            self.hub.close(sub)
+
+    async def _follow_slots(self, targets: list[SlotTarget], cursors: dict[int, int],
+                            prefix: str, interval: int
+                            ) -> AsyncIterator[pb.SubscribeResponse]:
+        sub = self.hub.open(frozenset(t.group_id for t in targets))
+        try:
+            yield pb.SubscribeResponse(
+                confirmation=pb.SubscriptionConfirmation(subscription_id=sub.id))
+            async for message in follow_slots(sub, targets, cursors, prefix, interval,
+                                              self.limits.subscriber_max_lag):
+                yield message
+        except Ended as ended:
+            slot = next((min(t.slots) for t in targets if t.group_id == ended.group_id), 0)
+            raise self._ended(ended.group_id, slot) from None
+        finally:
+            self.hub.close(sub)
+
+    def _slot_targets(self, slots: list[int]) -> list[SlotTarget]:
+        """The local groups leading ``slots``; WRONG_OWNER if any is led elsewhere."""
+        replication = self._replication
+        assert replication is not None, "start() first"
+        table = replication.table
+        if table is None:
+            replication.resolve(slots[0])  # raises NO_MAP
+        assert table is not None
+        by_group: dict[int, list[int]] = {}
+        for slot in slots:
+            view = table.group_of_slot(slot)
+            by_group.setdefault(view.group_id if view is not None else -1, []).append(slot)
+        targets = []
+        for group_id, group_slots in by_group.items():
+            found = replication.resolve(group_slots[0])  # one lookup per group
+            if isinstance(found, Redirect):
+                raise wrong_owner(found)
+            targets.append(SlotTarget(group_id, _machine(found), frozenset(group_slots)))
+        return targets
+
+    @staticmethod
+    def _cursors(targets: list[SlotTarget], after: dict[int, int], from_end: bool
+                 ) -> dict[int, int]:
+        cursors: dict[int, int] = {}
+        for target in targets:
+            logs, commit = target.machine.store.slots, target.machine.group.commit_seq
+            for slot in target.slots:
+                if slot in after:
+                    cursors[slot] = after[slot]
+                elif from_end and slot in logs:
+                    cursors[slot] = logs[slot].committed_last(commit)
+                else:
+                    cursors[slot] = 0
+        return cursors
+
+    def _ended(self, group_id: int, slot: int) -> MeshStatusError:
+        """Why a subscription ended: the node stops, the slot moved, or its group is
+        changing primary."""
+        if group_id == SHUTDOWN or self._replication is None:
+            return errors.shutting_down()
+        try:
+            found = self._replication.resolve(slot)
+        except MeshStatusError as exc:
+            return exc
+        if isinstance(found, Redirect):
+            return wrong_owner(found)
+        return errors.subscription_ended(group_id)

@@ -1,0 +1,237 @@
+"""Subscriptions: catch-up then live, pulled from the committed state in memory.
+
+A subscription keeps a cursor (a stream version, or a position per slot) and
+loops: read what is committed after the cursor and send it, and once nothing
+is left, send CaughtUp and sleep until a commit in one of its groups wakes it.
+Appends only set a flag, so a slow subscriber never slows them; it simply
+reads further behind, and once it is more than ``max_lag`` entries behind the
+head while live it is told so (FellBehind) and catches up the same way, from
+its cursor: nothing is dropped, and since it always reads committed state in
+order after its cursor, nothing is repeated or skipped when it turns live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from mesh.events.v1 import events_pb2 as pb
+from nodes.events import errors
+from nodes.events.machine import EventsMachine
+from nodes.events.model import StoredEvent
+from nodes.events.reads import View, read_stream, recorded
+
+__all__ = ["SHUTDOWN", "Ended", "SlotTarget", "Subscription", "SubscriptionHub",
+           "follow_slots", "follow_stream", "start_version"]
+
+SHUTDOWN = -1
+"""`Subscription.ended` when the node is stopping."""
+BATCH = 512
+"""Entries read per slot (or stream) per step, between checks of the subscription."""
+
+_FELL_BEHIND = pb.SubscribeResponse(fell_behind=pb.FellBehind())
+
+
+class Ended(Exception):
+    """The subscription must end: a group it reads left this node (or the node stops)."""
+
+    def __init__(self, group_id: int) -> None:
+        super().__init__(group_id)
+        self.group_id = group_id
+
+
+class Subscription:
+    """One Subscribe stream's registration with the hub."""
+
+    __slots__ = ("dirty", "ended", "group_ids", "id", "wake")
+
+    def __init__(self, sub_id: str, group_ids: frozenset[int]) -> None:
+        self.id = sub_id
+        self.group_ids = group_ids
+        self.wake = asyncio.Event()
+        self.dirty: set[int] = set()
+        """Groups with commits since the subscription last looked."""
+        self.ended: int | None = None
+
+    def notify(self, group_id: int) -> None:
+        self.dirty.add(group_id)
+        self.wake.set()
+
+    def end(self, group_id: int) -> None:
+        if self.ended is None:
+            self.ended = group_id
+        self.wake.set()
+
+    def check(self) -> None:
+        if self.ended is not None:
+            raise Ended(self.ended)
+
+
+class SubscriptionHub:
+    """Every subscription of the node, by group: woken on commits, ended on loss."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._by_group: dict[int, set[Subscription]] = {}
+        self._count = 0
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def open(self, group_ids: frozenset[int]) -> Subscription:
+        if self._count >= self.limit:
+            raise errors.too_many_subscriptions(self.limit)
+        sub = Subscription(f"sub-{next(self._ids)}", group_ids)
+        for group_id in group_ids:
+            self._by_group.setdefault(group_id, set()).add(sub)
+        self._count += 1
+        return sub
+
+    def close(self, sub: Subscription) -> None:
+        for group_id in sub.group_ids:
+            subs = self._by_group.get(group_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_group[group_id]
+        self._count -= 1
+
+    def notify(self, group_id: int) -> None:
+        """Events of ``group_id`` were committed."""
+        for sub in self._by_group.get(group_id, ()):
+            sub.notify(group_id)
+
+    def end_group(self, group_id: int) -> None:
+        """The group is no longer led here."""
+        for sub in self._by_group.get(group_id, ()):
+            sub.end(group_id)
+
+    def end_all(self) -> None:
+        for subs in self._by_group.values():
+            for sub in subs:
+                sub.end(SHUTDOWN)
+
+
+def start_version(machine: EventsMachine, stream_id: str, after_version: int,
+                  from_end: bool) -> int:
+    """The version a stream subscription starts after."""
+    stream = machine.store.streams.get(stream_id)
+    if after_version or not from_end or stream is None:
+        return after_version
+    return stream.committed_last(machine.group.commit_seq)
+
+
+async def follow_stream(sub: Subscription, machine: EventsMachine, stream_id: str,
+                        cursor: int, max_lag: int) -> AsyncIterator[pb.SubscribeResponse]:
+    """One stream's events after version ``cursor``: catch-up, CaughtUp, live."""
+    group, store = machine.group, machine.store
+    live = False
+    while True:
+        sub.wake.clear()
+        sub.check()
+        stream = store.streams.get(stream_id)
+        last = 0
+        if stream is not None:
+            commit = group.commit_seq
+            if stream.tombstoned and stream.changed_seq <= commit:
+                raise errors.stream_deleted(stream_id)
+            view = View(store, commit, time.time_ns())
+            page = read_stream(stream, view, cursor + 1, False, BATCH)
+            last = view.bounds(stream)[1]
+            if live and last - cursor > max_lag:
+                yield _FELL_BEHIND
+                live = False
+            for event in page.events:
+                yield pb.SubscribeResponse(event=recorded(event))
+            # Hidden versions count as passed, but never beyond what is committed.
+            cursor = max(cursor, min(page.next - 1, last))
+            if not page.end:
+                continue
+        if not live:
+            yield pb.SubscribeResponse(caught_up=pb.CaughtUp(version=last))
+            live = True
+        await sub.wake.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTarget:
+    """The slots a category/all subscription reads in one group led here."""
+
+    group_id: int
+    machine: EventsMachine
+    slots: frozenset[int]
+
+
+async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
+                       cursors: dict[int, int], prefix: str, interval: int, max_lag: int
+                       ) -> AsyncIterator[pb.SubscribeResponse]:
+    """The events of the targets' slots after ``cursors`` (slot -> last position
+    done) whose stream id starts with ``prefix``, with checkpoints."""
+    by_group = {t.group_id: t for t in targets}
+    todo = set(by_group)
+    advanced: dict[int, int] = {}
+    scanned = 0
+    live = False
+    while True:
+        sub.wake.clear()
+        sub.check()
+        todo |= sub.dirty
+        sub.dirty.clear()
+        if not todo:
+            if not live:
+                yield pb.SubscribeResponse(caught_up=pb.CaughtUp(positions=cursors))
+                advanced.clear()
+                scanned = 0
+                live = True
+            await sub.wake.wait()
+            continue
+        work, lag, todo = _collect([by_group[g] for g in todo], cursors)
+        if live and lag > max_lag:
+            yield _FELL_BEHIND
+            live = False
+        for slot, batch, view in work:
+            for event in batch:
+                if event.stream.startswith(prefix) and view.visible(event):
+                    yield pb.SubscribeResponse(event=recorded(event))
+                cursors[slot] = advanced[slot] = event.position
+                scanned += 1
+                if scanned >= interval:
+                    yield pb.SubscribeResponse(checkpoint=pb.Checkpoint(positions=advanced))
+                    advanced.clear()
+                    scanned = 0
+
+
+def _collect(targets: Sequence[SlotTarget], cursors: dict[int, int]
+             ) -> tuple[list[tuple[int, list[StoredEvent], View]], int, set[int]]:
+    """The next batch of committed entries per slot of ``targets``, the entries
+    they are behind in all, and the groups with more than one batch to read."""
+    now = time.time_ns()
+    work: list[tuple[int, list[StoredEvent], View]] = []
+    lag = 0
+    more: set[int] = set()
+    for target in targets:
+        group, store = target.machine.group, target.machine.store
+        commit = group.commit_seq
+        view = View(store, commit, now)
+        logs, wanted = store.slots, target.slots
+        slots = wanted if len(wanted) < len(logs) else logs.keys()
+        for slot in slots:
+            log = logs.get(slot)
+            if log is None or slot not in wanted:
+                continue
+            cursor = cursors[slot]
+            if log.last_position <= cursor:
+                continue
+            start, end = log.index_after(cursor), log.committed_end(commit)
+            if start >= end:
+                continue
+            lag += end - start
+            if end - start > BATCH:
+                end = start + BATCH
+                more.add(target.group_id)
+            work.append((slot, list(log.entries[start:end]), view))
+    return work, lag, more
