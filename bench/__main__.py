@@ -7,7 +7,9 @@ sizes), ``--output`` (results.json path).
 First the single-node rows (etcd, a coordinator and one node against the echo
 server and redis-server), then the cluster rows (``bench.cluster``): replicated
 Set throughput, lock acquire+release cycles against etcd's own lock on the same
-etcd (``bench.locks``), failover time and rebalance time, on 3- and 4-node clusters.
+etcd (``bench.locks``), event store appends, reads and subscription delivery
+against an echo server (``bench.events``), failover time and rebalance time, on
+3- and 4-node clusters.
 
 Each workload's warmup and window are split into ``--rounds`` rounds and the
 rounds run interleaved (every workload once, then again, ...), so a load spike on

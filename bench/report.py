@@ -58,7 +58,31 @@ LOCK_COMPARISONS = [
     Comparison("lock.r0.c16", "Lock acquire+release on 3 nodes, R=0, 16 locks in parallel",
                "cycles/s", "cluster.lock.r0.c16", "etcd.lock.c16", "etcd lock (aetcd)"),
 ]
-COMPARISONS += LOCK_COMPARISONS
+EVENTS_SETUP = "3 nodes, R=1 durable"
+"""The event rows' cluster: sync replication, every copy fsynced (``bench.events``)."""
+ECHO = "raw gRPC echo"
+EVENT_COMPARISONS = [
+    Comparison("events.append.seq", f"Event Append of 1 event, {EVENTS_SETUP}, sequential",
+               "appends/s", "cluster.events.append.seq", "echo.events.seq", ECHO),
+    Comparison("events.append.c16",
+               f"Event Append of 1 event, {EVENTS_SETUP}, 16 in flight on 16 streams",
+               "appends/s", "cluster.events.append.c16", "echo.events.c16", ECHO),
+    Comparison("events.append100.seq",
+               f"Event Append of 100 events, {EVENTS_SETUP}, sequential",
+               "events/s", "cluster.events.append100.seq", "echo.events.seq", ECHO),
+    Comparison("events.read100.seq", f"Event Read of a 100-event page, {EVENTS_SETUP}, "
+               "sequential", "reads/s", "cluster.events.read100.seq", "echo.events.seq", ECHO),
+    Comparison("events.read100.c16", f"Event Read of a 100-event page, {EVENTS_SETUP}, "
+               "16 in flight", "reads/s", "cluster.events.read100.c16", "echo.events.c16", ECHO),
+    Comparison("events.subscribe.live", f"Live stream subscription, {EVENTS_SETUP}, "
+               "4 writers of 100-event batches, delivered", "events/s",
+               "cluster.events.subscribe.live", "echo.events.seq", ECHO),
+    Comparison("events.subscribe.catchup", "Catch-up stream subscriptions to a 500-event "
+               f"stream, {EVENTS_SETUP}, one at a time, delivered", "events/s",
+               "cluster.events.subscribe.catchup", "echo.events.seq", ECHO),
+]
+"""Event rows against the echo server timed with them, at the same calls in flight."""
+COMPARISONS += LOCK_COMPARISONS + EVENT_COMPARISONS
 GOAL_COMPARISONS = ("get.seq", "get.c64")
 LOCK_GOAL_COMPARISONS = ("lock.r1.seq", "lock.r1.c16")
 """The lock goal is judged on the replicated (R=1) cluster; R=0 is shown for reference."""
@@ -66,7 +90,8 @@ LOCK_GOAL_WHAT = "lock acquire+release on 3 nodes, R=1"
 
 
 def _rate(m: Measurement, unit: str) -> float:
-    return m.keys_per_s if unit == "keys/s" else m.ops_per_s
+    # keys/s and events/s count what each operation carries (Workload.batch).
+    return m.keys_per_s if unit in ("keys/s", "events/s") else m.ops_per_s
 
 
 def build(measurements: list[Measurement], environment: dict[str, Any],
@@ -171,6 +196,18 @@ def lock_markdown(measurements: list[Measurement]) -> str:
     for m in measurements:
         by_round = " / ".join(_n(r) for r in m.rounds)
         lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} cycles/s ({by_round} by round)")
+    return "\n".join(lines)
+
+
+def events_markdown(measurements: list[Measurement]) -> str:
+    """The event store rows alone (``python -m bench.events``): ratios, rates by round."""
+    comparisons = _compare({m.workload.name: m for m in measurements}, EVENT_COMPARISONS)
+    lines = [*_comparison_table(comparisons), ""]
+    for m in measurements:
+        by_round = " / ".join(_n(r) for r in m.rounds)
+        carried = f", {_n(m.keys_per_s)} events/s" if m.workload.batch > 1 else ""
+        lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} ops/s{carried} "
+                     f"({by_round} ops/s by round)")
     return "\n".join(lines)
 
 

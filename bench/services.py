@@ -43,7 +43,7 @@ def _started(stack: contextlib.ExitStack, child: Child) -> Child:
     return child
 
 
-def _start_echo(stack: contextlib.ExitStack, workdir: Path, value_bytes: int) -> str:
+def start_echo(stack: contextlib.ExitStack, workdir: Path, value_bytes: int) -> str:
     argv = [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0",
             "--value-bytes", str(value_bytes)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -84,6 +84,6 @@ def running_services(workdir: Path, value_bytes: int) -> Iterator[Endpoints]:
         local.start_coordinator(["--replicas", "0", "--min-nodes", "1"])
         node = local.start_node()
         aio.run(wait_settled(etcd, CLUSTER, [node.node_id], replicas=0, timeout=30))
-        echo = _start_echo(stack, workdir, value_bytes)
+        echo = start_echo(stack, workdir, value_bytes)
         redis_port = _start_redis(stack, workdir)
         yield Endpoints(etcd, CLUSTER, node.address, echo, redis_port)
