@@ -5,6 +5,12 @@
         print(await mesh.cache.get("greeting"))
         async with mesh.lock("orders", ttl=10) as lease:
             ...  # pass lease.token to whatever the lock protects
+        await mesh.events.append("order-1", NewEvent("OrderPlaced", {"total": 5}))
+        async with mesh.events.subscribe(category="order-") as sub:
+            async for event in sub: ...
+
+``clients.projection.ProjectionRunner`` keeps a sqlite read model in step with
+a subscription, exactly once.
 
 ``clients.sync.SyncMesh`` offers the same calls without asyncio.
 """
@@ -14,6 +20,7 @@ from clients.cache_watch import CacheEvent, EventType
 from clients.errors import (
     ConflictError,
     DeadlineExceededError,
+    DuplicateEventIdError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
@@ -25,23 +32,57 @@ from clients.errors import (
     NoNodesError,
     NotFoundError,
     ResourceExhaustedError,
+    StreamDeletedError,
     UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
     VersionMismatchError,
     WatchGapError,
+    WrongExpectedVersionError,
 )
+from clients.event_subscription import Subscription
+from clients.event_types import (
+    ANY,
+    BEGINNING,
+    END,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    CaughtUp,
+    Checkpoint,
+    Expected,
+    FellBehind,
+    NewEvent,
+    ReadPage,
+    RecordedEvent,
+    Start,
+    StreamMetadata,
+)
+from clients.events import EventsClient
 from clients.lease import Lease
 from clients.lock import HolderInfo, LockClient, LockInfo, WaiterInfo
 from clients.mesh import Mesh
+from clients.projection import ProjectionCheckpoint, ProjectionRunner, SqliteCheckpointStore
 
 __all__ = [
+    "ANY",
+    "BEGINNING",
+    "END",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendResult",
     "CacheEntry",
     "CacheEvent",
+    "CaughtUp",
+    "Checkpoint",
     "ConflictError",
     "DeadlineExceededError",
+    "DuplicateEventIdError",
     "EventType",
+    "EventsClient",
+    "Expected",
     "FailedPreconditionError",
+    "FellBehind",
     "HolderInfo",
     "InternalError",
     "InvalidArgumentError",
@@ -54,14 +95,25 @@ __all__ = [
     "LockTimeoutError",
     "Mesh",
     "MeshError",
+    "NewEvent",
     "NoNodesError",
     "NodeStats",
     "NotFoundError",
+    "ProjectionCheckpoint",
+    "ProjectionRunner",
+    "ReadPage",
+    "RecordedEvent",
     "ResourceExhaustedError",
+    "SqliteCheckpointStore",
+    "Start",
+    "StreamDeletedError",
+    "StreamMetadata",
+    "Subscription",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
     "VersionMismatchError",
     "WaiterInfo",
     "WatchGapError",
+    "WrongExpectedVersionError",
 ]

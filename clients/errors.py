@@ -7,10 +7,13 @@
     ├── ConflictError               a conditional write's condition failed (re-read, retry)
     │   ├── KeyExistsError          only_if_absent, and the key exists
     │   ├── VersionMismatchError    only_if_version, and .current_version differs
+    │   │   └── WrongExpectedVersionError  an event append's expected version did not hold
+    │   ├── DuplicateEventIdError   some, not all, of an append's event ids are in the stream
     │   └── LockTimeoutError        the lock was not acquired in time (nothing held or queued)
     ├── NotFoundError
     ├── FailedPreconditionError     the system is not in a state to do this; don't retry as is
-    │   └── LockNotHeldError        the lease is unknown, released or expired: acquire again
+    │   ├── LockNotHeldError        the lease is unknown, released or expired: acquire again
+    │   └── StreamDeletedError      the event stream is tombstoned: never usable again
     ├── ResourceExhaustedError      overload or a limit (cache full, too many watches); back off
     ├── UnavailableError            no node took the call in time; see the class for retries
     │   └── NoNodesError            no node offers the service
@@ -88,6 +91,25 @@ class VersionMismatchError(ConflictError):
         return int(self.metadata.get("current_version", "0"))
 
 
+class WrongExpectedVersionError(VersionMismatchError):
+    """An event append (or delete) found the stream not in the expected state.
+
+    ``current_version`` is the stream's last version (0 if never written) and
+    ``stream_exists`` whether it exists (False: never written, or soft-deleted).
+    Re-read the stream, decide again, retry.
+    """
+
+    @property
+    def stream_exists(self) -> bool:
+        return self.metadata.get("stream_exists", "false") == "true"
+
+
+class DuplicateEventIdError(ConflictError):
+    """Some but not all of an append's event ids are already in the stream (or all
+    are, in another order). A full, identical replay is not an error: it succeeds
+    as a duplicate."""
+
+
 class LockTimeoutError(ConflictError):
     """Acquire could not get the permits in time; the caller holds nothing and is not queued.
 
@@ -114,6 +136,10 @@ class FailedPreconditionError(MeshError):
 
 class LockNotHeldError(FailedPreconditionError):
     """Release or Refresh named a lease that is unknown, released or expired."""
+
+
+class StreamDeletedError(FailedPreconditionError):
+    """The event stream was tombstoned: it can never be read or written again."""
 
 
 class ResourceExhaustedError(MeshError):
@@ -189,6 +215,8 @@ _BY_REASON: dict[str, type[MeshError]] = {
     "KEY_EXISTS": KeyExistsError,
     "LOCK_TIMEOUT": LockTimeoutError,
     "LOCK_NOT_HELD": LockNotHeldError,
+    "DUPLICATE_EVENT_ID": DuplicateEventIdError,
+    "STREAM_DELETED": StreamDeletedError,
 }
 
 

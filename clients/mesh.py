@@ -23,6 +23,7 @@ from clients.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from clients.events import EventsClient
 from clients.lease import Lease, LostCallback
 from clients.lock import LockClient
 from clients.router import Router, Target
@@ -119,6 +120,7 @@ class Mesh:
         self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self)
         self.locks = LockClient(self)
+        self.events = EventsClient(self)
 
     async def __aenter__(self) -> Mesh:
         await self.start()
@@ -215,6 +217,13 @@ class Mesh:
         if router is None:
             router = self._routers[service] = self._router(service)
         return router.for_key(key)
+
+    def route_slot(self, service: str, slot: int) -> Target:
+        """Where a call for ``slot`` goes (as ``route``, for calls that name a slot)."""
+        router = self._routers.get(service)
+        if router is None:
+            router = self._routers[service] = self._router(service)
+        return router.for_slot(slot)
 
     def any_node(self, service: str) -> Target:
         """A node to send a call that any node can take (round-robin)."""

@@ -5,6 +5,8 @@
         mesh.cache.get("k")
         with mesh.lock("orders", ttl=10) as lease:
             ...  # refreshed in the background meanwhile
+        mesh.events.append("order-1", NewEvent("OrderPlaced", {"total": 5}))
+        for event in mesh.events.read_stream("order-1"): ...
 
 The asyncio client runs on a private event loop in a daemon thread; each call
 blocks until its coroutine finishes there. Same arguments, same exceptions.
@@ -15,11 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from clients.cache import TTL, CacheEntry, NodeStats, Value
+from clients.event_subscription import Subscription
+from clients.event_types import (
+    ANY,
+    BEGINNING,
+    AppendResult,
+    ExpectedVersion,
+    Item,
+    NewEvent,
+    Positions,
+    ReadPage,
+    RecordedEvent,
+    Start,
+    StreamMetadata,
+)
 from clients.lease import Lease, LostCallback
 from clients.lock import LockInfo
 from clients.mesh import Mesh
@@ -40,6 +56,18 @@ class _Loop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
+
+    def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+        """Drive an async iterator from this thread, one item per round trip."""
+        while True:
+            try:
+                yield self.run(_next(items))
+            except StopAsyncIteration:
+                return
+
+
+async def _next(items: AsyncIterator[T]) -> T:
+    return await items.__anext__()
 
 
 class SyncCache:
@@ -121,6 +149,102 @@ class SyncLocks:
         return self._loop.run(self._locks.validate(name, token, timeout=timeout))
 
 
+class SyncSubscription:
+    """A blocking ``Subscription``: ``for event in sub: ...``; ``with`` closes it."""
+
+    def __init__(self, subscription: Subscription, loop: _Loop) -> None:
+        self._sub = subscription
+        self._loop = loop
+
+    @property
+    def version(self) -> int:
+        return self._sub.version
+
+    @property
+    def positions(self) -> Positions:
+        return dict(self._sub.positions)
+
+    def __iter__(self) -> Iterator[Item]:
+        return self._loop.iterate(self._sub)
+
+    def close(self) -> None:
+        self._loop.run(self._sub.close())
+
+    def __enter__(self) -> SyncSubscription:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SyncEvents:
+    """Blocking versions of ``EventsClient``'s calls; iterators fetch page by page."""
+
+    def __init__(self, mesh: Mesh, loop: _Loop) -> None:
+        self._events = mesh.events
+        self._loop = loop
+
+    def append(self, stream: str, events: NewEvent | Iterable[NewEvent],
+               expected: ExpectedVersion = ANY, *, timeout: float | None = None) -> AppendResult:
+        return self._loop.run(self._events.append(stream, events, expected, timeout=timeout))
+
+    def read(self, stream: str, from_version: int | None = None, *, backward: bool = False,
+             max_count: int = 100, timeout: float | None = None) -> ReadPage:
+        return self._loop.run(self._events.read(
+            stream, from_version, backward=backward, max_count=max_count, timeout=timeout))
+
+    def read_stream(self, stream: str, from_version: int | None = None, *,
+                    backward: bool = False, page_size: int = 100,
+                    timeout: float | None = None) -> Iterator[RecordedEvent]:
+        return self._loop.iterate(self._events.read_stream(
+            stream, from_version, backward=backward, page_size=page_size, timeout=timeout))
+
+    def read_all(self, *, slots: Iterable[int] | None = None, page_size: int = 100,
+                 concurrency: int = 32, timeout: float | None = None) -> Iterator[RecordedEvent]:
+        return self._loop.iterate(self._events.read_all(
+            slots=slots, page_size=page_size, concurrency=concurrency, timeout=timeout))
+
+    def subscribe(
+        self, stream: str | None = None, *, category: str | None = None, all: bool = False,
+        after_version: int = 0, after_positions: Mapping[int, int] | None = None,
+        start: Start = BEGINNING, include_markers: bool = False,
+        checkpoint_interval: int = 0, timeout: float | None = None,
+    ) -> SyncSubscription:
+        """A started subscription (confirmed by every node when this returns)."""
+
+        async def started() -> Subscription:
+            return await self._events.subscribe(
+                stream, category=category, all=all, after_version=after_version,
+                after_positions=after_positions, start=start, include_markers=include_markers,
+                checkpoint_interval=checkpoint_interval, timeout=timeout).start()
+
+        return SyncSubscription(self._loop.run(started()), self._loop)
+
+    def get_stream_metadata(self, stream: str, *,
+                            timeout: float | None = None) -> StreamMetadata:
+        return self._loop.run(self._events.get_stream_metadata(stream, timeout=timeout))
+
+    def set_stream_metadata(
+        self, stream: str, *, max_count: int = 0, max_age: float | None = None,
+        truncate_before: int = 0, expected_metadata_version: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        return self._loop.run(self._events.set_stream_metadata(
+            stream, max_count=max_count, max_age=max_age, truncate_before=truncate_before,
+            expected_metadata_version=expected_metadata_version, timeout=timeout))
+
+    def delete_stream(self, stream: str, expected: ExpectedVersion = ANY, *,
+                      timeout: float | None = None) -> int:
+        return self._loop.run(self._events.delete_stream(stream, expected, timeout=timeout))
+
+    def tombstone_stream(self, stream: str, expected: ExpectedVersion = ANY, *,
+                         timeout: float | None = None) -> int:
+        return self._loop.run(self._events.tombstone_stream(stream, expected, timeout=timeout))
+
+
 class SyncMesh:
     """``Mesh`` without asyncio. Takes the same arguments."""
 
@@ -133,6 +257,7 @@ class SyncMesh:
             raise
         self.cache = SyncCache(self._mesh, self._loop)
         self.locks = SyncLocks(self._mesh, self._loop)
+        self.events = SyncEvents(self._mesh, self._loop)
 
     @staticmethod
     async def _make(kwargs: dict[str, Any]) -> Mesh:

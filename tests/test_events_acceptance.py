@@ -53,7 +53,8 @@ class Nodes:
         async with asyncio.timeout(limit):
             while True:
                 try:
-                    return await self.stub().Append(request, timeout=3.0)
+                    response: pb.AppendResponse = await self.stub().Append(request, timeout=3.0)
+                    return response
                 except grpc.aio.AioRpcError as error:
                     if error.code() not in RETRYABLE:
                         raise

@@ -1,0 +1,1 @@
+"""Runnable examples of the Mesh client (``python -m clients.examples.<name> --help``)."""
