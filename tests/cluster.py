@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -21,6 +26,9 @@ from common.clustermap import RoutingTable
 from common.tls import Tls, open_channel
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
+from meshctl.processes import LocalMesh, _with_parent_death
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def wait_serving(addresses: Iterable[str], timeout: float = 10.0,
@@ -124,3 +132,55 @@ def error_details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], dic
                 detail.Unpack(bad)
                 violations = {v.field: v.description for v in bad.field_violations}
     return reason, metadata, violations
+
+
+class Worker:
+    """A test client in its own process (``python -m tests.<name>_worker``), read by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process, errors: Path) -> None:
+        self.process = process
+        self.errors = errors
+
+    async def line(self, prefix: str, timeout: float = 30.0) -> str:
+        """The next stdout line starting with ``prefix`` (others are skipped)."""
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.process.stdout.readline()
+                if not raw:
+                    tail = self.errors.read_text()[-3000:]
+                    raise AssertionError(f"worker exited ({await self.process.wait()}) "
+                                         f"before printing {prefix!r}:\n{tail}")
+                text = raw.decode().strip()
+                if text.startswith(prefix):
+                    return text
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+
+@asynccontextmanager
+async def workers(local: LocalMesh, tmp_path: Path, module: str) -> AsyncIterator[Any]:
+    """``start(*args) -> Worker`` runs ``python -m <module> *args`` against ``local``
+    (MESH_ETCD_ENDPOINTS, MESH_CLUSTER); every worker is killed on the way out."""
+    started: list[Worker] = []
+    env = {**os.environ, "MESH_ETCD_ENDPOINTS": local.etcd_endpoint,
+           "MESH_CLUSTER": local.cluster, "PYTHONUNBUFFERED": "1"}
+
+    async def start(*args: str) -> Worker:
+        path = tmp_path / f"worker-{len(started)}.err"
+        with path.open("w") as errors:
+            process = await asyncio.create_subprocess_exec(
+                *_with_parent_death([sys.executable, "-m", module, *args]),
+                cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=errors)
+        worker = Worker(process, path)
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            if worker.process.returncode is None:
+                worker.process.kill()
+            await worker.process.wait()

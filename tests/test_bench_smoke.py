@@ -1,8 +1,9 @@
 """The benchmark runs end to end (``python -m bench --quick``) and reports every number.
 
 Only the shape of results.json is checked: tests never assert speed. The quick
-run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance)
-and the lock rows (Mesh R=1 and R=0 against etcd's lock, 0.7 s per workload).
+run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance),
+the lock rows (Mesh R=1 and R=0 against etcd's lock, 0.7 s per workload) and the
+event store rows (against an echo server timed with them).
 """
 
 from __future__ import annotations
@@ -26,12 +27,22 @@ WORKLOADS = {
     "cluster.set.r0.c64", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",
     "etcd.lock.seq", "cluster.lock.r1.seq", "cluster.lock.r0.seq",
     "etcd.lock.c16", "cluster.lock.r1.c16", "cluster.lock.r0.c16",
+    "echo.events.seq", "echo.events.c16",
+    "cluster.events.append.seq", "cluster.events.append.c16", "cluster.events.append100.seq",
+    "cluster.events.read100.seq", "cluster.events.read100.c16",
+    "cluster.events.subscribe.live", "cluster.events.subscribe.catchup",
 }
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
+EVENT_UNITS = {
+    "events.append.seq": "appends/s", "events.append.c16": "appends/s",
+    "events.append100.seq": "events/s",
+    "events.read100.seq": "reads/s", "events.read100.c16": "reads/s",
+    "events.subscribe.live": "events/s", "events.subscribe.catchup": "events/s",
+}
 COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
     "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
-    *LOCK_COMPARISONS,
+    *LOCK_COMPARISONS, *EVENT_UNITS,
 }
 QUICK_REBALANCE_KEYS = 2000
 
@@ -64,6 +75,7 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
         assert c["ratio"] == pytest.approx(c["mesh_rate"] / c["baseline_rate"], rel=0.01), key
 
     _check_locks(results, run.stdout)
+    _check_events(results)
 
     assert "| failover: SIGKILL of a primary -> a Set of its key succeeds" in run.stdout
     assert "| rebalance: 4th node launched -> map settled over 4 nodes" in run.stdout
@@ -84,6 +96,24 @@ def _check_locks(results: dict[str, Any], stdout: str) -> None:
     assert goal["min_ratio"] == 1.5
     assert isinstance(goal["met"], bool)
     assert "Goal: lock acquire+release on 3 nodes, R=1 >= 1.5x etcd's lock" in stdout
+
+
+def _check_events(results: dict[str, Any]) -> None:
+    for key, unit in EVENT_UNITS.items():
+        c = results["comparisons"][key]
+        assert c["unit"] == unit, key
+        assert c["baseline"].startswith("echo.events."), key
+        assert c["mesh"].startswith("cluster.events."), key
+        # The same number of calls in flight on both sides.
+        mesh, echo = results["workloads"][c["mesh"]], results["workloads"][c["baseline"]]
+        assert mesh["in_flight"] == echo["in_flight"], key
+    workloads = results["workloads"]
+    for name in ("echo.events.c16", "cluster.events.append.c16", "cluster.events.read100.c16"):
+        assert workloads[name]["in_flight"] == 16, name
+    for name in ("cluster.events.append100.seq", "cluster.events.read100.seq"):
+        assert workloads[name]["keys_per_op"] == 100, name
+        assert workloads[name]["keys_per_s"] == pytest.approx(
+            100 * workloads[name]["ops_per_s"], rel=0.01), name
 
 
 def _check_failover(failover: dict[str, Any]) -> None:

@@ -3,28 +3,33 @@
 Real etcd, a coordinator and three nodes (R = 1, 2 s leases). Appends go
 through the raw generated stub, to any live node (a node that does not lead the
 stream forwards), as a client in any language would; a retry resends the same
-event ids, which makes it safe.
+event ids, which makes it safe. The projection scenario runs the bank example's
+read model in separate processes (tests/projection_worker.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import signal
+import sqlite3
 import uuid
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from clients.examples.bank import Bank, InsufficientFunds
 from common.clustermap import read_map, wait_for_map, wait_settled
 from common.slots import slot_for
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
 from meshctl.processes import LocalMesh
-from tests.cluster import error_details
+from tests.cluster import error_details, workers
 
 LEASE_TTL = 2
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -230,3 +235,62 @@ async def test_sigkill_a_primary_under_append_load_loses_nothing(mesh3: Any) -> 
         stored = await nodes.read(stream)
         assert [e.id for e in stored] == acked[stream], stream
         assert_contiguous(stream, stored)
+
+
+def _read_model(db: Path, accounts: list[str]) -> dict[str, tuple[int, int]]:
+    """account -> (balance, events applied) in a projection's sqlite file."""
+    try:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT account, balance, events FROM balances").fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return {}
+    return {a: (b, n) for a, b, n in rows if a in accounts}
+
+
+async def test_a_killed_projection_process_ends_with_the_same_read_model(
+    mesh3: Any, mesh_client: Any, tmp_path: Path
+) -> None:
+    local, _ = mesh3
+    bank = Bank(await mesh_client(cluster=local.cluster, timeout=10))
+    accounts = [f"proj{uuid.uuid4().hex[:6]}-{i}" for i in range(6)]
+    for account in accounts:
+        await bank.open_account(account, "owner")
+
+    async def commands(count: int) -> None:
+        for _ in range(count):
+            account = random.choice(accounts)
+            if random.random() < 0.7:
+                await bank.deposit(account, random.randint(1, 100))
+            else:
+                with contextlib.suppress(InsufficientFunds):
+                    await bank.withdraw(account, random.randint(1, 100))
+
+    steady_db, killed_db = tmp_path / "steady.db", tmp_path / "killed.db"
+    async with workers(local, tmp_path, "tests.projection_worker") as start:
+        steady = await start(str(steady_db))
+        killed = await start(str(killed_db))
+        await steady.line("RUNNING")
+        await killed.line("RUNNING")
+        load = asyncio.create_task(commands(240))
+        async with asyncio.timeout(60):  # let it apply part of the stream, then kill it
+            while True:
+                model = await asyncio.to_thread(_read_model, killed_db, accounts)
+                if sum(n for _, n in model.values()) >= 40:
+                    break
+                await asyncio.sleep(0.05)
+        killed.signal(signal.SIGKILL)
+        await killed.process.wait()
+        await (await start(str(killed_db))).line("RUNNING")
+        await load
+
+        truth = {}
+        for account in accounts:
+            state = await bank.load(account)
+            truth[account] = (state.balance, state.version)
+        async with asyncio.timeout(60):
+            while True:
+                steady_model = await asyncio.to_thread(_read_model, steady_db, accounts)
+                killed_model = await asyncio.to_thread(_read_model, killed_db, accounts)
+                if steady_model == truth and killed_model == truth:
+                    break
+                await asyncio.sleep(0.1)

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,61 +21,11 @@ from common.clustermap import read_map, wait_for_map, wait_settled
 from common.slots import slot_for
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
-from meshctl.processes import LocalMesh, _with_parent_death
+from meshctl.processes import LocalMesh
+from tests.cluster import workers
 from tests.lock_history import Op, check
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Worker:
-    """One ``python -m tests.lock_worker`` process; its stdout is read line by line."""
-
-    def __init__(self, process: asyncio.subprocess.Process, errors: Path) -> None:
-        self.process = process
-        self.errors = errors
-
-    async def line(self, prefix: str, timeout: float = 30.0) -> str:
-        """The next stdout line starting with ``prefix`` (others are skipped)."""
-        assert self.process.stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await self.process.stdout.readline()
-                if not raw:
-                    tail = self.errors.read_text()[-3000:]
-                    raise AssertionError(f"worker exited ({await self.process.wait()}) "
-                                         f"before printing {prefix!r}:\n{tail}")
-                text = raw.decode().strip()
-                if text.startswith(prefix):
-                    return text
-
-    def signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-
-@asynccontextmanager
-async def workers(local: LocalMesh, tmp_path: Path) -> AsyncIterator[Any]:
-    """``start(*args) -> Worker``; every worker is killed on the way out."""
-    started: list[Worker] = []
-    env = {**os.environ, "MESH_ETCD_ENDPOINTS": local.etcd_endpoint,
-           "MESH_CLUSTER": local.cluster, "PYTHONUNBUFFERED": "1"}
-
-    async def start(*args: str) -> Worker:
-        path = tmp_path / f"worker-{len(started)}.err"
-        with path.open("w") as errors:
-            process = await asyncio.create_subprocess_exec(
-                *_with_parent_death([sys.executable, "-m", "tests.lock_worker", *args]),
-                cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=errors)
-        worker = Worker(process, path)
-        started.append(worker)
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            if worker.process.returncode is None:
-                worker.process.kill()
-            await worker.process.wait()
 
 
 async def _queued(mesh: Mesh, name: str, count: int) -> None:
@@ -98,7 +44,7 @@ async def test_twenty_processes_keep_a_file_counter_exact(
     counter, tokens = tmp_path / "counter", tmp_path / "tokens"
     counter.write_text("0")
     tokens.write_text("")
-    async with workers(shared_cluster, tmp_path) as start:
+    async with workers(shared_cluster, tmp_path, "tests.lock_worker") as start:
         racers = [await start("counter", "acc:counter", str(counter), str(tokens), "50")
                   for _ in range(20)]
         for racer in racers:
@@ -115,7 +61,7 @@ async def test_a_killed_holder_hands_over_within_ttl(
 ) -> None:
     ttl = 2.0
     mesh = await mesh_client(cluster=shared_cluster.cluster)
-    async with workers(shared_cluster, tmp_path) as start:
+    async with workers(shared_cluster, tmp_path, "tests.lock_worker") as start:
         holder = await start("hold", "acc:killed", str(ttl))
         held_token = int((await holder.line("HELD")).split()[1])
         waiting = asyncio.create_task(mesh.locks.acquire("acc:killed", ttl=10.0, wait=30.0))
@@ -159,7 +105,7 @@ async def test_a_paused_holder_past_its_ttl_is_refused(
     server = await asyncio.start_server(resource.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with workers(shared_cluster, tmp_path) as start:
+        async with workers(shared_cluster, tmp_path, "tests.lock_worker") as start:
             holder = await start("guarded", "acc:paused", str(ttl), str(port))
             old = int((await holder.line("HELD")).split()[1])
             await holder.line("OK")
