@@ -8,6 +8,9 @@ typed client and the baselines it is judged against:
 * MGet of 100 keys through ``mesh.cache.mget`` vs. redis-py pipelines of 100 GETs;
 * redis-py GET, for orientation;
 * Set on 3-node clusters with R=1 (sync, async) vs. R=0, the cost of replication;
+* lock acquire+release cycles vs. etcd's own lock through aetcd (``locks``);
+* the event store: durable appends of 1 and 100 events, reads, live and catch-up
+  subscriptions, vs. the echo server in the same rounds (``events``);
 * failover time after SIGKILL of a primary, and rebalance time when a 4th node
   joins 3 that hold 100k keys (with checks that no acknowledged write is lost).
 
@@ -16,5 +19,5 @@ is one of them), ``workloads`` defines their calls, ``timing`` times them,
 ``progress`` draws the bar on stderr, ``report`` prints the Markdown tables and
 writes ``results.json``. ``cluster`` runs the cluster rows: ``clusters`` starts
 whole clusters, ``maps`` waits for their maps, ``replicated``, ``failover`` and
-``rebalance`` are the scenarios.
+``rebalance`` are the scenarios, ``locks`` and ``events`` the service rows.
 """
