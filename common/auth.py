@@ -22,6 +22,7 @@ import grpc
 import jwt
 
 from common.errors import MeshStatusError, Reason
+from common.tenancy import SEPARATOR
 
 __all__ = ["DEFAULT_TENANT", "Authenticator", "bearer"]
 
@@ -65,7 +66,7 @@ class Authenticator:
                 if not line:
                     continue
                 parts = line.split()
-                if len(parts) != 2:
+                if len(parts) != 2 or SEPARATOR in parts[1]:
                     raise ValueError(f"{tokens_file}:{number}: expected '<token> <tenant>'")
                 tokens[parts[0]] = parts[1]
         secret = Path(secret_file).read_bytes().strip() if secret_file else None
@@ -98,6 +99,6 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise _unauthenticated(Reason.TOKEN_INVALID, f"invalid token: {exc}") from None
         tenant = claims.get("tenant") or claims.get("sub")
-        if not isinstance(tenant, str) or not tenant:
-            raise _unauthenticated(Reason.TOKEN_INVALID, "the token names no tenant")
+        if not isinstance(tenant, str) or not tenant or SEPARATOR in tenant:
+            raise _unauthenticated(Reason.TOKEN_INVALID, "the token names no valid tenant")
         return tenant

@@ -2,7 +2,9 @@
 
 slot = CRC16-XMODEM(key) mod 16384, where only the part inside the first
 non-empty ``{...}`` is hashed if there is one, so ``{user:1}:cart`` and
-``{user:1}:profile`` always share a slot.
+``{user:1}:profile`` always share a slot. A tenant's stored names start with
+the tenant and a 0x1F separator (`common.tenancy`); only what follows it is
+hashed, so a name has the same slot for every tenant.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ def crc16_xmodem(data: bytes) -> int:
 
 
 def hash_part(key: bytes) -> bytes:
-    """The bytes that decide the slot: the first non-empty {tag}, else the whole key."""
+    """The bytes that decide the slot: the first non-empty {tag}, else the whole key
+    (without its tenant part)."""
+    tenant_end = key.find(b"\x1f")
+    if tenant_end != -1:
+        key = key[tenant_end + 1 :]
     start = key.find(b"{")
     if start != -1:
         end = key.find(b"}", start + 1)

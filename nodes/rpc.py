@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import descriptor, message, message_factory
 
+from common import tenancy
 from common.auth import Authenticator
 from common.errors import MeshStatusError, invalid_argument
 from common.metrics import RpcMetrics
@@ -91,7 +92,7 @@ def _server_stream(parse: Callable[[bytes], message.Message],
 def _authenticated_unary(handler: Handler, auth: Authenticator) -> Handler:
     async def authenticated(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            auth.tenant(metadata_of(context))
+            tenancy.enter(auth.tenant(metadata_of(context)))
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         return await handler(raw, context)
@@ -103,7 +104,7 @@ def _authenticated_stream(handler: Handler, auth: Authenticator) -> Handler:
     async def authenticated(raw: bytes, context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[Any]:
         try:
-            auth.tenant(metadata_of(context))
+            tenancy.enter(auth.tenant(metadata_of(context)))
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         async for item in handler(raw, context):

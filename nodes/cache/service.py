@@ -20,6 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from common.errors import MeshStatusError, Reason, invalid_argument
 from common.slots import slot_for
+from common.tenancy import scoped
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 from nodes.cache import validation as v
@@ -210,7 +211,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
         target = self._route(key, context)
         if isinstance(target, Redirect):
             return cast(pb.GetResponse, await self._forward(target, "Get", request, context))
-        entry = _store(target).get(key)
+        entry = _store(target).get(scoped(key))
         return pb.GetResponse() if entry is None else _found(entry)
 
     async def Set(self, request: pb.SetRequest, context: Ctx) -> pb.SetResponse:
@@ -224,7 +225,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
             return cast(pb.SetResponse, await self._forward(target, "Set", request, context))
         try:
             entry = _store(target).set(
-                request.key, request.value, ttl=ttl or None,
+                scoped(request.key), request.value, ttl=ttl or None,
                 only_if_absent=request.only_if_absent,
                 only_if_version=request.only_if_version,
             )
@@ -245,7 +246,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
                         await self._forward(target, "Delete", request, context))
         try:
             deleted = _store(target).delete(
-                request.key, only_if_version=request.only_if_version)
+                scoped(request.key), only_if_version=request.only_if_version)
         except VersionMismatchError as exc:
             raise _store_error(exc) from None
         await self._commit(target)
@@ -261,7 +262,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
         for group, indexes in local.values():
             get = _store(group).get
             for i in indexes:
-                entry = get(keys[i])
+                entry = get(scoped(keys[i]))
                 results[i] = pb.GetResponse() if entry is None else _found(entry)
         for target, indexes in remote.values():
             share = pb.MGetRequest(keys=[keys[i] for i in indexes])
@@ -284,7 +285,8 @@ class CacheService(pb_grpc.CacheServiceServicer):
         # Atomic per group: each group's share is one store operation.
         for group, indexes in local.values():
             try:
-                share = _store(group).mset([items[i] for i in indexes])
+                share = _store(group).mset(
+                    [(scoped(items[i][0]), *items[i][1:]) for i in indexes])
             except CacheFullError as exc:
                 raise _store_error(exc) from None
             for i, version in zip(indexes, share, strict=True):
@@ -305,7 +307,8 @@ class CacheService(pb_grpc.CacheServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.IncrResponse, await self._forward(target, "Incr", request, context))
         try:
-            value, version = _store(target).incr(request.key, request.delta, ttl=ttl or None)
+            value, version = _store(target).incr(scoped(request.key), request.delta,
+                                                 ttl=ttl or None)
         except (NotAnIntegerError, IntegerOverflowError, CacheFullError) as exc:
             raise _store_error(exc) from None
         await self._commit(target)
@@ -338,7 +341,8 @@ class CacheService(pb_grpc.CacheServiceServicer):
                     remote[0], _PATH + "Watch", request, pb.WatchResponse, context):
                 yield item
             return
-        async for message in self.watches.stream(request.keys, request.prefixes):
+        async for message in self.watches.stream(map(scoped, request.keys),
+                                                 map(scoped, request.prefixes)):
             yield message
 
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:

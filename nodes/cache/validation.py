@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from google.protobuf import duration_pb2
 
 from common.errors import invalid_argument
+from common.tenancy import SEPARATOR
 
 MAX_KEY_BYTES = 1024
 MAX_BATCH = 1000
@@ -19,6 +20,8 @@ def check_key(key: str, field: str = "key") -> None:
     # Most keys are short ASCII: skip the encode when even 4 bytes/char would fit.
     if len(key) * 4 > MAX_KEY_BYTES and len(key.encode()) > MAX_KEY_BYTES:
         raise invalid_argument(field, f"must be at most {MAX_KEY_BYTES} bytes")
+    if SEPARATOR in key:
+        raise invalid_argument(field, "must not contain the byte 0x1F (it separates tenants)")
 
 
 def check_value(value: bytes, max_bytes: int, field: str = "value") -> None:

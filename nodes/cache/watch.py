@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from common.errors import MeshStatusError, Reason
+from common.tenancy import unscoped
 from mesh.cache.v1 import cache_pb2 as pb
 from nodes.cache.store import Change, ChangeType
 
@@ -146,7 +147,7 @@ _EVENT_TYPES = {
 
 
 def _event(change: Change) -> pb.WatchEvent:
-    event = pb.WatchEvent(type=_EVENT_TYPES[change.type], key=change.key,
+    event = pb.WatchEvent(type=_EVENT_TYPES[change.type], key=unscoped(change.key),
                           value=change.value, revision=change.revision)
     if change.expire_at is not None and change.type is ChangeType.SET:
         seconds = int(change.expire_at)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from common.errors import MeshStatusError, Reason
+from common.tenancy import unscoped
 
 __all__ = ["duplicate_event_id", "metadata_version_mismatch", "shutting_down",
            "stream_deleted", "subscription_ended", "too_many_subscriptions",
@@ -14,7 +15,7 @@ __all__ = ["duplicate_event_id", "metadata_version_mismatch", "shutting_down",
 def version_mismatch(stream: str, current_version: int, exists: bool) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.ABORTED,
-        f"stream {stream!r} is not in the expected state: its last version is "
+        f"stream {unscoped(stream)!r} is not in the expected state: its last version is "
         f"{current_version} and it {'exists' if exists else 'does not exist'}",
         Reason.VERSION_MISMATCH,
         {"current_version": str(current_version), "stream_exists": str(exists).lower()})
@@ -23,21 +24,22 @@ def version_mismatch(stream: str, current_version: int, exists: bool) -> MeshSta
 def metadata_version_mismatch(stream: str, current_version: int) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.ABORTED,
-        f"the metadata of stream {stream!r} is at version {current_version}",
+        f"the metadata of stream {unscoped(stream)!r} is at version {current_version}",
         Reason.VERSION_MISMATCH, {"current_version": str(current_version)})
 
 
 def duplicate_event_id(stream: str, why: str) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.ALREADY_EXISTS,
-        f"stream {stream!r}: {why}; an identical retry of an earlier append succeeds, "
-        "a different one does not", Reason.DUPLICATE_EVENT_ID, {"stream": stream})
+        f"stream {unscoped(stream)!r}: {why}; an identical retry of an earlier append "
+        "succeeds, a different one does not", Reason.DUPLICATE_EVENT_ID,
+        {"stream": unscoped(stream)})
 
 
 def stream_deleted(stream: str) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        f"stream {stream!r} is tombstoned: it can never be read or written again",
+        f"stream {unscoped(stream)!r} is tombstoned: it can never be read or written again",
         Reason.STREAM_DELETED, {"stream": stream})
 
 

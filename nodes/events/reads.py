@@ -2,7 +2,8 @@
 
 A `View` fixes the commit point and the clock for one read, so one page is
 consistent: an event shows if its append is committed, its stream is not
-tombstoned, and retention (truncate_before, max_count, max_age) keeps it.
+tombstoned, retention (truncate_before, max_count, max_age) keeps it, and it
+belongs to the reader's tenant (slot logs hold every tenant's events).
 Pages are bounded by count, by bytes, and by entries scanned, so that a long
 run of hidden events never makes one call expensive.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
+from common import tenancy
+from common.tenancy import unscoped
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events.model import SlotLog, StoredEvent, Stream
 from nodes.events.store import EventStore
@@ -38,12 +41,13 @@ class Page:
 class View:
     """What readers see of one store at one commit point and instant."""
 
-    __slots__ = ("_bounds", "commit_seq", "now_ns", "store")
+    __slots__ = ("_bounds", "commit_seq", "now_ns", "store", "tenant_prefix")
 
     def __init__(self, store: EventStore, commit_seq: int, now_ns: int) -> None:
         self.store = store
         self.commit_seq = commit_seq
         self.now_ns = now_ns
+        self.tenant_prefix = tenancy.prefix()
         self._bounds: dict[str, tuple[int, int, int]] = {}
 
     def bounds(self, stream: Stream) -> tuple[int, int, int]:
@@ -58,7 +62,8 @@ class View:
         return found
 
     def visible(self, event: StoredEvent) -> bool:
-        if event.removed or event.seq > self.commit_seq:
+        if event.removed or event.seq > self.commit_seq \
+                or not event.stream.startswith(self.tenant_prefix):
             return False
         stream = self.store.streams.get(event.stream)
         if stream is None:
@@ -138,7 +143,8 @@ def recorded(event: StoredEvent) -> pb.RecordedEvent:
     """The wire form of a stored event."""
     seconds, nanos = divmod(event.created_ns, 1_000_000_000)
     return pb.RecordedEvent(
-        stream=event.stream, version=event.version, slot=event.slot, position=event.position,
+        stream=unscoped(event.stream), version=event.version, slot=event.slot,
+        position=event.position,
         id=event.event_id, type=event.type, data=event.data, metadata=event.metadata,
         content_type=event.content_type or _OCTET_STREAM,
         create_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))

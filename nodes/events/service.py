@@ -18,8 +18,10 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from common import tenancy
 from common.errors import MeshStatusError, invalid_argument
 from common.slots import slot_for
+from common.tenancy import scoped
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
 from nodes.config import EventsLimits
@@ -176,7 +178,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.AppendResponse,
                         await self._forward(target, "Append", request, context))
-        result = _machine(target).append(request.stream, request.events, expected,
+        result = _machine(target).append(scoped(request.stream), request.events, expected,
                                          request.exact_version)
         await self._committed(target, result.seq)
         if not result.duplicate:
@@ -195,7 +197,8 @@ class EventsService(pb_grpc.EventsServiceServicer):
                         await self._forward(target, "SetStreamMetadata", request, context))
         expected = request.expected_metadata_version \
             if request.HasField("expected_metadata_version") else None
-        version, seq = _machine(target).set_metadata(request.stream, settings, expected)
+        version, seq = _machine(target).set_metadata(scoped(request.stream), settings,
+                                                     expected)
         await self._committed(target, seq)
         return pb.SetStreamMetadataResponse(metadata_version=version)
 
@@ -207,7 +210,8 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.DeleteStreamResponse,
                         await self._forward(target, "DeleteStream", request, context))
-        last, seq = _machine(target).delete(request.stream, expected, request.exact_version)
+        last, seq = _machine(target).delete(scoped(request.stream), expected,
+                                            request.exact_version)
         await self._committed(target, seq)
         return pb.DeleteStreamResponse(last_version=last)
 
@@ -219,7 +223,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.TombstoneStreamResponse,
                         await self._forward(target, "TombstoneStream", request, context))
-        last, seq = _machine(target).tombstone(request.stream, expected,
+        last, seq = _machine(target).tombstone(scoped(request.stream), expected,
                                                request.exact_version)
         await self._committed(target, seq)
         return pb.TombstoneStreamResponse(last_version=last)
@@ -233,7 +237,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
         target = self._route(request.stream, context)
         if isinstance(target, Redirect):
             return cast(pb.ReadResponse, await self._forward(target, "Read", request, context))
-        stream = await self._settled(target, request.stream)
+        stream = await self._settled(target, scoped(request.stream))
         if stream is None:
             return pb.ReadResponse(end_of_stream=True)
         if stream.tombstoned:
@@ -274,7 +278,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.GetStreamMetadataResponse,
                         await self._forward(target, "GetStreamMetadata", request, context))
-        stream = await self._settled(target, request.stream)
+        stream = await self._settled(target, scoped(request.stream))
         if stream is None:
             return pb.GetStreamMetadataResponse()
         if stream.tombstoned:
@@ -306,12 +310,13 @@ class EventsService(pb_grpc.EventsServiceServicer):
                         target, _PATH + "Subscribe", request, pb.SubscribeResponse, context):
                     yield item
                 return
-            messages = self._follow_stream(target, stream, request.after_version, from_end)
+            messages = self._follow_stream(target, scoped(stream), request.after_version,
+                                           from_end)
         else:
-            prefix = ""
+            prefix = tenancy.prefix()  # all: every stream of the caller's tenant
             if kind == "category":
-                prefix = request.category
-                v.check_stream(prefix, "category")
+                v.check_stream(request.category, "category")
+                prefix = scoped(request.category)
             interval = request.checkpoint_interval or _DEFAULT_CHECKPOINT_INTERVAL
             targets = self._slot_targets(v.subscribe_slots(request.slots))
             cursors = self._cursors(targets, dict(request.after_positions), from_end)

@@ -8,6 +8,7 @@ from google.protobuf import duration_pb2
 
 from common.errors import invalid_argument
 from common.slots import SLOT_COUNT
+from common.tenancy import SEPARATOR
 from mesh.events.v1 import events_pb2 as pb
 from nodes.config import EventsLimits
 
@@ -33,6 +34,8 @@ def check_stream(stream: str, field: str = "stream") -> None:
         raise invalid_argument(field, "must not be empty")
     if _too_long(stream, MAX_STREAM_BYTES):
         raise invalid_argument(field, f"must be at most {MAX_STREAM_BYTES} bytes")
+    if SEPARATOR in stream:
+        raise invalid_argument(field, "must not contain the byte 0x1F (it separates tenants)")
 
 
 def check_events(events: Sequence[pb.EventData], limits: EventsLimits) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from common.errors import MeshStatusError, Reason
+from common.tenancy import unscoped
 
 __all__ = ["lock_timeout", "not_held", "permits_mismatch", "primary_lost", "superseded",
            "too_many_leases", "too_many_waiters"]
@@ -13,7 +14,7 @@ __all__ = ["lock_timeout", "not_held", "permits_mismatch", "primary_lost", "supe
 def lock_timeout(name: str, fencing_token: int, waiters: int) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.ABORTED,
-        f"lock {name!r} was not acquired in time; nothing is held and nothing is queued",
+        f"lock {unscoped(name)!r} was not acquired in time; nothing is held and nothing is queued",
         Reason.LOCK_TIMEOUT,
         {"fencing_token": str(fencing_token), "waiters": str(waiters)})
 
@@ -21,21 +22,22 @@ def lock_timeout(name: str, fencing_token: int, waiters: int) -> MeshStatusError
 def not_held(name: str, lease_id: str) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        f"lease {lease_id!r} of lock {name!r} is unknown, released or expired; acquire again",
-        Reason.LOCK_NOT_HELD, {"name": name, "lease_id": lease_id})
+        f"lease {lease_id!r} of lock {unscoped(name)!r} is unknown, released or expired; "
+        "acquire again",
+        Reason.LOCK_NOT_HELD, {"name": unscoped(name), "lease_id": lease_id})
 
 
 def permits_mismatch(name: str, max_permits: int) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        f"lock {name!r} is in use with max_permits {max_permits}",
+        f"lock {unscoped(name)!r} is in use with max_permits {max_permits}",
         Reason.PERMITS_MISMATCH, {"max_permits": str(max_permits)})
 
 
 def too_many_waiters(name: str, limit: int) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"lock {name!r} already has {limit} waiters (the node's limit); back off",
+        f"lock {unscoped(name)!r} already has {limit} waiters (the node's limit); back off",
         Reason.TOO_MANY_WAITERS, {"limit": str(limit)})
 
 

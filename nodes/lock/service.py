@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from common.slots import slot_for
+from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
 from nodes.config import LockLimits
@@ -95,6 +96,7 @@ class LockService(pb_grpc.LockServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, remaining - _DEADLINE_MARGIN)
+        name = scoped(name)
         machine = _machine(target)
         outcome = machine.acquire(
             name, owner=request.owner, permits=permits, max_permits=max_permits, ttl=ttl,
@@ -135,7 +137,7 @@ class LockService(pb_grpc.LockServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.ReleaseResponse,
                         await self._forward(target, "Release", request, context))
-        seq = _machine(target).release(request.name, request.lease_id)
+        seq = _machine(target).release(scoped(request.name), request.lease_id)
         await target.wait_committed(seq)
         return pb.ReleaseResponse()
 
@@ -146,7 +148,7 @@ class LockService(pb_grpc.LockServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.RefreshResponse,
                         await self._forward(target, "Refresh", request, context))
-        lease, seq = _machine(target).refresh(request.name, request.lease_id, ttl)
+        lease, seq = _machine(target).refresh(scoped(request.name), request.lease_id, ttl)
         await target.wait_committed(seq)
         return pb.RefreshResponse(expire_time=_timestamp(lease.expire_at),
                                   fencing_token=lease.token)
@@ -159,6 +161,7 @@ class LockService(pb_grpc.LockServiceServicer):
             return cast(pb.DescribeResponse,
                         await self._forward(target, "Describe", request, context))
         await target.wait_committed(target.log.last_seq)
+        name = scoped(name)
         machine = _machine(target)
         lock = machine.table.get(name)
         queue = machine.queues.get(name)
@@ -182,7 +185,7 @@ class LockService(pb_grpc.LockServiceServicer):
             return cast(pb.ValidateResponse,
                         await self._forward(target, "Validate", request, context))
         await target.wait_committed(target.log.last_seq)
-        leases = _machine(target).live_leases(name)
+        leases = _machine(target).live_leases(scoped(name))
         return pb.ValidateResponse(
             valid=any(lease.token == request.fencing_token for lease in leases),
             current_token=max((lease.token for lease in leases), default=0))

@@ -25,3 +25,9 @@ def test_hash_tags() -> None:
     assert hash_part(b"foo{bar}{zap}") == b"bar"
     assert slot_for(b"\xff\x00binary") == slot_for(b"\xff\x00binary")
     assert all(0 <= slot_for(f"k{i}") < SLOT_COUNT for i in range(1000))
+
+
+def test_a_tenants_names_route_like_the_names_themselves() -> None:
+    for name in ("user:1", "{user:1}:cart", "order-42", "a{}b"):
+        assert slot_for(f"acme\x1f{name}") == slot_for(name)
+        assert slot_for(f"{{x}}\x1f{name}".encode()) == slot_for(name)  # braces in a tenant
