@@ -65,6 +65,38 @@ class EventsLimits:
 
 
 @dataclass(frozen=True)
+class SchedulerLimits:
+    """Per-node job scheduler settings (durations in seconds)."""
+
+    max_payload_bytes: int = 1 << 20
+    """Largest job payload (and Complete result)."""
+    max_queue_jobs: int = 1_000_000
+    """Unfinished jobs (pending, scheduled, leased) per queue before Enqueue gets
+    RESOURCE_EXHAUSTED."""
+    default_max_attempts: int = 3
+    default_timeout: float = 1800.0
+    """Longest one attempt may run, when the job gives none."""
+    default_lease: float = 30.0
+    min_lease: float = 1.0
+    max_lease: float = 3600.0
+    default_retention: float = 86400.0
+    """How long succeeded and cancelled jobs are kept, when the job gives none."""
+    max_lease_losses: int = 5
+    """A job whose lease expired this many times goes dead (expired leases do not
+    spend its attempts)."""
+    backoff_initial: float = 1.0
+    backoff_max: float = 3600.0
+    backoff_multiplier: float = 2.0
+    backoff_jitter: float = 0.2
+    """Retry delays of jobs that give no backoff."""
+    cron_catch_up: int = 10
+    """Most ticks of one schedule fired late at once (missed while its group had no
+    primary); older missed ticks are skipped."""
+    sweep_interval: float = 1.0
+    """Seconds between the primary's removals of finished jobs past retention."""
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start."""
 
@@ -93,6 +125,7 @@ class NodeConfig:
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
     events: EventsLimits = field(default_factory=EventsLimits)
+    scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
@@ -182,6 +215,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    default=float(env("EVENTS_SCAVENGE_INTERVAL", str(ev.scavenge_interval))),
                    help="seconds between removals of events hidden by retention or "
                         "deletion (MESH_EVENTS_SCAVENGE_INTERVAL)")
+    _scheduler_flags(p, d.scheduler)
     a = p.parse_args(argv)
 
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
@@ -198,6 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             or a.events_scavenge_interval <= 0:
         p.error("events: --events-max-append-events and --events-subscriber-max-lag must "
                 "be at least 1, --events-scavenge-interval positive")
+    scheduler = _scheduler_limits(p, a)
     data_dir = a.data_dir
     node_id = a.node_id or _kept_node_id(data_dir)
     if not data_dir and DURABLE_SERVICES.intersection(services):
@@ -241,7 +276,80 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             subscriber_max_lag=a.events_subscriber_max_lag,
             scavenge_interval=a.events_scavenge_interval,
         ),
+        scheduler=scheduler,
     )
+
+
+def _scheduler_flags(p: argparse.ArgumentParser, sc: SchedulerLimits) -> None:
+    def flag(name: str, kind: type[int] | type[float], default: float, help_: str) -> None:
+        env_name = "SCHEDULER_" + name.upper().replace("-", "_")
+        p.add_argument(f"--scheduler-{name}", type=kind,
+                       default=kind(env(env_name, str(default))),
+                       help=f"{help_} (MESH_{env_name})")
+
+    flag("max-payload-bytes", int, sc.max_payload_bytes,
+         "largest job payload and Complete result")
+    flag("max-queue-jobs", int, sc.max_queue_jobs,
+         "unfinished jobs per queue before Enqueue is refused (QUEUE_FULL)")
+    flag("default-max-attempts", int, sc.default_max_attempts,
+         "attempts of a job that gives no max_attempts")
+    flag("default-timeout", float, sc.default_timeout,
+         "seconds one attempt may run, for a job that gives no timeout")
+    flag("default-lease", float, sc.default_lease,
+         "lease of a Claim that gives none, seconds")
+    flag("min-lease", float, sc.min_lease, "shortest lease accepted, seconds")
+    flag("max-lease", float, sc.max_lease, "longest lease accepted, seconds")
+    flag("default-retention", float, sc.default_retention,
+         "seconds succeeded and cancelled jobs are kept, for a job that gives none")
+    flag("max-lease-losses", int, sc.max_lease_losses,
+         "expired leases after which a job goes dead")
+    flag("backoff-initial", float, sc.backoff_initial,
+         "default retry delay after the first failure, seconds")
+    flag("backoff-max", float, sc.backoff_max, "default longest retry delay, seconds")
+    flag("backoff-multiplier", float, sc.backoff_multiplier,
+         "default growth of retry delays per failure")
+    flag("backoff-jitter", float, sc.backoff_jitter,
+         "default fraction of each retry delay randomly taken off (0 to 1)")
+    flag("cron-catch-up", int, sc.cron_catch_up,
+         "most missed ticks of a schedule fired late at once; older ones are skipped")
+    flag("sweep-interval", float, sc.sweep_interval,
+         "seconds between removals of finished jobs past retention")
+
+
+def _scheduler_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> SchedulerLimits:
+    limits = SchedulerLimits(
+        max_payload_bytes=a.scheduler_max_payload_bytes,
+        max_queue_jobs=a.scheduler_max_queue_jobs,
+        default_max_attempts=a.scheduler_default_max_attempts,
+        default_timeout=a.scheduler_default_timeout,
+        default_lease=a.scheduler_default_lease,
+        min_lease=a.scheduler_min_lease,
+        max_lease=a.scheduler_max_lease,
+        default_retention=a.scheduler_default_retention,
+        max_lease_losses=a.scheduler_max_lease_losses,
+        backoff_initial=a.scheduler_backoff_initial,
+        backoff_max=a.scheduler_backoff_max,
+        backoff_multiplier=a.scheduler_backoff_multiplier,
+        backoff_jitter=a.scheduler_backoff_jitter,
+        cron_catch_up=a.scheduler_cron_catch_up,
+        sweep_interval=a.scheduler_sweep_interval,
+    )
+    if not 0 < limits.min_lease <= limits.default_lease <= limits.max_lease:
+        p.error("scheduler leases: need 0 < --scheduler-min-lease <= "
+                "--scheduler-default-lease <= --scheduler-max-lease")
+    if not 0 < limits.backoff_initial <= limits.backoff_max \
+            or limits.backoff_multiplier < 1 or not 0 <= limits.backoff_jitter <= 1:
+        p.error("scheduler backoff: need 0 < --scheduler-backoff-initial <= "
+                "--scheduler-backoff-max, --scheduler-backoff-multiplier >= 1 and "
+                "--scheduler-backoff-jitter in [0, 1]")
+    if min(limits.max_payload_bytes, limits.max_queue_jobs, limits.default_max_attempts,
+           limits.max_lease_losses, limits.cron_catch_up) < 1 \
+            or limits.default_max_attempts > 1000 or limits.default_timeout <= 0 \
+            or limits.default_retention < 0 or limits.sweep_interval <= 0:
+        p.error("scheduler: the byte, job, attempt, lease-loss and catch-up limits must be "
+                "at least 1 (attempts at most 1000), the default timeout and sweep "
+                "interval positive, the retention not negative")
+    return limits
 
 
 def _kept_node_id(data_dir: str) -> str:

@@ -41,17 +41,13 @@ from nodes.replication.journal import Journal
 from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
 from nodes.replication.service import ReplicationService
-from nodes.rpc import add_service, add_unimplemented
+from nodes.rpc import add_service
+from nodes.scheduler.machine import SCHEDULER
+from nodes.scheduler.service import SchedulerService
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-
-# Services whose contract is published but whose implementation is still an open issue.
-_PENDING = [
-    ("scheduler", scheduler_pb2, "SchedulerService", "issue #6"),
-]
-
 
 def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
     """Channel options shared by the server (and mirrored by clients)."""
@@ -84,6 +80,7 @@ class Node:
         self.cache: CacheService | None = None
         self.locks: LockService | None = None
         self.events: EventsService | None = None
+        self.scheduler: SchedulerService | None = None
         self.port = 0
         self.address = ""
         self._registration: Registration | None = None
@@ -139,14 +136,13 @@ class Node:
             service = events_pb2.DESCRIPTOR.services_by_name["EventsService"]
             add_service(self.server, self.events, service, self.metrics.rpc, self.auth)
             names.append(service.full_name)
-        # The scheduler has its contract but no implementation
-        # yet: it is listed (reflection, health) and every call says so.
-        for name, module, service_name, issue in _PENDING:
-            if name in wanted:
-                service = module.DESCRIPTOR.services_by_name[service_name]
-                add_unimplemented(self.server, service,
-                                  f"{service.full_name} is not implemented yet ({issue})")
-                names.append(service.full_name)
+        if "scheduler" in wanted:
+            assert self.journal is not None  # the scheduler is a durable service
+            self.scheduler = SchedulerService(self.config.scheduler, self.journal)
+            self._factories[SCHEDULER] = self.scheduler.machine
+            service = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
+            add_service(self.server, self.scheduler, service, self.metrics.rpc, self.auth)
+            names.append(service.full_name)
         self.service_names = names
         internal = replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name
         reflection.enable_server_reflection([*names, internal], self.server)
@@ -172,6 +168,8 @@ class Node:
             self.locks.start(forwarder)
         if self.events is not None:
             self.events.start(self.replication, forwarder)
+        if self.scheduler is not None:
+            self.scheduler.start(self.replication, forwarder)
         # Ready means "can answer": with a cluster map, every call is served,
         # forwarded or redirected; without one, every call would be NO_MAP.
         for name in ["", *self.service_names]:
@@ -214,6 +212,8 @@ class Node:
             await self.cache.close()
         if self.events is not None:
             await self.events.close()
+        if self.scheduler is not None:
+            await self.scheduler.close()
         # Long-lived streams (replication both ways, watches) would hold the
         # server's grace period for nothing: end them, then let calls finish.
         await self.map.close()

@@ -14,8 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients import Mesh, UnimplementedError
-from clients.errors import from_rpc_error
+from clients import Mesh
 from common.etcd import client_for
 from common.membership import node_key
 from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -44,7 +43,7 @@ async def test_registers_in_etcd_with_its_address(etcd: Etcd, local_mesh: Any) -
     assert info["version"] and info["pid"] == node.pid
 
 
-async def test_health_reflection_and_unimplemented_services(local_mesh: Any) -> None:
+async def test_health_reflection_and_every_service_implemented(local_mesh: Any) -> None:
     local = local_mesh(1)
     async with grpc.aio.insecure_channel(local.nodes[0].address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -62,14 +61,14 @@ async def test_health_reflection_and_unimplemented_services(local_mesh: Any) -> 
                 "mesh.events.v1.EventsService", "mesh.scheduler.v1.SchedulerService",
                 "grpc.health.v1.Health"} <= names
 
-        # Services whose issues have not landed say so plainly.
+        # Every listed service is served: the scheduler checks its input.
         scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         try:
-            await scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id="x"))
+            await scheduler.Enqueue(scheduler_pb2.EnqueueRequest(queue="", type="t"))
         except grpc.aio.AioRpcError as exc:
-            assert isinstance(from_rpc_error(exc), UnimplementedError)
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
         else:
-            raise AssertionError("SchedulerService.GetJob should be UNIMPLEMENTED")
+            raise AssertionError("Enqueue with an empty queue should be INVALID_ARGUMENT")
 
 
 async def test_three_nodes_behave_as_one_cache(local_mesh: Any, mesh_client: Connect) -> None:

@@ -1,0 +1,1 @@
+"""The job scheduler (mesh.scheduler.v1): durable priority queues, leases, retries, cron."""

@@ -1,0 +1,225 @@
+"""The primary's decisions for each request (part of `SchedulerMachine`).
+
+Each decision checks the request against the state and issues its command with
+no await in between, so two requests never both pass a check the other
+invalidates (a unique key, a lease token). Times are the primary's clock.
+Every method returns the seq of the command to wait for before answering (for
+a retried Complete or Fail, or a duplicate Enqueue: the seq that made the
+state it reports).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+from nodes.scheduler import errors
+from nodes.scheduler.claims import Claimed
+from nodes.scheduler.model import DEAD, LEASED, WAITING, Job, Schedule
+from nodes.scheduler.state import lease_token
+
+if TYPE_CHECKING:
+    from nodes.config import SchedulerLimits
+    from nodes.replication.group import Group
+    from nodes.scheduler.leader import Leader
+    from nodes.scheduler.state import SchedulerState
+
+__all__ = ["Decisions", "Enqueued", "Failed"]
+
+_BATCH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    job: Job
+    duplicate: bool
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """What a Fail did: the job's state, the retry's run time, attempts so far."""
+
+    state: int
+    run_ns: int
+    attempts: int
+    seq: int
+
+
+class Decisions:
+    """Request decisions; mixed into `SchedulerMachine`."""
+
+    state: SchedulerState
+    limits: SchedulerLimits
+    leader: Leader | None
+    last_job: Job | None
+    last_leased: list[Job]
+
+    if TYPE_CHECKING:
+        @property
+        def group(self) -> Group: ...
+
+        def issue(self, queue: str, command: spb.SchedulerCommand) -> int: ...
+
+    # -- jobs --------------------------------------------------------------------
+
+    def enqueue(self, spec: spb.JobRecord, strict: bool, now: int) -> Enqueued:
+        """Add a job unless its unique key is held (then: the holder)."""
+        queue = self.state.queues.get(spec.queue)
+        if queue is not None:
+            if spec.unique_key:
+                holder = queue.holder(spec.unique_key, now)
+                if holder is not None:
+                    if strict:
+                        raise errors.duplicate_job(spec.queue, spec.unique_key, holder.job_id)
+                    return Enqueued(holder, True, holder.seq)
+            if queue.unfinished >= self.limits.max_queue_jobs:
+                raise errors.queue_full(spec.queue, self.limits.max_queue_jobs)
+        seq = self.issue(spec.queue, spb.SchedulerCommand(enqueue=spb.EnqueueJob(job=spec)))
+        assert self.last_job is not None
+        return Enqueued(self.last_job, False, seq)
+
+    def lease(self, jobs: Sequence[Job], worker_id: str, lease_ns: int) -> Claimed:
+        """Lease jobs `claims.pick` chose."""
+        seq = self.issue(jobs[0].queue, spb.SchedulerCommand(lease=spb.LeaseJobs(
+            job_ids=[job.job_id for job in jobs], worker_id=worker_id, lease_ns=lease_ns)))
+        return Claimed(self, seq, list(self.last_leased), lease_token(self.group.epoch, seq))  # type: ignore[arg-type]
+
+    def abandon(self, claimed: Claimed) -> None:
+        """A Claim call went away before its answer: put its jobs back at once."""
+        if not self.group.writable:
+            return  # the new primary's leases will expire
+        ends = [spb.EndAttempt(job_id=job.job_id, lease_token=claimed.token,
+                               outcome=pb.ATTEMPT_OUTCOME_ABANDONED, run_ns=job.run_ns)
+                for job in claimed.jobs
+                if job.state == LEASED and job.lease_token == claimed.token]
+        if ends:
+            self.issue(claimed.jobs[0].queue, spb.SchedulerCommand(
+                end=spb.EndAttempts(ends=ends)))
+
+    def job(self, job_id: str) -> Job:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            raise errors.job_not_found(job_id)
+        return job
+
+    def _live_lease(self, job_id: str, token: int, now: int) -> Job | None:
+        """The job if ``token`` is its running lease, not yet run out. A lease whose
+        deadline passed but whose timer has not run yet is ended here."""
+        job = self.job(job_id)
+        if job.state != LEASED or job.lease_token != token:
+            return None
+        if job.deadline_ns <= now:
+            if self.leader is not None:
+                self.leader.expire([job], now)
+            return None
+        return job
+
+    def heartbeat(self, job_id: str, token: int, extend_ns: int | None) -> tuple[Job, int]:
+        now = time.time_ns()
+        job = self._live_lease(job_id, token, now)
+        if job is None:
+            raise errors.lease_lost(self.job(job_id))
+        lease_ns = extend_ns or job.lease_ns
+        seq = self.issue(job.queue, spb.SchedulerCommand(extend=spb.ExtendLease(
+            job_id=job_id, lease_token=token, lease_ns=lease_ns,
+            expire_ns=min(now + lease_ns, job.timeout_at_ns))))
+        return job, seq
+
+    def complete(self, job_id: str, token: int, result: bytes) -> tuple[int, int]:
+        """``(finish_ns, seq)``; a repeat of a Complete that took effect is answered
+        the same."""
+        job = self._live_lease(job_id, token, time.time_ns())
+        if job is None:
+            job = self.job(job_id)
+            attempt = job.attempt(token)
+            if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED:
+                return attempt.finish_ns, job.seq
+            raise errors.lease_lost(job)
+        seq = self.issue(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
+            spb.EndAttempt(job_id=job_id, lease_token=token,
+                           outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED, result=result)])))
+        return job.finish_ns, seq
+
+    def fail(self, job_id: str, token: int, error: str, retryable: bool,
+             retry_delay_ns: int | None) -> Failed:
+        now = time.time_ns()
+        job = self._live_lease(job_id, token, now)
+        if job is None:
+            job = self.job(job_id)
+            attempt = job.attempt(token)
+            if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_FAILED:
+                return Failed(DEAD if attempt.dead else WAITING, attempt.next_run_ns,
+                              attempt.number, job.seq)
+            raise errors.lease_lost(job)
+        failures = job.attempt_count
+        dead = not retryable or failures >= job.max_attempts
+        run_ns = 0
+        if not dead:
+            delay = retry_delay_ns if retry_delay_ns is not None \
+                else job.backoff.delay_ns(failures, random.random())
+            run_ns = now + delay
+        seq = self.issue(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
+            spb.EndAttempt(job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED,
+                           error=error, dead=dead, run_ns=run_ns)])))
+        return Failed(job.state, run_ns, failures, seq)
+
+    def cancel(self, job_id: str) -> tuple[bool, Job, int]:
+        job = self.job(job_id)
+        if job.finished:
+            return False, job, job.seq
+        seq = self.issue(job.queue, spb.SchedulerCommand(cancel=spb.CancelJob(job_id=job_id)))
+        return True, job, seq
+
+    # -- dead letters -------------------------------------------------------------------
+
+    def _dead_ids(self, queue_name: str, job_ids: Sequence[str]) -> list[str]:
+        if job_ids:
+            jobs = self.state.jobs
+            return [i for i in dict.fromkeys(job_ids)
+                    if (j := jobs.get(i)) is not None and j.state == DEAD
+                    and j.queue == queue_name]
+        queue = self.state.queues.get(queue_name)
+        return queue.dead_after(None, _BATCH) if queue is not None else []
+
+    def _remaining(self, queue_name: str) -> int:
+        queue = self.state.queues.get(queue_name)
+        return len(queue.dead) if queue is not None else 0
+
+    def requeue(self, queue: str, job_ids: Sequence[str]) -> tuple[int, int, int]:
+        """``(requeued, remaining, seq)``: dead jobs (all of the queue's if no ids)
+        made ready now."""
+        ids = self._dead_ids(queue, job_ids)
+        seq = self.issue(queue, spb.SchedulerCommand(requeue=spb.RequeueJobs(
+            job_ids=ids))) if ids else 0
+        return len(ids), self._remaining(queue), seq
+
+    def purge(self, queue: str, job_ids: Sequence[str], everything: bool
+              ) -> tuple[int, int, int]:
+        """``(purged, remaining, seq)``."""
+        ids = self._dead_ids(queue, job_ids) if job_ids or everything else []
+        seq = self.issue(queue, spb.SchedulerCommand(remove=spb.RemoveJobs(
+            job_ids=ids))) if ids else 0
+        return len(ids), self._remaining(queue), seq
+
+    # -- schedules -------------------------------------------------------------------
+
+    def put_schedule(self, record: spb.ScheduleRecord, replace: bool) -> tuple[Schedule, int]:
+        key = (record.queue, record.schedule_id)
+        if key in self.state.schedules and not replace:
+            raise errors.schedule_exists(record.queue, record.schedule_id)
+        seq = self.issue(record.queue, spb.SchedulerCommand(
+            put_schedule=spb.PutSchedule(schedule=record)))
+        return self.state.schedules[key], seq
+
+    def remove_schedule(self, queue: str, schedule_id: str) -> tuple[bool, int]:
+        if (queue, schedule_id) not in self.state.schedules:
+            return False, 0
+        seq = self.issue(queue, spb.SchedulerCommand(remove_schedule=spb.RemoveSchedule(
+            queue=queue, schedule_id=schedule_id)))
+        return True, seq

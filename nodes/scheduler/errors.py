@@ -1,0 +1,62 @@
+"""The scheduler's errors, as the statuses scheduler.proto documents."""
+
+from __future__ import annotations
+
+import grpc
+
+from common.errors import MeshStatusError, Reason
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from nodes.scheduler.model import Job
+
+__all__ = ["duplicate_job", "job_not_found", "lease_lost", "primary_lost", "queue_full",
+           "schedule_exists", "shutting_down"]
+
+
+def job_not_found(job_id: str) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.NOT_FOUND,
+        f"job {job_id!r} is unknown (never enqueued, purged, or past its retention)",
+        Reason.JOB_NOT_FOUND, {"job_id": job_id})
+
+
+def lease_lost(job: Job) -> MeshStatusError:
+    state = pb.JobState.Name(job.state)  # type: ignore[arg-type]
+    return MeshStatusError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"job {job.job_id!r}: that lease token is not its current lease (the lease "
+        f"expired, or the job was claimed again or cancelled; it is {state} now): "
+        "stop working on it", Reason.LEASE_LOST, {"job_id": job.job_id, "state": state})
+
+
+def duplicate_job(queue: str, unique_key: str, holder: str) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"queue {queue!r}: unique key {unique_key!r} is held by job {holder!r}",
+        Reason.DUPLICATE_JOB, {"job_id": holder, "unique_key": unique_key})
+
+
+def queue_full(queue: str, limit: int) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"queue {queue!r} already holds {limit} unfinished jobs (the node's limit); "
+        "back off", Reason.QUEUE_FULL, {"queue": queue, "limit": str(limit)})
+
+
+def schedule_exists(queue: str, schedule_id: str) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"queue {queue!r} already has a schedule {schedule_id!r} (set replace to replace it)",
+        Reason.SCHEDULE_EXISTS, {"queue": queue, "schedule_id": schedule_id})
+
+
+def primary_lost(group_id: int) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"group {group_id} is no longer led by this node; claim again (at its new primary)",
+        Reason.GROUP_UNAVAILABLE, {"group_id": str(group_id)})
+
+
+def shutting_down() -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.UNAVAILABLE, "the node is shutting down; claim again elsewhere",
+        Reason.SHUTTING_DOWN)

@@ -1,0 +1,318 @@
+"""What only a group's primary runs: its timers and its waiting Claim calls.
+
+One asyncio timer per group, at the earliest pending wakeup: a delayed job
+coming due (wake the queue's waiters), a lease or attempt timeout running out
+(expire it: a replicated decision), a cron tick (fire it: a replicated
+decision). Finished jobs past retention are removed by the service's periodic
+sweep. Nothing here is replicated state: a new primary rebuilds it all from
+the group's state in `start`, and gives every running lease a full lease from
+its promotion (the old primary's clock is not ours, and no lease may end early
+because of a failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+from nodes.config import SchedulerLimits
+from nodes.scheduler import cron, errors
+from nodes.scheduler.claims import ClaimWaiter, claim
+from nodes.scheduler.model import CANCELLED, LEASED, READY, SUCCEEDED, Job, Schedule
+
+if TYPE_CHECKING:
+    from nodes.scheduler.machine import SchedulerMachine
+
+__all__ = ["Leader"]
+
+log = logging.getLogger(__name__)
+
+_DUE, _LEASE, _CRON = 0, 1, 2
+_SLACK_NS = 200_000
+"""A wakeup this close is run now (the loop may wake a hair early)."""
+_REMOVE_BATCH = 10_000
+_SKIP_COUNT_LIMIT = 10_000
+"""Missed cron ticks counted one by one at most; beyond, the schedule jumps ahead."""
+
+Wakeup = tuple[int, int, int, tuple[str, ...]]
+"""(at_ns, tie-break, kind, key)."""
+
+
+class Leader:
+    """The primary's side of one group's scheduler."""
+
+    def __init__(self, machine: SchedulerMachine, limits: SchedulerLimits) -> None:
+        self._machine = machine
+        self._limits = limits
+        self._heap: list[Wakeup] = []
+        self._ties = itertools.count()
+        self._retained: list[tuple[int, str]] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_ns = 0
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (unit tests): wakeups run through run_due
+            self._loop = None
+        self.waiters: dict[str, dict[ClaimWaiter, None]] = {}
+        self._dirty: set[str] = set()
+        self._serving: asyncio.Handle | None = None
+        self._crons: dict[str, cron.CronExpr] = {}
+        self.stopped = False
+
+    def start(self, now: int) -> None:
+        """Take over: wakeups for every lease, delayed job and schedule."""
+        state = self._machine.state
+        for job in state.jobs.values():
+            if job.state == LEASED:
+                # A full lease from our promotion (and as long before a timeout).
+                grace = now + min(job.lease_ns, job.timeout_ns)
+                job.timeout_at_ns = max(job.timeout_at_ns, grace)
+                job.lease_expire_ns = max(job.lease_expire_ns,
+                                          min(now + job.lease_ns, job.timeout_at_ns))
+                job.timer_ns = 0  # any earlier timer went with an earlier leadership
+                self.leased(job)
+            elif job.state in (SUCCEEDED, CANCELLED):
+                self._retained.append((job.finish_ns + job.retention_ns, job.job_id))
+        heapq.heapify(self._retained)
+        for queue in state.queues.values():
+            due = queue.next_due()
+            if due is not None:
+                self._push(due, _DUE, (queue.name,))
+        for schedule in state.schedules.values():
+            self.scheduled(schedule)
+
+    def stop(self) -> None:
+        """No longer the primary: cancel the timer, end waiting Claims."""
+        self.stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._serving is not None:
+            self._serving.cancel()
+        self._heap.clear()
+        self.end_waiters(errors.primary_lost(self._machine.group.group_id))
+
+    def end_waiters(self, error: BaseException) -> None:
+        """Answer every waiting Claim with ``error``."""
+        waiters = {w for queue in self.waiters.values() for w in queue}
+        self.waiters.clear()
+        for waiter in waiters:
+            waiter.fail(error)
+
+    # -- hooks: the machine applied a change -------------------------------------------
+
+    def waiting(self, job: Job) -> None:
+        if job.where == READY:
+            self.ready(job.queue)
+        else:
+            self._push(job.run_ns, _DUE, (job.queue,))
+
+    def leased(self, job: Job) -> None:
+        deadline = job.deadline_ns
+        if not job.timer_ns or deadline < job.timer_ns:
+            job.timer_ns = deadline
+            self._push(deadline, _LEASE, (job.job_id,))
+
+    def finished(self, job: Job) -> None:
+        if job.state in (SUCCEEDED, CANCELLED):
+            heapq.heappush(self._retained, (job.finish_ns + job.retention_ns, job.job_id))
+
+    def scheduled(self, schedule: Schedule) -> None:
+        self._push(schedule.record.next_fire_ns, _CRON, schedule.key)
+
+    def ready(self, queue: str) -> None:
+        """Jobs became ready in ``queue``: serve its waiters soon (once per turn of
+        the loop however many jobs came)."""
+        if queue not in self.waiters:
+            return
+        self._dirty.add(queue)
+        if self._serving is None and self._loop is not None:
+            self._serving = self._loop.call_soon(self._serve)
+
+    # -- waiters ---------------------------------------------------------------------
+
+    def add_waiter(self, waiter: ClaimWaiter, queues: Sequence[str]) -> None:
+        for queue in queues:
+            self.waiters.setdefault(queue, {})[waiter] = None
+        waiter.places.append((self, list(queues)))
+
+    def remove_waiter(self, waiter: ClaimWaiter, queues: Sequence[str]) -> None:
+        for queue in queues:
+            found = self.waiters.get(queue)
+            if found is not None:
+                found.pop(waiter, None)
+                if not found:
+                    del self.waiters[queue]
+
+    def _serve(self) -> None:
+        self._serving = None
+        dirty, self._dirty = self._dirty, set()
+        if self.stopped or not self._machine.group.writable:
+            return
+        state = self._machine.state
+        now = time.time_ns()
+        for name in dirty:
+            for waiter in list(self.waiters.get(name, ())):
+                if waiter.done:
+                    waiter.leave()
+                    continue
+                sources = [(self._machine, queue) for leader, names in waiter.places
+                           if leader is self for name in names
+                           if (queue := state.queues.get(name)) is not None]
+                claimed = claim(sources, waiter.worker_id, waiter.max_jobs, waiter.lease_ns,
+                                now)
+                if not claimed:
+                    break  # nothing ready any more in this queue
+                waiter.grant(claimed)
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _push(self, at_ns: int, kind: int, key: tuple[str, ...]) -> None:
+        heapq.heappush(self._heap, (at_ns, next(self._ties), kind, key))
+        if self._handle is None or at_ns < self._armed_ns:
+            self._arm(at_ns)
+
+    def _arm(self, at_ns: int) -> None:
+        if self._loop is None or self.stopped:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        delay = max(at_ns - time.time_ns(), 0) / 1e9
+        self._handle = self._loop.call_later(delay, self._fire)
+        self._armed_ns = at_ns
+
+    def _fire(self) -> None:
+        self._handle = None
+        try:
+            self.run_due(time.time_ns())
+        except Exception:  # a bug must not stop the group's timers for good
+            log.exception("group %d: scheduler timers failed", self._machine.group.group_id)
+        if self._heap and self._handle is None:
+            self._arm(self._heap[0][0])
+
+    def run_due(self, now: int) -> None:
+        """Run every wakeup due by ``now``."""
+        if self.stopped or not self._machine.group.writable:
+            return
+        heap = self._heap
+        expiring: list[Job] = []
+        due_queues: set[str] = set()
+        schedules: set[tuple[str, str]] = set()
+        jobs = self._machine.state.jobs
+        while heap and heap[0][0] <= now + _SLACK_NS:
+            at, _, kind, key = heapq.heappop(heap)
+            if kind == _DUE:
+                due_queues.add(key[0])
+            elif kind == _LEASE:
+                job = jobs.get(key[0])
+                if job is None or job.state != LEASED or job.timer_ns != at:
+                    continue  # ended, or a newer timer stands
+                job.timer_ns = 0
+                if job.deadline_ns <= now + _SLACK_NS:
+                    expiring.append(job)
+                else:
+                    self.leased(job)  # heartbeats moved it on
+            else:
+                schedules.add((key[0], key[1]))
+        if expiring:
+            self.expire(expiring, now)
+        state = self._machine.state
+        for name in due_queues:
+            queue = state.queues.get(name)
+            if queue is None:
+                continue
+            if queue.promote(now):
+                self.ready(name)
+            due = queue.next_due()
+            if due is not None and due > now:
+                self._push(due, _DUE, (name,))
+        for key in schedules:
+            schedule = state.schedules.get(key)
+            if schedule is not None:
+                self.fire(schedule, now)
+
+    # -- decisions the clock makes -------------------------------------------------------
+
+    def expire(self, jobs: Sequence[Job], now: int) -> int:
+        """End the attempts of leased jobs whose lease or timeout ran out; the seq."""
+        ends = [self.deadline_end(job, now) for job in jobs]
+        return self._machine.issue(jobs[0].queue, spb.SchedulerCommand(
+            end=spb.EndAttempts(ends=ends)))
+
+    def deadline_end(self, job: Job, now: int) -> spb.EndAttempt:
+        """How a leased job's attempt ends once its deadline passed."""
+        if now + _SLACK_NS >= job.timeout_at_ns:
+            failures = job.attempt_count
+            dead = failures >= job.max_attempts
+            return spb.EndAttempt(
+                job_id=job.job_id, lease_token=job.lease_token,
+                outcome=pb.ATTEMPT_OUTCOME_TIMED_OUT, dead=dead,
+                error=f"timed out after {job.timeout_ns / 1e9:g} s",
+                run_ns=0 if dead else now + job.backoff.delay_ns(failures, random.random()))
+        losses = job.lease_losses + 1
+        dead = losses >= self._limits.max_lease_losses
+        error = f"lease of worker {job.worker_id!r} expired"
+        if dead:
+            error += f" ({losses} times: the job may be crashing its workers)"
+        return spb.EndAttempt(job_id=job.job_id, lease_token=job.lease_token,
+                              outcome=pb.ATTEMPT_OUTCOME_LEASE_EXPIRED, dead=dead,
+                              error=error, run_ns=0 if dead else job.run_ns)
+
+    def fire(self, schedule: Schedule, now: int) -> None:
+        """Fire a schedule's due ticks: oldest first, at most the catch-up maximum;
+        the rest are skipped."""
+        r = schedule.record
+        if r.next_fire_ns > now + _SLACK_NS:
+            return  # replaced or fired meanwhile: its own wakeup stands
+        expr = self._crons.get(r.cron)
+        if expr is None:
+            expr = self._crons[r.cron] = cron.parse(r.cron)
+        tz = cron.zone(r.timezone)
+        ticks: list[int] = []
+        tick: int | None = r.next_fire_ns
+        while tick is not None and tick <= now + _SLACK_NS \
+                and len(ticks) < self._limits.cron_catch_up:
+            ticks.append(tick)
+            tick = expr.next_after(tick, tz)
+        skipped = 0
+        while tick is not None and tick <= now and skipped < _SKIP_COUNT_LIMIT:
+            skipped += 1
+            tick = expr.next_after(tick, tz)
+        if tick is not None and tick <= now:
+            tick = expr.next_after(now, tz)
+        if tick is None:  # never again (the horizon passed): park it far ahead
+            tick = now + 100 * 365 * 86_400 * 1_000_000_000
+        queues = self._machine.state.queues
+        key = r.template.unique_key
+        for i, at in enumerate(ticks):
+            last = i == len(ticks) - 1
+            queue = queues.get(r.queue)
+            enqueue = not (key and queue is not None and queue.holder(key, now) is not None)
+            self._machine.issue(r.queue, spb.SchedulerCommand(fire=spb.FireSchedule(
+                queue=r.queue, schedule_id=r.schedule_id, tick_ns=at,
+                next_fire_ns=tick if last else ticks[i + 1], enqueue=enqueue,
+                skipped=skipped if last else 0)))
+
+    def sweep(self, now: int) -> int:
+        """Remove finished jobs past their retention; how many."""
+        retained = self._retained
+        jobs = self._machine.state.jobs
+        ids: list[str] = []
+        while retained and retained[0][0] <= now and len(ids) < _REMOVE_BATCH:
+            at, job_id = heapq.heappop(retained)
+            job = jobs.get(job_id)
+            if job is not None and job.state in (SUCCEEDED, CANCELLED) \
+                    and job.finish_ns + job.retention_ns == at:
+                ids.append(job_id)
+        if ids:
+            self._machine.issue(jobs[ids[0]].queue, spb.SchedulerCommand(
+                remove=spb.RemoveJobs(job_ids=ids)))
+        return len(ids)

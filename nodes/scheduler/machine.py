@@ -1,0 +1,276 @@
+"""One group's scheduler: the replicated state machine.
+
+Every copy applies the primary's commands to its `SchedulerState` and mirrors
+each change to disk. On the primary, decisions (`nodes.scheduler.decisions`)
+issue commands with ``Group.append(..., apply=True)``: a command is applied at
+once, exactly as replicas will apply it, and its disk writes are queued before
+the commit point is computed. While this copy leads, a `Leader` runs the
+primary's timers and Claim waiters; it exists only then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from common.slots import slot_for
+from mesh.replication.v1 import replication_pb2 as rpb
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+from nodes.config import SchedulerLimits
+from nodes.scheduler.decisions import Decisions
+from nodes.scheduler.ids import job_id
+from nodes.scheduler.leader import Leader
+from nodes.scheduler.model import LEASED, WAITING, Job
+from nodes.scheduler.state import SchedulerState, lease_token, order_of
+from nodes.scheduler.storage import JournalLike, Storage
+
+if TYPE_CHECKING:
+    from nodes.replication.group import Group
+
+__all__ = ["CHUNK_BYTES", "SCHEDULER", "SchedulerMachine"]
+
+SCHEDULER = rpb.SERVICE_KIND_SCHEDULER
+CHUNK_BYTES = 1 << 20
+"""Snapshot chunks are cut at about this size (one job may exceed it a little)."""
+
+Applier = Callable[["SchedulerMachine", Any, int, int, int], None]
+
+
+class SchedulerMachine(Decisions):
+    """The scheduler of one group on this node."""
+
+    service = SCHEDULER
+
+    def __init__(self, group: Group, journal: JournalLike, limits: SchedulerLimits) -> None:
+        self._group = group
+        self.limits = limits
+        self.state = SchedulerState()
+        self._storage = Storage(journal, group)
+        self.leader: Leader | None = None
+        self.last_job: Job | None = None
+        """The job the last enqueue or firing applied made (for the primary)."""
+        self.last_leased: list[Job] = []
+        if group.restored:  # read back from disk at start-up
+            self._storage.load(self.state, 0)
+
+    @property
+    def group(self) -> Group:
+        return self._group
+
+    # -- replication (every copy) -----------------------------------------------
+
+    def apply(self, command: rpb.Command) -> None:
+        change = spb.SchedulerCommand.FromString(command.payload)
+        kind = change.WhichOneof("change")
+        if kind is None:
+            return
+        _APPLIERS[kind](self, getattr(change, kind), command.issued_at.ToNanoseconds(),
+                        command.seq, command.epoch)
+
+    def _apply_enqueue(self, c: spb.EnqueueJob, now: int, seq: int, epoch: int) -> None:
+        job = Job.of(c.job)
+        job.job_id = job_id(job.queue, epoch, seq)
+        self._start(job, now, seq, epoch)
+
+    def _start(self, job: Job, now: int, seq: int, epoch: int) -> None:
+        job.state = WAITING
+        job.enqueue_ns = now
+        job.order = order_of(seq, 0)
+        job.seq = seq
+        self.state.add(job, now)
+        self._storage.jobs(seq, epoch, [job])
+        self.last_job = job
+        if self.leader is not None:
+            self.leader.waiting(job)
+
+    def _apply_lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> None:
+        token = lease_token(epoch, seq)
+        jobs = self.state.jobs
+        leased: list[Job] = []
+        for id_ in c.job_ids:
+            job = jobs.get(id_)
+            if job is not None and job.state == WAITING:
+                self.state.lease(job, token, c.worker_id, now, c.lease_ns, seq)
+                leased.append(job)
+        self._storage.jobs(seq, epoch, leased)
+        self.last_leased = leased
+        if self.leader is not None:
+            for job in leased:
+                self.leader.leased(job)
+
+    def _apply_extend(self, c: spb.ExtendLease, now: int, seq: int, epoch: int) -> None:
+        job = self.state.jobs.get(c.job_id)
+        if job is None or job.state != LEASED or job.lease_token != c.lease_token:
+            return
+        self.state.extend(job, c.lease_ns, c.expire_ns, seq)
+        self._storage.jobs(seq, epoch, [job])
+        if self.leader is not None:
+            self.leader.leased(job)
+
+    def _apply_end(self, c: spb.EndAttempts, now: int, seq: int, epoch: int) -> None:
+        jobs = self.state.jobs
+        changed: list[Job] = []
+        for i, end in enumerate(c.ends):
+            job = jobs.get(end.job_id)
+            if job is None or job.state != LEASED or job.lease_token != end.lease_token:
+                continue
+            self.state.end(job, end, now, seq, order_of(seq, i))
+            changed.append(job)
+        self._jobs_changed(changed, seq, epoch, counters=True)
+
+    def _apply_cancel(self, c: spb.CancelJob, now: int, seq: int, epoch: int) -> None:
+        job = self.state.jobs.get(c.job_id)
+        if job is not None and self.state.cancel(job, now, seq):
+            self._jobs_changed([job], seq, epoch)
+
+    def _apply_requeue(self, c: spb.RequeueJobs, now: int, seq: int, epoch: int) -> None:
+        jobs = self.state.jobs
+        changed = []
+        for i, id_ in enumerate(c.job_ids):
+            job = jobs.get(id_)
+            if job is not None and self.state.requeue(job, now, seq, order_of(seq, i)):
+                changed.append(job)
+        self._jobs_changed(changed, seq, epoch)
+
+    def _apply_remove(self, c: spb.RemoveJobs, now: int, seq: int, epoch: int) -> None:
+        jobs = self.state.jobs
+        removed = []
+        for id_ in c.job_ids:
+            job = jobs.get(id_)
+            if job is not None:
+                self.state.remove(job)
+                removed.append(id_)
+        self._storage.removed(seq, epoch, removed)
+
+    def _apply_put_schedule(self, c: spb.PutSchedule, now: int, seq: int, epoch: int
+                            ) -> None:
+        record = spb.ScheduleRecord()
+        record.CopyFrom(c.schedule)
+        record.create_ns = now
+        schedule = self.state.put_schedule(record, seq)
+        self._storage.schedule(seq, epoch, schedule)
+        if self.leader is not None:
+            self.leader.scheduled(schedule)
+
+    def _apply_remove_schedule(self, c: spb.RemoveSchedule, now: int, seq: int, epoch: int
+                               ) -> None:
+        if self.state.remove_schedule(c.queue, c.schedule_id) is not None:
+            self._storage.schedule_removed(seq, epoch, c.queue, c.schedule_id)
+
+    def _apply_fire(self, c: spb.FireSchedule, now: int, seq: int, epoch: int) -> None:
+        schedule = self.state.schedules.get((c.queue, c.schedule_id))
+        if schedule is None or c.tick_ns <= schedule.record.last_tick_ns:
+            return  # a tick never fires twice
+        r = schedule.record
+        r.last_tick_ns = c.tick_ns
+        r.next_fire_ns = c.next_fire_ns
+        r.skipped_total += c.skipped
+        schedule.seq = seq
+        if c.enqueue:
+            job = Job.of(r.template)
+            job.job_id = job_id(r.queue, epoch, seq)
+            job.queue, job.schedule_id, job.run_ns = r.queue, r.schedule_id, c.tick_ns
+            if r.template.unique_ttl_ns:
+                job.unique_expire_ns = now + r.template.unique_ttl_ns
+            self._start(job, now, seq, epoch)
+            r.last_job_id = job.job_id
+            r.fired_total += 1
+        else:
+            r.skipped_total += 1
+        self._storage.schedule(seq, epoch, schedule)
+        if self.leader is not None:
+            self.leader.scheduled(schedule)
+
+    def _jobs_changed(self, jobs: list[Job], seq: int, epoch: int, counters: bool = False
+                      ) -> None:
+        self._storage.jobs(seq, epoch, jobs)
+        if counters:
+            for name in {job.queue for job in jobs}:
+                self._storage.queue(seq, epoch, self.state.queue(name))
+        leader = self.leader
+        if leader is not None:
+            for job in jobs:
+                if job.state == WAITING:
+                    leader.waiting(job)
+                elif job.finished:
+                    leader.finished(job)
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        """Jobs, schedules and queue counters, cut in ~1 MiB chunks."""
+        chunks: list[tuple[int, bytes]] = []
+        chunk, size = spb.SchedulerSnapshotChunk(), 0
+
+        def cut() -> None:
+            nonlocal chunk, size
+            chunks.append((0, chunk.SerializeToString()))
+            chunk, size = spb.SchedulerSnapshotChunk(), 0
+
+        for queue in self.state.queues.values():
+            t = queue.totals
+            chunk.queues.append(spb.QueueRecord(
+                queue=queue.name, succeeded_total=t.succeeded,
+                failed_attempts_total=t.failed_attempts, lease_losses_total=t.lease_losses))
+            size += len(queue.name) + 32
+        for schedule in self.state.schedules.values():
+            chunk.schedules.append(schedule.record)
+            size += schedule.record.ByteSize()
+        for job in self.state.jobs.values():
+            record = job.to_record()
+            chunk.jobs.append(record)
+            size += record.ByteSize()
+            if size >= CHUNK_BYTES:
+                cut()
+        if size or not chunks:
+            cut()
+        return chunks
+
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+        jobs: list[Job] = []
+        schedules: list[spb.ScheduleRecord] = []
+        queues: list[spb.QueueRecord] = []
+        for _, data in chunks:
+            chunk = spb.SchedulerSnapshotChunk.FromString(data)
+            jobs.extend(Job.of(r) for r in chunk.jobs)
+            schedules.extend(chunk.schedules)
+            queues.extend(chunk.queues)
+        self.state.clear()
+        self.state.load(jobs, schedules, queues, 0)
+        self._storage.replace(self.state)
+
+    def role_changed(self) -> None:
+        if self._group.writable and self.leader is None:
+            self.leader = Leader(self, self.limits)
+            self.leader.start(time.time_ns())
+        elif not self._group.writable and self.leader is not None:
+            leader, self.leader = self.leader, None
+            leader.stop()
+
+    def close(self) -> None:
+        """The group leaves (or is rebuilt): stop leading, forget the state. Its
+        rows stay on disk: whether they go is the replication layer's call."""
+        if self.leader is not None:
+            leader, self.leader = self.leader, None
+            leader.stop()
+        self.state.clear()
+
+    # -- issuing (primary) -----------------------------------------------------------
+
+    def issue(self, queue: str, command: spb.SchedulerCommand) -> int:
+        """Append and apply a command; its seq."""
+        return self._group.append(slot_for(queue), SCHEDULER, command.SerializeToString(),
+                                  apply=True)
+
+
+_APPLIERS: dict[str, Applier] = {
+    "enqueue": SchedulerMachine._apply_enqueue,
+    "lease": SchedulerMachine._apply_lease,
+    "extend": SchedulerMachine._apply_extend,
+    "end": SchedulerMachine._apply_end,
+    "cancel": SchedulerMachine._apply_cancel,
+    "requeue": SchedulerMachine._apply_requeue,
+    "remove": SchedulerMachine._apply_remove,
+    "put_schedule": SchedulerMachine._apply_put_schedule,
+    "remove_schedule": SchedulerMachine._apply_remove_schedule,
+    "fire": SchedulerMachine._apply_fire,
+}

@@ -1,0 +1,177 @@
+"""The scheduler's in-memory shapes: jobs, their attempts, retry delays, schedules.
+
+Every copy of a group holds the same jobs (what ``JobRecord`` stores); a few
+fields are bookkeeping that is not stored: which index holds a waiting job, the
+seq of the command that last changed it (reads wait until it is committed), and
+the primary's timer for its lease.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+
+__all__ = ["CANCELLED", "DEAD", "FINISHED", "LEASED", "MAX_HISTORY", "SUCCEEDED", "WAITING",
+           "Attempt", "Backoff", "Job", "Schedule"]
+
+WAITING = pb.JOB_STATE_PENDING
+"""Stored for PENDING and SCHEDULED alike: which one it is depends on run_ns."""
+LEASED = pb.JOB_STATE_LEASED
+SUCCEEDED = pb.JOB_STATE_SUCCEEDED
+DEAD = pb.JOB_STATE_DEAD
+CANCELLED = pb.JOB_STATE_CANCELLED
+FINISHED = frozenset({SUCCEEDED, DEAD, CANCELLED})
+MAX_HISTORY = 100
+"""Attempts kept per job (the oldest are dropped)."""
+
+# Where a waiting job is indexed (Queue): not at all, ready, delayed.
+NOWHERE, READY, DELAYED = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry delays, nanoseconds."""
+
+    initial_ns: int
+    max_ns: int
+    multiplier: float
+    jitter: float
+
+    def delay_ns(self, failures: int, draw: float) -> int:
+        """The wait after ``failures`` failed attempts (>= 1), with ``draw`` uniform
+        in [0, 1) (the primary's random draw)."""
+        base = min(float(self.max_ns), self.initial_ns * self.multiplier ** (failures - 1))
+        return int(base * (1.0 - self.jitter * draw))
+
+    def to_record(self) -> spb.BackoffRecord:
+        return spb.BackoffRecord(initial_ns=self.initial_ns, max_ns=self.max_ns,
+                                 multiplier=self.multiplier, jitter=self.jitter)
+
+    @classmethod
+    def of(cls, r: spb.BackoffRecord) -> Backoff:
+        return cls(r.initial_ns, r.max_ns, r.multiplier, r.jitter)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt at a job."""
+
+    number: int
+    worker_id: str
+    start_ns: int
+    token: int
+    finish_ns: int = 0
+    outcome: int = pb.ATTEMPT_OUTCOME_RUNNING
+    error: str = ""
+    dead: bool = False
+    next_run_ns: int = 0
+
+    def to_record(self) -> spb.AttemptRecord:
+        return spb.AttemptRecord(
+            number=self.number, worker_id=self.worker_id, start_ns=self.start_ns,
+            finish_ns=self.finish_ns, outcome=self.outcome,  # type: ignore[arg-type]
+            error=self.error, lease_token=self.token, dead=self.dead,
+            next_run_ns=self.next_run_ns)
+
+    @classmethod
+    def of(cls, r: spb.AttemptRecord) -> Attempt:
+        return cls(r.number, r.worker_id, r.start_ns, r.lease_token, r.finish_ns, r.outcome,
+                   r.error, r.dead, r.next_run_ns)
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """A job, as every copy of its group keeps it."""
+
+    job_id: str
+    queue: str
+    type: str
+    payload: bytes
+    priority: int
+    max_attempts: int
+    backoff: Backoff
+    timeout_ns: int
+    retention_ns: int
+    enqueue_ns: int
+    run_ns: int
+    state: int = WAITING
+    unique_key: str = ""
+    unique_expire_ns: int = 0
+    order: int = 0
+    attempt_count: int = 0
+    lease_losses: int = 0
+    worker_id: str = ""
+    lease_token: int = 0
+    lease_ns: int = 0
+    lease_expire_ns: int = 0
+    timeout_at_ns: int = 0
+    finish_ns: int = 0
+    result: bytes = b""
+    last_error: str = ""
+    schedule_id: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
+    # Not stored:
+    seq: int = 0
+    """The last command that changed it (0: read back from disk or a snapshot)."""
+    where: int = NOWHERE
+    timer_ns: int = 0
+    """Primary only: when its lease timer fires (0: none armed)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def deadline_ns(self) -> int:
+        """While leased: when the attempt ends unless extended (lease or timeout)."""
+        return min(self.lease_expire_ns, self.timeout_at_ns)
+
+    def attempt(self, token: int) -> Attempt | None:
+        """The attempt that held lease ``token``, if still in the history."""
+        for attempt in reversed(self.attempts):
+            if attempt.token == token:
+                return attempt
+        return None
+
+    def holds_key(self, now_ns: int) -> bool:
+        """Whether its unique key still blocks a duplicate."""
+        return not self.finished and (not self.unique_expire_ns
+                                      or self.unique_expire_ns > now_ns)
+
+    def to_record(self) -> spb.JobRecord:
+        return spb.JobRecord(
+            job_id=self.job_id, queue=self.queue, type=self.type, payload=self.payload,
+            priority=self.priority, state=self.state,  # type: ignore[arg-type]
+            attempt_count=self.attempt_count, max_attempts=self.max_attempts,
+            backoff=self.backoff.to_record(), timeout_ns=self.timeout_ns,
+            unique_key=self.unique_key, unique_expire_ns=self.unique_expire_ns,
+            retention_ns=self.retention_ns, enqueue_ns=self.enqueue_ns, run_ns=self.run_ns,
+            order=self.order, worker_id=self.worker_id, lease_token=self.lease_token,
+            lease_ns=self.lease_ns, lease_expire_ns=self.lease_expire_ns,
+            timeout_at_ns=self.timeout_at_ns, finish_ns=self.finish_ns, result=self.result,
+            last_error=self.last_error, attempts=[a.to_record() for a in self.attempts],
+            schedule_id=self.schedule_id, lease_losses=self.lease_losses)
+
+    @classmethod
+    def of(cls, r: spb.JobRecord) -> Job:
+        return cls(
+            r.job_id, r.queue, r.type, r.payload, r.priority, r.max_attempts,
+            Backoff.of(r.backoff), r.timeout_ns, r.retention_ns, r.enqueue_ns, r.run_ns,
+            r.state, r.unique_key, r.unique_expire_ns, r.order, r.attempt_count,
+            r.lease_losses, r.worker_id, r.lease_token, r.lease_ns, r.lease_expire_ns,
+            r.timeout_at_ns, r.finish_ns, r.result, r.last_error, r.schedule_id,
+            [Attempt.of(a) for a in r.attempts])
+
+
+@dataclass(slots=True, eq=False)
+class Schedule:
+    """A cron schedule: its stored record, and the last command that changed it."""
+
+    record: spb.ScheduleRecord
+    seq: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.record.queue, self.record.schedule_id

@@ -1,0 +1,323 @@
+"""The gRPC face of the scheduler: validation, routing to the queue's group, commit
+before answering.
+
+A queue lives in the group that owns its name's slot, and a job id carries a
+hash tag of that slot, so every call routes with the ordinary slot function;
+only the group's primary serves it, and requests for slots led elsewhere are
+forwarded or redirected (nodes/forwarding.py). Every change is answered once
+committed (on the primary's disk and acknowledged by every in-sync replica
+after theirs). Reads are in `nodes.scheduler.reads`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, TypeAlias, cast
+
+import grpc
+
+from common.errors import invalid_argument
+from common.slots import slot_for
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+from nodes.config import SchedulerLimits
+from nodes.forwarding import Forwarder, wrong_owner
+from nodes.replication.group import Group
+from nodes.replication.journal import Journal
+from nodes.replication.manager import Redirect, Replication
+from nodes.scheduler import errors
+from nodes.scheduler import validation as v
+from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
+from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
+from nodes.scheduler.model import DEAD
+from nodes.scheduler.reads import Reads
+from nodes.scheduler.storage import SCHEMA, TABLES
+from nodes.scheduler.views import claimed_job, schedule_view, shown_state, timestamp
+
+__all__ = ["SchedulerService"]
+
+log = logging.getLogger(__name__)
+
+Ctx: TypeAlias = grpc.aio.ServicerContext
+
+PATH = "/mesh.scheduler.v1.SchedulerService/"
+RESPONSES: dict[str, Any] = {
+    name: getattr(pb, f"{name}Response") for name in (
+        "Enqueue", "Claim", "Heartbeat", "Complete", "Fail", "Cancel", "GetJob",
+        "ListDeadLetters", "RequeueDeadLetters", "PurgeDeadLetters", "Stats",
+        "CreateSchedule", "DeleteSchedule", "ListSchedules")}
+# Answer an empty Claim this long before the call's own deadline, so the worker
+# gets a definite answer rather than DEADLINE_EXCEEDED.
+_DEADLINE_MARGIN_NS = 100_000_000
+_SWEEP_BATCHES = 10
+"""Removal commands (of up to 10,000 jobs each) per group per sweep."""
+
+
+def machine_of(group: Group) -> SchedulerMachine:
+    return cast(SchedulerMachine, group.machines[SCHEDULER])
+
+
+class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
+    """SchedulerService over one `SchedulerMachine` per replica group."""
+
+    def __init__(self, limits: SchedulerLimits, journal: Journal) -> None:
+        self.limits = limits
+        self._journal = journal
+        journal.create_tables(SCHEMA, TABLES)
+        self._replication: Replication | None = None
+        self._forwarder: Forwarder | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def machine(self, group: Group) -> SchedulerMachine:
+        """The scheduler state machine for a group (the replication layer's factory)."""
+        return SchedulerMachine(group, self._journal, self.limits)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, replication: Replication, forwarder: Forwarder) -> None:
+        self._replication = replication
+        self._forwarder = forwarder
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="scheduler-sweeper")
+
+    async def close(self) -> None:
+        """End waiting Claims (the node is stopping) and the sweeper."""
+        for group in self._replication.groups.values() if self._replication else ():
+            machine = group.machines.get(SCHEDULER)
+            leader = cast(SchedulerMachine, machine).leader if machine else None
+            if leader is not None:
+                leader.end_waiters(errors.shutting_down())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_loop(self) -> None:
+        # Finished jobs past retention go with a replicated command, like any
+        # change, issued by each primary now and then.
+        while True:
+            await asyncio.sleep(self.limits.sweep_interval)
+            if self._replication is None:
+                continue
+            now = time.time_ns()
+            for group in list(self._replication.groups.values()):
+                machine = group.machines.get(SCHEDULER)
+                leader = cast(SchedulerMachine, machine).leader if machine else None
+                if group.writable and leader is not None:
+                    try:
+                        for _ in range(_SWEEP_BATCHES):
+                            if not leader.sweep(now):
+                                break
+                    except Exception:
+                        log.exception("group %d: retention sweep failed", group.group_id)
+
+    # -- routing -------------------------------------------------------------------
+
+    def route(self, key: str, context: Ctx) -> Group | Redirect:
+        assert self._forwarder is not None, "start() first"
+        return self._forwarder.resolve(slot_for(key), context)
+
+    async def forward(self, target: Redirect, method: str, request: Any, context: Ctx) -> Any:
+        assert self._forwarder is not None
+        return await self._forwarder.unary(target, PATH + method, request, RESPONSES[method],
+                                           context)
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def Enqueue(self, request: pb.EnqueueRequest, context: Ctx) -> pb.EnqueueResponse:
+        now = time.time_ns()
+        spec = v.job_spec(request, self.limits, now)
+        target = self.route(request.queue, context)
+        if isinstance(target, Redirect):
+            return cast(pb.EnqueueResponse,
+                        await self.forward(target, "Enqueue", request, context))
+        result = machine_of(target).enqueue(spec, request.strict_unique, now)
+        job = result.job
+        response = pb.EnqueueResponse(
+            job_id=job.job_id, duplicate=result.duplicate,
+            state=shown_state(job.state, job.run_ns, now), run_time=timestamp(job.run_ns))
+        await target.wait_committed(result.seq)
+        return response
+
+    async def Claim(self, request: pb.ClaimRequest, context: Ctx) -> pb.ClaimResponse:
+        queues = v.claim_queues(request.queues)
+        v.check_worker(request.worker_id)
+        max_jobs = v.max_jobs(request.max_jobs)
+        lease_ns = v.lease_ns(request.lease_duration, self.limits, "lease_duration") \
+            or int(self.limits.default_lease * 1e9)
+        wait_ns = v.wait_ns(request.wait)
+        local: dict[Group, list[str]] = {}
+        redirects: list[Redirect] = []
+        for name in queues:
+            target = self.route(name, context)
+            if isinstance(target, Redirect):
+                redirects.append(target)
+            else:
+                local.setdefault(target, []).append(name)
+        if redirects:
+            if not local and len({r.owner_node_id for r in redirects}) == 1:
+                return cast(pb.ClaimResponse,
+                            await self.forward(redirects[0], "Claim", request, context))
+            raise wrong_owner(redirects[0])
+        sources = [(m, queue) for group, names in local.items()
+                   for m in (machine_of(group),) for name in names
+                   if (queue := m.state.queues.get(name)) is not None]
+        claimed = claim(sources, request.worker_id, max_jobs, lease_ns, time.time_ns())
+        if not claimed and wait_ns:
+            remaining = context.time_remaining()
+            if remaining is not None:
+                wait_ns = min(wait_ns, int(remaining * 1e9) - _DEADLINE_MARGIN_NS)
+            if wait_ns > 0:
+                claimed = await self._wait(local, request.worker_id, max_jobs, lease_ns,
+                                           wait_ns)
+        # The views now, while the jobs are in this lease.
+        jobs = [claimed_job(job) for c in claimed for job in c.jobs]
+        try:
+            for c in claimed:
+                await c.machine.group.wait_committed(c.seq)
+        except asyncio.CancelledError:
+            for c in claimed:
+                c.machine.abandon(c)
+            raise
+        return pb.ClaimResponse(jobs=jobs)
+
+    @staticmethod
+    async def _wait(local: dict[Group, list[str]], worker_id: str, max_jobs: int,
+                    lease_ns: int, wait_ns: int) -> list[Claimed]:
+        """Wait (long poll) until jobs are leased to this call, or time runs out."""
+        waiter = ClaimWaiter(worker_id, max_jobs, lease_ns)
+        for group, names in local.items():
+            leader = machine_of(group).leader
+            if leader is None:
+                waiter.leave()
+                raise errors.primary_lost(group.group_id)
+            leader.add_waiter(waiter, names)
+        future = waiter.future
+        try:
+            await asyncio.wait({future}, timeout=wait_ns / 1e9)
+        except asyncio.CancelledError:
+            waiter.leave()
+            if future.done() and not future.cancelled() and future.exception() is None:
+                for c in future.result():
+                    c.machine.abandon(c)
+            raise
+        if not future.done():
+            waiter.leave()
+            return []
+        return future.result()
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx
+                        ) -> pb.HeartbeatResponse:
+        v.check_job_id(request.job_id)
+        extend = v.lease_ns(request.extend, self.limits, "extend")
+        target = self.route(request.job_id, context)
+        if isinstance(target, Redirect):
+            return cast(pb.HeartbeatResponse,
+                        await self.forward(target, "Heartbeat", request, context))
+        job, seq = machine_of(target).heartbeat(request.job_id, request.lease_token, extend)
+        response = pb.HeartbeatResponse(lease_expire_time=timestamp(job.lease_expire_ns))
+        await target.wait_committed(seq)
+        return response
+
+    async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
+        v.check_job_id(request.job_id)
+        if len(request.result) > self.limits.max_payload_bytes:
+            raise invalid_argument("result", f"is {len(request.result)} bytes; the limit "
+                                               f"is {self.limits.max_payload_bytes}")
+        target = self.route(request.job_id, context)
+        if isinstance(target, Redirect):
+            return cast(pb.CompleteResponse,
+                        await self.forward(target, "Complete", request, context))
+        finish_ns, seq = machine_of(target).complete(request.job_id, request.lease_token,
+                                                     request.result)
+        await target.wait_committed(seq)
+        return pb.CompleteResponse(finish_time=timestamp(finish_ns))
+
+    async def Fail(self, request: pb.FailRequest, context: Ctx) -> pb.FailResponse:
+        v.check_job_id(request.job_id)
+        retry_delay = v.duration_ns(request.retry_delay, "retry_delay") \
+            if request.HasField("retry_delay") else None
+        target = self.route(request.job_id, context)
+        if isinstance(target, Redirect):
+            return cast(pb.FailResponse, await self.forward(target, "Fail", request, context))
+        failed = machine_of(target).fail(request.job_id, request.lease_token,
+                                         v.error_text(request.error), request.retryable,
+                                         retry_delay)
+        await target.wait_committed(failed.seq)
+        response = pb.FailResponse(attempts=failed.attempts)
+        if failed.state == DEAD:
+            response.state = pb.JOB_STATE_DEAD
+        else:
+            response.state = shown_state(failed.state, failed.run_ns, time.time_ns())
+            response.next_run_time.CopyFrom(timestamp(failed.run_ns))
+        return response
+
+    async def Cancel(self, request: pb.CancelRequest, context: Ctx) -> pb.CancelResponse:
+        v.check_job_id(request.job_id)
+        target = self.route(request.job_id, context)
+        if isinstance(target, Redirect):
+            return cast(pb.CancelResponse,
+                        await self.forward(target, "Cancel", request, context))
+        cancelled, job, seq = machine_of(target).cancel(request.job_id)
+        now = time.time_ns()
+        response = pb.CancelResponse(cancelled=cancelled,
+                                     state=shown_state(job.state, job.run_ns, now))
+        await target.wait_committed(seq)
+        return response
+
+    # -- dead letters ---------------------------------------------------------------
+
+    async def RequeueDeadLetters(self, request: pb.RequeueDeadLettersRequest, context: Ctx
+                                 ) -> pb.RequeueDeadLettersResponse:
+        v.check_name(request.queue, "queue")
+        v.check_ids(request.job_ids)
+        target = self.route(request.queue, context)
+        if isinstance(target, Redirect):
+            return cast(pb.RequeueDeadLettersResponse,
+                        await self.forward(target, "RequeueDeadLetters", request, context))
+        requeued, remaining, seq = machine_of(target).requeue(request.queue, request.job_ids)
+        await target.wait_committed(seq)
+        return pb.RequeueDeadLettersResponse(requeued=requeued, remaining=remaining)
+
+    async def PurgeDeadLetters(self, request: pb.PurgeDeadLettersRequest, context: Ctx
+                               ) -> pb.PurgeDeadLettersResponse:
+        v.check_name(request.queue, "queue")
+        v.check_ids(request.job_ids)
+        if request.all and request.job_ids:
+            raise invalid_argument("job_ids", "must be empty when all is true")
+        target = self.route(request.queue, context)
+        if isinstance(target, Redirect):
+            return cast(pb.PurgeDeadLettersResponse,
+                        await self.forward(target, "PurgeDeadLetters", request, context))
+        purged, remaining, seq = machine_of(target).purge(request.queue, request.job_ids,
+                                                          request.all)
+        await target.wait_committed(seq)
+        return pb.PurgeDeadLettersResponse(purged=purged, remaining=remaining)
+
+    # -- schedules ---------------------------------------------------------------------
+
+    async def CreateSchedule(self, request: pb.CreateScheduleRequest, context: Ctx
+                             ) -> pb.CreateScheduleResponse:
+        record = v.cron_spec(request, self.limits, time.time_ns())
+        target = self.route(request.queue, context)
+        if isinstance(target, Redirect):
+            return cast(pb.CreateScheduleResponse,
+                        await self.forward(target, "CreateSchedule", request, context))
+        schedule, seq = machine_of(target).put_schedule(record, request.replace)
+        response = pb.CreateScheduleResponse(schedule=schedule_view(schedule))
+        await target.wait_committed(seq)
+        return response
+
+    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest, context: Ctx
+                             ) -> pb.DeleteScheduleResponse:
+        v.check_name(request.queue, "queue")
+        v.check_name(request.schedule_id, "schedule_id")
+        target = self.route(request.queue, context)
+        if isinstance(target, Redirect):
+            return cast(pb.DeleteScheduleResponse,
+                        await self.forward(target, "DeleteSchedule", request, context))
+        deleted, seq = machine_of(target).remove_schedule(request.queue, request.schedule_id)
+        await target.wait_committed(seq)
+        return pb.DeleteScheduleResponse(deleted=deleted)

@@ -1,0 +1,238 @@
+"""Request validation for the scheduler: every failure names the offending field.
+
+`job_spec` also fills in the node's defaults, so that the command carries the
+job exactly as every copy will store it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from common.errors import invalid_argument
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+from nodes.config import SchedulerLimits
+from nodes.scheduler import cron
+
+__all__ = ["MAX_CLAIM_JOBS", "MAX_IDS", "check_ids", "check_job_id", "check_name",
+           "check_worker", "claim_queues", "cron_spec", "duration_ns", "error_text", "job_spec",
+           "lease_ns", "max_jobs", "page_size", "wait_ns"]
+
+MAX_NAME_BYTES = 256
+MAX_JOB_ID_BYTES = 1024
+MAX_ATTEMPTS = 1000
+MAX_PRIORITY = 9
+MAX_CLAIM_QUEUES = 100
+MAX_CLAIM_JOBS = 100
+MAX_WAIT_NS = 60 * 1_000_000_000
+MAX_ERROR_BYTES = 4096
+MAX_IDS = 10_000
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
+_NS = 1_000_000_000
+_MAX_DURATION_NS = 10 * 366 * 86_400 * _NS
+"""Ten years: far beyond any useful delay, and well inside int64 nanoseconds."""
+_NAME = re.compile(r"[A-Za-z0-9_\-.:/@#=+{}]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _too_long(text: str, limit: int) -> bool:
+    return len(text) * 4 > limit and len(text.encode()) > limit
+
+
+def check_name(name: str, field: str) -> None:
+    """A queue or schedule id: 1-256 bytes of A-Z a-z 0-9 _ - . : / @ # = + { }."""
+    if not name:
+        raise invalid_argument(field, "must not be empty")
+    if len(name) > MAX_NAME_BYTES:
+        raise invalid_argument(field, f"must be at most {MAX_NAME_BYTES} bytes")
+    if not _NAME.fullmatch(name):
+        raise invalid_argument(field, "may hold only A-Z a-z 0-9 and _ - . : / @ # = + { }")
+
+
+def _check_text(text: str, field: str, required: bool = True) -> None:
+    if required and not text:
+        raise invalid_argument(field, "must not be empty")
+    if _too_long(text, MAX_NAME_BYTES):
+        raise invalid_argument(field, f"must be at most {MAX_NAME_BYTES} bytes")
+    if _CONTROL.search(text):
+        raise invalid_argument(field, "must not hold control characters")
+
+
+def check_job_id(job_id: str) -> None:
+    if not job_id:
+        raise invalid_argument("job_id", "must not be empty")
+    if _too_long(job_id, MAX_JOB_ID_BYTES):
+        raise invalid_argument("job_id", f"must be at most {MAX_JOB_ID_BYTES} bytes")
+
+
+def duration_ns(d: duration_pb2.Duration, field: str) -> int:
+    """A duration that is not negative, in nanoseconds."""
+    if d.seconds < 0 or d.nanos < 0:
+        raise invalid_argument(field, "must not be negative")
+    if d.nanos >= _NS:
+        raise invalid_argument(field, "nanos must be below 1e9")
+    ns = d.seconds * _NS + d.nanos
+    if ns > _MAX_DURATION_NS:
+        raise invalid_argument(field, "must be at most 10 years")
+    return ns
+
+
+def _timestamp_ns(t: timestamp_pb2.Timestamp, field: str) -> int:
+    if not 0 <= t.nanos < _NS or not 0 <= t.seconds < 253402300800:  # 0001..9999
+        raise invalid_argument(field, "is not a valid timestamp (1970 to 9999)")
+    return t.seconds * _NS + t.nanos
+
+
+def _seconds_ns(seconds: float) -> int:
+    return int(seconds * _NS)
+
+
+def _backoff(source: pb.EnqueueRequest | pb.JobTemplate, limits: SchedulerLimits,
+             prefix: str) -> spb.BackoffRecord:
+    if not source.HasField("backoff"):
+        return spb.BackoffRecord(
+            initial_ns=_seconds_ns(limits.backoff_initial),
+            max_ns=_seconds_ns(limits.backoff_max),
+            multiplier=limits.backoff_multiplier, jitter=limits.backoff_jitter)
+    b = source.backoff
+    field = f"{prefix}backoff"
+    initial = duration_ns(b.initial_delay, f"{field}.initial_delay") \
+        or _seconds_ns(limits.backoff_initial)
+    given_max = duration_ns(b.max_delay, f"{field}.max_delay")
+    if given_max and given_max < initial:
+        raise invalid_argument(f"{field}.max_delay", "must be at least initial_delay")
+    maximum = given_max or max(_seconds_ns(limits.backoff_max), initial)
+    if b.multiplier != 0 and not 1 <= b.multiplier <= 1000:
+        raise invalid_argument(f"{field}.multiplier", "must be 0 (the default) or 1 to 1000")
+    if not 0 <= b.jitter <= 1:
+        raise invalid_argument(f"{field}.jitter", "must be between 0 and 1")
+    return spb.BackoffRecord(initial_ns=initial, max_ns=maximum,
+                             multiplier=b.multiplier or limits.backoff_multiplier,
+                             jitter=b.jitter)
+
+
+def _template(source: pb.EnqueueRequest | pb.JobTemplate, limits: SchedulerLimits,
+              prefix: str) -> spb.JobRecord:
+    """The fields a job and a schedule's template share, checked, defaults in."""
+    _check_text(source.type, f"{prefix}type")
+    if len(source.payload) > limits.max_payload_bytes:
+        raise invalid_argument(f"{prefix}payload",
+                               f"is {len(source.payload)} bytes; the limit is "
+                               f"{limits.max_payload_bytes}")
+    if source.priority > MAX_PRIORITY:
+        raise invalid_argument(f"{prefix}priority", f"must be 0 to {MAX_PRIORITY}")
+    if source.max_attempts > MAX_ATTEMPTS:
+        raise invalid_argument(f"{prefix}max_attempts", f"must be at most {MAX_ATTEMPTS}")
+    _check_text(source.unique_key, f"{prefix}unique_key", required=False)
+    return spb.JobRecord(
+        type=source.type, payload=source.payload, priority=source.priority,
+        max_attempts=source.max_attempts or limits.default_max_attempts,
+        backoff=_backoff(source, limits, prefix),
+        timeout_ns=duration_ns(source.timeout, f"{prefix}timeout")
+        or _seconds_ns(limits.default_timeout),
+        unique_key=source.unique_key,
+        unique_ttl_ns=duration_ns(source.unique_ttl, f"{prefix}unique_ttl"),
+        retention_ns=duration_ns(source.retention, f"{prefix}retention")
+        or _seconds_ns(limits.default_retention))
+
+
+def job_spec(request: pb.EnqueueRequest, limits: SchedulerLimits, now: int) -> spb.JobRecord:
+    """The job an Enqueue asks for, as the command carries it."""
+    check_name(request.queue, "queue")
+    spec = _template(request, limits, "")
+    spec.queue = request.queue
+    when = request.WhichOneof("when")
+    if when == "run_at":
+        spec.run_ns = max(_timestamp_ns(request.run_at, "run_at"), now)
+    elif when == "delay":
+        spec.run_ns = now + duration_ns(request.delay, "delay")
+    else:
+        spec.run_ns = now
+    if spec.unique_ttl_ns:
+        spec.unique_expire_ns = now + spec.unique_ttl_ns
+        spec.unique_ttl_ns = 0
+    return spec
+
+
+def cron_spec(request: pb.CreateScheduleRequest, limits: SchedulerLimits, now: int
+              ) -> spb.ScheduleRecord:
+    """The schedule a CreateSchedule asks for, with its first tick after ``now``."""
+    check_name(request.queue, "queue")
+    check_name(request.schedule_id, "schedule_id")
+    try:
+        expr = cron.parse(request.cron)
+    except cron.CronError as exc:
+        raise invalid_argument("cron", str(exc)) from None
+    try:
+        tz = cron.zone(request.timezone)
+    except cron.CronError as exc:
+        raise invalid_argument("timezone", str(exc)) from None
+    template = _template(request.template, limits, "template.")
+    template.queue = request.queue
+    template.schedule_id = request.schedule_id
+    first = expr.next_after(now, tz)
+    if first is None:
+        raise invalid_argument("cron", "never fires (within 5 years)")
+    return spb.ScheduleRecord(
+        queue=request.queue, schedule_id=request.schedule_id, cron=request.cron.strip(),
+        timezone=request.timezone, template=template, last_tick_ns=now, next_fire_ns=first)
+
+
+def claim_queues(queues: Sequence[str]) -> list[str]:
+    if not queues:
+        raise invalid_argument("queues", "must not be empty")
+    if len(queues) > MAX_CLAIM_QUEUES:
+        raise invalid_argument("queues", f"at most {MAX_CLAIM_QUEUES} queues")
+    for i, queue in enumerate(queues):
+        check_name(queue, f"queues[{i}]")
+    if len(set(queues)) != len(queues):
+        raise invalid_argument("queues", "must not repeat a queue")
+    return list(queues)
+
+
+def check_worker(worker_id: str) -> None:
+    _check_text(worker_id, "worker_id")
+
+
+def max_jobs(value: int) -> int:
+    if value > MAX_CLAIM_JOBS:
+        raise invalid_argument("max_jobs", f"must be at most {MAX_CLAIM_JOBS}")
+    return value or 1
+
+
+def lease_ns(d: duration_pb2.Duration, limits: SchedulerLimits, field: str) -> int | None:
+    """A lease length within the node's bounds; None if unset or zero."""
+    ns = duration_ns(d, field)
+    if not ns:
+        return None
+    if not _seconds_ns(limits.min_lease) <= ns <= _seconds_ns(limits.max_lease):
+        raise invalid_argument(field, f"must be {limits.min_lease:g} s to "
+                                      f"{limits.max_lease:g} s")
+    return ns
+
+
+def wait_ns(d: duration_pb2.Duration) -> int:
+    ns = duration_ns(d, "wait")
+    if ns > MAX_WAIT_NS:
+        raise invalid_argument("wait", "must be at most 60 s")
+    return ns
+
+
+def error_text(error: str) -> str:
+    """A Fail's error, cut to 4 KiB of UTF-8."""
+    if len(error) * 4 <= MAX_ERROR_BYTES:
+        return error
+    return error.encode()[:MAX_ERROR_BYTES].decode(errors="ignore")
+
+
+def check_ids(job_ids: Sequence[str]) -> None:
+    if len(job_ids) > MAX_IDS:
+        raise invalid_argument("job_ids", f"at most {MAX_IDS} ids per call")
+
+
+def page_size(value: int) -> int:
+    return DEFAULT_PAGE if value == 0 else min(value, MAX_PAGE)

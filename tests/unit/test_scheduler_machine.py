@@ -1,0 +1,469 @@
+"""The scheduler's state machine without a network: decisions on a primary, replay
+on a replica, leases and tokens, retries, unique keys, the primary's timers,
+snapshots, and reading back from a real journal."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from common.errors import MeshStatusError
+from common.slots import slot_for
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from nodes.config import SchedulerLimits
+from nodes.replication.group import Group
+from nodes.replication.journal import Journal
+from nodes.scheduler import machine as machine_module
+from nodes.scheduler import validation as v
+from nodes.scheduler.claims import Claimed, claim
+from nodes.scheduler.leader import Leader
+from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
+from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff
+from nodes.scheduler.state import EPOCH_SHIFT
+from nodes.scheduler.storage import SCHEMA, TABLES
+
+S = 1_000_000_000
+LIMITS = SchedulerLimits()
+
+
+class FakeJournal:
+    """Records the SQL a machine queues (the real one is tested further down)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, str, list[Sequence[Any]]]] = []
+        self.cleared: list[tuple[str, ...]] = []
+
+    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Sequence[Any]
+              ) -> None:
+        self.writes.append((seq, sql, list(rows)))
+
+    def clear(self, group: Group, tables: Iterable[str]) -> None:
+        self.cleared.append(tuple(tables))
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return []
+
+
+def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = None,
+           limits: SchedulerLimits = LIMITS, epoch: int = 1) -> Group:
+    group = Group(5, node, {SCHEDULER: lambda g: SchedulerMachine(g, journal, limits)},
+                  durable=durable)
+    if primary:
+        group.become_primary(epoch)
+    return group
+
+
+def _machine(group: Group) -> SchedulerMachine:
+    machine = group.machines[SCHEDULER]
+    assert isinstance(machine, SchedulerMachine)
+    return machine
+
+
+def _leader(m: SchedulerMachine) -> Leader:
+    assert m.leader is not None
+    return m.leader
+
+
+def _enqueue(m: SchedulerMachine, queue: str = "q", strict: bool = False, **fields: Any
+             ) -> str:
+    now = time.time_ns()
+    spec = v.job_spec(pb.EnqueueRequest(queue=queue, type="t", **fields), LIMITS, now)
+    return m.enqueue(spec, strict, now).job.job_id
+
+
+def _claim(m: SchedulerMachine, *queues: str, n: int = 1, lease: float = 30,
+           worker: str = "w", now: int | None = None) -> list[Claimed]:
+    sources = [(m, m.state.queues[q]) for q in queues or ("q",) if q in m.state.queues]
+    return claim(sources, worker, n, int(lease * S), now or time.time_ns())
+
+
+def _one(m: SchedulerMachine, **kwargs: Any) -> tuple[str, int]:
+    (claimed,) = _claim(m, **kwargs)
+    (job,) = claimed.jobs
+    return job.job_id, claimed.token
+
+
+def _replay(primary: Group, replica: Group, after: int = 0) -> None:
+    for command in primary.log.since(after, 100_000):
+        _machine(replica).apply(command)
+
+
+def _state(m: SchedulerMachine) -> Any:
+    """Everything a copy holds, comparable across copies (index places aside)."""
+    jobs = sorted(j.to_record().SerializeToString() for j in m.state.jobs.values())
+    schedules = sorted(s.record.SerializeToString() for s in m.state.schedules.values())
+    queues = sorted((q.name, q.totals.succeeded, q.totals.failed_attempts,
+                     q.totals.lease_losses, q.n_ready + q.n_delayed, sorted(q.leased),
+                     q.n_done, q.n_cancelled, q.dead,
+                     sorted((k, j.job_id) for k, j in q.unique.items() if not j.finished))
+                    for q in m.state.queues.values())
+    return jobs, schedules, queues
+
+
+def test_claim_order_priority_then_run_time_then_fifo_and_replicas_agree() -> None:
+    primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
+    m = _machine(primary)
+    ids = {p: _enqueue(m, priority=p, payload=str(p).encode()) for p in (1, 5, 0, 9)}
+    second_five = _enqueue(m, priority=5)
+    delayed = _enqueue(m, priority=9, delay={"seconds": 60})
+    other = _enqueue(m, "r", priority=7)
+    assert all(slot_for(i) == slot_for("q") for i in ids.values())  # ids route to the queue
+    claimed = _claim(m, "q", "r", n=10)
+    order = [j.job_id for c in claimed for j in c.jobs]
+    assert order == [ids[9], other, ids[5], second_five, ids[1], ids[0]]
+    assert delayed not in order
+    (lease,) = claimed
+    assert lease.token == 1 << EPOCH_SHIFT | lease.seq  # epoch 1, the claim's seq
+    _replay(primary, replica)
+    assert _state(_machine(replica)) == _state(m)
+    # Due now: the delayed job is next, on the primary's clock.
+    (later,) = _claim(m, now=time.time_ns() + 61 * S)
+    assert [j.job_id for j in later.jobs] == [delayed] and later.token > lease.token
+
+
+def test_tokens_are_checked_and_a_repeated_complete_or_fail_gets_the_same_answer() -> None:
+    m = _machine(_group(FakeJournal()))
+    job_id = _enqueue(m)
+    _, token = _one(m)
+    for wrong in (token - 1, token + 1, 0):
+        with pytest.raises(MeshStatusError) as exc:
+            m.complete(job_id, wrong, b"")
+        assert (exc.value.code, exc.value.reason.value) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
+        assert exc.value.metadata["state"] == "JOB_STATE_LEASED"
+    job, _ = m.heartbeat(job_id, token, 60 * S)
+    assert job.lease_ns == 60 * S
+    finish, seq = m.complete(job_id, token, b"ok")
+    assert m.complete(job_id, token, b"ok") == (finish, seq)
+    with pytest.raises(MeshStatusError):
+        m.heartbeat(job_id, token, None)
+    with pytest.raises(MeshStatusError) as exc:
+        m.fail(job_id, token, "late", True, None)
+    assert exc.value.metadata["state"] == "JOB_STATE_SUCCEEDED"
+    other = _enqueue(m)
+    _, token = _one(m)
+    failed = m.fail(other, token, "e", True, None)
+    assert m.fail(other, token, "e", True, None) == failed
+    with pytest.raises(MeshStatusError) as exc:
+        m.complete("{q}9-9", 1, b"")
+    assert exc.value.reason.value == "JOB_NOT_FOUND"
+
+
+def test_backoff_schedule_and_jitter() -> None:
+    b = Backoff(initial_ns=S, max_ns=10 * S, multiplier=2, jitter=0)
+    assert [b.delay_ns(n, 0.99) for n in range(1, 7)] == [S, 2 * S, 4 * S, 8 * S, 10 * S,
+                                                          10 * S]
+    jittered = Backoff(initial_ns=S, max_ns=10 * S, multiplier=3, jitter=0.5)
+    assert jittered.delay_ns(2, 0.0) == 3 * S and jittered.delay_ns(2, 0.5) == 9 * S // 4
+    assert Backoff(S, S, 1, 0).delay_ns(50, 0.3) == S  # constant
+
+
+def test_failures_retry_with_backoff_then_die_and_requeue_resets_the_budget() -> None:
+    m = _machine(_group(FakeJournal()))
+    backoff = pb.Backoff(multiplier=2)
+    backoff.initial_delay.FromMilliseconds(100)
+    job_id = _enqueue(m, max_attempts=3, backoff=backoff)
+    job = m.state.jobs[job_id]
+    delays = []
+    for attempt in (1, 2):
+        start = time.time_ns()
+        _, token = _one(m, now=start + 10 * S)
+        assert job.attempt_count == attempt
+        failed = m.fail(job_id, token, f"e{attempt}", True, None)
+        assert failed.state == WAITING and failed.attempts == attempt
+        delays.append(failed.run_ns - start)
+    assert 0.1 * S <= delays[0] < 0.11 * S and 0.2 * S <= delays[1] < 0.21 * S
+    _, token = _one(m, now=time.time_ns() + 10 * S)
+    assert m.fail(job_id, token, "e3", True, None).state == DEAD
+    queue = m.state.queues["q"]
+    assert queue.dead == [(job.finish_ns, job_id)] and queue.totals.failed_attempts == 3
+    assert (job.last_error, [a.number for a in job.attempts]) == ("e3", [1, 2, 3])
+    assert m.requeue("q", [])[:2] == (1, 0)
+    assert job.state == WAITING and job.attempt_count == 0 and not queue.dead
+    _, token = _one(m)
+    assert m.fail(job_id, token, "fatal", False, None).state == DEAD  # not retryable
+    assert m.purge("q", [], False)[:2] == (0, 1)
+    assert m.purge("q", [job_id, "nope"], False)[:2] == (1, 0)
+    assert job_id not in m.state.jobs
+
+
+def test_expired_leases_do_not_spend_attempts_but_are_capped() -> None:
+    limits = SchedulerLimits(max_lease_losses=3)
+    m = _machine(_group(FakeJournal(), limits=limits))
+    job_id = _enqueue(m, max_attempts=1)
+    job = m.state.jobs[job_id]
+    tokens = []
+    for losses in (1, 2, 3):
+        start = time.time_ns()
+        _, token = _one(m, lease=1, now=start)
+        tokens.append(token)
+        assert job.attempt_count == 1
+        _leader(m).run_due(start + 2 * S)
+        assert job.lease_losses == losses and job.attempt_count == 0
+        assert job.state == (DEAD if losses == 3 else WAITING)
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3
+    outcomes = [a.outcome for a in job.attempts]
+    assert outcomes == [pb.ATTEMPT_OUTCOME_LEASE_EXPIRED] * 3
+    assert "3 times" in job.last_error
+    assert m.state.queues["q"].totals.lease_losses == 3
+
+
+def test_a_timeout_counts_as_a_failed_attempt() -> None:
+    m = _machine(_group(FakeJournal()))
+    job_id = _enqueue(m, max_attempts=2, timeout={"seconds": 2})
+    job = m.state.jobs[job_id]
+    start = time.time_ns()
+    _one(m, lease=30, now=start)
+    assert job.lease_expire_ns == job.timeout_at_ns  # the lease never passes the timeout
+    _leader(m).run_due(start + S)
+    assert job.state == LEASED  # not yet
+    _leader(m).run_due(job.timeout_at_ns)
+    assert job.state == WAITING and job.attempt_count == 1
+    assert job.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_TIMED_OUT
+    _one(m, now=time.time_ns() + 60 * S)
+    _leader(m).run_due(job.timeout_at_ns)
+    assert job.state == DEAD
+
+
+def test_a_late_complete_after_the_deadline_is_refused_and_expires_the_lease() -> None:
+    m = _machine(_group(FakeJournal()))
+    job_id = _enqueue(m)
+    job = m.state.jobs[job_id]
+    _, token = _one(m, lease=1)
+    job.lease_expire_ns = time.time_ns() - 1  # its timer has not run yet
+    with pytest.raises(MeshStatusError) as exc:
+        m.complete(job_id, token, b"")
+    assert exc.value.reason.value == "LEASE_LOST"
+    assert job.state == WAITING and job.lease_losses == 1
+
+
+def test_an_abandoned_claim_puts_its_jobs_back_uncounted() -> None:
+    m = _machine(_group(FakeJournal()))
+    first, second = _enqueue(m), _enqueue(m)
+    (claimed,) = _claim(m, n=2)
+    m.abandon(claimed)
+    jobs = m.state.jobs
+    assert jobs[first].state == jobs[second].state == WAITING
+    assert jobs[first].attempt_count == 0 and jobs[first].lease_losses == 0
+    (again,) = _claim(m, n=2)
+    assert [j.job_id for j in again.jobs] == [first, second]  # their places kept
+
+
+def test_unique_keys() -> None:
+    m = _machine(_group(FakeJournal()))
+    first = _enqueue(m, unique_key="k")
+    assert _enqueue(m, unique_key="k") == first
+    with pytest.raises(MeshStatusError) as exc:
+        _enqueue(m, unique_key="k", strict=True)
+    assert (exc.value.code, exc.value.metadata["job_id"]) == (
+        grpc.StatusCode.ALREADY_EXISTS, first)
+    assert _enqueue(m, "other", unique_key="k") != first  # per queue
+    _, token = _one(m)
+    m.complete(first, token, b"")
+    second = _enqueue(m, unique_key="k", strict=True)
+    assert second != first
+    m.cancel(second)
+    third = _enqueue(m, unique_key="k", unique_ttl={"seconds": 1})
+    job = m.state.jobs[third]
+    job.unique_expire_ns = time.time_ns() - 1  # the ttl passed
+    assert _enqueue(m, unique_key="k") not in (first, second, third)
+
+
+def test_queue_full() -> None:
+    m = _machine(_group(FakeJournal(), limits=SchedulerLimits(max_queue_jobs=2)))
+    _enqueue(m)
+    _enqueue(m)
+    with pytest.raises(MeshStatusError) as exc:
+        _enqueue(m)
+    assert (exc.value.code, exc.value.reason.value) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")
+
+
+def test_a_new_primary_gives_running_leases_a_full_lease_and_higher_tokens() -> None:
+    primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
+    m = _machine(primary)
+    job_id = _enqueue(m)
+    _, token = _one(m, lease=5)
+    _replay(primary, replica)
+    promoted = time.time_ns()
+    replica.become_primary(2)
+    r = _machine(replica)
+    job = r.state.jobs[job_id]
+    assert job.lease_expire_ns >= promoted + 5 * S
+    finish, _ = r.complete(job_id, token, b"")  # the worker's token still works
+    assert finish and job.state == SUCCEEDED
+    r.requeue("q", [])
+    other = _enqueue(r)
+    _, token2 = _one(r)
+    assert token2 >> EPOCH_SHIFT == 2 and token2 > token
+    assert other.startswith("{q}2-")  # ids carry the epoch too
+
+
+def test_leading_again_rearms_every_lease_timer() -> None:
+    group = _group(FakeJournal())
+    m = _machine(group)
+    job_id = _enqueue(m)
+    _one(m, lease=1)
+    group.step_down(2, "test")
+    group.become_primary(3)
+    _leader(m).run_due(time.time_ns() + 3 * S)
+    job = m.state.jobs[job_id]
+    assert job.state == WAITING and job.lease_losses == 1
+
+
+def test_stepping_down_ends_waiting_claims() -> None:
+    async def scenario() -> None:
+        group = _group(FakeJournal())
+        m = _machine(group)
+        from nodes.scheduler.claims import ClaimWaiter
+        waiter = ClaimWaiter("w", 1, 30 * S)
+        _leader(m).add_waiter(waiter, ["q"])
+        group.step_down(2, "test")
+        assert m.leader is None
+        with pytest.raises(MeshStatusError) as exc:
+            await waiter.future
+        assert exc.value.code == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(scenario())
+
+
+async def test_waiters_are_served_in_order_when_jobs_come() -> None:
+    from nodes.scheduler.claims import ClaimWaiter
+    m = _machine(_group(FakeJournal()))
+    first, second = ClaimWaiter("a", 5, 30 * S), ClaimWaiter("b", 5, 30 * S)
+    _leader(m).add_waiter(first, ["q"])
+    _leader(m).add_waiter(second, ["q", "r"])
+    job_id = _enqueue(m)
+    got = await asyncio.wait_for(first.future, 1)
+    assert [j.job_id for c in got for j in c.jobs] == [job_id]
+    assert not second.done and not first.places
+    delayed = _enqueue(m, "r", delay={"nanos": 50_000_000})
+    got = await asyncio.wait_for(second.future, 1)  # the due timer wakes it
+    assert [j.job_id for c in got for j in c.jobs] == [delayed]
+    assert not _leader(m).waiters
+
+
+def test_cron_fires_each_tick_once_with_catch_up_capped() -> None:
+    limits = SchedulerLimits(cron_catch_up=3)
+    primary, replica = _group(FakeJournal(), limits=limits), _group(
+        FakeJournal(), "b", primary=False, limits=limits)
+    m = _machine(primary)
+    now = (time.time_ns() // S) * S
+    request = pb.CreateScheduleRequest(queue="q", schedule_id="s", cron="* * * * * *",
+                                       template=pb.JobTemplate(type="tick", unique_key=""))
+    record = v.cron_spec(request, limits, now)
+    assert record.next_fire_ns == now + S
+    schedule, _ = m.put_schedule(record, False)
+    leader = _leader(m)
+    leader.run_due(now + S)
+    leader.run_due(now + S)  # the same tick again: nothing
+    assert schedule.record.fired_total == 1 and schedule.record.last_tick_ns == now + S
+    leader.run_due(now + 10 * S)  # 9 ticks missed: the 3 oldest fire, 6 are skipped
+    r = schedule.record
+    assert (r.fired_total, r.skipped_total, r.next_fire_ns) == (4, 6, now + 11 * S)
+    runs = sorted(j.run_ns for j in m.state.jobs.values())
+    assert runs == [now + S, now + 2 * S, now + 3 * S, now + 4 * S]
+    assert {j.schedule_id for j in m.state.jobs.values()} == {"s"}
+    # A new primary goes on after the last tick its copy holds: none twice.
+    _replay(primary, replica)
+    replica.become_primary(2)
+    _leader(_machine(replica)).run_due(now + 11 * S)
+    rr = _machine(replica).state.schedules[("q", "s")].record
+    assert (rr.fired_total, rr.last_tick_ns) == (5, now + 11 * S)
+    assert len({j.run_ns for j in _machine(replica).state.jobs.values()}) == 5
+
+
+def test_cron_skips_a_tick_while_its_unique_key_is_held() -> None:
+    m = _machine(_group(FakeJournal()))
+    now = (time.time_ns() // S) * S
+    request = pb.CreateScheduleRequest(queue="q", schedule_id="s", cron="* * * * * *",
+                                       template=pb.JobTemplate(type="t", unique_key="one"))
+    schedule, _ = m.put_schedule(v.cron_spec(request, LIMITS, now), False)
+    _leader(m).run_due(now + S)
+    _leader(m).run_due(now + 2 * S)
+    assert (schedule.record.fired_total, schedule.record.skipped_total) == (1, 1)
+    assert len(m.state.jobs) == 1
+
+
+def test_retention_sweep_removes_finished_jobs() -> None:
+    m = _machine(_group(FakeJournal()))
+    done = _enqueue(m, retention={"seconds": 10})
+    _, token = _one(m)
+    m.complete(done, token, b"")
+    dead = _enqueue(m)
+    _, token = _one(m)
+    m.fail(dead, token, "", False, None)
+    kept = _enqueue(m)
+    leader = _leader(m)
+    assert leader.sweep(time.time_ns()) == 0
+    assert leader.sweep(time.time_ns() + 11 * S) == 1
+    assert set(m.state.jobs) == {kept, dead}  # dead letters stay until purged
+    assert m.state.queues["q"].n_done == 0
+
+
+def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machine_module, "CHUNK_BYTES", 3000)  # several chunks
+    group = _group(FakeJournal())
+    m = _machine(group)
+    for i in range(30):
+        _enqueue(m, f"q{i % 3}", payload=b"x" * 500, priority=i % 10, unique_key=f"u{i}")
+    _enqueue(m, "q0", delay={"seconds": 30})
+    claimed = _claim(m, "q0", "q1", n=5)
+    m.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"r")
+    m.fail(claimed[0].jobs[1].job_id, claimed[0].token, "boom", False, None)
+    m.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
+        queue="q2", schedule_id="s", cron="@hourly", template=pb.JobTemplate(type="t")),
+        LIMITS, time.time_ns()), False)
+    chunks = m.snapshot()
+    assert len(chunks) > 3
+    journal = FakeJournal()
+    copy = _group(journal, "b", primary=False)
+    copy.install(group.log.last_epoch, group.log.last_seq,
+                 [(SCHEDULER, slot, data) for slot, data in chunks])
+    assert _state(_machine(copy)) == _state(m)
+    assert journal.cleared == [TABLES]
+    written = sum(len(rows) for _, sql, rows in journal.writes if "scheduler_jobs" in sql)
+    assert written == len(m.state.jobs)
+    # The copy serves as a primary would: same order of what is ready.
+    copy.become_primary(2)
+    mine = [j.job_id for c in _claim(m, "q0", "q1", "q2", n=50) for j in c.jobs]
+    theirs = [j.job_id for c in _claim(_machine(copy), "q0", "q1", "q2", n=50) for j in c.jobs]
+    assert mine == theirs and len(mine) == 25
+
+
+async def test_a_restarted_node_reads_its_jobs_back(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "durable.sqlite3")
+    journal.create_tables(SCHEMA, TABLES)
+    journal.start()
+    group = _group(journal)
+    m = _machine(group)
+    ids = [_enqueue(m, priority=i, unique_key=f"k{i}") for i in range(5)]
+    _enqueue(m, delay={"seconds": 60})
+    claimed = _claim(m, n=2)
+    m.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"done")
+    m.fail(claimed[0].jobs[1].job_id, claimed[0].token, "x", False, None)
+    m.cancel(ids[0])
+    m.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
+        queue="q", schedule_id="s", cron="0 0 * * * *", template=pb.JobTemplate(type="t")),
+        LIMITS, time.time_ns()), False)
+    m.purge("q", [], True)
+    await asyncio.wait_for(group.wait_committed(group.log.last_seq), 5)
+    await journal.close()
+
+    journal = Journal(tmp_path / "durable.sqlite3")  # the node restarts
+    journal.create_tables(SCHEMA, TABLES)
+    [copy] = journal.copies()
+    restored = _group(journal, primary=False, durable=copy)
+    r = _machine(restored)
+    assert _state(r) == _state(m)
+    restored.become_primary(2)
+    assert _enqueue(r, unique_key="k2") == ids[2]  # unique keys came back
+    remaining = [j.job_id for c in _claim(r, n=10) for j in c.jobs]
+    assert remaining == [ids[2], ids[1]]
+    await journal.close()
