@@ -8,6 +8,8 @@
         await mesh.events.append("order-1", NewEvent("OrderPlaced", {"total": 5}))
         async with mesh.events.subscribe(category="order-") as sub:
             async for event in sub: ...
+        job_id = await mesh.scheduler.enqueue("mail", "email.send", {"to": "a@example.com"})
+        await Worker(mesh, "mail", {"email.send": send}, concurrency=8).run()
 
 ``clients.projection.ProjectionRunner`` keeps a sqlite read model in step with
 a subscription, exactly once.
@@ -21,17 +23,22 @@ from clients.errors import (
     ConflictError,
     DeadlineExceededError,
     DuplicateEventIdError,
+    DuplicateJobError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
+    JobNotFoundError,
     KeyExistsError,
+    LeaseLostError,
     LockLostError,
     LockNotHeldError,
     LockTimeoutError,
     MeshError,
     NoNodesError,
     NotFoundError,
+    QueueFullError,
     ResourceExhaustedError,
+    ScheduleExistsError,
     StreamDeletedError,
     UnauthenticatedError,
     UnavailableError,
@@ -59,10 +66,29 @@ from clients.event_types import (
     StreamMetadata,
 )
 from clients.events import EventsClient
+from clients.job_runtime import JobContext, PermanentJobError, RetryJobLater
+from clients.job_types import (
+    Attempt,
+    AttemptOutcome,
+    CancelResult,
+    ClaimedJob,
+    DeadLetterPage,
+    EnqueueResult,
+    FailResult,
+    Job,
+    JobBackoff,
+    JobState,
+    JobTemplate,
+    QueueStats,
+    Schedule,
+    SchedulePage,
+)
 from clients.lease import Lease
 from clients.lock import HolderInfo, LockClient, LockInfo, WaiterInfo
 from clients.mesh import Mesh
 from clients.projection import ProjectionCheckpoint, ProjectionRunner, SqliteCheckpointStore
+from clients.scheduler import PurgeResult, RequeueResult, SchedulerClient
+from clients.worker import Worker, WorkerStats
 
 __all__ = [
     "ANY",
@@ -71,23 +97,38 @@ __all__ = [
     "NO_STREAM",
     "STREAM_EXISTS",
     "AppendResult",
+    "Attempt",
+    "AttemptOutcome",
     "CacheEntry",
     "CacheEvent",
+    "CancelResult",
     "CaughtUp",
     "Checkpoint",
+    "ClaimedJob",
     "ConflictError",
+    "DeadLetterPage",
     "DeadlineExceededError",
     "DuplicateEventIdError",
+    "DuplicateJobError",
+    "EnqueueResult",
     "EventType",
     "EventsClient",
     "Expected",
+    "FailResult",
     "FailedPreconditionError",
     "FellBehind",
     "HolderInfo",
     "InternalError",
     "InvalidArgumentError",
+    "Job",
+    "JobBackoff",
+    "JobContext",
+    "JobNotFoundError",
+    "JobState",
+    "JobTemplate",
     "KeyExistsError",
     "Lease",
+    "LeaseLostError",
     "LockClient",
     "LockInfo",
     "LockLostError",
@@ -99,11 +140,21 @@ __all__ = [
     "NoNodesError",
     "NodeStats",
     "NotFoundError",
+    "PermanentJobError",
     "ProjectionCheckpoint",
     "ProjectionRunner",
+    "PurgeResult",
+    "QueueFullError",
+    "QueueStats",
     "ReadPage",
     "RecordedEvent",
+    "RequeueResult",
     "ResourceExhaustedError",
+    "RetryJobLater",
+    "Schedule",
+    "ScheduleExistsError",
+    "SchedulePage",
+    "SchedulerClient",
     "SqliteCheckpointStore",
     "Start",
     "StreamDeletedError",
@@ -115,5 +166,7 @@ __all__ = [
     "VersionMismatchError",
     "WaiterInfo",
     "WatchGapError",
+    "Worker",
+    "WorkerStats",
     "WrongExpectedVersionError",
 ]

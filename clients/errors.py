@@ -9,12 +9,17 @@
     │   ├── VersionMismatchError    only_if_version, and .current_version differs
     │   │   └── WrongExpectedVersionError  an event append's expected version did not hold
     │   ├── DuplicateEventIdError   some, not all, of an append's event ids are in the stream
+    │   ├── DuplicateJobError       strict_unique enqueue, and .job_id holds the unique key
+    │   ├── ScheduleExistsError     the queue already has a cron schedule with this id
     │   └── LockTimeoutError        the lock was not acquired in time (nothing held or queued)
     ├── NotFoundError
+    │   └── JobNotFoundError        unknown job id, or past its retention
     ├── FailedPreconditionError     the system is not in a state to do this; don't retry as is
     │   ├── LockNotHeldError        the lease is unknown, released or expired: acquire again
-    │   └── StreamDeletedError      the event stream is tombstoned: never usable again
+    │   ├── StreamDeletedError      the event stream is tombstoned: never usable again
+    │   └── LeaseLostError          a job's lease is no longer ours (.state): stop working on it
     ├── ResourceExhaustedError      overload or a limit (cache full, too many watches); back off
+    │   └── QueueFullError          the job queue holds the node's maximum of unfinished jobs
     ├── UnavailableError            no node took the call in time; see the class for retries
     │   └── NoNodesError            no node offers the service
     ├── DeadlineExceededError       the call's deadline passed
@@ -126,8 +131,25 @@ class LockTimeoutError(ConflictError):
         return _int(self.metadata.get("waiters", "0"))
 
 
+class DuplicateJobError(ConflictError):
+    """Enqueue with ``strict_unique`` while the unique key is held; ``job_id`` is the
+    job holding it."""
+
+    @property
+    def job_id(self) -> str:
+        return self.metadata.get("job_id", "")
+
+
+class ScheduleExistsError(ConflictError):
+    """CreateSchedule without ``replace`` for an id the queue already has."""
+
+
 class NotFoundError(MeshError):
     """The named thing does not exist."""
+
+
+class JobNotFoundError(NotFoundError):
+    """No job has this id (never enqueued, or removed after its retention)."""
 
 
 class FailedPreconditionError(MeshError):
@@ -142,8 +164,26 @@ class StreamDeletedError(FailedPreconditionError):
     """The event stream was tombstoned: it can never be read or written again."""
 
 
+class LeaseLostError(FailedPreconditionError):
+    """Heartbeat, Complete or Fail presented a lease token that is not the job's
+    current one: the lease expired, the job was claimed again or cancelled.
+    ``state`` is the job's state now (e.g. ``"PENDING"``; empty if unknown).
+    The job belongs to someone else now: stop working on it.
+
+    The worker pool also raises it from ``JobContext.check()`` once it knows, or
+    must presume, that the lease is gone."""
+
+    @property
+    def state(self) -> str:
+        return self.metadata.get("state", "").removeprefix("JOB_STATE_")
+
+
 class ResourceExhaustedError(MeshError):
     """Overload or a configured limit; back off before retrying."""
+
+
+class QueueFullError(ResourceExhaustedError):
+    """The job queue holds the node's maximum of unfinished jobs."""
 
 
 class UnavailableError(MeshError):
@@ -217,6 +257,11 @@ _BY_REASON: dict[str, type[MeshError]] = {
     "LOCK_NOT_HELD": LockNotHeldError,
     "DUPLICATE_EVENT_ID": DuplicateEventIdError,
     "STREAM_DELETED": StreamDeletedError,
+    "JOB_NOT_FOUND": JobNotFoundError,
+    "DUPLICATE_JOB": DuplicateJobError,
+    "SCHEDULE_EXISTS": ScheduleExistsError,
+    "LEASE_LOST": LeaseLostError,
+    "QUEUE_FULL": QueueFullError,
 }
 
 

@@ -27,6 +27,7 @@ from clients.events import EventsClient
 from clients.lease import Lease, LostCallback
 from clients.lock import LockClient
 from clients.router import Router, Target
+from clients.scheduler import SchedulerClient
 from common.auth import bearer
 from common.clustermap import MapFollower, RoutingTable
 from common.etcd import client_for
@@ -121,6 +122,7 @@ class Mesh:
         self.cache = CacheClient(self)
         self.locks = LockClient(self)
         self.events = EventsClient(self)
+        self.scheduler = SchedulerClient(self)
 
     async def __aenter__(self) -> Mesh:
         await self.start()

@@ -7,6 +7,8 @@
             ...  # refreshed in the background meanwhile
         mesh.events.append("order-1", NewEvent("OrderPlaced", {"total": 5}))
         for event in mesh.events.read_stream("order-1"): ...
+        mesh.scheduler.enqueue("mail", "email.send", {"to": "a@example.com"})
+        mesh.scheduler.worker("mail", {"email.send": send}, concurrency=4).run()
 
 The asyncio client runs on a private event loop in a daemon thread; each call
 blocks until its coroutine finishes there. Same arguments, same exceptions.
@@ -39,6 +41,7 @@ from clients.event_types import (
 from clients.lease import Lease, LostCallback
 from clients.lock import LockInfo
 from clients.mesh import Mesh
+from clients.sync_scheduler import SyncScheduler
 
 T = TypeVar("T")
 
@@ -258,6 +261,7 @@ class SyncMesh:
         self.cache = SyncCache(self._mesh, self._loop)
         self.locks = SyncLocks(self._mesh, self._loop)
         self.events = SyncEvents(self._mesh, self._loop)
+        self.scheduler = SyncScheduler(self._mesh, self._loop)
 
     @staticmethod
     async def _make(kwargs: dict[str, Any]) -> Mesh:

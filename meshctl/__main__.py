@@ -9,6 +9,8 @@
     meshctl cache set KEY VALUE [--ttl SECONDS] [--if-absent] [--if-version N]
     meshctl cache del KEY
     meshctl lock describe NAME    holders (tokens, expiry), waiters, latest fencing token
+    meshctl jobs stats QUEUE...   a queue's jobs by state; jobs dead QUEUE; jobs requeue
+                                  QUEUE [JOB_ID...]; jobs get JOB_ID (see meshctl.jobs)
 
 Every command but ``up`` finds the mesh through ``--etcd`` (default
 ``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clients import Mesh, MeshError
+from meshctl.jobs import add_parser as add_jobs_parser
 from meshctl.up import run_up
 
 
@@ -94,6 +97,13 @@ async def _lock(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _jobs(args: argparse.Namespace) -> int:
+    from meshctl.jobs import run
+
+    async with _mesh(args) as mesh:
+        return await run(args, mesh)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshctl", description="Run and inspect a Mesh.")
     p.add_argument("--etcd", default=os.environ.get("MESH_ETCD_ENDPOINTS", "127.0.0.1:2379"),
@@ -155,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = lock.add_subparsers(dest="lock_command", required=True)
     describe = command(lsub, "describe", "show a lock's holders and waiters")
     describe.add_argument("name")
+
+    add_jobs_parser(sub, command)
     return p
 
 
@@ -169,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_admin(args))
         if args.command == "lock":
             return asyncio.run(_lock(args))
+        if args.command == "jobs":
+            return asyncio.run(_jobs(args))
         return asyncio.run(_cache(args))
     except MeshError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,0 +1,449 @@
+"""Typed job scheduler calls: ``await mesh.scheduler.enqueue("mail", "email.send", {...})``.
+
+A queue routes like any key (its slot's primary holds it); a job id carries a
+hash tag of its queue's slot, so calls naming only a job go to the same primary.
+A Claim names queues that one node must lead: ``claim`` splits the queues by
+owner on the cluster map and asks every owner at once. Workers normally use
+``clients.worker.Worker``, which keeps one claim loop per owner.
+
+Retries (see ``clients.retry``): reads, Heartbeat, Complete, Fail (the node
+answers a repeat with the same token the same way), Cancel, dead-letter
+requeue/purge and schedule deletion are safe to repeat. Enqueue is repeated
+after an unknown outcome only when it carries a ``unique_key`` (and not
+``strict_unique``): the repeat then finds the key held and returns the same job,
+as a duplicate. The contract has no request id, so an Enqueue without a unique
+key is retried only when certainly not executed; pass a unique key to make it
+safe. Claim is never repeated after an unknown outcome: a lost answer leaves
+its jobs leased to nobody until their leases expire (which spends no attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from clients.errors import InvalidArgumentError, UnavailableError
+from clients.job_types import (
+    CancelResult,
+    ClaimedJob,
+    DeadLetterPage,
+    EnqueueResult,
+    FailResult,
+    Job,
+    JobBackoff,
+    JobState,
+    JobTemplate,
+    Payload,
+    QueueStats,
+    Schedule,
+    SchedulePage,
+    duration,
+    encode,
+    timestamp,
+)
+from clients.retry import with_retries
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from clients.mesh import Mesh
+    from clients.worker import Handler, Worker
+
+SERVICE = "scheduler"
+MAX_CLAIM = 100
+"""Most jobs one Claim may lease (the contract's bound)."""
+
+
+def default_worker_id() -> str:
+    """``host:pid:random``, recorded in each attempt."""
+    return f"{socket.gethostname()[:200]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _unix(when: float | dt.datetime) -> float:
+    if isinstance(when, dt.datetime):
+        if when.tzinfo is None:
+            raise InvalidArgumentError("run_at: a datetime needs a time zone",
+                                       field_violations={"run_at": "naive datetime"})
+        return when.timestamp()
+    return float(when)
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueResult:
+    """Dead jobs made ready again, and those left."""
+
+    requeued: int
+    remaining: int
+    """Dead jobs still in the queue: call again (without ids) to go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    """Dead jobs deleted, and those left."""
+
+    purged: int
+    remaining: int
+
+
+class Regroup(Exception):
+    """The queues of a claim are no longer led by one node (the map changed)."""
+
+
+def shares(total: int, parts: int, turn: int = 0) -> list[int]:
+    """``total`` split over ``parts`` as evenly as possible, the larger shares first
+    from ``turn`` on (parts beyond ``total`` get 0, in rotation)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if (i - turn) % parts < extra else 0) for i in range(parts)]
+
+
+class SchedulerClient:
+    """The job scheduler, spread over the mesh's nodes. Every call takes ``timeout=``
+    (the call's deadline; a job's own time limit is ``job_timeout``)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self._turn = 0
+
+    async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
+        return await self._mesh.call(pb_grpc.SchedulerServiceStub, address, method, request,
+                                     budget)
+
+    async def _call(self, key: str, method: str, request: Any, timeout: float | None,
+                    safe: bool = True) -> Any:
+        """One unary call to the primary of ``key``'s slot (a queue or a job id)."""
+
+        async def attempt(budget: float, address: str | None) -> Any:
+            address = address or self._mesh.route(SERVICE, key).address
+            return await self._rpc(address, method, request, budget)
+
+        return await with_retries(self._mesh, attempt, timeout=timeout, safe=safe)
+
+    # -- producing -------------------------------------------------------------
+
+    async def enqueue(
+        self, queue: str, type: str, payload: Payload = b"", *, priority: int = 0,
+        run_at: float | dt.datetime | None = None, delay: float | None = None,
+        max_attempts: int = 0, backoff: JobBackoff | None = None,
+        job_timeout: float | None = None, unique_key: str = "",
+        unique_ttl: float | None = None, strict_unique: bool = False,
+        retention: float | None = None, timeout: float | None = None,
+    ) -> str:
+        """Add a job to ``queue``; returns its id (the holder's id when ``unique_key``
+        was held and nothing was enqueued). See ``enqueue_result`` for the arguments."""
+        result = await self.enqueue_result(
+            queue, type, payload, priority=priority, run_at=run_at, delay=delay,
+            max_attempts=max_attempts, backoff=backoff, job_timeout=job_timeout,
+            unique_key=unique_key, unique_ttl=unique_ttl, strict_unique=strict_unique,
+            retention=retention, timeout=timeout)
+        return result.job_id
+
+    async def enqueue_result(
+        self, queue: str, type: str, payload: Payload = b"", *, priority: int = 0,
+        run_at: float | dt.datetime | None = None, delay: float | None = None,
+        max_attempts: int = 0, backoff: JobBackoff | None = None,
+        job_timeout: float | None = None, unique_key: str = "",
+        unique_ttl: float | None = None, strict_unique: bool = False,
+        retention: float | None = None, timeout: float | None = None,
+    ) -> EnqueueResult:
+        """Add a job of ``type`` (naming its handler) to ``queue``.
+
+        ``payload``: bytes, str (UTF-8), or a mapping/list (JSON). ``priority`` 0
+        (lowest) to 9. ``run_at`` (Unix seconds or an aware datetime) or ``delay``
+        (seconds) postpone it. ``max_attempts`` (0: node default, 3), ``backoff``
+        and ``job_timeout`` (seconds one attempt may run) govern retries.
+        ``unique_key`` deduplicates within the queue while its job is unfinished
+        (or for ``unique_ttl`` seconds): a held key returns the holder with
+        ``duplicate`` set, or with ``strict_unique`` raises DuplicateJobError
+        (``job_id``). ``retention``: seconds a finished job stays readable.
+        Raises InvalidArgumentError, QueueFullError.
+        """
+        if run_at is not None and delay is not None:
+            raise InvalidArgumentError("give run_at or delay, not both",
+                                       field_violations={"when": "both run_at and delay"})
+        request = pb.EnqueueRequest(
+            queue=queue, type=type, payload=encode(payload), priority=priority,
+            max_attempts=max_attempts, unique_key=unique_key, strict_unique=strict_unique)
+        if run_at is not None:
+            request.run_at.CopyFrom(timestamp(_unix(run_at)))
+        elif delay is not None:
+            request.delay.CopyFrom(duration(delay))
+        if backoff is not None:
+            request.backoff.CopyFrom(backoff.to_proto())
+        if job_timeout:
+            request.timeout.CopyFrom(duration(job_timeout))
+        if unique_ttl:
+            request.unique_ttl.CopyFrom(duration(unique_ttl))
+        if retention:
+            request.retention.CopyFrom(duration(retention))
+        r = await self._call(queue, "Enqueue", request, timeout,
+                             safe=bool(unique_key) and not strict_unique)
+        return EnqueueResult(r.job_id, r.duplicate, JobState.parse(r.state),
+                             r.run_time.ToNanoseconds() / 1e9 if r.HasField("run_time")
+                             else None)
+
+    # -- consuming -------------------------------------------------------------
+
+    def owners(self, queues: Iterable[str]) -> list[list[str]]:
+        """``queues`` grouped by the node that leads them on our map, in first-seen
+        order. Without a map (fixed addresses) every queue is its own group: any
+        node forwards a one-queue Claim to its owner."""
+        groups: dict[str, list[str]] = {}
+        for queue in dict.fromkeys(queues):
+            target = self._mesh.route(SERVICE, queue)
+            key = target.address if target.owner else f"queue:{queue}"
+            groups.setdefault(key, []).append(queue)
+        return list(groups.values())
+
+    async def claim(
+        self, queues: str | Sequence[str], *, worker_id: str = "", max_jobs: int = 1,
+        lease: float = 30.0, wait: float = 0.0, timeout: float | None = None,
+    ) -> list[ClaimedJob]:
+        """Lease up to ``max_jobs`` ready jobs (higher priority first) for ``lease``
+        seconds, waiting up to ``wait`` seconds for one if none is ready.
+
+        Queues led by several nodes are claimed from every owner at once (the
+        jobs shared out among them); the first answer with jobs ends the wait and
+        the other calls are cancelled, which puts back anything they leased.
+        ``timeout`` bounds each call apart from its waiting.
+        """
+        names = [queues] if isinstance(queues, str) else list(queues)
+        if not names:
+            raise InvalidArgumentError("claim: no queue given",
+                                       field_violations={"queues": "empty"})
+        worker_id = worker_id or default_worker_id()
+        max_jobs = max(1, min(max_jobs, MAX_CLAIM))
+        budget = self._mesh.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait + budget
+        while True:
+            groups = self.owners(names)
+            self._turn += 1
+            asks = [(g, n) for g, n in zip(groups, shares(max_jobs, len(groups), self._turn),
+                                           strict=True) if n]
+            try:
+                return await self._claim_groups(asks, worker_id, lease, wait, budget)
+            except Regroup as exc:
+                if loop.time() >= give_up:
+                    raise UnavailableError(f"claim: {exc}", code=grpc.StatusCode.UNAVAILABLE,
+                                           reason="WRONG_OWNER") from None
+                wait = max(0.0, wait - 0.05)
+                await asyncio.sleep(0.05)
+
+    async def _claim_groups(self, asks: list[tuple[list[str], int]], worker_id: str,
+                            lease: float, wait: float, budget: float) -> list[ClaimedJob]:
+        if len(asks) == 1:
+            return await self.claim_at(asks[0][0], worker_id=worker_id, max_jobs=asks[0][1],
+                                       lease=lease, wait=wait, timeout=budget)
+        calls = [asyncio.ensure_future(self.claim_at(
+            group, worker_id=worker_id, max_jobs=n, lease=lease, wait=wait, timeout=budget))
+            for group, n in asks]
+        pending: set[asyncio.Future[list[ClaimedJob]]] = set(calls)
+        try:
+            # Until one answers with jobs (or fails): the rest are then cancelled,
+            # which makes their nodes put back whatever they had leased meanwhile.
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(c.exception() is not None or c.result() for c in done):
+                    break
+        finally:
+            for call in pending:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        jobs: list[ClaimedJob] = []
+        errors: list[BaseException] = []
+        for call in calls:  # some may have answered while being cancelled: keep their jobs
+            if call.cancelled():
+                continue
+            error = call.exception()
+            if error is None:
+                jobs.extend(call.result())
+            else:
+                errors.append(error)
+        if errors and not jobs:
+            raise errors[0]
+        return sorted(jobs, key=lambda j: -j.priority)
+
+    async def claim_at(
+        self, queues: Sequence[str], *, worker_id: str, max_jobs: int = 1,
+        lease: float = 30.0, wait: float = 0.0, timeout: float | None = None,
+    ) -> list[ClaimedJob]:
+        """One Claim for ``queues``, which must be led by one node (a group from
+        ``owners``). Raises Regroup when our map says they no longer are."""
+        names = list(queues)
+        request = pb.ClaimRequest(queues=names, worker_id=worker_id, max_jobs=max_jobs,
+                                  lease_duration=duration(lease))
+        if wait > 0:
+            request.wait.CopyFrom(duration(wait))
+        budget = self._mesh.timeout if timeout is None else timeout
+
+        async def attempt(left: float, address: str | None) -> pb.ClaimResponse:
+            if address is None:
+                targets = {self._mesh.route(SERVICE, q) for q in names}
+                addresses = {t.address for t in targets if t.owner}
+                if len(addresses) > 1:
+                    raise Regroup(f"queues {names} are now led by {len(addresses)} nodes")
+                # An owner the map names, else any node (it forwards).
+                address = next(iter(addresses)) if addresses else next(iter(targets)).address
+            response: pb.ClaimResponse = await self._rpc(address, "Claim", request, left)
+            return response
+
+        # The deadline stays `budget` past the wait: the node answers at its end.
+        r = await with_retries(self._mesh, attempt, timeout=wait + budget, safe=False,
+                               follow_hints=len(names) == 1)
+        return [ClaimedJob.from_proto(j, lease) for j in r.jobs]
+
+    async def heartbeat(self, job_id: str, lease_token: int, *, extend: float | None = None,
+                        timeout: float | None = None) -> float | None:
+        """Extend a running job's lease by ``extend`` seconds from now (None: by its
+        current length); returns the new expiry (primary's clock). Raises
+        LeaseLostError if the lease is no longer ours."""
+        request = pb.HeartbeatRequest(job_id=job_id, lease_token=lease_token)
+        if extend:
+            request.extend.CopyFrom(duration(extend))
+        r = await self._call(job_id, "Heartbeat", request, timeout)
+        return r.lease_expire_time.ToNanoseconds() / 1e9 if r.HasField(
+            "lease_expire_time") else None
+
+    async def complete(self, job_id: str, lease_token: int, result: Payload | None = None, *,
+                       timeout: float | None = None) -> float | None:
+        """Finish a job successfully, keeping ``result`` with it; returns the finish
+        time. Raises LeaseLostError if the lease is no longer ours."""
+        request = pb.CompleteRequest(job_id=job_id, lease_token=lease_token,
+                                     result=encode(result))
+        r = await self._call(job_id, "Complete", request, timeout)
+        return r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
+
+    async def fail(self, job_id: str, lease_token: int, error: str | BaseException, *,
+                   retryable: bool = True, retry_delay: float | None = None,
+                   timeout: float | None = None) -> FailResult:
+        """Report a failed attempt: retried after its backoff (or ``retry_delay``),
+        or dead when not ``retryable`` or out of attempts. Raises LeaseLostError if
+        the lease is no longer ours."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        request = pb.FailRequest(job_id=job_id, lease_token=lease_token, error=text,
+                                 retryable=retryable)
+        if retry_delay is not None:
+            request.retry_delay.CopyFrom(duration(retry_delay))
+        r = await self._call(job_id, "Fail", request, timeout)
+        return FailResult(JobState.parse(r.state), r.next_run_time.ToNanoseconds() / 1e9
+                          if r.HasField("next_run_time") else None, r.attempts)
+
+    def worker(self, queues: str | Sequence[str], handlers: Mapping[str, Handler],
+               **options: Any) -> Worker:
+        """A ``Worker`` pool on this mesh; see ``clients.worker.Worker`` for options."""
+        from clients.worker import Worker
+
+        return Worker(self._mesh, queues, handlers, **options)
+
+    # -- jobs ------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, *, timeout: float | None = None) -> CancelResult:
+        """Stop a job that has not finished (a running one loses its lease). After
+        a retried call ``cancelled`` may be False though this call cancelled it."""
+        r = await self._call(job_id, "Cancel", pb.CancelRequest(job_id=job_id), timeout)
+        return CancelResult(r.cancelled, JobState.parse(r.state))
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        """The job with its attempt history; raises JobNotFoundError."""
+        r = await self._call(job_id, "GetJob", pb.GetJobRequest(job_id=job_id), timeout)
+        return Job.from_proto(r.job)
+
+    async def stats(self, queue: str, *, timeout: float | None = None) -> QueueStats:
+        """``queue``'s jobs by state (all zero for an unknown queue)."""
+        r = await self._call(queue, "Stats", pb.StatsRequest(queue=queue), timeout)
+        return QueueStats.from_proto(queue, r)
+
+    # -- dead letters ----------------------------------------------------------
+
+    async def list_dead_letters(self, queue: str, *, page_size: int = 0, page_token: str = "",
+                                timeout: float | None = None) -> DeadLetterPage:
+        """One page of ``queue``'s dead jobs, oldest death first (0: 50 per page)."""
+        request = pb.ListDeadLettersRequest(queue=queue, page_size=page_size,
+                                            page_token=page_token)
+        r = await self._call(queue, "ListDeadLetters", request, timeout)
+        return DeadLetterPage([Job.from_proto(j) for j in r.jobs], r.next_page_token, r.total)
+
+    async def dead_letters(self, queue: str, *, page_size: int = 0,
+                           timeout: float | None = None) -> AsyncIterator[Job]:
+        """Every dead job of ``queue``, page by page."""
+        token = ""
+        while True:
+            page = await self.list_dead_letters(queue, page_size=page_size, page_token=token,
+                                                timeout=timeout)
+            for job in page.jobs:
+                yield job
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def requeue_dead_letters(self, queue: str, job_ids: Iterable[str] | None = None, *,
+                                   timeout: float | None = None) -> RequeueResult:
+        """Make dead jobs ready again with a fresh attempt budget: ``job_ids`` (others
+        are skipped), or with None all of them, oldest first, up to 10000 per call."""
+        request = pb.RequeueDeadLettersRequest(queue=queue, job_ids=list(job_ids or ()))
+        r = await self._call(queue, "RequeueDeadLetters", request, timeout)
+        return RequeueResult(r.requeued, r.remaining)
+
+    async def purge_dead_letters(self, queue: str, job_ids: Iterable[str] | None = None, *,
+                                 all: bool = False,
+                                 timeout: float | None = None) -> PurgeResult:
+        """Delete dead jobs for good: ``job_ids``, or every one with ``all=True`` (up
+        to 10000 per call). Neither given deletes nothing."""
+        ids = list(job_ids or ())
+        if all and ids:
+            raise InvalidArgumentError("give job_ids or all=True, not both",
+                                       field_violations={"all": "job_ids given too"})
+        request = pb.PurgeDeadLettersRequest(queue=queue, job_ids=ids, all=all)
+        r = await self._call(queue, "PurgeDeadLetters", request, timeout)
+        return PurgeResult(r.purged, r.remaining)
+
+    # -- cron schedules --------------------------------------------------------
+
+    async def create_schedule(
+        self, queue: str, schedule_id: str, cron: str, template: JobTemplate, *,
+        timezone: str = "", replace: bool = False, timeout: float | None = None,
+    ) -> Schedule:
+        """Enqueue ``template`` into ``queue`` at every firing of ``cron`` (5 or 6
+        fields, or @daily...) read in ``timezone`` (IANA, empty: UTC). Raises
+        ScheduleExistsError unless ``replace``."""
+        request = pb.CreateScheduleRequest(queue=queue, schedule_id=schedule_id, cron=cron,
+                                           timezone=timezone, template=template.to_proto(),
+                                           replace=replace)
+        r = await self._call(queue, "CreateSchedule", request, timeout, safe=replace)
+        return Schedule.from_proto(r.schedule)
+
+    async def delete_schedule(self, queue: str, schedule_id: str, *,
+                              timeout: float | None = None) -> bool:
+        """Remove a schedule (jobs it enqueued stay); False if there was none."""
+        request = pb.DeleteScheduleRequest(queue=queue, schedule_id=schedule_id)
+        r = await self._call(queue, "DeleteSchedule", request, timeout)
+        return bool(r.deleted)
+
+    async def list_schedules(self, queue: str, *, page_size: int = 0, page_token: str = "",
+                             timeout: float | None = None) -> SchedulePage:
+        """One page of ``queue``'s schedules, by id."""
+        request = pb.ListSchedulesRequest(queue=queue, page_size=page_size,
+                                          page_token=page_token)
+        r = await self._call(queue, "ListSchedules", request, timeout)
+        return SchedulePage([Schedule.from_proto(s) for s in r.schedules], r.next_page_token)
+
+    async def schedules(self, queue: str, *, timeout: float | None = None
+                        ) -> AsyncIterator[Schedule]:
+        """Every schedule of ``queue``."""
+        token = ""
+        while True:
+            page = await self.list_schedules(queue, page_token=token, timeout=timeout)
+            for schedule in page.schedules:
+                yield schedule
+            token = page.next_page_token
+            if not token:
+                return
+
