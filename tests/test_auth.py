@@ -2,7 +2,8 @@
 
 Every public call needs a valid token; a node that forwards a call passes the
 token on and the owner checks it again. A token's tenant is a namespace: keys,
-locks and streams of one tenant are invisible to every other.
+locks, streams and queues (with their jobs) of one tenant are invisible to
+every other.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from clients import (
     NO_STREAM,
     InvalidArgumentError,
+    JobNotFoundError,
     Mesh,
     NewEvent,
     RecordedEvent,
@@ -84,7 +86,7 @@ async def test_valid_tokens_pass_and_bad_ones_are_unauthenticated(
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_tenants_never_see_each_others_keys_locks_or_streams(
+async def test_tenants_never_see_each_others_keys_locks_streams_or_jobs(
     local_mesh: Any, tmp_path: Path, etcd: Etcd, cluster_name: str
 ) -> None:
     tokens = tmp_path / "tenants"
@@ -128,6 +130,17 @@ async def test_tenants_never_see_each_others_keys_locks_or_streams(
                                    expected=NO_STREAM)
         mine = [e async for e in acme.events.read_all()]
         assert [(e.stream, e.json()) for e in mine] == [("account-1", {"by": "acme"})]
+        # Scheduler: queues (and their jobs) are per tenant; job ids do not cross.
+        job_id = await acme.scheduler.enqueue("shared:q", "send", b"acme's")
+        assert await globex.scheduler.claim("shared:q", max_jobs=5) == []
+        assert (await globex.scheduler.stats("shared:q")).ready == 0
+        with pytest.raises(JobNotFoundError):
+            await globex.scheduler.get_job(job_id)
+        with pytest.raises(JobNotFoundError):
+            await globex.scheduler.cancel(job_id)
+        [claimed] = await acme.scheduler.claim("shared:q", max_jobs=5)
+        assert (claimed.job_id, claimed.queue, claimed.payload) == (job_id, "shared:q", b"acme's")
+
         async with globex.events.subscribe(category="account-") as sub:
             async for event in sub:
                 assert isinstance(event, RecordedEvent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from common.errors import MeshStatusError, Reason
+from common.tenancy import unscoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.scheduler.model import Job
 
@@ -31,22 +32,23 @@ def lease_lost(job: Job) -> MeshStatusError:
 def duplicate_job(queue: str, unique_key: str, holder: str) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.ALREADY_EXISTS,
-        f"queue {queue!r}: unique key {unique_key!r} is held by job {holder!r}",
+        f"queue {unscoped(queue)!r}: unique key {unique_key!r} is held by job {holder!r}",
         Reason.DUPLICATE_JOB, {"job_id": holder, "unique_key": unique_key})
 
 
 def queue_full(queue: str, limit: int) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"queue {queue!r} already holds {limit} unfinished jobs (the node's limit); "
-        "back off", Reason.QUEUE_FULL, {"queue": queue, "limit": str(limit)})
+        f"queue {unscoped(queue)!r} already holds {limit} unfinished jobs (the node's limit); "
+        "back off", Reason.QUEUE_FULL, {"queue": unscoped(queue), "limit": str(limit)})
 
 
 def schedule_exists(queue: str, schedule_id: str) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.ALREADY_EXISTS,
-        f"queue {queue!r} already has a schedule {schedule_id!r} (set replace to replace it)",
-        Reason.SCHEDULE_EXISTS, {"queue": queue, "schedule_id": schedule_id})
+        f"queue {unscoped(queue)!r} already has a schedule {schedule_id!r} "
+        "(set replace to replace it)",
+        Reason.SCHEDULE_EXISTS, {"queue": unscoped(queue), "schedule_id": schedule_id})
 
 
 def primary_lost(group_id: int) -> MeshStatusError:

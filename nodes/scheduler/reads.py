@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
+from common import tenancy
 from common.errors import invalid_argument
+from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
+from nodes.scheduler import errors
 from nodes.scheduler import validation as v
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import Job
@@ -31,6 +34,13 @@ _SETTLE_TRIES = 3
 
 def _machine(group: Group) -> SchedulerMachine:
     return cast(SchedulerMachine, group.machines[SCHEDULER])
+
+
+def own(group: Group, job_id: str) -> None:
+    """Refuse a job of another tenant's queue as if it did not exist."""
+    job = _machine(group).state.jobs.get(job_id)
+    if job is not None and not tenancy.visible(job.queue):
+        raise errors.job_not_found(job_id)
 
 
 async def _settled_job(group: Group, job_id: str) -> Job:
@@ -70,6 +80,7 @@ class Reads:
         if isinstance(target, Redirect):
             return cast(pb.GetJobResponse,
                         await self.forward(target, "GetJob", request, context))
+        own(target, request.job_id)
         job = await _settled_job(target, request.job_id)
         return pb.GetJobResponse(job=job_view(job, time.time_ns()))
 
@@ -82,6 +93,7 @@ class Reads:
         if isinstance(target, Redirect):
             return None, await self.forward(target, method, request, context)
         await target.wait_committed(target.log.last_seq)
+        request.queue = scoped(queue)  # served here: the caller's tenant's queue
         return _machine(target), None
 
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:

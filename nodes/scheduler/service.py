@@ -21,6 +21,7 @@ import grpc
 
 from common.errors import invalid_argument
 from common.slots import slot_for
+from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from nodes.config import SchedulerLimits
@@ -33,7 +34,7 @@ from nodes.scheduler import validation as v
 from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD
-from nodes.scheduler.reads import Reads
+from nodes.scheduler.reads import Reads, own
 from nodes.scheduler.storage import SCHEMA, TABLES
 from nodes.scheduler.views import claimed_job, schedule_view, shown_state, timestamp
 
@@ -133,6 +134,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.EnqueueResponse,
                         await self.forward(target, "Enqueue", request, context))
+        spec.queue = scoped(spec.queue)
         result = machine_of(target).enqueue(spec, request.strict_unique, now)
         job = result.job
         response = pb.EnqueueResponse(
@@ -155,7 +157,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             if isinstance(target, Redirect):
                 redirects.append(target)
             else:
-                local.setdefault(target, []).append(name)
+                local.setdefault(target, []).append(scoped(name))
         if redirects:
             if not local and len({r.owner_node_id for r in redirects}) == 1:
                 return cast(pb.ClaimResponse,
@@ -216,6 +218,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.HeartbeatResponse,
                         await self.forward(target, "Heartbeat", request, context))
+        own(target, request.job_id)
         job, seq = machine_of(target).heartbeat(request.job_id, request.lease_token, extend)
         response = pb.HeartbeatResponse(lease_expire_time=timestamp(job.lease_expire_ns))
         await target.wait_committed(seq)
@@ -230,6 +233,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.CompleteResponse,
                         await self.forward(target, "Complete", request, context))
+        own(target, request.job_id)
         finish_ns, seq = machine_of(target).complete(request.job_id, request.lease_token,
                                                      request.result)
         await target.wait_committed(seq)
@@ -242,6 +246,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         target = self.route(request.job_id, context)
         if isinstance(target, Redirect):
             return cast(pb.FailResponse, await self.forward(target, "Fail", request, context))
+        own(target, request.job_id)
         failed = machine_of(target).fail(request.job_id, request.lease_token,
                                          v.error_text(request.error), request.retryable,
                                          retry_delay)
@@ -260,6 +265,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.CancelResponse,
                         await self.forward(target, "Cancel", request, context))
+        own(target, request.job_id)
         cancelled, job, seq = machine_of(target).cancel(request.job_id)
         now = time.time_ns()
         response = pb.CancelResponse(cancelled=cancelled,
@@ -277,7 +283,8 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.RequeueDeadLettersResponse,
                         await self.forward(target, "RequeueDeadLetters", request, context))
-        requeued, remaining, seq = machine_of(target).requeue(request.queue, request.job_ids)
+        requeued, remaining, seq = machine_of(target).requeue(scoped(request.queue),
+                                                              request.job_ids)
         await target.wait_committed(seq)
         return pb.RequeueDeadLettersResponse(requeued=requeued, remaining=remaining)
 
@@ -291,8 +298,8 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.PurgeDeadLettersResponse,
                         await self.forward(target, "PurgeDeadLetters", request, context))
-        purged, remaining, seq = machine_of(target).purge(request.queue, request.job_ids,
-                                                          request.all)
+        purged, remaining, seq = machine_of(target).purge(scoped(request.queue),
+                                                          request.job_ids, request.all)
         await target.wait_committed(seq)
         return pb.PurgeDeadLettersResponse(purged=purged, remaining=remaining)
 
@@ -305,6 +312,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.CreateScheduleResponse,
                         await self.forward(target, "CreateSchedule", request, context))
+        record.queue = scoped(record.queue)
         schedule, seq = machine_of(target).put_schedule(record, request.replace)
         response = pb.CreateScheduleResponse(schedule=schedule_view(schedule))
         await target.wait_committed(seq)
@@ -318,6 +326,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if isinstance(target, Redirect):
             return cast(pb.DeleteScheduleResponse,
                         await self.forward(target, "DeleteSchedule", request, context))
-        deleted, seq = machine_of(target).remove_schedule(request.queue, request.schedule_id)
+        deleted, seq = machine_of(target).remove_schedule(scoped(request.queue),
+                                                          request.schedule_id)
         await target.wait_committed(seq)
         return pb.DeleteScheduleResponse(deleted=deleted)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from common.tenancy import unscoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.scheduler.model import LEASED, WAITING, Attempt, Job, Schedule
@@ -32,7 +33,7 @@ def shown_state(state: int, run_ns: int, now: int) -> pb.JobState.ValueType:
 
 def claimed_job(job: Job) -> pb.ClaimedJob:
     return pb.ClaimedJob(
-        job_id=job.job_id, queue=job.queue, type=job.type, payload=job.payload,
+        job_id=job.job_id, queue=unscoped(job.queue), type=job.type, payload=job.payload,
         lease_token=job.lease_token, lease_expire_time=timestamp(job.lease_expire_ns),
         attempt=job.attempt_count, max_attempts=job.max_attempts,
         timeout_time=timestamp(job.timeout_at_ns), enqueue_time=timestamp(job.enqueue_ns),
@@ -55,7 +56,7 @@ def _attempt(a: Attempt) -> pb.Attempt:
 
 def job_view(job: Job, now: int) -> pb.Job:
     view = pb.Job(
-        job_id=job.job_id, queue=job.queue, type=job.type, payload=job.payload,
+        job_id=job.job_id, queue=unscoped(job.queue), type=job.type, payload=job.payload,
         priority=job.priority, state=shown_state(job.state, job.run_ns, now),
         attempt_count=job.attempt_count, max_attempts=job.max_attempts,
         backoff=_backoff(job), timeout=duration(job.timeout_ns), unique_key=job.unique_key,
@@ -84,7 +85,7 @@ def _template(r: spb.JobRecord) -> pb.JobTemplate:
 def schedule_view(schedule: Schedule) -> pb.Schedule:
     r = schedule.record
     view = pb.Schedule(
-        schedule_id=r.schedule_id, queue=r.queue, cron=r.cron, timezone=r.timezone,
+        schedule_id=r.schedule_id, queue=unscoped(r.queue), cron=r.cron, timezone=r.timezone,
         template=_template(r.template), next_fire_time=timestamp(r.next_fire_ns),
         last_job_id=r.last_job_id, create_time=timestamp(r.create_ns),
         fired_total=r.fired_total, skipped_total=r.skipped_total)
