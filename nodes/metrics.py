@@ -1,4 +1,4 @@
-"""What a node reports besides RPC counts: groups, replication lag, cache, locks, events.
+"""What a node reports besides RPC counts: groups, replication lag, each service's state.
 
 Summed up on the event loop (`common.metrics.Metrics` calls `node_snapshot`
 once a second); cache counters cover the groups this node leads, like the
@@ -15,6 +15,7 @@ from nodes.cache.machine import CACHE, CacheMachine
 from nodes.events.service import EventsService
 from nodes.lock.machine import LOCK, LockMachine
 from nodes.replication.manager import Replication
+from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 
 __all__ = ["node_snapshot"]
 
@@ -33,6 +34,8 @@ def node_snapshot(replication: Replication, events: EventsService | None = None)
     cache = {"hits": 0, "misses": 0, "evictions": 0, "expirations": 0, "entries": 0,
              "bytes": 0}
     leases = waiters = 0
+    jobs = {"ready": 0, "delayed": 0, "leased": 0, "dead": 0}
+    job_totals = {"succeeded": 0, "failed_attempts": 0, "lease_losses": 0}
     for group_id, group in replication.groups.items():
         role = "primary" if group.is_primary else "replica"
         groups[role] += 1
@@ -55,6 +58,15 @@ def node_snapshot(replication: Replication, events: EventsService | None = None)
             lock_machine = cast(LockMachine, locks)
             leases += lock_machine.table.size
             waiters += sum(len(q) for q in lock_machine.queues.values())
+        scheduler = group.machines.get(SCHEDULER)
+        if scheduler is not None:
+            for queue in cast(SchedulerMachine, scheduler).state.queues.values():
+                jobs["ready"] += queue.n_ready
+                jobs["delayed"] += queue.n_delayed
+                jobs["leased"] += len(queue.leased)
+                jobs["dead"] += len(queue.dead)
+                for name in job_totals:
+                    job_totals[name] += getattr(queue.totals, name)
     return Snapshot(
         gauges={
             "mesh_groups": ("Replica groups held, by role",
@@ -76,11 +88,15 @@ def node_snapshot(replication: Replication, events: EventsService | None = None)
             "mesh_lock_leases": ("Live lock leases in led groups (holders)", _one(leases)),
             "mesh_lock_waiters": ("Acquire calls queued on this node", _one(waiters)),
             **_events_gauges(events),
+            "mesh_scheduler_jobs": ("Jobs of the queues in led groups, by state (queue depths)",
+                                    {(("state", k),): float(n) for k, n in jobs.items()}),
         },
         counters={
             **{f"mesh_cache_{name}": (f"Cache {name} in led groups", _one(cache[name]))
                for name in ("hits", "misses", "evictions", "expirations")},
             **_journal(replication),
+            **{f"mesh_scheduler_{name}": (f"Scheduler {name.replace('_', ' ')} in led groups",
+                                          _one(n)) for name, n in job_totals.items()},
             **_events_counters(events),
         },
     )

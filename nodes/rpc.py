@@ -197,29 +197,3 @@ def add_service(
     generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(service.full_name, handlers)
-
-
-def add_unimplemented(
-    server: grpc.aio.Server, service: descriptor.ServiceDescriptor, why: str
-) -> None:
-    """Serve ``service`` so that it is listed (health, reflection) but every call
-    answers UNIMPLEMENTED with ``why``: the contract exists, the code does not yet."""
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-        yield None  # never reached; the yield makes this an async generator
-
-    handlers = {}
-    for method in service.methods:
-        if method.client_streaming:
-            make = (grpc.stream_stream_rpc_method_handler if method.server_streaming
-                    else grpc.stream_unary_rpc_method_handler)
-        else:
-            make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                    else grpc.unary_unary_rpc_method_handler)
-        handlers[method.name] = make(streaming if method.server_streaming else unary)
-    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
-    server.add_generic_rpc_handlers((generic,))

@@ -17,6 +17,7 @@ from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
 from mesh.events.v1 import events_pb2, events_pb2_grpc
 from mesh.lock.v1 import lock_pb2, lock_pb2_grpc
+from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from meshctl.processes import LocalMesh
 from meshctl.status import scrape
 
@@ -66,6 +67,8 @@ async def test_node_metrics_move_with_calls(shared_node: LocalMesh, mesh_client:
         await events_pb2_grpc.EventsServiceStub(channel).Append(events_pb2.AppendRequest(
             stream="metrics-1", events=[events_pb2.EventData(id="e1", type="T"),
                                         events_pb2.EventData(id="e2", type="T")]))
+        await scheduler_pb2_grpc.SchedulerServiceStub(channel).Enqueue(
+            scheduler_pb2.EnqueueRequest(queue="metrics-q", type="T"))
 
     def moved(series: dict[str, float]) -> bool:
         return (series.get(SET_OK, 0) >= before.get(SET_OK, 0) + 1
@@ -79,6 +82,7 @@ async def test_node_metrics_move_with_calls(shared_node: LocalMesh, mesh_client:
                 and series["mesh_journal_flushes_total"]
                 > before.get("mesh_journal_flushes_total", 0)
                 and series["mesh_events_streams"] >= 1
+                and series['mesh_scheduler_jobs{state="ready"}'] >= 1
                 and series['mesh_slots{role="primary"}'] == 16384
                 and series["mesh_map_epoch"] >= 1)
 
