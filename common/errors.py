@@ -58,6 +58,9 @@ class Reason(enum.StrEnum):
     TOO_MANY_HOPS = "TOO_MANY_HOPS"
     NOT_A_MEMBER = "NOT_A_MEMBER"
     GROUP_NOT_FOUND = "GROUP_NOT_FOUND"
+    # Rate limits.
+    RATE_LIMITED = "RATE_LIMITED"
+    RATE_LIMITER_UNAVAILABLE = "RATE_LIMITER_UNAVAILABLE"
     # Coordinator.
     NOT_LEADER = "NOT_LEADER"
     NODE_NOT_FOUND = "NODE_NOT_FOUND"
@@ -79,6 +82,7 @@ class MeshStatusError(Exception):
         reason: Reason,
         metadata: Mapping[str, str] | None = None,
         violations: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -86,6 +90,8 @@ class MeshStatusError(Exception):
         self.reason = reason
         self.metadata = dict(metadata or {})
         self.violations = dict(violations or {})
+        self.retry_after = retry_after
+        """Seconds to wait before retrying (sent as google.rpc.RetryInfo)."""
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -101,6 +107,10 @@ class MeshStatusError(Exception):
                 ]
             )
             details.append(_pack(bad))
+        if self.retry_after is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(self.retry_after * 1e9))
+            details.append(_pack(retry))
         proto = status_pb2.Status(
             code=_CODE_NUMBERS[self.code], message=self.message, details=details
         )
@@ -118,7 +128,8 @@ def invalid_argument(field: str, description: str) -> MeshStatusError:
     )
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest
+          | error_details_pb2.RetryInfo) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

@@ -201,6 +201,44 @@ class Etcd:
             self.child.stop()
 
 
+@dataclass
+class RedisServer:
+    """Debian's redis-server on a free port, nothing persisted (benchmarks, the
+    global rate limiter's tests)."""
+
+    workdir: Path
+    port: int = 0
+    child: Child | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server not found: install Debian's redis-server "
+                                    "(`make setup` does)")
+        self.port = self.port or free_port()
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]
+        self.child = Child("redis-server", argv, self.workdir / "redis.log")
+        self.child.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.child.alive():
+                raise ProcessError(f"redis-server exited early:\n{self.child.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.05)
+        raise ProcessError(f"redis-server not ready after {timeout}s:\n{self.child.log_tail()}")
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
 def _etcd_healthy(endpoint: str) -> bool:
     import urllib.request
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.process import add_server_flags, env, etcd_endpoints
 from common.tls import Tls
+from nodes.ratelimit import RateLimits
 
 SERVICES = ("cache", "lock", "events", "scheduler")
 DURABLE_SERVICES = frozenset({"events", "scheduler"})
@@ -126,6 +127,7 @@ class NodeConfig:
     lock: LockLimits = field(default_factory=LockLimits)
     events: EventsLimits = field(default_factory=EventsLimits)
     scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
@@ -216,6 +218,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    help="seconds between removals of events hidden by retention or "
                         "deletion (MESH_EVENTS_SCAVENGE_INTERVAL)")
     _scheduler_flags(p, d.scheduler)
+    _rate_limit_flags(p)
     a = p.parse_args(argv)
 
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
@@ -233,6 +236,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error("events: --events-max-append-events and --events-subscriber-max-lag must "
                 "be at least 1, --events-scavenge-interval positive")
     scheduler = _scheduler_limits(p, a)
+    rate_limits = _rate_limits(p, a)
     data_dir = a.data_dir
     node_id = a.node_id or _kept_node_id(data_dir)
     if not data_dir and DURABLE_SERVICES.intersection(services):
@@ -277,7 +281,44 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             scavenge_interval=a.events_scavenge_interval,
         ),
         scheduler=scheduler,
+        rate_limits=rate_limits,
     )
+
+
+def _rate_limit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rate-limit", type=float, default=float(env("RATE_LIMIT", "0")),
+                   help="calls/s per tenant; 0 = no limit (MESH_RATE_LIMIT)")
+    p.add_argument("--rate-limit-burst", type=float,
+                   default=float(env("RATE_LIMIT_BURST", "0")),
+                   help="calls a tenant may make at once; 0 = one second's worth "
+                        "(MESH_RATE_LIMIT_BURST)")
+    p.add_argument("--rate-limit-method", action="append", metavar="METHOD=RATE",
+                   default=[m for m in env("RATE_LIMIT_METHODS", "").split(",") if m],
+                   help="a method's own calls/s per tenant, e.g. Append=50; repeatable "
+                        "(MESH_RATE_LIMIT_METHODS, comma-separated)")
+    p.add_argument("--rate-limit-redis", default=env("RATE_LIMIT_REDIS", ""),
+                   help="redis://host:port/db: buckets shared by every node (a global "
+                        "limit); empty: each node limits what it serves (MESH_RATE_LIMIT_REDIS)")
+    p.add_argument("--rate-limit-fail", choices=["open", "closed"],
+                   default=env("RATE_LIMIT_FAIL", "open"),
+                   help="with Redis unreachable: let calls through (open) or refuse them "
+                        "(closed) (MESH_RATE_LIMIT_FAIL)")
+
+
+def _rate_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> RateLimits:
+    methods: dict[str, float] = {}
+    for item in a.rate_limit_method:
+        name, _, rate = item.partition("=")
+        try:
+            methods[name.strip()] = float(rate)
+        except ValueError:
+            p.error(f"--rate-limit-method {item!r}: expected METHOD=RATE, e.g. Append=50")
+        if not name.strip() or methods[name.strip()] <= 0:
+            p.error(f"--rate-limit-method {item!r}: expected METHOD=RATE with RATE > 0")
+    if a.rate_limit < 0 or a.rate_limit_burst < 0:
+        p.error("--rate-limit and --rate-limit-burst must not be negative")
+    return RateLimits(rate=a.rate_limit, burst=a.rate_limit_burst, methods=methods,
+                      redis_url=a.rate_limit_redis, fail_open=a.rate_limit_fail == "open")
 
 
 def _scheduler_flags(p: argparse.ArgumentParser, sc: SchedulerLimits) -> None:

@@ -14,6 +14,7 @@ from common.metrics import Labels, Snapshot
 from nodes.cache.machine import CACHE, CacheMachine
 from nodes.events.service import EventsService
 from nodes.lock.machine import LOCK, LockMachine
+from nodes.ratelimit import GlobalLimiter, Limiter
 from nodes.replication.manager import Replication
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 
@@ -24,7 +25,8 @@ def _one(value: float) -> dict[Labels, float]:
     return {(): value}
 
 
-def node_snapshot(replication: Replication, events: EventsService | None = None) -> Snapshot:
+def node_snapshot(replication: Replication, events: EventsService | None = None,
+                  limiter: Limiter | None = None) -> Snapshot:
     """The node's gauges and counters, now."""
     table = replication.table
     groups = {"primary": 0, "replica": 0}
@@ -88,6 +90,7 @@ def node_snapshot(replication: Replication, events: EventsService | None = None)
             "mesh_lock_leases": ("Live lock leases in led groups (holders)", _one(leases)),
             "mesh_lock_waiters": ("Acquire calls queued on this node", _one(waiters)),
             **_events_gauges(events),
+            **_limiter_gauges(limiter),
             "mesh_scheduler_jobs": ("Jobs of the queues in led groups, by state (queue depths)",
                                     {(("state", k),): float(n) for k, n in jobs.items()}),
         },
@@ -98,6 +101,7 @@ def node_snapshot(replication: Replication, events: EventsService | None = None)
             **{f"mesh_scheduler_{name}": (f"Scheduler {name.replace('_', ' ')} in led groups",
                                           _one(n)) for name, n in job_totals.items()},
             **_events_counters(events),
+            **_limiter_counters(limiter),
         },
     )
 
@@ -129,4 +133,24 @@ def _journal(replication: Replication) -> dict[str, tuple[str, dict[Labels, floa
                                  _one(journal.flushes)),
         "mesh_journal_writes": ("Writes of durable services made durable, over all flushes",
                                 _one(journal.flushed_writes)),
+    }
+
+
+def _limiter_gauges(limiter: Limiter | None) -> dict[str, tuple[str, dict[Labels, float]]]:
+    if not isinstance(limiter, GlobalLimiter):
+        return {}
+    return {"mesh_rate_limiter_failing": (
+        "1 while the global rate limiter's Redis is unreachable (see the fail mode)",
+        _one(float(limiter.failing)))}
+
+
+def _limiter_counters(limiter: Limiter | None
+                      ) -> dict[str, tuple[str, dict[Labels, float]]]:
+    if limiter is None:
+        return {}
+    return {
+        "mesh_rate_limited": ("Calls refused by a rate limit", _one(limiter.limited)),
+        "mesh_rate_limiter_store_errors": (
+            "Calls that found the global rate limiter's Redis unreachable",
+            _one(limiter.store_errors)),
     }

@@ -20,6 +20,7 @@ from common import tenancy
 from common.auth import Authenticator
 from common.errors import MeshStatusError, invalid_argument
 from common.metrics import RpcMetrics
+from nodes.ratelimit import Limiter
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
@@ -113,6 +114,29 @@ def _authenticated_stream(handler: Handler, auth: Authenticator) -> Handler:
     return authenticated
 
 
+def _limited_unary(handler: Handler, limiter: Limiter, method: str) -> Handler:
+    async def limited(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            await limiter.admit(tenancy.current(), method)
+        except MeshStatusError as exc:
+            await context.abort_with_status(exc.to_status())
+        return await handler(raw, context)
+
+    return limited
+
+
+def _limited_stream(handler: Handler, limiter: Limiter, method: str) -> Handler:
+    async def limited(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            await limiter.admit(tenancy.current(), method)
+        except MeshStatusError as exc:
+            await context.abort_with_status(exc.to_status())
+        async for item in handler(raw, context):
+            yield item
+
+    return limited
+
+
 def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """The call's text metadata as a dict."""
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -167,9 +191,11 @@ def _code(context: grpc.aio.ServicerContext, default: str = "OK") -> str:
 def add_service(
     server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor,
     rpc: RpcMetrics | None = None, auth: Authenticator | None = None,
+    limiter: Limiter | None = None,
 ) -> None:
     """Serve every unary and server-streaming method of ``service`` from ``servicer``,
-    counting each call in ``rpc`` and authenticating it with ``auth``, if given."""
+    counting each call in ``rpc``, authenticating it with ``auth`` and admitting it
+    through ``limiter`` (after authentication: limits are per tenant), if given."""
     handlers = {}
     for method in service.methods:
         parse = _parser(method)
@@ -180,6 +206,8 @@ def add_service(
             raise NotImplementedError(f"{method.full_name}: client streaming is not wired")
         if method.server_streaming:
             stream = _server_stream(parse, behaviour)
+            if limiter is not None:
+                stream = _limited_stream(stream, limiter, method.name)
             if auth is not None:
                 stream = _authenticated_stream(stream, auth)
             if rpc is not None:
@@ -188,6 +216,8 @@ def add_service(
                 stream, response_serializer=serialize)
         else:
             unary = _unary(parse, behaviour)
+            if limiter is not None:
+                unary = _limited_unary(unary, limiter, method.name)
             if auth is not None:
                 unary = _authenticated_unary(unary, auth)
             if rpc is not None:

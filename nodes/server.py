@@ -36,6 +36,7 @@ from nodes.forwarding import Forwarder
 from nodes.lock.machine import LOCK
 from nodes.lock.service import LockService
 from nodes.metrics import node_snapshot
+from nodes.ratelimit import limiter_for
 from nodes.registration import Registration
 from nodes.replication.journal import Journal
 from nodes.replication.machine import MachineFactory
@@ -88,8 +89,10 @@ class Node:
         self.drained = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
-        self.metrics = Metrics(lambda: node_snapshot(self.replication, self.events))
+        self.metrics = Metrics(
+            lambda: node_snapshot(self.replication, self.events, self.limiter))
         self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret)
+        self.limiter = limiter_for(config.rate_limits, config.cluster)
         self.incarnation = uuid.uuid4().hex
         # Durable services share one journal: their writes share its fsyncs.
         self.journal: Journal | None = None
@@ -121,27 +124,31 @@ class Node:
                 self.config.cache, sync_replication=self.config.cache.replication == "sync")
             self._factories[CACHE] = self.cache.machine
             service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
-            add_service(self.server, self.cache, service, self.metrics.rpc, self.auth)
+            add_service(self.server, self.cache, service, self.metrics.rpc, self.auth,
+                        self.limiter)
             names.append(service.full_name)
         if "lock" in wanted:
             self.locks = LockService(self.config.lock)
             self._factories[LOCK] = self.locks.machine
             service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
-            add_service(self.server, self.locks, service, self.metrics.rpc, self.auth)
+            add_service(self.server, self.locks, service, self.metrics.rpc, self.auth,
+                        self.limiter)
             names.append(service.full_name)
         if "events" in wanted:
             assert self.journal is not None  # events is a durable service
             self.events = EventsService(self.config.events, self.journal)
             self._factories[EVENTS] = self.events.machine
             service = events_pb2.DESCRIPTOR.services_by_name["EventsService"]
-            add_service(self.server, self.events, service, self.metrics.rpc, self.auth)
+            add_service(self.server, self.events, service, self.metrics.rpc, self.auth,
+                        self.limiter)
             names.append(service.full_name)
         if "scheduler" in wanted:
             assert self.journal is not None  # the scheduler is a durable service
             self.scheduler = SchedulerService(self.config.scheduler, self.journal)
             self._factories[SCHEDULER] = self.scheduler.machine
             service = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
-            add_service(self.server, self.scheduler, service, self.metrics.rpc, self.auth)
+            add_service(self.server, self.scheduler, service, self.metrics.rpc, self.auth,
+                        self.limiter)
             names.append(service.full_name)
         self.service_names = names
         internal = replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name
@@ -222,6 +229,8 @@ class Node:
         await self.server.stop(self.config.shutdown_grace)
         if self.journal is not None:
             await self.journal.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         await self.metrics.close()
         await asyncio.to_thread(self.tracing.shutdown)
         with contextlib.suppress(Exception):
