@@ -156,3 +156,17 @@ async def test_batches_regroup_when_a_node_dies(local_mesh: Any, mesh_client: Co
     fresh = await mesh_client()
     assert len(fresh.nodes("cache")) == 2
     assert await fresh.cache.mget(keys) == [k.encode() for k in keys]
+
+
+async def test_calls_made_before_any_node_is_up_wait_for_one(
+    local_mesh: Any, mesh_client: Connect
+) -> None:
+    """waitForReady: a client started against an empty cluster keeps a call's
+    tries going (nothing was sent) until a node serves it or its deadline passes."""
+    mesh = await mesh_client(timeout=30)
+    early = asyncio.create_task(mesh.cache.set("ready:k", b"v"))
+    await asyncio.sleep(0.5)
+    assert not early.done()
+    await asyncio.to_thread(local_mesh, 1)
+    assert await early >= 1
+    assert await mesh.cache.get("ready:k") == b"v"
