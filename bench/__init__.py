@@ -11,6 +11,10 @@ typed client and the baselines it is judged against:
 * lock acquire+release cycles vs. etcd's own lock through aetcd (``locks``);
 * the event store: durable appends of 1 and 100 events, reads, live and catch-up
   subscriptions, vs. the echo server in the same rounds (``events``);
+* the job scheduler: durable enqueues and end-to-end jobs (enqueue, claim by a
+  worker pool, complete) vs. Celery with a Redis broker in the same rounds
+  (``scheduler``; ``celery_app`` is Celery's side, ``mesh_worker`` Mesh's worker
+  process, ``counter`` how both count the jobs they ran);
 * failover time after SIGKILL of a primary, and rebalance time when a 4th node
   joins 3 that hold 100k keys (with checks that no acknowledged write is lost).
 
@@ -19,5 +23,6 @@ is one of them), ``workloads`` defines their calls, ``timing`` times them,
 ``progress`` draws the bar on stderr, ``report`` prints the Markdown tables and
 writes ``results.json``. ``cluster`` runs the cluster rows: ``clusters`` starts
 whole clusters, ``maps`` waits for their maps, ``replicated``, ``failover`` and
-``rebalance`` are the scenarios, ``locks`` and ``events`` the service rows.
+``rebalance`` are the scenarios, ``locks``, ``events`` and ``scheduler`` the service
+rows.
 """

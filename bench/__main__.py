@@ -8,8 +8,9 @@ First the single-node rows (etcd, a coordinator and one node against the echo
 server and redis-server), then the cluster rows (``bench.cluster``): replicated
 Set throughput, lock acquire+release cycles against etcd's own lock on the same
 etcd (``bench.locks``), event store appends, reads and subscription delivery
-against an echo server (``bench.events``), failover time and rebalance time, on
-3- and 4-node clusters.
+against an echo server (``bench.events``), job scheduler enqueues and end-to-end
+jobs against Celery with a Redis broker (``bench.scheduler``), failover time and
+rebalance time, on 3- and 4-node clusters.
 
 Each workload's warmup and window are split into ``--rounds`` rounds and the
 rounds run interleaved (every workload once, then again, ...), so a load spike on
@@ -25,14 +26,13 @@ import platform
 import signal
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import grpc
 
-from bench import aio, cluster, report
+from bench import aio, cluster, report, standalone
 from bench.progress import Progress
 from bench.services import Endpoints, running_services
 from bench.timing import Measurement, combine, measure
@@ -70,13 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 async def run(args: argparse.Namespace, endpoints: Endpoints, load_before: float
               ) -> tuple[list[Measurement], dict[str, Any]]:
     warmup, window = args.warmup / args.rounds, args.seconds / args.rounds
@@ -96,8 +89,8 @@ async def run(args: argparse.Namespace, endpoints: Endpoints, load_before: float
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
-        "protobuf": _version("protobuf"),
-        "redis_py": _version("redis"),
+        "protobuf": standalone.version("protobuf"),
+        "redis_py": standalone.version("redis"),
         "redis_server": str(info.get("redis_version", "unknown")),
         "cpu_count": os.cpu_count(),
         "loadavg_1m_before": round(load_before, 2),

@@ -1,5 +1,6 @@
 """The cluster rows: replicated Set throughput, lock throughput against etcd's lock,
-event store throughput against the echo server, failover time, rebalance time.
+event store throughput against the echo server, job scheduler throughput against
+Celery on Redis, failover time, rebalance time.
 
 They run after the single-node rows, on an etcd of their own; each scenario
 uses its own cluster names, and stops every process it started before the next
@@ -14,15 +15,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import events, failover, locks, rebalance, replicated
+from bench import events, failover, locks, rebalance, replicated, scheduler
 from bench.timing import Measurement
 from meshctl.processes import Etcd
 
 
 @dataclass(frozen=True)
 class ClusterResults:
-    """The Set, lock and event measurements (for the ratio table) and the two scenario
-    sections."""
+    """The Set, lock, event and scheduler measurements (for the ratio table), the
+    scenario sections and the scheduler rows' setup."""
 
     measurements: list[Measurement]
     scenarios: dict[str, Any]
@@ -44,10 +45,13 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         cycles = locks.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
         # Against an echo server of their own, timed in the same rounds.
         stored = events.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
+        # Against Celery on a redis-server of their own, timed in the same rounds.
+        jobs = scheduler.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
         pause = 0.5 if args.quick else 1.0  # writes before the kill and after recovery
         runs = failover.run(workdir, etcd.endpoint, args.failover_runs, pause, pause)
         joined = rebalance.run(workdir, etcd.endpoint, args.rebalance_keys)
-    return ClusterResults(sets + cycles + stored, {
+    return ClusterResults(sets + cycles + stored + jobs, {
+        "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
         "rebalance": {"setup": f"3 nodes, R=1 sync, {rebalance.VALUE_BYTES}-byte values "
                                f"loaded by mset in batches of {rebalance.BATCH}; a 4th joins",

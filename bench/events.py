@@ -33,12 +33,10 @@ in the same interleaved rounds, at the same number of calls in flight:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -47,7 +45,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import aio, clusters, report, services
+from bench import aio, clusters, report, services, standalone
 from bench.progress import Progress
 from bench.timing import Measurement, Op, Workload, combine, measure
 from clients import Mesh
@@ -55,7 +53,6 @@ from common.slots import slot_for
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from meshctl.processes import Etcd
 
 SPEC = clusters.Spec("events-r1", replicas=1, replication="sync")
 DATA = b"e" * 100
@@ -373,28 +370,8 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
 
 def main(argv: list[str] | None = None) -> int:
     """Only the event store rows, on an etcd of their own: print their ratios."""
-    p = argparse.ArgumentParser(prog="python -m bench.events",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per workload")
-    p.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per workload")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 0.5 s windows after 0.2 s warmups, one round")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.seconds, args.warmup, args.rounds = 0.5, 0.2, 1
-    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
-        p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-events-") as workdir, \
-            contextlib.ExitStack() as stack:
-        server = Etcd(Path(workdir) / "etcd")
-        server.workdir.mkdir()
-        stack.callback(server.stop)
-        server.start()
-        measurements = run(Path(workdir), server.endpoint, args.warmup, args.seconds,
-                           args.rounds)
-    print(report.events_markdown(measurements))
-    return 0
+    return standalone.main("python -m bench.events", __doc__.splitlines()[0], run,
+                           report.events_markdown, argv)
 
 
 if __name__ == "__main__":

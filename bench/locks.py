@@ -14,21 +14,18 @@ other rows, so drift on the machine hits every side alike.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aetcd
 
-from bench import aio, clusters, report
+from bench import aio, clusters, report, standalone
 from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 from common.etcd import client_for
-from meshctl.processes import Etcd
 
 TTL = 10.0
 """Lease ttl of every acquire, seconds (aetcd takes whole seconds)."""
@@ -145,23 +142,8 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
 
 def main(argv: list[str] | None = None) -> int:
     """Only the lock rows, on an etcd of their own: print their ratios."""
-    p = argparse.ArgumentParser(prog="python -m bench.locks", description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per workload")
-    p.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per workload")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    args = p.parse_args(argv)
-    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
-        p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-locks-") as workdir, \
-            contextlib.ExitStack() as stack:
-        server = Etcd(Path(workdir) / "etcd")
-        server.workdir.mkdir()
-        stack.callback(server.stop)
-        server.start()
-        measurements = run(Path(workdir), server.endpoint, args.warmup, args.seconds,
-                           args.rounds)
-    print(report.lock_markdown(measurements))
-    return 0
+    return standalone.main("python -m bench.locks", __doc__.splitlines()[0], run,
+                           report.lock_markdown, argv)
 
 
 if __name__ == "__main__":

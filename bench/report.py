@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,31 @@ EVENT_COMPARISONS = [
                "cluster.events.subscribe.catchup", "echo.events.seq", ECHO),
 ]
 """Event rows against the echo server timed with them, at the same calls in flight."""
-COMPARISONS += LOCK_COMPARISONS + EVENT_COMPARISONS
+SCHEDULER_SETUP = "3 nodes, R=1 durable"
+"""The scheduler rows' cluster: sync replication, every copy fsynced (``bench.scheduler``)."""
+CELERY = "Celery, Redis broker"
+SCHEDULER_COMPARISONS = [
+    Comparison("scheduler.enqueue.seq", f"Job Enqueue, {SCHEDULER_SETUP}, sequential",
+               "enqueues/s", "cluster.scheduler.enqueue.seq", "celery.scheduler.enqueue.seq",
+               f"{CELERY} (apply_async)"),
+    Comparison("scheduler.enqueue.c16", f"Job Enqueue, {SCHEDULER_SETUP}, 16 in flight",
+               "enqueues/s", "cluster.scheduler.enqueue.c16", "celery.scheduler.enqueue.c16",
+               f"{CELERY} (apply_async, 16 threads)"),
+    Comparison("scheduler.e2e.c16", f"Jobs end to end (enqueue -> claim -> complete, no-op), "
+               f"{SCHEDULER_SETUP}, 16 producers, worker pool of 16", "jobs/s",
+               "cluster.scheduler.e2e.c16", "celery.scheduler.e2e.c16",
+               f"{CELERY} (worker, 16 threads)"),
+]
+"""Scheduler rows against Celery timed with them, at the same concurrency."""
+COMPARISONS += LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS
 GOAL_COMPARISONS = ("get.seq", "get.c64")
 LOCK_GOAL_COMPARISONS = ("lock.r1.seq", "lock.r1.c16")
 """The lock goal is judged on the replicated (R=1) cluster; R=0 is shown for reference."""
 LOCK_GOAL_WHAT = "lock acquire+release on 3 nodes, R=1"
+SCHEDULER_GOAL = 1.0
+"""The issue's target for enqueues/s and end-to-end jobs/s, as a multiple of Celery's."""
+SCHEDULER_GOAL_COMPARISONS = tuple(c.key for c in SCHEDULER_COMPARISONS)
+SCHEDULER_GOAL_WHAT = "job enqueue and end-to-end jobs on 3 nodes, R=1"
 
 
 def _rate(m: Measurement, unit: str) -> float:
@@ -119,6 +140,7 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
         "comparisons": comparisons,
         "goal": _goal(comparisons, GOAL_COMPARISONS, GOAL),
         "lock_goal": _goal(comparisons, LOCK_GOAL_COMPARISONS, LOCK_GOAL),
+        "scheduler_goal": _goal(comparisons, SCHEDULER_GOAL_COMPARISONS, SCHEDULER_GOAL),
         **scenarios,
     }
 
@@ -161,6 +183,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         _goal_line("cache GET through the typed client", "the echo baseline", results["goal"]),
         _goal_line(LOCK_GOAL_WHAT, "etcd's lock", results["lock_goal"]),
+        _goal_line(SCHEDULER_GOAL_WHAT, "Celery on Redis", results["scheduler_goal"]),
+        *_scheduler_setup(results.get("scheduler")),
         "",
         "Raw numbers:",
         "",
@@ -187,28 +211,47 @@ def _goal_line(what: str, baseline: str, goal: dict[str, Any]) -> str:
             f"({', '.join(goal['comparisons'])}): {'met' if goal['met'] else 'NOT met'}.")
 
 
-def lock_markdown(measurements: list[Measurement]) -> str:
-    """The lock rows alone (``python -m bench.locks``): ratios, goal, rates by round."""
-    comparisons = _compare({m.workload.name: m for m in measurements}, LOCK_COMPARISONS)
-    lines = [*_comparison_table(comparisons), "",
-             _goal_line(LOCK_GOAL_WHAT, "etcd's lock",
-                        _goal(comparisons, LOCK_GOAL_COMPARISONS, LOCK_GOAL)), ""]
-    for m in measurements:
-        by_round = " / ".join(_n(r) for r in m.rounds)
-        lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} cycles/s ({by_round} by round)")
-    return "\n".join(lines)
-
-
-def events_markdown(measurements: list[Measurement]) -> str:
-    """The event store rows alone (``python -m bench.events``): ratios, rates by round."""
-    comparisons = _compare({m.workload.name: m for m in measurements}, EVENT_COMPARISONS)
+def _standalone_table(measurements: list[Measurement], comparisons_wanted: list[Comparison],
+                      goal_line: Callable[[dict[str, dict[str, Any]]], str] | None,
+                      unit: str) -> str:
+    """A rows module's own table (``python -m bench.<rows>``): ratios, the goal if
+    it has one, then each workload's rate by round."""
+    comparisons = _compare({m.workload.name: m for m in measurements}, comparisons_wanted)
     lines = [*_comparison_table(comparisons), ""]
+    if goal_line is not None:
+        lines += [goal_line(comparisons), ""]
     for m in measurements:
         by_round = " / ".join(_n(r) for r in m.rounds)
         carried = f", {_n(m.keys_per_s)} events/s" if m.workload.batch > 1 else ""
-        lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} ops/s{carried} "
-                     f"({by_round} ops/s by round)")
+        lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} {unit}{carried} "
+                     f"({by_round} by round)")
     return "\n".join(lines)
+
+
+def lock_markdown(measurements: list[Measurement]) -> str:
+    """The lock rows alone (``python -m bench.locks``)."""
+    return _standalone_table(measurements, LOCK_COMPARISONS, lambda c: _goal_line(
+        LOCK_GOAL_WHAT, "etcd's lock", _goal(c, LOCK_GOAL_COMPARISONS, LOCK_GOAL)), "cycles/s")
+
+
+def events_markdown(measurements: list[Measurement]) -> str:
+    """The event store rows alone (``python -m bench.events``)."""
+    return _standalone_table(measurements, EVENT_COMPARISONS, None, "ops/s")
+
+
+def scheduler_markdown(measurements: list[Measurement]) -> str:
+    """The scheduler rows alone (``python -m bench.scheduler``)."""
+    return _standalone_table(measurements, SCHEDULER_COMPARISONS, lambda c: _goal_line(
+        SCHEDULER_GOAL_WHAT, "Celery on Redis",
+        _goal(c, SCHEDULER_GOAL_COMPARISONS, SCHEDULER_GOAL)), "ops/s")
+
+
+def _scheduler_setup(setup: dict[str, Any] | None) -> list[str]:
+    if setup is None:
+        return []
+    return [f"Scheduler rows: {setup['setup']}; {setup['producers']} producers, workers "
+            f"running {setup['worker_concurrency']} jobs at once (Celery's "
+            f"{setup['celery_pool']} pool), {setup['payload_bytes']}-byte payloads."]
 
 
 def _spread(values: dict[str, float] | None) -> str:

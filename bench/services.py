@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import aio
 from common.clustermap import wait_settled
-from meshctl.processes import Child, LocalMesh, ProcessError, free_port
+from meshctl.processes import Child, LocalMesh, RedisServer
 
 CLUSTER = "bench"
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,23 +49,12 @@ def start_echo(stack: contextlib.ExitStack, workdir: Path, value_bytes: int) -> 
     return child.wait_for_line("READY ", 30.0).removeprefix("READY ").strip()
 
 
-def _start_redis(stack: contextlib.ExitStack, workdir: Path, timeout: float = 20.0) -> int:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("redis-server not found: install Debian's redis-server "
-                                "(`make setup` does)")
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir)]
-    child = _started(stack, Child("redis-server", argv, workdir / "redis.log"))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise ProcessError(f"redis-server exited early:\n{child.log_tail()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return port
-        time.sleep(0.05)
-    raise ProcessError(f"redis-server not ready after {timeout}s:\n{child.log_tail()}")
+def start_redis(stack: contextlib.ExitStack, workdir: Path) -> int:
+    """redis-server on a free port (stopped with ``stack``); its port."""
+    server = RedisServer(workdir)
+    stack.callback(server.stop)
+    server.start()
+    return server.port
 
 
 @contextlib.contextmanager
@@ -85,5 +71,5 @@ def running_services(workdir: Path, value_bytes: int) -> Iterator[Endpoints]:
         node = local.start_node()
         aio.run(wait_settled(etcd, CLUSTER, [node.node_id], replicas=0, timeout=30))
         echo = start_echo(stack, workdir, value_bytes)
-        redis_port = _start_redis(stack, workdir)
+        redis_port = start_redis(stack, workdir)
         yield Endpoints(etcd, CLUSTER, node.address, echo, redis_port)

@@ -2,8 +2,9 @@
 
 Only the shape of results.json is checked: tests never assert speed. The quick
 run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance),
-the lock rows (Mesh R=1 and R=0 against etcd's lock, 0.7 s per workload) and the
-event store rows (against an echo server timed with them).
+the lock rows (Mesh R=1 and R=0 against etcd's lock, 0.7 s per workload), the
+event store rows (against an echo server timed with them) and the job scheduler
+rows (against Celery on a Redis broker, with a worker process on each side).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ WORKLOADS = {
     "cluster.events.append.seq", "cluster.events.append.c16", "cluster.events.append100.seq",
     "cluster.events.read100.seq", "cluster.events.read100.c16",
     "cluster.events.subscribe.live", "cluster.events.subscribe.catchup",
+    "celery.scheduler.enqueue.seq", "cluster.scheduler.enqueue.seq",
+    "celery.scheduler.enqueue.c16", "cluster.scheduler.enqueue.c16",
+    "celery.scheduler.e2e.c16", "cluster.scheduler.e2e.c16",
 }
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
 EVENT_UNITS = {
@@ -39,10 +43,14 @@ EVENT_UNITS = {
     "events.read100.seq": "reads/s", "events.read100.c16": "reads/s",
     "events.subscribe.live": "events/s", "events.subscribe.catchup": "events/s",
 }
+SCHEDULER_UNITS = {
+    "scheduler.enqueue.seq": "enqueues/s", "scheduler.enqueue.c16": "enqueues/s",
+    "scheduler.e2e.c16": "jobs/s",
+}
 COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
     "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
-    *LOCK_COMPARISONS, *EVENT_UNITS,
+    *LOCK_COMPARISONS, *EVENT_UNITS, *SCHEDULER_UNITS,
 }
 QUICK_REBALANCE_KEYS = 2000
 
@@ -76,6 +84,7 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
 
     _check_locks(results, run.stdout)
     _check_events(results)
+    _check_scheduler(results, run.stdout)
 
     assert "| failover: SIGKILL of a primary -> a Set of its key succeeds" in run.stdout
     assert "| rebalance: 4th node launched -> map settled over 4 nodes" in run.stdout
@@ -98,15 +107,20 @@ def _check_locks(results: dict[str, Any], stdout: str) -> None:
     assert "Goal: lock acquire+release on 3 nodes, R=1 >= 1.5x etcd's lock" in stdout
 
 
-def _check_events(results: dict[str, Any]) -> None:
-    for key, unit in EVENT_UNITS.items():
+def _check_pairs(results: dict[str, Any], units: dict[str, str], baseline: str,
+                 mesh: str) -> None:
+    """Each comparison's unit and sides, with the same calls in flight on both."""
+    for key, unit in units.items():
         c = results["comparisons"][key]
         assert c["unit"] == unit, key
-        assert c["baseline"].startswith("echo.events."), key
-        assert c["mesh"].startswith("cluster.events."), key
-        # The same number of calls in flight on both sides.
-        mesh, echo = results["workloads"][c["mesh"]], results["workloads"][c["baseline"]]
-        assert mesh["in_flight"] == echo["in_flight"], key
+        assert c["baseline"].startswith(baseline), key
+        assert c["mesh"].startswith(mesh), key
+        ours, theirs = results["workloads"][c["mesh"]], results["workloads"][c["baseline"]]
+        assert ours["in_flight"] == theirs["in_flight"], key
+
+
+def _check_events(results: dict[str, Any]) -> None:
+    _check_pairs(results, EVENT_UNITS, "echo.events.", "cluster.events.")
     workloads = results["workloads"]
     for name in ("echo.events.c16", "cluster.events.append.c16", "cluster.events.read100.c16"):
         assert workloads[name]["in_flight"] == 16, name
@@ -114,6 +128,21 @@ def _check_events(results: dict[str, Any]) -> None:
         assert workloads[name]["keys_per_op"] == 100, name
         assert workloads[name]["keys_per_s"] == pytest.approx(
             100 * workloads[name]["ops_per_s"], rel=0.01), name
+
+
+def _check_scheduler(results: dict[str, Any], stdout: str) -> None:
+    _check_pairs(results, SCHEDULER_UNITS, "celery.scheduler.", "cluster.scheduler.")
+    for name in ("celery.scheduler.enqueue.c16", "cluster.scheduler.enqueue.c16",
+                 "celery.scheduler.e2e.c16", "cluster.scheduler.e2e.c16"):
+        assert results["workloads"][name]["in_flight"] == 16, name
+    goal = results["scheduler_goal"]
+    assert goal["comparisons"] == list(SCHEDULER_UNITS)
+    assert goal["min_ratio"] == 1.0
+    assert isinstance(goal["met"], bool)
+    assert "Goal: job enqueue and end-to-end jobs on 3 nodes, R=1 >= 1.0x Celery" in stdout
+    setup = results["scheduler"]
+    assert setup["producers"] == setup["worker_concurrency"] == 16
+    assert "Celery" in setup["setup"]
 
 
 def _check_failover(failover: dict[str, Any]) -> None:
