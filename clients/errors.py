@@ -62,6 +62,8 @@ class MeshError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.address = ""
         """The node that answered (host:port), when the error came from one."""
+        self.retry_after: float | None = None
+        """Seconds the node asked to wait before a retry (google.rpc.RetryInfo)."""
 
 
 class InvalidArgumentError(MeshError):
@@ -179,7 +181,13 @@ class LeaseLostError(FailedPreconditionError):
 
 
 class ResourceExhaustedError(MeshError):
-    """Overload or a configured limit; back off before retrying."""
+    """Overload or a configured limit; back off before retrying (``retry_after``
+    says for how long when the node knows)."""
+
+
+class RateLimitedError(ResourceExhaustedError):
+    """The tenant (or the method) is over its rate limit; ``retry_after`` says
+    when a call will be admitted again."""
 
 
 class QueueFullError(ResourceExhaustedError):
@@ -262,6 +270,7 @@ _BY_REASON: dict[str, type[MeshError]] = {
     "SCHEDULE_EXISTS": ScheduleExistsError,
     "LEASE_LOST": LeaseLostError,
     "QUEUE_FULL": QueueFullError,
+    "RATE_LIMITED": RateLimitedError,
 }
 
 
@@ -280,6 +289,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "
     reason = ""
     metadata: dict[str, str] = {}
     violations: dict[str, str] = {}
+    retry_after: float | None = None
     for key, value in error.trailing_metadata() or ():
         if key != _DETAILS_KEY:
             continue
@@ -294,6 +304,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = {v.field: v.description for v in bad.field_violations}
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, InternalError)
     result: MeshError
     if cls is InvalidArgumentError:
@@ -303,4 +317,5 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "
     else:
         result = cls(message, code=code, reason=reason, metadata=metadata)
     result.address = address
+    result.retry_after = retry_after
     return result

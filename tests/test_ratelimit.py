@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from clients import Mesh, RateLimitedError
 from common.auth import bearer
 from common.clustermap import read_map
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
-from meshctl.processes import RedisServer
+from meshctl.processes import Etcd, RedisServer
 
 RATE = 30.0
 WINDOW = 4.0
@@ -73,3 +75,14 @@ async def test_a_global_limit_holds_across_three_nodes_and_spares_other_tenants(
     assert abs(served["acme"] - expected) <= 0.1 * expected
     assert refusals and all(retry_info(e) is not None for e in refusals)
     assert served["globex"] >= WINDOW / 0.1 / 2  # ~one call per 0.1 s, none refused
+
+
+async def test_the_client_reports_a_refusal_with_its_retry_delay(
+    local_mesh: Any, tmp_path: Path, etcd: Etcd, cluster_name: str
+) -> None:
+    local_mesh(1, extra=["--rate-limit", "1", "--rate-limit-burst", "2"])
+    async with Mesh(etcd=etcd.endpoint, cluster=cluster_name, timeout=5) as mesh:
+        with pytest.raises(RateLimitedError) as refused:
+            for _ in range(5):
+                await mesh.cache.get("rl:k")
+    assert refused.value.retry_after is not None and 0 < refused.value.retry_after <= 1.0
