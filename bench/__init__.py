@@ -8,6 +8,9 @@ typed client and the baselines it is judged against:
 * MGet of 100 keys through ``mesh.cache.mget`` vs. redis-py pipelines of 100 GETs;
 * redis-py GET, for orientation;
 * Set on 3-node clusters with R=1 (sync, async) vs. R=0, the cost of replication;
+* cache GET on a node with the full interceptor stack (bearer-token auth, a
+  per-tenant rate limit that never refuses, tracing exported to a file, /metrics)
+  vs. a bare node, 1 and 64 in flight, the cost of the stack (``stack``);
 * lock acquire+release cycles vs. etcd's own lock through aetcd (``locks``);
 * the event store: durable appends of 1 and 100 events, reads, live and catch-up
   subscriptions, vs. the echo server in the same rounds (``events``);
@@ -23,6 +26,6 @@ is one of them), ``workloads`` defines their calls, ``timing`` times them,
 ``progress`` draws the bar on stderr, ``report`` prints the Markdown tables and
 writes ``results.json``. ``cluster`` runs the cluster rows: ``clusters`` starts
 whole clusters, ``maps`` waits for their maps, ``replicated``, ``failover`` and
-``rebalance`` are the scenarios, ``locks``, ``events`` and ``scheduler`` the service
-rows.
+``rebalance`` are the scenarios, ``stack``, ``locks``, ``events`` and ``scheduler``
+the service rows.
 """

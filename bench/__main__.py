@@ -6,11 +6,13 @@ sizes), ``--output`` (results.json path).
 
 First the single-node rows (etcd, a coordinator and one node against the echo
 server and redis-server), then the cluster rows (``bench.cluster``): replicated
-Set throughput, lock acquire+release cycles against etcd's own lock on the same
-etcd (``bench.locks``), event store appends, reads and subscription delivery
-against an echo server (``bench.events``), job scheduler enqueues and end-to-end
-jobs against Celery with a Redis broker (``bench.scheduler``), failover time and
-rebalance time, on 3- and 4-node clusters.
+Set throughput on 3-node clusters, cache GET through the full interceptor stack
+(auth, rate limit, tracing, metrics) against a bare node, both single-node
+clusters (``bench.stack``), lock acquire+release cycles against etcd's own lock
+on the same etcd (``bench.locks``), event store appends, reads and subscription
+delivery against an echo server (``bench.events``), job scheduler enqueues and
+end-to-end jobs against Celery with a Redis broker (``bench.scheduler``),
+failover time and rebalance time, on 3- and 4-node clusters.
 
 Each workload's warmup and window are split into ``--rounds`` rounds and the
 rounds run interleaved (every workload once, then again, ...), so a load spike on

@@ -1,6 +1,7 @@
-"""The cluster rows: replicated Set throughput, lock throughput against etcd's lock,
-event store throughput against the echo server, job scheduler throughput against
-Celery on Redis, failover time, rebalance time.
+"""The cluster rows: replicated Set throughput, the interceptor stack's cost against a
+bare node, lock throughput against etcd's lock, event store throughput against the
+echo server, job scheduler throughput against Celery on Redis, failover time,
+rebalance time.
 
 They run after the single-node rows, on an etcd of their own; each scenario
 uses its own cluster names, and stops every process it started before the next
@@ -16,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import events, failover, locks, rebalance, replicated, scheduler
+from bench import stack as interceptors
 from bench.timing import Measurement
 from meshctl.processes import Etcd
 
 
 @dataclass(frozen=True)
 class ClusterResults:
-    """The Set, lock, event and scheduler measurements (for the ratio table), the
-    scenario sections and the scheduler rows' setup."""
+    """The Set, interceptor stack, lock, event and scheduler measurements (for the
+    ratio table), the scenario sections and the scheduler rows' setup."""
 
     measurements: list[Measurement]
     scenarios: dict[str, Any]
@@ -41,6 +43,8 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         stack.callback(etcd.stop)
         etcd.start()
         sets = replicated.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
+        # Cache GET with every interceptor on against a bare node, timed in the same rounds.
+        gets = interceptors.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
         # Against etcd's own lock on this same etcd.
         cycles = locks.run(workdir, etcd.endpoint, args.warmup, args.seconds, args.rounds)
         # Against an echo server of their own, timed in the same rounds.
@@ -50,7 +54,7 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         pause = 0.5 if args.quick else 1.0  # writes before the kill and after recovery
         runs = failover.run(workdir, etcd.endpoint, args.failover_runs, pause, pause)
         joined = rebalance.run(workdir, etcd.endpoint, args.rebalance_keys)
-    return ClusterResults(sets + cycles + stored + jobs, {
+    return ClusterResults(sets + gets + cycles + stored + jobs, {
         "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
         "rebalance": {"setup": f"3 nodes, R=1 sync, {rebalance.VALUE_BYTES}-byte values "

@@ -21,20 +21,22 @@ from meshctl.processes import LocalMesh, NodeProcess
 
 @dataclass(frozen=True)
 class Spec:
-    """One cluster: its name, size and replication settings."""
+    """One cluster: its name, size and replication settings, and any more node flags."""
 
     name: str
     nodes: int = 3
     replicas: int = 1
     replication: str = "sync"
     lease_ttl: int = 5
+    extra_flags: tuple[str, ...] = ()
+    """Appended to every node's flags (so they override the ones set here)."""
 
     @property
     def node_flags(self) -> list[str]:
         # A quick stop: a replicated node otherwise waits out its whole shutdown
         # grace (its peers' replication streams stay open). Only SIGTERM is affected.
         return ["--cache-replication", self.replication,
-                "--drain-delay", "0", "--shutdown-grace", "1"]
+                "--drain-delay", "0", "--shutdown-grace", "1", *self.extra_flags]
 
 
 def _local(workdir: Path, etcd: str, spec: Spec) -> LocalMesh:

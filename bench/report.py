@@ -99,7 +99,17 @@ SCHEDULER_COMPARISONS = [
                f"{CELERY} (worker, 16 threads)"),
 ]
 """Scheduler rows against Celery timed with them, at the same concurrency."""
-COMPARISONS += LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS
+STACK = "auth + rate limit + tracing + /metrics"
+"""What the full-stack node has on (``bench.stack``)."""
+BARE = "bare node (no auth, rate limit, tracing or /metrics)"
+STACK_COMPARISONS = [
+    Comparison("stack.get.seq", f"cache GET, 1 node, {STACK}, sequential", "calls/s",
+               "cluster.stack.full.get.seq", "cluster.stack.bare.get.seq", BARE),
+    Comparison("stack.get.c64", f"cache GET, 1 node, {STACK}, 64 in flight", "calls/s",
+               "cluster.stack.full.get.c64", "cluster.stack.bare.get.c64", BARE),
+]
+"""The full interceptor stack against a bare node timed with it, at the same calls in flight."""
+COMPARISONS += STACK_COMPARISONS + LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS
 GOAL_COMPARISONS = ("get.seq", "get.c64")
 LOCK_GOAL_COMPARISONS = ("lock.r1.seq", "lock.r1.c16")
 """The lock goal is judged on the replicated (R=1) cluster; R=0 is shown for reference."""
@@ -237,6 +247,11 @@ def lock_markdown(measurements: list[Measurement]) -> str:
 def events_markdown(measurements: list[Measurement]) -> str:
     """The event store rows alone (``python -m bench.events``)."""
     return _standalone_table(measurements, EVENT_COMPARISONS, None, "ops/s")
+
+
+def stack_markdown(measurements: list[Measurement]) -> str:
+    """The interceptor stack rows alone (``python -m bench.stack``)."""
+    return _standalone_table(measurements, STACK_COMPARISONS, None, "calls/s")
 
 
 def scheduler_markdown(measurements: list[Measurement]) -> str:

@@ -1,5 +1,6 @@
 """``python -m bench.<rows>``: one family of cluster rows on an etcd of its own,
-printing its table (the lock, event store and scheduler rows offer this)."""
+printing its table (the lock, event store, scheduler and interceptor-stack rows
+offer this)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,11 @@
 
 Only the shape of results.json is checked: tests never assert speed. The quick
 run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance),
-the lock rows (Mesh R=1 and R=0 against etcd's lock, 0.7 s per workload), the
-event store rows (against an echo server timed with them) and the job scheduler
-rows (against Celery on a Redis broker, with a worker process on each side).
+the interceptor stack rows (cache GET on a node with auth, rate limit, tracing and
+metrics against a bare node), the lock rows (Mesh R=1 and R=0 against etcd's
+lock, 0.7 s per workload), the event store rows (against an echo server timed
+with them) and the job scheduler rows (against Celery on a Redis broker, with a
+worker process on each side).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ WORKLOADS = {
     "redis.get.seq", "redis.pipeline100.seq", "redis.pipeline100.c16",
     "cluster.set.r0.seq", "cluster.set.r1sync.seq", "cluster.set.r1async.seq",
     "cluster.set.r0.c64", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",
+    "cluster.stack.bare.get.seq", "cluster.stack.full.get.seq",
+    "cluster.stack.bare.get.c64", "cluster.stack.full.get.c64",
     "etcd.lock.seq", "cluster.lock.r1.seq", "cluster.lock.r0.seq",
     "etcd.lock.c16", "cluster.lock.r1.c16", "cluster.lock.r0.c16",
     "echo.events.seq", "echo.events.c16",
@@ -36,6 +40,7 @@ WORKLOADS = {
     "celery.scheduler.enqueue.c16", "cluster.scheduler.enqueue.c16",
     "celery.scheduler.e2e.c16", "cluster.scheduler.e2e.c16",
 }
+STACK_UNITS = {"stack.get.seq": "calls/s", "stack.get.c64": "calls/s"}
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
 EVENT_UNITS = {
     "events.append.seq": "appends/s", "events.append.c16": "appends/s",
@@ -50,7 +55,7 @@ SCHEDULER_UNITS = {
 COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
     "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
-    *LOCK_COMPARISONS, *EVENT_UNITS, *SCHEDULER_UNITS,
+    *STACK_UNITS, *LOCK_COMPARISONS, *EVENT_UNITS, *SCHEDULER_UNITS,
 }
 QUICK_REBALANCE_KEYS = 2000
 
@@ -82,6 +87,7 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
         assert isinstance(c["ratio"], float) and math.isfinite(c["ratio"]), key
         assert c["ratio"] == pytest.approx(c["mesh_rate"] / c["baseline_rate"], rel=0.01), key
 
+    _check_stack(results)
     _check_locks(results, run.stdout)
     _check_events(results)
     _check_scheduler(results, run.stdout)
@@ -117,6 +123,12 @@ def _check_pairs(results: dict[str, Any], units: dict[str, str], baseline: str,
         assert c["mesh"].startswith(mesh), key
         ours, theirs = results["workloads"][c["mesh"]], results["workloads"][c["baseline"]]
         assert ours["in_flight"] == theirs["in_flight"], key
+
+
+def _check_stack(results: dict[str, Any]) -> None:
+    _check_pairs(results, STACK_UNITS, "cluster.stack.bare.", "cluster.stack.full.")
+    for name in ("cluster.stack.bare.get.c64", "cluster.stack.full.get.c64"):
+        assert results["workloads"][name]["in_flight"] == 64, name
 
 
 def _check_events(results: dict[str, Any]) -> None:
