@@ -75,8 +75,7 @@ def start(stack: contextlib.ExitStack, workdir: Path, etcd: str,
     for local, spec in zip(locals_, specs, strict=True):
         local.start_coordinator(["--replicas", str(spec.replicas),
                                  "--min-nodes", str(spec.nodes)])
-        for _ in range(spec.nodes):
-            add_node(local, spec)
+        local.start_nodes(spec.nodes, spec.node_flags)
 
     async def settle() -> None:
         await asyncio.gather(*(

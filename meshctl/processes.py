@@ -301,6 +301,20 @@ class LocalMesh:
     def start_node(
         self, node_id: str | None = None, extra: Sequence[str] = (), timeout: float = 30.0
     ) -> NodeProcess:
+        """Start ``python -m nodes`` and wait for its READY line."""
+        node = self._launch_node(node_id, extra)
+        self._await_ready(node, timeout)
+        return node
+
+    def start_nodes(self, count: int, extra: Sequence[str] = (), timeout: float = 30.0
+                    ) -> list[NodeProcess]:
+        """Start ``count`` nodes at once (their start-ups overlap), then wait for each."""
+        nodes = [self._launch_node(None, extra) for _ in range(count)]
+        for node in nodes:
+            self._await_ready(node, timeout)
+        return nodes
+
+    def _launch_node(self, node_id: str | None, extra: Sequence[str]) -> NodeProcess:
         node_id = node_id or f"node-{len(self.nodes) + 1}"
         argv = [
             sys.executable, "-m", "nodes", "--listen", "127.0.0.1:0",
@@ -313,12 +327,12 @@ class LocalMesh:
         child.start()
         node = NodeProcess(node_id, child)
         self.nodes.append(node)
-        ready = json.loads(child.wait_for_line("READY ", timeout).removeprefix("READY "))
-        node.address, node.metrics = ready["address"], ready.get("metrics", "")
         return node
 
-    def start_nodes(self, count: int, extra: Sequence[str] = ()) -> list[NodeProcess]:
-        return [self.start_node(extra=extra) for _ in range(count)]
+    @staticmethod
+    def _await_ready(node: NodeProcess, timeout: float) -> None:
+        ready = json.loads(node.child.wait_for_line("READY ", timeout).removeprefix("READY "))
+        node.address, node.metrics = ready["address"], ready.get("metrics", "")
 
     def start_coordinator(
         self, extra: Sequence[str] = (), coordinator_id: str | None = None,
