@@ -90,51 +90,39 @@ def _server_stream(parse: Callable[[bytes], message.Message],
     return handler
 
 
-def _authenticated_unary(handler: Handler, auth: Authenticator) -> Handler:
-    async def authenticated(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+async def _admit(context: grpc.aio.ServicerContext, auth: Authenticator | None,
+                 limiter: Limiter | None, method: str) -> None:
+    """Authenticate the call (its tenant holds for the rest of it), then take its
+    rate-limit tokens; raises MeshStatusError."""
+    if auth is not None:
+        tenancy.enter(auth.tenant(metadata_of(context)))
+    if limiter is not None:
+        await limiter.admit(tenancy.current(), method)
+
+
+def _admitted_unary(handler: Handler, auth: Authenticator | None, limiter: Limiter | None,
+                    method: str) -> Handler:
+    async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            tenancy.enter(auth.tenant(metadata_of(context)))
+            await _admit(context, auth, limiter, method)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         return await handler(raw, context)
 
-    return authenticated
+    return admitted
 
 
-def _authenticated_stream(handler: Handler, auth: Authenticator) -> Handler:
-    async def authenticated(raw: bytes, context: grpc.aio.ServicerContext
-                            ) -> AsyncIterator[Any]:
+def _admitted_stream(handler: Handler, auth: Authenticator | None, limiter: Limiter | None,
+                     method: str) -> Handler:
+    async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            tenancy.enter(auth.tenant(metadata_of(context)))
+            await _admit(context, auth, limiter, method)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         async for item in handler(raw, context):
             yield item
 
-    return authenticated
-
-
-def _limited_unary(handler: Handler, limiter: Limiter, method: str) -> Handler:
-    async def limited(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            await limiter.admit(tenancy.current(), method)
-        except MeshStatusError as exc:
-            await context.abort_with_status(exc.to_status())
-        return await handler(raw, context)
-
-    return limited
-
-
-def _limited_stream(handler: Handler, limiter: Limiter, method: str) -> Handler:
-    async def limited(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            await limiter.admit(tenancy.current(), method)
-        except MeshStatusError as exc:
-            await context.abort_with_status(exc.to_status())
-        async for item in handler(raw, context):
-            yield item
-
-    return limited
+    return admitted
 
 
 def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -206,20 +194,16 @@ def add_service(
             raise NotImplementedError(f"{method.full_name}: client streaming is not wired")
         if method.server_streaming:
             stream = _server_stream(parse, behaviour)
-            if limiter is not None:
-                stream = _limited_stream(stream, limiter, method.name)
-            if auth is not None:
-                stream = _authenticated_stream(stream, auth)
+            if auth is not None or limiter is not None:
+                stream = _admitted_stream(stream, auth, limiter, method.name)
             if rpc is not None:
                 stream = _measured_stream(stream, name, rpc)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 stream, response_serializer=serialize)
         else:
             unary = _unary(parse, behaviour)
-            if limiter is not None:
-                unary = _limited_unary(unary, limiter, method.name)
-            if auth is not None:
-                unary = _authenticated_unary(unary, auth)
+            if auth is not None or limiter is not None:
+                unary = _admitted_unary(unary, auth, limiter, method.name)
             if rpc is not None:
                 unary = _measured_unary(unary, name, rpc)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -184,3 +185,25 @@ async def workers(local: LocalMesh, tmp_path: Path, module: str) -> AsyncIterato
             if worker.process.returncode is None:
                 worker.process.kill()
             await worker.process.wait()
+
+
+class LiveNodes:
+    """Plaintext channels to a mesh's live nodes, one per address."""
+
+    def __init__(self, local: LocalMesh) -> None:
+        self.local = local
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, address: str | None = None) -> grpc.aio.Channel:
+        """To ``address``, else to a live node at random (one that does not lead
+        the call's key forwards it)."""
+        if address is None:
+            address = random.choice([n.address for n in self.local.nodes if n.child.alive()])
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

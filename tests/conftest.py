@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from clients import Mesh
@@ -175,3 +176,20 @@ async def mesh_client(
     finally:
         for mesh in clients:
             await mesh.close()
+
+
+@pytest.fixture
+async def channel_at() -> AsyncIterator[Callable[[str], grpc.aio.Channel]]:
+    """``channel_at(address)``: one plaintext channel per address, closed after the test."""
+    opened: dict[str, grpc.aio.Channel] = {}
+
+    def channel(address: str) -> grpc.aio.Channel:
+        if address not in opened:
+            opened[address] = grpc.aio.insecure_channel(address)
+        return opened[address]
+
+    try:
+        yield channel
+    finally:
+        for ch in opened.values():
+            await ch.close()

@@ -28,29 +28,18 @@ from common.clustermap import read_map, wait_for_map, wait_settled
 from common.slots import slot_for
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
-from tests.cluster import error_details, workers
+from tests.cluster import LiveNodes, error_details, workers
 
 LEASE_TTL = 2
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED}
 
 
-class Nodes:
+class Nodes(LiveNodes):
     """Raw EventsService stubs to the mesh's live nodes."""
 
-    def __init__(self, local: LocalMesh) -> None:
-        self.local = local
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
     def stub(self, address: str | None = None) -> pb_grpc.EventsServiceStub:
-        if address is None:
-            live = [n.address for n in self.local.nodes if n.child.alive()]
-            address = random.choice(live)
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        return pb_grpc.EventsServiceStub(channel)
+        return pb_grpc.EventsServiceStub(self.channel(address))
 
     async def append(self, request: pb.AppendRequest, limit: float = 30.0
                      ) -> pb.AppendResponse:
@@ -85,10 +74,6 @@ class Nodes:
                 if page.end_of_stream or not page.events:
                     return events
                 after = page.next_version
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
 
 
 def events(n: int, tag: str = "e") -> list[pb.EventData]:

@@ -5,7 +5,7 @@ named fields, paging, subscriptions, retention, forwarding)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,22 +44,8 @@ async def _owner(local: LocalMesh, slot: int) -> str:
 
 
 @pytest.fixture
-async def channels(shared_cluster: LocalMesh) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
-    opened: dict[str, grpc.aio.Channel] = {}
-    try:
-        yield opened
-    finally:
-        for channel in opened.values():
-            await channel.close()
-
-
-@pytest.fixture
-def stub_at(channels: dict[str, grpc.aio.Channel]) -> Any:
-    def stub(address: str) -> Stub:
-        if address not in channels:
-            channels[address] = grpc.aio.insecure_channel(address)
-        return Stub(channels[address])
-    return stub
+def stub_at(channel_at: Callable[[str], grpc.aio.Channel]) -> Callable[[str], Stub]:
+    return lambda address: Stub(channel_at(address))
 
 
 @pytest.fixture

@@ -27,8 +27,7 @@ from common.clustermap import read_map, wait_for_map
 from common.slots import slot_for
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
-from tests.cluster import error_details, workers
+from tests.cluster import LiveNodes, error_details, workers
 
 LEASE_TTL = 2
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -41,19 +40,11 @@ def seconds(value: float) -> duration_pb2.Duration:
     return d
 
 
-class Nodes:
+class Nodes(LiveNodes):
     """Raw SchedulerService stubs to the mesh's live nodes."""
 
-    def __init__(self, local: LocalMesh) -> None:
-        self.local = local
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
     def stub(self) -> pb_grpc.SchedulerServiceStub:
-        address = random.choice([n.address for n in self.local.nodes if n.child.alive()])
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        return pb_grpc.SchedulerServiceStub(channel)
+        return pb_grpc.SchedulerServiceStub(self.channel())
 
     async def retry(self, call: Callable[[pb_grpc.SchedulerServiceStub], Awaitable[T]],
                     limit: float = 30.0) -> T:
@@ -86,10 +77,6 @@ class Nodes:
         reply = await self.retry(lambda s: s.GetJob(pb.GetJobRequest(job_id=job_id), timeout=3))
         job: pb.Job = reply.job
         return job
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
 
 
 @pytest.fixture

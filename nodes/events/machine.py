@@ -20,8 +20,9 @@ from mesh.events.v1 import events_replication_pb2 as epb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.events import errors
 from nodes.events.model import StoredEvent, Stream
-from nodes.events.storage import JournalLike, Storage
+from nodes.events.storage import Storage
 from nodes.events.store import EventStore
+from nodes.replication.journal import JournalLike
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group

@@ -8,17 +8,18 @@ it, so the group counts the command as durable only once the rows are on disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from mesh.events.v1 import events_replication_pb2 as epb
 from nodes.events.model import SlotLog, StoredEvent, Stream
 from nodes.events.store import EventStore
+from nodes.replication.journal import JournalLike
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group
 
-__all__ = ["SCHEMA", "TABLES", "JournalLike", "Storage"]
+__all__ = ["SCHEMA", "TABLES", "Storage"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events_log (
@@ -66,17 +67,6 @@ _UPSERT_STREAM = (
 _UPSERT_SLOT = (
     "INSERT OR REPLACE INTO events_slots (group_id, slot, last_position) VALUES (?, ?, ?)")
 _REMOVE_BEFORE = "DELETE FROM events_log WHERE group_id = ? AND stream = ? AND version < ?"
-
-
-class JournalLike(Protocol):
-    """What the event store needs of `nodes.replication.journal.Journal`."""
-
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Sequence[Any]
-              ) -> None: ...
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None: ...
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
 
 class Storage:

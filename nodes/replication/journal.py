@@ -22,12 +22,12 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group
 
-__all__ = ["DurableCopy", "Journal"]
+__all__ = ["DurableCopy", "Journal", "JournalLike"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,16 @@ CREATE TABLE IF NOT EXISTS mesh_groups (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL
 )"""
+
+
+class JournalLike(Protocol):
+    """What a durable service's machine needs of the `Journal` (tests pass fakes)."""
+
+    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Params) -> None: ...
+
+    def clear(self, group: Group, tables: Iterable[str]) -> None: ...
+
+    def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]: ...
 
 
 @dataclass(frozen=True, slots=True)

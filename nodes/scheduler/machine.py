@@ -18,12 +18,13 @@ from common.slots import slot_for
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
+from nodes.replication.journal import JournalLike
 from nodes.scheduler.decisions import Decisions
 from nodes.scheduler.ids import job_id
 from nodes.scheduler.leader import Leader
 from nodes.scheduler.model import LEASED, WAITING, Job
 from nodes.scheduler.state import SchedulerState, lease_token, order_of
-from nodes.scheduler.storage import JournalLike, Storage
+from nodes.scheduler.storage import Storage
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group

@@ -9,10 +9,11 @@ counts the command as durable only once the rows are on disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+from nodes.replication.journal import JournalLike
 from nodes.scheduler.model import Job, Schedule
 from nodes.scheduler.queues import Queue
 from nodes.scheduler.state import SchedulerState
@@ -20,7 +21,7 @@ from nodes.scheduler.state import SchedulerState
 if TYPE_CHECKING:
     from nodes.replication.group import Group
 
-__all__ = ["SCHEMA", "TABLES", "JournalLike", "Storage"]
+__all__ = ["SCHEMA", "TABLES", "Storage"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scheduler_jobs (
@@ -52,17 +53,6 @@ _UPSERT_SCHEDULE = ("INSERT OR REPLACE INTO scheduler_schedules (group_id, queue
 _DELETE_SCHEDULE = ("DELETE FROM scheduler_schedules WHERE group_id = ? AND queue = ? "
                     "AND schedule_id = ?")
 _UPSERT_QUEUE = "INSERT OR REPLACE INTO scheduler_queues (group_id, queue, record) VALUES (?, ?, ?)"
-
-
-class JournalLike(Protocol):
-    """What the scheduler needs of `nodes.replication.journal.Journal`."""
-
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Sequence[Any]
-              ) -> None: ...
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None: ...
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
 
 class Storage:

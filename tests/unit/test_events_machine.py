@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +21,12 @@ from nodes.events.store import EventStore
 from nodes.events.subscriptions import SlotTarget, SubscriptionHub, follow_slots, follow_stream
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
+from tests.fakes import FakeJournal
 
 ANY = pb.EXPECTED_STATE_ANY
 NO_STREAM = pb.EXPECTED_STATE_NO_STREAM
 EXISTS = pb.EXPECTED_STATE_STREAM_EXISTS
 EXACT = pb.EXPECTED_STATE_EXACT
-
-
-class FakeJournal:
-    """Records the SQL a machine queues (the real one is tested further down)."""
-
-    def __init__(self) -> None:
-        self.writes: list[tuple[int, str, list[Sequence[Any]]]] = []
-        self.cleared: list[tuple[str, ...]] = []
-
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Sequence[Any]
-              ) -> None:
-        self.writes.append((seq, sql, list(rows)))
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None:
-        self.cleared.append(tuple(tables))
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return []
 
 
 def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +26,10 @@ from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff
 from nodes.scheduler.state import EPOCH_SHIFT
 from nodes.scheduler.storage import SCHEMA, TABLES
+from tests.fakes import FakeJournal
 
 S = 1_000_000_000
 LIMITS = SchedulerLimits()
-
-
-class FakeJournal:
-    """Records the SQL a machine queues (the real one is tested further down)."""
-
-    def __init__(self) -> None:
-        self.writes: list[tuple[int, str, list[Sequence[Any]]]] = []
-        self.cleared: list[tuple[str, ...]] = []
-
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Sequence[Any]
-              ) -> None:
-        self.writes.append((seq, sql, list(rows)))
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None:
-        self.cleared.append(tuple(tables))
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return []
 
 
 def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = None,
