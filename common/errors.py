@@ -24,6 +24,8 @@ class Reason(enum.StrEnum):
     """Stable machine-readable error reasons (``ErrorInfo.reason``)."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INTERNAL = "INTERNAL"
+    """A bug on the node (logged there); the call may or may not have taken effect."""
     KEY_EXISTS = "KEY_EXISTS"
     VERSION_MISMATCH = "VERSION_MISMATCH"
     NOT_AN_INTEGER = "NOT_AN_INTEGER"
@@ -43,6 +45,7 @@ class Reason(enum.StrEnum):
     TOKEN_MISSING = "TOKEN_MISSING"
     TOKEN_INVALID = "TOKEN_INVALID"
     TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    ADMIN_REQUIRED = "ADMIN_REQUIRED"
     LEASE_LOST = "LEASE_LOST"
     DUPLICATE_EVENT_ID = "DUPLICATE_EVENT_ID"
     STREAM_DELETED = "STREAM_DELETED"
@@ -58,6 +61,9 @@ class Reason(enum.StrEnum):
     TOO_MANY_HOPS = "TOO_MANY_HOPS"
     NOT_A_MEMBER = "NOT_A_MEMBER"
     GROUP_NOT_FOUND = "GROUP_NOT_FOUND"
+    # The internal plane.
+    PEER_UNAUTHENTICATED = "PEER_UNAUTHENTICATED"
+    PEER_NOT_PERMITTED = "PEER_NOT_PERMITTED"
     # Rate limits.
     RATE_LIMITED = "RATE_LIMITED"
     RATE_LIMITER_UNAVAILABLE = "RATE_LIMITER_UNAVAILABLE"
@@ -66,6 +72,17 @@ class Reason(enum.StrEnum):
     NODE_NOT_FOUND = "NODE_NOT_FOUND"
     NOT_ENOUGH_NODES = "NOT_ENOUGH_NODES"
     MIGRATION_IN_PROGRESS = "MIGRATION_IN_PROGRESS"
+
+
+MAX_MESSAGE_CHARS = 512
+"""Longest status message sent; longer ones are cut, ending in an ellipsis."""
+MAX_DETAIL_CHARS = 200
+"""Longest ErrorInfo metadata value or BadRequest field/description sent."""
+
+
+def capped(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the last being an ellipsis if cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 class MeshStatusError(Exception):
@@ -84,25 +101,32 @@ class MeshStatusError(Exception):
         violations: Mapping[str, str] | None = None,
         retry_after: float | None = None,
     ) -> None:
+        # Capped here, once for every error: a message or detail that quotes the
+        # caller's input (an id, a key) must not grow the status past the
+        # metadata limit (the caller would get RESOURCE_EXHAUSTED instead).
+        message = capped(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
-        self.metadata = dict(metadata or {})
-        self.violations = dict(violations or {})
+        self.metadata = {capped(k): capped(v) for k, v in (metadata or {}).items()}
+        self.violations = {capped(f): capped(d) for f, d in (violations or {}).items()}
         self.retry_after = retry_after
         """Seconds to wait before retrying (sent as google.rpc.RetryInfo)."""
 
     def to_status(self) -> grpc.Status:
         details = []
         info = error_details_pb2.ErrorInfo(
-            reason=self.reason.value, domain=DOMAIN, metadata=self.metadata
+            reason=self.reason.value, domain=DOMAIN,
+            # Capped again: the last gate, should anything change them after __init__.
+            metadata={capped(k): capped(v) for k, v in self.metadata.items()},
         )
         details.append(_pack(info))
         if self.violations:
             bad = error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=capped(f), description=capped(d))
                     for f, d in self.violations.items()
                 ]
             )
@@ -112,7 +136,8 @@ class MeshStatusError(Exception):
             retry.retry_delay.FromNanoseconds(int(self.retry_after * 1e9))
             details.append(_pack(retry))
         proto = status_pb2.Status(
-            code=_CODE_NUMBERS[self.code], message=self.message, details=details
+            code=_CODE_NUMBERS[self.code], message=capped(self.message, MAX_MESSAGE_CHARS),
+            details=details
         )
         return rpc_status.to_status(proto)
 
@@ -138,6 +163,7 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest
 _CODE_NUMBERS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
     grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
     grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
     grpc.StatusCode.ABORTED: code_pb2.ABORTED,
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from google.protobuf import duration_pb2
 
+from common.bounds import duration_seconds
 from common.errors import invalid_argument
 from common.tenancy import SEPARATOR
 
@@ -30,14 +31,11 @@ def check_value(value: bytes, max_bytes: int, field: str = "value") -> None:
 
 
 def ttl_seconds(request_has_ttl: bool, ttl: duration_pb2.Duration, field: str = "ttl") -> float:
-    """The TTL in seconds, 0.0 for none; negative or malformed durations are rejected."""
+    """The TTL in seconds, 0.0 for none; negative, malformed or over-100-year
+    durations are rejected (the expire_time must stay a valid Timestamp)."""
     if not request_has_ttl:
         return 0.0
-    if ttl.seconds < 0 or ttl.nanos < 0:
-        raise invalid_argument(field, "must not be negative")
-    if ttl.nanos >= 1_000_000_000:
-        raise invalid_argument(field, "nanos must be below 1e9")
-    return ttl.seconds + ttl.nanos / 1e9
+    return duration_seconds(field, ttl)
 
 
 def check_batch(items: Sequence[object], field: str) -> None:

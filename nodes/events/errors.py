@@ -40,7 +40,7 @@ def stream_deleted(stream: str) -> MeshStatusError:
     return MeshStatusError(
         grpc.StatusCode.FAILED_PRECONDITION,
         f"stream {unscoped(stream)!r} is tombstoned: it can never be read or written again",
-        Reason.STREAM_DELETED, {"stream": stream})
+        Reason.STREAM_DELETED, {"stream": unscoped(stream)})  # never the tenant prefix
 
 
 def subscription_ended(group_id: int) -> MeshStatusError:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from google.protobuf import duration_pb2
-
+from common.bounds import duration_ns
 from common.errors import invalid_argument
 from common.slots import SLOT_COUNT
 from common.tenancy import SEPARATOR
@@ -119,18 +118,9 @@ def subscribe_slots(ranges: Sequence[pb.SlotRange]) -> list[int]:
 
 def check_metadata(metadata: pb.StreamMetadata) -> tuple[int, int, int]:
     """``(max_count, max_age_ns, truncate_before)`` of valid settings."""
-    age = metadata.max_age
-    if age.seconds < 0 or age.nanos < 0:
-        raise invalid_argument("metadata.max_age", "must not be negative")
-    if age.nanos >= 1_000_000_000:
-        raise invalid_argument("metadata.max_age", "nanos must be below 1e9")
-    max_age_ns = _nanoseconds(age)
-    for name, value in (("max_count", metadata.max_count), ("max_age", max_age_ns),
+    max_age_ns = duration_ns("metadata.max_age", metadata.max_age)
+    for name, value in (("max_count", metadata.max_count),
                         ("truncate_before", metadata.truncate_before)):
         if value > _MAX_INT:
             raise invalid_argument(f"metadata.{name}", f"must be at most {_MAX_INT}")
     return metadata.max_count, max_age_ns, metadata.truncate_before
-
-
-def _nanoseconds(d: duration_pb2.Duration) -> int:
-    return d.seconds * 1_000_000_000 + d.nanos

@@ -133,6 +133,7 @@ class LockService(pb_grpc.LockServiceServicer):
 
     async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
         v.check_name(request.name)
+        v.check_lease_id(request.lease_id)
         target = self._route(request.name, context)
         if isinstance(target, Redirect):
             return cast(pb.ReleaseResponse,
@@ -143,6 +144,7 @@ class LockService(pb_grpc.LockServiceServicer):
 
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
         v.check_name(request.name)
+        v.check_lease_id(request.lease_id)
         ttl = v.ttl(request.ttl, self.limits, default=None)
         target = self._route(request.name, context)
         if isinstance(target, Redirect):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2
 
+from common.bounds import check_bytes, duration_seconds
 from common.errors import invalid_argument
 from mesh.lock.v1 import lock_pb2 as pb
 from nodes.cache.validation import check_key
 from nodes.config import LockLimits
 
-__all__ = ["check_name", "check_owner", "check_request_id", "permits", "shared", "ttl",
-           "wait"]
+__all__ = ["check_lease_id", "check_name", "check_owner", "check_request_id", "permits",
+           "shared", "ttl", "wait"]
 
 MAX_OWNER_BYTES = 256
 MAX_REQUEST_ID_BYTES = 64
+MAX_LEASE_ID_BYTES = 64
 
 
 def check_name(name: str) -> None:
@@ -30,17 +32,15 @@ def check_request_id(request_id: str) -> None:
         raise invalid_argument("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes")
 
 
-def _seconds(value: duration_pb2.Duration, field: str) -> float:
-    if value.seconds < 0 or value.nanos < 0:
-        raise invalid_argument(field, "must not be negative")
-    if value.nanos >= 1_000_000_000:
-        raise invalid_argument(field, "nanos must be below 1e9")
-    return value.seconds + value.nanos / 1e9
+def check_lease_id(lease_id: str) -> None:
+    """Lease ids are ours (at most 64 bytes): a longer one cannot name a lease, and
+    must not reach the LOCK_NOT_HELD error that quotes it."""
+    check_bytes("lease_id", lease_id, MAX_LEASE_ID_BYTES)
 
 
 def ttl(value: duration_pb2.Duration, limits: LockLimits, *, default: float | None) -> float | None:
     """The ttl in seconds; unset or zero gives ``default``."""
-    seconds = _seconds(value, "ttl")
+    seconds = duration_seconds("ttl", value)
     if seconds == 0:
         return default
     if not limits.min_ttl <= seconds <= limits.max_ttl:
@@ -50,7 +50,9 @@ def ttl(value: duration_pb2.Duration, limits: LockLimits, *, default: float | No
 
 
 def wait(value: duration_pb2.Duration) -> float:
-    return _seconds(value, "wait_timeout")
+    """The wait in seconds: not negative, at most 100 years (so that the waiter's
+    give-up time is a valid Timestamp)."""
+    return duration_seconds("wait_timeout", value)
 
 
 def permits(wanted: int, max_permits: int) -> tuple[int, int]:

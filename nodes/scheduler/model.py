@@ -42,7 +42,11 @@ class Backoff:
     def delay_ns(self, failures: int, draw: float) -> int:
         """The wait after ``failures`` failed attempts (>= 1), with ``draw`` uniform
         in [0, 1) (the primary's random draw)."""
-        base = min(float(self.max_ns), self.initial_ns * self.multiplier ** (failures - 1))
+        try:
+            grown = self.initial_ns * self.multiplier ** (failures - 1)
+        except OverflowError:  # e.g. multiplier 1000 after 200 failures: past any max
+            grown = float(self.max_ns)
+        base = min(float(self.max_ns), grown)
         return int(base * (1.0 - self.jitter * draw))
 
     def to_record(self) -> spb.BackoffRecord:

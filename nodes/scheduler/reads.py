@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
-from common import tenancy
-from common.errors import invalid_argument
+from common import pagetoken, tenancy
 from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.replication.group import Group
@@ -56,13 +55,14 @@ async def _settled_job(group: Group, job_id: str) -> Job:
     return job
 
 
+_DEAD_LETTERS = "scheduler.ListDeadLetters"
+_SCHEDULES = "scheduler.ListSchedules"
+
+
 def _page_after(token: str) -> tuple[int, str] | None:
-    if not token:
-        return None
-    finish, _, job_id = token.partition(":")
-    if not finish.isdigit() or not job_id:
-        raise invalid_argument("page_token", "is not a token this service gave")
-    return int(finish), job_id
+    """The (finish_ns, job_id) a ListDeadLetters page ended at; None for page one."""
+    after = pagetoken.decode(token, _DEAD_LETTERS, (int, str))
+    return None if after is None else (after[0], after[1])
 
 
 class Reads:
@@ -119,7 +119,7 @@ class Reads:
 
     async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx
                               ) -> pb.ListDeadLettersResponse:
-        after = _page_after(request.page_token)
+        after = _page_after(request.page_token)  # checked here, before forwarding
         size = v.page_size(request.page_size)
         machine, forwarded = await self._queue_target(request.queue, "ListDeadLetters",
                                                       request, context)
@@ -135,20 +135,23 @@ class Reads:
                                               total=len(queue.dead))
         if len(ids) > size:
             last = jobs[-1]
-            response.next_page_token = f"{last.finish_ns}:{last.job_id}"
+            response.next_page_token = pagetoken.encode(_DEAD_LETTERS, last.finish_ns,
+                                                        last.job_id)
         return response
 
     async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Ctx
                             ) -> pb.ListSchedulesResponse:
+        after = pagetoken.decode(request.page_token, _SCHEDULES, (str,))
+        after_id: str = "" if after is None else after[0]
         size = v.page_size(request.page_size)
         machine, forwarded = await self._queue_target(request.queue, "ListSchedules",
                                                       request, context)
         if machine is None:
             return cast(pb.ListSchedulesResponse, forwarded)
         found = sorted((sid, s) for (queue, sid), s in machine.state.schedules.items()
-                       if queue == request.queue and sid > request.page_token)
+                       if queue == request.queue and sid > after_id)
         response = pb.ListSchedulesResponse(
             schedules=[schedule_view(s) for _, s in found[:size]])
         if len(found) > size:
-            response.next_page_token = found[size - 1][0]
+            response.next_page_token = pagetoken.encode(_SCHEDULES, found[size - 1][0])
         return response

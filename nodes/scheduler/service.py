@@ -19,6 +19,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from common.bounds import duration_ns
 from common.errors import invalid_argument
 from common.slots import slot_for
 from common.tenancy import scoped
@@ -241,7 +242,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
 
     async def Fail(self, request: pb.FailRequest, context: Ctx) -> pb.FailResponse:
         v.check_job_id(request.job_id)
-        retry_delay = v.duration_ns(request.retry_delay, "retry_delay") \
+        retry_delay = duration_ns("retry_delay", request.retry_delay) \
             if request.HasField("retry_delay") else None
         target = self.route(request.job_id, context)
         if isinstance(target, Redirect):

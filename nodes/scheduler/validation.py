@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
+from common.bounds import check_bytes, duration_ns, timestamp_ns
 from common.errors import invalid_argument
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
@@ -18,8 +19,8 @@ from nodes.config import SchedulerLimits
 from nodes.scheduler import cron
 
 __all__ = ["MAX_CLAIM_JOBS", "MAX_IDS", "check_ids", "check_job_id", "check_name",
-           "check_worker", "claim_queues", "cron_spec", "duration_ns", "error_text", "job_spec",
-           "lease_ns", "max_jobs", "page_size", "wait_ns"]
+           "check_worker", "claim_queues", "cron_spec", "error_text", "job_spec", "lease_ns",
+           "max_jobs", "page_size", "wait_ns"]
 
 MAX_NAME_BYTES = 256
 MAX_JOB_ID_BYTES = 1024
@@ -30,11 +31,13 @@ MAX_CLAIM_JOBS = 100
 MAX_WAIT_NS = 60 * 1_000_000_000
 MAX_ERROR_BYTES = 4096
 MAX_IDS = 10_000
+MAX_CRON_BYTES = 1024
+"""Room for six fields of full lists ("0,1,...,59" is 170 bytes)."""
+MAX_TIMEZONE_BYTES = 128
+"""IANA names are at most ~32 bytes."""
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
 _NS = 1_000_000_000
-_MAX_DURATION_NS = 10 * 366 * 86_400 * _NS
-"""Ten years: far beyond any useful delay, and well inside int64 nanoseconds."""
 _NAME = re.compile(r"[A-Za-z0-9_\-.:/@#=+{}]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -69,24 +72,6 @@ def check_job_id(job_id: str) -> None:
         raise invalid_argument("job_id", f"must be at most {MAX_JOB_ID_BYTES} bytes")
 
 
-def duration_ns(d: duration_pb2.Duration, field: str) -> int:
-    """A duration that is not negative, in nanoseconds."""
-    if d.seconds < 0 or d.nanos < 0:
-        raise invalid_argument(field, "must not be negative")
-    if d.nanos >= _NS:
-        raise invalid_argument(field, "nanos must be below 1e9")
-    ns = d.seconds * _NS + d.nanos
-    if ns > _MAX_DURATION_NS:
-        raise invalid_argument(field, "must be at most 10 years")
-    return ns
-
-
-def _timestamp_ns(t: timestamp_pb2.Timestamp, field: str) -> int:
-    if not 0 <= t.nanos < _NS or not 0 <= t.seconds < 253402300800:  # 0001..9999
-        raise invalid_argument(field, "is not a valid timestamp (1970 to 9999)")
-    return t.seconds * _NS + t.nanos
-
-
 def _seconds_ns(seconds: float) -> int:
     return int(seconds * _NS)
 
@@ -100,9 +85,9 @@ def _backoff(source: pb.EnqueueRequest | pb.JobTemplate, limits: SchedulerLimits
             multiplier=limits.backoff_multiplier, jitter=limits.backoff_jitter)
     b = source.backoff
     field = f"{prefix}backoff"
-    initial = duration_ns(b.initial_delay, f"{field}.initial_delay") \
+    initial = duration_ns(f"{field}.initial_delay", b.initial_delay) \
         or _seconds_ns(limits.backoff_initial)
-    given_max = duration_ns(b.max_delay, f"{field}.max_delay")
+    given_max = duration_ns(f"{field}.max_delay", b.max_delay)
     if given_max and given_max < initial:
         raise invalid_argument(f"{field}.max_delay", "must be at least initial_delay")
     maximum = given_max or max(_seconds_ns(limits.backoff_max), initial)
@@ -132,11 +117,11 @@ def _template(source: pb.EnqueueRequest | pb.JobTemplate, limits: SchedulerLimit
         type=source.type, payload=source.payload, priority=source.priority,
         max_attempts=source.max_attempts or limits.default_max_attempts,
         backoff=_backoff(source, limits, prefix),
-        timeout_ns=duration_ns(source.timeout, f"{prefix}timeout")
+        timeout_ns=duration_ns(f"{prefix}timeout", source.timeout)
         or _seconds_ns(limits.default_timeout),
         unique_key=source.unique_key,
-        unique_ttl_ns=duration_ns(source.unique_ttl, f"{prefix}unique_ttl"),
-        retention_ns=duration_ns(source.retention, f"{prefix}retention")
+        unique_ttl_ns=duration_ns(f"{prefix}unique_ttl", source.unique_ttl),
+        retention_ns=duration_ns(f"{prefix}retention", source.retention)
         or _seconds_ns(limits.default_retention))
 
 
@@ -147,9 +132,9 @@ def job_spec(request: pb.EnqueueRequest, limits: SchedulerLimits, now: int) -> s
     spec.queue = request.queue
     when = request.WhichOneof("when")
     if when == "run_at":
-        spec.run_ns = max(_timestamp_ns(request.run_at, "run_at"), now)
+        spec.run_ns = max(timestamp_ns("run_at", request.run_at), now)
     elif when == "delay":
-        spec.run_ns = now + duration_ns(request.delay, "delay")
+        spec.run_ns = now + duration_ns("delay", request.delay)
     else:
         spec.run_ns = now
     if spec.unique_ttl_ns:
@@ -163,6 +148,10 @@ def cron_spec(request: pb.CreateScheduleRequest, limits: SchedulerLimits, now: i
     """The schedule a CreateSchedule asks for, with its first tick after ``now``."""
     check_name(request.queue, "queue")
     check_name(request.schedule_id, "schedule_id")
+    # Bounded before parsing: the parser's errors quote the expression and the
+    # zone name, and neither should cost more than a short look.
+    check_bytes("cron", request.cron, MAX_CRON_BYTES)
+    check_bytes("timezone", request.timezone, MAX_TIMEZONE_BYTES)
     try:
         expr = cron.parse(request.cron)
     except cron.CronError as exc:
@@ -206,7 +195,7 @@ def max_jobs(value: int) -> int:
 
 def lease_ns(d: duration_pb2.Duration, limits: SchedulerLimits, field: str) -> int | None:
     """A lease length within the node's bounds; None if unset or zero."""
-    ns = duration_ns(d, field)
+    ns = duration_ns(field, d)
     if not ns:
         return None
     if not _seconds_ns(limits.min_lease) <= ns <= _seconds_ns(limits.max_lease):
@@ -216,7 +205,7 @@ def lease_ns(d: duration_pb2.Duration, limits: SchedulerLimits, field: str) -> i
 
 
 def wait_ns(d: duration_pb2.Duration) -> int:
-    ns = duration_ns(d, "wait")
+    ns = duration_ns("wait", d)
     if ns > MAX_WAIT_NS:
         raise invalid_argument("wait", "must be at most 60 s")
     return ns
@@ -232,6 +221,8 @@ def error_text(error: str) -> str:
 def check_ids(job_ids: Sequence[str]) -> None:
     if len(job_ids) > MAX_IDS:
         raise invalid_argument("job_ids", f"at most {MAX_IDS} ids per call")
+    for i, job_id in enumerate(job_ids):
+        check_bytes(f"job_ids[{i}]", job_id, MAX_JOB_ID_BYTES)
 
 
 def page_size(value: int) -> int:
