@@ -30,6 +30,9 @@ class Spec:
     lease_ttl: int = 5
     extra_flags: tuple[str, ...] = ()
     """Appended to every node's flags (so they override the ones set here)."""
+    secure_peers: bool = True
+    """A cluster secret guards the internal plane (as in production); False leaves
+    it open, the baseline of the peer-authentication rows."""
 
     @property
     def node_flags(self) -> list[str]:
@@ -41,7 +44,8 @@ class Spec:
 
 def _local(workdir: Path, etcd: str, spec: Spec) -> LocalMesh:
     local = LocalMesh(workdir=workdir / spec.name, cluster=spec.name,
-                      lease_ttl=spec.lease_ttl, _owns_workdir=False)
+                      lease_ttl=spec.lease_ttl, _owns_workdir=False,
+                      secure_peers=spec.secure_peers)
     local.workdir.mkdir(parents=True)
     local.etcd_endpoint = etcd
     return local

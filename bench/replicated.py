@@ -1,4 +1,5 @@
-"""Replicated Set throughput: three 3-node clusters (R=0, R=1 sync, R=1 async), one run.
+"""Replicated Set throughput: four 3-node clusters (R=0, R=1 sync, R=1 async, and R=1
+sync with the internal plane open, to price peer authentication), one run.
 
 All three clusters run side by side on one etcd and their workloads are
 interleaved in rounds, like the single-node rows, so drift on the machine hits
@@ -22,10 +23,13 @@ SPECS = {
     "r0": clusters.Spec("set-r0", replicas=0),
     "r1sync": clusters.Spec("set-r1-sync", replicas=1, replication="sync"),
     "r1async": clusters.Spec("set-r1-async", replicas=1, replication="async"),
+    "r1open": clusters.Spec("set-r1-open", replicas=1, replication="sync", secure_peers=False),
 }
-"""Variant name -> its cluster; R=0 (unreplicated) is every ratio's baseline."""
+"""Variant name -> its cluster; R=0 (unreplicated) is the baseline of the replication
+ratios, R=1 sync with an open internal plane that of peer authentication's."""
 
-TITLES = {"r0": "R=0 (unreplicated)", "r1sync": "R=1 sync", "r1async": "R=1 async"}
+TITLES = {"r0": "R=0 (unreplicated)", "r1sync": "R=1 sync", "r1async": "R=1 async",
+          "r1open": "R=1 sync, internal plane open (no cluster secret)"}
 
 
 def workload_name(variant: str, in_flight: int) -> str:

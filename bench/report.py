@@ -48,6 +48,14 @@ COMPARISONS = [
                "cluster.set.r1async.seq", "cluster.set.r0.seq", "3 nodes, R=0 (unreplicated)"),
     Comparison("set.r1async.c64", "Set on 3 nodes, R=1 async, 64 in flight", "calls/s",
                "cluster.set.r1async.c64", "cluster.set.r0.c64", "3 nodes, R=0 (unreplicated)"),
+    Comparison("set.r1sync.peerauth.seq",
+               "Set on 3 nodes, R=1 sync, peer-authenticated internal plane, sequential",
+               "calls/s", "cluster.set.r1sync.seq", "cluster.set.r1open.seq",
+               "the same, internal plane open"),
+    Comparison("set.r1sync.peerauth.c64",
+               "Set on 3 nodes, R=1 sync, peer-authenticated internal plane, 64 in flight",
+               "calls/s", "cluster.set.r1sync.c64", "cluster.set.r1open.c64",
+               "the same, internal plane open"),
 ]
 LOCK_COMPARISONS = [
     Comparison("lock.r1.seq", "Lock acquire+release on 3 nodes, R=1, sequential",

@@ -26,6 +26,7 @@
     ├── WatchGapError               a watch stream lost .missed changes (the reader was too slow)
     ├── LockLostError               (client-side) a lease was lost, or presumed lost, while held
     ├── UnauthenticatedError        no valid bearer token (missing, malformed, expired, forged)
+    ├── PermissionDeniedError       a valid token without the role the call needs (admin)
     ├── UnimplementedError          the node does not implement this call (yet)
     └── InternalError               a bug or an unexpected server failure
 
@@ -233,6 +234,11 @@ class UnauthenticatedError(MeshError):
     TOKEN_EXPIRED). Get a valid token; retrying as is cannot help."""
 
 
+class PermissionDeniedError(MeshError):
+    """The token is valid but lacks the role the call needs (``reason``
+    ADMIN_REQUIRED: an admin mutation); retrying as is cannot help."""
+
+
 class UnimplementedError(MeshError):
     """The node does not implement this call."""
 
@@ -257,6 +263,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 _BY_REASON: dict[str, type[MeshError]] = {
     "VERSION_MISMATCH": VersionMismatchError,

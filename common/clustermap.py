@@ -83,8 +83,8 @@ class GroupView:
 class RoutingTable:
     """An immutable, indexed view of one ClusterMap."""
 
-    __slots__ = ("_slot_group", "addresses", "epoch", "groups", "incarnations", "proto",
-                 "states")
+    __slots__ = ("_slot_group", "addresses", "epoch", "groups", "incarnations",
+                 "peer_addresses", "proto", "states")
 
     def __init__(self, cmap: admin_pb2.ClusterMap) -> None:
         self.proto = cmap
@@ -106,6 +106,7 @@ class RoutingTable:
                 for slot in range(r.start, r.end + 1):
                     self._slot_group[slot] = group.group_id
         self.addresses = {n.node_id: n.address for n in cmap.nodes}
+        self.peer_addresses = {n.node_id: n.peer_address or n.address for n in cmap.nodes}
         self.states = {n.node_id: n.state for n in cmap.nodes}
         self.incarnations = {n.node_id: n.incarnation for n in cmap.nodes}
 

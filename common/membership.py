@@ -41,6 +41,8 @@ class NodeInfo:
     """host:port of its Prometheus /metrics endpoint ("" if it serves none)."""
     incarnation: str = ""
     """Random id of this process (new at every start)."""
+    peer_address: str = ""
+    """host:port of its peer port (internal services); "" means ``address``."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -57,6 +59,7 @@ class NodeInfo:
             started_at=float(data.get("started_at", 0.0)),
             metrics=str(data.get("metrics", "")),
             incarnation=str(data.get("incarnation", "")),
+            peer_address=str(data.get("peer_address", "")),
         )
 
 

@@ -40,6 +40,9 @@ LAG_TIMEOUT = 2.0
 """GetTopology waits at most this long for replica lag; the map comes without it after."""
 DRAIN_WAIT_DEFAULT = 300.0
 """How long Drain(wait) waits when the call has no deadline."""
+MUTATIONS = frozenset({"Drain", "Rebalance", "RecoverLostGroups"})
+"""The methods that change the cluster: with authentication on, they need the admin
+role; every other method (reads) takes any valid token."""
 
 
 def _newer(table: RoutingTable, epoch: int) -> bool:
@@ -96,7 +99,7 @@ class AdminService:
     async def _add_lag(self, cmap: admin_pb2.ClusterMap) -> None:
         pairs = [(g.primary_node_id, g.group_id) for g in cmap.groups
                  if g.primary_node_id and g.replicas]
-        addresses = {n.node_id: n.address for n in cmap.nodes}
+        addresses = {n.node_id: n.peer_address or n.address for n in cmap.nodes}
         try:
             positions, _ = await asyncio.wait_for(
                 self._probe.gather(pairs, addresses), LAG_TIMEOUT)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 
 from clients.errors import UnavailableError
+from common.auth import bearer_interceptors
 from common.clustermap import leader_key
 from common.etcd import client_for
 from common.tls import Tls, open_channel
@@ -35,26 +37,33 @@ async def find_leader(etcd_endpoints: str | Sequence[str], cluster: str,
     return None if kv is None else LeaderInfo.from_json(kv.value, kv.create_revision)
 
 
+def _token(token: str | None) -> str:
+    return token if token is not None else os.environ.get("MESH_TOKEN", "")
+
+
 @contextlib.asynccontextmanager
 async def admin_client(etcd_endpoints: str | Sequence[str], cluster: str,
-                       timeout: float = ETCD_TIMEOUT, tls: Tls | None = None
+                       timeout: float = ETCD_TIMEOUT, tls: Tls | None = None,
+                       token: str | None = None
                        ) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
     """A stub on the leader's channel, closed on exit; UnavailableError if nobody leads.
-    ``tls`` defaults to the ``MESH_TLS_*`` environment variables."""
+    ``tls`` defaults to the ``MESH_TLS_*`` environment variables; ``token`` (default
+    ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call."""
     leader = await find_leader(etcd_endpoints, cluster, timeout)
     if leader is None or not leader.address:
         raise UnavailableError(f"no coordinator leads cluster {cluster!r}")
-    async with open_channel(leader.address, tls or Tls.from_env()) as channel:
+    async with open_channel(leader.address, tls or Tls.from_env(),
+                            interceptors=bearer_interceptors(_token(token))) as channel:
         yield admin_pb2_grpc.AdminServiceStub(channel)
 
 
 async def admin_stub(etcd_endpoints: str | Sequence[str], cluster: str,
-                     timeout: float = ETCD_TIMEOUT, tls: Tls | None = None
-                     ) -> admin_pb2_grpc.AdminServiceStub:
+                     timeout: float = ETCD_TIMEOUT, tls: Tls | None = None,
+                     token: str | None = None) -> admin_pb2_grpc.AdminServiceStub:
     """A stub on a new channel to the leader (the channel lives as long as the stub);
-    prefer `admin_client`, which closes it."""
+    prefer `admin_client`, which closes it. ``tls`` and ``token`` as there."""
     leader = await find_leader(etcd_endpoints, cluster, timeout)
     if leader is None or not leader.address:
         raise UnavailableError(f"no coordinator leads cluster {cluster!r}")
-    return admin_pb2_grpc.AdminServiceStub(open_channel(leader.address,
-                                                        tls or Tls.from_env()))
+    return admin_pb2_grpc.AdminServiceStub(open_channel(
+        leader.address, tls or Tls.from_env(), interceptors=bearer_interceptors(_token(token))))

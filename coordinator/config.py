@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from common.auth import JwtPolicy, add_auth_flags, jwt_policy
 from common.clustermap import DEFAULT_GROUP_COUNT
+from common.peer import PeerKey, add_secret_flag, peer_key_for
 from common.process import add_server_flags, env, etcd_endpoints
 from common.slots import SLOT_COUNT
 from common.tls import Tls
@@ -34,6 +36,14 @@ class CoordinatorConfig:
     """Span export: off, console, otlp or file:DIR (common.tracing)."""
     tls: Tls | None = None
     """Certificates for TLS (None: plaintext)."""
+    peer_key: PeerKey | None = None
+    """Signs the credential its calls to nodes carry (from the cluster secret)."""
+    auth_tokens: str = ""
+    """Bearer tokens file, as for nodes; with auth_jwt_secret empty too: AdminService open."""
+    auth_jwt_secret: str = ""
+    """File holding the HS256 secret that signs JWT bearer tokens."""
+    auth_jwt: JwtPolicy = field(default_factory=JwtPolicy)
+    """Audience, issuer and longest lifetime a JWT must satisfy."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
@@ -57,6 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
     p.add_argument("--min-nodes", type=int, default=int(env("MIN_NODES", str(d.min_nodes))),
                    help="nodes that must be registered before the first map is created; "
                         "0 counts as 1 (MESH_MIN_NODES)")
+    add_auth_flags(p)
+    add_secret_flag(p)
     a = p.parse_args(argv)
     if a.lease_ttl < 1:
         p.error("--lease-ttl must be at least 1 second")
@@ -82,6 +94,11 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         metrics_listen=a.metrics_listen,
         tracing=a.tracing,
         tls=_tls(p, a),
+        auth_tokens=a.auth_tokens,
+        auth_jwt_secret=a.auth_jwt_secret,
+        auth_jwt=jwt_policy(p, a),
+        peer_key=peer_key_for(p, a.cluster_secret_file, a.cluster,
+                              client_auth=bool(a.auth_tokens or a.auth_jwt_secret)),
     )
 
 

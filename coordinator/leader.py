@@ -126,7 +126,7 @@ class LeaderDriver:
         inputs = (self._store.revision, registered)
         if not need and not restarted and inputs == self._idle_inputs:
             return
-        addresses = {n: info.address for n, info in registered.items()}
+        addresses = {n: info.peer_address or info.address for n, info in registered.items()}
         positions, absent = await self._probe.gather(need, addresses)
         new = next_map(current, registered, Facts(positions, absent, restarted),
                        self._config.replicas)

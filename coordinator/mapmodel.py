@@ -78,6 +78,7 @@ def new_node(info: NodeInfo, state: admin_pb2.NodeState.ValueType,
 def refresh_node(node: admin_pb2.Node, info: NodeInfo) -> None:
     """Copy what a node says about itself (address, services, version)."""
     node.address = info.address
+    node.peer_address = info.peer_address
     node.version = info.version
     node.incarnation = info.incarnation
     del node.services[:]

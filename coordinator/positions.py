@@ -1,4 +1,5 @@
-"""Asking nodes where they are in a group: ReplicationService.GetPosition.
+"""Asking nodes where they are in a group: ReplicationService.GetPosition, on their
+peer ports, with the coordinator's peer credential.
 
 One channel per node address, reused; every call has its own deadline, and a
 node that does not answer (down, slow, or not serving the call) is simply
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
+from common.peer import PeerSigner
 from common.tls import Tls, open_channel
 from coordinator.reconcile import NodeGroup
 from mesh.replication.v1 import replication_pb2, replication_pb2_grpc
@@ -29,8 +31,9 @@ Positions = dict[NodeGroup, replication_pb2.GetPositionResponse]
 class PositionProbe:
     """GetPosition on many (node, group) pairs at once, at most ``concurrency`` in flight."""
 
-    def __init__(self, timeout: float = CALL_TIMEOUT, concurrency: int = 32,
-                 tls: Tls | None = None) -> None:
+    def __init__(self, signer: PeerSigner, timeout: float = CALL_TIMEOUT,
+                 concurrency: int = 32, tls: Tls | None = None) -> None:
+        self._signer = signer
         self._timeout = timeout
         self._tls = tls
         self._limit = asyncio.Semaphore(concurrency)
@@ -51,7 +54,8 @@ class PositionProbe:
         async with self._limit:
             try:
                 reply: replication_pb2.GetPositionResponse = await self._stub(address).GetPosition(
-                    replication_pb2.GetPositionRequest(group_id=group_id), timeout=self._timeout)
+                    replication_pb2.GetPositionRequest(group_id=group_id), timeout=self._timeout,
+                    metadata=self._signer.metadata())
                 return reply
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:

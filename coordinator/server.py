@@ -14,12 +14,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.auth import Authenticator
 from common.clustermap import MapFollower, leader_key
 from common.etcd import client_for
 from common.metrics import Metrics, Snapshot
+from common.peer import COORDINATOR, PeerSigner
 from common.tls import Tls, bind
 from common.tracing import Tracing
-from coordinator.admin import AdminService
+from coordinator.admin import MUTATIONS, AdminService
 from coordinator.config import CoordinatorConfig
 from coordinator.election import Election, Leadership
 from coordinator.etcdhealth import EtcdHealthCheck
@@ -63,7 +65,8 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self._etcd = client_for(config.etcd_endpoints)
-        self._probe = PositionProbe(tls=config.tls)
+        self._probe = PositionProbe(
+            PeerSigner(config.peer_key, COORDINATOR, config.coordinator_id), tls=config.tls)
         self._follower = MapFollower(self._etcd, config.cluster)
         self._health_check = EtcdHealthCheck(config.etcd_endpoints, leader_key(config.cluster))
         self.driver: LeaderDriver | None = None
@@ -79,7 +82,12 @@ class Coordinator:
             replicas=config.replicas, driver=lambda: self.driver,
             etcd_health=self._health_check.check)
         self.metrics = Metrics(self._snapshot)
-        add_service(self.server, self.admin, ADMIN_SERVICE, self.metrics.rpc)
+        # With auth flags, reads take any valid token and mutations the admin role;
+        # without, the admin API stays open (a local dev mesh).
+        self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret,
+                                             config.auth_jwt)
+        add_service(self.server, self.admin, ADMIN_SERVICE, self.metrics.rpc, self.auth,
+                    admin_methods=MUTATIONS)
 
     async def start(self) -> None:
         """Serve, read the map and the leader key (raising if etcd is unreachable), campaign."""

@@ -11,10 +11,13 @@
     meshctl lock describe NAME    holders (tokens, expiry), waiters, latest fencing token
     meshctl jobs stats QUEUE...   a queue's jobs by state; jobs dead QUEUE; jobs requeue
                                   QUEUE [JOB_ID...]; jobs get JOB_ID (see meshctl.jobs)
+    meshctl secret FILE           write a new cluster secret (--cluster-secret-file), mode 0600
 
 Every command but ``up`` finds the mesh through ``--etcd`` (default
 ``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
-``$MESH_CLUSTER``, else ``mesh``).
+``$MESH_CLUSTER``, else ``mesh``), and sends ``$MESH_TOKEN`` (if set) as a bearer
+token on every call to the coordinator and the nodes (drain and recover need an
+admin token when the coordinator authenticates).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from clients import Mesh, MeshError
+from clients import Mesh, MeshError, PermissionDeniedError, UnauthenticatedError
+from common.peer import generate_secret
 from meshctl.jobs import add_parser as add_jobs_parser
 from meshctl.up import run_up
 
@@ -167,7 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("name")
 
     add_jobs_parser(sub, command)
+
+    secret = command(sub, "secret", "write a new cluster secret for --cluster-secret-file")
+    secret.add_argument("file", help="where to write it (refused if it exists)")
     return p
+
+
+def _secret(path: str) -> int:
+    """A new cluster secret in a file only its owner can read; never overwrites."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        print(f"error: cannot create {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w") as out:
+        out.write(generate_secret() + "\n")
+    print(f"wrote a new cluster secret to {path}: give the same file to every node and "
+          f"coordinator (--cluster-secret-file), and keep it like a private key")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             return run_up(args)
+        if args.command == "secret":
+            return _secret(args.file)
         if args.command == "status":
             return asyncio.run(_status(args))
         if args.command in ("topology", "drain", "recover"):
@@ -186,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_cache(args))
     except MeshError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, UnauthenticatedError | PermissionDeniedError):
+            print("hint: set MESH_TOKEN to a valid bearer token (an admin one for drain "
+                  "and recover)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `meshctl topology | head`: the reader left; end quietly, like Unix tools.

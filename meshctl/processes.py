@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.peer import generate_secret
+
 
 def _with_parent_death(argv: list[str]) -> list[str]:
     """``argv`` run so that the child gets SIGKILL if this process dies.
@@ -256,6 +258,8 @@ class NodeProcess:
     node_id: str
     child: Child
     address: str = ""
+    peer_address: str = ""
+    """host:port of its peer port (internal services)."""
     metrics: str = ""
     """host:port of its /metrics endpoint."""
 
@@ -291,6 +295,25 @@ class LocalMesh:
     lease_ttl: int = 5
     _owns_workdir: bool = True
     coordinators: list[CoordinatorProcess] = field(default_factory=list)
+    secure_peers: bool = True
+    """Give every process a cluster secret (made on first use) that guards the
+    internal plane; False leaves it open, as a node without the flag does."""
+
+    @property
+    def secret_file(self) -> Path | None:
+        """The cluster secret every process here is given (made on first use)."""
+        if not self.secure_peers:
+            return None
+        path = self.workdir / "cluster-secret"
+        if not path.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(generate_secret() + "\n")
+        return path
+
+    def _secret_flags(self) -> list[str]:
+        secret = self.secret_file
+        return ["--cluster-secret-file", str(secret)] if secret is not None else []
 
     def start_etcd(self, port: int = 0) -> str:
         self.etcd = Etcd(self.workdir, client_port=port)
@@ -320,7 +343,7 @@ class LocalMesh:
             sys.executable, "-m", "nodes", "--listen", "127.0.0.1:0",
             "--etcd", self.etcd_endpoint, "--cluster", self.cluster, "--node-id", node_id,
             "--lease-ttl", str(self.lease_ttl),
-            "--data-dir", str(self.workdir / node_id), *extra,
+            "--data-dir", str(self.workdir / node_id), *self._secret_flags(), *extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         child = Child(node_id, argv, self.workdir / f"{node_id}.log", env=env)
@@ -333,6 +356,7 @@ class LocalMesh:
     def _await_ready(node: NodeProcess, timeout: float) -> None:
         ready = json.loads(node.child.wait_for_line("READY ", timeout).removeprefix("READY "))
         node.address, node.metrics = ready["address"], ready.get("metrics", "")
+        node.peer_address = ready.get("peer_address", "")
 
     def start_coordinator(
         self, extra: Sequence[str] = (), coordinator_id: str | None = None,
@@ -347,7 +371,8 @@ class LocalMesh:
         argv = [
             sys.executable, "-m", "coordinator", "--listen", "127.0.0.1:0",
             "--etcd", self.etcd_endpoint, "--cluster", self.cluster,
-            "--coordinator-id", coordinator_id, "--lease-ttl", str(self.lease_ttl), *extra,
+            "--coordinator-id", coordinator_id, "--lease-ttl", str(self.lease_ttl),
+            *self._secret_flags(), *extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         child = Child(coordinator_id, argv, self.workdir / f"{coordinator_id}.log", env=env)

@@ -43,7 +43,7 @@ async def collect(mesh: Mesh, timeout: float = 2.0) -> list[NodeStatus]:
         if "cache" in services and health == "SERVING":
             try:
                 stats = await cache_pb2_grpc.CacheServiceStub(channel).Stats(
-                    cache_pb2.StatsRequest(), timeout=timeout)
+                    cache_pb2.StatsRequest(), timeout=timeout, metadata=mesh.call_metadata())
                 keys = stats.entries
             except grpc.aio.AioRpcError:
                 pass

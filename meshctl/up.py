@@ -47,6 +47,9 @@ def run_up(args: argparse.Namespace) -> int:
         assert local.etcd is not None and local.etcd.child is not None
         print(f"{'etcd':<9} {endpoint}   pid {local.etcd.child.pid}   (data in {local.workdir})",
               flush=True)
+        # Every process gets the same new cluster secret: the internal plane
+        # (replication, forwarding) is closed even on a laptop.
+        print(f"{'secret':<9} {local.secret_file}   (guards the internal plane)", flush=True)
         # The coordinator waits for all the nodes before it cuts the first map, so
         # the mesh starts balanced instead of moving groups as each node arrives.
         for _ in range(args.coordinators):
@@ -61,8 +64,8 @@ def run_up(args: argparse.Namespace) -> int:
             if stop:
                 break
             node = local.start_node()
-            print(f"{node.node_id:<9} {node.address}   pid {node.pid}   "
-                  f"metrics http://{node.metrics}/metrics", flush=True)
+            print(f"{node.node_id:<9} {node.address}   peer {node.peer_address}   "
+                  f"pid {node.pid}   metrics http://{node.metrics}/metrics", flush=True)
         if not stop:
             print(f"\nexport MESH_ETCD_ENDPOINTS={endpoint} MESH_CLUSTER={args.cluster}")
             first = local.nodes[0].address if local.nodes else "<node>"

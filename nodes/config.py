@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.auth import JwtPolicy, add_auth_flags, jwt_policy
+from common.peer import PeerKey, add_secret_flag, peer_key_for
 from common.process import add_server_flags, env, etcd_endpoints
 from common.tls import Tls
 from nodes.ratelimit import RateLimits
@@ -103,6 +105,15 @@ class NodeConfig:
 
     listen: str = "127.0.0.1:0"
     advertise: str = ""
+    peer_listen: str = ""
+    """host:port of the peer port (internal services); default: the listen host, a
+    free port."""
+    peer_advertise: str = ""
+    """Address other members use to reach the peer port; default: the advertised
+    host (else the listen host) with the bound peer port."""
+    peer_key: PeerKey | None = None
+    """Signs and checks peer credentials (from the cluster secret); None: the
+    internal plane is open."""
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     cluster: str = "mesh"
     node_id: str = ""
@@ -120,9 +131,12 @@ class NodeConfig:
     tls: Tls | None = None
     """Certificates for TLS (None: plaintext)."""
     auth_tokens: str = ""
-    """File of '<token> <tenant>' lines; with auth_jwt_secret empty too: no authentication."""
+    """File of '<token> <tenant> [admin|client]' lines; with auth_jwt_secret empty too:
+    no authentication."""
     auth_jwt_secret: str = ""
     """File holding the HS256 secret that signs JWT bearer tokens."""
+    auth_jwt: JwtPolicy = field(default_factory=JwtPolicy)
+    """Audience, issuer and longest lifetime a JWT must satisfy."""
     cache: CacheLimits = field(default_factory=CacheLimits)
     lock: LockLimits = field(default_factory=LockLimits)
     events: EventsLimits = field(default_factory=EventsLimits)
@@ -136,6 +150,15 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p = argparse.ArgumentParser(prog="python -m nodes", description="Run a Mesh node.")
     add_server_flags(p, listen=d.listen, etcd=d.etcd_endpoints, cluster=d.cluster,
                      what="node")
+    p.add_argument("--peer-listen", default=env("PEER_LISTEN", ""),
+                   help="host:port of the peer port, which serves replication and forwarded "
+                        "calls to cluster members only; default: the --listen host, a free "
+                        "port (MESH_PEER_LISTEN)")
+    p.add_argument("--peer-advertise", default=env("PEER_ADVERTISE", ""),
+                   help="address other members use to reach the peer port; default: the "
+                        "--advertise host (else the --listen host) with the bound peer port "
+                        "(MESH_PEER_ADVERTISE)")
+    add_secret_flag(p)
     p.add_argument("--node-id", default=env("NODE_ID", ""),
                    help="stable node id; default: hostname + random suffix (MESH_NODE_ID)")
     p.add_argument("--services", default=env("SERVICES", ",".join(d.services)),
@@ -173,12 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    choices=["sync", "async"],
                    help="answer writes after the replicas hold them (sync) or at once "
                         "(async) (MESH_CACHE_REPLICATION)")
-    p.add_argument("--auth-tokens", default=env("AUTH_TOKENS", ""),
-                   help="file of '<token> <tenant>' lines accepted as bearer tokens "
-                        "(MESH_AUTH_TOKENS)")
-    p.add_argument("--auth-jwt-secret", default=env("AUTH_JWT_SECRET", ""),
-                   help="file holding the HS256 secret of JWT bearer tokens "
-                        "(MESH_AUTH_JWT_SECRET); with neither flag, no authentication")
+    add_auth_flags(p)
     lk = d.lock
     p.add_argument("--lock-min-ttl", type=float,
                    default=float(env("LOCK_MIN_TTL", str(lk.min_ttl))),
@@ -241,9 +259,14 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     node_id = a.node_id or _kept_node_id(data_dir)
     if not data_dir and DURABLE_SERVICES.intersection(services):
         data_dir = str(Path(tempfile.gettempdir()) / "mesh-data" / a.cluster / node_id)
+    peer_key = peer_key_for(p, a.cluster_secret_file, a.cluster,
+                            client_auth=bool(a.auth_tokens or a.auth_jwt_secret))
     return NodeConfig(
         listen=a.listen,
         advertise=a.advertise,
+        peer_listen=a.peer_listen or f"{a.listen.rpartition(':')[0]}:0",
+        peer_advertise=a.peer_advertise,
+        peer_key=peer_key,
         etcd_endpoints=etcd_endpoints(a.etcd),
         cluster=a.cluster,
         node_id=node_id,
@@ -258,6 +281,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         tls=_tls(p, a),
         auth_tokens=a.auth_tokens,
         auth_jwt_secret=a.auth_jwt_secret,
+        auth_jwt=jwt_policy(p, a),
         cache=CacheLimits(
             max_entries=a.cache_max_entries,
             max_bytes=a.cache_max_bytes,

@@ -5,7 +5,12 @@ client`` and get ``FAILED_PRECONDITION`` / ``WRONG_OWNER`` naming the owner and
 the map epoch, so they fix their map and go straight there next time. Everyone
 else (grpcurl, the Node example, any plain gRPC stub) is forwarded to the owner,
 with the caller's deadline, and gets the owner's answer, errors included.
-``x-mesh-hops`` bounds forwarding when maps disagree for a moment.
+
+A forwarded call goes to the owner's peer port with this node's peer credential
+and the caller's own bearer token: the owner checks that the call comes from a
+member, then authenticates the caller (tenancy is always the owner's decision).
+``x-mesh-hops`` bounds forwarding when maps disagree for a moment; only nodes
+set it (the client port refuses it).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import grpc
 from google.protobuf import message
 
 from common.errors import MeshStatusError, Reason
+from common.peer import PeerSigner
+from nodes.planes import HOPS_HEADER
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect, Replication
 from nodes.rpc import ForwardedError, metadata_of
@@ -24,7 +31,6 @@ from nodes.rpc import ForwardedError, metadata_of
 __all__ = ["HOPS_HEADER", "ROUTE_HEADER", "Forwarder", "wrong_owner"]
 
 ROUTE_HEADER = "x-mesh-route"
-HOPS_HEADER = "x-mesh-hops"
 AUTH_HEADER = "authorization"
 MAX_HOPS = 2
 _FALLBACK_TIMEOUT = 5.0
@@ -33,8 +39,9 @@ _FALLBACK_TIMEOUT = 5.0
 class Forwarder:
     """Decides, per request, between serving here, redirecting and forwarding."""
 
-    def __init__(self, replication: Replication) -> None:
+    def __init__(self, replication: Replication, signer: PeerSigner) -> None:
         self._replication = replication
+        self._signer = signer
 
     def resolve(self, slot: int, context: grpc.aio.ServicerContext) -> Group | Redirect:
         """The local group for ``slot``, or a Redirect to forward along.
@@ -48,7 +55,7 @@ class Forwarder:
         metadata = metadata_of(context)
         if metadata.get(ROUTE_HEADER) == "client":
             raise wrong_owner(target)
-        if int(metadata.get(HOPS_HEADER, "0") or 0) >= MAX_HOPS or not target.owner_address:
+        if _hops(metadata) >= MAX_HOPS or not target.owner_peer_address:
             raise MeshStatusError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"cannot forward slot {slot}: maps disagree or the owner is unknown; retry",
@@ -57,9 +64,8 @@ class Forwarder:
 
     def _call_args(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
         metadata = metadata_of(context)
-        hops = int(metadata.get(HOPS_HEADER, "0") or 0)
         remaining = context.time_remaining()
-        forwarded = [(HOPS_HEADER, str(hops + 1))]
+        forwarded = [(HOPS_HEADER, str(_hops(metadata) + 1)), *self._signer.metadata()]
         if AUTH_HEADER in metadata:  # the owner authenticates the caller itself
             forwarded.append((AUTH_HEADER, metadata[AUTH_HEADER]))
         return {"timeout": remaining if remaining is not None else _FALLBACK_TIMEOUT,
@@ -69,7 +75,7 @@ class Forwarder:
                     response_type: type[message.Message],
                     context: grpc.aio.ServicerContext) -> Any:
         """Send ``request`` to the owner and return its response."""
-        call = self._replication.channel(target.owner_address).unary_unary(
+        call = self._replication.channel(target.owner_peer_address).unary_unary(
             path, request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString)
         try:
@@ -81,7 +87,7 @@ class Forwarder:
                      response_type: type[message.Message],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Relay a server stream from the owner."""
-        call = self._replication.channel(target.owner_address).unary_stream(
+        call = self._replication.channel(target.owner_peer_address).unary_stream(
             path, request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString)
         try:
@@ -89,6 +95,12 @@ class Forwarder:
                 yield item
         except grpc.aio.AioRpcError as exc:
             raise ForwardedError(exc) from None
+
+
+def _hops(metadata: dict[str, str]) -> int:
+    """The hop count another node set (the client port refuses the header)."""
+    hops = metadata.get(HOPS_HEADER, "0")
+    return int(hops) if hops.isdigit() else MAX_HOPS
 
 
 def wrong_owner(target: Redirect) -> MeshStatusError:

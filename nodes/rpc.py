@@ -9,8 +9,9 @@ raised anywhere in a handler into the rich status it describes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, NoReturn
 
 import grpc
@@ -18,9 +19,11 @@ from google.protobuf import descriptor, message, message_factory
 
 from common import tenancy
 from common.auth import Authenticator
-from common.errors import MeshStatusError, invalid_argument
+from common.errors import MeshStatusError, Reason, invalid_argument
 from common.metrics import RpcMetrics
 from nodes.ratelimit import Limiter
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
@@ -47,38 +50,53 @@ def _parser(method: descriptor.MethodDescriptor) -> Callable[[bytes], message.Me
     return from_string
 
 
-async def _reject(exc: message.DecodeError, context: grpc.aio.ServicerContext) -> NoReturn:
-    error = invalid_argument("request", f"not a valid message: {exc}")
+async def _reject(context: grpc.aio.ServicerContext) -> NoReturn:
+    error = invalid_argument("request", "not a valid message of the method's request type")
     await context.abort_with_status(error.to_status())
     raise AssertionError("abort_with_status always raises")
 
 
+async def _internal(context: grpc.aio.ServicerContext, name: str) -> NoReturn:
+    """A bug: the caller gets INTERNAL with a fixed message, the log the traceback
+    (never the exception's text on the wire: it may quote anything)."""
+    log.exception("%s failed", name)
+    await context.abort_with_status(MeshStatusError(
+        grpc.StatusCode.INTERNAL, "internal error (logged by the node)",
+        Reason.INTERNAL).to_status())
+    raise AssertionError("abort_with_status always raises")
+
+
 def _unary(parse: Callable[[bytes], message.Message],
-           method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Handler:
+           method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+           name: str) -> Handler:
     # The hot path of every call: parse inline, one await, no extra coroutine.
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             request = parse(raw)
-        except message.DecodeError as exc:
-            await _reject(exc, context)
+        except message.DecodeError:
+            await _reject(context)
         try:
             return await method(request, context)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         except ForwardedError as exc:
             await exc.abort(context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, name)
 
     return handler
 
 
 def _server_stream(parse: Callable[[bytes], message.Message],
-                   method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-                   ) -> Handler:
+                   method: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+                   name: str) -> Handler:
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             request = parse(raw)
-        except message.DecodeError as exc:
-            await _reject(exc, context)
+        except message.DecodeError:
+            await _reject(context)
         try:
             async for item in method(request, context):
                 yield item
@@ -86,25 +104,35 @@ def _server_stream(parse: Callable[[bytes], message.Message],
             await context.abort_with_status(exc.to_status())
         except ForwardedError as exc:
             await exc.abort(context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, name)
 
     return handler
 
 
 async def _admit(context: grpc.aio.ServicerContext, auth: Authenticator | None,
-                 limiter: Limiter | None, method: str) -> None:
-    """Authenticate the call (its tenant holds for the rest of it), then take its
-    rate-limit tokens; raises MeshStatusError."""
+                 limiter: Limiter | None, method: str, admin: bool = False) -> None:
+    """Authenticate the call (its tenant holds for the rest of it), check its role
+    when the method is ``admin``-only, then take its rate-limit tokens; raises
+    MeshStatusError."""
     if auth is not None:
-        tenancy.enter(auth.tenant(metadata_of(context)))
+        principal = auth.principal(metadata_of(context))
+        if admin and not principal.is_admin:
+            raise MeshStatusError(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"{method} needs a token with the admin role",
+                                  Reason.ADMIN_REQUIRED)
+        tenancy.enter(principal.tenant)
     if limiter is not None:
         await limiter.admit(tenancy.current(), method)
 
 
 def _admitted_unary(handler: Handler, auth: Authenticator | None, limiter: Limiter | None,
-                    method: str) -> Handler:
+                    method: str, admin: bool = False) -> Handler:
     async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            await _admit(context, auth, limiter, method)
+            await _admit(context, auth, limiter, method, admin)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         return await handler(raw, context)
@@ -113,10 +141,10 @@ def _admitted_unary(handler: Handler, auth: Authenticator | None, limiter: Limit
 
 
 def _admitted_stream(handler: Handler, auth: Authenticator | None, limiter: Limiter | None,
-                     method: str) -> Handler:
+                     method: str, admin: bool = False) -> Handler:
     async def admitted(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            await _admit(context, auth, limiter, method)
+            await _admit(context, auth, limiter, method, admin)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
         async for item in handler(raw, context):
@@ -179,13 +207,18 @@ def _code(context: grpc.aio.ServicerContext, default: str = "OK") -> str:
 def add_service(
     server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor,
     rpc: RpcMetrics | None = None, auth: Authenticator | None = None,
-    limiter: Limiter | None = None,
+    limiter: Limiter | None = None, admin_methods: Collection[str] = (),
 ) -> None:
     """Serve every unary and server-streaming method of ``service`` from ``servicer``,
     counting each call in ``rpc``, authenticating it with ``auth`` and admitting it
-    through ``limiter`` (after authentication: limits are per tenant), if given."""
+    through ``limiter`` (after authentication: limits are per tenant), if given.
+    With ``auth``, the methods named in ``admin_methods`` need the admin role."""
+    unknown = set(admin_methods) - {m.name for m in service.methods}
+    if unknown:  # a typo here would silently leave a mutation open to every token
+        raise ValueError(f"{service.full_name} has no method {', '.join(sorted(unknown))}")
     handlers = {}
     for method in service.methods:
+        admin = method.name in admin_methods
         parse = _parser(method)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         behaviour = getattr(servicer, method.name)
@@ -193,17 +226,17 @@ def add_service(
         if method.client_streaming:
             raise NotImplementedError(f"{method.full_name}: client streaming is not wired")
         if method.server_streaming:
-            stream = _server_stream(parse, behaviour)
+            stream = _server_stream(parse, behaviour, name)
             if auth is not None or limiter is not None:
-                stream = _admitted_stream(stream, auth, limiter, method.name)
+                stream = _admitted_stream(stream, auth, limiter, method.name, admin)
             if rpc is not None:
                 stream = _measured_stream(stream, name, rpc)
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 stream, response_serializer=serialize)
         else:
-            unary = _unary(parse, behaviour)
+            unary = _unary(parse, behaviour, name)
             if auth is not None or limiter is not None:
-                unary = _admitted_unary(unary, auth, limiter, method.name)
+                unary = _admitted_unary(unary, auth, limiter, method.name, admin)
             if rpc is not None:
                 unary = _measured_unary(unary, name, rpc)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(

@@ -10,22 +10,25 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 
 from common.auth import Authenticator
 from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
 from common.metrics import Metrics
+from common.peer import NODE, PeerSigner
 from common.tls import bind
 from common.tracing import Tracing
 from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
 from mesh.lock.v1 import lock_pb2
-from mesh.replication.v1 import replication_pb2, replication_pb2_grpc
+from mesh.replication.v1 import replication_pb2_grpc
 from mesh.scheduler.v1 import scheduler_pb2
 from nodes.cache.machine import CACHE
 from nodes.cache.service import CacheService
@@ -36,6 +39,7 @@ from nodes.forwarding import Forwarder
 from nodes.lock.machine import LOCK
 from nodes.lock.service import LockService
 from nodes.metrics import node_snapshot
+from nodes.planes import ClientPlaneGuard, PeerPlaneGuard
 from nodes.ratelimit import limiter_for
 from nodes.registration import Registration
 from nodes.replication.journal import Journal
@@ -67,16 +71,34 @@ def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
 
 
 class Node:
-    """A running node: its server, its services and its etcd registration."""
+    """A running node: its two servers, its services and its etcd registration.
+
+    The client port (``server``) serves the public services, health and
+    reflection; the peer port (``peer_server``) serves replication and calls
+    forwarded by other nodes, to cluster members only (`nodes.planes`).
+    """
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.tracing = Tracing(config.tracing, f"mesh-node {config.node_id}")
+        self.metrics = Metrics(
+            lambda: node_snapshot(self.replication, self.events, self.limiter))
+        refused = Counter("mesh_peer_refused", "Calls refused on the internal plane, by "
+                          "reason (a missing, malformed, forged or expired credential; a "
+                          "sender the map does not allow)", ["reason"],
+                          registry=self.metrics.registry)
         self.server = grpc.aio.server(
             options=grpc_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
-            interceptors=self.tracing.server_interceptors(),
+            interceptors=[ClientPlaneGuard(), *self.tracing.server_interceptors()],
         )
+        self.peer_server = grpc.aio.server(
+            options=grpc_options(config),
+            interceptors=[PeerPlaneGuard(config.peer_key,
+                                         lambda reason: refused.labels(reason).inc()),
+                          *self.tracing.server_interceptors()],
+        )
+        self.signer = PeerSigner(config.peer_key, NODE, config.node_id)
         self.health = health.aio.HealthServicer()
         self.cache: CacheService | None = None
         self.locks: LockService | None = None
@@ -84,14 +106,15 @@ class Node:
         self.scheduler: SchedulerService | None = None
         self.port = 0
         self.address = ""
+        self.peer_port = 0
+        self.peer_address = ""
         self._registration: Registration | None = None
         self._etcd = client_for(config.etcd_endpoints)
         self.drained = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
-        self.metrics = Metrics(
-            lambda: node_snapshot(self.replication, self.events, self.limiter))
-        self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret)
+        self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret,
+                                             config.auth_jwt)
         self.limiter = limiter_for(config.rate_limits, config.cluster)
         self.incarnation = uuid.uuid4().hex
         # Durable services share one journal: their writes share its fsyncs.
@@ -103,13 +126,14 @@ class Node:
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
             interceptors=self.tracing.client_interceptors(), tls=config.tls,
-            journal=self.journal, incarnation=self.incarnation)
+            journal=self.journal, incarnation=self.incarnation, signer=self.signer)
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
-        self._replication_service = ReplicationService(self.replication)
+        self._replication_service = ReplicationService(
+            self.replication, config.peer_key, lambda reason: refused.labels(reason).inc())
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
-            self._replication_service, self.server)
+            self._replication_service, self.peer_server)
 
     def _lease_valid_until(self) -> float:
         return self._registration.valid_until if self._registration is not None else 0.0
@@ -123,52 +147,65 @@ class Node:
             self.cache = CacheService(
                 self.config.cache, sync_replication=self.config.cache.replication == "sync")
             self._factories[CACHE] = self.cache.machine
-            service = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
-            add_service(self.server, self.cache, service, self.metrics.rpc, self.auth,
-                        self.limiter)
-            names.append(service.full_name)
+            names.append(self._serve(self.cache, cache_pb2, "CacheService"))
         if "lock" in wanted:
             self.locks = LockService(self.config.lock)
             self._factories[LOCK] = self.locks.machine
-            service = lock_pb2.DESCRIPTOR.services_by_name["LockService"]
-            add_service(self.server, self.locks, service, self.metrics.rpc, self.auth,
-                        self.limiter)
-            names.append(service.full_name)
+            names.append(self._serve(self.locks, lock_pb2, "LockService"))
         if "events" in wanted:
             assert self.journal is not None  # events is a durable service
             self.events = EventsService(self.config.events, self.journal)
             self._factories[EVENTS] = self.events.machine
-            service = events_pb2.DESCRIPTOR.services_by_name["EventsService"]
-            add_service(self.server, self.events, service, self.metrics.rpc, self.auth,
-                        self.limiter)
-            names.append(service.full_name)
+            names.append(self._serve(self.events, events_pb2, "EventsService"))
         if "scheduler" in wanted:
             assert self.journal is not None  # the scheduler is a durable service
             self.scheduler = SchedulerService(self.config.scheduler, self.journal)
             self._factories[SCHEDULER] = self.scheduler.machine
-            service = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
-            add_service(self.server, self.scheduler, service, self.metrics.rpc, self.auth,
-                        self.limiter)
-            names.append(service.full_name)
+            names.append(self._serve(self.scheduler, scheduler_pb2, "SchedulerService"))
         self.service_names = names
-        internal = replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name
-        reflection.enable_server_reflection([*names, internal], self.server)
+        # Reflection lists what a client may call: the internal services are
+        # not on this port, so they are not listed either.
+        reflection.enable_server_reflection(names, self.server)
+
+    def _serve(self, servicer: object, module: Any, name: str) -> str:
+        """Serve a public service on both ports; returns its full name.
+
+        On the client port, calls are authenticated and rate limited. On the
+        peer port arrive calls another node forwards: they carry the caller's
+        token, which is authenticated here again (tenancy is the owner's
+        decision), but the forwarding node already took their rate-limit tokens.
+        """
+        service = module.DESCRIPTOR.services_by_name[name]
+        add_service(self.server, servicer, service, self.metrics.rpc, self.auth, self.limiter)
+        add_service(self.peer_server, servicer, service, self.metrics.rpc, self.auth, None)
+        return str(service.full_name)
 
     async def start(self) -> None:
         """Bind and serve, register in etcd, follow the map; healthy once a map is in."""
-        self.port = bind(self.server, self.config.listen, self.config.tls)
+        config = self.config
+        self.port = bind(self.server, config.listen, config.tls)
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.listen}")
-        host = self.config.listen.rpartition(":")[0]
-        self.address = self.config.advertise or f"{host}:{self.port}"
-        self.replication.address = self.address
+            raise RuntimeError(f"could not bind {config.listen}")
+        self.peer_port = bind(self.peer_server, config.peer_listen, config.tls)
+        if self.peer_port == 0:
+            raise RuntimeError(f"could not bind the peer port {config.peer_listen}")
+        host = config.listen.rpartition(":")[0]
+        self.address = config.advertise or f"{host}:{self.port}"
+        peer_host = (config.advertise or config.peer_listen).rpartition(":")[0]
+        self.peer_address = config.peer_advertise or f"{peer_host}:{self.peer_port}"
+        self.replication.address = self.peer_address
+        if config.peer_key is None:
+            log.warning("the internal plane is open: no --cluster-secret-file, so anyone "
+                        "who reaches the peer port %s can replicate to and read from this "
+                        "node (fine for local development only)", self.peer_address)
         if self.journal is not None:
             self.journal.start()
             self.replication.load_durable()
+        await self.peer_server.start()
         await self.server.start()
         if self.config.metrics_listen:
             self.metrics.serve(self.config.metrics_listen)
-        forwarder = Forwarder(self.replication)
+        forwarder = Forwarder(self.replication, self.signer)
         if self.cache is not None:
             self.cache.start(self.replication, forwarder)
         if self.locks is not None:
@@ -189,7 +226,7 @@ class Node:
             node_id=self.config.node_id, address=self.address,
             services=self.config.services, version=VERSION,
             pid=os.getpid(), started_at=time.time(), metrics=self.metrics.address,
-            incarnation=self.incarnation,
+            incarnation=self.incarnation, peer_address=self.peer_address,
         )
         self._registration = Registration(
             self._etcd, node_key(self.config.cluster, self.config.node_id),
@@ -226,7 +263,8 @@ class Node:
         await self.map.close()
         await self.replication.close()
         self._replication_service.close()
-        await self.server.stop(self.config.shutdown_grace)
+        await asyncio.gather(self.server.stop(self.config.shutdown_grace),
+                             self.peer_server.stop(self.config.shutdown_grace))
         if self.journal is not None:
             await self.journal.close()
         if self.limiter is not None:
@@ -239,7 +277,8 @@ class Node:
     def ready_line(self) -> str:
         """The line printed on stdout once the node serves and is registered."""
         return "READY " + json.dumps(
-            {"node_id": self.config.node_id, "address": self.address, "pid": os.getpid(),
+            {"node_id": self.config.node_id, "address": self.address,
+             "peer_address": self.peer_address, "pid": os.getpid(),
              "metrics": self.metrics.address}
         )
 

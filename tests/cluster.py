@@ -24,12 +24,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import Mesh
 from clients.errors import MeshError
 from common.clustermap import RoutingTable
+from common.peer import COORDINATOR, PeerKey, PeerSigner
 from common.tls import Tls, open_channel
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 from meshctl.processes import LocalMesh, _with_parent_death
 
 ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "tenant-token-1"
+"""A client-role bearer token of tenant ``TENANT`` in `auth_flags`' token file."""
+TENANT = "acme"
+
+
+def auth_flags(workdir: Path) -> list[str]:
+    """Node flags that turn client authentication on (a token file with ``TOKEN``
+    and a JWT secret), written into ``workdir``."""
+    tokens = workdir / "tokens"
+    tokens.write_text(f"{TOKEN} {TENANT}\n")
+    jwt_secret = workdir / "jwt-secret"
+    jwt_secret.write_bytes(b"a-jwt-secret-for-tests-only-0123456789")
+    return ["--auth-tokens", str(tokens), "--auth-jwt-secret", str(jwt_secret)]
 
 
 async def wait_serving(addresses: Iterable[str], timeout: float = 10.0,
@@ -88,27 +102,40 @@ class Writer:
         return [k for k, v in zip(keys, values, strict=True) if v != self.acked[k]]
 
 
-async def positions(table: RoutingTable, group_id: int) -> dict[str, tuple[int, int]]:
-    """Each member's applied (epoch, seq) for a group."""
+def peer_signer(local: LocalMesh, kind: str = COORDINATOR, peer_id: str = "tests"
+                ) -> PeerSigner:
+    """A peer credential for ``local``'s cluster (a coordinator's, by default: it
+    may ask positions, not replicate)."""
+    secret = local.secret_file
+    return PeerSigner(PeerKey.from_file(secret, local.cluster) if secret else None,
+                      kind, peer_id)
+
+
+async def positions(table: RoutingTable, group_id: int, local: LocalMesh
+                    ) -> dict[str, tuple[int, int]]:
+    """Each member's applied (epoch, seq) for a group, asked on their peer ports."""
     group = table.groups[group_id]
+    signer = peer_signer(local)
     result: dict[str, tuple[int, int]] = {}
     for node_id in group.members:
-        async with grpc.aio.insecure_channel(table.addresses[node_id]) as channel:
+        async with grpc.aio.insecure_channel(table.peer_addresses[node_id]) as channel:
             stub = rpb_grpc.ReplicationServiceStub(channel)
             with contextlib.suppress(grpc.aio.AioRpcError):
-                p = await stub.GetPosition(rpb.GetPositionRequest(group_id=group_id), timeout=2)
+                p = await stub.GetPosition(rpb.GetPositionRequest(group_id=group_id), timeout=2,
+                                           metadata=signer.metadata())
                 result[node_id] = (p.applied_epoch, p.applied_seq)
     return result
 
 
-async def wait_converged(table: RoutingTable, timeout: float = 10.0) -> None:
+async def wait_converged(table: RoutingTable, local: LocalMesh, timeout: float = 10.0
+                         ) -> None:
     """Every member of every group reaches the same applied position (no divergence,
     no lag) once writes have stopped."""
     deadline = time.monotonic() + timeout
     pending = set(table.groups)
     while pending and time.monotonic() < deadline:
         for group_id in list(pending):
-            found = await positions(table, group_id)
+            found = await positions(table, group_id, local)
             if len(found) == len(table.groups[group_id].members) \
                     and len(set(found.values())) == 1:
                 pending.discard(group_id)

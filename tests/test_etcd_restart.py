@@ -45,7 +45,7 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
             assert await mesh.cache.mget([f"k{i}" for i in range(500)]) == [b"v"] * 500
             await mesh.cache.set("after", b"restart")
             assert await mesh.cache.get("after") == b"restart"
-            await wait_converged(table)
+            await wait_converged(table, local)
     except BaseException:
         print(f"\n===== process logs =====\n{local.logs()}")
         raise

@@ -61,7 +61,7 @@ async def test_sigkill_a_primary_under_writes_loses_nothing(
     assert await writer.lost() == []
     survivors = [n.node_id for n in local.nodes[1:]]
     table = await wait_settled(local.etcd_endpoint, local.cluster, survivors, timeout=30)
-    await wait_converged(table)
+    await wait_converged(table, local)
 
 
 async def test_sigstopped_primary_is_fenced_and_never_diverges(
@@ -114,7 +114,7 @@ async def test_sigstopped_primary_is_fenced_and_never_diverges(
     # of every group is the same.
     table = await wait_settled(local.etcd_endpoint, local.cluster,
                                [n.node_id for n in local.nodes], timeout=40)
-    await wait_converged(table)
+    await wait_converged(table, local)
 
 
 @pytest.mark.parametrize("mode", ["sync"])
@@ -134,7 +134,7 @@ async def test_node_restart_rejoins_and_catches_up(
                                [n.node_id for n in local.nodes[:3]], timeout=40)
     assert any(g.primary == victim.node_id for g in table.groups.values())
     assert await mesh.cache.mget([f"r{i}" for i in range(2000)]) == [b"x" * 100] * 2000
-    await wait_converged(table)
+    await wait_converged(table, local)
 
 
 async def test_a_killed_nodes_breaker_opens_and_no_call_overruns_its_deadline(

@@ -85,11 +85,11 @@ def address(shared_cluster: LocalMesh) -> str:
 # -- grpcurl -------------------------------------------------------------------
 
 
-async def test_grpcurl_lists_every_service(address: str) -> None:
+async def test_grpcurl_lists_every_public_service_and_nothing_internal(address: str) -> None:
     result = await grpcurl(address, "list")
     assert result.returncode == 0, result.stderr
     listed = set(result.stdout.split())
-    assert listed >= {
+    assert listed == {
         "mesh.cache.v1.CacheService",
         "mesh.lock.v1.LockService",
         "mesh.events.v1.EventsService",

@@ -41,7 +41,7 @@ async def test_fourth_node_takes_a_quarter_under_load(
     assert writer.errors == []
     assert await writer.lost() == []
     assert await mesh.cache.mget([f"pre{i}" for i in range(5000)]) == [b"p" * 64] * 5000
-    await wait_converged(table)
+    await wait_converged(table, local)
 
 
 async def test_drain_moves_everything_away_then_the_node_exits(
@@ -71,4 +71,4 @@ async def test_drain_moves_everything_away_then_the_node_exits(
     table = await wait_settled(local.etcd_endpoint, local.cluster, stayed, timeout=30)
     assert leaving.node_id not in table.addresses
     assert await mesh.cache.mget([f"pre{i}" for i in range(5000)]) == [b"p" * 64] * 5000
-    await wait_converged(table)
+    await wait_converged(table, local)

@@ -16,9 +16,14 @@ import grpc
 import pytest
 
 from clients import Mesh, UnavailableError
+from common.auth import bearer
 from common.tls import Tls, open_channel
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from mesh.replication.v1 import replication_pb2 as rpb
+from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 from meshctl.processes import Etcd
+from tests.cluster import TOKEN, auth_flags
+from tests.conftest import non_owner
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -54,19 +59,36 @@ def _flags(tls: Tls) -> list[str]:
 
 
 async def test_mutual_tls_across_the_mesh(
-    local_mesh: Any, certs: dict[str, Tls], etcd: Etcd, cluster_name: str
+    local_mesh: Any, certs: dict[str, Tls], etcd: Etcd, cluster_name: str, tmp_path: Path
 ) -> None:
     mesh_tls = certs["mesh"]
     # Three nodes and a coordinator that only speak mutual TLS, to clients and to
-    # each other (replication, forwarding, the coordinator's probes).
-    local = local_mesh(3, extra=_flags(mesh_tls), coordinator_extra=_flags(mesh_tls),
-                       tls=mesh_tls)
+    # each other (replication, forwarding, the coordinator's probes), with client
+    # authentication on and the internal plane behind the cluster secret.
+    auth = auth_flags(tmp_path)
+    local = local_mesh(3, extra=[*_flags(mesh_tls), *auth],
+                       coordinator_extra=[*_flags(mesh_tls), *auth], tls=mesh_tls)
     client = certs["client"]
-    async with Mesh(etcd=etcd.endpoint, cluster=cluster_name, tls=client) as mesh:
+    async with Mesh(etcd=etcd.endpoint, cluster=cluster_name, tls=client,
+                    token=TOKEN) as mesh:
         await mesh.cache.set("tls:k", b"secret")
         assert await mesh.cache.get("tls:k") == b"secret"
         lease = await mesh.locks.acquire("tls:lock", ttl=10)
         await lease.release()
+
+    # A plain stub on a node that does not own the key: forwarded over the
+    # owner's peer port, under TLS, with this node's peer credential.
+    async with open_channel(non_owner(local, "tls:k")[0], client) as channel:
+        reply = await cache_pb2_grpc.CacheServiceStub(channel).Get(
+            cache_pb2.GetRequest(key="tls:k"), timeout=5, metadata=(bearer(TOKEN),))
+        assert reply.value == b"secret"
+    # A certificate from the cluster's CA does not make a client a member: the
+    # peer port still wants the credential only members can sign.
+    async with open_channel(local.nodes[0].peer_address, client) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused_peer:
+            await rpb_grpc.ReplicationServiceStub(channel).GetPosition(
+                rpb.GetPositionRequest(group_id=1), timeout=5, metadata=(bearer(TOKEN),))
+        assert refused_peer.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     address = local.nodes[0].address
     request = cache_pb2.GetRequest(key="tls:k")

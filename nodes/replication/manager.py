@@ -21,6 +21,7 @@ import grpc
 
 from common.clustermap import GroupView, RoutingTable
 from common.errors import MeshStatusError, Reason
+from common.peer import NODE, PeerSigner
 from common.tls import Tls, open_channel
 from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
@@ -53,6 +54,9 @@ class Redirect:
     epoch: int
     owner_node_id: str
     owner_address: str
+    """Its client port (for callers redirected there)."""
+    owner_peer_address: str
+    """Its peer port (for calls forwarded there)."""
 
 
 def unavailable(reason: Reason, message: str, **metadata: str) -> MeshStatusError:
@@ -67,8 +71,11 @@ class Replication:
         lease_valid_until: Callable[[], float], lease_ttl: float,
         interceptors: Sequence[Any] = (), tls: Tls | None = None,
         journal: Journal | None = None, incarnation: str = "",
+        signer: PeerSigner | None = None,
     ) -> None:
         self.node_id = node_id
+        # Signs its calls to other nodes' peer ports (none: an open plane).
+        self.signer = signer or PeerSigner(None, NODE, node_id)
         self.incarnation = incarnation
         self.journal = journal
         self.address = address
@@ -90,6 +97,7 @@ class Replication:
         # what they serve from them, such as watch streams).
         self.on_lost: list[Callable[[set[int]], None]] = []
         self._drained = False
+        self._map_waiters: list[asyncio.Future[None]] = []
 
     # -- serving -------------------------------------------------------------
 
@@ -105,7 +113,8 @@ class Replication:
                               slot=str(slot))
         if view.primary != self.node_id:
             return Redirect(slot, view.group_id, table.epoch, view.primary,
-                            table.addresses.get(view.primary, ""))
+                            table.addresses.get(view.primary, ""),
+                            table.peer_addresses.get(view.primary, ""))
         group = self.groups.get(view.group_id)
         if group is None or not group.writable:
             raise unavailable(Reason.GROUP_UNAVAILABLE,
@@ -159,6 +168,7 @@ class Replication:
             # The map still describes this node's previous process: its roles
             # there went with that process's state. Route by it, act on nothing.
             self.table = table
+            self._wake_map_waiters()
             return
         mine: dict[int, GroupView] = {v.group_id: v for v in table.groups_of(me)}
         led_before = {g for g, group in self.groups.items() if group.is_primary}
@@ -199,6 +209,25 @@ class Replication:
                      len(self.groups) - led, f", stopped leading {len(lost)}" if lost else "")
         self.table = table
         self._check_drained(table)
+        self._wake_map_waiters()
+
+    def _wake_map_waiters(self) -> None:
+        waiters, self._map_waiters = self._map_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def newer_map(self, timeout: float) -> None:
+        """Return when the next map arrives, or after ``timeout`` seconds."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._map_waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter
+        finally:
+            if waiter in self._map_waiters:
+                self._map_waiters.remove(waiter)
 
     def _kept_for_revival(self, group_id: int, table: RoutingTable) -> bool:
         """A copy read back from disk of a group that has no primary: it may be
@@ -224,8 +253,7 @@ class Replication:
         for node_id in [n for n in group.trackers if n not in wanted]:
             group.trackers.pop(node_id).detach()
         for node_id in view.replicas:
-            address = table.addresses.get(node_id, "")
-            link = self._link(node_id, address)
+            link = self._link(node_id, table.peer_addresses.get(node_id, ""))
             since = view.since.get(node_id, 0)
             tracker = group.trackers.get(node_id)
             # A new assignment (the node was removed and assigned again, maybe in
@@ -246,7 +274,7 @@ class Replication:
             if link is not None:
                 self._in_background(link.close())
             link = self._links[node_id] = PeerLink(
-                node_id, address, self.channel(address), self.address)
+                node_id, address, self.channel(address), self.address, self.signer)
         return link
 
     def _in_background(self, work: Coroutine[object, object, None]) -> None:

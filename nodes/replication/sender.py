@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from common.peer import PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 
@@ -149,8 +150,9 @@ class PeerLink:
     """One Replicate stream to one node, shared by every group it replicates for us."""
 
     def __init__(self, node_id: str, address: str, channel: grpc.aio.Channel,
-                 local_address: str) -> None:
+                 local_address: str, signer: PeerSigner) -> None:
         self.node_id = node_id
+        self._signer = signer
         self.address = address
         self._stub = rpb_grpc.ReplicationServiceStub(channel)
         self._local_address = local_address
@@ -190,7 +192,8 @@ class PeerLink:
     async def _run(self) -> None:
         delay = 0.05
         while True:
-            call = self._stub.Replicate()
+            # The replica checks the credential once, when the stream opens.
+            call = self._stub.Replicate(metadata=self._signer.metadata())
             reader = asyncio.create_task(self._read(call))
             try:
                 await self._send(call, reader)

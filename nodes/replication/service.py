@@ -1,19 +1,29 @@
-"""ReplicationService: the replica's side of Replicate, and Snapshot and GetPosition."""
+"""ReplicationService: the replica's side of Replicate, and Snapshot and GetPosition.
+
+Served on the peer port only, behind the peer guard (`nodes.planes`). Beyond
+the credential, the map decides (`permission`): a replica applies batches only
+from the group's primary at the map's epoch, and a primary copies its state
+only to the group's members. A refusal is PERMISSION_DENIED, logged and counted.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import grpc
 
 from common.errors import MeshStatusError, Reason
+from common.peer import PeerKey, PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
+from nodes.planes import calling_peer
+from nodes.replication.permission import Verdict, may_copy, replicate_verdict
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group
@@ -24,6 +34,9 @@ __all__ = ["ReplicationService"]
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 60.0
+MAP_WAIT = 3.0
+"""Seconds a batch from an epoch (or group) this node's map has not shown yet
+waits for the map to catch up before it is refused."""
 
 AckQueue = asyncio.Queue["list[rpb.Ack] | asyncio.Task[list[rpb.Ack]] | None"]
 """A Replicate stream's acknowledgements, in order; a task stands for acks that
@@ -35,10 +48,27 @@ async def _acks_of(item: list[rpb.Ack] | asyncio.Task[list[rpb.Ack]] | None
     return await item if isinstance(item, asyncio.Task) else item
 
 
+def _not_permitted(why: str) -> MeshStatusError:
+    return MeshStatusError(grpc.StatusCode.PERMISSION_DENIED, why, Reason.PEER_NOT_PERMITTED)
+
+
 class ReplicationService(rpb_grpc.ReplicationServiceServicer):
-    def __init__(self, replication: Replication) -> None:
+    def __init__(self, replication: Replication, key: PeerKey | None = None,
+                 refused: Callable[[str], None] = lambda _reason: None) -> None:
         self._replication = replication
+        self._key = key
+        self._refused = refused
         self._streams: set[AckQueue] = set()
+        self._logged_at = 0.0
+
+    def _refuse(self, reason: str, error: MeshStatusError) -> MeshStatusError:
+        """Count and log (at most every 10 s) a refusal; returns ``error``."""
+        self._refused(reason)
+        now = time.monotonic()
+        if now - self._logged_at >= 10.0:
+            self._logged_at = now
+            log.warning("refused: %s", error.message)
+        return error
 
     def close(self) -> None:
         """End every incoming Replicate stream (the node is stopping): a stream
@@ -50,14 +80,33 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         self, request_iterator: AsyncIterator[rpb.ReplicateRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[rpb.ReplicateResponse]:
+        peer = calling_peer(context, self._key)
+        if peer is not None and not peer.is_node:
+            error = self._refuse("not_a_node", _not_permitted(
+                f"{peer} may not replicate: only nodes send commands"))
+            await context.abort_with_status(error.to_status())
         acks: AckQueue = asyncio.Queue()
         installs: set[asyncio.Task[None]] = set()
+        denied: list[MeshStatusError] = []
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    acks.put_nowait(self._when_durable(
-                        [self._apply(batch, acks, installs) for batch in request.batches]))
+                    answers = []
+                    for batch in request.batches:
+                        # Open plane (no cluster secret): the batch's own claim.
+                        sender = peer.id if peer is not None else batch.primary_node_id
+                        verdict = replicate_verdict(self._replication.table, batch, sender)
+                        if verdict is Verdict.WAIT:
+                            verdict = await self._wait_for_map(batch, sender)
+                        if verdict is Verdict.DENY:
+                            denied.append(self._refuse("not_primary", _not_permitted(
+                                f"node {sender} does not lead group {batch.group_id} at "
+                                f"epoch {batch.epoch} in this node's cluster map")))
+                            return
+                        answers.append(self._stale(batch) if verdict is Verdict.STALE
+                                       else self._apply(batch, acks, installs))
+                    acks.put_nowait(self._when_durable(answers))
             finally:
                 acks.put_nowait(None)
 
@@ -76,6 +125,8 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                 yield rpb.ReplicateResponse(acks=ready)
                 if ended:
                     break
+            if denied:
+                await context.abort_with_status(denied[0].to_status())
         finally:
             self._streams.discard(acks)
             reader.cancel()
@@ -83,6 +134,29 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    async def _wait_for_map(self, batch: rpb.CommandBatch, sender: str) -> Verdict:
+        """The map's verdict on a batch from an epoch this node's map has not
+        shown yet, after waiting (a little) for it: the primary may simply have
+        read the newer map first."""
+        replication = self._replication
+        verdict = Verdict.WAIT
+        deadline = time.monotonic() + MAP_WAIT
+        while verdict is Verdict.WAIT and (left := deadline - time.monotonic()) > 0:
+            await replication.newer_map(left)
+            verdict = replicate_verdict(replication.table, batch, sender)
+        return Verdict.DENY if verdict is Verdict.WAIT else verdict
+
+    def _stale(self, batch: rpb.CommandBatch) -> rpb.Ack:
+        """STALE_EPOCH for a batch from an epoch the map has moved past: it tells a
+        deposed primary to stop, and changes nothing here."""
+        table = self._replication.table
+        view = table.groups.get(batch.group_id) if table is not None else None
+        group = self._replication.groups.get(batch.group_id)
+        seen = max(view.epoch if view is not None else 0,
+                   group.epoch if group is not None else 0)
+        return rpb.Ack(group_id=batch.group_id, epoch=seen, status=rpb.ACK_STATUS_STALE_EPOCH,
+                       seen_epoch=seen)
 
     def _when_durable(self, acks: list[rpb.Ack]) -> list[rpb.Ack] | asyncio.Task[list[rpb.Ack]]:
         """``acks`` as soon as what they acknowledge is durable here: at once for
@@ -119,9 +193,14 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
 
     async def _install(self, group: Group, batch: rpb.CommandBatch,
                        acks: AckQueue) -> None:
+        # From the primary's peer port as the map has it, never an address a
+        # request names.
+        table = self._replication.table
+        address = table.peer_addresses.get(batch.primary_node_id, "") if table else ""
         try:
             epoch, seq, chunks = await fetch_snapshot(
-                self._replication.channel(batch.primary_address), group.group_id, batch.epoch)
+                self._replication.channel(address), group.group_id, batch.epoch,
+                self._replication.signer)
             if group.epoch > batch.epoch or group.is_primary:
                 return  # the world moved on while we copied
             group.install(epoch, seq, chunks)
@@ -129,7 +208,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
             raise
         except Exception as exc:
             log.warning("group %d: snapshot from %s failed: %s", group.group_id,
-                        batch.primary_address, exc)
+                        address, exc)
             await asyncio.sleep(0.2)
         finally:
             group.snapshotting = False
@@ -138,6 +217,12 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
     async def Snapshot(
         self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.SnapshotResponse]:
+        peer = calling_peer(context, self._key)
+        if peer is not None and not (peer.is_node and may_copy(
+                self._replication.table, request.group_id, peer.id)):
+            error = self._refuse("not_member", _not_permitted(
+                f"{peer} is not a member of group {request.group_id}"))
+            await context.abort_with_status(error.to_status())
         group = self._replication.groups.get(request.group_id)
         if group is None or not group.is_primary or group.epoch != request.epoch:
             reason = Reason.STALE_EPOCH if group is not None and group.epoch < request.epoch \
@@ -171,14 +256,14 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
 
 
 async def fetch_snapshot(
-    channel: grpc.aio.Channel, group_id: int, epoch: int,
+    channel: grpc.aio.Channel, group_id: int, epoch: int, signer: PeerSigner,
 ) -> tuple[int, int, list[tuple[int, int, bytes]]]:
     """Copy a group's state from its primary: ``(epoch, seq, [(service, slot, data)])``."""
     stub = rpb_grpc.ReplicationServiceStub(channel)
     chunks: list[tuple[int, int, bytes]] = []
     crc = 0
     call = stub.Snapshot(rpb.SnapshotRequest(group_id=group_id, epoch=epoch),
-                         timeout=SNAPSHOT_TIMEOUT)
+                         timeout=SNAPSHOT_TIMEOUT, metadata=signer.metadata())
     async for response in call:
         if response.HasField("chunk"):
             chunk = response.chunk
