@@ -30,7 +30,7 @@ from clients.router import Router, Target
 from clients.scheduler import SchedulerClient
 from common.auth import bearer
 from common.clustermap import MapFollower, RoutingTable
-from common.etcd import client_for
+from common.etcd import EtcdAccess, client_for
 from common.membership import NodeInfo
 from common.tls import Tls, open_channel
 from mesh.admin.v1 import admin_pb2
@@ -78,12 +78,15 @@ class Mesh:
     ``tls`` (default: from ``MESH_TLS_CERT/KEY/CA``) turns on TLS: the CA to
     trust, and the client certificate when the nodes require one. ``token``
     (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
+    etcd itself is reached over TLS and with a user and password as the
+    ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
+    `EtcdAccess` given as ``etcd`` says.
     """
 
     def __init__(
         self,
         *,
-        etcd: str | Sequence[str] | None = None,
+        etcd: str | Sequence[str] | EtcdAccess | None = None,
         addresses: Sequence[str] | None = None,
         cluster: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -106,9 +109,8 @@ class Mesh:
         if addresses:
             self.directory: NodeDirectory = StaticDirectory(addresses)
         else:
-            raw = etcd or os.environ.get("MESH_ETCD_ENDPOINTS", "127.0.0.1:2379")
-            endpoints = raw.split(",") if isinstance(raw, str) else list(raw)
-            self._etcd = client_for(endpoints)
+            access = etcd if isinstance(etcd, EtcdAccess) else EtcdAccess.from_env(etcd)
+            self._etcd = client_for(access)
             self.directory = EtcdDirectory(self._etcd, self.cluster)
             self.follower = MapFollower(self._etcd, self.cluster)
             self.follower.on_change(self._map_changed)

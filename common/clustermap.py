@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import aetcd
 
-from common.etcd import PrefixFollower, client_for
+from common.etcd import EtcdAccess, PrefixFollower, client_for
 from common.slots import SLOT_COUNT, slot_for
 from mesh.admin.v1 import admin_pb2
 
@@ -242,9 +242,10 @@ class MapFollower:
 # -- reading the map from outside (tools, tests, benchmarks) ---------------------------
 
 
-async def read_map(etcd_endpoint: str, cluster: str) -> RoutingTable | None:
-    """The map now in etcd, or None if no coordinator has written one."""
-    client = client_for([etcd_endpoint])
+async def read_map(etcd_endpoint: str | EtcdAccess, cluster: str) -> RoutingTable | None:
+    """The map now in etcd, or None if no coordinator has written one (``etcd_endpoint``:
+    a plaintext endpoint, or an EtcdAccess with TLS and credentials)."""
+    client = client_for(etcd_endpoint)
     try:
         found = await client.get(map_key(cluster))
         return RoutingTable.parse(found.value) if found is not None else None
@@ -252,7 +253,7 @@ async def read_map(etcd_endpoint: str, cluster: str) -> RoutingTable | None:
         await client.close()
 
 
-async def wait_for_map(etcd_endpoint: str, cluster: str,
+async def wait_for_map(etcd_endpoint: str | EtcdAccess, cluster: str,
                        predicate: Callable[[RoutingTable], bool], timeout: float,
                        what: str = "the map") -> RoutingTable:
     """Poll etcd until the map satisfies ``predicate``; TimeoutError after ``timeout``
@@ -271,7 +272,7 @@ async def wait_for_map(etcd_endpoint: str, cluster: str,
     raise TimeoutError(f"{cluster}: no {what} after {timeout:g} s (map epoch {epoch})")
 
 
-async def wait_settled(etcd_endpoint: str, cluster: str, nodes: Iterable[str],
+async def wait_settled(etcd_endpoint: str | EtcdAccess, cluster: str, nodes: Iterable[str],
                        replicas: int = 1, timeout: float = 30.0) -> RoutingTable:
     """The first map that is `RoutingTable.settled` over exactly ``nodes``."""
     members = sorted(set(nodes))

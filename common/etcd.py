@@ -1,15 +1,31 @@
-"""Connecting to etcd with aetcd, with a deadline on every call."""
+"""Connecting to etcd with aetcd, with a deadline on every call.
+
+etcd holds the cluster map, so whoever can write to it controls the mesh: in
+production it is reached over TLS and with a user and password (`EtcdAccess`).
+aetcd only opens plaintext channels and authenticates once, when it connects;
+`EtcdClient` opens the TLS channel itself and sends the auth token with every
+call, the watch streams included, authenticating again when etcd no longer
+takes it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import random
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
 
 import aetcd
+import aetcd.exceptions
 import aetcd.utils
+import aetcd.watcher
+import grpc
 from aetcd import rpc
 
 log = logging.getLogger(__name__)
@@ -29,25 +45,393 @@ CHANNEL_OPTIONS = {
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``http://host:port``) -> ``(host, port)``."""
-    endpoint = endpoint.removeprefix("http://")
+    """``"host:port"`` (or ``http://host:port``, ``https://host:port``) -> ``(host, port)``."""
+    endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"etcd endpoint must be host:port, got {endpoint!r}")
     return host, int(port)
 
 
-def client_for(endpoints: tuple[str, ...] | list[str], timeout: int = CALL_TIMEOUT) -> aetcd.Client:
-    """An unconnected aetcd client for the first endpoint.
+def parse_endpoints(raw: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a:1, b:2"`` or ``["a:1", "b:2"]`` -> ``("a:1", "b:2")``."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    return tuple(e.strip() for e in items if e.strip())
 
+
+def read_password(path: str) -> str:
+    """The password in ``path``: its first line (a trailing newline is not part of it)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"--etcd-password-file {path}: {exc.strerror or exc}") from exc
+    if not lines or not lines[0]:
+        raise ValueError(f"--etcd-password-file {path}: empty")
+    return lines[0]
+
+
+class EtcdAccessError(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
+    """etcd turned us away for a reason retrying cannot fix: wrong credentials, missing
+    permissions, TLS settings that do not match the server. The message is one line
+    naming what to change."""
+
+
+@dataclass(frozen=True)
+class EtcdAccess:
+    """Where etcd is, and how this process proves itself to it.
+
+    With ``cacert``, ``cert`` or an ``https://`` endpoint the channel is TLS (with
+    no ``cacert``: the system's CAs); with ``user`` every call carries an auth
+    token got with ``password``.
+    """
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    cacert: str = ""
+    """PEM CA that signs etcd's server certificate."""
+    cert: str = ""
+    """PEM client certificate, for an etcd run with --client-cert-auth."""
+    key: str = ""
+    """PEM private key of ``cert``."""
+    user: str = ""
+    password: str = field(default="", repr=False)
+    """Read from a file (never a flag: command lines are visible to every local user);
+    left out of repr so that it cannot end up in a log."""
+
+    @classmethod
+    def of(cls, endpoints: str | Sequence[str], *, cacert: str = "", cert: str = "",
+           key: str = "", user: str = "", password_file: str = "") -> EtcdAccess:
+        """From flag values (empty: not given); ValueError names the flag at fault."""
+        parsed = parse_endpoints(endpoints)
+        if not parsed:
+            raise ValueError("--etcd: no endpoint given")
+        if bool(cert) != bool(key):
+            raise ValueError("--etcd-cert and --etcd-key go together")
+        for flag, path in (("--etcd-cacert", cacert), ("--etcd-cert", cert), ("--etcd-key", key)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if bool(user) != bool(password_file):
+            raise ValueError("--etcd-user and --etcd-password-file go together")
+        access = cls(parsed, cacert, cert, key, user,
+                     read_password(password_file) if password_file else "")
+        if access.tls and any(e.startswith("http://") for e in parsed):
+            raise ValueError("--etcd: http:// means plaintext, but etcd TLS settings are "
+                             "given; use https:// endpoints")
+        return access
+
+    @classmethod
+    def from_env(cls, endpoints: str | Sequence[str] | None = None) -> EtcdAccess:
+        """``endpoints`` (default ``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379), with TLS
+        and credentials from ``MESH_ETCD_CACERT``, ``_CERT``, ``_KEY``, ``_USER`` and
+        ``_PASSWORD_FILE`` (clients and tools; servers take flags)."""
+        def get(name: str) -> str:
+            return os.environ.get(f"MESH_ETCD_{name}", "")
+
+        return cls.of(endpoints or get("ENDPOINTS") or "127.0.0.1:2379",
+                      cacert=get("CACERT"), cert=get("CERT"), key=get("KEY"),
+                      user=get("USER"), password_file=get("PASSWORD_FILE"))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cacert or self.cert) or any(
+            e.startswith("https://") for e in self.endpoints)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.cacert), private_key=read(self.key),
+            certificate_chain=read(self.cert))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same trust and client certificate as `channel_credentials`, for `ssl`."""
+        context = ssl.create_default_context(cafile=self.cacert or None)
+        if self.cert:
+            context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+def client_for(etcd: EtcdAccess | str | Sequence[str],
+               timeout: int = CALL_TIMEOUT) -> EtcdClient:
+    """An unconnected client for the first endpoint.
+
+    ``etcd`` is an `EtcdAccess`, or only endpoints (then: plaintext, no credentials).
     aetcd speaks to one endpoint; gRPC reconnects to it by itself when etcd
     restarts, which is what a development mesh needs. Production setups put the
     etcd cluster behind one address (a load balancer or DNS name).
     """
-    if not endpoints:
-        raise ValueError("no etcd endpoint given")
-    host, port = split_endpoint(endpoints[0])
-    return aetcd.Client(host=host, port=port, timeout=timeout, options=CHANNEL_OPTIONS)
+    access = etcd if isinstance(etcd, EtcdAccess) else EtcdAccess(parse_endpoints(etcd))
+    return EtcdClient(access, timeout)
+
+
+class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """aetcd's client over TLS when `EtcdAccess` says so, authenticating as its user.
+
+    aetcd's own ``username``/``password`` stay unset: it would authenticate once,
+    at connect, and keep sending a token etcd forgets when it restarts. Instead
+    interceptors on the channel add the current token to every call (so raw stubs
+    on ``client.channel``, like `watch_prefix`'s, get it too), authenticate again
+    when etcd says the token is no longer valid, and turn refusals retrying cannot
+    fix into `EtcdAccessError`.
+    """
+
+    def __init__(self, access: EtcdAccess, timeout: int = CALL_TIMEOUT) -> None:
+        if not access.endpoints:
+            raise ValueError("no etcd endpoint given")
+        host, port = split_endpoint(access.endpoints[0])
+        super().__init__(host=host, port=port, timeout=timeout, options=CHANNEL_OPTIONS)
+        self.access = access
+        self._session: _Session | None = None
+
+    async def connect(self) -> None:
+        """Open the channel; nothing is sent before the first call (which authenticates)."""
+        if self._connected.is_set():
+            return
+        session = _Session(self.access, self._timeout)
+        interceptors = [_UnaryUnary(session), _UnaryStream(session), _StreamStream(session)]
+        target = f"{self._host}:{self._port}"
+        options = list(self._options.items())
+        if self.access.tls:
+            channel = grpc.aio.secure_channel(target, self.access.channel_credentials(),
+                                              options=options, interceptors=interceptors)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options,
+                                                interceptors=interceptors)
+        session.channel = channel
+        self._session = session
+        # What aetcd's connect sets up, on our channel; metadata stays None (the
+        # interceptors add the token).
+        self.channel = channel
+        self.auth_stub = rpc.AuthStub(channel)
+        self.kvstub = rpc.KVStub(channel)
+        self.clusterstub = rpc.ClusterStub(channel)
+        self.leasestub = rpc.LeaseStub(channel)
+        self.maintenancestub = rpc.MaintenanceStub(channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(channel), timeout=self._timeout)
+        self._connected.set()
+
+
+_AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
+PROBE_TIMEOUT = 2.0
+
+
+class _Session:
+    """One channel's auth token, shared by its interceptors."""
+
+    def __init__(self, access: EtcdAccess, timeout: float | None) -> None:
+        self.access = access
+        self.timeout = timeout
+        self.channel: grpc.aio.Channel | None = None
+        self.token = ""
+        # Until a call has gone through, a connection failure may be a TLS mismatch
+        # rather than etcd being down: `explain` then looks closer.
+        self.proven = False
+        self._lock = asyncio.Lock()
+        self._checks: set[asyncio.Task[None]] = set()
+
+    async def current_token(self) -> str:
+        """The token to send ("" without a user), authenticating if there is none."""
+        if not self.access.user:
+            return ""
+        return self.token or await self.renew("")
+
+    async def renew(self, stale: str) -> str:
+        """Authenticate again, unless another call already replaced ``stale``."""
+        async with self._lock:
+            if self.token and self.token != stale:
+                return self.token
+            assert self.channel is not None
+            request = rpc.AuthenticateRequest(name=self.access.user,
+                                              password=self.access.password)
+            try:
+                reply = await rpc.AuthStub(self.channel).Authenticate(
+                    request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                failure = await self.explain(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            self.proven = True
+            self.token = str(reply.token)
+            return self.token
+
+    def forget(self, token: str) -> None:
+        """etcd no longer takes ``token``: the next call authenticates again."""
+        if token and self.token == token:
+            self.token = ""
+
+    def check_stream(self, call: Any, token: str) -> None:
+        """When the streaming ``call`` ends, forget ``token`` if etcd refused it (a stream
+        cannot be replayed; its owner retries, and the retry authenticates again)."""
+        async def check() -> None:
+            with contextlib.suppress(Exception):
+                code, details = await call.code(), await call.details()
+                if _token_refused(code, details or ""):
+                    self.forget(token)
+
+        def done(_call: Any) -> None:
+            task = asyncio.ensure_future(check())
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+        if token:
+            call.add_done_callback(done)
+
+    async def explain(self, exc: grpc.aio.AioRpcError) -> Exception:
+        """An `EtcdAccessError` if ``exc`` comes from settings retrying cannot fix, else
+        ``exc`` itself."""
+        code, details = exc.code(), exc.details() or ""
+        host, port = split_endpoint(self.access.endpoints[0])
+        user, where = self.access.user, f"etcd at {host}:{port}"
+        if "authentication failed" in details:
+            return EtcdAccessError(
+                f"etcd refused the credentials for user {user!r}: authentication failed")
+        if "authentication is not enabled" in details:
+            return EtcdAccessError(
+                f"{where} has authentication turned off, yet --etcd-user {user!r} is given: "
+                "enable it (etcdctl auth enable) or drop the user")
+        if "user name is empty" in details:
+            return EtcdAccessError(
+                f"{where} requires authentication: give --etcd-user and "
+                "--etcd-password-file (MESH_ETCD_USER, MESH_ETCD_PASSWORD_FILE)")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            who = f"user {user!r}" if user else "this client (its certificate's CN)"
+            return EtcdAccessError(
+                f"{where} denied {who}: {details.removeprefix('etcdserver: ')}; grant its "
+                "role readwrite on the cluster's key prefix")
+        if code == grpc.StatusCode.UNAVAILABLE and not self.proven:
+            reason = await tls_mismatch(self.access)
+            if reason is not None:
+                return EtcdAccessError(reason)
+        return cast(Exception, exc)
+
+
+def _token_refused(code: grpc.StatusCode, details: str) -> bool:
+    """etcd forgot the token (it restarted, or the token expired) or issued it before
+    the last change to users and roles: a new one will do."""
+    return code == grpc.StatusCode.UNAUTHENTICATED or "auth store is old" in details
+
+
+def _method(details: grpc.aio.ClientCallDetails) -> str:
+    method = details.method
+    return method.decode() if isinstance(method, bytes) else str(method)
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    if not token:
+        return details
+    kept = [(k, v) for k, v in (details.metadata or ()) if k != "token"]
+    return details._replace(metadata=grpc.aio.Metadata(*kept, ("token", token)))
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the token; on a refused token authenticates again and retries once."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+
+    async def intercept_unary_unary(self, continuation: Any,
+                                    client_call_details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
+        session = self._session
+        if _method(client_call_details) == _AUTHENTICATE:
+            return await continuation(client_call_details, request)  # `renew` explains
+        token = await session.current_token()
+        for attempt in (1, 2):
+            call = await continuation(_with_token(client_call_details, token), request)
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 1 and token and _token_refused(exc.code(), exc.details() or ""):
+                    token = await session.renew(token)
+                    continue
+                failure = await session.explain(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            session.proven = True
+            return call
+        raise AssertionError("unreachable")  # the second attempt returns or raises
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds the token (Snapshot and the like)."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+
+    async def intercept_unary_stream(self, continuation: Any,
+                                     client_call_details: grpc.aio.ClientCallDetails,
+                                     request: Any) -> Any:
+        token = await self._session.current_token()
+        call = await continuation(_with_token(client_call_details, token), request)
+        self._session.check_stream(call, token)
+        return call
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Adds the token (Watch, LeaseKeepAlive)."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+
+    async def intercept_stream_stream(self, continuation: Any,
+                                      client_call_details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        token = await self._session.current_token()
+        call = await continuation(_with_token(client_call_details, token), request_iterator)
+        self._session.check_stream(call, token)
+        return call
+
+
+async def tls_mismatch(access: EtcdAccess) -> str | None:
+    """Why our TLS settings cannot work with the first endpoint, found with a TLS
+    handshake of our own; None if that is not the problem (etcd down, or all well).
+
+    gRPC reports a refused handshake like any failed connection (UNAVAILABLE, which
+    callers retry): this tells the two apart, once, so that a wrong CA or a
+    plaintext client meeting a TLS etcd fails at once with a line saying so.
+    """
+    host, port = split_endpoint(access.endpoints[0])
+    where = f"etcd at {host}:{port}"
+    if access.tls:
+        context = access.ssl_context()
+    else:  # only to ask "does it speak TLS?"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=context), PROBE_TIMEOUT)
+        if not access.tls:
+            return (f"{where} speaks TLS, but no etcd TLS settings are given: give "
+                    "--etcd-cacert (MESH_ETCD_CACERT) and https:// endpoints")
+        # With TLS 1.3 a server that wants a client certificate says so only after
+        # the handshake: its alert is what a first read gets.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.5)
+    except ssl.SSLCertVerificationError as exc:
+        return (f"{where}: its TLS certificate is not trusted ({exc.verify_message}); "
+                "check --etcd-cacert and the endpoint's host name")
+    except ssl.SSLError as exc:
+        alert = "ALERT" in (exc.reason or "").upper()
+        if not access.tls:
+            return (f"{where} speaks TLS, but no etcd TLS settings are given: give "
+                    "--etcd-cacert (MESH_ETCD_CACERT) and https:// endpoints") if alert else None
+        if alert:
+            return (f"{where} refused the TLS connection ({exc.reason}); does it want a client "
+                    "certificate (--etcd-cert, --etcd-key) signed by a CA it trusts?")
+        return (f"TLS handshake with {where} failed ({exc.reason}): is it serving "
+                "plaintext (http://)?")
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    return None
 
 
 class WatchBroken(Exception):

@@ -10,9 +10,13 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
-__all__ = ["add_server_flags", "env", "etcd_endpoints", "run_until_signalled"]
+from common.etcd import EtcdAccess, EtcdAccessError
+
+__all__ = ["add_etcd_flags", "add_server_flags", "env", "etcd_access", "etcd_endpoints",
+           "run_until_signalled"]
 
 
 def env(name: str, default: str) -> str:
@@ -48,6 +52,34 @@ def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str
                         "turns it off (MESH_METRICS_LISTEN)")
 
 
+def add_etcd_flags(p: argparse.ArgumentParser) -> None:
+    """--etcd-cacert, --etcd-cert, --etcd-key, --etcd-user and --etcd-password-file:
+    TLS and credentials to etcd (beside --etcd, the endpoints). The password comes
+    from a file, never a flag: command lines are visible to every local user."""
+    p.add_argument("--etcd-cacert", default=env("ETCD_CACERT", ""),
+                   help="PEM CA that signs etcd's certificate; turns TLS to etcd on "
+                        "(MESH_ETCD_CACERT)")
+    p.add_argument("--etcd-cert", default=env("ETCD_CERT", ""),
+                   help="PEM client certificate for etcd, if it requires one (MESH_ETCD_CERT)")
+    p.add_argument("--etcd-key", default=env("ETCD_KEY", ""),
+                   help="PEM private key of --etcd-cert (MESH_ETCD_KEY)")
+    p.add_argument("--etcd-user", default=env("ETCD_USER", ""),
+                   help="etcd user to authenticate as (MESH_ETCD_USER)")
+    p.add_argument("--etcd-password-file", default=env("ETCD_PASSWORD_FILE", ""),
+                   help="file whose first line is --etcd-user's password "
+                        "(MESH_ETCD_PASSWORD_FILE)")
+
+
+def etcd_access(p: argparse.ArgumentParser, a: argparse.Namespace) -> EtcdAccess:
+    """The EtcdAccess of ``--etcd`` and the `add_etcd_flags` flags; a bad combination
+    (or an unreadable file) is a usage error."""
+    try:
+        return EtcdAccess.of(a.etcd, cacert=a.etcd_cacert, cert=a.etcd_cert, key=a.etcd_key,
+                             user=a.etcd_user, password_file=a.etcd_password_file)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
 def etcd_endpoints(raw: str) -> tuple[str, ...]:
     """``"a:1, b:2"`` -> ``("a:1", "b:2")``."""
     return tuple(e.strip() for e in raw.split(",") if e.strip())
@@ -65,4 +97,29 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> No
             loop.add_signal_handler(sig, stop.set)
         await serve(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        refused = _etcd_refusal(exc)
+        if refused is None:
+            raise
+        # A setting to fix, not a bug: one line, no traceback.
+        print(f"error: {refused}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _etcd_refusal(exc: BaseException) -> EtcdAccessError | None:
+    """The EtcdAccessError behind ``exc`` (itself, a cause or a group member), if any."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EtcdAccessError):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            pending.extend(e.exceptions)
+        pending.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None

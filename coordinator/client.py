@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from clients.errors import UnavailableError
 from common.auth import bearer_interceptors
 from common.clustermap import leader_key
-from common.etcd import client_for
+from common.etcd import EtcdAccess, client_for
 from common.tls import Tls, open_channel
 from coordinator.election import LeaderInfo
 from mesh.admin.v1 import admin_pb2_grpc
@@ -18,15 +18,19 @@ from mesh.admin.v1 import admin_pb2_grpc
 ETCD_TIMEOUT = 2.0
 
 
-def _endpoints(etcd_endpoints: str | Sequence[str]) -> list[str]:
-    raw = etcd_endpoints.split(",") if isinstance(etcd_endpoints, str) else etcd_endpoints
-    return [e.strip() for e in raw if e.strip()]
+EtcdTarget = str | Sequence[str] | EtcdAccess
+"""etcd's endpoints (TLS and credentials then come from the ``MESH_ETCD_*``
+environment variables), or an EtcdAccess."""
 
 
-async def find_leader(etcd_endpoints: str | Sequence[str], cluster: str,
+def _access(etcd: EtcdTarget) -> EtcdAccess:
+    return etcd if isinstance(etcd, EtcdAccess) else EtcdAccess.from_env(etcd)
+
+
+async def find_leader(etcd_endpoints: EtcdTarget, cluster: str,
                       timeout: float = ETCD_TIMEOUT) -> LeaderInfo | None:
     """The leader key's content, or None when no coordinator leads."""
-    etcd = client_for(_endpoints(etcd_endpoints))
+    etcd = client_for(_access(etcd_endpoints))
     try:
         kv = await asyncio.wait_for(etcd.get(leader_key(cluster)), timeout)
     except Exception as exc:
@@ -42,7 +46,7 @@ def _token(token: str | None) -> str:
 
 
 @contextlib.asynccontextmanager
-async def admin_client(etcd_endpoints: str | Sequence[str], cluster: str,
+async def admin_client(etcd_endpoints: EtcdTarget, cluster: str,
                        timeout: float = ETCD_TIMEOUT, tls: Tls | None = None,
                        token: str | None = None
                        ) -> AsyncIterator[admin_pb2_grpc.AdminServiceStub]:
@@ -57,7 +61,7 @@ async def admin_client(etcd_endpoints: str | Sequence[str], cluster: str,
         yield admin_pb2_grpc.AdminServiceStub(channel)
 
 
-async def admin_stub(etcd_endpoints: str | Sequence[str], cluster: str,
+async def admin_stub(etcd_endpoints: EtcdTarget, cluster: str,
                      timeout: float = ETCD_TIMEOUT, tls: Tls | None = None,
                      token: str | None = None) -> admin_pb2_grpc.AdminServiceStub:
     """A stub on a new channel to the leader (the channel lives as long as the stub);

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 from common.auth import JwtPolicy, add_auth_flags, jwt_policy
 from common.clustermap import DEFAULT_GROUP_COUNT
+from common.etcd import EtcdAccess
 from common.peer import PeerKey, add_secret_flag, peer_key_for
-from common.process import add_server_flags, env, etcd_endpoints
+from common.process import add_etcd_flags, add_server_flags, env, etcd_access
 from common.slots import SLOT_COUNT
 from common.tls import Tls
 
@@ -21,7 +22,8 @@ class CoordinatorConfig:
 
     listen: str = "127.0.0.1:0"
     advertise: str = ""
-    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd: EtcdAccess = field(default_factory=EtcdAccess)
+    """etcd's endpoints, and the TLS settings and credentials to reach it."""
     cluster: str = "mesh"
     coordinator_id: str = ""
     lease_ttl: int = 5
@@ -45,6 +47,10 @@ class CoordinatorConfig:
     auth_jwt: JwtPolicy = field(default_factory=JwtPolicy)
     """Audience, issuer and longest lifetime a JWT must satisfy."""
 
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        return self.etcd.endpoints
+
 
 def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
     """Build a CoordinatorConfig from flags, falling back to MESH_* variables, then defaults."""
@@ -53,6 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
                                 description="Run a Mesh coordinator.")
     add_server_flags(p, listen=d.listen, etcd=d.etcd_endpoints, cluster=d.cluster,
                      what="coordinator")
+    add_etcd_flags(p)
     p.add_argument("--coordinator-id", default=env("COORDINATOR_ID", ""),
                    help="this coordinator's id; default: coord-<random hex> "
                         "(MESH_COORDINATOR_ID)")
@@ -78,13 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         p.error(f"--groups must be 1..{SLOT_COUNT}")
     if a.min_nodes < 0:
         p.error("--min-nodes must be 0 or more")
-    endpoints = etcd_endpoints(a.etcd)
-    if not endpoints:
-        p.error("--etcd: no endpoint given")
     return CoordinatorConfig(
         listen=a.listen,
         advertise=a.advertise,
-        etcd_endpoints=endpoints,
+        etcd=etcd_access(p, a),
         cluster=a.cluster,
         coordinator_id=a.coordinator_id or f"coord-{uuid.uuid4().hex[:8]}",
         lease_ttl=a.lease_ttl,

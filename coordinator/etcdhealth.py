@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import aetcd
 from aetcd import rpc
 
-from common.etcd import client_for
+from common.etcd import EtcdAccess, client_for
 from mesh.admin.v1 import admin_pb2
 
 CALL_TIMEOUT = 1.0
 
 
 class EtcdHealthCheck:
-    """Asks every configured endpoint, each with a short deadline."""
+    """Asks every configured endpoint, each with a short deadline (and the same TLS
+    settings and credentials)."""
 
-    def __init__(self, endpoints: tuple[str, ...], quorum_key: bytes) -> None:
-        self._endpoints = endpoints
+    def __init__(self, etcd: EtcdAccess, quorum_key: bytes) -> None:
+        self._access = etcd
+        self._endpoints = etcd.endpoints
         self._quorum_key = quorum_key
         self._clients: dict[str, aetcd.Client] = {}
 
@@ -31,7 +34,8 @@ class EtcdHealthCheck:
     def _client(self, endpoint: str) -> aetcd.Client:
         client = self._clients.get(endpoint)
         if client is None:
-            client = self._clients[endpoint] = client_for([endpoint])
+            client = self._clients[endpoint] = client_for(
+                dataclasses.replace(self._access, endpoints=(endpoint,)))
         return client
 
     async def _endpoint(self, endpoint: str) -> admin_pb2.EtcdEndpoint:

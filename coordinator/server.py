@@ -64,11 +64,11 @@ class Coordinator:
 
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
-        self._etcd = client_for(config.etcd_endpoints)
+        self._etcd = client_for(config.etcd)
         self._probe = PositionProbe(
             PeerSigner(config.peer_key, COORDINATOR, config.coordinator_id), tls=config.tls)
         self._follower = MapFollower(self._etcd, config.cluster)
-        self._health_check = EtcdHealthCheck(config.etcd_endpoints, leader_key(config.cluster))
+        self._health_check = EtcdHealthCheck(config.etcd, leader_key(config.cluster))
         self.driver: LeaderDriver | None = None
         self.tracing = Tracing(config.tracing, f"mesh-coordinator {config.coordinator_id}")
         self.server, self.port, self._health = create_server(

@@ -15,7 +15,9 @@
 
 Every command but ``up`` finds the mesh through ``--etcd`` (default
 ``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
-``$MESH_CLUSTER``, else ``mesh``), and sends ``$MESH_TOKEN`` (if set) as a bearer
+``$MESH_CLUSTER``, else ``mesh``; TLS and credentials to etcd from ``--etcd-cacert``,
+``--etcd-cert``, ``--etcd-key``, ``--etcd-user``, ``--etcd-password-file`` or their
+``MESH_ETCD_*`` variables), and sends ``$MESH_TOKEN`` (if set) as a bearer
 token on every call to the coordinator and the nodes (drain and recover need an
 admin token when the coordinator authenticates).
 """
@@ -31,13 +33,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from clients import Mesh, MeshError, PermissionDeniedError, UnauthenticatedError
+from common.etcd import EtcdAccessError
 from common.peer import generate_secret
+from common.process import add_etcd_flags, etcd_access
 from meshctl.jobs import add_parser as add_jobs_parser
 from meshctl.up import run_up
 
 
 def _mesh(args: argparse.Namespace) -> Mesh:
-    return Mesh(etcd=args.etcd, cluster=args.cluster, timeout=args.timeout)
+    return Mesh(etcd=args.etcd_access, cluster=args.cluster, timeout=args.timeout)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -45,7 +49,7 @@ async def _status(args: argparse.Namespace) -> int:
     from meshctl.status import print_status
 
     try:
-        await print_cluster(args.etcd, args.cluster, args.timeout)
+        await print_cluster(args.etcd_access, args.cluster, args.timeout)
     except MeshError as exc:
         print(f"coordinator: {exc}")
     async with _mesh(args) as mesh:
@@ -56,11 +60,11 @@ async def _admin(args: argparse.Namespace) -> int:
     from meshctl.admin import drain, print_topology, recover
 
     if args.command == "topology":
-        return await print_topology(args.etcd, args.cluster, args.timeout, args.nodes)
+        return await print_topology(args.etcd_access, args.cluster, args.timeout, args.nodes)
     if args.command == "recover":
-        return await recover(args.etcd, args.cluster, args.dry_run, args.timeout)
+        return await recover(args.etcd_access, args.cluster, args.dry_run, args.timeout)
     timeout = max(args.timeout, args.wait_timeout) if args.wait else args.timeout
-    return await drain(args.etcd, args.cluster, args.node_id, args.wait, timeout)
+    return await drain(args.etcd_access, args.cluster, args.node_id, args.wait, timeout)
 
 
 async def _cache(args: argparse.Namespace) -> int:
@@ -115,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=os.environ.get("MESH_CLUSTER", "mesh"),
                    help="cluster name (MESH_CLUSTER)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per call, seconds")
+    add_etcd_flags(p)
     # The same options are accepted after the subcommand too (`meshctl up --cluster x`).
     common = argparse.ArgumentParser(add_help=False)
-    for flag in ("--etcd", "--cluster"):
+    for flag in ("--etcd", "--cluster", "--etcd-cacert", "--etcd-cert", "--etcd-key",
+                 "--etcd-user", "--etcd-password-file"):
         common.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
@@ -192,12 +198,15 @@ def _secret(path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "up":
             return run_up(args)
         if args.command == "secret":
             return _secret(args.file)
+        # Every other command reads etcd, with these TLS settings and credentials.
+        args.etcd_access = etcd_access(parser, args)
         if args.command == "status":
             return asyncio.run(_status(args))
         if args.command in ("topology", "drain", "recover"):
@@ -212,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, UnauthenticatedError | PermissionDeniedError):
             print("hint: set MESH_TOKEN to a valid bearer token (an admin one for drain "
                   "and recover)", file=sys.stderr)
+        return 2
+    except EtcdAccessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `meshctl topology | head`: the reader left; end quietly, like Unix tools.

@@ -9,7 +9,7 @@ from typing import TypeVar
 import grpc
 
 from clients.errors import from_rpc_error
-from coordinator.client import admin_client
+from coordinator.client import EtcdTarget, admin_client
 from mesh.admin.v1 import admin_pb2
 
 T = TypeVar("T")
@@ -66,7 +66,7 @@ def format_topology(cmap: admin_pb2.ClusterMap, nodes_only: bool = False) -> lis
     return lines
 
 
-async def print_topology(etcd: str, cluster: str, timeout: float, nodes_only: bool) -> int:
+async def print_topology(etcd: EtcdTarget, cluster: str, timeout: float, nodes_only: bool) -> int:
     async with admin_client(etcd, cluster, timeout) as stub:
         reply = await _call(stub.GetTopology(admin_pb2.GetTopologyRequest(), timeout=timeout))
     for line in format_topology(reply.cluster_map, nodes_only):
@@ -74,7 +74,7 @@ async def print_topology(etcd: str, cluster: str, timeout: float, nodes_only: bo
     return 0
 
 
-async def drain(etcd: str, cluster: str, node_id: str, wait: bool, timeout: float) -> int:
+async def drain(etcd: EtcdTarget, cluster: str, node_id: str, wait: bool, timeout: float) -> int:
     async with admin_client(etcd, cluster, timeout) as stub:
         reply = await _call(stub.Drain(admin_pb2.DrainRequest(node_id=node_id, wait=wait),
                                        timeout=timeout))
@@ -84,7 +84,7 @@ async def drain(etcd: str, cluster: str, node_id: str, wait: bool, timeout: floa
     return 0
 
 
-async def recover(etcd: str, cluster: str, dry_run: bool, timeout: float) -> int:
+async def recover(etcd: EtcdTarget, cluster: str, dry_run: bool, timeout: float) -> int:
     async with admin_client(etcd, cluster, timeout) as stub:
         reply = await _call(stub.RecoverLostGroups(
             admin_pb2.RecoverLostGroupsRequest(dry_run=dry_run), timeout=timeout))
@@ -100,7 +100,7 @@ async def recover(etcd: str, cluster: str, dry_run: bool, timeout: float) -> int
     return 0
 
 
-async def print_cluster(etcd: str, cluster: str, timeout: float) -> None:
+async def print_cluster(etcd: EtcdTarget, cluster: str, timeout: float) -> None:
     """Leader, map epoch and slot coverage, from the coordinator's Status."""
     async with admin_client(etcd, cluster, timeout) as stub:
         s = await _call(stub.Status(admin_pb2.StatusRequest(), timeout=timeout))

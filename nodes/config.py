@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.auth import JwtPolicy, add_auth_flags, jwt_policy
+from common.etcd import EtcdAccess
 from common.peer import PeerKey, add_secret_flag, peer_key_for
-from common.process import add_server_flags, env, etcd_endpoints
+from common.process import add_etcd_flags, add_server_flags, env, etcd_access
 from common.tls import Tls
 from nodes.ratelimit import RateLimits
 
@@ -114,7 +115,8 @@ class NodeConfig:
     peer_key: PeerKey | None = None
     """Signs and checks peer credentials (from the cluster secret); None: the
     internal plane is open."""
-    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd: EtcdAccess = field(default_factory=EtcdAccess)
+    """etcd's endpoints, and the TLS settings and credentials to reach it."""
     cluster: str = "mesh"
     node_id: str = ""
     services: tuple[str, ...] = SERVICES
@@ -143,6 +145,10 @@ class NodeConfig:
     scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
 
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        return self.etcd.endpoints
+
 
 def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     """Build a NodeConfig from flags, falling back to MESH_* variables, then defaults."""
@@ -150,6 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     p = argparse.ArgumentParser(prog="python -m nodes", description="Run a Mesh node.")
     add_server_flags(p, listen=d.listen, etcd=d.etcd_endpoints, cluster=d.cluster,
                      what="node")
+    add_etcd_flags(p)
     p.add_argument("--peer-listen", default=env("PEER_LISTEN", ""),
                    help="host:port of the peer port, which serves replication and forwarded "
                         "calls to cluster members only; default: the --listen host, a free "
@@ -267,7 +274,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         peer_listen=a.peer_listen or f"{a.listen.rpartition(':')[0]}:0",
         peer_advertise=a.peer_advertise,
         peer_key=peer_key,
-        etcd_endpoints=etcd_endpoints(a.etcd),
+        etcd=etcd_access(p, a),
         cluster=a.cluster,
         node_id=node_id,
         services=services,

@@ -109,7 +109,7 @@ class Node:
         self.peer_port = 0
         self.peer_address = ""
         self._registration: Registration | None = None
-        self._etcd = client_for(config.etcd_endpoints)
+        self._etcd = client_for(config.etcd)
         self.drained = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
@@ -286,7 +286,13 @@ class Node:
 async def serve(config: NodeConfig, stop: asyncio.Event) -> None:
     """Run a node until ``stop`` is set."""
     node = Node(config)
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        # Stop whatever did start (the gRPC servers first of all): left for the
+        # garbage collector after the event loop has closed, they fail noisily.
+        await node.stop()
+        raise
     print(node.ready_line(), flush=True)
     log.info("node %s serving %s on %s", config.node_id, ",".join(config.services), node.address)
     stopping = asyncio.ensure_future(stop.wait())

@@ -7,7 +7,6 @@ CA signs an impostor.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,36 +21,18 @@ from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 from meshctl.processes import Etcd
+from tests.certs import make_ca, make_cert
 from tests.cluster import TOKEN, auth_flags
 from tests.conftest import non_owner
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _ca(cwd: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-             f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=cwd)
-
-
-def _cert(cwd: Path, name: str, ca: str) -> Tls:
-    (cwd / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=cwd)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext",
-             "-out", f"{name}.pem", cwd=cwd)
-    return Tls(cwd / f"{name}.pem", cwd / f"{name}.key", cwd / f"{ca}.pem")
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Tls]]:
     cwd = tmp_path_factory.mktemp("certs")
-    _ca(cwd, "ca")
-    _ca(cwd, "other-ca")
-    yield {"mesh": _cert(cwd, "mesh", "ca"), "client": _cert(cwd, "client", "ca"),
-           "impostor": _cert(cwd, "impostor", "other-ca")}
+    make_ca(cwd, "ca")
+    make_ca(cwd, "other-ca")
+    yield {"mesh": make_cert(cwd, "mesh", "ca"), "client": make_cert(cwd, "client", "ca"),
+           "impostor": make_cert(cwd, "impostor", "other-ca")}
 
 
 def _flags(tls: Tls) -> list[str]:
