@@ -16,6 +16,8 @@ either hand the call on untouched or answer it themselves.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +28,7 @@ import grpc
 from common.errors import MeshStatusError, Reason, invalid_argument
 from common.peer import PEER_HEADER, Peer, PeerKey, PeerRefused
 
-__all__ = ["HOPS_HEADER", "ClientPlaneGuard", "PeerPlaneGuard", "calling_peer"]
+__all__ = ["HOPS_HEADER", "ClientPlaneGuard", "PeerPlaneGuard", "calling_peer", "drain"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,19 @@ HOPS_HEADER = "x-mesh-hops"
 INTERNAL_HEADERS = frozenset({HOPS_HEADER, PEER_HEADER})
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+DRAIN_SECONDS = 1.0
+
+
+async def drain(requests: AsyncIterator[Any], seconds: float = DRAIN_SECONDS) -> None:
+    """Read a refused stream's requests until the caller half-closes, at most
+    ``seconds``. Ending the call while the caller is still sending makes its
+    gRPC report its own INTERNAL error instead of our status."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
 
 
 def _refusal(handler: grpc.RpcMethodHandler, error: MeshStatusError) -> grpc.RpcMethodHandler:
@@ -48,10 +63,21 @@ def _refusal(handler: grpc.RpcMethodHandler, error: MeshStatusError) -> grpc.Rpc
         await context.abort_with_status(status)
         yield  # pragma: no cover - makes this an async generator
 
+    async def from_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                          ) -> None:
+        await drain(requests)
+        await context.abort_with_status(status)
+
+    async def stream_from_stream(requests: AsyncIterator[Any],
+                                 context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await drain(requests)
+        await context.abort_with_status(status)
+        yield  # pragma: no cover - makes this an async generator
+
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream)
+        return grpc.stream_stream_rpc_method_handler(stream_from_stream)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
+        return grpc.stream_unary_rpc_method_handler(from_stream)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(stream)
     return grpc.unary_unary_rpc_method_handler(unary)

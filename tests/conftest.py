@@ -89,14 +89,18 @@ def start_cluster(local: LocalMesh, nodes: int, extra: Sequence[str] = (),
     settle(local, replicas, tls=tls)
 
 
-def _module_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory, name: str,
-                    nodes: int) -> Iterator[LocalMesh]:
-    """A cluster shared by a whole test module (its tests use distinct keys)."""
+def module_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory, name: str,
+                   nodes: int, extra: Callable[[Path], Sequence[str]] = lambda _dir: (),
+                   coordinator: bool = False) -> Iterator[LocalMesh]:
+    """A cluster shared by a whole test module (its tests use distinct keys).
+    ``extra(workdir)`` gives the nodes' extra flags (it may write files there);
+    with ``coordinator`` the coordinator gets them too."""
     local = LocalMesh(workdir=tmp_path_factory.mktemp(name),
                       cluster=f"{name}{next(_clusters)}", _owns_workdir=False)
     local.etcd_endpoint = etcd.endpoint
+    flags = list(extra(local.workdir))
     try:
-        start_cluster(local, nodes)
+        start_cluster(local, nodes, flags, coordinator_extra=flags if coordinator else ())
         yield local
     except BaseException:
         print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
@@ -108,13 +112,13 @@ def _module_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory, name: 
 @pytest.fixture(scope="module")
 def shared_node(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     """One default cache node for a whole test module."""
-    yield from _module_cluster(etcd, tmp_path_factory, "shared", 1)
+    yield from module_cluster(etcd, tmp_path_factory, "shared", 1)
 
 
 @pytest.fixture(scope="module")
 def shared_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     """Three nodes (R = 1) for a whole test module."""
-    yield from _module_cluster(etcd, tmp_path_factory, "trio", 3)
+    yield from module_cluster(etcd, tmp_path_factory, "trio", 3)
 
 
 def non_owner(local: LocalMesh, key: str) -> list[str]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +24,7 @@ from clients.errors import from_rpc_error
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
 from meshctl.processes import Etcd, LocalMesh
-from tests.conftest import start_cluster
+from tests.conftest import module_cluster
 
 SECRET = b"admin-auth-test-secret-0123456789"
 ADMIN, CLIENT = "t-admin", "t-client"
@@ -39,23 +40,14 @@ def _jwt(**claims: Any) -> str:
 @pytest.fixture(scope="module")
 def secured(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     """A coordinator and three nodes, all authenticating (static tokens and JWTs)."""
-    workdir = tmp_path_factory.mktemp("adminauth")
-    tokens = workdir / "tokens"
-    tokens.write_text(f"{ADMIN} ops admin\n{CLIENT} acme\n")
-    secret = workdir / "jwt-secret"
-    secret.write_bytes(SECRET)
-    flags = ["--auth-tokens", str(tokens), "--auth-jwt-secret", str(secret)]
-    local = LocalMesh(workdir=workdir / "mesh", cluster="adminauth", _owns_workdir=False)
-    local.workdir.mkdir()
-    local.etcd_endpoint = etcd.endpoint
-    try:
-        start_cluster(local, 3, extra=flags, coordinator_extra=flags)
-        yield local
-    except BaseException:
-        print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
+    def flags(workdir: Path) -> list[str]:
+        tokens = workdir / "tokens"
+        tokens.write_text(f"{ADMIN} ops admin\n{CLIENT} acme\n")
+        secret = workdir / "jwt-secret"
+        secret.write_bytes(SECRET)
+        return ["--auth-tokens", str(tokens), "--auth-jwt-secret", str(secret)]
+
+    yield from module_cluster(etcd, tmp_path_factory, "adminauth", 3, flags, coordinator=True)
 
 
 async def _outcome(local: LocalMesh, token: str,

@@ -31,7 +31,7 @@ from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 from meshctl.processes import Etcd, LocalMesh
 from tests.cluster import TENANT, TOKEN, Writer, auth_flags, error_details, wait_converged
-from tests.conftest import start_cluster
+from tests.conftest import module_cluster
 from tests.test_other_languages import grpcurl
 
 PUBLIC = {
@@ -44,17 +44,7 @@ PUBLIC = {
 @pytest.fixture(scope="module")
 def secured(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     """Three nodes (R = 1) with client auth on and a cluster secret, for the module."""
-    workdir = tmp_path_factory.mktemp("secured")
-    local = LocalMesh(workdir=workdir, cluster="secured", _owns_workdir=False)
-    local.etcd_endpoint = etcd.endpoint
-    try:
-        start_cluster(local, 3, auth_flags(workdir))
-        yield local
-    except BaseException:
-        print(f"\n===== process logs =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
+    yield from module_cluster(etcd, tmp_path_factory, "secured", 3, auth_flags)
 
 
 def key_of(local: LocalMesh) -> PeerKey:
@@ -94,11 +84,14 @@ async def replicate_status(stub: rpb_grpc.ReplicationServiceStub, batch: rpb.Com
                            metadata: tuple[tuple[str, str], ...]
                            ) -> tuple[grpc.StatusCode, list[rpb.Ack], str]:
     """Send one batch on a Replicate stream: (status, acks, ErrorInfo reason)."""
-    call = stub.Replicate(metadata=metadata, timeout=10)
+    async def requests() -> AsyncIterator[rpb.ReplicateRequest]:
+        yield rpb.ReplicateRequest(batches=[batch])
+
+    # Requests from an iterator, not call.write(): a write racing the server's
+    # refusal would fail locally as INTERNAL and hide the server's status.
+    call = stub.Replicate(requests(), metadata=metadata, timeout=10)
     acks: list[rpb.Ack] = []
     try:
-        await call.write(rpb.ReplicateRequest(batches=[batch]))
-        await call.done_writing()
         async for response in call:
             acks.extend(response.acks)
     except grpc.aio.AioRpcError as exc:
@@ -319,14 +312,16 @@ async def test_the_replica_injection_attack_fails_and_failover_keeps_every_write
         await asyncio.sleep(0.5)
         replica_node = next(n for n in local.nodes if n.node_id == replica)
         batch = injection(table, key, victim.node_id, position, b"injected")
-        # As the report did it (no credential), on both ports; then as a member.
-        for address, metadata, expected in (
-                (replica_node.address, (), grpc.StatusCode.UNIMPLEMENTED),
-                (replica_node.peer_address, (), grpc.StatusCode.UNAUTHENTICATED),
-                (replica_node.peer_address, as_outsider.metadata(),
-                 grpc.StatusCode.PERMISSION_DENIED)):
-            stub = rpb_grpc.ReplicationServiceStub(channels(address))
-            code, acks, _ = await replicate_status(stub, batch, metadata)
+        # As the report did it (no credential): the client port has no such
+        # service (asked without a message: a message racing gRPC's own
+        # UNIMPLEMENTED would fail on our side first), the peer port wants a
+        # credential; then as a member that is not the primary.
+        public = rpb_grpc.ReplicationServiceStub(channels(replica_node.address))
+        assert await code_of(public.Replicate(timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+        peer = rpb_grpc.ReplicationServiceStub(channels(replica_node.peer_address))
+        for metadata, expected in (((), grpc.StatusCode.UNAUTHENTICATED),
+                                   (as_outsider.metadata(), grpc.StatusCode.PERMISSION_DENIED)):
+            code, acks, _ = await replicate_status(peer, batch, metadata)
             assert (code, acks) == (expected, [])
 
         victim.child.signal(signal.SIGKILL)

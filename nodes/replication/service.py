@@ -22,7 +22,7 @@ from common.errors import MeshStatusError, Reason
 from common.peer import PeerKey, PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
-from nodes.planes import calling_peer
+from nodes.planes import calling_peer, drain
 from nodes.replication.permission import Verdict, may_copy, replicate_verdict
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         if peer is not None and not peer.is_node:
             error = self._refuse("not_a_node", _not_permitted(
                 f"{peer} may not replicate: only nodes send commands"))
+            await drain(request_iterator)
             await context.abort_with_status(error.to_status())
         acks: AckQueue = asyncio.Queue()
         installs: set[asyncio.Task[None]] = set()
@@ -103,6 +104,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                             denied.append(self._refuse("not_primary", _not_permitted(
                                 f"node {sender} does not lead group {batch.group_id} at "
                                 f"epoch {batch.epoch} in this node's cluster map")))
+                            await drain(request_iterator)  # then end the call
                             return
                         answers.append(self._stale(batch) if verdict is Verdict.STALE
                                        else self._apply(batch, acks, installs))
