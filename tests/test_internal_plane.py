@@ -29,7 +29,7 @@ from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
-from meshctl.processes import Etcd, LocalMesh
+from meshctl.processes import Etcd, LocalMesh, ProcessError
 from tests.cluster import TENANT, TOKEN, Writer, auth_flags, error_details, wait_converged
 from tests.conftest import module_cluster
 from tests.test_other_languages import grpcurl
@@ -357,11 +357,16 @@ async def test_client_auth_without_a_cluster_secret_refuses_to_start(
     local = LocalMesh(workdir=tmp_path, cluster="nosecret", secure_peers=False,
                       _owns_workdir=False)
     local.etcd_endpoint = etcd.endpoint
-    node = local._launch_node("lonely", auth_flags(tmp_path))
+    flags = auth_flags(tmp_path)
+    node = local._launch_node("lonely", flags)
     try:
         code = await asyncio.to_thread(node.child.proc.wait, 30)  # type: ignore[union-attr]
         log = (tmp_path / "lonely.log").read_text()
         assert code == 2
         assert "--cluster-secret-file" in log and "Traceback" not in log
+        with pytest.raises(ProcessError) as refused:
+            await asyncio.to_thread(local.start_coordinator, flags)
+        assert "--cluster-secret-file" in str(refused.value)
+        assert "Traceback" not in str(refused.value)
     finally:
         local.stop()
