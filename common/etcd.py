@@ -6,6 +6,10 @@ aetcd only opens plaintext channels and authenticates once, when it connects;
 `EtcdClient` opens the TLS channel itself and sends the auth token with every
 call, the watch streams included, authenticating again when etcd no longer
 takes it.
+
+etcd runs as a cluster of members, and any member may die or be cut off while a
+quorum goes on: `EtcdClient` takes all their endpoints and moves to another
+member when the one it uses fails, fast enough for leases of a few seconds.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -153,23 +159,97 @@ class EtcdAccess:
 
 def client_for(etcd: EtcdAccess | str | Sequence[str],
                timeout: int = CALL_TIMEOUT) -> EtcdClient:
-    """An unconnected client for the first endpoint.
+    """An unconnected client for etcd's endpoints, all of them (see `EtcdClient`).
 
     ``etcd`` is an `EtcdAccess`, or only endpoints (then: plaintext, no credentials).
-    aetcd speaks to one endpoint; gRPC reconnects to it by itself when etcd
-    restarts, which is what a development mesh needs. Production setups put the
-    etcd cluster behind one address (a load balancer or DNS name).
     """
     access = etcd if isinstance(etcd, EtcdAccess) else EtcdAccess(parse_endpoints(etcd))
     return EtcdClient(access, timeout)
 
 
+# A call failing like this says more about the member than about the call: the
+# member is down or unreachable, cut off from its cluster's quorum (etcd answers
+# "no leader" or "request timed out" with UNAVAILABLE too), or too slow.
+_MEMBER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+# Calls sent again to the next member after UNAVAILABLE, within the same deadline:
+# reads and lease renewals change nothing when they happen twice. Writes (Put, Txn,
+# LeaseGrant, LeaseRevoke) are not: the first try may have been applied, so their
+# callers, which know what the write means, decide.
+_RETRY_SAFE = frozenset({"Range", "LeaseKeepAlive", "LeaseTimeToLive", "LeaseLeases",
+                         "Status", "MemberList"})
+
+SLOW_CALL = 0.5
+"""A call its caller gave up on (cancelled) after this many seconds without an answer
+counts against the member: a healthy etcd answers in milliseconds, and a member whose
+process is frozen or whose network is cut keeps the connection but never answers."""
+
+# aetcd's stub attributes, each served by `_FailoverStub` on an `EtcdClient`.
+_STUBS = {"auth_stub": rpc.AuthStub, "kvstub": rpc.KVStub, "clusterstub": rpc.ClusterStub,
+          "leasestub": rpc.LeaseStub, "maintenancestub": rpc.MaintenanceStub}
+
+
+class _Member:
+    """One etcd endpoint as a client reaches it: its own channel and auth session
+    (etcd's default "simple" auth tokens are known only to the member that issued them)."""
+
+    def __init__(self, access: EtcdAccess, endpoint: str, timeout: float | None,
+                 options: dict[str, Any]) -> None:
+        self.endpoint = endpoint
+        self.session = _Session(access, endpoint, timeout)
+        interceptors = [_UnaryUnary(self.session), _UnaryStream(self.session),
+                        _StreamStream(self.session)]
+        host, port = split_endpoint(endpoint)
+        target, items = f"{host}:{port}", list(options.items())
+        if access.tls:
+            self.channel = grpc.aio.secure_channel(target, access.channel_credentials(),
+                                                   options=items, interceptors=interceptors)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=items,
+                                                     interceptors=interceptors)
+        self.session.channel = self.channel
+        self.stubs = {name: stub(self.channel) for name, stub in _STUBS.items()}
+        self.on_leave: set[Callable[[], None]] = set()
+        """Called when the client moves away from this member (streams follow it)."""
+
+
+class _FailoverStub:
+    """Stands in for one of aetcd's stubs: each method call goes to the client's
+    current member, and fails over to the next as `EtcdClient._call` says."""
+
+    def __init__(self, client: EtcdClient, attr: str) -> None:
+        self._client = client
+        self._attr = attr
+
+    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
+        if method.startswith("_"):  # not an RPC (copy, pickle and the like probe these)
+            raise AttributeError(method)
+
+        async def call(request: Any, timeout: float | None = None,
+                       metadata: Any = None) -> Any:
+            return await self._client._call(self._attr, method, request, timeout, metadata)
+        return call
+
+
 class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
-    """aetcd's client over TLS when `EtcdAccess` says so, authenticating as its user.
+    """aetcd's client for an etcd cluster of one or more members, over TLS when
+    `EtcdAccess` says so, authenticating as its user.
+
+    Several endpoints: the client talks to one member at a time and moves to the
+    next (in turn, preferring one that has not failed lately) as soon as a call
+    there fails the way a dead, cut-off or frozen member makes calls fail
+    (`_MEMBER_FAILURES`, or no answer within `SLOW_CALL` before its caller gave
+    up). Reads and lease renewals are retried on the next member within their
+    deadline; other calls fail once and their callers retry (on the new member).
+    Streams opened with `follow_member` (the watches of `watch_prefix`) are ended
+    when the client moves, so that they reopen where the client is. This works
+    the same for IP addresses and host names (which gRPC's own multi-address
+    targets do not take) and leaves a member that is alive but partitioned
+    (which gRPC would keep using).
 
     aetcd's own ``username``/``password`` stay unset: it would authenticate once,
     at connect, and keep sending a token etcd forgets when it restarts. Instead
-    interceptors on the channel add the current token to every call (so raw stubs
+    interceptors on each channel add the current token to every call (so raw stubs
     on ``client.channel``, like `watch_prefix`'s, get it too), authenticate again
     when etcd says the token is no longer valid, and turn refusals retrying cannot
     fix into `EtcdAccessError`.
@@ -178,37 +258,145 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     def __init__(self, access: EtcdAccess, timeout: int = CALL_TIMEOUT) -> None:
         if not access.endpoints:
             raise ValueError("no etcd endpoint given")
+        for endpoint in access.endpoints:
+            split_endpoint(endpoint)  # a malformed one fails now, not at a failover
         host, port = split_endpoint(access.endpoints[0])
         super().__init__(host=host, port=port, timeout=timeout, options=CHANNEL_OPTIONS)
         self.access = access
+        self._members: dict[int, _Member] = {}
+        self._index = 0
+        self._failed_at: dict[int, float] = {}
+        """When each member last failed (monotonic), to prefer those that did not."""
         self._session: _Session | None = None
+        self.moves = 0
+        """How many times the client moved to another member."""
+
+    @property
+    def endpoint(self) -> str:
+        """The member calls go to now."""
+        return self.access.endpoints[self._index]
 
     async def connect(self) -> None:
         """Open the channel; nothing is sent before the first call (which authenticates)."""
         if self._connected.is_set():
             return
-        session = _Session(self.access, self._timeout)
-        interceptors = [_UnaryUnary(session), _UnaryStream(session), _StreamStream(session)]
-        target = f"{self._host}:{self._port}"
-        options = list(self._options.items())
-        if self.access.tls:
-            channel = grpc.aio.secure_channel(target, self.access.channel_credentials(),
-                                              options=options, interceptors=interceptors)
-        else:
-            channel = grpc.aio.insecure_channel(target, options=options,
-                                                interceptors=interceptors)
-        session.channel = channel
-        self._session = session
-        # What aetcd's connect sets up, on our channel; metadata stays None (the
-        # interceptors add the token).
-        self.channel = channel
-        self.auth_stub = rpc.AuthStub(channel)
-        self.kvstub = rpc.KVStub(channel)
-        self.clusterstub = rpc.ClusterStub(channel)
-        self.leasestub = rpc.LeaseStub(channel)
-        self.maintenancestub = rpc.MaintenanceStub(channel)
-        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(channel), timeout=self._timeout)
+        member = self._use(self._index)
+        # What aetcd's connect sets up; metadata stays None (the interceptors add
+        # the token). Its shared watcher is unused here (see `watch_prefix`).
+        for attr in _STUBS:
+            setattr(self, attr, _FailoverStub(self, attr))
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(member.channel),
+                                              timeout=self._timeout)
         self._connected.set()
+
+    async def close(self) -> None:
+        """Close every member's channel; the client may connect again later."""
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.shutdown()
+        members, self._members = list(self._members.values()), {}
+        for member in members:
+            with contextlib.suppress(Exception):
+                await member.channel.close()
+        self._init_channel_attrs()
+        self._session = None
+        self._connected.clear()
+
+    def _use(self, index: int) -> _Member:
+        member = self._members.get(index)
+        if member is None:
+            member = self._members[index] = _Member(
+                self.access, self.access.endpoints[index], self._timeout, self._options)
+        self._index = index
+        self._host, self._port = split_endpoint(member.endpoint)
+        self._session = member.session
+        self.channel = member.channel
+        return member
+
+    def _current(self) -> _Member:
+        member = self._members.get(self._index)
+        return member if member is not None else self._use(self._index)
+
+    def member_failed(self, channel: grpc.aio.Channel | None, why: str) -> None:
+        """A call on ``channel`` failed as calls to a lost member do: if the client is
+        still on that member, move to the next (concurrent failures move it once)."""
+        member = self._members.get(self._index)
+        count = len(self.access.endpoints)
+        if member is None or member.channel is not channel or count < 2:
+            return
+        self._failed_at[self._index] = time.monotonic()
+        # The next in turn, unless it failed more recently than another: a member
+        # that died is not tried again while one that did not is at hand.
+        others = [(self._index + k) % count for k in range(1, count)]
+        self._use(min(others, key=lambda i: self._failed_at.get(i, -math.inf)))
+        self.moves += 1
+        log.warning("etcd member %s failed (%s); using %s", member.endpoint, why, self.endpoint)
+        callbacks, member.on_leave = member.on_leave, set()
+        for callback in callbacks:
+            callback()
+
+    def follow_member(self, on_leave: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_leave`` when the client moves away from its current member (a
+        stream there should end and reopen); returns the function that unregisters it."""
+        member = self._current()
+        member.on_leave.add(on_leave)
+        return lambda: member.on_leave.discard(on_leave)
+
+    async def _call(self, attr: str, method: str, request: Any, timeout: float | None,
+                    metadata: Any) -> Any:
+        """``method`` of stub ``attr`` on the current member, failing over as the class
+        docstring says."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        tries = len(self.access.endpoints) if method in _RETRY_SAFE else 1
+        for attempt in range(1, tries + 1):
+            member = self._current()
+            left = None if deadline is None else deadline - loop.time()
+            started = loop.time()
+            try:
+                if method == "LeaseKeepAlive":
+                    return await _renew_once(member, request, left, metadata)
+                stub = getattr(member.stubs[attr], method)
+                return await stub(request, timeout=left, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in _MEMBER_FAILURES:
+                    raise
+                self.member_failed(member.channel, f"{method}: {code.name} {exc.details()}")
+                if attempt == tries or code == grpc.StatusCode.DEADLINE_EXCEEDED or (
+                        deadline is not None and loop.time() >= deadline):
+                    raise
+            except asyncio.CancelledError:
+                if loop.time() - started >= SLOW_CALL:
+                    self.member_failed(member.channel, f"{method}: no answer in "
+                                                       f"{loop.time() - started:.1f}s")
+                raise
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    async def refresh_lease(self, lease_id: int, timeout: float | None = None) -> Any:
+        """Renew a lease once: etcd's reply (its ``TTL`` is 0 if the lease is gone), or
+        None. ``timeout`` bounds the whole renewal (default: the client's timeout)."""
+        await self.connect()
+        try:
+            return await self._call("leasestub", "LeaseKeepAlive",
+                                    rpc.LeaseKeepAliveRequest(ID=lease_id),
+                                    timeout if timeout is not None else self._timeout, None)
+        except grpc.aio.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+
+
+async def _renew_once(member: _Member, request: Any, timeout: float | None,
+                      metadata: Any) -> Any:
+    """One LeaseKeepAlive request and its reply, the stream then closed (aetcd leaves it
+    open until its deadline, which would then read as a failure of the member)."""
+    call = member.stubs["leasestub"].LeaseKeepAlive(iter([request]), timeout=timeout,
+                                                    metadata=metadata)
+    try:
+        async for reply in call:
+            return reply
+        return None
+    finally:
+        call.cancel()
 
 
 _AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
@@ -218,8 +406,9 @@ PROBE_TIMEOUT = 2.0
 class _Session:
     """One channel's auth token, shared by its interceptors."""
 
-    def __init__(self, access: EtcdAccess, timeout: float | None) -> None:
+    def __init__(self, access: EtcdAccess, endpoint: str, timeout: float | None) -> None:
         self.access = access
+        self.endpoint = endpoint
         self.timeout = timeout
         self.channel: grpc.aio.Channel | None = None
         self.token = ""
@@ -281,7 +470,7 @@ class _Session:
         """An `EtcdAccessError` if ``exc`` comes from settings retrying cannot fix, else
         ``exc`` itself."""
         code, details = exc.code(), exc.details() or ""
-        host, port = split_endpoint(self.access.endpoints[0])
+        host, port = split_endpoint(self.endpoint)
         user, where = self.access.user, f"etcd at {host}:{port}"
         if "authentication failed" in details:
             return EtcdAccessError(
@@ -300,7 +489,7 @@ class _Session:
                 f"{where} denied {who}: {details.removeprefix('etcdserver: ')}; grant its "
                 "role readwrite on the cluster's key prefix")
         if code == grpc.StatusCode.UNAVAILABLE and not self.proven:
-            reason = await tls_mismatch(self.access)
+            reason = await tls_mismatch(self.access, self.endpoint)
             if reason is not None:
                 return EtcdAccessError(reason)
         return cast(Exception, exc)
@@ -384,15 +573,16 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[mis
         return call
 
 
-async def tls_mismatch(access: EtcdAccess) -> str | None:
-    """Why our TLS settings cannot work with the first endpoint, found with a TLS
-    handshake of our own; None if that is not the problem (etcd down, or all well).
+async def tls_mismatch(access: EtcdAccess, endpoint: str = "") -> str | None:
+    """Why our TLS settings cannot work with ``endpoint`` (default: the first), found
+    with a TLS handshake of our own; None if that is not the problem (etcd down, or
+    all well).
 
     gRPC reports a refused handshake like any failed connection (UNAVAILABLE, which
     callers retry): this tells the two apart, once, so that a wrong CA or a
     plaintext client meeting a TLS etcd fails at once with a line saying so.
     """
-    host, port = split_endpoint(access.endpoints[0])
+    host, port = split_endpoint(endpoint or access.endpoints[0])
     where = f"etcd at {host}:{port}"
     if access.tls:
         context = access.ssl_context()
@@ -446,9 +636,16 @@ async def watch_prefix(
     One raw etcd Watch stream per call, rather than aetcd's shared watcher,
     whose internal lock can deadlock when a pending watch is cancelled. Here
     cancelling the consumer cancels the gRPC call, and that is all.
+
+    On an `EtcdClient` the watch lives on the client's current member: it ends
+    (`WatchBroken`, or the stream's error) when that member fails or the client
+    moves to another one, so that the caller re-watches where the client now is.
+    A partitioned member would keep a watch open and silent: etcd's "hasleader"
+    metadata makes it end the stream instead once it has no raft leader.
     """
     await client.connect()
-    stub = rpc.WatchStub(client.channel)
+    channel = client.channel
+    stub = rpc.WatchStub(channel)
     create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
         key=prefix, range_end=aetcd.utils.prefix_range_end(prefix),
         start_revision=start_revision))
@@ -458,7 +655,16 @@ async def watch_prefix(
         yield create
         await done.wait()  # keep our side open: a half-close may end the watch
 
-    call = stub.Watch(requests(), metadata=client.metadata)
+    metadata = (*(client.metadata or ()), ("hasleader", "true"))
+    call = stub.Watch(requests(), metadata=metadata)
+    moved = False
+
+    def leave() -> None:
+        nonlocal moved
+        moved = True
+        call.cancel()
+
+    unfollow = client.follow_member(leave) if isinstance(client, EtcdClient) else None
     try:
         async for response in call:
             if response.compact_revision or response.canceled:
@@ -466,7 +672,18 @@ async def watch_prefix(
             for event in response.events:
                 kind = "DELETE" if event.type == rpc.Event.EventType.DELETE else "PUT"
                 yield kind, event.kv.key, event.kv.value, event.kv.mod_revision
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if moved and (task is None or not task.cancelling()):
+            raise WatchBroken("the client moved to another etcd member") from None
+        raise
+    except grpc.aio.AioRpcError as exc:
+        if isinstance(client, EtcdClient) and exc.code() in _MEMBER_FAILURES:
+            client.member_failed(channel, f"Watch: {exc.code().name} {exc.details()}")
+        raise
     finally:
+        if unfollow is not None:
+            unfollow()
         done.set()
         call.cancel()
 
@@ -533,3 +750,17 @@ class PrefixFollower:
             delay = min(delay * 2, 2.0)
             with contextlib.suppress(Exception):
                 revision = await self._read()
+
+
+async def renew_lease(client: aetcd.Client, lease_id: int, timeout: float) -> Any:
+    """Renew ``lease_id`` once, within ``timeout`` seconds: etcd's reply (``TTL`` <= 0:
+    the lease is gone) or None; raises on failure.
+
+    On an `EtcdClient` the timeout is the call's gRPC deadline, so that a member too
+    slow to answer counts as failed and the next renewal goes to another; the outer
+    bound also covers what precedes the call (authenticating).
+    """
+    if isinstance(client, EtcdClient):
+        return await asyncio.wait_for(client.refresh_lease(lease_id, timeout=timeout),
+                                      timeout + 0.1)
+    return await asyncio.wait_for(client.refresh_lease(lease_id), timeout)

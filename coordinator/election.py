@@ -7,7 +7,10 @@ deposed leader cannot write even if it does not know yet. A loser watches the
 key and tries again when it is deleted (the leader resigned, or its lease ran
 out). The leader renews its lease three times per TTL and gives up leadership
 at once when a renewal says the lease is gone, or before the lease could run
-out when renewals fail.
+out when renewals fail: its term has a deadline on the local monotonic clock
+(start of the last successful renewal + TTL - a margin), checked on its own
+timer and by `Election.is_leader`, so that a renewal hanging on an unreachable
+etcd member cannot stretch the time the coordinator believes it leads.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import aetcd
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
 from common.clustermap import leader_key
-from common.etcd import PrefixFollower
+from common.etcd import PrefixFollower, renew_lease
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,26 @@ class LeaderInfo:
 class Leadership:
     """One term as leader: the lease and the leader key's create revision."""
 
-    def __init__(self, lease_id: int, create_revision: int, valid_until: float) -> None:
+    def __init__(self, lease_id: int, create_revision: int, valid_until: float,
+                 margin: float = 0.0) -> None:
         self.lease_id = lease_id
         self.create_revision = create_revision
         self.valid_until = valid_until
-        """Monotonic time until which etcd certainly keeps the lease."""
+        """Monotonic time until which etcd certainly keeps the lease: the start of the
+        last successful grant or renewal plus the TTL etcd gave."""
+        self.margin = margin
+        """How long before ``valid_until`` the term ends: our clock and etcd's run at
+        slightly different speeds, and work decided just before must still finish."""
         self.lost = asyncio.Event()
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time at which the term ends unless a renewal moves it."""
+        return self.valid_until - self.margin
+
+    def holds(self, now: float) -> bool:
+        """Whether the term still stands at monotonic time ``now``."""
+        return not self.lost.is_set() and now < self.deadline
 
     def __repr__(self) -> str:
         return f"Leadership(lease={self.lease_id:x}, revision={self.create_revision})"
@@ -76,8 +93,13 @@ class Election:
     """
 
     def __init__(self, etcd: aetcd.Client, cluster: str, coordinator_id: str, address: str,
-                 ttl: int, work: LeaderWork) -> None:
+                 ttl: int, work: LeaderWork,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._etcd = etcd
+        self._clock = clock
+        self._interval = max(ttl / 3, 0.2)
+        """Between renewals: three per TTL, so one lost renewal still leaves a margin."""
+        self._margin = min(self._interval / 2, 0.5)
         self._key = leader_key(cluster)
         self._me = LeaderInfo(coordinator_id, address)
         self._ttl = ttl
@@ -98,7 +120,10 @@ class Election:
 
     @property
     def is_leader(self) -> bool:
-        return self.leadership is not None and not self.leadership.lost.is_set()
+        """Leading now: a term that is not lost and whose deadline has not passed (checked
+        here too, so that it is exact even before the deadline timer has run)."""
+        term = self.leadership
+        return term is not None and term.holds(self._clock())
 
     async def start(self) -> None:
         """Read the leader key (raising if etcd is unreachable), then campaign."""
@@ -117,7 +142,7 @@ class Election:
         """Our term once we lead, or None after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.leadership is not None and not self.leadership.lost.is_set():
+            if self.is_leader:
                 return self.leadership
             await asyncio.sleep(0.02)
         return None
@@ -192,7 +217,7 @@ class Election:
     async def _try_acquire(self) -> Leadership | None:
         await self._revoke_leftovers()
         tx = self._etcd.transactions
-        sent = time.monotonic()
+        sent = self._clock()
         lease = await asyncio.wait_for(self._etcd.lease(self._ttl), CALL_TIMEOUT)
         try:
             ok, responses = await asyncio.wait_for(self._etcd.transaction(
@@ -205,7 +230,7 @@ class Election:
             raise
         if ok:
             revision = int(responses[0].response_put.header.revision)
-            return Leadership(lease.id, revision, sent + lease.ttl)
+            return Leadership(lease.id, revision, sent + lease.ttl, self._margin)
         await self._revoke(lease.id)
         for value, kv in responses[0] if responses else ():
             self._set_leader(self._parse(value, kv.create_revision))
@@ -220,46 +245,55 @@ class Election:
         work = asyncio.create_task(self._work(term), name="leader-work")
         keep = asyncio.create_task(self._keepalive(term), name="leader-keepalive")
         lost = asyncio.create_task(term.lost.wait(), name="leader-lost")
+        expiry = asyncio.create_task(self._expire(term), name="leader-deadline")
         crashed = False
         try:
-            await asyncio.wait({work, keep, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, keep, lost, expiry}, return_when=asyncio.FIRST_COMPLETED)
             if work.done() and not work.cancelled() and work.exception() is not None:
                 crashed = True
                 log.error("leader work failed; resigning", exc_info=work.exception())
         finally:
             term.lost.set()
             self.leadership = None
-            for task in (work, keep, lost):
+            for task in (work, keep, lost, expiry):
                 task.cancel()
-            await asyncio.gather(work, keep, lost, return_exceptions=True)
+            await asyncio.gather(work, keep, lost, expiry, return_exceptions=True)
             await self._revoke(term.lease_id)
             log.info("no longer leader (revision %d)", term.create_revision)
         return crashed
 
     async def _keepalive(self, term: Leadership) -> None:
-        """Renew the lease; return when it is gone or could run out before the next try."""
-        interval = max(self._ttl / 3, 0.2)
-        margin = min(interval / 2, 0.5)
+        """Renew the lease; return when etcd says it is gone. (Running out of time is
+        `_expire`'s to notice: a renewal may hang past the deadline.)"""
+        interval = self._interval
         wait = interval
         while True:
             await asyncio.sleep(wait)
-            sent = time.monotonic()
+            sent = self._clock()
             try:
-                reply = await asyncio.wait_for(
-                    self._etcd.refresh_lease(term.lease_id), min(interval, CALL_TIMEOUT))
+                # No use waiting past the deadline: the term is over by then.
+                budget = max(min(interval, CALL_TIMEOUT, term.deadline - sent), 0.05)
+                reply = await renew_lease(self._etcd, term.lease_id, budget)
                 if reply is None or reply.TTL <= 0:
                     log.warning("leadership lease %x is gone", term.lease_id)
                     return
-                term.valid_until = sent + reply.TTL
+                # A renewal's TTL counts from when etcd got it, no earlier than we sent it.
+                term.valid_until = max(term.valid_until, sent + reply.TTL)
                 wait = interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("leadership lease renewal failed (%s)", exc)
-                wait = min(interval, 0.2)
-            if time.monotonic() + margin >= term.valid_until:
+                wait = min(interval, 0.1)  # likely on another etcd member by now
+
+    async def _expire(self, term: Leadership) -> None:
+        """Return when the term's deadline passes without a renewal having moved it."""
+        while True:
+            left = term.deadline - self._clock()
+            if left <= 0:
                 log.warning("could not renew the leadership lease in time; resigning")
                 return
+            await asyncio.sleep(left)
 
     async def _revoke(self, lease_id: int) -> None:
         try:

@@ -28,7 +28,7 @@ class EtcdHealthCheck:
     async def check(self) -> admin_pb2.EtcdHealth:
         results = await asyncio.gather(*(self._endpoint(e) for e in self._endpoints))
         # A linearizable read needs the raft quorum: if it works, reads and writes do.
-        quorum = any(r.healthy for r in results) and await self._quorum()
+        quorum = await self._quorum([r.endpoint for r in results if r.healthy])
         return admin_pb2.EtcdHealth(healthy=quorum, endpoints=results)
 
     def _client(self, endpoint: str) -> aetcd.Client:
@@ -49,13 +49,17 @@ class EtcdHealthCheck:
                                           error=str(exc) or type(exc).__name__)
         return admin_pb2.EtcdEndpoint(endpoint=endpoint, healthy=True)
 
-    async def _quorum(self) -> bool:
-        try:
-            client = self._client(self._endpoints[0])
-            await asyncio.wait_for(client.get(self._quorum_key), CALL_TIMEOUT)
-        except Exception:
-            return False
-        return True
+    async def _quorum(self, answering: list[str]) -> bool:
+        """Whether a linearizable read works through one of the ``answering`` members
+        (any will do: with the first member down, the others may still have quorum)."""
+        for endpoint in answering:
+            try:
+                await asyncio.wait_for(self._client(endpoint).get(self._quorum_key),
+                                       CALL_TIMEOUT)
+            except Exception:
+                continue
+            return True
+        return False
 
     async def close(self) -> None:
         for client in self._clients.values():

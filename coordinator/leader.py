@@ -109,7 +109,8 @@ class LeaderDriver:
                     self._store.current is not None and predicate(self._store.current)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait(), timeout)
-        return (not self._term.lost.is_set() and self._store.current is not None
+        # holds(): the term's own deadline too, not only `lost` (set a moment later).
+        return (self._term.holds(time.monotonic()) and self._store.current is not None
                 and predicate(self._store.current))
 
     async def _round(self) -> None:

@@ -13,8 +13,8 @@
                                   QUEUE [JOB_ID...]; jobs get JOB_ID (see meshctl.jobs)
     meshctl secret FILE           write a new cluster secret (--cluster-secret-file), mode 0600
 
-Every command but ``up`` finds the mesh through ``--etcd`` (default
-``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
+Every command but ``up`` finds the mesh through ``--etcd`` (comma-separated
+endpoints; default ``$MESH_ETCD_ENDPOINTS``, else 127.0.0.1:2379) and ``--cluster`` (default
 ``$MESH_CLUSTER``, else ``mesh``; TLS and credentials to etcd from ``--etcd-cacert``,
 ``--etcd-cert``, ``--etcd-key``, ``--etcd-user``, ``--etcd-password-file`` or their
 ``MESH_ETCD_*`` variables), and sends ``$MESH_TOKEN`` (if set) as a bearer
@@ -115,7 +115,8 @@ async def _jobs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshctl", description="Run and inspect a Mesh.")
     p.add_argument("--etcd", default=os.environ.get("MESH_ETCD_ENDPOINTS", "127.0.0.1:2379"),
-                   help="etcd endpoints (MESH_ETCD_ENDPOINTS)")
+                   help="comma-separated etcd endpoints, every member of the etcd cluster "
+                        "(MESH_ETCD_ENDPOINTS)")
     p.add_argument("--cluster", default=os.environ.get("MESH_CLUSTER", "mesh"),
                    help="cluster name (MESH_CLUSTER)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per call, seconds")
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3, help="how many nodes")
     up.add_argument("--etcd-port", type=int, default=2379,
                     help="etcd client port; a free one if taken (0 = always a free one)")
+    up.add_argument("--etcd-members", type=int, default=1,
+                    help="etcd cluster size; more than 1 starts that many members on free "
+                         "ports (try losing one: any 2 of 3 keep the mesh going)")
     up.add_argument("--lease-ttl", type=int, default=5,
                     help="node and coordinator lease TTL, seconds")
     up.add_argument("--coordinators", type=int, default=1, help="how many coordinators")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common.peer import generate_secret
 
@@ -159,48 +160,169 @@ class Child:
 
 @dataclass
 class Etcd:
-    """A single-member etcd for development and tests, data in a temp dir."""
+    """A single-member etcd for development and tests, data in a temp dir; or, with
+    ``initial_cluster``, one member of an `EtcdCluster`."""
 
     workdir: Path
     client_port: int = 0
     child: Child | None = None
+    name: str = "mesh-dev"
+    peer_port: int = 0
+    initial_cluster: str = ""
+    """``name=peer-url,...`` of every member (empty: this one alone)."""
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def start(self, timeout: float = 20.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process (its data dir is kept: a restarted member rejoins)."""
         self.client_port = self.client_port or free_port()
-        peer_port = free_port()
-        data = self.workdir / "etcd-data"
+        self.peer_port = self.peer_port or free_port()
+        suffix = "" if self.name == "mesh-dev" else f"-{self.name}"
+        data = self.workdir / f"etcd-data{suffix}"
         argv = [
-            tool("etcd"), "--name", "mesh-dev", "--data-dir", str(data),
+            tool("etcd"), "--name", self.name, "--data-dir", str(data),
             "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
             "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-cluster", f"mesh-dev=http://127.0.0.1:{peer_port}",
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             # Short raft timers: 1 s leases work, so failover takes seconds.
             "--heartbeat-interval", "50", "--election-timeout", "250",
             "--log-level", "warn",
         ]
-        self.child = Child("etcd", argv, self.workdir / "etcd.log")
+        self.child = Child(f"etcd{suffix}", argv, self.workdir / f"etcd{suffix}.log")
         self.child.start()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until the member says it is healthy (for a cluster member: it has a
+        raft leader, so a quorum of members must be up)."""
+        assert self.child is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.child.alive():
-                raise ProcessError(f"etcd exited early:\n{self.child.log_tail()}")
+                raise ProcessError(f"{self.child.name} exited early:\n{self.child.log_tail()}")
             with contextlib.suppress(OSError), socket.create_connection(
                 ("127.0.0.1", self.client_port), timeout=0.2
             ):
                 if _etcd_healthy(self.endpoint):
                     return
             time.sleep(0.05)
-        raise ProcessError(f"etcd not ready after {timeout}s:\n{self.child.log_tail()}")
+        raise ProcessError(
+            f"{self.child.name} not ready after {timeout}s:\n{self.child.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.child is not None and self.child.alive()
 
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine: no goodbye to clients or peers."""
+        if self.child is not None:
+            self.child.kill()
+
+
+@dataclass
+class EtcdCluster:
+    """``size`` etcd members on free loopback ports forming one raft cluster, for trying
+    (and testing) a member's loss: each member can be stopped, killed and restarted
+    on its own; with a quorum up, etcd goes on."""
+
+    workdir: Path
+    size: int = 3
+    members: list[Etcd] = field(default_factory=list)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def endpoint(self) -> str:
+        """Every member's endpoint, comma-separated (what ``--etcd`` takes)."""
+        return ",".join(self.endpoints)
+
+    @property
+    def child(self) -> Child | None:
+        """The first member's process (for code written for one `Etcd`)."""
+        return self.members[0].child if self.members else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.members = [Etcd(self.workdir, name=f"member{i + 1}", client_port=free_port(),
+                             peer_port=free_port()) for i in range(self.size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+        try:
+            # All at once: a member is healthy only once a quorum has met.
+            for member in self.members:
+                member.launch()
+            for member in self.members:
+                member.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def index_of(self, endpoint: str) -> int:
+        """Which member serves ``endpoint`` (host:port, as a client reports it)."""
+        return self.endpoints.index(endpoint.removeprefix("http://"))
+
+    def leader(self) -> int | None:
+        """Index of the member that is the raft leader now (None: no live member knows)."""
+        ids: dict[str, int] = {}
+        leader = ""
+        for i, member in enumerate(self.members):
+            if not member.alive():
+                continue
+            status = _etcd_status(member.endpoint)
+            if status is None:
+                continue
+            ids[str(status.get("header", {}).get("member_id", ""))] = i
+            leader = str(status.get("leader", "")) or leader
+        return ids.get(leader)
+
+    def move_leader(self, index: int, timeout: float = 5.0) -> None:
+        """Make member ``index`` the raft leader (etcd's MoveLeader, asked of the leader)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.leader()
+            if leader == index:
+                return
+            target = _etcd_status(self.members[index].endpoint)
+            if leader is not None and target is not None:
+                member_id = str(target.get("header", {}).get("member_id", ""))
+                _etcd_post(self.members[leader].endpoint, "/v3/maintenance/transfer-leadership",
+                           {"targetID": member_id})
+            time.sleep(0.05)
+        raise ProcessError(f"could not make {self.members[index].name} the etcd leader")
+
+    def restart(self, index: int, timeout: float = 20.0) -> None:
+        """Start a stopped or killed member again; it rejoins from its data dir."""
+        member = self.members[index]
+        member.launch()
+        member.wait_ready(timeout)
+
+    def stop(self) -> None:
+        """Stop the followers (together), then the leader: a leader stopping first, or
+        with its followers, tries to hand leadership over and waits seconds for it."""
+        leader = self.leader() if self.members else None
+        last = [self.members[leader]] if leader is not None else []
+        for group in ([m for m in self.members if m not in last], last):
+            for member in group:
+                if member.child is not None:
+                    member.child.terminate()
+            for member in group:
+                member.stop()
 
 
 @dataclass
@@ -251,6 +373,28 @@ def _etcd_healthy(endpoint: str) -> bool:
         return False
 
 
+def _etcd_status(endpoint: str) -> dict[str, Any] | None:
+    """The member's Maintenance.Status (its id, the leader's id); None if it does not
+    answer."""
+    return _etcd_post(endpoint, "/v3/maintenance/status", {})
+
+
+def _etcd_post(endpoint: str, path: str, body: dict[str, Any],
+               timeout: float = 1.0) -> dict[str, Any] | None:
+    """One call through etcd's JSON gateway (no gRPC client needed in a sync caller);
+    None if it fails."""
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{endpoint}{path}",
+                                     data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            reply = json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
 @dataclass
 class NodeProcess:
     """One ``python -m nodes`` child."""
@@ -289,8 +433,9 @@ class LocalMesh:
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mesh-")))
     cluster: str = "mesh"
-    etcd: Etcd | None = None
+    etcd: Etcd | EtcdCluster | None = None
     etcd_endpoint: str = ""
+    """Comma-separated etcd endpoints, given to every process as ``--etcd``."""
     nodes: list[NodeProcess] = field(default_factory=list)
     lease_ttl: int = 5
     _owns_workdir: bool = True
@@ -315,8 +460,11 @@ class LocalMesh:
         secret = self.secret_file
         return ["--cluster-secret-file", str(secret)] if secret is not None else []
 
-    def start_etcd(self, port: int = 0) -> str:
-        self.etcd = Etcd(self.workdir, client_port=port)
+    def start_etcd(self, port: int = 0, members: int = 1) -> str:
+        """Start etcd (with ``members`` > 1: an `EtcdCluster`, ``port`` unused);
+        returns its endpoints, comma-separated."""
+        self.etcd = EtcdCluster(self.workdir, members) if members > 1 else Etcd(
+            self.workdir, client_port=port)
         self.etcd.start()
         self.etcd_endpoint = self.etcd.endpoint
         return self.etcd_endpoint

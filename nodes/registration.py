@@ -5,6 +5,12 @@ clean shutdown, or ``ttl`` seconds after the node stops renewing it (crash,
 SIGKILL, network partition). If etcd forgets the lease (etcd restarted from an
 old snapshot, or this process was paused past the TTL) the node registers again
 with a fresh lease, so membership heals without a manual step.
+
+`Registration.valid_until` is what the node's serving decisions are judged by, on
+the local monotonic clock: it moves only when a renewal succeeds (to that
+renewal's start plus the TTL etcd gave), so a renewal that hangs on an
+unreachable etcd member never stretches it, and a renewal that says the lease
+is gone ends it at once.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Awaitable, Callable
 import aetcd
 import aetcd.exceptions
 
+from common.etcd import CALL_TIMEOUT, renew_lease
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +34,10 @@ class Registration:
     def __init__(
         self, etcd: aetcd.Client, key: bytes, value: bytes, ttl: int,
         before_valid: Callable[[], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._etcd = etcd
+        self._clock = clock
         # Awaited after each (re-)registration, before valid_until moves: after a
         # lost lease the node must learn what changed (the cluster map) before it
         # trusts its old role again.
@@ -81,7 +91,7 @@ class Registration:
         self.registered.clear()
 
     async def _register(self) -> None:
-        sent = time.monotonic()
+        sent = self._clock()
         lease = await self._etcd.lease(self._ttl)
         await self._etcd.put(self._key, self._value, lease=lease.id)
         self._lease_id = lease.id
@@ -94,22 +104,35 @@ class Registration:
     async def _keepalive(self) -> None:
         # Renew three times per TTL: one lost renewal still leaves a margin.
         interval = max(self._ttl / 3, 0.2)
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
-            sent = time.monotonic()
+            await asyncio.sleep(wait)
+            wait = interval
             try:
-                if self._lease_id is None:
-                    await self._register()
-                    continue
-                reply = await self._etcd.refresh_lease(self._lease_id)
-                if reply is None or reply.TTL <= 0:
-                    log.warning("lease %x is gone; registering again", self._lease_id)
-                    self.registered.clear()
-                    self._lease_id = None
-                    await self._register()
-                else:
-                    self.valid_until = sent + reply.TTL
+                await self.renew_once(min(interval, CALL_TIMEOUT))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("lease renewal failed (%s); retrying", exc)
+                # Soon: the etcd client has likely moved to another member already.
+                wait = min(interval, 0.1)
+
+    async def renew_once(self, timeout: float) -> None:
+        """One renewal (registering again if the lease is gone), the renewal bounded by
+        ``timeout`` seconds, so that a hung etcd member costs one try, not the lease.
+        (Registering is not cut short: it must not end between granting the lease and
+        ``before_valid``.)"""
+        if self._lease_id is None:
+            await self._register()
+            return
+        sent = self._clock()
+        reply = await renew_lease(self._etcd, self._lease_id, timeout)
+        if reply is None or reply.TTL <= 0:
+            log.warning("lease %x is gone; registering again", self._lease_id)
+            # etcd no longer holds it: whatever the clock says, nothing may rely on it.
+            self.valid_until = 0.0
+            self.registered.clear()
+            self._lease_id = None
+            await self._register()
+        else:
+            self.valid_until = max(self.valid_until, sent + reply.TTL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -172,6 +173,23 @@ async def test_expired_token_is_renewed(secure_etcd: SecureEtcd) -> None:
         assert (await client.get(f"/{CLUSTER}/probe".encode())).value == b"1"
         assert session.token not in ("", "forgotten.1")
         # Keys outside the role's prefix stay out of reach, with a clear error.
+        with pytest.raises(EtcdAccessError, match="denied user 'mesh'"):
+            await client.get(b"/elsewhere")
+    finally:
+        await client.close()
+
+
+async def test_tls_and_credentials_with_several_endpoints(secure_etcd: SecureEtcd) -> None:
+    """The first endpoint is down: the client moves to the next, with the same TLS
+    settings, and authenticates there (etcd's tokens are per member)."""
+    down = f"https://127.0.0.1:{free_port()}"
+    access = dataclasses.replace(secure_etcd.access, endpoints=(down, secure_etcd.endpoint))
+    client = client_for(access)
+    try:
+        assert await client.get(f"/{CLUSTER}/multi".encode()) is None  # a read is retried
+        assert client.endpoint == secure_etcd.endpoint
+        await client.put(f"/{CLUSTER}/multi".encode(), b"1")
+        assert (await client.get(f"/{CLUSTER}/multi".encode())).value == b"1"
         with pytest.raises(EtcdAccessError, match="denied user 'mesh'"):
             await client.get(b"/elsewhere")
     finally:

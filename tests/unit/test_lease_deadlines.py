@@ -1,0 +1,190 @@
+"""The coordinator's term and a node's lease end on the local clock, renewal or not.
+
+A renewal can hang (its etcd member died or is cut off): what the process
+believes about its lease must not wait for it. Fake etcd clients here answer,
+hang or say the lease is gone; clocks are injected where a test needs to move
+time by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.election import Election, Leadership
+from nodes.registration import Registration
+
+
+class FakeClock:
+    """A monotonic clock moved by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Reply:
+    TTL: int
+
+
+@dataclass
+class Lease:
+    id: int
+    ttl: int
+
+
+@dataclass
+class FakeEtcd:
+    """The calls Election and Registration make; ``mode`` says how renewals go."""
+
+    ttl: int
+    mode: str = "ok"
+    """ok: renewed; hang: never answers; gone: etcd no longer knows the lease."""
+    clock: FakeClock | None = None
+    renewal_takes: float = 0.0
+    """Moves ``clock`` by this much during each renewal (the time a reply takes)."""
+    renewals: int = 0
+    revoked: list[int] = field(default_factory=list)
+    granted: int = 0
+    puts: list[tuple[bytes, int]] = field(default_factory=list)
+
+    async def refresh_lease(self, lease_id: int) -> Any:
+        self.renewals += 1
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        if self.clock is not None:
+            self.clock.now += self.renewal_takes
+        return Reply(0 if self.mode == "gone" else self.ttl)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        self.revoked.append(lease_id)
+
+    async def lease(self, ttl: int) -> Lease:
+        self.granted += 1
+        return Lease(100 + self.granted, ttl)
+
+    async def put(self, key: bytes, value: bytes, lease: int) -> None:
+        self.puts.append((key, lease))
+
+
+async def _forever(_term: Leadership) -> None:
+    await asyncio.Event().wait()
+
+
+def _election(etcd: FakeEtcd, ttl: int, clock: Any = time.monotonic) -> Election:
+    return Election(etcd, "unit", "a", "a:1", ttl, _forever, clock=clock)
+
+
+async def test_is_leader_ends_at_the_deadline_without_waiting_for_any_task() -> None:
+    clock = FakeClock()
+    election = _election(FakeEtcd(ttl=3), ttl=3, clock=clock)
+    margin = election._margin
+    term = Leadership(1, 10, valid_until=clock.now + 3, margin=margin)
+    election.leadership = term
+    assert election.is_leader
+    clock.now += 3 - margin - 0.01
+    assert election.is_leader
+    clock.now += 0.02  # nothing ran in between: the property looks at the clock itself
+    assert not election.is_leader
+    assert not term.holds(clock.now)
+
+
+async def test_a_hanging_renewal_ends_the_term_at_its_deadline() -> None:
+    ttl = 1
+    etcd = FakeEtcd(ttl=ttl, mode="hang")
+    election = _election(etcd, ttl)
+    start = time.monotonic()
+    term = Leadership(7, 10, valid_until=start + ttl, margin=election._margin)
+    lead = asyncio.create_task(election._lead(term))
+    await asyncio.sleep(0.05)
+    assert election.is_leader
+    await asyncio.wait_for(lead, 2 * ttl)
+    ended = time.monotonic() - start
+    assert etcd.renewals >= 1  # a renewal was in flight (and hung) meanwhile
+    # At the deadline (TTL - margin after the grant), not a renewal timeout later:
+    # etcd may give the key to another coordinator from TTL on.
+    assert term.deadline - start - 0.01 <= ended < ttl, ended
+    assert term.lost.is_set() and not election.is_leader
+    assert etcd.revoked == [7]
+
+
+async def test_successful_renewals_move_the_deadline() -> None:
+    ttl = 1
+    etcd = FakeEtcd(ttl=ttl)
+    election = _election(etcd, ttl)
+    start = time.monotonic()
+    term = Leadership(8, 10, valid_until=start + ttl, margin=election._margin)
+    lead = asyncio.create_task(election._lead(term))
+    await asyncio.sleep(1.5 * ttl)
+    assert election.is_leader and etcd.renewals >= 2
+    assert term.valid_until > start + ttl
+    lead.cancel()
+    await asyncio.gather(lead, return_exceptions=True)
+
+
+async def test_a_lease_etcd_forgot_ends_the_term_at_once() -> None:
+    ttl = 3
+    etcd = FakeEtcd(ttl=ttl, mode="gone")
+    election = _election(etcd, ttl)
+    start = time.monotonic()
+    term = Leadership(9, 10, valid_until=start + ttl, margin=election._margin)
+    await asyncio.wait_for(election._lead(term), ttl)
+    # The first renewal (after a third of the TTL) says so: no waiting for the deadline.
+    assert time.monotonic() - start < ttl / 3 + 0.5
+    assert not election.is_leader
+
+
+async def test_node_lease_counts_from_the_renewal_request() -> None:
+    clock = FakeClock()
+    etcd = FakeEtcd(ttl=2, clock=clock, renewal_takes=0.4)
+    registration = Registration(etcd, b"/unit/nodes/n1", b"{}", 2, clock=clock)
+    await registration._register()
+    assert registration.valid_until == clock.now + 2
+    sent = clock.now = clock.now + 0.6
+    await registration.renew_once(0.5)
+    # The reply came 0.4 s later, but etcd may have renewed at once: count from the request.
+    assert registration.valid_until == sent + 2
+
+
+async def test_node_lease_does_not_move_while_a_renewal_hangs() -> None:
+    clock = FakeClock()
+    etcd = FakeEtcd(ttl=2, clock=clock)
+    registration = Registration(etcd, b"/unit/nodes/n1", b"{}", 2, clock=clock)
+    await registration._register()
+    before = registration.valid_until
+    etcd.mode = "hang"
+    started = time.monotonic()
+    try:
+        await registration.renew_once(0.2)
+    except TimeoutError:
+        pass
+    else:
+        raise AssertionError("a hanging renewal must time out")
+    assert time.monotonic() - started < 1.0  # bounded: the next try may reach another member
+    assert registration.valid_until == before
+
+
+async def test_node_lease_gone_is_invalid_at_once_then_registered_again() -> None:
+    clock = FakeClock()
+    etcd = FakeEtcd(ttl=2, clock=clock)
+    seen: list[float] = []
+
+    async def before_valid() -> None:
+        seen.append(registration.valid_until)  # the map is read before the lease counts
+
+    registration = Registration(etcd, b"/unit/nodes/n1", b"{}", 2,
+                                before_valid=before_valid, clock=clock)
+    await registration._register()
+    first = registration.lease_id
+    etcd.mode = "gone"
+    clock.now += 0.5
+    await registration.renew_once(0.5)
+    assert seen[-1] == 0.0  # while registering again nothing relied on the old lease
+    assert registration.lease_id != first and etcd.granted == 2
+    assert registration.valid_until == clock.now + 2
+    assert registration.registered.is_set()
