@@ -250,12 +250,16 @@ class CacheClient:
 
     def watch(
         self, keys: Sequence[str] = (), prefixes: Sequence[str] = (), *,
-        timeout: float | None = None,
+        timeout: float | None = None, heartbeat_interval: float | None = None,
     ) -> CacheWatch:
         """Follow changes: ``async with mesh.cache.watch(prefixes=["user:"]) as w:
         async for event in w: ...``. Entering returns once every node has confirmed
-        the watch, so no later change is missed; ``timeout`` bounds that."""
-        return CacheWatch(self._mesh, list(keys), list(prefixes), timeout)
+        the watch, so no later change is missed; ``timeout`` bounds that. A stream
+        that breaks (or whose node is silent for 3 heartbeat intervals;
+        ``heartbeat_interval`` asks for one instead of the nodes' setting) is opened
+        again, and iterating raises WatchGapError once it is: catch it, re-read what
+        matters, and iterate on."""
+        return CacheWatch(self._mesh, list(keys), list(prefixes), timeout, heartbeat_interval)
 
     async def stats(self, *, timeout: float | None = None) -> list[NodeStats]:
         """Per-node cache counters."""

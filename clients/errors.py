@@ -23,7 +23,7 @@
     ├── UnavailableError            no node took the call in time; see the class for retries
     │   └── NoNodesError            no node offers the service
     ├── DeadlineExceededError       the call's deadline passed
-    ├── WatchGapError               a watch stream lost .missed changes (the reader was too slow)
+    ├── WatchGapError               a watch may have missed .missed changes (None: unknown)
     ├── LockLostError               (client-side) a lease was lost, or presumed lost, while held
     ├── UnauthenticatedError        no valid bearer token (missing, malformed, expired, forged)
     ├── PermissionDeniedError       a valid token without the role the call needs (admin)
@@ -216,9 +216,11 @@ class DeadlineExceededError(MeshError):
 
 
 class WatchGapError(MeshError):
-    """A watch stream dropped ``missed`` changes because it was read too slowly."""
+    """Changes may have been missed: a watch stream dropped ``missed`` changes
+    because it was read too slowly, or (``missed`` None: unknown) a stream broke and
+    the watch was opened again. The watch goes on: re-read what matters, iterate on."""
 
-    def __init__(self, message: str, *, missed: int) -> None:
+    def __init__(self, message: str, *, missed: int | None) -> None:
         super().__init__(message)
         self.missed = missed
 

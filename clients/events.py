@@ -288,6 +288,7 @@ class EventsClient:
         after_version: int = 0, after_positions: Mapping[int, int] | None = None,
         start: Start = BEGINNING, include_markers: bool = False,
         checkpoint_interval: int = 0, timeout: float | None = None,
+        heartbeat_interval: float | None = None,
     ) -> Subscription:
         """Follow one ``stream``, a ``category`` (stream id prefix) or ``all`` streams:
         stored events first (catch-up), then new ones as they are committed.
@@ -300,7 +301,10 @@ class EventsClient:
         ``async with mesh.events.subscribe(category="order-") as sub:
         async for event in sub: ...``. Entering returns once every node confirmed
         (``timeout`` bounds that). Broken parts are resubscribed on their owners
-        from where they stopped, so nothing is missed or repeated.
+        from where they stopped, so nothing is missed or repeated; a part whose
+        node goes silent for 3 heartbeat intervals counts as broken
+        (``heartbeat_interval``: ask the nodes for this interval instead of their
+        own setting). An error that retrying cannot fix ends the iteration.
         """
         if [stream is not None, category is not None, all].count(True) != 1:
             raise InvalidArgumentError(
@@ -310,5 +314,6 @@ class EventsClient:
         return Subscription(self._mesh, target, after_version=after_version,
                             after_positions=dict(after_positions or {}), start=start,
                             include_markers=include_markers,
-                            checkpoint_interval=checkpoint_interval, timeout=timeout)
+                            checkpoint_interval=checkpoint_interval, timeout=timeout,
+                            heartbeat_interval=heartbeat_interval)
 

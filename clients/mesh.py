@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -47,6 +48,13 @@ forward a call for a slot it does not own, so that this client learns the owner.
 _ROUTED_BY_CLIENT: tuple[tuple[str, str], ...] = ((ROUTE_HEADER, "client"),)
 
 S = TypeVar("S")
+
+log = logging.getLogger(__name__)
+
+RETIRE_MAX_WAIT = 30.0
+"""Longest a departed node's channel is kept open for streams still on it (they
+move when the map does, or their watchdog ends them); then it is closed under
+them, and they resubscribe."""
 
 def _node_silent(error: MeshError) -> bool:
     """The node gave no answer of its own: the connection failed or the deadline passed."""
@@ -116,10 +124,17 @@ class Mesh:
             self.follower.on_change(self._map_changed)
         self._routers: dict[str, Router] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._held: dict[grpc.aio.Channel, int] = {}
+        """Long-lived streams open on each channel (see ``hold``)."""
+        self._released = asyncio.Event()
+        """Set whenever a stream lets go of a channel."""
+        self._topology_listeners: list[Callable[[], None]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._stubs: dict[tuple[object, str], object] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        self.closed = False
+        """Set by ``close()``: long-lived streams then end instead of resubscribing."""
         self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self)
         self.locks = LockClient(self)
@@ -165,6 +180,7 @@ class Mesh:
                 await self._etcd.close()
 
     async def close(self) -> None:
+        self.closed = True
         await self._stop_following()
         channels, self._channels = self._channels, {}
         self._stubs.clear()
@@ -252,6 +268,39 @@ class Mesh:
             self._channels[address] = channel
         return channel
 
+    def hold(self, address: str) -> Callable[[], None]:
+        """Note a long-lived stream opened on ``address``'s channel; call the result
+        once it ended. A departed node's channel is closed only when no stream holds
+        it (or after RETIRE_MAX_WAIT), so that streams move before it goes."""
+        channel = self.channel(address)
+        self._held[channel] = self._held.get(channel, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._held.get(channel, 0) - 1
+            if left > 0:
+                self._held[channel] = left
+            else:
+                self._held.pop(channel, None)
+                self._released.set()
+
+        return release
+
+    def on_topology_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (synchronously, on the loop) whenever the map or the
+        membership changes, so long-lived streams can move; returns the remover."""
+        self._topology_listeners.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._topology_listeners.remove(callback)
+
+        return remove
+
     def breaker(self, address: str) -> CircuitBreaker:
         """The circuit breaker of the node at ``address``."""
         breaker = self._breakers.get(address)
@@ -320,11 +369,20 @@ class Mesh:
 
     def _map_changed(self, table: RoutingTable) -> None:
         self._routers.clear()
+        self._topology_changed()
         self._retire_departed()
 
     def _nodes_changed(self) -> None:
         self._routers.clear()
+        self._topology_changed()
         self._retire_departed()
+
+    def _topology_changed(self) -> None:
+        for callback in list(self._topology_listeners):
+            try:
+                callback()
+            except Exception:  # one broken listener must not stop the others or the map
+                log.exception("a topology listener failed")
 
     def _live_addresses(self) -> set[str]:
         live = {n.address for n in self.directory.nodes.values()}
@@ -338,18 +396,37 @@ class Mesh:
         """Retire the channels of nodes that left both the map and membership."""
         live = self._live_addresses()
         for address in [a for a in self._channels if a not in live]:
-            channel = self._channels.pop(address)
-            for key in [k for k in self._stubs if k[1] == address]:
-                del self._stubs[key]
-            # Calls may still be on their way to it (a call object created just
-            # before a close is cancelled, even with a grace period): retire the
-            # channel only once every such call has passed its deadline.
-            task = asyncio.get_running_loop().create_task(self._retire(channel))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._retire_channel(address)
 
-    async def _retire(self, channel: grpc.aio.Channel) -> None:
+    def _retire_channel(self, address: str, delay: float | None = None,
+                        max_wait: float = RETIRE_MAX_WAIT) -> asyncio.Task[None] | None:
+        """Stop using ``address``'s channel and close it after ``delay`` (default: the
+        call timeout + 1 s) once no stream holds it, or ``max_wait`` later at most."""
+        channel = self._channels.pop(address, None)
+        if channel is None:
+            return None
+        for key in [k for k in self._stubs if k[1] == address]:
+            del self._stubs[key]
+        # Calls may still be on their way to it (a call object created just
+        # before a close is cancelled, even with a grace period): retire the
+        # channel only once every such call has passed its deadline.
+        wait = self.timeout + 1.0 if delay is None else delay
+        task = asyncio.get_running_loop().create_task(self._retire(channel, wait, max_wait))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
+
+    async def _retire(self, channel: grpc.aio.Channel, delay: float, max_wait: float) -> None:
         try:
-            await asyncio.sleep(self.timeout + 1.0)
+            await asyncio.sleep(delay)
+            # Streams still on it are about to move (the map changed) or to be ended
+            # by their watchdog; closing it under them would only break them sooner.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + max_wait
+            while self._held.get(channel, 0) > 0 and loop.time() < until:
+                self._released.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), until - loop.time())
         finally:
+            self._held.pop(channel, None)
             await channel.close(grace=1.0)

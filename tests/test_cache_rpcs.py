@@ -7,7 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from clients import (
     EventType,
@@ -16,6 +18,8 @@ from clients import (
     Mesh,
     VersionMismatchError,
 )
+from mesh.cache.v1 import cache_pb2 as pb
+from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 from meshctl.processes import LocalMesh
 
 Connect = Callable[..., Awaitable[Mesh]]
@@ -174,6 +178,35 @@ async def test_watch_keys_and_prefixes_in_order(mesh: Mesh) -> None:
     # Versions order the changes of one key (keys of different groups have
     # unrelated revisions).
     assert got[0].revision < got[3].revision
+
+
+async def test_watch_heartbeats_only_when_asked(
+        shared_node: LocalMesh, mesh: Mesh,
+        channel_at: Callable[[str], grpc.aio.Channel]) -> None:
+    """Without heartbeat_interval a Watch carries none (older clients would read one
+    as a change); with it, the created message gives the interval and an idle stream
+    carries heartbeats numbered with the stream's last change."""
+    stub = pb_grpc.CacheServiceStub(channel_at(shared_node.nodes[0].address))
+    plain = stub.Watch(pb.WatchRequest(keys=["hb:k"]), timeout=30)
+    created = await asyncio.wait_for(plain.read(), 5)
+    assert created.created and not created.HasField("heartbeat_interval")
+    asked = stub.Watch(pb.WatchRequest(keys=["hb:k"],
+                                       heartbeat_interval=duration_pb2.Duration(seconds=1)),
+                       timeout=30)
+    created = await asyncio.wait_for(asked.read(), 5)
+    assert created.created and created.heartbeat_interval.seconds == 1
+    beat = await asyncio.wait_for(asked.read(), 3)
+    assert beat.HasField("heartbeat") and beat.seq == 0 and not beat.HasField("event")
+    await mesh.cache.set("hb:k", b"v")
+    change = await asyncio.wait_for(asked.read(), 5)
+    assert change.seq == 1 and change.event.key == "hb:k"
+    beat = await asyncio.wait_for(asked.read(), 3)
+    assert beat.HasField("heartbeat") and beat.seq == 1
+    # The plain stream saw the change, and nothing else.
+    change = await asyncio.wait_for(plain.read(), 5)
+    assert change.seq == 1 and not change.HasField("heartbeat")
+    plain.cancel()
+    asked.cancel()
 
 
 async def test_watch_needs_a_key(mesh: Mesh) -> None:

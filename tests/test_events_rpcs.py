@@ -5,6 +5,7 @@ named fields, paging, subscriptions, retention, forwarding)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -214,6 +215,33 @@ async def test_stream_subscription_catches_up_then_goes_live(
 async def _append_each(stub: Stub, stream: str, ids: list[str]) -> None:
     for event_id in ids:
         await stub.Append(pb.AppendRequest(stream=stream, events=_events(event_id)))
+
+
+async def test_idle_subscriptions_carry_heartbeats(stub: Stub) -> None:
+    """The confirmation gives the heartbeat interval: the node's (5 s by default),
+    or the request's own, bounded to at least 1 s; an idle stream then carries a
+    Heartbeat every interval (through a forwarding node too)."""
+    s = "rpc-heartbeat"
+    call = stub.Subscribe(pb.SubscribeRequest(stream=s), timeout=30)
+    assert (await _next(call, "confirmation")).confirmation.heartbeat_interval.seconds == 5
+    call.cancel()
+    call = stub.Subscribe(pb.SubscribeRequest(
+        stream=s, heartbeat_interval=duration_pb2.Duration(nanos=10_000_000)), timeout=30)
+    interval = (await _next(call, "confirmation")).confirmation.heartbeat_interval
+    assert interval.ToNanoseconds() == 1_000_000_000
+    await _next(call, "caught_up")
+    started = time.monotonic()
+    beat = (await _next(call, "heartbeat")).heartbeat
+    assert 0.8 < time.monotonic() - started < 2.5 and beat.server_time.seconds > 0
+    await _next(call, "heartbeat")
+    call.cancel()
+
+    bad = stub.Subscribe(pb.SubscribeRequest(
+        stream=s, heartbeat_interval=duration_pb2.Duration(seconds=-1)), timeout=10)
+    error = await _error(bad.read())
+    _reason, metadata, _violations = error_details(error)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert metadata["field"] == "heartbeat_interval"
 
 
 async def test_subscription_from_the_end_sees_only_new_events(stub: Stub) -> None:

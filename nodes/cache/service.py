@@ -18,6 +18,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 from google.protobuf import timestamp_pb2
 
+from common import heartbeat as hb
 from common.errors import MeshStatusError, Reason, invalid_argument
 from common.slots import slot_for
 from common.tenancy import scoped
@@ -325,6 +326,10 @@ class CacheService(pb_grpc.CacheServiceServicer):
             v.check_key(key, f"keys[{i}]")
         for i, prefix in enumerate(request.prefixes):
             v.check_key(prefix, f"prefixes[{i}]")
+        # Heartbeats only when asked for: an older client would read one as a change.
+        heartbeat = hb.interval("heartbeat_interval", request.heartbeat_interval,
+                                self.limits.heartbeat_interval
+                                ) if request.HasField("heartbeat_interval") else 0.0
         # Keys are watched where they are written: on their group's primary. A
         # request for keys led elsewhere is redirected or forwarded as a whole
         # (to the first key's owner); prefixes span groups, so a prefix watch
@@ -342,7 +347,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
                 yield item
             return
         async for message in self.watches.stream(map(scoped, request.keys),
-                                                 map(scoped, request.prefixes)):
+                                                 map(scoped, request.prefixes), heartbeat):
             yield message
 
     async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:

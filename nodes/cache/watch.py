@@ -3,6 +3,8 @@
 Each watcher has a bounded buffer. Appends never wait for a slow watcher: when
 its buffer is full the change is dropped for that watcher only, but it still
 consumes a sequence number, so the subscriber sees exactly how many it missed.
+A stream that asked for heartbeats gets one whenever it has been idle for its
+interval, carrying the watcher's current number (so a drop shows at once).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import grpc
 from google.protobuf import timestamp_pb2
 
+from common import heartbeat as hb
 from common.errors import MeshStatusError, Reason
 from common.tenancy import unscoped
 from mesh.cache.v1 import cache_pb2 as pb
@@ -46,11 +49,13 @@ class Watcher:
         self.closed = True
         self._wakeup.set()
 
-    async def next_batch(self) -> list[tuple[int, Change]]:
-        """Wait for changes; an empty list means the watcher was closed."""
+    async def next_batch(self, heartbeat: float = 0.0) -> list[tuple[int, Change]] | None:
+        """Wait for changes; an empty list means the watcher was closed, None that
+        ``heartbeat`` seconds passed with nothing to send (0: wait as long as it takes)."""
         while not self._buffer and not self.closed:
             self._wakeup.clear()
-            await self._wakeup.wait()
+            if not await hb.idle(self._wakeup, heartbeat):
+                return None
         batch = list(self._buffer)
         self._buffer.clear()
         return batch
@@ -111,18 +116,26 @@ class WatchHub:
                                        for k in watcher.keys):
                 watcher.close()
 
-    async def stream(self, keys: Iterable[str], prefixes: Iterable[str]
+    async def stream(self, keys: Iterable[str], prefixes: Iterable[str], heartbeat: float = 0.0
                      ) -> AsyncIterator[pb.WatchResponse]:
-        """One Watch stream: the created message, then numbered changes until the
-        watcher is closed, then UNAVAILABLE (the client watches again)."""
+        """One Watch stream: the created message, then numbered changes (and a
+        heartbeat after every ``heartbeat`` idle seconds; 0: none) until the watcher
+        is closed, then UNAVAILABLE (the client watches again)."""
         if len(self) >= self.max_watchers:
             raise MeshStatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this node already serves {self.max_watchers} watches", Reason.WATCH_LIMIT)
         watcher = self.subscribe(keys, prefixes)
         try:
-            yield pb.WatchResponse(seq=0, created=True, revision=0)
-            while batch := await watcher.next_batch():
+            created = pb.WatchResponse(seq=0, created=True, revision=0)
+            if heartbeat > 0:
+                created.heartbeat_interval.CopyFrom(hb.as_duration(heartbeat))
+            yield created
+            while (batch := await watcher.next_batch(heartbeat)) != []:
+                if batch is None:
+                    yield pb.WatchResponse(seq=watcher.seq,
+                                           heartbeat=pb.WatchHeartbeat(server_time=hb.now()))
+                    continue
                 for seq, change in batch:
                     yield pb.WatchResponse(seq=seq, event=_event(change),
                                            revision=change.revision)

@@ -18,6 +18,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from common import heartbeat as hb
 from common import tenancy
 from common.errors import MeshStatusError, invalid_argument
 from common.slots import slot_for
@@ -63,6 +64,13 @@ _DEFAULT_CHECKPOINT_INTERVAL = 1000
 
 def _machine(group: Group) -> EventsMachine:
     return cast(EventsMachine, group.machines[EVENTS])
+
+
+def _confirmation(sub_id: str, heartbeat: float) -> pb.SubscribeResponse:
+    confirmation = pb.SubscriptionConfirmation(subscription_id=sub_id)
+    if heartbeat > 0:
+        confirmation.heartbeat_interval.CopyFrom(hb.as_duration(heartbeat))
+    return pb.SubscribeResponse(confirmation=confirmation)
 
 
 class EventsService(pb_grpc.EventsServiceServicer):
@@ -300,6 +308,10 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if request.start not in pb.SubscribeStart.values():
             raise invalid_argument("start", f"unknown start {request.start}")
         from_end = request.start == pb.SUBSCRIBE_START_END
+        heartbeat = hb.interval(
+            "heartbeat_interval",
+            request.heartbeat_interval if request.HasField("heartbeat_interval") else None,
+            self.limits.heartbeat_interval)
         if kind == "stream":
             stream = request.stream
             v.check_stream(stream)
@@ -311,7 +323,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
                     yield item
                 return
             messages = self._follow_stream(target, scoped(stream), request.after_version,
-                                           from_end)
+                                           from_end, heartbeat)
         else:
             prefix = tenancy.prefix()  # all: every stream of the caller's tenant
             if kind == "category":
@@ -320,20 +332,20 @@ class EventsService(pb_grpc.EventsServiceServicer):
             interval = request.checkpoint_interval or _DEFAULT_CHECKPOINT_INTERVAL
             targets = self._slot_targets(v.subscribe_slots(request.slots))
             cursors = self._cursors(targets, dict(request.after_positions), from_end)
-            messages = self._follow_slots(targets, cursors, prefix, interval)
+            messages = self._follow_slots(targets, cursors, prefix, interval, heartbeat)
         async for message in messages:
             yield message
 
     async def _follow_stream(self, group: Group, stream: str, after_version: int,
-                             from_end: bool) -> AsyncIterator[pb.SubscribeResponse]:
+                             from_end: bool, heartbeat: float
+                             ) -> AsyncIterator[pb.SubscribeResponse]:
         machine = _machine(group)
         sub = self.hub.open(frozenset({group.group_id}))
         cursor = start_version(machine, stream, after_version, from_end)
         try:
-            yield pb.SubscribeResponse(
-                confirmation=pb.SubscriptionConfirmation(subscription_id=sub.id))
+            yield _confirmation(sub.id, heartbeat)
             async for message in follow_stream(sub, machine, stream, cursor,
-                                               self.limits.subscriber_max_lag):
+                                               self.limits.subscriber_max_lag, heartbeat):
                 yield message
         except Ended as ended:
             raise self._ended(ended.group_id, slot_for(stream)) from None
@@ -341,14 +353,13 @@ class EventsService(pb_grpc.EventsServiceServicer):
             self.hub.close(sub)
 
     async def _follow_slots(self, targets: list[SlotTarget], cursors: dict[int, int],
-                            prefix: str, interval: int
+                            prefix: str, interval: int, heartbeat: float
                             ) -> AsyncIterator[pb.SubscribeResponse]:
         sub = self.hub.open(frozenset(t.group_id for t in targets))
         try:
-            yield pb.SubscribeResponse(
-                confirmation=pb.SubscriptionConfirmation(subscription_id=sub.id))
+            yield _confirmation(sub.id, heartbeat)
             async for message in follow_slots(sub, targets, cursors, prefix, interval,
-                                              self.limits.subscriber_max_lag):
+                                              self.limits.subscriber_max_lag, heartbeat):
                 yield message
         except Ended as ended:
             slot = next((min(t.slots) for t in targets if t.group_id == ended.group_id), 0)

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from common import heartbeat as hb
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import errors
 from nodes.events.machine import EventsMachine
@@ -33,6 +34,10 @@ BATCH = 512
 """Entries read per slot (or stream) per step, between checks of the subscription."""
 
 _FELL_BEHIND = pb.SubscribeResponse(fell_behind=pb.FellBehind())
+
+
+def _heartbeat() -> pb.SubscribeResponse:
+    return pb.SubscribeResponse(heartbeat=pb.Heartbeat(server_time=hb.now()))
 
 
 class Ended(Exception):
@@ -126,8 +131,10 @@ def start_version(machine: EventsMachine, stream_id: str, after_version: int,
 
 
 async def follow_stream(sub: Subscription, machine: EventsMachine, stream_id: str,
-                        cursor: int, max_lag: int) -> AsyncIterator[pb.SubscribeResponse]:
-    """One stream's events after version ``cursor``: catch-up, CaughtUp, live."""
+                        cursor: int, max_lag: int, heartbeat: float = 0.0
+                        ) -> AsyncIterator[pb.SubscribeResponse]:
+    """One stream's events after version ``cursor``: catch-up, CaughtUp, live (with a
+    Heartbeat after every ``heartbeat`` seconds of nothing to send; 0: none)."""
     group, store = machine.group, machine.store
     live = False
     while True:
@@ -154,7 +161,8 @@ async def follow_stream(sub: Subscription, machine: EventsMachine, stream_id: st
         if not live:
             yield pb.SubscribeResponse(caught_up=pb.CaughtUp(version=last))
             live = True
-        await sub.wake.wait()
+        while not await hb.idle(sub.wake, heartbeat):
+            yield _heartbeat()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +175,11 @@ class SlotTarget:
 
 
 async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
-                       cursors: dict[int, int], prefix: str, interval: int, max_lag: int
-                       ) -> AsyncIterator[pb.SubscribeResponse]:
+                       cursors: dict[int, int], prefix: str, interval: int, max_lag: int,
+                       heartbeat: float = 0.0) -> AsyncIterator[pb.SubscribeResponse]:
     """The events of the targets' slots after ``cursors`` (slot -> last position
-    done) whose stream id starts with ``prefix``, with checkpoints."""
+    done) whose stream id starts with ``prefix``, with checkpoints (and a Heartbeat
+    after every ``heartbeat`` seconds of nothing to send; 0: none)."""
     by_group = {t.group_id: t for t in targets}
     todo = set(by_group)
     advanced: dict[int, int] = {}
@@ -187,7 +196,8 @@ async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
                 advanced.clear()
                 scanned = 0
                 live = True
-            await sub.wake.wait()
+            while not await hb.idle(sub.wake, heartbeat):
+                yield _heartbeat()
             continue
         work, lag, todo = _collect([by_group[g] for g in todo], cursors)
         if live and lag > max_lag:
