@@ -31,6 +31,12 @@ def margin(ttl: float) -> float:
     return min(ttl * 0.1, MAX_MARGIN)
 
 
+def attempt_limit(ttl: float) -> float:
+    """Longest one background refresh may take before it is given up and tried again
+    (on a fresh route): a sixth of the ttl, so several tries fit in what is left."""
+    return max(ttl / 6, 0.2)
+
+
 def local_deadline(sent: float, ttl: float) -> float:
     """When a lease granted or refreshed by a request sent at ``sent`` (``time.monotonic``)
     must be presumed lost."""
@@ -202,7 +208,12 @@ async def keep_alive(lease: Lease) -> None:
         if not lease.held:
             return
         try:
-            await lease.refresh(timeout=max(lease.remaining, 0.001))
+            # Each try is short: one sent to a primary that just vanished (no
+            # answer, no reset) must not use up the lease's remaining time, or
+            # the lease is lost although the new primary, known a moment
+            # later, holds it (failovers keep leases).
+            await lease.refresh(timeout=max(min(lease.remaining, attempt_limit(lease.ttl)),
+                                            0.001))
         except (LockNotHeldError, LockLostError):
             return  # the refresh marked the lease lost
         except MeshError as exc:

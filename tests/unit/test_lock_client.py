@@ -27,7 +27,7 @@ from clients import (
     UnavailableError,
 )
 from clients.errors import from_rpc_error
-from clients.lease import keep_alive, local_deadline, margin
+from clients.lease import attempt_limit, keep_alive, local_deadline, margin
 from clients.lock import FOREVER
 from clients.mesh import Mesh
 from clients.retry import Verdict, classify
@@ -255,6 +255,36 @@ async def test_keep_alive_recovers_after_transient_errors() -> None:
     await asyncio.sleep(1.0)  # tries at 0, 0.3 and 0.6 s
     assert client.refreshes >= 3 and held.held
     assert held.remaining > 1.5  # renewed (else about 0.7 s would be left)
+    task.cancel()
+    await asyncio.wait([task])
+
+
+class VanishedPrimary(FakeLeases):
+    """The first refresh goes to a primary that vanished: no answer until the call's
+    deadline. Later ones reach the new primary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float] = []
+
+    async def refresh(self, lease: Lease, ttl: float | None = None, *,
+                      timeout: float | None = None) -> None:
+        assert timeout is not None
+        self.timeouts.append(timeout)
+        if len(self.timeouts) == 1:
+            await asyncio.sleep(timeout)
+            raise unavailable()
+        await super().refresh(lease, ttl, timeout=timeout)
+
+
+async def test_a_refresh_lost_in_a_partition_leaves_time_for_the_next() -> None:
+    client = VanishedPrimary()
+    held = lease(client, ttl=1.2, age=0.4)  # first refresh due at once
+    task = asyncio.create_task(keep_alive(held))
+    await asyncio.sleep(0.9)  # past 0.4 + the lost try, before the deadline (~1.08)
+    assert held.held and client.refreshes >= 1
+    assert client.timeouts[0] <= attempt_limit(1.2) + 1e-6  # not the whole remaining time
+    assert held.remaining > 0.3  # renewed by the second try
     task.cancel()
     await asyncio.wait([task])
 
