@@ -11,9 +11,9 @@ GEN    := generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
 
-.PHONY: setup generate run test bench lint clean
+.PHONY: setup generate run test test-fast bench lint clean redis-server netns-tools
 
-setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) redis-server
+setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) redis-server netns-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,11 +43,23 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: install Debian's redis-server package" >&2; exit 1; fi; }
 
+# iproute2's ip and nftables: the multi-host tests put each process in its own
+# network namespace and cut links with nftables rules (tests/hosts.py).
+netns-tools:
+	@command -v ip >/dev/null && command -v nft >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null; \
+	  else echo "ip and nft are missing: install Debian's iproute2 and nftables packages" >&2; exit 1; fi; }
+
 run: setup
 	$(BIN)/meshctl up --nodes 3
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# The fast lane: unit and in-process tests only (no etcd, node or browser processes).
+test-fast: setup
+	$(PY) -m pytest -q -m fast
 
 bench: setup
 	$(PY) -m bench

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from common.addresses import Endpoint
+
 __all__ = ["Metrics", "RpcMetrics", "Snapshot"]
 
 log = logging.getLogger(__name__)
@@ -96,12 +98,13 @@ class Metrics:
         self._server: object | None = None
         self.registry.register(_SnapshotCollector(self))
 
-    def serve(self, listen: str) -> str:
-        """Serve ``/metrics`` on ``host:port`` (port 0: a free one); returns the address."""
+    def serve(self, listen: str, advertise: str = "") -> str:
+        """Serve ``/metrics`` on ``host:port`` (port 0: a free one); returns the address
+        others scrape (``advertise``, see `common.addresses`)."""
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), host or "127.0.0.1", self.registry)
         self._server = server
-        self.address = f"{host or '127.0.0.1'}:{server.server_port}"
+        self.address = Endpoint(listen, advertise).address(server.server_port)
         if self._take is not None:
             self._task = asyncio.get_running_loop().create_task(self._refresh(),
                                                                 name="metrics-snapshot")

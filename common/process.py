@@ -27,12 +27,13 @@ def env(name: str, default: str) -> str:
 def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str, ...],
                      cluster: str, what: str) -> None:
     """--listen, --advertise, --etcd, --cluster, --tls-*, --tracing and
-    --metrics-listen, as every server process takes them."""
+    --metrics-listen/--metrics-advertise, as every server process takes them."""
     p.add_argument("--listen", default=env("LISTEN", listen),
                    help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
     p.add_argument("--advertise", default=env("ADVERTISE", ""),
-                   help=f"address others use to reach this {what}; default: the bound "
-                        "listen address (MESH_ADVERTISE)")
+                   help=f"HOST or HOST:PORT others use to reach this {what} (a name or an "
+                        "address; a bare host gets the bound port); default: the listen "
+                        "address, which must then not be 0.0.0.0 or :: (MESH_ADVERTISE)")
     p.add_argument("--etcd", default=env("ETCD_ENDPOINTS", ",".join(etcd)),
                    help="comma-separated etcd endpoints (MESH_ETCD_ENDPOINTS)")
     p.add_argument("--cluster", default=env("CLUSTER", cluster),
@@ -50,6 +51,10 @@ def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str
     p.add_argument("--metrics-listen", default=env("METRICS_LISTEN", "127.0.0.1:0"),
                    help="host:port for Prometheus /metrics; port 0 picks a free one, empty "
                         "turns it off (MESH_METRICS_LISTEN)")
+    p.add_argument("--metrics-advertise", default=env("METRICS_ADVERTISE", ""),
+                   help="HOST or HOST:PORT of /metrics as registered for scrapers; default: "
+                        "the --advertise host, else the --metrics-listen address "
+                        "(MESH_METRICS_ADVERTISE)")
 
 
 def add_etcd_flags(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from common.addresses import Endpoint, host_of
 from common.auth import JwtPolicy, add_auth_flags, jwt_policy
 from common.clustermap import DEFAULT_GROUP_COUNT
 from common.etcd import EtcdAccess
@@ -34,6 +35,8 @@ class CoordinatorConfig:
     settle: float = 0.5
     metrics_listen: str = "127.0.0.1:0"
     """Where /metrics is served (port 0: a free one); empty: not served."""
+    metrics_advertise: str = ""
+    """Host or host:port of /metrics registered for scrapers ("" = the listen host)."""
     tracing: str = "off"
     """Span export: off, console, otlp or file:DIR (common.tracing)."""
     tls: Tls | None = None
@@ -77,6 +80,13 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
     add_auth_flags(p)
     add_secret_flag(p)
     a = p.parse_args(argv)
+    # /metrics is on the host the admin port advertises, unless told otherwise.
+    metrics_advertise = a.metrics_advertise or (host_of(a.advertise) if a.advertise else "")
+    for endpoint, flags in ((Endpoint(a.listen, a.advertise), ("--listen", "--advertise")),
+                            (Endpoint(a.metrics_listen or "127.0.0.1:0", metrics_advertise),
+                             ("--metrics-listen", "--metrics-advertise"))):
+        if (problem := endpoint.problem(*flags)) is not None:
+            p.error(problem)
     if a.lease_ttl < 1:
         p.error("--lease-ttl must be at least 1 second")
     if a.replicas < 0:
@@ -96,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         groups=a.groups,
         min_nodes=max(a.min_nodes, 1),
         metrics_listen=a.metrics_listen,
+        metrics_advertise=metrics_advertise,
         tracing=a.tracing,
         tls=_tls(p, a),
         auth_tokens=a.auth_tokens,

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.addresses import Endpoint
 from common.auth import Authenticator
 from common.clustermap import MapFollower, leader_key
 from common.etcd import client_for
@@ -73,8 +74,7 @@ class Coordinator:
         self.tracing = Tracing(config.tracing, f"mesh-coordinator {config.coordinator_id}")
         self.server, self.port, self._health = create_server(
             config.listen, self.tracing.server_interceptors(), config.tls)
-        host = config.listen.rpartition(":")[0]
-        self.address = config.advertise or f"{host}:{self.port}"
+        self.address = Endpoint(config.listen, config.advertise).address(self.port)
         self.election = Election(self._etcd, config.cluster, config.coordinator_id,
                                  self.address, config.lease_ttl, self._lead)
         self.admin = AdminService(
@@ -93,7 +93,7 @@ class Coordinator:
         """Serve, read the map and the leader key (raising if etcd is unreachable), campaign."""
         await self.server.start()
         if self.config.metrics_listen:
-            self.metrics.serve(self.config.metrics_listen)
+            self.metrics.serve(self.config.metrics_listen, self.config.metrics_advertise)
         await self._follower.start()
         await self.election.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import socket
-import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.addresses import Endpoint, host_of
 from common.auth import JwtPolicy, add_auth_flags, jwt_policy
 from common.etcd import EtcdAccess
+from common.heartbeat import DEFAULT_INTERVAL as DEFAULT_HEARTBEAT
 from common.peer import PeerKey, add_secret_flag, peer_key_for
 from common.process import add_etcd_flags, add_server_flags, env, etcd_access
 from common.tls import Tls
+from nodes.identity import IdentityError, claim
 from nodes.ratelimit import RateLimits
 
 SERVICES = ("cache", "lock", "events", "scheduler")
+DEFAULT_DATA_DIR = "mesh-data"
+"""Relative to the working directory: a node started again where it was started
+before finds its id and its data."""
 DURABLE_SERVICES = frozenset({"events", "scheduler"})
 """Services whose state is kept on disk (in the data dir)."""
 
@@ -33,6 +36,9 @@ class CacheLimits:
     replication: str = "sync"
     """"sync": a write is answered once every in-sync replica holds it; "async":
     at once, replicas follow (faster, but a failover may lose recent writes)."""
+    heartbeat_interval: float = DEFAULT_HEARTBEAT
+    """Seconds a Watch stream that asked for heartbeats may stay idle before one is
+    sent (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class EventsLimits:
     scavenge_interval: float = 5.0
     """Seconds between the primary's passes that remove events hidden by
     retention or deletion."""
+    heartbeat_interval: float = DEFAULT_HEARTBEAT
+    """Seconds a Subscribe stream may stay idle before a Heartbeat is sent (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,8 @@ class NodeConfig:
     max_message_bytes: int = 32 << 20
     metrics_listen: str = "127.0.0.1:0"
     """Where /metrics is served (port 0: a free one); empty: not served."""
+    metrics_advertise: str = ""
+    """Host or host:port of /metrics registered for scrapers ("" = the listen host)."""
     tracing: str = "off"
     """Span export: off, console, otlp or file:DIR (common.tracing)."""
     tls: Tls | None = None
@@ -170,9 +180,10 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    help="stable node id; default: hostname + random suffix (MESH_NODE_ID)")
     p.add_argument("--services", default=env("SERVICES", ",".join(d.services)),
                    help=f"services to host, from {','.join(SERVICES)} (MESH_SERVICES)")
-    p.add_argument("--data-dir", default=env("DATA_DIR", ""),
-                   help="directory for durable state (MESH_DATA_DIR); default for a node "
-                        "hosting events or scheduler: $TMPDIR/mesh-data/CLUSTER/NODE_ID")
+    p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR),
+                   help="this node's directory: its id (generated once, kept here) and its "
+                        "durable state; one node per directory (MESH_DATA_DIR; default "
+                        f"./{DEFAULT_DATA_DIR})")
     p.add_argument("--lease-ttl", type=int, default=int(env("LEASE_TTL", str(d.lease_ttl))),
                    help="etcd registration lease, seconds (MESH_LEASE_TTL)")
     p.add_argument("--shutdown-grace", type=float,
@@ -242,6 +253,11 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    default=float(env("EVENTS_SCAVENGE_INTERVAL", str(ev.scavenge_interval))),
                    help="seconds between removals of events hidden by retention or "
                         "deletion (MESH_EVENTS_SCAVENGE_INTERVAL)")
+    p.add_argument("--stream-heartbeat-interval", type=float,
+                   default=float(env("STREAM_HEARTBEAT_INTERVAL", str(ev.heartbeat_interval))),
+                   help="seconds an event subscription or cache watch may stay idle before "
+                        "the node sends a heartbeat (clients take a silent stream for dead "
+                        "after 3); 0 = none (MESH_STREAM_HEARTBEAT_INTERVAL)")
     _scheduler_flags(p, d.scheduler)
     _rate_limit_flags(p)
     a = p.parse_args(argv)
@@ -260,30 +276,46 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             or a.events_scavenge_interval <= 0:
         p.error("events: --events-max-append-events and --events-subscriber-max-lag must "
                 "be at least 1, --events-scavenge-interval positive")
+    if a.stream_heartbeat_interval < 0:
+        p.error("--stream-heartbeat-interval must not be negative")
     scheduler = _scheduler_limits(p, a)
     rate_limits = _rate_limits(p, a)
-    data_dir = a.data_dir
-    node_id = a.node_id or _kept_node_id(data_dir)
-    if not data_dir and DURABLE_SERVICES.intersection(services):
-        data_dir = str(Path(tempfile.gettempdir()) / "mesh-data" / a.cluster / node_id)
+    peer_listen = a.peer_listen or f"{host_of(a.listen)}:0"
+    # The peer port and /metrics are on the host the client port advertises,
+    # unless told otherwise.
+    advertised_host = host_of(a.advertise) if a.advertise else ""
+    peer_advertise = a.peer_advertise or advertised_host
+    metrics_advertise = a.metrics_advertise or advertised_host
+    for endpoint, flags in ((Endpoint(a.listen, a.advertise), ("--listen", "--advertise")),
+                            (Endpoint(peer_listen, peer_advertise),
+                             ("--peer-listen", "--peer-advertise")),
+                            (Endpoint(a.metrics_listen or "127.0.0.1:0", metrics_advertise),
+                             ("--metrics-listen", "--metrics-advertise"))):
+        if (problem := endpoint.problem(*flags)) is not None:
+            p.error(problem)
+    try:
+        node_id = claim(Path(a.data_dir), a.node_id)
+    except IdentityError as exc:
+        p.error(str(exc))
     peer_key = peer_key_for(p, a.cluster_secret_file, a.cluster,
                             client_auth=bool(a.auth_tokens or a.auth_jwt_secret))
     return NodeConfig(
         listen=a.listen,
         advertise=a.advertise,
-        peer_listen=a.peer_listen or f"{a.listen.rpartition(':')[0]}:0",
-        peer_advertise=a.peer_advertise,
+        peer_listen=peer_listen,
+        peer_advertise=peer_advertise,
         peer_key=peer_key,
         etcd=etcd_access(p, a),
         cluster=a.cluster,
         node_id=node_id,
         services=services,
-        data_dir=data_dir,
+        data_dir=a.data_dir,
         lease_ttl=a.lease_ttl,
         shutdown_grace=a.shutdown_grace,
         drain_delay=a.drain_delay,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
         metrics_listen=a.metrics_listen,
+        metrics_advertise=metrics_advertise,
         tracing=a.tracing,
         tls=_tls(p, a),
         auth_tokens=a.auth_tokens,
@@ -295,6 +327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_value_bytes=a.cache_max_value_bytes,
             eviction_policy=a.cache_eviction,
             replication=a.cache_replication,
+            heartbeat_interval=a.stream_heartbeat_interval,
         ),
         lock=LockLimits(
             min_ttl=a.lock_min_ttl,
@@ -310,6 +343,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             max_subscriptions=a.events_max_subscriptions,
             subscriber_max_lag=a.events_subscriber_max_lag,
             scavenge_interval=a.events_scavenge_interval,
+            heartbeat_interval=a.stream_heartbeat_interval,
         ),
         scheduler=scheduler,
         rate_limits=rate_limits,
@@ -422,20 +456,6 @@ def _scheduler_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> Sche
                 "at least 1 (attempts at most 1000), the default timeout and sweep "
                 "interval positive, the retention not negative")
     return limits
-
-
-def _kept_node_id(data_dir: str) -> str:
-    """A generated node id, kept in the data dir so that a restart reuses it (a
-    node's durable copies are known to the coordinator under its id)."""
-    if not data_dir:
-        return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    path = Path(data_dir) / "node_id"
-    if path.exists():
-        return path.read_text().strip()
-    node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(node_id + "\n")
-    return node_id
 
 
 def _tls(p: argparse.ArgumentParser, a: argparse.Namespace) -> Tls | None:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
+from common.addresses import Endpoint
 from common.auth import Authenticator
 from common.clustermap import MapFollower
 from common.etcd import client_for
@@ -189,10 +190,9 @@ class Node:
         self.peer_port = bind(self.peer_server, config.peer_listen, config.tls)
         if self.peer_port == 0:
             raise RuntimeError(f"could not bind the peer port {config.peer_listen}")
-        host = config.listen.rpartition(":")[0]
-        self.address = config.advertise or f"{host}:{self.port}"
-        peer_host = (config.advertise or config.peer_listen).rpartition(":")[0]
-        self.peer_address = config.peer_advertise or f"{peer_host}:{self.peer_port}"
+        self.address = Endpoint(config.listen, config.advertise).address(self.port)
+        self.peer_address = Endpoint(config.peer_listen,
+                                     config.peer_advertise).address(self.peer_port)
         self.replication.address = self.peer_address
         if config.peer_key is None:
             log.warning("the internal plane is open: no --cluster-secret-file, so anyone "
@@ -204,7 +204,7 @@ class Node:
         await self.peer_server.start()
         await self.server.start()
         if self.config.metrics_listen:
-            self.metrics.serve(self.config.metrics_listen)
+            self.metrics.serve(self.config.metrics_listen, self.config.metrics_advertise)
         forwarder = Forwarder(self.replication, self.signer)
         if self.cache is not None:
             self.cache.start(self.replication, forwarder)
@@ -236,9 +236,22 @@ class Node:
         await self.map.start()
 
     async def _serving_when(self, map_loaded: asyncio.Event) -> None:
+        """SERVING once a map is in, and for as long as the etcd lease is certainly
+        held: cut off from etcd, the node cannot know the map, and says so."""
         await map_loaded.wait()
-        for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        serving: bool | None = None
+        while True:
+            now = self.replication.lease_valid()
+            if now != serving:
+                if serving is not None:
+                    log.warning("etcd lease %s: health %s", "renewed" if now else "not renewed",
+                                "SERVING" if now else "NOT_SERVING")
+                status = (health_pb2.HealthCheckResponse.SERVING if now
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                for name in ["", *self.service_names]:
+                    await self.health.set(name, status)
+                serving = now
+            await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         """Clean shutdown: NOT_SERVING, leave etcd at once, let in-flight calls finish."""

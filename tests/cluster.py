@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -102,7 +102,17 @@ class Writer:
         return [k for k, v in zip(keys, values, strict=True) if v != self.acked[k]]
 
 
-def peer_signer(local: LocalMesh, kind: str = COORDINATOR, peer_id: str = "tests"
+class Secured(Protocol):
+    """A running mesh whose cluster secret the tests know (LocalMesh, HostedMesh)."""
+
+    @property
+    def secret_file(self) -> Path | None: ...
+
+    @property
+    def cluster(self) -> str: ...
+
+
+def peer_signer(local: Secured, kind: str = COORDINATOR, peer_id: str = "tests"
                 ) -> PeerSigner:
     """A peer credential for ``local``'s cluster (a coordinator's, by default: it
     may ask positions, not replicate)."""
@@ -111,7 +121,7 @@ def peer_signer(local: LocalMesh, kind: str = COORDINATOR, peer_id: str = "tests
                       kind, peer_id)
 
 
-async def positions(table: RoutingTable, group_id: int, local: LocalMesh
+async def positions(table: RoutingTable, group_id: int, local: Secured
                     ) -> dict[str, tuple[int, int]]:
     """Each member's applied (epoch, seq) for a group, asked on their peer ports."""
     group = table.groups[group_id]
@@ -127,7 +137,7 @@ async def positions(table: RoutingTable, group_id: int, local: LocalMesh
     return result
 
 
-async def wait_converged(table: RoutingTable, local: LocalMesh, timeout: float = 10.0
+async def wait_converged(table: RoutingTable, local: Secured, timeout: float = 10.0
                          ) -> None:
     """Every member of every group reaches the same applied position (no divergence,
     no lag) once writes have stopped."""

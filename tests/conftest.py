@@ -31,6 +31,17 @@ from tests.cluster import wait_serving
 _clusters = itertools.count(1)
 
 
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the fast lane: tests/unit (pure logic and in-process servers), which
+    `make test-fast` runs in well under a minute."""
+    for item in items:
+        if item.path.is_relative_to(UNIT):
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

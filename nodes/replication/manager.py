@@ -120,11 +120,16 @@ class Replication:
             raise unavailable(Reason.GROUP_UNAVAILABLE,
                               f"group {view.group_id} is changing primary; retry",
                               slot=str(slot), group_id=str(view.group_id))
-        if time.monotonic() >= self._lease_valid_until() - self._lease_margin:
+        if not self.lease_valid():
             raise unavailable(Reason.OWNERSHIP_EXPIRED,
                               "this node could not renew its etcd lease, so it no longer "
                               "takes requests for the slots it leads")
         return group
+
+    def lease_valid(self) -> bool:
+        """Whether etcd certainly still holds this node's lease (with a margin): a
+        node that cannot tell no longer knows the map, so it serves no slot."""
+        return time.monotonic() < self._lease_valid_until() - self._lease_margin
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The one channel this node uses to reach ``address``."""

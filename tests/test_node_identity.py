@@ -1,0 +1,71 @@
+"""A node started again with its data dir is the same node; addresses others can use.
+
+Real node processes on the session etcd, started without ``--node-id``: the id
+is generated once and kept in the data dir.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshctl.processes import Child, Etcd, ProcessError
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.stop()
+
+
+def _node(children: list[Child], etcd: Etcd, workdir: Path, name: str, *flags: str) -> Child:
+    """``python -m nodes`` with only the flags given (no --node-id), from ``workdir``."""
+    argv = [sys.executable, "-m", "nodes", "--etcd", etcd.endpoint, "--cluster", "identity",
+            "--services", "cache", "--drain-delay", "0", *flags]
+    child = Child(name, argv, workdir / f"{name}.log")
+    children.append(child)
+    child.start()
+    return child
+
+
+def _ready(child: Child) -> dict[str, str]:
+    ready: dict[str, str] = json.loads(
+        child.wait_for_line("READY ", 30).removeprefix("READY "))
+    return ready
+
+
+def test_a_restarted_node_keeps_its_id_and_no_two_share_a_data_dir(
+        children: list[Child], etcd: Etcd, tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    first = _node(children, etcd, tmp_path, "first", "--data-dir", data)
+    node_id = _ready(first)["node_id"]
+    # A second node on the same data dir would be a second copy of the first.
+    twin = _node(children, etcd, tmp_path, "twin", "--data-dir", data)
+    with pytest.raises(ProcessError, match="in use by another running node"):
+        twin.wait_for_line("READY ", 30)
+    assert first.stop() == 0
+    again = _node(children, etcd, tmp_path, "again", "--data-dir", data)
+    assert _ready(again)["node_id"] == node_id
+
+
+def test_every_interface_needs_an_advertised_address(
+        children: list[Child], etcd: Etcd, tmp_path: Path) -> None:
+    bare = _node(children, etcd, tmp_path, "bare", "--listen", "0.0.0.0:0",
+                 "--data-dir", str(tmp_path / "bare"))
+    with pytest.raises(ProcessError, match="--advertise"):
+        bare.wait_for_line("READY ", 30)
+    assert "Traceback" not in bare.log_tail()
+    advertised = _node(children, etcd, tmp_path, "advertised", "--listen", "0.0.0.0:0",
+                       "--peer-listen", "0.0.0.0:0", "--metrics-listen", "0.0.0.0:0",
+                       "--advertise", "127.0.0.1", "--data-dir", str(tmp_path / "adv"))
+    ready = _ready(advertised)
+    for name in ("address", "peer_address", "metrics"):
+        host, _, port = ready[name].rpartition(":")
+        assert host == "127.0.0.1" and int(port) > 0, ready
+    assert len({ready["address"], ready["peer_address"], ready["metrics"]}) == 3
