@@ -54,8 +54,10 @@ netns-tools:
 run: setup
 	$(BIN)/meshctl up --nodes 3
 
+# Two workers, whole files each (module fixtures stay in one process): most
+# tests wait on leases and failovers, so the two cores overlap those waits.
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The fast lane: unit and in-process tests only (no etcd, node or browser processes).
 test-fast: setup

@@ -65,13 +65,17 @@ async def wait_serving(addresses: Iterable[str], timeout: float = 10.0,
 
 @dataclass
 class Writer:
-    """Concurrent Set loops on fresh keys; remembers every acknowledged write."""
+    """Concurrent Set loops on fresh keys; remembers every acknowledged write, every
+    error, and the longest a loop went from a failed call to its next success."""
 
     mesh: Mesh
     tasks: int = 4
     prefix: str = "w"
+    pause: float = 0.0
+    """Seconds between a loop's calls (a steady load rather than all it can do)."""
     acked: dict[str, bytes] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
+    longest_outage: float = 0.0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _running: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -79,6 +83,7 @@ class Writer:
         self._running = [asyncio.create_task(self._loop(i)) for i in range(self.tasks)]
 
     async def _loop(self, worker: int) -> None:
+        failing_since: float | None = None
         for n in itertools.count():
             if self._stop.is_set():
                 return
@@ -87,9 +92,16 @@ class Writer:
                 await self.mesh.cache.set(key, value)
             except MeshError as exc:
                 self.errors.append(exc)
+                failing_since = failing_since or time.monotonic()
                 await asyncio.sleep(0.05)
                 continue
             self.acked[key] = value
+            if failing_since is not None:
+                self.longest_outage = max(self.longest_outage,
+                                          time.monotonic() - failing_since)
+                failing_since = None
+            if self.pause:
+                await asyncio.sleep(self.pause)
 
     async def stop(self) -> None:
         self._stop.set()

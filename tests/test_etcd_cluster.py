@@ -9,24 +9,22 @@ calls at most a reconnect's worth of retries.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from clients import Mesh
-from clients.errors import MeshError
 from common.clustermap import leader_key, read_map
 from common.etcd import EtcdClient, PrefixFollower, client_for, renew_lease
 from common.membership import node_key
 from meshctl.processes import EtcdCluster, LocalMesh
+from tests.cluster import Writer
 from tests.conftest import start_cluster
 from tests.test_meshctl import _wait_gone
 
@@ -150,54 +148,6 @@ async def test_a_member_that_answers_nothing_is_left(
         await follower.close()
 
 
-@dataclass
-class TimedWriter:
-    """Set loops on fresh keys, recording every acknowledged write and when each
-    call failed, and for how long a loop went without a success."""
-
-    mesh: Mesh
-    tasks: int = 4
-    acked: dict[str, bytes] = field(default_factory=dict)
-    errors: list[tuple[float, str]] = field(default_factory=list)
-    longest_outage: float = 0.0
-    """Longest time from a failed call to the next success of the same loop."""
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _running: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def start(self) -> None:
-        self._running = [asyncio.create_task(self._loop(i)) for i in range(self.tasks)]
-
-    async def _loop(self, worker: int) -> None:
-        failing_since: float | None = None
-        for n in itertools.count():
-            if self._stop.is_set():
-                return
-            key, value = f"w{worker}-{n}", f"v{worker}-{n}".encode()
-            try:
-                await self.mesh.cache.set(key, value)
-            except MeshError as exc:
-                now = time.monotonic()
-                self.errors.append((now, repr(exc)))
-                failing_since = failing_since or now
-                await asyncio.sleep(0.05)
-                continue
-            self.acked[key] = value
-            if failing_since is not None:
-                self.longest_outage = max(self.longest_outage,
-                                          time.monotonic() - failing_since)
-                failing_since = None
-            await asyncio.sleep(0.01)  # a steady load, not a CPU hog
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._running)
-
-    async def lost(self) -> list[str]:
-        keys = sorted(self.acked)
-        values = await self.mesh.cache.mget(keys) if keys else []
-        return [k for k, v in zip(keys, values, strict=True) if v != self.acked[k]]
-
-
 async def _held_keys(etcd: EtcdClient, keys: list[bytes]) -> dict[bytes, tuple[int, int]]:
     """Each key's (create revision, lease): both stay the same while its lease lives."""
     held = {}
@@ -266,7 +216,7 @@ async def _survive_member_losses(local: LocalMesh, cluster: EtcdCluster, etcd: E
     def members_in_use() -> list[int]:
         return [_current_member(p.log_tail(10_000), cluster) for p in processes]
 
-    writer = TimedWriter(mesh)
+    writer = Writer(mesh, pause=0.01)  # a steady load, not a CPU hog
     writer.start()
     poller = asyncio.create_task(poll_registrations())
     losses: list[str] = []
