@@ -1,5 +1,6 @@
 """Replicated Set throughput: four 3-node clusters (R=0, R=1 sync, R=1 async, and R=1
-sync with the internal plane open, to price peer authentication), one run.
+sync with the internal plane open, to price peer authentication), one run; and
+Get on the R=1 sync cluster, default against linearizable reads.
 
 All three clusters run side by side on one etcd and their workloads are
 interleaved in rounds, like the single-node rows, so drift on the machine hits
@@ -41,14 +42,37 @@ def _set_op(mesh: Mesh, variant: str, in_flight: int) -> Op:
     return lambda: mesh.cache.set(next(keys), VALUE)
 
 
+GET_KEYS = [f"get:{i}" for i in range(100)]
+"""Read by the Get rows (written once before timing)."""
+
+
+def get_workload_name(linearizable: bool, in_flight: int) -> str:
+    mode = "linearizable" if linearizable else "default"
+    return f"cluster.get.r1sync.{mode}.{'seq' if in_flight == 1 else f'c{in_flight}'}"
+
+
+def _get_op(mesh: Mesh, linearizable: bool) -> Op:
+    keys = itertools.cycle(GET_KEYS)
+    return lambda: mesh.cache.get(next(keys), linearizable=linearizable)
+
+
 def workloads(meshes: dict[str, Mesh]) -> list[Workload]:
-    """Every variant at every concurrency; the baseline first in each group."""
-    return [
+    """Every variant at every concurrency; the baseline first in each group. Then
+    Get on the R=1 sync cluster, default reads and linearizable ones."""
+    sets = [
         Workload(workload_name(variant, n),
                  f"mesh.cache.set, 3 nodes {TITLES[variant]}, {n} in flight, new keys",
                  _set_op(mesh, variant, n), n)
         for n in CONCURRENCY for variant, mesh in meshes.items()
     ]
+    gets = [
+        Workload(get_workload_name(linearizable, n),
+                 f"mesh.cache.get{' (linearizable)' if linearizable else ''}, 3 nodes "
+                 f"{TITLES['r1sync']}, {n} in flight", _get_op(meshes["r1sync"], linearizable),
+                 n)
+        for n in CONCURRENCY for linearizable in (False, True)
+    ]
+    return sets + gets
 
 
 @contextlib.asynccontextmanager
@@ -60,6 +84,7 @@ async def _connected(etcd: str) -> AsyncIterator[dict[str, Mesh]]:
             await mesh.cache.set(f"set:{variant}:check", VALUE)
             if await mesh.cache.get(f"set:{variant}:check") != VALUE:
                 raise RuntimeError(f"data check failed on the {variant} cluster")
+        await meshes["r1sync"].cache.mset(dict.fromkeys(GET_KEYS, VALUE))
         yield meshes
 
 

@@ -56,6 +56,14 @@ COMPARISONS = [
                "Set on 3 nodes, R=1 sync, peer-authenticated internal plane, 64 in flight",
                "calls/s", "cluster.set.r1sync.c64", "cluster.set.r1open.c64",
                "the same, internal plane open"),
+    Comparison("get.linearizable.seq",
+               "cache GET on 3 nodes, R=1 sync, linearizable, sequential", "calls/s",
+               "cluster.get.r1sync.linearizable.seq", "cluster.get.r1sync.default.seq",
+               "the same, default reads"),
+    Comparison("get.linearizable.c64",
+               "cache GET on 3 nodes, R=1 sync, linearizable, 64 in flight", "calls/s",
+               "cluster.get.r1sync.linearizable.c64", "cluster.get.r1sync.default.c64",
+               "the same, default reads"),
 ]
 LOCK_COMPARISONS = [
     Comparison("lock.r1.seq", "Lock acquire+release on 3 nodes, R=1, sequential",

@@ -116,14 +116,18 @@ class CacheClient:
 
     # -- single keys -------------------------------------------------------
 
-    async def get(self, key: str, *, timeout: float | None = None) -> bytes | None:
-        """The value of ``key``, or None if it is missing or expired."""
-        r = await self._call(key, "Get", pb.GetRequest(key=key), timeout, True)
+    async def get(self, key: str, *, linearizable: bool = False,
+                  timeout: float | None = None) -> bytes | None:
+        """The value of ``key``, or None if it is missing or expired. ``linearizable``:
+        never stale and never a write not yet committed, for about the cost of a
+        replicated write (see ReadConsistency in cache.proto)."""
+        r = await self._call(key, "Get", _get(key, linearizable), timeout, True)
         return r.value if r.found else None
 
-    async def get_entry(self, key: str, *, timeout: float | None = None) -> CacheEntry | None:
+    async def get_entry(self, key: str, *, linearizable: bool = False,
+                        timeout: float | None = None) -> CacheEntry | None:
         """The value with its version and expiry, or None."""
-        r = await self._call(key, "Get", pb.GetRequest(key=key), timeout, True)
+        r = await self._call(key, "Get", _get(key, linearizable), timeout, True)
         return _entry(r)
 
     async def set(
@@ -275,3 +279,8 @@ class CacheClient:
 
         nodes = self._mesh.nodes("cache")
         return list(await asyncio.gather(*(one(n.node_id, n.address) for n in nodes)))
+
+
+def _get(key: str, linearizable: bool) -> pb.GetRequest:
+    return pb.GetRequest(key=key, consistency=pb.READ_CONSISTENCY_LINEARIZABLE if linearizable
+                         else pb.READ_CONSISTENCY_UNSPECIFIED)

@@ -80,11 +80,14 @@ class SyncCache:
         self._cache = mesh.cache
         self._loop = loop
 
-    def get(self, key: str, *, timeout: float | None = None) -> bytes | None:
-        return self._loop.run(self._cache.get(key, timeout=timeout))
+    def get(self, key: str, *, linearizable: bool = False,
+            timeout: float | None = None) -> bytes | None:
+        return self._loop.run(self._cache.get(key, linearizable=linearizable, timeout=timeout))
 
-    def get_entry(self, key: str, *, timeout: float | None = None) -> CacheEntry | None:
-        return self._loop.run(self._cache.get_entry(key, timeout=timeout))
+    def get_entry(self, key: str, *, linearizable: bool = False,
+                  timeout: float | None = None) -> CacheEntry | None:
+        return self._loop.run(self._cache.get_entry(key, linearizable=linearizable,
+                                                     timeout=timeout))
 
     def set(
         self, key: str, value: Value, *, ttl: TTL = None, only_if_absent: bool = False,

@@ -29,6 +29,8 @@ WORKLOADS = {
     "cluster.set.r0.seq", "cluster.set.r1sync.seq", "cluster.set.r1async.seq",
     "cluster.set.r0.c64", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",
     "cluster.set.r1open.seq", "cluster.set.r1open.c64",
+    "cluster.get.r1sync.default.seq", "cluster.get.r1sync.linearizable.seq",
+    "cluster.get.r1sync.default.c64", "cluster.get.r1sync.linearizable.c64",
     "cluster.stack.bare.get.seq", "cluster.stack.full.get.seq",
     "cluster.stack.bare.get.c64", "cluster.stack.full.get.c64",
     "etcd.lock.seq", "cluster.lock.r1.seq", "cluster.lock.r0.seq",
@@ -57,6 +59,7 @@ COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
     "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
     "set.r1sync.peerauth.seq", "set.r1sync.peerauth.c64",
+    "get.linearizable.seq", "get.linearizable.c64",
     *STACK_UNITS, *LOCK_COMPARISONS, *EVENT_UNITS, *SCHEDULER_UNITS,
 }
 QUICK_REBALANCE_KEYS = 2000

@@ -227,3 +227,17 @@ async def test_stats(mesh: Mesh) -> None:
     assert after.revision >= before.revision
     assert after.eviction_policy == "lru"
     assert after.entries >= 1 and after.bytes > 0
+
+
+async def test_linearizable_reads(mesh: Mesh, shared_node: LocalMesh,
+                                  channel_at: Callable[[str], grpc.aio.Channel]) -> None:
+    assert await mesh.cache.get("lin:k", linearizable=True) is None
+    version = await mesh.cache.set("lin:k", b"one")
+    assert await mesh.cache.get("lin:k", linearizable=True) == b"one"
+    entry = await mesh.cache.get_entry("lin:k", linearizable=True)
+    assert entry is not None and entry.version == version
+    stub = pb_grpc.CacheServiceStub(channel_at(shared_node.nodes[0].address))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Get(pb.GetRequest(key="lin:k", consistency=7), timeout=5)  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "consistency" in (info.value.details() or "")

@@ -118,7 +118,7 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     writer = Writer(client, prefix="etcdcut")
     writer.start()
     direct: dict[str, bytes] = {}  # acknowledged by n2 itself, asked directly
-    last_ok = last_read = 0.0
+    last_ok = last_read = last_linearizable = 0.0
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -143,6 +143,13 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
                 last_read = time.monotonic() - cut
             except grpc.aio.AioRpcError:
                 pass
+            try:
+                await stub.Get(cache_pb2.GetRequest(
+                    key=key, consistency=cache_pb2.READ_CONSISTENCY_LINEARIZABLE),
+                    timeout=0.5, metadata=routed)
+                last_linearizable = time.monotonic() - cut
+            except grpc.aio.AioRpcError:
+                pass
             if moved_at is None:
                 current = await read_map(hosted.etcd, hosted.cluster)
                 group = current.group_of_slot(slot_for(key)) if current else None
@@ -153,11 +160,13 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
             await asyncio.sleep(0.05)
         status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status
     assert moved_at is not None, "the map never moved the cut node's slots"
-    print(f"\nnode cut from etcd: its last acknowledged write {last_ok:.2f} s and its last "
-          f"read {last_read:.2f} s after the cut; its slots moved after {moved_at:.2f} s; "
+    print(f"\nnode cut from etcd: its last acknowledged write {last_ok:.2f} s, its last "
+          f"read {last_read:.2f} s and its last linearizable read {last_linearizable:.2f} s "
+          f"after the cut; its slots moved after {moved_at:.2f} s; "
           f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
     assert last_ok < moved_at, "two primaries acknowledged writes at once"
     assert last_read < moved_at, "a deposed primary answered a read (stale)"
+    assert last_linearizable < moved_at, "a deposed primary answered a linearizable read"
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     await _after_heal(hosted, client, writer)
     if key in direct:  # the last value n2 acknowledged, or a later one, survives

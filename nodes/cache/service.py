@@ -212,7 +212,15 @@ class CacheService(pb_grpc.CacheServiceServicer):
         target = self._route(key, context)
         if isinstance(target, Redirect):
             return cast(pb.GetResponse, await self._forward(target, "Get", request, context))
+        if request.consistency not in (pb.READ_CONSISTENCY_UNSPECIFIED,
+                                       pb.READ_CONSISTENCY_LINEARIZABLE):
+            raise invalid_argument("consistency", "unknown read consistency")
+        linearizable = request.consistency == pb.READ_CONSISTENCY_LINEARIZABLE
+        if linearizable:
+            await target.barrier(slot_for(key))
         entry = _store(target).get(scoped(key))
+        if linearizable:  # what was read may be applied here but not yet committed
+            await target.wait_committed(target.log.last_seq)
         return pb.GetResponse() if entry is None else _found(entry)
 
     async def Set(self, request: pb.SetRequest, context: Ctx) -> pb.SetResponse:

@@ -135,6 +135,14 @@ class Group:
         self.advance_commit()
         return command.seq
 
+    async def barrier(self, slot: int) -> None:
+        """Return once a no-op command issued now is committed (a linearizable
+        read's first step): every in-sync replica took a command of this epoch
+        after the call began, so this node still led the group then (a deposed
+        primary's commands are refused), and a read made after it sees every write
+        committed before the call. A command of no service changes no state."""
+        await self.wait_committed(self.append(slot, rpb.SERVICE_KIND_UNSPECIFIED, b""))
+
     async def wait_committed(self, seq: int) -> None:
         """Return once command ``seq`` is held by every required replica."""
         if seq <= self.commit_seq:

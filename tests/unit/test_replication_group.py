@@ -185,3 +185,32 @@ async def test_a_recreated_group_drops_the_copy_from_its_earlier_history() -> No
     assert new is not old and new.is_primary and new.applied == (0, 0)
     assert lost == [{1}]
     await replication.close()
+
+
+async def test_a_read_barrier_commits_through_the_replicas_or_fails_if_deposed() -> None:
+    primary = group("a")
+    primary.become_primary(1)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    barrier = asyncio.ensure_future(primary.barrier(0))
+    await asyncio.sleep(0)
+    assert not barrier.done()  # a linearizable read waits for the replica
+    tracker.on_ack(rpb.Ack(group_id=1, epoch=1, applied_epoch=1,
+                           applied_seq=primary.log.last_seq, status=rpb.ACK_STATUS_OK))
+    await asyncio.wait_for(barrier, 1)
+    assert applied(primary) == []  # the no-op changed no state
+
+    # A replica that knows a newer epoch refuses the barrier: no stale read.
+    deposed = asyncio.ensure_future(primary.barrier(0))
+    await asyncio.sleep(0)
+    tracker.on_ack(rpb.Ack(group_id=1, status=rpb.ACK_STATUS_STALE_EPOCH, seen_epoch=2))
+    with pytest.raises(MeshStatusError) as info:
+        await deposed
+    assert info.value.reason == "NOT_COMMITTED"
+
+    # On a replica the no-op is logged and changes nothing either.
+    replica = group("b")
+    noop = rpb.CommandBatch(group_id=1, epoch=1, commands=[
+        rpb.Command(seq=1, epoch=1, service=rpb.SERVICE_KIND_UNSPECIFIED)])
+    assert replica.apply_batch(noop).status == rpb.ACK_STATUS_OK
+    assert replica.applied == (1, 1) and applied(replica) == []
