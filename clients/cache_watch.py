@@ -356,8 +356,7 @@ class CacheWatch:
             why = "the map moved its keys, or the node left"
         elif stream.watchdog is not None and stream.watchdog.stalled:
             self.stalls += 1
-            why = (f"nothing heard for {stream.watchdog.silence:.1f} s: the node is silent "
-                   "(paused, or cut off)")
+            why = stream.watchdog.reason()
         else:
             return None
         return UnavailableError(f"watch stream from {stream.node} ended: {why}",

@@ -471,8 +471,7 @@ class Subscription:
             why = "the map gave its slots to another node"
         elif part.watchdog is not None and part.watchdog.stalled:
             self.stalls += 1
-            why = (f"nothing heard for {part.watchdog.silence:.1f} s: the node is silent "
-                   "(paused, or cut off)")
+            why = part.watchdog.reason()
         else:
             why = "its call was cancelled (the channel was closed)"
         return UnavailableError(f"subscription stream from {part.address} ended: {why}",

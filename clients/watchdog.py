@@ -60,6 +60,10 @@ class Watchdog:
             self._since = self._loop.time()
         self._schedule(silence)
 
+    def reason(self) -> str:
+        """Why a stream it cancelled ended, for the error the caller sees."""
+        return f"nothing heard for {self.silence:.1f} s: the node is silent (paused, or cut off)"
+
     def waiting(self) -> None:
         """The reader starts waiting for the next message."""
         self._since = self._loop.time()
