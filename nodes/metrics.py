@@ -98,6 +98,13 @@ def node_snapshot(replication: Replication, events: EventsService | None = None,
             **{f"mesh_cache_{name}": (f"Cache {name} in led groups", _one(cache[name]))
                for name in ("hits", "misses", "evictions", "expirations")},
             **_journal(replication),
+            "mesh_replication_snapshots": (
+                "Snapshots installed on this node, by kind (full, or in_memory: a copy "
+                "restarted from disk kept its durable state and took the rest from the log)",
+                {(("kind", k),): float(n) for k, n in replication.snapshots.items()}),
+            "mesh_replication_snapshot_bytes": (
+                "Bytes of the snapshots installed on this node, by kind",
+                {(("kind", k),): float(n) for k, n in replication.snapshot_bytes.items()}),
             **{f"mesh_scheduler_{name}": (f"Scheduler {name.replace('_', ' ')} in led groups",
                                           _one(n)) for name, n in job_totals.items()},
             **_events_counters(events),

@@ -54,6 +54,7 @@ class CacheMachine:
     """One group's cache: a `CacheStore` counted in the node's budget."""
 
     service = CACHE
+    durable = False
 
     def __init__(self, group: Group, budget: Budget, policy: str,
                  publish: Callable[[Change], None]) -> None:

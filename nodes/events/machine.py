@@ -52,6 +52,7 @@ class EventsMachine:
     """The event store of one group on this node."""
 
     service = EVENTS
+    durable = True
 
     def __init__(self, group: Group, journal: JournalLike,
                  on_leave: Callable[[int], None] | None = None) -> None:

@@ -36,6 +36,7 @@ class LockMachine:
     """The locks of one group on this node."""
 
     service = LOCK
+    durable = False
 
     def __init__(self, group: Group, limits: LockLimits, count: LeaseCount | None = None
                  ) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -69,9 +69,17 @@ class Group:
         self.dropped = False  # its durable rows were deleted (it left this node)
         # Read back from disk at start-up: the durable services hold their
         # state at the copy's position, the in-memory ones hold nothing, so this
-        # copy can become a primary (the group was lost) but never a replica
-        # that continues from a log: it asks for a snapshot instead.
+        # copy can become a primary (the group was lost) but not a replica that
+        # continues from a log as it is: it asks for a snapshot first, of the
+        # in-memory services only when the primary's log still holds its
+        # position (`install_in_memory`), of everything otherwise.
         self.restored = durable is not None
+        # After `install_in_memory`: the in-memory services already hold every
+        # command up to ``volatile_seq`` (copied at the primary's position while
+        # the durable ones are behind), so replaying those commands touches the
+        # durable services only. ``volatile_epoch`` is the epoch they came from.
+        self.volatile_seq = 0
+        self.volatile_epoch = 0
         if durable is not None:
             self.origin_epoch = durable.origin_epoch
             self.epoch = durable.epoch
@@ -187,6 +195,11 @@ class Group:
         self.epoch = max(self.epoch, epoch)
         self.fenced = False
         self.snapshotting = False
+        if self.volatile_seq > self.log.last_seq:
+            # The in-memory services are ahead of the history this copy continues
+            # from: like a revived copy's, they start empty instead.
+            self._empty_in_memory()
+        self.volatile_seq = 0
         self.restored = False  # a revived copy: its in-memory services start empty
         if changed:
             self._role_changed()
@@ -233,14 +246,21 @@ class Group:
         if self.snapshotting:
             return self._ack(rpb.ACK_STATUS_SNAPSHOTTING)
         self.role = REPLICA if batch.in_sync else CATCHING_UP
+        if self.volatile_seq > self.log.last_seq and batch.epoch != self.volatile_epoch:
+            # The in-memory state came from a primary that no longer leads: it may
+            # hold commands the new primary's history lacks. Copy it again.
+            self._empty_in_memory()
+            self.volatile_seq = 0
+            self.restored = True
         if self.restored:
             return self._ack(rpb.ACK_STATUS_NEEDS_SNAPSHOT)
         if (batch.prev_epoch, batch.prev_seq) != self.applied:
             return self._ack(rpb.ACK_STATUS_POSITION_MISMATCH)
         machines = self.machines
+        volatile_seq = self.volatile_seq
         for command in batch.commands:
             machine = machines.get(command.service)
-            if machine is not None:
+            if machine is not None and (command.seq > volatile_seq or machine.durable):
                 if command.traceparent and tracing.enabled():
                     with tracing.span("mesh.replicate.apply", command.traceparent,
                                       group=self.group_id, seq=command.seq):
@@ -260,12 +280,19 @@ class Group:
 
     # -- snapshots -----------------------------------------------------------
 
-    def take_snapshot(self) -> tuple[int, int, list[tuple[int, int, bytes]]]:
-        """``(epoch, seq, [(service, slot, data)])``: this copy's whole state, at once."""
+    def take_snapshot(self, services: Collection[int] = ()
+                      ) -> tuple[int, int, list[tuple[int, int, bytes]]]:
+        """``(epoch, seq, [(service, slot, data)])``: this copy's state (of
+        ``services`` only, if named), at once."""
         epoch, seq = self.applied
         chunks = [(service, slot, data) for service, machine in self.machines.items()
+                  if not services or service in services
                   for slot, data in machine.snapshot()]
         return epoch, seq, chunks
+
+    def in_memory_services(self) -> list[int]:
+        """The services whose state is not on this node's disk."""
+        return [service for service, machine in self.machines.items() if not machine.durable]
 
     def install(self, epoch: int, seq: int, chunks: Iterable[tuple[int, int, bytes]]) -> None:
         """Replace this copy's state by a snapshot taken at ``(epoch, seq)``."""
@@ -277,10 +304,40 @@ class Group:
         # written at it.
         self.log.reset(epoch, seq)
         self.restored = False
+        self.volatile_seq = 0
         self.machines = {k: f(self) for k, f in self._factories.items()}
         for service, machine in self.machines.items():
             machine.restore(by_service.get(service, []))
         log.info("group %d: installed a snapshot at (%d, %d)", self.group_id, epoch, seq)
+
+    def install_in_memory(self, epoch: int, seq: int,
+                          chunks: Iterable[tuple[int, int, bytes]]) -> bool:
+        """Catch a copy read back from disk up without copying its durable state:
+        the in-memory services take a snapshot taken at ``(epoch, seq)``, the
+        durable ones stay where the disk left them and replay the commands after
+        that from the primary's log. False (nothing changed) unless this copy is
+        still a restored one behind ``seq``."""
+        if not self.restored or seq < self.log.last_seq:
+            return False
+        by_service: dict[int, list[tuple[int, bytes]]] = {}
+        for service, slot, data in chunks:
+            by_service.setdefault(service, []).append((slot, data))
+        self._empty_in_memory()
+        for service, machine in self.machines.items():
+            if not machine.durable:
+                machine.restore(by_service.get(service, []))
+        self.volatile_seq, self.volatile_epoch = seq, self.epoch
+        self.restored = False
+        log.info("group %d: caught up from disk at seq %d; in-memory services copied "
+                 "at (%d, %d)", self.group_id, self.log.last_seq, epoch, seq)
+        return True
+
+    def _empty_in_memory(self) -> None:
+        """Replace the in-memory services' machines by empty ones."""
+        for service, machine in list(self.machines.items()):
+            if not machine.durable:
+                machine.close()
+                self.machines[service] = self._factories[service](self)
 
     def close_machines(self) -> None:
         for machine in self.machines.values():

@@ -23,6 +23,8 @@ class StateMachine(Protocol):
     """
 
     service: rpb.ServiceKind.ValueType
+    durable: bool
+    """Whether the state is kept on the node's disk (and read back at start-up)."""
 
     def apply(self, command: rpb.Command) -> None:
         """Replay one command issued by the group's primary."""

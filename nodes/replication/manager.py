@@ -98,6 +98,10 @@ class Replication:
         self.on_lost: list[Callable[[set[int]], None]] = []
         self._drained = False
         self._map_waiters: list[asyncio.Future[None]] = []
+        # Snapshots installed here and their bytes, by kind: "full", or
+        # "in_memory" (a copy restarted from disk kept its durable state).
+        self.snapshots: dict[str, int] = {"full": 0, "in_memory": 0}
+        self.snapshot_bytes: dict[str, int] = {"full": 0, "in_memory": 0}
 
     # -- serving -------------------------------------------------------------
 
@@ -130,6 +134,11 @@ class Replication:
         """Whether etcd certainly still holds this node's lease (with a margin): a
         node that cannot tell no longer knows the map, so it serves no slot."""
         return time.monotonic() < self._lease_valid_until() - self._lease_margin
+
+    def count_snapshot(self, kind: str, size: int) -> None:
+        """A snapshot of ``size`` bytes was installed here."""
+        self.snapshots[kind] += 1
+        self.snapshot_bytes[kind] += size
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The one channel this node uses to reach ``address``."""
@@ -197,8 +206,14 @@ class Replication:
                 if group.is_primary:
                     group.step_down(view.epoch, "the map moved its primary")
                 group.epoch = max(group.epoch, view.epoch)
+        joined = named == self.incarnation and \
+            table.states.get(me) == admin_pb2.NODE_STATE_ACTIVE
         for group_id in [g for g in self.groups if g not in mine]:
-            if self._kept_for_revival(group_id, table):
+            if self._kept_for_revival(group_id, table) or (
+                    self.groups[group_id].restored and not joined):
+                # Read back from disk: the coordinator may seat this node in
+                # the group again while it joins, and the copy then catches up
+                # from the log instead of a full snapshot.
                 continue
             self._remove(group_id, "the group left this node")
         lost = {g for g in led_before

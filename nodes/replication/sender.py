@@ -8,7 +8,9 @@ many groups sharing the stream, and a refusal never has later batches racing it.
 
 A tracker starts by probing (an empty batch at the primary's position). The
 replica's answer says where it is: in the log's history -> stream from there;
-anywhere else (new, too far behind, diverged) -> install a snapshot first.
+anywhere else (new, too far behind, diverged) -> install a snapshot first. A
+replica restarted from its disk whose position the log still holds copies only
+the in-memory services (``keep_durable``) and streams the rest from the log.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ReplicaTracker:
         self.next_seq = 0
         self.phase = Phase.PROBE
         self.inflight = False
+        self.keep_durable = False  # the snapshot to ask for spares the durable services
         link.attach(self)
 
     def wake(self) -> None:
@@ -98,6 +101,7 @@ class ReplicaTracker:
             batch.prev_epoch, batch.prev_seq = glog.last_epoch, glog.last_seq
         elif self.phase is Phase.SNAPSHOT:
             batch.install_snapshot = True
+            batch.keep_durable = self.keep_durable
             self.phase = Phase.INSTALLING
         else:  # STREAM, with something to send
             prev_epoch = glog.epoch_at(self.next_seq - 1)
@@ -122,8 +126,14 @@ class ReplicaTracker:
             self.inflight = True  # the replica's Ack after its install releases us
             return
         if status == rpb.ACK_STATUS_NEEDS_SNAPSHOT:
-            log.info("group %d: replica %s restarted from disk; snapshot",
-                     group.group_id, self.node_id)
+            # Its durable services hold our history up to its position if our log
+            # still does: then only the in-memory ones need copying.
+            self.keep_durable = ack.applied_seq > 0 and group.log.follows(
+                ack.applied_epoch, ack.applied_seq)
+            log.info("group %d: replica %s restarted from disk at seq %d; %s",
+                     group.group_id, self.node_id, ack.applied_seq,
+                     "in-memory snapshot, then the log" if self.keep_durable
+                     else "full snapshot")
             self.phase = Phase.SNAPSHOT
             self.acked_seq = 0
             return
@@ -137,6 +147,7 @@ class ReplicaTracker:
                 log.info("group %d: replica %s at %s is not in our history; snapshot",
                          group.group_id, self.node_id, position)
                 self.phase = Phase.SNAPSHOT
+                self.keep_durable = False
                 self.acked_seq = 0
         if self.phase is Phase.STREAM and not self.in_sync \
                 and self.acked_seq >= group.log.last_seq:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -199,13 +199,27 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         # request names.
         table = self._replication.table
         address = table.peer_addresses.get(batch.primary_node_id, "") if table else ""
+        # A copy restarted from disk keeps its durable services' state when the
+        # primary's log can bring them up to date: only the rest is copied.
+        in_memory = group.in_memory_services() if batch.keep_durable and group.restored \
+            else None
         try:
-            epoch, seq, chunks = await fetch_snapshot(
-                self._replication.channel(address), group.group_id, batch.epoch,
-                self._replication.signer)
+            if in_memory == []:  # only durable services here: nothing to copy
+                epoch, seq = group.applied
+                chunks: list[tuple[int, int, bytes]] = []
+            else:
+                epoch, seq, chunks = await fetch_snapshot(
+                    self._replication.channel(address), group.group_id, batch.epoch,
+                    self._replication.signer, services=in_memory or ())
             if group.epoch > batch.epoch or group.is_primary:
                 return  # the world moved on while we copied
-            group.install(epoch, seq, chunks)
+            size = sum(len(data) for _, _, data in chunks)
+            if in_memory is not None:
+                if group.install_in_memory(epoch, seq, chunks):
+                    self._replication.count_snapshot("in_memory", size)
+            else:
+                group.install(epoch, seq, chunks)
+                self._replication.count_snapshot("full", size)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -234,7 +248,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                 f"not the primary of group {request.group_id} at epoch {request.epoch}",
                 reason).to_status())
             return
-        epoch, seq, chunks = group.take_snapshot()  # one step: consistent
+        epoch, seq, chunks = group.take_snapshot(request.services)  # one step: consistent
         crc = 0
         total = 0
         for service, slot, data in chunks:
@@ -259,13 +273,16 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
 
 async def fetch_snapshot(
     channel: grpc.aio.Channel, group_id: int, epoch: int, signer: PeerSigner,
+    services: Sequence[int] = (),
 ) -> tuple[int, int, list[tuple[int, int, bytes]]]:
-    """Copy a group's state from its primary: ``(epoch, seq, [(service, slot, data)])``."""
+    """Copy a group's state (of ``services`` only, if named) from its primary:
+    ``(epoch, seq, [(service, slot, data)])``."""
     stub = rpb_grpc.ReplicationServiceStub(channel)
     chunks: list[tuple[int, int, bytes]] = []
     crc = 0
-    call = stub.Snapshot(rpb.SnapshotRequest(group_id=group_id, epoch=epoch),
-                         timeout=SNAPSHOT_TIMEOUT, metadata=signer.metadata())
+    request = rpb.SnapshotRequest(group_id=group_id, epoch=epoch,
+                                  services=services)  # type: ignore[arg-type]
+    call = stub.Snapshot(request, timeout=SNAPSHOT_TIMEOUT, metadata=signer.metadata())
     async for response in call:
         if response.HasField("chunk"):
             chunk = response.chunk

@@ -42,6 +42,7 @@ class SchedulerMachine(Decisions):
     """The scheduler of one group on this node."""
 
     service = SCHEDULER
+    durable = True
 
     def __init__(self, group: Group, journal: JournalLike, limits: SchedulerLimits) -> None:
         self._group = group

@@ -14,6 +14,7 @@ from common.errors import MeshStatusError
 from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
+from nodes.replication.journal import DurableCopy
 from nodes.replication.manager import Replication
 from nodes.replication.sender import Phase, ReplicaTracker
 
@@ -22,6 +23,7 @@ class Recorder:
     """A state machine that remembers the payloads it applied."""
 
     service = rpb.SERVICE_KIND_CACHE
+    durable = False
 
     def __init__(self, group: Group) -> None:
         self.applied: list[bytes] = []
@@ -214,3 +216,98 @@ async def test_a_read_barrier_commits_through_the_replicas_or_fails_if_deposed()
         rpb.Command(seq=1, epoch=1, service=rpb.SERVICE_KIND_UNSPECIFIED)])
     assert replica.apply_batch(noop).status == rpb.ACK_STATUS_OK
     assert replica.applied == (1, 1) and applied(replica) == []
+
+
+class DurableRecorder(Recorder):
+    """A Recorder standing for a durable service (its state survives a restart)."""
+
+    service = rpb.SERVICE_KIND_EVENTS
+    durable = True
+
+
+def both(node: str, durable: DurableCopy | None = None) -> Group:
+    """A group with an in-memory service (cache) and a durable one (events)."""
+    return Group(1, node, {rpb.SERVICE_KIND_CACHE: Recorder,
+                           rpb.SERVICE_KIND_EVENTS: DurableRecorder}, durable=durable)
+
+
+def applied_by(g: Group, kind: int) -> list[bytes]:
+    machine = g.machines[kind]
+    assert isinstance(machine, Recorder)
+    return machine.applied
+
+
+def kinds_batch(epoch: int, prev: tuple[int, int], *kinds: int) -> rpb.CommandBatch:
+    return rpb.CommandBatch(
+        group_id=1, epoch=epoch, prev_epoch=prev[0], prev_seq=prev[1],
+        commands=[rpb.Command(seq=prev[1] + 1 + i, epoch=epoch, service=kind,  # type: ignore[arg-type]
+                              payload=str(prev[1] + 1 + i).encode())
+                  for i, kind in enumerate(kinds)])
+
+
+def test_a_copy_restarted_from_disk_copies_only_its_in_memory_state() -> None:
+    cache, events = rpb.SERVICE_KIND_CACHE, rpb.SERVICE_KIND_EVENTS
+    primary = both("a")
+    primary.become_primary(2)
+    for seq, kind in enumerate((cache, events, cache, events, cache), start=1):
+        primary.append(0, kind, str(seq).encode(), apply=True)
+    # The replica kept seqs 1..2 on disk: its durable service holds seq 2's state.
+    replica = both("b", DurableCopy(group_id=1, origin_epoch=0, epoch=2, seq=2))
+    applied_by(replica, events).append(b"2")
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=False)  # type: ignore[arg-type]
+    probe = tracker.next_batch("a:1")
+    assert probe is not None
+    ack = replica.apply_batch(probe)
+    assert ack.status == rpb.ACK_STATUS_NEEDS_SNAPSHOT and ack.applied_seq == 2
+    tracker.on_ack(ack)
+    install = tracker.next_batch("a:1")
+    assert install is not None and install.install_snapshot and install.keep_durable
+    # The in-memory service's state at seq 5; the durable one's stays at seq 2.
+    assert replica.in_memory_services() == [cache]
+    epoch, seq, chunks = primary.take_snapshot([cache])
+    assert {service for service, _, _ in chunks} == {cache}
+    assert replica.install_in_memory(epoch, seq, chunks)
+    tracker.on_ack(replica.ack_ok())
+    assert tracker.phase is Phase.STREAM and tracker.next_seq == 3
+    resend = tracker.next_batch("a:1")
+    assert resend is not None and [c.seq for c in resend.commands] == [3, 4, 5]
+    assert replica.apply_batch(resend).status == rpb.ACK_STATUS_OK
+    # Seqs 3..5 went to the durable service only: the cache already had them.
+    assert applied_by(replica, events) == [b"2", b"4"]
+    assert applied_by(replica, cache) == applied_by(primary, cache) == [b"1", b"3", b"5"]
+    # From now on every command goes to both.
+    assert replica.apply_batch(kinds_batch(2, (2, 5), cache, events)).status \
+        == rpb.ACK_STATUS_OK
+    assert applied_by(replica, cache)[-1] == b"6" and applied_by(replica, events)[-1] == b"7"
+
+
+def test_a_restarted_copy_off_the_log_or_the_history_gets_a_full_snapshot() -> None:
+    primary = both("a")
+    primary.become_primary(3)
+    primary.append(0, rpb.SERVICE_KIND_CACHE, b"", apply=True)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=False)  # type: ignore[arg-type]
+    # Seq 1 of a deposed primary's epoch 2: not our history.
+    tracker.on_ack(rpb.Ack(group_id=1, applied_epoch=2, applied_seq=1,
+                           status=rpb.ACK_STATUS_NEEDS_SNAPSHOT))
+    install = tracker.next_batch("a:1")
+    assert install is not None and install.install_snapshot and not install.keep_durable
+
+
+def test_in_memory_state_from_a_deposed_primary_is_copied_again() -> None:
+    cache = rpb.SERVICE_KIND_CACHE
+    replica = both("b", DurableCopy(group_id=1, origin_epoch=0, epoch=2, seq=2))
+    replica.epoch = 2
+    source = both("a")
+    source.become_primary(2)
+    applied_by(source, cache).extend([b"x", b"y"])
+    assert replica.install_in_memory(2, 4, source.take_snapshot([cache])[2])
+    assert applied_by(replica, cache) == [b"x", b"y"]
+    # Epoch 3 begins before the durable side caught up to seq 4: the copied state
+    # may hold epoch 2's lost commands, so it is dropped and asked for again.
+    ack = replica.apply_batch(kinds_batch(3, (2, 2)))
+    assert ack.status == rpb.ACK_STATUS_NEEDS_SNAPSHOT and applied_by(replica, cache) == []
+    # Made primary instead while behind: the in-memory services start empty.
+    other = both("c", DurableCopy(group_id=1, origin_epoch=0, epoch=2, seq=2))
+    assert other.install_in_memory(2, 4, source.take_snapshot([cache])[2])
+    other.become_primary(3)
+    assert applied_by(other, cache) == [] and other.applied == (2, 2)
