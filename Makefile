@@ -11,7 +11,7 @@ GEN    := generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
 
-.PHONY: setup generate run test test-fast bench lint clean redis-server netns-tools
+.PHONY: setup generate run test test-fast bench partitions lint clean redis-server netns-tools
 
 setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) redis-server netns-tools
 
@@ -65,6 +65,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The partition table: tests/test_partitions.py run RUNS times (root: namespaces).
+RUNS ?= 5
+partitions: setup
+	$(PY) -m bench.partitions --runs $(RUNS) --output bench/partitions.json
 
 lint: setup
 	$(BIN)/ruff check .

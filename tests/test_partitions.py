@@ -5,8 +5,10 @@ each on its own host, and this process as the client host. Each scenario cuts
 links silently (packets dropped), checks the safety properties with the same
 checkers as the failover tests (every acknowledged write reads back, copies
 converge), heals, and waits for the mesh to settle before the next one. Each
-prints its unavailability window, the figures the README's partition table
-reports.
+prints its figures (unavailability windows, writes acknowledged) and, when
+``MESH_PARTITION_FIGURES`` names a file, appends them to it as a JSON line:
+`bench.partitions` runs this module a fixed number of times and reports
+min/median/max of each, the README's partition table.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +39,14 @@ from tests.test_stream_liveness import Appender, Collector, _check_exactly_once
 NODES = ["n1", "n2", "n3"]
 ETCD = ["e1", "e2", "e3"]
 LEASE_TTL = 2
+
+
+def record(scenario: str, **figures: float) -> None:
+    """Keep one scenario's figures for `bench.partitions` (if it asked for them)."""
+    path = os.environ.get("MESH_PARTITION_FIGURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"scenario": scenario, **figures}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +116,7 @@ async def test_an_isolated_primary_is_replaced_and_rejoins_losing_nothing(
           f"(lease TTL {LEASE_TTL} s)")
     await asyncio.sleep(1.0)
     await _after_heal(hosted, client, writer)
+    record("isolated_primary", writes_again_s=window, acked=len(writer.acked))
 
 
 async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
@@ -171,6 +183,9 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     await _after_heal(hosted, client, writer)
     if key in direct:  # the last value n2 acknowledged, or a later one, survives
         assert await client.cache.get(key) is not None
+    record("cut_from_etcd", last_write_s=last_ok, last_read_s=last_read,
+           last_linearizable_read_s=last_linearizable, moved_s=moved_at,
+           acked=len(writer.acked))
 
 
 async def test_the_coordinator_leader_cut_from_etcd_is_replaced(
@@ -198,6 +213,7 @@ async def test_the_coordinator_leader_cut_from_etcd_is_replaced(
     await wait_settled(hosted.etcd, hosted.cluster, ["n1", "n2"], timeout=30)
     hosted.start_node("n3")
     await _after_heal(hosted, client, writer)
+    record("coordinator_cut", new_leader_s=took, acked=len(writer.acked))
 
 
 async def test_a_client_cut_from_a_primary_gets_answers_or_clear_errors(
@@ -229,6 +245,8 @@ async def test_a_client_cut_from_a_primary_gets_answers_or_clear_errors(
     print(f"\nclient cut from a primary: {outcomes}")
     await asyncio.sleep(0.5)
     assert await client.cache.get(key) == written
+    record("client_cut", ok=outcomes.get("ok", 0),
+           errors=sum(n for k, n in outcomes.items() if k != "ok"))
 
 
 async def test_a_flapping_link_between_primary_and_replica_loses_nothing(
@@ -248,6 +266,7 @@ async def test_a_flapping_link_between_primary_and_replica_loses_nothing(
     print(f"\nflapping n1 <-> {replica} for 30 s: {len(writer.acked)} writes acknowledged, "
           f"{len(writer.errors)} errors seen by the writers")
     await _after_heal(hosted, client, writer)
+    record("flapping_link", acked=len(writer.acked), errors=len(writer.errors))
 
 
 async def test_a_lock_survives_the_isolation_of_its_primary(
@@ -273,6 +292,7 @@ async def test_a_lock_survives_the_isolation_of_its_primary(
     hosted.network.heal_all()
     async with client.lock(name, ttl=6.0) as later:
         assert later.token > first_token
+    record("lock_isolated_primary", held=1)
 
 
 async def test_an_all_subscription_delivers_across_a_node_cut_from_etcd(
@@ -299,6 +319,8 @@ async def test_an_all_subscription_delivers_across_a_node_cut_from_etcd(
               f"delivered {took:.2f} s after the last append")
         _check_exactly_once(collector, appender.last)
         await collector.stop()
+    record("subscription_cut_from_etcd", events=sum(appender.last.values()),
+           delivered_after_s=took)
 
 
 def _etcd_leader(hosted: HostedMesh) -> str:
@@ -340,3 +362,5 @@ async def test_an_isolated_etcd_member_or_leader_does_not_disturb_the_mesh(
         assert after == before, "a node lost its lease: the map failed over"
         assert acked_during > 30
         assert await writer.lost() == []
+        record(f"etcd_{which}_isolated", acked_during=acked_during,
+               errors=len(writer.errors), failovers=after - before)
