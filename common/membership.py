@@ -43,6 +43,9 @@ class NodeInfo:
     """Random id of this process (new at every start)."""
     peer_address: str = ""
     """host:port of its peer port (internal services); "" means ``address``."""
+    copies: tuple[int, ...] = ()
+    """Groups it read back from its disk at start-up: seating it in those again
+    costs a catch-up from the log instead of a full copy."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -60,6 +63,7 @@ class NodeInfo:
             metrics=str(data.get("metrics", "")),
             incarnation=str(data.get("incarnation", "")),
             peer_address=str(data.get("peer_address", "")),
+            copies=tuple(int(g) for g in data.get("copies", ())),
         )
 
 

@@ -29,20 +29,24 @@ class Assignment:
 
 
 def place(
-    current: Mapping[int, Assignment], nodes: Iterable[str], replicas: int
+    current: Mapping[int, Assignment], nodes: Iterable[str], replicas: int,
+    held: Mapping[int, Iterable[str]] | None = None,
 ) -> dict[int, Assignment]:
     """Where every group of ``current`` should live on ``nodes`` with ``replicas`` copies.
 
     Every group gets a primary and ``min(replicas, len(nodes) - 1)`` replicas, all on
     distinct eligible nodes; each node holds floor or ceil of its fair share of
     primaries and of roles in total, while keeping as many current roles as possible.
+    ``held`` names, per group, nodes that hold a copy of it on disk without being a
+    member (a node that restarted): placing the group there counts as cheap as
+    keeping a member, since that copy catches up from the log.
     """
     if replicas < 0:
         raise ValueError(f"replicas must be >= 0, got {replicas}")
     node_list = sorted({n for n in nodes if n})
     if not node_list:
         return {g: Assignment("", ()) for g in sorted(current)}
-    return _Placer(current, node_list, min(replicas, len(node_list) - 1)).run()
+    return _Placer(current, node_list, min(replicas, len(node_list) - 1), held or {}).run()
 
 
 def _members(a: Assignment) -> set[str]:
@@ -87,7 +91,8 @@ def _quotas(
 class _Placer:
     """One run of `place`: mutable working state over sorted groups and nodes."""
 
-    def __init__(self, current: Mapping[int, Assignment], nodes: list[str], r: int) -> None:
+    def __init__(self, current: Mapping[int, Assignment], nodes: list[str], r: int,
+                 held: Mapping[int, Iterable[str]]) -> None:
         self.nodes = nodes
         self.r = r
         self.gids = sorted(current)
@@ -104,7 +109,7 @@ class _Placer:
                     reps.append(x)
             self.primary[g] = p
             self.reps[g] = reps
-            self.before[g] = frozenset(_members(a))
+            self.before[g] = frozenset(_members(a) | eligible.intersection(held.get(g, ())))
         self.promoted: set[int] = set()
         self.pcount = Counter({n: 0 for n in nodes})
         self.pcount.update(p for p in self.primary.values() if p)
@@ -162,7 +167,7 @@ class _Placer:
                 continue
             groups = sorted(
                 (g for g in self.gids if self.primary[g] == a and eligible(g)),
-                key=lambda g: (g in self.promoted, g),
+                key=lambda g: (g in self.promoted, not self._held_by_under(g), g),
             )
             for g in groups:
                 if self.pcount[a] <= self.pq[a]:
@@ -175,9 +180,18 @@ class _Placer:
                     self._set_primary(g, min(under, key=lambda n: (self.pcount[n] - self.pq[n], n)))
 
     def _neediest(self, g: int) -> str:
-        """The under-quota node to take group ``g``'s primary: a replica of it if possible."""
+        """The under-quota node to take group ``g``'s primary: a replica of it if
+        possible, else one that holds a copy."""
         under = [n for n in self.nodes if self.pcount[n] < self.pq[n]]
-        return min(under, key=lambda n: (n not in self.reps[g], self.pcount[n] - self.pq[n], n))
+        before = self.before[g]
+        return min(under, key=lambda n: (n not in self.reps[g], n not in before,
+                                         self.pcount[n] - self.pq[n], n))
+
+    def _held_by_under(self, g: int) -> bool:
+        """Whether an under-quota node that is not a member holds a copy of ``g``."""
+        members = {self.primary[g], *self.reps[g]}
+        return any(n in self.pq and self.pcount[n] < self.pq[n]
+                   for n in self.before[g] - members)
 
     def _set_primary(self, g: int, b: str) -> None:
         """Make ``b`` the primary of ``g``; the old primary stays on as a replica."""
@@ -220,9 +234,11 @@ class _Placer:
                 self._remove(g, x)
             while len(self.reps[g]) < self.r:
                 taken = {p, *self.reps[g]}
+                before = self.before[g]
                 x = min(
                     (n for n in self.nodes if n not in taken),
-                    key=lambda n: (self._excess(n) >= 0, self.pair[p, n], self._excess(n), n),
+                    key=lambda n: (self._excess(n) >= 0, n not in before, self.pair[p, n],
+                                   self._excess(n), n),
                 )
                 self._add(g, x)
         # First re-route only copies planned in this run, which touches no group that

@@ -117,7 +117,7 @@ def next_map(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], 
     _join(new, registered, live, now)
     _depart(new, live, facts, epoch)
     _revive(new, live, facts, epoch)
-    _plan(new, replicas)
+    _plan(new, replicas, registered)
     _progress(new, facts, epoch)
     _activate(new)
     for group in new.groups:
@@ -251,11 +251,20 @@ def _promote(group: admin_pb2.Group, gone: set[str], facts: Facts, epoch: int) -
     return True
 
 
-def _plan(new: admin_pb2.ClusterMap, replicas: int) -> None:
+def _plan(new: admin_pb2.ClusterMap, replicas: int,
+          registered: Mapping[str, NodeInfo]) -> None:
     eligible = eligible_nodes(new)
     if not eligible:
         return
-    desired = place(assignments(new.groups, use_targets=True), eligible, replicas)
+    # A joining node that restarted with its disk catches up the groups it kept
+    # from the log: placement prefers seating it in those.
+    held: dict[int, list[str]] = {}
+    for node in new.nodes:
+        info = registered.get(node.node_id)
+        if node.state == admin_pb2.NODE_STATE_JOINING and info is not None:
+            for group_id in info.copies:
+                held.setdefault(group_id, []).append(node.node_id)
+    desired = place(assignments(new.groups, use_targets=True), eligible, replicas, held)
     for group in new.groups:
         want = desired.get(group.group_id)
         if want is None or not group.primary_node_id:

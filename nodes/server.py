@@ -227,6 +227,7 @@ class Node:
             services=self.config.services, version=VERSION,
             pid=os.getpid(), started_at=time.time(), metrics=self.metrics.address,
             incarnation=self.incarnation, peer_address=self.peer_address,
+            copies=tuple(sorted(self.replication.groups)),  # read back from disk
         )
         self._registration = Registration(
             self._etcd, node_key(self.config.cluster, self.config.node_id),

@@ -18,6 +18,7 @@ class Notes:
     """A durable machine: every command's payload is a row."""
 
     service = KIND
+    durable = True
 
     def __init__(self, group: Group, journal: Journal) -> None:
         self.group = group

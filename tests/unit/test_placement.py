@@ -280,3 +280,24 @@ def test_random_joins_and_leaves_keep_every_invariant(replicas: int) -> None:
             for g, a in current.items():
                 assert _members(a) - {changed} <= _members(result[g]), (step, g)
         current = result
+
+
+def test_a_returning_node_is_given_back_the_groups_it_kept_on_disk() -> None:
+    nodes = _ids(4)
+    first = place(_empty(64), nodes, 1)
+    gone = nodes[3]
+    kept = {g for g, a in first.items() if gone in _members(a)}
+    # Without it: its groups move to the other three (full copies, no way round).
+    without = place(first, nodes[:3], 1)
+    _check(without, nodes[:3], 1)
+    # Back with its disk: as many of its seats as balance allows come from the
+    # groups it kept, which catch up from the log; without the hint, others too.
+    held = {g: [gone] for g in kept}
+    back = place(without, nodes, 1, held)
+    _check(back, nodes, 1)
+    given = {g for g, a in back.items() if gone in _members(a)}
+    assert len(given) == len(kept) and len(given - kept) <= 2
+    led = {g for g, a in back.items() if a.primary == gone}
+    assert led <= kept
+    blind = {g for g, a in place(without, nodes, 1).items() if gone in _members(a)}
+    assert len(blind - kept) > len(kept) // 3
