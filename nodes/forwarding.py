@@ -40,7 +40,7 @@ class Forwarder:
     """Decides, per request, between serving here, redirecting and forwarding."""
 
     def __init__(self, replication: Replication, signer: PeerSigner) -> None:
-        self._replication = replication
+        self.replication = replication
         self._signer = signer
 
     def resolve(self, slot: int, context: grpc.aio.ServicerContext) -> Group | Redirect:
@@ -49,7 +49,7 @@ class Forwarder:
         Raises WRONG_OWNER instead of returning a Redirect when the caller routes
         by itself, and TOO_MANY_HOPS when forwarding would loop.
         """
-        target = self._replication.resolve(slot)
+        target = self.replication.resolve(slot)
         if isinstance(target, Group):
             return target
         metadata = metadata_of(context)
@@ -75,7 +75,7 @@ class Forwarder:
                     response_type: type[message.Message],
                     context: grpc.aio.ServicerContext) -> Any:
         """Send ``request`` to the owner and return its response."""
-        call = self._replication.channel(target.owner_peer_address).unary_unary(
+        call = self.replication.channel(target.owner_peer_address).unary_unary(
             path, request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString)
         try:
@@ -87,7 +87,7 @@ class Forwarder:
                      response_type: type[message.Message],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Relay a server stream from the owner."""
-        call = self._replication.channel(target.owner_peer_address).unary_stream(
+        call = self.replication.channel(target.owner_peer_address).unary_stream(
             path, request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString)
         try:

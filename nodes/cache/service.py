@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeAlias, cast
+from collections.abc import AsyncIterator
+from typing import TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -40,13 +40,12 @@ from nodes.cache.watch import WatchHub
 from nodes.config import CacheLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.replication.group import Group
-from nodes.replication.manager import Redirect, Replication
+from nodes.replication.manager import Replication
+from nodes.routing import Routed, routed
 
 log = logging.getLogger(__name__)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
-_Local: TypeAlias = dict[int, tuple[Group, list[int]]]
-_Remote: TypeAlias = dict[str, tuple[Redirect, list[int]]]
 
 _POLICIES = {
     "lru": pb.EVICTION_POLICY_LRU,
@@ -108,8 +107,10 @@ def _store_error(exc: Exception, key_field: str = "key") -> MeshStatusError:
     raise exc
 
 
-class CacheService(pb_grpc.CacheServiceServicer):
+class CacheService(Routed, pb_grpc.CacheServiceServicer):
     """CacheService over one store per replica group, within one node-wide budget."""
+
+    descriptor = pb.DESCRIPTOR.services_by_name["CacheService"]
 
     def __init__(self, limits: CacheLimits, *, sync_replication: bool = True) -> None:
         self.limits = limits
@@ -118,7 +119,6 @@ class CacheService(pb_grpc.CacheServiceServicer):
         self.watches = WatchHub()
         self._sync = sync_replication
         self._replication: Replication | None = None
-        self._forwarder: Forwarder | None = None
         self._expiry_task: asyncio.Task[None] | None = None
 
     def machine(self, group: Group) -> CacheMachine:
@@ -130,7 +130,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
 
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self._replication = replication
-        self._forwarder = forwarder
+        self.start_routing(forwarder)
         replication.on_lost.append(self._lost_groups)
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="cache-expiry")
 
@@ -176,89 +176,57 @@ class CacheService(pb_grpc.CacheServiceServicer):
             delay = 1.0 if soonest is None else min(max(soonest - time.time(), 0.005), 1.0)
             await asyncio.sleep(delay)
 
-    # -- routing -----------------------------------------------------------
-
-    def _route(self, key: str, context: Ctx) -> Group | Redirect:
-        assert self._forwarder is not None, "start() first"
-        return self._forwarder.resolve(slot_for(key), context)
-
-    async def _forward(self, target: Redirect, method: str, request: Any,
-                       context: Ctx) -> Any:
-        assert self._forwarder is not None
-        return await self._forwarder.unary(
-            target, _PATH + method, request, _RESPONSES[method], context)
-
     async def _commit(self, group: Group) -> None:
         if self._sync:
             await group.wait_committed(group.log.last_seq)
 
-    def _split(self, keys: Sequence[str], context: Ctx) -> tuple[_Local, _Remote]:
-        """Indexes of ``keys`` by local group, and by the remote owner to forward to."""
-        local: _Local = {}
-        remote: _Remote = {}
-        for i, key in enumerate(keys):
-            target = self._route(key, context)
-            if isinstance(target, Redirect):
-                remote.setdefault(target.owner_address, (target, []))[1].append(i)
-            else:
-                local.setdefault(target.group_id, (target, []))[1].append(i)
-        return local, remote
-
     # -- RPCs --------------------------------------------------------------
 
-    async def Get(self, request: pb.GetRequest, context: Ctx) -> pb.GetResponse:
+    @routed("key")
+    async def Get(self, request: pb.GetRequest, context: Ctx, group: Group) -> pb.GetResponse:
         key = request.key
         v.check_key(key)
-        target = self._route(key, context)
-        if isinstance(target, Redirect):
-            return cast(pb.GetResponse, await self._forward(target, "Get", request, context))
         if request.consistency not in (pb.READ_CONSISTENCY_UNSPECIFIED,
                                        pb.READ_CONSISTENCY_LINEARIZABLE):
             raise invalid_argument("consistency", "unknown read consistency")
         linearizable = request.consistency == pb.READ_CONSISTENCY_LINEARIZABLE
         if linearizable:
-            await target.barrier(slot_for(key))
-        entry = _store(target).get(scoped(key))
+            await group.barrier(slot_for(key))
+        entry = _store(group).get(scoped(key))
         if linearizable:  # what was read may be applied here but not yet committed
-            await target.wait_committed(target.log.last_seq)
+            await group.wait_committed(group.log.last_seq)
         return pb.GetResponse() if entry is None else _found(entry)
 
-    async def Set(self, request: pb.SetRequest, context: Ctx) -> pb.SetResponse:
+    @routed("key")
+    async def Set(self, request: pb.SetRequest, context: Ctx, group: Group) -> pb.SetResponse:
         v.check_key(request.key)
         v.check_value(request.value, self.limits.max_value_bytes)
         ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
         if request.only_if_absent and request.only_if_version:
             raise invalid_argument("only_if_version", "cannot be combined with only_if_absent")
-        target = self._route(request.key, context)
-        if isinstance(target, Redirect):
-            return cast(pb.SetResponse, await self._forward(target, "Set", request, context))
         try:
-            entry = _store(target).set(
+            entry = _store(group).set(
                 scoped(request.key), request.value, ttl=ttl or None,
                 only_if_absent=request.only_if_absent,
                 only_if_version=request.only_if_version,
             )
         except (VersionMismatchError, KeyExistsError, CacheFullError) as exc:
             raise _store_error(exc) from None
-        await self._commit(target)
+        await self._commit(group)
         if entry.expire_at is None:
             return pb.SetResponse(version=entry.version)
         return pb.SetResponse(version=entry.version, expire_time=_timestamp(entry.expire_at))
 
-    async def Delete(
-        self, request: pb.DeleteRequest, context: Ctx
-    ) -> pb.DeleteResponse:
+    @routed("key")
+    async def Delete(self, request: pb.DeleteRequest, context: Ctx,
+                     group: Group) -> pb.DeleteResponse:
         v.check_key(request.key)
-        target = self._route(request.key, context)
-        if isinstance(target, Redirect):
-            return cast(pb.DeleteResponse,
-                        await self._forward(target, "Delete", request, context))
         try:
-            deleted = _store(target).delete(
+            deleted = _store(group).delete(
                 scoped(request.key), only_if_version=request.only_if_version)
         except VersionMismatchError as exc:
             raise _store_error(exc) from None
-        await self._commit(target)
+        await self._commit(group)
         return pb.DeleteResponse(deleted=deleted)
 
     async def MGet(self, request: pb.MGetRequest, context: Ctx) -> pb.MGetResponse:
@@ -266,7 +234,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
         v.check_batch(keys, "keys")
         for i, key in enumerate(keys):
             v.check_key(key, f"keys[{i}]")
-        local, remote = self._split(keys, context)
+        local, remote = self.split(keys, context)
         results: list[pb.GetResponse] = [pb.GetResponse()] * len(keys)
         for group, indexes in local.values():
             get = _store(group).get
@@ -275,7 +243,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
                 results[i] = pb.GetResponse() if entry is None else _found(entry)
         for target, indexes in remote.values():
             share = pb.MGetRequest(keys=[keys[i] for i in indexes])
-            answer = await self._forward(target, "MGet", share, context)
+            answer = await self.forward(target, "MGet", share, context)
             for i, result in zip(indexes, answer.results, strict=True):
                 results[i] = result
         return pb.MGetResponse(results=results)
@@ -289,7 +257,7 @@ class CacheService(pb_grpc.CacheServiceServicer):
             v.check_value(e.value, self.limits.max_value_bytes, f"entries[{i}].value")
             ttl = v.ttl_seconds(e.HasField("ttl"), e.ttl, f"entries[{i}].ttl")
             items.append((e.key, e.value, ttl or None))
-        local, remote = self._split([item[0] for item in items], context)
+        local, remote = self.split([item[0] for item in items], context)
         versions = [0] * len(items)
         # Atomic per group: each group's share is one store operation.
         for group, indexes in local.values():
@@ -302,25 +270,24 @@ class CacheService(pb_grpc.CacheServiceServicer):
                 versions[i] = version
         for target, indexes in remote.values():
             forwarded = pb.MSetRequest(entries=[entries[i] for i in indexes])
-            answer = await self._forward(target, "MSet", forwarded, context)
+            answer = await self.forward(target, "MSet", forwarded, context)
             for i, version in zip(indexes, answer.versions, strict=True):
                 versions[i] = version
         for group, _ in local.values():
             await self._commit(group)
         return pb.MSetResponse(versions=versions)
 
-    async def Incr(self, request: pb.IncrRequest, context: Ctx) -> pb.IncrResponse:
+    @routed("key")
+    async def Incr(self, request: pb.IncrRequest, context: Ctx,
+                   group: Group) -> pb.IncrResponse:
         v.check_key(request.key)
         ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
-        target = self._route(request.key, context)
-        if isinstance(target, Redirect):
-            return cast(pb.IncrResponse, await self._forward(target, "Incr", request, context))
         try:
-            value, version = _store(target).incr(scoped(request.key), request.delta,
+            value, version = _store(group).incr(scoped(request.key), request.delta,
                                                  ttl=ttl or None)
         except (NotAnIntegerError, IntegerOverflowError, CacheFullError) as exc:
             raise _store_error(exc) from None
-        await self._commit(target)
+        await self._commit(group)
         return pb.IncrResponse(value=value, version=version)
 
     async def Watch(
@@ -343,15 +310,12 @@ class CacheService(pb_grpc.CacheServiceServicer):
         # (to the first key's owner); prefixes span groups, so a prefix watch
         # sees the changes of the groups this node leads (the Python client
         # opens one on every primary).
-        remote = [t for t in (self._route(key, context) for key in request.keys)
-                  if isinstance(t, Redirect)]
+        local, remote = self.split(request.keys, context)
         if remote:
-            owners = {t.owner_address for t in remote}
-            if len(remote) < len(request.keys) or request.prefixes or len(owners) > 1:
-                raise wrong_owner(remote[0])  # one stream cannot span several owners
-            assert self._forwarder is not None
-            async for item in self._forwarder.stream(
-                    remote[0], _PATH + "Watch", request, pb.WatchResponse, context):
+            first, _ = next(iter(remote.values()))
+            if local or request.prefixes or len(remote) > 1:
+                raise wrong_owner(first)  # one stream cannot span several owners
+            async for item in self.forward_stream(first, "Watch", request, context):
                 yield item
             return
         async for message in self.watches.stream(map(scoped, request.keys),
@@ -371,13 +335,6 @@ class CacheService(pb_grpc.CacheServiceServicer):
             revision=max((s.revision for s in stats), default=0),
             watchers=len(self.watches),
         )
-
-
-_PATH = f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/"
-_RESPONSES: dict[str, type[Any]] = {
-    "Get": pb.GetResponse, "Set": pb.SetResponse, "Delete": pb.DeleteResponse,
-    "MGet": pb.MGetResponse, "MSet": pb.MSetResponse, "Incr": pb.IncrResponse,
-}
 
 
 def _store(group: Group) -> CacheStore:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import grpc
 
@@ -41,10 +41,11 @@ from nodes.events.subscriptions import (
     follow_stream,
     start_version,
 )
-from nodes.forwarding import Forwarder, wrong_owner
+from nodes.forwarding import Forwarder
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.manager import Redirect, Replication
+from nodes.replication.manager import Replication
+from nodes.routing import Routed, by_slot, routed, routed_stream
 
 __all__ = ["EventsService"]
 
@@ -52,13 +53,6 @@ log = logging.getLogger(__name__)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
-_PATH = "/mesh.events.v1.EventsService/"
-_RESPONSES: dict[str, Any] = {
-    "Append": pb.AppendResponse, "Read": pb.ReadResponse, "ReadAll": pb.ReadAllResponse,
-    "GetStreamMetadata": pb.GetStreamMetadataResponse,
-    "SetStreamMetadata": pb.SetStreamMetadataResponse,
-    "DeleteStream": pb.DeleteStreamResponse, "TombstoneStream": pb.TombstoneStreamResponse,
-}
 _DEFAULT_CHECKPOINT_INTERVAL = 1000
 
 
@@ -73,8 +67,11 @@ def _confirmation(sub_id: str, heartbeat: float) -> pb.SubscribeResponse:
     return pb.SubscribeResponse(confirmation=confirmation)
 
 
-class EventsService(pb_grpc.EventsServiceServicer):
-    """EventsService over one `EventsMachine` per replica group."""
+class EventsService(Routed, pb_grpc.EventsServiceServicer):
+    """EventsService over one `EventsMachine` per replica group; a stream lives
+    where its name's slot is led."""
+
+    descriptor = pb.DESCRIPTOR.services_by_name["EventsService"]
 
     def __init__(self, limits: EventsLimits, journal: Journal) -> None:
         self.limits = limits
@@ -84,7 +81,6 @@ class EventsService(pb_grpc.EventsServiceServicer):
         self.appended_total = 0
         """Events appended through this node as primary (for metrics)."""
         self._replication: Replication | None = None
-        self._forwarder: Forwarder | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._scavenger: asyncio.Task[None] | None = None
 
@@ -96,7 +92,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
 
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self._replication = replication
-        self._forwarder = forwarder
+        self.start_routing(forwarder)
         self._scavenger = asyncio.create_task(self._scavenge_loop(), name="events-scavenger")
 
     async def close(self) -> None:
@@ -136,16 +132,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
                     except Exception:
                         log.exception("group %d: scavenging failed", group.group_id)
 
-    # -- routing and commits -----------------------------------------------------
-
-    def _route(self, stream: str, context: Ctx) -> Group | Redirect:
-        assert self._forwarder is not None, "start() first"
-        return self._forwarder.resolve(slot_for(stream), context)
-
-    async def _forward(self, target: Redirect, method: str, request: Any, context: Ctx) -> Any:
-        assert self._forwarder is not None
-        return await self._forwarder.unary(
-            target, _PATH + method, request, _RESPONSES[method], context)
+    # -- commits -------------------------------------------------------------------
 
     async def _committed(self, group: Group, seq: int) -> None:
         """Wait for ``seq`` to commit, then wake the group's subscriptions."""
@@ -178,79 +165,67 @@ class EventsService(pb_grpc.EventsServiceServicer):
 
     # -- writes ------------------------------------------------------------------
 
-    async def Append(self, request: pb.AppendRequest, context: Ctx) -> pb.AppendResponse:
+    @routed("stream")
+    async def Append(self, request: pb.AppendRequest, context: Ctx,
+                     group: Group) -> pb.AppendResponse:
         v.check_stream(request.stream)
         v.check_events(request.events, self.limits)
         expected = v.check_expected(request.expected_state, request.exact_version)
-        target = self._route(request.stream, context)
-        if isinstance(target, Redirect):
-            return cast(pb.AppendResponse,
-                        await self._forward(target, "Append", request, context))
-        result = _machine(target).append(scoped(request.stream), request.events, expected,
+        result = _machine(group).append(scoped(request.stream), request.events, expected,
                                          request.exact_version)
-        await self._committed(target, result.seq)
+        await self._committed(group, result.seq)
         if not result.duplicate:
             self.appended_total += result.last_version - result.first_version + 1
         return pb.AppendResponse(
             first_version=result.first_version, last_version=result.last_version,
             slot=result.slot, position=result.position, duplicate=result.duplicate)
 
-    async def SetStreamMetadata(self, request: pb.SetStreamMetadataRequest, context: Ctx
-                                ) -> pb.SetStreamMetadataResponse:
+    @routed("stream")
+    async def SetStreamMetadata(self, request: pb.SetStreamMetadataRequest, context: Ctx,
+                                group: Group) -> pb.SetStreamMetadataResponse:
         v.check_stream(request.stream)
         settings = v.check_metadata(request.metadata)
-        target = self._route(request.stream, context)
-        if isinstance(target, Redirect):
-            return cast(pb.SetStreamMetadataResponse,
-                        await self._forward(target, "SetStreamMetadata", request, context))
         expected = request.expected_metadata_version \
             if request.HasField("expected_metadata_version") else None
-        version, seq = _machine(target).set_metadata(scoped(request.stream), settings,
+        version, seq = _machine(group).set_metadata(scoped(request.stream), settings,
                                                      expected)
-        await self._committed(target, seq)
+        await self._committed(group, seq)
         return pb.SetStreamMetadataResponse(metadata_version=version)
 
-    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Ctx
-                           ) -> pb.DeleteStreamResponse:
+    @routed("stream")
+    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Ctx,
+                           group: Group) -> pb.DeleteStreamResponse:
         v.check_stream(request.stream)
         expected = v.check_expected(request.expected_state, request.exact_version)
-        target = self._route(request.stream, context)
-        if isinstance(target, Redirect):
-            return cast(pb.DeleteStreamResponse,
-                        await self._forward(target, "DeleteStream", request, context))
-        last, seq = _machine(target).delete(scoped(request.stream), expected,
+        last, seq = _machine(group).delete(scoped(request.stream), expected,
                                             request.exact_version)
-        await self._committed(target, seq)
+        await self._committed(group, seq)
         return pb.DeleteStreamResponse(last_version=last)
 
-    async def TombstoneStream(self, request: pb.TombstoneStreamRequest, context: Ctx
-                              ) -> pb.TombstoneStreamResponse:
+    @routed("stream")
+    async def TombstoneStream(self, request: pb.TombstoneStreamRequest, context: Ctx,
+                              group: Group) -> pb.TombstoneStreamResponse:
         v.check_stream(request.stream)
         expected = v.check_expected(request.expected_state, request.exact_version)
-        target = self._route(request.stream, context)
-        if isinstance(target, Redirect):
-            return cast(pb.TombstoneStreamResponse,
-                        await self._forward(target, "TombstoneStream", request, context))
-        last, seq = _machine(target).tombstone(scoped(request.stream), expected,
+        last, seq = _machine(group).tombstone(scoped(request.stream), expected,
                                                request.exact_version)
-        await self._committed(target, seq)
+        await self._committed(group, seq)
         return pb.TombstoneStreamResponse(last_version=last)
 
     # -- reads -------------------------------------------------------------------
 
-    async def Read(self, request: pb.ReadRequest, context: Ctx) -> pb.ReadResponse:
+    @routed("stream")
+    async def Read(self, request: pb.ReadRequest, context: Ctx,
+                   group: Group) -> pb.ReadResponse:
         v.check_stream(request.stream)
         backward = v.direction(request.direction)
         limit = v.page_size(request.max_count)
-        target = self._route(request.stream, context)
-        if isinstance(target, Redirect):
-            return cast(pb.ReadResponse, await self._forward(target, "Read", request, context))
-        stream = await self._settled(target, scoped(request.stream))
+        stream = await self._settled(group, scoped(request.stream))
         if stream is None:
             return pb.ReadResponse(end_of_stream=True)
         if stream.tombstoned:
             raise errors.stream_deleted(request.stream)
-        view = View(_machine(target).store, target.commit_seq, time.time_ns())
+        view = View(_machine(group).store, group.commit_seq, time.time_ns())
         start = request.from_version if request.HasField("from_version") else None
         page = read_stream(stream, view, start, backward, limit)
         last = view.bounds(stream)[1]
@@ -259,34 +234,27 @@ class EventsService(pb_grpc.EventsServiceServicer):
             end_of_stream=page.end, last_version=last,
             stream_exists=last > 0 and stream.state == LIVE)
 
-    async def ReadAll(self, request: pb.ReadAllRequest, context: Ctx) -> pb.ReadAllResponse:
-        v.check_slot(request.slot)
+    @by_slot("slot")
+    async def ReadAll(self, request: pb.ReadAllRequest, context: Ctx,
+                      group: Group) -> pb.ReadAllResponse:
         backward = v.direction(request.direction)
         limit = v.page_size(request.max_count)
-        assert self._forwarder is not None, "start() first"
-        target = self._forwarder.resolve(request.slot, context)
-        if isinstance(target, Redirect):
-            return cast(pb.ReadAllResponse,
-                        await self._forward(target, "ReadAll", request, context))
-        store = _machine(target).store
+        store = _machine(group).store
         slot_log = store.slots.get(request.slot)
         if slot_log is None:
             return pb.ReadAllResponse(end_of_log=True)
-        view = View(store, target.commit_seq, time.time_ns())
+        view = View(store, group.commit_seq, time.time_ns())
         start = request.from_position if request.HasField("from_position") else None
         page = read_slot(slot_log, view, start, backward, limit)
         return pb.ReadAllResponse(
             events=[recorded(e) for e in page.events], next_position=page.next,
-            end_of_log=page.end, last_position=slot_log.committed_last(target.commit_seq))
+            end_of_log=page.end, last_position=slot_log.committed_last(group.commit_seq))
 
-    async def GetStreamMetadata(self, request: pb.GetStreamMetadataRequest, context: Ctx
-                                ) -> pb.GetStreamMetadataResponse:
+    @routed("stream")
+    async def GetStreamMetadata(self, request: pb.GetStreamMetadataRequest, context: Ctx,
+                                group: Group) -> pb.GetStreamMetadataResponse:
         v.check_stream(request.stream)
-        target = self._route(request.stream, context)
-        if isinstance(target, Redirect):
-            return cast(pb.GetStreamMetadataResponse,
-                        await self._forward(target, "GetStreamMetadata", request, context))
-        stream = await self._settled(target, scoped(request.stream))
+        stream = await self._settled(group, scoped(request.stream))
         if stream is None:
             return pb.GetStreamMetadataResponse()
         if stream.tombstoned:
@@ -315,15 +283,8 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if kind == "stream":
             stream = request.stream
             v.check_stream(stream)
-            target = self._route(stream, context)
-            if isinstance(target, Redirect):
-                assert self._forwarder is not None
-                async for item in self._forwarder.stream(
-                        target, _PATH + "Subscribe", request, pb.SubscribeResponse, context):
-                    yield item
-                return
-            messages = self._follow_stream(target, scoped(stream), request.after_version,
-                                           from_end, heartbeat)
+            messages = self._subscribe_stream(request, context, from_end=from_end,
+                                              heartbeat=heartbeat)
         else:
             prefix = tenancy.prefix()  # all: every stream of the caller's tenant
             if kind == "category":
@@ -336,9 +297,11 @@ class EventsService(pb_grpc.EventsServiceServicer):
         async for message in messages:
             yield message
 
-    async def _follow_stream(self, group: Group, stream: str, after_version: int,
-                             from_end: bool, heartbeat: float
-                             ) -> AsyncIterator[pb.SubscribeResponse]:
+    @routed_stream("stream", method="Subscribe")
+    async def _subscribe_stream(self, request: pb.SubscribeRequest, context: Ctx,
+                                group: Group, *, from_end: bool = False, heartbeat: float = 0.0
+                                ) -> AsyncIterator[pb.SubscribeResponse]:
+        stream, after_version = scoped(request.stream), request.after_version
         machine = _machine(group)
         sub = self.hub.open(frozenset({group.group_id}))
         cursor = start_version(machine, stream, after_version, from_end)
@@ -381,10 +344,8 @@ class EventsService(pb_grpc.EventsServiceServicer):
             by_group.setdefault(view.group_id if view is not None else -1, []).append(slot)
         targets = []
         for group_id, group_slots in by_group.items():
-            found = replication.resolve(group_slots[0])  # one lookup per group
-            if isinstance(found, Redirect):
-                raise wrong_owner(found)
-            targets.append(SlotTarget(group_id, _machine(found), frozenset(group_slots)))
+            group = self.here(group_slots[0])  # one lookup per group
+            targets.append(SlotTarget(group_id, _machine(group), frozenset(group_slots)))
         return targets
 
     @staticmethod
@@ -408,9 +369,7 @@ class EventsService(pb_grpc.EventsServiceServicer):
         if group_id == SHUTDOWN or self._replication is None:
             return errors.shutting_down()
         try:
-            found = self._replication.resolve(slot)
+            self.here(slot)
         except MeshStatusError as exc:
-            return exc
-        if isinstance(found, Redirect):
-            return wrong_owner(found)
+            return exc  # the slot moved (WRONG_OWNER), or its group has no primary now
         return errors.subscription_ended(group_id)

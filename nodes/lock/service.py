@@ -10,12 +10,11 @@ committed, so they never report a decision that could still be lost.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
@@ -27,18 +26,12 @@ from nodes.lock.machine import LOCK, LockMachine
 from nodes.lock.table import Lease, LeaseCount
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
-from nodes.replication.manager import Redirect
+from nodes.routing import Routed, routed
 
 __all__ = ["LockService"]
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
-_PATH = "/mesh.lock.v1.LockService/"
-_RESPONSES: dict[str, Any] = {
-    "Acquire": pb.AcquireResponse, "Release": pb.ReleaseResponse,
-    "Refresh": pb.RefreshResponse, "Describe": pb.DescribeResponse,
-    "Validate": pb.ValidateResponse,
-}
 # Answer LOCK_TIMEOUT this long before the call's own deadline, so the caller
 # gets a definite answer rather than DEADLINE_EXCEEDED.
 _DEADLINE_MARGIN = 0.1
@@ -53,33 +46,28 @@ def _machine(group: Group) -> LockMachine:
     return cast(LockMachine, group.machines[LOCK])
 
 
-class LockService(pb_grpc.LockServiceServicer):
-    """LockService over one `LockMachine` per replica group."""
+class LockService(Routed, pb_grpc.LockServiceServicer):
+    """LockService over one `LockMachine` per replica group; a lock lives where
+    its name's slot is led."""
+
+    descriptor = pb.DESCRIPTOR.services_by_name["LockService"]
 
     def __init__(self, limits: LockLimits) -> None:
         self.limits = limits
         self.leases = LeaseCount()
-        self._forwarder: Forwarder | None = None
 
     def machine(self, group: Group) -> LockMachine:
         """The lock state machine for a group (the replication layer's factory)."""
         return LockMachine(group, self.limits, self.leases)
 
     def start(self, forwarder: Forwarder) -> None:
-        self._forwarder = forwarder
-
-    def _route(self, name: str, context: Ctx) -> Group | Redirect:
-        assert self._forwarder is not None, "start() first"
-        return self._forwarder.resolve(slot_for(name), context)
-
-    async def _forward(self, target: Redirect, method: str, request: Any, context: Ctx) -> Any:
-        assert self._forwarder is not None
-        return await self._forwarder.unary(
-            target, _PATH + method, request, _RESPONSES[method], context)
+        self.start_routing(forwarder)
 
     # -- RPCs ------------------------------------------------------------------
 
-    async def Acquire(self, request: pb.AcquireRequest, context: Ctx) -> pb.AcquireResponse:
+    @routed("name")
+    async def Acquire(self, request: pb.AcquireRequest, context: Ctx,
+                      group: Group) -> pb.AcquireResponse:
         name = request.name
         v.check_name(name)
         v.check_owner(request.owner)
@@ -89,22 +77,18 @@ class LockService(pb_grpc.LockServiceServicer):
         wait = v.wait(request.wait_timeout)
         permits, max_permits = v.permits(request.permits, request.max_permits)
         shared = v.shared(request.mode, permits, max_permits)
-        target = self._route(name, context)
-        if isinstance(target, Redirect):
-            return cast(pb.AcquireResponse,
-                        await self._forward(target, "Acquire", request, context))
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, remaining - _DEADLINE_MARGIN)
         name = scoped(name)
-        machine = _machine(target)
+        machine = _machine(group)
         outcome = machine.acquire(
             name, owner=request.owner, permits=permits, max_permits=max_permits, ttl=ttl,
             request_id=request.request_id, wait=wait, shared=shared)
         grant = await self._wait(machine, name, outcome, wait) \
             if isinstance(outcome, Waiter) else outcome
         try:
-            await target.wait_committed(grant.seq)
+            await group.wait_committed(grant.seq)
         except asyncio.CancelledError:
             machine.abandon(name, grant.lease)
             raise
@@ -131,40 +115,34 @@ class LockService(pb_grpc.LockServiceServicer):
                                       len(machine.queues.get(name) or ()))
         return future.result()
 
-    async def Release(self, request: pb.ReleaseRequest, context: Ctx) -> pb.ReleaseResponse:
+    @routed("name")
+    async def Release(self, request: pb.ReleaseRequest, context: Ctx,
+                      group: Group) -> pb.ReleaseResponse:
         v.check_name(request.name)
         v.check_lease_id(request.lease_id)
-        target = self._route(request.name, context)
-        if isinstance(target, Redirect):
-            return cast(pb.ReleaseResponse,
-                        await self._forward(target, "Release", request, context))
-        seq = _machine(target).release(scoped(request.name), request.lease_id)
-        await target.wait_committed(seq)
+        seq = _machine(group).release(scoped(request.name), request.lease_id)
+        await group.wait_committed(seq)
         return pb.ReleaseResponse()
 
-    async def Refresh(self, request: pb.RefreshRequest, context: Ctx) -> pb.RefreshResponse:
+    @routed("name")
+    async def Refresh(self, request: pb.RefreshRequest, context: Ctx,
+                      group: Group) -> pb.RefreshResponse:
         v.check_name(request.name)
         v.check_lease_id(request.lease_id)
         ttl = v.ttl(request.ttl, self.limits, default=None)
-        target = self._route(request.name, context)
-        if isinstance(target, Redirect):
-            return cast(pb.RefreshResponse,
-                        await self._forward(target, "Refresh", request, context))
-        lease, seq = _machine(target).refresh(scoped(request.name), request.lease_id, ttl)
-        await target.wait_committed(seq)
+        lease, seq = _machine(group).refresh(scoped(request.name), request.lease_id, ttl)
+        await group.wait_committed(seq)
         return pb.RefreshResponse(expire_time=_timestamp(lease.expire_at),
                                   fencing_token=lease.token)
 
-    async def Describe(self, request: pb.DescribeRequest, context: Ctx) -> pb.DescribeResponse:
+    @routed("name")
+    async def Describe(self, request: pb.DescribeRequest, context: Ctx,
+                       group: Group) -> pb.DescribeResponse:
         name = request.name
         v.check_name(name)
-        target = self._route(name, context)
-        if isinstance(target, Redirect):
-            return cast(pb.DescribeResponse,
-                        await self._forward(target, "Describe", request, context))
-        await target.wait_committed(target.log.last_seq)
+        await group.wait_committed(group.log.last_seq)
         name = scoped(name)
-        machine = _machine(target)
+        machine = _machine(group)
         lock = machine.table.get(name)
         queue = machine.queues.get(name)
         leases = machine.live_leases(name)
@@ -179,15 +157,13 @@ class LockService(pb_grpc.LockServiceServicer):
             available_permits=0 if shared else size - sum(lease.permits for lease in leases),
             fencing_token=machine.table.token_bound(name))
 
-    async def Validate(self, request: pb.ValidateRequest, context: Ctx) -> pb.ValidateResponse:
+    @routed("name")
+    async def Validate(self, request: pb.ValidateRequest, context: Ctx,
+                       group: Group) -> pb.ValidateResponse:
         name = request.name
         v.check_name(name)
-        target = self._route(name, context)
-        if isinstance(target, Redirect):
-            return cast(pb.ValidateResponse,
-                        await self._forward(target, "Validate", request, context))
-        await target.wait_committed(target.log.last_seq)
-        leases = _machine(target).live_leases(scoped(name))
+        await group.wait_committed(group.log.last_seq)
+        leases = _machine(group).live_leases(scoped(name))
         return pb.ValidateResponse(
             valid=any(lease.token == request.fencing_token for lease in leases),
             current_token=max((lease.token for lease in leases), default=0))

@@ -9,7 +9,7 @@ reports a change a failover could still undo.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import grpc
 
@@ -17,7 +17,7 @@ from common import pagetoken, tenancy
 from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.replication.group import Group
-from nodes.replication.manager import Redirect
+from nodes.routing import Routed, routed
 from nodes.scheduler import errors
 from nodes.scheduler import validation as v
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
@@ -59,48 +59,38 @@ _DEAD_LETTERS = "scheduler.ListDeadLetters"
 _SCHEDULES = "scheduler.ListSchedules"
 
 
+_QueueRequest: TypeAlias = pb.StatsRequest | pb.ListDeadLettersRequest | pb.ListSchedulesRequest
+
+
 def _page_after(token: str) -> tuple[int, str] | None:
     """The (finish_ns, job_id) a ListDeadLetters page ended at; None for page one."""
     after = pagetoken.decode(token, _DEAD_LETTERS, (int, str))
     return None if after is None else (after[0], after[1])
 
 
-class Reads:
+class Reads(Routed):
     """Read RPCs; mixed into `SchedulerService`."""
 
-    if TYPE_CHECKING:
-        def route(self, key: str, context: Ctx) -> Group | Redirect: ...
-
-        async def forward(self, target: Redirect, method: str, request: Any, context: Ctx
-                          ) -> Any: ...
-
-    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
+    @routed("job_id")
+    async def GetJob(self, request: pb.GetJobRequest, context: Ctx,
+                     group: Group) -> pb.GetJobResponse:
         v.check_job_id(request.job_id)
-        target = self.route(request.job_id, context)
-        if isinstance(target, Redirect):
-            return cast(pb.GetJobResponse,
-                        await self.forward(target, "GetJob", request, context))
-        own(target, request.job_id)
-        job = await _settled_job(target, request.job_id)
+        own(group, request.job_id)
+        job = await _settled_job(group, request.job_id)
         return pb.GetJobResponse(job=job_view(job, time.time_ns()))
 
-    async def _queue_target(self, queue: str, method: str, request: Any, context: Ctx
-                            ) -> tuple[SchedulerMachine | None, Any]:
-        """The queue's machine once the primary's changes so far are committed, or
-        the forwarded answer."""
-        v.check_name(queue, "queue")
-        target = self.route(queue, context)
-        if isinstance(target, Redirect):
-            return None, await self.forward(target, method, request, context)
-        await target.wait_committed(target.log.last_seq)
-        request.queue = scoped(queue)  # served here: the caller's tenant's queue
-        return _machine(target), None
+    @staticmethod
+    async def _settled_queue(group: Group, request: _QueueRequest) -> SchedulerMachine:
+        """The queue's machine once the primary's changes so far are committed."""
+        v.check_name(request.queue, "queue")
+        await group.wait_committed(group.log.last_seq)
+        request.queue = scoped(request.queue)  # served here: the caller's tenant's queue
+        return _machine(group)
 
-    async def Stats(self, request: pb.StatsRequest, context: Ctx) -> pb.StatsResponse:
-        machine, forwarded = await self._queue_target(request.queue, "Stats", request,
-                                                      context)
-        if machine is None:
-            return cast(pb.StatsResponse, forwarded)
+    @routed("queue")
+    async def Stats(self, request: pb.StatsRequest, context: Ctx,
+                    group: Group) -> pb.StatsResponse:
+        machine = await self._settled_queue(group, request)
         schedules = sum(1 for queue, _ in machine.state.schedules if queue == request.queue)
         queue = machine.state.queues.get(request.queue)
         if queue is None:
@@ -117,14 +107,12 @@ class Reads:
             response.oldest_ready_time.CopyFrom(timestamp(oldest))
         return response
 
-    async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx
-                              ) -> pb.ListDeadLettersResponse:
-        after = _page_after(request.page_token)  # checked here, before forwarding
+    @routed("queue")
+    async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx,
+                              group: Group) -> pb.ListDeadLettersResponse:
+        after = _page_after(request.page_token)
         size = v.page_size(request.page_size)
-        machine, forwarded = await self._queue_target(request.queue, "ListDeadLetters",
-                                                      request, context)
-        if machine is None:
-            return cast(pb.ListDeadLettersResponse, forwarded)
+        machine = await self._settled_queue(group, request)
         queue = machine.state.queues.get(request.queue)
         if queue is None:
             return pb.ListDeadLettersResponse()
@@ -139,15 +127,13 @@ class Reads:
                                                         last.job_id)
         return response
 
-    async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Ctx
-                            ) -> pb.ListSchedulesResponse:
+    @routed("queue")
+    async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Ctx,
+                            group: Group) -> pb.ListSchedulesResponse:
         after = pagetoken.decode(request.page_token, _SCHEDULES, (str,))
         after_id: str = "" if after is None else after[0]
         size = v.page_size(request.page_size)
-        machine, forwarded = await self._queue_target(request.queue, "ListSchedules",
-                                                      request, context)
-        if machine is None:
-            return cast(pb.ListSchedulesResponse, forwarded)
+        machine = await self._settled_queue(group, request)
         found = sorted((sid, s) for (queue, sid), s in machine.state.schedules.items()
                        if queue == request.queue and sid > after_id)
         response = pb.ListSchedulesResponse(

@@ -15,13 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import grpc
 
 from common.bounds import duration_ns
 from common.errors import invalid_argument
-from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
@@ -29,7 +28,8 @@ from nodes.config import SchedulerLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.manager import Redirect, Replication
+from nodes.replication.manager import Replication
+from nodes.routing import routed
 from nodes.scheduler import errors
 from nodes.scheduler import validation as v
 from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
@@ -45,12 +45,6 @@ log = logging.getLogger(__name__)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
-PATH = "/mesh.scheduler.v1.SchedulerService/"
-RESPONSES: dict[str, Any] = {
-    name: getattr(pb, f"{name}Response") for name in (
-        "Enqueue", "Claim", "Heartbeat", "Complete", "Fail", "Cancel", "GetJob",
-        "ListDeadLetters", "RequeueDeadLetters", "PurgeDeadLetters", "Stats",
-        "CreateSchedule", "DeleteSchedule", "ListSchedules")}
 # Answer an empty Claim this long before the call's own deadline, so the worker
 # gets a definite answer rather than DEADLINE_EXCEEDED.
 _DEADLINE_MARGIN_NS = 100_000_000
@@ -65,12 +59,13 @@ def machine_of(group: Group) -> SchedulerMachine:
 class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     """SchedulerService over one `SchedulerMachine` per replica group."""
 
+    descriptor = pb.DESCRIPTOR.services_by_name["SchedulerService"]
+
     def __init__(self, limits: SchedulerLimits, journal: Journal) -> None:
         self.limits = limits
         self._journal = journal
         journal.create_tables(SCHEMA, TABLES)
         self._replication: Replication | None = None
-        self._forwarder: Forwarder | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def machine(self, group: Group) -> SchedulerMachine:
@@ -81,7 +76,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
 
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self._replication = replication
-        self._forwarder = forwarder
+        self.start_routing(forwarder)
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="scheduler-sweeper")
 
     async def close(self) -> None:
@@ -115,33 +110,20 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                     except Exception:
                         log.exception("group %d: retention sweep failed", group.group_id)
 
-    # -- routing -------------------------------------------------------------------
-
-    def route(self, key: str, context: Ctx) -> Group | Redirect:
-        assert self._forwarder is not None, "start() first"
-        return self._forwarder.resolve(slot_for(key), context)
-
-    async def forward(self, target: Redirect, method: str, request: Any, context: Ctx) -> Any:
-        assert self._forwarder is not None
-        return await self._forwarder.unary(target, PATH + method, request, RESPONSES[method],
-                                           context)
-
     # -- jobs ------------------------------------------------------------------------
 
-    async def Enqueue(self, request: pb.EnqueueRequest, context: Ctx) -> pb.EnqueueResponse:
+    @routed("queue")
+    async def Enqueue(self, request: pb.EnqueueRequest, context: Ctx,
+                      group: Group) -> pb.EnqueueResponse:
         now = time.time_ns()
         spec = v.job_spec(request, self.limits, now)
-        target = self.route(request.queue, context)
-        if isinstance(target, Redirect):
-            return cast(pb.EnqueueResponse,
-                        await self.forward(target, "Enqueue", request, context))
         spec.queue = scoped(spec.queue)
-        result = machine_of(target).enqueue(spec, request.strict_unique, now)
+        result = machine_of(group).enqueue(spec, request.strict_unique, now)
         job = result.job
         response = pb.EnqueueResponse(
             job_id=job.job_id, duplicate=result.duplicate,
             state=shown_state(job.state, job.run_ns, now), run_time=timestamp(job.run_ns))
-        await target.wait_committed(result.seq)
+        await group.wait_committed(result.seq)
         return response
 
     async def Claim(self, request: pb.ClaimRequest, context: Ctx) -> pb.ClaimResponse:
@@ -151,19 +133,15 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         lease_ns = v.lease_ns(request.lease_duration, self.limits, "lease_duration") \
             or int(self.limits.default_lease * 1e9)
         wait_ns = v.wait_ns(request.wait)
-        local: dict[Group, list[str]] = {}
-        redirects: list[Redirect] = []
-        for name in queues:
-            target = self.route(name, context)
-            if isinstance(target, Redirect):
-                redirects.append(target)
-            else:
-                local.setdefault(target, []).append(scoped(name))
-        if redirects:
-            if not local and len({r.owner_node_id for r in redirects}) == 1:
+        here, remote = self.split(queues, context)
+        if remote:
+            first, _ = next(iter(remote.values()))
+            if not here and len(remote) == 1:  # all led by one other node
                 return cast(pb.ClaimResponse,
-                            await self.forward(redirects[0], "Claim", request, context))
-            raise wrong_owner(redirects[0])
+                            await self.forward(first, "Claim", request, context))
+            raise wrong_owner(first)  # one claim cannot span several owners
+        local = {group: [scoped(queues[i]) for i in indexes]
+                 for group, indexes in here.values()}
         sources = [(m, queue) for group, names in local.items()
                    for m in (machine_of(group),) for name in names
                    if (queue := m.state.queues.get(name)) is not None]
@@ -211,47 +189,41 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             return []
         return future.result()
 
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx
-                        ) -> pb.HeartbeatResponse:
+    @routed("job_id")
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx,
+                        group: Group) -> pb.HeartbeatResponse:
         v.check_job_id(request.job_id)
         extend = v.lease_ns(request.extend, self.limits, "extend")
-        target = self.route(request.job_id, context)
-        if isinstance(target, Redirect):
-            return cast(pb.HeartbeatResponse,
-                        await self.forward(target, "Heartbeat", request, context))
-        own(target, request.job_id)
-        job, seq = machine_of(target).heartbeat(request.job_id, request.lease_token, extend)
+        own(group, request.job_id)
+        job, seq = machine_of(group).heartbeat(request.job_id, request.lease_token, extend)
         response = pb.HeartbeatResponse(lease_expire_time=timestamp(job.lease_expire_ns))
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return response
 
-    async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
+    @routed("job_id")
+    async def Complete(self, request: pb.CompleteRequest, context: Ctx,
+                       group: Group) -> pb.CompleteResponse:
         v.check_job_id(request.job_id)
         if len(request.result) > self.limits.max_payload_bytes:
             raise invalid_argument("result", f"is {len(request.result)} bytes; the limit "
                                                f"is {self.limits.max_payload_bytes}")
-        target = self.route(request.job_id, context)
-        if isinstance(target, Redirect):
-            return cast(pb.CompleteResponse,
-                        await self.forward(target, "Complete", request, context))
-        own(target, request.job_id)
-        finish_ns, seq = machine_of(target).complete(request.job_id, request.lease_token,
+        own(group, request.job_id)
+        finish_ns, seq = machine_of(group).complete(request.job_id, request.lease_token,
                                                      request.result)
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return pb.CompleteResponse(finish_time=timestamp(finish_ns))
 
-    async def Fail(self, request: pb.FailRequest, context: Ctx) -> pb.FailResponse:
+    @routed("job_id")
+    async def Fail(self, request: pb.FailRequest, context: Ctx,
+                   group: Group) -> pb.FailResponse:
         v.check_job_id(request.job_id)
         retry_delay = duration_ns("retry_delay", request.retry_delay) \
             if request.HasField("retry_delay") else None
-        target = self.route(request.job_id, context)
-        if isinstance(target, Redirect):
-            return cast(pb.FailResponse, await self.forward(target, "Fail", request, context))
-        own(target, request.job_id)
-        failed = machine_of(target).fail(request.job_id, request.lease_token,
+        own(group, request.job_id)
+        failed = machine_of(group).fail(request.job_id, request.lease_token,
                                          v.error_text(request.error), request.retryable,
                                          retry_delay)
-        await target.wait_committed(failed.seq)
+        await group.wait_committed(failed.seq)
         response = pb.FailResponse(attempts=failed.attempts)
         if failed.state == DEAD:
             response.state = pb.JOB_STATE_DEAD
@@ -260,74 +232,60 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             response.next_run_time.CopyFrom(timestamp(failed.run_ns))
         return response
 
-    async def Cancel(self, request: pb.CancelRequest, context: Ctx) -> pb.CancelResponse:
+    @routed("job_id")
+    async def Cancel(self, request: pb.CancelRequest, context: Ctx,
+                     group: Group) -> pb.CancelResponse:
         v.check_job_id(request.job_id)
-        target = self.route(request.job_id, context)
-        if isinstance(target, Redirect):
-            return cast(pb.CancelResponse,
-                        await self.forward(target, "Cancel", request, context))
-        own(target, request.job_id)
-        cancelled, job, seq = machine_of(target).cancel(request.job_id)
+        own(group, request.job_id)
+        cancelled, job, seq = machine_of(group).cancel(request.job_id)
         now = time.time_ns()
         response = pb.CancelResponse(cancelled=cancelled,
                                      state=shown_state(job.state, job.run_ns, now))
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return response
 
     # -- dead letters ---------------------------------------------------------------
 
-    async def RequeueDeadLetters(self, request: pb.RequeueDeadLettersRequest, context: Ctx
-                                 ) -> pb.RequeueDeadLettersResponse:
+    @routed("queue")
+    async def RequeueDeadLetters(self, request: pb.RequeueDeadLettersRequest, context: Ctx,
+                                 group: Group) -> pb.RequeueDeadLettersResponse:
         v.check_name(request.queue, "queue")
         v.check_ids(request.job_ids)
-        target = self.route(request.queue, context)
-        if isinstance(target, Redirect):
-            return cast(pb.RequeueDeadLettersResponse,
-                        await self.forward(target, "RequeueDeadLetters", request, context))
-        requeued, remaining, seq = machine_of(target).requeue(scoped(request.queue),
+        requeued, remaining, seq = machine_of(group).requeue(scoped(request.queue),
                                                               request.job_ids)
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return pb.RequeueDeadLettersResponse(requeued=requeued, remaining=remaining)
 
-    async def PurgeDeadLetters(self, request: pb.PurgeDeadLettersRequest, context: Ctx
-                               ) -> pb.PurgeDeadLettersResponse:
+    @routed("queue")
+    async def PurgeDeadLetters(self, request: pb.PurgeDeadLettersRequest, context: Ctx,
+                               group: Group) -> pb.PurgeDeadLettersResponse:
         v.check_name(request.queue, "queue")
         v.check_ids(request.job_ids)
         if request.all and request.job_ids:
             raise invalid_argument("job_ids", "must be empty when all is true")
-        target = self.route(request.queue, context)
-        if isinstance(target, Redirect):
-            return cast(pb.PurgeDeadLettersResponse,
-                        await self.forward(target, "PurgeDeadLetters", request, context))
-        purged, remaining, seq = machine_of(target).purge(scoped(request.queue),
+        purged, remaining, seq = machine_of(group).purge(scoped(request.queue),
                                                           request.job_ids, request.all)
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return pb.PurgeDeadLettersResponse(purged=purged, remaining=remaining)
 
     # -- schedules ---------------------------------------------------------------------
 
-    async def CreateSchedule(self, request: pb.CreateScheduleRequest, context: Ctx
-                             ) -> pb.CreateScheduleResponse:
+    @routed("queue")
+    async def CreateSchedule(self, request: pb.CreateScheduleRequest, context: Ctx,
+                             group: Group) -> pb.CreateScheduleResponse:
         record = v.cron_spec(request, self.limits, time.time_ns())
-        target = self.route(request.queue, context)
-        if isinstance(target, Redirect):
-            return cast(pb.CreateScheduleResponse,
-                        await self.forward(target, "CreateSchedule", request, context))
         record.queue = scoped(record.queue)
-        schedule, seq = machine_of(target).put_schedule(record, request.replace)
+        schedule, seq = machine_of(group).put_schedule(record, request.replace)
         response = pb.CreateScheduleResponse(schedule=schedule_view(schedule))
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return response
 
-    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest, context: Ctx
-                             ) -> pb.DeleteScheduleResponse:
+    @routed("queue")
+    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest, context: Ctx,
+                             group: Group) -> pb.DeleteScheduleResponse:
         v.check_name(request.queue, "queue")
         v.check_name(request.schedule_id, "schedule_id")
-        target = self.route(request.queue, context)
-        if isinstance(target, Redirect):
-            return cast(pb.DeleteScheduleResponse,
-                        await self.forward(target, "DeleteSchedule", request, context))
-        deleted, seq = machine_of(target).remove_schedule(scoped(request.queue),
+        deleted, seq = machine_of(group).remove_schedule(scoped(request.queue),
                                                           request.schedule_id)
-        await target.wait_committed(seq)
+        await group.wait_committed(seq)
         return pb.DeleteScheduleResponse(deleted=deleted)
