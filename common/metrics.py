@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from common.addresses import Endpoint
 
-__all__ = ["Metrics", "RpcMetrics", "Snapshot"]
+__all__ = ["Metrics", "RpcMetrics", "Snapshot", "one"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,19 @@ class Snapshot:
 
     gauges: dict[str, tuple[str, dict[Labels, float]]] = field(default_factory=dict)
     counters: dict[str, tuple[str, dict[Labels, float]]] = field(default_factory=dict)
+
+    def merged(self, *others: Snapshot) -> Snapshot:
+        """This snapshot with the series of ``others`` (disjoint names) added."""
+        gauges, counters = dict(self.gauges), dict(self.counters)
+        for other in others:
+            gauges.update(other.gauges)
+            counters.update(other.counters)
+        return Snapshot(gauges, counters)
+
+
+def one(value: float) -> dict[Labels, float]:
+    """The values of a series without labels."""
+    return {(): float(value)}
 
 
 class RpcMetrics:

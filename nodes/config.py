@@ -21,8 +21,6 @@ SERVICES = ("cache", "lock", "events", "scheduler")
 DEFAULT_DATA_DIR = "mesh-data"
 """Relative to the working directory: a node started again where it was started
 before finds its id and its data."""
-DURABLE_SERVICES = frozenset({"events", "scheduler"})
-"""Services whose state is kept on disk (in the data dir)."""
 
 
 @dataclass(frozen=True)

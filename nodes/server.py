@@ -10,7 +10,6 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,21 +25,12 @@ from common.metrics import Metrics
 from common.peer import NODE, PeerSigner
 from common.tls import bind
 from common.tracing import Tracing
-from mesh.cache.v1 import cache_pb2
-from mesh.events.v1 import events_pb2
-from mesh.lock.v1 import lock_pb2
 from mesh.replication.v1 import replication_pb2_grpc
-from mesh.scheduler.v1 import scheduler_pb2
-from nodes.cache.machine import CACHE
-from nodes.cache.service import CacheService
-from nodes.config import DURABLE_SERVICES, NodeConfig
-from nodes.events.machine import EVENTS
-from nodes.events.service import EventsService
+from nodes.config import NodeConfig
 from nodes.forwarding import Forwarder
-from nodes.lock.machine import LOCK
-from nodes.lock.service import LockService
 from nodes.metrics import node_snapshot
 from nodes.planes import ClientPlaneGuard, PeerPlaneGuard
+from nodes.plugin import Service
 from nodes.ratelimit import limiter_for
 from nodes.registration import Registration
 from nodes.replication.journal import Journal
@@ -48,8 +38,7 @@ from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
 from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service
-from nodes.scheduler.machine import SCHEDULER
-from nodes.scheduler.service import SchedulerService
+from nodes.services import SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +72,7 @@ class Node:
         self.config = config
         self.tracing = Tracing(config.tracing, f"mesh-node {config.node_id}")
         self.metrics = Metrics(
-            lambda: node_snapshot(self.replication, self.events, self.limiter))
+            lambda: node_snapshot(self.replication, self.services.values(), self.limiter))
         refused = Counter("mesh_peer_refused", "Calls refused on the internal plane, by "
                           "reason (a missing, malformed, forged or expired credential; a "
                           "sender the map does not allow)", ["reason"],
@@ -101,10 +90,7 @@ class Node:
         )
         self.signer = PeerSigner(config.peer_key, NODE, config.node_id)
         self.health = health.aio.HealthServicer()
-        self.cache: CacheService | None = None
-        self.locks: LockService | None = None
-        self.events: EventsService | None = None
-        self.scheduler: SchedulerService | None = None
+        self.services: dict[str, Service] = {}
         self.port = 0
         self.address = ""
         self.peer_port = 0
@@ -120,7 +106,7 @@ class Node:
         self.incarnation = uuid.uuid4().hex
         # Durable services share one journal: their writes share its fsyncs.
         self.journal: Journal | None = None
-        if DURABLE_SERVICES.intersection(config.services):
+        if any(SERVICES[name].durable for name in config.services):
             self.journal = Journal(Path(config.data_dir) / "durable.sqlite3",
                                    on_fatal=lambda _exc: self.drained.set())
         self._add_services()
@@ -143,32 +129,16 @@ class Node:
         names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        wanted = set(self.config.services)
-        if "cache" in wanted:
-            self.cache = CacheService(
-                self.config.cache, sync_replication=self.config.cache.replication == "sync")
-            self._factories[CACHE] = self.cache.machine
-            names.append(self._serve(self.cache, cache_pb2, "CacheService"))
-        if "lock" in wanted:
-            self.locks = LockService(self.config.lock)
-            self._factories[LOCK] = self.locks.machine
-            names.append(self._serve(self.locks, lock_pb2, "LockService"))
-        if "events" in wanted:
-            assert self.journal is not None  # events is a durable service
-            self.events = EventsService(self.config.events, self.journal)
-            self._factories[EVENTS] = self.events.machine
-            names.append(self._serve(self.events, events_pb2, "EventsService"))
-        if "scheduler" in wanted:
-            assert self.journal is not None  # the scheduler is a durable service
-            self.scheduler = SchedulerService(self.config.scheduler, self.journal)
-            self._factories[SCHEDULER] = self.scheduler.machine
-            names.append(self._serve(self.scheduler, scheduler_pb2, "SchedulerService"))
+        for name in self.config.services:
+            service = self.services[name] = SERVICES[name].create(self.config, self.journal)
+            self._factories[service.kind] = service.machine
+            names.append(self._serve(service))
         self.service_names = names
         # Reflection lists what a client may call: the internal services are
         # not on this port, so they are not listed either.
         reflection.enable_server_reflection(names, self.server)
 
-    def _serve(self, servicer: object, module: Any, name: str) -> str:
+    def _serve(self, service: Service) -> str:
         """Serve a public service on both ports; returns its full name.
 
         On the client port, calls are authenticated and rate limited. On the
@@ -176,10 +146,10 @@ class Node:
         token, which is authenticated here again (tenancy is the owner's
         decision), but the forwarding node already took their rate-limit tokens.
         """
-        service = module.DESCRIPTOR.services_by_name[name]
-        add_service(self.server, servicer, service, self.metrics.rpc, self.auth, self.limiter)
-        add_service(self.peer_server, servicer, service, self.metrics.rpc, self.auth, None)
-        return str(service.full_name)
+        descriptor = service.descriptor
+        add_service(self.server, service, descriptor, self.metrics.rpc, self.auth, self.limiter)
+        add_service(self.peer_server, service, descriptor, self.metrics.rpc, self.auth, None)
+        return str(descriptor.full_name)
 
     async def start(self) -> None:
         """Bind and serve, register in etcd, follow the map; healthy once a map is in."""
@@ -206,14 +176,8 @@ class Node:
         if self.config.metrics_listen:
             self.metrics.serve(self.config.metrics_listen, self.config.metrics_advertise)
         forwarder = Forwarder(self.replication, self.signer)
-        if self.cache is not None:
-            self.cache.start(self.replication, forwarder)
-        if self.locks is not None:
-            self.locks.start(forwarder)
-        if self.events is not None:
-            self.events.start(self.replication, forwarder)
-        if self.scheduler is not None:
-            self.scheduler.start(self.replication, forwarder)
+        for service in self.services.values():
+            service.start(self.replication, forwarder)
         # Ready means "can answer": with a cluster map, every call is served,
         # forwarded or redirected; without one, every call would be NO_MAP.
         for name in ["", *self.service_names]:
@@ -266,12 +230,8 @@ class Node:
         # the server stops only calls already in flight remain, with the grace
         # period to finish.
         await asyncio.sleep(self.config.drain_delay)
-        if self.cache is not None:
-            await self.cache.close()
-        if self.events is not None:
-            await self.events.close()
-        if self.scheduler is not None:
-            await self.scheduler.close()
+        for service in self.services.values():
+            await service.close()
         # Long-lived streams (replication both ways, watches) would hold the
         # server's grace period for nothing: end them, then let calls finish.
         await self.map.close()

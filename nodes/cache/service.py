@@ -13,13 +13,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TypeAlias, cast
+from typing import ClassVar, TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from common import heartbeat as hb
 from common.errors import MeshStatusError, Reason, invalid_argument
+from common.metrics import Snapshot, one
 from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.cache.v1 import cache_pb2 as pb
@@ -37,9 +38,11 @@ from nodes.cache.store import (
     VersionMismatchError,
 )
 from nodes.cache.watch import WatchHub
-from nodes.config import CacheLimits
+from nodes.config import CacheLimits, NodeConfig
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.replication.group import Group
+from nodes.replication.journal import Journal
+from nodes.replication.machine import ServiceKind
 from nodes.replication.manager import Replication
 from nodes.routing import Routed, routed
 
@@ -110,6 +113,9 @@ def _store_error(exc: Exception, key_field: str = "key") -> MeshStatusError:
 class CacheService(Routed, pb_grpc.CacheServiceServicer):
     """CacheService over one store per replica group, within one node-wide budget."""
 
+    name: ClassVar[str] = "cache"
+    kind: ClassVar[ServiceKind] = CACHE
+    durable: ClassVar[bool] = False
     descriptor = pb.DESCRIPTOR.services_by_name["CacheService"]
 
     def __init__(self, limits: CacheLimits, *, sync_replication: bool = True) -> None:
@@ -120,6 +126,10 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         self._sync = sync_replication
         self._replication: Replication | None = None
         self._expiry_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def create(cls, config: NodeConfig, journal: Journal | None) -> CacheService:
+        return cls(config.cache, sync_replication=config.cache.replication == "sync")
 
     def machine(self, group: Group) -> CacheMachine:
         """The cache's state machine for a group (the replication layer's factory)."""
@@ -141,6 +151,22 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
+
+    def metrics(self, replication: Replication) -> Snapshot:
+        """Figures of the groups this node leads, like Stats: they restart from the
+        new primary's when a group moves."""
+        stats = [cast(CacheMachine, m).store.stats() for m in replication.led(CACHE)]
+        return Snapshot(
+            gauges={
+                "mesh_cache_entries": ("Live cache keys in led groups",
+                                       one(sum(s.entries for s in stats))),
+                "mesh_cache_bytes": ("Bytes of live cache keys in led groups",
+                                     one(sum(s.bytes for s in stats))),
+            },
+            counters={f"mesh_cache_{name}": (f"Cache {name} in led groups",
+                                             one(sum(getattr(s, name) for s in stats)))
+                      for name in ("hits", "misses", "evictions", "expirations")},
+        )
 
     def _lost_groups(self, group_ids: set[int]) -> None:
         """End the watches that relied on groups this node no longer leads: their

@@ -14,18 +14,19 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TypeAlias, cast
+from typing import ClassVar, TypeAlias, cast
 
 import grpc
 
 from common import heartbeat as hb
 from common import tenancy
 from common.errors import MeshStatusError, invalid_argument
+from common.metrics import Snapshot, one
 from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from nodes.config import EventsLimits
+from nodes.config import EventsLimits, NodeConfig
 from nodes.events import errors
 from nodes.events import validation as v
 from nodes.events.machine import EVENTS, EventsMachine
@@ -42,8 +43,10 @@ from nodes.events.subscriptions import (
     start_version,
 )
 from nodes.forwarding import Forwarder
+from nodes.plugin import needs_journal
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
+from nodes.replication.machine import ServiceKind
 from nodes.replication.manager import Replication
 from nodes.routing import Routed, by_slot, routed, routed_stream
 
@@ -71,6 +74,9 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
     """EventsService over one `EventsMachine` per replica group; a stream lives
     where its name's slot is led."""
 
+    name: ClassVar[str] = "events"
+    kind: ClassVar[ServiceKind] = EVENTS
+    durable: ClassVar[bool] = True
     descriptor = pb.DESCRIPTOR.services_by_name["EventsService"]
 
     def __init__(self, limits: EventsLimits, journal: Journal) -> None:
@@ -83,6 +89,10 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         self._replication: Replication | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._scavenger: asyncio.Task[None] | None = None
+
+    @classmethod
+    def create(cls, config: NodeConfig, journal: Journal | None) -> EventsService:
+        return cls(config.events, needs_journal(journal, cls.name))
 
     def machine(self, group: Group) -> EventsMachine:
         """The event store state machine for a group (the replication layer's factory)."""
@@ -105,16 +115,18 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def streams(self) -> int:
-        """Streams in the groups this node leads (for metrics)."""
-        if self._replication is None:
-            return 0
-        return sum(len(_machine(g).store.streams) for g in self._replication.groups.values()
-                   if g.is_primary and EVENTS in g.machines)
-
-    @property
-    def subscriptions(self) -> int:
-        return len(self.hub)
+    def metrics(self, replication: Replication) -> Snapshot:
+        streams = sum(len(cast(EventsMachine, m).store.streams)
+                      for m in replication.led(EVENTS))
+        return Snapshot(
+            gauges={
+                "mesh_events_streams": ("Event streams in led groups", one(streams)),
+                "mesh_events_subscriptions": ("Open Subscribe streams on this node",
+                                              one(len(self.hub))),
+            },
+            counters={"mesh_events_appended": ("Events appended through this node as primary",
+                                               one(self.appended_total))},
+        )
 
     async def _scavenge_loop(self) -> None:
         # Retention hides events at once; removing them (memory and disk) is a

@@ -10,15 +10,16 @@ committed, so they never report a decision that could still be lost.
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias, cast
+from typing import ClassVar, TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from common.metrics import Snapshot, one
 from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
-from nodes.config import LockLimits
+from nodes.config import LockLimits, NodeConfig
 from nodes.forwarding import Forwarder
 from nodes.lock import errors
 from nodes.lock import validation as v
@@ -26,6 +27,9 @@ from nodes.lock.machine import LOCK, LockMachine
 from nodes.lock.table import Lease, LeaseCount
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
+from nodes.replication.journal import Journal
+from nodes.replication.machine import ServiceKind
+from nodes.replication.manager import Replication
 from nodes.routing import Routed, routed
 
 __all__ = ["LockService"]
@@ -50,6 +54,9 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     """LockService over one `LockMachine` per replica group; a lock lives where
     its name's slot is led."""
 
+    name: ClassVar[str] = "lock"
+    kind: ClassVar[ServiceKind] = LOCK
+    durable: ClassVar[bool] = False
     descriptor = pb.DESCRIPTOR.services_by_name["LockService"]
 
     def __init__(self, limits: LockLimits) -> None:
@@ -60,8 +67,24 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         """The lock state machine for a group (the replication layer's factory)."""
         return LockMachine(group, self.limits, self.leases)
 
-    def start(self, forwarder: Forwarder) -> None:
+    @classmethod
+    def create(cls, config: NodeConfig, journal: Journal | None) -> LockService:
+        return cls(config.lock)
+
+    def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self.start_routing(forwarder)
+
+    async def close(self) -> None:
+        """Nothing to end: waiting Acquires end with the server's calls."""
+
+    def metrics(self, replication: Replication) -> Snapshot:
+        machines = [cast(LockMachine, m) for m in replication.led(LOCK)]
+        return Snapshot(gauges={
+            "mesh_lock_leases": ("Live lock leases in led groups (holders)",
+                                 one(sum(m.table.size for m in machines))),
+            "mesh_lock_waiters": ("Acquire calls queued on this node", one(
+                sum(len(q) for m in machines for q in m.queues.values()))),
+        })
 
     # -- RPCs ------------------------------------------------------------------
 

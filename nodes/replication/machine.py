@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from mesh.replication.v1 import replication_pb2 as rpb
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group
 
-__all__ = ["MachineFactory", "StateMachine"]
+__all__ = ["MachineFactory", "ServiceKind", "StateMachine"]
 
 
 class StateMachine(Protocol):
@@ -44,4 +44,7 @@ class StateMachine(Protocol):
 
 
 MachineFactory = Callable[["Group"], StateMachine]
+
+ServiceKind: TypeAlias = rpb.ServiceKind.ValueType
+"""Which service a command or snapshot chunk belongs to."""
 """Makes a service's empty state machine for a group."""

@@ -27,7 +27,7 @@ from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.machine import MachineFactory
+from nodes.replication.machine import MachineFactory, StateMachine
 from nodes.replication.sender import PeerLink, ReplicaTracker
 
 __all__ = ["Redirect", "Replication"]
@@ -134,6 +134,11 @@ class Replication:
         """Whether etcd certainly still holds this node's lease (with a margin): a
         node that cannot tell no longer knows the map, so it serves no slot."""
         return time.monotonic() < self._lease_valid_until() - self._lease_margin
+
+    def led(self, kind: int) -> list[StateMachine]:
+        """Service ``kind``'s machines in the groups this node leads now."""
+        return [machine for group in self.groups.values() if group.is_primary
+                and (machine := group.machines.get(kind)) is not None]
 
     def count_snapshot(self, kind: str, size: int) -> None:
         """A snapshot of ``size`` bytes was installed here."""

@@ -15,19 +15,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TypeAlias, cast
+from typing import ClassVar, TypeAlias, cast
 
 import grpc
 
 from common.bounds import duration_ns
 from common.errors import invalid_argument
+from common.metrics import Snapshot, one
 from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from nodes.config import SchedulerLimits
+from nodes.config import NodeConfig, SchedulerLimits
 from nodes.forwarding import Forwarder, wrong_owner
+from nodes.plugin import needs_journal
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
+from nodes.replication.machine import ServiceKind
 from nodes.replication.manager import Replication
 from nodes.routing import routed
 from nodes.scheduler import errors
@@ -59,6 +62,9 @@ def machine_of(group: Group) -> SchedulerMachine:
 class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     """SchedulerService over one `SchedulerMachine` per replica group."""
 
+    name: ClassVar[str] = "scheduler"
+    kind: ClassVar[ServiceKind] = SCHEDULER
+    durable: ClassVar[bool] = True
     descriptor = pb.DESCRIPTOR.services_by_name["SchedulerService"]
 
     def __init__(self, limits: SchedulerLimits, journal: Journal) -> None:
@@ -67,6 +73,10 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         journal.create_tables(SCHEMA, TABLES)
         self._replication: Replication | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    @classmethod
+    def create(cls, config: NodeConfig, journal: Journal | None) -> SchedulerService:
+        return cls(config.scheduler, needs_journal(journal, cls.name))
 
     def machine(self, group: Group) -> SchedulerMachine:
         """The scheduler state machine for a group (the replication layer's factory)."""
@@ -90,6 +100,26 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+
+    def metrics(self, replication: Replication) -> Snapshot:
+        jobs = {"ready": 0, "delayed": 0, "leased": 0, "dead": 0}
+        totals = {"succeeded": 0, "failed_attempts": 0, "lease_losses": 0}
+        for machine in replication.led(SCHEDULER):
+            for queue in cast(SchedulerMachine, machine).state.queues.values():
+                jobs["ready"] += queue.n_ready
+                jobs["delayed"] += queue.n_delayed
+                jobs["leased"] += len(queue.leased)
+                jobs["dead"] += len(queue.dead)
+                for name in totals:
+                    totals[name] += getattr(queue.totals, name)
+        return Snapshot(
+            gauges={"mesh_scheduler_jobs": (
+                "Jobs of the queues in led groups, by state (queue depths)",
+                {(("state", k),): float(n) for k, n in jobs.items()})},
+            counters={f"mesh_scheduler_{name}": (
+                f"Scheduler {name.replace('_', ' ')} in led groups", one(n))
+                for name, n in totals.items()},
+        )
 
     async def _sweep_loop(self) -> None:
         # Finished jobs past retention go with a replicated command, like any

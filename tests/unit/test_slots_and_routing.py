@@ -31,3 +31,12 @@ def test_a_tenants_names_route_like_the_names_themselves() -> None:
     for name in ("user:1", "{user:1}:cart", "order-42", "a{}b"):
         assert slot_for(f"acme\x1f{name}") == slot_for(name)
         assert slot_for(f"{{x}}\x1f{name}".encode()) == slot_for(name)  # braces in a tenant
+
+
+def test_every_service_name_has_a_registered_plugin() -> None:
+    from nodes.config import SERVICES as NAMES
+    from nodes.services import SERVICES
+
+    assert tuple(SERVICES) == NAMES
+    for name, cls in SERVICES.items():
+        assert cls.name == name and cls.descriptor.full_name.endswith("Service")
