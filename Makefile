@@ -10,10 +10,13 @@ STAMP  := $(VENV)/.setup-done
 GEN    := generated/.stamp
 PROTOS := $(shell find protos -name '*.proto')
 NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
+# The buf CLI (proto lint), pinned in tools/buf/package-lock.json.
+BUF_STAMP := tools/buf/node_modules/.package-lock.json
+BUF := tools/buf/node_modules/.bin/buf
 
 .PHONY: setup generate run test test-fast bench partitions lint clean redis-server netns-tools
 
-setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) redis-server netns-tools
+setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +38,9 @@ generate: $(STAMP)
 
 $(NODE_EXAMPLE): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+
+$(BUF_STAMP): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --no-audit --no-fund --loglevel=error
 
 # Debian's redis-server, for the benchmark's baseline and the global rate limiter.
 redis-server:
@@ -74,6 +80,7 @@ partitions: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
+	$(BUF) lint
 
 clean:
-	rm -rf $(VENV) generated clients/node/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) generated clients/node/node_modules tools/buf/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,8 @@ from mesh.events.v1 import events_replication_pb2 as epb
 
 __all__ = ["DELETED", "LIVE", "TOMBSTONED", "SlotLog", "StoredEvent", "Stream"]
 
-LIVE = epb.STREAM_STATE_LIVE
+# The zero value, so a record that sets no state is live (see the proto).
+LIVE = epb.STREAM_STATE_UNSPECIFIED
 DELETED = epb.STREAM_STATE_DELETED
 TOMBSTONED = epb.STREAM_STATE_TOMBSTONED
 
