@@ -126,6 +126,8 @@ class NodeConfig:
     cluster: str = "mesh"
     node_id: str = ""
     services: tuple[str, ...] = SERVICES
+    plugins: tuple[str, ...] = ()
+    """Services kept outside Mesh, as ``module:Class`` (`nodes.services.registry`)."""
     data_dir: str = ""
     lease_ttl: int = 5
     shutdown_grace: float = 10.0
@@ -258,10 +260,20 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                         "after 3); 0 = none (MESH_STREAM_HEARTBEAT_INTERVAL)")
     _scheduler_flags(p, d.scheduler)
     _rate_limit_flags(p)
+    p.add_argument("--plugins", default=env("PLUGINS", ""),
+                   help="more services to offer, as comma-separated module:Class names of "
+                        "classes implementing nodes.plugin.Service (MESH_PLUGINS)")
     a = p.parse_args(argv)
 
+    from nodes.services import registry  # here: the services import this module
+
+    plugins = tuple(s.strip() for s in a.plugins.split(",") if s.strip())
+    try:
+        known = registry(plugins)
+    except ValueError as exc:
+        p.error(f"--plugins: {exc}")
     services = tuple(s.strip() for s in a.services.split(",") if s.strip())
-    unknown = sorted(set(services) - set(SERVICES))
+    unknown = sorted(set(services) - set(known))
     if unknown:
         p.error(f"--services: unknown {', '.join(unknown)}")
     if a.lease_ttl < 1:
@@ -306,7 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         etcd=etcd_access(p, a),
         cluster=a.cluster,
         node_id=node_id,
-        services=services,
+        services=services, plugins=plugins,
         data_dir=a.data_dir,
         lease_ttl=a.lease_ttl,
         shutdown_grace=a.shutdown_grace,

@@ -38,7 +38,7 @@ from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
 from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service
-from nodes.services import SERVICES
+from nodes.services import registry
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class Node:
         self.incarnation = uuid.uuid4().hex
         # Durable services share one journal: their writes share its fsyncs.
         self.journal: Journal | None = None
-        if any(SERVICES[name].durable for name in config.services):
+        self._classes = registry(config.plugins)
+        if any(self._classes[name].durable for name in config.services):
             self.journal = Journal(Path(config.data_dir) / "durable.sqlite3",
                                    on_fatal=lambda _exc: self.drained.set())
         self._add_services()
@@ -130,7 +131,8 @@ class Node:
                  reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in self.config.services:
-            service = self.services[name] = SERVICES[name].create(self.config, self.journal)
+            service = self.services[name] = self._classes[name].create(self.config,
+                                                                       self.journal)
             self._factories[service.kind] = service.machine
             names.append(self._serve(service))
         self.service_names = names

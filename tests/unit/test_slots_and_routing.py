@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from common.slots import SLOT_COUNT, crc16_xmodem, hash_part, slot_for
 
 
@@ -40,3 +42,12 @@ def test_every_service_name_has_a_registered_plugin() -> None:
     assert tuple(SERVICES) == NAMES
     for name, cls in SERVICES.items():
         assert cls.name == name and cls.descriptor.full_name.endswith("Service")
+
+
+def test_plugins_are_loaded_by_name_or_refused_clearly() -> None:
+    from nodes.services import registry
+
+    assert registry(("tests.toy_counter:CounterService",))["counter"].name == "counter"
+    for bad in ("tests.toy_counter:Nothing", "no_such_module:X", "tests.toy_counter"):
+        with pytest.raises(ValueError, match="cannot load"):
+            registry((bad,))
