@@ -161,12 +161,17 @@ class Mesh:
             await asyncio.wait_for(self._start(), self.timeout)
         except Exception as exc:
             await self._stop_following()
-            raise NoNodesError(f"cannot read the cluster's membership and map: {exc}") from exc
+            why = f"etcd did not answer within {self.timeout:g} s" \
+                if isinstance(exc, TimeoutError) else str(exc)
+            raise NoNodesError(f"cannot read the cluster's membership and map: {why}") from exc
 
     async def _start(self) -> None:
-        await self.directory.start()
+        # etcd may be slow to take a connection (a busy machine, a member
+        # restarting): try again until start()'s timeout rather than give up on
+        # the first refused or timed-out attempt. Each step starts once.
+        await _until_connected(self.directory.start)
         if self.follower is not None:
-            await self.follower.start()
+            await _until_connected(self.follower.start)
 
     async def _stop_following(self) -> None:
         if self._refreshing is not None:
@@ -430,3 +435,21 @@ class Mesh:
         finally:
             self._held.pop(channel, None)
             await channel.close(grace=1.0)
+
+
+_UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
+                TimeoutError)
+"""Errors of an etcd that could not be reached (yet), as opposed to one that answered no."""
+
+
+async def _until_connected(step: Callable[[], Any]) -> None:
+    """Run ``step`` until it gets through to etcd (the caller bounds the time)."""
+    delay = 0.1
+    while True:
+        try:
+            await step()
+            return
+        except _UNREACHABLE as exc:
+            log.debug("etcd not reachable yet (%s); trying again", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
