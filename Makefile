@@ -14,7 +14,7 @@ NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
 BUF_STAMP := tools/buf/node_modules/.package-lock.json
 BUF := tools/buf/node_modules/.bin/buf
 
-.PHONY: setup generate run test test-fast bench partitions lint clean redis-server netns-tools
+.PHONY: setup generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools
 
 setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools
 
@@ -65,9 +65,17 @@ run: setup
 test: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# The fast lane: unit and in-process tests only (no etcd, node or browser processes).
+# The lanes (tests/conftest.py puts each test in one): fast = unit and in-process
+# tests only (no etcd, node or browser processes); integration = real processes;
+# chaos = faults injected into real processes.
 test-fast: setup
 	$(PY) -m pytest -q -m fast
+
+test-integration: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m integration
+
+test-chaos: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m chaos
 
 bench: setup
 	$(PY) -m bench

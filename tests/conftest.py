@@ -34,12 +34,26 @@ _clusters = itertools.count(1)
 UNIT = Path(__file__).parent / "unit"
 
 
+CHAOS = frozenset({
+    "test_failover.py", "test_partitions.py", "test_etcd_cluster.py", "test_etcd_restart.py",
+    "test_restart_catchup.py", "test_stream_liveness.py", "test_events_acceptance.py",
+    "test_lock_acceptance.py", "test_scheduler_acceptance.py",
+})
+"""Files whose point is a fault: processes killed or paused, links cut, etcd lost."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the fast lane: tests/unit (pure logic and in-process servers), which
-    `make test-fast` runs in well under a minute."""
+    """Put every test in one lane: ``fast`` (tests/unit: pure logic and in-process
+    servers; `make test-fast`, well under a minute), ``chaos`` (faults injected
+    into real processes; `make test-chaos`) or ``integration`` (real processes,
+    no fault; `make test-integration`). `make test` runs all three."""
     for item in items:
         if item.path.is_relative_to(UNIT):
             item.add_marker(pytest.mark.fast)
+        elif item.path.name in CHAOS:
+            item.add_marker(pytest.mark.chaos)
+        else:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
