@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+import aetcd.exceptions
+
+from common import logs
 from common.etcd import EtcdAccess, EtcdAccessError
 
 __all__ = ["add_etcd_flags", "add_server_flags", "env", "etcd_access", "etcd_endpoints",
@@ -26,8 +28,9 @@ def env(name: str, default: str) -> str:
 
 def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str, ...],
                      cluster: str, what: str) -> None:
-    """--listen, --advertise, --etcd, --cluster, --tls-*, --tracing and
-    --metrics-listen/--metrics-advertise, as every server process takes them."""
+    """--listen, --advertise, --etcd, --cluster, --tls-*, --tracing,
+    --metrics-listen/--metrics-advertise and --log-level/--log-format, as every
+    server process takes them."""
     p.add_argument("--listen", default=env("LISTEN", listen),
                    help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
     p.add_argument("--advertise", default=env("ADVERTISE", ""),
@@ -55,6 +58,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str
                    help="HOST or HOST:PORT of /metrics as registered for scrapers; default: "
                         "the --advertise host, else the --metrics-listen address "
                         "(MESH_METRICS_ADVERTISE)")
+    logs.add_log_flags(p)
 
 
 def add_etcd_flags(p: argparse.ArgumentParser) -> None:
@@ -90,10 +94,15 @@ def etcd_endpoints(raw: str) -> tuple[str, ...]:
     return tuple(e.strip() for e in raw.split(",") if e.strip())
 
 
-def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Log to stderr and run ``serve(stop)``; SIGTERM or SIGINT sets ``stop``."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
+                        log_level: str = "info", log_format: str = "text") -> None:
+    """Log to stderr (``log_format``: text or json) and run ``serve(stop)``; SIGTERM
+    or SIGINT sets ``stop``."""
+    try:
+        logs.configure(log_level, log_format)
+    except ValueError as exc:  # a bad MESH_LOG_* value: argparse checks only flags
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -106,15 +115,25 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> No
         asyncio.run(main())
     except Exception as exc:
         refused = _etcd_refusal(exc)
-        if refused is None:
+        if refused is not None:
+            # A setting to fix, not a bug: one line, no traceback.
+            print(f"error: {refused}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        unreachable = _etcd_refusal(exc, _UNREACHABLE)
+        if unreachable is None:
             raise
-        # A setting to fix, not a bug: one line, no traceback.
-        print(f"error: {refused}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        # etcd down or elsewhere at start-up: as plain, and exit 3 as meshctl does.
+        print(f"error: cannot reach etcd (check --etcd / MESH_ETCD_ENDPOINTS): "
+              f"{' '.join(str(unreachable).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
-def _etcd_refusal(exc: BaseException) -> EtcdAccessError | None:
-    """The EtcdAccessError behind ``exc`` (itself, a cause or a group member), if any."""
+_UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+
+
+def _etcd_refusal(exc: BaseException, kinds: tuple[type[BaseException], ...] = (
+        EtcdAccessError,)) -> BaseException | None:
+    """The error of ``kinds`` behind ``exc`` (itself, a cause or a group member), if any."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     while pending:
@@ -122,7 +141,7 @@ def _etcd_refusal(exc: BaseException) -> EtcdAccessError | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, EtcdAccessError):
+        if isinstance(e, kinds):
             return e
         if isinstance(e, BaseExceptionGroup):
             pending.extend(e.exceptions)

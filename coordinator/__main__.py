@@ -9,7 +9,8 @@ from coordinator.server import serve
 
 def main() -> None:
     config = parse_args()
-    run_until_signalled(lambda stop: serve(config, stop))
+    run_until_signalled(lambda stop: serve(config, stop), log_level=config.log_level,
+                        log_format=config.log_format)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class CoordinatorConfig:
     """File holding the HS256 secret that signs JWT bearer tokens."""
     auth_jwt: JwtPolicy = field(default_factory=JwtPolicy)
     """Audience, issuer and longest lifetime a JWT must satisfy."""
+    log_level: str = "info"
+    log_format: str = "text"
+    """text, or json: one object per line (common.logs)."""
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -109,6 +112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CoordinatorConfig:
         metrics_advertise=metrics_advertise,
         tracing=a.tracing,
         tls=_tls(p, a),
+        log_level=a.log_level,
+        log_format=a.log_format,
         auth_tokens=a.auth_tokens,
         auth_jwt_secret=a.auth_jwt_secret,
         auth_jwt=jwt_policy(p, a),

@@ -8,31 +8,14 @@
 
 from __future__ import annotations
 
-import argparse
 import time
-from collections.abc import Callable
 from typing import Any
 
+import click
+
 from clients import Job, Mesh, QueueStats
-
-Command = Callable[..., argparse.ArgumentParser]
-
-
-def add_parser(sub: Any, command: Command) -> None:
-    """Add ``jobs`` and its subcommands (``command(parent, name, help)`` makes one)."""
-    jobs = command(sub, "jobs", "job scheduler: queue stats, dead letters, requeue")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    stats = command(jsub, "stats", "a queue's jobs by state and its counters")
-    stats.add_argument("queues", nargs="+", metavar="QUEUE")
-    dead = command(jsub, "dead", "list a queue's dead jobs, oldest death first")
-    dead.add_argument("queue")
-    dead.add_argument("--limit", type=int, default=50, help="most jobs to show (0: all)")
-    requeue = command(jsub, "requeue", "make dead jobs ready again with fresh attempts")
-    requeue.add_argument("queue")
-    requeue.add_argument("job_ids", nargs="*", metavar="JOB_ID",
-                         help="the jobs to requeue (default: every dead job of the queue)")
-    get = command(jsub, "get", "a job and its attempts")
-    get.add_argument("job_id")
+from meshctl import output
+from meshctl.context import run, settings
 
 
 def _ago(when: float | None, now: float) -> str:
@@ -86,34 +69,90 @@ def format_job(j: Job, now: float) -> list[str]:
     return lines
 
 
-async def run(args: argparse.Namespace, mesh: Mesh) -> int:
-    jobs = mesh.scheduler
-    now = time.time()
-    if args.jobs_command == "stats":
-        for queue in args.queues:
-            for line in format_stats(await jobs.stats(queue), now):
-                print(line)
-    elif args.jobs_command == "dead":
-        page = await jobs.list_dead_letters(args.queue, page_size=min(args.limit or 1000, 1000))
+async def _with_mesh(work: Any) -> int:
+    async with settings().mesh() as mesh:
+        result: int = await work(mesh, settings().json, time.time())
+    return result
+
+
+@click.group("jobs")
+def jobs_group() -> None:
+    """Job scheduler: queue stats, dead letters, requeue."""
+
+
+@jobs_group.command("stats")
+@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
+def stats(queues: tuple[str, ...]) -> int:
+    """A queue's jobs by state and its counters."""
+    async def work(mesh: Mesh, json: bool, now: float) -> int:
+        for queue in queues:
+            s = await mesh.scheduler.stats(queue)
+            if json:
+                output.emit(s)
+            else:
+                print("\n".join(format_stats(s, now)))
+        return output.OK
+
+    return run(_with_mesh(work))
+
+
+@jobs_group.command("dead")
+@click.argument("queue")
+@click.option("--limit", type=int, default=50, help="Most jobs to show (0: all).")
+def dead(queue: str, limit: int) -> int:
+    """List a queue's dead jobs, oldest death first."""
+    async def work(mesh: Mesh, json: bool, now: float) -> int:
+        jobs = mesh.scheduler
+        page = await jobs.list_dead_letters(queue, page_size=min(limit or 1000, 1000))
         found = list(page.jobs)
         token = page.next_page_token
-        while token and (not args.limit or len(found) < args.limit):
-            more = await jobs.list_dead_letters(args.queue, page_size=1000, page_token=token)
+        while token and (not limit or len(found) < limit):
+            more = await jobs.list_dead_letters(queue, page_size=1000, page_token=token)
             found.extend(more.jobs)
             token = more.next_page_token
-        shown = found[: args.limit] if args.limit else found
-        for line in format_dead(shown, page.total, args.queue, now):
-            print(line)
-    elif args.jobs_command == "requeue":
+        shown = found[:limit] if limit else found
+        if json:
+            output.emit({"queue": queue, "total": page.total, "jobs": shown})
+        else:
+            print("\n".join(format_dead(shown, page.total, queue, now)))
+        return output.OK
+
+    return run(_with_mesh(work))
+
+
+@jobs_group.command("requeue")
+@click.argument("queue")
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+def requeue(queue: str, job_ids: tuple[str, ...]) -> int:
+    """Make dead jobs ready again with fresh attempts (every dead job of the queue
+    without JOB_IDs)."""
+    async def work(mesh: Mesh, json: bool, now: float) -> int:
         requeued, remaining = 0, 0
         while True:
-            result = await jobs.requeue_dead_letters(args.queue, args.job_ids or None)
+            result = await mesh.scheduler.requeue_dead_letters(queue, list(job_ids) or None)
             requeued += result.requeued
             remaining = result.remaining
-            if args.job_ids or not remaining or not result.requeued:
+            if job_ids or not remaining or not result.requeued:
                 break
-        print(f"requeued {requeued} job(s) in {args.queue!r}; {remaining} still dead")
-    elif args.jobs_command == "get":
-        for line in format_job(await jobs.get_job(args.job_id), now):
-            print(line)
-    return 0
+        if json:
+            output.emit({"queue": queue, "requeued": requeued, "remaining": remaining})
+        else:
+            print(f"requeued {requeued} job(s) in {queue!r}; {remaining} still dead")
+        return output.OK
+
+    return run(_with_mesh(work))
+
+
+@jobs_group.command("get")
+@click.argument("job_id")
+def get(job_id: str) -> int:
+    """A job and its attempt history."""
+    async def work(mesh: Mesh, json: bool, now: float) -> int:
+        job = await mesh.scheduler.get_job(job_id)
+        if json:
+            output.emit(job)
+        else:
+            print("\n".join(format_job(job, now)))
+        return output.OK
+
+    return run(_with_mesh(work))

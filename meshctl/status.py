@@ -72,19 +72,36 @@ def scrape(address: str, timeout: float) -> dict[str, float]:
     return sums
 
 
+def format_status(rows: list[NodeStatus]) -> list[str]:
+    """One line per node under a header."""
+    lines = [f"{'NODE':<16} {'ADDRESS':<22} {'HEALTH':<12} {'KEYS':>8} {'LEASES':>7} "
+             f"{'RPCS':>9}  SERVICES"]
+    for r in rows:
+        keys = "-" if r.keys is None else str(r.keys)
+        leases = _figure(r.metrics, "mesh_lock_leases")
+        rpcs = _figure(r.metrics, "mesh_rpc_requests_total")
+        lines.append(f"{r.node_id:<16} {r.address:<22} {r.health:<12} {keys:>8} {leases:>7} "
+                     f"{rpcs:>9}  {','.join(r.services)}")
+    return lines
+
+
+def node_dict(r: NodeStatus) -> dict[str, object]:
+    """A node's row as JSON (``status -o json``: the ``nodes`` list); figures the node
+    does not export are null."""
+    def figure(name: str) -> int | None:
+        return int(r.metrics[name]) if name in r.metrics else None
+
+    return {"node_id": r.node_id, "address": r.address, "services": list(r.services),
+            "health": r.health, "keys": r.keys, "lock_leases": figure("mesh_lock_leases"),
+            "rpcs": figure("mesh_rpc_requests_total")}
+
+
 async def print_status(mesh: Mesh) -> int:
     rows = await collect(mesh)
     if not rows:
         print("no nodes registered")
         return 1
-    print(f"{'NODE':<16} {'ADDRESS':<22} {'HEALTH':<12} {'KEYS':>8} {'LEASES':>7} "
-          f"{'RPCS':>9}  SERVICES")
-    for r in rows:
-        keys = "-" if r.keys is None else str(r.keys)
-        leases = _figure(r.metrics, "mesh_lock_leases")
-        rpcs = _figure(r.metrics, "mesh_rpc_requests_total")
-        print(f"{r.node_id:<16} {r.address:<22} {r.health:<12} {keys:>8} {leases:>7} "
-              f"{rpcs:>9}  {','.join(r.services)}")
+    print("\n".join(format_status(rows)))
     return 0 if all(r.health == "SERVING" for r in rows) else 1
 
 

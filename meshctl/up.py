@@ -10,17 +10,35 @@ even if it is SIGKILLed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from clients import Mesh
+from meshctl.node import REQUESTS, state_path, write_json
 from meshctl.processes import EtcdCluster, LocalMesh, ProcessError
 from meshctl.status import collect
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """``meshctl up``'s flags."""
+
+    cluster: str = "mesh"
+    nodes: int = 3
+    etcd_port: int = 2379
+    etcd_members: int = 1
+    lease_ttl: int = 5
+    coordinators: int = 1
+    replicas: int = 1
+    no_status: bool = False
 
 
 def _port_free(port: int) -> bool:
@@ -32,7 +50,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def run_up(args: argparse.Namespace) -> int:
+def run_up(args: UpOptions) -> int:
     local = LocalMesh(cluster=args.cluster, lease_ttl=args.lease_ttl)
     stop = False
 
@@ -42,6 +60,7 @@ def run_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    state = state_path(args.cluster)
     try:
         members = max(args.etcd_members, 1)
         port = args.etcd_port if args.etcd_port and _port_free(args.etcd_port) else 0
@@ -72,29 +91,62 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"{node.node_id:<9} {node.address}   peer {node.peer_address}   "
                   f"pid {node.pid}   metrics http://{node.metrics}/metrics", flush=True)
         if not stop:
+            (local.workdir / REQUESTS).mkdir(exist_ok=True)
+            write_json(state, {"pid": os.getpid(), "cluster": args.cluster, "etcd": endpoint,
+                               "workdir": str(local.workdir)})
             print(f"\nexport MESH_ETCD_ENDPOINTS={endpoint} MESH_CLUSTER={args.cluster}")
             first = local.nodes[0].address if local.nodes else "<node>"
             print(f"try:   meshctl cache set greeting hello && meshctl cache get greeting\n"
                   f"       meshctl topology --nodes\n"
                   f"       grpcurl -plaintext {first} list\n"
+                  f"       meshctl node start      (one more node)\n"
                   f"Ctrl-C stops the mesh.\n", flush=True)
             asyncio.run(_watch(local, args, lambda: stop))
     except ProcessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        # Only our own state file: another `up` of the cluster may have replaced it.
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(state.read_text()).get("pid") == os.getpid():
+                state.unlink()
         print("\nstopping...", flush=True)
         local.stop()
         print("stopped: no process left behind.", flush=True)
     return 0
 
 
-async def _watch(local: LocalMesh, args: argparse.Namespace, stopped: object) -> None:
-    """Refresh a one-line status until asked to stop."""
-    assert callable(stopped)
+def _serve_requests(local: LocalMesh) -> None:
+    """Start the nodes `meshctl node start` asked for, answering each request."""
+    for request in sorted((local.workdir / REQUESTS).glob("*.request")):
+        answer = request.with_suffix(".answer")
+        try:
+            wanted = json.loads(request.read_text())
+            request.unlink()
+            node_id = str(wanted.get("node_id") or "") or None
+            if node_id in {n.node_id for n in local.nodes}:
+                raise ProcessError(f"a node {node_id!r} already runs in this mesh")
+            # Started here, from the main thread: it is our child, stops with the
+            # mesh and dies with this process (PDEATHSIG), like the first nodes.
+            node = local.start_node(node_id, [str(a) for a in wanted.get("args", [])])
+            reply = {"node_id": node.node_id, "address": node.address,
+                     "peer_address": node.peer_address, "metrics": node.metrics,
+                     "pid": node.pid, "log": str(node.child.log_path)}
+            print(f"\r{node.node_id:<9} {node.address}   peer {node.peer_address}   "
+                  f"pid {node.pid}   metrics http://{node.metrics}/metrics   "
+                  f"(meshctl node start)", flush=True)
+        except (OSError, ValueError, ProcessError) as exc:
+            reply = {"error": " ".join(str(exc).split())[:2000]}
+        with contextlib.suppress(OSError):
+            write_json(answer, reply)
+
+
+async def _watch(local: LocalMesh, args: UpOptions, stopped: Callable[[], bool]) -> None:
+    """Refresh a one-line status and serve `meshctl node start` until asked to stop."""
     async with Mesh(etcd=local.etcd_endpoint, cluster=args.cluster, timeout=2.0) as mesh:
         next_line = 0.0
         while not stopped():
+            _serve_requests(local)
             if not args.no_status and time.monotonic() >= next_line:
                 next_line = time.monotonic() + (1.0 if sys.stdout.isatty() else 10.0)
                 with contextlib.suppress(Exception):

@@ -154,6 +154,9 @@ class NodeConfig:
     events: EventsLimits = field(default_factory=EventsLimits)
     scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    log_level: str = "info"
+    log_format: str = "text"
+    """text, or json: one object per line (common.logs)."""
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -328,6 +331,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         metrics_advertise=metrics_advertise,
         tracing=a.tracing,
         tls=_tls(p, a),
+        log_level=a.log_level,
+        log_format=a.log_format,
         auth_tokens=a.auth_tokens,
         auth_jwt_secret=a.auth_jwt_secret,
         auth_jwt=jwt_policy(p, a),

@@ -1,0 +1,200 @@
+"""The JSON log formatter and meshctl's output helpers, in-process and without a mesh."""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import click
+import grpc
+import pytest
+
+from clients.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    KeyExistsError,
+    NoNodesError,
+    NotFoundError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from common import logs
+from common.etcd import EtcdAccessError
+from mesh.admin.v1 import admin_pb2
+from meshctl import output
+from meshctl.cli import main, version
+from meshctl.context import Settings
+
+
+def _record(message: str, *args: object, exc: bool = False, **extra: object) -> str:
+    logger = logging.getLogger("mesh.test")
+    exc_info = None
+    if exc:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            import sys
+
+            exc_info = sys.exc_info()
+    record = logger.makeRecord("mesh.test", logging.WARNING, __file__, 1, message, args,
+                               exc_info, extra=extra or None)
+    return logs.JsonFormatter().format(record)
+
+
+def test_json_formatter_writes_one_object_per_line() -> None:
+    line = _record("moved %d groups\nto %s", 3, "node-2")
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "warning" and entry["logger"] == "mesh.test"
+    assert entry["message"] == "moved 3 groups\nto node-2"
+    assert entry["time"].endswith("Z") and "T" in entry["time"]
+    assert "exception" not in entry
+
+
+def test_json_formatter_keeps_exceptions_and_extra_fields() -> None:
+    entry = json.loads(_record("failed", exc=True, node_id="node-1", attempt=2,
+                               thing=object()))
+    assert "RuntimeError: boom" in entry["exception"]
+    assert entry["exception"].startswith("Traceback")
+    assert entry["node_id"] == "node-1" and entry["attempt"] == 2
+    assert entry["thing"].startswith("<object")  # not JSON: its repr
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+def test_configure_replaces_handlers_and_filters_by_level(root_logging: None) -> None:
+    stream = io.StringIO()
+    before = len(logging.getLogger().handlers)
+    logs.configure("info", "json", stream)
+    logs.configure("warning", "json", stream)  # twice: still one handler of ours
+    assert len(logging.getLogger().handlers) == before + 1
+    logging.getLogger("a").info("hidden")
+    logging.getLogger("a").error("shown")
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(x)["message"] for x in lines] == ["shown"]
+    text = io.StringIO()
+    logs.configure("DEBUG", "text", text)
+    logging.getLogger("b").debug("plain")
+    assert text.getvalue().rstrip().endswith("DEBUG b: plain")
+
+
+def test_configure_refuses_unknown_levels_and_formats(root_logging: None) -> None:
+    with pytest.raises(ValueError, match="log level"):
+        logs.configure("loud")
+    with pytest.raises(ValueError, match="log format"):
+        logs.configure("info", "xml")
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+@dataclass
+class Row:
+    name: str
+    color: Color
+    data: bytes
+    raw: bytes
+    when: float | None
+    tags: tuple[str, ...]
+
+
+def test_to_jsonable_turns_dataclasses_enums_and_bytes_into_json() -> None:
+    row = Row("a", Color.RED, b"hello", b"\xff\x00", None, ("x", "y"))
+    assert output.to_jsonable([row]) == [{
+        "name": "a", "color": "RED", "data": "hello", "raw": {"base64": "/wA="},
+        "when": None, "tags": ["x", "y"]}]
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (UnavailableError("x"), output.UNREACHABLE),
+    (NoNodesError("x"), output.UNREACHABLE),
+    (DeadlineExceededError("x"), output.UNREACHABLE),
+    (EtcdAccessError("wrong password"), output.UNREACHABLE),
+    (InvalidArgumentError("x"), output.USAGE),
+    (KeyExistsError("x"), output.FAILED),
+    (NotFoundError("x"), output.FAILED),
+    (UnauthenticatedError("x", code=grpc.StatusCode.UNAUTHENTICATED), output.FAILED),
+])
+def test_exit_codes_by_error(error: BaseException, code: int) -> None:
+    assert output.exit_code(error) == code
+    line = output.error_line(error)
+    assert line.startswith("error: ") and "\n" not in line
+
+
+def test_error_lines_hint_at_the_fix() -> None:
+    assert "MESH_TOKEN" in output.error_line(UnauthenticatedError("no token"))
+    assert "check --etcd" in output.error_line(UnavailableError("refused\nby peer"))
+    assert output.error_line(KeyExistsError("exists")) == "error: KeyExistsError: exists"
+
+
+def _map() -> admin_pb2.ClusterMap:
+    cmap = admin_pb2.ClusterMap(epoch=7)
+    group = cmap.groups.add(group_id=1, epoch=5, primary_node_id="n1")
+    group.slot_ranges.add(start=0, end=99)
+    group.replicas.add(node_id="n2", in_sync=True, lag_commands=3).lag.FromMilliseconds(250)
+    group.target.primary_node_id = "n2"
+    group.target.replica_node_ids.append("n1")
+    lost = cmap.groups.add(group_id=2, epoch=6)
+    lost.slot_ranges.add(start=100, end=16383)
+    lost.lost_copies.append("n3")
+    cmap.nodes.add(node_id="n1", address="h:1", state=admin_pb2.NODE_STATE_ACTIVE,
+                   primary_slots=100, primary_group_ids=[1])
+    cmap.nodes.add(node_id="n2", address="h:2", state=admin_pb2.NODE_STATE_DRAINING,
+                   replica_slots=100, replica_group_ids=[1])
+    return cmap
+
+
+def test_topology_dict_has_the_documented_keys() -> None:
+    data = output.topology_dict(_map())
+    assert json.loads(json.dumps(data)) == data
+    assert data["epoch"] == 7 and set(data) == {"epoch", "update_time", "groups", "nodes"}
+    first, lost = data["groups"]
+    assert first == {"group_id": 1, "epoch": 5, "slots": [[0, 99]], "primary": "n1",
+                     "replicas": [{"node_id": "n2", "in_sync": True, "lag_commands": 3,
+                                   "lag_seconds": 0.25}],
+                     "target": {"primary": "n2", "replicas": ["n1"]}, "lost_copies": []}
+    assert lost["primary"] is None and lost["target"] is None and lost["lost_copies"] == ["n3"]
+    assert [n["state"] for n in data["nodes"]] == ["ACTIVE", "DRAINING"]
+    assert data["nodes"][0]["primary_groups"] == [1] and data["nodes"][1]["replica_groups"] == [1]
+
+
+def test_topology_dot_draws_nodes_and_groups() -> None:
+    dot = output.topology_dot(_map())
+    assert dot.startswith("digraph mesh {") and dot.endswith("}")
+    assert '"n1" [label="n1\\nACTIVE"];' in dot
+    assert '"n1" -> "group-1";' in dot and '"n2" -> "group-1" [style=dashed];' in dot
+    assert '"group-2" [shape=ellipse, label="group 2\\n100-16383"];' in dot
+
+
+def test_settings_refuse_a_malformed_etcd_endpoint() -> None:
+    for bad in ("bogus", "host:port", ""):
+        with pytest.raises(click.UsageError):
+            Settings(etcd=bad).access()
+    assert Settings(etcd="a:1, b:2").access().endpoints == ("a:1", "b:2")
+
+
+def test_main_returns_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"meshctl {version()}\n"
+    assert main(["--no-such-flag"]) == output.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: No such option") and len(err.splitlines()) == 1
+    assert main(["--etcd", "bogus", "topology"]) == output.USAGE
+    assert "host:port" in capsys.readouterr().err
+    assert main(["topology", "--help"]) == 0
+    assert "--watch" in capsys.readouterr().out
