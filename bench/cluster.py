@@ -19,7 +19,7 @@ from typing import Any
 from bench import events, failover, locks, rebalance, replicated, scheduler
 from bench import stack as interceptors
 from bench.timing import Measurement
-from meshctl.processes import Etcd
+from common.localmesh import Etcd
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import aio
 from common.clustermap import wait_settled
-from meshctl.processes import LocalMesh, NodeProcess
+from common.localmesh import LocalMesh, NodeProcess
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 from bench import aio, clusters
 from clients import Mesh
 from common.clustermap import wait_settled
-from meshctl.processes import LocalMesh
+from common.localmesh import LocalMesh
 
 LEASE_TTL = 2
 PROBE_TIMEOUT = 0.5

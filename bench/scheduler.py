@@ -56,10 +56,10 @@ from bench.celery_app import BROKER_ENV, COUNTERS_ENV, app, noop
 from bench.progress import Progress
 from bench.timing import Measurement, Op, Workload, combine, measure
 from clients import Mesh
+from common.localmesh import Child
 from common.slots import slot_for
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from meshctl.processes import Child
 
 SPEC = clusters.Spec("scheduler-r1", replicas=1, replication="sync")
 CONCURRENCY = 16

@@ -2,7 +2,7 @@
 redis-server.
 
 All of them are started inside one ``running_services()`` block and stopped when it
-exits, normally, on error or on Ctrl-C; ``meshctl.processes`` children also die
+exits, normally, on error or on Ctrl-C; ``common.localmesh`` children also die
 with the benchmark if it is killed outright (PR_SET_PDEATHSIG).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import aio
 from common.clustermap import wait_settled
-from meshctl.processes import Child, LocalMesh, RedisServer
+from common.localmesh import Child, LocalMesh, RedisServer
 
 CLUSTER = "bench"
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.timing import Measurement
-from meshctl.processes import Etcd
+from common.localmesh import Etcd
 
 Rows = Callable[[Path, str, float, float, int], list[Measurement]]
 """``run(workdir, etcd, warmup, window, rounds)`` of a rows module."""

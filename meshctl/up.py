@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clients import Mesh
+from common.localmesh import EtcdCluster, LocalMesh, ProcessError
 from meshctl.node import REQUESTS, state_path, write_json
-from meshctl.processes import EtcdCluster, LocalMesh, ProcessError
 from meshctl.status import collect
 
 

@@ -24,11 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import Mesh
 from clients.errors import MeshError
 from common.clustermap import RoutingTable
+from common.localmesh import LocalMesh, _with_parent_death
 from common.peer import COORDINATOR, PeerKey, PeerSigner
 from common.tls import Tls, open_channel
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
-from meshctl.processes import LocalMesh, _with_parent_death
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "tenant-token-1"

@@ -23,9 +23,9 @@ import pytest
 
 from clients import Mesh
 from common.clustermap import read_map, wait_settled
+from common.localmesh import Etcd, LocalMesh
 from common.slots import slot_for
 from common.tls import Tls
-from meshctl.processes import Etcd, LocalMesh
 from tests.cluster import wait_serving
 
 _clusters = itertools.count(1)

@@ -15,8 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.localmesh import Child, ProcessError, tool
 from common.peer import generate_secret
-from meshctl.processes import Child, ProcessError, tool
 from tests.hosts import Host, Network
 
 CLIENT_PORT = 7000

@@ -21,9 +21,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.errors import from_rpc_error
+from common.localmesh import Etcd, LocalMesh
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
-from meshctl.processes import Etcd, LocalMesh
 from tests.conftest import module_cluster
 
 SECRET = b"admin-auth-test-secret-0123456789"

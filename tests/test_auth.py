@@ -26,8 +26,8 @@ from clients import (
     UnauthenticatedError,
 )
 from common.auth import bearer
+from common.localmesh import Etcd
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
-from meshctl.processes import Etcd
 from tests.conftest import non_owner
 
 SECRET = b"a-secret-for-tests-only-0123456789"

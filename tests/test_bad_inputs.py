@@ -23,6 +23,7 @@ from google.protobuf import duration_pb2, message, timestamp_pb2
 
 from common.bounds import MAX_DURATION_SECONDS
 from common.errors import MAX_DETAIL_CHARS, MAX_MESSAGE_CHARS
+from common.localmesh import LocalMesh
 from mesh.cache.v1 import cache_pb2 as cpb
 from mesh.cache.v1 import cache_pb2_grpc as cpb_grpc
 from mesh.events.v1 import events_pb2 as epb
@@ -31,7 +32,6 @@ from mesh.lock.v1 import lock_pb2 as lpb
 from mesh.lock.v1 import lock_pb2_grpc as lpb_grpc
 from mesh.scheduler.v1 import scheduler_pb2 as spb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
-from meshctl.processes import LocalMesh
 from tests.cluster import error_details
 
 HUGE = duration_pb2.Duration(seconds=2**62)

@@ -18,9 +18,9 @@ from clients import (
     Mesh,
     VersionMismatchError,
 )
+from common.localmesh import LocalMesh
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
 
 Connect = Callable[..., Awaitable[Mesh]]
 

@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import duration_pb2
 
 from clients.errors import InvalidArgumentError, ResourceExhaustedError, from_rpc_error
+from common.localmesh import LocalMesh
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
 
 
 @pytest.fixture

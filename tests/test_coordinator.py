@@ -21,11 +21,11 @@ import pytest
 from clients.errors import MeshError, from_rpc_error
 from common.clustermap import RoutingTable, leader_key, map_key, wait_for_map
 from common.etcd import client_for
+from common.localmesh import CoordinatorProcess, Etcd, LocalMesh
 from coordinator.election import Election, Leadership
 from coordinator.mapstore import Deposed, MapConflict, MapStore
 from mesh.admin.v1 import admin_pb2
 from mesh.admin.v1 import admin_pb2_grpc as admin_grpc
-from meshctl.processes import CoordinatorProcess, Etcd, LocalMesh
 
 MeshFactory = Callable[[], LocalMesh]
 TTL = 1

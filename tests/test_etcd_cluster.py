@@ -22,8 +22,8 @@ import pytest
 from clients import Mesh
 from common.clustermap import leader_key, read_map
 from common.etcd import EtcdClient, PrefixFollower, client_for, renew_lease
+from common.localmesh import EtcdCluster, LocalMesh
 from common.membership import node_key
-from meshctl.processes import EtcdCluster, LocalMesh
 from tests.cluster import Writer
 from tests.conftest import start_cluster
 from tests.test_meshctl import _wait_gone

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clients import Mesh
 from common.clustermap import wait_settled
-from meshctl.processes import Etcd, LocalMesh
+from common.localmesh import Etcd, LocalMesh
 from tests.cluster import Writer, wait_converged
 from tests.conftest import start_cluster
 

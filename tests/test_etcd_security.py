@@ -25,10 +25,10 @@ import pytest
 from clients import Mesh
 from common.clustermap import wait_settled
 from common.etcd import EtcdAccess, EtcdAccessError, client_for
+from common.localmesh import Child, LocalMesh, ProcessError, free_port, tool
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
 from meshctl.__main__ import main as meshctl
-from meshctl.processes import Child, LocalMesh, ProcessError, free_port, tool
 from tests.certs import make_ca, make_cert
 from tests.cluster import wait_serving
 

@@ -31,8 +31,8 @@ from clients import (
 )
 from clients.examples import bank
 from clients.sync import SyncMesh
+from common.localmesh import LocalMesh
 from common.slots import slot_for
-from meshctl.processes import LocalMesh
 
 Connect = Callable[..., Awaitable[Mesh]]
 

@@ -14,10 +14,10 @@ import pytest
 from google.protobuf import duration_pb2
 
 from common.clustermap import read_map
+from common.localmesh import LocalMesh
 from common.slots import slot_for
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
 from tests.cluster import error_details
 from tests.conftest import non_owner
 

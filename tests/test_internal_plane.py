@@ -22,6 +22,7 @@ import pytest
 from clients import Mesh, NewEvent
 from common.auth import bearer
 from common.clustermap import RoutingTable, wait_settled
+from common.localmesh import Etcd, LocalMesh, ProcessError
 from common.peer import COORDINATOR, NODE, PEER_HEADER, PeerKey, PeerSigner
 from common.slots import slot_for
 from common.tenancy import SEPARATOR
@@ -29,7 +30,6 @@ from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
-from meshctl.processes import Etcd, LocalMesh, ProcessError
 from tests.cluster import TENANT, TOKEN, Writer, auth_flags, error_details, wait_converged
 from tests.conftest import module_cluster
 from tests.test_other_languages import grpcurl

@@ -18,10 +18,10 @@ import pytest
 
 from clients import Mesh, UnavailableError
 from common.clustermap import read_map, wait_for_map, wait_settled
+from common.localmesh import LocalMesh
 from common.slots import slot_for
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
-from meshctl.processes import LocalMesh
 from tests.cluster import workers
 from tests.lock_history import Op, check
 

@@ -21,7 +21,7 @@ from clients import (
     Mesh,
 )
 from clients.sync import SyncMesh
-from meshctl.processes import LocalMesh
+from common.localmesh import LocalMesh
 
 Connect = Callable[..., Awaitable[Mesh]]
 

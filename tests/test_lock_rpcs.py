@@ -12,9 +12,9 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from common.localmesh import LocalMesh
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
 from tests.cluster import error_details
 
 

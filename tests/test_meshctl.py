@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshctl.processes import Etcd, LocalMesh
+from common.localmesh import Etcd, LocalMesh
 from tests.conftest import start_cluster
 
 MESHCTL = [sys.executable, "-m", "meshctl"]

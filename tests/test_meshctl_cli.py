@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from meshctl.processes import Etcd, LocalMesh, free_port
+from common.localmesh import Etcd, LocalMesh, free_port
 from tests.conftest import module_cluster
 from tests.test_meshctl import _wait_gone
 

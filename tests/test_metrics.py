@@ -13,12 +13,12 @@ from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients import InvalidArgumentError, Mesh
+from common.localmesh import LocalMesh
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
 from mesh.events.v1 import events_pb2, events_pb2_grpc
 from mesh.lock.v1 import lock_pb2, lock_pb2_grpc
 from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from meshctl.processes import LocalMesh
 from meshctl.status import scrape
 
 Connect = Callable[..., Awaitable[Mesh]]

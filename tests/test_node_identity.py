@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshctl.processes import Child, Etcd, ProcessError
+from common.localmesh import Child, Etcd, ProcessError
 
 
 @pytest.fixture

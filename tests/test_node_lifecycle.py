@@ -16,9 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clients import Mesh
 from common.etcd import client_for
+from common.localmesh import Etcd
 from common.membership import node_key
 from mesh.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from meshctl.processes import Etcd
 
 Connect = Callable[..., Awaitable[Mesh]]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from clients import Mesh
-from meshctl.processes import LocalMesh, free_port, tool
+from common.localmesh import LocalMesh, free_port, tool
 from tests.conftest import non_owner
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ from google.rpc import error_details_pb2, status_pb2
 from clients import Mesh, RateLimitedError
 from common.auth import bearer
 from common.clustermap import read_map
+from common.localmesh import Etcd, RedisServer
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
-from meshctl.processes import Etcd, RedisServer
 
 RATE = 30.0
 WINDOW = 4.0

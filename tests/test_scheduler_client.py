@@ -32,8 +32,8 @@ from clients import (
     Worker,
 )
 from clients.sync import SyncMesh
+from common.localmesh import LocalMesh
 from common.slots import slot_for
-from meshctl.processes import LocalMesh
 from tests.cluster import workers
 
 Connect = Callable[..., Awaitable[Mesh]]

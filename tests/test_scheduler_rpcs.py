@@ -14,9 +14,9 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from common.localmesh import LocalMesh
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from meshctl.processes import LocalMesh
 from tests.cluster import error_details
 from tests.conftest import non_owner
 

@@ -16,11 +16,11 @@ import pytest
 
 from clients import Mesh, UnavailableError
 from common.auth import bearer
+from common.localmesh import Etcd
 from common.tls import Tls, open_channel
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
-from meshctl.processes import Etcd
 from tests.certs import make_ca, make_cert
 from tests.cluster import TOKEN, auth_flags
 from tests.conftest import non_owner

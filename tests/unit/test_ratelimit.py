@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from common.errors import MeshStatusError, Reason
-from meshctl.processes import RedisServer
+from common.localmesh import RedisServer
 from nodes.ratelimit import GlobalLimiter, LocalLimiter, RateLimits
 
 
