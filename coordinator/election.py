@@ -28,6 +28,7 @@ from typing import Any
 import aetcd
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
+from common.clock import SYSTEM_CLOCK, Clock, from_seconds, to_seconds
 from common.clustermap import leader_key
 from common.etcd import PrefixFollower, renew_lease
 
@@ -93,10 +94,12 @@ class Election:
     """
 
     def __init__(self, etcd: aetcd.Client, cluster: str, coordinator_id: str, address: str,
-                 ttl: int, work: LeaderWork,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 ttl: int, work: LeaderWork, clock: Clock = SYSTEM_CLOCK) -> None:
         self._etcd = etcd
-        self._clock = clock
+        # The term's deadline and the renewals' pace are on this clock's monotonic
+        # time (float seconds here); a test drives them with a manual one.
+        self._time = clock
+        self._clock: Callable[[], float] = lambda: to_seconds(clock.monotonic_ns())
         self._interval = max(ttl / 3, 0.2)
         """Between renewals: three per TTL, so one lost renewal still leaves a margin."""
         self._margin = min(self._interval / 2, 0.5)
@@ -268,7 +271,7 @@ class Election:
         interval = self._interval
         wait = interval
         while True:
-            await asyncio.sleep(wait)
+            await self._time.sleep(from_seconds(wait))
             sent = self._clock()
             try:
                 # No use waiting past the deadline: the term is over by then.
@@ -293,7 +296,7 @@ class Election:
             if left <= 0:
                 log.warning("could not renew the leadership lease in time; resigning")
                 return
-            await asyncio.sleep(left)
+            await self._time.sleep(from_seconds(left))
 
     async def _revoke(self, lease_id: int) -> None:
         try:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from google.protobuf import descriptor
 
+from common.clock import SYSTEM_CLOCK, Clock
+
 if TYPE_CHECKING:
     from common.metrics import Snapshot
     from nodes.config import NodeConfig
@@ -40,8 +42,10 @@ class Service(Protocol):
     """The gRPC service it serves."""
 
     @classmethod
-    def create(cls, config: NodeConfig, journal: Journal | None) -> Service:
-        """The service for a node with ``config`` (``journal``: when durable)."""
+    def create(cls, config: NodeConfig, journal: Journal | None,
+               clock: Clock = SYSTEM_CLOCK) -> Service:
+        """The service for a node with ``config`` (``journal``: when durable); its
+        state code reads the time from ``clock`` only (tests pass a manual one)."""
         ...
 
     def machine(self, group: Group) -> StateMachine:

@@ -18,6 +18,7 @@ from prometheus_client import Counter
 
 from common.addresses import Endpoint
 from common.auth import Authenticator
+from common.clock import SYSTEM_CLOCK, Clock
 from common.clustermap import MapFollower
 from common.etcd import client_for
 from common.membership import NodeInfo, node_key
@@ -68,8 +69,9 @@ class Node:
     forwarded by other nodes, to cluster members only (`nodes.planes`).
     """
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self.clock = clock  # the only time its services' state code reads
         self.tracing = Tracing(config.tracing, f"mesh-node {config.node_id}")
         self.metrics = Metrics(
             lambda: node_snapshot(self.replication, self.services.values(), self.limiter))
@@ -114,7 +116,8 @@ class Node:
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
             interceptors=self.tracing.client_interceptors(), tls=config.tls,
-            journal=self.journal, incarnation=self.incarnation, signer=self.signer)
+            journal=self.journal, incarnation=self.incarnation, signer=self.signer,
+            clock=clock)
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
@@ -131,8 +134,8 @@ class Node:
                  reflection.SERVICE_NAME]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in self.config.services:
-            service = self.services[name] = self._classes[name].create(self.config,
-                                                                       self.journal)
+            service = self.services[name] = self._classes[name].create(
+                self.config, self.journal, self.clock)
             self._factories[service.kind] = service.machine
             names.append(self._serve(service))
         self.service_names = names

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, cast
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from common.clock import SYSTEM_CLOCK, Clock
 from common.metrics import Snapshot
 from common.slots import slot_for
 from common.tenancy import scoped
@@ -84,8 +85,9 @@ class CounterService(Routed):
     descriptor = SERVICE
 
     @classmethod
-    def create(cls, config: NodeConfig, journal: Journal | None) -> CounterService:
-        return cls()
+    def create(cls, config: NodeConfig, journal: Journal | None,
+               clock: Clock = SYSTEM_CLOCK) -> CounterService:
+        return cls()  # a counter needs no clock
 
     def machine(self, group: Group) -> CounterMachine:
         return CounterMachine(group)

@@ -51,7 +51,7 @@ class EvictionPolicy(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+    def on_insert(self, key: str, expire_at: int | None = None) -> None:
         """Record a write of ``key`` (new or overwritten) expiring at ``expire_at``."""
 
     @abstractmethod
@@ -86,7 +86,7 @@ class LRUPolicy(EvictionPolicy):
         # Oldest first; the values are unused.
         self._order: OrderedDict[str, None] = OrderedDict()
 
-    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+    def on_insert(self, key: str, expire_at: int | None = None) -> None:
         order = self._order
         if key in order:
             order.move_to_end(key)
@@ -157,7 +157,7 @@ class LFUPolicy(EvictionPolicy):
         bucket.prev.next = bucket.next
         bucket.next.prev = bucket.prev
 
-    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+    def on_insert(self, key: str, expire_at: int | None = None) -> None:
         if key in self._bucket_of:
             self.on_access(key)
             return
@@ -229,11 +229,11 @@ class VolatileTTLPolicy(EvictionPolicy):
     name = "volatile-ttl"
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, str]] = []
+        self._heap: list[tuple[int, int, str]] = []
         self._current: dict[str, int] = {}  # key -> seq of its live heap entry
         self._seq = 0
 
-    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+    def on_insert(self, key: str, expire_at: int | None = None) -> None:
         if expire_at is None:
             self.on_remove(key)
             return
@@ -272,7 +272,7 @@ class VolatileTTLPolicy(EvictionPolicy):
             return
         heap = self._heap
         current = self._current
-        frontier: list[tuple[tuple[float, int, str], int]] = [(heap[0], 0)]
+        frontier: list[tuple[tuple[int, int, str], int]] = [(heap[0], 0)]
         size = len(heap)
         while frontier:
             item, index = heapq.heappop(frontier)
@@ -293,7 +293,7 @@ class NoEvictionPolicy(EvictionPolicy):
 
     name = "noeviction"
 
-    def on_insert(self, key: str, expire_at: float | None = None) -> None:
+    def on_insert(self, key: str, expire_at: int | None = None) -> None:
         pass
 
     def on_access(self, key: str) -> None:

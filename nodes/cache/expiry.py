@@ -35,14 +35,14 @@ class ExpiryIndex:
     def __init__(self, data: Mapping[str, Entry]) -> None:
         """Index over ``data``, the store's live mapping (read, never written)."""
         self._data = data
-        self._heap: list[tuple[float, str, int]] = []
+        self._heap: list[tuple[int, str, int]] = []
         self._volatile = 0  # entries with an expiry: the live items in _heap
 
     def __len__(self) -> int:
         """Items held, stale ones included (what compaction keeps bounded)."""
         return len(self._heap)
 
-    def push(self, expire_at: float, key: str, version: int, *, replacing: bool = False) -> None:
+    def push(self, expire_at: int, key: str, version: int, *, replacing: bool = False) -> None:
         """Index the write ``version`` of ``key``, which expires at ``expire_at``.
 
         ``replacing``: the key's previous version also had an expiry and is being
@@ -63,7 +63,7 @@ class ExpiryIndex:
         """
         self._volatile -= 1
 
-    def next_expiry(self) -> float | None:
+    def next_expiry(self) -> int | None:
         """When the next key expires (possibly already past), or None.
 
         Drops the stale items it finds at the top of the heap.
@@ -78,7 +78,7 @@ class ExpiryIndex:
             heapq.heappop(heap)
         return None
 
-    def pop_due(self, now: float) -> tuple[str, Entry] | None:
+    def pop_due(self, now: int) -> tuple[str, Entry] | None:
         """Take the soonest live item due at ``now``, or None if nothing is due.
 
         Only the index forgets the item: the caller must remove the entry from
@@ -93,7 +93,7 @@ class ExpiryIndex:
                 return key, entry
         return None
 
-    def iter_due(self, now: float) -> Iterator[tuple[str, Entry]]:
+    def iter_due(self, now: int) -> Iterator[tuple[str, Entry]]:
         """Every held key whose expiry is <= now; changes nothing but dropping the
         stale items at the top of the heap before walking.
 

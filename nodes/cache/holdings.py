@@ -10,9 +10,9 @@ copy of a store (`mirror`), or to copy one whole (`export` / `load`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
+from common.clock import SYSTEM_CLOCK
 from nodes.cache.budget import Budget
 from nodes.cache.eviction import EvictionPolicy, make_policy
 from nodes.cache.expiry import ExpiryIndex
@@ -54,7 +54,7 @@ class Holdings:
         max_entries: int = 0,
         max_bytes: int = 0,
         policy: str = "lru",
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], int] = SYSTEM_CLOCK.wall_ns,
         budget: Budget | None = None,
     ) -> None:
         # Limits are checked against ``budget`` (shared by a node's stores) when

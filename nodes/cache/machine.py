@@ -9,10 +9,10 @@ command; replicas apply the changes verbatim (`CacheStore.mirror`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from common.clock import SYSTEM_CLOCK, Clock, from_seconds, to_seconds
 from common.slots import slot_for
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
@@ -36,10 +36,19 @@ _TO_WIRE = {
 _FROM_WIRE = {wire: kind for kind, wire in _TO_WIRE.items()}
 
 
+def _seconds(expire_at: int | None) -> float:
+    """An expiry as the wire has it: float seconds, 0.0 for none."""
+    return 0.0 if expire_at is None else to_seconds(expire_at)
+
+
+def _instant(seconds: float) -> int | None:
+    return from_seconds(seconds) if seconds else None
+
+
 def encode(change: Change) -> bytes:
     wire = cpb.KeyChange(
         kind=_TO_WIRE[change.type], key=change.key, value=change.value,
-        revision=change.revision, expire_at=change.expire_at or 0.0)
+        revision=change.revision, expire_at=_seconds(change.expire_at))
     data: bytes = wire.SerializeToString()
     return data
 
@@ -47,7 +56,7 @@ def encode(change: Change) -> bytes:
 def decode(payload: bytes) -> Change:
     wire = cpb.KeyChange.FromString(payload)
     return Change(_FROM_WIRE[wire.kind], wire.key, wire.value, wire.revision,
-                  wire.expire_at or None)
+                  _instant(wire.expire_at))
 
 
 class CacheMachine:
@@ -57,10 +66,11 @@ class CacheMachine:
     durable = False
 
     def __init__(self, group: Group, budget: Budget, policy: str,
-                 publish: Callable[[Change], None]) -> None:
+                 publish: Callable[[Change], None], clock: Clock = SYSTEM_CLOCK) -> None:
         self._group = group
         self._publish = publish
-        self.store = CacheStore(budget=budget, policy=policy, clock=time.time)
+        # Only the primary's store reads it (replicas mirror its changes verbatim).
+        self.store = CacheStore(budget=budget, policy=policy, clock=clock.wall_ns)
         self.store.add_listener(self._changed)
 
     def _changed(self, change: Change) -> None:
@@ -81,7 +91,7 @@ class CacheMachine:
         for key, entry in items:
             piece.entries.append(cpb.SnapshotEntry(
                 key=key, value=entry.value, version=entry.version,
-                expire_at=entry.expire_at or 0.0))
+                expire_at=_seconds(entry.expire_at)))
             size += len(key) + len(entry.value) + 32
             if size >= SNAPSHOT_PIECE_BYTES:
                 pieces.append((0, piece.SerializeToString()))
@@ -97,7 +107,7 @@ class CacheMachine:
         for _, data in chunks:
             piece = cpb.SnapshotPiece.FromString(data)
             revision = piece.revision
-            items.extend((e.key, Entry(e.value, e.version, e.expire_at or None))
+            items.extend((e.key, Entry(e.value, e.version, _instant(e.expire_at)))
                          for e in piece.entries)
         self.store.load(revision, items)
 

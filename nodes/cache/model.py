@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored value. ``version`` is the revision of the write that made it."""
+    """One stored value. ``version`` is the revision of the write that made it;
+    ``expire_at`` a wall instant in nanoseconds (None: never)."""
 
     value: bytes
     version: int
-    expire_at: float | None
+    expire_at: int | None
 
 
 class ChangeType(enum.Enum):
@@ -32,7 +33,8 @@ class Change:
     key: str
     value: bytes
     revision: int
-    expire_at: float | None
+    expire_at: int | None
+    """A wall instant in nanoseconds."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ def plan_room(
     budget: Budget,
     expiry: ExpiryIndex,
     policy: EvictionPolicy,
-    now: float,
+    now: int,
 ) -> Plan:
     """Plan room for ``batch`` (key -> new size) in one store.
 

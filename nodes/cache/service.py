@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import ClassVar, TypeAlias, cast
 
@@ -19,6 +18,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from common import heartbeat as hb
+from common.clock import MILLISECOND, SECOND, SYSTEM_CLOCK, Clock
 from common.errors import MeshStatusError, Reason, invalid_argument
 from common.metrics import Snapshot, one
 from common.slots import slot_for
@@ -58,9 +58,10 @@ _POLICIES = {
 }
 
 
-def _timestamp(at: float) -> timestamp_pb2.Timestamp:
-    seconds = int(at)
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=int((at - seconds) * 1e9))
+def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromNanoseconds(at_ns)
+    return timestamp
 
 
 def _found(entry: Entry) -> pb.GetResponse:
@@ -118,8 +119,10 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     durable: ClassVar[bool] = False
     descriptor = pb.DESCRIPTOR.services_by_name["CacheService"]
 
-    def __init__(self, limits: CacheLimits, *, sync_replication: bool = True) -> None:
+    def __init__(self, limits: CacheLimits, *, sync_replication: bool = True,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.limits = limits
+        self.clock = clock
         self.budget = Budget(limits.max_entries, limits.max_bytes)
         self.budget.donors = self._primary_stores
         self.watches = WatchHub()
@@ -128,13 +131,15 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         self._expiry_task: asyncio.Task[None] | None = None
 
     @classmethod
-    def create(cls, config: NodeConfig, journal: Journal | None) -> CacheService:
-        return cls(config.cache, sync_replication=config.cache.replication == "sync")
+    def create(cls, config: NodeConfig, journal: Journal | None,
+               clock: Clock = SYSTEM_CLOCK) -> CacheService:
+        return cls(config.cache, sync_replication=config.cache.replication == "sync",
+                   clock=clock)
 
     def machine(self, group: Group) -> CacheMachine:
         """The cache's state machine for a group (the replication layer's factory)."""
         return CacheMachine(group, self.budget, self.limits.eviction_policy,
-                            self.watches.publish)
+                            self.watches.publish, self.clock)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -190,7 +195,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         # and each expiry is a replicated change like any write.
         while True:
             busy = False
-            soonest: float | None = None
+            soonest: int | None = None
             for store in self._primary_stores():
                 busy |= store.expire_due(1000) >= 1000
                 due = store.next_expiry()
@@ -199,8 +204,9 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             if busy:
                 await asyncio.sleep(0)
                 continue
-            delay = 1.0 if soonest is None else min(max(soonest - time.time(), 0.005), 1.0)
-            await asyncio.sleep(delay)
+            now = self.clock.wall_ns()
+            delay = SECOND if soonest is None else min(max(soonest - now, 5 * MILLISECOND), SECOND)
+            await self.clock.sleep(delay)
 
     async def _commit(self, group: Group) -> None:
         if self._sync:
@@ -227,7 +233,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     async def Set(self, request: pb.SetRequest, context: Ctx, group: Group) -> pb.SetResponse:
         v.check_key(request.key)
         v.check_value(request.value, self.limits.max_value_bytes)
-        ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
+        ttl = v.ttl_ns(request.HasField("ttl"), request.ttl)
         if request.only_if_absent and request.only_if_version:
             raise invalid_argument("only_if_version", "cannot be combined with only_if_absent")
         try:
@@ -277,11 +283,11 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     async def MSet(self, request: pb.MSetRequest, context: Ctx) -> pb.MSetResponse:
         entries = request.entries
         v.check_batch(entries, "entries")
-        items: list[tuple[str, bytes, float | None]] = []
+        items: list[tuple[str, bytes, int | None]] = []
         for i, e in enumerate(entries):
             v.check_key(e.key, f"entries[{i}].key")
             v.check_value(e.value, self.limits.max_value_bytes, f"entries[{i}].value")
-            ttl = v.ttl_seconds(e.HasField("ttl"), e.ttl, f"entries[{i}].ttl")
+            ttl = v.ttl_ns(e.HasField("ttl"), e.ttl, f"entries[{i}].ttl")
             items.append((e.key, e.value, ttl or None))
         local, remote = self.split([item[0] for item in items], context)
         versions = [0] * len(items)
@@ -307,7 +313,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     async def Incr(self, request: pb.IncrRequest, context: Ctx,
                    group: Group) -> pb.IncrResponse:
         v.check_key(request.key)
-        ttl = v.ttl_seconds(request.HasField("ttl"), request.ttl)
+        ttl = v.ttl_ns(request.HasField("ttl"), request.ttl)
         try:
             value, version = _store(group).incr(scoped(request.key), request.delta,
                                                  ttl=ttl or None)

@@ -1,7 +1,8 @@
 """The cache's state machine: one in-memory key/value store with TTLs and limits.
 
 `CacheStore` is deterministic given its inputs and its clock: every decision that
-depends on time reads the injected ``clock`` (once per operation), and every state
+depends on time reads the injected ``clock`` (once per operation; integer
+nanoseconds, as are TTLs and expiry instants here), and every state
 change is numbered (the store's ``revision``) and reported to listeners as a
 `Change`, so the same store can later run per slot and be replicated by shipping
 its changes.
@@ -26,10 +27,10 @@ another copy's changes, for replication), live in `Holdings`
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
+from common.clock import from_seconds, to_seconds
 from nodes.cache.errors import (
     CacheError,
     CacheFullError,
@@ -65,12 +66,13 @@ _INTEGER = re.compile(rb"-?[0-9]{1,19}")
 # -- helpers -----------------------------------------------------------------
 
 
-def _expire_at(ttl: float | None, now: float) -> float | None:
+def _expire_at(ttl: int | None, now: int) -> int | None:
     if ttl is None or ttl == 0:
         return None
-    if not math.isfinite(ttl) or ttl < 0:
-        raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
-    return now + ttl
+    if not isinstance(ttl, int) or ttl < 0:
+        raise ValueError(f"ttl must be a whole number of nanoseconds >= 0, got {ttl!r}")
+    # As the wire carries it (float seconds): replicas mirror the very same instant.
+    return from_seconds(to_seconds(now + ttl))
 
 
 def _check_version(only_if_version: int) -> None:
@@ -148,7 +150,7 @@ class CacheStore(Holdings):
         key: str,
         value: bytes,
         *,
-        ttl: float | None = None,
+        ttl: int | None = None,
         only_if_absent: bool = False,
         only_if_version: int = 0,
     ) -> Entry:
@@ -192,7 +194,7 @@ class CacheStore(Holdings):
         self._flush()
         return not expired
 
-    def mset(self, items: Sequence[tuple[str, bytes, float | None]]) -> list[int]:
+    def mset(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[int]:
         """Write every ``(key, value, ttl)`` atomically: all of them or none.
 
         If a key repeats, its last item wins and is the only one written; every
@@ -230,7 +232,7 @@ class CacheStore(Holdings):
         self._flush()
         return [versions[item[0]] for item in items]
 
-    def incr(self, key: str, delta: int, *, ttl: float | None = None) -> tuple[int, int]:
+    def incr(self, key: str, delta: int, *, ttl: int | None = None) -> tuple[int, int]:
         """Add ``delta`` to the decimal integer at ``key``; returns (value, version).
 
         A missing (or expired) key starts at 0 and gets ``ttl``; an existing key
@@ -274,14 +276,14 @@ class CacheStore(Holdings):
         self._flush()
         return removed
 
-    def next_expiry(self) -> float | None:
+    def next_expiry(self) -> int | None:
         """When the next key expires (possibly already past), or None."""
         return self._expiry.next_expiry()
 
     # -- internals -----------------------------------------------------------
 
     def _write_one(
-        self, key: str, value: bytes, expire_at: float | None, old: Entry | None, now: float
+        self, key: str, value: bytes, expire_at: int | None, old: Entry | None, now: int
     ) -> Entry:
         """Make room for one write (or raise CacheFullError untouched), then do it."""
         budget = self._budget
@@ -296,7 +298,7 @@ class CacheStore(Holdings):
         return self._put(key, value, expire_at, old, now)
 
     def _put(
-        self, key: str, value: bytes, expire_at: float | None, old: Entry | None, now: float
+        self, key: str, value: bytes, expire_at: int | None, old: Entry | None, now: int
     ) -> Entry:
         """Store the entry; ``old`` is what the key holds now. Room was made."""
         replacing = False  # a live old entry with an expiry gets a new expiry
@@ -331,7 +333,7 @@ class CacheStore(Holdings):
             self._publish(Change(_SET, key, value, revision, expire_at))
         return entry
 
-    def _make_room(self, batch: dict[str, int], now: float) -> None:
+    def _make_room(self, batch: dict[str, int], now: int) -> None:
         """Free enough room for ``batch`` (key -> new size) or raise, changing nothing
         here (other stores may have evicted for it)."""
         budget = self._budget

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from google.protobuf import duration_pb2
 
-from common.bounds import duration_seconds
+from common.bounds import duration_ns
 from common.errors import invalid_argument
 from common.tenancy import SEPARATOR
 
@@ -30,12 +30,12 @@ def check_value(value: bytes, max_bytes: int, field: str = "value") -> None:
         raise invalid_argument(field, f"is {len(value)} bytes; the limit is {max_bytes}")
 
 
-def ttl_seconds(request_has_ttl: bool, ttl: duration_pb2.Duration, field: str = "ttl") -> float:
-    """The TTL in seconds, 0.0 for none; negative, malformed or over-100-year
+def ttl_ns(request_has_ttl: bool, ttl: duration_pb2.Duration, field: str = "ttl") -> int:
+    """The TTL in nanoseconds, 0 for none; negative, malformed or over-100-year
     durations are rejected (the expire_time must stay a valid Timestamp)."""
     if not request_has_ttl:
-        return 0.0
-    return duration_seconds(field, ttl)
+        return 0
+    return duration_ns(field, ttl)
 
 
 def check_batch(items: Sequence[object], field: str) -> None:

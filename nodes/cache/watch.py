@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from common import heartbeat as hb
 from common.errors import MeshStatusError, Reason
@@ -163,7 +162,5 @@ def _event(change: Change) -> pb.WatchEvent:
     event = pb.WatchEvent(type=_EVENT_TYPES[change.type], key=unscoped(change.key),
                           value=change.value, revision=change.revision)
     if change.expire_at is not None and change.type is ChangeType.SET:
-        seconds = int(change.expire_at)
-        event.expire_time.CopyFrom(timestamp_pb2.Timestamp(
-            seconds=seconds, nanos=int((change.expire_at - seconds) * 1e9)))
+        event.expire_time.FromNanoseconds(change.expire_at)
     return event

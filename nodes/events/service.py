@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import ClassVar, TypeAlias, cast
 
@@ -20,6 +19,7 @@ import grpc
 
 from common import heartbeat as hb
 from common import tenancy
+from common.clock import SYSTEM_CLOCK, Clock, from_seconds
 from common.errors import MeshStatusError, invalid_argument
 from common.metrics import Snapshot, one
 from common.slots import slot_for
@@ -79,8 +79,10 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
     durable: ClassVar[bool] = True
     descriptor = pb.DESCRIPTOR.services_by_name["EventsService"]
 
-    def __init__(self, limits: EventsLimits, journal: Journal) -> None:
+    def __init__(self, limits: EventsLimits, journal: Journal,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.limits = limits
+        self.clock = clock  # retention (what is hidden, what is scavenged) is judged by it
         self._journal = journal
         journal.create_tables(SCHEMA, TABLES)
         self.hub = SubscriptionHub(limits.max_subscriptions)
@@ -91,8 +93,9 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         self._scavenger: asyncio.Task[None] | None = None
 
     @classmethod
-    def create(cls, config: NodeConfig, journal: Journal | None) -> EventsService:
-        return cls(config.events, needs_journal(journal, cls.name))
+    def create(cls, config: NodeConfig, journal: Journal | None,
+               clock: Clock = SYSTEM_CLOCK) -> EventsService:
+        return cls(config.events, needs_journal(journal, cls.name), clock)
 
     def machine(self, group: Group) -> EventsMachine:
         """The event store state machine for a group (the replication layer's factory)."""
@@ -132,10 +135,10 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         # Retention hides events at once; removing them (memory and disk) is a
         # replicated command like any write, issued by the primary now and then.
         while True:
-            await asyncio.sleep(self.limits.scavenge_interval)
+            await self.clock.sleep(from_seconds(self.limits.scavenge_interval))
             if self._replication is None:
                 continue
-            now = time.time_ns()
+            now = self.clock.wall_ns()
             for group in list(self._replication.groups.values()):
                 machine = group.machines.get(EVENTS)
                 if group.writable and machine is not None:
@@ -237,7 +240,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
             return pb.ReadResponse(end_of_stream=True)
         if stream.tombstoned:
             raise errors.stream_deleted(request.stream)
-        view = View(_machine(group).store, group.commit_seq, time.time_ns())
+        view = View(_machine(group).store, group.commit_seq, self.clock.wall_ns())
         start = request.from_version if request.HasField("from_version") else None
         page = read_stream(stream, view, start, backward, limit)
         last = view.bounds(stream)[1]
@@ -255,7 +258,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         slot_log = store.slots.get(request.slot)
         if slot_log is None:
             return pb.ReadAllResponse(end_of_log=True)
-        view = View(store, group.commit_seq, time.time_ns())
+        view = View(store, group.commit_seq, self.clock.wall_ns())
         start = request.from_position if request.HasField("from_position") else None
         page = read_slot(slot_log, view, start, backward, limit)
         return pb.ReadAllResponse(
@@ -320,7 +323,8 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         try:
             yield _confirmation(sub.id, heartbeat)
             async for message in follow_stream(sub, machine, stream, cursor,
-                                               self.limits.subscriber_max_lag, heartbeat):
+                                               self.limits.subscriber_max_lag, heartbeat,
+                                               self.clock):
                 yield message
         except Ended as ended:
             raise self._ended(ended.group_id, slot_for(stream)) from None
@@ -334,7 +338,8 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         try:
             yield _confirmation(sub.id, heartbeat)
             async for message in follow_slots(sub, targets, cursors, prefix, interval,
-                                              self.limits.subscriber_max_lag, heartbeat):
+                                              self.limits.subscriber_max_lag, heartbeat,
+                                              self.clock):
                 yield message
         except Ended as ended:
             slot = next((min(t.slots) for t in targets if t.group_id == ended.group_id), 0)

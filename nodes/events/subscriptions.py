@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from common import heartbeat as hb
+from common.clock import SYSTEM_CLOCK, Clock
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import errors
 from nodes.events.machine import EventsMachine
@@ -131,10 +131,11 @@ def start_version(machine: EventsMachine, stream_id: str, after_version: int,
 
 
 async def follow_stream(sub: Subscription, machine: EventsMachine, stream_id: str,
-                        cursor: int, max_lag: int, heartbeat: float = 0.0
-                        ) -> AsyncIterator[pb.SubscribeResponse]:
+                        cursor: int, max_lag: int, heartbeat: float = 0.0,
+                        clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[pb.SubscribeResponse]:
     """One stream's events after version ``cursor``: catch-up, CaughtUp, live (with a
-    Heartbeat after every ``heartbeat`` seconds of nothing to send; 0: none)."""
+    Heartbeat after every ``heartbeat`` seconds of nothing to send; 0: none); what
+    retention hides is judged by ``clock``."""
     group, store = machine.group, machine.store
     live = False
     while True:
@@ -146,7 +147,7 @@ async def follow_stream(sub: Subscription, machine: EventsMachine, stream_id: st
             commit = group.commit_seq
             if stream.tombstoned and stream.changed_seq <= commit:
                 raise errors.stream_deleted(stream_id)
-            view = View(store, commit, time.time_ns())
+            view = View(store, commit, clock.wall_ns())
             page = read_stream(stream, view, cursor + 1, False, BATCH)
             last = view.bounds(stream)[1]
             if live and last - cursor > max_lag:
@@ -176,10 +177,12 @@ class SlotTarget:
 
 async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
                        cursors: dict[int, int], prefix: str, interval: int, max_lag: int,
-                       heartbeat: float = 0.0) -> AsyncIterator[pb.SubscribeResponse]:
+                       heartbeat: float = 0.0, clock: Clock = SYSTEM_CLOCK
+                       ) -> AsyncIterator[pb.SubscribeResponse]:
     """The events of the targets' slots after ``cursors`` (slot -> last position
     done) whose stream id starts with ``prefix``, with checkpoints (and a Heartbeat
-    after every ``heartbeat`` seconds of nothing to send; 0: none)."""
+    after every ``heartbeat`` seconds of nothing to send; 0: none); what retention
+    hides is judged by ``clock``."""
     by_group = {t.group_id: t for t in targets}
     todo = set(by_group)
     advanced: dict[int, int] = {}
@@ -199,7 +202,7 @@ async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
             while not await hb.idle(sub.wake, heartbeat):
                 yield _heartbeat()
             continue
-        work, lag, todo = _collect([by_group[g] for g in todo], cursors)
+        work, lag, todo = _collect([by_group[g] for g in todo], cursors, clock.wall_ns())
         if live and lag > max_lag:
             yield _FELL_BEHIND
             live = False
@@ -215,11 +218,11 @@ async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
                     scanned = 0
 
 
-def _collect(targets: Sequence[SlotTarget], cursors: dict[int, int]
+def _collect(targets: Sequence[SlotTarget], cursors: dict[int, int], now: int
              ) -> tuple[list[tuple[int, list[StoredEvent], View]], int, set[int]]:
-    """The next batch of committed entries per slot of ``targets``, the entries
-    they are behind in all, and the groups with more than one batch to read."""
-    now = time.time_ns()
+    """The next batch of committed entries per slot of ``targets`` (as seen at wall
+    instant ``now``), the entries they are behind in all, and the groups with more
+    than one batch to read."""
     work: list[tuple[int, list[StoredEvent], View]] = []
     lag = 0
     more: set[int] = set()

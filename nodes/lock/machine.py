@@ -6,16 +6,16 @@ replicas only replay them into their `LockTable`. Expiry is a timer per lease
 on the primary. When a copy becomes primary it gives every lease a full ttl
 from that moment (etcd does the same on a leader change): the old primary's
 clock is not ours, and a lease must never end early because of a failover.
+The primary's clock is the injected `Clock` (times in integer nanoseconds).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from common.clock import SYSTEM_CLOCK, Clock, Timer, from_seconds, to_seconds
 from common.slots import slot_for
 from mesh.lock.v1 import lock_replication_pb2 as lpb
 from mesh.replication.v1 import replication_pb2 as rpb
@@ -38,15 +38,16 @@ class LockMachine:
     service = LOCK
     durable = False
 
-    def __init__(self, group: Group, limits: LockLimits, count: LeaseCount | None = None
-                 ) -> None:
+    def __init__(self, group: Group, limits: LockLimits, count: LeaseCount | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._group = group
+        self._clock = clock
         self._limits = limits
         self._count = count or LeaseCount()
         self.table = LockTable(self._count)
         # Primary only:
         self.queues: dict[str, WaitQueue] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[str, Timer] = {}
         self._leading = False
 
     # -- replication (every copy) -----------------------------------------------
@@ -73,9 +74,9 @@ class LockMachine:
 
     def _lead(self) -> None:
         self._leading = True
-        now = time.time()
+        now = self._clock.wall_ns()
         for name, lease in self.table.leases():
-            lease.expire_at = max(lease.expire_at, now + lease.ttl)
+            lease.expire_ns = max(lease.expire_ns, now + lease.ttl_ns)
             self._schedule(name, lease)
 
     def _stop_leading(self) -> None:
@@ -91,9 +92,9 @@ class LockMachine:
 
     # -- decisions (primary) ------------------------------------------------------
 
-    def acquire(self, name: str, *, owner: str, permits: int, max_permits: int, ttl: float,
-                request_id: str, wait: float, shared: bool = False) -> Grant | Waiter:
-        """Grant at once, or queue a waiter (``wait`` > 0), or raise LOCK_TIMEOUT."""
+    def acquire(self, name: str, *, owner: str, permits: int, max_permits: int, ttl_ns: int,
+                request_id: str, wait_ns: int, shared: bool = False) -> Grant | Waiter:
+        """Grant at once, or queue a waiter (``wait_ns`` > 0), or raise LOCK_TIMEOUT."""
         lock = self.table.get(name)
         queue = self.queues.get(name)
         size = lock.max_permits if lock else queue.max_permits if queue else max_permits
@@ -101,12 +102,12 @@ class LockMachine:
             raise errors.permits_mismatch(name, size)
         if request_id:
             lease = lock.by_request(request_id) if lock else None
-            if lease is not None and lease.expire_at > time.time():
+            if lease is not None and lease.expire_ns > self._clock.wall_ns():
                 # A retry of a granted Acquire: the same lease.
                 return Grant(lease, self._group.log.last_seq)
             old = queue.by_request(request_id) if queue else None
             if queue is not None and old is not None:
-                waiter = self._waiter(owner, permits, ttl, request_id, wait, shared)
+                waiter = self._waiter(owner, permits, ttl_ns, request_id, wait_ns, shared)
                 queue.replace(old, waiter)
                 if not old.future.done():
                     old.future.set_exception(errors.superseded())
@@ -114,23 +115,22 @@ class LockMachine:
         if self._count.total >= self._limits.max_leases:
             raise errors.too_many_leases(self._limits.max_leases)
         if not queue and (lock is None or lock.admits(permits, shared)):
-            return self._grant(name, max_permits, owner, permits, ttl, request_id, shared)
-        if wait <= 0:
+            return self._grant(name, max_permits, owner, permits, ttl_ns, request_id, shared)
+        if wait_ns <= 0:
             raise errors.lock_timeout(name, self.table.token_bound(name), len(queue or ()))
         if queue is None:
             queue = self.queues[name] = WaitQueue(max_permits)
         if len(queue) >= self._limits.max_waiters:
             raise errors.too_many_waiters(name, self._limits.max_waiters)
-        waiter = self._waiter(owner, permits, ttl, request_id, wait, shared)
+        waiter = self._waiter(owner, permits, ttl_ns, request_id, wait_ns, shared)
         queue.push(waiter)
         return waiter
 
-    @staticmethod
-    def _waiter(owner: str, permits: int, ttl: float, request_id: str, wait: float,
+    def _waiter(self, owner: str, permits: int, ttl_ns: int, request_id: str, wait_ns: int,
                 shared: bool) -> Waiter:
-        now = time.time()
-        return Waiter(owner, permits, ttl, request_id, since=now, give_up_at=now + wait,
-                      shared=shared)
+        now = self._clock.wall_ns()
+        return Waiter(owner, permits, ttl_ns, request_id, since_ns=now,
+                      give_up_ns=now + wait_ns, shared=shared)
 
     def leave(self, name: str, waiter: Waiter) -> None:
         """A waiter gave up (timeout or cancelled call)."""
@@ -148,21 +148,23 @@ class LockMachine:
         if self._leading and self.table.lease(name, lease.lease_id) is lease:
             self._end(name, lease, lpb.LEASE_END_ABANDONED)
 
-    def refresh(self, name: str, lease_id: str, ttl: float | None) -> tuple[Lease, int]:
-        """Extend a live lease by ``ttl`` (default: its own) from now."""
+    def refresh(self, name: str, lease_id: str, ttl_ns: int | None) -> tuple[Lease, int]:
+        """Extend a live lease by ``ttl_ns`` (default: its own) from now."""
         lease = self.live_lease(name, lease_id)
-        ttl = ttl or lease.ttl
-        expire_at = time.time() + ttl
-        self.table.refresh(name, lease_id, ttl, expire_at)
-        seq = self._issue(name, lpb.LockCommand(refresh=lpb.LeaseRefresh(
-            name=name, lease_id=lease_id, ttl_seconds=ttl, expire_at=expire_at)))
+        ttl_ns = ttl_ns or lease.ttl_ns
+        refresh = lpb.LeaseRefresh(name=name, lease_id=lease_id, ttl_seconds=to_seconds(ttl_ns),
+                                   expire_at=to_seconds(self._clock.wall_ns() + ttl_ns))
+        # What the command carries (float seconds), so this copy holds what replicas do.
+        self.table.refresh(name, lease_id, from_seconds(refresh.ttl_seconds),
+                           from_seconds(refresh.expire_at))
+        seq = self._issue(name, lpb.LockCommand(refresh=refresh))
         self._schedule(name, lease)
         return lease, seq
 
     def live_lease(self, name: str, lease_id: str) -> Lease:
         """The lease, if it has not ended or expired (else LOCK_NOT_HELD)."""
         lease = self.table.lease(name, lease_id)
-        if lease is not None and lease.expire_at <= time.time():
+        if lease is not None and lease.expire_ns <= self._clock.wall_ns():
             self._expire(name, lease_id)  # its timer is due but has not run yet
             lease = None
         if lease is None:
@@ -173,14 +175,16 @@ class LockMachine:
         lock = self.table.get(name)
         if lock is None:
             return []
-        now = time.time()
-        return [lease for lease in lock.leases.values() if lease.expire_at > now]
+        now = self._clock.wall_ns()
+        return [lease for lease in lock.leases.values() if lease.expire_ns > now]
 
-    def _grant(self, name: str, max_permits: int, owner: str, permits: int, ttl: float,
+    def _grant(self, name: str, max_permits: int, owner: str, permits: int, ttl_ns: int,
                request_id: str, shared: bool) -> Grant:
-        now = time.time()
-        lease = Lease(uuid.uuid4().hex, owner, self.table.next_token(self._group.epoch),
-                      permits, ttl, now + ttl, now, request_id, shared)
+        now = self._clock.wall_ns()
+        decided = Lease(uuid.uuid4().hex, owner, self.table.next_token(self._group.epoch),
+                        permits, ttl_ns, now + ttl_ns, now, request_id, shared)
+        # What the command carries (float seconds), so this copy holds what replicas do.
+        lease = Lease.of(decided.to_record())
         self.table.grant(name, max_permits, lease)
         seq = self._issue(name, lpb.LockCommand(grant=lpb.LeaseGrant(
             name=name, max_permits=max_permits, lease=lease.to_record())))
@@ -210,7 +214,7 @@ class LockMachine:
             queue.remove(head)
             if not head.future.done():
                 head.future.set_result(self._grant(
-                    name, queue.max_permits, head.owner, head.permits, head.ttl,
+                    name, queue.max_permits, head.owner, head.permits, head.ttl_ns,
                     head.request_id, head.shared))
         if not queue:
             del self.queues[name]
@@ -224,16 +228,16 @@ class LockMachine:
         timer = self._timers.pop(lease.lease_id, None)
         if timer is not None:
             timer.cancel()
-        delay = max(lease.expire_at - time.time(), 0.0)
-        self._timers[lease.lease_id] = asyncio.get_running_loop().call_later(
-            delay, self._expire, name, lease.lease_id)
+        lease_id = lease.lease_id
+        self._timers[lease_id] = self._clock.call_at(
+            lease.expire_ns, lambda: self._expire(name, lease_id))
 
     def _expire(self, name: str, lease_id: str) -> None:
         self._timers.pop(lease_id, None)
         lease = self.table.lease(name, lease_id)
         if not self._leading or lease is None:
             return
-        if lease.expire_at > time.time():  # refreshed meanwhile
+        if lease.expire_ns > self._clock.wall_ns():  # refreshed meanwhile
             self._schedule(name, lease)
             return
         self._end(name, lease, lpb.LEASE_END_EXPIRED)

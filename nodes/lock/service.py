@@ -15,6 +15,7 @@ from typing import ClassVar, TypeAlias, cast
 import grpc
 from google.protobuf import timestamp_pb2
 
+from common.clock import SYSTEM_CLOCK, Clock, from_seconds
 from common.metrics import Snapshot, one
 from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
@@ -41,9 +42,10 @@ Ctx: TypeAlias = grpc.aio.ServicerContext
 _DEADLINE_MARGIN = 0.1
 
 
-def _timestamp(at: float) -> timestamp_pb2.Timestamp:
-    seconds = int(at)
-    return timestamp_pb2.Timestamp(seconds=seconds, nanos=int((at - seconds) * 1e9))
+def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromNanoseconds(at_ns)
+    return timestamp
 
 
 def _machine(group: Group) -> LockMachine:
@@ -59,17 +61,19 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     durable: ClassVar[bool] = False
     descriptor = pb.DESCRIPTOR.services_by_name["LockService"]
 
-    def __init__(self, limits: LockLimits) -> None:
+    def __init__(self, limits: LockLimits, clock: Clock = SYSTEM_CLOCK) -> None:
         self.limits = limits
         self.leases = LeaseCount()
+        self.clock = clock
 
     def machine(self, group: Group) -> LockMachine:
         """The lock state machine for a group (the replication layer's factory)."""
-        return LockMachine(group, self.limits, self.leases)
+        return LockMachine(group, self.limits, self.leases, self.clock)
 
     @classmethod
-    def create(cls, config: NodeConfig, journal: Journal | None) -> LockService:
-        return cls(config.lock)
+    def create(cls, config: NodeConfig, journal: Journal | None,
+               clock: Clock = SYSTEM_CLOCK) -> LockService:
+        return cls(config.lock, clock)
 
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self.start_routing(forwarder)
@@ -106,8 +110,9 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         name = scoped(name)
         machine = _machine(group)
         outcome = machine.acquire(
-            name, owner=request.owner, permits=permits, max_permits=max_permits, ttl=ttl,
-            request_id=request.request_id, wait=wait, shared=shared)
+            name, owner=request.owner, permits=permits, max_permits=max_permits,
+            ttl_ns=from_seconds(ttl), request_id=request.request_id,
+            wait_ns=from_seconds(wait), shared=shared)
         grant = await self._wait(machine, name, outcome, wait) \
             if isinstance(outcome, Waiter) else outcome
         try:
@@ -117,8 +122,8 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
             raise
         lease = grant.lease
         response = pb.AcquireResponse(lease_id=lease.lease_id, fencing_token=lease.token,
-                                      expire_time=_timestamp(lease.expire_at))
-        response.ttl.FromNanoseconds(int(lease.ttl * 1e9))
+                                      expire_time=_timestamp(lease.expire_ns))
+        response.ttl.FromNanoseconds(lease.ttl_ns)
         return response
 
     @staticmethod
@@ -153,9 +158,10 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         v.check_name(request.name)
         v.check_lease_id(request.lease_id)
         ttl = v.ttl(request.ttl, self.limits, default=None)
-        lease, seq = _machine(group).refresh(scoped(request.name), request.lease_id, ttl)
+        lease, seq = _machine(group).refresh(scoped(request.name), request.lease_id,
+                                             None if ttl is None else from_seconds(ttl))
         await group.wait_committed(seq)
-        return pb.RefreshResponse(expire_time=_timestamp(lease.expire_at),
+        return pb.RefreshResponse(expire_time=_timestamp(lease.expire_ns),
                                   fencing_token=lease.token)
 
     @routed("name")
@@ -173,8 +179,8 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         shared = any(lease.shared for lease in leases)
         return pb.DescribeResponse(
             holders=[_holder(lease) for lease in leases],
-            waiters=[pb.Waiter(owner=w.owner, permits=w.permits, since=_timestamp(w.since),
-                               give_up_time=_timestamp(w.give_up_at), mode=_mode(w.shared))
+            waiters=[pb.Waiter(owner=w.owner, permits=w.permits, since=_timestamp(w.since_ns),
+                               give_up_time=_timestamp(w.give_up_ns), mode=_mode(w.shared))
                      for w in queue or ()],
             max_permits=size,
             available_permits=0 if shared else size - sum(lease.permits for lease in leases),
@@ -194,8 +200,8 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
 
 def _holder(lease: Lease) -> pb.Holder:
     return pb.Holder(lease_id=lease.lease_id, owner=lease.owner, fencing_token=lease.token,
-                     expire_time=_timestamp(lease.expire_at), permits=lease.permits,
-                     acquire_time=_timestamp(lease.acquire_at), mode=_mode(lease.shared))
+                     expire_time=_timestamp(lease.expire_ns), permits=lease.permits,
+                     acquire_time=_timestamp(lease.acquire_ns), mode=_mode(lease.shared))
 
 
 def _mode(shared: bool) -> pb.LockMode.ValueType:

@@ -3,7 +3,9 @@
 Every copy of a group (primary and replicas) keeps the same `LockTable`; it
 changes only through three decisions the primary ships (grant, end, refresh),
 so replaying them in order rebuilds it exactly. It knows nothing of clocks,
-waiters or timers: those belong to the primary (`nodes.lock.machine`).
+waiters or timers: those belong to the primary (`nodes.lock.machine`). Times are
+integer nanoseconds; the commands carry them as float seconds (`Lease.of` and
+`Lease.to_record` convert).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from common.clock import from_seconds, to_seconds
 from mesh.lock.v1 import lock_replication_pb2 as lpb
 
 __all__ = ["EPOCH_SHIFT", "Lease", "LeaseCount", "Lock", "LockTable"]
@@ -28,22 +31,26 @@ class Lease:
     owner: str
     token: int
     permits: int
-    ttl: float
-    expire_at: float
-    acquire_at: float
+    ttl_ns: int
+    expire_ns: int
+    """Wall instant."""
+    acquire_ns: int
+    """Wall instant."""
     request_id: str = ""
     shared: bool = False
 
     def to_record(self) -> lpb.LeaseRecord:
         return lpb.LeaseRecord(
             lease_id=self.lease_id, owner=self.owner, fencing_token=self.token,
-            permits=self.permits, ttl_seconds=self.ttl, expire_at=self.expire_at,
-            acquire_at=self.acquire_at, request_id=self.request_id, shared=self.shared)
+            permits=self.permits, ttl_seconds=to_seconds(self.ttl_ns),
+            expire_at=to_seconds(self.expire_ns), acquire_at=to_seconds(self.acquire_ns),
+            request_id=self.request_id, shared=self.shared)
 
     @classmethod
     def of(cls, r: lpb.LeaseRecord) -> Lease:
-        return cls(r.lease_id, r.owner, r.fencing_token, r.permits, r.ttl_seconds,
-                   r.expire_at, r.acquire_at, r.request_id, r.shared)
+        return cls(r.lease_id, r.owner, r.fencing_token, r.permits, from_seconds(r.ttl_seconds),
+                   from_seconds(r.expire_at), from_seconds(r.acquire_at), r.request_id,
+                   r.shared)
 
 
 @dataclass(slots=True)
@@ -154,11 +161,11 @@ class LockTable:
         self.size += delta
         self._count.total += delta
 
-    def refresh(self, name: str, lease_id: str, ttl: float, expire_at: float) -> Lease | None:
+    def refresh(self, name: str, lease_id: str, ttl_ns: int, expire_ns: int) -> Lease | None:
         lease = self.lease(name, lease_id)
         if lease is not None:
-            lease.ttl = ttl
-            lease.expire_at = expire_at
+            lease.ttl_ns = ttl_ns
+            lease.expire_ns = expire_ns
         return lease
 
     # -- replication -----------------------------------------------------------
@@ -173,7 +180,8 @@ class LockTable:
             self.end(command.end.name, command.end.lease_id)
         elif kind == "refresh":
             r = command.refresh
-            self.refresh(r.name, r.lease_id, r.ttl_seconds, r.expire_at)
+            self.refresh(r.name, r.lease_id, from_seconds(r.ttl_seconds),
+                         from_seconds(r.expire_at))
 
     def to_snapshot(self) -> lpb.LockSnapshot:
         snapshot = lpb.LockSnapshot(last_token=self.last_token)

@@ -27,14 +27,14 @@ class Grant:
 
 @dataclass(eq=False, slots=True)
 class Waiter:
-    """One queued Acquire."""
+    """One queued Acquire (times in nanoseconds, instants on the wall clock)."""
 
     owner: str
     permits: int
-    ttl: float
+    ttl_ns: int
     request_id: str
-    since: float
-    give_up_at: float
+    since_ns: int
+    give_up_ns: int
     shared: bool = False
     future: asyncio.Future[Grant] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from common import tracing
+from common.clock import SYSTEM_CLOCK, Clock
 from common.errors import MeshStatusError, Reason
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.log import CommandLog
@@ -55,8 +55,10 @@ class Group:
     def __init__(
         self, group_id: int, node_id: str, factories: Mapping[int, MachineFactory],
         origin_epoch: int = 0, durable: DurableCopy | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.group_id = group_id
+        self._clock = clock  # stamps the commands it issues (their ``issued_at``)
         self.node_id = node_id
         self.origin_epoch = origin_epoch  # the group history this copy belongs to
         self.epoch = 0  # the highest epoch seen for this group
@@ -131,7 +133,7 @@ class Group:
         command = rpb.Command(
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
             payload=payload, epoch=self.epoch)
-        command.issued_at.FromNanoseconds(time.time_ns())
+        command.issued_at.FromNanoseconds(self._clock.wall_ns())
         if tracing.enabled():
             command.traceparent = tracing.traceparent()
         if apply:

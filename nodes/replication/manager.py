@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from common.clock import SYSTEM_CLOCK, Clock
 from common.clustermap import GroupView, RoutingTable
 from common.errors import MeshStatusError, Reason
 from common.peer import NODE, PeerSigner
@@ -71,9 +72,10 @@ class Replication:
         lease_valid_until: Callable[[], float], lease_ttl: float,
         interceptors: Sequence[Any] = (), tls: Tls | None = None,
         journal: Journal | None = None, incarnation: str = "",
-        signer: PeerSigner | None = None,
+        signer: PeerSigner | None = None, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.node_id = node_id
+        self._clock = clock  # the groups' (they stamp the commands they issue)
         # Signs its calls to other nodes' peer ports (none: an open plane).
         self.signer = signer or PeerSigner(None, NODE, node_id)
         self.incarnation = incarnation
@@ -167,7 +169,8 @@ class Replication:
         copies = self.journal.copies()
         for copy in copies:
             self.groups[copy.group_id] = Group(
-                copy.group_id, self.node_id, self._factories, copy.origin_epoch, durable=copy)
+                copy.group_id, self.node_id, self._factories, copy.origin_epoch, durable=copy,
+                clock=self._clock)
         if copies:
             log.info("read back durable copies of %d group(s) from %s", len(copies),
                      self.journal.path)
@@ -269,7 +272,7 @@ class Replication:
         return group if group is not None else self._create(batch.group_id)
 
     def _create(self, group_id: int, origin_epoch: int = 0) -> Group:
-        group = Group(group_id, self.node_id, self._factories, origin_epoch)
+        group = Group(group_id, self.node_id, self._factories, origin_epoch, clock=self._clock)
         self.groups[group_id] = group
         return group
 

@@ -11,7 +11,6 @@ state it reports).
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from nodes.scheduler.model import DEAD, LEASED, WAITING, Job, Schedule
 from nodes.scheduler.state import lease_token
 
 if TYPE_CHECKING:
+    from common.clock import Clock
     from nodes.config import SchedulerLimits
     from nodes.replication.group import Group
     from nodes.scheduler.leader import Leader
@@ -56,6 +56,7 @@ class Decisions:
 
     state: SchedulerState
     limits: SchedulerLimits
+    clock: Clock
     leader: Leader | None
     last_job: Job | None
     last_leased: list[Job]
@@ -121,7 +122,7 @@ class Decisions:
         return job
 
     def heartbeat(self, job_id: str, token: int, extend_ns: int | None) -> tuple[Job, int]:
-        now = time.time_ns()
+        now = self.clock.wall_ns()
         job = self._live_lease(job_id, token, now)
         if job is None:
             raise errors.lease_lost(self.job(job_id))
@@ -134,7 +135,7 @@ class Decisions:
     def complete(self, job_id: str, token: int, result: bytes) -> tuple[int, int]:
         """``(finish_ns, seq)``; a repeat of a Complete that took effect is answered
         the same."""
-        job = self._live_lease(job_id, token, time.time_ns())
+        job = self._live_lease(job_id, token, self.clock.wall_ns())
         if job is None:
             job = self.job(job_id)
             attempt = job.attempt(token)
@@ -148,7 +149,7 @@ class Decisions:
 
     def fail(self, job_id: str, token: int, error: str, retryable: bool,
              retry_delay_ns: int | None) -> Failed:
-        now = time.time_ns()
+        now = self.clock.wall_ns()
         job = self._live_lease(job_id, token, now)
         if job is None:
             job = self.job(job_id)

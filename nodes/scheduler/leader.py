@@ -17,10 +17,10 @@ import heapq
 import itertools
 import logging
 import random
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from common.clock import SYSTEM_CLOCK, Clock, Timer
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
@@ -49,13 +49,15 @@ Wakeup = tuple[int, int, int, tuple[str, ...]]
 class Leader:
     """The primary's side of one group's scheduler."""
 
-    def __init__(self, machine: SchedulerMachine, limits: SchedulerLimits) -> None:
+    def __init__(self, machine: SchedulerMachine, limits: SchedulerLimits,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._machine = machine
         self._limits = limits
+        self._clock = clock
         self._heap: list[Wakeup] = []
         self._ties = itertools.count()
         self._retained: list[tuple[int, str]] = []
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: Timer | None = None
         self._armed_ns = 0
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -158,7 +160,7 @@ class Leader:
         if self.stopped or not self._machine.group.writable:
             return
         state = self._machine.state
-        now = time.time_ns()
+        now = self._clock.wall_ns()
         for name in dirty:
             for waiter in list(self.waiters.get(name, ())):
                 if waiter.done:
@@ -185,14 +187,13 @@ class Leader:
             return
         if self._handle is not None:
             self._handle.cancel()
-        delay = max(at_ns - time.time_ns(), 0) / 1e9
-        self._handle = self._loop.call_later(delay, self._fire)
+        self._handle = self._clock.call_at(at_ns, self._fire)
         self._armed_ns = at_ns
 
     def _fire(self) -> None:
         self._handle = None
         try:
-            self.run_due(time.time_ns())
+            self.run_due(self._clock.wall_ns())
         except Exception:  # a bug must not stop the group's timers for good
             log.exception("group %d: scheduler timers failed", self._machine.group.group_id)
         if self._heap and self._handle is None:

@@ -10,10 +10,10 @@ primary's timers and Claim waiters; it exists only then.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from common.clock import SYSTEM_CLOCK, Clock
 from common.slots import slot_for
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
@@ -44,9 +44,11 @@ class SchedulerMachine(Decisions):
     service = SCHEDULER
     durable = True
 
-    def __init__(self, group: Group, journal: JournalLike, limits: SchedulerLimits) -> None:
+    def __init__(self, group: Group, journal: JournalLike, limits: SchedulerLimits,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._group = group
         self.limits = limits
+        self.clock = clock  # the primary's decisions and timers only; apply never reads it
         self.state = SchedulerState()
         self._storage = Storage(journal, group)
         self.leader: Leader | None = None
@@ -242,8 +244,8 @@ class SchedulerMachine(Decisions):
 
     def role_changed(self) -> None:
         if self._group.writable and self.leader is None:
-            self.leader = Leader(self, self.limits)
-            self.leader.start(time.time_ns())
+            self.leader = Leader(self, self.limits, self.clock)
+            self.leader.start(self.clock.wall_ns())
         elif not self._group.writable and self.leader is not None:
             leader, self.leader = self.leader, None
             leader.stop()

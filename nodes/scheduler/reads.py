@@ -8,8 +8,7 @@ reports a change a failover could still undo.
 
 from __future__ import annotations
 
-import time
-from typing import TypeAlias, cast
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import grpc
 
@@ -23,6 +22,9 @@ from nodes.scheduler import validation as v
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import Job
 from nodes.scheduler.views import job_view, schedule_view, timestamp
+
+if TYPE_CHECKING:
+    from common.clock import Clock
 
 __all__ = ["Reads"]
 
@@ -71,13 +73,15 @@ def _page_after(token: str) -> tuple[int, str] | None:
 class Reads(Routed):
     """Read RPCs; mixed into `SchedulerService`."""
 
+    clock: Clock
+
     @routed("job_id")
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx,
                      group: Group) -> pb.GetJobResponse:
         v.check_job_id(request.job_id)
         own(group, request.job_id)
         job = await _settled_job(group, request.job_id)
-        return pb.GetJobResponse(job=job_view(job, time.time_ns()))
+        return pb.GetJobResponse(job=job_view(job, self.clock.wall_ns()))
 
     @staticmethod
     async def _settled_queue(group: Group, request: _QueueRequest) -> SchedulerMachine:
@@ -95,7 +99,7 @@ class Reads(Routed):
         queue = machine.state.queues.get(request.queue)
         if queue is None:
             return pb.StatsResponse(schedules=schedules)
-        queue.promote(time.time_ns())
+        queue.promote(self.clock.wall_ns())
         response = pb.StatsResponse(
             ready=queue.n_ready, delayed=queue.n_delayed, leased=len(queue.leased),
             done=queue.n_done, dead=len(queue.dead), cancelled=queue.n_cancelled,
@@ -117,7 +121,7 @@ class Reads(Routed):
         if queue is None:
             return pb.ListDeadLettersResponse()
         ids = queue.dead_after(after, size + 1)
-        now = time.time_ns()
+        now = self.clock.wall_ns()
         jobs = [machine.state.jobs[i] for i in ids[:size]]
         response = pb.ListDeadLettersResponse(jobs=[job_view(j, now) for j in jobs],
                                               total=len(queue.dead))

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import ClassVar, TypeAlias, cast
 
 import grpc
 
 from common.bounds import duration_ns
+from common.clock import SYSTEM_CLOCK, Clock, from_seconds
 from common.errors import invalid_argument
 from common.metrics import Snapshot, one
 from common.tenancy import scoped
@@ -67,20 +67,23 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     durable: ClassVar[bool] = True
     descriptor = pb.DESCRIPTOR.services_by_name["SchedulerService"]
 
-    def __init__(self, limits: SchedulerLimits, journal: Journal) -> None:
+    def __init__(self, limits: SchedulerLimits, journal: Journal,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.limits = limits
+        self.clock = clock
         self._journal = journal
         journal.create_tables(SCHEMA, TABLES)
         self._replication: Replication | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
-    def create(cls, config: NodeConfig, journal: Journal | None) -> SchedulerService:
-        return cls(config.scheduler, needs_journal(journal, cls.name))
+    def create(cls, config: NodeConfig, journal: Journal | None,
+               clock: Clock = SYSTEM_CLOCK) -> SchedulerService:
+        return cls(config.scheduler, needs_journal(journal, cls.name), clock)
 
     def machine(self, group: Group) -> SchedulerMachine:
         """The scheduler state machine for a group (the replication layer's factory)."""
-        return SchedulerMachine(group, self._journal, self.limits)
+        return SchedulerMachine(group, self._journal, self.limits, self.clock)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -125,10 +128,10 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         # Finished jobs past retention go with a replicated command, like any
         # change, issued by each primary now and then.
         while True:
-            await asyncio.sleep(self.limits.sweep_interval)
+            await self.clock.sleep(from_seconds(self.limits.sweep_interval))
             if self._replication is None:
                 continue
-            now = time.time_ns()
+            now = self.clock.wall_ns()
             for group in list(self._replication.groups.values()):
                 machine = group.machines.get(SCHEDULER)
                 leader = cast(SchedulerMachine, machine).leader if machine else None
@@ -145,7 +148,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     @routed("queue")
     async def Enqueue(self, request: pb.EnqueueRequest, context: Ctx,
                       group: Group) -> pb.EnqueueResponse:
-        now = time.time_ns()
+        now = self.clock.wall_ns()
         spec = v.job_spec(request, self.limits, now)
         spec.queue = scoped(spec.queue)
         result = machine_of(group).enqueue(spec, request.strict_unique, now)
@@ -175,7 +178,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         sources = [(m, queue) for group, names in local.items()
                    for m in (machine_of(group),) for name in names
                    if (queue := m.state.queues.get(name)) is not None]
-        claimed = claim(sources, request.worker_id, max_jobs, lease_ns, time.time_ns())
+        claimed = claim(sources, request.worker_id, max_jobs, lease_ns, self.clock.wall_ns())
         if not claimed and wait_ns:
             remaining = context.time_remaining()
             if remaining is not None:
@@ -258,7 +261,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if failed.state == DEAD:
             response.state = pb.JOB_STATE_DEAD
         else:
-            response.state = shown_state(failed.state, failed.run_ns, time.time_ns())
+            response.state = shown_state(failed.state, failed.run_ns, self.clock.wall_ns())
             response.next_run_time.CopyFrom(timestamp(failed.run_ns))
         return response
 
@@ -268,7 +271,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         v.check_job_id(request.job_id)
         own(group, request.job_id)
         cancelled, job, seq = machine_of(group).cancel(request.job_id)
-        now = time.time_ns()
+        now = self.clock.wall_ns()
         response = pb.CancelResponse(cancelled=cancelled,
                                      state=shown_state(job.state, job.run_ns, now))
         await group.wait_committed(seq)
@@ -303,7 +306,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     @routed("queue")
     async def CreateSchedule(self, request: pb.CreateScheduleRequest, context: Ctx,
                              group: Group) -> pb.CreateScheduleResponse:
-        record = v.cron_spec(request, self.limits, time.time_ns())
+        record = v.cron_spec(request, self.limits, self.clock.wall_ns())
         record.queue = scoped(record.queue)
         schedule, seq = machine_of(group).put_schedule(record, request.replace)
         response = pb.CreateScheduleResponse(schedule=schedule_view(schedule))

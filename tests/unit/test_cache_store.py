@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
+from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
 from nodes.cache.eviction import (
     POLICY_NAMES,
     LFUPolicy,
@@ -28,20 +30,11 @@ from nodes.cache.store import (
     VersionMismatchError,
 )
 
-T0 = 1_700_000_000.0
+S = SECOND
+MS = MILLISECOND
+T0 = 1_700_000_000 * S
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def size(key: str, value: bytes) -> int:
@@ -60,9 +53,9 @@ class Recorder:
         self.changes.clear()
 
 
-def make(**kwargs: object) -> tuple[CacheStore, FakeClock, Recorder]:
-    clock = FakeClock()
-    store = CacheStore(clock=clock, **kwargs)  # type: ignore[arg-type]
+def make(**kwargs: object) -> tuple[CacheStore, ManualClock, Recorder]:
+    clock = ManualClock(wall_ns=T0)
+    store = CacheStore(clock=clock.wall_ns, **kwargs)  # type: ignore[arg-type]
     return store, clock, Recorder(store)
 
 
@@ -94,29 +87,29 @@ def test_set_then_get_returns_entry_with_version_equal_to_revision() -> None:
 
 def test_overwrite_replaces_value_and_ttl() -> None:
     store, clock, _ = make()
-    first = store.set("a", b"1", ttl=10)
-    assert first.expire_at == T0 + 10
+    first = store.set("a", b"1", ttl=10 * S)
+    assert first.expire_at == T0 + 10 * S
     second = store.set("a", b"2")
     assert second.expire_at is None
     assert second.version > first.version
-    clock.advance(100)
+    clock.advance(100 * S)
     got = store.get("a")
     assert got is not None and got.value == b"2"
-    third = store.set("a", b"3", ttl=5)
-    assert third.expire_at == T0 + 105
+    third = store.set("a", b"3", ttl=5 * S)
+    assert third.expire_at == T0 + 105 * S
 
 
 @pytest.mark.parametrize("ttl", [None, 0, 0.0])
-def test_no_ttl_means_no_expiry(ttl: float | None) -> None:
+def test_no_ttl_means_no_expiry(ttl: Any) -> None:
     store, clock, _ = make()
     assert store.set("a", b"1", ttl=ttl).expire_at is None
-    clock.advance(10**9)
+    clock.advance(10**9 * S)
     assert store.get("a") is not None
     assert store.next_expiry() is None
 
 
-@pytest.mark.parametrize("ttl", [-1, -0.001, float("nan"), float("inf")])
-def test_bad_ttl_raises_value_error_without_change(ttl: float) -> None:
+@pytest.mark.parametrize("ttl", [-1, -1 * MS, float("nan"), float("inf")])
+def test_bad_ttl_raises_value_error_without_change(ttl: Any) -> None:
     store, _, rec = make()
     with pytest.raises(ValueError):
         store.set("a", b"1", ttl=ttl)
@@ -184,10 +177,10 @@ def test_invalid_construction() -> None:
 
 def test_lazy_expiry_on_get_emits_expire_and_never_returns_value() -> None:
     store, clock, rec = make()
-    store.set("a", b"1", ttl=10)
-    clock.advance(9.999)
+    store.set("a", b"1", ttl=10 * S)
+    clock.advance(9_999 * MS)
     assert store.get("a") is not None
-    clock.advance(0.001)  # exactly at expire_at: expired
+    clock.advance(1 * MS)  # exactly at expire_at: expired
     assert store.get("a") is None
     assert rec.kinds() == [(ChangeType.SET, "a"), (ChangeType.EXPIRE, "a")]
     assert rec.changes[-1] == Change(ChangeType.EXPIRE, "a", b"", 2, None)
@@ -205,10 +198,10 @@ def test_lazy_expiry_on_get_emits_expire_and_never_returns_value() -> None:
 
 def test_expired_keys_excluded_from_stats_and_len_before_sweep() -> None:
     store, clock, rec = make()
-    store.set("a", b"1", ttl=5)
-    store.set("b", b"22", ttl=50)
+    store.set("a", b"1", ttl=5 * S)
+    store.set("b", b"22", ttl=50 * S)
     store.set("c", b"333")
-    clock.advance(10)
+    clock.advance(10 * S)
     stats = store.stats()
     assert stats.entries == 2 == len(store)
     assert stats.bytes == size("b", b"22") + size("c", b"333")
@@ -217,20 +210,20 @@ def test_expired_keys_excluded_from_stats_and_len_before_sweep() -> None:
 
 def test_active_expiry_in_expiry_order_with_limit() -> None:
     store, clock, rec = make()
-    store.set("late", b"1", ttl=30)
-    store.set("early", b"1", ttl=10)
-    store.set("mid", b"1", ttl=20)
+    store.set("late", b"1", ttl=30 * S)
+    store.set("early", b"1", ttl=10 * S)
+    store.set("mid", b"1", ttl=20 * S)
     store.set("forever", b"1")
-    assert store.next_expiry() == T0 + 10
+    assert store.next_expiry() == T0 + 10 * S
     assert store.expire_due() == 0
-    clock.advance(25)
+    clock.advance(25 * S)
     rec.clear()
     assert store.expire_due(max_keys=1) == 1
     assert rec.kinds() == [(ChangeType.EXPIRE, "early")]
     assert store.expire_due() == 1
     assert rec.kinds() == [(ChangeType.EXPIRE, "early"), (ChangeType.EXPIRE, "mid")]
-    assert store.next_expiry() == T0 + 30
-    clock.advance(10)
+    assert store.next_expiry() == T0 + 30 * S
+    clock.advance(10 * S)
     assert store.expire_due() == 1
     assert store.next_expiry() is None
     assert store.stats().expirations == 3
@@ -240,17 +233,17 @@ def test_active_expiry_in_expiry_order_with_limit() -> None:
 
 def test_active_expiry_skips_stale_heap_entries() -> None:
     store, clock, rec = make()
-    store.set("rewritten", b"1", ttl=5)
-    store.set("rewritten", b"2", ttl=100)  # later expiry now
-    store.set("persisted", b"1", ttl=5)
+    store.set("rewritten", b"1", ttl=5 * S)
+    store.set("rewritten", b"2", ttl=100 * S)  # later expiry now
+    store.set("persisted", b"1", ttl=5 * S)
     store.set("persisted", b"2")  # no expiry now
-    store.set("deleted", b"1", ttl=5)
+    store.set("deleted", b"1", ttl=5 * S)
     store.delete("deleted")
-    store.set("recreated", b"1", ttl=5)
+    store.set("recreated", b"1", ttl=5 * S)
     store.delete("recreated")
-    store.set("recreated", b"2", ttl=200)
-    assert store.next_expiry() == T0 + 100
-    clock.advance(10)
+    store.set("recreated", b"2", ttl=200 * S)
+    assert store.next_expiry() == T0 + 100 * S
+    clock.advance(10 * S)
     rec.clear()
     assert store.expire_due() == 0
     assert rec.changes == []
@@ -264,25 +257,25 @@ def test_active_expiry_skips_stale_heap_entries() -> None:
 def test_expiry_heap_is_compacted_under_repeated_rewrites() -> None:
     store, clock, _ = make()
     for i in range(10_000):
-        store.set("k", b"%d" % i, ttl=1000 + i)
+        store.set("k", b"%d" % i, ttl=(1000 + i) * S)
     assert len(store._expiry) < 200  # lazy deletion does not leak
-    clock.advance(1000 + 10_000)
+    clock.advance((1000 + 10_000) * S)
     assert store.expire_due() == 1
 
 
 def test_next_expiry_skips_removed_keys() -> None:
     store, _, _ = make()
     assert store.next_expiry() is None
-    store.set("a", b"1", ttl=1)
-    store.set("b", b"1", ttl=2)
+    store.set("a", b"1", ttl=1 * S)
+    store.set("b", b"1", ttl=2 * S)
     store.delete("a")
-    assert store.next_expiry() == T0 + 2
+    assert store.next_expiry() == T0 + 2 * S
 
 
 def test_only_if_absent_treats_expired_key_as_absent() -> None:
     store, clock, rec = make()
-    store.set("a", b"old", ttl=1)
-    clock.advance(1)
+    store.set("a", b"old", ttl=1 * S)
+    clock.advance(1 * S)
     entry = store.set("a", b"new", only_if_absent=True)
     assert entry.value == b"new"
     assert rec.kinds()[-2:] == [(ChangeType.EXPIRE, "a"), (ChangeType.SET, "a")]
@@ -291,8 +284,8 @@ def test_only_if_absent_treats_expired_key_as_absent() -> None:
 
 def test_only_if_version_on_expired_key_mismatches_with_zero() -> None:
     store, clock, rec = make()
-    version = store.set("a", b"1", ttl=1).version
-    clock.advance(2)
+    version = store.set("a", b"1", ttl=1 * S).version
+    clock.advance(2 * S)
     with pytest.raises(VersionMismatchError) as info:
         store.set("a", b"2", only_if_version=version)
     assert info.value.current_version == 0
@@ -304,8 +297,8 @@ def test_only_if_version_on_expired_key_mismatches_with_zero() -> None:
 
 def test_delete_of_expired_key_returns_false_and_sweeps_it() -> None:
     store, clock, rec = make()
-    store.set("a", b"1", ttl=1)
-    clock.advance(1)
+    store.set("a", b"1", ttl=1 * S)
+    clock.advance(1 * S)
     assert store.delete("a") is False
     assert rec.kinds()[-1] == (ChangeType.EXPIRE, "a")
     assert store.stats().expirations == 1
@@ -373,23 +366,23 @@ def test_versions_strictly_increase_and_are_not_reused_after_delete() -> None:
 
 def test_mset_returns_versions_in_order_and_emits_sets() -> None:
     store, clock, rec = make()
-    versions = store.mset([("a", b"1", None), ("b", b"2", 10.0), ("c", b"3", 0.0)])
+    versions = store.mset([("a", b"1", None), ("b", b"2", 10 * S), ("c", b"3", 0)])
     assert versions == [1, 2, 3]
     assert rec.changes == [
         Change(ChangeType.SET, "a", b"1", 1, None),
-        Change(ChangeType.SET, "b", b"2", 2, T0 + 10),
+        Change(ChangeType.SET, "b", b"2", 2, T0 + 10 * S),
         Change(ChangeType.SET, "c", b"3", 3, None),
     ]
-    clock.advance(10)
+    clock.advance(10 * S)
     assert store.get("b") is None
     assert store.mset([]) == []
 
 
 def test_mset_duplicate_key_last_wins() -> None:
     store, _, rec = make()
-    versions = store.mset([("a", b"first", None), ("b", b"x", None), ("a", b"last", 5.0)])
+    versions = store.mset([("a", b"first", None), ("b", b"x", None), ("a", b"last", 5 * S)])
     got = store.get("a")
-    assert got is not None and got.value == b"last" and got.expire_at == T0 + 5
+    assert got is not None and got.value == b"last" and got.expire_at == T0 + 5 * S
     assert versions[0] == versions[2] == got.version
     assert versions == [2, 1, 2]
     assert rec.kinds() == [(ChangeType.SET, "b"), (ChangeType.SET, "a")]
@@ -434,10 +427,10 @@ def test_mset_evicts_other_keys_not_its_own() -> None:
 
 def test_incr_creates_at_zero_with_ttl() -> None:
     store, clock, _ = make()
-    assert store.incr("n", 5, ttl=10) == (5, 1)
+    assert store.incr("n", 5, ttl=10 * S) == (5, 1)
     got = store.get("n")
-    assert got == Entry(b"5", 1, T0 + 10)
-    clock.advance(10)
+    assert got == Entry(b"5", 1, T0 + 10 * S)
+    clock.advance(10 * S)
     assert store.get("n") is None
     assert store.incr("n", -3) == (-3, 3)  # expired key starts over, without ttl
     got = store.get("n")
@@ -446,10 +439,10 @@ def test_incr_creates_at_zero_with_ttl() -> None:
 
 def test_incr_existing_keeps_expiry_and_ignores_ttl() -> None:
     store, _, _ = make()
-    store.set("n", b"41", ttl=100)
-    assert store.incr("n", 1, ttl=5) == (42, 2)
+    store.set("n", b"41", ttl=100 * S)
+    assert store.incr("n", 1, ttl=5 * S) == (42, 2)
     got = store.get("n")
-    assert got == Entry(b"42", 2, T0 + 100)
+    assert got == Entry(b"42", 2, T0 + 100 * S)
     assert store.incr("n", -50) == (-8, 3)
     assert store.incr("n", 0) == (-8, 4)
 
@@ -562,10 +555,10 @@ def test_entry_larger_than_max_bytes_is_rejected_without_evicting() -> None:
 def test_expired_keys_are_reclaimed_before_live_keys() -> None:
     store, clock, rec = make(max_entries=3, policy="lru")
     store.set("live1", b"1")
-    store.set("dying", b"1", ttl=5)
+    store.set("dying", b"1", ttl=5 * S)
     store.set("live2", b"1")
     store.get("dying")  # most recently used, but it will expire
-    clock.advance(5)
+    clock.advance(5 * S)
     rec.clear()
     store.set("new", b"1")
     assert rec.kinds() == [(ChangeType.EXPIRE, "dying"), (ChangeType.SET, "new")]
@@ -575,11 +568,11 @@ def test_expired_keys_are_reclaimed_before_live_keys() -> None:
 
 def test_noeviction_write_succeeds_after_reclaiming_expired_keys() -> None:
     store, clock, rec = make(max_entries=2, policy="noeviction")
-    store.set("a", b"1", ttl=1)
+    store.set("a", b"1", ttl=1 * S)
     store.set("b", b"1")
     with pytest.raises(CacheFullError):
         store.set("c", b"1")
-    clock.advance(1)
+    clock.advance(1 * S)
     store.set("c", b"1")
     assert rec.kinds()[-2:] == [(ChangeType.EXPIRE, "a"), (ChangeType.SET, "c")]
 
@@ -642,13 +635,13 @@ def test_lfu_max_bytes_and_removal_of_the_minimum() -> None:
 def test_volatile_ttl_evicts_soonest_expiry_and_never_persistent_keys() -> None:
     store, _, rec = make(max_entries=4, policy="volatile-ttl")
     store.set("persist", b"1")
-    store.set("t100", b"1", ttl=100)
-    store.set("t10", b"1", ttl=10)
-    store.set("t50", b"1", ttl=50)
+    store.set("t100", b"1", ttl=100 * S)
+    store.set("t10", b"1", ttl=10 * S)
+    store.set("t50", b"1", ttl=50 * S)
     store.get("t10")  # reads do not matter for this policy
     rec.clear()
     store.set("new1", b"1")
-    store.set("new2", b"1", ttl=1)
+    store.set("new2", b"1", ttl=1 * S)
     store.set("new3", b"1")
     evicted = [k for t, k in rec.kinds() if t is ChangeType.EVICT]
     assert evicted == ["t10", "t50", "new2"]
@@ -664,7 +657,7 @@ def test_volatile_ttl_evicts_soonest_expiry_and_never_persistent_keys() -> None:
     before = (store.revision, store.stats())
     n = len(rec.changes)
     with pytest.raises(CacheFullError):
-        store.set("new5", b"1", ttl=5)
+        store.set("new5", b"1", ttl=5 * S)
     assert (store.revision, store.stats()) == before and len(rec.changes) == n
     store.set("persist", b"2")  # an overwrite needs no room
     assert store.revision == before[0] + 1
@@ -672,10 +665,10 @@ def test_volatile_ttl_evicts_soonest_expiry_and_never_persistent_keys() -> None:
 
 def test_volatile_ttl_follows_expiry_changes() -> None:
     store, _, rec = make(max_entries=3, policy="volatile-ttl")
-    store.set("a", b"1", ttl=10)
-    store.set("b", b"1", ttl=20)
-    store.set("c", b"1", ttl=30)
-    store.set("a", b"1", ttl=40)  # a now expires last
+    store.set("a", b"1", ttl=10 * S)
+    store.set("b", b"1", ttl=20 * S)
+    store.set("c", b"1", ttl=30 * S)
+    store.set("a", b"1", ttl=40 * S)  # a now expires last
     store.set("b", b"1")  # b is no longer volatile
     rec.clear()
     store.set("d", b"1")
@@ -690,7 +683,7 @@ def test_volatile_ttl_max_bytes_cache_full_when_only_persistent_keys_can_go() ->
     one = size("a", b"x" * 50)
     store, _, rec = make(max_bytes=3 * one, policy="volatile-ttl")
     store.set("a", b"x" * 50)
-    store.set("b", b"x" * 50, ttl=5)
+    store.set("b", b"x" * 50, ttl=5 * S)
     store.set("c", b"x" * 50)
     rec.clear()
     with pytest.raises(CacheFullError):  # needs two entries' room; only b can go
@@ -746,9 +739,9 @@ def test_listener_sees_changes_in_revision_order_after_state_update() -> None:
         seen.append((change.revision, present, store.revision))
 
     store.add_listener(listener)
-    store.set("a", b"1", ttl=1)
+    store.set("a", b"1", ttl=1 * S)
     store.set("b", b"1")
-    clock.advance(1)
+    clock.advance(1 * S)
     store.set("c", b"1")  # reclaims expired "a"
     store.set("d", b"1")  # evicts "b"
     assert [r for r, _, _ in seen] == [1, 2, 3, 4, 5, 6]
@@ -808,14 +801,14 @@ def test_failing_listener_does_not_break_the_operation_or_others(
 def test_stats_counters() -> None:
     store, clock, _ = make(max_entries=2, max_bytes=10_000, policy="lfu")
     store.set("a", b"1")
-    store.set("b", b"22", ttl=5)
+    store.set("b", b"22", ttl=5 * S)
     store.get("a")
     store.get("a")
     store.get("zz")
     store.set("c", b"333")  # evicts b (least used)
-    clock.advance(5)
-    store.set("d", b"4", ttl=1)  # evicts c
-    clock.advance(1)
+    clock.advance(5 * S)
+    store.set("d", b"4", ttl=1 * S)  # evicts c
+    clock.advance(1 * S)
     store.get("d")  # expired
     stats = store.stats()
     assert stats.entries == 1
@@ -884,18 +877,18 @@ def test_lfu_policy_order_and_frequency() -> None:
 def test_volatile_policy_order() -> None:
     p = VolatileTTLPolicy()
     p.on_insert("persistent", None)
-    p.on_insert("a", 30.0)
-    p.on_insert("b", 10.0)
-    p.on_insert("c", 20.0)
-    p.on_insert("d", 10.0)  # same expiry as b, set later
-    p.on_insert("a", 5.0)
+    p.on_insert("a", 30 * S)
+    p.on_insert("b", 10 * S)
+    p.on_insert("c", 20 * S)
+    p.on_insert("d", 10 * S)  # same expiry as b, set later
+    p.on_insert("a", 5 * S)
     assert list(p.candidates()) == ["a", "b", "d", "c"]
     p.on_insert("a", None)
     assert p.victim() == "b" and len(p) == 3
     p.on_remove("b")
     assert p.victim() == "d"
     for _ in range(1000):
-        p.on_insert("c", 20.0)
+        p.on_insert("c", 20 * S)
     assert len(p._heap) < 200
     assert list(p.candidates()) == ["d", "c"]
 
@@ -903,7 +896,7 @@ def test_volatile_policy_order() -> None:
 def test_volatile_policy_drops_stale_entries_before_walking() -> None:
     p = VolatileTTLPolicy()
     for i in range(1000):
-        p.on_insert(f"k{i}", float(i))
+        p.on_insert(f"k{i}", i * S)
     for i in range(999):
         p.on_remove(f"k{i}")  # what eviction of the soonest keys leaves behind
     assert list(p.candidates()) == ["k999"]
@@ -912,7 +905,7 @@ def test_volatile_policy_drops_stale_entries_before_walking() -> None:
 
 def test_noeviction_policy() -> None:
     p = NoEvictionPolicy()
-    p.on_insert("a", 1.0)
+    p.on_insert("a", 1 * S)
     p.on_access("a")
     assert p.victim() is None and len(p) == 0
 
@@ -945,7 +938,7 @@ def test_random_operations_keep_invariants(policy: str, seed: int) -> None:
     for _ in range(1500):
         op = rng.random()
         key = rng.choice(keys)
-        ttl = rng.choice([None, None, 1.0, 5.0, 20.0])
+        ttl = rng.choice([None, None, 1 * S, 5 * S, 20 * S])
         try:
             if op < 0.35:
                 store.set(key, b"v" * rng.randrange(0, 40), ttl=ttl)
@@ -953,7 +946,7 @@ def test_random_operations_keep_invariants(policy: str, seed: int) -> None:
                 entry = store.get(key)
                 if entry is not None:
                     assert replica[key] == (entry.value, entry.version, entry.expire_at)
-                    assert entry.expire_at is None or entry.expire_at > clock.now
+                    assert entry.expire_at is None or entry.expire_at > clock.wall_ns()
             elif op < 0.7:
                 store.delete(key)
             elif op < 0.8:
@@ -965,7 +958,7 @@ def test_random_operations_keep_invariants(policy: str, seed: int) -> None:
             elif op < 0.88:
                 store.incr(key, rng.randrange(-5, 6), ttl=ttl)
             elif op < 0.95:
-                clock.advance(rng.random() * 3)
+                clock.advance(from_seconds(rng.random() * 3))
             else:
                 store.expire_due(rng.randrange(1, 4))
         except (CacheFullError, NotAnIntegerError):
@@ -973,7 +966,7 @@ def test_random_operations_keep_invariants(policy: str, seed: int) -> None:
         sync()
         held_bytes = sum(size(k, v) for k, (v, _, _) in replica.items())
         assert len(replica) <= max_entries and held_bytes <= max_bytes
-        live = {k: v for k, v in replica.items() if v[2] is None or v[2] > clock.now}
+        live = {k: v for k, v in replica.items() if v[2] is None or v[2] > clock.wall_ns()}
         stats = store.stats()
         assert stats.entries == len(live) == len(store)
         assert stats.bytes == sum(size(k, v) for k, (v, _, _) in live.items())

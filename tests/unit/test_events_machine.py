@@ -1,16 +1,17 @@
 """The event store's state machine without a network: decisions on a primary,
-replay on a replica, retention, snapshots, and reading back from a real journal."""
+replay on a replica, retention, snapshots, and reading back from a real journal.
+Time is a `ManualClock` (it stamps the commands; reads pass the instants they mean)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from common.clock import ManualClock
 from common.errors import MeshStatusError
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import machine as machine_module
@@ -27,6 +28,7 @@ ANY = pb.EXPECTED_STATE_ANY
 NO_STREAM = pb.EXPECTED_STATE_NO_STREAM
 EXISTS = pb.EXPECTED_STATE_STREAM_EXISTS
 EXACT = pb.EXPECTED_STATE_EXACT
+CLOCK = ManualClock()  # never advanced: no timers here, and reads pass their own instants
 
 
 def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = None,
@@ -34,7 +36,7 @@ def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = N
     def factory(g: Group) -> EventsMachine:
         return EventsMachine(g, journal, left.append if left is not None else None)
 
-    group = Group(5, node, {EVENTS: factory}, durable=durable)
+    group = Group(5, node, {EVENTS: factory}, durable=durable, clock=CLOCK)
     if primary:
         group.become_primary(1)
     return group
@@ -143,19 +145,19 @@ def test_retention_hides_at_once_and_scavenging_removes() -> None:
     m = _machine(group)
     m.append("s", _events(*"abcdef"), ANY, 0)
     m.set_metadata("s", (3, 0, 0), None)
-    view = View(m.store, group.commit_seq, time.time_ns())
+    view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     stream = m.store.streams["s"]
     page = read_stream(stream, view, None, False, 100)
     assert [e.version for e in page.events] == [4, 5, 6] and page.end
     assert [e.version for e in read_stream(stream, view, None, True, 2).events] == [6, 5]
     assert len(stream.events) == 6  # hidden, not yet removed
-    assert m.scavenge(time.time_ns()) == 1
+    assert m.scavenge(CLOCK.wall_ns()) == 1
     assert [e.version for e in stream.events] == [4, 5, 6] and set(stream.ids) == {"d", "e", "f"}
     assert any("DELETE FROM events_log" in sql for _, sql, _ in journal.writes)
-    assert m.scavenge(time.time_ns()) == 0  # nothing left to remove
+    assert m.scavenge(CLOCK.wall_ns()) == 0  # nothing left to remove
     # max_age, on the primary's clock
     m.set_metadata("s", (0, 1_000_000_000, 0), 1)
-    later = View(m.store, group.commit_seq, time.time_ns() + 5_000_000_000)
+    later = View(m.store, group.commit_seq, CLOCK.wall_ns() + 5_000_000_000)
     assert read_stream(stream, later, None, False, 100).events == []
     with pytest.raises(MeshStatusError) as exc:
         m.set_metadata("s", (0, 0, 0), 1)
@@ -170,7 +172,7 @@ def test_soft_delete_tombstone_and_the_slot_log() -> None:
     assert m.delete("{k}x", ANY, 0) == (2, group.log.last_seq)
     assert m.delete("{k}never", ANY, 0) == (0, 0)  # nothing to delete: no command
     slot = m.store.streams["{k}x"].slot
-    view = View(m.store, group.commit_seq, time.time_ns())
+    view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     page = read_slot(m.store.slots[slot], view, None, False, 100)
     assert [(e.stream, e.position) for e in page.events] == [("{k}y", 3)]
     assert m.append("{k}x", _events("d"), ANY, 0).first_version == 3
@@ -181,7 +183,7 @@ def test_soft_delete_tombstone_and_the_slot_log() -> None:
         with pytest.raises(MeshStatusError) as exc:
             call()
         assert _code(exc) == (grpc.StatusCode.FAILED_PRECONDITION, "STREAM_DELETED")
-    view = View(m.store, group.commit_seq, time.time_ns())
+    view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     page = read_slot(m.store.slots[slot], view, None, True, 100)
     assert [(e.stream, e.version) for e in page.events] == [("{k}x", 3)]
 
@@ -193,7 +195,7 @@ def test_uncommitted_events_are_invisible() -> None:
     m.append("s", _events("b", "c"), ANY, 0)
     stream = m.store.streams["s"]
     seq_first = stream.events[0].seq
-    view = View(m.store, seq_first, time.time_ns())
+    view = View(m.store, seq_first, CLOCK.wall_ns())
     assert [e.version for e in read_stream(stream, view, None, False, 10).events] == [1]
     assert view.bounds(stream)[1] == 1
     assert m.store.slots[stream.slot].committed_last(seq_first) == 1
@@ -203,7 +205,7 @@ def test_pages_stop_at_the_byte_limit_but_hold_one_event() -> None:
     group = _group(FakeJournal())
     m = _machine(group)
     m.append("s", _events("a", "b", "c", size=1000), ANY, 0)
-    view = View(m.store, group.commit_seq, time.time_ns())
+    view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     stream = m.store.streams["s"]
     page = read_stream(stream, view, None, False, 100, max_bytes=2500)
     assert [e.version for e in page.events] == [1, 2] and page.next == 3 and not page.end
@@ -247,7 +249,7 @@ async def test_a_restarted_node_reads_its_events_back(tmp_path: Path) -> None:
     m.append("u", _events("f", "g", "h"), ANY, 0)
     m.delete("u", ANY, 0)
     m.set_metadata("u", (0, 0, 3), None)
-    m.scavenge(time.time_ns())
+    m.scavenge(CLOCK.wall_ns())
     await asyncio.wait_for(group.wait_committed(group.log.last_seq), 5)
     await journal.close()
 
@@ -274,7 +276,7 @@ async def test_subscriptions_fall_behind_and_catch_up_without_gaps() -> None:
     for i in range(5):
         m.append("s", _events(f"a{i}"), ANY, 0)
     sub = hub.open(frozenset({group.group_id}))
-    messages = follow_stream(sub, m, "s", 2, max_lag=10)
+    messages = follow_stream(sub, m, "s", 2, max_lag=10, clock=CLOCK)
     kinds: list[str] = []
     versions: list[int] = []
 
@@ -312,7 +314,7 @@ async def test_category_subscriptions_checkpoint_every_interval() -> None:
     slot = m.store.streams["{c}order-1"].slot
     sub = hub.open(frozenset({group.group_id}))
     target = SlotTarget(group.group_id, m, frozenset({slot}))
-    messages = follow_slots(sub, [target], {slot: 0}, "{c}order-", 4, 1000)
+    messages = follow_slots(sub, [target], {slot: 0}, "{c}order-", 4, 1000, clock=CLOCK)
     seen: list[tuple[str, Any]] = []
     while not seen or seen[-1][0] != "caught_up":
         message = await asyncio.wait_for(anext(messages), 2)

@@ -3,7 +3,8 @@
 A renewal can hang (its etcd member died or is cut off): what the process
 believes about its lease must not wait for it. Fake etcd clients here answer,
 hang or say the lease is gone; clocks are injected where a test needs to move
-time by hand.
+time by hand (the election's is a `ManualClock`: its renewals and deadline run
+as the test advances it, not in real time).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.clock import MILLISECOND, ManualClock, from_seconds, to_seconds
 from coordinator.election import Election, Leadership
 from nodes.registration import Registration
 
@@ -76,35 +78,51 @@ async def _forever(_term: Leadership) -> None:
     await asyncio.Event().wait()
 
 
-def _election(etcd: FakeEtcd, ttl: int, clock: Any = time.monotonic) -> Election:
+def _election(etcd: FakeEtcd, ttl: int, clock: ManualClock) -> Election:
     return Election(etcd, "unit", "a", "a:1", ttl, _forever, clock=clock)
 
 
+def _now(clock: ManualClock) -> float:
+    """The election's time: the clock's monotonic time in seconds."""
+    return to_seconds(clock.monotonic_ns())
+
+
+async def _run_until(clock: ManualClock, task: asyncio.Future[Any], limit: float) -> float:
+    """Advance ``clock`` a millisecond at a time until ``task`` is done (at most
+    ``limit`` seconds); the time that took."""
+    start = _now(clock)
+    while not task.done() and _now(clock) - start < limit:
+        await clock.settle(MILLISECOND)
+    return _now(clock) - start
+
+
 async def test_is_leader_ends_at_the_deadline_without_waiting_for_any_task() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     election = _election(FakeEtcd(ttl=3), ttl=3, clock=clock)
     margin = election._margin
-    term = Leadership(1, 10, valid_until=clock.now + 3, margin=margin)
+    term = Leadership(1, 10, valid_until=_now(clock) + 3, margin=margin)
     election.leadership = term
     assert election.is_leader
-    clock.now += 3 - margin - 0.01
+    clock.advance(from_seconds(3 - margin - 0.01))
     assert election.is_leader
-    clock.now += 0.02  # nothing ran in between: the property looks at the clock itself
+    clock.advance(20 * MILLISECOND)  # nothing ran in between: the property looks at the clock
     assert not election.is_leader
-    assert not term.holds(clock.now)
+    assert not term.holds(_now(clock))
 
 
 async def test_a_hanging_renewal_ends_the_term_at_its_deadline() -> None:
     ttl = 1
     etcd = FakeEtcd(ttl=ttl, mode="hang")
-    election = _election(etcd, ttl)
-    start = time.monotonic()
+    clock = ManualClock()
+    election = _election(etcd, ttl, clock)
+    start = _now(clock)
     term = Leadership(7, 10, valid_until=start + ttl, margin=election._margin)
     lead = asyncio.create_task(election._lead(term))
-    await asyncio.sleep(0.05)
+    await clock.settle(50 * MILLISECOND)
     assert election.is_leader
-    await asyncio.wait_for(lead, 2 * ttl)
-    ended = time.monotonic() - start
+    await _run_until(clock, lead, 2 * ttl)
+    await lead
+    ended = _now(clock) - start
     assert etcd.renewals >= 1  # a renewal was in flight (and hung) meanwhile
     # At the deadline (TTL - margin after the grant), not a renewal timeout later:
     # etcd may give the key to another coordinator from TTL on.
@@ -116,11 +134,12 @@ async def test_a_hanging_renewal_ends_the_term_at_its_deadline() -> None:
 async def test_successful_renewals_move_the_deadline() -> None:
     ttl = 1
     etcd = FakeEtcd(ttl=ttl)
-    election = _election(etcd, ttl)
-    start = time.monotonic()
+    clock = ManualClock()
+    election = _election(etcd, ttl, clock)
+    start = _now(clock)
     term = Leadership(8, 10, valid_until=start + ttl, margin=election._margin)
     lead = asyncio.create_task(election._lead(term))
-    await asyncio.sleep(1.5 * ttl)
+    await _run_until(clock, lead, 1.5 * ttl)
     assert election.is_leader and etcd.renewals >= 2
     assert term.valid_until > start + ttl
     lead.cancel()
@@ -130,12 +149,15 @@ async def test_successful_renewals_move_the_deadline() -> None:
 async def test_a_lease_etcd_forgot_ends_the_term_at_once() -> None:
     ttl = 3
     etcd = FakeEtcd(ttl=ttl, mode="gone")
-    election = _election(etcd, ttl)
-    start = time.monotonic()
+    clock = ManualClock()
+    election = _election(etcd, ttl, clock)
+    start = _now(clock)
     term = Leadership(9, 10, valid_until=start + ttl, margin=election._margin)
-    await asyncio.wait_for(election._lead(term), ttl)
+    lead = asyncio.create_task(election._lead(term))
+    await _run_until(clock, lead, ttl)
+    await lead
     # The first renewal (after a third of the TTL) says so: no waiting for the deadline.
-    assert time.monotonic() - start < ttl / 3 + 0.5
+    assert _now(clock) - start < ttl / 3 + 0.5
     assert not election.is_leader
 
 

@@ -2,15 +2,16 @@
 
 A real `Group` with no replicas commits at once; a second group stands for a
 replica and applies the primary's commands as the replication layer would.
+Time is a `ManualClock`: a lease expires when the test advances it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
+from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
 from common.errors import MeshStatusError
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.config import LockLimits
@@ -22,8 +23,10 @@ from nodes.replication.group import Group
 LIMITS = LockLimits(max_waiters=3)
 
 
-def _group(node: str, epoch: int, primary: bool) -> Group:
-    group = Group(7, node, {LOCK: lambda g: LockMachine(g, LIMITS)})
+def _group(node: str, epoch: int, primary: bool, clock: ManualClock | None = None) -> Group:
+    clock = clock or ManualClock()
+    group = Group(7, node, {LOCK: lambda g: LockMachine(g, LIMITS, clock=clock)},
+                  clock=clock)
     if primary:
         group.become_primary(epoch)
     else:
@@ -47,7 +50,8 @@ def _acquire(machine: LockMachine, name: str, *, wait: float = 0.0, permits: int
              max_permits: int = 1, ttl: float = 10.0, request_id: str = "",
              owner: str = "", shared: bool = False) -> Grant | Waiter:
     return machine.acquire(name, owner=owner, permits=permits, max_permits=max_permits,
-                           ttl=ttl, request_id=request_id, wait=wait, shared=shared)
+                           ttl_ns=from_seconds(ttl), request_id=request_id,
+                           wait_ns=from_seconds(wait), shared=shared)
 
 
 def _granted(outcome: Grant | Waiter) -> Grant:
@@ -74,12 +78,13 @@ async def test_replica_replays_to_the_same_state_and_a_new_epoch_tokens_higher()
     kept = _granted(_acquire(m, "kept", ttl=5.0, owner="o1"))
     gone = _granted(_acquire(m, "gone"))
     m.release("gone", gone.lease.lease_id)
-    m.refresh("kept", kept.lease.lease_id, 20.0)
+    m.refresh("kept", kept.lease.lease_id, 20 * SECOND)
     _replay(primary, replica)
     r = _machine(replica)
     assert r.table.to_snapshot() == m.table.to_snapshot()
     lease = r.table.lease("kept", kept.lease.lease_id)
-    assert lease is not None and lease.ttl == 20.0 and lease.owner == "o1"
+    assert lease is not None and lease.ttl_ns == 20 * SECOND and lease.owner == "o1"
+    assert lease == m.table.lease("kept", kept.lease.lease_id)  # to the nanosecond
     assert r.table.get("gone") is None
 
     # Failover: the replica leads epoch 5 and grants above every earlier token.
@@ -91,16 +96,17 @@ async def test_replica_replays_to_the_same_state_and_a_new_epoch_tokens_higher()
 
 
 async def test_promotion_gives_every_lease_a_full_ttl() -> None:
-    primary = _group("a", epoch=1, primary=True)
-    replica = _group("b", epoch=1, primary=False)
+    clock = ManualClock()
+    primary = _group("a", epoch=1, primary=True, clock=clock)
+    replica = _group("b", epoch=1, primary=False, clock=clock)
     m = _machine(primary)
     grant = _granted(_acquire(m, "held", ttl=10.0))
     _replay(primary, replica)
     copy = _machine(replica).table.lease("held", grant.lease.lease_id)
     assert copy is not None
-    copy.expire_at = time.time() - 1  # as if the old primary's clock ran ahead
+    copy.expire_ns = clock.wall_ns() - SECOND  # as if the old primary's clock ran ahead
     replica.become_primary(2)
-    assert copy.expire_at >= time.time() + 9
+    assert copy.expire_ns >= clock.wall_ns() + 9 * SECOND
     lease, _ = _machine(replica).refresh("held", grant.lease.lease_id, None)
     assert lease.token == grant.lease.token
     m.close()
@@ -108,12 +114,16 @@ async def test_promotion_gives_every_lease_a_full_ttl() -> None:
 
 
 async def test_waiters_fifo_and_expiry_hands_over() -> None:
-    primary = _group("a", epoch=1, primary=True)
+    clock = ManualClock()
+    primary = _group("a", epoch=1, primary=True, clock=clock)
     m = _machine(primary)
     held = _granted(_acquire(m, "q", ttl=0.05))
     w1 = _acquire(m, "q", wait=5, owner="w1")
     w2 = _acquire(m, "q", wait=5, owner="w2")
     assert isinstance(w1, Waiter) and isinstance(w2, Waiter)
+    clock.advance(49 * MILLISECOND)
+    assert not w1.future.done()
+    clock.advance(1 * MILLISECOND)
     granted = await asyncio.wait_for(w1.future, 2)  # the 50 ms lease expired
     assert granted.lease.owner == "w1" and granted.lease.token > held.lease.token
     assert not w2.future.done()
@@ -162,7 +172,8 @@ async def test_a_retry_with_the_same_request_id_takes_the_waiters_place() -> Non
 
 
 async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
-    primary = _group("a", epoch=1, primary=True)
+    clock = ManualClock()
+    primary = _group("a", epoch=1, primary=True, clock=clock)
     m = _machine(primary)
     _granted(_acquire(m, "s", ttl=0.05))
     waiter = _acquire(m, "s", wait=5)
@@ -171,14 +182,15 @@ async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
     with pytest.raises(MeshStatusError) as info:
         waiter.future.result()
     assert info.value.reason == "GROUP_UNAVAILABLE"
-    await asyncio.sleep(0.1)
+    clock.advance(100 * MILLISECOND)
     assert m.table.get("s") is not None  # a replica never expires on its own
     m.close()
 
 
 async def test_the_lease_count_follows_grants_ends_and_departures() -> None:
     count = LeaseCount()
-    group = Group(9, "a", {LOCK: lambda g: LockMachine(g, LIMITS, count)})
+    clock = ManualClock()
+    group = Group(9, "a", {LOCK: lambda g: LockMachine(g, LIMITS, count, clock)}, clock=clock)
     group.become_primary(1)
     m = _machine(group)
     a = _granted(_acquire(m, "a"))
@@ -186,7 +198,8 @@ async def test_the_lease_count_follows_grants_ends_and_departures() -> None:
     assert count.total == 2
     m.release("a", a.lease.lease_id)
     assert count.total == 1
-    replica = Group(9, "b", {LOCK: lambda g: LockMachine(g, LIMITS, count)})
+    replica = Group(9, "b", {LOCK: lambda g: LockMachine(g, LIMITS, count, clock)},
+                    clock=clock)
     epoch, seq, chunks = group.take_snapshot()
     replica.install(epoch, seq, chunks)
     assert count.total == 2  # both copies live on this (test) node

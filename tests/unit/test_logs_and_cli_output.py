@@ -66,13 +66,20 @@ def test_json_formatter_keeps_exceptions_and_extra_fields() -> None:
 
 @pytest.fixture
 def root_logging() -> Iterator[None]:
+    """The root logger as an earlier test (in this worker) left it, with no
+    handler of `logs.configure`'s, and as it was again afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    installed = list(logs._installed)
+    for handler in installed:
+        root.removeHandler(handler)
+    logs._installed.clear()
     try:
         yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        logs._installed[:] = installed
         logging.captureWarnings(False)
 
 

@@ -1,17 +1,18 @@
 """The scheduler's state machine without a network: decisions on a primary, replay
 on a replica, leases and tokens, retries, unique keys, the primary's timers,
-snapshots, and reading back from a real journal."""
+snapshots, and reading back from a real journal. Time is a `ManualClock` per group:
+the tests pass the instants they mean, or advance it."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from common.clock import MILLISECOND, ManualClock
 from common.errors import MeshStatusError
 from common.slots import slot_for
 from mesh.scheduler.v1 import scheduler_pb2 as pb
@@ -33,9 +34,11 @@ LIMITS = SchedulerLimits()
 
 
 def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = None,
-           limits: SchedulerLimits = LIMITS, epoch: int = 1) -> Group:
-    group = Group(5, node, {SCHEDULER: lambda g: SchedulerMachine(g, journal, limits)},
-                  durable=durable)
+           limits: SchedulerLimits = LIMITS, epoch: int = 1,
+           clock: ManualClock | None = None) -> Group:
+    clock = clock or ManualClock()
+    group = Group(5, node, {SCHEDULER: lambda g: SchedulerMachine(g, journal, limits, clock)},
+                  durable=durable, clock=clock)
     if primary:
         group.become_primary(epoch)
     return group
@@ -54,7 +57,7 @@ def _leader(m: SchedulerMachine) -> Leader:
 
 def _enqueue(m: SchedulerMachine, queue: str = "q", strict: bool = False, **fields: Any
              ) -> str:
-    now = time.time_ns()
+    now = m.clock.wall_ns()
     spec = v.job_spec(pb.EnqueueRequest(queue=queue, type="t", **fields), LIMITS, now)
     return m.enqueue(spec, strict, now).job.job_id
 
@@ -62,7 +65,7 @@ def _enqueue(m: SchedulerMachine, queue: str = "q", strict: bool = False, **fiel
 def _claim(m: SchedulerMachine, *queues: str, n: int = 1, lease: float = 30,
            worker: str = "w", now: int | None = None) -> list[Claimed]:
     sources = [(m, m.state.queues[q]) for q in queues or ("q",) if q in m.state.queues]
-    return claim(sources, worker, n, int(lease * S), now or time.time_ns())
+    return claim(sources, worker, n, int(lease * S), now or m.clock.wall_ns())
 
 
 def _one(m: SchedulerMachine, **kwargs: Any) -> tuple[str, int]:
@@ -105,7 +108,7 @@ def test_claim_order_priority_then_run_time_then_fifo_and_replicas_agree() -> No
     _replay(primary, replica)
     assert _state(_machine(replica)) == _state(m)
     # Due now: the delayed job is next, on the primary's clock.
-    (later,) = _claim(m, now=time.time_ns() + 61 * S)
+    (later,) = _claim(m, now=m.clock.wall_ns() + 61 * S)
     assert [j.job_id for j in later.jobs] == [delayed] and later.token > lease.token
 
 
@@ -154,14 +157,14 @@ def test_failures_retry_with_backoff_then_die_and_requeue_resets_the_budget() ->
     job = m.state.jobs[job_id]
     delays = []
     for attempt in (1, 2):
-        start = time.time_ns()
+        start = m.clock.wall_ns()
         _, token = _one(m, now=start + 10 * S)
         assert job.attempt_count == attempt
         failed = m.fail(job_id, token, f"e{attempt}", True, None)
         assert failed.state == WAITING and failed.attempts == attempt
         delays.append(failed.run_ns - start)
     assert 0.1 * S <= delays[0] < 0.11 * S and 0.2 * S <= delays[1] < 0.21 * S
-    _, token = _one(m, now=time.time_ns() + 10 * S)
+    _, token = _one(m, now=m.clock.wall_ns() + 10 * S)
     assert m.fail(job_id, token, "e3", True, None).state == DEAD
     queue = m.state.queues["q"]
     assert queue.dead == [(job.finish_ns, job_id)] and queue.totals.failed_attempts == 3
@@ -182,7 +185,7 @@ def test_expired_leases_do_not_spend_attempts_but_are_capped() -> None:
     job = m.state.jobs[job_id]
     tokens = []
     for losses in (1, 2, 3):
-        start = time.time_ns()
+        start = m.clock.wall_ns()
         _, token = _one(m, lease=1, now=start)
         tokens.append(token)
         assert job.attempt_count == 1
@@ -200,7 +203,7 @@ def test_a_timeout_counts_as_a_failed_attempt() -> None:
     m = _machine(_group(FakeJournal()))
     job_id = _enqueue(m, max_attempts=2, timeout={"seconds": 2})
     job = m.state.jobs[job_id]
-    start = time.time_ns()
+    start = m.clock.wall_ns()
     _one(m, lease=30, now=start)
     assert job.lease_expire_ns == job.timeout_at_ns  # the lease never passes the timeout
     _leader(m).run_due(start + S)
@@ -208,7 +211,7 @@ def test_a_timeout_counts_as_a_failed_attempt() -> None:
     _leader(m).run_due(job.timeout_at_ns)
     assert job.state == WAITING and job.attempt_count == 1
     assert job.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_TIMED_OUT
-    _one(m, now=time.time_ns() + 60 * S)
+    _one(m, now=m.clock.wall_ns() + 60 * S)
     _leader(m).run_due(job.timeout_at_ns)
     assert job.state == DEAD
 
@@ -218,7 +221,7 @@ def test_a_late_complete_after_the_deadline_is_refused_and_expires_the_lease() -
     job_id = _enqueue(m)
     job = m.state.jobs[job_id]
     _, token = _one(m, lease=1)
-    job.lease_expire_ns = time.time_ns() - 1  # its timer has not run yet
+    job.lease_expire_ns = m.clock.wall_ns() - 1  # its timer has not run yet
     with pytest.raises(MeshStatusError) as exc:
         m.complete(job_id, token, b"")
     assert exc.value.reason.value == "LEASE_LOST"
@@ -253,7 +256,7 @@ def test_unique_keys() -> None:
     m.cancel(second)
     third = _enqueue(m, unique_key="k", unique_ttl={"seconds": 1})
     job = m.state.jobs[third]
-    job.unique_expire_ns = time.time_ns() - 1  # the ttl passed
+    job.unique_expire_ns = m.clock.wall_ns() - 1  # the ttl passed
     assert _enqueue(m, unique_key="k") not in (first, second, third)
 
 
@@ -268,12 +271,14 @@ def test_queue_full() -> None:
 
 
 def test_a_new_primary_gives_running_leases_a_full_lease_and_higher_tokens() -> None:
-    primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
+    clock = ManualClock()
+    primary = _group(FakeJournal(), clock=clock)
+    replica = _group(FakeJournal(), "b", primary=False, clock=clock)
     m = _machine(primary)
     job_id = _enqueue(m)
     _, token = _one(m, lease=5)
     _replay(primary, replica)
-    promoted = time.time_ns()
+    promoted = m.clock.wall_ns()
     replica.become_primary(2)
     r = _machine(replica)
     job = r.state.jobs[job_id]
@@ -294,7 +299,7 @@ def test_leading_again_rearms_every_lease_timer() -> None:
     _one(m, lease=1)
     group.step_down(2, "test")
     group.become_primary(3)
-    _leader(m).run_due(time.time_ns() + 3 * S)
+    _leader(m).run_due(m.clock.wall_ns() + 3 * S)
     job = m.state.jobs[job_id]
     assert job.state == WAITING and job.lease_losses == 1
 
@@ -317,7 +322,8 @@ def test_stepping_down_ends_waiting_claims() -> None:
 
 async def test_waiters_are_served_in_order_when_jobs_come() -> None:
     from nodes.scheduler.claims import ClaimWaiter
-    m = _machine(_group(FakeJournal()))
+    clock = ManualClock()
+    m = _machine(_group(FakeJournal(), clock=clock))
     first, second = ClaimWaiter("a", 5, 30 * S), ClaimWaiter("b", 5, 30 * S)
     _leader(m).add_waiter(first, ["q"])
     _leader(m).add_waiter(second, ["q", "r"])
@@ -326,6 +332,10 @@ async def test_waiters_are_served_in_order_when_jobs_come() -> None:
     assert [j.job_id for c in got for j in c.jobs] == [job_id]
     assert not second.done and not first.places
     delayed = _enqueue(m, "r", delay={"nanos": 50_000_000})
+    clock.advance(49 * MILLISECOND)
+    await asyncio.sleep(0)
+    assert not second.done
+    clock.advance(1 * MILLISECOND)
     got = await asyncio.wait_for(second.future, 1)  # the due timer wakes it
     assert [j.job_id for c in got for j in c.jobs] == [delayed]
     assert not _leader(m).waiters
@@ -336,7 +346,7 @@ def test_cron_fires_each_tick_once_with_catch_up_capped() -> None:
     primary, replica = _group(FakeJournal(), limits=limits), _group(
         FakeJournal(), "b", primary=False, limits=limits)
     m = _machine(primary)
-    now = (time.time_ns() // S) * S
+    now = (m.clock.wall_ns() // S) * S
     request = pb.CreateScheduleRequest(queue="q", schedule_id="s", cron="* * * * * *",
                                        template=pb.JobTemplate(type="tick", unique_key=""))
     record = v.cron_spec(request, limits, now)
@@ -363,7 +373,7 @@ def test_cron_fires_each_tick_once_with_catch_up_capped() -> None:
 
 def test_cron_skips_a_tick_while_its_unique_key_is_held() -> None:
     m = _machine(_group(FakeJournal()))
-    now = (time.time_ns() // S) * S
+    now = (m.clock.wall_ns() // S) * S
     request = pb.CreateScheduleRequest(queue="q", schedule_id="s", cron="* * * * * *",
                                        template=pb.JobTemplate(type="t", unique_key="one"))
     schedule, _ = m.put_schedule(v.cron_spec(request, LIMITS, now), False)
@@ -383,8 +393,8 @@ def test_retention_sweep_removes_finished_jobs() -> None:
     m.fail(dead, token, "", False, None)
     kept = _enqueue(m)
     leader = _leader(m)
-    assert leader.sweep(time.time_ns()) == 0
-    assert leader.sweep(time.time_ns() + 11 * S) == 1
+    assert leader.sweep(m.clock.wall_ns()) == 0
+    assert leader.sweep(m.clock.wall_ns() + 11 * S) == 1
     assert set(m.state.jobs) == {kept, dead}  # dead letters stay until purged
     assert m.state.queues["q"].n_done == 0
 
@@ -401,7 +411,7 @@ def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPa
     m.fail(claimed[0].jobs[1].job_id, claimed[0].token, "boom", False, None)
     m.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
         queue="q2", schedule_id="s", cron="@hourly", template=pb.JobTemplate(type="t")),
-        LIMITS, time.time_ns()), False)
+        LIMITS, m.clock.wall_ns()), False)
     chunks = m.snapshot()
     assert len(chunks) > 3
     journal = FakeJournal()
@@ -433,7 +443,7 @@ async def test_a_restarted_node_reads_its_jobs_back(tmp_path: Path) -> None:
     m.cancel(ids[0])
     m.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
         queue="q", schedule_id="s", cron="0 0 * * * *", template=pb.JobTemplate(type="t")),
-        LIMITS, time.time_ns()), False)
+        LIMITS, m.clock.wall_ns()), False)
     m.purge("q", [], True)
     await asyncio.wait_for(group.wait_committed(group.log.last_seq), 5)
     await journal.close()

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.clock import SECOND, ManualClock
 from nodes.cache.budget import Budget
 from nodes.cache.store import CacheFullError, CacheStore, Change
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class NoClock:
@@ -21,10 +14,10 @@ class NoClock:
 
     mirroring = True
 
-    def __call__(self) -> float:
+    def __call__(self) -> int:
         if self.mirroring:
             pytest.fail("a replica must not read its clock while mirroring")
-        return 1000.0
+        return 1000 * SECOND
 
 
 def mirrored(primary: CacheStore) -> tuple[CacheStore, list[Change], NoClock]:
@@ -36,16 +29,16 @@ def mirrored(primary: CacheStore) -> tuple[CacheStore, list[Change], NoClock]:
 
 
 def test_replica_holds_exactly_what_the_primary_holds() -> None:
-    clock = Clock()
-    primary = CacheStore(clock=clock, max_entries=3)
+    clock = ManualClock(wall_ns=1000 * SECOND)
+    primary = CacheStore(clock=clock.wall_ns, max_entries=3)
     replica, changes, replica_clock = mirrored(primary)
     primary.set("a", b"1")
-    primary.set("b", b"2", ttl=5)
+    primary.set("b", b"2", ttl=5 * SECOND)
     primary.incr("n", 7)
     primary.delete("a")
-    primary.set("c", b"3", ttl=5)
+    primary.set("c", b"3", ttl=5 * SECOND)
     primary.set("d", b"4")  # evicts b, the least recently used key
-    clock.now += 10
+    clock.advance(10 * SECOND)
     primary.expire_due()  # c expires
     for change in changes:
         replica.mirror(change)
@@ -69,7 +62,7 @@ def test_versions_keep_growing_after_a_promotion() -> None:
 
 def test_export_and_load_copy_state_and_revision() -> None:
     source = CacheStore()
-    source.set("a", b"1", ttl=100)
+    source.set("a", b"1", ttl=100 * SECOND)
     source.mset([("b", b"2", None), ("c", b"3", None)])
     target = CacheStore()
     revision, items = source.export()
