@@ -14,18 +14,18 @@ NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
 BUF_STAMP := tools/buf/node_modules/.package-lock.json
 BUF := tools/buf/node_modules/.bin/buf
 
-.PHONY: setup generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools
+.PHONY: dist setup generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools
 
 setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# Code generation must run before the editable install, which maps the
-	# `mesh` package onto generated/mesh.
-	$(PY) -m pip install --quiet "grpcio-tools>=1.85,<2" "mypy-protobuf>=3.6"
+	# The project itself is not installed (installed, it is `meshkit.*`): its
+	# dependencies are, and a .pth file puts the checkout and generated/ on sys.path.
+	$(PY) -m pip uninstall --quiet --yes mesh 2>/dev/null || true
+	$(PY) tools/checkout_env.py server etcd dev bench
 	$(PY) tools/generate.py
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(GEN) $@
 
 $(GEN): $(PROTOS) tools/generate.py | $(STAMP)
@@ -58,7 +58,7 @@ netns-tools:
 	  else echo "ip and nft are missing: install Debian's iproute2 and nftables packages" >&2; exit 1; fi; }
 
 run: setup
-	$(BIN)/meshctl up --nodes 3
+	$(PY) -m meshctl up --nodes 3
 
 # Two workers, whole files each (module fixtures stay in one process): most
 # tests wait on leases and failovers, so the two cores overlap those waits.
@@ -90,5 +90,11 @@ lint: setup
 	$(BIN)/mypy .
 	$(BUF) lint
 
+# The sdist and the wheel of `meshkit` (setup.py generates the protobuf code and
+# rewrites the imports into the `meshkit` package): dist/*.tar.gz, dist/*.whl.
+dist: $(STAMP)
+	rm -rf dist build
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) generated clients/node/node_modules tools/buf/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf dist build $(VENV) generated clients/node/node_modules tools/buf/node_modules .pytest_cache .mypy_cache .ruff_cache

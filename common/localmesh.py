@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.package import PREFIX
 from common.peer import generate_secret
 
 
@@ -488,7 +489,7 @@ class LocalMesh:
     def _launch_node(self, node_id: str | None, extra: Sequence[str]) -> NodeProcess:
         node_id = node_id or f"node-{len(self.nodes) + 1}"
         argv = [
-            sys.executable, "-m", "nodes", "--listen", "127.0.0.1:0",
+            sys.executable, "-m", f"{PREFIX}nodes", "--listen", "127.0.0.1:0",
             "--etcd", self.etcd_endpoint, "--cluster", self.cluster, "--node-id", node_id,
             "--lease-ttl", str(self.lease_ttl),
             "--data-dir", str(self.workdir / node_id), *self._secret_flags(), *extra,
@@ -517,7 +518,7 @@ class LocalMesh:
         """
         coordinator_id = coordinator_id or f"coord-{len(self.coordinators) + 1}"
         argv = [
-            sys.executable, "-m", "coordinator", "--listen", "127.0.0.1:0",
+            sys.executable, "-m", f"{PREFIX}coordinator", "--listen", "127.0.0.1:0",
             "--etcd", self.etcd_endpoint, "--cluster", self.cluster,
             "--coordinator-id", coordinator_id, "--lease-ttl", str(self.lease_ttl),
             *self._secret_flags(), *extra,
