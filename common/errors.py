@@ -142,6 +142,61 @@ class MeshStatusError(Exception):
         return rpc_status.to_status(proto)
 
 
+class ServiceError(Exception):
+    """A refusal by a service's own rules (a lock not held, a stream deleted, a
+    queue full): a value its state and decisions raise without knowing about
+    gRPC. The node's edge (`nodes.rpc`) answers it with the status its reason
+    stands for (`status_of`), the same way for every service."""
+
+    def __init__(self, message: str, reason: Reason,
+                 metadata: Mapping[str, str] | None = None,
+                 violations: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.violations = dict(violations or {})
+        """Fields of the request at fault (a ``BadRequest`` on the wire)."""
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The status code the edge answers with."""
+        return STATUS_CODES[self.reason]
+
+
+STATUS_CODES: dict[Reason, grpc.StatusCode] = {
+    Reason.KEY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.VERSION_MISMATCH: grpc.StatusCode.ABORTED,
+    Reason.NOT_AN_INTEGER: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.INTEGER_OVERFLOW: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.CACHE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.WATCH_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+    Reason.GROUP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.LOCK_NOT_HELD: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.LOCK_TIMEOUT: grpc.StatusCode.ABORTED,
+    Reason.PERMITS_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.TOO_MANY_WAITERS: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.TOO_MANY_LEASES: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.SUPERSEDED: grpc.StatusCode.ABORTED,
+    Reason.LEASE_LOST: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.DUPLICATE_EVENT_ID: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.STREAM_DELETED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.JOB_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.DUPLICATE_JOB: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.SCHEDULE_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+}
+"""The status each reason a service may refuse with is answered with (the
+codes the protos document)."""
+
+
+def status_of(error: ServiceError) -> MeshStatusError:
+    """The wire status for a service's refusal."""
+    return MeshStatusError(STATUS_CODES[error.reason], error.message, error.reason,
+                           error.metadata, error.violations)
+
+
 def invalid_argument(field: str, description: str) -> MeshStatusError:
     """INVALID_ARGUMENT naming one field, e.g. ``invalid_argument("key", "must not be empty")``."""
     return MeshStatusError(

@@ -6,7 +6,8 @@ and one line in the registry (`nodes.services.SERVICES`) that maps its
 every service: it gives replication the service's state machines, serves its
 gRPC service on the client and peer ports (authentication, tenancy, rate
 limits and metrics by `nodes.rpc`; routing by `nodes.routing`), starts and
-closes it, and adds its figures to ``/metrics``.
+closes it, runs its periodic work (`nodes.ticker`), and adds its figures to
+``/metrics``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class Service(Protocol):
     descriptor: ClassVar[descriptor.ServiceDescriptor]
     """The gRPC service it serves."""
 
+    @property
+    def tick_interval_ns(self) -> int:
+        """How often `tick` runs at least, on each group this node leads (0: never)."""
+        ...
+
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
                clock: Clock = SYSTEM_CLOCK) -> Service:
@@ -58,6 +64,12 @@ class Service(Protocol):
 
     async def close(self) -> None:
         """The node stops: end long-lived streams and background work."""
+        ...
+
+    def tick(self, group: Group, now_ns: int) -> int | None:
+        """Periodic primary-side work on one group this node can write to (expiry,
+        scavenging, retention: each change proposed like any write); the instant
+        it wants the next tick if sooner than its interval (``now_ns``: busy)."""
         ...
 
     def metrics(self, replication: Replication) -> Snapshot:

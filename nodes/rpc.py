@@ -3,7 +3,8 @@
 ``add_service`` replaces the generated ``add_XServicer_to_server``: it parses
 requests itself so that bytes that are not a valid message are answered with
 INVALID_ARGUMENT (gRPC's default is UNKNOWN), and it turns a ``MeshStatusError``
-raised anywhere in a handler into the rich status it describes.
+raised anywhere in a handler into the rich status it describes, and a
+service's refusal (``ServiceError``) into the status its reason stands for.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from google.protobuf import descriptor, message, message_factory
 
 from common import tenancy
 from common.auth import Authenticator
-from common.errors import MeshStatusError, Reason, invalid_argument
+from common.errors import MeshStatusError, Reason, ServiceError, invalid_argument, status_of
 from common.metrics import RpcMetrics
 from nodes.ratelimit import Limiter
 
@@ -79,6 +80,8 @@ def _unary(parse: Callable[[bytes], message.Message],
             return await method(request, context)
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
+        except ServiceError as exc:
+            await context.abort_with_status(status_of(exc).to_status())
         except ForwardedError as exc:
             await exc.abort(context)
         except grpc.aio.AbortError:
@@ -102,6 +105,8 @@ def _server_stream(parse: Callable[[bytes], message.Message],
                 yield item
         except MeshStatusError as exc:
             await context.abort_with_status(exc.to_status())
+        except ServiceError as exc:
+            await context.abort_with_status(status_of(exc).to_status())
         except ForwardedError as exc:
             await exc.abort(context)
         except grpc.aio.AbortError:

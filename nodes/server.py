@@ -40,6 +40,7 @@ from nodes.replication.manager import Replication
 from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service
 from nodes.services import registry
+from nodes.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Node:
         self.signer = PeerSigner(config.peer_key, NODE, config.node_id)
         self.health = health.aio.HealthServicer()
         self.services: dict[str, Service] = {}
+        self._ticker: Ticker | None = None
         self.port = 0
         self.address = ""
         self.peer_port = 0
@@ -183,6 +185,8 @@ class Node:
         forwarder = Forwarder(self.replication, self.signer)
         for service in self.services.values():
             service.start(self.replication, forwarder)
+        self._ticker = Ticker(list(self.services.values()), self.replication, self.clock)
+        self._ticker.start()
         # Ready means "can answer": with a cluster map, every call is served,
         # forwarded or redirected; without one, every call would be NO_MAP.
         for name in ["", *self.service_names]:
@@ -235,6 +239,8 @@ class Node:
         # the server stops only calls already in flight remain, with the grace
         # period to finish.
         await asyncio.sleep(self.config.drain_delay)
+        if self._ticker is not None:
+            await self._ticker.close()
         for service in self.services.values():
             await service.close()
         # Long-lived streams (replication both ways, watches) would hold the

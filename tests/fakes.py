@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from nodes.replication.group import Group
+from nodes.replication.machine import Clear, Persist
 
 
 class FakeJournal:
-    """Records the SQL a durable machine queues, instead of writing it."""
+    """Records the rows a durable machine's commands persist, instead of writing them
+    (as a group's journal: pass it to both the machine and the `Group`)."""
 
     def __init__(self) -> None:
-        self.writes: list[tuple[int, str, list[Sequence[Any]]]] = []
+        self.writes: list[tuple[int, str, Sequence[Sequence[Any]]]] = []
         self.cleared: list[tuple[str, ...]] = []
+        self.flushed_ticket = 0  # every write is durable at once
 
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Sequence[Any]
-              ) -> None:
-        self.writes.append((seq, sql, list(rows)))
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None:
-        self.cleared.append(tuple(tables))
+    def write(self, group_id: int, origin_epoch: int, epoch: int, seq: int,
+              writes: Sequence[Persist]) -> int:
+        for w in writes:
+            if isinstance(w, Clear):
+                self.cleared.append(tuple(w.tables))
+            else:
+                self.writes.append((seq, w.sql, w.rows))
+        self.flushed_ticket += 1
+        return self.flushed_ticket
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return []

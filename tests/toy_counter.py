@@ -21,7 +21,7 @@ from nodes.config import NodeConfig
 from nodes.forwarding import Forwarder
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.machine import ServiceKind
+from nodes.replication.machine import Applied, Persist, ServiceKind
 from nodes.replication.manager import Replication
 from nodes.routing import Routed, routed
 
@@ -60,16 +60,19 @@ class CounterMachine:
     def __init__(self, group: Group) -> None:
         self.counts: dict[str, int] = {}
 
-    def apply(self, command: rpb.Command) -> None:
+    def apply(self, command: rpb.Command) -> Applied:
+        """The result: the key's new count."""
         key, delta = json.loads(command.payload)
-        self.counts[key] = self.counts.get(key, 0) + delta
+        value = self.counts[key] = self.counts.get(key, 0) + delta
+        return Applied(value)
 
     def snapshot(self) -> list[tuple[int, bytes]]:
         return [(0, json.dumps(self.counts).encode())]
 
-    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> list[Persist]:
         for _, data in chunks:
             self.counts.update(json.loads(data))
+        return []
 
     def role_changed(self) -> None:
         pass
@@ -83,6 +86,7 @@ class CounterService(Routed):
     kind: ClassVar[ServiceKind] = KIND
     durable: ClassVar[bool] = False
     descriptor = SERVICE
+    tick_interval_ns = 0  # no periodic work
 
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
@@ -98,16 +102,18 @@ class CounterService(Routed):
     async def close(self) -> None:
         pass
 
+    def tick(self, group: Group, now_ns: int) -> int | None:
+        return None
+
     def metrics(self, replication: Replication) -> Snapshot:
         return Snapshot()
 
     @routed("key")
     async def Incr(self, request: Any, context: grpc.aio.ServicerContext, group: Group) -> Any:
         key = scoped(request.key)
-        seq = group.append(slot_for(request.key), KIND,
-                           json.dumps([key, request.delta]).encode(), apply=True)
-        await group.wait_committed(seq)
-        return CountResponse(value=cast(CounterMachine, group.machines[KIND]).counts[key])
+        proposal = group.propose(slot_for(request.key), KIND,
+                                 json.dumps([key, request.delta]).encode())
+        return CountResponse(value=await proposal.committed())
 
     @routed("key")
     async def Get(self, request: Any, context: grpc.aio.ServicerContext, group: Group) -> Any:

@@ -1,11 +1,13 @@
-"""What a cache store holds, and the primitive changes to it.
+"""What a cache store holds, and the one way it changes: applying a `Change`.
 
 `Holdings` owns the entries and everything kept in step with them: the byte
 count and the node's `Budget`, the `ExpiryIndex` (what expires when), the
 eviction policy's order, the revision counter and the `ChangeFeed` that reports
-each change. `CacheStore` (nodes/cache/store.py) builds the cache's operations
-and rules on top; replication uses the primitives directly to mirror another
-copy of a store (`mirror`), or to copy one whole (`export` / `load`).
+each change. Every mutation goes through `Holdings.apply` (a SET, DELETE,
+EXPIRE or EVICT decided beforehand), on the group's primary and on its replicas
+alike, so their copies cannot drift apart. `CacheStore` (nodes/cache/store.py)
+builds the cache's operations and rules on top: it decides, then proposes the
+changes. `export` / `load` copy a whole store.
 """
 
 from __future__ import annotations
@@ -81,30 +83,63 @@ class Holdings:
         """The number of state changes so far (the revision of the last one)."""
         return self._revision
 
-    # -- replication ---------------------------------------------------------
+    # -- applying changes -----------------------------------------------------
 
-    def mirror(self, change: Change) -> None:
-        """Apply a change made by another copy of this store (the group's primary).
+    def apply(self, change: Change) -> Entry | None:
+        """Make ``change``, decided beforehand (by this store's operations or the
+        group's primary); returns the entry a SET wrote, else None.
 
-        No limit, clock or eviction policy decides anything here: a replica holds
-        exactly what its primary decided, and the change's revision becomes this
-        store's, so versions keep growing after a promotion.
+        Nothing here reads the clock, checks a limit or asks the eviction policy:
+        the decision is the change's, so every copy that applies the same
+        changes holds the same entries, counters and revision. The change's
+        revision becomes the store's, so versions keep growing after a
+        promotion. The change is queued for listeners, who get it at the end of
+        the operation that made it (`mirror`: at once).
         """
         key = change.key
         old = self._data.get(key)
-        if old is not None:
-            self._drop(key, old)
+        revision = change.revision
+        if revision > self._revision:
+            self._revision = revision
+        entry = None
         kind = change.type
         if kind is _SET:
-            self._insert(key, Entry(change.value, change.revision, change.expire_at))
-        elif old is not None and kind is _EXPIRE:
-            self._expirations += 1
-        elif old is not None and kind is _EVICT:
-            self._evictions += 1
-        self._revision = max(self._revision, change.revision)
+            value = change.value
+            expire_at = change.expire_at
+            entry = Entry(value, revision, expire_at)
+            self._data[key] = entry
+            budget = self._budget
+            size = entry_size(key, value)
+            if old is None:
+                budget.entries += 1
+                if expire_at is not None:
+                    self._expiry.push(expire_at, key, revision)
+            else:  # an overwrite, which the policy counts as a use
+                size -= entry_size(key, old.value)
+                if expire_at is not None:
+                    # An old expiry's item just goes stale: the volatile count stays.
+                    self._expiry.push(expire_at, key, revision,
+                                      replacing=old.expire_at is not None)
+                elif old.expire_at is not None:
+                    self._expiry.discard()
+            self._bytes += size
+            budget.bytes += size
+            self._policy.on_insert(key, expire_at)
+        elif old is not None:
+            self._drop(key, old)
+            if kind is _EXPIRE:
+                self._expirations += 1
+            elif kind is _EVICT:
+                self._evictions += 1
         if self._feed.listeners:
             self._publish(change)
-            self._flush()
+        return entry
+
+    def mirror(self, change: Change) -> Entry | None:
+        """`apply` one change and deliver it to listeners at once (a replica's step)."""
+        entry = self.apply(change)
+        self._flush()
+        return entry
 
     def export(self) -> tuple[int, list[tuple[str, Entry]]]:
         """A consistent copy of the state: ``(revision, [(key, entry), ...])``.
@@ -144,16 +179,6 @@ class Holdings:
         return self._feed.add_listener(fn)
 
     # -- primitives ----------------------------------------------------------
-
-    def _remove(self, key: str, entry: Entry, kind: ChangeType) -> None:
-        self._drop(key, entry)
-        self._revision += 1
-        if kind is _EXPIRE:
-            self._expirations += 1
-        elif kind is _EVICT:
-            self._evictions += 1
-        if self._feed.listeners:
-            self._publish(Change(kind, key, b"", self._revision, None))
 
     def _drop(self, key: str, entry: Entry) -> None:
         """Forget ``key`` (holding ``entry``) everywhere; no revision, no change."""

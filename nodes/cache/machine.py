@@ -1,10 +1,14 @@
 """The cache as a replicated state machine: one store per group, changes as commands.
 
-The cache replicates effects rather than requests: its decisions depend on the
-primary's clock, its read history (LRU/LFU order) and the node's memory budget,
-none of which a replica shares. So the primary's store runs each request and
-every change it makes (a set, a delete, an expiry, an eviction) becomes one
-command; replicas apply the changes verbatim (`CacheStore.mirror`).
+One write path, as for every service: on the primary, a cache operation decides
+(`CacheStore`: its clock, LRU/LFU order and the node's memory budget pick the
+expiry, victims and versions; a failed condition raises before anything changed)
+and proposes each resulting `Change` as one command (``cpb.KeyChange``) with
+`Group.propose`; `CacheMachine.apply` applies it through `Holdings.apply`, at once
+on the primary and later on every replica, the same code with the same outcome,
+and returns the applied entry, the operation's result. The primary publishes each
+change to the Watch feed once proposed, in order. The cache is in-memory: apply
+returns nothing to persist.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds, to_seconds
+from common.errors import Reason, ServiceError
 from common.slots import slot_for
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.cache.budget import Budget
 from nodes.cache.store import CacheStore, Change, ChangeType, Entry
+from nodes.replication.machine import Applied
 
 if TYPE_CHECKING:
     from nodes.replication.group import Group
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["CACHE", "CacheMachine"]
 
 CACHE = rpb.SERVICE_KIND_CACHE
+_PRIMARY = rpb.GROUP_ROLE_PRIMARY
 SNAPSHOT_PIECE_BYTES = 512 * 1024
 
 _TO_WIRE = {
@@ -59,8 +66,16 @@ def decode(payload: bytes) -> Change:
                   _instant(wire.expire_at))
 
 
+def not_leading(group_id: int) -> ServiceError:
+    return ServiceError(
+        f"group {group_id} is no longer led by this node; retry at its new primary",
+        Reason.GROUP_UNAVAILABLE, {"group_id": str(group_id)})
+
+
 class CacheMachine:
     """One group's cache: a `CacheStore` counted in the node's budget."""
+
+    __slots__ = ("_group", "_proposing", "_publish", "store")
 
     service = CACHE
     durable = False
@@ -69,19 +84,34 @@ class CacheMachine:
                  publish: Callable[[Change], None], clock: Clock = SYSTEM_CLOCK) -> None:
         self._group = group
         self._publish = publish
-        # Only the primary's store reads it (replicas mirror its changes verbatim).
-        self.store = CacheStore(budget=budget, policy=policy, clock=clock.wall_ns)
-        self.store.add_listener(self._changed)
+        # The change being proposed here, while `Group.propose` applies it.
+        self._proposing: Change | None = None
+        # Only the primary's store reads its clock (replicas apply decided changes).
+        self.store = CacheStore(budget=budget, policy=policy, clock=clock.wall_ns,
+                                propose=self._propose)
 
-    def _changed(self, change: Change) -> None:
+    def _propose(self, change: Change) -> Entry | None:
+        """Make one change the primary's store decided: propose it to the group
+        (which applies it here at once), publish it to watchers; the applied
+        result. The service awaits the commit (after the operation's last change)."""
         group = self._group
-        if group.is_primary:
-            # Replicas mirror changes; only the primary issues them.
-            group.append(slot_for(change.key), CACHE, encode(change))
-            self._publish(change)
+        if group.role != _PRIMARY:  # `is_primary`, without a call on the write path
+            raise not_leading(group.group_id)
+        self._proposing = change
+        try:
+            entry: Entry | None = group.propose(slot_for(change.key), CACHE, encode(change)).result
+        finally:
+            self._proposing = None
+        self._publish(change)
+        return entry
 
-    def apply(self, command: rpb.Command) -> None:
-        self.store.mirror(decode(command.payload))
+    def apply(self, command: rpb.Command) -> Applied:
+        # Our own proposal comes back as the very change it encodes: no need to
+        # decode it. A replica decodes the same change; both apply it alike.
+        change = self._proposing
+        if change is None:
+            return Applied(self.store.mirror(decode(command.payload)))
+        return Applied(self.store.apply(change))  # the operation delivers to listeners
 
     def snapshot(self) -> list[tuple[int, bytes]]:
         revision, items = self.store.export()
@@ -101,7 +131,7 @@ class CacheMachine:
             pieces.append((0, piece.SerializeToString()))
         return pieces
 
-    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> tuple[()]:
         revision = 0
         items: list[tuple[str, Entry]] = []
         for _, data in chunks:
@@ -110,6 +140,7 @@ class CacheMachine:
             items.extend((e.key, Entry(e.value, e.version, _instant(e.expire_at)))
                          for e in piece.entries)
         self.store.load(revision, items)
+        return ()  # in memory: nothing to persist
 
     def role_changed(self) -> None:
         """Nothing to do: the service asks the group before every change."""

@@ -8,8 +8,6 @@ Requests for slots led elsewhere are redirected or forwarded (nodes/forwarding.p
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import ClassVar, TypeAlias, cast
@@ -18,8 +16,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from common import heartbeat as hb
-from common.clock import MILLISECOND, SECOND, SYSTEM_CLOCK, Clock
-from common.errors import MeshStatusError, Reason, invalid_argument
+from common.clock import SECOND, SYSTEM_CLOCK, Clock
+from common.errors import invalid_argument
 from common.metrics import Snapshot, one
 from common.slots import slot_for
 from common.tenancy import scoped
@@ -29,13 +27,8 @@ from nodes.cache import validation as v
 from nodes.cache.budget import Budget
 from nodes.cache.machine import CACHE, CacheMachine
 from nodes.cache.store import (
-    CacheFullError,
     CacheStore,
     Entry,
-    IntegerOverflowError,
-    KeyExistsError,
-    NotAnIntegerError,
-    VersionMismatchError,
 )
 from nodes.cache.watch import WatchHub
 from nodes.config import CacheLimits, NodeConfig
@@ -50,6 +43,8 @@ log = logging.getLogger(__name__)
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
+_EXPIRE_BATCH = 1000
+"""Most keys one tick expires in a group before requests get their turn."""
 _POLICIES = {
     "lru": pb.EVICTION_POLICY_LRU,
     "lfu": pb.EVICTION_POLICY_LFU,
@@ -73,44 +68,6 @@ def _found(entry: Entry) -> pb.GetResponse:
     )
 
 
-def _store_error(exc: Exception, key_field: str = "key") -> MeshStatusError:
-    """Map a store error onto the wire status the proto documents."""
-    if isinstance(exc, VersionMismatchError):
-        return MeshStatusError(
-            grpc.StatusCode.ABORTED,
-            f"version mismatch: the key is at version {exc.current_version}",
-            Reason.VERSION_MISMATCH,
-            metadata={"current_version": str(exc.current_version)},
-        )
-    if isinstance(exc, KeyExistsError):
-        return MeshStatusError(
-            grpc.StatusCode.ALREADY_EXISTS, "the key already exists", Reason.KEY_EXISTS
-        )
-    if isinstance(exc, CacheFullError):
-        return MeshStatusError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"cache is full and eviction cannot make room: {exc}",
-            Reason.CACHE_FULL,
-        )
-    if isinstance(exc, NotAnIntegerError):
-        return MeshStatusError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{key_field}: the value is not a decimal 64-bit integer",
-            Reason.NOT_AN_INTEGER,
-            metadata={"field": key_field},
-            violations={key_field: "the value is not a decimal 64-bit integer"},
-        )
-    if isinstance(exc, IntegerOverflowError):
-        return MeshStatusError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "delta: the result would overflow 64 bits",
-            Reason.INTEGER_OVERFLOW,
-            metadata={"field": "delta"},
-            violations={"delta": "the result would overflow 64 bits"},
-        )
-    raise exc
-
-
 class CacheService(Routed, pb_grpc.CacheServiceServicer):
     """CacheService over one store per replica group, within one node-wide budget."""
 
@@ -118,6 +75,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     kind: ClassVar[ServiceKind] = CACHE
     durable: ClassVar[bool] = False
     descriptor = pb.DESCRIPTOR.services_by_name["CacheService"]
+    tick_interval_ns = SECOND  # expiry sweeps: sooner when a key is due (see `tick`)
 
     def __init__(self, limits: CacheLimits, *, sync_replication: bool = True,
                  clock: Clock = SYSTEM_CLOCK) -> None:
@@ -128,7 +86,6 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         self.watches = WatchHub()
         self._sync = sync_replication
         self._replication: Replication | None = None
-        self._expiry_task: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
@@ -147,15 +104,20 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         self._replication = replication
         self.start_routing(forwarder)
         replication.on_lost.append(self._lost_groups)
-        self._expiry_task = asyncio.create_task(self._expire_loop(), name="cache-expiry")
 
     async def close(self) -> None:
-        """End every Watch stream and stop the expiry loop."""
+        """End every Watch stream."""
         self.watches.close_all()
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
+
+    def tick(self, group: Group, now_ns: int) -> int | None:
+        # Expired keys are never returned (reads check), but they still hold
+        # memory and watchers expect an EXPIRE event: the primary sweeps them,
+        # and each expiry is a replicated change like any write. A thousand at a
+        # time, then requests get their turn (the ticker comes back at once).
+        store = _store(group)
+        if store.expire_due(_EXPIRE_BATCH) >= _EXPIRE_BATCH:
+            return now_ns
+        return store.next_expiry()
 
     def metrics(self, replication: Replication) -> Snapshot:
         """Figures of the groups this node leads, like Stats: they restart from the
@@ -189,28 +151,14 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             return []
         return [_store(g) for g in self._replication.groups.values() if g.writable]
 
-    async def _expire_loop(self) -> None:
-        # Expired keys are never returned (reads check), but they still hold
-        # memory and watchers expect an EXPIRE event: the primary sweeps them,
-        # and each expiry is a replicated change like any write.
-        while True:
-            busy = False
-            soonest: int | None = None
-            for store in self._primary_stores():
-                busy |= store.expire_due(1000) >= 1000
-                due = store.next_expiry()
-                if due is not None and (soonest is None or due < soonest):
-                    soonest = due
-            if busy:
-                await asyncio.sleep(0)
-                continue
-            now = self.clock.wall_ns()
-            delay = SECOND if soonest is None else min(max(soonest - now, 5 * MILLISECOND), SECOND)
-            await self.clock.sleep(delay)
-
-    async def _commit(self, group: Group) -> None:
+    async def _commit(self, group: Group, seq: int | None = None) -> None:
+        """Wait (in sync mode) until a write's commands are committed. A store
+        operation proposes its changes at once, so right after it (no await in
+        between) the group's last command is its last proposal; a write that
+        changed nothing (a Delete of a missing key) waits as well, for the
+        writes it may have seen. ``seq``: the last command, noted earlier."""
         if self._sync:
-            await group.wait_committed(group.log.last_seq)
+            await group.wait_committed(group.log.last_seq if seq is None else seq)
 
     # -- RPCs --------------------------------------------------------------
 
@@ -236,14 +184,11 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         ttl = v.ttl_ns(request.HasField("ttl"), request.ttl)
         if request.only_if_absent and request.only_if_version:
             raise invalid_argument("only_if_version", "cannot be combined with only_if_absent")
-        try:
-            entry = _store(group).set(
-                scoped(request.key), request.value, ttl=ttl or None,
-                only_if_absent=request.only_if_absent,
-                only_if_version=request.only_if_version,
-            )
-        except (VersionMismatchError, KeyExistsError, CacheFullError) as exc:
-            raise _store_error(exc) from None
+        entry = _store(group).set(
+            scoped(request.key), request.value, ttl=ttl or None,
+            only_if_absent=request.only_if_absent,
+            only_if_version=request.only_if_version,
+        )
         await self._commit(group)
         if entry.expire_at is None:
             return pb.SetResponse(version=entry.version)
@@ -253,11 +198,8 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     async def Delete(self, request: pb.DeleteRequest, context: Ctx,
                      group: Group) -> pb.DeleteResponse:
         v.check_key(request.key)
-        try:
-            deleted = _store(group).delete(
-                scoped(request.key), only_if_version=request.only_if_version)
-        except VersionMismatchError as exc:
-            raise _store_error(exc) from None
+        deleted = _store(group).delete(
+            scoped(request.key), only_if_version=request.only_if_version)
         await self._commit(group)
         return pb.DeleteResponse(deleted=deleted)
 
@@ -291,13 +233,12 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             items.append((e.key, e.value, ttl or None))
         local, remote = self.split([item[0] for item in items], context)
         versions = [0] * len(items)
+        written: list[tuple[Group, int]] = []
         # Atomic per group: each group's share is one store operation.
         for group, indexes in local.values():
-            try:
-                share = _store(group).mset(
-                    [(scoped(items[i][0]), *items[i][1:]) for i in indexes])
-            except CacheFullError as exc:
-                raise _store_error(exc) from None
+            share = _store(group).mset(
+                [(scoped(items[i][0]), *items[i][1:]) for i in indexes])
+            written.append((group, group.log.last_seq))
             for i, version in zip(indexes, share, strict=True):
                 versions[i] = version
         for target, indexes in remote.values():
@@ -305,8 +246,8 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             answer = await self.forward(target, "MSet", forwarded, context)
             for i, version in zip(indexes, answer.versions, strict=True):
                 versions[i] = version
-        for group, _ in local.values():
-            await self._commit(group)
+        for group, seq in written:
+            await self._commit(group, seq)
         return pb.MSetResponse(versions=versions)
 
     @routed("key")
@@ -314,11 +255,8 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
                    group: Group) -> pb.IncrResponse:
         v.check_key(request.key)
         ttl = v.ttl_ns(request.HasField("ttl"), request.ttl)
-        try:
-            value, version = _store(group).incr(scoped(request.key), request.delta,
-                                                 ttl=ttl or None)
-        except (NotAnIntegerError, IntegerOverflowError, CacheFullError) as exc:
-            raise _store_error(exc) from None
+        value, version = _store(group).incr(scoped(request.key), request.delta,
+                                             ttl=ttl or None)
         await self._commit(group)
         return pb.IncrResponse(value=value, version=version)
 

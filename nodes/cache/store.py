@@ -1,16 +1,22 @@
-"""The cache's state machine: one in-memory key/value store with TTLs and limits.
+"""The cache's operations: one in-memory key/value store with TTLs and limits.
 
-`CacheStore` is deterministic given its inputs and its clock: every decision that
-depends on time reads the injected ``clock`` (once per operation; integer
-nanoseconds, as are TTLs and expiry instants here), and every state
-change is numbered (the store's ``revision``) and reported to listeners as a
-`Change`, so the same store can later run per slot and be replicated by shipping
-its changes.
+Every write takes one path, the group's (see nodes/replication/group.py): an
+operation first decides (reads the store and the injected ``clock``, once per
+operation, in integer nanoseconds as are TTLs and expiry instants; checks its
+conditions and room; picks expiries and eviction victims; numbers the changes
+with the next revisions) and raises before anything changed if it fails; then it
+proposes its changes in order (each a `Change`: SET, DELETE, EXPIRE or EVICT). A
+store of its own applies them itself; a group's store hands them to the group
+(``propose``), which applies them through `Holdings.apply` at once, here as on
+every replica. Why: the decisions need this copy's clock, read history (LRU/LFU
+order) and memory budget, which replicas do not share; applying a decided change
+needs none of them, so all copies hold the same state. Reads touch the policy
+order locally (not replicated); a live read proposes nothing.
 
 Rules the whole module keeps:
 
 * An operation that raises changes nothing (conditions and room are checked before
-  the first mutation).
+  the first change is proposed).
 * An expired key is never returned or counted as present; it leaves the store
   (with an EXPIRE change) on the first read or write that meets it, when room is
   needed, or when `expire_due` sweeps it.
@@ -20,17 +26,18 @@ Rules the whole module keeps:
   Limits cover everything held, including expired keys not yet swept; expired keys
   are reclaimed before live keys are evicted.
 
-What the store holds, and the primitive changes to it (including mirroring
-another copy's changes, for replication), live in `Holdings`
+What the store holds, and how a change is applied to it, live in `Holdings`
 (nodes/cache/holdings.py); this module is the operations and their rules.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
-from common.clock import from_seconds, to_seconds
+from common.clock import SYSTEM_CLOCK, from_seconds, to_seconds
+from nodes.cache.budget import Budget
 from nodes.cache.errors import (
     CacheError,
     CacheFullError,
@@ -55,6 +62,7 @@ __all__ = [
     "IntegerOverflowError",
     "KeyExistsError",
     "NotAnIntegerError",
+    "Propose",
     "VersionMismatchError",
 ]
 
@@ -80,6 +88,10 @@ def _check_version(only_if_version: int) -> None:
         raise ValueError(f"only_if_version must be >= 0, got {only_if_version}")
 
 
+Propose: TypeAlias = Callable[[Change], Any]
+"""Makes a decided change: applies it (everywhere) and returns what `Holdings.apply`
+returned (the entry a SET wrote, else None)."""
+
 _SET = ChangeType.SET
 _DELETE = ChangeType.DELETE
 _EXPIRE = ChangeType.EXPIRE
@@ -95,7 +107,23 @@ class CacheStore(Holdings):
     Not thread-safe: call it from one thread (the node's event loop).
     """
 
-    __slots__ = ()
+    __slots__ = ("_propose",)
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 0,
+        max_bytes: int = 0,
+        policy: str = "lru",
+        clock: Callable[[], int] = SYSTEM_CLOCK.wall_ns,
+        budget: Budget | None = None,
+        propose: Propose | None = None,
+    ) -> None:
+        super().__init__(max_entries=max_entries, max_bytes=max_bytes, policy=policy,
+                         clock=clock, budget=budget)
+        # How a decided change is made: by `apply` here (a store of its own), or
+        # by the group (`CacheMachine`), which applies it here and on replicas.
+        self._propose: Propose = self.apply if propose is None else propose
 
     # -- reading -------------------------------------------------------------
 
@@ -113,7 +141,7 @@ class CacheStore(Holdings):
         expire_at = entry.expire_at
         if expire_at is not None and expire_at <= self._clock():
             self._misses += 1
-            self._remove(key, entry, _EXPIRE)
+            self._propose(Change(_EXPIRE, key, b"", self._revision + 1, None))
             self._flush()
             return None
         self._hits += 1
@@ -190,7 +218,7 @@ class CacheStore(Holdings):
             current = 0 if expired else entry.version
             if current != only_if_version:
                 raise VersionMismatchError(key, current, only_if_version)
-        self._remove(key, entry, _EXPIRE if expired else _DELETE)
+        self._propose(Change(_EXPIRE if expired else _DELETE, key, b"", self._revision + 1, None))
         self._flush()
         return not expired
 
@@ -211,6 +239,7 @@ class CacheStore(Holdings):
         winners = sorted(last.values())
         data = self._data
         budget = self._budget
+        plan: list[Change] = []
         if budget.max_entries or budget.max_bytes:
             sizes = {items[i][0]: entry_size(items[i][0], items[i][1]) for i in winners}
             freed_entries = freed_bytes = 0
@@ -223,12 +252,22 @@ class CacheStore(Holdings):
                 budget.entries - freed_entries + len(sizes),
                 budget.bytes - freed_bytes + sum(sizes.values()),
             ):
-                self._make_room(sizes, now)
-        versions: dict[str, int] = {}
+                plan = self._plan_room(sizes, now)
+        revision = self._revision + len(plan)
         for index in winners:
             key, value, _ = items[index]
-            entry = self._put(key, value, expiries[index], data.get(key), now)
-            versions[key] = entry.version
+            old = data.get(key)  # room planning never picks the batch's own keys
+            if old is not None and old.expire_at is not None and old.expire_at <= now:
+                revision += 1
+                plan.append(Change(_EXPIRE, key, b"", revision, None))
+            revision += 1
+            plan.append(Change(_SET, key, value, revision, expiries[index]))
+        versions: dict[str, int] = {}
+        propose = self._propose
+        for change in plan:
+            entry = propose(change)
+            if change.type is _SET:
+                versions[change.key] = entry.version
         self._flush()
         return [versions[item[0]] for item in items]
 
@@ -271,7 +310,7 @@ class CacheStore(Holdings):
             due = pop_due(now)
             if due is None:
                 break
-            self._remove(due[0], due[1], _EXPIRE)
+            self._propose(Change(_EXPIRE, due[0], b"", self._revision + 1, None))
             removed += 1
         self._flush()
         return removed
@@ -285,7 +324,9 @@ class CacheStore(Holdings):
     def _write_one(
         self, key: str, value: bytes, expire_at: int | None, old: Entry | None, now: int
     ) -> Entry:
-        """Make room for one write (or raise CacheFullError untouched), then do it."""
+        """Decide one write of ``key`` (which holds ``old``): room for it first
+        (or raise CacheFullError, nothing changed), then propose it."""
+        plan: list[Change] | None = None
         budget = self._budget
         if budget.max_entries or budget.max_bytes:
             size = entry_size(key, value)
@@ -294,60 +335,41 @@ class CacheStore(Holdings):
             else:
                 fits = budget.fits(budget.entries, budget.bytes - entry_size(key, old.value) + size)
             if not fits:
-                self._make_room({key: size}, now)
-        return self._put(key, value, expire_at, old, now)
-
-    def _put(
-        self, key: str, value: bytes, expire_at: int | None, old: Entry | None, now: int
-    ) -> Entry:
-        """Store the entry; ``old`` is what the key holds now. Room was made."""
-        replacing = False  # a live old entry with an expiry gets a new expiry
-        budget = self._budget
-        if old is None:
-            budget.entries += 1
-        else:
-            old_expire = old.expire_at
-            if old_expire is not None and old_expire <= now:
-                self._remove(key, old, _EXPIRE)
-                budget.entries += 1
-            else:
-                old_size = entry_size(key, old.value)
-                self._bytes -= old_size
-                budget.bytes -= old_size
-                if old_expire is not None:
-                    if expire_at is None:
-                        self._expiry.discard()
-                    else:
-                        replacing = True
-        self._revision += 1
-        revision = self._revision
-        entry = Entry(value, revision, expire_at)
-        self._data[key] = entry
-        size = entry_size(key, value)
-        self._bytes += size
-        budget.bytes += size
-        self._policy.on_insert(key, expire_at)
-        if expire_at is not None:
-            self._expiry.push(expire_at, key, revision, replacing=replacing)
-        if self._feed.listeners:
-            self._publish(Change(_SET, key, value, revision, expire_at))
+                plan = self._plan_room({key: size}, now)
+        if old is not None and old.expire_at is not None and old.expire_at <= now:
+            if plan is None:
+                plan = []
+            plan.append(Change(_EXPIRE, key, b"", self._revision + len(plan) + 1, None))
+        if plan is None:  # the common case: one change, no list
+            entry: Entry = self._propose(Change(_SET, key, value, self._revision + 1, expire_at))
+            return entry
+        plan.append(Change(_SET, key, value, self._revision + len(plan) + 1, expire_at))
+        propose = self._propose
+        for change in plan:
+            entry = propose(change)
         return entry
 
-    def _make_room(self, batch: dict[str, int], now: int) -> None:
-        """Free enough room for ``batch`` (key -> new size) or raise, changing nothing
-        here (other stores may have evicted for it)."""
+    def _plan_room(self, batch: dict[str, int], now: int) -> list[Change]:
+        """The removals that free enough room for ``batch`` (key -> new size), or
+        CacheFullError, having changed nothing here (other stores of the node may
+        have evicted for it: they are asked before this store's plan is made)."""
         budget = self._budget
-        plan = plan_room(batch, self._data, budget, self._expiry, self._policy, now)
-        if (plan.short_entries or plan.short_bytes) and not budget.reclaim(
-                plan.short_entries, plan.short_bytes, asking=self):
+        room = plan_room(batch, self._data, budget, self._expiry, self._policy, now)
+        if (room.short_entries or room.short_bytes) and not budget.reclaim(
+                room.short_entries, room.short_bytes, asking=self):
             raise CacheFullError(
                 f"eviction policy {self._policy.name!r} cannot free room: "
-                f"{plan.short_entries} more entries and {plan.short_bytes} more bytes "
+                f"{room.short_entries} more entries and {room.short_bytes} more bytes "
                 f"needed (max_entries={budget.max_entries}, max_bytes={budget.max_bytes})")
-        for key, entry in plan.expired:
-            self._remove(key, entry, _EXPIRE)
-        for key, entry in plan.evicted:
-            self._remove(key, entry, _EVICT)
+        plan: list[Change] = []
+        revision = self._revision
+        for key, _ in room.expired:
+            revision += 1
+            plan.append(Change(_EXPIRE, key, b"", revision, None))
+        for key, _ in room.evicted:
+            revision += 1
+            plan.append(Change(_EVICT, key, b"", revision, None))
+        return plan
 
     def evict(self, entries: int, nbytes: int) -> tuple[int, int]:
         """Evict by policy until ``entries`` entries and ``nbytes`` bytes are freed or
@@ -357,11 +379,11 @@ class CacheStore(Holdings):
         for key in self._policy.candidates():
             if freed_entries >= entries and freed_bytes >= nbytes:
                 break
-            entry = self._data[key]
-            victims.append((key, entry))
+            victims.append(key)
             freed_entries += 1
-            freed_bytes += entry_size(key, entry.value)
-        for key, entry in victims:
-            self._remove(key, entry, _EVICT)
+            freed_bytes += entry_size(key, self._data[key].value)
+        propose = self._propose
+        for key in victims:
+            propose(Change(_EVICT, key, b"", self._revision + 1, None))
         self._flush()
         return freed_entries, freed_bytes

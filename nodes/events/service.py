@@ -20,7 +20,7 @@ import grpc
 from common import heartbeat as hb
 from common import tenancy
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds
-from common.errors import MeshStatusError, invalid_argument
+from common.errors import MeshStatusError, ServiceError, invalid_argument
 from common.metrics import Snapshot, one
 from common.slots import slot_for
 from common.tenancy import scoped
@@ -31,6 +31,7 @@ from nodes.events import errors
 from nodes.events import validation as v
 from nodes.events.machine import EVENTS, EventsMachine
 from nodes.events.model import LIVE, Stream
+from nodes.events.primary import EventsPrimary
 from nodes.events.reads import View, read_slot, read_stream, recorded
 from nodes.events.storage import SCHEMA, TABLES
 from nodes.events.subscriptions import (
@@ -63,6 +64,10 @@ def _machine(group: Group) -> EventsMachine:
     return cast(EventsMachine, group.machines[EVENTS])
 
 
+def _primary(group: Group) -> EventsPrimary:
+    return EventsPrimary(group, _machine(group))
+
+
 def _confirmation(sub_id: str, heartbeat: float) -> pb.SubscribeResponse:
     confirmation = pb.SubscriptionConfirmation(subscription_id=sub_id)
     if heartbeat > 0:
@@ -90,7 +95,6 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         """Events appended through this node as primary (for metrics)."""
         self._replication: Replication | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._scavenger: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
@@ -106,12 +110,11 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self._replication = replication
         self.start_routing(forwarder)
-        self._scavenger = asyncio.create_task(self._scavenge_loop(), name="events-scavenger")
 
     async def close(self) -> None:
-        """End every subscription and stop the scavenger."""
+        """End every subscription."""
         self.hub.end_all()
-        tasks = [t for t in (self._scavenger, *self._background) if t is not None]
+        tasks = list(self._background)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -131,21 +134,15 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                                                one(self.appended_total))},
         )
 
-    async def _scavenge_loop(self) -> None:
+    @property
+    def tick_interval_ns(self) -> int:
+        return from_seconds(self.limits.scavenge_interval)
+
+    def tick(self, group: Group, now_ns: int) -> int | None:
         # Retention hides events at once; removing them (memory and disk) is a
-        # replicated command like any write, issued by the primary now and then.
-        while True:
-            await self.clock.sleep(from_seconds(self.limits.scavenge_interval))
-            if self._replication is None:
-                continue
-            now = self.clock.wall_ns()
-            for group in list(self._replication.groups.values()):
-                machine = group.machines.get(EVENTS)
-                if group.writable and machine is not None:
-                    try:
-                        cast(EventsMachine, machine).scavenge(now)
-                    except Exception:
-                        log.exception("group %d: scavenging failed", group.group_id)
+        # replicated command like any write, proposed by the primary now and then.
+        _primary(group).scavenge(now_ns)
+        return None
 
     # -- commits -------------------------------------------------------------------
 
@@ -186,7 +183,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         v.check_stream(request.stream)
         v.check_events(request.events, self.limits)
         expected = v.check_expected(request.expected_state, request.exact_version)
-        result = _machine(group).append(scoped(request.stream), request.events, expected,
+        result = _primary(group).append(scoped(request.stream), request.events, expected,
                                          request.exact_version)
         await self._committed(group, result.seq)
         if not result.duplicate:
@@ -202,7 +199,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         settings = v.check_metadata(request.metadata)
         expected = request.expected_metadata_version \
             if request.HasField("expected_metadata_version") else None
-        version, seq = _machine(group).set_metadata(scoped(request.stream), settings,
+        version, seq = _primary(group).set_metadata(scoped(request.stream), settings,
                                                      expected)
         await self._committed(group, seq)
         return pb.SetStreamMetadataResponse(metadata_version=version)
@@ -212,7 +209,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                            group: Group) -> pb.DeleteStreamResponse:
         v.check_stream(request.stream)
         expected = v.check_expected(request.expected_state, request.exact_version)
-        last, seq = _machine(group).delete(scoped(request.stream), expected,
+        last, seq = _primary(group).delete(scoped(request.stream), expected,
                                             request.exact_version)
         await self._committed(group, seq)
         return pb.DeleteStreamResponse(last_version=last)
@@ -222,7 +219,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                               group: Group) -> pb.TombstoneStreamResponse:
         v.check_stream(request.stream)
         expected = v.check_expected(request.expected_state, request.exact_version)
-        last, seq = _machine(group).tombstone(scoped(request.stream), expected,
+        last, seq = _primary(group).tombstone(scoped(request.stream), expected,
                                                request.exact_version)
         await self._committed(group, seq)
         return pb.TombstoneStreamResponse(last_version=last)
@@ -380,7 +377,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                     cursors[slot] = 0
         return cursors
 
-    def _ended(self, group_id: int, slot: int) -> MeshStatusError:
+    def _ended(self, group_id: int, slot: int) -> MeshStatusError | ServiceError:
         """Why a subscription ended: the node stops, the slot moved, or its group is
         changing primary."""
         if group_id == SHUTDOWN or self._replication is None:

@@ -2,22 +2,22 @@
 
 Memory holds the state; the disk holds a copy so that a restarted node gets
 its groups back (`EventsMachine` loads it when its group was read back from
-the journal). Every write is queued with the seq of the command that caused
-it, so the group counts the command as durable only once the rows are on disk.
+the journal). `Storage` describes each change as rows (`Write`, `Clear`); the
+machine returns them from ``apply`` and the group queues them with the seq of
+the command that caused them, so it counts the command as durable only once
+the rows are on disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh.events.v1 import events_replication_pb2 as epb
 from nodes.events.model import SlotLog, StoredEvent, Stream
 from nodes.events.store import EventStore
-from nodes.replication.journal import JournalLike
-
-if TYPE_CHECKING:
-    from nodes.replication.group import Group
+from nodes.replication.journal import JournalReader
+from nodes.replication.machine import Clear, Persist, Write
 
 __all__ = ["SCHEMA", "TABLES", "Storage"]
 
@@ -70,49 +70,41 @@ _REMOVE_BEFORE = "DELETE FROM events_log WHERE group_id = ? AND stream = ? AND v
 
 
 class Storage:
-    """Disk writes and read-back for one group's event store."""
+    """The rows of one group's event store, and reading them back."""
 
-    def __init__(self, journal: JournalLike, group: Group) -> None:
-        self._journal = journal
-        self._group = group
-        self._gid = group.group_id
+    def __init__(self, group_id: int) -> None:
+        self._gid = group_id
 
-    def appended(self, seq: int, epoch: int, stream: Stream, log: SlotLog,
-                 events: Sequence[StoredEvent]) -> None:
-        gid = self._gid
-        write = self._journal.write
-        write(self._group, seq, epoch, _INSERT_EVENT, *[self._event_row(e) for e in events])
-        write(self._group, seq, epoch, _UPSERT_STREAM, self._stream_row(stream))
-        write(self._group, seq, epoch, _UPSERT_SLOT, (gid, log.slot, log.last_position))
+    def appended(self, stream: Stream, log: SlotLog, events: Sequence[StoredEvent]
+                 ) -> list[Persist]:
+        return [Write(_INSERT_EVENT, [self._event_row(e) for e in events]),
+                Write(_UPSERT_STREAM, [self._stream_row(stream)]),
+                Write(_UPSERT_SLOT, [(self._gid, log.slot, log.last_position)])]
 
-    def stream_changed(self, seq: int, epoch: int, stream: Stream) -> None:
-        self._journal.write(self._group, seq, epoch, _UPSERT_STREAM, self._stream_row(stream))
+    def stream_changed(self, stream: Stream) -> Write:
+        return Write(_UPSERT_STREAM, [self._stream_row(stream)])
 
-    def removed(self, seq: int, epoch: int, stream: Stream, before_version: int) -> None:
-        self._journal.write(self._group, seq, epoch, _REMOVE_BEFORE,
-                            (self._gid, stream.stream_id, before_version))
+    def removed(self, stream: Stream, before_version: int) -> Write:
+        return Write(_REMOVE_BEFORE, [(self._gid, stream.stream_id, before_version)])
 
-    def replace(self, store: EventStore) -> None:
-        """Make the disk hold exactly ``store`` (a snapshot was installed), at the
-        group's current position."""
-        group = self._group
-        seq, epoch = group.log.last_seq, group.log.last_epoch
-        self._journal.clear(group, TABLES)
-        write = self._journal.write
+    def replace(self, store: EventStore) -> list[Persist]:
+        """What makes the disk hold exactly ``store`` (a snapshot was installed)."""
+        writes: list[Persist] = [Clear(TABLES)]
         if store.slots:
-            write(group, seq, epoch, _UPSERT_SLOT,
-                  *[(self._gid, log.slot, log.last_position) for log in store.slots.values()])
+            writes.append(Write(_UPSERT_SLOT, [(self._gid, log.slot, log.last_position)
+                                               for log in store.slots.values()]))
         if store.streams:
-            write(group, seq, epoch, _UPSERT_STREAM,
-                  *[self._stream_row(s) for s in store.streams.values()])
+            writes.append(Write(_UPSERT_STREAM,
+                                [self._stream_row(s) for s in store.streams.values()]))
         rows = [self._event_row(e) for log in store.slots.values() for e in log.entries
                 if not e.removed]
         if rows:
-            write(group, seq, epoch, _INSERT_EVENT, *rows)
+            writes.append(Write(_INSERT_EVENT, rows))
+        return writes
 
-    def load(self, store: EventStore) -> None:
+    def load(self, journal: JournalReader, store: EventStore) -> None:
         """Read the group's rows back into ``store`` (start-up only: synchronous)."""
-        query, gid = self._journal.query, (self._gid,)
+        query, gid = journal.query, (self._gid,)
         slots = query("SELECT slot, last_position FROM events_slots WHERE group_id = ?", gid)
         streams = [
             (slot, epb.StreamRecord(

@@ -25,6 +25,7 @@ from nodes.forwarding import Forwarder
 from nodes.lock import errors
 from nodes.lock import validation as v
 from nodes.lock.machine import LOCK, LockMachine
+from nodes.lock.primary import LockPrimary
 from nodes.lock.table import Lease, LeaseCount
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
@@ -48,8 +49,8 @@ def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
     return timestamp
 
 
-def _machine(group: Group) -> LockMachine:
-    return cast(LockMachine, group.machines[LOCK])
+def _primary(group: Group) -> LockPrimary:
+    return cast(LockMachine, group.machines[LOCK]).primary
 
 
 class LockService(Routed, pb_grpc.LockServiceServicer):
@@ -60,6 +61,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     kind: ClassVar[ServiceKind] = LOCK
     durable: ClassVar[bool] = False
     descriptor = pb.DESCRIPTOR.services_by_name["LockService"]
+    tick_interval_ns = 0  # leases expire by their own timers (`LockPrimary`)
 
     def __init__(self, limits: LockLimits, clock: Clock = SYSTEM_CLOCK) -> None:
         self.limits = limits
@@ -81,13 +83,16 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     async def close(self) -> None:
         """Nothing to end: waiting Acquires end with the server's calls."""
 
+    def tick(self, group: Group, now_ns: int) -> int | None:
+        return None
+
     def metrics(self, replication: Replication) -> Snapshot:
         machines = [cast(LockMachine, m) for m in replication.led(LOCK)]
         return Snapshot(gauges={
             "mesh_lock_leases": ("Live lock leases in led groups (holders)",
                                  one(sum(m.table.size for m in machines))),
             "mesh_lock_waiters": ("Acquire calls queued on this node", one(
-                sum(len(q) for m in machines for q in m.queues.values()))),
+                sum(len(q) for m in machines for q in m.primary.queues.values()))),
         })
 
     # -- RPCs ------------------------------------------------------------------
@@ -108,17 +113,17 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         if remaining is not None:
             wait = min(wait, remaining - _DEADLINE_MARGIN)
         name = scoped(name)
-        machine = _machine(group)
-        outcome = machine.acquire(
+        primary = _primary(group)
+        outcome = primary.acquire(
             name, owner=request.owner, permits=permits, max_permits=max_permits,
             ttl_ns=from_seconds(ttl), request_id=request.request_id,
             wait_ns=from_seconds(wait), shared=shared)
-        grant = await self._wait(machine, name, outcome, wait) \
+        grant = await self._wait(primary, name, outcome, wait) \
             if isinstance(outcome, Waiter) else outcome
         try:
             await group.wait_committed(grant.seq)
         except asyncio.CancelledError:
-            machine.abandon(name, grant.lease)
+            primary.abandon(name, grant.lease)
             raise
         lease = grant.lease
         response = pb.AcquireResponse(lease_id=lease.lease_id, fencing_token=lease.token,
@@ -127,20 +132,20 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         return response
 
     @staticmethod
-    async def _wait(machine: LockMachine, name: str, waiter: Waiter, wait: float) -> Grant:
+    async def _wait(primary: LockPrimary, name: str, waiter: Waiter, wait: float) -> Grant:
         """Wait in the queue; leave it on timeout or cancellation."""
         future = waiter.future
         try:
             await asyncio.wait({future}, timeout=max(wait, 0.0))
         except asyncio.CancelledError:
-            machine.leave(name, waiter)
+            primary.leave(name, waiter)
             if future.done() and not future.cancelled() and future.exception() is None:
-                machine.abandon(name, future.result().lease)
+                primary.abandon(name, future.result().lease)
             raise
         if not future.done():
-            machine.leave(name, waiter)
-            raise errors.lock_timeout(name, machine.table.token_bound(name),
-                                      len(machine.queues.get(name) or ()))
+            primary.leave(name, waiter)
+            raise errors.lock_timeout(name, primary.table.token_bound(name),
+                                      len(primary.queues.get(name) or ()))
         return future.result()
 
     @routed("name")
@@ -148,7 +153,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
                       group: Group) -> pb.ReleaseResponse:
         v.check_name(request.name)
         v.check_lease_id(request.lease_id)
-        seq = _machine(group).release(scoped(request.name), request.lease_id)
+        seq = _primary(group).release(scoped(request.name), request.lease_id)
         await group.wait_committed(seq)
         return pb.ReleaseResponse()
 
@@ -158,7 +163,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         v.check_name(request.name)
         v.check_lease_id(request.lease_id)
         ttl = v.ttl(request.ttl, self.limits, default=None)
-        lease, seq = _machine(group).refresh(scoped(request.name), request.lease_id,
+        lease, seq = _primary(group).refresh(scoped(request.name), request.lease_id,
                                              None if ttl is None else from_seconds(ttl))
         await group.wait_committed(seq)
         return pb.RefreshResponse(expire_time=_timestamp(lease.expire_ns),
@@ -171,10 +176,10 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         v.check_name(name)
         await group.wait_committed(group.log.last_seq)
         name = scoped(name)
-        machine = _machine(group)
-        lock = machine.table.get(name)
-        queue = machine.queues.get(name)
-        leases = machine.live_leases(name)
+        primary = _primary(group)
+        lock = primary.table.get(name)
+        queue = primary.queues.get(name)
+        leases = primary.live_leases(name)
         size = lock.max_permits if lock else queue.max_permits if queue else 1
         shared = any(lease.shared for lease in leases)
         return pb.DescribeResponse(
@@ -184,7 +189,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
                      for w in queue or ()],
             max_permits=size,
             available_permits=0 if shared else size - sum(lease.permits for lease in leases),
-            fencing_token=machine.table.token_bound(name))
+            fencing_token=primary.table.token_bound(name))
 
     @routed("name")
     async def Validate(self, request: pb.ValidateRequest, context: Ctx,
@@ -192,7 +197,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         name = request.name
         v.check_name(name)
         await group.wait_committed(group.log.last_seq)
-        leases = _machine(group).live_leases(scoped(name))
+        leases = _primary(group).live_leases(scoped(name))
         return pb.ValidateResponse(
             valid=any(lease.token == request.fencing_token for lease in leases),
             current_token=max((lease.token for lease in leases), default=0))

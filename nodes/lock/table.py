@@ -170,18 +170,25 @@ class LockTable:
 
     # -- replication -----------------------------------------------------------
 
-    def apply(self, command: lpb.LockCommand) -> None:
-        """Replay one decision of the primary."""
+    def apply(self, command: lpb.LockCommand) -> Lease | None:
+        """Apply one decision of the primary; the lease it granted, ended or refreshed."""
         kind = command.WhichOneof("change")
         if kind == "grant":
             g = command.grant
-            self.grant(g.name, g.max_permits, Lease.of(g.lease))
-        elif kind == "end":
-            self.end(command.end.name, command.end.lease_id)
-        elif kind == "refresh":
+            lease = Lease.of(g.lease)
+            self.grant(g.name, g.max_permits, lease)
+            return lease
+        if kind == "end":
+            return self.end(command.end.name, command.end.lease_id)
+        if kind == "refresh":
             r = command.refresh
-            self.refresh(r.name, r.lease_id, from_seconds(r.ttl_seconds),
-                         from_seconds(r.expire_at))
+            return self.refresh(r.name, r.lease_id, from_seconds(r.ttl_seconds),
+                                from_seconds(r.expire_at))
+        if kind == "renewed":
+            at = command.renewed.at_ns
+            for _, lease in self.leases():
+                lease.expire_ns = max(lease.expire_ns, at + lease.ttl_ns)
+        return None
 
     def to_snapshot(self) -> lpb.LockSnapshot:
         snapshot = lpb.LockSnapshot(last_token=self.last_token)

@@ -1,12 +1,14 @@
 """One replica group on this node: its role, its position, its services' state.
 
 A group's history is a sequence of commands numbered by ``seq`` and tagged with
-the epoch of the primary that issued them. On the primary, a service changes its
-state while serving a request and `Group.append` turns each change into the next
-command; the request is answered once `Group.wait_committed` says the required
-replicas hold it. On a replica, `Group.apply_batch` replays the primary's
-commands in order, and refuses any sender whose epoch is older than the newest
-this node has seen (a deposed primary can no longer complete a write).
+the epoch of the primary that issued them. Every change takes one path: on the
+primary, a service proposes a command (`Group.propose`), which its machine
+applies at once, exactly as replicas will, and whose result comes back in the
+`Proposal`; the request is answered once ``await proposal.committed()`` says the
+required replicas hold it. On a replica, `Group.apply_batch` applies the
+primary's commands in order, and refuses any sender whose epoch is older than
+the newest this node has seen (a deposed primary can no longer complete a write).
+What a durable machine returns to persist goes to the journal from here.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,13 +26,13 @@ from common.clock import SYSTEM_CLOCK, Clock
 from common.errors import MeshStatusError, Reason
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.log import CommandLog
-from nodes.replication.machine import MachineFactory, StateMachine
+from nodes.replication.machine import MachineFactory, Persist, StateMachine
 
 if TYPE_CHECKING:
-    from nodes.replication.journal import DurableCopy
+    from nodes.replication.journal import DurableCopy, JournalWriter
     from nodes.replication.sender import ReplicaTracker
 
-__all__ = ["Group", "not_committed"]
+__all__ = ["Group", "Proposal", "not_committed"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,22 @@ def not_committed(group_id: int, why: str) -> MeshStatusError:
     )
 
 
+class Proposal:
+    """A command the primary applied: its ``seq`` and its machine's ``result``,
+    which counts once `committed` returns (the replicas hold the command)."""
+
+    __slots__ = ("group", "result", "seq")
+
+    def __init__(self, group: Group, seq: int, result: Any) -> None:
+        self.group = group
+        self.seq = seq
+        self.result = result
+
+    async def committed(self) -> Any:
+        """The result, once the command is committed (else `not_committed`)."""
+        await self.group.wait_committed(self.seq)
+        return self.result
+
 
 class Group:
     """This node's copy of one group (primary or replica)."""
@@ -55,9 +73,10 @@ class Group:
     def __init__(
         self, group_id: int, node_id: str, factories: Mapping[int, MachineFactory],
         origin_epoch: int = 0, durable: DurableCopy | None = None,
-        clock: Clock = SYSTEM_CLOCK,
+        clock: Clock = SYSTEM_CLOCK, journal: JournalWriter | None = None,
     ) -> None:
         self.group_id = group_id
+        self._journal = journal  # where durable machines' writes go
         self._clock = clock  # stamps the commands it issues (their ``issued_at``)
         self.node_id = node_id
         self.origin_epoch = origin_epoch  # the group history this copy belongs to
@@ -122,13 +141,11 @@ class Group:
 
     # -- primary -------------------------------------------------------------
 
-    def append(self, slot: int, service: int, payload: bytes, apply: bool = False) -> int:
-        """Issue the next command (primary only); returns its seq.
-
-        Services that changed their state already pass ``apply=False``; with
-        ``apply=True`` the service's machine applies the command here, exactly as
-        a replica will (durable services do this, so that their disk writes are
-        queued before the commit point is computed).
+    def propose(self, slot: int, service: int, payload: bytes) -> Proposal:
+        """Issue the next command (primary only) and apply it here at once, as a
+        replica will; its result is in the `Proposal`. (A durable machine's
+        writes are queued before the commit point is computed.) Nothing may
+        await between checking the state a command depends on and proposing it.
         """
         command = rpb.Command(
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
@@ -136,14 +153,18 @@ class Group:
         command.issued_at.FromNanoseconds(self._clock.wall_ns())
         if tracing.enabled():
             command.traceparent = tracing.traceparent()
-        if apply:
-            self.machines[service].apply(command)
+        result = None
+        if service:
+            applied = self.machines[service].apply(command)
+            if applied.writes:
+                self._persist(command.epoch, command.seq, applied.writes)
+            result = applied.result
         self.log.append(command)
         if self.trackers:
             for tracker in self.trackers.values():
                 tracker.wake()
         self.advance_commit()
-        return command.seq
+        return Proposal(self, command.seq, result)
 
     async def barrier(self, slot: int) -> None:
         """Return once a no-op command issued now is committed (a linearizable
@@ -151,7 +172,7 @@ class Group:
         after the call began, so this node still led the group then (a deposed
         primary's commands are refused), and a read made after it sees every write
         committed before the call. A command of no service changes no state."""
-        await self.wait_committed(self.append(slot, rpb.SERVICE_KIND_UNSPECIFIED, b""))
+        await self.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").committed()
 
     async def wait_committed(self, seq: int) -> None:
         """Return once command ``seq`` is held by every required replica."""
@@ -266,9 +287,11 @@ class Group:
                 if command.traceparent and tracing.enabled():
                     with tracing.span("mesh.replicate.apply", command.traceparent,
                                       group=self.group_id, seq=command.seq):
-                        machine.apply(command)
+                        applied = machine.apply(command)
                 else:
-                    machine.apply(command)
+                    applied = machine.apply(command)
+                if applied.writes:
+                    self._persist(command.epoch, command.seq, applied.writes)
             self.log.append(command)
         return self._ack(rpb.ACK_STATUS_OK)
 
@@ -309,7 +332,9 @@ class Group:
         self.volatile_seq = 0
         self.machines = {k: f(self) for k, f in self._factories.items()}
         for service, machine in self.machines.items():
-            machine.restore(by_service.get(service, []))
+            writes = machine.restore(by_service.get(service, []))
+            if writes:
+                self._persist(epoch, seq, writes)
         log.info("group %d: installed a snapshot at (%d, %d)", self.group_id, epoch, seq)
 
     def install_in_memory(self, epoch: int, seq: int,
@@ -363,9 +388,18 @@ class Group:
             return last
         return min(last, min(seq for _, seq in self._unflushed) - 1)
 
-    def note_unflushed(self, ticket: int, seq: int) -> None:
-        """A durable service queued a write for command ``seq`` (Journal.write)."""
-        self._unflushed.append((ticket, seq))
+    def _persist(self, epoch: int, seq: int, writes: Sequence[Persist]) -> None:
+        """Queue a durable machine's writes for command ``(epoch, seq)``."""
+        if self._journal is None:
+            raise RuntimeError(f"group {self.group_id}: a durable service needs a journal")
+        ticket = self._journal.write(self.group_id, self.origin_epoch, epoch, seq, writes)
+        if ticket > self._journal.flushed_ticket:
+            self._unflushed.append((ticket, seq))
+
+    @property
+    def flushing(self) -> bool:
+        """Whether writes of this group wait for the journal."""
+        return bool(self._unflushed)
 
     def mark_flushed(self, ticket: int) -> None:
         """Every write of this group up to ``ticket`` is on disk."""

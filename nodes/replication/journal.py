@@ -1,12 +1,13 @@
 """A node's durable store: one sqlite3 database, written by every group at once.
 
-Durable services (the event store, the scheduler) keep their state in memory
-and describe each change as SQL statements queued here with the seq of the
-command that caused it. A single flusher commits everything queued in one
-transaction (``synchronous=FULL`` in WAL mode: one fsync), so concurrent writes
-of all groups share each fsync (group commit), then tells each group how far it
-is durable. Primaries count a write as committed, and replicas acknowledge it,
-only from then on.
+Durable services (the event store, the scheduler) keep their state in memory;
+applying a command returns the rows that put its change on disk (`Write`,
+`Clear`), and the group queues them here with the command's position. A single
+flusher commits everything queued in one transaction (``synchronous=FULL`` in
+WAL mode: one fsync), so concurrent writes of all groups share each fsync
+(group commit), then reports the last ticket it made durable (``on_flushed``).
+Primaries count a write as committed, and replicas acknowledge it, only from
+then on. The journal knows groups by id only: it never calls into them.
 
 Each flush also records, per group, the position its rows reflect
 (``mesh_groups``), so that a restarted node knows which copy of which group's
@@ -22,12 +23,11 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from nodes.replication.group import Group
+from nodes.replication.machine import Clear, Persist
 
-__all__ = ["DurableCopy", "Journal", "JournalLike"]
+__all__ = ["DurableCopy", "Journal", "JournalReader", "JournalWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,20 @@ CREATE TABLE IF NOT EXISTS mesh_groups (
 )"""
 
 
-class JournalLike(Protocol):
-    """What a durable service's machine needs of the `Journal` (tests pass fakes)."""
-
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Params) -> None: ...
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None: ...
+class JournalReader(Protocol):
+    """What a durable machine reads at start-up (tests pass fakes)."""
 
     def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]: ...
+
+
+class JournalWriter(Protocol):
+    """What a group needs to make its commands durable (tests pass fakes)."""
+
+    flushed_ticket: int
+    """Every write up to this ticket is on disk."""
+
+    def write(self, group_id: int, origin_epoch: int, epoch: int, seq: int,
+              writes: Sequence[Persist]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +69,13 @@ class DurableCopy:
 
 
 @dataclass(slots=True)
-class _Write:
-    group: Group
-    ticket: int
-    seq: int
+class _Queued:
+    group_id: int
+    origin_epoch: int
     epoch: int
-    sql: str
-    rows: list[Params]
+    seq: int
+    writes: Sequence[Persist]
+    drop: bool = False  # the group left this node: its position row goes too
 
 
 class Journal:
@@ -86,8 +92,11 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(GROUPS_TABLE)
         self._tables: list[str] = []
-        self._pending: list[_Write] = []
-        self._tickets = 0
+        self._pending: list[_Queued] = []
+        self._tickets = 0  # the last ticket handed out; the flusher's are in order
+        self.flushed_ticket = 0
+        self.on_flushed: Callable[[int], None] | None = None
+        """Told the last durable ticket after each flush (the node's replication)."""
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fatal = on_fatal
@@ -115,28 +124,22 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------
 
-    def write(self, group: Group, seq: int, epoch: int, sql: str, *rows: Params) -> None:
-        """Queue ``sql`` (run once per row of parameters) for ``group``'s command
-        ``(epoch, seq)``; the group is durable past it after the next flush."""
+    def write(self, group_id: int, origin_epoch: int, epoch: int, seq: int,
+              writes: Sequence[Persist]) -> int:
+        """Queue ``writes`` for group ``group_id``'s command ``(epoch, seq)``;
+        returns their ticket (durable once `on_flushed` reports it)."""
+        return self._queue(_Queued(group_id, origin_epoch, epoch, seq, writes))
+
+    def drop_group(self, group_id: int, epoch: int, seq: int) -> int:
+        """Queue the removal of everything stored for a group (it left this node)."""
+        return self._queue(_Queued(group_id, 0, epoch, seq, [Clear(tuple(self._tables))],
+                                   drop=True))
+
+    def _queue(self, queued: _Queued) -> int:
         self._tickets += 1
-        write = _Write(group, self._tickets, seq, epoch, sql, list(rows) or [()])
-        self._pending.append(write)
-        group.note_unflushed(write.ticket, seq)
+        self._pending.append(queued)
         self._wakeup.set()
-
-    def clear(self, group: Group, tables: Iterable[str]) -> None:
-        """Queue the removal of ``group``'s rows from ``tables``, at its current
-        position (a service replacing its state by a snapshot's)."""
-        for table in tables:
-            self.write(group, group.log.last_seq, group.log.last_epoch,
-                       f"DELETE FROM {table} WHERE group_id = ?", (group.group_id,))
-
-    def drop_group(self, group: Group) -> None:
-        """Queue the removal of everything stored for ``group`` (it left this node)."""
-        self.clear(group, self._tables)
-        self.write(group, group.log.last_seq, group.log.last_epoch,
-                   "DELETE FROM mesh_groups WHERE group_id = ?", (group.group_id,))
-        group.dropped = True
+        return self._tickets
 
     # -- flushing ----------------------------------------------------------------
 
@@ -169,42 +172,45 @@ class Journal:
                 raise
 
     async def _flush(self) -> None:
-        writes, self._pending = self._pending, []
-        if not writes:
+        queued, self._pending = self._pending, []
+        if not queued:
             return
         # The position each group's rows reflect after this transaction. A group
         # that was dropped has no position row any more.
-        positions: dict[int, tuple[int, int, int]] = {}
-        for w in writes:
-            if w.group.dropped:
-                positions.pop(w.group.group_id, None)
-            else:
-                positions[w.group.group_id] = (w.group.origin_epoch, w.epoch, w.seq)
-        await asyncio.to_thread(self._commit, writes, positions)
+        positions: dict[int, tuple[int, int, int] | None] = {}
+        for q in queued:
+            positions[q.group_id] = None if q.drop else (q.origin_epoch, q.epoch, q.seq)
+        ticket = self._tickets  # the last one queued is in this flush
+        await asyncio.to_thread(self._commit, queued, positions)
         self.flushes += 1
-        self.flushed_writes += len(writes)
-        last: dict[int, tuple[Group, int]] = {}
-        for w in writes:
-            last[id(w.group)] = (w.group, w.ticket)
-        for group, ticket in last.values():
-            group.mark_flushed(ticket)
+        self.flushed_writes += len(queued)
+        self.flushed_ticket = ticket
+        if self.on_flushed is not None:
+            self.on_flushed(ticket)
 
-    def _commit(self, writes: list[_Write], positions: dict[int, tuple[int, int, int]]
-                ) -> None:
+    def _commit(self, queued: list[_Queued],
+                positions: dict[int, tuple[int, int, int] | None]) -> None:
         db = self._db
         db.execute("BEGIN")
         try:
-            for w in writes:
-                if len(w.rows) == 1:
-                    db.execute(w.sql, w.rows[0])
-                else:
-                    db.executemany(w.sql, w.rows)
+            for q in queued:
+                for write in q.writes:
+                    if isinstance(write, Clear):
+                        for table in write.tables:
+                            db.execute(f"DELETE FROM {table} WHERE group_id = ?",
+                                       (q.group_id,))
+                    elif len(write.rows) == 1:
+                        db.execute(write.sql, write.rows[0])
+                    else:
+                        db.executemany(write.sql, write.rows)
+            db.executemany("DELETE FROM mesh_groups WHERE group_id = ?",
+                           [(gid,) for gid, pos in positions.items() if pos is None])
             db.executemany(
                 "INSERT INTO mesh_groups (group_id, origin_epoch, epoch, seq) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (group_id) DO UPDATE SET "
                 "origin_epoch = excluded.origin_epoch, epoch = excluded.epoch, "
                 "seq = excluded.seq",
-                [(gid, *pos) for gid, pos in positions.items()])
+                [(gid, *pos) for gid, pos in positions.items() if pos is not None])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

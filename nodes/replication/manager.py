@@ -80,6 +80,8 @@ class Replication:
         self.signer = signer or PeerSigner(None, NODE, node_id)
         self.incarnation = incarnation
         self.journal = journal
+        if journal is not None:
+            journal.on_flushed = self._flushed
         self.address = address
         self.table: RoutingTable | None = None
         self.groups: dict[int, Group] = {}
@@ -170,16 +172,23 @@ class Replication:
         for copy in copies:
             self.groups[copy.group_id] = Group(
                 copy.group_id, self.node_id, self._factories, copy.origin_epoch, durable=copy,
-                clock=self._clock)
+                clock=self._clock, journal=self.journal)
         if copies:
             log.info("read back durable copies of %d group(s) from %s", len(copies),
                      self.journal.path)
+
+    def _flushed(self, ticket: int) -> None:
+        """The journal made every write up to ``ticket`` durable."""
+        for group in self.groups.values():
+            if group.flushing:
+                group.mark_flushed(ticket)
 
     def _remove(self, group_id: int, why: str) -> None:
         """The group leaves this node, with what the disk holds of it."""
         group = self.groups.pop(group_id)
         if self.journal is not None:
-            self.journal.drop_group(group)
+            self.journal.drop_group(group_id, group.log.last_epoch, group.log.last_seq)
+            group.dropped = True
         group.close(why)
 
     def on_map(self, table: RoutingTable) -> None:
@@ -272,7 +281,8 @@ class Replication:
         return group if group is not None else self._create(batch.group_id)
 
     def _create(self, group_id: int, origin_epoch: int = 0) -> Group:
-        group = Group(group_id, self.node_id, self._factories, origin_epoch, clock=self._clock)
+        group = Group(group_id, self.node_id, self._factories, origin_epoch, clock=self._clock,
+                      journal=self.journal)
         self.groups[group_id] = group
         return group
 

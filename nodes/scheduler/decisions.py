@@ -1,8 +1,9 @@
 """The primary's decisions for each request (part of `SchedulerMachine`).
 
-Each decision checks the request against the state and issues its command with
-no await in between, so two requests never both pass a check the other
-invalidates (a unique key, a lease token). Times are the primary's clock.
+Each decision checks the request against the state and proposes its command
+(`SchedulerMachine.propose`) with no await in between, so two requests never
+both pass a check the other invalidates (a unique key, a lease token). Times
+are the primary's clock.
 Every method returns the seq of the command to wait for before answering (for
 a retried Complete or Fail, or a duplicate Enqueue: the seq that made the
 state it reports).
@@ -25,7 +26,7 @@ from nodes.scheduler.state import lease_token
 if TYPE_CHECKING:
     from common.clock import Clock
     from nodes.config import SchedulerLimits
-    from nodes.replication.group import Group
+    from nodes.replication.group import Group, Proposal
     from nodes.scheduler.leader import Leader
     from nodes.scheduler.state import SchedulerState
 
@@ -58,14 +59,12 @@ class Decisions:
     limits: SchedulerLimits
     clock: Clock
     leader: Leader | None
-    last_job: Job | None
-    last_leased: list[Job]
 
     if TYPE_CHECKING:
         @property
         def group(self) -> Group: ...
 
-        def issue(self, queue: str, command: spb.SchedulerCommand) -> int: ...
+        def propose(self, queue: str, command: spb.SchedulerCommand) -> Proposal: ...
 
     # -- jobs --------------------------------------------------------------------
 
@@ -81,15 +80,16 @@ class Decisions:
                     return Enqueued(holder, True, holder.seq)
             if queue.unfinished >= self.limits.max_queue_jobs:
                 raise errors.queue_full(spec.queue, self.limits.max_queue_jobs)
-        seq = self.issue(spec.queue, spb.SchedulerCommand(enqueue=spb.EnqueueJob(job=spec)))
-        assert self.last_job is not None
-        return Enqueued(self.last_job, False, seq)
+        proposal = self.propose(spec.queue, spb.SchedulerCommand(
+            enqueue=spb.EnqueueJob(job=spec)))
+        return Enqueued(proposal.result, False, proposal.seq)
 
     def lease(self, jobs: Sequence[Job], worker_id: str, lease_ns: int) -> Claimed:
         """Lease jobs `claims.pick` chose."""
-        seq = self.issue(jobs[0].queue, spb.SchedulerCommand(lease=spb.LeaseJobs(
+        proposal = self.propose(jobs[0].queue, spb.SchedulerCommand(lease=spb.LeaseJobs(
             job_ids=[job.job_id for job in jobs], worker_id=worker_id, lease_ns=lease_ns)))
-        return Claimed(self, seq, list(self.last_leased), lease_token(self.group.epoch, seq))  # type: ignore[arg-type]
+        seq = proposal.seq
+        return Claimed(self, seq, proposal.result, lease_token(self.group.epoch, seq))  # type: ignore[arg-type]
 
     def abandon(self, claimed: Claimed) -> None:
         """A Claim call went away before its answer: put its jobs back at once."""
@@ -100,7 +100,7 @@ class Decisions:
                 for job in claimed.jobs
                 if job.state == LEASED and job.lease_token == claimed.token]
         if ends:
-            self.issue(claimed.jobs[0].queue, spb.SchedulerCommand(
+            self.propose(claimed.jobs[0].queue, spb.SchedulerCommand(
                 end=spb.EndAttempts(ends=ends)))
 
     def job(self, job_id: str) -> Job:
@@ -127,9 +127,9 @@ class Decisions:
         if job is None:
             raise errors.lease_lost(self.job(job_id))
         lease_ns = extend_ns or job.lease_ns
-        seq = self.issue(job.queue, spb.SchedulerCommand(extend=spb.ExtendLease(
+        seq = self.propose(job.queue, spb.SchedulerCommand(extend=spb.ExtendLease(
             job_id=job_id, lease_token=token, lease_ns=lease_ns,
-            expire_ns=min(now + lease_ns, job.timeout_at_ns))))
+            expire_ns=min(now + lease_ns, job.timeout_at_ns)))).seq
         return job, seq
 
     def complete(self, job_id: str, token: int, result: bytes) -> tuple[int, int]:
@@ -142,9 +142,9 @@ class Decisions:
             if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED:
                 return attempt.finish_ns, job.seq
             raise errors.lease_lost(job)
-        seq = self.issue(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
+        seq = self.propose(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
             spb.EndAttempt(job_id=job_id, lease_token=token,
-                           outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED, result=result)])))
+                           outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED, result=result)]))).seq
         return job.finish_ns, seq
 
     def fail(self, job_id: str, token: int, error: str, retryable: bool,
@@ -165,16 +165,17 @@ class Decisions:
             delay = retry_delay_ns if retry_delay_ns is not None \
                 else job.backoff.delay_ns(failures, random.random())
             run_ns = now + delay
-        seq = self.issue(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
+        seq = self.propose(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
             spb.EndAttempt(job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED,
-                           error=error, dead=dead, run_ns=run_ns)])))
+                           error=error, dead=dead, run_ns=run_ns)]))).seq
         return Failed(job.state, run_ns, failures, seq)
 
     def cancel(self, job_id: str) -> tuple[bool, Job, int]:
         job = self.job(job_id)
         if job.finished:
             return False, job, job.seq
-        seq = self.issue(job.queue, spb.SchedulerCommand(cancel=spb.CancelJob(job_id=job_id)))
+        seq = self.propose(job.queue, spb.SchedulerCommand(
+            cancel=spb.CancelJob(job_id=job_id))).seq
         return True, job, seq
 
     # -- dead letters -------------------------------------------------------------------
@@ -196,16 +197,16 @@ class Decisions:
         """``(requeued, remaining, seq)``: dead jobs (all of the queue's if no ids)
         made ready now."""
         ids = self._dead_ids(queue, job_ids)
-        seq = self.issue(queue, spb.SchedulerCommand(requeue=spb.RequeueJobs(
-            job_ids=ids))) if ids else 0
+        seq = self.propose(queue, spb.SchedulerCommand(requeue=spb.RequeueJobs(
+            job_ids=ids))).seq if ids else 0
         return len(ids), self._remaining(queue), seq
 
     def purge(self, queue: str, job_ids: Sequence[str], everything: bool
               ) -> tuple[int, int, int]:
         """``(purged, remaining, seq)``."""
         ids = self._dead_ids(queue, job_ids) if job_ids or everything else []
-        seq = self.issue(queue, spb.SchedulerCommand(remove=spb.RemoveJobs(
-            job_ids=ids))) if ids else 0
+        seq = self.propose(queue, spb.SchedulerCommand(remove=spb.RemoveJobs(
+            job_ids=ids))).seq if ids else 0
         return len(ids), self._remaining(queue), seq
 
     # -- schedules -------------------------------------------------------------------
@@ -214,13 +215,13 @@ class Decisions:
         key = (record.queue, record.schedule_id)
         if key in self.state.schedules and not replace:
             raise errors.schedule_exists(record.queue, record.schedule_id)
-        seq = self.issue(record.queue, spb.SchedulerCommand(
-            put_schedule=spb.PutSchedule(schedule=record)))
+        seq = self.propose(record.queue, spb.SchedulerCommand(
+            put_schedule=spb.PutSchedule(schedule=record))).seq
         return self.state.schedules[key], seq
 
     def remove_schedule(self, queue: str, schedule_id: str) -> tuple[bool, int]:
         if (queue, schedule_id) not in self.state.schedules:
             return False, 0
-        seq = self.issue(queue, spb.SchedulerCommand(remove_schedule=spb.RemoveSchedule(
-            queue=queue, schedule_id=schedule_id)))
+        seq = self.propose(queue, spb.SchedulerCommand(remove_schedule=spb.RemoveSchedule(
+            queue=queue, schedule_id=schedule_id))).seq
         return True, seq

@@ -245,8 +245,8 @@ class Leader:
     def expire(self, jobs: Sequence[Job], now: int) -> int:
         """End the attempts of leased jobs whose lease or timeout ran out; the seq."""
         ends = [self.deadline_end(job, now) for job in jobs]
-        return self._machine.issue(jobs[0].queue, spb.SchedulerCommand(
-            end=spb.EndAttempts(ends=ends)))
+        return self._machine.propose(jobs[0].queue, spb.SchedulerCommand(
+            end=spb.EndAttempts(ends=ends))).seq
 
     def deadline_end(self, job: Job, now: int) -> spb.EndAttempt:
         """How a leased job's attempt ends once its deadline passed."""
@@ -297,7 +297,7 @@ class Leader:
             last = i == len(ticks) - 1
             queue = queues.get(r.queue)
             enqueue = not (key and queue is not None and queue.holder(key, now) is not None)
-            self._machine.issue(r.queue, spb.SchedulerCommand(fire=spb.FireSchedule(
+            self._machine.propose(r.queue, spb.SchedulerCommand(fire=spb.FireSchedule(
                 queue=r.queue, schedule_id=r.schedule_id, tick_ns=at,
                 next_fire_ns=tick if last else ticks[i + 1], enqueue=enqueue,
                 skipped=skipped if last else 0)))
@@ -314,6 +314,6 @@ class Leader:
                     and job.finish_ns + job.retention_ns == at:
                 ids.append(job_id)
         if ids:
-            self._machine.issue(jobs[ids[0]].queue, spb.SchedulerCommand(
+            self._machine.propose(jobs[ids[0]].queue, spb.SchedulerCommand(
                 remove=spb.RemoveJobs(job_ids=ids)))
         return len(ids)

@@ -1,11 +1,12 @@
 """One group's scheduler: the replicated state machine.
 
-Every copy applies the primary's commands to its `SchedulerState` and mirrors
-each change to disk. On the primary, decisions (`nodes.scheduler.decisions`)
-issue commands with ``Group.append(..., apply=True)``: a command is applied at
-once, exactly as replicas will apply it, and its disk writes are queued before
-the commit point is computed. While this copy leads, a `Leader` runs the
-primary's timers and Claim waiters; it exists only then.
+Every copy applies the primary's commands to its `SchedulerState`; applying
+returns what the command did (the job it made, the jobs it leased, ...) and the
+rows that put it on disk. On the primary, decisions (`nodes.scheduler.decisions`)
+propose commands with `Group.propose`: a command is applied at once, exactly as
+replicas will apply it, and its disk writes are queued before the commit point
+is computed. While this copy leads, a `Leader` runs the primary's timers and
+Claim waiters; it exists only then.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from common.slots import slot_for
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
-from nodes.replication.journal import JournalLike
+from nodes.replication.journal import JournalReader
+from nodes.replication.machine import NOTHING, Applied, Persist
 from nodes.scheduler.decisions import Decisions
 from nodes.scheduler.ids import job_id
 from nodes.scheduler.leader import Leader
@@ -27,7 +29,7 @@ from nodes.scheduler.state import SchedulerState, lease_token, order_of
 from nodes.scheduler.storage import Storage
 
 if TYPE_CHECKING:
-    from nodes.replication.group import Group
+    from nodes.replication.group import Group, Proposal
 
 __all__ = ["CHUNK_BYTES", "SCHEDULER", "SchedulerMachine"]
 
@@ -35,7 +37,7 @@ SCHEDULER = rpb.SERVICE_KIND_SCHEDULER
 CHUNK_BYTES = 1 << 20
 """Snapshot chunks are cut at about this size (one job may exceed it a little)."""
 
-Applier = Callable[["SchedulerMachine", Any, int, int, int], None]
+Applier = Callable[["SchedulerMachine", Any, int, int, int], Applied]
 
 
 class SchedulerMachine(Decisions):
@@ -44,19 +46,16 @@ class SchedulerMachine(Decisions):
     service = SCHEDULER
     durable = True
 
-    def __init__(self, group: Group, journal: JournalLike, limits: SchedulerLimits,
+    def __init__(self, group: Group, journal: JournalReader, limits: SchedulerLimits,
                  clock: Clock = SYSTEM_CLOCK) -> None:
         self._group = group
         self.limits = limits
         self.clock = clock  # the primary's decisions and timers only; apply never reads it
         self.state = SchedulerState()
-        self._storage = Storage(journal, group)
+        self._storage = Storage(group.group_id)
         self.leader: Leader | None = None
-        self.last_job: Job | None = None
-        """The job the last enqueue or firing applied made (for the primary)."""
-        self.last_leased: list[Job] = []
         if group.restored:  # read back from disk at start-up
-            self._storage.load(self.state, 0)
+            self._storage.load(journal, self.state, 0)
 
     @property
     def group(self) -> Group:
@@ -64,31 +63,32 @@ class SchedulerMachine(Decisions):
 
     # -- replication (every copy) -----------------------------------------------
 
-    def apply(self, command: rpb.Command) -> None:
+    def apply(self, command: rpb.Command) -> Applied:
         change = spb.SchedulerCommand.FromString(command.payload)
         kind = change.WhichOneof("change")
         if kind is None:
-            return
-        _APPLIERS[kind](self, getattr(change, kind), command.issued_at.ToNanoseconds(),
-                        command.seq, command.epoch)
+            return NOTHING
+        return _APPLIERS[kind](self, getattr(change, kind), command.issued_at.ToNanoseconds(),
+                               command.seq, command.epoch)
 
-    def _apply_enqueue(self, c: spb.EnqueueJob, now: int, seq: int, epoch: int) -> None:
+    def _apply_enqueue(self, c: spb.EnqueueJob, now: int, seq: int, epoch: int) -> Applied:
+        """The result: the new `Job`."""
         job = Job.of(c.job)
         job.job_id = job_id(job.queue, epoch, seq)
-        self._start(job, now, seq, epoch)
+        return Applied(job, self._start(job, now, seq))
 
-    def _start(self, job: Job, now: int, seq: int, epoch: int) -> None:
+    def _start(self, job: Job, now: int, seq: int) -> list[Persist]:
         job.state = WAITING
         job.enqueue_ns = now
         job.order = order_of(seq, 0)
         job.seq = seq
         self.state.add(job, now)
-        self._storage.jobs(seq, epoch, [job])
-        self.last_job = job
         if self.leader is not None:
             self.leader.waiting(job)
+        return self._storage.jobs([job])
 
-    def _apply_lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> None:
+    def _apply_lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> Applied:
+        """The result: the jobs leased (those still waiting)."""
         token = lease_token(epoch, seq)
         jobs = self.state.jobs
         leased: list[Job] = []
@@ -97,22 +97,21 @@ class SchedulerMachine(Decisions):
             if job is not None and job.state == WAITING:
                 self.state.lease(job, token, c.worker_id, now, c.lease_ns, seq)
                 leased.append(job)
-        self._storage.jobs(seq, epoch, leased)
-        self.last_leased = leased
         if self.leader is not None:
             for job in leased:
                 self.leader.leased(job)
+        return Applied(leased, self._storage.jobs(leased))
 
-    def _apply_extend(self, c: spb.ExtendLease, now: int, seq: int, epoch: int) -> None:
+    def _apply_extend(self, c: spb.ExtendLease, now: int, seq: int, epoch: int) -> Applied:
         job = self.state.jobs.get(c.job_id)
         if job is None or job.state != LEASED or job.lease_token != c.lease_token:
-            return
+            return NOTHING
         self.state.extend(job, c.lease_ns, c.expire_ns, seq)
-        self._storage.jobs(seq, epoch, [job])
         if self.leader is not None:
             self.leader.leased(job)
+        return Applied(job, self._storage.jobs([job]))
 
-    def _apply_end(self, c: spb.EndAttempts, now: int, seq: int, epoch: int) -> None:
+    def _apply_end(self, c: spb.EndAttempts, now: int, seq: int, epoch: int) -> Applied:
         jobs = self.state.jobs
         changed: list[Job] = []
         for i, end in enumerate(c.ends):
@@ -121,23 +120,24 @@ class SchedulerMachine(Decisions):
                 continue
             self.state.end(job, end, now, seq, order_of(seq, i))
             changed.append(job)
-        self._jobs_changed(changed, seq, epoch, counters=True)
+        return Applied(changed, self._jobs_changed(changed, counters=True))
 
-    def _apply_cancel(self, c: spb.CancelJob, now: int, seq: int, epoch: int) -> None:
+    def _apply_cancel(self, c: spb.CancelJob, now: int, seq: int, epoch: int) -> Applied:
         job = self.state.jobs.get(c.job_id)
         if job is not None and self.state.cancel(job, now, seq):
-            self._jobs_changed([job], seq, epoch)
+            return Applied(job, self._jobs_changed([job]))
+        return NOTHING
 
-    def _apply_requeue(self, c: spb.RequeueJobs, now: int, seq: int, epoch: int) -> None:
+    def _apply_requeue(self, c: spb.RequeueJobs, now: int, seq: int, epoch: int) -> Applied:
         jobs = self.state.jobs
         changed = []
         for i, id_ in enumerate(c.job_ids):
             job = jobs.get(id_)
             if job is not None and self.state.requeue(job, now, seq, order_of(seq, i)):
                 changed.append(job)
-        self._jobs_changed(changed, seq, epoch)
+        return Applied(changed, self._jobs_changed(changed))
 
-    def _apply_remove(self, c: spb.RemoveJobs, now: int, seq: int, epoch: int) -> None:
+    def _apply_remove(self, c: spb.RemoveJobs, now: int, seq: int, epoch: int) -> Applied:
         jobs = self.state.jobs
         removed = []
         for id_ in c.job_ids:
@@ -145,53 +145,57 @@ class SchedulerMachine(Decisions):
             if job is not None:
                 self.state.remove(job)
                 removed.append(id_)
-        self._storage.removed(seq, epoch, removed)
+        return Applied(removed, self._storage.removed(removed))
 
     def _apply_put_schedule(self, c: spb.PutSchedule, now: int, seq: int, epoch: int
-                            ) -> None:
+                            ) -> Applied:
         record = spb.ScheduleRecord()
         record.CopyFrom(c.schedule)
         record.create_ns = now
         schedule = self.state.put_schedule(record, seq)
-        self._storage.schedule(seq, epoch, schedule)
         if self.leader is not None:
             self.leader.scheduled(schedule)
+        return Applied(schedule, [self._storage.schedule(schedule)])
 
     def _apply_remove_schedule(self, c: spb.RemoveSchedule, now: int, seq: int, epoch: int
-                               ) -> None:
-        if self.state.remove_schedule(c.queue, c.schedule_id) is not None:
-            self._storage.schedule_removed(seq, epoch, c.queue, c.schedule_id)
+                               ) -> Applied:
+        if self.state.remove_schedule(c.queue, c.schedule_id) is None:
+            return NOTHING
+        return Applied(True, [self._storage.schedule_removed(c.queue, c.schedule_id)])
 
-    def _apply_fire(self, c: spb.FireSchedule, now: int, seq: int, epoch: int) -> None:
+    def _apply_fire(self, c: spb.FireSchedule, now: int, seq: int, epoch: int) -> Applied:
+        """The result: the job the firing made, if any."""
         schedule = self.state.schedules.get((c.queue, c.schedule_id))
         if schedule is None or c.tick_ns <= schedule.record.last_tick_ns:
-            return  # a tick never fires twice
+            return NOTHING  # a tick never fires twice
         r = schedule.record
         r.last_tick_ns = c.tick_ns
         r.next_fire_ns = c.next_fire_ns
         r.skipped_total += c.skipped
         schedule.seq = seq
+        writes: list[Persist] = []
+        job = None
         if c.enqueue:
             job = Job.of(r.template)
             job.job_id = job_id(r.queue, epoch, seq)
             job.queue, job.schedule_id, job.run_ns = r.queue, r.schedule_id, c.tick_ns
             if r.template.unique_ttl_ns:
                 job.unique_expire_ns = now + r.template.unique_ttl_ns
-            self._start(job, now, seq, epoch)
+            writes = self._start(job, now, seq)
             r.last_job_id = job.job_id
             r.fired_total += 1
         else:
             r.skipped_total += 1
-        self._storage.schedule(seq, epoch, schedule)
+        writes.append(self._storage.schedule(schedule))
         if self.leader is not None:
             self.leader.scheduled(schedule)
+        return Applied(job, writes)
 
-    def _jobs_changed(self, jobs: list[Job], seq: int, epoch: int, counters: bool = False
-                      ) -> None:
-        self._storage.jobs(seq, epoch, jobs)
+    def _jobs_changed(self, jobs: list[Job], counters: bool = False) -> list[Persist]:
+        writes = self._storage.jobs(jobs)
         if counters:
-            for name in {job.queue for job in jobs}:
-                self._storage.queue(seq, epoch, self.state.queue(name))
+            writes.extend(self._storage.queue(self.state.queue(name))
+                          for name in {job.queue for job in jobs})
         leader = self.leader
         if leader is not None:
             for job in jobs:
@@ -199,6 +203,7 @@ class SchedulerMachine(Decisions):
                     leader.waiting(job)
                 elif job.finished:
                     leader.finished(job)
+        return writes
 
     def snapshot(self) -> list[tuple[int, bytes]]:
         """Jobs, schedules and queue counters, cut in ~1 MiB chunks."""
@@ -229,7 +234,7 @@ class SchedulerMachine(Decisions):
             cut()
         return chunks
 
-    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> list[Persist]:
         jobs: list[Job] = []
         schedules: list[spb.ScheduleRecord] = []
         queues: list[spb.QueueRecord] = []
@@ -240,7 +245,7 @@ class SchedulerMachine(Decisions):
             queues.extend(chunk.queues)
         self.state.clear()
         self.state.load(jobs, schedules, queues, 0)
-        self._storage.replace(self.state)
+        return self._storage.replace(self.state)
 
     def role_changed(self) -> None:
         if self._group.writable and self.leader is None:
@@ -258,12 +263,11 @@ class SchedulerMachine(Decisions):
             leader.stop()
         self.state.clear()
 
-    # -- issuing (primary) -----------------------------------------------------------
+    # -- proposing (primary) ------------------------------------------------------
 
-    def issue(self, queue: str, command: spb.SchedulerCommand) -> int:
-        """Append and apply a command; its seq."""
-        return self._group.append(slot_for(queue), SCHEDULER, command.SerializeToString(),
-                                  apply=True)
+    def propose(self, queue: str, command: spb.SchedulerCommand) -> Proposal:
+        """Apply a command here and send it to the replicas."""
+        return self._group.propose(slot_for(queue), SCHEDULER, command.SerializeToString())
 
 
 _APPLIERS: dict[str, Applier] = {

@@ -12,7 +12,6 @@ after theirs). Reads are in `nodes.scheduler.reads`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import ClassVar, TypeAlias, cast
 
@@ -74,7 +73,6 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         self._journal = journal
         journal.create_tables(SCHEMA, TABLES)
         self._replication: Replication | None = None
-        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
@@ -90,19 +88,14 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     def start(self, replication: Replication, forwarder: Forwarder) -> None:
         self._replication = replication
         self.start_routing(forwarder)
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="scheduler-sweeper")
 
     async def close(self) -> None:
-        """End waiting Claims (the node is stopping) and the sweeper."""
+        """End waiting Claims (the node is stopping)."""
         for group in self._replication.groups.values() if self._replication else ():
             machine = group.machines.get(SCHEDULER)
             leader = cast(SchedulerMachine, machine).leader if machine else None
             if leader is not None:
                 leader.end_waiters(errors.shutting_down())
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
 
     def metrics(self, replication: Replication) -> Snapshot:
         jobs = {"ready": 0, "delayed": 0, "leased": 0, "dead": 0}
@@ -124,24 +117,19 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 for name, n in totals.items()},
         )
 
-    async def _sweep_loop(self) -> None:
+    @property
+    def tick_interval_ns(self) -> int:
+        return from_seconds(self.limits.sweep_interval)
+
+    def tick(self, group: Group, now_ns: int) -> int | None:
         # Finished jobs past retention go with a replicated command, like any
-        # change, issued by each primary now and then.
-        while True:
-            await self.clock.sleep(from_seconds(self.limits.sweep_interval))
-            if self._replication is None:
-                continue
-            now = self.clock.wall_ns()
-            for group in list(self._replication.groups.values()):
-                machine = group.machines.get(SCHEDULER)
-                leader = cast(SchedulerMachine, machine).leader if machine else None
-                if group.writable and leader is not None:
-                    try:
-                        for _ in range(_SWEEP_BATCHES):
-                            if not leader.sweep(now):
-                                break
-                    except Exception:
-                        log.exception("group %d: retention sweep failed", group.group_id)
+        # change, proposed by each primary now and then.
+        leader = machine_of(group).leader
+        if leader is not None:
+            for _ in range(_SWEEP_BATCHES):
+                if not leader.sweep(now_ns):
+                    break
+        return None
 
     # -- jobs ------------------------------------------------------------------------
 

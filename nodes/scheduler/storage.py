@@ -2,24 +2,23 @@
 
 Memory holds the state; the disk holds a copy so that a restarted node gets its
 groups back (`SchedulerMachine` loads it when its group was read back from the
-journal). A job is one row holding its whole record, rewritten at each change;
-every write is queued with the seq of the command that caused it, so the group
-counts the command as durable only once the rows are on disk.
+journal). A job is one row holding its whole record, rewritten at each change.
+`Storage` describes each change as rows (`Write`, `Clear`); the machine returns
+them from ``apply`` and the group queues them with the seq of the command that
+caused them, so it counts the command as durable only once they are on disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
-from nodes.replication.journal import JournalLike
+from nodes.replication.journal import JournalReader
+from nodes.replication.machine import Clear, Persist, Write
 from nodes.scheduler.model import Job, Schedule
 from nodes.scheduler.queues import Queue
 from nodes.scheduler.state import SchedulerState
-
-if TYPE_CHECKING:
-    from nodes.replication.group import Group
 
 __all__ = ["SCHEMA", "TABLES", "Storage"]
 
@@ -56,54 +55,43 @@ _UPSERT_QUEUE = "INSERT OR REPLACE INTO scheduler_queues (group_id, queue, recor
 
 
 class Storage:
-    """Disk writes and read-back for one group's scheduler."""
+    """The rows of one group's scheduler, and reading them back."""
 
-    def __init__(self, journal: JournalLike, group: Group) -> None:
-        self._journal = journal
-        self._group = group
-        self._gid = group.group_id
+    def __init__(self, group_id: int) -> None:
+        self._gid = group_id
 
-    def jobs(self, seq: int, epoch: int, jobs: Sequence[Job]) -> None:
-        if jobs:
-            gid = self._gid
-            self._journal.write(self._group, seq, epoch, _UPSERT_JOB, *[
-                (gid, j.job_id, j.to_record().SerializeToString()) for j in jobs])
+    def jobs(self, jobs: Sequence[Job]) -> list[Persist]:
+        gid = self._gid
+        return [Write(_UPSERT_JOB, [(gid, j.job_id, j.to_record().SerializeToString())
+                                    for j in jobs])] if jobs else []
 
-    def removed(self, seq: int, epoch: int, job_ids: Sequence[str]) -> None:
-        if job_ids:
-            gid = self._gid
-            self._journal.write(self._group, seq, epoch, _DELETE_JOB,
-                                *[(gid, job_id) for job_id in job_ids])
+    def removed(self, job_ids: Sequence[str]) -> list[Persist]:
+        gid = self._gid
+        return [Write(_DELETE_JOB, [(gid, job_id) for job_id in job_ids])] if job_ids else []
 
-    def queue(self, seq: int, epoch: int, queue: Queue) -> None:
-        self._journal.write(self._group, seq, epoch, _UPSERT_QUEUE, self._queue_row(queue))
+    def queue(self, queue: Queue) -> Write:
+        return Write(_UPSERT_QUEUE, [self._queue_row(queue)])
 
-    def schedule(self, seq: int, epoch: int, schedule: Schedule) -> None:
-        self._journal.write(self._group, seq, epoch, _UPSERT_SCHEDULE,
-                            self._schedule_row(schedule))
+    def schedule(self, schedule: Schedule) -> Write:
+        return Write(_UPSERT_SCHEDULE, [self._schedule_row(schedule)])
 
-    def schedule_removed(self, seq: int, epoch: int, queue: str, schedule_id: str) -> None:
-        self._journal.write(self._group, seq, epoch, _DELETE_SCHEDULE,
-                            (self._gid, queue, schedule_id))
+    def schedule_removed(self, queue: str, schedule_id: str) -> Write:
+        return Write(_DELETE_SCHEDULE, [(self._gid, queue, schedule_id)])
 
-    def replace(self, state: SchedulerState) -> None:
-        """Make the disk hold exactly ``state`` (a snapshot was installed), at the
-        group's current position."""
-        group = self._group
-        seq, epoch = group.log.last_seq, group.log.last_epoch
-        self._journal.clear(group, TABLES)
-        self.jobs(seq, epoch, list(state.jobs.values()))
-        write = self._journal.write
+    def replace(self, state: SchedulerState) -> list[Persist]:
+        """What makes the disk hold exactly ``state`` (a snapshot was installed)."""
+        writes: list[Persist] = [Clear(TABLES), *self.jobs(list(state.jobs.values()))]
         if state.schedules:
-            write(group, seq, epoch, _UPSERT_SCHEDULE,
-                  *[self._schedule_row(s) for s in state.schedules.values()])
+            writes.append(Write(_UPSERT_SCHEDULE,
+                                [self._schedule_row(s) for s in state.schedules.values()]))
         if state.queues:
-            write(group, seq, epoch, _UPSERT_QUEUE,
-                  *[self._queue_row(q) for q in state.queues.values()])
+            writes.append(Write(_UPSERT_QUEUE,
+                                [self._queue_row(q) for q in state.queues.values()]))
+        return writes
 
-    def load(self, state: SchedulerState, now_ns: int) -> None:
+    def load(self, journal: JournalReader, state: SchedulerState, now_ns: int) -> None:
         """Read the group's rows back into ``state`` (start-up only: synchronous)."""
-        query, gid = self._journal.query, (self._gid,)
+        query, gid = journal.query, (self._gid,)
         jobs = [Job.of(spb.JobRecord.FromString(bytes(r)))
                 for (r,) in query("SELECT record FROM scheduler_jobs WHERE group_id = ?", gid)]
         schedules = [spb.ScheduleRecord.FromString(bytes(r)) for (r,) in query(

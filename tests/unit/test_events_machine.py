@@ -12,10 +12,11 @@ import grpc
 import pytest
 
 from common.clock import ManualClock
-from common.errors import MeshStatusError
+from common.errors import ServiceError
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import machine as machine_module
 from nodes.events.machine import EVENTS, EventsMachine
+from nodes.events.primary import EventsPrimary
 from nodes.events.reads import View, read_slot, read_stream
 from nodes.events.storage import SCHEMA, TABLES
 from nodes.events.store import EventStore
@@ -36,7 +37,9 @@ def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = N
     def factory(g: Group) -> EventsMachine:
         return EventsMachine(g, journal, left.append if left is not None else None)
 
-    group = Group(5, node, {EVENTS: factory}, durable=durable, clock=CLOCK)
+    group = Group(5, node, {EVENTS: factory}, durable=durable, clock=CLOCK, journal=journal)
+    if isinstance(journal, Journal):
+        journal.on_flushed = group.mark_flushed
     if primary:
         group.become_primary(1)
     return group
@@ -46,6 +49,11 @@ def _machine(group: Group) -> EventsMachine:
     machine = group.machines[EVENTS]
     assert isinstance(machine, EventsMachine)
     return machine
+
+
+def _primary(group: Group) -> EventsPrimary:
+    """The group's event store as its primary decides on it (``.store``, ``.machine``)."""
+    return EventsPrimary(group, _machine(group))
 
 
 def _events(*ids: str, size: int = 1) -> list[pb.EventData]:
@@ -68,13 +76,13 @@ def _replay(primary: Group, replica: Group, after: int = 0) -> None:
         _machine(replica).apply(command)
 
 
-def _code(exc: pytest.ExceptionInfo[MeshStatusError]) -> tuple[grpc.StatusCode, str]:
+def _code(exc: pytest.ExceptionInfo[ServiceError]) -> tuple[grpc.StatusCode, str]:
     return exc.value.code, exc.value.reason.value
 
 
 def test_append_numbers_versions_and_positions_and_replicas_agree() -> None:
     primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
-    m = _machine(primary)
+    m = _primary(primary)
     first = m.append("{t}-a", _events("1", "2"), ANY, 0)
     second = m.append("{t}-b", _events("3"), ANY, 0)
     third = m.append("{t}-a", _events("4"), ANY, 0)
@@ -91,7 +99,7 @@ def test_append_numbers_versions_and_positions_and_replicas_agree() -> None:
 
 def test_an_identical_retry_is_a_duplicate_and_writes_nothing() -> None:
     journal = FakeJournal()
-    m = _machine(_group(journal))
+    m = _primary(_group(journal))
     original = m.append("s", _events("a", "b", "c"), NO_STREAM, 0)
     writes = len(journal.writes)
     # Before the expected-state check: an EXACT retry is not rejected because
@@ -107,34 +115,34 @@ def test_an_identical_retry_is_a_duplicate_and_writes_nothing() -> None:
 
 @pytest.mark.parametrize("ids", [["a", "new"], ["b", "a"], ["a", "c"]])
 def test_partial_or_reordered_duplicates_are_refused(ids: list[str]) -> None:
-    m = _machine(_group(FakeJournal()))
+    m = _primary(_group(FakeJournal()))
     m.append("s", _events("a", "b", "c"), ANY, 0)
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.append("s", _events(*ids), ANY, 0)
     assert _code(exc) == (grpc.StatusCode.ALREADY_EXISTS, "DUPLICATE_EVENT_ID")
     assert m.store.streams["s"].last_version == 3
 
 
 def test_expected_states() -> None:
-    m = _machine(_group(FakeJournal()))
-    with pytest.raises(MeshStatusError) as exc:
+    m = _primary(_group(FakeJournal()))
+    with pytest.raises(ServiceError) as exc:
         m.append("s", _events("a"), EXISTS, 0)
     assert _code(exc) == (grpc.StatusCode.ABORTED, "VERSION_MISMATCH")
     assert exc.value.metadata == {"current_version": "0", "stream_exists": "false"}
-    with pytest.raises(MeshStatusError):
+    with pytest.raises(ServiceError):
         m.append("s", _events("a"), EXACT, 1)
     m.append("s", _events("a"), NO_STREAM, 0)
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.append("s", _events("b"), NO_STREAM, 0)
     assert exc.value.metadata == {"current_version": "1", "stream_exists": "true"}
     m.append("s", _events("b"), EXISTS, 0)
     m.append("s", _events("c"), EXACT, 2)
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.append("s", _events("d"), EXACT, 2)
     assert exc.value.metadata["current_version"] == "3"
     # A soft-deleted stream does not exist, and its versions go on.
     assert m.delete("s", EXACT, 3)[0] == 3
-    with pytest.raises(MeshStatusError):
+    with pytest.raises(ServiceError):
         m.append("s", _events("d"), EXISTS, 0)
     assert m.append("s", _events("d"), NO_STREAM, 0).first_version == 4
 
@@ -142,7 +150,7 @@ def test_expected_states() -> None:
 def test_retention_hides_at_once_and_scavenging_removes() -> None:
     journal = FakeJournal()
     group = _group(journal)
-    m = _machine(group)
+    m = _primary(group)
     m.append("s", _events(*"abcdef"), ANY, 0)
     m.set_metadata("s", (3, 0, 0), None)
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
@@ -159,14 +167,14 @@ def test_retention_hides_at_once_and_scavenging_removes() -> None:
     m.set_metadata("s", (0, 1_000_000_000, 0), 1)
     later = View(m.store, group.commit_seq, CLOCK.wall_ns() + 5_000_000_000)
     assert read_stream(stream, later, None, False, 100).events == []
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.set_metadata("s", (0, 0, 0), 1)
     assert exc.value.metadata == {"current_version": "2"}
 
 
 def test_soft_delete_tombstone_and_the_slot_log() -> None:
     group = _group(FakeJournal())
-    m = _machine(group)
+    m = _primary(group)
     m.append("{k}x", _events("a", "b"), ANY, 0)
     m.append("{k}y", _events("c"), ANY, 0)
     assert m.delete("{k}x", ANY, 0) == (2, group.log.last_seq)
@@ -180,7 +188,7 @@ def test_soft_delete_tombstone_and_the_slot_log() -> None:
     for call in (lambda: m.append("{k}y", _events("z"), ANY, 0),
                  lambda: m.tombstone("{k}y", ANY, 0),
                  lambda: m.set_metadata("{k}y", (0, 0, 0), None)):
-        with pytest.raises(MeshStatusError) as exc:
+        with pytest.raises(ServiceError) as exc:
             call()
         assert _code(exc) == (grpc.StatusCode.FAILED_PRECONDITION, "STREAM_DELETED")
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
@@ -190,7 +198,7 @@ def test_soft_delete_tombstone_and_the_slot_log() -> None:
 
 def test_uncommitted_events_are_invisible() -> None:
     group = _group(FakeJournal())
-    m = _machine(group)
+    m = _primary(group)
     m.append("s", _events("a"), ANY, 0)
     m.append("s", _events("b", "c"), ANY, 0)
     stream = m.store.streams["s"]
@@ -203,7 +211,7 @@ def test_uncommitted_events_are_invisible() -> None:
 
 def test_pages_stop_at_the_byte_limit_but_hold_one_event() -> None:
     group = _group(FakeJournal())
-    m = _machine(group)
+    m = _primary(group)
     m.append("s", _events("a", "b", "c", size=1000), ANY, 0)
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     stream = m.store.streams["s"]
@@ -216,13 +224,13 @@ def test_pages_stop_at_the_byte_limit_but_hold_one_event() -> None:
 def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine_module, "CHUNK_BYTES", 3000)  # several chunks per slot
     group = _group(FakeJournal())
-    m = _machine(group)
+    m = _primary(group)
     for i in range(20):
         m.append(f"{{one}}-{i % 3}", _events(f"id{i}", f"id{i}b", size=700), ANY, 0)
     m.append("other", _events("x"), ANY, 0)
     m.set_metadata("meta-only", (5, 0, 0), None)
     m.tombstone("{one}-2", ANY, 0)
-    chunks = m.snapshot()
+    chunks = m.machine.snapshot()
     assert len([c for c in chunks if c[0] == m.store.streams["{one}-0"].slot]) > 3
     journal = FakeJournal()
     copy = _group(journal, "b", primary=False)
@@ -240,7 +248,7 @@ async def test_a_restarted_node_reads_its_events_back(tmp_path: Path) -> None:
     journal.create_tables(SCHEMA, TABLES)
     journal.start()
     group = _group(journal)
-    m = _machine(group)
+    m = _primary(group)
     first = m.append("s", _events("a", "b"), ANY, 0)
     m.append("{s}-2", _events("c"), ANY, 0)
     m.set_metadata("s", (10, 0, 0), None)
@@ -257,26 +265,26 @@ async def test_a_restarted_node_reads_its_events_back(tmp_path: Path) -> None:
     journal.create_tables(SCHEMA, TABLES)
     [copy] = journal.copies()
     restored = _group(journal, primary=False, durable=copy)
-    r = _machine(restored)
+    r = _primary(restored)
     assert _state(r.store) == _state(m.store)
     assert r.store.event_count == m.store.event_count
     restored.become_primary(2)
     retry = r.append("s", _events("a", "b"), EXACT, 9)  # the ids came back from disk
     assert retry.duplicate and retry.position == first.position
     assert r.append("s", _events("z"), ANY, 0).first_version == 3
-    with pytest.raises(MeshStatusError):
+    with pytest.raises(ServiceError):
         r.append("t", _events("y"), ANY, 0)
     await journal.close()
 
 
 async def test_subscriptions_fall_behind_and_catch_up_without_gaps() -> None:
     group = _group(FakeJournal())
-    m = _machine(group)
+    m = _primary(group)
     hub = SubscriptionHub(10)
     for i in range(5):
         m.append("s", _events(f"a{i}"), ANY, 0)
     sub = hub.open(frozenset({group.group_id}))
-    messages = follow_stream(sub, m, "s", 2, max_lag=10, clock=CLOCK)
+    messages = follow_stream(sub, m.machine, "s", 2, max_lag=10, clock=CLOCK)
     kinds: list[str] = []
     versions: list[int] = []
 
@@ -307,13 +315,13 @@ async def test_subscriptions_fall_behind_and_catch_up_without_gaps() -> None:
 
 async def test_category_subscriptions_checkpoint_every_interval() -> None:
     group = _group(FakeJournal())
-    m = _machine(group)
+    m = _primary(group)
     hub = SubscriptionHub(10)
     for i in range(10):
         m.append(f"{{c}}order-{i}" if i % 2 else f"{{c}}user-{i}", _events(f"e{i}"), ANY, 0)
     slot = m.store.streams["{c}order-1"].slot
     sub = hub.open(frozenset({group.group_id}))
-    target = SlotTarget(group.group_id, m, frozenset({slot}))
+    target = SlotTarget(group.group_id, m.machine, frozenset({slot}))
     messages = follow_slots(sub, [target], {slot: 0}, "{c}order-", 4, 1000, clock=CLOCK)
     seen: list[tuple[str, Any]] = []
     while not seen or seen[-1][0] != "caught_up":

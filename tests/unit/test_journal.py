@@ -9,6 +9,7 @@ from pathlib import Path
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
 from nodes.replication.journal import DurableCopy, Journal
+from nodes.replication.machine import Applied, Clear, Persist, Write
 
 KIND = rpb.SERVICE_KIND_EVENTS
 SCHEMA = "CREATE TABLE IF NOT EXISTS notes (group_id INTEGER, seq INTEGER, body BLOB);"
@@ -28,23 +29,20 @@ class Notes:
             self.rows = [r[0] for r in journal.query(
                 "SELECT body FROM notes WHERE group_id = ? ORDER BY seq", (group.group_id,))]
 
-    def apply(self, command: rpb.Command) -> None:
+    def apply(self, command: rpb.Command) -> Applied:
         self.rows.append(command.payload)
-        self.journal.write(self.group, command.seq, command.epoch,
-                           "INSERT INTO notes VALUES (?, ?, ?)",
-                           (self.group.group_id, command.seq, command.payload))
+        return Applied(None, [Write("INSERT INTO notes VALUES (?, ?, ?)",
+                                    [(self.group.group_id, command.seq, command.payload)])])
 
     def snapshot(self) -> list[tuple[int, bytes]]:
         return [(0, b"\n".join(self.rows))]
 
-    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> None:
-        self.journal.clear(self.group, ["notes"])
+    def restore(self, chunks: Iterable[tuple[int, bytes]]) -> list[Persist]:
         for _, data in chunks:
             self.rows = data.split(b"\n") if data else []
-        for i, row in enumerate(self.rows):
-            self.journal.write(self.group, self.group.log.last_seq, self.group.log.last_epoch,
-                               "INSERT INTO notes VALUES (?, ?, ?)",
-                               (self.group.group_id, i, row))
+        return [Clear(("notes",)), Write("INSERT INTO notes VALUES (?, ?, ?)",
+                                         [(self.group.group_id, i, row)
+                                          for i, row in enumerate(self.rows)])]
 
     def role_changed(self) -> None:
         pass
@@ -60,14 +58,16 @@ def journal_at(path: Path) -> Journal:
 
 
 def group_on(journal: Journal, durable: DurableCopy | None = None) -> Group:
-    return Group(3, "a", {KIND: lambda g: Notes(g, journal)}, durable=durable)
+    group = Group(3, "a", {KIND: lambda g: Notes(g, journal)}, durable=durable, journal=journal)
+    journal.on_flushed = group.mark_flushed
+    return group
 
 
 async def test_a_write_commits_only_once_flushed(tmp_path: Path) -> None:
     journal = journal_at(tmp_path)
     group = group_on(journal)
     group.become_primary(4)
-    seq = group.append(17, KIND, b"one", apply=True)
+    seq = group.propose(17, KIND, b"one").seq
     assert group.commit_seq < seq  # queued, not yet on disk
     journal.start()
     await asyncio.wait_for(group.wait_committed(seq), 5)
@@ -79,7 +79,7 @@ async def test_concurrent_writes_share_a_flush(tmp_path: Path) -> None:
     journal = journal_at(tmp_path)
     group = group_on(journal)
     group.become_primary(1)
-    seqs = [group.append(1, KIND, f"w{i}".encode(), apply=True) for i in range(50)]
+    seqs = [group.propose(1, KIND, f"w{i}".encode()).seq for i in range(50)]
     journal.start()
     await asyncio.gather(*(group.wait_committed(s) for s in seqs))
     assert journal.flushes == 1 and journal.flushed_writes == 50
@@ -92,7 +92,7 @@ async def test_a_restarted_copy_is_read_back_and_asks_for_a_snapshot(tmp_path: P
     group = group_on(journal)
     group.become_primary(2)
     for body in (b"a", b"b", b"c"):
-        await group.wait_committed(group.append(1, KIND, body, apply=True))
+        await group.wait_committed(group.propose(1, KIND, body).seq)
     await journal.close()
 
     journal = journal_at(tmp_path)  # the node restarts
@@ -133,8 +133,8 @@ async def test_dropping_a_group_removes_its_rows_and_position(tmp_path: Path) ->
     journal.start()
     group = group_on(journal)
     group.become_primary(1)
-    await group.wait_committed(group.append(1, KIND, b"gone", apply=True))
-    journal.drop_group(group)
+    await group.wait_committed(group.propose(1, KIND, b"gone").seq)
+    journal.drop_group(group.group_id, group.log.last_epoch, group.log.last_seq)
     await journal.close()  # flushes what is queued
     journal = journal_at(tmp_path)
     assert journal.copies() == []

@@ -12,10 +12,11 @@ import asyncio
 import pytest
 
 from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
-from common.errors import MeshStatusError
+from common.errors import ServiceError
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.config import LockLimits
 from nodes.lock.machine import LOCK, LockMachine
+from nodes.lock.primary import LockPrimary
 from nodes.lock.table import EPOCH_SHIFT, LeaseCount, LockTable
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
@@ -34,19 +35,20 @@ def _group(node: str, epoch: int, primary: bool, clock: ManualClock | None = Non
     return group
 
 
-def _machine(group: Group) -> LockMachine:
+def _machine(group: Group) -> LockPrimary:
+    """The group's locks as its primary decides on them (``.table``, ``.queues``)."""
     machine = group.machines[LOCK]
     assert isinstance(machine, LockMachine)
-    return machine
+    return machine.primary
 
 
 def _replay(primary: Group, replica: Group, after: int = 0) -> None:
-    machine = _machine(replica)
+    machine = replica.machines[LOCK]
     for command in primary.log.since(after, 10_000):
         machine.apply(command)
 
 
-def _acquire(machine: LockMachine, name: str, *, wait: float = 0.0, permits: int = 1,
+def _acquire(machine: LockPrimary, name: str, *, wait: float = 0.0, permits: int = 1,
              max_permits: int = 1, ttl: float = 10.0, request_id: str = "",
              owner: str = "", shared: bool = False) -> Grant | Waiter:
     return machine.acquire(name, owner=owner, permits=permits, max_permits=max_permits,
@@ -68,7 +70,7 @@ async def test_tokens_start_at_the_epoch_and_grow() -> None:
     second = _granted(_acquire(m, "y"))
     assert second.lease.token == first.lease.token + 1
     assert m.table.token_bound("x") == second.lease.token  # forgotten: the group's bound
-    m.close()
+    primary.machines[LOCK].close()
 
 
 async def test_replica_replays_to_the_same_state_and_a_new_epoch_tokens_higher() -> None:
@@ -91,8 +93,8 @@ async def test_replica_replays_to_the_same_state_and_a_new_epoch_tokens_higher()
     replica.become_primary(5)
     other = _granted(_acquire(r, "other"))
     assert other.lease.token == 5 << EPOCH_SHIFT > kept.lease.token
-    m.close()
-    r.close()
+    primary.machines[LOCK].close()
+    replica.machines[LOCK].close()
 
 
 async def test_promotion_gives_every_lease_a_full_ttl() -> None:
@@ -109,8 +111,8 @@ async def test_promotion_gives_every_lease_a_full_ttl() -> None:
     assert copy.expire_ns >= clock.wall_ns() + 9 * SECOND
     lease, _ = _machine(replica).refresh("held", grant.lease.lease_id, None)
     assert lease.token == grant.lease.token
-    m.close()
-    _machine(replica).close()
+    primary.machines[LOCK].close()
+    replica.machines[LOCK].close()
 
 
 async def test_waiters_fifo_and_expiry_hands_over() -> None:
@@ -129,7 +131,7 @@ async def test_waiters_fifo_and_expiry_hands_over() -> None:
     assert not w2.future.done()
     m.release("q", granted.lease.lease_id)
     assert (await asyncio.wait_for(w2.future, 1)).lease.owner == "w2"
-    m.close()
+    primary.machines[LOCK].close()
 
 
 async def test_queue_limit_and_leaving() -> None:
@@ -137,7 +139,7 @@ async def test_queue_limit_and_leaving() -> None:
     m = _machine(primary)
     held = _granted(_acquire(m, "full"))
     waiters = [_acquire(m, "full", wait=5) for _ in range(3)]
-    with pytest.raises(MeshStatusError) as info:
+    with pytest.raises(ServiceError) as info:
         _acquire(m, "full", wait=5)
     assert info.value.reason == "TOO_MANY_WAITERS"
     first = waiters[0]
@@ -147,8 +149,8 @@ async def test_queue_limit_and_leaving() -> None:
     assert not first.future.done()
     second, third = waiters[1:]
     assert isinstance(second, Waiter) and second.future.done()
-    m.close()
-    assert isinstance(third, Waiter) and isinstance(third.future.exception(), MeshStatusError)
+    primary.machines[LOCK].close()
+    assert isinstance(third, Waiter) and isinstance(third.future.exception(), ServiceError)
 
 
 async def test_a_retry_with_the_same_request_id_takes_the_waiters_place() -> None:
@@ -160,15 +162,15 @@ async def test_a_retry_with_the_same_request_id_takes_the_waiters_place() -> Non
     retry = _acquire(m, "r", wait=5, request_id="req")
     assert isinstance(first, Waiter) and isinstance(retry, Waiter)
     assert isinstance(behind, Waiter)
-    with pytest.raises(MeshStatusError):
+    with pytest.raises(ServiceError):
         first.future.result()
     m.release("r", held.lease.lease_id)
     assert retry.future.done() and not behind.future.done()
     lease = retry.future.result().lease
     again = _granted(_acquire(m, "r", request_id="req"))
     assert again.lease is lease
-    m.close()
-    assert isinstance(behind.future.exception(), MeshStatusError)
+    primary.machines[LOCK].close()
+    assert isinstance(behind.future.exception(), ServiceError)
 
 
 async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
@@ -179,12 +181,12 @@ async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
     waiter = _acquire(m, "s", wait=5)
     assert isinstance(waiter, Waiter)
     primary.step_down(2, "test")
-    with pytest.raises(MeshStatusError) as info:
+    with pytest.raises(ServiceError) as info:
         waiter.future.result()
     assert info.value.reason == "GROUP_UNAVAILABLE"
     clock.advance(100 * MILLISECOND)
     assert m.table.get("s") is not None  # a replica never expires on its own
-    m.close()
+    primary.machines[LOCK].close()
 
 
 async def test_the_lease_count_follows_grants_ends_and_departures() -> None:
@@ -231,7 +233,7 @@ async def test_readers_share_writers_queue_fairly() -> None:
     _replay(primary, replica)
     lock = _machine(replica).table.get("rw")
     assert lock is not None and lock.readers == 2 and lock.held == 0 and lock.available == 0
-    m.close()
+    primary.machines[LOCK].close()
 
 
 def test_snapshot_round_trip() -> None:

@@ -15,6 +15,7 @@ from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
 from nodes.replication.journal import DurableCopy
+from nodes.replication.machine import NOTHING, Applied, Persist
 from nodes.replication.manager import Replication
 from nodes.replication.sender import Phase, ReplicaTracker
 
@@ -28,15 +29,17 @@ class Recorder:
     def __init__(self, group: Group) -> None:
         self.applied: list[bytes] = []
 
-    def apply(self, command: rpb.Command) -> None:
+    def apply(self, command: rpb.Command) -> Applied:
         self.applied.append(command.payload)
+        return NOTHING
 
     def snapshot(self) -> list[tuple[int, bytes]]:
         return [(0, b",".join(self.applied))]
 
-    def restore(self, chunks: Any) -> None:
+    def restore(self, chunks: Any) -> list[Persist]:
         for _, data in chunks:
             self.applied = data.split(b",") if data else []
+        return []
 
     def role_changed(self) -> None:
         pass
@@ -92,7 +95,7 @@ def test_replica_applies_in_order_and_refuses_gaps_and_old_epochs() -> None:
 def test_a_primary_seeing_a_newer_epoch_steps_down() -> None:
     old = group("a")
     old.become_primary(1)
-    old.append(0, rpb.SERVICE_KIND_CACHE, b"mine")
+    old.propose(0, rpb.SERVICE_KIND_CACHE, b"mine")
     ack = old.apply_batch(batch(2, (1, 1), b"theirs"))
     assert not old.is_primary and ack.status == rpb.ACK_STATUS_OK
 
@@ -103,7 +106,7 @@ async def test_commit_waits_for_in_sync_replicas_only() -> None:
     synced = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
     catching_up = ReplicaTracker(primary, "c", Link(), in_sync=False)  # type: ignore[arg-type]
     primary.trackers = {"b": synced, "c": catching_up}
-    seq = primary.append(0, rpb.SERVICE_KIND_CACHE, b"w")
+    seq = primary.propose(0, rpb.SERVICE_KIND_CACHE, b"w").seq
     waiter = asyncio.ensure_future(primary.wait_committed(seq))
     await asyncio.sleep(0)
     assert not waiter.done()
@@ -112,13 +115,45 @@ async def test_commit_waits_for_in_sync_replicas_only() -> None:
     await asyncio.wait_for(waiter, 1)  # c's lag does not hold the write
 
 
+class Sums(Recorder):
+    """A machine whose commands add a number and return the new total."""
+
+    def __init__(self, group: Group) -> None:
+        super().__init__(group)
+        self.total = 0
+
+    def apply(self, command: rpb.Command) -> Applied:
+        self.total += int(command.payload)
+        return Applied(self.total)
+
+
+async def test_a_proposal_is_applied_at_once_and_its_result_counts_once_committed() -> None:
+    primary = Group(1, "a", {rpb.SERVICE_KIND_CACHE: Sums})
+    replica = Group(1, "b", {rpb.SERVICE_KIND_CACHE: Sums})
+    primary.become_primary(1)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    first = primary.propose(0, rpb.SERVICE_KIND_CACHE, b"2")
+    second = primary.propose(0, rpb.SERVICE_KIND_CACHE, b"40")
+    assert (first.result, second.result) == (2, 42)  # applied here, in order
+    answer = asyncio.ensure_future(second.committed())
+    await asyncio.sleep(0)
+    assert not answer.done()  # not before the replica holds it
+    ack = replica.apply_batch(rpb.CommandBatch(
+        group_id=1, epoch=1, in_sync=True, commands=primary.log.since(0, 10)))
+    machine = replica.machines[rpb.SERVICE_KIND_CACHE]
+    assert isinstance(machine, Sums) and machine.total == 42  # the same apply, replayed
+    tracker.on_ack(ack)
+    assert await asyncio.wait_for(answer, 1) == 42
+
+
 async def test_fencing_fails_pending_writes() -> None:
     primary = group("a")
     primary.become_primary(1)
     tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
     primary.trackers = {"b": tracker}
     waiter = asyncio.ensure_future(
-        primary.wait_committed(primary.append(0, rpb.SERVICE_KIND_CACHE, b"w")))
+        primary.wait_committed(primary.propose(0, rpb.SERVICE_KIND_CACHE, b"w").seq))
     await asyncio.sleep(0)
     tracker.on_ack(rpb.Ack(group_id=1, status=rpb.ACK_STATUS_STALE_EPOCH, seen_epoch=2))
     with pytest.raises(MeshStatusError) as info:
@@ -130,7 +165,7 @@ def test_tracker_resends_from_history_or_asks_for_a_snapshot() -> None:
     primary = group("a")
     primary.become_primary(2)
     for payload in (b"1", b"2", b"3"):
-        primary.append(0, rpb.SERVICE_KIND_CACHE, payload)
+        primary.propose(0, rpb.SERVICE_KIND_CACHE, payload)
     tracker = ReplicaTracker(primary, "b", Link(), in_sync=False)  # type: ignore[arg-type]
     probe = tracker.next_batch("a:1")
     assert probe is not None and not probe.commands and probe.prev_seq == 3
@@ -155,8 +190,7 @@ def test_snapshot_install_replaces_state_and_position() -> None:
     source = group("a")
     source.become_primary(3)
     for payload in (b"p", b"q"):
-        source.append(0, rpb.SERVICE_KIND_CACHE, payload)
-    applied(source).extend([b"p", b"q"])  # the primary changed its state itself
+        source.propose(0, rpb.SERVICE_KIND_CACHE, payload)
     replica = group("b")
     replica.apply_batch(batch(1, (0, 0), b"diverged"))
     epoch, seq, chunks = source.take_snapshot()
@@ -179,7 +213,7 @@ async def test_a_recreated_group_drops_the_copy_from_its_earlier_history() -> No
     replication.on_lost.append(lost.append)
     replication.on_map(RoutingTable(cmap(1, 0)))
     old = replication.groups[1]
-    old.append(0, rpb.SERVICE_KIND_CACHE, b"x")
+    old.propose(0, rpb.SERVICE_KIND_CACHE, b"x")
     replication.on_map(RoutingTable(cmap(2, 0)))  # same history: kept
     assert replication.groups[1] is old
     replication.on_map(RoutingTable(cmap(7, 7)))  # made again: starts empty
@@ -250,7 +284,7 @@ def test_a_copy_restarted_from_disk_copies_only_its_in_memory_state() -> None:
     primary = both("a")
     primary.become_primary(2)
     for seq, kind in enumerate((cache, events, cache, events, cache), start=1):
-        primary.append(0, kind, str(seq).encode(), apply=True)
+        primary.propose(0, kind, str(seq).encode())
     # The replica kept seqs 1..2 on disk: its durable service holds seq 2's state.
     replica = both("b", DurableCopy(group_id=1, origin_epoch=0, epoch=2, seq=2))
     applied_by(replica, events).append(b"2")
@@ -284,7 +318,7 @@ def test_a_copy_restarted_from_disk_copies_only_its_in_memory_state() -> None:
 def test_a_restarted_copy_off_the_log_or_the_history_gets_a_full_snapshot() -> None:
     primary = both("a")
     primary.become_primary(3)
-    primary.append(0, rpb.SERVICE_KIND_CACHE, b"", apply=True)
+    primary.propose(0, rpb.SERVICE_KIND_CACHE, b"")
     tracker = ReplicaTracker(primary, "b", Link(), in_sync=False)  # type: ignore[arg-type]
     # Seq 1 of a deposed primary's epoch 2: not our history.
     tracker.on_ack(rpb.Ack(group_id=1, applied_epoch=2, applied_seq=1,

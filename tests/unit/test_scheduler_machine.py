@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from common.clock import MILLISECOND, ManualClock
-from common.errors import MeshStatusError
+from common.errors import ServiceError
 from common.slots import slot_for
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.config import SchedulerLimits
@@ -38,7 +38,9 @@ def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = N
            clock: ManualClock | None = None) -> Group:
     clock = clock or ManualClock()
     group = Group(5, node, {SCHEDULER: lambda g: SchedulerMachine(g, journal, limits, clock)},
-                  durable=durable, clock=clock)
+                  durable=durable, clock=clock, journal=journal)
+    if isinstance(journal, Journal):
+        journal.on_flushed = group.mark_flushed
     if primary:
         group.become_primary(epoch)
     return group
@@ -117,7 +119,7 @@ def test_tokens_are_checked_and_a_repeated_complete_or_fail_gets_the_same_answer
     job_id = _enqueue(m)
     _, token = _one(m)
     for wrong in (token - 1, token + 1, 0):
-        with pytest.raises(MeshStatusError) as exc:
+        with pytest.raises(ServiceError) as exc:
             m.complete(job_id, wrong, b"")
         assert (exc.value.code, exc.value.reason.value) == (
             grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
@@ -126,16 +128,16 @@ def test_tokens_are_checked_and_a_repeated_complete_or_fail_gets_the_same_answer
     assert job.lease_ns == 60 * S
     finish, seq = m.complete(job_id, token, b"ok")
     assert m.complete(job_id, token, b"ok") == (finish, seq)
-    with pytest.raises(MeshStatusError):
+    with pytest.raises(ServiceError):
         m.heartbeat(job_id, token, None)
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.fail(job_id, token, "late", True, None)
     assert exc.value.metadata["state"] == "JOB_STATE_SUCCEEDED"
     other = _enqueue(m)
     _, token = _one(m)
     failed = m.fail(other, token, "e", True, None)
     assert m.fail(other, token, "e", True, None) == failed
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.complete("{q}9-9", 1, b"")
     assert exc.value.reason.value == "JOB_NOT_FOUND"
 
@@ -222,7 +224,7 @@ def test_a_late_complete_after_the_deadline_is_refused_and_expires_the_lease() -
     job = m.state.jobs[job_id]
     _, token = _one(m, lease=1)
     job.lease_expire_ns = m.clock.wall_ns() - 1  # its timer has not run yet
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         m.complete(job_id, token, b"")
     assert exc.value.reason.value == "LEASE_LOST"
     assert job.state == WAITING and job.lease_losses == 1
@@ -244,7 +246,7 @@ def test_unique_keys() -> None:
     m = _machine(_group(FakeJournal()))
     first = _enqueue(m, unique_key="k")
     assert _enqueue(m, unique_key="k") == first
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         _enqueue(m, unique_key="k", strict=True)
     assert (exc.value.code, exc.value.metadata["job_id"]) == (
         grpc.StatusCode.ALREADY_EXISTS, first)
@@ -264,7 +266,7 @@ def test_queue_full() -> None:
     m = _machine(_group(FakeJournal(), limits=SchedulerLimits(max_queue_jobs=2)))
     _enqueue(m)
     _enqueue(m)
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         _enqueue(m)
     assert (exc.value.code, exc.value.reason.value) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")
@@ -313,7 +315,7 @@ def test_stepping_down_ends_waiting_claims() -> None:
         _leader(m).add_waiter(waiter, ["q"])
         group.step_down(2, "test")
         assert m.leader is None
-        with pytest.raises(MeshStatusError) as exc:
+        with pytest.raises(ServiceError) as exc:
             await waiter.future
         assert exc.value.code == grpc.StatusCode.UNAVAILABLE
 
