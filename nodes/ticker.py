@@ -27,7 +27,8 @@ __all__ = ["Ticker"]
 log = logging.getLogger(__name__)
 
 MIN_DELAY = 5 * MILLISECOND
-"""The loop never comes back sooner than this (unless a tick says it is busy)."""
+"""The loop never comes back sooner than this, unless a tick says it is busy
+(returns the ``now_ns`` it was given)."""
 
 
 class Ticker:
@@ -69,7 +70,9 @@ class Ticker:
                                   service.name)
                     continue
                 if wanted is not None and wanted < due:
-                    due = wanted
+                    # ``now`` says "busy: come back at once"; any other instant
+                    # waits MIN_DELAY at least (a past one is no reason to spin).
+                    due = wanted if wanted == now else max(wanted, now + MIN_DELAY)
             self._due[id(service)] = due
         return min(self._due.values())
 

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from common.clock import MILLISECOND, SECOND, ManualClock
 from nodes.replication.manager import Replication
-from nodes.ticker import Ticker
+from nodes.ticker import MIN_DELAY, Ticker
 
 
 class Group:
@@ -55,10 +55,17 @@ def test_due_services_tick_every_writable_group_and_the_soonest_sets_the_next() 
 
 
 def test_a_tick_may_ask_to_come_back_sooner_and_a_service_without_interval_never_ticks() -> None:
-    eager, idle = Service("eager", SECOND, wants=300), Service("idle", 0)
+    soon = 100 + 10 * MIN_DELAY
+    eager, idle = Service("eager", SECOND, wants=soon), Service("idle", 0)
     ticker = _ticker([eager, idle], Group(1, True))
-    assert ticker.tick(100) == 300
+    assert ticker.tick(100) == soon
     assert idle.ticks == []
+
+
+def test_busy_means_at_once_and_a_past_instant_still_waits_a_little() -> None:
+    busy, late = Service("busy", SECOND, wants=100), Service("late", SECOND, wants=50)
+    assert _ticker([busy], Group(1, True)).tick(100) == 100
+    assert _ticker([late], Group(1, True)).tick(100) == 100 + MIN_DELAY
 
 
 def test_a_failing_tick_is_logged_and_the_other_groups_still_tick() -> None:
