@@ -77,7 +77,7 @@ class Group:
     ) -> None:
         self.group_id = group_id
         self._journal = journal  # where durable machines' writes go
-        self._clock = clock  # stamps the commands it issues (their ``issued_at``)
+        self.clock = clock  # stamps the commands it issues (their ``issued_at``)
         self.node_id = node_id
         self.origin_epoch = origin_epoch  # the group history this copy belongs to
         self.epoch = 0  # the highest epoch seen for this group
@@ -150,7 +150,7 @@ class Group:
         command = rpb.Command(
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
             payload=payload, epoch=self.epoch)
-        command.issued_at.FromNanoseconds(self._clock.wall_ns())
+        command.issued_at.FromNanoseconds(self.clock.wall_ns())
         if tracing.enabled():
             command.traceparent = tracing.traceparent()
         result = None

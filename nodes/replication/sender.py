@@ -20,11 +20,11 @@ import contextlib
 import enum
 import logging
 import random
-import time
 from typing import TYPE_CHECKING
 
 import grpc
 
+from common.clock import to_seconds
 from common.peer import PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
@@ -82,7 +82,8 @@ class ReplicaTracker:
         if lag:
             pending = self.group.log.since(max(self.acked_seq, self.group.log.base_seq), 1)
             if pending:
-                lag_seconds = max(time.time() - pending[0].issued_at.ToNanoseconds() / 1e9, 0.0)
+                lag_ns = self.group.clock.wall_ns() - pending[0].issued_at.ToNanoseconds()
+                lag_seconds = max(to_seconds(lag_ns), 0.0)
         return rpb.ReplicaProgress(node_id=self.node_id, acked_seq=self.acked_seq,
                                    in_sync=self.in_sync, lag_commands=lag,
                                    lag_seconds=lag_seconds, since_epoch=self.since_epoch)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from common.clock import SECOND, ManualClock
-from common.errors import MeshStatusError
+from common.errors import ServiceError
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.cache.budget import Budget
 from nodes.cache.machine import CACHE, CacheMachine, decode, encode
@@ -193,7 +193,7 @@ def test_a_group_no_longer_led_refuses_writes_and_changes_nothing() -> None:
     store.set("k", b"v")
     primary.step_down(2, "a newer primary")
     seq, state = primary.log.last_seq, store.export()
-    with pytest.raises(MeshStatusError) as exc:
+    with pytest.raises(ServiceError) as exc:
         store.set("k", b"w")
     assert exc.value.code == grpc.StatusCode.UNAVAILABLE
     assert primary.log.last_seq == seq and store.export() == state
