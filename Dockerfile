@@ -25,11 +25,13 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Build dependencies: the code generator (grpcio-tools, mypy-protobuf) and `build`.
-RUN python -m pip install --upgrade pip build "grpcio-tools>=1.85,<2" "mypy-protobuf>=3.6"
+# Only `build`: it installs pyproject.toml's build requirements (setuptools,
+# grpcio-tools, mypy-protobuf) into an isolated environment, where setup.py
+# generates the protobuf code from protos/ (no tools/generate.py step, no
+# generated/ in the context). The sdist first, then the wheel from it, as `make dist`.
+RUN python -m pip install --upgrade pip build
 COPY . .
-RUN python tools/generate.py
-RUN python -m build --wheel
+RUN python -m build --outdir dist .
 
 # ---- stage 2: meshkit[server] from the wheel, as a non-root user ------------
 FROM ${PYTHON_IMAGE}

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 
 from common.errors import MeshStatusError, Reason
 from common.process import env
@@ -168,6 +167,10 @@ class Authenticator:
         raise _invalid("unknown or malformed token")
 
     def _jwt_principal(self, token: str) -> Principal:
+        # PyJWT comes with `meshkit[server]`: only a server checks tokens, and the
+        # client imports this module for `bearer` alone.
+        import jwt
+
         assert self._secret is not None
         policy = self._policy
         try:

@@ -18,17 +18,27 @@ PROTOS = ROOT / "protos"
 OUT = ROOT / "generated"
 
 
+def _plugin(name: str) -> str | None:
+    """The protoc plugin script ``name`` (mypy-protobuf's): next to this interpreter,
+    as in a virtualenv that is not on PATH, else on PATH, as in pip's build
+    environment, whose scripts are not next to the interpreter it runs."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    # The mypy plugins live next to this interpreter, which may not be on PATH.
-    bin_dir = Path(sys.executable).parent
+    plugins = {name: _plugin(name) for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc")}
+    missing = [name for name, path in plugins.items() if path is None]
+    if missing:
+        print(f"{', '.join(missing)} not found: install mypy-protobuf", file=sys.stderr)
+        return 1
     args = [
         "protoc",
-        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
-        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        *(f"--plugin={name}={path}" for name, path in plugins.items()),
         f"-I{PROTOS}",
         f"-I{well_known}",
         f"--python_out={OUT}",
