@@ -60,10 +60,12 @@ netns-tools:
 run: setup
 	$(PY) -m meshctl up --nodes 3
 
-# Two workers, whole files each (module fixtures stay in one process): most
-# tests wait on leases and failovers, so the two cores overlap those waits.
+# Three workers on two cores, whole files each (module fixtures stay in one
+# process), the costliest files first (SLOW_FIRST in tests/conftest.py): most
+# tests wait on leases, failovers and timeouts, so a third worker fills the
+# cores while the other two wait.
 test: setup lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # The lanes (tests/conftest.py puts each test in one): fast = unit and in-process
 # tests only (no etcd, node or browser processes); integration = real processes;
@@ -72,10 +74,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m fast
 
 test-integration: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m integration
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m integration
 
 test-chaos: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m chaos
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m chaos
 
 bench: setup
 	$(PY) -m bench

@@ -546,6 +546,23 @@ class LocalMesh:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def kill(self) -> None:
+        """SIGKILL every coordinator and node at once, then stop etcd and remove the
+        temp dir if we made it: a test's teardown, where graceful shutdown (drain
+        delay, grace periods) would only be waited out. `stop` is the clean way."""
+        children = [c.child for c in self.coordinators] + [n.child for n in self.nodes]
+        for child in children:
+            if child.alive():
+                assert child.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+        for child in children:
+            child.kill()  # reaps it
+        if self.etcd is not None:
+            self.etcd.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def logs(self) -> str:
         parts = []
         for coordinator in self.coordinators:

@@ -22,6 +22,7 @@ import click
 from clients import MeshError
 from common import logs
 from common.etcd import EtcdAccessError
+from common.package import PREFIX
 from common.peer import generate_secret
 from meshctl import output
 from meshctl.context import Settings, add_late_options, run, settings
@@ -43,11 +44,14 @@ $MESH_TOKEN, if set, is sent as a bearer token on every call."""
 
 
 def version() -> str:
-    """The installed distribution's version; from a checkout, pyproject's + "checkout"."""
-    try:
-        return importlib.metadata.version("meshkit")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    """The installed distribution's version; from a checkout, pyproject's + "checkout"
+    (asked by package name, not metadata: a checkout's `make dist` leaves a
+    meshkit.egg-info beside the code, which would answer for the checkout)."""
+    if PREFIX:
+        try:
+            return importlib.metadata.version("meshkit")
+        except importlib.metadata.PackageNotFoundError:
+            return "0+unknown"
     try:
         with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
             return f"{tomllib.load(f)['project']['version']}+checkout"

@@ -77,6 +77,7 @@ class Writer:
     errors: list[BaseException] = field(default_factory=list)
     longest_outage: float = 0.0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _acked_more: asyncio.Event = field(default_factory=asyncio.Event)
     _running: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
@@ -96,12 +97,21 @@ class Writer:
                 await asyncio.sleep(0.05)
                 continue
             self.acked[key] = value
+            self._acked_more.set()
             if failing_since is not None:
                 self.longest_outage = max(self.longest_outage,
                                           time.monotonic() - failing_since)
                 failing_since = None
             if self.pause:
                 await asyncio.sleep(self.pause)
+
+    async def acked_at_least(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``count`` writes are acknowledged: a test's load phase is
+        counted, not timed, so a loaded machine makes it longer, not thinner."""
+        async with asyncio.timeout(timeout):
+            while len(self.acked) < count:
+                self._acked_more.clear()
+                await self._acked_more.wait()
 
     async def stop(self) -> None:
         self._stop.set()

@@ -24,6 +24,7 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
             writer = Writer(mesh)
             writer.start()
             await asyncio.sleep(0.5)
+            await writer.acked_at_least(30)
 
             etcd.stop()
             # Longer than every lease: primaries stop taking writes before their
@@ -38,6 +39,7 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
             nodes = ["node-1", "node-2", "node-3", fourth.node_id]
             table = await wait_settled(etcd.endpoint, "restart", nodes, timeout=60)
             await asyncio.sleep(0.5)
+            await writer.acked_at_least(len(writer.acked) + 30)
             await writer.stop()
 
             assert len(writer.acked) > 50

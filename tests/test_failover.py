@@ -47,6 +47,7 @@ async def test_sigkill_a_primary_under_writes_loses_nothing(
     writer = Writer(mesh)
     writer.start()
     await asyncio.sleep(1.0)
+    await writer.acked_at_least(60)
 
     victim.child.signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -54,6 +55,7 @@ async def test_sigkill_a_primary_under_writes_loses_nothing(
     print(f"\nwrites to the killed primary's slots succeeded again after {recovered:.2f} s "
           f"(lease TTL {LEASE_TTL} s)")
     await asyncio.sleep(1.0)
+    await writer.acked_at_least(len(writer.acked) + 60)
     await writer.stop()
 
     assert recovered <= LEASE_TTL + 2

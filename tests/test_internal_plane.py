@@ -328,6 +328,7 @@ async def test_the_replica_injection_attack_fails_and_failover_keeps_every_write
         survivors = [n.node_id for n in local.nodes[1:]]
         await wait_settled(local.etcd_endpoint, local.cluster, survivors, timeout=30)
         await asyncio.sleep(0.5)
+        await writer.acked_at_least(len(writer.acked) + 30)
         await writer.stop()
         assert await mesh.cache.get(key) == b"real"
         assert len(writer.acked) > 50

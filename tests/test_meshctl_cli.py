@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -37,6 +38,15 @@ def _ctl(etcd: str, cluster: str, *args: str, env: dict[str, str] | None = None,
          timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*MESHCTL, "--etcd", etcd, "--cluster", cluster, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _run_all(commands: list[list[str]], timeout: float = 30
+             ) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent commands at once (most of their time is waiting on a
+    timeout) and return their results in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda argv: subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout), commands))
 
 
 class Up:
@@ -105,10 +115,10 @@ def test_version_and_usage_errors() -> None:
     helped = subprocess.run([*MESHCTL, "--help"], capture_output=True, text=True, timeout=30)
     assert helped.returncode == 0 and "Exit codes:" in helped.stdout
     assert "MESH_ETCD_ENDPOINTS" in helped.stdout and "default: 5.0" in helped.stdout
-    for args in (["topology", "--bogus"], ["--output", "yaml", "status"], ["drain"],
-                 ["--etcd", "bogus", "status"], ["--etcd", "bogus:xx", "topology"],
-                 ["nosuchcommand"], ["--log-level", "loud", "status"]):
-        result = subprocess.run([*MESHCTL, *args], capture_output=True, text=True, timeout=30)
+    usage = (["topology", "--bogus"], ["--output", "yaml", "status"], ["drain"],
+             ["--etcd", "bogus", "status"], ["--etcd", "bogus:xx", "topology"],
+             ["nosuchcommand"], ["--log-level", "loud", "status"])
+    for args, result in zip(usage, _run_all([[*MESHCTL, *a] for a in usage]), strict=True):
         assert result.returncode == 2, (args, result.stderr)
         _clean_error(result)
 
@@ -116,22 +126,22 @@ def test_version_and_usage_errors() -> None:
 @pytest.mark.timeout(60)
 def test_unreachable_etcd_is_exit_3_in_one_line() -> None:
     nobody = f"127.0.0.1:{free_port()}"
-    for args in (["status"], ["topology"], ["-o", "json", "topology"], ["cache", "get", "k"],
-                 ["lock", "describe", "l"], ["jobs", "stats", "q"], ["drain", "node-1"]):
-        result = _ctl(nobody, "nowhere", "--timeout", "1", *args, timeout=30)
+    reads = (["status"], ["topology"], ["-o", "json", "topology"], ["cache", "get", "k"],
+             ["lock", "describe", "l"], ["jobs", "stats", "q"], ["drain", "node-1"])
+    *results, unreachable, as_json, coordinator = _run_all([
+        *([*MESHCTL, "--etcd", nobody, "--cluster", "nowhere", "--timeout", "1", *a]
+          for a in reads),
+        [*MESHCTL, "health", nobody],
+        [*MESHCTL, "health", nobody, "-o", "json"],
+        # The server processes say it the same way.
+        [sys.executable, "-m", "coordinator", "--etcd", nobody, "--log-format", "json"],
+    ])
+    for args, result in zip(reads, results, strict=True):
         assert result.returncode == 3, (args, result.stdout, result.stderr)
         assert "check --etcd" in _clean_error(result)
-    unreachable = subprocess.run([*MESHCTL, "health", nobody], capture_output=True, text=True,
-                                 timeout=30)
     assert unreachable.returncode == 3
     _clean_error(unreachable)
-    assert json.loads(subprocess.run(
-        [*MESHCTL, "health", nobody, "-o", "json"], capture_output=True, text=True,
-        timeout=30).stdout)["status"] == "UNREACHABLE"
-    # The server processes say it the same way.
-    coordinator = subprocess.run(
-        [sys.executable, "-m", "coordinator", "--etcd", nobody, "--log-format", "json"],
-        capture_output=True, text=True, timeout=30)
+    assert json.loads(as_json.stdout)["status"] == "UNREACHABLE"
     assert coordinator.returncode == 3
     assert "cannot reach etcd" in _clean_error(coordinator)
 

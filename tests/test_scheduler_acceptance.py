@@ -192,11 +192,12 @@ async def test_sigkill_a_primary_under_load_loses_no_acknowledged_job(mesh3: Any
                and g.primary == victim.node_id for q in queues)
     acked: set[str] = set()
     processed: collections.Counter[str] = collections.Counter()
-    stop_enqueue, stop_work = asyncio.Event(), asyncio.Event()
+    stop_enqueue, stop_work, acked_more = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def enqueuer() -> None:
         while not stop_enqueue.is_set():
             acked.add((await nodes.enqueue(random.choice(queues))).job_id)
+            acked_more.set()
 
     async def complete(job: pb.ClaimedJob) -> None:
         request = pb.CompleteRequest(job_id=job.job_id, lease_token=job.lease_token)
@@ -212,14 +213,23 @@ async def test_sigkill_a_primary_under_load_loses_no_acknowledged_job(mesh3: Any
                 processed[job.job_id] += 1
                 await complete(job)
 
+    async def acked_at_least(count: int) -> None:
+        # Counted, not timed: a loaded machine enqueues slower, not fewer.
+        async with asyncio.timeout(30):
+            while len(acked) < count:
+                acked_more.clear()
+                await acked_more.wait()
+
     enqueuers = [asyncio.create_task(enqueuer()) for _ in range(4)]
     working = [asyncio.create_task(worker(q)) for q in queues]
     try:
         await asyncio.sleep(1.0)
+        await acked_at_least(60)
         victim.child.signal(signal.SIGKILL)
         await wait_for_map(local.etcd_endpoint, local.cluster,
                            lambda t: victim.node_id not in t.addresses, 30, "victim gone")
         await asyncio.sleep(1.5)
+        await acked_at_least(len(acked) + 60)
         stop_enqueue.set()
         await asyncio.gather(*enqueuers)
         async with asyncio.timeout(60):  # every acknowledged job completes
