@@ -1,17 +1,18 @@
 """The `meshkit` distribution: build it, install it into fresh virtualenvs, run it.
 
-The sdist and the wheel are built once, as `make dist` builds them. Two fresh
+The sdist and the wheel are built once, as `make dist` builds them. Three fresh
 virtualenvs (Python alone; pip installs into them from outside, see `_venv`)
-then install meshkit the two ways a user does, each build generating the
+then install meshkit the three ways a user does, each build generating the
 protobuf code from protos/ itself:
 
-- `pip install <sdist>`: the client alone (the base install);
+- `pip install <sdist>` and `pip install <wheel>`: the client alone (the base
+  install), one virtualenv each;
 - `pip install 'meshkit[server] @ git+file://<repo>'`: the server, from the
   repository's HEAD (CI runs on a fresh clone, so HEAD is what it tests).
 
 Against the session's etcd, a coordinator (`meshkit-coordinator`) and a node
 (`python -m meshkit.nodes`) run from the server venv, in a directory outside
-the checkout; a script in the client venv sets a cache key through `from
+the checkout; a script in each client venv sets a cache key through `from
 meshkit import Mesh` and reads it back; and the installed `meshctl` keeps its
 exit codes (0 ok, 2 usage, 3 unreachable: tests/test_meshctl_cli.py) and prints
 JSON with `--output json`.
@@ -54,11 +55,13 @@ INSTALL_TIMEOUT = 240.0
 
 @dataclass(frozen=True)
 class Installed:
-    """The built distributions and the two virtualenvs that installed them."""
+    """The built distributions and the three virtualenvs that installed them."""
 
     dist: Path
     client: Path
     """bin/ of the venv with the sdist, base install."""
+    wheel_client: Path
+    """bin/ of the venv with the wheel, base install."""
     server: Path
     """bin/ of the venv with meshkit[server] from git+file://."""
     work: Path
@@ -109,15 +112,16 @@ def _venv(path: Path, requirement: str | Path) -> Path:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """Build the sdist and wheel (`make dist`) while the git install runs, then install
-    the sdist."""
+    the sdist and the wheel."""
     work = tmp_path_factory.mktemp("packaging")
     dist = work / "dist"
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         server = pool.submit(_venv, work / "venv-git",
                              f"meshkit[server] @ git+file://{ROOT}")
         _run([sys.executable, "-m", "build", "--outdir", dist, ROOT], timeout=INSTALL_TIMEOUT)
         client = pool.submit(_venv, work / "venv-sdist", next(dist.glob("*.tar.gz")))
-        return Installed(dist, client.result(), server.result(), work)
+        wheel = pool.submit(_venv, work / "venv-wheel", next(dist.glob("*.whl")))
+        return Installed(dist, client.result(), wheel.result(), server.result(), work)
 
 
 def _python(bin_dir: Path, code: str, *args: str, cwd: Path) -> Any:
@@ -176,15 +180,15 @@ def test_sdist_carries_sources_not_generated_code(installed: Installed) -> None:
 
 # --- the installs --------------------------------------------------------------------
 
-def test_client_install_from_sdist(installed: Installed) -> None:
-    """`from meshkit import Mesh` from the sdist's install, its generated code with it,
-    and no server dependency (PyJWT included) came along."""
-    venv = installed.client.parent
-    where = _python(installed.client, _WHERE + "from meshkit import Mesh\n"
-                    "import meshkit.api.cache.v1.cache_pb2\n",
-                    "meshkit", *SERVER_ONLY, cwd=installed.work)
-    _assert_installed(where, venv)
-    assert where["server_only"] == [], where["server_only"]
+def test_client_installs_from_sdist_and_wheel(installed: Installed) -> None:
+    """`from meshkit import Mesh` from the sdist's install and from the wheel's, the
+    generated code with it, and no server dependency (PyJWT included) came along."""
+    for client in (installed.client, installed.wheel_client):
+        where = _python(client, _WHERE + "from meshkit import Mesh\n"
+                        "import meshkit.api.cache.v1.cache_pb2\n",
+                        "meshkit", *SERVER_ONLY, cwd=installed.work)
+        _assert_installed(where, client.parent)
+        assert where["server_only"] == [], (client, where["server_only"])
 
 
 def test_server_install_from_git(installed: Installed) -> None:
@@ -308,7 +312,7 @@ def children(installed: Installed) -> Iterator[_Children]:
 def test_installed_mesh_round_trip(installed: Installed, etcd: Etcd,
                                    children: _Children) -> None:
     """A coordinator and a node from the server venv; `meshctl -o json status` says the
-    node serves; the client venv sets a key and reads it back."""
+    node serves; each client venv (sdist, wheel) sets a key and reads it back."""
     cluster = f"pkg{os.getpid()}"
     secret = installed.work / "cluster-secret"
     secret.touch(mode=0o600)
@@ -346,7 +350,9 @@ def test_installed_mesh_round_trip(installed: Installed, etcd: Etcd,
         ("node-pkg", address, "SERVING")], status
     assert status["coordinator_error"] is None, status
 
-    reply = _python(installed.client, _ROUND_TRIP, etcd.endpoint, cluster, "hello, installed",
-                    cwd=installed.work)
-    assert reply["value"] == "hello, installed" and reply["version"] >= 1, reply
-    _assert_installed({**reply, "checkout": []}, installed.client.parent)
+    for client in (installed.client, installed.wheel_client):
+        greeting = f"hello from {client.parent.name}"
+        reply = _python(client, _ROUND_TRIP, etcd.endpoint, cluster, greeting,
+                        cwd=installed.work)
+        assert reply["value"] == greeting and reply["version"] >= 1, reply
+        _assert_installed({**reply, "checkout": []}, client.parent)
