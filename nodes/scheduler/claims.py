@@ -66,7 +66,8 @@ def claim(sources: Sequence[Source], worker_id: str, max_jobs: int, lease_ns: in
           ) -> list[Claimed]:
     """Lease up to ``max_jobs`` ready jobs to ``worker_id``."""
     picked = pick(sources, max_jobs, now)
-    return [machine.lease(jobs, worker_id, lease_ns) for machine, jobs in picked.items()]
+    return [machine.decisions.lease(jobs, worker_id, lease_ns)
+            for machine, jobs in picked.items()]
 
 
 @dataclass(eq=False)

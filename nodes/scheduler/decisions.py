@@ -1,4 +1,4 @@
-"""The primary's decisions for each request (part of `SchedulerMachine`).
+"""The primary's decisions for each request (`SchedulerMachine.decisions`).
 
 Each decision checks the request against the state and proposes its command
 (`SchedulerMachine.propose`) with no await in between, so two requests never
@@ -24,11 +24,9 @@ from nodes.scheduler.model import DEAD, LEASED, WAITING, Job, Schedule
 from nodes.scheduler.state import lease_token
 
 if TYPE_CHECKING:
-    from common.clock import Clock
-    from nodes.config import SchedulerLimits
     from nodes.replication.group import Group, Proposal
     from nodes.scheduler.leader import Leader
-    from nodes.scheduler.state import SchedulerState
+    from nodes.scheduler.machine import SchedulerMachine
 
 __all__ = ["Decisions", "Enqueued", "Failed"]
 
@@ -53,18 +51,26 @@ class Failed:
 
 
 class Decisions:
-    """Request decisions; mixed into `SchedulerMachine`."""
+    """The request decisions of one group's primary. They read the machine's state
+    and change it only by proposing commands, which `SchedulerMachine.apply` runs."""
 
-    state: SchedulerState
-    limits: SchedulerLimits
-    clock: Clock
-    leader: Leader | None
+    def __init__(self, machine: SchedulerMachine) -> None:
+        self._machine = machine
+        self.state = machine.state  # read only here; `apply` is its one writer
+        self.limits = machine.limits
+        self.clock = machine.clock
 
-    if TYPE_CHECKING:
-        @property
-        def group(self) -> Group: ...
+    @property
+    def group(self) -> Group:
+        return self._machine.group
 
-        def propose(self, queue: str, command: spb.SchedulerCommand) -> Proposal: ...
+    @property
+    def leader(self) -> Leader | None:
+        """The group's timers and long polls, while this node leads it."""
+        return self._machine.leader
+
+    def propose(self, queue: str, command: spb.SchedulerCommand) -> Proposal:
+        return self._machine.propose(queue, command)
 
     # -- jobs --------------------------------------------------------------------
 
@@ -89,7 +95,7 @@ class Decisions:
         proposal = self.propose(jobs[0].queue, spb.SchedulerCommand(lease=spb.LeaseJobs(
             job_ids=[job.job_id for job in jobs], worker_id=worker_id, lease_ns=lease_ns)))
         seq = proposal.seq
-        return Claimed(self, seq, proposal.result, lease_token(self.group.epoch, seq))  # type: ignore[arg-type]
+        return Claimed(self._machine, seq, proposal.result, lease_token(self.group.epoch, seq))
 
     def abandon(self, claimed: Claimed) -> None:
         """A Claim call went away before its answer: put its jobs back at once."""

@@ -40,8 +40,9 @@ CHUNK_BYTES = 1 << 20
 Applier = Callable[["SchedulerMachine", Any, int, int, int], Applied]
 
 
-class SchedulerMachine(Decisions):
-    """The scheduler of one group on this node."""
+class SchedulerMachine:
+    """The scheduler of one group on this node: the replicated state and `apply`;
+    the primary's request decisions are `decisions`, its timers `leader`."""
 
     service = SCHEDULER
     durable = True
@@ -56,6 +57,7 @@ class SchedulerMachine(Decisions):
         self.leader: Leader | None = None
         if group.restored:  # read back from disk at start-up
             self._storage.load(journal, self.state, 0)
+        self.decisions = Decisions(self)
 
     @property
     def group(self) -> Group:

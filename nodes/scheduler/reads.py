@@ -48,12 +48,12 @@ async def _settled_job(group: Group, job_id: str) -> Job:
     """The job once its latest change is committed (a few tries under constant
     change; then as it is)."""
     machine = _machine(group)
-    job = machine.job(job_id)
+    job = machine.decisions.job(job_id)
     for _ in range(_SETTLE_TRIES):
         if job.seq <= group.commit_seq:
             break
         await group.wait_committed(job.seq)
-        job = machine.job(job_id)
+        job = machine.decisions.job(job_id)
     return job
 
 

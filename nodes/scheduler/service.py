@@ -139,7 +139,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         now = self.clock.wall_ns()
         spec = v.job_spec(request, self.limits, now)
         spec.queue = scoped(spec.queue)
-        result = machine_of(group).enqueue(spec, request.strict_unique, now)
+        result = machine_of(group).decisions.enqueue(spec, request.strict_unique, now)
         job = result.job
         response = pb.EnqueueResponse(
             job_id=job.job_id, duplicate=result.duplicate,
@@ -181,7 +181,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 await c.machine.group.wait_committed(c.seq)
         except asyncio.CancelledError:
             for c in claimed:
-                c.machine.abandon(c)
+                c.machine.decisions.abandon(c)
             raise
         return pb.ClaimResponse(jobs=jobs)
 
@@ -203,7 +203,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             waiter.leave()
             if future.done() and not future.cancelled() and future.exception() is None:
                 for c in future.result():
-                    c.machine.abandon(c)
+                    c.machine.decisions.abandon(c)
             raise
         if not future.done():
             waiter.leave()
@@ -216,7 +216,8 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         v.check_job_id(request.job_id)
         extend = v.lease_ns(request.extend, self.limits, "extend")
         own(group, request.job_id)
-        job, seq = machine_of(group).heartbeat(request.job_id, request.lease_token, extend)
+        decide = machine_of(group).decisions
+        job, seq = decide.heartbeat(request.job_id, request.lease_token, extend)
         response = pb.HeartbeatResponse(lease_expire_time=timestamp(job.lease_expire_ns))
         await group.wait_committed(seq)
         return response
@@ -229,7 +230,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             raise invalid_argument("result", f"is {len(request.result)} bytes; the limit "
                                                f"is {self.limits.max_payload_bytes}")
         own(group, request.job_id)
-        finish_ns, seq = machine_of(group).complete(request.job_id, request.lease_token,
+        finish_ns, seq = machine_of(group).decisions.complete(request.job_id, request.lease_token,
                                                      request.result)
         await group.wait_committed(seq)
         return pb.CompleteResponse(finish_time=timestamp(finish_ns))
@@ -241,7 +242,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         retry_delay = duration_ns("retry_delay", request.retry_delay) \
             if request.HasField("retry_delay") else None
         own(group, request.job_id)
-        failed = machine_of(group).fail(request.job_id, request.lease_token,
+        failed = machine_of(group).decisions.fail(request.job_id, request.lease_token,
                                          v.error_text(request.error), request.retryable,
                                          retry_delay)
         await group.wait_committed(failed.seq)
@@ -258,7 +259,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                      group: Group) -> pb.CancelResponse:
         v.check_job_id(request.job_id)
         own(group, request.job_id)
-        cancelled, job, seq = machine_of(group).cancel(request.job_id)
+        cancelled, job, seq = machine_of(group).decisions.cancel(request.job_id)
         now = self.clock.wall_ns()
         response = pb.CancelResponse(cancelled=cancelled,
                                      state=shown_state(job.state, job.run_ns, now))
@@ -272,7 +273,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                                  group: Group) -> pb.RequeueDeadLettersResponse:
         v.check_name(request.queue, "queue")
         v.check_ids(request.job_ids)
-        requeued, remaining, seq = machine_of(group).requeue(scoped(request.queue),
+        requeued, remaining, seq = machine_of(group).decisions.requeue(scoped(request.queue),
                                                               request.job_ids)
         await group.wait_committed(seq)
         return pb.RequeueDeadLettersResponse(requeued=requeued, remaining=remaining)
@@ -284,7 +285,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         v.check_ids(request.job_ids)
         if request.all and request.job_ids:
             raise invalid_argument("job_ids", "must be empty when all is true")
-        purged, remaining, seq = machine_of(group).purge(scoped(request.queue),
+        purged, remaining, seq = machine_of(group).decisions.purge(scoped(request.queue),
                                                           request.job_ids, request.all)
         await group.wait_committed(seq)
         return pb.PurgeDeadLettersResponse(purged=purged, remaining=remaining)
@@ -296,7 +297,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                              group: Group) -> pb.CreateScheduleResponse:
         record = v.cron_spec(request, self.limits, self.clock.wall_ns())
         record.queue = scoped(record.queue)
-        schedule, seq = machine_of(group).put_schedule(record, request.replace)
+        schedule, seq = machine_of(group).decisions.put_schedule(record, request.replace)
         response = pb.CreateScheduleResponse(schedule=schedule_view(schedule))
         await group.wait_committed(seq)
         return response
@@ -306,7 +307,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                              group: Group) -> pb.DeleteScheduleResponse:
         v.check_name(request.queue, "queue")
         v.check_name(request.schedule_id, "schedule_id")
-        deleted, seq = machine_of(group).remove_schedule(scoped(request.queue),
+        deleted, seq = machine_of(group).decisions.remove_schedule(scoped(request.queue),
                                                           request.schedule_id)
         await group.wait_committed(seq)
         return pb.DeleteScheduleResponse(deleted=deleted)

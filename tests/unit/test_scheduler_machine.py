@@ -61,7 +61,7 @@ def _enqueue(m: SchedulerMachine, queue: str = "q", strict: bool = False, **fiel
              ) -> str:
     now = m.clock.wall_ns()
     spec = v.job_spec(pb.EnqueueRequest(queue=queue, type="t", **fields), LIMITS, now)
-    return m.enqueue(spec, strict, now).job.job_id
+    return m.decisions.enqueue(spec, strict, now).job.job_id
 
 
 def _claim(m: SchedulerMachine, *queues: str, n: int = 1, lease: float = 30,
@@ -120,25 +120,25 @@ def test_tokens_are_checked_and_a_repeated_complete_or_fail_gets_the_same_answer
     _, token = _one(m)
     for wrong in (token - 1, token + 1, 0):
         with pytest.raises(ServiceError) as exc:
-            m.complete(job_id, wrong, b"")
+            m.decisions.complete(job_id, wrong, b"")
         assert (exc.value.code, exc.value.reason.value) == (
             grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
         assert exc.value.metadata["state"] == "JOB_STATE_LEASED"
-    job, _ = m.heartbeat(job_id, token, 60 * S)
+    job, _ = m.decisions.heartbeat(job_id, token, 60 * S)
     assert job.lease_ns == 60 * S
-    finish, seq = m.complete(job_id, token, b"ok")
-    assert m.complete(job_id, token, b"ok") == (finish, seq)
+    finish, seq = m.decisions.complete(job_id, token, b"ok")
+    assert m.decisions.complete(job_id, token, b"ok") == (finish, seq)
     with pytest.raises(ServiceError):
-        m.heartbeat(job_id, token, None)
+        m.decisions.heartbeat(job_id, token, None)
     with pytest.raises(ServiceError) as exc:
-        m.fail(job_id, token, "late", True, None)
+        m.decisions.fail(job_id, token, "late", True, None)
     assert exc.value.metadata["state"] == "JOB_STATE_SUCCEEDED"
     other = _enqueue(m)
     _, token = _one(m)
-    failed = m.fail(other, token, "e", True, None)
-    assert m.fail(other, token, "e", True, None) == failed
+    failed = m.decisions.fail(other, token, "e", True, None)
+    assert m.decisions.fail(other, token, "e", True, None) == failed
     with pytest.raises(ServiceError) as exc:
-        m.complete("{q}9-9", 1, b"")
+        m.decisions.complete("{q}9-9", 1, b"")
     assert exc.value.reason.value == "JOB_NOT_FOUND"
 
 
@@ -162,21 +162,21 @@ def test_failures_retry_with_backoff_then_die_and_requeue_resets_the_budget() ->
         start = m.clock.wall_ns()
         _, token = _one(m, now=start + 10 * S)
         assert job.attempt_count == attempt
-        failed = m.fail(job_id, token, f"e{attempt}", True, None)
+        failed = m.decisions.fail(job_id, token, f"e{attempt}", True, None)
         assert failed.state == WAITING and failed.attempts == attempt
         delays.append(failed.run_ns - start)
     assert 0.1 * S <= delays[0] < 0.11 * S and 0.2 * S <= delays[1] < 0.21 * S
     _, token = _one(m, now=m.clock.wall_ns() + 10 * S)
-    assert m.fail(job_id, token, "e3", True, None).state == DEAD
+    assert m.decisions.fail(job_id, token, "e3", True, None).state == DEAD
     queue = m.state.queues["q"]
     assert queue.dead == [(job.finish_ns, job_id)] and queue.totals.failed_attempts == 3
     assert (job.last_error, [a.number for a in job.attempts]) == ("e3", [1, 2, 3])
-    assert m.requeue("q", [])[:2] == (1, 0)
+    assert m.decisions.requeue("q", [])[:2] == (1, 0)
     assert job.state == WAITING and job.attempt_count == 0 and not queue.dead
     _, token = _one(m)
-    assert m.fail(job_id, token, "fatal", False, None).state == DEAD  # not retryable
-    assert m.purge("q", [], False)[:2] == (0, 1)
-    assert m.purge("q", [job_id, "nope"], False)[:2] == (1, 0)
+    assert m.decisions.fail(job_id, token, "fatal", False, None).state == DEAD  # not retryable
+    assert m.decisions.purge("q", [], False)[:2] == (0, 1)
+    assert m.decisions.purge("q", [job_id, "nope"], False)[:2] == (1, 0)
     assert job_id not in m.state.jobs
 
 
@@ -225,7 +225,7 @@ def test_a_late_complete_after_the_deadline_is_refused_and_expires_the_lease() -
     _, token = _one(m, lease=1)
     job.lease_expire_ns = m.clock.wall_ns() - 1  # its timer has not run yet
     with pytest.raises(ServiceError) as exc:
-        m.complete(job_id, token, b"")
+        m.decisions.complete(job_id, token, b"")
     assert exc.value.reason.value == "LEASE_LOST"
     assert job.state == WAITING and job.lease_losses == 1
 
@@ -234,7 +234,7 @@ def test_an_abandoned_claim_puts_its_jobs_back_uncounted() -> None:
     m = _machine(_group(FakeJournal()))
     first, second = _enqueue(m), _enqueue(m)
     (claimed,) = _claim(m, n=2)
-    m.abandon(claimed)
+    m.decisions.abandon(claimed)
     jobs = m.state.jobs
     assert jobs[first].state == jobs[second].state == WAITING
     assert jobs[first].attempt_count == 0 and jobs[first].lease_losses == 0
@@ -252,10 +252,10 @@ def test_unique_keys() -> None:
         grpc.StatusCode.ALREADY_EXISTS, first)
     assert _enqueue(m, "other", unique_key="k") != first  # per queue
     _, token = _one(m)
-    m.complete(first, token, b"")
+    m.decisions.complete(first, token, b"")
     second = _enqueue(m, unique_key="k", strict=True)
     assert second != first
-    m.cancel(second)
+    m.decisions.cancel(second)
     third = _enqueue(m, unique_key="k", unique_ttl={"seconds": 1})
     job = m.state.jobs[third]
     job.unique_expire_ns = m.clock.wall_ns() - 1  # the ttl passed
@@ -285,9 +285,9 @@ def test_a_new_primary_gives_running_leases_a_full_lease_and_higher_tokens() -> 
     r = _machine(replica)
     job = r.state.jobs[job_id]
     assert job.lease_expire_ns >= promoted + 5 * S
-    finish, _ = r.complete(job_id, token, b"")  # the worker's token still works
+    finish, _ = r.decisions.complete(job_id, token, b"")  # the worker's token still works
     assert finish and job.state == SUCCEEDED
-    r.requeue("q", [])
+    r.decisions.requeue("q", [])
     other = _enqueue(r)
     _, token2 = _one(r)
     assert token2 >> EPOCH_SHIFT == 2 and token2 > token
@@ -353,7 +353,7 @@ def test_cron_fires_each_tick_once_with_catch_up_capped() -> None:
                                        template=pb.JobTemplate(type="tick", unique_key=""))
     record = v.cron_spec(request, limits, now)
     assert record.next_fire_ns == now + S
-    schedule, _ = m.put_schedule(record, False)
+    schedule, _ = m.decisions.put_schedule(record, False)
     leader = _leader(m)
     leader.run_due(now + S)
     leader.run_due(now + S)  # the same tick again: nothing
@@ -378,7 +378,7 @@ def test_cron_skips_a_tick_while_its_unique_key_is_held() -> None:
     now = (m.clock.wall_ns() // S) * S
     request = pb.CreateScheduleRequest(queue="q", schedule_id="s", cron="* * * * * *",
                                        template=pb.JobTemplate(type="t", unique_key="one"))
-    schedule, _ = m.put_schedule(v.cron_spec(request, LIMITS, now), False)
+    schedule, _ = m.decisions.put_schedule(v.cron_spec(request, LIMITS, now), False)
     _leader(m).run_due(now + S)
     _leader(m).run_due(now + 2 * S)
     assert (schedule.record.fired_total, schedule.record.skipped_total) == (1, 1)
@@ -389,10 +389,10 @@ def test_retention_sweep_removes_finished_jobs() -> None:
     m = _machine(_group(FakeJournal()))
     done = _enqueue(m, retention={"seconds": 10})
     _, token = _one(m)
-    m.complete(done, token, b"")
+    m.decisions.complete(done, token, b"")
     dead = _enqueue(m)
     _, token = _one(m)
-    m.fail(dead, token, "", False, None)
+    m.decisions.fail(dead, token, "", False, None)
     kept = _enqueue(m)
     leader = _leader(m)
     assert leader.sweep(m.clock.wall_ns()) == 0
@@ -409,9 +409,9 @@ def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPa
         _enqueue(m, f"q{i % 3}", payload=b"x" * 500, priority=i % 10, unique_key=f"u{i}")
     _enqueue(m, "q0", delay={"seconds": 30})
     claimed = _claim(m, "q0", "q1", n=5)
-    m.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"r")
-    m.fail(claimed[0].jobs[1].job_id, claimed[0].token, "boom", False, None)
-    m.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
+    m.decisions.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"r")
+    m.decisions.fail(claimed[0].jobs[1].job_id, claimed[0].token, "boom", False, None)
+    m.decisions.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
         queue="q2", schedule_id="s", cron="@hourly", template=pb.JobTemplate(type="t")),
         LIMITS, m.clock.wall_ns()), False)
     chunks = m.snapshot()
@@ -440,13 +440,13 @@ async def test_a_restarted_node_reads_its_jobs_back(tmp_path: Path) -> None:
     ids = [_enqueue(m, priority=i, unique_key=f"k{i}") for i in range(5)]
     _enqueue(m, delay={"seconds": 60})
     claimed = _claim(m, n=2)
-    m.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"done")
-    m.fail(claimed[0].jobs[1].job_id, claimed[0].token, "x", False, None)
-    m.cancel(ids[0])
-    m.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
+    m.decisions.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"done")
+    m.decisions.fail(claimed[0].jobs[1].job_id, claimed[0].token, "x", False, None)
+    m.decisions.cancel(ids[0])
+    m.decisions.put_schedule(v.cron_spec(pb.CreateScheduleRequest(
         queue="q", schedule_id="s", cron="0 0 * * * *", template=pb.JobTemplate(type="t")),
         LIMITS, m.clock.wall_ns()), False)
-    m.purge("q", [], True)
+    m.decisions.purge("q", [], True)
     await asyncio.wait_for(group.wait_committed(group.log.last_seq), 5)
     await journal.close()
 
