@@ -71,8 +71,10 @@ class Writer:
     mesh: Mesh
     tasks: int = 4
     prefix: str = "w"
-    pause: float = 0.0
-    """Seconds between a loop's calls (a steady load rather than all it can do)."""
+    pause: float = 0.005
+    """Seconds between a loop's calls: a steady load (hundreds of writes a second,
+    four always in flight or about to be) rather than all the CPU it can take,
+    which only slows the other tests running beside it."""
     acked: dict[str, bytes] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     longest_outage: float = 0.0
