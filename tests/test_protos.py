@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import json
 import subprocess
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from google.protobuf import descriptor_pb2
@@ -49,17 +51,27 @@ def test_installed_buf_is_the_pinned_one() -> None:
         f"buf {result.stdout.strip()} is installed, tools/buf pins {pinned}: run `make setup`")
 
 
+def _generate_tool() -> ModuleType:
+    """tools/generate.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_generate", ROOT / "tools" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def descriptors() -> dict[str, descriptor_pb2.FileDescriptorProto]:
     """Every proto under protos/, parsed from source by grpc_tools' protoc."""
-    import grpc_tools
     from grpc_tools import protoc
 
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    generate = _generate_tool()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "protos.binpb"
-        args = ["protoc", f"-I{PROTOS}", f"-I{well_known}", f"--descriptor_set_out={out}",
-                *PROTO_FILES]
+        # The include path tools/generate.py gives protoc (the googleapis files the
+        # HTTP rules import are copied into the temporary folder).
+        includes = [f"-I{path}" for path in generate.include_paths(Path(tmp))]
+        args = ["protoc", *includes, f"--descriptor_set_out={out}", *PROTO_FILES]
         assert protoc.main(args) == 0, "protoc could not parse the protos"
         files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
     return {f.name: f for f in files}

@@ -1,7 +1,7 @@
 """Rewrite the checkout's top-level imports for the installed `meshkit` package.
 
 In the checkout the code imports `clients`, `common`, `nodes`, `coordinator`,
-`meshctl` and `mesh` (generated); in the distribution they all live under
+`meshctl`, `gateway` and `mesh` (generated); in the distribution they all live under
 `meshkit` (clients/ becomes `meshkit` itself). The build rewrites only the
 statement heads `import X...` and `from X... import`, so strings, relative
 imports and look-alike names (`meshctl_x`) stay as they are.
@@ -18,6 +18,7 @@ MAPPING: dict[str, str] = {
     "nodes": "meshkit.nodes",
     "coordinator": "meshkit.coordinator",
     "meshctl": "meshkit.meshctl",
+    "gateway": "meshkit.gateway",
     # Not `meshkit.mesh`: that is clients/mesh.py (the Mesh class) once installed.
     "mesh": "meshkit.api",
 }

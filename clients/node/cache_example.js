@@ -14,10 +14,14 @@ const address = process.argv[2] || process.env.MESH_NODE || '127.0.0.1:50051';
 const key = process.argv[3] || 'hello-from-node';
 const value = process.argv[4] || 'hi';
 
+// The googleapis files the protos import for their HTTP rules (google/api/annotations.proto),
+// copied there from the googleapis-common-protos package by `make generate`.
+const GOOGLEAPIS = path.join(__dirname, '..', '..', 'generated', 'protos');
+
 // Load the contract straight from the .proto (no code generation). The
 // google/protobuf well-known types it imports (Duration, Timestamp) ship with proto-loader.
 const packageDefinition = protoLoader.loadSync(path.join(PROTOS, 'mesh/cache/v1/cache.proto'),
-  { ...LOAD_OPTIONS, includeDirs: [PROTOS] });
+  { ...LOAD_OPTIONS, includeDirs: [PROTOS, GOOGLEAPIS] });
 const { CacheService } = grpc.loadPackageDefinition(packageDefinition).mesh.cache.v1;
 
 // Error details travel in the `grpc-status-details-bin` trailer as a google.rpc.Status.
