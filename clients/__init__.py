@@ -88,6 +88,10 @@ from clients.job_types import (
 from clients.lease import Lease
 from clients.lock import HolderInfo, LockClient, LockInfo, WaiterInfo
 from clients.mesh import Mesh
+from clients.notify import NotifyClient
+from clients.notify_subscription import NotifySubscription
+from clients.notify_types import ChannelState, InboxItem, Position, Publication
+from clients.presence import PresenceEvent, PresenceMember
 from clients.projection import ProjectionCheckpoint, ProjectionRunner, SqliteCheckpointStore
 from clients.scheduler import PurgeResult, RequeueResult, SchedulerClient
 from clients.worker import Worker, WorkerStats
@@ -105,6 +109,7 @@ __all__ = [
     "CacheEvent",
     "CancelResult",
     "CaughtUp",
+    "ChannelState",
     "Checkpoint",
     "ClaimedJob",
     "ConflictError",
@@ -120,6 +125,7 @@ __all__ = [
     "FailedPreconditionError",
     "FellBehind",
     "HolderInfo",
+    "InboxItem",
     "InternalError",
     "InvalidArgumentError",
     "Job",
@@ -142,10 +148,16 @@ __all__ = [
     "NoNodesError",
     "NodeStats",
     "NotFoundError",
+    "NotifyClient",
+    "NotifySubscription",
     "PermanentJobError",
     "PermissionDeniedError",
+    "Position",
+    "PresenceEvent",
+    "PresenceMember",
     "ProjectionCheckpoint",
     "ProjectionRunner",
+    "Publication",
     "PurgeResult",
     "QueueFullError",
     "QueueStats",

@@ -27,6 +27,7 @@ from clients.errors import (
 from clients.events import EventsClient
 from clients.lease import Lease, LostCallback
 from clients.lock import LockClient
+from clients.notify import NotifyClient
 from clients.router import Router, Target
 from clients.scheduler import SchedulerClient
 from common.auth import bearer
@@ -140,6 +141,7 @@ class Mesh:
         self.locks = LockClient(self)
         self.events = EventsClient(self)
         self.scheduler = SchedulerClient(self)
+        self.notify = NotifyClient(self)
 
     async def __aenter__(self) -> Mesh:
         await self.start()

@@ -41,6 +41,7 @@ from clients.event_types import (
 from clients.lease import Lease, LostCallback
 from clients.lock import LockInfo
 from clients.mesh import Mesh
+from clients.sync_notify import SyncNotify
 from clients.sync_scheduler import SyncScheduler
 
 T = TypeVar("T")
@@ -265,6 +266,7 @@ class SyncMesh:
         self.locks = SyncLocks(self._mesh, self._loop)
         self.events = SyncEvents(self._mesh, self._loop)
         self.scheduler = SyncScheduler(self._mesh, self._loop)
+        self.notify = SyncNotify(self._mesh, self._loop)
 
     @staticmethod
     async def _make(kwargs: dict[str, Any]) -> Mesh:

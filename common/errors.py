@@ -53,6 +53,8 @@ class Reason(enum.StrEnum):
     DUPLICATE_JOB = "DUPLICATE_JOB"
     QUEUE_FULL = "QUEUE_FULL"
     SCHEDULE_EXISTS = "SCHEDULE_EXISTS"
+    SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
+    """A subscription fell too far behind its channel; resume from the offset given."""
     # Cluster map and replication.
     NO_MAP = "NO_MAP"
     GROUP_UNAVAILABLE = "GROUP_UNAVAILABLE"
@@ -186,6 +188,7 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.DUPLICATE_JOB: grpc.StatusCode.ALREADY_EXISTS,
     Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.SCHEDULE_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.SUBSCRIBER_TOO_SLOW: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 """The status each reason a service may refuse with is answered with (the
 codes the protos document)."""

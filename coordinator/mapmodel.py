@@ -14,6 +14,7 @@ SERVICE_KINDS: Mapping[str, admin_pb2.ServiceKind.ValueType] = {
     "lock": admin_pb2.SERVICE_KIND_LOCK,
     "events": admin_pb2.SERVICE_KIND_EVENTS,
     "scheduler": admin_pb2.SERVICE_KIND_SCHEDULER,
+    "notify": admin_pb2.SERVICE_KIND_NOTIFY,
 }
 ELIGIBLE = (admin_pb2.NODE_STATE_JOINING, admin_pb2.NODE_STATE_ACTIVE)
 """Node states that may be given new roles."""

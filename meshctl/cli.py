@@ -1,6 +1,6 @@
 """The ``meshctl`` command line (click): every command, its flags and its exit codes.
 
-The commands' work lives beside it (`meshctl.admin`, `meshctl.jobs`,
+The commands' work lives beside it (`meshctl.admin`, `meshctl.jobs`, `meshctl.notify`,
 `meshctl.status`, `meshctl.health`, `meshctl.node`, `meshctl.up`); this module
 parses, runs and turns expected errors into one line on stderr and an exit code
 (`meshctl.output`).
@@ -27,6 +27,7 @@ from common.peer import generate_secret
 from meshctl import output
 from meshctl.context import Settings, add_late_options, run, settings
 from meshctl.jobs import jobs_group
+from meshctl.notify import notify_group
 
 EPILOG = """\b
 Exit codes:
@@ -379,6 +380,7 @@ def lock_describe(name: str) -> int:
 
 
 cli.add_command(jobs_group)
+cli.add_command(notify_group)
 add_late_options(cli)
 
 

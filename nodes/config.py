@@ -17,7 +17,7 @@ from common.tls import Tls
 from nodes.identity import IdentityError, claim
 from nodes.ratelimit import RateLimits
 
-SERVICES = ("cache", "lock", "events", "scheduler")
+SERVICES = ("cache", "lock", "events", "scheduler", "notify")
 DEFAULT_DATA_DIR = "mesh-data"
 """Relative to the working directory: a node started again where it was started
 before finds its id and its data."""
@@ -70,6 +70,36 @@ class EventsLimits:
     scavenge_interval: float = 5.0
     """Seconds between the primary's passes that remove events hidden by
     retention or deletion."""
+    heartbeat_interval: float = DEFAULT_HEARTBEAT
+    """Seconds a Subscribe stream may stay idle before a Heartbeat is sent (0: none)."""
+
+
+@dataclass(frozen=True)
+class NotifyLimits:
+    """Per-node notification settings (durations in seconds)."""
+
+    max_data_bytes: int = 256 << 10
+    """Largest payload of one publication or inbox notification."""
+    history_size: int = 100
+    """Entries a channel keeps when its publisher gives no size."""
+    history_ttl: float = 600.0
+    """How long a channel keeps an entry when its publisher gives no ttl."""
+    max_history_size: int = 10_000
+    max_history_ttl: float = 7 * 86400.0
+    inbox_size: int = 1000
+    """Notifications an inbox keeps when the sender gives no size."""
+    inbox_ttl: float = 7 * 86400.0
+    """How long an inbox keeps a notification when the sender gives no ttl."""
+    channel_lifetime: float = 86400.0
+    """An idle channel whose history is empty is forgotten after this long (its
+    next publication starts a new epoch)."""
+    subscriber_buffer: int = 1000
+    """Entries a subscription may be behind a channel's committed head before it
+    is ended (SUBSCRIBER_TOO_SLOW); a request may ask for fewer."""
+    max_subscriptions: int = 10_000
+    """Subscribe streams served at once by the node."""
+    trim_interval: float = 1.0
+    """Seconds between the primary's passes that remove entries past their ttl."""
     heartbeat_interval: float = DEFAULT_HEARTBEAT
     """Seconds a Subscribe stream may stay idle before a Heartbeat is sent (0: none)."""
 
@@ -153,6 +183,7 @@ class NodeConfig:
     lock: LockLimits = field(default_factory=LockLimits)
     events: EventsLimits = field(default_factory=EventsLimits)
     scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)
+    notify: NotifyLimits = field(default_factory=NotifyLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     log_level: str = "info"
     log_format: str = "text"
@@ -262,6 +293,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                         "the node sends a heartbeat (clients take a silent stream for dead "
                         "after 3); 0 = none (MESH_STREAM_HEARTBEAT_INTERVAL)")
     _scheduler_flags(p, d.scheduler)
+    _notify_flags(p, d.notify)
     _rate_limit_flags(p)
     p.add_argument("--plugins", default=env("PLUGINS", ""),
                    help="more services to offer, as comma-separated module:Class names of "
@@ -292,6 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
     if a.stream_heartbeat_interval < 0:
         p.error("--stream-heartbeat-interval must not be negative")
     scheduler = _scheduler_limits(p, a)
+    notify = _notify_limits(p, a)
     rate_limits = _rate_limits(p, a)
     peer_listen = a.peer_listen or f"{host_of(a.listen)}:0"
     # The peer port and /metrics are on the host the client port advertises,
@@ -361,6 +394,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
             heartbeat_interval=a.stream_heartbeat_interval,
         ),
         scheduler=scheduler,
+        notify=notify,
         rate_limits=rate_limits,
     )
 
@@ -478,3 +512,64 @@ def _tls(p: argparse.ArgumentParser, a: argparse.Namespace) -> Tls | None:
         return Tls.of(a.tls_cert, a.tls_key, a.tls_ca)
     except ValueError as exc:
         p.error(str(exc))
+
+
+def _notify_flags(p: argparse.ArgumentParser, nt: NotifyLimits) -> None:
+    def flag(name: str, kind: type[int] | type[float], default: float, help_: str) -> None:
+        env_name = "NOTIFY_" + name.upper().replace("-", "_")
+        p.add_argument(f"--notify-{name}", type=kind,
+                       default=kind(env(env_name, str(default))),
+                       help=f"{help_} (MESH_{env_name})")
+
+    flag("max-data-bytes", int, nt.max_data_bytes,
+         "largest payload of a publication or inbox notification")
+    flag("history-size", int, nt.history_size,
+         "entries a channel keeps when its publisher gives no size")
+    flag("history-ttl", float, nt.history_ttl,
+         "seconds a channel keeps an entry when its publisher gives no ttl")
+    flag("max-history-size", int, nt.max_history_size, "largest history size a publisher "
+         "may give (also bounds inbox sizes)")
+    flag("max-history-ttl", float, nt.max_history_ttl, "longest history ttl a publisher "
+         "may give, seconds (also bounds inbox ttls)")
+    flag("inbox-size", int, nt.inbox_size,
+         "notifications an inbox keeps when the sender gives no size")
+    flag("inbox-ttl", float, nt.inbox_ttl,
+         "seconds an inbox keeps a notification when the sender gives no ttl")
+    flag("channel-lifetime", float, nt.channel_lifetime,
+         "seconds after which an idle channel with an empty history is forgotten")
+    flag("subscriber-buffer", int, nt.subscriber_buffer,
+         "entries a subscription may lag behind a channel before it is ended")
+    flag("max-subscriptions", int, nt.max_subscriptions,
+         "Subscribe streams served at once")
+    flag("trim-interval", float, nt.trim_interval,
+         "seconds between removals of entries past their ttl")
+
+
+def _notify_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> NotifyLimits:
+    limits = NotifyLimits(
+        max_data_bytes=a.notify_max_data_bytes,
+        history_size=a.notify_history_size,
+        history_ttl=a.notify_history_ttl,
+        max_history_size=a.notify_max_history_size,
+        max_history_ttl=a.notify_max_history_ttl,
+        inbox_size=a.notify_inbox_size,
+        inbox_ttl=a.notify_inbox_ttl,
+        channel_lifetime=a.notify_channel_lifetime,
+        subscriber_buffer=a.notify_subscriber_buffer,
+        max_subscriptions=a.notify_max_subscriptions,
+        trim_interval=a.notify_trim_interval,
+        heartbeat_interval=a.stream_heartbeat_interval,
+    )
+    if not 1 <= limits.history_size <= limits.max_history_size \
+            or not 1 <= limits.inbox_size <= limits.max_history_size \
+            or not 0 < limits.history_ttl <= limits.max_history_ttl \
+            or not 0 < limits.inbox_ttl <= limits.max_history_ttl:
+        p.error("notify: need 1 <= --notify-history-size and --notify-inbox-size <= "
+                "--notify-max-history-size, and 0 < --notify-history-ttl and "
+                "--notify-inbox-ttl <= --notify-max-history-ttl")
+    if min(limits.max_data_bytes, limits.subscriber_buffer, limits.max_subscriptions) < 1 \
+            or limits.trim_interval <= 0 or limits.channel_lifetime <= 0:
+        p.error("notify: --notify-max-data-bytes, --notify-subscriber-buffer and "
+                "--notify-max-subscriptions must be at least 1, --notify-trim-interval "
+                "and --notify-channel-lifetime positive")
+    return limits

@@ -62,13 +62,14 @@ class Forwarder:
                 Reason.TOO_MANY_HOPS, {"slot": str(slot)})
         return target
 
-    def _call_args(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    def _call_args(self, context: grpc.aio.ServicerContext,
+                   fallback: float | None = _FALLBACK_TIMEOUT) -> dict[str, Any]:
         metadata = metadata_of(context)
         remaining = context.time_remaining()
         forwarded = [(HOPS_HEADER, str(_hops(metadata) + 1)), *self._signer.metadata()]
         if AUTH_HEADER in metadata:  # the owner authenticates the caller itself
             forwarded.append((AUTH_HEADER, metadata[AUTH_HEADER]))
-        return {"timeout": remaining if remaining is not None else _FALLBACK_TIMEOUT,
+        return {"timeout": remaining if remaining is not None else fallback,
                 "metadata": tuple(forwarded)}
 
     async def unary(self, target: Redirect, path: str, request: message.Message,
@@ -91,7 +92,9 @@ class Forwarder:
             path, request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString)
         try:
-            async for item in call(request, **self._call_args(context)):
+            # A stream is long-lived by nature (a subscription): without a
+            # deadline of the caller's, it has none here either.
+            async for item in call(request, **self._call_args(context, fallback=None)):
                 yield item
         except grpc.aio.AioRpcError as exc:
             raise ForwardedError(exc) from None

@@ -12,6 +12,7 @@ import importlib
 from nodes.cache.service import CacheService
 from nodes.events.service import EventsService
 from nodes.lock.service import LockService
+from nodes.notify.service import NotifyService
 from nodes.plugin import Service
 from nodes.scheduler.service import SchedulerService
 
@@ -22,6 +23,7 @@ SERVICES: dict[str, type[Service]] = {
     "lock": LockService,
     "events": EventsService,
     "scheduler": SchedulerService,
+    "notify": NotifyService,
 }
 
 

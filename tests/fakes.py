@@ -29,3 +29,6 @@ class FakeJournal:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return []
+
+    def create_tables(self, schema: str, tables: Sequence[str]) -> None:
+        """A service's tables: nothing to create, nothing is written."""

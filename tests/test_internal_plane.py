@@ -36,8 +36,8 @@ from tests.test_other_languages import grpcurl
 
 PUBLIC = {
     "mesh.cache.v1.CacheService", "mesh.lock.v1.LockService", "mesh.events.v1.EventsService",
-    "mesh.scheduler.v1.SchedulerService", "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
+    "mesh.scheduler.v1.SchedulerService", "mesh.notify.v1.NotifyService",
+    "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
 }
 
 

@@ -1,0 +1,1 @@
+"""Notifications: channels with a replicated history, per-user inboxes, presence."""
