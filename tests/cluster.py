@@ -63,6 +63,12 @@ async def wait_serving(addresses: Iterable[str], timeout: float = 10.0,
                 await asyncio.sleep(0.05)
 
 
+BACKGROUND = ["nice", "-n", "10"]
+"""Prefix for a test's CPU-heavy commands whose speed it does not judge (the
+bench smoke run, pip installs): when tests run side by side, the cores go first
+to those whose processes must answer within leases and timeouts."""
+
+
 @dataclass
 class Writer:
     """Concurrent Set loops on fresh keys; remembers every acknowledged write, every

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.cluster import BACKGROUND
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WORKLOADS = {
@@ -65,12 +67,12 @@ COMPARISONS = {
 QUICK_REBALANCE_KEYS = 2000
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     output = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [*BACKGROUND, sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert "| workload | Mesh | baseline | ratio |" in run.stdout

@@ -42,6 +42,7 @@ import pytest
 
 from common.localmesh import Etcd, free_port
 from common.peer import generate_secret
+from tests.cluster import BACKGROUND
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -105,8 +106,8 @@ def _venv(path: Path, requirement: str | Path) -> Path:
     # cwd outside the checkout: pip must find everything through the requirement.
     # --no-compile: byte-compiling every dependency costs seconds; what runs here
     # compiles on import.
-    _run([sys.executable, "-m", "pip", "--python", bin_dir / "python", "install", "--quiet",
-          "--no-compile", requirement], timeout=INSTALL_TIMEOUT, cwd=path)
+    _run([*BACKGROUND, sys.executable, "-m", "pip", "--python", bin_dir / "python",
+          "install", "--quiet", "--no-compile", requirement], timeout=INSTALL_TIMEOUT, cwd=path)
     return bin_dir
 
 
@@ -123,7 +124,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         # requirements: [dev]) rather than two more isolated ones: the git and sdist
         # installs build in pip's isolated environments, which is what proves
         # pyproject's [build-system] requirements.
-        _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, ROOT],
+        _run([*BACKGROUND, sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, ROOT],
              timeout=INSTALL_TIMEOUT)
         client = pool.submit(_venv, work / "venv-sdist", next(dist.glob("*.tar.gz")))
         wheel = pool.submit(_venv, work / "venv-wheel", next(dist.glob("*.whl")))
