@@ -57,13 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rebalance-keys", type=int, default=100_000,
                    help="keys the 3 nodes hold when a 4th joins (default 100000)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 0.1 s windows after 0.05 s warmups, one round, "
+                   help="smoke run: 0.2 s windows after 0.05 s warmups, one round, "
                         "one failover, 2000 keys to rebalance")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help=f"where to write the JSON results (default {DEFAULT_OUTPUT})")
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup, args.rounds = 0.1, 0.05, 1
+        args.seconds, args.warmup, args.rounds = 0.2, 0.05, 1
         args.failover_runs, args.rebalance_keys = 1, 2000
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
         p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")

@@ -33,10 +33,10 @@ def main(prog: str, description: str, run: Rows,
     p.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per workload")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 0.1 s windows after 0.05 s warmups, one round")
+                   help="smoke run: 0.2 s windows after 0.05 s warmups, one round")
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup, args.rounds = 0.1, 0.05, 1
+        args.seconds, args.warmup, args.rounds = 0.2, 0.05, 1
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
         p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as workdir, \

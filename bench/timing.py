@@ -19,6 +19,8 @@ from bench.progress import Progress
 Op = Callable[[], Awaitable[object]]
 
 _TICK = 0.1
+_EMPTY_WINDOW_LIMIT = 60.0
+"""Seconds a window may run past its end waiting for its first completed operation."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,13 @@ async def measure(workload: Workload, warmup: float, window: float,
         await _run_until(tasks, start + warmup, start, total, progress)
         first, t0 = completed, time.perf_counter()
         await _run_until(tasks, t0 + window, start, total, progress)
+        # A window in which nothing completed measures nothing (a tiny --quick
+        # window on a loaded machine): it goes on until one operation does.
+        while completed == first:
+            if time.perf_counter() - t0 > _EMPTY_WINDOW_LIMIT:
+                raise RuntimeError(f"no {progress.name} operation completed in "
+                                   f"{_EMPTY_WINDOW_LIMIT:g} s")
+            await _run_until(tasks, time.perf_counter() + _TICK, start, total, progress)
         last, t1 = completed, time.perf_counter()
     except BaseException:
         for task in tasks:

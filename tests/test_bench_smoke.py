@@ -4,7 +4,7 @@ Only the shape of results.json is checked: tests never assert speed. The quick
 run includes the cluster rows at tiny sizes (one failover, 2,000 keys to rebalance),
 the interceptor stack rows (cache GET on a node with auth, rate limit, tracing and
 metrics against a bare node), the lock rows (Mesh R=1 and R=0 against etcd's
-lock, 0.15 s per workload), the event store rows (against an echo server timed
+lock, 0.25 s per workload), the event store rows (against an echo server timed
 with them) and the job scheduler rows (against Celery on a Redis broker, with a
 worker process on each side).
 """
