@@ -6,7 +6,7 @@ from common.errors import Reason, ServiceError
 from common.tenancy import unscoped
 
 __all__ = ["duplicate_event_id", "metadata_version_mismatch", "shutting_down",
-           "stream_deleted", "subscription_ended", "too_many_subscriptions",
+           "stream_deleted", "subscription_ended",
            "version_mismatch"]
 
 
@@ -49,8 +49,3 @@ def shutting_down() -> ServiceError:
         "the node is shutting down; subscribe again elsewhere from your last checkpoint",
         Reason.SHUTTING_DOWN)
 
-
-def too_many_subscriptions(limit: int) -> ServiceError:
-    return ServiceError(
-        f"this node already serves {limit} subscriptions (its limit); back off",
-        Reason.WATCH_LIMIT, {"limit": str(limit)})

@@ -6,7 +6,7 @@ from common.errors import Reason, ServiceError
 from common.tenancy import unscoped
 from nodes.notify.model import CHANNEL, INBOX, LogKey
 
-__all__ = ["shutting_down", "subscription_ended", "too_many_subscriptions", "too_slow"]
+__all__ = ["shutting_down", "subscription_ended", "too_slow"]
 
 
 def too_slow(key: LogKey, offset: int, epoch: str, why: str) -> ServiceError:
@@ -32,8 +32,3 @@ def shutting_down() -> ServiceError:
         "the node is shutting down; subscribe again elsewhere from your last offsets",
         Reason.SHUTTING_DOWN)
 
-
-def too_many_subscriptions(limit: int) -> ServiceError:
-    return ServiceError(
-        f"this node already serves {limit} subscriptions (its limit); back off",
-        Reason.WATCH_LIMIT, {"limit": str(limit)})

@@ -19,8 +19,6 @@ reaches back that far).
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +28,7 @@ from mesh.notify.v1 import notify_pb2 as pb
 from nodes.notify import errors
 from nodes.notify.machine import NotifyMachine
 from nodes.notify.model import CHANNEL, PRESENCE, Entry, LogKey
+from nodes.subscriptions import SHUTDOWN, Ended, Subscription, SubscriptionHub
 
 __all__ = [
     "BATCH",
@@ -46,91 +45,8 @@ __all__ = [
     "step",
 ]
 
-SHUTDOWN = -1
-"""`Subscription.ended` when the node is stopping."""
 BATCH = 256
 """Entries read per feed per step, between checks of the subscription."""
-
-
-class Ended(Exception):
-    """The subscription must end: a group it reads left this node (or the node stops)."""
-
-    def __init__(self, group_id: int) -> None:
-        super().__init__(group_id)
-        self.group_id = group_id
-
-
-class Subscription:
-    """One Subscribe stream's registration with the hub."""
-
-    __slots__ = ("dirty", "ended", "group_ids", "id", "wake")
-
-    def __init__(self, sub_id: str, group_ids: frozenset[int]) -> None:
-        self.id = sub_id
-        self.group_ids = group_ids
-        self.wake = asyncio.Event()
-        self.dirty: set[int] = set()
-        """Groups with commits since the subscription last looked."""
-        self.ended: int | None = None
-
-    def notify(self, group_id: int) -> None:
-        self.dirty.add(group_id)
-        self.wake.set()
-
-    def end(self, group_id: int) -> None:
-        if self.ended is None:
-            self.ended = group_id
-        self.wake.set()
-
-    def check(self) -> None:
-        if self.ended is not None:
-            raise Ended(self.ended)
-
-
-class SubscriptionHub:
-    """Every subscription of the node, by group: woken on commits, ended on loss."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._by_group: dict[int, set[Subscription]] = {}
-        self._count = 0
-        self._ids = itertools.count(1)
-
-    def __len__(self) -> int:
-        return self._count
-
-    def open(self, group_ids: frozenset[int]) -> Subscription:
-        if self._count >= self.limit:
-            raise errors.too_many_subscriptions(self.limit)
-        sub = Subscription(f"sub-{next(self._ids)}", group_ids)
-        for group_id in group_ids:
-            self._by_group.setdefault(group_id, set()).add(sub)
-        self._count += 1
-        return sub
-
-    def close(self, sub: Subscription) -> None:
-        for group_id in sub.group_ids:
-            subs = self._by_group.get(group_id)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._by_group[group_id]
-        self._count -= 1
-
-    def notify(self, group_id: int) -> None:
-        """Entries of ``group_id`` were committed."""
-        for sub in self._by_group.get(group_id, ()):
-            sub.notify(group_id)
-
-    def end_group(self, group_id: int) -> None:
-        """The group is no longer led here."""
-        for sub in self._by_group.get(group_id, ()):
-            sub.end(group_id)
-
-    def end_all(self) -> None:
-        for subs in self._by_group.values():
-            for sub in subs:
-                sub.end(SHUTDOWN)
 
 
 @dataclass(slots=True, eq=False)
