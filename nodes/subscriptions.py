@@ -9,9 +9,14 @@ group it reads commits, and ends it when such a group stops being led here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from typing import TYPE_CHECKING
 
-from common.errors import Reason, ServiceError
+from common.errors import MeshStatusError, Reason, ServiceError
+
+if TYPE_CHECKING:
+    from nodes.replication.group import Group
 
 __all__ = ["SHUTDOWN", "Ended", "Subscription", "SubscriptionHub", "too_many_subscriptions"]
 
@@ -67,6 +72,8 @@ class SubscriptionHub:
         self._by_group: dict[int, set[Subscription]] = {}
         self._count = 0
         self._ids = itertools.count(1)
+        self._pending: set[asyncio.Task[None]] = set()
+        """Waits for commits whose writer went away before them (`notify_when_committed`)."""
 
     def __len__(self) -> int:
         return self._count
@@ -103,3 +110,29 @@ class SubscriptionHub:
         for subs in self._by_group.values():
             for sub in subs:
                 sub.end(SHUTDOWN)
+
+    def notify_when_committed(self, group: Group, seq: int) -> None:
+        """Wake ``group``'s subscriptions once ``seq`` commits: for a write whose
+        call went away before its commit, so nobody else will."""
+        if seq <= group.commit_seq:
+            self.notify(group.group_id)
+            return
+
+        async def notify() -> None:
+            with contextlib.suppress(MeshStatusError):  # the group left: end_group ran
+                await group.wait_committed(seq)
+                self.notify(group.group_id)
+
+        task = asyncio.get_running_loop().create_task(notify())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def shutdown(self) -> None:
+        """The node stops: end every subscription, stop waiting for commits."""
+        self.end_all()
+        tasks = list(self._pending)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -10,7 +10,6 @@ primary's disk and acknowledged by every in-sync replica after theirs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import ClassVar, TypeAlias, cast
@@ -94,7 +93,6 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         self.appended_total = 0
         """Events appended through this node as primary (for metrics)."""
         self._replication: Replication | None = None
-        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
@@ -113,13 +111,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
 
     async def close(self) -> None:
         """End every subscription."""
-        self.hub.end_all()
-        tasks = list(self._background)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.hub.shutdown()
 
     def metrics(self, replication: Replication) -> Snapshot:
         streams = sum(len(cast(EventsMachine, m).store.streams)
@@ -153,19 +145,9 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         except asyncio.CancelledError:
             # The caller left, but the write goes on: subscribers must still
             # hear of it when it commits.
-            self._notify_when_committed(group, seq)
+            self.hub.notify_when_committed(group, seq)
             raise
         self.hub.notify(group.group_id)
-
-    def _notify_when_committed(self, group: Group, seq: int) -> None:
-        async def notify() -> None:
-            with contextlib.suppress(MeshStatusError):
-                await group.wait_committed(seq)
-                self.hub.notify(group.group_id)
-
-        task = asyncio.get_running_loop().create_task(notify())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _settled(self, group: Group, stream_id: str) -> Stream | None:
         """The stream once its latest settings/state change is committed."""

@@ -11,7 +11,6 @@ after every node restarted, finds every publication that was acknowledged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar, TypeAlias, cast
 
@@ -99,7 +98,6 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
             INBOX: v.settings(pb.HistoryOptions(), limits, inbox=True),
         }
         self._replication: Replication | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self._next_trim: dict[int, int] = {}
         """Group -> when its logs are next checked for retention by age."""
 
@@ -120,13 +118,7 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
 
     async def close(self) -> None:
         """End every subscription."""
-        self.hub.end_all()
-        tasks = list(self._background)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.hub.shutdown()
 
     def metrics(self, replication: Replication) -> Snapshot:
         channels = inboxes = 0
@@ -165,7 +157,7 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         # take PRESENCE_GRAIN), so that a client leaves close to its ttl.
         if primary.expire(now_ns):
             # Subscribers of presence events hear of the leaves once committed.
-            self._notify_when_committed(group, group.log.last_seq)
+            self.hub.notify_when_committed(group, group.log.last_seq)
         due = primary.machine.presence.next_expiry()
         return None if due is None else max(due, now_ns + PRESENCE_GRAIN)
 
@@ -178,23 +170,9 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         except asyncio.CancelledError:
             # The caller left, but the write goes on: subscribers must still
             # hear of it when it commits.
-            self._notify_when_committed(group, seq)
+            self.hub.notify_when_committed(group, seq)
             raise
         self.hub.notify(group.group_id)
-
-    def _notify_when_committed(self, group: Group, seq: int) -> None:
-        if seq <= group.commit_seq:
-            self.hub.notify(group.group_id)
-            return
-
-        async def notify() -> None:
-            with contextlib.suppress(MeshStatusError):
-                await group.wait_committed(seq)
-                self.hub.notify(group.group_id)
-
-        task = asyncio.get_running_loop().create_task(notify())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _settled(self, group: Group, kind: int, name: str) -> Log | None:
         """The log once its latest cursor/settings change is committed."""
