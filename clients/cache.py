@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
+from clients.coalesce import BatchFailed, Coalescer
 from clients.errors import MeshError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
@@ -96,8 +97,12 @@ def _decisive(errors: Sequence[BaseException]) -> BaseException:
 class CacheClient:
     """The cache, spread over the mesh's nodes. Every call takes ``timeout=`` (seconds)."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, *, coalesce: bool = True) -> None:
         self._mesh = mesh
+        self.coalesce = coalesce
+        """Send concurrent gets for one node as one MGet (see ``clients.coalesce``)."""
+        self._reads: Coalescer[str, pb.GetResponse] = Coalescer(
+            self._get_one, self._get_many, _BATCH)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.CacheServiceStub, address, method, request, budget)
@@ -121,14 +126,46 @@ class CacheClient:
         """The value of ``key``, or None if it is missing or expired. ``linearizable``:
         never stale and never a write not yet committed, for about the cost of a
         replicated write (see ReadConsistency in cache.proto)."""
-        r = await self._call(key, "Get", _get(key, linearizable), timeout, True)
+        r = await self._read(key, linearizable, timeout)
         return r.value if r.found else None
 
     async def get_entry(self, key: str, *, linearizable: bool = False,
                         timeout: float | None = None) -> CacheEntry | None:
         """The value with its version and expiry, or None."""
-        r = await self._call(key, "Get", _get(key, linearizable), timeout, True)
-        return _entry(r)
+        return _entry(await self._read(key, linearizable, timeout))
+
+    async def _read(self, key: str, linearizable: bool, timeout: float | None
+                    ) -> pb.GetResponse:
+        """One key's GetResponse: joined with the other gets for its owner in this
+        loop turn when it can be (MGet reads as a plain Get does)."""
+        target = self._mesh.route("cache", key)
+        if not self.coalesce or linearizable or not target.owner:
+            return await self._get_alone(key, linearizable, timeout)
+        loop = asyncio.get_running_loop()
+        budget = self._mesh.timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        try:
+            return await self._reads.call(target.address, key, budget)
+        except BatchFailed as failed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise failed.cause from None
+        # Alone now: the batch's failure may have been another key's (or a
+        # moved slot's); this call gets its own retries and its own answer.
+        return await self._get_alone(key, False, remaining)
+
+    async def _get_alone(self, key: str, linearizable: bool, timeout: float | None
+                         ) -> pb.GetResponse:
+        r: pb.GetResponse = await self._call(key, "Get", _get(key, linearizable), timeout, True)
+        return r
+
+    async def _get_one(self, address: str, key: str, budget: float) -> pb.GetResponse:
+        return await self._get_alone(key, False, budget)
+
+    async def _get_many(self, address: str, keys: list[str], budget: float
+                        ) -> Sequence[pb.GetResponse]:
+        r = await self._rpc(address, "MGet", pb.MGetRequest(keys=keys), budget)
+        return list(r.results)
 
     async def set(
         self, key: str, value: Value, *, ttl: TTL = None, only_if_absent: bool = False,

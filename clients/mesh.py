@@ -87,6 +87,8 @@ class Mesh:
     ``tls`` (default: from ``MESH_TLS_CERT/KEY/CA``) turns on TLS: the CA to
     trust, and the client certificate when the nodes require one. ``token``
     (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
+    ``coalesce`` (default on): concurrent cache gets bound for one node in the
+    same loop turn travel as one MGet (see ``clients.coalesce``).
     etcd itself is reached over TLS and with a user and password as the
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
@@ -102,6 +104,7 @@ class Mesh:
         tracer_provider: TracerProvider | None = None,
         tls: Tls | None = None,
         token: str | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.timeout = timeout
         token = token if token is not None else os.environ.get("MESH_TOKEN", "")
@@ -137,7 +140,7 @@ class Mesh:
         self.closed = False
         """Set by ``close()``: long-lived streams then end instead of resubscribing."""
         self.directory.on_change(self._nodes_changed)
-        self.cache = CacheClient(self)
+        self.cache = CacheClient(self, coalesce=coalesce)
         self.locks = LockClient(self)
         self.events = EventsClient(self)
         self.scheduler = SchedulerClient(self)

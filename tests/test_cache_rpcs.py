@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -132,6 +133,47 @@ async def test_large_mget_is_split_into_batches(mesh: Mesh) -> None:
     await mesh.cache.mset({k: k for k in keys})
     values = await mesh.cache.mget(keys)
     assert values == [k.encode() for k in keys]
+
+
+def _served(local: LocalMesh, method: str) -> float:
+    """``method``'s calls the node has answered OK (from its /metrics)."""
+    series = f'mesh_rpc_requests_total{{code="OK",method="/mesh.cache.v1.CacheService/{method}"}}'
+    with urllib.request.urlopen(f"http://{local.nodes[0].metrics}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_concurrent_gets_travel_together_and_keep_their_own_answers(
+    mesh: Mesh, shared_node: LocalMesh
+) -> None:
+    keys = [f"co:{i}" for i in range(64)]
+    await mesh.cache.mset({k: k for k in keys[::2]})  # every other key exists
+    gets = await asyncio.to_thread(_served, shared_node, "Get")
+    mgets = await asyncio.to_thread(_served, shared_node, "MGet")
+    values = await asyncio.gather(*(mesh.cache.get(k) for k in keys))
+    assert values == [k.encode() if i % 2 == 0 else None for i, k in enumerate(keys)]
+    entries = await asyncio.gather(*(mesh.cache.get_entry(k) for k in keys[:4]))
+    assert [e.value if e else None for e in entries] == [b"co:0", None, b"co:2", None]
+    # Two MGets (64 keys, then 4), not 68 Gets.
+    assert await asyncio.to_thread(_served, shared_node, "MGet") == mgets + 2
+    assert await asyncio.to_thread(_served, shared_node, "Get") == gets
+
+    # A bad key fails its batch; every other call then goes alone and gets its answer.
+    outcomes = await asyncio.gather(mesh.cache.get("co:0"), mesh.cache.get(""),
+                                    mesh.cache.get("co:2"), return_exceptions=True)
+    assert outcomes[0] == b"co:0" and outcomes[2] == b"co:2"
+    assert isinstance(outcomes[1], InvalidArgumentError)
+
+    # Without coalescing every get is its own call.
+    mesh.cache.coalesce = False
+    try:
+        before = await asyncio.to_thread(_served, shared_node, "Get")
+        await asyncio.gather(*(mesh.cache.get(k) for k in keys[:8]))
+        assert await asyncio.to_thread(_served, shared_node, "Get") == before + 8
+    finally:
+        mesh.cache.coalesce = True
 
 
 async def test_incr(mesh: Mesh) -> None:

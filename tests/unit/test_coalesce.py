@@ -1,0 +1,99 @@
+"""Coalescing (clients/coalesce.py): which calls travel together, and what each caller gets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+import pytest
+
+from clients.coalesce import BatchFailed, Coalescer
+from clients.errors import InvalidArgumentError, MeshError, UnavailableError
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Node:
+    """Records the calls a coalescer makes; answers ``item * 10`` per item."""
+
+    def __init__(self, fail: MeshError | None = None) -> None:
+        self.ones: list[tuple[str, int, float]] = []
+        self.manys: list[tuple[str, list[int], float]] = []
+        self.fail = fail
+
+    async def one(self, address: str, item: int, budget: float) -> int:
+        self.ones.append((address, item, budget))
+        if self.fail:
+            raise self.fail
+        return item * 10
+
+    async def many(self, address: str, items: list[int], budget: float) -> Sequence[int]:
+        self.manys.append((address, list(items), budget))
+        await asyncio.sleep(0)
+        if self.fail:
+            raise self.fail
+        return [i * 10 for i in items]
+
+
+def unavailable() -> MeshError:
+    return UnavailableError("node went away", code=grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_calls_made_in_one_turn_travel_as_one_batch_per_node() -> None:
+    node = Node()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100)
+    calls = [c.call("a", i, 5.0) for i in range(5)] + [c.call("b", 7, 5.0)]
+    assert await asyncio.gather(*calls) == [0, 10, 20, 30, 40, 70]
+    assert node.manys == [("a", [0, 1, 2, 3, 4], 5.0)]
+    assert node.ones == [("b", 7, 5.0)]  # alone: sent as the ordinary call
+
+
+async def test_tasks_that_call_together_are_batched_together() -> None:
+    node = Node()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100)
+
+    async def caller(i: int) -> list[int]:
+        return [await c.call("a", i * 100 + n, 5.0) for n in range(3)]
+
+    results = await asyncio.gather(*(caller(i) for i in range(8)))
+    assert results == [[(i * 100 + n) * 10 for n in range(3)] for i in range(8)]
+    # Each round's replies wake the callers together, so the next round meets again.
+    assert [len(items) for _, items, _ in node.manys] == [8, 8, 8]
+    assert node.ones == []
+
+
+async def test_a_batch_carries_its_shortest_deadline_and_splits_at_max_batch() -> None:
+    node = Node()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=3)
+    budgets = [5.0, 2.0, 4.0, 1.0, 3.0]
+    await asyncio.gather(*(c.call("a", i, b) for i, b in enumerate(budgets)))
+    assert node.manys == [("a", [0, 1, 2], 2.0), ("a", [3, 4], 1.0)]
+
+
+async def test_a_failed_batch_tells_every_caller_to_go_alone() -> None:
+    error = unavailable()
+    node = Node(fail=error)
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100)
+    outcomes = await asyncio.gather(*(c.call("a", i, 5.0) for i in range(3)),
+                                    return_exceptions=True)
+    assert all(isinstance(o, BatchFailed) and o.cause is error for o in outcomes)
+
+
+async def test_a_lone_call_fails_with_its_own_error() -> None:
+    error = InvalidArgumentError("bad key", code=grpc.StatusCode.INVALID_ARGUMENT)
+    c: Coalescer[int, int] = Coalescer(Node(fail=error).one, Node().many, max_batch=100)
+    with pytest.raises(InvalidArgumentError):
+        await c.call("a", 1, 5.0)
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_results() -> None:
+    node = Node()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100)
+    tasks = [asyncio.create_task(c.call("a", i, 5.0)) for i in range(3)]
+    await asyncio.sleep(0)  # all three have joined; the batch has not left yet
+    tasks[0].cancel()  # its opener, even
+    tasks[1].cancel()
+    assert await tasks[2] == 20
+    assert node.manys == [("a", [0, 1, 2], 5.0)]
+    assert tasks[0].cancelled() and tasks[1].cancelled()
