@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clients import Mesh, UnavailableError
+from clients import DeadlineExceededError, Mesh, UnavailableError
 from clients.breaker import State
 from common.clustermap import wait_for_map, wait_settled
 from mesh.cache.v1 import cache_pb2 as pb
@@ -162,7 +162,10 @@ async def test_a_killed_nodes_breaker_opens_and_no_call_overruns_its_deadline(
         try:
             assert await mesh.cache.get(probe, timeout=deadline) == b"v"
             first_success = first_success or started
-        except UnavailableError:
+        except (UnavailableError, DeadlineExceededError):
+            # Before the failover a call may also run out its short deadline (a
+            # node still forwarding to the dead primary, a busy machine); what
+            # matters is that it ends by then, checked below.
             assert first_success is None, "a call failed after the failover"
         took = time.monotonic() - started
         if took > deadline + 0.25:  # scheduling slack on a busy machine
