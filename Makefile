@@ -71,9 +71,14 @@ run: setup
 # Three workers on two cores, whole files each (module fixtures stay in one
 # process), the costliest files first (SLOW_FIRST in tests/conftest.py): most
 # tests wait on leases, failovers and timeouts, so a third worker fills the
-# cores while the other two wait.
-test: setup lint
-	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+# cores while the other two wait. Lint runs beside them in the time they leave
+# idle (niced, so it never delays a lease); its output follows theirs.
+test: setup
+	@nice -n 10 $(MAKE) --no-print-directory lint >$(VENV)/lint.log 2>&1 & lint=$$!; \
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder; tests=$$?; \
+	wait $$lint; linted=$$?; cat $(VENV)/lint.log; \
+	[ $$linted = 0 ] || echo "make lint failed (above)" >&2; \
+	[ $$tests = 0 ] && [ $$linted = 0 ]
 
 # The lanes (tests/conftest.py puts each test in one): fast = unit and in-process
 # tests only (no etcd, node or browser processes); integration = real processes;
