@@ -7,12 +7,12 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
-from clients.coalesce import BatchFailed, Coalescer
+from clients.coalesce import BatchFailed, Coalescer, SendOne
 from clients.errors import MeshError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from clients.mesh import Mesh
 
 Value = bytes | str
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 TTL = float | timedelta | None
 
 _BATCH = 1000
@@ -103,6 +105,8 @@ class CacheClient:
         """Send concurrent gets for one node as one MGet (see ``clients.coalesce``)."""
         self._reads: Coalescer[str, pb.GetResponse] = Coalescer(
             self._get_one, self._get_many, _BATCH)
+        self._writes: Coalescer[pb.MSetEntry, int] = Coalescer(
+            self._set_one, self._set_many, _BATCH, key=lambda entry: entry.key)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.CacheServiceStub, address, method, request, budget)
@@ -141,18 +145,24 @@ class CacheClient:
         target = self._mesh.route("cache", key)
         if not self.coalesce or linearizable or not target.owner:
             return await self._get_alone(key, linearizable, timeout)
+        return await self._coalesced(self._reads, target.address, key, timeout,
+                                     self._get_one)
+
+    async def _coalesced(self, coalescer: Coalescer[Item, Result], address: str, item: Item,
+                         timeout: float | None, alone: SendOne[Item, Result]) -> Result:
+        """``item``'s result through ``coalescer``; ``alone`` if its batch fails."""
         loop = asyncio.get_running_loop()
         budget = self._mesh.timeout if timeout is None else timeout
         deadline = loop.time() + budget
         try:
-            return await self._reads.call(target.address, key, budget)
+            return await coalescer.call(address, item, budget)
         except BatchFailed as failed:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise failed.cause from None
         # Alone now: the batch's failure may have been another key's (or a
         # moved slot's); this call gets its own retries and its own answer.
-        return await self._get_alone(key, False, remaining)
+        return await alone(address, item, remaining)
 
     async def _get_alone(self, key: str, linearizable: bool, timeout: float | None
                          ) -> pb.GetResponse:
@@ -175,6 +185,12 @@ class CacheClient:
 
         Raises KeyExistsError / VersionMismatchError when a condition fails.
         """
+        if self.coalesce and not only_if_absent and not only_if_version:
+            target = self._mesh.route("cache", key)
+            if target.owner:
+                entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_duration(ttl))
+                return await self._coalesced(self._writes, target.address, entry, timeout,
+                                             self._set_one)
         request = pb.SetRequest(
             key=key, value=_bytes(value), ttl=_duration(ttl),
             only_if_absent=only_if_absent, only_if_version=only_if_version,
@@ -184,6 +200,17 @@ class CacheClient:
         retry = not only_if_absent and not only_if_version
         r = await self._call(key, "Set", request, timeout, retry)
         return int(r.version)
+
+    async def _set_one(self, address: str, entry: pb.MSetEntry, budget: float) -> int:
+        request = pb.SetRequest(key=entry.key, value=entry.value,
+                                ttl=entry.ttl if entry.HasField("ttl") else None)
+        r = await self._call(entry.key, "Set", request, budget, True)
+        return int(r.version)
+
+    async def _set_many(self, address: str, entries: list[pb.MSetEntry], budget: float
+                        ) -> Sequence[int]:
+        r = await self._rpc(address, "MSet", pb.MSetRequest(entries=entries), budget)
+        return list(r.versions)
 
     async def delete(
         self, key: str, *, only_if_version: int = 0, timeout: float | None = None

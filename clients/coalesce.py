@@ -1,13 +1,13 @@
 """Coalescing: concurrent single-key calls bound for one node, sent as one batch call.
 
-Sixty-four tasks that each ``await mesh.cache.get(key)`` at once would cost
-sixty-four RPCs, and in Python a gRPC call costs far more CPU, on both ends,
-than the key it carries. Instead each call joins its node's pending batch, and
-the batches leave when the event loop next gets round to them (``call_soon``):
-after every task that was ready in the same turn has joined. Nothing waits on a
-timer, so a lone call leaves one turn later, alone, as the call it always was;
-under load the batches grow by themselves, because the replies to one batch
-wake its callers together and their next calls meet again.
+Sixty-four tasks that each ``await mesh.cache.get(key)`` (or ``set``) at once
+would cost sixty-four RPCs, and in Python a gRPC call costs far more CPU, on
+both ends, than the key it carries. Instead the first call for a node opens a
+batch and yields one turn of the event loop, in which every other task that was
+ready joins it; then the batch leaves as one call. Nothing waits on a timer, so
+a lone call leaves one turn later, alone, as the call it always was; under load
+the batches grow by themselves, because the replies to one batch wake its
+callers together and their next calls meet again.
 
 A batch that fails as a whole (its node went away, the map moved, one key was
 refused) fails with `BatchFailed`; each caller then goes on alone with its own
@@ -17,8 +17,8 @@ retries and its own error, so coalescing never changes what a call returns.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from clients.errors import MeshError
@@ -47,16 +47,22 @@ class _Batch(Generic[Item, Result]):
     waiters: list[asyncio.Future[Result]]
     """One per item: waiters[i] gets items[i]'s result."""
     budget: float
+    keys: set[Hashable] = field(default_factory=set)
+    """The items' keys, when equal keys must not share a batch."""
 
 
 class Coalescer(Generic[Item, Result]):
     """Per node, the calls made in one loop turn, sent together."""
 
     def __init__(self, send_one: SendOne[Item, Result], send_many: SendMany[Item, Result],
-                 max_batch: int) -> None:
+                 max_batch: int, key: Callable[[Item], Hashable] | None = None) -> None:
+        """``key``: items with equal keys never share a batch (the second goes alone),
+        for calls whose batch form would merge them (MSet keeps a repeated key's
+        last value and gives every occurrence its version)."""
         self._send_one = send_one
         self._send_many = send_many
         self._max_batch = max_batch
+        self._key = key
         self._pending: dict[str, _Batch[Item, Result]] = {}
         self._sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
 
@@ -65,11 +71,19 @@ class Coalescer(Generic[Item, Result]):
         turns out to be alone. Raises `BatchFailed` if its batch failed as a whole."""
         batch = self._pending.get(address)
         if batch is not None and len(batch.items) < self._max_batch:
+            if self._key is None:
+                return await self._join(batch, item, budget)
+            key = self._key(item)
+            if key in batch.keys:
+                return await self._send_one(address, item, budget)
+            batch.keys.add(key)
             return await self._join(batch, item, budget)
         # The first call of the turn opens the batch, then yields once: every other
         # task that is ready in this turn runs, and those bound for this node join.
         opener: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         batch = self._pending[address] = _Batch([item], [opener], budget)
+        if self._key is not None:
+            batch.keys.add(self._key(item))
         try:
             await asyncio.sleep(0)
         finally:

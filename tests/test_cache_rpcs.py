@@ -176,6 +176,38 @@ async def test_concurrent_gets_travel_together_and_keep_their_own_answers(
         mesh.cache.coalesce = True
 
 
+async def test_concurrent_sets_travel_together_and_keep_their_own_versions(
+    mesh: Mesh, shared_node: LocalMesh
+) -> None:
+    keys = [f"cs:{i}" for i in range(32)]
+    msets = await asyncio.to_thread(_served, shared_node, "MSet")
+    sets = await asyncio.to_thread(_served, shared_node, "Set")
+    versions = await asyncio.gather(*(mesh.cache.set(k, k, ttl=60) for k in keys))
+    entries = await asyncio.gather(*(mesh.cache.get_entry(k) for k in keys))
+    assert [(e.value, e.version) for e in entries if e] == [
+        (k.encode(), v) for k, v in zip(keys, versions, strict=True)]
+    assert all(e and e.expire_at for e in entries)
+    assert await asyncio.to_thread(_served, shared_node, "MSet") == msets + 1
+    assert await asyncio.to_thread(_served, shared_node, "Set") == sets
+
+    # The same key twice in one turn: the second write goes alone, after, as if
+    # the two had been sent one by one; a conditional set never joins a batch.
+    first, second, cas = await asyncio.gather(
+        mesh.cache.set("cs:0", b"a"), mesh.cache.set("cs:0", b"b"),
+        mesh.cache.set("cs:1", b"c", only_if_version=versions[1]))
+    assert len({first, second}) == 2 and cas > versions[1]
+    final = await mesh.cache.get_entry("cs:0")
+    assert final is not None and (final.value, final.version) == (
+        (b"b", second) if second > first else (b"a", first))
+
+    # A value too large fails its batch; the others are written alone.
+    small, large = await asyncio.gather(
+        mesh.cache.set("cs:2", b"ok"), mesh.cache.set("cs:3", b"x" * (2 << 20)),
+        return_exceptions=True)
+    assert isinstance(small, int) and isinstance(large, InvalidArgumentError)
+    assert await mesh.cache.get("cs:2") == b"ok"
+
+
 async def test_incr(mesh: Mesh) -> None:
     assert await mesh.cache.incr("incr:n") == 1
     assert await mesh.cache.incr("incr:n", 41) == 42

@@ -97,3 +97,12 @@ async def test_a_cancelled_caller_leaves_the_others_their_results() -> None:
     assert await tasks[2] == 20
     assert node.manys == [("a", [0, 1, 2], 5.0)]
     assert tasks[0].cancelled() and tasks[1].cancelled()
+
+
+async def test_items_with_equal_keys_never_share_a_batch() -> None:
+    node = Node()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100, key=lambda i: i % 10)
+    assert await asyncio.gather(*(c.call("a", i, 5.0) for i in (1, 2, 11, 3))) == [
+        10, 20, 110, 30]
+    assert node.manys == [("a", [1, 2, 3], 5.0)]
+    assert node.ones == [("a", 11, 5.0)]  # 11 repeats 1's key: it went alone
