@@ -190,8 +190,9 @@ async def test_concurrent_sets_travel_together_and_keep_their_own_versions(
     assert await asyncio.to_thread(_served, shared_node, "MSet") == msets + 1
     assert await asyncio.to_thread(_served, shared_node, "Set") == sets
 
-    # The same key twice in one turn: the second write goes alone, after, as if
-    # the two had been sent one by one; a conditional set never joins a batch.
+    # The same key twice in one turn: the second write is its own Set (an MSet
+    # would merge them), so each gets its own version and the later one wins;
+    # a conditional set never joins a batch.
     first, second, cas = await asyncio.gather(
         mesh.cache.set("cs:0", b"a"), mesh.cache.set("cs:0", b"b"),
         mesh.cache.set("cs:1", b"c", only_if_version=versions[1]))
