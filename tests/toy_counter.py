@@ -45,10 +45,15 @@ def _describe() -> Any:
     return pool.FindServiceByName("mesh.toy.v1.CounterService")
 
 
+def _message(name: str) -> Any:
+    """A message class built at run time: typed ``Any``, as no stub describes it."""
+    return message_factory.GetMessageClass(SERVICE.file.message_types_by_name[name])
+
+
 SERVICE = _describe()
-IncrRequest, GetRequest, CountResponse = (
-    message_factory.GetMessageClass(SERVICE.file.message_types_by_name[name])
-    for name in ("IncrRequest", "GetRequest", "CountResponse"))
+IncrRequest = _message("IncrRequest")
+GetRequest = _message("GetRequest")
+CountResponse = _message("CountResponse")
 
 
 class CounterMachine:
