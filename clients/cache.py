@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
 from clients.coalesce import BatchFailed, Coalescer, SendOne
-from clients.errors import MeshError
+from clients.errors import MeshError, NoNodesError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -142,11 +142,19 @@ class CacheClient:
                     ) -> pb.GetResponse:
         """One key's GetResponse: joined with the other gets for its owner in this
         loop turn when it can be (MGet reads as a plain Get does)."""
-        target = self._mesh.route("cache", key)
-        if not self.coalesce or linearizable or not target.owner:
+        owner = self._owner(key) if self.coalesce and not linearizable else None
+        if owner is None:
             return await self._get_alone(key, linearizable, timeout)
-        return await self._coalesced(self._reads, target.address, key, timeout,
-                                     self._get_one)
+        return await self._coalesced(self._reads, owner, key, timeout, self._get_one)
+
+    def _owner(self, key: str) -> str | None:
+        """The address of ``key``'s owner if the map names one, else None: such a
+        call goes alone, through the path that waits for the cluster."""
+        try:
+            target = self._mesh.route("cache", key)
+        except NoNodesError:
+            return None
+        return target.address if target.owner else None
 
     async def _coalesced(self, coalescer: Coalescer[Item, Result], address: str, item: Item,
                          timeout: float | None, alone: SendOne[Item, Result]) -> Result:
@@ -185,12 +193,10 @@ class CacheClient:
 
         Raises KeyExistsError / VersionMismatchError when a condition fails.
         """
-        if self.coalesce and not only_if_absent and not only_if_version:
-            target = self._mesh.route("cache", key)
-            if target.owner:
-                entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_duration(ttl))
-                return await self._coalesced(self._writes, target.address, entry, timeout,
-                                             self._set_one)
+        owner = self._owner(key) if self.coalesce else None
+        if owner is not None and not only_if_absent and not only_if_version:
+            entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_duration(ttl))
+            return await self._coalesced(self._writes, owner, entry, timeout, self._set_one)
         request = pb.SetRequest(
             key=key, value=_bytes(value), ttl=_duration(ttl),
             only_if_absent=only_if_absent, only_if_version=only_if_version,
