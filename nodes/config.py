@@ -164,6 +164,9 @@ class NodeConfig:
     drain_delay: float = 1.0
     max_concurrent_rpcs: int = 1000
     max_message_bytes: int = 32 << 20
+    replication_log_bytes: int = 64 << 20
+    """Bytes of recent commands kept, all groups together, to bring a replica that
+    fell behind up to date without a snapshot."""
     metrics_listen: str = "127.0.0.1:0"
     """Where /metrics is served (port 0: a free one); empty: not served."""
     metrics_advertise: str = ""
@@ -231,6 +234,10 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                    default=int(env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
                    help="calls in flight before new ones get RESOURCE_EXHAUSTED; 0 = no limit "
                         "(MESH_MAX_CONCURRENT_RPCS)")
+    p.add_argument("--replication-log-bytes", type=int,
+                   default=int(env("REPLICATION_LOG_BYTES", str(d.replication_log_bytes))),
+                   help="recent commands kept, all groups together, to catch a lagging "
+                        "replica up without a snapshot (MESH_REPLICATION_LOG_BYTES)")
     c = d.cache
     p.add_argument("--cache-max-entries", type=int,
                    default=int(env("CACHE_MAX_ENTRIES", str(c.max_entries))),
@@ -313,6 +320,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error(f"--services: unknown {', '.join(unknown)}")
     if a.lease_ttl < 1:
         p.error("--lease-ttl must be at least 1 second")
+    if a.replication_log_bytes < 0:
+        p.error("--replication-log-bytes must be 0 or more")
     if not 0 < a.lock_min_ttl <= a.lock_default_ttl <= a.lock_max_ttl:
         p.error("lock ttls: need 0 < --lock-min-ttl <= --lock-default-ttl <= --lock-max-ttl")
     if not 0 < a.events_max_event_bytes <= a.events_max_append_bytes:
@@ -360,6 +369,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         shutdown_grace=a.shutdown_grace,
         drain_delay=a.drain_delay,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
+        replication_log_bytes=a.replication_log_bytes,
         metrics_listen=a.metrics_listen,
         metrics_advertise=metrics_advertise,
         tracing=a.tracing,

@@ -119,7 +119,7 @@ class Node:
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
             interceptors=self.tracing.client_interceptors(), tls=config.tls,
             journal=self.journal, incarnation=self.incarnation, signer=self.signer,
-            clock=clock)
+            clock=clock, log_bytes=config.replication_log_bytes)
         self.replication.on_drained = self.drained.set
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)

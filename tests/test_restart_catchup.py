@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(180)
 
 STREAMS = 4
 ROUNDS = 140  # 4 streams x 700 events of 4 kB: 2.8 MB per group, more than
-# a primary's command log keeps (2 MiB), so a new replica needs a full snapshot
+# a primary's command log keeps (its share of the node's 64 MiB, a few hundred kB),
+# so a new replica needs a full snapshot
 EVENT_BYTES = 4000
 
 

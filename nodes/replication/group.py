@@ -25,7 +25,7 @@ from common import tracing
 from common.clock import SYSTEM_CLOCK, Clock
 from common.errors import MeshStatusError, Reason
 from mesh.replication.v1 import replication_pb2 as rpb
-from nodes.replication.log import CommandLog
+from nodes.replication.log import CommandLog, LogBudget
 from nodes.replication.machine import MachineFactory, Persist, StateMachine
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class Group:
         self, group_id: int, node_id: str, factories: Mapping[int, MachineFactory],
         origin_epoch: int = 0, durable: DurableCopy | None = None,
         clock: Clock = SYSTEM_CLOCK, journal: JournalWriter | None = None,
+        log_budget: LogBudget | None = None,
     ) -> None:
         self.group_id = group_id
         self._journal = journal  # where durable machines' writes go
@@ -82,7 +83,7 @@ class Group:
         self.origin_epoch = origin_epoch  # the group history this copy belongs to
         self.epoch = 0  # the highest epoch seen for this group
         self.role: rpb.GroupRole.ValueType = CATCHING_UP
-        self.log = CommandLog()
+        self.log = CommandLog(budget=log_budget)  # the budget is the node's, shared
         # Durability (see Journal): writes queued but not yet on disk, as
         # (ticket, seq) in ticket order, and replicas' acks waiting for them.
         self._unflushed: deque[tuple[int, int]] = deque()
@@ -376,6 +377,7 @@ class Group:
         self.step_down(self.epoch, why)
         self.close_machines()
         self._release_durable_waiters(all_of_them=True)
+        self.log.release()
 
     # -- durability ------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
+from nodes.replication.log import DEFAULT_BUDGET, LogBudget
 from nodes.replication.machine import MachineFactory, StateMachine
 from nodes.replication.sender import PeerLink, ReplicaTracker
 
@@ -73,8 +74,11 @@ class Replication:
         interceptors: Sequence[Any] = (), tls: Tls | None = None,
         journal: Journal | None = None, incarnation: str = "",
         signer: PeerSigner | None = None, clock: Clock = SYSTEM_CLOCK,
+        log_bytes: int = DEFAULT_BUDGET,
     ) -> None:
         self.node_id = node_id
+        # Every group's command log draws on this one budget.
+        self._log_budget = LogBudget(log_bytes)
         self._clock = clock  # the groups' (they stamp the commands they issue)
         # Signs its calls to other nodes' peer ports (none: an open plane).
         self.signer = signer or PeerSigner(None, NODE, node_id)
@@ -172,7 +176,7 @@ class Replication:
         for copy in copies:
             self.groups[copy.group_id] = Group(
                 copy.group_id, self.node_id, self._factories, copy.origin_epoch, durable=copy,
-                clock=self._clock, journal=self.journal)
+                clock=self._clock, journal=self.journal, log_budget=self._log_budget)
         if copies:
             log.info("read back durable copies of %d group(s) from %s", len(copies),
                      self.journal.path)
@@ -282,7 +286,7 @@ class Replication:
 
     def _create(self, group_id: int, origin_epoch: int = 0) -> Group:
         group = Group(group_id, self.node_id, self._factories, origin_epoch, clock=self._clock,
-                      journal=self.journal)
+                      journal=self.journal, log_budget=self._log_budget)
         self.groups[group_id] = group
         return group
 

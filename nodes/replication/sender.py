@@ -80,10 +80,10 @@ class ReplicaTracker:
         lag = max(last - self.acked_seq, 0)
         lag_seconds = 0.0
         if lag:
-            pending = self.group.log.since(max(self.acked_seq, self.group.log.base_seq), 1)
-            if pending:
-                lag_ns = self.group.clock.wall_ns() - pending[0].issued_at.ToNanoseconds()
-                lag_seconds = max(to_seconds(lag_ns), 0.0)
+            glog = self.group.log
+            issued = glog.issued_at(max(self.acked_seq, glog.base_seq) + 1)
+            if issued is not None:
+                lag_seconds = max(to_seconds(self.group.clock.wall_ns() - issued), 0.0)
         return rpb.ReplicaProgress(node_id=self.node_id, acked_seq=self.acked_seq,
                                    in_sync=self.in_sync, lag_commands=lag,
                                    lag_seconds=lag_seconds, since_epoch=self.since_epoch)
@@ -110,7 +110,9 @@ class ReplicaTracker:
                 self.phase = Phase.SNAPSHOT
                 return self.next_batch(address)
             batch.prev_epoch, batch.prev_seq = prev_epoch, self.next_seq - 1
-            batch.commands.extend(glog.since(self.next_seq - 1, MAX_BATCH))
+            commands = batch.commands
+            for data in glog.serialized_since(self.next_seq - 1, MAX_BATCH):
+                commands.add().MergeFromString(data)  # parsed straight into the batch
         batch.commit_seq = group.commit_seq
         self.inflight = True
         return batch

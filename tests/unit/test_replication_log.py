@@ -1,11 +1,12 @@
-"""The command log: positions in its history, bounds, and resets after snapshots."""
+"""The command log: positions in its history, bounds (a node-wide byte budget
+shared by every group's log), and resets after snapshots."""
 
 from __future__ import annotations
 
 import pytest
 
 from mesh.replication.v1 import replication_pb2 as rpb
-from nodes.replication.log import CommandLog
+from nodes.replication.log import ENTRY_OVERHEAD, CommandLog, LogBudget
 
 
 def command(seq: int, epoch: int = 1, size: int = 10) -> rpb.Command:
@@ -32,17 +33,53 @@ def test_commands_must_be_consecutive() -> None:
 
 
 def test_bounded_by_count_and_bytes() -> None:
-    log = CommandLog(capacity=5, max_bytes=1_000)
+    log = CommandLog(capacity=5)
     for seq in range(1, 11):
         log.append(command(seq))
     assert (log.base_seq, log.last_seq) == (5, 10)
     assert not log.follows(1, 4) and log.follows(1, 5)
-    big = CommandLog(capacity=100, max_bytes=250)
+    one = len(command(1, size=100).SerializeToString()) + ENTRY_OVERHEAD
+    big = CommandLog(capacity=100, budget=LogBudget(2 * one + 10))
     for seq in range(1, 11):
         big.append(command(seq, size=100))
-    assert big.last_seq - big.base_seq == 2
+    assert big.last_seq - big.base_seq == 2 and big.size == 2 * one
     with pytest.raises(ValueError):
         big.since(3, 10)  # before the log's start: needs a snapshot
+
+
+def test_logs_share_the_nodes_budget_equally() -> None:
+    one = len(command(1, size=100).SerializeToString()) + ENTRY_OVERHEAD
+    budget = LogBudget(8 * one)
+    first = CommandLog(budget=budget)
+    for seq in range(1, 11):
+        first.append(command(seq, size=100))
+    assert first.last_seq - first.base_seq == 8  # alone: the whole budget
+    second = CommandLog(budget=budget)
+    for seq in range(1, 11):
+        second.append(command(seq, size=100))
+        first.append(command(seq + 10, size=100))
+    # Two logs: half each (the first trims to its share as it appends).
+    assert first.last_seq - first.base_seq == 4 and second.last_seq - second.base_seq == 4
+    second.release()  # its group left the node
+    second.release()  # twice changes nothing
+    assert budget.logs == 1 and second.size == 0 and second.last_seq == 10
+    for seq in range(21, 31):
+        first.append(command(seq, size=100))
+    assert first.last_seq - first.base_seq == 8
+
+
+def test_commands_come_back_as_they_went_in() -> None:
+    log = CommandLog()
+    sent = rpb.Command(seq=1, slot=7, service=rpb.SERVICE_KIND_CACHE, payload=b"set",
+                       epoch=3, traceparent="00-ab-cd-01")
+    sent.issued_at.FromNanoseconds(1_700_000_000_123_456_789)
+    log.append(sent)
+    assert log.since(0, 10) == [sent]
+    assert log.issued_at(1) == 1_700_000_000_123_456_789 and log.issued_at(2) is None
+    batch = rpb.CommandBatch()
+    for data in log.serialized_since(0, 10):
+        batch.commands.add().MergeFromString(data)
+    assert list(batch.commands) == [sent]
 
 
 def test_reset_after_a_snapshot() -> None:
