@@ -61,6 +61,7 @@ class CounterMachine:
 
     service = KIND
     durable = False
+    additive_restore = False
 
     def __init__(self, group: Group) -> None:
         self.counts: dict[str, int] = {}

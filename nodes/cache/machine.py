@@ -13,7 +13,7 @@ returns nothing to persist.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds, to_seconds
@@ -52,6 +52,25 @@ def _instant(seconds: float) -> int | None:
     return from_seconds(seconds) if seconds else None
 
 
+def _pieces(revision: int, items: dict[str, Entry]) -> Iterator[tuple[int, bytes]]:
+    """``items`` as snapshot pieces of about SNAPSHOT_PIECE_BYTES each (one, if empty)."""
+    piece = cpb.SnapshotPiece(revision=revision)
+    size = 0
+    sent = False
+    for key, entry in items.items():
+        piece.entries.append(cpb.SnapshotEntry(
+            key=key, value=entry.value, version=entry.version,
+            expire_at=_seconds(entry.expire_at)))
+        size += len(key) + len(entry.value) + 32
+        if size >= SNAPSHOT_PIECE_BYTES:
+            yield 0, piece.SerializeToString()
+            sent = True
+            piece = cpb.SnapshotPiece(revision=revision)
+            size = 0
+    if piece.entries or not sent:
+        yield 0, piece.SerializeToString()
+
+
 def encode(change: Change) -> bytes:
     wire = cpb.KeyChange(
         kind=_TO_WIRE[change.type], key=change.key, value=change.value,
@@ -79,6 +98,7 @@ class CacheMachine:
 
     service = CACHE
     durable = False
+    additive_restore = True  # each snapshot piece holds keys no other piece has
 
     def __init__(self, group: Group, budget: Budget, policy: str,
                  publish: Callable[[Change], None], clock: Clock = SYSTEM_CLOCK) -> None:
@@ -113,23 +133,11 @@ class CacheMachine:
             return Applied(self.store.mirror(decode(command.payload)))
         return Applied(self.store.apply(change))  # the operation delivers to listeners
 
-    def snapshot(self) -> list[tuple[int, bytes]]:
-        revision, items = self.store.export()
-        pieces: list[tuple[int, bytes]] = []
-        piece = cpb.SnapshotPiece(revision=revision)
-        size = 0
-        for key, entry in items:
-            piece.entries.append(cpb.SnapshotEntry(
-                key=key, value=entry.value, version=entry.version,
-                expire_at=_seconds(entry.expire_at)))
-            size += len(key) + len(entry.value) + 32
-            if size >= SNAPSHOT_PIECE_BYTES:
-                pieces.append((0, piece.SerializeToString()))
-                piece = cpb.SnapshotPiece(revision=revision)
-                size = 0
-        if piece.entries or not pieces:
-            pieces.append((0, piece.SerializeToString()))
-        return pieces
+    def snapshot(self) -> Iterator[tuple[int, bytes]]:
+        # Captured now (a shallow copy), serialized a piece at a time as the
+        # stream asks: a million keys never hold the event loop in one step.
+        revision, items = self.store.capture()
+        return _pieces(revision, items)
 
     def restore(self, chunks: Iterable[tuple[int, bytes]]) -> tuple[()]:
         revision = 0

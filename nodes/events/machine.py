@@ -46,6 +46,7 @@ class EventsMachine:
 
     service = EVENTS
     durable = True
+    additive_restore = False
 
     def __init__(self, group: Group, journal: JournalReader,
                  on_leave: Callable[[int], None] | None = None) -> None:

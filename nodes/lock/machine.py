@@ -31,6 +31,7 @@ class LockMachine:
 
     service = LOCK
     durable = False
+    additive_restore = False
 
     def __init__(self, group: Group, limits: LockLimits, count: LeaseCount | None = None,
                  clock: Clock = SYSTEM_CLOCK) -> None:

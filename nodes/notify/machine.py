@@ -62,6 +62,7 @@ class NotifyMachine:
 
     service = NOTIFY
     durable = True
+    additive_restore = False
 
     def __init__(self, group: Group, journal: JournalReader,
                  on_leave: Callable[[int], None] | None = None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -89,6 +89,7 @@ class Group:
         self._unflushed: deque[tuple[int, int]] = deque()
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.dropped = False  # its durable rows were deleted (it left this node)
+        self.closed = False  # it left this node
         # Read back from disk at start-up: the durable services hold their
         # state at the copy's position, the in-memory ones hold nothing, so this
         # copy can become a primary (the group was lost) but not a replica that
@@ -307,13 +308,15 @@ class Group:
     # -- snapshots -----------------------------------------------------------
 
     def take_snapshot(self, services: Collection[int] = ()
-                      ) -> tuple[int, int, list[tuple[int, int, bytes]]]:
-        """``(epoch, seq, [(service, slot, data)])``: this copy's state (of
-        ``services`` only, if named), at once."""
+                      ) -> tuple[int, int, Iterator[tuple[int, int, bytes]]]:
+        """``(epoch, seq, (service, slot, data) chunks)``: this copy's state (of
+        ``services`` only, if named), captured at once, its chunks made as they
+        are iterated."""
         epoch, seq = self.applied
-        chunks = [(service, slot, data) for service, machine in self.machines.items()
-                  if not services or service in services
-                  for slot, data in machine.snapshot()]
+        captured = [(service, machine.snapshot()) for service, machine in self.machines.items()
+                    if not services or service in services]
+        chunks = ((service, slot, data) for service, pieces in captured
+                  for slot, data in pieces)
         return epoch, seq, chunks
 
     def in_memory_services(self) -> list[int]:
@@ -322,6 +325,19 @@ class Group:
 
     def install(self, epoch: int, seq: int, chunks: Iterable[tuple[int, int, bytes]]) -> None:
         """Replace this copy's state by a snapshot taken at ``(epoch, seq)``."""
+        for _ in self.installing(epoch, seq, chunks):
+            pass
+
+    def installing(self, epoch: int, seq: int, chunks: Iterable[tuple[int, int, bytes]]
+                   ) -> Generator[None, None, None]:
+        """`install`, a piece at a time: it yields after each chunk given to a
+        machine whose restore is additive (the cache: a million keys take seconds
+        to load), so the caller can let the event loop run in between.
+
+        The copy must refuse batches meanwhile (``snapshotting``). Closed before
+        the end, it is left empty at ``(0, 0)``: its primary then sends a whole
+        snapshot again.
+        """
         by_service: dict[int, list[tuple[int, bytes]]] = {k: [] for k in self._factories}
         for service, slot, data in chunks:
             by_service.setdefault(service, []).append((slot, data))
@@ -332,11 +348,33 @@ class Group:
         self.restored = False
         self.volatile_seq = 0
         self.machines = {k: f(self) for k, f in self._factories.items()}
-        for service, machine in self.machines.items():
-            writes = machine.restore(by_service.get(service, []))
-            if writes:
-                self._persist(epoch, seq, writes)
+        done = False
+        try:
+            for service, machine in self.machines.items():
+                yield from self._restore(machine, by_service.get(service, []), epoch, seq)
+            done = True
+        finally:
+            if not done and not self.closed:
+                self._forget()
         log.info("group %d: installed a snapshot at (%d, %d)", self.group_id, epoch, seq)
+
+    def _restore(self, machine: StateMachine, pieces: list[tuple[int, bytes]], epoch: int,
+                 seq: int) -> Iterator[None]:
+        """Restore ``machine`` from ``pieces``; yield after each if it restores additively."""
+        if machine.additive_restore:
+            for piece in pieces:
+                machine.restore([piece])
+                yield
+            return
+        writes = machine.restore(pieces)
+        if writes:
+            self._persist(epoch, seq, writes)
+
+    def _forget(self) -> None:
+        """Back to an empty copy at ``(0, 0)`` (a snapshot was left half installed)."""
+        self.close_machines()
+        self.log.reset(0, 0)
+        self.machines = {k: f(self) for k, f in self._factories.items()}
 
     def install_in_memory(self, epoch: int, seq: int,
                           chunks: Iterable[tuple[int, int, bytes]]) -> bool:
@@ -345,20 +383,38 @@ class Group:
         durable ones stay where the disk left them and replay the commands after
         that from the primary's log. False (nothing changed) unless this copy is
         still a restored one behind ``seq``."""
-        if not self.restored or seq < self.log.last_seq:
+        if not self.takes_in_memory(seq):
             return False
+        for _ in self.installing_in_memory(epoch, seq, chunks):
+            pass
+        return True
+
+    def takes_in_memory(self, seq: int) -> bool:
+        """Whether `install_in_memory` of a snapshot at ``seq`` would change anything."""
+        return self.restored and seq >= self.log.last_seq
+
+    def installing_in_memory(self, epoch: int, seq: int,
+                             chunks: Iterable[tuple[int, int, bytes]]
+                             ) -> Generator[None, None, None]:
+        """`install_in_memory` (once `takes_in_memory`), a piece at a time as
+        `installing`. Closed before the end, the copy still asks for a snapshot."""
         by_service: dict[int, list[tuple[int, bytes]]] = {}
         for service, slot, data in chunks:
             by_service.setdefault(service, []).append((slot, data))
         self._empty_in_memory()
-        for service, machine in self.machines.items():
-            if not machine.durable:
-                machine.restore(by_service.get(service, []))
+        done = False
+        try:
+            for service, machine in list(self.machines.items()):
+                if not machine.durable:
+                    yield from self._restore(machine, by_service.get(service, []), epoch, seq)
+            done = True
+        finally:
+            if not done and not self.closed:
+                self._empty_in_memory()  # still `restored`: it asks again
         self.volatile_seq, self.volatile_epoch = seq, self.epoch
         self.restored = False
         log.info("group %d: caught up from disk at seq %d; in-memory services copied "
                  "at (%d, %d)", self.group_id, self.log.last_seq, epoch, seq)
-        return True
 
     def _empty_in_memory(self) -> None:
         """Replace the in-memory services' machines by empty ones."""
@@ -378,6 +434,7 @@ class Group:
         self.close_machines()
         self._release_durable_waiters(all_of_them=True)
         self.log.release()
+        self.closed = True
 
     # -- durability ------------------------------------------------------------
 

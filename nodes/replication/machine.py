@@ -68,12 +68,17 @@ class StateMachine(Protocol):
     service: rpb.ServiceKind.ValueType
     durable: bool
     """Whether the state is kept on the node's disk (and read back at start-up)."""
+    additive_restore: bool
+    """Whether `restore` may be called once per chunk of one snapshot, each call
+    adding that chunk's state: a big snapshot is then installed a piece at a time."""
 
     def apply(self, command: rpb.Command) -> Applied:
         """Apply one command issued by the group's primary."""
 
-    def snapshot(self) -> list[tuple[int, bytes]]:
-        """A consistent copy of the state as ``(slot, data)`` chunks, taken at once."""
+    def snapshot(self) -> Iterable[tuple[int, bytes]]:
+        """A consistent copy of the state as ``(slot, data)`` chunks: captured in
+        the call, in one step; the chunks may be made as they are iterated (a big
+        state then never holds the event loop for long)."""
 
     def restore(self, chunks: Iterable[tuple[int, bytes]]) -> Sequence[Persist]:
         """Replace the (empty) state by a snapshot's chunks; what to persist."""

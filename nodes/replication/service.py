@@ -211,15 +211,27 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                 epoch, seq, chunks = await fetch_snapshot(
                     self._replication.channel(address), group.group_id, batch.epoch,
                     self._replication.signer, services=in_memory or ())
-            if group.epoch > batch.epoch or group.is_primary:
+            def moved_on() -> bool:
+                return group.epoch > batch.epoch or group.is_primary or group.closed
+
+            if moved_on():
                 return  # the world moved on while we copied
             size = sum(len(data) for _, _, data in chunks)
-            if in_memory is not None:
-                if group.install_in_memory(epoch, seq, chunks):
-                    self._replication.count_snapshot("in_memory", size)
+            if in_memory is None:
+                kind, steps = "full", group.installing(epoch, seq, chunks)
+            elif group.takes_in_memory(seq):
+                kind, steps = "in_memory", group.installing_in_memory(epoch, seq, chunks)
             else:
-                group.install(epoch, seq, chunks)
-                self._replication.count_snapshot("full", size)
+                kind, steps = "", None  # nothing to change: the ack says where it is
+            if steps is not None:
+                # A piece at a time, the loop free in between: the node's other
+                # groups, its etcd lease and its callers go on meanwhile.
+                with contextlib.closing(steps):
+                    for _ in steps:
+                        await asyncio.sleep(0)
+                        if moved_on():
+                            return  # closed halfway: the copy asks for a snapshot again
+                self._replication.count_snapshot(kind, size)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -248,16 +260,21 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                 f"not the primary of group {request.group_id} at epoch {request.epoch}",
                 reason).to_status())
             return
-        epoch, seq, chunks = group.take_snapshot(request.services)  # one step: consistent
+        # Captured in one step (consistent), then serialized a chunk at a time with
+        # the loop free in between: other calls go on while a big group streams.
+        epoch, seq, chunks = group.take_snapshot(request.services)
         crc = 0
         total = 0
+        count = 0
         for service, slot, data in chunks:
             crc = zlib.crc32(data, crc)
             total += len(data)
+            count += 1
             yield rpb.SnapshotResponse(chunk=rpb.SnapshotChunk(
                 service=service, slot=slot, data=data))  # type: ignore[arg-type]
+            await asyncio.sleep(0)
         yield rpb.SnapshotResponse(end=rpb.SnapshotEnd(
-            last_epoch=epoch, last_seq=seq, chunks=len(chunks), bytes=total, crc32=crc))
+            last_epoch=epoch, last_seq=seq, chunks=count, bytes=total, crc32=crc))
 
     async def GetPosition(
         self, request: rpb.GetPositionRequest, context: grpc.aio.ServicerContext

@@ -46,6 +46,7 @@ class SchedulerMachine:
 
     service = SCHEDULER
     durable = True
+    additive_restore = False
 
     def __init__(self, group: Group, journal: JournalReader, limits: SchedulerLimits,
                  clock: Clock = SYSTEM_CLOCK) -> None:

@@ -218,3 +218,42 @@ def test_restore_copies_a_snapshot_and_persists_nothing() -> None:
     machine = copy.machines[CACHE]
     assert not machine.restore(primary.machines[CACHE].snapshot())
     assert _store(copy).export() == _store(primary).export()
+
+
+def test_a_snapshot_is_the_state_when_taken_though_made_piece_by_piece() -> None:
+    primary = _group("a", ManualClock(wall_ns=T0))
+    store = _store(primary)
+    store.mset([(f"k{i:05d}", b"v" * 200, None) for i in range(6000)])  # > 2 pieces
+    taken = store.export()
+    pieces = iter(primary.machines[CACHE].snapshot())
+    first = next(pieces)
+    # Writes after the capture, while the rest is still being made.
+    store.set("k00000", b"changed")
+    store.delete("k05999")
+    store.set("new", b"x")
+    copy = _group("b", NoClock(), primary=False)
+    rest = list(pieces)
+    assert len(rest) >= 2
+    copy.machines[CACHE].restore([first, *rest])
+    assert _store(copy).export() == taken
+
+
+def test_a_snapshot_installs_a_piece_at_a_time_and_one_left_halfway_leaves_an_empty_copy(
+) -> None:
+    primary = _group("a", ManualClock(wall_ns=T0))
+    store = _store(primary)
+    store.mset([(f"k{i:05d}", b"v" * 200, None) for i in range(6000)])
+    epoch, seq, taken = primary.take_snapshot()
+    chunks = list(taken)
+    assert len(chunks) >= 3
+
+    copy = _group("b", NoClock(), primary=False)
+    steps = copy.installing(epoch, seq, chunks)
+    next(steps)
+    assert 0 < len(_store(copy).export()[1]) < 6000  # the first piece only
+    steps.close()  # e.g. the group moved on meanwhile
+    assert copy.applied == (0, 0) and _store(copy).export() == (0, [])
+
+    assert sum(1 for _ in copy.installing(epoch, seq, chunks)) == len(chunks)
+    assert copy.applied == (epoch, seq)
+    assert _store(copy).export() == store.export()

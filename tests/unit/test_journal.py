@@ -20,6 +20,7 @@ class Notes:
 
     service = KIND
     durable = True
+    additive_restore = False
 
     def __init__(self, group: Group, journal: Journal) -> None:
         self.group = group

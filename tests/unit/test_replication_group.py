@@ -25,6 +25,7 @@ class Recorder:
 
     service = rpb.SERVICE_KIND_CACHE
     durable = False
+    additive_restore = False
 
     def __init__(self, group: Group) -> None:
         self.applied: list[bytes] = []
@@ -257,6 +258,7 @@ class DurableRecorder(Recorder):
 
     service = rpb.SERVICE_KIND_EVENTS
     durable = True
+    additive_restore = False
 
 
 def both(node: str, durable: DurableCopy | None = None) -> Group:
@@ -298,7 +300,8 @@ def test_a_copy_restarted_from_disk_copies_only_its_in_memory_state() -> None:
     assert install is not None and install.install_snapshot and install.keep_durable
     # The in-memory service's state at seq 5; the durable one's stays at seq 2.
     assert replica.in_memory_services() == [cache]
-    epoch, seq, chunks = primary.take_snapshot([cache])
+    epoch, seq, taken = primary.take_snapshot([cache])
+    chunks = list(taken)  # made as iterated: once
     assert {service for service, _, _ in chunks} == {cache}
     assert replica.install_in_memory(epoch, seq, chunks)
     tracker.on_ack(replica.ack_ok())
