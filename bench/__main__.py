@@ -12,7 +12,9 @@ clusters (``bench.stack``), lock acquire+release cycles against etcd's own lock
 on the same etcd (``bench.locks``), event store appends, reads and subscription
 delivery against an echo server (``bench.events``), job scheduler enqueues and
 end-to-end jobs against Celery with a Redis broker (``bench.scheduler``),
-failover time and rebalance time, on 3- and 4-node clusters.
+failover time and rebalance time, on 3- and 4-node clusters; then the cost as data
+grows (``bench.growth``): node memory per cache key against Redis's, and a
+replica's catch-up of a group holding every key, with GET latency meanwhile.
 
 Each workload's warmup and window are split into ``--rounds`` rounds and the
 rounds run interleaved (every workload once, then again, ...), so a load spike on
@@ -56,19 +58,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="primaries killed, each in a fresh 3-node cluster (default 3)")
     p.add_argument("--rebalance-keys", type=int, default=100_000,
                    help="keys the 3 nodes hold when a 4th joins (default 100000)")
+    p.add_argument("--growth-keys", type=int, default=1_000_000,
+                   help="100-byte cache keys loaded into one node and Redis to compare "
+                        "memory, then copied to a new replica (default 1000000)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 0.2 s windows after 0.05 s warmups, one round, "
-                        "one failover, 2000 keys to rebalance")
+                        "one failover, 2000 keys to rebalance, 20000 keys to grow")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help=f"where to write the JSON results (default {DEFAULT_OUTPUT})")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.rounds = 0.2, 0.05, 1
-        args.failover_runs, args.rebalance_keys = 1, 2000
+        args.failover_runs, args.rebalance_keys, args.growth_keys = 1, 2000, 20_000
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
         p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
-    if args.failover_runs < 1 or args.rebalance_keys < 1:
-        p.error("--failover-runs and --rebalance-keys must be >= 1")
+    if args.failover_runs < 1 or args.rebalance_keys < 1 or args.growth_keys < 1:
+        p.error("--failover-runs, --rebalance-keys and --growth-keys must be >= 1")
     return args
 
 

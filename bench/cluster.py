@@ -1,7 +1,7 @@
 """The cluster rows: replicated Set throughput, the interceptor stack's cost against a
 bare node, lock throughput against etcd's lock, event store throughput against the
 echo server, job scheduler throughput against Celery on Redis, failover time,
-rebalance time.
+rebalance time, memory per key against Redis and a big group's catch-up.
 
 They run after the single-node rows, on an etcd of their own; each scenario
 uses its own cluster names, and stops every process it started before the next
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import events, failover, locks, rebalance, replicated, scheduler
+from bench import events, failover, growth, locks, rebalance, replicated, scheduler
 from bench import stack as interceptors
 from bench.timing import Measurement
 from common.localmesh import Etcd
@@ -54,10 +54,12 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         pause = 0.5 if args.quick else 1.0  # writes before the kill and after recovery
         runs = failover.run(workdir, etcd.endpoint, args.failover_runs, pause, pause)
         joined = rebalance.run(workdir, etcd.endpoint, args.rebalance_keys)
+        grown = growth.run(workdir, etcd.endpoint, args.growth_keys)
     return ClusterResults(sets + gets + cycles + stored + jobs, {
         "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
         "rebalance": {"setup": f"3 nodes, R=1 sync, {rebalance.VALUE_BYTES}-byte values "
                                f"loaded by mset in batches of {rebalance.BATCH}; a 4th joins",
                       **_rounded(asdict(joined))},
+        "growth": {"setup": growth.SETUP, "goal_ratio": growth.GOAL, **asdict(grown)},
     })

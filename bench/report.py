@@ -293,7 +293,7 @@ def _spread(values: dict[str, float] | None) -> str:
 
 def _scenario_lines(results: dict[str, Any]) -> list[str]:
     """The failover and rebalance times, then what they left behind."""
-    f, r = results["failover"], results["rebalance"]
+    f, r, g = results["failover"], results["rebalance"], results["growth"]
     runs = len(f["runs"])
     probe_errors = "; ".join(
         ", ".join(f"{n} x {e}" for e, n in run["probe_errors"].items()) or "none"
@@ -317,6 +317,36 @@ def _scenario_lines(results: dict[str, Any]) -> list[str]:
         f"slots ({r['new_node_groups']} of {r['groups']} groups); {r['keys_read_back']:,} of "
         f"{r['keys']:,} keys read back; node READY {r['node_ready_s']:.2f} s after launch; "
         f"load took {r['load_s']:.2f} s ({r['keys'] / r['load_s']:,.0f} keys/s).",
+        *_growth_lines(g),
+    ]
+
+
+def _growth_lines(g: dict[str, Any]) -> list[str]:
+    """Memory per key against Redis, and the big group's catch-up."""
+    before, during = g["get_before_ms"], g["get_during_ms"]
+    met = "met" if g["ratio"] <= g["goal_ratio"] else "NOT met"
+    return [
+        "",
+        f"Cost as data grows ({g['setup']}; {g['keys']:,} keys):",
+        "",
+        "| measure | Mesh | Redis | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        f"| memory per key (bytes: node RSS growth vs used_memory growth) "
+        f"| {g['node_bytes_per_key']:,.0f} | {g['redis_bytes_per_key']:,.0f} "
+        f"| {g['ratio']:.2f}x |",
+        f"| memory per key (bytes: RSS growth of each) | {g['node_bytes_per_key']:,.0f} "
+        f"| {g['redis_rss_bytes_per_key']:,.0f} "
+        f"| {g['node_bytes_per_key'] / max(g['redis_rss_bytes_per_key'], 1):.2f}x |",
+        "",
+        f"Goal: memory per key <= {g['goal_ratio']}x Redis's: {met}.",
+        f"- A second node joined: in sync with the {g['keys']:,}-key group "
+        f"{g['settled_s']:.2f} s after launch (READY after {g['node_ready_s']:.2f} s); "
+        f"its RSS grew {g['replica_bytes_per_key']:,.0f} bytes per key.",
+        f"- GET of one of its keys on the primary, ms (p50 / p99 / max): before "
+        f"{before['p50']:.2f} / {before['p99']:.2f} / {before['max']:.2f} "
+        f"({before['n']:,} reads); during the catch-up {during['p50']:.2f} / "
+        f"{during['p99']:.2f} / {during['max']:.2f} ({during['n']:,} reads, "
+        f"{g['get_errors_during']} errors).",
     ]
 
 

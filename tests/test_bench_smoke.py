@@ -108,6 +108,9 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     assert "| rebalance: 4th node launched -> map settled over 4 nodes" in run.stdout
     _check_failover(results["failover"])
     _check_rebalance(results["rebalance"])
+    assert "| memory per key (bytes: node RSS growth vs used_memory growth)" in run.stdout
+    assert "Goal: memory per key <= 3.0x Redis's:" in run.stdout
+    _check_growth(results["growth"])
 
 
 def _check_locks(results: dict[str, Any], stdout: str) -> None:
@@ -190,3 +193,17 @@ def _check_rebalance(rebalance: dict[str, Any]) -> None:
     assert rebalance["settled_s"] >= rebalance["node_ready_s"]
     assert 0 <= rebalance["new_node_slot_share"] <= 1
     assert 0 <= rebalance["new_node_groups"] <= rebalance["groups"]
+
+
+def _check_growth(growth: dict[str, Any]) -> None:
+    assert growth["keys"] == 20_000  # --quick
+    for key in ("node_bytes_per_key", "redis_bytes_per_key", "ratio", "settled_s"):
+        assert growth[key] > 0, key
+    assert growth["ratio"] == pytest.approx(
+        growth["node_bytes_per_key"] / growth["redis_bytes_per_key"], rel=0.01)
+    assert growth["settled_s"] >= growth["node_ready_s"] > 0
+    for window in ("get_before_ms", "get_during_ms"):
+        spread = growth[window]
+        assert spread["n"] >= 1, window
+        assert 0 < spread["p50"] <= spread["max"] and spread["p99"] <= spread["max"], window
+    assert growth["get_errors_during"] >= 0
