@@ -1,5 +1,8 @@
 """``python -m bench``: start the servers, run every workload, print and save the results.
 
+The results go to ``--output`` (results.json) and a chart of every ratio against
+its goal next to it (results.png, ``bench.chart``).
+
 Options: ``--seconds`` (measured window per workload), ``--warmup``, ``--rounds``,
 ``--failover-runs``, ``--rebalance-keys``, ``--quick`` (a smoke run with tiny
 sizes), ``--output`` (results.json path).
@@ -36,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from bench import aio, cluster, report, standalone
+from bench import aio, chart, cluster, report, standalone
 from bench.progress import Progress
 from bench.services import Endpoints, running_services
 from bench.timing import Measurement, combine, measure
@@ -131,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                            clustered.scenarios)
     print(report.markdown(results))
     report.write_json(results, args.output)
-    print(f"\nresults written to {args.output}", file=sys.stderr)
+    picture = args.output.with_suffix(".png")
+    chart.draw(results, picture)
+    print(f"\nresults written to {args.output}, chart to {picture}", file=sys.stderr)
     return 0
 
 

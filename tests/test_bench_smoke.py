@@ -78,6 +78,7 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     assert "| workload | Mesh | baseline | ratio |" in run.stdout
 
     results = json.loads(output.read_text())
+    assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     for key in ("python", "grpcio", "cpu_count", "timestamp"):
         assert results[key], key
 
