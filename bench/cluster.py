@@ -1,7 +1,8 @@
 """The cluster rows: replicated Set throughput, the interceptor stack's cost against a
 bare node, lock throughput against etcd's lock, event store throughput against the
 echo server, job scheduler throughput against Celery on Redis, failover time,
-rebalance time, memory per key against Redis and a big group's catch-up.
+rebalance time, memory per key against Redis and a big group's catch-up, and what
+a growing cluster costs (placement balance, coordinator CPU, map fan-out).
 
 They run after the single-node rows, on an etcd of their own; each scenario
 uses its own cluster names, and stops every process it started before the next
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import events, failover, growth, locks, rebalance, replicated, scheduler
+from bench import events, failover, growth, locks, rebalance, replicated, scale, scheduler
 from bench import stack as interceptors
 from bench.timing import Measurement
 from common.localmesh import Etcd
@@ -55,6 +56,7 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         runs = failover.run(workdir, etcd.endpoint, args.failover_runs, pause, pause)
         joined = rebalance.run(workdir, etcd.endpoint, args.rebalance_keys)
         grown = growth.run(workdir, etcd.endpoint, args.growth_keys)
+        scaled = scale.run(etcd.endpoint, scale.QUICK if args.quick else scale.Sizes())
     return ClusterResults(sets + gets + cycles + stored + jobs, {
         "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
@@ -62,4 +64,5 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
                                f"loaded by mset in batches of {rebalance.BATCH}; a 4th joins",
                       **_rounded(asdict(joined))},
         "growth": {"setup": growth.SETUP, "goal_ratio": growth.GOAL, **asdict(grown)},
+        "scale": scaled,
     })

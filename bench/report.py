@@ -318,7 +318,24 @@ def _scenario_lines(results: dict[str, Any]) -> list[str]:
         f"{r['keys']:,} keys read back; node READY {r['node_ready_s']:.2f} s after launch; "
         f"load took {r['load_s']:.2f} s ({r['keys'] / r['load_s']:,.0f} keys/s).",
         *_growth_lines(g),
+        *_scale_lines(results["scale"]),
     ]
+
+
+def _scale_lines(s: dict[str, Any]) -> list[str]:
+    """Placement balance and coordinator CPU by cluster size, and the map's fan-out."""
+    lines = ["", f"Cost as the cluster grows ({s['setup']}):", "",
+             "| groups | nodes | busiest node's primaries / mean | coordinator CPU for a join "
+             "(s) | map bytes |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for row in s["placement"]:
+        lines.append(f"| {row['groups']:,} | {row['nodes']} | {row['busiest_over_mean']:.3f} "
+                     f"| {row['join']['cpu_s']:.3f} | {row['join']['map_bytes']:,} |")
+    f = s["fanout"]
+    lines += ["", f"- A new {f['groups']:,}-group map ({f['map_bytes']:,} bytes) reached "
+                  f"{f['followers']} etcd watchers in {f['median_s'] * 1e3:.0f} ms (median; max "
+                  f"{f['max_s'] * 1e3:.0f} ms); parsing it costs a node "
+                  f"{f['parse_cpu_s'] * 1e3:.0f} ms of CPU."]
+    return lines
 
 
 def _growth_lines(g: dict[str, Any]) -> list[str]:

@@ -112,6 +112,8 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     assert "| memory per key (bytes: node RSS growth vs used_memory growth)" in run.stdout
     assert "Goal: memory per key <= 3.0x Redis's:" in run.stdout
     _check_growth(results["growth"])
+    assert "| groups | nodes | busiest node's primaries / mean |" in run.stdout
+    _check_scale(results["scale"])
 
 
 def _check_locks(results: dict[str, Any], stdout: str) -> None:
@@ -208,3 +210,17 @@ def _check_growth(growth: dict[str, Any]) -> None:
         assert spread["n"] >= 1, window
         assert 0 < spread["p50"] <= spread["max"] and spread["p99"] <= spread["max"], window
     assert growth["get_errors_during"] >= 0
+
+
+def _check_scale(scale: dict[str, Any]) -> None:
+    rows = {(r["groups"], r["nodes"]): r for r in scale["placement"]}
+    assert set(rows) == {(g, n) for g in (256, 4096) for n in (10, 50)}  # --quick
+    for (groups, nodes), row in rows.items():
+        # Groups move whole: the busiest node has at least ceil(G/N) of them.
+        floor = -(-groups // nodes) / (groups / nodes)
+        assert row["busiest_over_mean"] == pytest.approx(floor, abs=0.001), (groups, nodes)
+        assert row["join"]["cpu_s"] > 0 and row["join"]["map_bytes"] > 0
+    fanout = scale["fanout"]
+    assert fanout["followers"] == 10
+    assert 0 < fanout["median_s"] <= fanout["max_s"]
+    assert fanout["parse_cpu_s"] > 0
