@@ -2,7 +2,8 @@
 bare node, lock throughput against etcd's lock, event store throughput against the
 echo server, job scheduler throughput against Celery on Redis, failover time,
 rebalance time, memory per key against Redis and a big group's catch-up, and what
-a growing cluster costs (placement balance, coordinator CPU, map fan-out).
+a growing cluster costs (placement balance, coordinator CPU, map fan-out), and
+notification fan-out against Redis Pub/Sub.
 
 They run after the single-node rows, on an etcd of their own; each scenario
 uses its own cluster names, and stops every process it started before the next
@@ -17,7 +18,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import events, failover, growth, locks, rebalance, replicated, scale, scheduler
+from bench import (
+    events,
+    failover,
+    growth,
+    locks,
+    notify,
+    rebalance,
+    replicated,
+    scale,
+    scheduler,
+)
 from bench import stack as interceptors
 from bench.timing import Measurement
 from common.localmesh import Etcd
@@ -57,6 +68,8 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         joined = rebalance.run(workdir, etcd.endpoint, args.rebalance_keys)
         grown = growth.run(workdir, etcd.endpoint, args.growth_keys)
         scaled = scale.run(etcd.endpoint, scale.QUICK if args.quick else scale.Sizes())
+        fanned = notify.run(workdir, etcd.endpoint, notify.QUICK if args.quick
+                            else notify.Sizes())
     return ClusterResults(sets + gets + cycles + stored + jobs, {
         "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
@@ -65,4 +78,5 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
                       **_rounded(asdict(joined))},
         "growth": {"setup": growth.SETUP, "goal_ratio": growth.GOAL, **asdict(grown)},
         "scale": scaled,
+        "notify": fanned,
     })

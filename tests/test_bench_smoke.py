@@ -114,6 +114,8 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     _check_growth(results["growth"])
     assert "| groups | nodes | busiest node's primaries / mean |" in run.stdout
     _check_scale(results["scale"])
+    assert "| subscribers | side | p50 ms | p99 ms | delivered msgs/s | vs Redis |" in run.stdout
+    _check_notify(results["notify"])
 
 
 def _check_locks(results: dict[str, Any], stdout: str) -> None:
@@ -224,3 +226,12 @@ def _check_scale(scale: dict[str, Any]) -> None:
     assert fanout["followers"] == 10
     assert 0 < fanout["median_s"] <= fanout["max_s"]
     assert fanout["parse_cpu_s"] > 0
+
+
+def _check_notify(notify: dict[str, Any]) -> None:
+    assert [row["subscribers"] for row in notify["rows"]] == [1, 10]  # --quick
+    for row in notify["rows"]:
+        for side in ("mesh", "mesh_ephemeral", "redis"):
+            m = row[side]
+            assert 0 < m["p50_ms"] <= m["p99_ms"], (row["subscribers"], side)
+            assert m["delivered_per_s"] > 0, (row["subscribers"], side)
