@@ -14,9 +14,9 @@ NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
 BUF_STAMP := tools/buf/node_modules/.package-lock.json
 BUF := tools/buf/node_modules/.bin/buf
 
-.PHONY: dist setup bytecode generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools
+.PHONY: dist setup bytecode generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools chromium
 
-setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools bytecode
+setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools chromium bytecode
 
 # Compile the checkout's modules once. Where PYTHONDONTWRITEBYTECODE is set (as
 # on the CI machines) nothing else writes .pyc files, so every node, coordinator
@@ -64,6 +64,14 @@ netns-tools:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null; \
 	  else echo "ip and nft are missing: install Debian's iproute2 and nftables packages" >&2; exit 1; fi; }
+
+# Debian's Chromium, for the gateway's browser test (Playwright drives it; its own
+# browser download is not reachable from the test machines).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "chromium is missing: install Debian's chromium package" >&2; exit 1; fi; }
 
 run: setup
 	$(PY) -m meshctl up --nodes 3

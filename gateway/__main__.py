@@ -31,6 +31,7 @@ from gateway.upstream import Upstream
 from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
 from mesh.lock.v1 import lock_pb2
+from mesh.notify.v1 import notify_pb2
 from mesh.scheduler.v1 import scheduler_pb2
 
 GRACE = 5
@@ -42,7 +43,8 @@ def public_services() -> list[descriptor.ServiceDescriptor]:
     return [cache_pb2.DESCRIPTOR.services_by_name["CacheService"],
             lock_pb2.DESCRIPTOR.services_by_name["LockService"],
             events_pb2.DESCRIPTOR.services_by_name["EventsService"],
-            scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]]
+            scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
+            notify_pb2.DESCRIPTOR.services_by_name["NotifyService"]]
 
 
 class _Server(uvicorn.Server):
@@ -90,7 +92,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
         comments = Comments.load(Path(mesh.__file__).parent / "descriptors.binpb")
         gateway = Gateway(RouteTable(routes), Upstream(cluster, config.call_timeout), limiter,
                           document(routes, comments), config.max_body_bytes,
-                          config.sse_keepalive, GatewayMetrics())
+                          config.sse_keepalive, GatewayMetrics(), config.websocket)
         app = create_app(gateway, config.cors_origins)
         try:
             sock = _bind(config.listen)
@@ -102,7 +104,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
             app, log_config=None, access_log=False, lifespan="off",
             proxy_headers=bool(config.forwarded_allow_ips),
             forwarded_allow_ips=config.forwarded_allow_ips or None,
-            timeout_graceful_shutdown=GRACE))
+            ws_max_size=config.max_body_bytes, timeout_graceful_shutdown=GRACE))
         serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         listening = asyncio.get_running_loop().create_task(server.listening.wait())
         await asyncio.wait({serving, listening}, return_when=asyncio.FIRST_COMPLETED)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +33,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
 
 from clients.errors import MeshError
 from common.metrics import LATENCY_BUCKETS
@@ -39,9 +42,11 @@ from gateway import sse
 from gateway.errors import GatewayError, error_response
 from gateway.limits import EdgeLimiter
 from gateway.openapi import docs_page
+from gateway.positions import CursorError
 from gateway.rules import RouteTable
 from gateway.transcode import FieldError, request_of, to_json
 from gateway.upstream import Call, Upstream
+from gateway.websocket import WebSocketSettings, serve_socket, streaming_rpcs
 
 __all__ = ["Gateway", "create_app"]
 
@@ -77,6 +82,8 @@ class GatewayMetrics:
             ["scope"], registry=self.registry)
         self.streams = Gauge("mesh_gateway_sse_streams", "Event streams open",
                              registry=self.registry)
+        self.sockets = Gauge("mesh_gateway_websockets", "WebSockets open",
+                             registry=self.registry)
         self.map_loaded = Gauge("mesh_gateway_map_loaded",
                                 "1 once the cluster map is loaded", registry=self.registry)
 
@@ -92,6 +99,7 @@ class Gateway:
     max_body_bytes: int
     sse_keepalive: float
     metrics: GatewayMetrics
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
 
 
 def _bearer(authorization: str) -> str:
@@ -154,12 +162,16 @@ async def _api(gateway: Gateway, request: Request) -> Response:
     call = Call(route, message, authorization)
     if not route.streaming:
         return JSONResponse(to_json(await gateway.upstream.unary(call)))
-    method = route.method.full_name
-    sse.prepare(method, message, request.headers.get("last-event-id", ""))
+    try:
+        position = sse.prepare(route.method.full_name, message,
+                               request.headers.get("last-event-id", ""))
+    except CursorError as exc:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "INVALID_ARGUMENT",
+                           violations={"Last-Event-ID": str(exc)}) from None
     stream = await gateway.upstream.stream(call)
     gateway.metrics.streams.inc()
     return StreamingResponse(
-        sse.events(method, stream, gateway.sse_keepalive, gateway.metrics.streams.dec),
+        sse.events(position, stream, gateway.sse_keepalive, gateway.metrics.streams.dec),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -198,7 +210,7 @@ class AccessLog:
                         status, elapsed * 1000, client[0])
 
 
-_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
+_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/live"})
 
 
 def create_app(gateway: Gateway, cors_origins: tuple[str, ...] = ()) -> Starlette:
@@ -232,6 +244,30 @@ def create_app(gateway: Gateway, cors_origins: tuple[str, ...] = ()) -> Starlett
     async def docs(request: Request) -> Response:
         return HTMLResponse(page)
 
+    rpcs = streaming_rpcs(gateway.table.routes)
+
+    async def websocket(socket: WebSocket) -> None:
+        client = socket.client.host if socket.client else ""
+
+        async def admit(authorization: str) -> None:
+            try:
+                await gateway.limiter.admit(_bearer(authorization), client)
+            except GatewayError as exc:
+                gateway.metrics.limited.labels(exc.metadata.get("scope", "store")).inc()
+                raise
+
+        gateway.metrics.sockets.inc()
+        started = time.perf_counter()
+        try:
+            await serve_socket(socket, gateway.upstream, rpcs, gateway.websocket, admit)
+        finally:
+            gateway.metrics.sockets.dec()
+            access.info("WS /v1/ws %.1fs %s", time.perf_counter() - started, client)
+
+    async def live(request: Request) -> Response:
+        return HTMLResponse(live_page)
+
+    live_page = (Path(__file__).parent / "static" / "live.html").read_text()
     page = docs_page(gateway.openapi)
     middleware = [Middleware(AccessLog, metrics=gateway.metrics)]
     if cors_origins:
@@ -246,5 +282,7 @@ def create_app(gateway: Gateway, cors_origins: tuple[str, ...] = ()) -> Starlett
         HttpRoute("/metrics", metrics, methods=["GET"]),
         HttpRoute("/openapi.json", openapi, methods=["GET"]),
         HttpRoute("/docs", docs, methods=["GET"]),
+        HttpRoute("/live", live, methods=["GET"]),
+        WebSocketRoute("/v1/ws", websocket),
         HttpRoute("/{path:path}", api, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ], middleware=middleware)

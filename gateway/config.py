@@ -13,6 +13,7 @@ from common.etcd import EtcdAccess
 from common.process import add_etcd_flags, env, etcd_access
 from common.tls import Tls
 from gateway.limits import EdgeLimits
+from gateway.websocket import WebSocketSettings
 
 __all__ = ["GatewayConfig", "parse_args"]
 
@@ -32,6 +33,7 @@ class GatewayConfig:
     cors_origins: tuple[str, ...] = ()
     limits: EdgeLimits = field(default_factory=EdgeLimits)
     sse_keepalive: float = 15.0
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     forwarded_allow_ips: str = ""
     log_level: str = "info"
     log_format: str = "text"
@@ -54,8 +56,9 @@ def _not_negative(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gateway",
-        description="The Mesh HTTP/JSON gateway: REST routes of the cache, lock, events and "
-                    "scheduler services, transcoded to gRPC calls to the owning nodes.",
+        description="The Mesh HTTP/JSON gateway: REST routes of the cache, lock, events, "
+                    "scheduler and notify services, transcoded to gRPC calls to the owning "
+                    "nodes, and their streams over Server-Sent Events and WebSocket.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--listen", default=env("GATEWAY_LISTEN", DEFAULT_LISTEN),
                    help="host:port of the HTTP server; port 0 picks a free one "
@@ -105,6 +108,21 @@ def parser() -> argparse.ArgumentParser:
                    default=float(env("GATEWAY_SSE_KEEPALIVE", "15")),
                    help="seconds of silence on an event stream before a ': keepalive' comment "
                         "(MESH_GATEWAY_SSE_KEEPALIVE)")
+    p.add_argument("--ws-heartbeat", type=_positive,
+                   default=float(env("GATEWAY_WS_HEARTBEAT", "15")),
+                   help="seconds of silence on a WebSocket before a heartbeat frame "
+                        "(MESH_GATEWAY_WS_HEARTBEAT)")
+    p.add_argument("--ws-idle-timeout", type=_positive,
+                   default=float(env("GATEWAY_WS_IDLE_TIMEOUT", "60")),
+                   help="seconds a WebSocket with no subscription may stay silent before it "
+                        "is closed (MESH_GATEWAY_WS_IDLE_TIMEOUT)")
+    p.add_argument("--ws-max-subscriptions", type=int,
+                   default=int(env("GATEWAY_WS_MAX_SUBSCRIPTIONS", "100")),
+                   help="subscriptions one WebSocket may hold (MESH_GATEWAY_WS_MAX_SUBSCRIPTIONS)")
+    p.add_argument("--ws-resume-timeout", type=_positive,
+                   default=float(env("GATEWAY_WS_RESUME_TIMEOUT", "30")),
+                   help="seconds a failed WebSocket subscription keeps trying to resume before "
+                        "it reports an error (MESH_GATEWAY_WS_RESUME_TIMEOUT)")
     p.add_argument("--forwarded-allow-ips", default=env("GATEWAY_FORWARDED_ALLOW_IPS", ""),
                    help="comma-separated addresses of proxies whose X-Forwarded-For is "
                         "trusted for the client IP; empty: none "
@@ -121,6 +139,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         p.error(f"--listen {a.listen!r}: expected HOST:PORT (port 0: a free one)")
     if a.max_body_bytes < 1:
         p.error("--max-body-bytes must be at least 1")
+    if a.ws_max_subscriptions < 1:
+        p.error("--ws-max-subscriptions must be at least 1")
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     tls = Tls.of(a.tls_cert, a.tls_key, a.tls_ca)
@@ -131,5 +151,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         limits=EdgeLimits(per_token=a.rate_limit_token, per_ip=a.rate_limit_ip,
                           burst=a.rate_limit_burst, redis_url=a.rate_limit_redis,
                           fail_open=a.rate_limit_fail == "open"),
-        sse_keepalive=a.sse_keepalive, forwarded_allow_ips=a.forwarded_allow_ips,
+        sse_keepalive=a.sse_keepalive,
+        websocket=WebSocketSettings(heartbeat=a.ws_heartbeat, idle_timeout=a.ws_idle_timeout,
+                                    max_subscriptions=a.ws_max_subscriptions,
+                                    resume_timeout=a.ws_resume_timeout),
+        forwarded_allow_ips=a.forwarded_allow_ips,
         log_level=a.log_level, log_format=a.log_format)

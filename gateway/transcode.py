@@ -26,7 +26,7 @@ from google.protobuf import descriptor, json_format, message, message_factory
 
 from gateway.rules import Route
 
-__all__ = ["FieldError", "query_fields", "request_of", "to_json"]
+__all__ = ["FieldError", "message_of", "query_fields", "request_of", "to_json"]
 
 FieldDescriptor = descriptor.FieldDescriptor
 
@@ -141,6 +141,12 @@ def request_of(route: Route, variables: Mapping[str, str],
         if key is not None:
             del values[key]
         values[name] = value
+    return message_of(route, values)
+
+
+def message_of(route: Route, values: dict[str, Any]) -> message.Message:
+    """``route``'s request message from its JSON object; raises FieldError."""
+    input_type = route.method.input_type
     _no_stray_booleans(values, input_type, "")
     request = message_factory.GetMessageClass(input_type)()
     try:

@@ -78,15 +78,24 @@ class Call:
         return 0.0
 
     def entry(self) -> str | None:
-        """For a stream that names keys in its first field (a Watch of keys), the
-        first key: the node leading it serves the stream, or forwards it whole."""
+        """For a stream that names keys in its first field (a Watch of keys, a
+        Subscribe to channels), the first key: the node leading it serves the
+        stream, or forwards it whole. A notification subscription of an inbox
+        alone: the inbox's user."""
         fields = self.route.method.input_type.fields
         if not self.route.streaming or not fields:
             return None
         first = fields[0]
-        if first.is_repeated and first.type == descriptor.FieldDescriptor.TYPE_STRING:
-            values = getattr(self.request, first.name)
+        if not first.is_repeated:
+            return None
+        values = getattr(self.request, first.name)
+        if first.type == descriptor.FieldDescriptor.TYPE_STRING:
             return str(values[0]) if values else None
+        if first.message_type is not None and "channel" in first.message_type.fields_by_name:
+            if values:
+                return str(values[0].channel)
+            inbox = getattr(self.request, "inbox", "")
+            return str(inbox) if inbox else None
         return None
 
     def _bound(self, variables: list[str]) -> tuple[str, str | int]:

@@ -38,6 +38,7 @@ CHAOS = frozenset({
     "test_failover.py", "test_partitions.py", "test_etcd_cluster.py", "test_etcd_restart.py",
     "test_restart_catchup.py", "test_stream_liveness.py", "test_events_acceptance.py",
     "test_lock_acceptance.py", "test_scheduler_acceptance.py", "test_notify_failover.py",
+    "test_gateway_ws.py", "test_gateway_browser.py",
 })
 """Files whose point is a fault: processes killed or paused, links cut, etcd lost."""
 

@@ -31,7 +31,8 @@ from tests.conftest import module_cluster, non_owner
 TOKEN = "gw-acme-token"
 OTHER = "gw-globex-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-PUBLIC = ("/mesh.cache.v1.", "/mesh.lock.v1.", "/mesh.events.v1.", "/mesh.scheduler.v1.")
+PUBLIC = ("/mesh.cache.v1.", "/mesh.lock.v1.", "/mesh.events.v1.", "/mesh.scheduler.v1.",
+          "/mesh.notify.v1.")
 
 
 def _auth_flags(workdir: Path) -> list[str]:
@@ -264,7 +265,7 @@ async def test_openapi_lists_every_route_and_validates(http: httpx.AsyncClient) 
     doc = (await http.get("/openapi.json")).json()
     validate(doc)
     routes = routes_of(public_services())
-    assert len(routes) == 35
+    assert len(routes) == 46
     for route in routes:
         operation = doc["paths"][route.template][route.http_method.lower()]
         assert route.path in operation["description"]

@@ -17,6 +17,7 @@ from clients.errors import VersionMismatchError
 from gateway import sse
 from gateway.__main__ import public_services
 from gateway.errors import error_response, status_json
+from gateway.positions import WatchPosition
 from gateway.rules import RouteTable, parse_template, routes_of
 from gateway.transcode import FieldError, request_of, to_json
 from gateway.upstream import Call, Stream
@@ -145,7 +146,7 @@ async def test_a_silent_stream_ends_with_an_error_event() -> None:
     call = _SilentCall()
     ended: list[bool] = []
     frames: AsyncIterator[bytes] = sse.events(
-        "mesh.cache.v1.CacheService.Watch", Stream(call, first, "n:1"),
+        WatchPosition(), Stream(call, first, "n:1"),
         keepalive=0.12, on_end=lambda: ended.append(True))
     received = [frame async for frame in frames]
     assert json.loads(received[0].decode().split("data: ", 1)[1])["created"] is True
@@ -154,7 +155,7 @@ async def test_a_silent_stream_ends_with_an_error_event() -> None:
     assert last.startswith("event: error\n")
     status = json.loads(last.split("data: ", 1)[1])
     assert status["code"] == 14 and status["details"][0]["reason"] == "STREAM_SILENT"
-    assert status["last_event_id"] == "0"
+    assert status["last_event_id"] == ""
     assert call.cancelled and ended == [True]
 
 
@@ -197,3 +198,49 @@ def test_a_requested_wait_extends_the_deadline() -> None:
     assert Call(claim.route, polled, "").wait() == 1.5
     get = find("GET", "/v1/cache/k")
     assert Call(get.route, cache_pb2.GetRequest(key="k"), "").wait() == 0.0
+
+
+def test_a_notification_cursor_carries_every_channel_and_resumes_a_request() -> None:
+    from gateway.positions import CursorError, NotifyPosition
+    from mesh.notify.v1 import notify_pb2
+
+    position = NotifyPosition()
+    assert position.cursor() == ""
+    state = notify_pb2.SubscribeResponse(state=notify_pb2.ChannelState(
+        channel="a", epoch="e1", offset=4, recovered=True))
+    assert position.see(state)
+    assert position.see(notify_pb2.SubscribeResponse(
+        publication=notify_pb2.Publication(channel="a", offset=5)))
+    assert position.see(notify_pb2.SubscribeResponse(state=notify_pb2.ChannelState(
+        inbox="ann", epoch="i1", offset=2)))
+    assert position.see(notify_pb2.SubscribeResponse(
+        inbox_item=notify_pb2.InboxItem(user="ann", cursor=3)))
+    assert not position.see(notify_pb2.SubscribeResponse(heartbeat=notify_pb2.Heartbeat()))
+    again = NotifyPosition()
+    again.restore(position.cursor())
+    request = notify_pb2.SubscribeRequest(
+        channels=[notify_pb2.ChannelSubscription(channel="a"),
+                  notify_pb2.ChannelSubscription(channel="b")], inbox="ann")
+    again.apply(request)
+    assert (request.channels[0].since.epoch, request.channels[0].since.offset) == ("e1", 5)
+    assert not request.channels[1].HasField("since")
+    assert (request.inbox_since.epoch, request.inbox_since.offset) == ("i1", 3)
+    for bad in ("5", "{}", '{"c": {"a": ["e", -1]}}', '{"c": []}', "[1]"):
+        with pytest.raises(CursorError):
+            NotifyPosition().restore(bad)
+
+
+def test_an_event_cursor_is_a_version_and_a_watch_ignores_one() -> None:
+    from gateway.positions import CursorError, EventsPosition
+    from mesh.events.v1 import events_pb2
+
+    position = EventsPosition()
+    with pytest.raises(CursorError):
+        position.restore("v7")
+    position.restore("7")
+    request = events_pb2.SubscribeRequest(stream="s")
+    position.apply(request)
+    assert request.after_version == 7
+    watch = WatchPosition()
+    watch.restore("12")  # what a reconnecting EventSource sends: a watch starts from now
+    assert watch.cursor() == ""
