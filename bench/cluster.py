@@ -21,6 +21,7 @@ from typing import Any
 from bench import (
     events,
     failover,
+    gateway,
     growth,
     locks,
     notify,
@@ -70,6 +71,8 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         scaled = scale.run(etcd.endpoint, scale.QUICK if args.quick else scale.Sizes())
         fanned = notify.run(workdir, etcd.endpoint, notify.QUICK if args.quick
                             else notify.Sizes())
+        edge = gateway.run(workdir, etcd.endpoint, gateway.QUICK if args.quick
+                           else gateway.Sizes())
     return ClusterResults(sets + gets + cycles + stored + jobs, {
         "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
@@ -79,4 +82,5 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         "growth": {"setup": growth.SETUP, "goal_ratio": growth.GOAL, **asdict(grown)},
         "scale": scaled,
         "notify": fanned,
+        "gateway": edge,
     })

@@ -320,6 +320,7 @@ def _scenario_lines(results: dict[str, Any]) -> list[str]:
         *_growth_lines(g),
         *_scale_lines(results["scale"]),
         *_notify_lines(results["notify"]),
+        *_gateway_lines(results.get("gateway")),
     ]
 
 
@@ -339,6 +340,26 @@ def _notify_lines(n: dict[str, Any]) -> list[str]:
                          f"| {m['p99_ms']:.2f} | {_n(m['delivered_per_s'])} | {ratio} |")
     lines += ["", "- Redis Pub/Sub keeps nothing: a subscriber that blinks loses what was "
                   "published meanwhile; a Mesh subscription resumes from its offset."]
+    return lines
+
+
+def _gateway_lines(g: dict[str, Any] | None) -> list[str]:
+    """A cache GET over HTTP/JSON against gRPC and the ASGI floor; WebSocket delivery."""
+    if g is None:  # a results file from before the gateway rows
+        return []
+    r = g["requests"]
+    lines = ["", f"Gateway ({g['setup']}):", "",
+             "| cache GET, in flight | HTTP/JSON via the gateway (calls/s) | typed client, gRPC "
+             "| vs gRPC | ASGI hello (the floor) | vs the floor |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in r["gateway"]:
+        http, grpc, floor = r["gateway"][c], r["grpc"][c], r["floor"][c]
+        lines.append(f"| {c} | {_n(http)} | {_n(grpc)} | {http / grpc:.2f}x | {_n(floor)} "
+                     f"| {http / floor:.2f}x |")
+    s = g["sockets"]
+    lines += ["", f"- WebSocket delivery: {s['messages']} notifications published with 16 in "
+                  f"flight reached all {s['sockets']} sockets subscribed to the channel at "
+                  f"{_n(s['delivered_per_s'])} messages/s ({s['seconds']:.2f} s)."]
     return lines
 
 

@@ -116,6 +116,8 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     _check_scale(results["scale"])
     assert "| subscribers | side | p50 ms | p99 ms | delivered msgs/s | vs Redis |" in run.stdout
     _check_notify(results["notify"])
+    assert "| cache GET, in flight | HTTP/JSON via the gateway (calls/s) |" in run.stdout
+    _check_gateway(results["gateway"])
 
 
 def _check_locks(results: dict[str, Any], stdout: str) -> None:
@@ -235,3 +237,12 @@ def _check_notify(notify: dict[str, Any]) -> None:
             m = row[side]
             assert 0 < m["p50_ms"] <= m["p99_ms"], (row["subscribers"], side)
             assert m["delivered_per_s"] > 0, (row["subscribers"], side)
+
+
+def _check_gateway(gateway: dict[str, Any]) -> None:
+    for side in ("gateway", "grpc", "floor"):
+        assert set(gateway["requests"][side]) == {"1", "16"}, side
+        assert all(rate > 0 for rate in gateway["requests"][side].values()), side
+    sockets = gateway["sockets"]
+    assert (sockets["sockets"], sockets["messages"]) == (20, 20)  # --quick
+    assert sockets["delivered_per_s"] > 0

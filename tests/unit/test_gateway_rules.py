@@ -244,3 +244,18 @@ def test_an_event_cursor_is_a_version_and_a_watch_ignores_one() -> None:
     watch = WatchPosition()
     watch.restore("12")  # what a reconnecting EventSource sends: a watch starts from now
     assert watch.cursor() == ""
+
+
+def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay() -> None:
+    """A socket of protocol 0 kept Nagle on for every accepted connection (asyncio
+    sets TCP_NODELAY only on sockets that say they are TCP): ~40 ms per
+    keep-alive request."""
+    import socket
+
+    from gateway.__main__ import _bind
+
+    sock = _bind("127.0.0.1:0")
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
