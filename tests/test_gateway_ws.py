@@ -175,6 +175,35 @@ async def test_a_subscription_delivers_and_a_new_socket_resumes_by_cursor(
     await ws.close()
 
 
+async def test_an_inbox_and_a_cache_watch_share_a_socket(
+    gateway: GatewayProcess, mesh: Mesh
+) -> None:
+    ws = await opened(gateway)
+    await ws.send(json.dumps({"type": "subscribe", "id": "i", "rpc": "notify.Subscribe",
+                              "request": {"inbox": "ws-bob"}}))
+    await ws.send(json.dumps({"type": "subscribe", "id": "w", "rpc": "cache.Watch",
+                              "request": {"keys": ["ws:watched"]}}))
+    started = set()
+    while started != {"i", "w"}:  # the inbox's state, the watch's confirmation
+        f = await frame(ws, "message")
+        if f["id"] == "w" or "state" in f["message"]:
+            started.add(f["id"])
+    await mesh.notify.send("ws-bob", "hello bob")
+    await mesh.cache.set("ws:watched", b"v1")
+    got: dict[str, dict[str, Any]] = {}
+    while len(got) < 2:
+        f = await frame(ws, "message")
+        if "inbox_item" in f["message"] or "event" in f["message"]:
+            got[f["id"]] = f
+    item = got["i"]["message"]["inbox_item"]
+    assert (item["user"], text(item["data"]), item["cursor"]) == ("ws-bob", "hello bob", "1")
+    assert json.loads(got["i"]["cursor"])["i"][1] == 1
+    change = got["w"]["message"]["event"]
+    assert change["key"] == "ws:watched" and text(change["value"]) == "v1"
+    assert got["w"]["cursor"] == got["w"]["message"]["seq"]
+    await ws.close()
+
+
 async def test_bad_frames_get_errors_naming_the_field(gateway: GatewayProcess) -> None:
     ws = await opened(gateway)
     cases: list[tuple[str, str]] = [
