@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import aio
 from common.clustermap import wait_settled
-from common.localmesh import LocalMesh, NodeProcess
+from common.localmesh import Etcd, LocalMesh, NodeProcess
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,15 @@ def start(stack: contextlib.ExitStack, workdir: Path, etcd: str,
 def start_one(stack: contextlib.ExitStack, workdir: Path, etcd: str, spec: Spec) -> LocalMesh:
     """``start`` for a single cluster."""
     return start(stack, workdir, etcd, [spec])[0]
+
+
+@contextlib.contextmanager
+def scratch_etcd(prefix: str) -> Iterator[tuple[Path, str]]:
+    """A temporary directory and an etcd of its own in it: (directory, endpoint),
+    for a bench module run by itself (``python -m bench.notify``)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, contextlib.ExitStack() as stack:
+        etcd = Etcd(Path(tmp) / "etcd")
+        etcd.workdir.mkdir()
+        stack.callback(etcd.stop)
+        etcd.start()
+        yield Path(tmp), etcd.endpoint

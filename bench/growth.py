@@ -23,7 +23,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from bench import aio, clusters
 from bench.services import start_redis
 from clients import Mesh
 from common.clustermap import wait_settled
-from common.localmesh import Etcd
 
 BATCH = 1000
 IN_FLIGHT = 4
@@ -218,13 +216,8 @@ def main() -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         aio.run(_probe(args.etcd, args.probe))
         return 0
-    with tempfile.TemporaryDirectory(prefix="mesh-growth-") as tmp, \
-            contextlib.ExitStack() as stack:
-        etcd = Etcd(Path(tmp) / "etcd")
-        etcd.workdir.mkdir()
-        stack.callback(etcd.stop)
-        etcd.start()
-        print(json.dumps(asdict(run(Path(tmp), etcd.endpoint, args.keys)), indent=2))
+    with clusters.scratch_etcd("mesh-growth-") as (tmp, etcd):
+        print(json.dumps(asdict(run(tmp, etcd, args.keys)), indent=2))
     return 0
 
 

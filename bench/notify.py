@@ -201,21 +201,12 @@ def run(workdir: Path, etcd: str, sizes: Sizes) -> dict[str, Any]:
 def main() -> int:
     import argparse
     import json
-    import tempfile
-
-    from common.localmesh import Etcd
 
     p = argparse.ArgumentParser(prog="python -m bench.notify", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mesh-notify-") as tmp, \
-            contextlib.ExitStack() as stack:
-        etcd = Etcd(Path(tmp) / "etcd")
-        etcd.workdir.mkdir()
-        stack.callback(etcd.stop)
-        etcd.start()
-        print(json.dumps(run(Path(tmp), etcd.endpoint, QUICK if args.quick else Sizes()),
-                         indent=2))
+    with clusters.scratch_etcd("mesh-notify-") as (tmp, etcd):
+        print(json.dumps(run(tmp, etcd, QUICK if args.quick else Sizes()), indent=2))
     return 0
 
 

@@ -133,12 +133,13 @@ def start_cluster(local: LocalMesh, nodes: int, extra: Sequence[str] = (),
 
 def module_cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory, name: str,
                    nodes: int, extra: Callable[[Path], Sequence[str]] = lambda _dir: (),
-                   coordinator: bool = False) -> Iterator[LocalMesh]:
+                   coordinator: bool = False, lease_ttl: int = 5) -> Iterator[LocalMesh]:
     """A cluster shared by a whole test module (its tests use distinct keys).
     ``extra(workdir)`` gives the nodes' extra flags (it may write files there);
     with ``coordinator`` the coordinator gets them too."""
     local = LocalMesh(workdir=tmp_path_factory.mktemp(name),
-                      cluster=f"{name}{next(_clusters)}", _owns_workdir=False)
+                      cluster=f"{name}{next(_clusters)}", _owns_workdir=False,
+                      lease_ttl=lease_ttl)
     local.etcd_endpoint = etcd.endpoint
     flags = list(extra(local.workdir))
     try:

@@ -22,7 +22,7 @@ from playwright.async_api import Page, async_playwright
 from clients import Mesh, NewEvent
 from common.localmesh import Etcd, GatewayProcess, LocalMesh, NodeProcess
 from tests.cluster import TOKEN, auth_flags
-from tests.conftest import non_owner, start_cluster
+from tests.conftest import module_cluster, non_owner
 
 CHANNEL, STREAM = "browser.news", "browser-orders"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,17 +30,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    local = LocalMesh(workdir=tmp_path_factory.mktemp("gwbrowser"), cluster="gwbrowser",
-                      lease_ttl=2, _owns_workdir=False)
-    local.etcd_endpoint = etcd.endpoint
-    try:
-        start_cluster(local, 3, auth_flags(local.workdir))
-        yield local
-    except BaseException:
-        print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
+    """Three nodes (R = 1, 2 s leases) that require tokens."""
+    yield from module_cluster(etcd, tmp_path_factory, "gwbrowser", 3, auth_flags, lease_ttl=2)
 
 
 @pytest.fixture

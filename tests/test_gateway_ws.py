@@ -21,24 +21,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from clients import Mesh, NewEvent
 from common.localmesh import Etcd, GatewayProcess, LocalMesh, NodeProcess
 from tests.cluster import TOKEN, auth_flags
-from tests.conftest import non_owner, start_cluster
+from tests.conftest import module_cluster, non_owner
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def cluster(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    local = LocalMesh(workdir=tmp_path_factory.mktemp("gwws"), cluster="gwws", lease_ttl=2,
-                      _owns_workdir=False)
-    local.etcd_endpoint = etcd.endpoint
-    try:
-        start_cluster(local, 3, auth_flags(local.workdir))
-        yield local
-    except BaseException:
-        print(f"\n===== process logs ({local.cluster}) =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
+    """Three nodes (R = 1, 2 s leases) that require tokens."""
+    yield from module_cluster(etcd, tmp_path_factory, "gwws", 3, auth_flags, lease_ttl=2)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +174,7 @@ async def test_an_inbox_and_a_cache_watch_share_a_socket(
                               "request": {"inbox": "ws-bob"}}))
     await ws.send(json.dumps({"type": "subscribe", "id": "w", "rpc": "cache.Watch",
                               "request": {"keys": ["ws:watched"]}}))
-    started = set()
+    started: set[str] = set()
     while started != {"i", "w"}:  # the inbox's state, the watch's confirmation
         f = await frame(ws, "message")
         if f["id"] == "w" or "state" in f["message"]:
