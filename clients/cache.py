@@ -19,6 +19,7 @@ from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from clients.cache_pipeline import CachePipeline
     from clients.mesh import Mesh
 
 Value = bytes | str
@@ -138,11 +139,13 @@ class CacheClient:
         """The value with its version and expiry, or None."""
         return _entry(await self._read(key, linearizable, timeout))
 
-    async def _read(self, key: str, linearizable: bool, timeout: float | None
-                    ) -> pb.GetResponse:
+    async def _read(self, key: str, linearizable: bool, timeout: float | None,
+                    coalesce: bool | None = None) -> pb.GetResponse:
         """One key's GetResponse: joined with the other gets for its owner in this
-        loop turn when it can be (MGet reads as a plain Get does)."""
-        owner = self._owner(key) if self.coalesce and not linearizable else None
+        loop turn when it can be (MGet reads as a plain Get does). ``coalesce``:
+        None follows the client's setting (a pipeline always batches)."""
+        batch = self.coalesce if coalesce is None else coalesce
+        owner = self._owner(key) if batch and not linearizable else None
         if owner is None:
             return await self._get_alone(key, linearizable, timeout)
         return await self._coalesced(self._reads, owner, key, timeout, self._get_one)
@@ -193,7 +196,12 @@ class CacheClient:
 
         Raises KeyExistsError / VersionMismatchError when a condition fails.
         """
-        owner = self._owner(key) if self.coalesce else None
+        return await self._set(key, value, ttl, only_if_absent, only_if_version, timeout,
+                               self.coalesce)
+
+    async def _set(self, key: str, value: Value, ttl: TTL, only_if_absent: bool,
+                   only_if_version: int, timeout: float | None, coalesce: bool) -> int:
+        owner = self._owner(key) if coalesce else None
         if owner is not None and not only_if_absent and not only_if_version:
             entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_duration(ttl))
             return await self._coalesced(self._writes, owner, entry, timeout, self._set_one)
@@ -319,6 +327,14 @@ class CacheClient:
 
         await self._batched(keys, store, timeout)
         return versions
+
+    def pipeline(self) -> CachePipeline:
+        """Commands queued and sent together, batched by owner node, like redis-py's
+        pipeline: ``p = mesh.cache.pipeline(); p.get("a"); p.set("b", "1");
+        a, version = await p.execute()``. See `clients.cache_pipeline`."""
+        from clients.cache_pipeline import CachePipeline
+
+        return CachePipeline(self)
 
     # -- watch and stats ---------------------------------------------------
 

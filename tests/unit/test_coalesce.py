@@ -106,3 +106,15 @@ async def test_items_with_equal_keys_never_share_a_batch() -> None:
         10, 20, 110, 30]
     assert node.manys == [("a", [1, 2, 3], 5.0)]
     assert node.ones == [("a", 11, 5.0)]  # 11 repeats 1's key: it went alone
+
+
+def test_a_pipeline_cuts_a_wave_where_a_key_repeats() -> None:
+    from clients.cache_pipeline import _Command, _waves
+
+    async def nothing() -> None:
+        return None
+
+    commands = [_Command(k, nothing) for k in ("a", "b", "a", "c", "b", "b")]
+    assert [[c.key for c in wave] for wave in _waves(commands)] == [
+        ["a", "b"], ["a", "c", "b"], ["b"]]
+    assert _waves([]) == []
