@@ -36,9 +36,10 @@ A subscription survives its node: when the stream fails (the node died, its
 slot moved, the stream went silent, the subscriber fell too far behind), the
 gateway opens it again after the last message it delivered, on whichever node
 leads the slot by then, so the client sees neither a gap nor a repeat (a watch,
-which cannot resume, ends with an error instead). Only the gateway's own end
-makes the client reconnect, and its cursors resume from there. A socket with
-no subscription and no frame from the client for ``--ws-idle-timeout`` is
+which cannot resume, ends with an error instead). The re-opened stream's first
+messages (its confirmation, a notification channel's ChannelState) come again.
+Only the gateway's own end makes the client reconnect, and its cursors resume
+from there. A socket with no subscription and no frame from the client for ``--ws-idle-timeout`` is
 closed (code 1000); uvicorn's WebSocket pings find dead peers.
 """
 
