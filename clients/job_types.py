@@ -140,10 +140,13 @@ class EnqueueResult:
 
     job_id: str
     duplicate: bool
-    """The unique key was held: nothing was enqueued. (After a retried call this
-    may be our own first try's job.)"""
+    """The unique key was held: nothing was enqueued."""
     state: JobState
+    """UNSPECIFIED when ``replayed`` and the job is no longer kept."""
     run_time: float | None
+    replayed: bool = False
+    """The request id had already made this job (an earlier try of this call, or
+    another call with the same id): nothing was enqueued."""
 
 
 @dataclass(frozen=True, slots=True)

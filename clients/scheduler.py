@@ -8,13 +8,13 @@ owner on the cluster map and asks every owner at once. Workers normally use
 
 Retries (see ``clients.retry``): reads, Heartbeat, Complete, Fail (the node
 answers a repeat with the same token the same way), Cancel, dead-letter
-requeue/purge and schedule deletion are safe to repeat. Enqueue is repeated
-after an unknown outcome only when it carries a ``unique_key`` (and not
-``strict_unique``): the repeat then finds the key held and returns the same job,
-as a duplicate. The contract has no request id, so an Enqueue without a unique
-key is retried only when certainly not executed; pass a unique key to make it
-safe. Claim is never repeated after an unknown outcome: a lost answer leaves
-its jobs leased to nobody until their leases expire (which spends no attempt).
+requeue/purge and schedule deletion are safe to repeat. So is Enqueue: every
+call carries a ``request_id`` (the caller's, or a fresh UUID per call) that its
+retries reuse, and the queue answers a repeat with the job the first try made
+(``replayed``), for the node's request retention (default 24 h), failovers and
+restarts included. Claim is never repeated after an unknown outcome: a lost
+answer leaves its jobs leased to nobody until their leases expire (which spends
+no attempt).
 """
 
 from __future__ import annotations
@@ -134,15 +134,16 @@ class SchedulerClient:
         max_attempts: int = 0, backoff: JobBackoff | None = None,
         job_timeout: float | None = None, unique_key: str = "",
         unique_ttl: float | None = None, strict_unique: bool = False,
-        retention: float | None = None, timeout: float | None = None,
+        retention: float | None = None, request_id: str = "", timeout: float | None = None,
     ) -> str:
         """Add a job to ``queue``; returns its id (the holder's id when ``unique_key``
-        was held and nothing was enqueued). See ``enqueue_result`` for the arguments."""
+        was held and nothing was enqueued, the first job's when ``request_id`` was
+        seen). See ``enqueue_result`` for the arguments."""
         result = await self.enqueue_result(
             queue, type, payload, priority=priority, run_at=run_at, delay=delay,
             max_attempts=max_attempts, backoff=backoff, job_timeout=job_timeout,
             unique_key=unique_key, unique_ttl=unique_ttl, strict_unique=strict_unique,
-            retention=retention, timeout=timeout)
+            retention=retention, request_id=request_id, timeout=timeout)
         return result.job_id
 
     async def enqueue_result(
@@ -151,7 +152,7 @@ class SchedulerClient:
         max_attempts: int = 0, backoff: JobBackoff | None = None,
         job_timeout: float | None = None, unique_key: str = "",
         unique_ttl: float | None = None, strict_unique: bool = False,
-        retention: float | None = None, timeout: float | None = None,
+        retention: float | None = None, request_id: str = "", timeout: float | None = None,
     ) -> EnqueueResult:
         """Add a job of ``type`` (naming its handler) to ``queue``.
 
@@ -163,6 +164,11 @@ class SchedulerClient:
         (or for ``unique_ttl`` seconds): a held key returns the holder with
         ``duplicate`` set, or with ``strict_unique`` raises DuplicateJobError
         (``job_id``). ``retention``: seconds a finished job stays readable.
+        ``request_id`` (at most 128 bytes; default: a new UUID for this call, reused
+        by its retries) makes the call idempotent: another enqueue into ``queue``
+        with the same id, within the node's request retention, enqueues nothing
+        and returns the first job with ``replayed`` set. Pass your own to make
+        retries across processes (e.g. a saga step) safe.
         Raises InvalidArgumentError, QueueFullError.
         """
         if run_at is not None and delay is not None:
@@ -170,7 +176,8 @@ class SchedulerClient:
                                        field_violations={"when": "both run_at and delay"})
         request = pb.EnqueueRequest(
             queue=queue, type=type, payload=encode(payload), priority=priority,
-            max_attempts=max_attempts, unique_key=unique_key, strict_unique=strict_unique)
+            max_attempts=max_attempts, unique_key=unique_key, strict_unique=strict_unique,
+            request_id=request_id or str(uuid.uuid4()))
         if run_at is not None:
             request.run_at.CopyFrom(timestamp(_unix(run_at)))
         elif delay is not None:
@@ -183,11 +190,11 @@ class SchedulerClient:
             request.unique_ttl.CopyFrom(duration(unique_ttl))
         if retention:
             request.retention.CopyFrom(duration(retention))
-        r = await self._call(queue, "Enqueue", request, timeout,
-                             safe=bool(unique_key) and not strict_unique)
+        # Safe to repeat: the request id makes a repeat answer the first job.
+        r = await self._call(queue, "Enqueue", request, timeout)
         return EnqueueResult(r.job_id, r.duplicate, JobState.parse(r.state),
                              r.run_time.ToNanoseconds() / 1e9 if r.HasField("run_time")
-                             else None)
+                             else None, r.replayed)
 
     # -- consuming -------------------------------------------------------------
 

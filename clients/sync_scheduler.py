@@ -100,13 +100,13 @@ class SyncScheduler:
         max_attempts: int = 0, backoff: JobBackoff | None = None,
         job_timeout: float | None = None, unique_key: str = "",
         unique_ttl: float | None = None, strict_unique: bool = False,
-        retention: float | None = None, timeout: float | None = None,
+        retention: float | None = None, request_id: str = "", timeout: float | None = None,
     ) -> str:
         return self.enqueue_result(
             queue, type, payload, priority=priority, run_at=run_at, delay=delay,
             max_attempts=max_attempts, backoff=backoff, job_timeout=job_timeout,
             unique_key=unique_key, unique_ttl=unique_ttl, strict_unique=strict_unique,
-            retention=retention, timeout=timeout).job_id
+            retention=retention, request_id=request_id, timeout=timeout).job_id
 
     def enqueue_result(
         self, queue: str, type: str, payload: Payload = b"", *, priority: int = 0,
@@ -114,13 +114,13 @@ class SyncScheduler:
         max_attempts: int = 0, backoff: JobBackoff | None = None,
         job_timeout: float | None = None, unique_key: str = "",
         unique_ttl: float | None = None, strict_unique: bool = False,
-        retention: float | None = None, timeout: float | None = None,
+        retention: float | None = None, request_id: str = "", timeout: float | None = None,
     ) -> EnqueueResult:
         return self._loop.run(self._scheduler.enqueue_result(
             queue, type, payload, priority=priority, run_at=run_at, delay=delay,
             max_attempts=max_attempts, backoff=backoff, job_timeout=job_timeout,
             unique_key=unique_key, unique_ttl=unique_ttl, strict_unique=strict_unique,
-            retention=retention, timeout=timeout))
+            retention=retention, request_id=request_id, timeout=timeout))
 
     def claim(self, queues: str | Sequence[str], *, worker_id: str = "", max_jobs: int = 1,
               lease: float = 30.0, wait: float = 0.0,

@@ -134,6 +134,9 @@ class SchedulerLimits:
     primary); older missed ticks are skipped."""
     sweep_interval: float = 1.0
     """Seconds between the primary's removals of finished jobs past retention."""
+    request_retention: float = 86400.0
+    """How long a queue remembers an Enqueue's request_id (a retry with it within
+    this time gets the first job back instead of a second job)."""
 
 
 @dataclass(frozen=True)
@@ -479,6 +482,8 @@ def _scheduler_flags(p: argparse.ArgumentParser, sc: SchedulerLimits) -> None:
          "most missed ticks of a schedule fired late at once; older ones are skipped")
     flag("sweep-interval", float, sc.sweep_interval,
          "seconds between removals of finished jobs past retention")
+    flag("request-retention", float, sc.request_retention,
+         "seconds a queue remembers an Enqueue's request_id (a retry gets the same job)")
 
 
 def _scheduler_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> SchedulerLimits:
@@ -498,6 +503,7 @@ def _scheduler_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> Sche
         backoff_jitter=a.scheduler_backoff_jitter,
         cron_catch_up=a.scheduler_cron_catch_up,
         sweep_interval=a.scheduler_sweep_interval,
+        request_retention=a.scheduler_request_retention,
     )
     if not 0 < limits.min_lease <= limits.default_lease <= limits.max_lease:
         p.error("scheduler leases: need 0 < --scheduler-min-lease <= "
@@ -510,10 +516,12 @@ def _scheduler_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> Sche
     if min(limits.max_payload_bytes, limits.max_queue_jobs, limits.default_max_attempts,
            limits.max_lease_losses, limits.cron_catch_up) < 1 \
             or limits.default_max_attempts > 1000 or limits.default_timeout <= 0 \
-            or limits.default_retention < 0 or limits.sweep_interval <= 0:
+            or limits.default_retention < 0 or limits.sweep_interval <= 0 \
+            or not 0 < limits.request_retention <= 100 * 365 * 86400:
         p.error("scheduler: the byte, job, attempt, lease-loss and catch-up limits must be "
-                "at least 1 (attempts at most 1000), the default timeout and sweep "
-                "interval positive, the retention not negative")
+                "at least 1 (attempts at most 1000), the default timeout, sweep "
+                "interval and request retention positive (the latter at most 100 years), "
+                "the retention not negative")
     return limits
 
 

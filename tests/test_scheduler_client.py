@@ -293,7 +293,10 @@ async def test_unique_keys_and_unknown_jobs(mesh: Mesh) -> None:
     delayed = await mesh.scheduler.enqueue_result(queue, "t", delay=60)
     assert delayed.state is JobState.SCHEDULED
     assert (await mesh.scheduler.stats(queue)).delayed == 1
-    for job_id in (first.job_id, delayed.job_id):
+    mine = await mesh.scheduler.enqueue_result(queue, "t", request_id="client-r1")
+    same = await mesh.scheduler.enqueue_result(queue, "t", {"x": 1}, request_id="client-r1")
+    assert same.replayed and same.job_id == mine.job_id and not mine.replayed
+    for job_id in (first.job_id, delayed.job_id, mine.job_id):
         assert (await mesh.scheduler.cancel(job_id)).cancelled
     with pytest.raises(JobNotFoundError):
         await mesh.scheduler.get_job("{unique-client}no-such-job")
@@ -323,6 +326,8 @@ def test_sync_facade(shared_cluster: LocalMesh) -> None:
     queue = "sync-client"
     with SyncMesh(etcd=shared_cluster.etcd_endpoint, cluster=shared_cluster.cluster) as sync:
         ids = [sync.scheduler.enqueue(queue, "double", {"n": n}) for n in range(3)]
+        once = sync.scheduler.enqueue_result(f"{queue}-once", "t", request_id="sync-r1")
+        assert sync.scheduler.enqueue(f"{queue}-once", "t", request_id="sync-r1") == once.job_id
 
         def double(job: JobContext) -> str:
             return json.dumps(job.json()["n"] * 2)

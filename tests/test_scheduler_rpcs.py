@@ -308,6 +308,7 @@ async def test_cron_schedules(stub: Stub) -> None:
      "delay"),
     (pb.EnqueueRequest(queue="q", type="t", payload=b"x" * ((1 << 20) + 1)), "payload"),
     (pb.EnqueueRequest(queue="q", type="t", max_attempts=1001), "max_attempts"),
+    (pb.EnqueueRequest(queue="q", type="t", request_id="r" * 129), "request_id"),
     (pb.EnqueueRequest(queue="q", type="t", backoff=pb.Backoff(jitter=1.5)), "backoff.jitter"),
     (pb.EnqueueRequest(queue="q", type="t", backoff=pb.Backoff(multiplier=0.5)),
      "backoff.multiplier"),

@@ -35,9 +35,13 @@ _BATCH = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Enqueued:
-    job: Job
+    """What an Enqueue did: the job (None when replayed and no longer kept)."""
+
+    job_id: str
+    job: Job | None
     duplicate: bool
     seq: int
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +78,35 @@ class Decisions:
 
     # -- jobs --------------------------------------------------------------------
 
-    def enqueue(self, spec: spb.JobRecord, strict: bool, now: int) -> Enqueued:
-        """Add a job unless its unique key is held (then: the holder)."""
+    def enqueue(self, spec: spb.JobRecord, strict: bool, now: int,
+                request_id: str = "") -> Enqueued:
+        """Add a job unless its request id already made one (then: that job) or its
+        unique key is held (then: the holder)."""
         queue = self.state.queues.get(spec.queue)
         if queue is not None:
+            if request_id:
+                seen = queue.requests.get(request_id)
+                if seen is not None:
+                    # Answered once what made it is committed (and the job's
+                    # latest change, which the answer shows).
+                    job = self.state.jobs.get(seen.job_id)
+                    seq = max(seen.seq, job.seq if job is not None else 0)
+                    return Enqueued(seen.job_id, job, False, seq, replayed=True)
             if spec.unique_key:
                 holder = queue.holder(spec.unique_key, now)
                 if holder is not None:
                     if strict:
                         raise errors.duplicate_job(spec.queue, spec.unique_key, holder.job_id)
-                    return Enqueued(holder, True, holder.seq)
+                    return Enqueued(holder.job_id, holder, True, holder.seq)
             if queue.unfinished >= self.limits.max_queue_jobs:
                 raise errors.queue_full(spec.queue, self.limits.max_queue_jobs)
-        proposal = self.propose(spec.queue, spb.SchedulerCommand(
-            enqueue=spb.EnqueueJob(job=spec)))
-        return Enqueued(proposal.result, False, proposal.seq)
+        command = spb.EnqueueJob(job=spec)
+        if request_id:
+            command.request_id = request_id
+            command.request_expire_ns = now + int(self.limits.request_retention * 1e9)
+        proposal = self.propose(spec.queue, spb.SchedulerCommand(enqueue=command))
+        job = proposal.result
+        return Enqueued(job.job_id, job, False, proposal.seq)
 
     def lease(self, jobs: Sequence[Job], worker_id: str, lease_ns: int) -> Claimed:
         """Lease jobs `claims.pick` chose."""

@@ -26,7 +26,7 @@ from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
 from nodes.scheduler import cron, errors
 from nodes.scheduler.claims import ClaimWaiter, claim
-from nodes.scheduler.model import CANCELLED, LEASED, READY, SUCCEEDED, Job, Schedule
+from nodes.scheduler.model import CANCELLED, LEASED, READY, SUCCEEDED, Job, Request, Schedule
 
 if TYPE_CHECKING:
     from nodes.scheduler.machine import SchedulerMachine
@@ -57,6 +57,8 @@ class Leader:
         self._heap: list[Wakeup] = []
         self._ties = itertools.count()
         self._retained: list[tuple[int, str]] = []
+        self._requests: list[tuple[int, str, str]] = []
+        """(expire_ns, queue, request_id) of remembered request ids."""
         self._handle: Timer | None = None
         self._armed_ns = 0
         try:
@@ -84,6 +86,10 @@ class Leader:
             elif job.state in (SUCCEEDED, CANCELLED):
                 self._retained.append((job.finish_ns + job.retention_ns, job.job_id))
         heapq.heapify(self._retained)
+        self._requests = [(r.expire_ns, queue.name, request_id)
+                          for queue in state.queues.values()
+                          for request_id, r in queue.requests.items()]
+        heapq.heapify(self._requests)
         for queue in state.queues.values():
             due = queue.next_due()
             if due is not None:
@@ -126,6 +132,9 @@ class Leader:
     def finished(self, job: Job) -> None:
         if job.state in (SUCCEEDED, CANCELLED):
             heapq.heappush(self._retained, (job.finish_ns + job.retention_ns, job.job_id))
+
+    def remembered(self, queue: str, request_id: str, request: Request) -> None:
+        heapq.heappush(self._requests, (request.expire_ns, queue, request_id))
 
     def scheduled(self, schedule: Schedule) -> None:
         self._push(schedule.record.next_fire_ns, _CRON, schedule.key)
@@ -317,3 +326,19 @@ class Leader:
             self._machine.propose(jobs[ids[0]].queue, spb.SchedulerCommand(
                 remove=spb.RemoveJobs(job_ids=ids)))
         return len(ids)
+
+    def forget(self, now: int) -> int:
+        """Forget request ids past their retention (a replicated command); how many."""
+        heap = self._requests
+        queues = self._machine.state.queues
+        gone: list[spb.RequestRecord] = []
+        while heap and heap[0][0] <= now and len(gone) < _REMOVE_BATCH:
+            at, name, request_id = heapq.heappop(heap)
+            queue = queues.get(name)
+            request = queue.requests.get(request_id) if queue is not None else None
+            if request is not None and request.expire_ns == at:
+                gone.append(spb.RequestRecord(queue=name, request_id=request_id, expire_ns=at))
+        if gone:
+            self._machine.propose(gone[0].queue, spb.SchedulerCommand(
+                forget=spb.ForgetRequests(requests=gone)))
+        return len(gone)

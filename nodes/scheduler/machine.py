@@ -78,7 +78,21 @@ class SchedulerMachine:
         """The result: the new `Job`."""
         job = Job.of(c.job)
         job.job_id = job_id(job.queue, epoch, seq)
-        return Applied(job, self._start(job, now, seq))
+        writes = self._start(job, now, seq)
+        if c.request_id:
+            request = self.state.remember(job.queue, c.request_id, job.job_id,
+                                          c.request_expire_ns, seq)
+            writes.append(self._storage.request(job.queue, c.request_id, request))
+            if self.leader is not None:
+                self.leader.remembered(job.queue, c.request_id, request)
+        return Applied(job, writes)
+
+    def _apply_forget(self, c: spb.ForgetRequests, now: int, seq: int, epoch: int
+                      ) -> Applied:
+        """The result: how many request ids were forgotten."""
+        gone = [(r.queue, r.request_id) for r in c.requests
+                if self.state.forget(r.queue, r.request_id, r.expire_ns)]
+        return Applied(len(gone), self._storage.requests_forgotten(gone))
 
     def _start(self, job: Job, now: int, seq: int) -> list[Persist]:
         job.state = WAITING
@@ -209,7 +223,7 @@ class SchedulerMachine:
         return writes
 
     def snapshot(self) -> list[tuple[int, bytes]]:
-        """Jobs, schedules and queue counters, cut in ~1 MiB chunks."""
+        """Jobs, schedules, queue counters and request ids, cut in ~1 MiB chunks."""
         chunks: list[tuple[int, bytes]] = []
         chunk, size = spb.SchedulerSnapshotChunk(), 0
 
@@ -227,6 +241,14 @@ class SchedulerMachine:
         for schedule in self.state.schedules.values():
             chunk.schedules.append(schedule.record)
             size += schedule.record.ByteSize()
+        for queue in self.state.queues.values():
+            for request_id, request in queue.requests.items():
+                chunk.requests.append(spb.RequestRecord(
+                    queue=queue.name, request_id=request_id, job_id=request.job_id,
+                    expire_ns=request.expire_ns))
+                size += len(queue.name) + len(request_id) + len(request.job_id) + 16
+                if size >= CHUNK_BYTES:
+                    cut()
         for job in self.state.jobs.values():
             record = job.to_record()
             chunk.jobs.append(record)
@@ -241,13 +263,15 @@ class SchedulerMachine:
         jobs: list[Job] = []
         schedules: list[spb.ScheduleRecord] = []
         queues: list[spb.QueueRecord] = []
+        requests: list[spb.RequestRecord] = []
         for _, data in chunks:
             chunk = spb.SchedulerSnapshotChunk.FromString(data)
             jobs.extend(Job.of(r) for r in chunk.jobs)
             schedules.extend(chunk.schedules)
             queues.extend(chunk.queues)
+            requests.extend(chunk.requests)
         self.state.clear()
-        self.state.load(jobs, schedules, queues, 0)
+        self.state.load(jobs, schedules, queues, 0, requests)
         return self._storage.replace(self.state)
 
     def role_changed(self) -> None:
@@ -284,4 +308,5 @@ _APPLIERS: dict[str, Applier] = {
     "put_schedule": SchedulerMachine._apply_put_schedule,
     "remove_schedule": SchedulerMachine._apply_remove_schedule,
     "fire": SchedulerMachine._apply_fire,
+    "forget": SchedulerMachine._apply_forget,
 }

@@ -14,7 +14,7 @@ from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 
 __all__ = ["CANCELLED", "DEAD", "FINISHED", "LEASED", "MAX_HISTORY", "SUCCEEDED", "WAITING",
-           "Attempt", "Backoff", "Job", "Schedule"]
+           "Attempt", "Backoff", "Job", "Request", "Schedule"]
 
 WAITING = pb.JOB_STATE_PENDING
 """Stored for PENDING and SCHEDULED alike: which one it is depends on run_ns."""
@@ -179,3 +179,13 @@ class Schedule:
     @property
     def key(self) -> tuple[str, str]:
         return self.record.queue, self.record.schedule_id
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A request id remembered by its queue: the job its Enqueue made, until when
+    it is kept, and the last command that changed it (0: read back)."""
+
+    job_id: str
+    expire_ns: int
+    seq: int = 0

@@ -15,7 +15,16 @@ import bisect
 import heapq
 from dataclasses import dataclass
 
-from nodes.scheduler.model import CANCELLED, DELAYED, LEASED, NOWHERE, READY, SUCCEEDED, Job
+from nodes.scheduler.model import (
+    CANCELLED,
+    DELAYED,
+    LEASED,
+    NOWHERE,
+    READY,
+    SUCCEEDED,
+    Job,
+    Request,
+)
 
 __all__ = ["PRIORITIES", "Queue", "Totals"]
 
@@ -39,7 +48,7 @@ class Queue:
     """The jobs of one queue name in one group, indexed."""
 
     __slots__ = ("dead", "delayed", "leased", "n_cancelled", "n_delayed", "n_done",
-                 "n_ready", "name", "ready", "stale", "totals", "unique")
+                 "n_ready", "name", "ready", "requests", "stale", "totals", "unique")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -52,6 +61,8 @@ class Queue:
         """Dead jobs as (finish_ns, job_id), sorted."""
         self.unique: dict[str, Job] = {}
         """Unique key -> the job that took it last (it may no longer hold it)."""
+        self.requests: dict[str, Request] = {}
+        """Request id -> the job its Enqueue made (until the primary forgets it)."""
         self.totals = Totals()
 
     @property

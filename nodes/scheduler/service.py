@@ -129,6 +129,9 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             for _ in range(_SWEEP_BATCHES):
                 if not leader.sweep(now_ns):
                     break
+            for _ in range(_SWEEP_BATCHES):
+                if not leader.forget(now_ns):
+                    break
         return None
 
     # -- jobs ------------------------------------------------------------------------
@@ -139,11 +142,14 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         now = self.clock.wall_ns()
         spec = v.job_spec(request, self.limits, now)
         spec.queue = scoped(spec.queue)
-        result = machine_of(group).decisions.enqueue(spec, request.strict_unique, now)
+        result = machine_of(group).decisions.enqueue(spec, request.strict_unique, now,
+                                                     request.request_id)
         job = result.job
-        response = pb.EnqueueResponse(
-            job_id=job.job_id, duplicate=result.duplicate,
-            state=shown_state(job.state, job.run_ns, now), run_time=timestamp(job.run_ns))
+        response = pb.EnqueueResponse(job_id=result.job_id, duplicate=result.duplicate,
+                                      replayed=result.replayed)
+        if job is not None:
+            response.state = shown_state(job.state, job.run_ns, now)
+            response.run_time.CopyFrom(timestamp(job.run_ns))
         await group.wait_committed(result.seq)
         return response
 

@@ -22,6 +22,7 @@ from nodes.scheduler.model import (
     WAITING,
     Attempt,
     Job,
+    Request,
     Schedule,
 )
 from nodes.scheduler.queues import Queue
@@ -189,6 +190,26 @@ class SchedulerState:
         job.lease_token = job.lease_ns = job.lease_expire_ns = job.timeout_at_ns = 0
         job.timer_ns = 0
 
+    # -- request ids -----------------------------------------------------------------
+
+    def remember(self, queue: str, request_id: str, job_id: str, expire_ns: int,
+                 seq: int) -> Request:
+        """``request_id`` made ``job_id`` in ``queue`` (a replay answers it)."""
+        request = Request(job_id, expire_ns, seq)
+        self.queue(queue).requests[request_id] = request
+        return request
+
+    def forget(self, queue: str, request_id: str, expire_ns: int) -> bool:
+        """Forget a request id still remembered with ``expire_ns``; whether it was."""
+        found = self.queues.get(queue)
+        if found is None:
+            return False
+        request = found.requests.get(request_id)
+        if request is None or request.expire_ns != expire_ns:
+            return False
+        del found.requests[request_id]
+        return True
+
     # -- schedules -------------------------------------------------------------------
 
     def put_schedule(self, record: spb.ScheduleRecord, seq: int) -> Schedule:
@@ -202,8 +223,11 @@ class SchedulerState:
     # -- whole state --------------------------------------------------------------------
 
     def load(self, jobs: Iterable[Job], schedules: Iterable[spb.ScheduleRecord],
-             queues: Iterable[spb.QueueRecord], now_ns: int) -> None:
+             queues: Iterable[spb.QueueRecord], now_ns: int,
+             requests: Iterable[spb.RequestRecord] = ()) -> None:
         """Add state read back from a snapshot or the disk, and index it."""
+        for q in requests:
+            self.queue(q.queue).requests[q.request_id] = Request(q.job_id, q.expire_ns)
         for r in queues:
             totals = self.queue(r.queue).totals
             totals.succeeded = r.succeeded_total

@@ -16,7 +16,7 @@ from typing import Any
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.replication.journal import JournalReader
 from nodes.replication.machine import Clear, Persist, Write
-from nodes.scheduler.model import Job, Schedule
+from nodes.scheduler.model import Job, Request, Schedule
 from nodes.scheduler.queues import Queue
 from nodes.scheduler.state import SchedulerState
 
@@ -42,8 +42,15 @@ CREATE TABLE IF NOT EXISTS scheduler_queues (
     record BLOB NOT NULL,
     PRIMARY KEY (group_id, queue)
 );
+CREATE TABLE IF NOT EXISTS scheduler_requests (
+    group_id INTEGER NOT NULL,
+    queue TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (group_id, queue, request_id)
+);
 """
-TABLES = ("scheduler_jobs", "scheduler_schedules", "scheduler_queues")
+TABLES = ("scheduler_jobs", "scheduler_schedules", "scheduler_queues", "scheduler_requests")
 
 _UPSERT_JOB = "INSERT OR REPLACE INTO scheduler_jobs (group_id, job_id, record) VALUES (?, ?, ?)"
 _DELETE_JOB = "DELETE FROM scheduler_jobs WHERE group_id = ? AND job_id = ?"
@@ -52,6 +59,10 @@ _UPSERT_SCHEDULE = ("INSERT OR REPLACE INTO scheduler_schedules (group_id, queue
 _DELETE_SCHEDULE = ("DELETE FROM scheduler_schedules WHERE group_id = ? AND queue = ? "
                     "AND schedule_id = ?")
 _UPSERT_QUEUE = "INSERT OR REPLACE INTO scheduler_queues (group_id, queue, record) VALUES (?, ?, ?)"
+_UPSERT_REQUEST = ("INSERT OR REPLACE INTO scheduler_requests (group_id, queue, request_id, "
+                   "record) VALUES (?, ?, ?, ?)")
+_DELETE_REQUEST = ("DELETE FROM scheduler_requests WHERE group_id = ? AND queue = ? "
+                   "AND request_id = ?")
 
 
 class Storage:
@@ -78,6 +89,14 @@ class Storage:
     def schedule_removed(self, queue: str, schedule_id: str) -> Write:
         return Write(_DELETE_SCHEDULE, [(self._gid, queue, schedule_id)])
 
+    def request(self, queue: str, request_id: str, request: Request) -> Write:
+        return Write(_UPSERT_REQUEST, [self._request_row(queue, request_id, request)])
+
+    def requests_forgotten(self, keys: Sequence[tuple[str, str]]) -> list[Persist]:
+        gid = self._gid
+        return [Write(_DELETE_REQUEST, [(gid, queue, request_id) for queue, request_id in keys])
+                ] if keys else []
+
     def replace(self, state: SchedulerState) -> list[Persist]:
         """What makes the disk hold exactly ``state`` (a snapshot was installed)."""
         writes: list[Persist] = [Clear(TABLES), *self.jobs(list(state.jobs.values()))]
@@ -87,6 +106,10 @@ class Storage:
         if state.queues:
             writes.append(Write(_UPSERT_QUEUE,
                                 [self._queue_row(q) for q in state.queues.values()]))
+        requests = [self._request_row(q.name, request_id, request)
+                    for q in state.queues.values() for request_id, request in q.requests.items()]
+        if requests:
+            writes.append(Write(_UPSERT_REQUEST, requests))
         return writes
 
     def load(self, journal: JournalReader, state: SchedulerState, now_ns: int) -> None:
@@ -98,7 +121,9 @@ class Storage:
             "SELECT record FROM scheduler_schedules WHERE group_id = ?", gid)]
         queues = [spb.QueueRecord.FromString(bytes(r)) for (r,) in query(
             "SELECT record FROM scheduler_queues WHERE group_id = ?", gid)]
-        state.load(jobs, schedules, queues, now_ns)
+        requests = [spb.RequestRecord.FromString(bytes(r)) for (r,) in query(
+            "SELECT record FROM scheduler_requests WHERE group_id = ?", gid)]
+        state.load(jobs, schedules, queues, now_ns, requests)
 
     def _queue_row(self, q: Queue) -> tuple[Any, ...]:
         t = q.totals
@@ -106,6 +131,11 @@ class Storage:
                                  failed_attempts_total=t.failed_attempts,
                                  lease_losses_total=t.lease_losses)
         return (self._gid, q.name, record.SerializeToString())
+
+    def _request_row(self, queue: str, request_id: str, request: Request) -> tuple[Any, ...]:
+        record = spb.RequestRecord(queue=queue, request_id=request_id, job_id=request.job_id,
+                                   expire_ns=request.expire_ns)
+        return (self._gid, queue, request_id, record.SerializeToString())
 
     def _schedule_row(self, s: Schedule) -> tuple[Any, ...]:
         r = s.record

@@ -19,11 +19,12 @@ from nodes.config import SchedulerLimits
 from nodes.scheduler import cron
 
 __all__ = ["MAX_CLAIM_JOBS", "MAX_IDS", "check_ids", "check_job_id", "check_name",
-           "check_worker", "claim_queues", "cron_spec", "error_text", "job_spec", "lease_ns",
-           "max_jobs", "page_size", "wait_ns"]
+           "check_request_id", "check_worker", "claim_queues", "cron_spec", "error_text",
+           "job_spec", "lease_ns", "max_jobs", "page_size", "wait_ns"]
 
 MAX_NAME_BYTES = 256
 MAX_JOB_ID_BYTES = 1024
+MAX_REQUEST_ID_BYTES = 128
 MAX_ATTEMPTS = 1000
 MAX_PRIORITY = 9
 MAX_CLAIM_QUEUES = 100
@@ -125,9 +126,19 @@ def _template(source: pb.EnqueueRequest | pb.JobTemplate, limits: SchedulerLimit
         or _seconds_ns(limits.default_retention))
 
 
+def check_request_id(request_id: str) -> None:
+    """An idempotency key: empty (none), or up to 128 bytes without control characters."""
+    if _too_long(request_id, MAX_REQUEST_ID_BYTES):
+        raise invalid_argument("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes")
+    if _CONTROL.search(request_id):
+        raise invalid_argument("request_id", "must not hold control characters")
+
+
 def job_spec(request: pb.EnqueueRequest, limits: SchedulerLimits, now: int) -> spb.JobRecord:
-    """The job an Enqueue asks for, as the command carries it."""
+    """The job an Enqueue asks for, as the command carries it (request_id is
+    checked too, but travels beside the job)."""
     check_name(request.queue, "queue")
+    check_request_id(request.request_id)
     spec = _template(request, limits, "")
     spec.queue = request.queue
     when = request.WhichOneof("when")

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from common.clock import MILLISECOND, ManualClock
-from common.errors import ServiceError
+from common.errors import MeshStatusError, ServiceError
 from common.slots import slot_for
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.config import SchedulerLimits
@@ -22,6 +22,7 @@ from nodes.replication.journal import Journal
 from nodes.scheduler import machine as machine_module
 from nodes.scheduler import validation as v
 from nodes.scheduler.claims import Claimed, claim
+from nodes.scheduler.decisions import Enqueued
 from nodes.scheduler.leader import Leader
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff
@@ -61,7 +62,15 @@ def _enqueue(m: SchedulerMachine, queue: str = "q", strict: bool = False, **fiel
              ) -> str:
     now = m.clock.wall_ns()
     spec = v.job_spec(pb.EnqueueRequest(queue=queue, type="t", **fields), LIMITS, now)
-    return m.decisions.enqueue(spec, strict, now).job.job_id
+    return m.decisions.enqueue(spec, strict, now).job_id
+
+
+def _enqueue_request(m: SchedulerMachine, request_id: str, queue: str = "q",
+                     **fields: Any) -> Enqueued:
+    now = m.clock.wall_ns()
+    spec = v.job_spec(pb.EnqueueRequest(queue=queue, type="t", request_id=request_id,
+                                        **fields), LIMITS, now)
+    return m.decisions.enqueue(spec, False, now, request_id)
 
 
 def _claim(m: SchedulerMachine, *queues: str, n: int = 1, lease: float = 30,
@@ -88,7 +97,8 @@ def _state(m: SchedulerMachine) -> Any:
     queues = sorted((q.name, q.totals.succeeded, q.totals.failed_attempts,
                      q.totals.lease_losses, q.n_ready + q.n_delayed, sorted(q.leased),
                      q.n_done, q.n_cancelled, q.dead,
-                     sorted((k, j.job_id) for k, j in q.unique.items() if not j.finished))
+                     sorted((k, j.job_id) for k, j in q.unique.items() if not j.finished),
+                     sorted((k, r.job_id, r.expire_ns) for k, r in q.requests.items()))
                     for q in m.state.queues.values())
     return jobs, schedules, queues
 
@@ -408,6 +418,7 @@ def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPa
     for i in range(30):
         _enqueue(m, f"q{i % 3}", payload=b"x" * 500, priority=i % 10, unique_key=f"u{i}")
     _enqueue(m, "q0", delay={"seconds": 30})
+    remembered = [_enqueue_request(m, f"r{i}" * 40, f"r{i % 3}").job_id for i in range(60)]
     claimed = _claim(m, "q0", "q1", n=5)
     m.decisions.complete(claimed[0].jobs[0].job_id, claimed[0].token, b"r")
     m.decisions.fail(claimed[0].jobs[1].job_id, claimed[0].token, "boom", False, None)
@@ -422,6 +433,8 @@ def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPa
                  [(SCHEDULER, slot, data) for slot, data in chunks])
     assert _state(_machine(copy)) == _state(m)
     assert journal.cleared == [TABLES]
+    assert sum(len(rows) for _, sql, rows in journal.writes
+               if "scheduler_requests" in sql) == len(remembered)
     written = sum(len(rows) for _, sql, rows in journal.writes if "scheduler_jobs" in sql)
     assert written == len(m.state.jobs)
     # The copy serves as a primary would: same order of what is ready.
@@ -435,8 +448,11 @@ async def test_a_restarted_node_reads_its_jobs_back(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "durable.sqlite3")
     journal.create_tables(SCHEMA, TABLES)
     journal.start()
-    group = _group(journal)
+    clock = ManualClock()
+    group = _group(journal, clock=clock)
     m = _machine(group)
+    forgotten = _enqueue_request(m, "old", "other").job_id
+    clock.set(clock.wall_ns() + 10 * S)
     ids = [_enqueue(m, priority=i, unique_key=f"k{i}") for i in range(5)]
     _enqueue(m, delay={"seconds": 60})
     claimed = _claim(m, n=2)
@@ -447,17 +463,114 @@ async def test_a_restarted_node_reads_its_jobs_back(tmp_path: Path) -> None:
         queue="q", schedule_id="s", cron="0 0 * * * *", template=pb.JobTemplate(type="t")),
         LIMITS, m.clock.wall_ns()), False)
     m.decisions.purge("q", [], True)
+    asked = _enqueue_request(m, "req", "other").job_id
+    assert _leader(m).forget(clock.wall_ns() + int(LIMITS.request_retention * S) - S) == 1
     await asyncio.wait_for(group.wait_committed(group.log.last_seq), 5)
     await journal.close()
 
     journal = Journal(tmp_path / "durable.sqlite3")  # the node restarts
     journal.create_tables(SCHEMA, TABLES)
     [copy] = journal.copies()
-    restored = _group(journal, primary=False, durable=copy)
+    restored = _group(journal, primary=False, durable=copy, clock=ManualClock(clock.wall_ns()))
     r = _machine(restored)
     assert _state(r) == _state(m)
     restored.become_primary(2)
     assert _enqueue(r, unique_key="k2") == ids[2]  # unique keys came back
+    replay = _enqueue_request(r, "req", "other")  # and request ids
+    assert (replay.job_id, replay.replayed) == (asked, True)
+    assert not _enqueue_request(r, "old", "other").replayed  # forgotten stays forgotten
+    assert forgotten
     remaining = [j.job_id for c in _claim(r, n=10) for j in c.jobs]
     assert remaining == [ids[2], ids[1]]
     await journal.close()
+
+
+def test_a_request_id_makes_one_job_whatever_becomes_of_it() -> None:
+    primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
+    m = _machine(primary)
+    first = _enqueue_request(m, "r1", payload=b"a")
+    assert not first.replayed and first.job is not None
+    again = _enqueue_request(m, "r1", payload=b"other", priority=9)  # the rest is ignored
+    assert (again.job_id, again.replayed, again.duplicate) == (first.job_id, True, False)
+    assert len(m.state.jobs) == 1
+    assert _enqueue_request(m, "r1", "q2").job_id != first.job_id  # unique per queue
+    # Completed, failed for good, cancelled: a replay still answers the first job.
+    ended = {}
+    for rid, end in (("done", "complete"), ("dead", "fail"), ("gone", "cancel")):
+        job_id = _enqueue_request(m, rid).job_id
+        if end == "cancel":
+            m.decisions.cancel(job_id)
+        else:
+            (claimed,) = [c for c in _claim(m, n=10) if job_id in {j.job_id for j in c.jobs}]
+            if end == "complete":
+                m.decisions.complete(job_id, claimed.token, b"")
+            else:
+                m.decisions.fail(job_id, claimed.token, "no", False, None)
+        ended[rid] = job_id
+    for rid, job_id in ended.items():
+        replay = _enqueue_request(m, rid)
+        assert (replay.job_id, replay.replayed) == (job_id, True)
+        assert replay.job is not None and replay.job.finished
+    # The job is removed (retention, purge): the id is still answered.
+    m.decisions.purge("q", [ended["dead"]], False)
+    replay = _enqueue_request(m, "dead")
+    assert (replay.job_id, replay.job, replay.replayed) == (ended["dead"], None, True)
+    # A held unique key enqueues nothing and remembers nothing.
+    holder = _enqueue_request(m, "u1", unique_key="k").job_id
+    dup = _enqueue_request(m, "u2", unique_key="k")
+    assert (dup.job_id, dup.duplicate, dup.replayed) == (holder, True, False)
+    assert "u2" not in m.state.queues["q"].requests
+    _replay(primary, replica)
+    assert _state(_machine(replica)) == _state(m)
+    assert _machine(replica).state.queues["q"].requests["done"].job_id == ended["done"]
+
+
+def test_request_ids_are_forgotten_after_their_retention_by_a_command() -> None:
+    limits = SchedulerLimits(request_retention=60)
+    clock = ManualClock()
+    primary = _group(FakeJournal(), limits=limits, clock=clock)
+    replica = _group(FakeJournal(), "b", primary=False, limits=limits)
+    m = _machine(primary)
+    start = m.clock.wall_ns()
+    first = _enqueue_request(m, "r").job_id
+    assert m.state.queues["q"].requests["r"].expire_ns == start + 60 * S
+    leader = _leader(m)
+    assert leader.forget(start + 59 * S) == 0
+    assert _enqueue_request(m, "r").replayed
+    seq = primary.log.last_seq
+    assert leader.forget(start + 61 * S) == 1
+    assert primary.log.last_seq == seq + 1  # one replicated command
+    assert "r" not in m.state.queues["q"].requests
+    _replay(primary, replica)
+    assert "r" not in _machine(replica).state.queues["q"].requests
+    # Past it, the id is new again.
+    clock.set(start + 61 * S)
+    second = _enqueue_request(m, "r")
+    assert not second.replayed and second.job_id != first
+    # A stale forget (an older expiry) leaves a newer remembering alone.
+    assert not m.state.forget("q", "r", start + 60 * S)
+    assert m.state.queues["q"].requests["r"].job_id == second.job_id
+
+
+def test_a_new_primary_forgets_what_the_old_one_remembered() -> None:
+    limits = SchedulerLimits(request_retention=60)
+    old = _group(FakeJournal(), limits=limits)
+    m = _machine(old)
+    start = m.clock.wall_ns()
+    _enqueue_request(m, "r")
+    new = _group(FakeJournal(), "b", primary=False, limits=limits)
+    _replay(old, new)
+    new.become_primary(2)
+    n = _machine(new)
+    assert _enqueue_request(n, "r").replayed
+    assert _leader(n).forget(start + 61 * S) == 1
+
+
+@pytest.mark.parametrize("request_id,problem", [("x" * 129, "128 bytes"),
+                                                ("a\nb", "control")])
+def test_a_bad_request_id_is_refused_naming_the_field(request_id: str, problem: str) -> None:
+    with pytest.raises(MeshStatusError) as exc:
+        v.job_spec(pb.EnqueueRequest(queue="q", type="t", request_id=request_id), LIMITS, 0)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in exc.value.violations
+    assert problem in exc.value.violations["request_id"]

@@ -171,20 +171,25 @@ async def test_enqueue_sends_every_option() -> None:
         await client.enqueue("mail", "t", run_at=1.0, delay=1.0)
 
 
-async def test_enqueue_is_repeated_after_an_unknown_outcome_only_with_a_unique_key() -> None:
+async def test_enqueue_is_repeated_after_an_unknown_outcome_with_the_same_request_id() -> None:
     unknown = rpc_error(grpc.StatusCode.UNAVAILABLE, "NOT_COMMITTED")
-    client = ScriptedScheduler(Enqueue=[unknown, pb.EnqueueResponse(job_id="j1")])
-    assert await client.enqueue("q", "t", unique_key="k") == "j1"
-    client = ScriptedScheduler(Enqueue=[unknown, pb.EnqueueResponse(job_id="j1")])
-    with pytest.raises(UnavailableError):
-        await client.enqueue("q", "t")  # a repeat could enqueue it twice
-    with pytest.raises(UnavailableError):
-        await ScriptedScheduler(Enqueue=[unknown]).enqueue("q", "t", unique_key="k",
-                                                           strict_unique=True)
-    # Certainly not executed: any enqueue is retried.
+    client = ScriptedScheduler(Enqueue=[unknown, pb.EnqueueResponse(job_id="j1", replayed=True),
+                                        pb.EnqueueResponse(job_id="j9")])
+    result = await client.enqueue_result("q", "t")
+    assert result.job_id == "j1" and result.replayed
+    first, again = (r for _, _, r in client.sent)
+    assert len(first.request_id) == 36 and again.request_id == first.request_id  # a UUID
+    await client.enqueue("q", "t")  # each call has its own
+    assert client.sent[-1][2].request_id not in ("", first.request_id)
+    # The caller's own id, strict unique keys too.
+    client = ScriptedScheduler(Enqueue=[unknown, pb.EnqueueResponse(job_id="j2")])
+    assert await client.enqueue("q", "t", unique_key="k", strict_unique=True,
+                                request_id="saga-7:step-2") == "j2"
+    assert [r.request_id for _, _, r in client.sent] == ["saga-7:step-2"] * 2
+    # Certainly not executed: retried too.
     refused = rpc_error(grpc.StatusCode.UNAVAILABLE, "GROUP_UNAVAILABLE")
-    client = ScriptedScheduler(Enqueue=[refused, pb.EnqueueResponse(job_id="j2")])
-    assert await client.enqueue("q", "t") == "j2"
+    client = ScriptedScheduler(Enqueue=[refused, pb.EnqueueResponse(job_id="j3")])
+    assert await client.enqueue("q", "t") == "j3"
 
 
 async def test_complete_and_fail_are_repeated_and_lease_loss_is_final() -> None:
