@@ -57,7 +57,7 @@ class StaticDirectory(NodeDirectory):
         self._addresses = list(addresses)
 
     async def start(self) -> None:
-        services = ("cache", "lock", "events", "scheduler", "notify")
+        services = ("cache", "lock", "events", "scheduler", "notify", "saga")
         self._replace({a: NodeInfo(node_id=a, address=a, services=services, version="")
                        for a in self._addresses})
 

@@ -155,6 +155,18 @@ class JobNotFoundError(NotFoundError):
     """No job has this id (never enqueued, or removed after its retention)."""
 
 
+class SagaNotFoundError(NotFoundError):
+    """No saga has this id (never started, or removed after its retention)."""
+
+
+class SagaTypeNotFoundError(NotFoundError):
+    """No saga type (or no such version of it) was registered."""
+
+
+class SagaExistsError(ConflictError):
+    """StartSaga with an id a saga of another type or input already has."""
+
+
 class FailedPreconditionError(MeshError):
     """The system is not in a state that allows the call; retrying it as is won't help."""
 
@@ -179,6 +191,10 @@ class LeaseLostError(FailedPreconditionError):
     @property
     def state(self) -> str:
         return self.metadata.get("state", "").removeprefix("JOB_STATE_")
+
+
+class SagaFinishedError(FailedPreconditionError):
+    """CancelSaga of a saga that has already ended."""
 
 
 class ResourceExhaustedError(MeshError):
@@ -280,6 +296,10 @@ _BY_REASON: dict[str, type[MeshError]] = {
     "LEASE_LOST": LeaseLostError,
     "QUEUE_FULL": QueueFullError,
     "RATE_LIMITED": RateLimitedError,
+    "SAGA_NOT_FOUND": SagaNotFoundError,
+    "SAGA_TYPE_NOT_FOUND": SagaTypeNotFoundError,
+    "SAGA_EXISTS": SagaExistsError,
+    "SAGA_FINISHED": SagaFinishedError,
 }
 
 

@@ -29,6 +29,7 @@ from clients.lease import Lease, LostCallback
 from clients.lock import LockClient
 from clients.notify import NotifyClient
 from clients.router import Router, Target
+from clients.saga import SagaClient
 from clients.scheduler import SchedulerClient
 from common.auth import bearer
 from common.clustermap import MapFollower, RoutingTable
@@ -145,6 +146,7 @@ class Mesh:
         self.events = EventsClient(self)
         self.scheduler = SchedulerClient(self)
         self.notify = NotifyClient(self)
+        self.sagas = SagaClient(self)
 
     async def __aenter__(self) -> Mesh:
         await self.start()

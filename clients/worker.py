@@ -42,7 +42,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from clients.errors import (
@@ -66,7 +66,7 @@ from clients.job_runtime import (
     is_async,
     loop_share,
 )
-from clients.job_types import ClaimedJob
+from clients.job_types import ClaimedJob, JobState
 from clients.retry import Backoff
 from clients.scheduler import MAX_CLAIM, Regroup, default_worker_id
 
@@ -111,6 +111,8 @@ class Worker:
     waits for jobs (at most 60). ``heartbeat``: seconds between lease
     extensions (default lease/3). ``grace``: how long a graceful stop lets
     running jobs finish. ``timeout``: each call's deadline (default the mesh's).
+    ``on_ended(ctx, succeeded)``: awaited once a job finished for good here
+    (Complete accepted, or Fail answered DEAD); sagas use it to report the step.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Worker:
         concurrency: int = 10, batch: int | None = None, lease: float = 30.0,
         poll: float = 20.0, heartbeat: float | None = None, grace: float = 30.0,
         worker_id: str = "", timeout: float | None = None,
+        on_ended: Callable[[JobContext, bool], Awaitable[None]] | None = None,
     ) -> None:
         self.scheduler: Scheduler = cast(Scheduler, getattr(mesh, "scheduler", mesh))
         self.queues = [queues] if isinstance(queues, str) else list(dict.fromkeys(queues))
@@ -133,6 +136,7 @@ class Worker:
         self.grace = grace
         self.worker_id = worker_id or default_worker_id()
         self.timeout = timeout
+        self.on_ended = on_ended
         self.stats = WorkerStats()
         self._slots = Slots(concurrency)
         self._loops: list[_ClaimLoop] = []
@@ -423,17 +427,32 @@ class Worker:
                         ctx.id, exc)
         else:
             self.stats.succeeded += 1
+            await self._ended(ctx, True)
 
     async def _fail(self, ctx: JobContext, error: str, *, retryable: bool,
                     retry_delay: float | None = None) -> None:
         try:
-            await self.scheduler.fail(ctx.id, ctx.lease_token, error, retryable=retryable,
-                                      retry_delay=retry_delay, timeout=self.timeout)
+            failed = await self.scheduler.fail(ctx.id, ctx.lease_token, error,
+                                               retryable=retryable, retry_delay=retry_delay,
+                                               timeout=self.timeout)
         except LeaseLostError as exc:
             self._lost(ctx, None, f"Fail refused (job {exc.state or '?'})")
         except MeshError as exc:
             log.warning("job %s: Fail failed (%s); it runs again once its lease expires",
                         ctx.id, exc)
+        else:
+            if failed.state == JobState.DEAD:
+                await self._ended(ctx, False)
+
+    async def _ended(self, ctx: JobContext, succeeded: bool) -> None:
+        """Tell ``on_ended`` that the job finished for good (its failure must not
+        fail the job, which has ended)."""
+        if self.on_ended is None:
+            return
+        try:
+            await self.on_ended(ctx, succeeded)
+        except Exception as exc:
+            log.info("job %s: on_ended failed: %r", ctx.id, exc)
 
     async def _hand_back(self, ctx: JobContext) -> None:
         """Return a job still running at shutdown (see the module's docstring)."""

@@ -55,6 +55,10 @@ class Reason(enum.StrEnum):
     SCHEDULE_EXISTS = "SCHEDULE_EXISTS"
     SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
     """A subscription fell too far behind its channel; resume from the offset given."""
+    SAGA_NOT_FOUND = "SAGA_NOT_FOUND"
+    SAGA_TYPE_NOT_FOUND = "SAGA_TYPE_NOT_FOUND"
+    SAGA_EXISTS = "SAGA_EXISTS"
+    SAGA_FINISHED = "SAGA_FINISHED"
     # Cluster map and replication.
     NO_MAP = "NO_MAP"
     GROUP_UNAVAILABLE = "GROUP_UNAVAILABLE"
@@ -189,6 +193,10 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.SCHEDULE_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Reason.SUBSCRIBER_TOO_SLOW: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.SAGA_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.SAGA_TYPE_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.SAGA_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.SAGA_FINISHED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 """The status each reason a service may refuse with is answered with (the
 codes the protos document)."""

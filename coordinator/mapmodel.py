@@ -15,6 +15,7 @@ SERVICE_KINDS: Mapping[str, admin_pb2.ServiceKind.ValueType] = {
     "events": admin_pb2.SERVICE_KIND_EVENTS,
     "scheduler": admin_pb2.SERVICE_KIND_SCHEDULER,
     "notify": admin_pb2.SERVICE_KIND_NOTIFY,
+    "saga": admin_pb2.SERVICE_KIND_SAGA,
 }
 ELIGIBLE = (admin_pb2.NODE_STATE_JOINING, admin_pb2.NODE_STATE_ACTIVE)
 """Node states that may be given new roles."""

@@ -17,7 +17,7 @@ from common.tls import Tls
 from nodes.identity import IdentityError, claim
 from nodes.ratelimit import RateLimits
 
-SERVICES = ("cache", "lock", "events", "scheduler", "notify")
+SERVICES = ("cache", "lock", "events", "scheduler", "notify", "saga")
 DEFAULT_DATA_DIR = "mesh-data"
 """Relative to the working directory: a node started again where it was started
 before finds its id and its data."""
@@ -102,6 +102,25 @@ class NotifyLimits:
     """Seconds between the primary's passes that remove entries past their ttl."""
     heartbeat_interval: float = DEFAULT_HEARTBEAT
     """Seconds a Subscribe stream may stay idle before a Heartbeat is sent (0: none)."""
+
+
+@dataclass(frozen=True)
+class SagaLimits:
+    """Per-node saga settings (durations in seconds)."""
+
+    retention: float = 7 * 86400.0
+    """How long a saga is kept once it reached a final state."""
+    check_interval: float = 5.0
+    """Seconds between the primary's looks at a running step's job when no
+    worker reported it (a worker that died after Complete, a job that went dead
+    after lost leases)."""
+    publish_events: bool = True
+    """Whether every transition is also appended to the event store (stream
+    "saga-<id>"): needs nodes running the events service."""
+    max_in_flight: int = 256
+    """Scheduler and event store calls the driver makes at once."""
+    compensation_attempts: int = 10
+    """Attempts of a compensation's job when its definition gives none."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,7 @@ class NodeConfig:
     events: EventsLimits = field(default_factory=EventsLimits)
     scheduler: SchedulerLimits = field(default_factory=SchedulerLimits)
     notify: NotifyLimits = field(default_factory=NotifyLimits)
+    saga: SagaLimits = field(default_factory=SagaLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     log_level: str = "info"
     log_format: str = "text"
@@ -304,6 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                         "after 3); 0 = none (MESH_STREAM_HEARTBEAT_INTERVAL)")
     _scheduler_flags(p, d.scheduler)
     _notify_flags(p, d.notify)
+    _saga_flags(p, d.saga)
     _rate_limit_flags(p)
     p.add_argument("--plugins", default=env("PLUGINS", ""),
                    help="more services to offer, as comma-separated module:Class names of "
@@ -337,6 +358,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error("--stream-heartbeat-interval must not be negative")
     scheduler = _scheduler_limits(p, a)
     notify = _notify_limits(p, a)
+    saga = _saga_limits(p, a)
     rate_limits = _rate_limits(p, a)
     peer_listen = a.peer_listen or f"{host_of(a.listen)}:0"
     # The peer port and /metrics are on the host the client port advertises,
@@ -408,6 +430,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         ),
         scheduler=scheduler,
         notify=notify,
+        saga=saga,
         rate_limits=rate_limits,
     )
 
@@ -561,6 +584,34 @@ def _notify_flags(p: argparse.ArgumentParser, nt: NotifyLimits) -> None:
          "Subscribe streams served at once")
     flag("trim-interval", float, nt.trim_interval,
          "seconds between removals of entries past their ttl")
+
+
+def _saga_flags(p: argparse.ArgumentParser, sg: SagaLimits) -> None:
+    p.add_argument("--saga-retention", type=float,
+                   default=float(env("SAGA_RETENTION", str(sg.retention))),
+                   help="seconds a saga is kept once it ended (MESH_SAGA_RETENTION)")
+    p.add_argument("--saga-check-interval", type=float,
+                   default=float(env("SAGA_CHECK_INTERVAL", str(sg.check_interval))),
+                   help="seconds between looks at a running step's job that no worker "
+                        "reported (MESH_SAGA_CHECK_INTERVAL)")
+    p.add_argument("--saga-events", choices=("on", "off"),
+                   default=env("SAGA_EVENTS", "on" if sg.publish_events else "off"),
+                   help="also append every saga transition to the event store, stream "
+                        "saga-<id> (MESH_SAGA_EVENTS)")
+    p.add_argument("--saga-compensation-attempts", type=int,
+                   default=int(env("SAGA_COMPENSATION_ATTEMPTS", str(sg.compensation_attempts))),
+                   help="attempts of a compensation job whose definition gives none "
+                        "(MESH_SAGA_COMPENSATION_ATTEMPTS)")
+
+
+def _saga_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> SagaLimits:
+    if a.saga_retention <= 0 or a.saga_check_interval <= 0:
+        p.error("saga: --saga-retention and --saga-check-interval must be positive")
+    if not 1 <= a.saga_compensation_attempts <= 1000:
+        p.error("saga: --saga-compensation-attempts must lie in 1..1000")
+    return SagaLimits(retention=a.saga_retention, check_interval=a.saga_check_interval,
+                      publish_events=a.saga_events == "on",
+                      compensation_attempts=a.saga_compensation_attempts)
 
 
 def _notify_limits(p: argparse.ArgumentParser, a: argparse.Namespace) -> NotifyLimits:

@@ -23,7 +23,7 @@ from google.protobuf import message
 
 from common.errors import MeshStatusError, Reason
 from common.peer import PeerSigner
-from nodes.planes import HOPS_HEADER
+from nodes.planes import HOPS_HEADER, TENANT_HEADER
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect, Replication
 from nodes.rpc import ForwardedError, metadata_of
@@ -69,6 +69,8 @@ class Forwarder:
         forwarded = [(HOPS_HEADER, str(_hops(metadata) + 1)), *self._signer.metadata()]
         if AUTH_HEADER in metadata:  # the owner authenticates the caller itself
             forwarded.append((AUTH_HEADER, metadata[AUTH_HEADER]))
+        if TENANT_HEADER in metadata:  # a member acting for a tenant (peer port only)
+            forwarded.append((TENANT_HEADER, metadata[TENANT_HEADER]))
         return {"timeout": remaining if remaining is not None else fallback,
                 "metadata": tuple(forwarded)}
 

@@ -28,13 +28,21 @@ import grpc
 from common.errors import MeshStatusError, Reason, invalid_argument
 from common.peer import PEER_HEADER, Peer, PeerKey, PeerRefused
 
-__all__ = ["HOPS_HEADER", "ClientPlaneGuard", "PeerPlaneGuard", "calling_peer", "drain"]
+__all__ = ["HOPS_HEADER", "LOCAL_HEADER", "TENANT_HEADER", "ClientPlaneGuard", "PeerPlaneGuard",
+           "calling_peer", "drain"]
 
 log = logging.getLogger(__name__)
 
 HOPS_HEADER = "x-mesh-hops"
 """How many nodes a call was forwarded through (set by nodes, on the peer port)."""
-INTERNAL_HEADERS = frozenset({HOPS_HEADER, PEER_HEADER})
+TENANT_HEADER = "x-mesh-tenant"
+"""The tenant a member acts for in a call it makes on its own (a saga's primary
+enqueueing a step's job): it has no caller's token to pass on. Taken on the
+peer port only, so only from members of the cluster."""
+LOCAL_HEADER = "x-mesh-local"
+"""On a call a node fans out to every primary (ListSagas): answer for the groups
+you lead only."""
+INTERNAL_HEADERS = frozenset({HOPS_HEADER, PEER_HEADER, TENANT_HEADER, LOCAL_HEADER})
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 

@@ -22,6 +22,7 @@ from common import tenancy
 from common.auth import Authenticator
 from common.errors import MeshStatusError, Reason, ServiceError, invalid_argument, status_of
 from common.metrics import RpcMetrics
+from nodes.planes import TENANT_HEADER
 from nodes.ratelimit import Limiter
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,20 @@ async def _admit(context: grpc.aio.ServicerContext, auth: Authenticator | None,
     when the method is ``admin``-only, then take its rate-limit tokens; raises
     MeshStatusError."""
     if auth is not None:
-        principal = auth.principal(metadata_of(context))
+        metadata = metadata_of(context)
+        acting_for = metadata.get(TENANT_HEADER)
+        if acting_for is not None:
+            # A member of the cluster acting for a tenant on its own (the client
+            # port refuses this header, the peer port checked the member).
+            if admin:
+                raise MeshStatusError(grpc.StatusCode.PERMISSION_DENIED,
+                                      f"{method} needs a token with the admin role",
+                                      Reason.ADMIN_REQUIRED)
+            tenancy.enter(acting_for)
+            if limiter is not None:
+                await limiter.admit(acting_for, method)
+            return
+        principal = auth.principal(metadata)
         if admin and not principal.is_admin:
             raise MeshStatusError(grpc.StatusCode.PERMISSION_DENIED,
                                   f"{method} needs a token with the admin role",

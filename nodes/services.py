@@ -14,6 +14,7 @@ from nodes.events.service import EventsService
 from nodes.lock.service import LockService
 from nodes.notify.service import NotifyService
 from nodes.plugin import Service
+from nodes.saga.service import SagaService
 from nodes.scheduler.service import SchedulerService
 
 __all__ = ["SERVICES", "registry"]
@@ -24,6 +25,7 @@ SERVICES: dict[str, type[Service]] = {
     "events": EventsService,
     "scheduler": SchedulerService,
     "notify": NotifyService,
+    "saga": SagaService,
 }
 
 

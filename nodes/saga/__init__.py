@@ -1,0 +1,1 @@
+"""Sagas: orchestrated distributed transactions with compensation (mesh.saga.v1)."""
