@@ -30,6 +30,7 @@ from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
+from nodes.planes import LOCAL_HEADER, TENANT_HEADER
 from tests.cluster import TENANT, TOKEN, Writer, auth_flags, error_details, wait_converged
 from tests.conftest import module_cluster
 from tests.test_other_languages import grpcurl
@@ -37,6 +38,7 @@ from tests.test_other_languages import grpcurl
 PUBLIC = {
     "mesh.cache.v1.CacheService", "mesh.lock.v1.LockService", "mesh.events.v1.EventsService",
     "mesh.scheduler.v1.SchedulerService", "mesh.notify.v1.NotifyService",
+    "mesh.saga.v1.SagaService",
     "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
 }
 
@@ -153,7 +155,8 @@ async def test_clients_may_not_send_internal_headers(secured: LocalMesh, channel
     stub = cache_pb2_grpc.CacheServiceStub(channels(secured.nodes[0].address))
     credential = key_of(secured).sign(NODE, secured.nodes[1].node_id)
     for header, value in (("x-mesh-hops", "abc"), ("x-mesh-hops", "-5"),
-                          ("x-mesh-hops", "0"), (PEER_HEADER, credential)):
+                          ("x-mesh-hops", "0"), (PEER_HEADER, credential),
+                          (TENANT_HEADER, TENANT), (LOCAL_HEADER, "1")):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Get(cache_pb2.GetRequest(key="k"), timeout=5,
                            metadata=(bearer(TOKEN), (header, value)))
@@ -165,6 +168,31 @@ async def test_clients_may_not_send_internal_headers(secured: LocalMesh, channel
 
 
 # -- the peer port ---------------------------------------------------------------------
+
+
+async def test_a_member_acts_for_a_tenant_only_on_the_peer_port(
+        secured: LocalMesh, channels: Any) -> None:
+    """A saga's primary enqueues its steps' jobs for the saga's tenant: with its peer
+    credential and the tenant header, on the peer port, and nowhere else."""
+    node = secured.nodes[0]
+    signed = PeerSigner(key_of(secured), NODE, secured.nodes[1].node_id).metadata()
+    peer = cache_pb2_grpc.CacheServiceStub(channels(node.peer_address))
+    await peer.Set(cache_pb2.SetRequest(key="acted", value=b"for acme"), timeout=5,
+                   metadata=(*signed, (TENANT_HEADER, TENANT)))
+    # The write is in the tenant's namespace: its clients see it, another tenant's don't.
+    client = cache_pb2_grpc.CacheServiceStub(channels(node.address))
+    got = await client.Get(cache_pb2.GetRequest(key="acted"), timeout=5,
+                           metadata=(bearer(TOKEN),))
+    assert got.found and got.value == b"for acme"
+    await peer.Set(cache_pb2.SetRequest(key="acted", value=b"for globex"), timeout=5,
+                   metadata=(*signed, (TENANT_HEADER, "globex")))
+    assert (await client.Get(cache_pb2.GetRequest(key="acted"), timeout=5,
+                             metadata=(bearer(TOKEN),))).value == b"for acme"
+    # Without a credential the peer port refuses it before any handler runs.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await peer.Set(cache_pb2.SetRequest(key="acted", value=b"x"), timeout=5,
+                       metadata=((TENANT_HEADER, TENANT),))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_the_peer_port_refuses_calls_without_a_valid_credential(

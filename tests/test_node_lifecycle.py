@@ -39,7 +39,7 @@ async def test_registers_in_etcd_with_its_address(etcd: Etcd, local_mesh: Any) -
     assert raw is not None
     info = json.loads(raw)
     assert info["address"] == node.address
-    assert set(info["services"]) == {"cache", "lock", "events", "scheduler", "notify"}
+    assert set(info["services"]) == {"cache", "lock", "events", "scheduler", "notify", "saga"}
     assert info["version"] and info["pid"] == node.pid
 
 

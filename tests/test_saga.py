@@ -12,11 +12,13 @@ input gets INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+import jwt
 import pytest
 
 from clients import Mesh
@@ -32,7 +34,7 @@ from clients.saga import SagaType, StepContext
 from common.localmesh import Etcd, LocalMesh
 from mesh.saga.v1 import saga_pb2 as pb
 from mesh.saga.v1 import saga_pb2_grpc as pb_grpc
-from tests.cluster import error_details
+from tests.cluster import TOKEN, auth_flags, error_details
 from tests.conftest import module_cluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -269,3 +271,49 @@ async def test_the_client_refuses_an_unknown_state(mesh: Mesh) -> None:
     with pytest.raises(InvalidArgumentError):
         [s async for s in mesh.sagas.list_sagas(state="SLEEPING")]
     assert uuid  # (imported for ids in other tests)
+
+
+# -- with authentication on ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    yield from module_cluster(etcd, tmp_path_factory, "sagasec", 2,
+                              lambda workdir: [*auth_flags(workdir),
+                                               "--saga-check-interval", "1"])
+
+
+async def test_a_tenants_sagas_run_its_jobs_and_stay_its_own(secured: LocalMesh) -> None:
+    """The saga's primary enqueues the steps' jobs for the saga's tenant (as a
+    member, on the peer port): the tenant's workers run them, another tenant
+    sees neither the saga nor its type."""
+    effects = Effects()
+    t = order_type("tenanted", effects)
+    other_token = _token(secured, "globex")
+    async with Mesh(etcd=secured.etcd_endpoint, cluster=secured.cluster, token=TOKEN,
+                    timeout=10) as acme, \
+            Mesh(etcd=secured.etcd_endpoint, cluster=secured.cluster, token=other_token,
+                 timeout=10) as globex:
+        [saga] = await _run(acme, t, ["ten-1"])
+        assert saga.state == "COMPLETED"
+        assert effects.done["ten-1"][-1] == "ship"
+        with pytest.raises(SagaNotFoundError):
+            await globex.sagas.get("ten-1")
+        with pytest.raises(SagaTypeNotFoundError):
+            await globex.sagas.start("tenanted", "ten-1")
+        assert not [s async for s in globex.sagas.list_sagas()]
+        assert [s.saga_id async for s in acme.sagas.list_sagas(saga_type="tenanted")] == \
+            ["ten-1"]
+        for _ in range(100):  # the history reaches the event store after the fact
+            events = [e async for e in acme.events.read_stream("saga-ten-1")]
+            if len(events) == len(saga.history):
+                break
+            await asyncio.sleep(0.1)
+        assert [e.type for e in events] == [f"saga.{h[0]}" for h in saga.history]
+        assert not [e async for e in globex.events.read_stream("saga-ten-1")]
+
+
+def _token(local: LocalMesh, tenant: str) -> str:
+    secret = (local.workdir / "jwt-secret").read_bytes()
+    return jwt.encode({"tenant": tenant, "exp": int(time.time()) + 600}, secret,
+                      algorithm="HS256")
