@@ -169,6 +169,11 @@ class StepContext:
         return self.task.idempotency_key
 
     @property
+    def action_key(self) -> str:
+        """For a compensation: the idempotency key its action was given (what to undo)."""
+        return self.task.action_idempotency_key
+
+    @property
     def action_state(self) -> str:
         """For a compensation: SUCCEEDED, or UNKNOWN (the action may not have run)."""
         return _task_state(self.task.action_state)

@@ -84,6 +84,7 @@ def step_task(record: spb.SagaRecord, step: int, phase: pb.Phase.ValueType) -> p
             out.results[other.name] = other.result
     if phase == pb.PHASE_COMPENSATION:
         out.action_state = s.action.state
+        out.action_idempotency_key = f"{saga_id}/{s.name}/action"
     return out
 
 
