@@ -55,6 +55,7 @@ SCHEDULER = "/mesh.scheduler.v1.SchedulerService/"
 EVENTS = "/mesh.events.v1.EventsService/"
 RETRY_NS = 500_000_000
 """A failed call is tried again after this long (doubling, up to the check interval)."""
+WARN_EVERY_NS = 60_000_000_000
 SCAN_SECONDS = 0.25
 """How often the driver walks its sagas for timeouts and due checks."""
 
@@ -138,6 +139,7 @@ class Driver:
         self._limit = asyncio.Semaphore(limits.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._warned: dict[tuple[str, grpc.StatusCode], int] = {}
         self.calls = 0
         """Scheduler and event store calls made (for metrics)."""
 
@@ -263,9 +265,7 @@ class Driver:
             except (grpc.aio.AioRpcError, MeshStatusError) as exc:
                 self._backoff(key)
                 if not transient(exc):
-                    log.warning("saga %s: %s failed: %s", unscoped(saga_id), what,
-                                exc.details() if isinstance(exc, grpc.aio.AioRpcError)
-                                else exc.message)
+                    self._warn(saga_id, what, exc)
             except Exception:
                 self._backoff(key)
                 log.exception("saga %s: %s failed", unscoped(saga_id), what)
@@ -275,6 +275,20 @@ class Driver:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _warn(self, saga_id: str, what: str,
+              exc: grpc.aio.AioRpcError | MeshStatusError) -> None:
+        """Log a call that keeps failing for a reason other than a moving owner (a
+        service missing from the cluster, a refusal), once a minute per kind."""
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+        kind = (what.partition(":")[0], code)
+        now = self.clock.wall_ns()
+        if now < self._warned.get(kind, 0):
+            return
+        self._warned[kind] = now + WARN_EVERY_NS
+        log.warning("saga %s: %s failed (%s): %s; retrying (further such failures are "
+                    "logged once a minute)", unscoped(saga_id), what, code.name,
+                    exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message)
 
     def _backoff(self, key: tuple[int, str, str]) -> None:
         previous = self._retry.get(key)

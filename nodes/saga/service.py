@@ -306,7 +306,7 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         after = pagetoken.decode(request.page_token, _LIST, (str,))
         after_id = "" if after is None else after[0]
         if LOCAL_HEADER in metadata_of(context):
-            return self._list_here(request, after_id, size)
+            return await self._list_here(request, after_id, size)
         # Every node lists the groups it leads; the merge takes the first page.
         client = self._internal()
         local = pb.ListSagasRequest(state=request.state, type=request.type, page_size=size,
@@ -327,13 +327,19 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
             response.next_page_token = pagetoken.encode(_LIST, sagas[:size][-1].saga_id)
         return response
 
-    def _list_here(self, request: pb.ListSagasRequest, after_id: str,
-                   size: int) -> pb.ListSagasResponse:
+    async def _list_here(self, request: pb.ListSagasRequest, after_id: str,
+                         size: int) -> pb.ListSagasResponse:
+        """The sagas of the groups this node leads, once what they hold is committed."""
         assert self._replication is not None
         prefix = tenancy.prefix()
         kind = scoped(request.type) if request.type else ""
         found: list[spb.SagaRecord] = []
-        for machine in self._replication.led(SAGA):
+        led = self._replication.led(SAGA)
+        for machine in led:
+            group = machine.group if isinstance(machine, SagaMachine) else None
+            if group is not None and group.log.last_seq > group.commit_seq:
+                await group.wait_committed(group.log.last_seq)
+        for machine in led:
             for saga_id, record in cast(SagaMachine, machine).sagas.items():
                 if prefix and not saga_id.startswith(prefix):
                     continue
