@@ -32,6 +32,7 @@ from mesh.cache.v1 import cache_pb2
 from mesh.events.v1 import events_pb2
 from mesh.lock.v1 import lock_pb2
 from mesh.notify.v1 import notify_pb2
+from mesh.saga.v1 import saga_pb2
 from mesh.scheduler.v1 import scheduler_pb2
 
 GRACE = 5
@@ -44,7 +45,8 @@ def public_services() -> list[descriptor.ServiceDescriptor]:
             lock_pb2.DESCRIPTOR.services_by_name["LockService"],
             events_pb2.DESCRIPTOR.services_by_name["EventsService"],
             scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
-            notify_pb2.DESCRIPTOR.services_by_name["NotifyService"]]
+            notify_pb2.DESCRIPTOR.services_by_name["NotifyService"],
+            saga_pb2.DESCRIPTOR.services_by_name["SagaService"]]
 
 
 class _Server(uvicorn.Server):

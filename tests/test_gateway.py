@@ -32,7 +32,7 @@ TOKEN = "gw-acme-token"
 OTHER = "gw-globex-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 PUBLIC = ("/mesh.cache.v1.", "/mesh.lock.v1.", "/mesh.events.v1.", "/mesh.scheduler.v1.",
-          "/mesh.notify.v1.")
+          "/mesh.notify.v1.", "/mesh.saga.v1.")
 
 
 def _auth_flags(workdir: Path) -> list[str]:
@@ -153,6 +153,38 @@ async def test_scheduler_routes_round_trip(http: httpx.AsyncClient) -> None:
     assert detail(missing.json(), "ErrorInfo")["reason"] == "JOB_NOT_FOUND"
 
 
+async def test_saga_routes_round_trip(http: httpx.AsyncClient) -> None:
+    step = {"name": "only", "action": {"queue": "gw-saga-q", "type": "gw.only"}}
+    registered = await http.post("/v1/sagaTypes", json={
+        "definition": {"name": "gw-saga", "stages": [{"steps": [step]}]}})
+    assert registered.status_code == 200, registered.text
+    assert registered.json()["version"] == 1
+    started = await http.post("/v1/sagas/gw-1:start", json={"type": "gw-saga",
+                                                            "input": b64("{}")})
+    assert started.status_code == 200, started.text
+    assert started.json()["saga"]["state"] == "SAGA_STATE_RUNNING"
+    # Its step is a job in the queue: a worker (here, plain HTTP calls) runs it.
+    claimed = {}
+    for _ in range(100):
+        claimed = (await http.post("/v1/jobs:claim", json={
+            "queues": ["gw-saga-q"], "worker_id": "w1", "lease_duration": "30s",
+            "wait": "1s"})).json()
+        if claimed.get("jobs"):
+            break
+    job = claimed["jobs"][0]
+    done = await http.post(httpx.URL(f"/v1/jobs/{job['job_id']}:complete"),
+                           json={"lease_token": job["lease_token"]})
+    assert done.status_code == 200, done.text
+    await http.post("/v1/sagas/gw-1:report", json={"job_id": job["job_id"]})
+    saga = (await http.get("/v1/sagas/gw-1", params={"wait": "20s"})).json()["saga"]
+    assert saga["state"] == "SAGA_STATE_COMPLETED", saga
+    listed = (await http.get("/v1/sagas", params={"type": "gw-saga"})).json()
+    assert [s["saga_id"] for s in listed["sagas"]] == ["gw-1"]
+    finished = await http.post("/v1/sagas/gw-1:cancel", json={})
+    assert finished.status_code == 400, finished.text
+    assert detail(finished.json(), "ErrorInfo")["reason"] == "SAGA_FINISHED"
+
+
 async def test_node_errors_are_mapped_with_details(http: httpx.AsyncClient) -> None:
     version = int((await http.put("/v1/cache/err:k", json={"value": b64("v")})).json()["version"])
     exists = await http.put("/v1/cache/err:k", json={"value": b64("w"), "only_if_absent": True})
@@ -265,7 +297,7 @@ async def test_openapi_lists_every_route_and_validates(http: httpx.AsyncClient) 
     doc = (await http.get("/openapi.json")).json()
     validate(doc)
     routes = routes_of(public_services())
-    assert len(routes) == 46
+    assert len(routes) == 53
     for route in routes:
         operation = doc["paths"][route.template][route.http_method.lower()]
         assert route.path in operation["description"]
