@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.scheduler import errors
-from nodes.scheduler.claims import Claimed
+from nodes.scheduler.claims import Claimed, Source, claim, pick
 from nodes.scheduler.model import DEAD, LEASED, WAITING, Job, Schedule
 from nodes.scheduler.state import lease_token
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from nodes.scheduler.leader import Leader
     from nodes.scheduler.machine import SchedulerMachine
 
-__all__ = ["Decisions", "Enqueued", "Failed"]
+__all__ = ["Decisions", "Enqueued", "Failed", "Next"]
 
 _BATCH = 10_000
 
@@ -46,12 +46,25 @@ class Enqueued:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """What a Fail did: the job's state, the retry's run time, attempts so far."""
+    """What a Fail did: the job's state, the retry's run time, attempts so far
+    (and the next jobs it leased)."""
 
     state: int
     run_ns: int
     attempts: int
     seq: int
+    claimed: list[Claimed] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """What a Complete or Fail leases next (``ClaimNext``): from these queues,
+    to this worker."""
+
+    sources: Sequence[Source]
+    worker_id: str
+    max_jobs: int
+    lease_ns: int
 
 
 class Decisions:
@@ -156,23 +169,48 @@ class Decisions:
             expire_ns=min(now + lease_ns, job.timeout_at_ns)))).seq
         return job, seq
 
-    def complete(self, job_id: str, token: int, result: bytes) -> tuple[int, int]:
-        """``(finish_ns, seq)``; a repeat of a Complete that took effect is answered
-        the same."""
+    def _end(self, job: Job, end: spb.EndAttempt, then: Next | None) -> tuple[int, list[Claimed]]:
+        """Propose the end of ``job``'s attempt; with ``then``, lease the next jobs
+        too: this group's in the same command, other groups' in their own."""
+        command = spb.EndAttempts(ends=[end])
+        picked = pick(then.sources, then.max_jobs, self.clock.wall_ns()) if then else {}
+        mine = picked.pop(self._machine, [])
+        if then is not None and mine:
+            command.lease.CopyFrom(spb.LeaseJobs(job_ids=[j.job_id for j in mine],
+                                                 worker_id=then.worker_id,
+                                                 lease_ns=then.lease_ns))
+        seq = self.propose(job.queue, spb.SchedulerCommand(end=command)).seq
+        claimed = [Claimed(self._machine, seq, mine, lease_token(self.group.epoch, seq))] \
+            if mine else []
+        if then is not None:
+            claimed += [machine.decisions.lease(jobs, then.worker_id, then.lease_ns)
+                        for machine, jobs in picked.items()]
+        return seq, claimed
+
+    def complete(self, job_id: str, token: int, result: bytes, then: Next | None = None
+                 ) -> tuple[int, int, list[Claimed]]:
+        """``(finish_ns, seq, claimed)``; a repeat of a Complete that took effect is
+        answered the same (and claims afresh)."""
         job = self._live_lease(job_id, token, self.clock.wall_ns())
         if job is None:
             job = self.job(job_id)
             attempt = job.attempt(token)
             if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED:
-                return attempt.finish_ns, job.seq
+                return attempt.finish_ns, job.seq, self._claim(then)
             raise errors.lease_lost(job)
-        seq = self.propose(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
-            spb.EndAttempt(job_id=job_id, lease_token=token,
-                           outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED, result=result)]))).seq
-        return job.finish_ns, seq
+        seq, claimed = self._end(job, spb.EndAttempt(
+            job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED,
+            result=result), then)
+        return job.finish_ns, seq, claimed
+
+    def _claim(self, then: Next | None) -> list[Claimed]:
+        if then is None:
+            return []
+        return claim(then.sources, then.worker_id, then.max_jobs, then.lease_ns,
+                     self.clock.wall_ns())
 
     def fail(self, job_id: str, token: int, error: str, retryable: bool,
-             retry_delay_ns: int | None) -> Failed:
+             retry_delay_ns: int | None, then: Next | None = None) -> Failed:
         now = self.clock.wall_ns()
         job = self._live_lease(job_id, token, now)
         if job is None:
@@ -180,7 +218,7 @@ class Decisions:
             attempt = job.attempt(token)
             if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_FAILED:
                 return Failed(DEAD if attempt.dead else WAITING, attempt.next_run_ns,
-                              attempt.number, job.seq)
+                              attempt.number, job.seq, self._claim(then))
             raise errors.lease_lost(job)
         failures = job.attempt_count
         dead = not retryable or failures >= job.max_attempts
@@ -189,10 +227,10 @@ class Decisions:
             delay = retry_delay_ns if retry_delay_ns is not None \
                 else job.backoff.delay_ns(failures, random.random())
             run_ns = now + delay
-        seq = self.propose(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
-            spb.EndAttempt(job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED,
-                           error=error, dead=dead, run_ns=run_ns)]))).seq
-        return Failed(job.state, run_ns, failures, seq)
+        seq, claimed = self._end(job, spb.EndAttempt(
+            job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED, error=error,
+            dead=dead, run_ns=run_ns), then)
+        return Failed(job.state, run_ns, failures, seq, claimed)
 
     def cancel(self, job_id: str) -> tuple[bool, Job, int]:
         job = self.job(job_id)

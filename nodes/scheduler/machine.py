@@ -106,6 +106,10 @@ class SchedulerMachine:
 
     def _apply_lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> Applied:
         """The result: the jobs leased (those still waiting)."""
+        leased = self._lease(c, now, seq, epoch)
+        return Applied(leased, self._storage.jobs(leased))
+
+    def _lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> list[Job]:
         token = lease_token(epoch, seq)
         jobs = self.state.jobs
         leased: list[Job] = []
@@ -117,7 +121,7 @@ class SchedulerMachine:
         if self.leader is not None:
             for job in leased:
                 self.leader.leased(job)
-        return Applied(leased, self._storage.jobs(leased))
+        return leased
 
     def _apply_extend(self, c: spb.ExtendLease, now: int, seq: int, epoch: int) -> Applied:
         job = self.state.jobs.get(c.job_id)
@@ -129,6 +133,7 @@ class SchedulerMachine:
         return Applied(job, self._storage.jobs([job]))
 
     def _apply_end(self, c: spb.EndAttempts, now: int, seq: int, epoch: int) -> Applied:
+        """The result: the jobs whose attempt ended, then those leased after."""
         jobs = self.state.jobs
         changed: list[Job] = []
         for i, end in enumerate(c.ends):
@@ -137,7 +142,12 @@ class SchedulerMachine:
                 continue
             self.state.end(job, end, now, seq, order_of(seq, i))
             changed.append(job)
-        return Applied(changed, self._jobs_changed(changed, counters=True))
+        writes = self._jobs_changed(changed, counters=True)
+        if c.HasField("lease"):
+            leased = self._lease(c.lease, now, seq, epoch)
+            writes.extend(self._storage.jobs(leased))
+            changed = changed + leased
+        return Applied(changed, writes)
 
     def _apply_cancel(self, c: spb.CancelJob, now: int, seq: int, epoch: int) -> Applied:
         job = self.state.jobs.get(c.job_id)

@@ -45,7 +45,7 @@ from nodes.scheduler.batches import (
     route_items,
 )
 from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
-from nodes.scheduler.decisions import Enqueued
+from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD
 from nodes.scheduler.reads import Reads, own
@@ -307,10 +307,11 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             return []
         return future.result()
 
-    def _claim_next(self, request: pb.CompleteRequest | pb.FailRequest
-                    ) -> list[Claimed]:
-        """A Complete's or Fail's ``next``: lease what is ready now in those of its
-        queues this node leads (it was validated before the job was finished)."""
+    def _next(self, request: pb.CompleteRequest | pb.FailRequest) -> Next | None:
+        """A Complete's or Fail's ``next``, checked: what is ready in those of its
+        queues this node leads (unset: None)."""
+        if not request.HasField("next"):
+            return None
         assert self.forwarder is not None
         queues, worker_id, most, lease_ns = v.claim_next(request.next, self.limits)
         resolve = self.forwarder.replication.resolve
@@ -318,7 +319,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                    if isinstance(group := resolve(slot_for(name)), Group) and group.writable
                    for m in (machine_of(group),)
                    if (queue := m.state.queues.get(scoped(name))) is not None]
-        return claim(sources, worker_id, most, lease_ns, self.clock.wall_ns())
+        return Next(sources, worker_id, most, lease_ns)
 
     @routed("job_id")
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx,
@@ -395,12 +396,10 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if len(request.result) > self.limits.max_payload_bytes:
             raise invalid_argument("result", f"is {len(request.result)} bytes; the limit "
                                                f"is {self.limits.max_payload_bytes}")
-        if request.HasField("next"):
-            v.claim_next(request.next, self.limits)  # refused before the job is finished
+        then = self._next(request)  # refused, if bad, before the job is finished
         own(group, request.job_id)
-        finish_ns, seq = machine_of(group).decisions.complete(request.job_id, request.lease_token,
-                                                     request.result)
-        claimed = self._claim_next(request) if request.HasField("next") else []
+        finish_ns, seq, claimed = machine_of(group).decisions.complete(
+            request.job_id, request.lease_token, request.result, then)
         await group.wait_committed(seq)
         return pb.CompleteResponse(finish_time=timestamp(finish_ns),
                                    next_jobs=await _committed(claimed))
@@ -411,16 +410,14 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         v.check_job_id(request.job_id)
         retry_delay = duration_ns("retry_delay", request.retry_delay) \
             if request.HasField("retry_delay") else None
-        if request.HasField("next"):
-            v.claim_next(request.next, self.limits)
+        then = self._next(request)
         own(group, request.job_id)
         failed = machine_of(group).decisions.fail(request.job_id, request.lease_token,
                                          v.error_text(request.error), request.retryable,
-                                         retry_delay)
-        claimed = self._claim_next(request) if request.HasField("next") else []
+                                         retry_delay, then)
         await group.wait_committed(failed.seq)
         response = pb.FailResponse(attempts=failed.attempts,
-                                   next_jobs=await _committed(claimed))
+                                   next_jobs=await _committed(failed.claimed))
         if failed.state == DEAD:
             response.state = pb.JOB_STATE_DEAD
         else:
