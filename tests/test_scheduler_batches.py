@@ -173,3 +173,15 @@ async def test_complete_and_fail_lease_the_next_jobs(stub: Stub) -> None:
     empty = await stub.Complete(pb.CompleteRequest(
         job_id=done.next_jobs[1].job_id, lease_token=done.next_jobs[1].lease_token, next=nxt))
     assert list(empty.next_jobs) == []  # nothing ready: no wait
+
+
+async def test_a_full_batch_of_one_queue_is_enqueued_in_order(stub: Stub) -> None:
+    queue = "batch-full"
+    jobs = [_job(queue, payload=str(i).encode()) for i in range(1000)]
+    reply = await stub.EnqueueBatch(pb.EnqueueBatchRequest(jobs=jobs), timeout=30)
+    ids = [r.job.job_id for r in reply.results]
+    assert len(set(ids)) == 1000
+    stats = await stub.Stats(pb.StatsRequest(queue=queue))
+    assert stats.ready == 1000
+    claimed = await _claim(stub, queue, max_jobs=100)
+    assert [j.payload for j in claimed] == [str(i).encode() for i in range(100)]  # FIFO

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from common.errors import ServiceError
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.scheduler import errors
@@ -120,6 +121,76 @@ class Decisions:
         proposal = self.propose(spec.queue, spb.SchedulerCommand(enqueue=command))
         job = proposal.result
         return Enqueued(job.job_id, job, False, proposal.seq)
+
+    def enqueue_batch(self, items: Sequence[tuple[spb.JobRecord, bool, str]], now: int
+                      ) -> list[Enqueued | ServiceError]:
+        """Each ``(spec, strict, request_id)`` as `enqueue` would answer it, the new
+        jobs made by one command. A request id or unique key repeated within the
+        batch is answered by the batch's own earlier job."""
+        state, retain = self.state, int(self.limits.request_retention * 1e9)
+        new: list[spb.EnqueueJob] = []
+        # Per item: an answer now, an error, or (how, index of the new job it names).
+        outcomes: list[Enqueued | ServiceError | tuple[str, int]] = []
+        by_request: dict[tuple[str, str], int] = {}
+        by_key: dict[tuple[str, str], int] = {}
+        added: dict[str, int] = {}
+        for spec, strict, request_id in items:
+            name = spec.queue
+            queue = state.queues.get(name)
+            if request_id:
+                if (name, request_id) in by_request:
+                    outcomes.append(("replayed", by_request[name, request_id]))
+                    continue
+                seen = queue.requests.get(request_id) if queue is not None else None
+                if seen is not None:
+                    job = state.jobs.get(seen.job_id)
+                    outcomes.append(Enqueued(seen.job_id, job, False, max(
+                        seen.seq, job.seq if job is not None else 0), replayed=True))
+                    continue
+            if spec.unique_key:
+                if (name, spec.unique_key) in by_key:
+                    outcomes.append(("strict" if strict else "duplicate",
+                                     by_key[name, spec.unique_key]))
+                    continue
+                holder = queue.holder(spec.unique_key, now) if queue is not None else None
+                if holder is not None:
+                    outcomes.append(errors.duplicate_job(name, spec.unique_key, holder.job_id)
+                                    if strict else Enqueued(holder.job_id, holder, True,
+                                                            holder.seq))
+                    continue
+            unfinished = (queue.unfinished if queue is not None else 0) + added.get(name, 0)
+            if unfinished >= self.limits.max_queue_jobs:
+                outcomes.append(errors.queue_full(name, self.limits.max_queue_jobs))
+                continue
+            command = spb.EnqueueJob(job=spec)
+            if request_id:
+                command.request_id = request_id
+                command.request_expire_ns = now + retain
+                by_request[name, request_id] = len(new)
+            if spec.unique_key:
+                by_key[name, spec.unique_key] = len(new)
+            added[name] = added.get(name, 0) + 1
+            outcomes.append(("new", len(new)))
+            new.append(command)
+        made: list[Job] = []
+        seq = 0
+        if new:
+            proposal = self.propose(new[0].job.queue, spb.SchedulerCommand(
+                enqueue_jobs=spb.EnqueueJobs(jobs=new)))
+            made, seq = proposal.result, proposal.seq
+        answers: list[Enqueued | ServiceError] = []
+        for outcome in outcomes:
+            if not isinstance(outcome, tuple):
+                answers.append(outcome)
+                continue
+            how, i = outcome
+            job = made[i]
+            if how == "strict":
+                answers.append(errors.duplicate_job(job.queue, job.unique_key, job.job_id))
+            else:
+                answers.append(Enqueued(job.job_id, job, how == "duplicate", seq,
+                                        replayed=how == "replayed"))
+        return answers
 
     def lease(self, jobs: Sequence[Job], worker_id: str, lease_ns: int) -> Claimed:
         """Lease jobs `claims.pick` chose."""

@@ -19,7 +19,7 @@ import grpc
 
 from common.bounds import duration_ns
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds
-from common.errors import MeshStatusError, invalid_argument
+from common.errors import MeshStatusError, ServiceError, invalid_argument
 from common.metrics import Snapshot, one
 from common.slots import slot_for
 from common.tenancy import scoped
@@ -218,16 +218,19 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         answers: dict[int, pb.EnqueueResponse] = {}
         waits: dict[Group, tuple[int, list[int]]] = {}
         for group, indexes in routes.local.values():
-            decide, top, done = machine_of(group).decisions, 0, []
+            items = []
             for i in indexes:
                 spec = specs[i]
                 assert spec is not None
                 spec.queue = scoped(spec.queue)
-                try:
-                    result = decide.enqueue(spec, jobs[i].strict_unique, now,
-                                            jobs[i].request_id)
-                except REFUSALS as exc:
-                    errors_[i] = item_error(exc, f"jobs[{i}].")
+                items.append((spec, jobs[i].strict_unique, jobs[i].request_id))
+            # The group's share in one command (one per job would flood the
+            # replication log with a big batch).
+            top, done = 0, []
+            for i, result in zip(indexes, machine_of(group).decisions.enqueue_batch(items, now),
+                                 strict=True):
+                if isinstance(result, ServiceError):
+                    errors_[i] = item_error(result, f"jobs[{i}].")
                     continue
                 answers[i] = _enqueued(result, now)
                 top = max(top, result.seq)

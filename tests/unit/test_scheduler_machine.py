@@ -598,3 +598,43 @@ def test_a_complete_or_fail_leases_the_next_jobs_in_the_same_command() -> None:
     assert m.state.jobs[ids[1]].state == WAITING and other in m.state.jobs
     _replay(primary, replica)
     assert _state(_machine(replica)) == _state(m)
+
+
+def test_an_enqueue_batch_is_one_command_and_answers_each_job() -> None:
+    limits = SchedulerLimits(max_queue_jobs=4)
+    primary = _group(FakeJournal(), limits=limits)
+    replica = _group(FakeJournal(), "b", primary=False, limits=limits)
+    m = _machine(primary)
+    held = _enqueue(m, unique_key="held")
+    known = _enqueue_request(m, "known").job_id
+    now = m.clock.wall_ns()
+
+    def item(queue: str = "q", strict: bool = False, request_id: str = "",
+             **fields: Any) -> tuple[Any, bool, str]:
+        return (v.job_spec(pb.EnqueueRequest(queue=queue, type="t", **fields), limits, now),
+                strict, request_id)
+
+    seq = primary.log.last_seq
+    answers = m.decisions.enqueue_batch([
+        item(payload=b"0"), item("r", request_id="a"), item("r", request_id="a"),
+        item(request_id="known"), item(unique_key="held"),
+        item(unique_key="held", strict=True), item("r", unique_key="k"),
+        item("r", unique_key="k", strict=True), item(), item()], now)
+    assert primary.log.last_seq == seq + 1  # one command for the whole share
+    first, a, a_again, known_again, dup, strict_dup, k, k_strict, fourth, full = answers
+    assert isinstance(first, Enqueued) and isinstance(a, Enqueued) and isinstance(k, Enqueued)
+    assert first.job_id.endswith(f"-{seq + 1:x}") and a.job_id.endswith(".1")
+    assert isinstance(a_again, Enqueued) and a_again.replayed and a_again.job_id == a.job_id
+    assert isinstance(known_again, Enqueued) and (known_again.job_id, known_again.replayed) \
+        == (known, True)
+    assert isinstance(dup, Enqueued) and dup.duplicate and dup.job_id == held
+    assert isinstance(strict_dup, ServiceError) and strict_dup.metadata["job_id"] == held
+    assert isinstance(k_strict, ServiceError) and k_strict.metadata["job_id"] == k.job_id
+    assert isinstance(fourth, Enqueued) and not fourth.duplicate
+    assert isinstance(full, ServiceError) and full.reason.value == "QUEUE_FULL"  # 4 in q now
+    assert all(slot_for(j.job_id) == slot_for(j.queue) for j in m.state.jobs.values())
+    assert m.state.queues["r"].requests["a"].job_id == a.job_id
+    _replay(primary, replica)
+    assert _state(_machine(replica)) == _state(m)
+    order = [j.job_id for c in _claim(m, "q", "r", n=10) for j in c.jobs]
+    assert order[:4] == [held, known, first.job_id, a.job_id]  # FIFO within the command too
