@@ -337,14 +337,23 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
                 retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    result = mesh_error(code, message, reason, metadata, violations, address)
+    result.retry_after = retry_after
+    return result
+
+
+def mesh_error(code: grpc.StatusCode, message: str, reason: str = "",
+               metadata: Mapping[str, str] | None = None,
+               violations: Mapping[str, str] | None = None, address: str = "") -> MeshError:
+    """The client error for a status told in parts (a call's, or one item's of a
+    batch call)."""
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, InternalError)
     result: MeshError
     if cls is InvalidArgumentError:
         result = InvalidArgumentError(
-            message, code=code, reason=reason, metadata=metadata, field_violations=violations
-        )
+            message, code=code, reason=reason, metadata=metadata,
+            field_violations=dict(violations or {}))
     else:
         result = cls(message, code=code, reason=reason, metadata=metadata)
     result.address = address
-    result.retry_after = retry_after
     return result

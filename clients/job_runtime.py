@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import math
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from clients.errors import LeaseLostError
+from clients.errors import LeaseLostError, MeshError
 from clients.job_types import ClaimedJob, FailResult, Payload
 from clients.lease import margin
 
@@ -56,6 +57,10 @@ class JobContext:
         """Set by the worker: the job is being handed back at shutdown."""
         self.work: asyncio.Future[Any] | None = None
         """The handler's run (set by the worker)."""
+        self.origin: object = None
+        """The worker's claim loop that leased the job (set by the worker)."""
+        self.slot_passed = False
+        """Set by the worker: the job's slot went to the next job its report leased."""
 
     @property
     def id(self) -> str:
@@ -218,6 +223,23 @@ class LeaseClock:
 class Scheduler(Protocol):
     """The calls a worker makes (``SchedulerClient``; a fake in tests)."""
 
+    async def heartbeat_many(self, leases: Sequence[tuple[str, int]], *,
+                             extend: float | None = None, timeout: float | None = None
+                             ) -> list[float | MeshError | None]: ...
+
+    async def complete_and_claim(
+        self, job_id: str, lease_token: int, result: Payload | None = None, *,
+        queues: Sequence[str], worker_id: str, max_jobs: int = 1, lease: float = 30.0,
+        timeout: float | None = None,
+    ) -> tuple[float | None, list[ClaimedJob]]: ...
+
+    async def fail_and_claim(
+        self, job_id: str, lease_token: int, error: str | BaseException, *,
+        queues: Sequence[str], worker_id: str, max_jobs: int = 1, lease: float = 30.0,
+        retryable: bool = True, retry_delay: float | None = None,
+        timeout: float | None = None,
+    ) -> tuple[FailResult, list[ClaimedJob]]: ...
+
     def owners(self, queues: Sequence[str]) -> list[list[str]]: ...
 
     async def claim_at(self, queues: Sequence[str], *, worker_id: str, max_jobs: int = 1,
@@ -233,6 +255,87 @@ class Scheduler(Protocol):
     async def fail(self, job_id: str, lease_token: int, error: str | BaseException, *,
                    retryable: bool = True, retry_delay: float | None = None,
                    timeout: float | None = None) -> FailResult: ...
+
+
+BEAT_WINDOW = 0.02
+"""Seconds a heartbeat waits for others to go with it in one HeartbeatBatch."""
+BEAT_GRID = 0.5
+"""Heartbeats are due on a grid of this many seconds at most (a quarter of the
+interval when that is less), so that those of jobs started apart still meet."""
+
+
+def aligned(due: float, interval: float) -> float:
+    """``due`` moved later to the heartbeat grid."""
+    grid = min(BEAT_GRID, interval / 4)
+    return math.ceil(due / grid) * grid if grid > 0 else due
+
+
+class Beats:
+    """The heartbeats of a pool's jobs, sent together: a beat waits up to
+    ``window`` for others, then they all go in one ``heartbeat_many`` (one
+    HeartbeatBatch per node). Each caller gets its own job's answer: a lost
+    lease is that job's alone."""
+
+    def __init__(self, scheduler: Scheduler, window: float = BEAT_WINDOW) -> None:
+        self._scheduler = scheduler
+        self._window = window
+        self._pending: dict[str, tuple[int, asyncio.Future[float | None]]] = {}
+        self._timeout: float | None = None
+        self._flush: asyncio.TimerHandle | None = None
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    async def beat(self, job_id: str, lease_token: int, timeout: float) -> float | None:
+        """Extend one lease; raises what a Heartbeat would (LeaseLostError, ...)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[float | None] = loop.create_future()
+        self._pending[job_id] = (lease_token, future)
+        self._timeout = timeout if self._timeout is None else min(self._timeout, timeout)
+        if self._flush is None:
+            self._flush = loop.call_later(self._window, self._send)
+        return await future
+
+    def _send(self) -> None:
+        self._flush = None
+        batch = {j: tf for j, tf in self._pending.items() if not tf[1].done()}
+        self._pending, timeout, self._timeout = {}, self._timeout, None
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(batch, timeout))
+        for job_id in batch:
+            self._inflight[job_id] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            for job_id in batch:
+                if self._inflight.get(job_id) is task:
+                    del self._inflight[job_id]
+
+        task.add_done_callback(done)
+
+    async def _run(self, batch: dict[str, tuple[int, asyncio.Future[float | None]]],
+                   timeout: float | None) -> None:
+        results: Sequence[float | BaseException | None]
+        try:
+            results = await self._scheduler.heartbeat_many(
+                [(job_id, token) for job_id, (token, _) in batch.items()], timeout=timeout)
+        except MeshError as exc:
+            results = [exc] * len(batch)
+        for (_, future), result in zip(batch.values(), results, strict=True):
+            if future.done():
+                continue  # its job ended meanwhile
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def settled(self, job_id: str) -> None:
+        """Until no heartbeat of ``job_id`` is waiting or on its way: a Complete or
+        Fail must not race one (answered after it, it would read as a loss)."""
+        waiting = self._pending.pop(job_id, None)
+        if waiting is not None:
+            waiting[1].cancel()
+        task = self._inflight.get(job_id)
+        if task is not None:
+            await asyncio.wait([task])
 
 
 @dataclass(slots=True)

@@ -6,14 +6,17 @@ the node did not set (no run yet, no lease) reads as ``None``.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from clients.errors import InvalidArgumentError
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 
 Payload = bytes | str | Mapping[str, Any] | list[Any]
@@ -132,6 +135,59 @@ class JobBackoff:
     def from_proto(cls, b: pb.Backoff) -> JobBackoff:
         return cls(_span(b, "initial_delay") or 0.0, _span(b, "max_delay") or 0.0,
                    b.multiplier, b.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """One job to enqueue (``SchedulerClient.enqueue_many``); the fields mean what
+    ``enqueue_result``'s arguments mean. ``request_id`` empty: a fresh UUID."""
+
+    queue: str
+    type: str
+    payload: Payload = b""
+    priority: int = 0
+    run_at: float | dt.datetime | None = None
+    delay: float | None = None
+    max_attempts: int = 0
+    backoff: JobBackoff | None = None
+    job_timeout: float | None = None
+    unique_key: str = ""
+    unique_ttl: float | None = None
+    strict_unique: bool = False
+    retention: float | None = None
+    request_id: str = ""
+
+    def to_proto(self) -> pb.EnqueueRequest:
+        if self.run_at is not None and self.delay is not None:
+            raise InvalidArgumentError("give run_at or delay, not both",
+                                       field_violations={"when": "both run_at and delay"})
+        request = pb.EnqueueRequest(
+            queue=self.queue, type=self.type, payload=encode(self.payload),
+            priority=self.priority, max_attempts=self.max_attempts,
+            unique_key=self.unique_key, strict_unique=self.strict_unique,
+            request_id=self.request_id or str(uuid.uuid4()))
+        if self.run_at is not None:
+            request.run_at.CopyFrom(timestamp(_unix(self.run_at)))
+        elif self.delay is not None:
+            request.delay.CopyFrom(duration(self.delay))
+        if self.backoff is not None:
+            request.backoff.CopyFrom(self.backoff.to_proto())
+        if self.job_timeout:
+            request.timeout.CopyFrom(duration(self.job_timeout))
+        if self.unique_ttl:
+            request.unique_ttl.CopyFrom(duration(self.unique_ttl))
+        if self.retention:
+            request.retention.CopyFrom(duration(self.retention))
+        return request
+
+
+def _unix(when: float | dt.datetime) -> float:
+    if isinstance(when, dt.datetime):
+        if when.tzinfo is None:
+            raise InvalidArgumentError("run_at: a datetime needs a time zone",
+                                       field_violations={"run_at": "naive datetime"})
+        return when.timestamp()
+    return float(when)
 
 
 @dataclass(frozen=True, slots=True)

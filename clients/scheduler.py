@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from clients.errors import InvalidArgumentError, UnavailableError
+from clients.errors import InvalidArgumentError, MeshError, UnavailableError, mesh_error
 from clients.job_types import (
     CancelResult,
     ClaimedJob,
@@ -41,15 +41,15 @@ from clients.job_types import (
     JobBackoff,
     JobState,
     JobTemplate,
+    NewJob,
     Payload,
     QueueStats,
     Schedule,
     SchedulePage,
     duration,
     encode,
-    timestamp,
 )
-from clients.retry import with_retries
+from clients.retry import Backoff, with_retries
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -60,20 +60,15 @@ if TYPE_CHECKING:
 SERVICE = "scheduler"
 MAX_CLAIM = 100
 """Most jobs one Claim may lease (the contract's bound)."""
+MAX_BATCH = 1000
+"""Most items of one EnqueueBatch or HeartbeatBatch (the contract's bound)."""
+_BACKOFF = Backoff(initial=0.05, maximum=1.0)
+"""Pauses before sending again the batch items a node could not take."""
 
 
 def default_worker_id() -> str:
     """``host:pid:random``, recorded in each attempt."""
     return f"{socket.gethostname()[:200]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def _unix(when: float | dt.datetime) -> float:
-    if isinstance(when, dt.datetime):
-        if when.tzinfo is None:
-            raise InvalidArgumentError("run_at: a datetime needs a time zone",
-                                       field_violations={"run_at": "naive datetime"})
-        return when.timestamp()
-    return float(when)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +97,53 @@ def shares(total: int, parts: int, turn: int = 0) -> list[int]:
     from ``turn`` on (parts beyond ``total`` get 0, in rotation)."""
     base, extra = divmod(total, parts)
     return [base + (1 if (i - turn) % parts < extra else 0) for i in range(parts)]
+
+
+def _enqueue_result(r: pb.EnqueueResponse) -> EnqueueResult:
+    return EnqueueResult(r.job_id, r.duplicate, JobState.parse(r.state),
+                         r.run_time.ToNanoseconds() / 1e9 if r.HasField("run_time") else None,
+                         r.replayed)
+
+
+def _expiry(r: pb.HeartbeatResponse) -> float | None:
+    return r.lease_expire_time.ToNanoseconds() / 1e9 if r.HasField(
+        "lease_expire_time") else None
+
+
+def _fail_request(job_id: str, lease_token: int, error: str | BaseException, retryable: bool,
+                  retry_delay: float | None) -> pb.FailRequest:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    request = pb.FailRequest(job_id=job_id, lease_token=lease_token, error=text,
+                             retryable=retryable)
+    if retry_delay is not None:
+        request.retry_delay.CopyFrom(duration(retry_delay))
+    return request
+
+
+def _fail_result(r: pb.FailResponse) -> FailResult:
+    return FailResult(JobState.parse(r.state), r.next_run_time.ToNanoseconds() / 1e9
+                      if r.HasField("next_run_time") else None, r.attempts)
+
+
+def _claim_next(queues: Sequence[str], worker_id: str, max_jobs: int, lease: float
+                ) -> pb.ClaimNext:
+    return pb.ClaimNext(queues=list(queues), worker_id=worker_id or default_worker_id(),
+                        max_jobs=max(1, min(max_jobs, MAX_CLAIM)),
+                        lease_duration=duration(lease))
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _renumbered(violations: Mapping[str, str], field: str, index: int) -> dict[str, str]:
+    """A batch item's field names, counted in the caller's list rather than in the
+    chunk that carried it (``jobs[3].priority`` -> ``jobs[1003].priority``)."""
+    out = {}
+    for name, description in violations.items():
+        if name.startswith(f"{field}["):
+            name = f"{field}[{index}]" + name[name.index("]") + 1:]
+        out[name] = description
+    return out
 
 
 class SchedulerClient:
@@ -171,30 +213,96 @@ class SchedulerClient:
         retries across processes (e.g. a saga step) safe.
         Raises InvalidArgumentError, QueueFullError.
         """
-        if run_at is not None and delay is not None:
-            raise InvalidArgumentError("give run_at or delay, not both",
-                                       field_violations={"when": "both run_at and delay"})
-        request = pb.EnqueueRequest(
-            queue=queue, type=type, payload=encode(payload), priority=priority,
-            max_attempts=max_attempts, unique_key=unique_key, strict_unique=strict_unique,
-            request_id=request_id or str(uuid.uuid4()))
-        if run_at is not None:
-            request.run_at.CopyFrom(timestamp(_unix(run_at)))
-        elif delay is not None:
-            request.delay.CopyFrom(duration(delay))
-        if backoff is not None:
-            request.backoff.CopyFrom(backoff.to_proto())
-        if job_timeout:
-            request.timeout.CopyFrom(duration(job_timeout))
-        if unique_ttl:
-            request.unique_ttl.CopyFrom(duration(unique_ttl))
-        if retention:
-            request.retention.CopyFrom(duration(retention))
+        request = NewJob(queue, type, payload, priority, run_at, delay, max_attempts, backoff,
+                         job_timeout, unique_key, unique_ttl, strict_unique, retention,
+                         request_id).to_proto()
         # Safe to repeat: the request id makes a repeat answer the first job.
-        r = await self._call(queue, "Enqueue", request, timeout)
-        return EnqueueResult(r.job_id, r.duplicate, JobState.parse(r.state),
-                             r.run_time.ToNanoseconds() / 1e9 if r.HasField("run_time")
-                             else None, r.replayed)
+        return _enqueue_result(await self._call(queue, "Enqueue", request, timeout))
+
+    async def enqueue_many(self, jobs: Iterable[NewJob], *, timeout: float | None = None
+                           ) -> list[EnqueueResult | MeshError]:
+        """Enqueue many jobs with few calls: one EnqueueBatch (up to 1000 jobs) per
+        node leading some of their queues, sent at once. Returns, in order, each
+        job's result or its own error (an InvalidArgumentError names the field as
+        ``jobs[i].priority``, ``i`` counting in ``jobs``). Not atomic: some jobs
+        may be enqueued while others are refused.
+
+        Every job carries a request id (its own, or a fresh UUID), so jobs whose
+        answer was lost, or that the node could not take yet (its map moved, a
+        failover), are sent again until ``timeout``, and never enqueued twice.
+        """
+        requests = [job.to_proto() for job in jobs]
+        out: list[EnqueueResult | MeshError | None] = [None] * len(requests)
+
+        async def chunk(address: str | None, indexes: list[int], budget: float
+                        ) -> list[tuple[int, Any]]:
+            batch = pb.EnqueueBatchRequest(jobs=[requests[i] for i in indexes])
+
+            async def attempt(left: float, hint: str | None) -> pb.EnqueueBatchResponse:
+                target = hint or address or self._mesh.route(
+                    SERVICE, requests[indexes[0]].queue).address
+                reply: pb.EnqueueBatchResponse = await self._rpc(
+                    target, "EnqueueBatch", batch, left)
+                return reply
+
+            reply = await with_retries(self._mesh, attempt, timeout=budget, safe=True)
+            return [(i, r.job if r.HasField("job") else r.error)
+                    for i, r in zip(indexes, reply.results, strict=True)]
+
+        await self._per_owner([r.queue for r in requests], chunk, timeout, "jobs", out,
+                              _enqueue_result)
+        return [r for r in out if r is not None]
+
+    async def _per_owner(self, keys: list[str], send: Any, timeout: float | None,
+                         field: str, out: list[Any], parse: Any) -> None:
+        """Items by the node leading their key, one batch call per node and chunk,
+        all at once; items the node could not take (UNAVAILABLE, WRONG_OWNER) go
+        again, re-routed, until ``timeout``. Fills ``out[i]`` with ``parse(answer)``
+        or the item's MeshError (a whole call that failed: its error, for each of
+        its items)."""
+        budget = self._mesh.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + budget
+        todo = list(range(len(keys)))
+        tries = 0
+        while todo:
+            groups: dict[str | None, list[int]] = {}
+            for i in todo:
+                target = self._mesh.route(SERVICE, keys[i])
+                groups.setdefault(target.address if target.owner else None, []).append(i)
+            chunks = [indexes[k:k + MAX_BATCH] for indexes in groups.values()
+                      for k in range(0, len(indexes), MAX_BATCH)]
+            addresses = [address for address, indexes in groups.items()
+                         for _ in range(0, len(indexes), MAX_BATCH)]
+            left = max(0.01, give_up - loop.time())
+            answers = await asyncio.gather(
+                *(send(a, c, left) for a, c in zip(addresses, chunks, strict=True)),
+                return_exceptions=True)
+            todo, moved = [], False
+            for indexes, answer in zip(chunks, answers, strict=True):
+                if isinstance(answer, MeshError):
+                    for i in indexes:
+                        out[i] = answer
+                    continue
+                if isinstance(answer, BaseException):
+                    raise answer
+                for i, item in answer:
+                    if not isinstance(item, pb.ItemError):
+                        out[i] = parse(item)
+                        continue
+                    error = mesh_error(_CODES.get(item.code, grpc.StatusCode.UNKNOWN),
+                                       item.message, item.reason, item.metadata,
+                                       _renumbered(item.field_violations, field, i))
+                    out[i] = error
+                    if error.reason == "WRONG_OWNER" or isinstance(error, UnavailableError):
+                        moved |= error.reason == "WRONG_OWNER"
+                        todo.append(i)
+            if not todo or loop.time() >= give_up:
+                return
+            tries += 1
+            if moved:
+                await self._mesh.refresh(max(0.0, give_up - loop.time()))
+            await asyncio.sleep(min(_BACKOFF.delay(tries), max(0.0, give_up - loop.time())))
 
     # -- consuming -------------------------------------------------------------
 
@@ -307,6 +415,40 @@ class SchedulerClient:
                                follow_hints=len(names) == 1)
         return [ClaimedJob.from_proto(j, lease) for j in r.jobs]
 
+    async def heartbeat_many(self, leases: Sequence[tuple[str, int]], *,
+                             extend: float | None = None, timeout: float | None = None
+                             ) -> list[float | MeshError | None]:
+        """Extend many leases (``(job_id, lease_token)`` pairs) with one
+        HeartbeatBatch per node leading them; returns, in order, each new expiry
+        (primary's clock) or that job's error (LeaseLostError: that job alone is
+        no longer ours)."""
+        requests = []
+        for job_id, token in leases:
+            request = pb.HeartbeatRequest(job_id=job_id, lease_token=token)
+            if extend:
+                request.extend.CopyFrom(duration(extend))
+            requests.append(request)
+        out: list[float | MeshError | None] = [None] * len(requests)
+
+        async def chunk(address: str | None, indexes: list[int], budget: float
+                        ) -> list[tuple[int, Any]]:
+            batch = pb.HeartbeatBatchRequest(leases=[requests[i] for i in indexes])
+
+            async def attempt(left: float, hint: str | None) -> pb.HeartbeatBatchResponse:
+                target = hint or address or self._mesh.route(
+                    SERVICE, requests[indexes[0]].job_id).address
+                reply: pb.HeartbeatBatchResponse = await self._rpc(
+                    target, "HeartbeatBatch", batch, left)
+                return reply
+
+            reply = await with_retries(self._mesh, attempt, timeout=budget, safe=True)
+            return [(i, r.lease if r.HasField("lease") else r.error)
+                    for i, r in zip(indexes, reply.results, strict=True)]
+
+        await self._per_owner([r.job_id for r in requests], chunk, timeout, "leases", out,
+                              _expiry)
+        return out
+
     async def heartbeat(self, job_id: str, lease_token: int, *, extend: float | None = None,
                         timeout: float | None = None) -> float | None:
         """Extend a running job's lease by ``extend`` seconds from now (None: by its
@@ -328,20 +470,43 @@ class SchedulerClient:
         r = await self._call(job_id, "Complete", request, timeout)
         return r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
 
+    async def complete_and_claim(
+        self, job_id: str, lease_token: int, result: Payload | None = None, *,
+        queues: Sequence[str], worker_id: str, max_jobs: int = 1, lease: float = 30.0,
+        timeout: float | None = None,
+    ) -> tuple[float | None, list[ClaimedJob]]:
+        """Complete a job and, in the same call, lease up to ``max_jobs`` jobs ready
+        now in those of ``queues`` that its node leads (no wait). Returns the
+        finish time and the new jobs. A retried call claims again: jobs leased
+        for a try whose answer was lost come back when their lease expires."""
+        request = pb.CompleteRequest(job_id=job_id, lease_token=lease_token,
+                                     result=encode(result),
+                                     next=_claim_next(queues, worker_id, max_jobs, lease))
+        r = await self._call(job_id, "Complete", request, timeout)
+        finish = r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
+        return finish, [ClaimedJob.from_proto(j, lease) for j in r.next_jobs]
+
+    async def fail_and_claim(
+        self, job_id: str, lease_token: int, error: str | BaseException, *,
+        queues: Sequence[str], worker_id: str, max_jobs: int = 1, lease: float = 30.0,
+        retryable: bool = True, retry_delay: float | None = None,
+        timeout: float | None = None,
+    ) -> tuple[FailResult, list[ClaimedJob]]:
+        """``fail``, and lease the next jobs in the same call (see
+        ``complete_and_claim``)."""
+        request = _fail_request(job_id, lease_token, error, retryable, retry_delay)
+        request.next.CopyFrom(_claim_next(queues, worker_id, max_jobs, lease))
+        r = await self._call(job_id, "Fail", request, timeout)
+        return _fail_result(r), [ClaimedJob.from_proto(j, lease) for j in r.next_jobs]
+
     async def fail(self, job_id: str, lease_token: int, error: str | BaseException, *,
                    retryable: bool = True, retry_delay: float | None = None,
                    timeout: float | None = None) -> FailResult:
         """Report a failed attempt: retried after its backoff (or ``retry_delay``),
         or dead when not ``retryable`` or out of attempts. Raises LeaseLostError if
         the lease is no longer ours."""
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        request = pb.FailRequest(job_id=job_id, lease_token=lease_token, error=text,
-                                 retryable=retryable)
-        if retry_delay is not None:
-            request.retry_delay.CopyFrom(duration(retry_delay))
-        r = await self._call(job_id, "Fail", request, timeout)
-        return FailResult(JobState.parse(r.state), r.next_run_time.ToNanoseconds() / 1e9
-                          if r.HasField("next_run_time") else None, r.attempts)
+        request = _fail_request(job_id, lease_token, error, retryable, retry_delay)
+        return _fail_result(await self._call(job_id, "Fail", request, timeout))
 
     def worker(self, queues: str | Sequence[str], handlers: Mapping[str, Handler],
                **options: Any) -> Worker:

@@ -12,11 +12,16 @@ again every second and the loops are replaced when the map moved a queue.
 
 Running: an async handler runs on the loop, a plain one in a thread of its
 own. While it runs its lease is extended every ``heartbeat`` seconds (default
-lease/3). It succeeds by returning (Complete with the result); raising
-PermanentJobError fails the job for good, RetryJobLater retries it after a
-given delay, any other exception fails the attempt retryably (the job's
-backoff applies). A job of a type with no handler fails retryably: another
-worker may know it.
+lease/3); the heartbeats of all running jobs that fall due together go in one
+HeartbeatBatch per node (``Beats``), each job getting its own answer. It
+succeeds by returning (Complete with the result); raising PermanentJobError
+fails the job for good, RetryJobLater retries it after a given delay, any
+other exception fails the attempt retryably (the job's backoff applies). A
+job of a type with no handler fails retryably: another worker may know it.
+With ``chain`` (the default), the Complete or Fail of a job also leases the
+next job ready in the queues it came from (``ClaimNext``),
+which then runs in the finished job's slot: a busy pool needs no Claim call
+between jobs, while its claim loops keep long-polling for the other slots.
 
 Lease loss: when a heartbeat, Complete or Fail is refused with LEASE_LOST (the
 lease expired, the job was cancelled or claimed again), or no heartbeat got
@@ -53,6 +58,7 @@ from clients.errors import (
     UnimplementedError,
 )
 from clients.job_runtime import (
+    Beats,
     Handler,
     JobContext,
     LeaseClock,
@@ -61,6 +67,7 @@ from clients.job_runtime import (
     Scheduler,
     Slots,
     WorkerStats,
+    aligned,
     describe_error,
     in_thread,
     is_async,
@@ -111,6 +118,7 @@ class Worker:
     waits for jobs (at most 60). ``heartbeat``: seconds between lease
     extensions (default lease/3). ``grace``: how long a graceful stop lets
     running jobs finish. ``timeout``: each call's deadline (default the mesh's).
+    ``chain``: a job's Complete or Fail also leases the next job for its slot.
     ``on_ended(ctx, succeeded)``: awaited once a job finished for good here
     (Complete accepted, or Fail answered DEAD); sagas use it to report the step.
     """
@@ -120,7 +128,7 @@ class Worker:
         handlers: Mapping[str, Handler], *,
         concurrency: int = 10, batch: int | None = None, lease: float = 30.0,
         poll: float = 20.0, heartbeat: float | None = None, grace: float = 30.0,
-        worker_id: str = "", timeout: float | None = None,
+        worker_id: str = "", timeout: float | None = None, chain: bool = True,
         on_ended: Callable[[JobContext, bool], Awaitable[None]] | None = None,
     ) -> None:
         self.scheduler: Scheduler = cast(Scheduler, getattr(mesh, "scheduler", mesh))
@@ -136,8 +144,10 @@ class Worker:
         self.grace = grace
         self.worker_id = worker_id or default_worker_id()
         self.timeout = timeout
+        self.chain = chain
         self.on_ended = on_ended
         self.stats = WorkerStats()
+        self._beats = Beats(self.scheduler)
         self._slots = Slots(concurrency)
         self._loops: list[_ClaimLoop] = []
         self._jobs: dict[asyncio.Task[None], JobContext] = {}
@@ -298,7 +308,7 @@ class Worker:
             except asyncio.CancelledError:
                 claim = me.claim
                 if claim.done() and not claim.cancelled() and claim.exception() is None:
-                    self._start_jobs(claim.result(), reserved, sent)  # answered anyway
+                    self._start_jobs(claim.result(), reserved, sent, me)  # answered anyway
                 else:
                     claim.cancel()  # its node puts back what it leased for it
                     self._slots.release(reserved)
@@ -322,22 +332,27 @@ class Worker:
             finally:
                 me.claim = None
             failures = 0
-            self._start_jobs(jobs, reserved, sent)
+            self._start_jobs(jobs, reserved, sent, me)
 
-    def _start_jobs(self, jobs: list[ClaimedJob], reserved: int, sent: float) -> None:
+    def _start_jobs(self, jobs: list[ClaimedJob], reserved: int, sent: float,
+                    origin: _ClaimLoop) -> None:
         """Run ``jobs`` in ``reserved`` slots, giving back the ones left over."""
         self._slots.release(reserved - len(jobs))
         self.stats.claimed += len(jobs)
         for job in jobs:
             ctx = JobContext(job)
+            ctx.origin = origin
+            if self._stopping is not None:
+                ctx.mark_stopping()  # chained in while the pool stops
             task = asyncio.get_running_loop().create_task(self._run(ctx, sent),
                                                           name=f"job:{job.job_id}")
             self._jobs[task] = ctx
             task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._jobs.pop(task, None)
-        self._slots.release(1)
+        ctx = self._jobs.pop(task, None)
+        if ctx is None or not ctx.slot_passed:
+            self._slots.release(1)
         if not task.cancelled() and task.exception() is not None:
             log.error("worker %s: job task failed", self.worker_id, exc_info=task.exception())
 
@@ -363,6 +378,7 @@ class Worker:
             # No heartbeat may race the report: one answered after it reads as a loss.
             beats.cancel()
             await asyncio.gather(beats, return_exceptions=True)
+            await self._beats.settled(ctx.id)
         if work.cancelled():
             if ctx.returning:
                 await self._hand_back(ctx)
@@ -387,14 +403,14 @@ class Worker:
                            sent: float) -> None:
         """Heartbeat while the handler runs; on loss, cancel it."""
         clock = LeaseClock.for_job(ctx.job.lease_duration, sent, self.heartbeat)
-        due = clock.next_beat()
+        due = aligned(clock.next_beat(), clock.interval)
         while not work.done():
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             now = time.monotonic()
             budget = self.timeout if self.timeout is not None else DEFAULT_TIMEOUT
             try:
-                await self.scheduler.heartbeat(ctx.id, ctx.lease_token,
-                                               timeout=max(0.5, min(budget, clock.deadline - now)))
+                await self._beats.beat(ctx.id, ctx.lease_token,
+                                       timeout=max(0.5, min(budget, clock.deadline - now)))
             except LeaseLostError as exc:
                 self._lost(ctx, work, f"the node says the lease is gone (job {exc.state or '?'})")
                 return
@@ -407,7 +423,7 @@ class Worker:
                 due = clock.retry_at(time.monotonic())
                 continue
             clock.renew(now)
-            due = clock.next_beat()
+            due = aligned(clock.next_beat(), clock.interval)
 
     def _lost(self, ctx: JobContext, work: asyncio.Future[Any] | None, why: str) -> None:
         if ctx.lose(why):
@@ -417,9 +433,32 @@ class Worker:
         if work is not None and not work.done():
             work.cancel()
 
+    def _chained(self, ctx: JobContext) -> list[str] | None:
+        """The queues to lease ``ctx``'s slot a next job from, if the pool does."""
+        origin = ctx.origin
+        if not self.chain or self._stopping is not None or not isinstance(origin, _ClaimLoop) \
+                or origin.stopped:
+            return None
+        return origin.queues
+
+    def _pass_slot(self, ctx: JobContext, jobs: list[ClaimedJob], sent: float) -> None:
+        """Run the job a Complete or Fail leased in the slot ``ctx`` leaves."""
+        if jobs and isinstance(ctx.origin, _ClaimLoop):
+            ctx.slot_passed = True
+            self._start_jobs(jobs, 1, sent, ctx.origin)
+
     async def _finish(self, ctx: JobContext, result: Any) -> None:
+        queues = self._chained(ctx)
         try:
-            await self.scheduler.complete(ctx.id, ctx.lease_token, result, timeout=self.timeout)
+            if queues is None:
+                await self.scheduler.complete(ctx.id, ctx.lease_token, result,
+                                              timeout=self.timeout)
+            else:
+                sent = time.monotonic()
+                _, jobs = await self.scheduler.complete_and_claim(
+                    ctx.id, ctx.lease_token, result, queues=queues, worker_id=self.worker_id,
+                    lease=self.lease, timeout=self.timeout)
+                self._pass_slot(ctx, jobs, sent)
         except LeaseLostError as exc:
             self._lost(ctx, None, f"Complete refused (job {exc.state or '?'}); result dropped")
         except MeshError as exc:
@@ -430,11 +469,20 @@ class Worker:
             await self._ended(ctx, True)
 
     async def _fail(self, ctx: JobContext, error: str, *, retryable: bool,
-                    retry_delay: float | None = None) -> None:
+                    retry_delay: float | None = None, chain: bool = True) -> None:
+        queues = self._chained(ctx) if chain else None
         try:
-            failed = await self.scheduler.fail(ctx.id, ctx.lease_token, error,
-                                               retryable=retryable, retry_delay=retry_delay,
-                                               timeout=self.timeout)
+            if queues is None:
+                failed = await self.scheduler.fail(
+                    ctx.id, ctx.lease_token, error, retryable=retryable,
+                    retry_delay=retry_delay, timeout=self.timeout)
+            else:
+                sent = time.monotonic()
+                failed, jobs = await self.scheduler.fail_and_claim(
+                    ctx.id, ctx.lease_token, error, queues=queues, worker_id=self.worker_id,
+                    lease=self.lease, retryable=retryable, retry_delay=retry_delay,
+                    timeout=self.timeout)
+                self._pass_slot(ctx, jobs, sent)
         except LeaseLostError as exc:
             self._lost(ctx, None, f"Fail refused (job {exc.state or '?'})")
         except MeshError as exc:
@@ -463,4 +511,4 @@ class Worker:
             return
         self.stats.returned += 1
         await self._fail(ctx, f"worker {self.worker_id} shut down before the job finished",
-                         retryable=True, retry_delay=0.0)
+                         retryable=True, retry_delay=0.0, chain=False)

@@ -22,12 +22,16 @@ import pytest
 from clients import (
     AttemptOutcome,
     DuplicateJobError,
+    EnqueueResult,
+    InvalidArgumentError,
     JobBackoff,
     JobContext,
     JobNotFoundError,
     JobState,
     JobTemplate,
+    LeaseLostError,
     Mesh,
+    NewJob,
     PermanentJobError,
     Worker,
 )
@@ -391,3 +395,42 @@ async def test_worker_goes_on_across_a_failover(local_mesh: Any, mesh_client: Co
 async def _all_succeeded(mesh: Mesh, ids: list[str]) -> bool:
     states = await asyncio.gather(*(_state(mesh, job_id) for job_id in ids))
     return all(state is JobState.SUCCEEDED for state in states)
+
+
+async def test_batch_calls_enqueue_many_heartbeat_many_and_complete_and_claim(
+        mesh: Mesh) -> None:
+    queues = _queues_on_every_node(mesh, "batch-client-")
+    jobs = [NewJob(q, "t", {"n": i}) for i, q in enumerate(queues * 4)]
+    jobs.insert(3, NewJob(queues[0], "t", priority=10))
+    jobs.append(NewJob(queues[1], "t", request_id="batch-client-once"))
+    jobs.append(NewJob(queues[1], "t", request_id="batch-client-once"))
+    results = await mesh.scheduler.enqueue_many(jobs)
+    bad = results.pop(3)
+    assert isinstance(bad, InvalidArgumentError)
+    assert list(bad.field_violations) == ["jobs[3].priority"]
+    assert all(isinstance(r, EnqueueResult) for r in results)
+    made = [r for r in results if isinstance(r, EnqueueResult)]
+    assert made[-1].replayed and made[-1].job_id == made[-2].job_id
+    assert len({r.job_id for r in made}) == len(made) - 1
+    for q in queues:
+        assert (await mesh.scheduler.stats(q)).ready >= 4
+
+    # Heartbeats of jobs of every node in one call; a cancelled one is its own loss.
+    claimed = [job for q in queues for job in await mesh.scheduler.claim(q, max_jobs=2)]
+    assert len(claimed) == 6
+    await mesh.scheduler.cancel(claimed[1].job_id)
+    beats = await mesh.scheduler.heartbeat_many(
+        [(j.job_id, j.lease_token) for j in claimed], extend=60)
+    assert isinstance(beats[1], LeaseLostError) and beats[1].state == "CANCELLED"
+    assert all(isinstance(b, float) for i, b in enumerate(beats) if i != 1)
+
+    # A Complete that leases the next job of the same node's queue.
+    first = claimed[0]
+    _, nxt = await mesh.scheduler.complete_and_claim(
+        first.job_id, first.lease_token, "ok", queues=[first.queue], worker_id="w-chain")
+    assert len(nxt) == 1 and nxt[0].queue == first.queue
+    assert await _state(mesh, nxt[0].job_id) is JobState.LEASED
+    failed, more = await mesh.scheduler.fail_and_claim(
+        nxt[0].job_id, nxt[0].lease_token, "no", retryable=False, queues=[first.queue],
+        worker_id="w-chain", max_jobs=5)
+    assert failed.state is JobState.DEAD and len(more) >= 1

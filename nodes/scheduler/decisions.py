@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from common.errors import ServiceError
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.scheduler import errors
-from nodes.scheduler.claims import Claimed
+from nodes.scheduler.claims import Claimed, Source, claim, pick
 from nodes.scheduler.model import DEAD, LEASED, WAITING, Job, Schedule
 from nodes.scheduler.state import lease_token
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from nodes.scheduler.leader import Leader
     from nodes.scheduler.machine import SchedulerMachine
 
-__all__ = ["Decisions", "Enqueued", "Failed"]
+__all__ = ["Decisions", "Enqueued", "Failed", "Next"]
 
 _BATCH = 10_000
 
@@ -46,12 +47,25 @@ class Enqueued:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """What a Fail did: the job's state, the retry's run time, attempts so far."""
+    """What a Fail did: the job's state, the retry's run time, attempts so far
+    (and the next jobs it leased)."""
 
     state: int
     run_ns: int
     attempts: int
     seq: int
+    claimed: list[Claimed] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """What a Complete or Fail leases next (``ClaimNext``): from these queues,
+    to this worker."""
+
+    sources: Sequence[Source]
+    worker_id: str
+    max_jobs: int
+    lease_ns: int
 
 
 class Decisions:
@@ -108,6 +122,76 @@ class Decisions:
         job = proposal.result
         return Enqueued(job.job_id, job, False, proposal.seq)
 
+    def enqueue_batch(self, items: Sequence[tuple[spb.JobRecord, bool, str]], now: int
+                      ) -> list[Enqueued | ServiceError]:
+        """Each ``(spec, strict, request_id)`` as `enqueue` would answer it, the new
+        jobs made by one command. A request id or unique key repeated within the
+        batch is answered by the batch's own earlier job."""
+        state, retain = self.state, int(self.limits.request_retention * 1e9)
+        new: list[spb.EnqueueJob] = []
+        # Per item: an answer now, an error, or (how, index of the new job it names).
+        outcomes: list[Enqueued | ServiceError | tuple[str, int]] = []
+        by_request: dict[tuple[str, str], int] = {}
+        by_key: dict[tuple[str, str], int] = {}
+        added: dict[str, int] = {}
+        for spec, strict, request_id in items:
+            name = spec.queue
+            queue = state.queues.get(name)
+            if request_id:
+                if (name, request_id) in by_request:
+                    outcomes.append(("replayed", by_request[name, request_id]))
+                    continue
+                seen = queue.requests.get(request_id) if queue is not None else None
+                if seen is not None:
+                    job = state.jobs.get(seen.job_id)
+                    outcomes.append(Enqueued(seen.job_id, job, False, max(
+                        seen.seq, job.seq if job is not None else 0), replayed=True))
+                    continue
+            if spec.unique_key:
+                if (name, spec.unique_key) in by_key:
+                    outcomes.append(("strict" if strict else "duplicate",
+                                     by_key[name, spec.unique_key]))
+                    continue
+                holder = queue.holder(spec.unique_key, now) if queue is not None else None
+                if holder is not None:
+                    outcomes.append(errors.duplicate_job(name, spec.unique_key, holder.job_id)
+                                    if strict else Enqueued(holder.job_id, holder, True,
+                                                            holder.seq))
+                    continue
+            unfinished = (queue.unfinished if queue is not None else 0) + added.get(name, 0)
+            if unfinished >= self.limits.max_queue_jobs:
+                outcomes.append(errors.queue_full(name, self.limits.max_queue_jobs))
+                continue
+            command = spb.EnqueueJob(job=spec)
+            if request_id:
+                command.request_id = request_id
+                command.request_expire_ns = now + retain
+                by_request[name, request_id] = len(new)
+            if spec.unique_key:
+                by_key[name, spec.unique_key] = len(new)
+            added[name] = added.get(name, 0) + 1
+            outcomes.append(("new", len(new)))
+            new.append(command)
+        made: list[Job] = []
+        seq = 0
+        if new:
+            proposal = self.propose(new[0].job.queue, spb.SchedulerCommand(
+                enqueue_jobs=spb.EnqueueJobs(jobs=new)))
+            made, seq = proposal.result, proposal.seq
+        answers: list[Enqueued | ServiceError] = []
+        for outcome in outcomes:
+            if not isinstance(outcome, tuple):
+                answers.append(outcome)
+                continue
+            how, i = outcome
+            job = made[i]
+            if how == "strict":
+                answers.append(errors.duplicate_job(job.queue, job.unique_key, job.job_id))
+            else:
+                answers.append(Enqueued(job.job_id, job, how == "duplicate", seq,
+                                        replayed=how == "replayed"))
+        return answers
+
     def lease(self, jobs: Sequence[Job], worker_id: str, lease_ns: int) -> Claimed:
         """Lease jobs `claims.pick` chose."""
         proposal = self.propose(jobs[0].queue, spb.SchedulerCommand(lease=spb.LeaseJobs(
@@ -156,23 +240,48 @@ class Decisions:
             expire_ns=min(now + lease_ns, job.timeout_at_ns)))).seq
         return job, seq
 
-    def complete(self, job_id: str, token: int, result: bytes) -> tuple[int, int]:
-        """``(finish_ns, seq)``; a repeat of a Complete that took effect is answered
-        the same."""
+    def _end(self, job: Job, end: spb.EndAttempt, then: Next | None) -> tuple[int, list[Claimed]]:
+        """Propose the end of ``job``'s attempt; with ``then``, lease the next jobs
+        too: this group's in the same command, other groups' in their own."""
+        command = spb.EndAttempts(ends=[end])
+        picked = pick(then.sources, then.max_jobs, self.clock.wall_ns()) if then else {}
+        mine = picked.pop(self._machine, [])
+        if then is not None and mine:
+            command.lease.CopyFrom(spb.LeaseJobs(job_ids=[j.job_id for j in mine],
+                                                 worker_id=then.worker_id,
+                                                 lease_ns=then.lease_ns))
+        seq = self.propose(job.queue, spb.SchedulerCommand(end=command)).seq
+        claimed = [Claimed(self._machine, seq, mine, lease_token(self.group.epoch, seq))] \
+            if mine else []
+        if then is not None:
+            claimed += [machine.decisions.lease(jobs, then.worker_id, then.lease_ns)
+                        for machine, jobs in picked.items()]
+        return seq, claimed
+
+    def complete(self, job_id: str, token: int, result: bytes, then: Next | None = None
+                 ) -> tuple[int, int, list[Claimed]]:
+        """``(finish_ns, seq, claimed)``; a repeat of a Complete that took effect is
+        answered the same (and claims afresh)."""
         job = self._live_lease(job_id, token, self.clock.wall_ns())
         if job is None:
             job = self.job(job_id)
             attempt = job.attempt(token)
             if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED:
-                return attempt.finish_ns, job.seq
+                return attempt.finish_ns, job.seq, self._claim(then)
             raise errors.lease_lost(job)
-        seq = self.propose(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
-            spb.EndAttempt(job_id=job_id, lease_token=token,
-                           outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED, result=result)]))).seq
-        return job.finish_ns, seq
+        seq, claimed = self._end(job, spb.EndAttempt(
+            job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED,
+            result=result), then)
+        return job.finish_ns, seq, claimed
+
+    def _claim(self, then: Next | None) -> list[Claimed]:
+        if then is None:
+            return []
+        return claim(then.sources, then.worker_id, then.max_jobs, then.lease_ns,
+                     self.clock.wall_ns())
 
     def fail(self, job_id: str, token: int, error: str, retryable: bool,
-             retry_delay_ns: int | None) -> Failed:
+             retry_delay_ns: int | None, then: Next | None = None) -> Failed:
         now = self.clock.wall_ns()
         job = self._live_lease(job_id, token, now)
         if job is None:
@@ -180,7 +289,7 @@ class Decisions:
             attempt = job.attempt(token)
             if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_FAILED:
                 return Failed(DEAD if attempt.dead else WAITING, attempt.next_run_ns,
-                              attempt.number, job.seq)
+                              attempt.number, job.seq, self._claim(then))
             raise errors.lease_lost(job)
         failures = job.attempt_count
         dead = not retryable or failures >= job.max_attempts
@@ -189,10 +298,10 @@ class Decisions:
             delay = retry_delay_ns if retry_delay_ns is not None \
                 else job.backoff.delay_ns(failures, random.random())
             run_ns = now + delay
-        seq = self.propose(job.queue, spb.SchedulerCommand(end=spb.EndAttempts(ends=[
-            spb.EndAttempt(job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED,
-                           error=error, dead=dead, run_ns=run_ns)]))).seq
-        return Failed(job.state, run_ns, failures, seq)
+        seq, claimed = self._end(job, spb.EndAttempt(
+            job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED, error=error,
+            dead=dead, run_ns=run_ns), then)
+        return Failed(job.state, run_ns, failures, seq, claimed)
 
     def cancel(self, job_id: str) -> tuple[bool, Job, int]:
         job = self.job(job_id)

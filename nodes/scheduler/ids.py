@@ -1,4 +1,5 @@
-"""Job ids that route: ``{tag}`` + base-36 epoch + ``-`` + base-36 seq.
+"""Job ids that route: ``{tag}`` + base-36 epoch + ``-`` + base-36 seq (+ ``.`` +
+base-36 index for the second and later jobs of one command).
 
 The tag hashes to the slot of the job's queue, so a call that names only a job
 id (GetJob, Complete, ...) reaches the queue's group with the ordinary slot
@@ -55,6 +56,8 @@ def queue_tag(queue: str) -> str:
     return slot_tag(slot_for(queue))
 
 
-def job_id(queue: str, epoch: int, seq: int) -> str:
-    """The id of the job enqueued into ``queue`` by command ``(epoch, seq)``."""
-    return f"{{{queue_tag(queue)}}}{_base36(epoch)}-{_base36(seq)}"
+def job_id(queue: str, epoch: int, seq: int, index: int = 0) -> str:
+    """The id of the ``index``-th job enqueued into ``queue`` by command ``(epoch,
+    seq)`` (a command of several jobs numbers them: ``.1``, ``.2``, ...)."""
+    base = f"{{{queue_tag(queue)}}}{_base36(epoch)}-{_base36(seq)}"
+    return f"{base}.{_base36(index)}" if index else base

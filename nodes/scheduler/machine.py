@@ -76,16 +76,32 @@ class SchedulerMachine:
 
     def _apply_enqueue(self, c: spb.EnqueueJob, now: int, seq: int, epoch: int) -> Applied:
         """The result: the new `Job`."""
+        writes: list[Persist] = []
+        job = self._enqueue(c, now, seq, epoch, 0, writes)
+        writes.extend(self._storage.jobs([job]))
+        return Applied(job, writes)
+
+    def _apply_enqueue_jobs(self, c: spb.EnqueueJobs, now: int, seq: int, epoch: int
+                            ) -> Applied:
+        """The result: the new `Job` s, in order."""
+        writes: list[Persist] = []
+        made = [self._enqueue(one, now, seq, epoch, i, writes) for i, one in enumerate(c.jobs)]
+        writes.extend(self._storage.jobs(made))
+        return Applied(made, writes)
+
+    def _enqueue(self, c: spb.EnqueueJob, now: int, seq: int, epoch: int, index: int,
+                 writes: list[Persist]) -> Job:
+        """Add the ``index``-th job of a command (its row is the caller's to write)."""
         job = Job.of(c.job)
-        job.job_id = job_id(job.queue, epoch, seq)
-        writes = self._start(job, now, seq)
+        job.job_id = job_id(job.queue, epoch, seq, index)
+        self._begin(job, now, seq, index)
         if c.request_id:
             request = self.state.remember(job.queue, c.request_id, job.job_id,
                                           c.request_expire_ns, seq)
             writes.append(self._storage.request(job.queue, c.request_id, request))
             if self.leader is not None:
                 self.leader.remembered(job.queue, c.request_id, request)
-        return Applied(job, writes)
+        return job
 
     def _apply_forget(self, c: spb.ForgetRequests, now: int, seq: int, epoch: int
                       ) -> Applied:
@@ -95,17 +111,24 @@ class SchedulerMachine:
         return Applied(len(gone), self._storage.requests_forgotten(gone))
 
     def _start(self, job: Job, now: int, seq: int) -> list[Persist]:
+        self._begin(job, now, seq, 0)
+        return self._storage.jobs([job])
+
+    def _begin(self, job: Job, now: int, seq: int, index: int) -> None:
         job.state = WAITING
         job.enqueue_ns = now
-        job.order = order_of(seq, 0)
+        job.order = order_of(seq, index)
         job.seq = seq
         self.state.add(job, now)
         if self.leader is not None:
             self.leader.waiting(job)
-        return self._storage.jobs([job])
 
     def _apply_lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> Applied:
         """The result: the jobs leased (those still waiting)."""
+        leased = self._lease(c, now, seq, epoch)
+        return Applied(leased, self._storage.jobs(leased))
+
+    def _lease(self, c: spb.LeaseJobs, now: int, seq: int, epoch: int) -> list[Job]:
         token = lease_token(epoch, seq)
         jobs = self.state.jobs
         leased: list[Job] = []
@@ -117,7 +140,7 @@ class SchedulerMachine:
         if self.leader is not None:
             for job in leased:
                 self.leader.leased(job)
-        return Applied(leased, self._storage.jobs(leased))
+        return leased
 
     def _apply_extend(self, c: spb.ExtendLease, now: int, seq: int, epoch: int) -> Applied:
         job = self.state.jobs.get(c.job_id)
@@ -129,6 +152,7 @@ class SchedulerMachine:
         return Applied(job, self._storage.jobs([job]))
 
     def _apply_end(self, c: spb.EndAttempts, now: int, seq: int, epoch: int) -> Applied:
+        """The result: the jobs whose attempt ended, then those leased after."""
         jobs = self.state.jobs
         changed: list[Job] = []
         for i, end in enumerate(c.ends):
@@ -137,7 +161,12 @@ class SchedulerMachine:
                 continue
             self.state.end(job, end, now, seq, order_of(seq, i))
             changed.append(job)
-        return Applied(changed, self._jobs_changed(changed, counters=True))
+        writes = self._jobs_changed(changed, counters=True)
+        if c.HasField("lease"):
+            leased = self._lease(c.lease, now, seq, epoch)
+            writes.extend(self._storage.jobs(leased))
+            changed = changed + leased
+        return Applied(changed, writes)
 
     def _apply_cancel(self, c: spb.CancelJob, now: int, seq: int, epoch: int) -> Applied:
         job = self.state.jobs.get(c.job_id)
@@ -309,4 +338,5 @@ _APPLIERS: dict[str, Applier] = {
     "remove_schedule": SchedulerMachine._apply_remove_schedule,
     "fire": SchedulerMachine._apply_fire,
     "forget": SchedulerMachine._apply_forget,
+    "enqueue_jobs": SchedulerMachine._apply_enqueue_jobs,
 }

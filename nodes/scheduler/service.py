@@ -19,22 +19,33 @@ import grpc
 
 from common.bounds import duration_ns
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds
-from common.errors import invalid_argument
+from common.errors import MeshStatusError, ServiceError, invalid_argument
 from common.metrics import Snapshot, one
+from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import NodeConfig, SchedulerLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.plugin import needs_journal
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.machine import ServiceKind
-from nodes.replication.manager import Replication
+from nodes.replication.manager import Redirect, Replication
 from nodes.routing import routed
 from nodes.scheduler import errors
 from nodes.scheduler import validation as v
+from nodes.scheduler.batches import (
+    MAX_BATCH,
+    REFUSALS,
+    commit_all,
+    forward_shares,
+    item_error,
+    route_items,
+)
 from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
+from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD
 from nodes.scheduler.reads import Reads, own
@@ -56,6 +67,46 @@ _SWEEP_BATCHES = 10
 
 def machine_of(group: Group) -> SchedulerMachine:
     return cast(SchedulerMachine, group.machines[SCHEDULER])
+
+
+def _enqueued(result: Enqueued, now: int) -> pb.EnqueueResponse:
+    response = pb.EnqueueResponse(job_id=result.job_id, duplicate=result.duplicate,
+                                  replayed=result.replayed)
+    job = result.job
+    if job is not None:
+        response.state = shown_state(job.state, job.run_ns, now)
+        response.run_time.CopyFrom(timestamp(job.run_ns))
+    return response
+
+
+async def _committed(claimed: list[Claimed]) -> list[pb.ClaimedJob]:
+    """The claimed jobs' views, once their leases are committed; a call that goes
+    away first puts them back."""
+    # The views now, while the jobs are in this lease.
+    jobs = [claimed_job(job) for c in claimed for job in c.jobs]
+    try:
+        for c in claimed:
+            await c.machine.group.wait_committed(c.seq)
+    except asyncio.CancelledError:
+        for c in claimed:
+            c.machine.decisions.abandon(c)
+        raise
+    return jobs
+
+
+def renumbered(error: pb.ItemError, field: str, was: int, now: int) -> pb.ItemError:
+    """An owner's item error, its fields renamed from the forwarded share's
+    numbering (``jobs[was]``) to the caller's (``jobs[now]``)."""
+    old, new = f"{field}[{was}]", f"{field}[{now}]"
+    if not any(name.startswith(old) for name in error.field_violations):
+        return error
+    out = pb.ItemError()
+    out.CopyFrom(error)
+    out.ClearField("field_violations")
+    for name, description in error.field_violations.items():
+        out.field_violations[new + name[len(old):] if name.startswith(old) else name] = \
+            description
+    return out
 
 
 class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
@@ -144,13 +195,65 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         spec.queue = scoped(spec.queue)
         result = machine_of(group).decisions.enqueue(spec, request.strict_unique, now,
                                                      request.request_id)
-        job = result.job
-        response = pb.EnqueueResponse(job_id=result.job_id, duplicate=result.duplicate,
-                                      replayed=result.replayed)
-        if job is not None:
-            response.state = shown_state(job.state, job.run_ns, now)
-            response.run_time.CopyFrom(timestamp(job.run_ns))
+        response = _enqueued(result, now)
         await group.wait_committed(result.seq)
+        return response
+
+    async def EnqueueBatch(self, request: pb.EnqueueBatchRequest, context: Ctx
+                           ) -> pb.EnqueueBatchResponse:
+        jobs = request.jobs
+        v.check_batch(len(jobs), "jobs", MAX_BATCH)
+        now = self.clock.wall_ns()
+        errors_: dict[int, pb.ItemError] = {}
+        specs: list[spb.JobRecord | None] = []
+        for i, job in enumerate(jobs):
+            try:
+                specs.append(v.job_spec(job, self.limits, now))
+            except MeshStatusError as exc:
+                errors_[i] = item_error(exc, f"jobs[{i}].")
+                specs.append(None)
+        routes = route_items([jobs[i].queue if spec is not None else None
+                              for i, spec in enumerate(specs)],
+                             lambda queue: self.owner(queue, context), errors_)
+        answers: dict[int, pb.EnqueueResponse] = {}
+        waits: dict[Group, tuple[int, list[int]]] = {}
+        for group, indexes in routes.local.values():
+            items = []
+            for i in indexes:
+                spec = specs[i]
+                assert spec is not None
+                spec.queue = scoped(spec.queue)
+                items.append((spec, jobs[i].strict_unique, jobs[i].request_id))
+            # The group's share in one command (one per job would flood the
+            # replication log with a big batch).
+            top, done = 0, []
+            for i, result in zip(indexes, machine_of(group).decisions.enqueue_batch(items, now),
+                                 strict=True):
+                if isinstance(result, ServiceError):
+                    errors_[i] = item_error(result, f"jobs[{i}].")
+                    continue
+                answers[i] = _enqueued(result, now)
+                top = max(top, result.seq)
+                done.append(i)
+            waits[group] = (top, done)
+
+        async def send(target: Redirect, indexes: list[int]) -> None:
+            share = pb.EnqueueBatchRequest(jobs=[jobs[i] for i in indexes])
+            answer = await self.forward(target, "EnqueueBatch", share, context)
+            for k, (i, r) in enumerate(zip(indexes, answer.results, strict=True)):
+                if r.HasField("job"):
+                    answers[i] = r.job
+                else:
+                    errors_[i] = renumbered(r.error, "jobs", k, i)
+
+        await asyncio.gather(commit_all(waits, errors_),
+                             forward_shares(routes, send, errors_))
+        response = pb.EnqueueBatchResponse()
+        for i in range(len(jobs)):
+            if i in errors_:
+                response.results.add(error=errors_[i])
+            else:
+                response.results.add(job=answers[i])
         return response
 
     async def Claim(self, request: pb.ClaimRequest, context: Ctx) -> pb.ClaimResponse:
@@ -180,16 +283,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             if wait_ns > 0:
                 claimed = await self._wait(local, request.worker_id, max_jobs, lease_ns,
                                            wait_ns)
-        # The views now, while the jobs are in this lease.
-        jobs = [claimed_job(job) for c in claimed for job in c.jobs]
-        try:
-            for c in claimed:
-                await c.machine.group.wait_committed(c.seq)
-        except asyncio.CancelledError:
-            for c in claimed:
-                c.machine.decisions.abandon(c)
-            raise
-        return pb.ClaimResponse(jobs=jobs)
+        return pb.ClaimResponse(jobs=await _committed(claimed))
 
     @staticmethod
     async def _wait(local: dict[Group, list[str]], worker_id: str, max_jobs: int,
@@ -216,6 +310,20 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             return []
         return future.result()
 
+    def _next(self, request: pb.CompleteRequest | pb.FailRequest) -> Next | None:
+        """A Complete's or Fail's ``next``, checked: what is ready in those of its
+        queues this node leads (unset: None)."""
+        if not request.HasField("next"):
+            return None
+        assert self.forwarder is not None
+        queues, worker_id, most, lease_ns = v.claim_next(request.next, self.limits)
+        resolve = self.forwarder.replication.resolve
+        sources = [(m, queue) for name in queues
+                   if isinstance(group := resolve(slot_for(name)), Group) and group.writable
+                   for m in (machine_of(group),)
+                   if (queue := m.state.queues.get(scoped(name))) is not None]
+        return Next(sources, worker_id, most, lease_ns)
+
     @routed("job_id")
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx,
                         group: Group) -> pb.HeartbeatResponse:
@@ -228,6 +336,62 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         await group.wait_committed(seq)
         return response
 
+    async def HeartbeatBatch(self, request: pb.HeartbeatBatchRequest, context: Ctx
+                             ) -> pb.HeartbeatBatchResponse:
+        leases = request.leases
+        v.check_batch(len(leases), "leases", MAX_BATCH)
+        if len({lease.job_id for lease in leases}) != len(leases):
+            raise invalid_argument("leases", "must not name a job twice")
+        errors_: dict[int, pb.ItemError] = {}
+        extends: list[int | None] = []
+        keys: list[str | None] = []
+        for i, lease in enumerate(leases):
+            try:
+                v.check_job_id(lease.job_id)
+                extends.append(v.lease_ns(lease.extend, self.limits, "extend"))
+                keys.append(lease.job_id)
+            except MeshStatusError as exc:
+                errors_[i] = item_error(exc, f"leases[{i}].")
+                extends.append(None)
+                keys.append(None)
+        routes = route_items(keys, lambda job_id: self.owner(job_id, context), errors_)
+        answers: dict[int, pb.HeartbeatResponse] = {}
+        waits: dict[Group, tuple[int, list[int]]] = {}
+        for group, indexes in routes.local.values():
+            decide, top, done = machine_of(group).decisions, 0, []
+            for i in indexes:
+                lease = leases[i]
+                try:
+                    own(group, lease.job_id)
+                    job, seq = decide.heartbeat(lease.job_id, lease.lease_token, extends[i])
+                except REFUSALS as exc:
+                    errors_[i] = item_error(exc, f"leases[{i}].")
+                    continue
+                answers[i] = pb.HeartbeatResponse(
+                    lease_expire_time=timestamp(job.lease_expire_ns))
+                top = max(top, seq)
+                done.append(i)
+            waits[group] = (top, done)
+
+        async def send(target: Redirect, indexes: list[int]) -> None:
+            share = pb.HeartbeatBatchRequest(leases=[leases[i] for i in indexes])
+            answer = await self.forward(target, "HeartbeatBatch", share, context)
+            for k, (i, r) in enumerate(zip(indexes, answer.results, strict=True)):
+                if r.HasField("lease"):
+                    answers[i] = r.lease
+                else:
+                    errors_[i] = renumbered(r.error, "leases", k, i)
+
+        await asyncio.gather(commit_all(waits, errors_),
+                             forward_shares(routes, send, errors_))
+        response = pb.HeartbeatBatchResponse()
+        for i in range(len(leases)):
+            if i in errors_:
+                response.results.add(error=errors_[i])
+            else:
+                response.results.add(lease=answers[i])
+        return response
+
     @routed("job_id")
     async def Complete(self, request: pb.CompleteRequest, context: Ctx,
                        group: Group) -> pb.CompleteResponse:
@@ -235,11 +399,13 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         if len(request.result) > self.limits.max_payload_bytes:
             raise invalid_argument("result", f"is {len(request.result)} bytes; the limit "
                                                f"is {self.limits.max_payload_bytes}")
+        then = self._next(request)  # refused, if bad, before the job is finished
         own(group, request.job_id)
-        finish_ns, seq = machine_of(group).decisions.complete(request.job_id, request.lease_token,
-                                                     request.result)
+        finish_ns, seq, claimed = machine_of(group).decisions.complete(
+            request.job_id, request.lease_token, request.result, then)
         await group.wait_committed(seq)
-        return pb.CompleteResponse(finish_time=timestamp(finish_ns))
+        return pb.CompleteResponse(finish_time=timestamp(finish_ns),
+                                   next_jobs=await _committed(claimed))
 
     @routed("job_id")
     async def Fail(self, request: pb.FailRequest, context: Ctx,
@@ -247,12 +413,14 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         v.check_job_id(request.job_id)
         retry_delay = duration_ns("retry_delay", request.retry_delay) \
             if request.HasField("retry_delay") else None
+        then = self._next(request)
         own(group, request.job_id)
         failed = machine_of(group).decisions.fail(request.job_id, request.lease_token,
                                          v.error_text(request.error), request.retryable,
-                                         retry_delay)
+                                         retry_delay, then)
         await group.wait_committed(failed.seq)
-        response = pb.FailResponse(attempts=failed.attempts)
+        response = pb.FailResponse(attempts=failed.attempts,
+                                   next_jobs=await _committed(failed.claimed))
         if failed.state == DEAD:
             response.state = pb.JOB_STATE_DEAD
         else:

@@ -18,9 +18,10 @@ from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
 from nodes.scheduler import cron
 
-__all__ = ["MAX_CLAIM_JOBS", "MAX_IDS", "check_ids", "check_job_id", "check_name",
-           "check_request_id", "check_worker", "claim_queues", "cron_spec", "error_text",
-           "job_spec", "lease_ns", "max_jobs", "page_size", "wait_ns"]
+__all__ = ["MAX_CLAIM_JOBS", "MAX_IDS", "check_batch", "check_ids", "check_job_id",
+           "check_name", "check_request_id", "check_worker", "claim_next", "claim_queues",
+           "cron_spec", "error_text", "job_spec", "lease_ns", "max_jobs", "page_size",
+           "wait_ns"]
 
 MAX_NAME_BYTES = 256
 MAX_JOB_ID_BYTES = 1024
@@ -182,26 +183,45 @@ def cron_spec(request: pb.CreateScheduleRequest, limits: SchedulerLimits, now: i
         timezone=request.timezone, template=template, last_tick_ns=now, next_fire_ns=first)
 
 
-def claim_queues(queues: Sequence[str]) -> list[str]:
+def claim_queues(queues: Sequence[str], field: str = "queues") -> list[str]:
     if not queues:
-        raise invalid_argument("queues", "must not be empty")
+        raise invalid_argument(field, "must not be empty")
     if len(queues) > MAX_CLAIM_QUEUES:
-        raise invalid_argument("queues", f"at most {MAX_CLAIM_QUEUES} queues")
+        raise invalid_argument(field, f"at most {MAX_CLAIM_QUEUES} queues")
     for i, queue in enumerate(queues):
-        check_name(queue, f"queues[{i}]")
+        check_name(queue, f"{field}[{i}]")
     if len(set(queues)) != len(queues):
-        raise invalid_argument("queues", "must not repeat a queue")
+        raise invalid_argument(field, "must not repeat a queue")
     return list(queues)
 
 
-def check_worker(worker_id: str) -> None:
-    _check_text(worker_id, "worker_id")
+def check_worker(worker_id: str, field: str = "worker_id") -> None:
+    _check_text(worker_id, field)
 
 
-def max_jobs(value: int) -> int:
+def max_jobs(value: int, field: str = "max_jobs") -> int:
     if value > MAX_CLAIM_JOBS:
-        raise invalid_argument("max_jobs", f"must be at most {MAX_CLAIM_JOBS}")
+        raise invalid_argument(field, f"must be at most {MAX_CLAIM_JOBS}")
     return value or 1
+
+
+def claim_next(next_: pb.ClaimNext, limits: SchedulerLimits
+               ) -> tuple[list[str], str, int, int]:
+    """A Complete's or Fail's ``next``: (queues, worker_id, max_jobs, lease_ns)."""
+    queues = claim_queues(next_.queues, "next.queues")
+    check_worker(next_.worker_id, "next.worker_id")
+    most = max_jobs(next_.max_jobs, "next.max_jobs")
+    lease = lease_ns(next_.lease_duration, limits, "next.lease_duration") \
+        or _seconds_ns(limits.default_lease)
+    return queues, next_.worker_id, most, lease
+
+
+def check_batch(count: int, field: str, limit: int) -> None:
+    """A batch call's items: 1 to ``limit``."""
+    if not count:
+        raise invalid_argument(field, "must not be empty")
+    if count > limit:
+        raise invalid_argument(field, f"has {count} items; the limit is {limit}")
 
 
 def lease_ns(d: duration_pb2.Duration, limits: SchedulerLimits, field: str) -> int | None:

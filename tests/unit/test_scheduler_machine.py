@@ -22,7 +22,7 @@ from nodes.replication.journal import Journal
 from nodes.scheduler import machine as machine_module
 from nodes.scheduler import validation as v
 from nodes.scheduler.claims import Claimed, claim
-from nodes.scheduler.decisions import Enqueued
+from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.leader import Leader
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff
@@ -136,8 +136,8 @@ def test_tokens_are_checked_and_a_repeated_complete_or_fail_gets_the_same_answer
         assert exc.value.metadata["state"] == "JOB_STATE_LEASED"
     job, _ = m.decisions.heartbeat(job_id, token, 60 * S)
     assert job.lease_ns == 60 * S
-    finish, seq = m.decisions.complete(job_id, token, b"ok")
-    assert m.decisions.complete(job_id, token, b"ok") == (finish, seq)
+    finish, seq, _ = m.decisions.complete(job_id, token, b"ok")
+    assert m.decisions.complete(job_id, token, b"ok") == (finish, seq, [])
     with pytest.raises(ServiceError):
         m.decisions.heartbeat(job_id, token, None)
     with pytest.raises(ServiceError) as exc:
@@ -295,7 +295,7 @@ def test_a_new_primary_gives_running_leases_a_full_lease_and_higher_tokens() -> 
     r = _machine(replica)
     job = r.state.jobs[job_id]
     assert job.lease_expire_ns >= promoted + 5 * S
-    finish, _ = r.decisions.complete(job_id, token, b"")  # the worker's token still works
+    finish, _, _ = r.decisions.complete(job_id, token, b"")  # the worker's token still works
     assert finish and job.state == SUCCEEDED
     r.decisions.requeue("q", [])
     other = _enqueue(r)
@@ -574,3 +574,67 @@ def test_a_bad_request_id_is_refused_naming_the_field(request_id: str, problem: 
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "request_id" in exc.value.violations
     assert problem in exc.value.violations["request_id"]
+
+
+def test_a_complete_or_fail_leases_the_next_jobs_in_the_same_command() -> None:
+    primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
+    m = _machine(primary)
+    ids = [_enqueue(m, priority=9 - i) for i in range(4)]
+    other = _enqueue(m, "r")
+    job_id, token = _one(m)
+    assert job_id == ids[0]
+    then = Next([(m, m.state.queues["q"]), (m, m.state.queues["r"])], "w2", 2, 20 * S)
+    seq = primary.log.last_seq
+    _, done_seq, claimed = m.decisions.complete(job_id, token, b"ok", then)
+    assert done_seq == seq + 1 == primary.log.last_seq  # the end and the lease: one command
+    (lease,) = claimed
+    assert [j.job_id for j in lease.jobs] == ids[1:3] and lease.seq == done_seq
+    assert all(j.state == LEASED and j.worker_id == "w2" and j.lease_token == lease.token
+               for j in lease.jobs)
+    assert m.state.jobs[job_id].state == SUCCEEDED
+    failed = m.decisions.fail(ids[1], lease.token, "no", True, None,
+                              Next([(m, m.state.queues["q"])], "w2", 5, 20 * S))
+    assert [j.job_id for c in failed.claimed for j in c.jobs] == [ids[3]]  # not the retry
+    assert m.state.jobs[ids[1]].state == WAITING and other in m.state.jobs
+    _replay(primary, replica)
+    assert _state(_machine(replica)) == _state(m)
+
+
+def test_an_enqueue_batch_is_one_command_and_answers_each_job() -> None:
+    limits = SchedulerLimits(max_queue_jobs=4)
+    primary = _group(FakeJournal(), limits=limits)
+    replica = _group(FakeJournal(), "b", primary=False, limits=limits)
+    m = _machine(primary)
+    held = _enqueue(m, unique_key="held")
+    known = _enqueue_request(m, "known").job_id
+    now = m.clock.wall_ns()
+
+    def item(queue: str = "q", strict: bool = False, request_id: str = "",
+             **fields: Any) -> tuple[Any, bool, str]:
+        return (v.job_spec(pb.EnqueueRequest(queue=queue, type="t", **fields), limits, now),
+                strict, request_id)
+
+    seq = primary.log.last_seq
+    answers = m.decisions.enqueue_batch([
+        item(payload=b"0"), item("r", request_id="a"), item("r", request_id="a"),
+        item(request_id="known"), item(unique_key="held"),
+        item(unique_key="held", strict=True), item("r", unique_key="k"),
+        item("r", unique_key="k", strict=True), item(), item()], now)
+    assert primary.log.last_seq == seq + 1  # one command for the whole share
+    first, a, a_again, known_again, dup, strict_dup, k, k_strict, fourth, full = answers
+    assert isinstance(first, Enqueued) and isinstance(a, Enqueued) and isinstance(k, Enqueued)
+    assert first.job_id.endswith(f"-{seq + 1:x}") and a.job_id.endswith(".1")
+    assert isinstance(a_again, Enqueued) and a_again.replayed and a_again.job_id == a.job_id
+    assert isinstance(known_again, Enqueued) and (known_again.job_id, known_again.replayed) \
+        == (known, True)
+    assert isinstance(dup, Enqueued) and dup.duplicate and dup.job_id == held
+    assert isinstance(strict_dup, ServiceError) and strict_dup.metadata["job_id"] == held
+    assert isinstance(k_strict, ServiceError) and k_strict.metadata["job_id"] == k.job_id
+    assert isinstance(fourth, Enqueued) and not fourth.duplicate
+    assert isinstance(full, ServiceError) and full.reason.value == "QUEUE_FULL"  # 4 in q now
+    assert all(slot_for(j.job_id) == slot_for(j.queue) for j in m.state.jobs.values())
+    assert m.state.queues["r"].requests["a"].job_id == a.job_id
+    _replay(primary, replica)
+    assert _state(_machine(replica)) == _state(m)
+    order = [j.job_id for c in _claim(m, "q", "r", n=10) for j in c.jobs]
+    assert order[:4] == [held, known, first.job_id, a.job_id]  # FIFO within the command too

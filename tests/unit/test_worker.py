@@ -26,6 +26,7 @@ from clients import (
     ClaimedJob,
     ConflictError,
     DuplicateJobError,
+    EnqueueResult,
     FailResult,
     InvalidArgumentError,
     JobContext,
@@ -33,6 +34,7 @@ from clients import (
     JobState,
     LeaseLostError,
     MeshError,
+    NewJob,
     NotFoundError,
     PermanentJobError,
     QueueFullError,
@@ -314,6 +316,8 @@ class FakeScheduler:
         self.claim_error: MeshError | None = None
         self.beating: set[str] = set()
         self.heartbeat_latency = 0.0
+        self.batches: list[list[str]] = []
+        self.chained = 0
         self._ids = itertools.count(1)
 
     def add(self, type: str = "t", queue: str = "q", lease: float = 30.0,
@@ -374,6 +378,42 @@ class FakeScheduler:
                    timeout: float | None = None) -> FailResult:
         self.failed.append((job_id, str(error), retryable, retry_delay))
         return FailResult(JobState.SCHEDULED, None, 1)
+
+    async def heartbeat_many(self, leases: Sequence[tuple[str, int]], *,
+                             extend: float | None = None, timeout: float | None = None
+                             ) -> list[float | MeshError | None]:
+        self.batches.append([job_id for job_id, _ in leases])
+
+        async def one(job_id: str, token: int) -> float | MeshError | None:
+            try:
+                return await self.heartbeat(job_id, token, extend=extend, timeout=timeout)
+            except MeshError as exc:
+                return exc
+        return list(await asyncio.gather(*(one(j, t) for j, t in leases)))
+
+    def _next(self, queues: Sequence[str], max_jobs: int) -> list[ClaimedJob]:
+        mine = [j for j in self.ready if j.queue in queues][:max_jobs]
+        for job in mine:
+            self.ready.remove(job)
+        self.chained += len(mine)
+        return mine
+
+    async def complete_and_claim(
+        self, job_id: str, lease_token: int, result: Any = None, *, queues: Sequence[str],
+        worker_id: str, max_jobs: int = 1, lease: float = 30.0, timeout: float | None = None,
+    ) -> tuple[float | None, list[ClaimedJob]]:
+        await self.complete(job_id, lease_token, result, timeout=timeout)
+        return None, self._next(queues, max_jobs)
+
+    async def fail_and_claim(
+        self, job_id: str, lease_token: int, error: str | BaseException, *,
+        queues: Sequence[str], worker_id: str, max_jobs: int = 1, lease: float = 30.0,
+        retryable: bool = True, retry_delay: float | None = None,
+        timeout: float | None = None,
+    ) -> tuple[FailResult, list[ClaimedJob]]:
+        failed = await self.fail(job_id, lease_token, error, retryable=retryable,
+                                 retry_delay=retry_delay, timeout=timeout)
+        return failed, self._next(queues, max_jobs)
 
 
 async def until(predicate: Any, timeout: float = 5.0) -> None:
@@ -618,3 +658,89 @@ async def test_one_claim_loop_per_owner_replanned_when_the_map_moves() -> None:
         await until(lambda: ("b", "c") in {tuple(q) for q, _ in fake.claims[count:]}, 4)
         fake.add("t", queue="c")
         await until(lambda: "j1" in fake.completed)
+
+
+# -- batches: enqueue_many, heartbeats together, Complete that leases the next job -----
+
+async def test_enqueue_many_splits_by_owner_and_resends_what_a_node_could_not_take() -> None:
+    owners = {"a": "n1:1", "b": "n2:1"}
+    tries: dict[str, int] = {}
+
+    async def batch(request: pb.EnqueueBatchRequest, address: str) -> pb.EnqueueBatchResponse:
+        reply = pb.EnqueueBatchResponse()
+        for job in request.jobs:
+            tries[job.request_id] = tries.get(job.request_id, 0) + 1
+            if job.priority == 99:
+                reply.results.add(error=pb.ItemError(
+                    code=3, reason="INVALID_ARGUMENT", message="bad",
+                    field_violations={"jobs[0].priority": "must be 0 to 9"}))
+            elif job.payload == b"busy" and tries[job.request_id] == 1:
+                reply.results.add(error=pb.ItemError(code=14, reason="NOT_COMMITTED",
+                                                     message="try again"))
+            else:
+                reply.results.add(job=pb.EnqueueResponse(
+                    job_id=f"{address}/{job.request_id}", state=pb.JOB_STATE_PENDING))
+        return reply
+
+    client = ScriptedScheduler(owners, EnqueueBatch=batch)
+    jobs = [NewJob("a", "t"), NewJob("b", "t", request_id="mine"),
+            NewJob("a", "t", priority=99), NewJob("b", "t", b"busy")]
+    results = await client.enqueue_many(jobs, timeout=5)
+    sent = [(address, [j.queue for j in r.jobs]) for _, address, r in client.sent]
+    assert sent[:2] == [("n1:1", ["a", "a"]), ("n2:1", ["b", "b"])]
+    assert sent[2:] == [("n2:1", ["b"])]  # only the job the node could not take, again
+    first, second, bad, busy = results
+    assert isinstance(first, EnqueueResult) and first.job_id.startswith("n1:1/")
+    assert isinstance(second, EnqueueResult) and second.job_id == "n2:1/mine"
+    assert isinstance(bad, InvalidArgumentError)
+    assert bad.field_violations == {"jobs[2].priority": "must be 0 to 9"}  # the caller's index
+    assert isinstance(busy, EnqueueResult)
+    busy_id = client.sent[2][2].jobs[0].request_id
+    assert tries[busy_id] == 2 and busy.job_id == f"n2:1/{busy_id}"  # one request id
+
+
+async def test_heartbeats_due_together_go_in_one_batch_and_a_loss_is_one_jobs() -> None:
+    fake = FakeScheduler()
+    ids = [fake.add("long", lease=0.6) for _ in range(4)]
+    fake.heartbeat_error[ids[1]] = lease_lost("JOB_STATE_CANCELLED")
+    lost = asyncio.Event()
+
+    async def long(job: JobContext) -> str:
+        try:
+            await asyncio.sleep(0.9)
+        except asyncio.CancelledError:
+            lost.set()
+            raise
+        return "ok"
+
+    async with Worker(fake, "q", {"long": long}, concurrency=4, poll=0.1) as worker:
+        await until(lambda: len(fake.completed) == 3)
+        assert lost.is_set() and worker.stats.lost == 1
+    assert set(fake.completed) == {ids[0], ids[2], ids[3]}
+    assert max(len(b) for b in fake.batches) == 4  # all four beat in one call
+    assert len(fake.heartbeats) > len(fake.batches)
+
+
+async def test_a_finished_job_leases_the_next_one_in_its_report() -> None:
+    fake = FakeScheduler()
+    for i in range(20):
+        fake.add("quick", payload=str(i).encode())
+
+    async def quick(job: JobContext) -> bytes:
+        await asyncio.sleep(0.01)
+        return job.payload
+
+    async with Worker(fake, "q", {"quick": quick, "bad": quick}, concurrency=2,
+                      poll=0.2) as worker:
+        await until(lambda: len(fake.completed) == 20)
+        assert worker.stats.claimed == 20
+    assert worker._slots.free == 2  # each slot went back once, passed on or not
+    assert fake.chained > 10  # most jobs came with a Complete, not a Claim
+    assert sum(n for _, n in fake.claims) < 20 or len(fake.claims) < 20
+    async with Worker(fake, "q", {"quick": quick}, concurrency=2, poll=0.2,
+                      chain=False) as worker:
+        chained = fake.chained
+        for i in range(5):
+            fake.add("quick", payload=str(i).encode())
+        await until(lambda: len(fake.completed) == 25)
+    assert fake.chained == chained

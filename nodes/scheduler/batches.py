@@ -1,0 +1,134 @@
+"""Batch calls (EnqueueBatch, HeartbeatBatch): each item answered on its own.
+
+An item is routed by its key (a queue, a job id) like a call of its own: the
+items of groups this node leads are served here, the others are forwarded to
+their owner in one sub-batch per owner, concurrently. Whatever refuses an item
+(bad input, a service rule, a lost primary, a failed forward) becomes that
+item's `ItemError`; only a malformed batch as a whole fails the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from common.errors import MeshStatusError, ServiceError, capped, status_of
+from mesh.scheduler.v1 import scheduler_pb2 as pb
+from nodes.replication.group import Group
+from nodes.replication.manager import Redirect
+from nodes.rpc import ForwardedError
+
+__all__ = ["MAX_BATCH", "REFUSALS", "Routes", "commit_all", "forward_shares", "item_error",
+           "route_items"]
+
+MAX_BATCH = 1000
+"""Items of one batch call at most."""
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def item_error(error: BaseException, prefix: str = "") -> pb.ItemError:
+    """An item's error from what refused it; field names get ``prefix`` (e.g.
+    ``jobs[3].``). Anything unexpected is re-raised by the caller's except."""
+    if isinstance(error, ServiceError):
+        error = status_of(error)
+    if isinstance(error, MeshStatusError):
+        return pb.ItemError(
+            code=error.code.value[0], reason=str(error.reason), message=error.message,
+            metadata=error.metadata,
+            field_violations={f"{prefix}{f}": d for f, d in error.violations.items()})
+    if isinstance(error, ForwardedError):
+        return _forwarded(error.error)
+    raise error
+
+
+def _forwarded(error: grpc.aio.AioRpcError) -> pb.ItemError:
+    """A whole forwarded share's failure, for each of its items."""
+    code = error.code()
+    out = pb.ItemError(code=code.value[0], reason=code.name,
+                       message=capped(error.details() or code.name, 512))
+    for key, value in error.trailing_metadata() or ():
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                out.reason = info.reason
+                out.metadata.update(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                out.field_violations.update({v.field: v.description
+                                             for v in bad.field_violations})
+    return out
+
+
+REFUSALS = (MeshStatusError, ServiceError)
+"""What refuses one item (and becomes its error) rather than the whole call."""
+
+
+@dataclass
+class Routes:
+    """A batch's items by where they are served: local groups, remote owners, or
+    refused already (their error set)."""
+
+    local: dict[int, tuple[Group, list[int]]] = field(default_factory=dict)
+    remote: dict[str, tuple[Redirect, list[int]]] = field(default_factory=dict)
+
+
+def route_items(keys: Sequence[str | None], resolve: Callable[[str], Group | Redirect],
+                errors: dict[int, pb.ItemError]) -> Routes:
+    """Where each item goes; ``None`` keys (refused by validation) are skipped,
+    and an item its owner lookup refuses (WRONG_OWNER for a caller that routes by
+    itself, TOO_MANY_HOPS) gets that error in ``errors``."""
+    routes = Routes()
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        try:
+            target = resolve(key)
+        except MeshStatusError as exc:
+            errors[i] = item_error(exc)
+            continue
+        if isinstance(target, Redirect):
+            routes.remote.setdefault(target.owner_address, (target, []))[1].append(i)
+        else:
+            routes.local.setdefault(target.group_id, (target, []))[1].append(i)
+    return routes
+
+
+async def commit_all(waits: dict[Group, tuple[int, list[int]]],
+                     errors: dict[int, pb.ItemError]) -> None:
+    """Wait until each group's changes are committed; a group that cannot commit
+    them (its primary role lost) fails its items (UNAVAILABLE: outcome unknown)."""
+    async def one(group: Group, seq: int, indexes: list[int]) -> None:
+        try:
+            await group.wait_committed(seq)
+        except REFUSALS as exc:
+            problem = item_error(exc)
+            for i in indexes:
+                errors[i] = problem
+
+    await asyncio.gather(*(one(g, seq, idx) for g, (seq, idx) in waits.items()))
+
+
+async def forward_shares(routes: Routes,
+                         send: Callable[[Redirect, list[int]], Awaitable[None]],
+                         errors: dict[int, pb.ItemError]) -> None:
+    """Send each remote share (concurrently); a share whose forward fails gives
+    its error to each of its items."""
+    async def one(target: Redirect, indexes: list[int]) -> None:
+        try:
+            await send(target, indexes)
+        except (*REFUSALS, ForwardedError) as exc:
+            problem = item_error(exc)
+            for i in indexes:
+                errors[i] = problem
+
+    await asyncio.gather(*(one(t, idx) for t, idx in routes.remote.values()))
+
