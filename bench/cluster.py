@@ -2,8 +2,9 @@
 bare node, lock throughput against etcd's lock, event store throughput against the
 echo server, job scheduler throughput against Celery on Redis, failover time,
 rebalance time, memory per key against Redis and a big group's catch-up, and what
-a growing cluster costs (placement balance, coordinator CPU, map fan-out), and
-notification fan-out against Redis Pub/Sub.
+a growing cluster costs (placement balance, coordinator CPU, map fan-out),
+notification fan-out against Redis Pub/Sub, the gateway, and sagas against the
+same jobs chained by hand.
 
 They run after the single-node rows, on an etcd of their own; each scenario
 uses its own cluster names, and stops every process it started before the next
@@ -27,6 +28,7 @@ from bench import (
     notify,
     rebalance,
     replicated,
+    saga,
     scale,
     scheduler,
 )
@@ -73,6 +75,7 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
                             else notify.Sizes())
         edge = gateway.run(workdir, etcd.endpoint, gateway.QUICK if args.quick
                            else gateway.Sizes())
+        sagas = saga.run(workdir, etcd.endpoint, saga.QUICK if args.quick else saga.Sizes())
     return ClusterResults(sets + gets + cycles + stored + jobs, {
         "scheduler": scheduler.environment(),
         "failover": failover.summary(runs),
@@ -83,4 +86,5 @@ def run(workdir: Path, args: argparse.Namespace) -> ClusterResults:
         "scale": scaled,
         "notify": fanned,
         "gateway": edge,
+        "saga": sagas,
     })

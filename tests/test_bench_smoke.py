@@ -118,6 +118,8 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     _check_notify(results["notify"])
     assert "| cache GET, in flight | HTTP/JSON via the gateway (calls/s) |" in run.stdout
     _check_gateway(results["gateway"])
+    assert "| side | completed/s | p50 ms | p99 ms | vs hand-chained |" in run.stdout
+    _check_saga(results["saga"])
 
 
 def _check_locks(results: dict[str, Any], stdout: str) -> None:
@@ -237,6 +239,12 @@ def _check_notify(notify: dict[str, Any]) -> None:
             m = row[side]
             assert 0 < m["p50_ms"] <= m["p99_ms"], (row["subscribers"], side)
             assert m["delivered_per_s"] > 0, (row["subscribers"], side)
+
+
+def _check_saga(saga: dict[str, Any]) -> None:
+    for side in ("sagas", "chains"):
+        assert saga[side]["per_s"] > 0 and 0 < saga[side]["p50_ms"] <= saga[side]["p99_ms"]
+    assert saga["ratio"] == saga["sagas"]["per_s"] / saga["chains"]["per_s"]
 
 
 def _check_gateway(gateway: dict[str, Any]) -> None:
