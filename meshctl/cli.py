@@ -1,7 +1,7 @@
 """The ``meshctl`` command line (click): every command, its flags and its exit codes.
 
 The commands' work lives beside it (`meshctl.admin`, `meshctl.jobs`, `meshctl.notify`,
-`meshctl.status`, `meshctl.health`, `meshctl.node`, `meshctl.up`); this module
+`meshctl.saga`, `meshctl.status`, `meshctl.health`, `meshctl.node`, `meshctl.up`); this module
 parses, runs and turns expected errors into one line on stderr and an exit code
 (`meshctl.output`).
 """
@@ -28,6 +28,7 @@ from meshctl import output
 from meshctl.context import Settings, add_late_options, run, settings
 from meshctl.jobs import jobs_group
 from meshctl.notify import notify_group
+from meshctl.saga import saga_group
 
 EPILOG = """\b
 Exit codes:
@@ -381,6 +382,7 @@ def lock_describe(name: str) -> int:
 
 cli.add_command(jobs_group)
 cli.add_command(notify_group)
+cli.add_command(saga_group)
 add_late_options(cli)
 
 
