@@ -39,12 +39,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clients.errors import DeadlineExceededError, InvalidArgumentError
-from clients.job_runtime import JobContext
+from clients.job_runtime import Handler, JobContext
 from clients.job_types import Payload, duration, encode
 from clients.retry import with_retries
 from mesh.saga.v1 import saga_pb2 as pb
@@ -254,9 +254,9 @@ class SagaType:
     def queues(self) -> list[str]:
         return list(dict.fromkeys(s.queue for s in self.steps))
 
-    def handlers(self) -> dict[str, Callable[[JobContext], Awaitable[bytes]]]:
+    def handlers(self) -> dict[str, Handler]:
         """Scheduler handlers (job type -> handler) running the step handlers."""
-        out: dict[str, Callable[[JobContext], Awaitable[bytes]]] = {}
+        out: dict[str, Handler] = {}
         for s in self.steps:
             if s.action is not None:
                 out[self.action_type(s.name)] = _job_handler(s.action)
@@ -265,13 +265,18 @@ class SagaType:
         return out
 
 
-def _job_handler(handler: StepHandler) -> Callable[[JobContext], Awaitable[bytes]]:
-    is_async = inspect.iscoroutinefunction(handler)
+def _job_handler(handler: StepHandler) -> Handler:
+    """The scheduler handler of a step handler. A plain one stays plain: the
+    worker runs it in a thread of its own, like any plain job handler (not in
+    the loop's default executor, whose few threads would cap the worker's
+    concurrency and stay taken by handlers whose lease was lost)."""
+    if inspect.iscoroutinefunction(handler):
+        async def run_async(job: JobContext) -> bytes:
+            return encode(await handler(StepContext(pb.StepTask.FromString(job.payload), job)))
+        return run_async
 
-    async def run(job: JobContext) -> bytes:
-        step = StepContext(pb.StepTask.FromString(job.payload), job)
-        result = await handler(step) if is_async else await asyncio.to_thread(handler, step)
-        return encode(result)
+    def run(job: JobContext) -> bytes:
+        return encode(handler(StepContext(pb.StepTask.FromString(job.payload), job)))
     return run
 
 
@@ -373,7 +378,7 @@ class SagaClient:
         reports each finished step to its saga (``options``: see `Worker`)."""
         from clients.worker import Worker
 
-        handlers: dict[str, Callable[[JobContext], Awaitable[bytes]]] = {}
+        handlers: dict[str, Handler] = {}
         queues: list[str] = []
         for t in saga_types:
             handlers.update(t.handlers())

@@ -38,13 +38,13 @@ CHAOS = frozenset({
     "test_failover.py", "test_partitions.py", "test_etcd_cluster.py", "test_etcd_restart.py",
     "test_restart_catchup.py", "test_stream_liveness.py", "test_events_acceptance.py",
     "test_lock_acceptance.py", "test_scheduler_acceptance.py", "test_notify_failover.py",
-    "test_gateway_ws.py", "test_gateway_browser.py",
+    "test_gateway_ws.py", "test_gateway_browser.py", "test_saga_acceptance.py",
 })
 """Files whose point is a fault: processes killed or paused, links cut, etcd lost."""
 
 
 SLOW_FIRST = (
-    "test_partitions.py", "test_bench_smoke.py", "test_meshctl_cli.py",
+    "test_saga_acceptance.py", "test_partitions.py", "test_bench_smoke.py", "test_meshctl_cli.py",
     "test_lock_acceptance.py", "test_scheduler_acceptance.py", "test_failover.py",
     "test_restart_catchup.py", "test_events_acceptance.py", "test_node_lifecycle.py",
     "test_packaging.py", "test_meshctl.py", "test_cache_eviction.py", "test_etcd_cluster.py",

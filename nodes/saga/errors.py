@@ -5,7 +5,7 @@ from __future__ import annotations
 from common.errors import Reason, ServiceError
 from common.tenancy import unscoped
 
-__all__ = ["saga_exists", "saga_finished", "saga_not_found", "type_not_found"]
+__all__ = ["group_changed", "saga_exists", "saga_finished", "saga_not_found", "type_not_found"]
 
 
 def saga_not_found(saga_id: str) -> ServiceError:
@@ -28,3 +28,8 @@ def saga_exists(saga_id: str, why: str) -> ServiceError:
 def saga_finished(saga_id: str, state: str) -> ServiceError:
     return ServiceError(f"saga {unscoped(saga_id)!r} has already ended ({state})",
                         Reason.SAGA_FINISHED, {"saga_id": unscoped(saga_id), "state": state})
+
+
+def group_changed(group_id: int) -> ServiceError:
+    return ServiceError(f"group {group_id} changed primary while the call waited; retry",
+                        Reason.GROUP_UNAVAILABLE, {"group_id": str(group_id)})

@@ -156,6 +156,15 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         if seq > group.commit_seq:
             await group.wait_committed(seq)
 
+    def _still_led(self, group: Group) -> SagaMachine:
+        """The group's sagas after an await: UNAVAILABLE (retry) if this node
+        stopped leading the group meanwhile, whose machine is then gone (the
+        group left) or no longer the primary's state."""
+        machine = group.machines.get(SAGA)
+        if group.closed or not group.writable or not isinstance(machine, SagaMachine):
+            raise errors.group_changed(group.group_id)
+        return machine
+
     def _internal(self) -> InternalClient:
         assert self._client is not None, "start() first"
         return self._client
@@ -189,7 +198,7 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         v.check_id(request.name, "name")
         name = scoped(request.name)
         await self._settled(group, name)
-        found = _machine(group).type_version(name, request.version)
+        found = self._still_led(group).type_version(name, request.version)
         if found is None:
             raise errors.type_not_found(name, request.version)
         definition = pb.SagaDefinition()
@@ -219,6 +228,10 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                 raise ForwardedError(exc) from None  # e.g. SAGA_TYPE_NOT_FOUND, as is
             definition = found.definition
             definition.name = scoped(definition.name)
+            # The map may have moved on during the await: propose only in the
+            # group that leads the saga's slot here and now.
+            if self.owner_of_slot(slot_for(saga_id), context) is not group:
+                raise errors.group_changed(group.group_id)
             # Checked again after the await: a retry may have started it meanwhile.
             existing = _machine(group).sagas.get(saga_id)
             if existing is None:
@@ -263,7 +276,9 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                     if not waiting:
                         del self._waiters[saga_id]
         await self._settled(group, saga_id)
-        record = machine.sagas.get(saga_id)
+        # (The wait ends early when the group stops being led here: its machine
+        # is then not the primary's, or gone, and is no answer.)
+        record = self._still_led(group).sagas.get(saga_id)
         if record is None:
             raise errors.saga_not_found(saga_id)
         return pb.GetSagaResponse(saga=_view(record))
@@ -287,7 +302,10 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
             await proposal.committed()
         else:
             await self._settled(group, saga_id)
-        return pb.CancelSagaResponse(saga=_view(_machine(group).sagas[saga_id]))
+        record = self._still_led(group).sagas.get(saga_id)
+        if record is None:
+            raise errors.saga_not_found(saga_id)
+        return pb.CancelSagaResponse(saga=_view(record))
 
     @routed("saga_id")
     async def ReportStep(self, request: pb.ReportStepRequest, context: Ctx,

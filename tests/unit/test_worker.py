@@ -56,7 +56,9 @@ from clients.job_types import JobBackoff, encode
 from clients.mesh import Mesh
 from clients.retry import Verdict, classify
 from clients.router import Target
+from clients.saga import SagaType, StepContext
 from clients.scheduler import shares
+from mesh.saga.v1 import saga_pb2 as saga_pb
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 
 ADDRESS = "10.0.0.1:7000"
@@ -449,6 +451,30 @@ async def test_pool_runs_several_types_within_its_concurrency_and_claims_in_batc
     assert all(n <= 4 for _, n in fake.claims)  # never more than the free slots
     assert fake.completed["j1"] == b"P0" and fake.completed["j13"] == {"n": 3}
     assert threads and threading.current_thread().name not in threads
+
+
+async def test_plain_saga_step_handlers_run_in_threads_of_their_own() -> None:
+    # More at once than the loop's default executor has threads: each must get
+    # a thread of its own, as a plain job handler does, or they never all meet.
+    count = min(32, (os.cpu_count() or 1) + 4) + 2
+    barrier = threading.Barrier(count, timeout=5)
+    order = SagaType("o", queue="q")
+
+    @order.step("wait")
+    def wait(step: StepContext) -> str:
+        barrier.wait()
+        return step.idempotency_key
+
+    fake = FakeScheduler()
+    for i in range(count):
+        fake.add("o.wait", payload=saga_pb.StepTask(
+            saga_id=f"s{i}", step="wait", idempotency_key=f"s{i}/wait/action")
+            .SerializeToString())
+    async with Worker(fake, "q", order.handlers(), concurrency=count, poll=0.1):
+        await until(lambda: len(fake.completed) + len(fake.failed) == count, timeout=10)
+    assert not fake.failed
+    keys = sorted(f"s{i}/wait/action".encode() for i in range(count))
+    assert sorted(fake.completed.values()) == keys
 
 
 async def test_handler_errors_fail_the_attempt_as_they_ask() -> None:
