@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aetcd
 
-from bench import aio, clusters, report, standalone
+from bench import aio, clusters, replication_counts, report, standalone
 from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 from common.etcd import client_for
@@ -92,8 +92,13 @@ def _etcd_cycle(client: aetcd.Client) -> Callable[[str], Awaitable[None]]:
     return cycle
 
 
-def workloads(c: Clients) -> list[Workload]:
-    """etcd then every Mesh variant, at each concurrency."""
+Counters = Callable[[], Awaitable[dict[str, float]]]
+
+
+def workloads(c: Clients, counters: dict[str, Counters] | None = None) -> list[Workload]:
+    """etcd then every Mesh variant, at each concurrency; ``counters``: the
+    replication counters of each variant's cluster, read around its windows."""
+    counters = counters or {}
     work = []
     for n in CONCURRENCY:
         names = [f"{ETCD_PREFIX}c{n}-{i}" for i in range(n)]
@@ -106,7 +111,7 @@ def workloads(c: Clients) -> list[Workload]:
             work.append(Workload(
                 workload_name(variant, n),
                 f"mesh.locks acquire+release, {TITLES[variant]}, {_locks(n)}",
-                _cycles(names, _mesh_cycle(mesh)), n))
+                _cycles(names, _mesh_cycle(mesh)), n, counters=counters.get(variant)))
     return work
 
 
@@ -123,10 +128,10 @@ async def connected(etcd: str) -> AsyncIterator[Clients]:
         yield Clients(meshes, client)
 
 
-async def _measure(etcd: str, warmup: float, window: float, rounds: int
-                   ) -> list[Measurement]:
+async def _measure(etcd: str, warmup: float, window: float, rounds: int,
+                   counters: dict[str, Counters]) -> list[Measurement]:
     async with connected(etcd) as c:
-        return await interleaved(workloads(c), warmup, window, rounds, "cycles/s")
+        return await interleaved(workloads(c, counters), warmup, window, rounds, "cycles/s")
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
@@ -136,8 +141,11 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
     ``warmup`` and ``window`` are per workload over all ``rounds``.
     """
     with contextlib.ExitStack() as stack:
-        clusters.start(stack, workdir, etcd, list(SPECS.values()))
-        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds))
+        started = clusters.start(stack, workdir, etcd, list(SPECS.values()))
+        counters = {variant: replication_counts.reader(local)
+                    for variant, local, spec in zip(SPECS, started, SPECS.values(), strict=True)
+                    if spec.replicas}
+        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds, counters))
 
 
 def main(argv: list[str] | None = None) -> int:

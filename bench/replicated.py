@@ -4,19 +4,23 @@ Get on the R=1 sync cluster, default against linearizable reads.
 
 All three clusters run side by side on one etcd and their workloads are
 interleaved in rounds, like the single-node rows, so drift on the machine hits
-every variant alike. Each Set writes a key never written before.
+every variant alike. Each Set writes a key never written before. The replicated
+Set workloads also count the replication messages their windows cost the
+cluster's nodes and the commands those carried (``bench.replication_counts``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from bench import aio, clusters
+from bench import aio, clusters, replication_counts
 from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
+
+Counters = Callable[[], Awaitable[dict[str, float]]]
 
 VALUE = b"s" * 100
 CONCURRENCY = (1, 64)
@@ -56,13 +60,16 @@ def _get_op(mesh: Mesh, linearizable: bool) -> Op:
     return lambda: mesh.cache.get(next(keys), linearizable=linearizable)
 
 
-def workloads(meshes: dict[str, Mesh]) -> list[Workload]:
+def workloads(meshes: dict[str, Mesh], counters: dict[str, Counters] | None = None
+              ) -> list[Workload]:
     """Every variant at every concurrency; the baseline first in each group. Then
-    Get on the R=1 sync cluster, default reads and linearizable ones."""
+    Get on the R=1 sync cluster, default reads and linearizable ones. ``counters``:
+    the replication counters of each variant's cluster, read around its Set windows."""
+    counters = counters or {}
     sets = [
         Workload(workload_name(variant, n),
                  f"mesh.cache.set, 3 nodes {TITLES[variant]}, {n} in flight, new keys",
-                 _set_op(mesh, variant, n), n)
+                 _set_op(mesh, variant, n), n, counters=counters.get(variant))
         for n in CONCURRENCY for variant, mesh in meshes.items()
     ]
     gets = [
@@ -88,15 +95,18 @@ async def _connected(etcd: str) -> AsyncIterator[dict[str, Mesh]]:
         yield meshes
 
 
-async def _measure(etcd: str, warmup: float, window: float, rounds: int
-                   ) -> list[Measurement]:
+async def _measure(etcd: str, warmup: float, window: float, rounds: int,
+                   counters: dict[str, Counters]) -> list[Measurement]:
     async with _connected(etcd) as meshes:
-        return await interleaved(workloads(meshes), warmup, window, rounds)
+        return await interleaved(workloads(meshes, counters), warmup, window, rounds)
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start the three clusters, time every Set workload, stop the clusters."""
+    """Start the clusters, time every Set workload, stop the clusters."""
     with contextlib.ExitStack() as stack:
-        clusters.start(stack, workdir, etcd, list(SPECS.values()))
-        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds))
+        started = clusters.start(stack, workdir, etcd, list(SPECS.values()))
+        counters = {variant: replication_counts.reader(local)
+                    for variant, local, spec in zip(SPECS, started, SPECS.values(), strict=True)
+                    if spec.replicas}
+        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds, counters))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import replication_counts
 from bench.timing import Measurement
 
 GOAL = 0.85
@@ -156,6 +157,7 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
             "ops_per_s": round(m.ops_per_s, 1),
             "keys_per_s": round(m.keys_per_s, 1),
             "rounds_ops_per_s": [round(r, 1) for r in m.rounds],
+            **_replication(m),
         }
         for m in measurements
     }
@@ -171,6 +173,17 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
     }
 
 
+def _replication(m: Measurement) -> dict[str, Any]:
+    """A replicated workload's replication messages and commands over its windows
+    (summed over its cluster's nodes), and commands per message; {} for the others."""
+    per = replication_counts.per_message(m.counted)
+    if per is None:
+        return {}
+    return {"replication_messages": int(m.counted[replication_counts.MESSAGES]),
+            "replication_commands": int(m.counted[replication_counts.COMMANDS]),
+            "commands_per_replication_message": round(per, 2)}
+
+
 def _compare(by_name: dict[str, Measurement], which: list[Comparison]
              ) -> dict[str, dict[str, Any]]:
     comparisons: dict[str, dict[str, Any]] = {}
@@ -183,6 +196,9 @@ def _compare(by_name: dict[str, Measurement], which: list[Comparison]
             "baseline_rate": round(baseline, 1),
             "ratio": round(mesh / baseline, 3),
         }
+        per = _replication(by_name[c.mesh]).get("commands_per_replication_message")
+        if per is not None:
+            comparisons[c.key]["mesh_commands_per_replication_message"] = per
     return comparisons
 
 
@@ -225,10 +241,13 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _comparison_table(comparisons: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| workload | Mesh | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| workload | Mesh | baseline | ratio | commands per replication message |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for c in comparisons.values():
+        per = c.get("mesh_commands_per_replication_message")
         lines.append(f"| {c['label']} ({c['unit']}) vs {c['baseline_label']} "
-                     f"| {_n(c['mesh_rate'])} | {_n(c['baseline_rate'])} | {c['ratio']:.2f}x |")
+                     f"| {_n(c['mesh_rate'])} | {_n(c['baseline_rate'])} | {c['ratio']:.2f}x "
+                     f"| {'' if per is None else f'{per:.2f}'} |")
     return lines
 
 
@@ -249,6 +268,10 @@ def _standalone_table(measurements: list[Measurement], comparisons_wanted: list[
     for m in measurements:
         by_round = " / ".join(_n(r) for r in m.rounds)
         carried = f", {_n(m.keys_per_s)} events/s" if m.workload.batch > 1 else ""
+        replicated = _replication(m)
+        if replicated:
+            carried += (f", {replicated['commands_per_replication_message']:.2f} commands "
+                        f"per replication message")
         lines.append(f"- {m.workload.name}: {_n(m.ops_per_s)} {unit}{carried} "
                      f"({by_round} by round)")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from bench.progress import Progress
 
@@ -32,6 +32,9 @@ class Workload:
     op: Op
     concurrency: int = 1
     batch: int = 1
+    counters: Callable[[], Awaitable[dict[str, float]]] | None = None
+    """Read at the start and the end of the measured window (while the workers
+    run); the measurement keeps the differences (``Measurement.counted``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Measurement:
     ops: int
     seconds: float
     rounds: tuple[float, ...] = ()
+    counted: dict[str, float] = field(default_factory=dict)
+    """How much each of the workload's counters moved over the window(s)."""
 
     @property
     def ops_per_s(self) -> float:
@@ -67,9 +72,14 @@ def combine(parts: list[Measurement]) -> Measurement:
     used them ends (a grpc.aio channel alive across ``asyncio.run`` calls keeps
     gRPC's poller bound to the closed loop, which then gets late events).
     """
-    workload = replace(parts[0].workload, op=_spent)
+    workload = replace(parts[0].workload, op=_spent, counters=None)
+    counted: dict[str, float] = {}
+    for part in parts:
+        for name, value in part.counted.items():
+            counted[name] = counted.get(name, 0.0) + value
     return Measurement(workload, sum(p.ops for p in parts),
-                       sum(p.seconds for p in parts), tuple(p.ops_per_s for p in parts))
+                       sum(p.seconds for p in parts), tuple(p.ops_per_s for p in parts),
+                       counted)
 
 
 async def interleaved(work: list[Workload], warmup: float, window: float, rounds: int,
@@ -106,6 +116,7 @@ async def measure(workload: Workload, warmup: float, window: float,
     total = warmup + window
     try:
         await _run_until(tasks, start + warmup, start, total, progress)
+        before = await workload.counters() if workload.counters is not None else {}
         first, t0 = completed, time.perf_counter()
         await _run_until(tasks, t0 + window, start, total, progress)
         # A window in which nothing completed measures nothing (a tiny --quick
@@ -116,6 +127,7 @@ async def measure(workload: Workload, warmup: float, window: float,
                                    f"{_EMPTY_WINDOW_LIMIT:g} s")
             await _run_until(tasks, time.perf_counter() + _TICK, start, total, progress)
         last, t1 = completed, time.perf_counter()
+        after = await workload.counters() if workload.counters is not None else {}
     except BaseException:
         for task in tasks:
             task.cancel()
@@ -123,7 +135,8 @@ async def measure(workload: Workload, warmup: float, window: float,
         raise
     running = False  # let the calls in flight finish; they are not counted
     await asyncio.gather(*tasks)
-    return Measurement(workload, last - first, t1 - t0)
+    return Measurement(workload, last - first, t1 - t0,
+                       counted={name: after[name] - before[name] for name in before})
 
 
 async def _run_until(tasks: list[asyncio.Task[None]], deadline: float, start: float,

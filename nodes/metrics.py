@@ -2,19 +2,53 @@
 the journal and rate limits, plus each service's own figures (`Service.metrics`).
 
 Summed up on the event loop (`common.metrics.Metrics` calls `node_snapshot`
-once a second).
+once a second), except the replication stream counters (`SentCollector`): plain
+integers the scrape reads as they are, so a reading taken right after a burst
+of writes already counts it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from common.metrics import Labels, Snapshot, one
 from nodes.plugin import Service
 from nodes.ratelimit import GlobalLimiter, Limiter
 from nodes.replication.manager import Replication
+from nodes.replication.sender import SendCounts
 
-__all__ = ["node_snapshot"]
+__all__ = ["SentCollector", "node_snapshot"]
+
+SENT_SERIES = (
+    ("mesh_replication_messages_sent", "messages",
+     "Replicate messages this node sent to its replicas (each carries one batch per "
+     "group with something to send to that replica)"),
+    ("mesh_replication_batches_sent", "batches",
+     "Group batches those messages carried (probes and snapshot requests included)"),
+    ("mesh_replication_commands_sent", "commands",
+     "Commands those batches carried; over mesh_replication_messages_sent_total: "
+     "commands per replication message"),
+    ("mesh_replication_ack_messages_received", "responses",
+     "Acknowledgement messages this node received from its replicas"),
+    ("mesh_replication_acks_received", "acks",
+     "Group acknowledgements those messages carried"),
+)
+"""Counter name, `SendCounts` field, help."""
+
+
+class SentCollector(Collector):
+    """The replication stream counters, read live at each scrape (plain integers
+    only, bumped on the event loop: reading them from the HTTP thread is safe)."""
+
+    def __init__(self, counts: SendCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, field, text in SENT_SERIES:
+            yield CounterMetricFamily(name, text, value=getattr(self._counts, field))
 
 def node_snapshot(replication: Replication, services: Iterable[Service] = (),
                   limiter: Limiter | None = None) -> Snapshot:

@@ -29,7 +29,7 @@ from common.tracing import Tracing
 from mesh.replication.v1 import replication_pb2_grpc
 from nodes.config import NodeConfig
 from nodes.forwarding import Forwarder
-from nodes.metrics import node_snapshot
+from nodes.metrics import SentCollector, node_snapshot
 from nodes.planes import ClientPlaneGuard, PeerPlaneGuard
 from nodes.plugin import Service
 from nodes.ratelimit import limiter_for
@@ -121,6 +121,7 @@ class Node:
             journal=self.journal, incarnation=self.incarnation, signer=self.signer,
             clock=clock, log_bytes=config.replication_log_bytes)
         self.replication.on_drained = self.drained.set
+        self.metrics.registry.register(SentCollector(self.replication.sent))
         self.map = MapFollower(self._etcd, config.cluster)
         self.map.on_change(self.replication.on_map)
         self._replication_service = ReplicationService(

@@ -75,7 +75,8 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
-    assert "| workload | Mesh | baseline | ratio |" in run.stdout
+    assert "| workload | Mesh | baseline | ratio | commands per replication message |" \
+        in run.stdout
 
     results = json.loads(output.read_text())
     assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
@@ -100,6 +101,7 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
         slack = 0.0005 + expected * (0.05 / c["mesh_rate"] + 0.05 / c["baseline_rate"])
         assert abs(c["ratio"] - expected) <= slack * 1.01, key
 
+    _check_replication_counts(results)
     _check_stack(results)
     _check_locks(results, run.stdout)
     _check_events(results)
@@ -120,6 +122,23 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     _check_gateway(results["gateway"])
     assert "| side | completed/s | p50 ms | p99 ms | vs hand-chained |" in run.stdout
     _check_saga(results["saga"])
+
+
+REPLICATED = ("cluster.set.r1sync.seq", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",
+              "cluster.lock.r1.seq", "cluster.lock.r1.c16")
+"""Workloads whose windows count their cluster's replication messages and commands."""
+
+
+def _check_replication_counts(results: dict[str, Any]) -> None:
+    for name in REPLICATED:
+        w = results["workloads"][name]
+        assert w["replication_messages"] > 0 and w["replication_commands"] > 0, name
+        assert w["commands_per_replication_message"] == pytest.approx(
+            w["replication_commands"] / w["replication_messages"], abs=0.006), name
+    assert "replication_messages" not in results["workloads"]["cluster.set.r0.c64"]
+    c64 = results["comparisons"]["set.r1sync.c64"]
+    assert c64["mesh_commands_per_replication_message"] == \
+        results["workloads"]["cluster.set.r1sync.c64"]["commands_per_replication_message"]
 
 
 def _check_locks(results: dict[str, Any], stdout: str) -> None:

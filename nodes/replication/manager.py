@@ -30,7 +30,7 @@ from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.log import DEFAULT_BUDGET, LogBudget
 from nodes.replication.machine import MachineFactory, StateMachine
-from nodes.replication.sender import PeerLink, ReplicaTracker
+from nodes.replication.sender import PeerLink, ReplicaTracker, SendCounts
 
 __all__ = ["Redirect", "Replication"]
 
@@ -110,6 +110,8 @@ class Replication:
         # "in_memory" (a copy restarted from disk kept its durable state).
         self.snapshots: dict[str, int] = {"full": 0, "in_memory": 0}
         self.snapshot_bytes: dict[str, int] = {"full": 0, "in_memory": 0}
+        # What the streams to this node's replicas carried (every link's sum).
+        self.sent = SendCounts()
 
     # -- serving -------------------------------------------------------------
 
@@ -316,7 +318,8 @@ class Replication:
             if link is not None:
                 self._in_background(link.close())
             link = self._links[node_id] = PeerLink(
-                node_id, address, self.channel(address), self.address, self.signer)
+                node_id, address, self.channel(address), self.address, self.signer,
+                self.sent)
         return link
 
     def _in_background(self, work: Coroutine[object, object, None]) -> None:

@@ -3,8 +3,14 @@
 A `PeerLink` holds one Replicate stream to one node and carries the batches of
 every group this node leads and that node replicates. Each group's
 `ReplicaTracker` keeps one batch in flight at a time: everything appended while
-it waits goes out in the next batch, so throughput comes from batching and from
-many groups sharing the stream, and a refusal never has later batches racing it.
+it waits goes out in the next batch, and a refusal never has later batches
+racing it. The link itself keeps at most `WINDOW` messages unacknowledged:
+while one is out, the writes of every group towards that replica gather, and
+the next message carries them all (one batch per group) and comes back as one
+acknowledgement. Without that limit each concurrent write, arriving in a call
+of its own, went out in a message of its own as soon as it was proposed (1.4
+commands per message at 64 Sets in flight on 3 nodes; 2.2 with it). Waiting
+only delays a send: a write is still answered once its replicas acknowledged it.
 
 A tracker starts by probing (an empty batch at the primary's position). The
 replica's answer says where it is: in the log's history -> stream from there;
@@ -32,12 +38,30 @@ from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
 if TYPE_CHECKING:
     from nodes.replication.group import Group
 
-__all__ = ["PeerLink", "ReplicaTracker"]
+__all__ = ["PeerLink", "ReplicaTracker", "SendCounts"]
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
 """Commands per batch: big enough to catch up fast, small enough to stay < 1 MiB."""
+WINDOW = 1
+"""Messages a link keeps unacknowledged: what is proposed meanwhile waits for the
+next one, so concurrent writes to one replica share its messages and acks."""
+
+
+class SendCounts:
+    """What this node's replication streams carried, over every link (counters for
+    /metrics): messages written, the group batches and commands they held, and the
+    acknowledgement messages and acks that came back."""
+
+    __slots__ = ("acks", "batches", "commands", "messages", "responses")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.batches = 0
+        self.commands = 0
+        self.responses = 0
+        self.acks = 0
 
 
 class Phase(enum.Enum):
@@ -61,6 +85,7 @@ class ReplicaTracker:
         self.next_seq = 0
         self.phase = Phase.PROBE
         self.inflight = False
+        self.sent_in = 0  # the link's message its batch in flight went in (0: none)
         self.keep_durable = False  # the snapshot to ask for spares the durable services
         link.attach(self)
 
@@ -74,6 +99,7 @@ class ReplicaTracker:
         """The stream broke: start over with a probe on the next one."""
         self.phase = Phase.PROBE
         self.inflight = False
+        self.sent_in = 0
 
     def progress(self) -> rpb.ReplicaProgress:
         last = self.group.log.last_seq
@@ -164,8 +190,10 @@ class PeerLink:
     """One Replicate stream to one node, shared by every group it replicates for us."""
 
     def __init__(self, node_id: str, address: str, channel: grpc.aio.Channel,
-                 local_address: str, signer: PeerSigner) -> None:
+                 local_address: str, signer: PeerSigner,
+                 counts: SendCounts | None = None) -> None:
         self.node_id = node_id
+        self.counts = counts if counts is not None else SendCounts()
         self._signer = signer
         self.address = address
         self._stub = rpb_grpc.ReplicationServiceStub(channel)
@@ -176,6 +204,10 @@ class PeerLink:
         self._pending: set[ReplicaTracker] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Messages sent on this stream and not yet acknowledged: message number ->
+        # batches whose ack has not come back (`WINDOW`).
+        self._unacked: dict[int, int] = {}
+        self._sent = 0
 
     def attach(self, tracker: ReplicaTracker) -> None:
         self._trackers[tracker.group.group_id] = tracker
@@ -188,6 +220,20 @@ class PeerLink:
         if self._trackers.get(tracker.group.group_id) is tracker:
             del self._trackers[tracker.group.group_id]
         self._pending.discard(tracker)
+        self._acked(tracker)  # its ack may never be read now
+        self._wakeup.set()
+
+    def _acked(self, tracker: ReplicaTracker) -> None:
+        """``tracker``'s batch in flight is acknowledged (or will never be)."""
+        message = tracker.sent_in
+        if not message:
+            return
+        tracker.sent_in = 0
+        left = self._unacked.get(message, 0) - 1
+        if left > 0:
+            self._unacked[message] = left
+        else:
+            self._unacked.pop(message, None)
 
     def __len__(self) -> int:
         return len(self._trackers)
@@ -222,6 +268,7 @@ class PeerLink:
                     await reader
                 for tracker in self._trackers.values():
                     tracker.reset()
+                self._unacked.clear()
                 self._pending.update(self._trackers.values())
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
@@ -230,12 +277,24 @@ class PeerLink:
         reader.add_done_callback(lambda _: self._wakeup.set())
         while not reader.done():
             self._wakeup.clear()
-            pending, self._pending = self._pending, set()
-            batches = [batch for tracker in pending
-                       if (batch := tracker.next_batch(self._local_address)) is not None]
-            if batches:
-                await call.write(rpb.ReplicateRequest(batches=batches))
-                continue  # more may have been appended while we wrote
+            if self._pending and len(self._unacked) < WINDOW:
+                pending, self._pending = self._pending, set()
+                self._sent += 1
+                message = self._sent
+                batches = []
+                for tracker in pending:
+                    batch = tracker.next_batch(self._local_address)
+                    if batch is not None:
+                        batches.append(batch)
+                        tracker.sent_in = message
+                if batches:
+                    self._unacked[message] = len(batches)
+                    counts = self.counts
+                    counts.messages += 1
+                    counts.batches += len(batches)
+                    counts.commands += sum(len(batch.commands) for batch in batches)
+                    await call.write(rpb.ReplicateRequest(batches=batches))
+                    continue  # more may have been appended while we wrote
             try:
                 async with asyncio.timeout(1.0):
                     await self._wakeup.wait()
@@ -245,15 +304,20 @@ class PeerLink:
                 # Ack never came).
                 for tracker in self._trackers.values():
                     if tracker.phase is Phase.INSTALLING:
+                        self._acked(tracker)
                         tracker.reset()
                         self._pending.add(tracker)
         reader.result()  # raise the reader's error, if any
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        counts = self.counts
         async for response in call:
+            counts.responses += 1
+            counts.acks += len(response.acks)
             for ack in response.acks:
                 tracker = self._trackers.get(ack.group_id)
                 if tracker is not None:
+                    self._acked(tracker)
                     tracker.on_ack(ack)
                     self.wake(tracker)
         raise ConnectionError("the replica ended the stream")
