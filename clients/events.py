@@ -20,11 +20,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
+from clients.coalesce import BatchFailed, Coalescer
 from clients.errors import (
     InvalidArgumentError,
     MeshError,
+    NoNodesError,
     VersionMismatchError,
     WrongExpectedVersionError,
+    mesh_error,
 )
 from clients.event_subscription import Subscription, SubscriptionTarget
 from clients.event_types import (
@@ -78,11 +83,34 @@ def _wrong_version(exc: VersionMismatchError) -> WrongExpectedVersionError:
     return error
 
 
+_BATCH = 1000
+"""Appends of one AppendMany at most (the node's limit)."""
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_ALONE_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""An append's own error after which it is sent again alone, with retries."""
+
+
+def _item_error(item: pb.ItemError, address: str) -> MeshError:
+    """An AppendMany item's error as Append would have raised it (its fields named
+    as in an AppendRequest: ``events[0].id``, not ``appends[3].events[0].id``)."""
+    violations = {field.split("].", 1)[1] if field.startswith("appends[") and "]." in field
+                  else field: why for field, why in item.field_violations.items()}
+    error = mesh_error(_CODES.get(item.code, grpc.StatusCode.UNKNOWN), item.message,
+                       item.reason, item.metadata, violations, address)
+    return error
+
+
 class EventsClient:
     """The event store, spread over the mesh's nodes. Every call takes ``timeout=``."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, *, coalesce: bool = True) -> None:
         self._mesh = mesh
+        self.coalesce = coalesce
+        """Send concurrent appends for one node as one AppendMany (``clients.coalesce``);
+        two appends to one stream never share a call (their order matters)."""
+        self._appends: Coalescer[pb.AppendRequest, pb.AppendResponse | pb.ItemError] = \
+            Coalescer(self._append_one, self._append_many, _BATCH,
+                      key=lambda request: request.stream)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.EventsServiceStub, address, method, request, budget)
@@ -118,8 +146,63 @@ class EventsClient:
         batch = [events] if isinstance(events, NewEvent) else list(events)
         request = pb.AppendRequest(stream=stream, events=[e.to_proto() for e in batch],
                                    **expected_fields(expected))
-        r = await self._call(stream, "Append", request, timeout, writes=True)
+        owner = self._owner(stream) if self.coalesce else None
+        if owner is None:
+            r = await self._append_alone(request, timeout)
+        else:
+            r = await self._append_coalesced(owner, request, timeout)
         return AppendResult(r.first_version, r.last_version, r.slot, r.position, r.duplicate)
+
+    def _owner(self, stream: str) -> str | None:
+        """The address of ``stream``'s primary if the map names one, else None."""
+        try:
+            target = self._mesh.route(SERVICE, stream)
+        except NoNodesError:
+            return None
+        return target.address if target.owner else None
+
+    async def _append_alone(self, request: pb.AppendRequest, timeout: float | None
+                            ) -> pb.AppendResponse:
+        r: pb.AppendResponse = await self._call(request.stream, "Append", request, timeout,
+                                                writes=True)
+        return r
+
+    async def _append_one(self, address: str, request: pb.AppendRequest, budget: float
+                          ) -> pb.AppendResponse | pb.ItemError:
+        return await self._append_alone(request, budget)
+
+    async def _append_many(self, address: str, requests: list[pb.AppendRequest],
+                           budget: float) -> list[pb.AppendResponse | pb.ItemError]:
+        r = await self._rpc(address, "AppendMany", pb.AppendManyRequest(appends=requests),
+                            budget)
+        return [item.appended if item.HasField("appended") else item.error
+                for item in r.results]
+
+    async def _append_coalesced(self, address: str, request: pb.AppendRequest,
+                                timeout: float | None) -> pb.AppendResponse:
+        """The append's answer, joined with the other appends for its owner in this
+        loop turn; exactly what Append would have answered."""
+        loop = asyncio.get_running_loop()
+        budget = self._mesh.timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        try:
+            answer = await self._appends.call(address, request, budget)
+        except BatchFailed as failed:
+            answer = None
+            if deadline - loop.time() <= 0:
+                raise failed.cause from None
+        if isinstance(answer, pb.AppendResponse):
+            return answer
+        if answer is not None:
+            error = _item_error(answer, address)
+            if error.code not in _ALONE_AGAIN and error.reason != "WRONG_OWNER":
+                raise _wrong_version(error) if isinstance(error, VersionMismatchError) \
+                    else error
+        # The batch failed, or the node could not take this append now (moved,
+        # unavailable): alone, with the call's own retries (event ids make a
+        # repeat safe).
+        remaining = max(0.0, deadline - loop.time())
+        return await self._append_alone(request, remaining)
 
     async def delete_stream(self, stream: str, expected: ExpectedVersion = ANY, *,
                             timeout: float | None = None) -> int:

@@ -1,6 +1,7 @@
 """Coalescing is invisible to correctness: a thousand concurrent cache calls of
-mixed kinds, some failing on purpose, while a primary is SIGKILLed with batches
-in flight, each get exactly their own result or their own error.
+mixed kinds (and a thousand event appends), some failing on purpose, while a
+primary is SIGKILLed with batches in flight, each get exactly their own result
+or their own error.
 
 Real etcd, coordinator and three nodes (R = 1, 2 s leases). Every value names
 its key, so an answer delivered to the wrong caller would show.
@@ -15,11 +16,17 @@ from typing import Any
 import pytest
 
 from clients import (
+    ANY,
+    AppendResult,
     DeadlineExceededError,
+    InvalidArgumentError,
     KeyExistsError,
     Mesh,
+    NewEvent,
+    StreamDeletedError,
     UnavailableError,
     VersionMismatchError,
+    WrongExpectedVersionError,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -104,3 +111,62 @@ async def test_a_thousand_mixed_calls_each_get_their_own_answer_through_a_sigkil
             assert entry is not None and entry.value == f"new:{i}".encode(), i
             assert entry.version == outcome, i
     assert await mesh.cache.mget(existing) == [_old(k) for k in existing]
+
+
+async def _append(mesh: Mesh, i: int) -> tuple[str, Any]:
+    """Append ``i``: its kind, and what it returned or raised. Each event's id and
+    data name the call, so an answer delivered to the wrong caller would show."""
+    kind = ("new", "new", "stale", "deleted", "bad-id")[i % 5]
+    stream = {"new": f"ev-mix-{i}", "stale": f"ev-old-{i % 40}", "deleted": "ev-gone",
+              "bad-id": f"ev-bad-{i}"}[kind]
+    event = NewEvent("Mixed", {"call": i}, id="" if kind == "bad-id" else f"call-{i}")
+    expected: Any = 1_000_000 if kind == "stale" else ANY
+    try:
+        return kind, await mesh.events.append(stream, event, expected)
+    except Exception as error:  # the test sorts them below
+        return kind, error
+
+
+async def test_concurrent_appends_each_get_their_own_answer_through_a_sigkill(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    local = local_mesh(3, lease_ttl=LEASE_TTL, replicas=1)
+    mesh = await mesh_client(timeout=30)
+    assert mesh.events.coalesce
+    await asyncio.gather(*(mesh.events.append(f"ev-old-{k}", NewEvent("Old", {}))
+                           for k in range(40)))
+    await mesh.events.append("ev-gone", NewEvent("Old", {}))
+    await mesh.events.tombstone_stream("ev-gone")
+
+    tasks: list[asyncio.Task[tuple[str, Any]]] = []
+    per_wave = CALLS // WAVES
+    for wave in range(WAVES):
+        tasks += [asyncio.create_task(_append(mesh, i))
+                  for i in range(wave * per_wave, (wave + 1) * per_wave)]
+        if wave == WAVES // 2:
+            local.nodes[1].child.signal(signal.SIGKILL)
+        await asyncio.sleep(0.01)
+    outcomes = await asyncio.gather(*tasks)
+
+    for i, (kind, outcome) in enumerate(outcomes):
+        if kind == "new":
+            # Appends carry event ids, so they are retried through the failover.
+            assert isinstance(outcome, AppendResult), (i, outcome)
+            assert outcome.first_version == outcome.last_version == 1, (i, outcome)
+        elif kind == "stale":
+            assert isinstance(outcome, WrongExpectedVersionError), (i, outcome)
+            assert outcome.current_version == 1, (i, outcome)
+        elif kind == "deleted":
+            assert isinstance(outcome, StreamDeletedError), (i, outcome)
+        else:
+            assert isinstance(outcome, InvalidArgumentError), (i, outcome)
+            assert list(outcome.field_violations) == ["events[0].id"], (i, outcome)
+
+    # Every acknowledged append is there, once, with its own event; the failed
+    # ones changed nothing.
+    for i, (kind, _) in enumerate(outcomes):
+        if kind == "new":
+            events = [e async for e in mesh.events.read_stream(f"ev-mix-{i}")]
+            assert [(e.id, e.json()) for e in events] == [(f"call-{i}", {"call": i})], i
+    for k in range(40):
+        assert len([e async for e in mesh.events.read_stream(f"ev-old-{k}")]) == 1

@@ -25,6 +25,7 @@ from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
+from nodes.batches import commit_all, forward_shares, item_error, route_items
 from nodes.config import EventsLimits, NodeConfig
 from nodes.events import errors
 from nodes.events import validation as v
@@ -47,10 +48,24 @@ from nodes.plugin import needs_journal
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.machine import ServiceKind
-from nodes.replication.manager import Replication
+from nodes.replication.manager import Redirect, Replication
 from nodes.routing import Routed, by_slot, routed, routed_stream
 
 __all__ = ["EventsService"]
+
+MAX_APPENDS = 1000
+"""Appends of one AppendMany at most."""
+
+
+def _renumbered(error: pb.ItemError, was: int, now: int) -> pb.ItemError:
+    """A forwarded share's item error, its fields named by the whole call's index."""
+    out = pb.ItemError()
+    out.CopyFrom(error)
+    old, new = f"appends[{was}]", f"appends[{now}]"
+    out.field_violations.clear()
+    for field, why in error.field_violations.items():
+        out.field_violations[new + field[len(old):] if field.startswith(old) else field] = why
+    return out
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +188,69 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         return pb.AppendResponse(
             first_version=result.first_version, last_version=result.last_version,
             slot=result.slot, position=result.position, duplicate=result.duplicate)
+
+    async def AppendMany(self, request: pb.AppendManyRequest, context: Ctx
+                         ) -> pb.AppendManyResponse:
+        appends = request.appends
+        if not appends or len(appends) > MAX_APPENDS:
+            raise invalid_argument("appends", f"must hold 1 to {MAX_APPENDS} appends")
+        errors_: dict[int, pb.ItemError] = {}
+        checked: list[str | None] = []
+        expected: dict[int, int] = {}
+        for i, a in enumerate(appends):
+            try:
+                v.check_stream(a.stream)
+                v.check_events(a.events, self.limits)
+                expected[i] = v.check_expected(a.expected_state, a.exact_version)
+                checked.append(a.stream)
+            except MeshStatusError as exc:
+                errors_[i] = item_error(exc, f"appends[{i}].", pb.ItemError)
+                checked.append(None)
+        routes = route_items(checked, lambda stream: self.owner(stream, context), errors_,
+                             pb.ItemError)
+        answers: dict[int, pb.AppendResponse] = {}
+        waits: dict[Group, tuple[int, list[int]]] = {}
+        for group, indexes in routes.local.values():
+            # Proposed back to back: replication carries them together.
+            top, done = 0, []
+            for i in indexes:
+                a = appends[i]
+                try:
+                    result = _primary(group).append(scoped(a.stream), a.events, expected[i],
+                                                     a.exact_version)
+                except ServiceError as exc:
+                    errors_[i] = item_error(exc, kind=pb.ItemError)
+                    continue
+                if not result.duplicate:
+                    self.appended_total += result.last_version - result.first_version + 1
+                answers[i] = pb.AppendResponse(
+                    first_version=result.first_version, last_version=result.last_version,
+                    slot=result.slot, position=result.position, duplicate=result.duplicate)
+                top = max(top, result.seq)
+                done.append(i)
+            waits[group] = (top, done)
+            # Subscribers hear of the appends once committed, even if this call
+            # goes away first.
+            self.hub.notify_when_committed(group, top)
+
+        async def send(target: Redirect, indexes: list[int]) -> None:
+            share = pb.AppendManyRequest(appends=[appends[i] for i in indexes])
+            answer = await self.forward(target, "AppendMany", share, context)
+            for k, (i, r) in enumerate(zip(indexes, answer.results, strict=True)):
+                if r.HasField("appended"):
+                    answers[i] = r.appended
+                else:
+                    errors_[i] = _renumbered(r.error, k, i)
+
+        await asyncio.gather(commit_all(waits, errors_, pb.ItemError),
+                             forward_shares(routes, send, errors_, pb.ItemError))
+        response = pb.AppendManyResponse()
+        for i in range(len(appends)):
+            if i in errors_:
+                response.results.add(error=errors_[i])
+            else:
+                response.results.add(appended=answers[i])
+        return response
 
     @routed("stream")
     async def SetStreamMetadata(self, request: pb.SetStreamMetadataRequest, context: Ctx,

@@ -26,6 +26,14 @@ from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
+from nodes.batches import (
+    MAX_BATCH,
+    REFUSALS,
+    commit_all,
+    forward_shares,
+    item_error,
+    route_items,
+)
 from nodes.config import NodeConfig, SchedulerLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.plugin import needs_journal
@@ -36,14 +44,6 @@ from nodes.replication.manager import Redirect, Replication
 from nodes.routing import routed
 from nodes.scheduler import errors
 from nodes.scheduler import validation as v
-from nodes.scheduler.batches import (
-    MAX_BATCH,
-    REFUSALS,
-    commit_all,
-    forward_shares,
-    item_error,
-    route_items,
-)
 from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
 from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine

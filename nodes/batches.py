@@ -1,4 +1,4 @@
-"""Batch calls (EnqueueBatch, HeartbeatBatch): each item answered on its own.
+"""Batch calls (EnqueueBatch, HeartbeatBatch, AppendMany): each item answered on its own.
 
 An item is routed by its key (a queue, a job id) like a call of its own: the
 items of groups this node leads are served here, the others are forwarded to
@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
 
 from common.errors import MeshStatusError, ServiceError, capped, status_of
-from mesh.scheduler.v1 import scheduler_pb2 as pb
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
 from nodes.rpc import ForwardedError
@@ -31,26 +32,40 @@ MAX_BATCH = 1000
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
-def item_error(error: BaseException, prefix: str = "") -> pb.ItemError:
-    """An item's error from what refused it; field names get ``prefix`` (e.g.
-    ``jobs[3].``). Anything unexpected is re-raised by the caller's except."""
+E = TypeVar("E", bound=message.Message)
+"""A service's ItemError message (each package has its own, with the same fields:
+code, reason, message, metadata, field_violations)."""
+
+
+def item_error(error: BaseException, prefix: str = "", kind: type[E] | None = None) -> E:
+    """An item's error (a ``kind`` message, the scheduler's ItemError by default)
+    from what refused it; field names get ``prefix`` (e.g. ``jobs[3].``).
+    Anything unexpected is re-raised by the caller's except."""
+    cls: Any = kind if kind is not None else _default()
     if isinstance(error, ServiceError):
         error = status_of(error)
     if isinstance(error, MeshStatusError):
-        return pb.ItemError(
+        made: E = cls(
             code=error.code.value[0], reason=str(error.reason), message=error.message,
             metadata=error.metadata,
             field_violations={f"{prefix}{f}": d for f, d in error.violations.items()})
+        return made
     if isinstance(error, ForwardedError):
-        return _forwarded(error.error)
+        forwarded: E = _forwarded(error.error, cls)
+        return forwarded
     raise error
 
 
-def _forwarded(error: grpc.aio.AioRpcError) -> pb.ItemError:
+def _default() -> type[message.Message]:
+    from mesh.scheduler.v1 import scheduler_pb2
+    return scheduler_pb2.ItemError
+
+
+def _forwarded(error: grpc.aio.AioRpcError, cls: Any) -> Any:
     """A whole forwarded share's failure, for each of its items."""
     code = error.code()
-    out = pb.ItemError(code=code.value[0], reason=code.name,
-                       message=capped(error.details() or code.name, 512))
+    out = cls(code=code.value[0], reason=code.name,
+              message=capped(error.details() or code.name, 512))
     for key, value in error.trailing_metadata() or ():
         if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue
@@ -82,7 +97,7 @@ class Routes:
 
 
 def route_items(keys: Sequence[str | None], resolve: Callable[[str], Group | Redirect],
-                errors: dict[int, pb.ItemError]) -> Routes:
+                errors: dict[int, E], kind: type[E] | None = None) -> Routes:
     """Where each item goes; ``None`` keys (refused by validation) are skipped,
     and an item its owner lookup refuses (WRONG_OWNER for a caller that routes by
     itself, TOO_MANY_HOPS) gets that error in ``errors``."""
@@ -93,7 +108,7 @@ def route_items(keys: Sequence[str | None], resolve: Callable[[str], Group | Red
         try:
             target = resolve(key)
         except MeshStatusError as exc:
-            errors[i] = item_error(exc)
+            errors[i] = item_error(exc, kind=kind)
             continue
         if isinstance(target, Redirect):
             routes.remote.setdefault(target.owner_address, (target, []))[1].append(i)
@@ -103,14 +118,14 @@ def route_items(keys: Sequence[str | None], resolve: Callable[[str], Group | Red
 
 
 async def commit_all(waits: dict[Group, tuple[int, list[int]]],
-                     errors: dict[int, pb.ItemError]) -> None:
+                     errors: dict[int, E], kind: type[E] | None = None) -> None:
     """Wait until each group's changes are committed; a group that cannot commit
     them (its primary role lost) fails its items (UNAVAILABLE: outcome unknown)."""
     async def one(group: Group, seq: int, indexes: list[int]) -> None:
         try:
             await group.wait_committed(seq)
         except REFUSALS as exc:
-            problem = item_error(exc)
+            problem = item_error(exc, kind=kind)
             for i in indexes:
                 errors[i] = problem
 
@@ -119,14 +134,14 @@ async def commit_all(waits: dict[Group, tuple[int, list[int]]],
 
 async def forward_shares(routes: Routes,
                          send: Callable[[Redirect, list[int]], Awaitable[None]],
-                         errors: dict[int, pb.ItemError]) -> None:
+                         errors: dict[int, E], kind: type[E] | None = None) -> None:
     """Send each remote share (concurrently); a share whose forward fails gives
     its error to each of its items."""
     async def one(target: Redirect, indexes: list[int]) -> None:
         try:
             await send(target, indexes)
         except (*REFUSALS, ForwardedError) as exc:
-            problem = item_error(exc)
+            problem = item_error(exc, kind=kind)
             for i in indexes:
                 errors[i] = problem
 
