@@ -25,7 +25,7 @@ ROW_GOALS = {
     "lock.r1.seq": 1.0,
     "lock.r1.c16": 1.5,
     "set.r1sync.c64": 0.85,
-    "events.append.c16": 0.6,
+    "events.append.client.c16": 0.6,
     "scheduler.enqueue.c16": 1.5,
     "scheduler.e2e.c16": 1.5,
 }

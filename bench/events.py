@@ -15,6 +15,9 @@ in the same interleaved rounds, at the same number of calls in flight:
 
 - ``append.seq`` / ``append.c16``: Append of 1 event; 1 call in flight on one
   stream, or 16 in flight on 16 streams (one call per stream at a time).
+- ``append.client.c16``: the same 16 appends in flight through the typed client
+  (``mesh.events.append``), whose coalescing sends the appends of one loop turn
+  bound for one node as one AppendMany: the one row here with the client's costs.
 - ``append100.seq``: Append of 100 events, 1 in flight; rated in events/s.
 - ``read100.seq`` / ``read100.c16``: Read of a 100-event page of a 1,000-event
   stream (the 10 pages in turn); rated in Read calls/s.
@@ -48,7 +51,7 @@ import grpc
 from bench import aio, clusters, report, services, standalone
 from bench.progress import Progress
 from bench.timing import Measurement, Op, Workload, combine, measure
-from clients import Mesh
+from clients import Mesh, NewEvent
 from common.slots import slot_for
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.events.v1 import events_pb2 as pb
@@ -125,6 +128,20 @@ def _appends(s: Streams, streams: list[str], count: int) -> Op:
                               metadata=s.metadata)
         finally:
             bound.append((stream, stub, ids))
+    return op
+
+
+def _client_appends(s: Streams, streams: list[str]) -> Op:
+    """``_appends`` of 1 event through the typed client (``mesh.events.append``),
+    which sends the appends of one loop turn bound for one node as one AppendMany."""
+    pool = [(stream, itertools.count(1)) for stream in streams]
+
+    async def op() -> None:
+        stream, ids = pool.pop()
+        try:
+            await s.mesh.events.append(stream, NewEvent(TYPE, DATA, id=f"c{next(ids)}"))
+        finally:
+            pool.append((stream, ids))
     return op
 
 
@@ -286,6 +303,12 @@ def rows(s: Streams, echo: cache_pb2_grpc.CacheServiceStub, live: LiveFeed) -> l
                      f"raw stub Append of 1 event -> primaries, 3 nodes R=1 durable, "
                      f"{CONCURRENCY} in flight on {CONCURRENCY} streams",
                      _appends(s, c16, 1), CONCURRENCY), "appends/s"),
+        Row(Workload(workload_name("append.client.c16"),
+                     f"mesh.events.append of 1 event (typed client: the appends of a loop "
+                     f"turn for one node go as one AppendMany) -> primaries, 3 nodes R=1 "
+                     f"durable, {CONCURRENCY} in flight on {CONCURRENCY} streams",
+                     _client_appends(s, [f"client-{name}" for name in c16]), CONCURRENCY),
+            "appends/s"),
         Row(Workload(workload_name("read100.c16"),
                      f"raw stub Read of a {PAGE}-event page -> primary, {CONCURRENCY} in flight",
                      _reads(s, "read-page"), CONCURRENCY, PAGE), "reads/s"),
@@ -316,7 +339,8 @@ async def prepare(s: Streams) -> None:
         for first in range(1, events + 1, BATCH):  # ids 1..events, in batches
             await _append_ready(s, _append_request(stream, itertools.count(first), BATCH))
     for stream in ("append-seq", "append-batch", "live",
-                   *(f"append-c16-{i}" for i in range(CONCURRENCY))):
+                   *(f"append-c16-{i}" for i in range(CONCURRENCY)),
+                   *(f"client-append-c16-{i}" for i in range(CONCURRENCY))):
         # Ids the workloads never use (theirs are numbers).
         await _append_ready(s, pb.AppendRequest(stream=stream, events=[
             pb.EventData(id="check", type=TYPE, data=DATA)]))

@@ -85,6 +85,10 @@ EVENT_COMPARISONS = [
     Comparison("events.append.c16",
                f"Event Append of 1 event, {EVENTS_SETUP}, 16 in flight on 16 streams",
                "appends/s", "cluster.events.append.c16", "echo.events.c16", ECHO),
+    Comparison("events.append.client.c16",
+               f"Event append of 1 event through the typed client (coalesced), "
+               f"{EVENTS_SETUP}, 16 in flight on 16 streams",
+               "appends/s", "cluster.events.append.client.c16", "echo.events.c16", ECHO),
     Comparison("events.append100.seq",
                f"Event Append of 100 events, {EVENTS_SETUP}, sequential",
                "events/s", "cluster.events.append100.seq", "echo.events.seq", ECHO),

@@ -39,6 +39,7 @@ WORKLOADS = {
     "etcd.lock.c16", "cluster.lock.r1.c16", "cluster.lock.r0.c16",
     "echo.events.seq", "echo.events.c16",
     "cluster.events.append.seq", "cluster.events.append.c16", "cluster.events.append100.seq",
+    "cluster.events.append.client.c16",
     "cluster.events.read100.seq", "cluster.events.read100.c16",
     "cluster.events.subscribe.live", "cluster.events.subscribe.catchup",
     "celery.scheduler.enqueue.seq", "cluster.scheduler.enqueue.seq",
@@ -49,6 +50,7 @@ STACK_UNITS = {"stack.get.seq": "calls/s", "stack.get.c64": "calls/s"}
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
 EVENT_UNITS = {
     "events.append.seq": "appends/s", "events.append.c16": "appends/s",
+    "events.append.client.c16": "appends/s",
     "events.append100.seq": "events/s",
     "events.read100.seq": "reads/s", "events.read100.c16": "reads/s",
     "events.subscribe.live": "events/s", "events.subscribe.catchup": "events/s",
@@ -177,7 +179,8 @@ def _check_stack(results: dict[str, Any]) -> None:
 def _check_events(results: dict[str, Any]) -> None:
     _check_pairs(results, EVENT_UNITS, "echo.events.", "cluster.events.")
     workloads = results["workloads"]
-    for name in ("echo.events.c16", "cluster.events.append.c16", "cluster.events.read100.c16"):
+    for name in ("echo.events.c16", "cluster.events.append.c16", "cluster.events.read100.c16",
+                 "cluster.events.append.client.c16"):
         assert workloads[name]["in_flight"] == 16, name
     for name in ("cluster.events.append100.seq", "cluster.events.read100.seq"):
         assert workloads[name]["keys_per_op"] == 100, name
