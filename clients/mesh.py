@@ -89,7 +89,8 @@ class Mesh:
     trust, and the client certificate when the nodes require one. ``token``
     (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
     ``coalesce`` (default on): concurrent cache gets bound for one node in the
-    same loop turn travel as one MGet (see ``clients.coalesce``).
+    same loop turn travel as one MGet, sets as one MSet, event appends as one
+    AppendMany (see ``clients.coalesce``).
     etcd itself is reached over TLS and with a user and password as the
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
@@ -143,7 +144,7 @@ class Mesh:
         self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self, coalesce=coalesce)
         self.locks = LockClient(self)
-        self.events = EventsClient(self)
+        self.events = EventsClient(self, coalesce=coalesce)
         self.scheduler = SchedulerClient(self)
         self.notify = NotifyClient(self)
         self.sagas = SagaClient(self)
