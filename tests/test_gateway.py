@@ -297,7 +297,7 @@ async def test_openapi_lists_every_route_and_validates(http: httpx.AsyncClient) 
     doc = (await http.get("/openapi.json")).json()
     validate(doc)
     routes = routes_of(public_services())
-    assert len(routes) == 54
+    assert len(routes) == 56
     for route in routes:
         operation = doc["paths"][route.template][route.http_method.lower()]
         assert route.path in operation["description"]
