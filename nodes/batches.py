@@ -24,7 +24,7 @@ from nodes.replication.manager import Redirect
 from nodes.rpc import ForwardedError
 
 __all__ = ["MAX_BATCH", "REFUSALS", "Routes", "commit_all", "forward_shares", "item_error",
-           "route_items"]
+           "renumbered", "route_items"]
 
 MAX_BATCH = 1000
 """Items of one batch call at most."""
@@ -54,6 +54,22 @@ def item_error(error: BaseException, prefix: str = "", kind: type[E] | None = No
         forwarded: E = _forwarded(error.error, cls)
         return forwarded
     raise error
+
+
+def renumbered(error: E, field: str, was: int, now: int) -> E:
+    """An owner's item error, its fields renamed from the forwarded share's
+    numbering (``jobs[was]``) to the caller's (``jobs[now]``)."""
+    violations: Any = getattr(error, "field_violations")  # noqa: B009 - any ItemError
+    old, new = f"{field}[{was}]", f"{field}[{now}]"
+    if not any(name.startswith(old) for name in violations):
+        return error
+    out = type(error)()
+    out.CopyFrom(error)
+    out.ClearField("field_violations")
+    renamed: Any = getattr(out, "field_violations")  # noqa: B009
+    for name, description in violations.items():
+        renamed[new + name[len(old):] if name.startswith(old) else name] = description
+    return out
 
 
 def _default() -> type[message.Message]:

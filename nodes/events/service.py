@@ -25,7 +25,7 @@ from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from nodes.batches import commit_all, forward_shares, item_error, route_items
+from nodes.batches import commit_all, forward_shares, item_error, renumbered, route_items
 from nodes.config import EventsLimits, NodeConfig
 from nodes.events import errors
 from nodes.events import validation as v
@@ -56,16 +56,6 @@ __all__ = ["EventsService"]
 MAX_APPENDS = 1000
 """Appends of one AppendMany at most."""
 
-
-def _renumbered(error: pb.ItemError, was: int, now: int) -> pb.ItemError:
-    """A forwarded share's item error, its fields named by the whole call's index."""
-    out = pb.ItemError()
-    out.CopyFrom(error)
-    old, new = f"appends[{was}]", f"appends[{now}]"
-    out.field_violations.clear()
-    for field, why in error.field_violations.items():
-        out.field_violations[new + field[len(old):] if field.startswith(old) else field] = why
-    return out
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +230,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                 if r.HasField("appended"):
                     answers[i] = r.appended
                 else:
-                    errors_[i] = _renumbered(r.error, k, i)
+                    errors_[i] = renumbered(r.error, "appends", k, i)
 
         await asyncio.gather(commit_all(waits, errors_, pb.ItemError),
                              forward_shares(routes, send, errors_, pb.ItemError))

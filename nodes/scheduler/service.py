@@ -32,6 +32,7 @@ from nodes.batches import (
     commit_all,
     forward_shares,
     item_error,
+    renumbered,
     route_items,
 )
 from nodes.config import NodeConfig, SchedulerLimits
@@ -92,21 +93,6 @@ async def _committed(claimed: list[Claimed]) -> list[pb.ClaimedJob]:
             c.machine.decisions.abandon(c)
         raise
     return jobs
-
-
-def renumbered(error: pb.ItemError, field: str, was: int, now: int) -> pb.ItemError:
-    """An owner's item error, its fields renamed from the forwarded share's
-    numbering (``jobs[was]``) to the caller's (``jobs[now]``)."""
-    old, new = f"{field}[{was}]", f"{field}[{now}]"
-    if not any(name.startswith(old) for name in error.field_violations):
-        return error
-    out = pb.ItemError()
-    out.CopyFrom(error)
-    out.ClearField("field_violations")
-    for name, description in error.field_violations.items():
-        out.field_violations[new + name[len(old):] if name.startswith(old) else name] = \
-            description
-    return out
 
 
 class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
