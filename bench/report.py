@@ -119,7 +119,22 @@ SCHEDULER_COMPARISONS = [
                "cluster.scheduler.e2e.c16", "celery.scheduler.e2e.c16",
                f"{CELERY} (worker, 16 threads)"),
 ]
-"""Scheduler rows against Celery timed with them, at the same concurrency."""
+"""Scheduler rows against Celery timed with them, at the same concurrency (the goal's)."""
+SCHEDULER_BATCH_COMPARISONS = [
+    Comparison("scheduler.enqueue.batch100.c16",
+               f"Job EnqueueBatch of 100, {SCHEDULER_SETUP}, 16 in flight", "jobs/s",
+               "cluster.scheduler.enqueue.batch100.c16", "celery.scheduler.enqueue.c16",
+               f"{CELERY} (apply_async, 16 threads)"),
+    Comparison("scheduler.e2e.nochain.c16", "Jobs end to end, pool completing then claiming "
+               f"(no ClaimNext), {SCHEDULER_SETUP}, 16 producers, worker pool of 16", "jobs/s",
+               "cluster.scheduler.e2e.nochain.c16", "celery.scheduler.e2e.c16",
+               f"{CELERY} (worker, 16 threads)"),
+    Comparison("scheduler.e2e.batch.c16", "Jobs end to end, producers sending EnqueueBatch "
+               f"of up to 100, {SCHEDULER_SETUP}, 16 producers, worker pool of 16", "jobs/s",
+               "cluster.scheduler.e2e.batch.c16", "celery.scheduler.e2e.c16",
+               f"{CELERY} (worker, 16 threads)"),
+]
+"""The scheduler's batch paths (and the pool without ClaimNext) against the same Celery rows."""
 STACK = "auth + rate limit + tracing + /metrics"
 """What the full-stack node has on (``bench.stack``)."""
 BARE = "bare node (no auth, rate limit, tracing or /metrics)"
@@ -130,7 +145,8 @@ STACK_COMPARISONS = [
                "cluster.stack.full.get.c64", "cluster.stack.bare.get.c64", BARE),
 ]
 """The full interceptor stack against a bare node timed with it, at the same calls in flight."""
-COMPARISONS += STACK_COMPARISONS + LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS
+COMPARISONS += STACK_COMPARISONS + LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS \
+    + SCHEDULER_BATCH_COMPARISONS
 GOAL_COMPARISONS = ("get.seq", "get.c64")
 LOCK_GOAL_COMPARISONS = ("lock.r1.seq", "lock.r1.c16")
 """The lock goal is judged on the replicated (R=1) cluster; R=0 is shown for reference."""
@@ -143,7 +159,7 @@ SCHEDULER_GOAL_WHAT = "job enqueue and end-to-end jobs on 3 nodes, R=1"
 
 def _rate(m: Measurement, unit: str) -> float:
     # keys/s and events/s count what each operation carries (Workload.batch).
-    return m.keys_per_s if unit in ("keys/s", "events/s") else m.ops_per_s
+    return m.keys_per_s if unit in ("keys/s", "events/s", "jobs/s") else m.ops_per_s
 
 
 def build(measurements: list[Measurement], environment: dict[str, Any],
@@ -299,9 +315,10 @@ def stack_markdown(measurements: list[Measurement]) -> str:
 
 def scheduler_markdown(measurements: list[Measurement]) -> str:
     """The scheduler rows alone (``python -m bench.scheduler``)."""
-    return _standalone_table(measurements, SCHEDULER_COMPARISONS, lambda c: _goal_line(
-        SCHEDULER_GOAL_WHAT, "Celery on Redis",
-        _goal(c, SCHEDULER_GOAL_COMPARISONS, SCHEDULER_GOAL)), "ops/s")
+    return _standalone_table(
+        measurements, SCHEDULER_COMPARISONS + SCHEDULER_BATCH_COMPARISONS,
+        lambda c: _goal_line(SCHEDULER_GOAL_WHAT, "Celery on Redis",
+                             _goal(c, SCHEDULER_GOAL_COMPARISONS, SCHEDULER_GOAL)), "ops/s")
 
 
 def _scheduler_setup(setup: dict[str, Any] | None) -> list[str]:

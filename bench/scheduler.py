@@ -19,6 +19,9 @@ with its usual client model, at the same number of calls in flight. Jobs carry
 
 - ``enqueue.seq`` / ``enqueue.c16``: Enqueue / ``apply_async`` of a no-op job to
   a queue no worker reads, 1 or 16 in flight; rated in enqueues/s.
+- ``enqueue.batch100.c16`` (Mesh only, against Celery's ``enqueue.c16``):
+  EnqueueBatch of 100 such jobs per call, 16 calls in flight; rated in jobs/s.
+  Celery has no batch publish: its row is its best, apply_async from 16 threads.
 - ``e2e.c16``: end to end. 16 producers enqueue K jobs as fast as they can while
   the side's worker, a process of its own, claims, runs and completes them; the
   time is from the first enqueue until every job has run and is finished on the
@@ -30,7 +33,13 @@ with its usual client model, at the same number of calls in flight. Jobs carry
   Celery's default). Each handler only bumps a counter in shared memory
   (``bench.counter``), which the benchmark polls every few milliseconds. K is
   sized for each side from its rate in the previous drain, so a drain lasts
-  about one round's window (warmup or measured) on both sides.
+  about one round's window (warmup or measured) on both sides. Mesh's worker
+  completes each job with a Complete that also leases the slot's next job (the
+  pool's default). Two more Mesh rows, against the same Celery row:
+  ``e2e.nochain.c16``, the pool without that (a Complete, then Claims for the
+  freed slots: the path before ``ClaimNext``), on a queue and worker process of
+  its own; ``e2e.batch.c16``, the default pool with producers that send
+  EnqueueBatch calls of up to 100 jobs instead of single Enqueues.
 
 ``python -m bench.scheduler`` runs only these rows (its own etcd) and prints their table.
 """
@@ -77,6 +86,10 @@ ENQUEUE_QUEUE = "bench-enqueue"
 """The enqueue rows' queue, which no worker reads (on both sides)."""
 E2E_QUEUE = "bench-e2e"
 """The end-to-end rows' queue, which each side's worker drains."""
+NOCHAIN_QUEUE = "bench-e2e-nochain"
+"""The queue of Mesh's worker that does not chain (``e2e.nochain.c16``)."""
+BATCH = 100
+"""Jobs per EnqueueBatch in the batch rows."""
 UNACKED = "unacked"
 """Kombu's Redis hash of delivered, unacknowledged messages."""
 POLL = 0.005
@@ -133,6 +146,21 @@ class Queues:
         stub = self.stub(queue)
         request = pb.EnqueueRequest(queue=queue, type=JOB_TYPE, payload=PAYLOAD)
         return lambda: stub.Enqueue(request, timeout=self.timeout, metadata=self.metadata)
+
+    def enqueue_batch(self, queue: str, jobs: int) -> Op:
+        """An op enqueueing ``jobs`` no-op jobs to ``queue`` in one EnqueueBatch."""
+        stub = self.stub(queue)
+        request = pb.EnqueueBatchRequest(jobs=[
+            pb.EnqueueRequest(queue=queue, type=JOB_TYPE, payload=PAYLOAD)] * jobs)
+
+        async def op() -> None:
+            reply = await stub.EnqueueBatch(request, timeout=self.timeout,
+                                            metadata=self.metadata)
+            refused = [r.error for r in reply.results if r.HasField("error")]
+            if refused:
+                raise RuntimeError(f"{SPEC.name}: EnqueueBatch refused {len(refused)} "
+                                   f"jobs: {refused[0].reason} {refused[0].message}")
+        return op
 
     async def succeeded(self, queue: str) -> int:
         stats = await self.stub(queue).Stats(pb.StatsRequest(queue=queue), timeout=self.timeout,
@@ -239,16 +267,24 @@ def _shares(jobs: int) -> list[int]:
 
 
 class MeshPipeline:
-    """Raw stub Enqueue in asyncio tasks -> ``bench.mesh_worker`` -> Complete."""
+    """Raw stub Enqueue (or EnqueueBatch of up to ``batch`` jobs) in asyncio tasks
+    -> ``bench.mesh_worker`` -> Complete."""
 
     name = "mesh"
 
-    def __init__(self, queues: Queues, counters: Path) -> None:
-        self.queues, self.counters = queues, counter.Total(counters)
-        self.enqueue = queues.enqueue(E2E_QUEUE)
+    def __init__(self, queues: Queues, counters: Path, queue: str = E2E_QUEUE,
+                 batch: int = 0) -> None:
+        self.queues, self.counters, self.queue = queues, counter.Total(counters), queue
+        self.batch = batch
+        self.enqueue = queues.enqueue(queue)
+        self.batches = {n: queues.enqueue_batch(queue, n) for n in range(1, batch + 1)}
 
     async def produce(self, jobs: int) -> None:
         async def producer(n: int) -> None:
+            if self.batch:
+                for start in range(0, n, self.batch):
+                    await self.batches[min(self.batch, n - start)]()
+                return
             for _ in range(n):
                 await self.enqueue()
         await asyncio.gather(*(producer(n) for n in _shares(jobs)))
@@ -257,10 +293,10 @@ class MeshPipeline:
         return self.counters.value
 
     async def mark(self) -> int:
-        return await self.queues.succeeded(E2E_QUEUE)
+        return await self.queues.succeeded(self.queue)
 
     async def settled(self, mark: int, jobs: int) -> bool:
-        return await self.queues.succeeded(E2E_QUEUE) >= mark + jobs
+        return await self.queues.succeeded(self.queue) >= mark + jobs
 
 
 class CeleryPipeline:
@@ -348,8 +384,21 @@ class Drains:
 
 # -- the rows ------------------------------------------------------------------------
 
-def rows(queues: Queues, mesh_e2e: Drains, celery_e2e: Drains) -> list[Row]:
-    """Every row, in run order: each Celery row, then the Mesh row it is the baseline of."""
+@dataclass(frozen=True)
+class E2E:
+    """Each end-to-end row's drains: Celery's, and Mesh's three ways."""
+
+    celery: Drains
+    mesh: Drains
+    """Single Enqueues -> the pool, whose Completes lease the next jobs."""
+    nochain: Drains
+    """Single Enqueues -> a pool that completes, then claims."""
+    batch: Drains
+    """EnqueueBatch calls -> the pool, as ``mesh``."""
+
+
+def rows(queues: Queues, e2e: E2E) -> list[Row]:
+    """Every row, in run order: each Celery row, then the Mesh rows it is the baseline of."""
     mesh_setup = "3 nodes R=1 durable"
     work = []
     for n in (1, CONCURRENCY):
@@ -363,16 +412,30 @@ def rows(queues: Queues, mesh_e2e: Drains, celery_e2e: Drains) -> list[Row]:
                          f"raw stub Enqueue of a no-op job -> primary, {mesh_setup}, "
                          f"{n} in flight", queues.enqueue(ENQUEUE_QUEUE), n), "enqueues/s"),
         ]
+    work.append(Row(Workload(
+        workload_name("cluster", f"enqueue.batch{BATCH}.c{CONCURRENCY}"),
+        f"raw stub EnqueueBatch of {BATCH} no-op jobs -> primary, {mesh_setup}, "
+        f"{CONCURRENCY} in flight", queues.enqueue_batch(ENQUEUE_QUEUE, BATCH), CONCURRENCY,
+        BATCH), "jobs/s"))
     workers = f"{WORKER_CONCURRENCY} at once, in a process of its own"
+    pool = f"clients.worker.Worker ({workers}, batch claims)"
     work += [
         Row(Workload(workload_name("celery", f"e2e.c{CONCURRENCY}"),
                      f"apply_async by {CONCURRENCY} threads -> celery worker ({CELERY_POOL} "
                      f"pool, {workers}, acks_late) -> acked; Redis broker", _spent,
-                     CONCURRENCY), "jobs/s", celery_e2e.measure),
+                     CONCURRENCY), "jobs/s", e2e.celery.measure),
         Row(Workload(workload_name("cluster", f"e2e.c{CONCURRENCY}"),
-                     f"raw stub Enqueue by {CONCURRENCY} tasks -> clients.worker.Worker "
-                     f"({workers}, batch claims) -> Complete; {mesh_setup}", _spent,
-                     CONCURRENCY), "jobs/s", mesh_e2e.measure),
+                     f"raw stub Enqueue by {CONCURRENCY} tasks -> {pool} -> Complete that "
+                     f"leases the slot's next job; {mesh_setup}", _spent,
+                     CONCURRENCY), "jobs/s", e2e.mesh.measure),
+        Row(Workload(workload_name("cluster", f"e2e.nochain.c{CONCURRENCY}"),
+                     f"raw stub Enqueue by {CONCURRENCY} tasks -> {pool}, chain=False -> "
+                     f"Complete, then Claims; {mesh_setup}", _spent,
+                     CONCURRENCY), "jobs/s", e2e.nochain.measure),
+        Row(Workload(workload_name("cluster", f"e2e.batch.c{CONCURRENCY}"),
+                     f"raw stub EnqueueBatch of up to {BATCH} jobs by {CONCURRENCY} tasks -> "
+                     f"{pool} -> Complete that leases the slot's next job; {mesh_setup}",
+                     _spent, CONCURRENCY), "jobs/s", e2e.batch.measure),
     ]
     return work
 
@@ -385,7 +448,7 @@ async def interleaved(work: list[Row], warmup: float, window: float, rounds: int
     for _ in range(rounds):
         for row in work:
             m = await row.measure(row.workload, warmup, window, progress)
-            progress.finish(f"{m.ops_per_s:,.0f} {row.unit}")
+            progress.finish(f"{m.keys_per_s:,.0f} {row.unit}")
             parts[row.workload.name].append(m)
     return [combine(p) for p in parts.values()]
 
@@ -413,6 +476,7 @@ class Setup:
     etcd: str
     redis_port: int
     mesh_counters: Path
+    nochain_counters: Path
     celery_counters: Path
     start_mesh_worker: Callable[[], None]
 
@@ -422,15 +486,17 @@ async def _measure(s: Setup, warmup: float, window: float, rounds: int
     async with (Mesh(etcd=s.etcd, cluster=SPEC.name) as mesh,
                 aioredis.Redis(port=s.redis_port) as broker):
         queues = Queues(mesh)
-        for queue in (ENQUEUE_QUEUE, E2E_QUEUE):
+        for queue in (ENQUEUE_QUEUE, E2E_QUEUE, NOCHAIN_QUEUE):
             await _enqueue_ready(queues, queue)
         s.start_mesh_worker()
         await asyncio.to_thread(celery_send(ENQUEUE_QUEUE))  # the broker takes a task
-        mesh_e2e = Drains(MeshPipeline(queues, s.mesh_counters))
-        celery_e2e = Drains(CeleryPipeline(broker, s.celery_counters))
-        for drains in (mesh_e2e, celery_e2e):  # each worker runs jobs: the first rates
-            await drains.drain(PROBE_JOBS)
-        return await interleaved(rows(queues, mesh_e2e, celery_e2e), warmup, window, rounds)
+        e2e = E2E(celery=Drains(CeleryPipeline(broker, s.celery_counters)),
+                  mesh=Drains(MeshPipeline(queues, s.mesh_counters)),
+                  nochain=Drains(MeshPipeline(queues, s.nochain_counters, NOCHAIN_QUEUE)),
+                  batch=Drains(MeshPipeline(queues, s.mesh_counters, batch=BATCH)))
+        for drains in (e2e.mesh, e2e.nochain, e2e.batch, e2e.celery):
+            await drains.drain(PROBE_JOBS)  # each worker runs jobs: the first rates
+        return await interleaved(rows(queues, e2e), warmup, window, rounds)
 
 
 def _python_child(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Child:
@@ -461,8 +527,9 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         redis_port = services.start_redis(stack, base)
         broker = f"redis://127.0.0.1:{redis_port}/0"
         mesh_counters, celery_counters = base / "mesh-counters", base / "celery-counters"
-        mesh_counters.mkdir()
-        celery_counters.mkdir()
+        nochain_counters = base / "mesh-nochain-counters"
+        for directory in (mesh_counters, nochain_counters, celery_counters):
+            directory.mkdir()
         app.conf.broker_url = broker  # this process publishes too
         stack.callback(app.close)  # its pool of broker connections
         celery = _python_child("celery-worker", [
@@ -472,21 +539,29 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
             "--loglevel", "WARNING", "--hostname", "bench@%h"],
             base / "celery-worker.log",
             {BROKER_ENV: broker, COUNTERS_ENV: str(celery_counters)})
-        worker = _python_child("mesh-worker", [
-            "-m", "bench.mesh_worker", "--etcd", etcd, "--cluster", SPEC.name,
-            "--queue", E2E_QUEUE, "--concurrency", str(WORKER_CONCURRENCY),
-            "--counters", str(mesh_counters)], base / "mesh-worker.log", {})
-        stack.push(_logs_on_error([celery, worker]))
+        def mesh_worker(name: str, queue: str, counters: Path, *extra: str) -> Child:
+            return _python_child(name, [
+                "-m", "bench.mesh_worker", "--etcd", etcd, "--cluster", SPEC.name,
+                "--queue", queue, "--concurrency", str(WORKER_CONCURRENCY),
+                "--counters", str(counters), *extra], base / f"{name}.log", {})
+
+        workers = [mesh_worker("mesh-worker", E2E_QUEUE, mesh_counters),
+                   mesh_worker("mesh-worker-nochain", NOCHAIN_QUEUE, nochain_counters,
+                               "--no-chain")]
+        stack.push(_logs_on_error([celery, *workers]))
         stack.callback(celery.stop)
         celery.start()  # it boots while the cluster's groups come up
 
         def start_mesh_worker() -> None:
             # From the event loop's thread, the main one: see clusters.start.
-            stack.callback(worker.stop)
-            worker.start()
-            worker.wait_for_line("READY", 30.0)
+            for worker in workers:
+                stack.callback(worker.stop)
+                worker.start()
+            for worker in workers:
+                worker.wait_for_line("READY", 30.0)
 
-        setup = Setup(etcd, redis_port, mesh_counters, celery_counters, start_mesh_worker)
+        setup = Setup(etcd, redis_port, mesh_counters, nochain_counters, celery_counters,
+                      start_mesh_worker)
         return aio.run(_measure(setup, warmup / rounds, window / rounds, rounds))
 
 

@@ -45,6 +45,8 @@ WORKLOADS = {
     "celery.scheduler.enqueue.seq", "cluster.scheduler.enqueue.seq",
     "celery.scheduler.enqueue.c16", "cluster.scheduler.enqueue.c16",
     "celery.scheduler.e2e.c16", "cluster.scheduler.e2e.c16",
+    "cluster.scheduler.enqueue.batch100.c16", "cluster.scheduler.e2e.nochain.c16",
+    "cluster.scheduler.e2e.batch.c16",
 }
 STACK_UNITS = {"stack.get.seq": "calls/s", "stack.get.c64": "calls/s"}
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
@@ -59,12 +61,16 @@ SCHEDULER_UNITS = {
     "scheduler.enqueue.seq": "enqueues/s", "scheduler.enqueue.c16": "enqueues/s",
     "scheduler.e2e.c16": "jobs/s",
 }
+SCHEDULER_BATCH_UNITS = {
+    "scheduler.enqueue.batch100.c16": "jobs/s", "scheduler.e2e.nochain.c16": "jobs/s",
+    "scheduler.e2e.batch.c16": "jobs/s",
+}
 COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
     "set.r1sync.seq", "set.r1sync.c64", "set.r1async.seq", "set.r1async.c64",
     "set.r1sync.peerauth.seq", "set.r1sync.peerauth.c64",
     "get.linearizable.seq", "get.linearizable.c64",
-    *STACK_UNITS, *LOCK_COMPARISONS, *EVENT_UNITS, *SCHEDULER_UNITS,
+    *STACK_UNITS, *LOCK_COMPARISONS, *EVENT_UNITS, *SCHEDULER_UNITS, *SCHEDULER_BATCH_UNITS,
 }
 QUICK_REBALANCE_KEYS = 2000
 
@@ -190,6 +196,11 @@ def _check_events(results: dict[str, Any]) -> None:
 
 def _check_scheduler(results: dict[str, Any], stdout: str) -> None:
     _check_pairs(results, SCHEDULER_UNITS, "celery.scheduler.", "cluster.scheduler.")
+    _check_pairs(results, SCHEDULER_BATCH_UNITS, "celery.scheduler.", "cluster.scheduler.")
+    batch = results["workloads"]["cluster.scheduler.enqueue.batch100.c16"]
+    assert batch["keys_per_op"] == 100
+    assert results["comparisons"]["scheduler.enqueue.batch100.c16"]["mesh_rate"] \
+        == pytest.approx(batch["keys_per_s"], rel=0.01)
     for name in ("celery.scheduler.enqueue.c16", "cluster.scheduler.enqueue.c16",
                  "celery.scheduler.e2e.c16", "cluster.scheduler.e2e.c16"):
         assert results["workloads"][name]["in_flight"] == 16, name
