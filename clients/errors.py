@@ -310,6 +310,16 @@ def _int(value: str) -> int:
         return 0
 
 
+def from_batch_error(code: int, reason: str, message: str, address: str = "") -> MeshError:
+    """The error one request of a batch call got (its ``BatchError``), as the call
+    of its own would have raised it."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(status, InternalError)
+    result = cls(message or status.name, code=status, reason=reason)
+    result.address = address
+    return result
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError, address: str = "") -> MeshError:
     """Translate a gRPC error from the node at ``address``, reading the
     google.rpc.Status details if present."""

@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from clients.coalesce import BatchFailed, Coalescer
 from clients.errors import (
     InvalidArgumentError,
     LockLostError,
     LockNotHeldError,
     LockTimeoutError,
     MeshError,
+    NoNodesError,
+    from_batch_error,
 )
 from clients.lease import Lease, LostCallback, keep_alive
 from clients.retry import Verdict, classify, with_retries
@@ -102,11 +105,86 @@ def _not_held(lease: Lease, what: str) -> LockNotHeldError:
                             code=grpc.StatusCode.FAILED_PRECONDITION, reason="LOCK_NOT_HELD")
 
 
-class LockClient:
-    """Locks and semaphores, spread over the mesh's nodes. Every call takes ``timeout=``."""
+_BATCH = 256
+"""Requests per AcquireBatch / ReleaseBatch call at most."""
 
-    def __init__(self, mesh: Mesh) -> None:
+
+class _Alone:
+    """A coalesced request's outcome when it must be made as a call of its own:
+    it was alone in its turn, or its batch answered it with an error (``error``,
+    for a release whose outcome it leaves unknown)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: MeshError | None = None) -> None:
+        self.error = error
+
+
+_ALONE = _Alone()
+
+
+class LockClient:
+    """Locks and semaphores, spread over the mesh's nodes. Every call takes ``timeout=``.
+
+    ``coalesce`` (the mesh's setting): acquires and releases made in one loop turn
+    for locks led by one node travel as one AcquireBatch / ReleaseBatch call
+    (``clients.coalesce``). A batch tries each acquire once, without waiting; one
+    that does not get its lease that way (the lock is taken, the map moved, the
+    batch failed) goes on as the call of its own it always was, with the same
+    request id, so a grant the batch made but could not report is found again.
+    """
+
+    def __init__(self, mesh: Mesh, *, coalesce: bool = True) -> None:
         self._mesh = mesh
+        self.coalesce = coalesce
+        self._acquires: Coalescer[pb.AcquireRequest, pb.AcquireResponse | _Alone] = Coalescer(
+            self._alone, self._acquire_many, _BATCH)
+        self._releases: Coalescer[pb.ReleaseRequest, _Alone | None] = Coalescer(
+            self._alone, self._release_many, _BATCH)
+
+    # -- coalescing ------------------------------------------------------------
+
+    def _owner(self, name: str) -> str | None:
+        """The address of ``name``'s owner if the map names one (else None: the call
+        goes alone, through the path that waits for the cluster)."""
+        if not self.coalesce:
+            return None
+        try:
+            target = self._mesh.route("lock", name)
+        except NoNodesError:
+            return None
+        return target.address if target.owner else None
+
+    @staticmethod
+    async def _alone(address: str, request: Any, budget: float) -> _Alone:
+        return _ALONE  # nothing sent: the caller makes its ordinary call
+
+    async def _acquire_many(self, address: str, requests: list[pb.AcquireRequest],
+                            budget: float) -> list[pb.AcquireResponse | _Alone]:
+        r = await self._rpc(address, "AcquireBatch",
+                            pb.AcquireBatchRequest(requests=requests), budget)
+        return [o.granted if o.HasField("granted") else _Alone(self._error(o.error, address))
+                for o in r.outcomes]
+
+    async def _release_many(self, address: str, requests: list[pb.ReleaseRequest],
+                            budget: float) -> list[_Alone | None]:
+        r = await self._rpc(address, "ReleaseBatch",
+                            pb.ReleaseBatchRequest(requests=requests), budget)
+        return [_Alone(self._error(o.error, address)) if o.HasField("error") else None
+                for o in r.outcomes]
+
+    @staticmethod
+    def _error(error: pb.BatchError, address: str) -> MeshError:
+        return from_batch_error(error.code, error.reason, error.message, address)
+
+    async def _batched(self, coalescer: Coalescer[Any, Any], address: str, request: Any,
+                       budget: float) -> Any:
+        """``request``'s outcome from a batch call; `_Alone` (with the batch's error
+        if it failed as a whole) if it must go alone."""
+        try:
+            return await coalescer.call(address, request, budget)
+        except BatchFailed as failed:
+            return _Alone(failed.cause)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.LockServiceStub, address, method, request, budget)
@@ -145,10 +223,24 @@ class LockClient:
             name=name, owner=owner or default_owner(), ttl=_duration(ttl) if ttl else None,
             permits=permits, max_permits=max_permits,
             mode=pb.LOCK_MODE_SHARED if shared else pb.LOCK_MODE_UNSPECIFIED)
+        # One id for every try of this grant: a retry after an unknown outcome
+        # (a batch's included) gets back the lease an earlier try may have been given.
+        request.request_id = uuid.uuid4().hex
+        if (address := self._owner(name)) is not None:
+            sent = time.monotonic()
+            granted = await self._batched(self._acquires, address, request, budget)
+            if isinstance(granted, pb.AcquireResponse):
+                lease = await self._confirm(request, granted, sent, ttl, budget)
+                if lease is not None:
+                    return lease
+                request.request_id = uuid.uuid4().hex  # that grant is gone: a new one
+            elif wait == 0 and isinstance(granted.error, LockTimeoutError):
+                raise granted.error  # a try-lock: the batch's answer is the answer
+        first = True
         while True:
-            # One id for every try of this grant: a retry after an unknown
-            # outcome gets back the lease an earlier try may have been given.
-            request.request_id = uuid.uuid4().hex
+            if not first:
+                request.request_id = uuid.uuid4().hex
+            first = False
             sent = time.monotonic()
             while True:
                 round_wait = FOREVER if give_up is None else max(0.0, give_up - loop.time())
@@ -270,6 +362,14 @@ class LockClient:
         if lease.released:
             return
         request = pb.ReleaseRequest(name=lease.name, lease_id=lease.lease_id)
+        if (address := self._owner(lease.name)) is not None:
+            budget = self._mesh.timeout if timeout is None else timeout
+            outcome = await self._batched(self._releases, address, request, budget)
+            if outcome is None:
+                lease._mark_released()
+                return
+            if outcome.error is not None and classify(outcome.error) is Verdict.UNKNOWN:
+                lease._release_sent = True  # it may have been released: see below
 
         async def attempt(budget: float, address: str | None) -> None:
             address = address or self._mesh.route("lock", lease.name).address

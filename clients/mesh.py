@@ -90,7 +90,8 @@ class Mesh:
     (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
     ``coalesce`` (default on): concurrent cache gets bound for one node in the
     same loop turn travel as one MGet, sets as one MSet, event appends as one
-    AppendMany (see ``clients.coalesce``).
+    AppendMany, lock acquires and releases as one AcquireBatch / ReleaseBatch
+    (see ``clients.coalesce``).
     etcd itself is reached over TLS and with a user and password as the
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
@@ -143,7 +144,7 @@ class Mesh:
         """Set by ``close()``: long-lived streams then end instead of resubscribing."""
         self.directory.on_change(self._nodes_changed)
         self.cache = CacheClient(self, coalesce=coalesce)
-        self.locks = LockClient(self)
+        self.locks = LockClient(self, coalesce=coalesce)
         self.events = EventsClient(self, coalesce=coalesce)
         self.scheduler = SchedulerClient(self)
         self.notify = NotifyClient(self)

@@ -110,6 +110,14 @@ async def test_lock_routes_round_trip(http: httpx.AsyncClient) -> None:
     assert again.status_code == 400  # FAILED_PRECONDITION, as grpc-gateway maps it
     body = again.json()
     assert body["code"] == 9 and detail(body, "ErrorInfo")["reason"] == "LOCK_NOT_HELD"
+    batch = await http.post("/v1/locks:acquireBatch", json={"requests": [
+        {"name": "orders", "ttl": "5s"}, {"name": ""}]})
+    assert batch.status_code == 200, batch.text
+    granted, bad = batch.json()["outcomes"]
+    assert granted["granted"]["lease_id"] and bad["error"]["field"] == "requests[1].name"
+    freed = await http.post("/v1/locks:releaseBatch", json={"requests": [
+        {"name": "orders", "lease_id": granted["granted"]["lease_id"]}]})
+    assert freed.status_code == 200 and freed.json()["outcomes"] == [{}], freed.text
 
 
 async def test_events_routes_round_trip(http: httpx.AsyncClient) -> None:
@@ -297,7 +305,7 @@ async def test_openapi_lists_every_route_and_validates(http: httpx.AsyncClient) 
     doc = (await http.get("/openapi.json")).json()
     validate(doc)
     routes = routes_of(public_services())
-    assert len(routes) == 56
+    assert len(routes) == 58
     for route in routes:
         operation = doc["paths"][route.template][route.http_method.lower()]
         assert route.path in operation["description"]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -315,3 +316,85 @@ async def test_readers_share_and_a_writer_waits_for_them(mesh: Mesh) -> None:
 
 async def _waiters(mesh: Mesh, name: str, count: int) -> bool:
     return len((await mesh.locks.describe(name)).waiters) == count
+
+
+def _lock_calls(local: LocalMesh) -> dict[str, float]:
+    """Lock RPCs served by ``local``'s nodes, by method name (from /metrics)."""
+    calls: dict[str, float] = {}
+    for node in local.nodes:
+        text = scrape_text(node.metrics)
+        for line in text.splitlines():
+            if line.startswith("mesh_rpc_requests_total{") and "LockService/" in line:
+                method = line.split("LockService/", 1)[1].split('"', 1)[0]
+                calls[method] = calls.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
+    return calls
+
+
+def scrape_text(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+async def test_concurrent_cycles_travel_in_batches(local_mesh: Callable[..., LocalMesh],
+                                                   mesh_client: Connect) -> None:
+    """Acquires and releases made together for one node share AcquireBatch and
+    ReleaseBatch calls; each caller still gets its own lease (distinct tokens) and
+    every lock ends free."""
+    local = local_mesh(2, replicas=1)
+    mesh = await mesh_client()
+    await (await mesh.locks.acquire("batched:warm", ttl=10)).release()
+    before = await asyncio.to_thread(_lock_calls, local)
+    names = [f"batched:{i}" for i in range(32)]
+
+    async def cycles(name: str) -> list[int]:
+        tokens = []
+        for _ in range(5):
+            lease = await mesh.locks.acquire(name, ttl=10, wait=10)
+            tokens.append(lease.token)
+            await lease.release()
+        return tokens
+
+    tokens = await asyncio.gather(*(cycles(name) for name in names))
+    after = await asyncio.to_thread(_lock_calls, local)
+    moved = {m: after[m] - before.get(m, 0.0) for m in after}
+    print(f"\n{len(names)} x 5 cycles: {moved}")
+    assert all(len(set(t)) == 5 and t == sorted(t) for t in tokens)  # tokens grow per lock
+    assert moved.get("AcquireBatch", 0) > 0 and moved.get("ReleaseBatch", 0) > 0
+    calls = sum(moved.get(m, 0) for m in ("Acquire", "AcquireBatch", "Release",
+                                          "ReleaseBatch"))
+    assert calls < 2 * 5 * len(names)  # fewer calls than acquires and releases
+    for name in names:
+        info = await mesh.locks.describe(name)
+        assert not info.holders and not info.waiters
+
+
+async def test_coalesced_acquires_of_one_lock_wait_their_turn(mesh: Mesh) -> None:
+    """Acquires of a held lock batched together do not wait in the batch: each
+    goes on alone and waits its turn; the lock is never held twice."""
+    held = 0
+    most = 0
+
+    async def worker() -> None:
+        nonlocal held, most
+        async with mesh.lock("batched:one", ttl=10, wait=20):
+            held += 1
+            most = max(most, held)
+            await asyncio.sleep(0.01)
+            held -= 1
+
+    await asyncio.gather(*(worker() for _ in range(12)))
+    assert most == 1
+    info = await mesh.locks.describe("batched:one")
+    assert not info.holders and not info.waiters
+
+
+async def test_without_coalescing_every_call_goes_alone(
+        shared_node: LocalMesh, mesh_client: Connect) -> None:
+    mesh = await mesh_client(cluster=shared_node.cluster, coalesce=False)
+    before = await asyncio.to_thread(_lock_calls, shared_node)
+    leases = await asyncio.gather(*(mesh.locks.acquire(f"alone:{i}", ttl=10)
+                                    for i in range(8)))
+    await asyncio.gather(*(lease.release() for lease in leases))
+    after = await asyncio.to_thread(_lock_calls, shared_node)
+    assert after.get("AcquireBatch", 0) == before.get("AcquireBatch", 0)
+    assert after["Acquire"] - before.get("Acquire", 0) == 8

@@ -10,12 +10,14 @@ committed, so they never report a decision that could still be lost.
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar, TypeAlias, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds
+from common.errors import MeshStatusError, ServiceError, capped
 from common.metrics import Snapshot, one
 from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
@@ -31,12 +33,16 @@ from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.machine import ServiceKind
-from nodes.replication.manager import Replication
+from nodes.replication.manager import Redirect, Replication
 from nodes.routing import Routed, routed
+from nodes.rpc import ForwardedError
 
 __all__ = ["LockService"]
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+Item = TypeVar("Item", pb.AcquireRequest, pb.ReleaseRequest)
+Answer = TypeVar("Answer", pb.AcquireResponse, pb.ReleaseResponse)
+Outcome = TypeVar("Outcome", pb.AcquireOutcome, pb.ReleaseOutcome)
 
 # Answer LOCK_TIMEOUT this long before the call's own deadline, so the caller
 # gets a definite answer rather than DEADLINE_EXCEEDED.
@@ -100,18 +106,23 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     @routed("name")
     async def Acquire(self, request: pb.AcquireRequest, context: Ctx,
                       group: Group) -> pb.AcquireResponse:
+        wait = v.wait(request.wait_timeout)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, remaining - _DEADLINE_MARGIN)
+        return await self._acquire(request, group, wait)
+
+    async def _acquire(self, request: pb.AcquireRequest, group: Group,
+                       wait: float) -> pb.AcquireResponse:
+        """An Acquire served here, waiting up to ``wait`` seconds in the queue."""
         name = request.name
         v.check_name(name)
         v.check_owner(request.owner)
         v.check_request_id(request.request_id)
         ttl = v.ttl(request.ttl, self.limits, default=self.limits.default_ttl)
         assert ttl is not None
-        wait = v.wait(request.wait_timeout)
         permits, max_permits = v.permits(request.permits, request.max_permits)
         shared = v.shared(request.mode, permits, max_permits)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            wait = min(wait, remaining - _DEADLINE_MARGIN)
         name = scoped(name)
         primary = _primary(group)
         outcome = primary.acquire(
@@ -151,11 +162,100 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     @routed("name")
     async def Release(self, request: pb.ReleaseRequest, context: Ctx,
                       group: Group) -> pb.ReleaseResponse:
+        return await self._release(request, group)
+
+    @staticmethod
+    async def _release(request: pb.ReleaseRequest, group: Group) -> pb.ReleaseResponse:
         v.check_name(request.name)
         v.check_lease_id(request.lease_id)
         seq = _primary(group).release(scoped(request.name), request.lease_id)
         await group.wait_committed(seq)
         return pb.ReleaseResponse()
+
+    # -- batches -----------------------------------------------------------------
+    #
+    # Every request of a batch led here is decided in the same turn of the loop
+    # (each in a task of its own, which runs until it waits for its commit), so
+    # all their commands leave for the replicas together; each then gets its own
+    # outcome. The requests for locks led elsewhere go on to their owners, one
+    # batch per owner (a client whose map is current sends none).
+
+    async def AcquireBatch(self, request: pb.AcquireBatchRequest,
+                           context: Ctx) -> pb.AcquireBatchResponse:
+        v.check_batch(request.requests, "requests")
+        outcomes = await self._batch(
+            request.requests, context, "AcquireBatch",
+            lambda items: pb.AcquireBatchRequest(requests=items),
+            lambda item, group: self._acquire(item, group, 0.0),
+            lambda granted: pb.AcquireOutcome(granted=granted),
+            lambda error: pb.AcquireOutcome(error=error))
+        return pb.AcquireBatchResponse(outcomes=outcomes)
+
+    async def ReleaseBatch(self, request: pb.ReleaseBatchRequest,
+                           context: Ctx) -> pb.ReleaseBatchResponse:
+        v.check_batch(request.requests, "requests")
+        outcomes = await self._batch(
+            request.requests, context, "ReleaseBatch",
+            lambda items: pb.ReleaseBatchRequest(requests=items), self._release,
+            lambda _released: pb.ReleaseOutcome(),
+            lambda error: pb.ReleaseOutcome(error=error))
+        return pb.ReleaseBatchResponse(outcomes=outcomes)
+
+    async def _batch(self, items: Sequence[Item], context: Ctx, method: str,
+                     make: Callable[[list[Item]], Any],
+                     serve: Callable[[Item, Group], Awaitable[Answer]],
+                     done: Callable[[Answer], Outcome],
+                     failed: Callable[[pb.BatchError], Outcome]) -> list[Outcome]:
+        """Each of ``items``: served by ``serve`` where its lock is led here, else
+        in a ``method`` batch (``make``) to its owner; an item's error (bad input,
+        no primary) is its outcome."""
+        outcomes: list[Outcome | None] = [None] * len(items)
+        local: dict[int, asyncio.Task[Answer]] = {}
+        remote: dict[str, tuple[Redirect, list[int]]] = {}
+        for i, item in enumerate(items):
+            try:
+                target = self.owner(item.name, context)
+            except (MeshStatusError, ServiceError) as error:
+                outcomes[i] = failed(_batch_error(error, f"requests[{i}]"))
+                continue
+            if isinstance(target, Redirect):
+                remote.setdefault(target.owner_address, (target, []))[1].append(i)
+            else:
+                local[i] = asyncio.ensure_future(serve(item, target))
+        forwards: dict[str, asyncio.Future[Any]] = {
+            address: asyncio.ensure_future(
+                self.forward(target, method, make([items[i] for i in indexes]), context))
+            for address, (target, indexes) in remote.items()}
+        pending: list[asyncio.Future[Any]] = [*local.values(), *forwards.values()]
+        try:
+            if pending:
+                await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            for future in pending:
+                future.cancel()  # a granted lease's commit wait is abandoned: released
+            raise
+        for i, task in local.items():
+            if isinstance(failure := task.exception(), MeshStatusError | ServiceError):
+                outcomes[i] = failed(_batch_error(failure, f"requests[{i}]"))
+            elif failure is not None:
+                raise failure
+            else:
+                outcomes[i] = done(task.result())
+        for address, forward in forwards.items():
+            indexes = remote[address][1]
+            if isinstance(failure := forward.exception(), ForwardedError):
+                whole = pb.BatchError(code=failure.error.code().value[0],
+                                      message=capped(failure.error.details() or "", 400))
+                for i in indexes:
+                    outcomes[i] = failed(whole)
+            elif failure is not None:
+                raise failure
+            else:
+                for i, outcome in zip(indexes, forward.result().outcomes, strict=True):
+                    outcomes[i] = outcome
+        answered = [outcome for outcome in outcomes if outcome is not None]
+        assert len(answered) == len(items), "every request gets an outcome"
+        return answered
 
     @routed("name")
     async def Refresh(self, request: pb.RefreshRequest, context: Ctx,
@@ -201,6 +301,20 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         return pb.ValidateResponse(
             valid=any(lease.token == request.fencing_token for lease in leases),
             current_token=max((lease.token for lease in leases), default=0))
+
+
+def _batch_error(error: MeshStatusError | ServiceError, item: str) -> pb.BatchError:
+    """A batch item's error as the item's outcome; a bad field is named as the
+    batch's (``requests[2].name``)."""
+    field = ""
+    message = error.message
+    if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        field = next(iter(error.violations), "") or error.metadata.get("field", "")
+        if field:
+            message = message.replace(f"{field}:", f"{item}.{field}:", 1)
+            field = f"{item}.{field}"
+    return pb.BatchError(code=error.code.value[0], reason=str(error.reason), message=message,
+                         field=field)
 
 
 def _holder(lease: Lease) -> pb.Holder:

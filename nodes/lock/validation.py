@@ -7,11 +7,11 @@ from google.protobuf import duration_pb2
 from common.bounds import check_bytes, duration_seconds
 from common.errors import invalid_argument
 from mesh.lock.v1 import lock_pb2 as pb
-from nodes.cache.validation import check_key
+from nodes.cache.validation import check_batch, check_key
 from nodes.config import LockLimits
 
-__all__ = ["check_lease_id", "check_name", "check_owner", "check_request_id", "permits",
-           "shared", "ttl", "wait"]
+__all__ = ["check_batch", "check_lease_id", "check_name", "check_owner", "check_request_id",
+           "permits", "shared", "ttl", "wait"]
 
 MAX_OWNER_BYTES = 256
 MAX_REQUEST_ID_BYTES = 64
