@@ -191,6 +191,15 @@ async def test_saga_routes_round_trip(http: httpx.AsyncClient) -> None:
     finished = await http.post("/v1/sagas/gw-1:cancel", json={})
     assert finished.status_code == 400, finished.text
     assert detail(finished.json(), "ErrorInfo")["reason"] == "SAGA_FINISHED"
+    # The saga's history reaches its event stream in the background: wait for
+    # all of it, so that no call of the saga's primary lands in a later test.
+    events: list[Any] = []
+    for _ in range(100):
+        events = (await http.get("/v1/streams/saga-gw-1")).json().get("events", [])
+        if len(events) == len(saga["history"]):
+            break
+        await asyncio.sleep(0.1)
+    assert [e["type"] for e in events] == [f"saga.{h['kind']}" for h in saga["history"]]
 
 
 async def test_node_errors_are_mapped_with_details(http: httpx.AsyncClient) -> None:
