@@ -5,9 +5,15 @@ would cost sixty-four RPCs, and in Python a gRPC call costs far more CPU, on
 both ends, than the key it carries. Instead the first call for a node opens a
 batch and yields one turn of the event loop, in which every other task that was
 ready joins it; then the batch leaves as one call. Nothing waits on a timer, so
-a lone call leaves one turn later, alone, as the call it always was; under load
-the batches grow by themselves, because the replies to one batch wake its
-callers together and their next calls meet again.
+a lone call leaves one turn later, alone, as the call it always was.
+
+Under load the batches grow by themselves. A node has at most ``max_in_flight``
+of our calls (batches and lone calls alike) open at once; a batch that finds
+them all open keeps gathering callers until one of them returns, as the mesh's
+own replication link does. Without that limit, replies that come back one at a
+time (a replicated write waits for its group's commit) would wake their callers
+one at a time, and the batches would shrink to single calls just when the load
+is highest. A waiting batch leaves anyway when its shortest deadline is up.
 
 A batch that fails as a whole (its node went away, the map moved, one key was
 refused) fails with `BatchFailed`; each caller then goes on alone with its own
@@ -17,6 +23,7 @@ retries and its own error, so coalescing never changes what a call returns.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -32,6 +39,15 @@ that turned out to be alone."""
 SendMany = Callable[[str, list[Item], float], Awaitable[Sequence[Result]]]
 """send_many(address, items, budget): one try of the batch call, a result per item."""
 
+MAX_IN_FLIGHT = 1
+"""Calls open to one node before a new batch waits for one of them to return. Two,
+not one: while a node answers one batch the next is already on its way, so the
+node never idles for a round trip (measured in ``bench.replicated``)."""
+
+_MIN_BUDGET = 0.001
+"""The budget a call is sent with when its deadline passed while it waited: it
+then fails the way a call out of time does, with the caller's own error."""
+
 
 class BatchFailed(Exception):
     """The batch this call was part of failed as a whole: make the call alone."""
@@ -46,73 +62,144 @@ class _Batch(Generic[Item, Result]):
     items: list[Item]
     waiters: list[asyncio.Future[Result]]
     """One per item: waiters[i] gets items[i]'s result."""
-    budget: float
+    deadline: float
+    """Loop time: the shortest of its callers' deadlines."""
     keys: set[Hashable] = field(default_factory=set)
     """The items' keys, when equal keys must not share a batch."""
+    turn: asyncio.Future[None] | None = None
+    """Set while the batch waits for a free call to its node."""
+
+
+class _Flights:
+    """The calls open to one node, and the batches waiting for one of them to end."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+    def end(self) -> None:
+        """A call ended: the longest-waiting batch may go."""
+        self.open -= 1
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():  # a batch that stopped waiting left its turn done
+                turn.set_result(None)
+                return
 
 
 class Coalescer(Generic[Item, Result]):
-    """Per node, the calls made in one loop turn, sent together."""
+    """Per node, the calls made while its calls are busy, sent together."""
 
     def __init__(self, send_one: SendOne[Item, Result], send_many: SendMany[Item, Result],
-                 max_batch: int, key: Callable[[Item], Hashable] | None = None) -> None:
+                 max_batch: int, key: Callable[[Item], Hashable] | None = None,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         """``key``: items with equal keys never share a batch (the second goes alone),
         for calls whose batch form would merge them (MSet keeps a repeated key's
-        last value and gives every occurrence its version)."""
+        last value and gives every occurrence its version). ``max_in_flight``:
+        calls open to one node before a new batch waits (see the module's text)."""
         self._send_one = send_one
         self._send_many = send_many
         self._max_batch = max_batch
         self._key = key
+        self._max_in_flight = max_in_flight
         self._pending: dict[str, _Batch[Item, Result]] = {}
+        self._flights: dict[str, _Flights] = {}
         self._sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
 
     async def call(self, address: str, item: Item, budget: float) -> Result:
         """This item's result: from a batch call, or from the ordinary call when it
         turns out to be alone. Raises `BatchFailed` if its batch failed as a whole."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         batch = self._pending.get(address)
         if batch is not None and len(batch.items) < self._max_batch:
             if self._key is None:
-                return await self._join(batch, item, budget)
+                return await self._join(batch, item, deadline)
             key = self._key(item)
             if key in batch.keys:
-                return await self._send_one(address, item, budget)
+                return await self._send_alone(address, item, deadline)
             batch.keys.add(key)
-            return await self._join(batch, item, budget)
+            return await self._join(batch, item, deadline)
         # The first call of the turn opens the batch, then yields once: every other
         # task that is ready in this turn runs, and those bound for this node join.
-        opener: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        batch = self._pending[address] = _Batch([item], [opener], budget)
+        opener: asyncio.Future[Result] = loop.create_future()
+        batch = self._pending[address] = _Batch([item], [opener], deadline)
         if self._key is not None:
             batch.keys.add(self._key(item))
         try:
             await asyncio.sleep(0)
+            await self._wait_turn(address, batch)
         finally:
+            if batch.turn is not None and not batch.turn.done():
+                batch.turn.cancel()  # cancelled while waiting: pass the turn on
             if self._pending.get(address) is batch:
                 del self._pending[address]
             if len(batch.items) > 1:
                 # In its own task, so that cancelling the opener (even right
                 # here) cancels neither the batch nor the others' results.
-                task = asyncio.get_running_loop().create_task(self._send(address, batch))
+                task = loop.create_task(self._send(address, batch))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
         if len(batch.items) == 1:  # alone: no batch, no extra task
-            return await self._send_one(address, item, batch.budget)
+            return await self._send_alone(address, item, batch.deadline)
         return await opener
 
-    @staticmethod
-    async def _join(batch: _Batch[Item, Result], item: Item, budget: float) -> Result:
+    async def _wait_turn(self, address: str, batch: _Batch[Item, Result]) -> None:
+        """Return once ``address`` has fewer than ``max_in_flight`` calls open (callers
+        keep joining ``batch`` meanwhile), or once the batch's deadline is up."""
+        flights = self._flights.get(address)
+        loop = asyncio.get_running_loop()
+        while flights is not None and flights.open >= self._max_in_flight:
+            remaining = batch.deadline - loop.time()
+            if remaining <= 0:
+                return
+            batch.turn = loop.create_future()
+            flights.waiting.append(batch.turn)
+            try:
+                async with asyncio.timeout(remaining):
+                    await batch.turn
+            except TimeoutError:
+                return
+            finally:
+                if not batch.turn.done():
+                    batch.turn.cancel()
+
+    async def _join(self, batch: _Batch[Item, Result], item: Item, deadline: float) -> Result:
         waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         batch.items.append(item)
         batch.waiters.append(waiter)
-        # A batch carries the shortest deadline among its callers, so none waits
-        # past its own.
-        batch.budget = min(batch.budget, budget)
+        if deadline < batch.deadline:
+            batch.deadline = deadline
+            if batch.turn is not None and not batch.turn.done():
+                batch.turn.set_result(None)  # waiting: measure its wait again
         return await waiter
+
+    def _started(self, address: str) -> _Flights:
+        flights = self._flights.get(address)
+        if flights is None:
+            flights = self._flights[address] = _Flights()
+        flights.open += 1
+        return flights
+
+    def _ended(self, address: str, flights: _Flights) -> None:
+        flights.end()
+        if flights.open <= 0 and not flights.waiting:
+            self._flights.pop(address, None)
+
+    async def _send_alone(self, address: str, item: Item, deadline: float) -> Result:
+        flights = self._started(address)
+        try:
+            budget = max(deadline - asyncio.get_running_loop().time(), _MIN_BUDGET)
+            return await self._send_one(address, item, budget)
+        finally:
+            self._ended(address, flights)
 
     async def _send(self, address: str, batch: _Batch[Item, Result]) -> None:
         waiters = batch.waiters
+        flights = self._started(address)
+        budget = max(batch.deadline - asyncio.get_running_loop().time(), _MIN_BUDGET)
         try:
-            results = await self._send_many(address, batch.items, batch.budget)
+            results = await self._send_many(address, batch.items, budget)
         except MeshError as error:
             for waiter in waiters:
                 if not waiter.done():
@@ -127,6 +214,8 @@ class Coalescer(Generic[Item, Result]):
                 if not waiter.done():
                     waiter.set_exception(error)
             return
+        finally:
+            self._ended(address, flights)
         for waiter, result in zip(waiters, results, strict=True):
             if not waiter.done():  # a caller that was cancelled meanwhile
                 waiter.set_result(result)
