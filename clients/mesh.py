@@ -90,8 +90,8 @@ class Mesh:
     (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
     ``coalesce`` (default on): concurrent cache gets bound for one node in the
     same loop turn travel as one MGet, sets as one MSet, event appends as one
-    AppendMany, lock acquires and releases as one AcquireBatch / ReleaseBatch
-    (see ``clients.coalesce``).
+    AppendMany, lock acquires and releases as one AcquireBatch / ReleaseBatch,
+    job enqueues as one EnqueueBatch (see ``clients.coalesce``).
     etcd itself is reached over TLS and with a user and password as the
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
@@ -146,7 +146,7 @@ class Mesh:
         self.cache = CacheClient(self, coalesce=coalesce)
         self.locks = LockClient(self, coalesce=coalesce)
         self.events = EventsClient(self, coalesce=coalesce)
-        self.scheduler = SchedulerClient(self)
+        self.scheduler = SchedulerClient(self, coalesce=coalesce)
         self.notify = NotifyClient(self)
         self.sagas = SagaClient(self)
 

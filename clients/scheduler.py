@@ -24,13 +24,20 @@ import datetime as dt
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from clients.errors import InvalidArgumentError, MeshError, UnavailableError, mesh_error
+from clients.coalesce import BatchFailed, Coalescer
+from clients.errors import (
+    InvalidArgumentError,
+    MeshError,
+    NoNodesError,
+    UnavailableError,
+    mesh_error,
+)
 from clients.job_types import (
     CancelResult,
     ClaimedJob,
@@ -133,6 +140,19 @@ def _claim_next(queues: Sequence[str], worker_id: str, max_jobs: int, lease: flo
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+Request = TypeVar("Request", pb.EnqueueRequest, pb.CompleteRequest)
+Answer = TypeVar("Answer", pb.EnqueueResponse, pb.CompleteResponse)
+_ALONE_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""A coalesced enqueue's own error after which it is sent again alone, with retries."""
+
+
+def _item_error(item: pb.ItemError, address: str, field: str) -> MeshError:
+    """A batch item's error as its own call would have raised it (its fields named
+    as in that call's request: ``priority``, not ``jobs[3].priority``)."""
+    violations = {name.split("].", 1)[1] if name.startswith(f"{field}[") and "]." in name
+                  else name: why for name, why in item.field_violations.items()}
+    return mesh_error(_CODES.get(item.code, grpc.StatusCode.UNKNOWN), item.message,
+                      item.reason, item.metadata, violations, address)
 
 
 def _renumbered(violations: Mapping[str, str], field: str, index: int) -> dict[str, str]:
@@ -150,9 +170,17 @@ class SchedulerClient:
     """The job scheduler, spread over the mesh's nodes. Every call takes ``timeout=``
     (the call's deadline; a job's own time limit is ``job_timeout``)."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, *, coalesce: bool = True) -> None:
         self._mesh = mesh
         self._turn = 0
+        self.coalesce = coalesce
+        """Send concurrent enqueues for one node as one EnqueueBatch, and completes
+        as one CompleteBatch (``clients.coalesce``)."""
+        self._enqueues: Coalescer[pb.EnqueueRequest, pb.EnqueueResponse | pb.ItemError] = \
+            Coalescer(self._enqueue_one, self._enqueue_many, MAX_BATCH)
+        self._completes: Coalescer[pb.CompleteRequest, pb.CompleteResponse | pb.ItemError] = \
+            Coalescer(self._complete_one, self._complete_many, MAX_BATCH,
+                      key=lambda request: request.job_id)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.SchedulerServiceStub, address, method, request,
@@ -216,8 +244,64 @@ class SchedulerClient:
         request = NewJob(queue, type, payload, priority, run_at, delay, max_attempts, backoff,
                          job_timeout, unique_key, unique_ttl, strict_unique, retention,
                          request_id).to_proto()
+        owner = self._owner(queue) if self.coalesce else None
+        if owner is None:
+            return _enqueue_result(await self._enqueue_alone(request, timeout))
+        return _enqueue_result(await self._coalesced(
+            self._enqueues, owner, request, timeout, self._enqueue_alone, "jobs"))
+
+    def _owner(self, queue: str) -> str | None:
+        """The address of ``queue``'s primary if the map names one, else None: such a
+        call goes alone, through the path that waits for the cluster."""
+        try:
+            target = self._mesh.route(SERVICE, queue)
+        except NoNodesError:
+            return None
+        return target.address if target.owner else None
+
+    async def _enqueue_alone(self, request: pb.EnqueueRequest, timeout: float | None
+                             ) -> pb.EnqueueResponse:
         # Safe to repeat: the request id makes a repeat answer the first job.
-        return _enqueue_result(await self._call(queue, "Enqueue", request, timeout))
+        r: pb.EnqueueResponse = await self._call(request.queue, "Enqueue", request, timeout)
+        return r
+
+    async def _enqueue_one(self, address: str, request: pb.EnqueueRequest, budget: float
+                           ) -> pb.EnqueueResponse | pb.ItemError:
+        return await self._enqueue_alone(request, budget)
+
+    async def _enqueue_many(self, address: str, requests: list[pb.EnqueueRequest],
+                            budget: float) -> list[pb.EnqueueResponse | pb.ItemError]:
+        r = await self._rpc(address, "EnqueueBatch", pb.EnqueueBatchRequest(jobs=requests),
+                            budget)
+        return [item.job if item.HasField("job") else item.error for item in r.results]
+
+    async def _coalesced(self, coalescer: Coalescer[Request, Answer | pb.ItemError],
+                         address: str, request: Request, timeout: float | None,
+                         alone: Callable[[Request, float | None], Awaitable[Answer]],
+                         field: str) -> Answer:
+        """``request``'s answer, joined with the other calls of its kind for its
+        owner made while that node was busy; exactly what the call alone would
+        have answered (``field``: the batch request's list, for error names)."""
+        loop = asyncio.get_running_loop()
+        budget = self._mesh.timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        try:
+            answer = await coalescer.call(address, request, budget)
+        except BatchFailed as failed:
+            answer = None
+            if deadline - loop.time() <= 0:
+                raise failed.cause from None
+        if answer is not None and not isinstance(answer, pb.ItemError):
+            return answer
+        if answer is not None:
+            error = _item_error(answer, address, field)
+            if error.code not in _ALONE_AGAIN and error.reason != "WRONG_OWNER":
+                raise error
+        # The batch failed, or the node could not take this item now (moved,
+        # unavailable): alone, with the call's own retries. A repeat is safe: an
+        # enqueue's request id answers the job the batch may have made, and a
+        # repeated Complete finds its job completed.
+        return await alone(request, max(0.0, deadline - loop.time()))
 
     async def enqueue_many(self, jobs: Iterable[NewJob], *, timeout: float | None = None
                            ) -> list[EnqueueResult | MeshError]:
@@ -467,7 +551,7 @@ class SchedulerClient:
         time. Raises LeaseLostError if the lease is no longer ours."""
         request = pb.CompleteRequest(job_id=job_id, lease_token=lease_token,
                                      result=encode(result))
-        r = await self._call(job_id, "Complete", request, timeout)
+        r = await self._complete(request, timeout)
         return r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
 
     async def complete_and_claim(
@@ -482,9 +566,34 @@ class SchedulerClient:
         request = pb.CompleteRequest(job_id=job_id, lease_token=lease_token,
                                      result=encode(result),
                                      next=_claim_next(queues, worker_id, max_jobs, lease))
-        r = await self._call(job_id, "Complete", request, timeout)
+        r = await self._complete(request, timeout)
         finish = r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
         return finish, [ClaimedJob.from_proto(j, lease) for j in r.next_jobs]
+
+    async def _complete(self, request: pb.CompleteRequest, timeout: float | None
+                        ) -> pb.CompleteResponse:
+        owner = self._owner(request.job_id) if self.coalesce else None
+        if owner is None:
+            return await self._complete_alone(request, timeout)
+        return await self._coalesced(self._completes, owner, request, timeout,
+                                     self._complete_alone, "completes")
+
+    async def _complete_alone(self, request: pb.CompleteRequest, timeout: float | None
+                              ) -> pb.CompleteResponse:
+        # Safe to repeat: a retried Complete of a completed job answers it again.
+        r: pb.CompleteResponse = await self._call(request.job_id, "Complete", request, timeout)
+        return r
+
+    async def _complete_one(self, address: str, request: pb.CompleteRequest, budget: float
+                            ) -> pb.CompleteResponse | pb.ItemError:
+        return await self._complete_alone(request, budget)
+
+    async def _complete_many(self, address: str, requests: list[pb.CompleteRequest],
+                             budget: float) -> list[pb.CompleteResponse | pb.ItemError]:
+        r = await self._rpc(address, "CompleteBatch",
+                            pb.CompleteBatchRequest(completes=requests), budget)
+        return [item.completed if item.HasField("completed") else item.error
+                for item in r.results]
 
     async def fail_and_claim(
         self, job_id: str, lease_token: int, error: str | BaseException, *,

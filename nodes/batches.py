@@ -1,4 +1,5 @@
-"""Batch calls (EnqueueBatch, HeartbeatBatch, AppendMany): each item answered on its own.
+"""Batch calls (EnqueueBatch, HeartbeatBatch, CompleteBatch, AppendMany): each item
+answered on its own.
 
 An item is routed by its key (a queue, a job id) like a call of its own: the
 items of groups this node leads are served here, the others are forwarded to
@@ -23,8 +24,8 @@ from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
 from nodes.rpc import ForwardedError
 
-__all__ = ["MAX_BATCH", "REFUSALS", "Routes", "commit_all", "forward_shares", "item_error",
-           "renumbered", "route_items"]
+__all__ = ["MAX_BATCH", "REFUSALS", "Routes", "answer_all", "commit_all", "forward_shares",
+           "item_error", "renumbered", "route_items", "settle"]
 
 MAX_BATCH = 1000
 """Items of one batch call at most."""
@@ -163,3 +164,41 @@ async def forward_shares(routes: Routes,
 
     await asyncio.gather(*(one(t, idx) for t, idx in routes.remote.values()))
 
+
+
+async def settle(routes: Routes, waits: dict[Group, tuple[int, list[int]]],
+                 forward: Callable[[Redirect, list[int]], Awaitable[Any]],
+                 answers: dict[int, Any], errors: dict[int, E], outcome: str, field: str,
+                 kind: type[E] | None = None) -> None:
+    """A batch call's common end: wait until the local groups' changes are
+    committed while each remote share is forwarded. ``forward(target, indexes)``
+    sends a share and returns the owner's response, whose ``results`` answer it
+    in order, each with ``outcome`` set or an ``error``; those land in ``answers``
+    and ``errors``, the errors' fields renumbered from the share's ``field[k]``
+    to the caller's ``field[i]``."""
+    async def send(target: Redirect, indexes: list[int]) -> None:
+        response = await forward(target, indexes)
+        for k, (i, result) in enumerate(zip(indexes, response.results, strict=True)):
+            if result.HasField(outcome):
+                answers[i] = getattr(result, outcome)
+            else:
+                errors[i] = renumbered(result.error, field, k, i)
+
+    await asyncio.gather(commit_all(waits, errors, kind),
+                         forward_shares(routes, send, errors, kind))
+
+
+R = TypeVar("R", bound=message.Message)
+
+
+def answer_all(response: R, count: int, answers: dict[int, Any], errors: dict[int, Any],
+               outcome: str) -> R:
+    """``response`` with a result per item, in order: its error if it has one,
+    else its answer (as ``outcome``)."""
+    results: Any = getattr(response, "results")  # noqa: B009 - any batch response
+    for i in range(count):
+        if i in errors:
+            results.add(error=errors[i])
+        else:
+            results.add(**{outcome: answers[i]})
+    return response

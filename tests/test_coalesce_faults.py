@@ -1,7 +1,7 @@
 """Coalescing is invisible to correctness: a thousand concurrent cache calls of
-mixed kinds (and a thousand event appends), some failing on purpose, while a
-primary is SIGKILLed with batches in flight, each get exactly their own result
-or their own error.
+mixed kinds (and a thousand event appends, and a thousand job enqueues), some
+failing on purpose, while a primary is SIGKILLed with batches in flight, each
+get exactly their own result or their own error.
 
 Real etcd, coordinator and three nodes (R = 1, 2 s leases). Every value names
 its key, so an answer delivered to the wrong caller would show.
@@ -10,6 +10,7 @@ its key, so an answer delivered to the wrong caller would show.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from typing import Any
 
@@ -19,6 +20,8 @@ from clients import (
     ANY,
     AppendResult,
     DeadlineExceededError,
+    DuplicateJobError,
+    EnqueueResult,
     InvalidArgumentError,
     KeyExistsError,
     Mesh,
@@ -170,3 +173,84 @@ async def test_concurrent_appends_each_get_their_own_answer_through_a_sigkill(
             assert [(e.id, e.json()) for e in events] == [(f"call-{i}", {"call": i})], i
     for k in range(40):
         assert len([e async for e in mesh.events.read_stream(f"ev-old-{k}")]) == 1
+
+
+QUEUES = 20
+
+
+async def _enqueue(mesh: Mesh, i: int) -> tuple[str, Any]:
+    """Enqueue ``i``: its kind, and what it returned or raised."""
+    kind = ("new", "bad-priority", "held", "seen")[i % 4]
+    queue = f"jq-{i % QUEUES}"
+    try:
+        if kind == "new":
+            return kind, await mesh.scheduler.enqueue_result(queue, "mixed", {"call": i})
+        if kind == "bad-priority":
+            return kind, await mesh.scheduler.enqueue_result(queue, "mixed", priority=42)
+        if kind == "held":
+            return kind, await mesh.scheduler.enqueue_result(
+                queue, "mixed", unique_key="held", strict_unique=True)
+        return kind, await mesh.scheduler.enqueue_result(queue, "mixed",
+                                                         request_id=f"seen-{queue}")
+    except Exception as error:  # the test sorts them below
+        return kind, error
+
+
+async def test_concurrent_enqueues_each_get_their_own_answer_through_a_sigkill(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    local = local_mesh(3, lease_ttl=LEASE_TTL, replicas=1)
+    mesh = await mesh_client(timeout=30)
+    assert mesh.scheduler.coalesce
+    queues = [f"jq-{k}" for k in range(QUEUES)]
+    held = {q: await mesh.scheduler.enqueue(q, "holder", unique_key="held") for q in queues}
+    seen = {q: await mesh.scheduler.enqueue(q, "first", request_id=f"seen-{q}")
+            for q in queues}
+    batched = 0
+    send_many = mesh.scheduler._enqueue_many
+
+    async def counted(address: str, requests: list[Any], budget: float) -> Any:
+        nonlocal batched
+        batched += len(requests)
+        return await send_many(address, requests, budget)
+
+    mesh.scheduler._enqueues._send_many = counted
+
+    tasks: list[asyncio.Task[tuple[str, Any]]] = []
+    per_wave = CALLS // WAVES
+    for wave in range(WAVES):
+        tasks += [asyncio.create_task(_enqueue(mesh, i))
+                  for i in range(wave * per_wave, (wave + 1) * per_wave)]
+        if wave == WAVES // 2:
+            local.nodes[2].child.signal(signal.SIGKILL)
+        await asyncio.sleep(0.01)
+    outcomes = await asyncio.gather(*tasks)
+    assert batched > CALLS // 2  # most went in EnqueueBatch calls
+
+    new: dict[str, int] = {}
+    for i, (kind, outcome) in enumerate(outcomes):
+        queue = f"jq-{i % QUEUES}"
+        if kind == "new":
+            # Enqueues carry request ids, so they are retried through the failover
+            # (a retry whose first try was enqueued says so: replayed).
+            assert isinstance(outcome, EnqueueResult), (i, outcome)
+            assert not outcome.duplicate, (i, outcome)
+            new[outcome.job_id] = i
+        elif kind == "bad-priority":
+            assert isinstance(outcome, InvalidArgumentError), (i, outcome)
+            assert list(outcome.field_violations) == ["priority"], (i, outcome)
+        elif kind == "held":
+            assert isinstance(outcome, DuplicateJobError), (i, outcome)
+            assert outcome.job_id == held[queue], (i, outcome)
+        else:
+            assert isinstance(outcome, EnqueueResult), (i, outcome)
+            assert outcome.replayed and outcome.job_id == seen[queue], (i, outcome)
+
+    # Each acknowledged job is there once, with its own payload; nothing else was
+    # enqueued (the queues hold the holders, the first jobs and the new ones).
+    assert len(new) == CALLS // 4
+    for job_id, i in new.items():
+        job = await mesh.scheduler.get_job(job_id)
+        assert json.loads(job.payload) == {"call": i}, (job_id, i)
+    stats = [await mesh.scheduler.stats(q) for q in queues]
+    assert sum(st.ready for st in stats) == len(new) + 2 * QUEUES

@@ -314,7 +314,7 @@ async def test_openapi_lists_every_route_and_validates(http: httpx.AsyncClient) 
     doc = (await http.get("/openapi.json")).json()
     validate(doc)
     routes = routes_of(public_services())
-    assert len(routes) == 58
+    assert len(routes) == 59
     for route in routes:
         operation = doc["paths"][route.template][route.http_method.lower()]
         assert route.path in operation["description"]

@@ -1,7 +1,8 @@
 """The scheduler's batch paths over the wire, against the shared three-node mesh
 (R = 1), with the raw generated stub: EnqueueBatch (jobs of queues led by every
 node, each with its own result or error), HeartbeatBatch (a lost lease concerns
-only its job) and Complete / Fail that lease the worker's next jobs."""
+only its job), CompleteBatch (each completion answered on its own, with its own
+next jobs) and Complete / Fail that lease the worker's next jobs."""
 
 from __future__ import annotations
 
@@ -142,6 +143,42 @@ async def test_heartbeat_batch_a_lost_lease_affects_only_its_job(stub: Stub) -> 
         if job is not lost:
             await stub.Complete(pb.CompleteRequest(job_id=job.job_id,
                                                    lease_token=job.lease_token))
+
+
+async def test_complete_batch_spans_owners_and_answers_each_completion(stub: Stub) -> None:
+    queues = [f"batch-done-{i}" for i in range(6)]
+    await stub.EnqueueBatch(pb.EnqueueBatchRequest(jobs=[_job(q) for q in queues * 2]))
+    claimed = [job for q in queues for job in await _claim(stub, q)]
+    assert len(claimed) == len(queues)
+    lost = claimed[1]
+    await stub.Cancel(pb.CancelRequest(job_id=lost.job_id))
+    completes = [pb.CompleteRequest(job_id=j.job_id, lease_token=j.lease_token,
+                                    result=j.job_id.encode(),
+                                    next=pb.ClaimNext(queues=[j.queue], worker_id="w3"))
+                 for j in claimed]
+    completes[3].result = b"r" * (1024 * 1024 + 1)  # over the limit: refused alone
+    completes.append(pb.CompleteRequest(job_id="{batch-done-0}zz-zz", lease_token=1))
+    reply = await stub.CompleteBatch(pb.CompleteBatchRequest(completes=completes))
+    results = list(reply.results)
+    assert len(results) == len(completes)
+    assert (results[1].error.code, results[1].error.reason) == (FAILED_PRECONDITION,
+                                                                "LEASE_LOST")
+    assert list(results[3].error.field_violations) == ["completes[3].result"]
+    assert results[-1].error.reason == "JOB_NOT_FOUND"
+    for i, (job, r) in enumerate(zip(claimed, results, strict=False)):
+        got = (await stub.GetJob(pb.GetJobRequest(job_id=job.job_id))).job
+        if i in (1, 3):
+            assert got.state != pb.JOB_STATE_SUCCEEDED, i
+            continue
+        assert r.HasField("completed") and r.completed.HasField("finish_time"), (i, r)
+        assert (got.state, got.result) == (pb.JOB_STATE_SUCCEEDED, job.job_id.encode())
+        # Each completion leased its own next job, from its own queue.
+        (nxt,) = r.completed.next_jobs
+        assert nxt.queue == job.queue and nxt.job_id != job.job_id
+    twice = pb.CompleteBatchRequest(completes=[completes[0], completes[0]])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CompleteBatch(twice)
+    assert list(error_details(refused.value)[2]) == ["completes"]
 
 
 async def test_complete_and_fail_lease_the_next_jobs(stub: Stub) -> None:

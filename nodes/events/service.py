@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import ClassVar, TypeAlias, cast
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, ClassVar, TypeAlias, cast
 
 import grpc
 
@@ -25,7 +25,7 @@ from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from nodes.batches import commit_all, forward_shares, item_error, renumbered, route_items
+from nodes.batches import answer_all, item_error, route_items, settle
 from nodes.config import EventsLimits, NodeConfig
 from nodes.events import errors
 from nodes.events import validation as v
@@ -223,24 +223,13 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
             # goes away first.
             self.hub.notify_when_committed(group, top)
 
-        async def send(target: Redirect, indexes: list[int]) -> None:
+        def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
             share = pb.AppendManyRequest(appends=[appends[i] for i in indexes])
-            answer = await self.forward(target, "AppendMany", share, context)
-            for k, (i, r) in enumerate(zip(indexes, answer.results, strict=True)):
-                if r.HasField("appended"):
-                    answers[i] = r.appended
-                else:
-                    errors_[i] = renumbered(r.error, "appends", k, i)
+            return self.forward(target, "AppendMany", share, context)
 
-        await asyncio.gather(commit_all(waits, errors_, pb.ItemError),
-                             forward_shares(routes, send, errors_, pb.ItemError))
-        response = pb.AppendManyResponse()
-        for i in range(len(appends)):
-            if i in errors_:
-                response.results.add(error=errors_[i])
-            else:
-                response.results.add(appended=answers[i])
-        return response
+        await settle(routes, waits, forward, answers, errors_, "appended", "appends",
+                     pb.ItemError)
+        return answer_all(pb.AppendManyResponse(), len(appends), answers, errors_, "appended")
 
     @routed("stream")
     async def SetStreamMetadata(self, request: pb.SetStreamMetadataRequest, context: Ctx,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import ClassVar, TypeAlias, cast
+from collections.abc import Awaitable
+from typing import Any, ClassVar, TypeAlias, cast
 
 import grpc
 
@@ -26,15 +27,7 @@ from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
-from nodes.batches import (
-    MAX_BATCH,
-    REFUSALS,
-    commit_all,
-    forward_shares,
-    item_error,
-    renumbered,
-    route_items,
-)
+from nodes.batches import MAX_BATCH, REFUSALS, answer_all, item_error, route_items, settle
 from nodes.config import NodeConfig, SchedulerLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.plugin import needs_journal
@@ -223,24 +216,12 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 done.append(i)
             waits[group] = (top, done)
 
-        async def send(target: Redirect, indexes: list[int]) -> None:
+        def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
             share = pb.EnqueueBatchRequest(jobs=[jobs[i] for i in indexes])
-            answer = await self.forward(target, "EnqueueBatch", share, context)
-            for k, (i, r) in enumerate(zip(indexes, answer.results, strict=True)):
-                if r.HasField("job"):
-                    answers[i] = r.job
-                else:
-                    errors_[i] = renumbered(r.error, "jobs", k, i)
+            return self.forward(target, "EnqueueBatch", share, context)
 
-        await asyncio.gather(commit_all(waits, errors_),
-                             forward_shares(routes, send, errors_))
-        response = pb.EnqueueBatchResponse()
-        for i in range(len(jobs)):
-            if i in errors_:
-                response.results.add(error=errors_[i])
-            else:
-                response.results.add(job=answers[i])
-        return response
+        await settle(routes, waits, forward, answers, errors_, "job", "jobs")
+        return answer_all(pb.EnqueueBatchResponse(), len(jobs), answers, errors_, "job")
 
     async def Claim(self, request: pb.ClaimRequest, context: Ctx) -> pb.ClaimResponse:
         queues = v.claim_queues(request.queues)
@@ -359,24 +340,12 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 done.append(i)
             waits[group] = (top, done)
 
-        async def send(target: Redirect, indexes: list[int]) -> None:
+        def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
             share = pb.HeartbeatBatchRequest(leases=[leases[i] for i in indexes])
-            answer = await self.forward(target, "HeartbeatBatch", share, context)
-            for k, (i, r) in enumerate(zip(indexes, answer.results, strict=True)):
-                if r.HasField("lease"):
-                    answers[i] = r.lease
-                else:
-                    errors_[i] = renumbered(r.error, "leases", k, i)
+            return self.forward(target, "HeartbeatBatch", share, context)
 
-        await asyncio.gather(commit_all(waits, errors_),
-                             forward_shares(routes, send, errors_))
-        response = pb.HeartbeatBatchResponse()
-        for i in range(len(leases)):
-            if i in errors_:
-                response.results.add(error=errors_[i])
-            else:
-                response.results.add(lease=answers[i])
-        return response
+        await settle(routes, waits, forward, answers, errors_, "lease", "leases")
+        return answer_all(pb.HeartbeatBatchResponse(), len(leases), answers, errors_, "lease")
 
     @routed("job_id")
     async def Complete(self, request: pb.CompleteRequest, context: Ctx,
@@ -392,6 +361,67 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         await group.wait_committed(seq)
         return pb.CompleteResponse(finish_time=timestamp(finish_ns),
                                    next_jobs=await _committed(claimed))
+
+    async def CompleteBatch(self, request: pb.CompleteBatchRequest, context: Ctx
+                            ) -> pb.CompleteBatchResponse:
+        completes = request.completes
+        v.check_batch(len(completes), "completes", MAX_BATCH)
+        if len({c.job_id for c in completes}) != len(completes):
+            raise invalid_argument("completes", "must not name a job twice")
+        errors_: dict[int, pb.ItemError] = {}
+        nexts: list[Next | None] = []
+        keys: list[str | None] = []
+        for i, c in enumerate(completes):
+            try:
+                v.check_job_id(c.job_id)
+                if len(c.result) > self.limits.max_payload_bytes:
+                    raise invalid_argument("result", f"is {len(c.result)} bytes; the limit "
+                                                     f"is {self.limits.max_payload_bytes}")
+                nexts.append(self._next(c))
+                keys.append(c.job_id)
+            except MeshStatusError as exc:
+                errors_[i] = item_error(exc, f"completes[{i}].")
+                nexts.append(None)
+                keys.append(None)
+        routes = route_items(keys, lambda job_id: self.owner(job_id, context), errors_)
+        finished: dict[int, tuple[int, list[Claimed]]] = {}
+        waits: dict[Group, tuple[int, list[int]]] = {}
+        for group, indexes in routes.local.values():
+            decide, top, done = machine_of(group).decisions, 0, []
+            for i in indexes:
+                c = completes[i]
+                try:
+                    own(group, c.job_id)
+                    finish_ns, seq, claimed = decide.complete(c.job_id, c.lease_token, c.result,
+                                                              nexts[i])
+                except REFUSALS as exc:
+                    errors_[i] = item_error(exc, f"completes[{i}].")
+                    continue
+                finished[i] = (finish_ns, claimed)
+                top = max(top, seq)
+                done.append(i)
+            waits[group] = (top, done)
+
+        def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
+            share = pb.CompleteBatchRequest(completes=[completes[i] for i in indexes])
+            return self.forward(target, "CompleteBatch", share, context)
+
+        answers: dict[int, pb.CompleteResponse] = {}
+        await settle(routes, waits, forward, answers, errors_, "completed", "completes")
+
+        async def next_jobs(i: int, finish_ns: int, claimed: list[Claimed]) -> None:
+            # As Complete: the next jobs once their leases are committed.
+            try:
+                jobs = await _committed(claimed)
+            except REFUSALS as exc:  # completed, but the next jobs are not ours
+                errors_[i] = item_error(exc)
+                return
+            answers[i] = pb.CompleteResponse(finish_time=timestamp(finish_ns), next_jobs=jobs)
+
+        await asyncio.gather(*(next_jobs(i, *done) for i, done in finished.items()
+                               if i not in errors_))
+        return answer_all(pb.CompleteBatchResponse(), len(completes), answers, errors_,
+                          "completed")
 
     @routed("job_id")
     async def Fail(self, request: pb.FailRequest, context: Ctx,
