@@ -121,6 +121,10 @@ SCHEDULER_COMPARISONS = [
 ]
 """Scheduler rows against Celery timed with them, at the same concurrency (the goal's)."""
 SCHEDULER_BATCH_COMPARISONS = [
+    Comparison("scheduler.enqueue.client.c16",
+               f"Job enqueue through the typed client (coalesced), {SCHEDULER_SETUP}, "
+               "16 in flight", "enqueues/s", "cluster.scheduler.enqueue.client.c16",
+               "celery.scheduler.enqueue.c16", f"{CELERY} (apply_async, 16 threads)"),
     Comparison("scheduler.enqueue.batch100.c16",
                f"Job EnqueueBatch of 100, {SCHEDULER_SETUP}, 16 in flight", "jobs/s",
                "cluster.scheduler.enqueue.batch100.c16", "celery.scheduler.enqueue.c16",
@@ -133,6 +137,10 @@ SCHEDULER_BATCH_COMPARISONS = [
                f"of up to 100, {SCHEDULER_SETUP}, 16 producers, worker pool of 16", "jobs/s",
                "cluster.scheduler.e2e.batch.c16", "celery.scheduler.e2e.c16",
                f"{CELERY} (worker, 16 threads)"),
+    Comparison("scheduler.e2e.client.c16", "Jobs end to end, producers calling the typed "
+               f"client's enqueue (coalesced), {SCHEDULER_SETUP}, 16 producers, worker pool "
+               "of 16", "jobs/s", "cluster.scheduler.e2e.client.c16",
+               "celery.scheduler.e2e.c16", f"{CELERY} (worker, 16 threads)"),
 ]
 """The scheduler's batch paths (and the pool without ClaimNext) against the same Celery rows."""
 STACK = "auth + rate limit + tracing + /metrics"

@@ -19,6 +19,10 @@ with its usual client model, at the same number of calls in flight. Jobs carry
 
 - ``enqueue.seq`` / ``enqueue.c16``: Enqueue / ``apply_async`` of a no-op job to
   a queue no worker reads, 1 or 16 in flight; rated in enqueues/s.
+- ``enqueue.client.c16`` (Mesh only, against Celery's ``enqueue.c16``): the same
+  16 enqueues in flight through the typed client (``mesh.scheduler.enqueue``),
+  which sends the enqueues made while a node is busy as one EnqueueBatch
+  (``clients.coalesce``), as apply_async is Celery's client.
 - ``enqueue.batch100.c16`` (Mesh only, against Celery's ``enqueue.c16``):
   EnqueueBatch of 100 such jobs per call, 16 calls in flight; rated in jobs/s.
   Celery has no batch publish: its row is its best, apply_async from 16 threads.
@@ -39,7 +43,9 @@ with its usual client model, at the same number of calls in flight. Jobs carry
   ``e2e.nochain.c16``, the pool without that (a Complete, then Claims for the
   freed slots: the path before ``ClaimNext``), on a queue and worker process of
   its own; ``e2e.batch.c16``, the default pool with producers that send
-  EnqueueBatch calls of up to 100 jobs instead of single Enqueues.
+  EnqueueBatch calls of up to 100 jobs instead of single Enqueues; and
+  ``e2e.client.c16``, the default pool with producers that call the typed
+  client's ``enqueue`` one job at a time (coalesced, as above).
 
 ``python -m bench.scheduler`` runs only these rows (its own etcd) and prints their table.
 """
@@ -146,6 +152,11 @@ class Queues:
         stub = self.stub(queue)
         request = pb.EnqueueRequest(queue=queue, type=JOB_TYPE, payload=PAYLOAD)
         return lambda: stub.Enqueue(request, timeout=self.timeout, metadata=self.metadata)
+
+    def client_enqueue(self, queue: str) -> Op:
+        """An op enqueueing one no-op job to ``queue`` through the typed client."""
+        enqueue = self.mesh.scheduler.enqueue
+        return lambda: enqueue(queue, JOB_TYPE, PAYLOAD)
 
     def enqueue_batch(self, queue: str, jobs: int) -> Op:
         """An op enqueueing ``jobs`` no-op jobs to ``queue`` in one EnqueueBatch."""
@@ -267,16 +278,16 @@ def _shares(jobs: int) -> list[int]:
 
 
 class MeshPipeline:
-    """Raw stub Enqueue (or EnqueueBatch of up to ``batch`` jobs) in asyncio tasks
-    -> ``bench.mesh_worker`` -> Complete."""
+    """Raw stub Enqueue (or EnqueueBatch of up to ``batch`` jobs, or the typed
+    client's enqueue) in asyncio tasks -> ``bench.mesh_worker`` -> Complete."""
 
     name = "mesh"
 
     def __init__(self, queues: Queues, counters: Path, queue: str = E2E_QUEUE,
-                 batch: int = 0) -> None:
+                 batch: int = 0, client: bool = False) -> None:
         self.queues, self.counters, self.queue = queues, counter.Total(counters), queue
         self.batch = batch
-        self.enqueue = queues.enqueue(queue)
+        self.enqueue = queues.client_enqueue(queue) if client else queues.enqueue(queue)
         self.batches = {n: queues.enqueue_batch(queue, n) for n in range(1, batch + 1)}
 
     async def produce(self, jobs: int) -> None:
@@ -395,6 +406,8 @@ class E2E:
     """Single Enqueues -> a pool that completes, then claims."""
     batch: Drains
     """EnqueueBatch calls -> the pool, as ``mesh``."""
+    client: Drains
+    """The typed client's enqueues (coalesced) -> the pool, as ``mesh``."""
 
 
 def rows(queues: Queues, e2e: E2E) -> list[Row]:
@@ -412,6 +425,11 @@ def rows(queues: Queues, e2e: E2E) -> list[Row]:
                          f"raw stub Enqueue of a no-op job -> primary, {mesh_setup}, "
                          f"{n} in flight", queues.enqueue(ENQUEUE_QUEUE), n), "enqueues/s"),
         ]
+    work.append(Row(Workload(
+        workload_name("cluster", f"enqueue.client.c{CONCURRENCY}"),
+        f"mesh.scheduler.enqueue of a no-op job (coalesced into EnqueueBatch), {mesh_setup}, "
+        f"{CONCURRENCY} in flight", queues.client_enqueue(ENQUEUE_QUEUE), CONCURRENCY),
+        "enqueues/s"))
     work.append(Row(Workload(
         workload_name("cluster", f"enqueue.batch{BATCH}.c{CONCURRENCY}"),
         f"raw stub EnqueueBatch of {BATCH} no-op jobs -> primary, {mesh_setup}, "
@@ -436,6 +454,10 @@ def rows(queues: Queues, e2e: E2E) -> list[Row]:
                      f"raw stub EnqueueBatch of up to {BATCH} jobs by {CONCURRENCY} tasks -> "
                      f"{pool} -> Complete that leases the slot's next job; {mesh_setup}",
                      _spent, CONCURRENCY), "jobs/s", e2e.batch.measure),
+        Row(Workload(workload_name("cluster", f"e2e.client.c{CONCURRENCY}"),
+                     f"mesh.scheduler.enqueue (coalesced) by {CONCURRENCY} tasks -> {pool} -> "
+                     f"Complete that leases the slot's next job; {mesh_setup}",
+                     _spent, CONCURRENCY), "jobs/s", e2e.client.measure),
     ]
     return work
 
@@ -493,8 +515,9 @@ async def _measure(s: Setup, warmup: float, window: float, rounds: int
         e2e = E2E(celery=Drains(CeleryPipeline(broker, s.celery_counters)),
                   mesh=Drains(MeshPipeline(queues, s.mesh_counters)),
                   nochain=Drains(MeshPipeline(queues, s.nochain_counters, NOCHAIN_QUEUE)),
-                  batch=Drains(MeshPipeline(queues, s.mesh_counters, batch=BATCH)))
-        for drains in (e2e.mesh, e2e.nochain, e2e.batch, e2e.celery):
+                  batch=Drains(MeshPipeline(queues, s.mesh_counters, batch=BATCH)),
+                  client=Drains(MeshPipeline(queues, s.mesh_counters, client=True)))
+        for drains in (e2e.mesh, e2e.nochain, e2e.batch, e2e.client, e2e.celery):
             await drains.drain(PROBE_JOBS)  # each worker runs jobs: the first rates
         return await interleaved(rows(queues, e2e), warmup, window, rounds)
 

@@ -46,7 +46,8 @@ WORKLOADS = {
     "celery.scheduler.enqueue.c16", "cluster.scheduler.enqueue.c16",
     "celery.scheduler.e2e.c16", "cluster.scheduler.e2e.c16",
     "cluster.scheduler.enqueue.batch100.c16", "cluster.scheduler.e2e.nochain.c16",
-    "cluster.scheduler.e2e.batch.c16",
+    "cluster.scheduler.e2e.batch.c16", "cluster.scheduler.enqueue.client.c16",
+    "cluster.scheduler.e2e.client.c16",
 }
 STACK_UNITS = {"stack.get.seq": "calls/s", "stack.get.c64": "calls/s"}
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
@@ -63,7 +64,8 @@ SCHEDULER_UNITS = {
 }
 SCHEDULER_BATCH_UNITS = {
     "scheduler.enqueue.batch100.c16": "jobs/s", "scheduler.e2e.nochain.c16": "jobs/s",
-    "scheduler.e2e.batch.c16": "jobs/s",
+    "scheduler.e2e.batch.c16": "jobs/s", "scheduler.enqueue.client.c16": "enqueues/s",
+    "scheduler.e2e.client.c16": "jobs/s",
 }
 COMPARISONS = {
     "get.seq", "get.c64", "mget100.seq", "mget100.c16", "get.seq.redis",
