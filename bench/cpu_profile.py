@@ -1,0 +1,287 @@
+"""Where a workload spends its CPU: py-spy on the nodes and the client.
+
+``python -m bench.cpu_profile [lock|set|append ...]`` starts a workload's R=1
+cluster (3 nodes, as its bench rows) on an etcd of its own, runs the rows'
+loops in two phases (one loop, then many in parallel) and samples every node
+and the bench process itself with py-spy while they run (py-spy reads another
+process's memory: it needs root or ptrace rights). The workloads:
+
+- ``lock``: acquire+release cycles (``bench.locks``), 1 and 16 locks;
+- ``set``: cache Sets of new keys, R=1 sync (``bench.replicated``), 1 and 64 in flight;
+- ``append``: event appends of one event through the typed client on 16 streams
+  (``bench.events``), 1 and 16 in flight.
+
+It writes, per phase, the share of samples each function spends on CPU itself
+(self) and under it (cumulative), the nodes summed, to
+``bench/profiles/<workload>-node.txt`` and the client's to
+``<workload>-client.txt``, with each process's CPU per operation (user +
+system, from /proc) and, for the replicated workloads, replication messages
+and commands per operation. Samples count only the thread holding the GIL
+(py-spy ``--gil``), so the shares say where the Python CPU goes, not where
+calls wait; time in C extensions (gRPC's Cython core, protobuf's upb) is
+charged to the Python function that called them (often asyncio's
+``Handle._run``, for gRPC's callbacks, and ``_StreamRequestMixin._write`` for
+a stream's writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import aio, clusters, events, locks, replicated, replication_counts
+from bench.timing import Op
+from clients import Mesh, NewEvent
+
+OUTPUT = Path(__file__).resolve().parent / "profiles"
+RATE = 200
+"""py-spy samples per second per process."""
+TOP = 30
+"""Functions listed per table."""
+
+
+@dataclass
+class Stacks:
+    """Collapsed stacks (``frame;frame;... count``) of one or more processes."""
+
+    counts: Counter[str]
+
+    @classmethod
+    def read(cls, paths: Sequence[Path]) -> Stacks:
+        counts: Counter[str] = Counter()
+        for path in paths:
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                stack, _, count = line.rpartition(" ")
+                if stack and count.isdigit():
+                    counts[stack] += int(count)
+        return cls(counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def tables(self, top: int = TOP) -> list[str]:
+        """Top ``top`` functions by self samples, then by cumulative samples."""
+        own: Counter[str] = Counter()
+        under: Counter[str] = Counter()
+        for stack, count in self.counts.items():
+            frames = [_short(frame) for frame in stack.split(";") if frame]
+            if not frames:
+                continue
+            own[frames[-1]] += count
+            for frame in set(frames):  # a recursive function counts once per sample
+                under[frame] += count
+        total = max(self.total, 1)
+        lines = ["self (CPU in the function itself):", ""]
+        lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
+        lines += ["", "cumulative (CPU in the function and what it calls):", ""]
+        lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in under.most_common(top)]
+        return lines
+
+
+def _short(frame: str) -> str:
+    """``fn (path/to/site-packages/pkg/mod.py)`` -> ``fn (pkg/mod.py)``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "lib/python3.", str(Path.cwd()) + "/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            if marker == "lib/python3.":
+                where = "stdlib/" + where.split("/", 1)[-1]
+    return f"{name} ({where})" if where else name
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _record(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", str(RATE), "--duration",
+         str(max(1, round(seconds))), "--format", "raw", "--function", "--gil",
+         "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+
+Ops = Callable[[Mesh, int], Op]
+"""ops(mesh, loop): the operation loop number ``loop`` repeats."""
+
+
+def _lock_ops(mesh: Mesh, loop: int) -> Op:
+    return locks._cycles([f"profile-lock:{loop}"], locks._mesh_cycle(mesh))
+
+
+def _set_ops(mesh: Mesh, loop: int) -> Op:
+    keys = (f"profile-set:{loop}:{i}" for i in itertools.count())
+    return lambda: mesh.cache.set(next(keys), replicated.VALUE)
+
+
+def _append_ops(mesh: Mesh, loop: int) -> Op:
+    stream, ids = f"profile-append-{loop}", itertools.count(1)
+    return lambda: mesh.events.append(stream, NewEvent(events.TYPE, events.DATA,
+                                                       id=f"p{next(ids)}"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A workload to profile: its cluster, its operation, and its phases."""
+
+    what: str
+    unit: str
+    spec: clusters.Spec
+    ops: Ops
+    phases: dict[str, int]
+    """Phase name -> loops in parallel."""
+
+
+TARGETS = {
+    "lock": Target("mesh.locks acquire+release (as bench.locks)", "cycle",
+                   locks.SPECS["r1"], _lock_ops, {"seq": 1, "c16": 16}),
+    "set": Target("mesh.cache.set of new keys, R=1 sync (as bench.replicated)", "set",
+                  replicated.SPECS["r1sync"], _set_ops, {"seq": 1, "c64": 64}),
+    "append": Target("mesh.events.append of 1 event, one stream per loop, R=1 durable "
+                     "(as bench.events)", "append", events.SPEC, _append_ops,
+                     {"seq": 1, "c16": 16}),
+}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase's operations/s, each process's CPU seconds per operation, the
+    replication messages and commands per operation, and collapsed stacks."""
+
+    loops: int
+    rate: float
+    cpu_per_op: dict[str, float]
+    replication: dict[str, float]
+    stacks: dict[str, Path]
+
+
+Counts = Callable[[], Awaitable[dict[str, float]]]
+
+
+async def _phase(mesh: Mesh, target: Target, loops: int, seconds: float,
+                 pids: dict[str, int], counts: Counts, workdir: Path, name: str) -> Phase:
+    """Run ``loops`` loops of ``target``'s operation while py-spy samples ``pids``."""
+    ops = [target.ops(mesh, i) for i in range(loops)]
+    done = 0
+    running = True
+
+    async def loop(op: Op) -> None:
+        nonlocal done
+        while running:
+            await op()
+            done += 1
+
+    tasks = [asyncio.create_task(loop(op)) for op in ops]
+    await asyncio.sleep(0.5)  # warm up
+    outputs = {who: workdir / f"{name}-{who}.txt" for who in pids}
+    spies = {who: _record(pid, seconds, outputs[who]) for who, pid in pids.items()}
+    cpu = {who: _cpu_seconds(pid) for who, pid in pids.items()}
+    before = await counts()
+    first, started = done, time.perf_counter()
+    await asyncio.gather(*(asyncio.to_thread(spy.wait) for spy in spies.values()))
+    n = max(done - first, 1)
+    rate = (done - first) / (time.perf_counter() - started)
+    per_op = {who: (_cpu_seconds(pid) - cpu[who]) / n for who, pid in pids.items()}
+    after = await counts()
+    running = False
+    await asyncio.gather(*tasks)
+    for who, spy in spies.items():
+        if spy.returncode != 0 or not outputs[who].exists():
+            error = spy.stderr.read().decode() if spy.stderr else ""
+            raise RuntimeError(f"py-spy on {who} failed ({spy.returncode}): {error}")
+    replication = {key: (after[key] - before[key]) / n for key in replication_counts.SERIES}
+    return Phase(loops, rate, per_op, replication, outputs)
+
+
+async def _profile(etcd: str, target: Target, node_pids: dict[str, int], counts: Counts,
+                   seconds: float, workdir: Path, name: str) -> dict[str, Phase]:
+    async with Mesh(etcd=etcd, cluster=target.spec.name) as mesh:
+        await target.ops(mesh, -1)()  # routes known, channels open
+        pids = {**node_pids, "client": os.getpid()}
+        return {phase: await _phase(mesh, target, loops, seconds, pids, counts, workdir,
+                                    f"{name}-{phase}")
+                for phase, loops in target.phases.items()}
+
+
+def run(names: Sequence[str], seconds: float, output: Path) -> list[Path]:
+    """Profile each named workload; returns the files written."""
+    files = []
+    with clusters.scratch_etcd("mesh-cpu-profile-") as (tmp, etcd):
+        for name in names:
+            target = TARGETS[name]
+            with contextlib.ExitStack() as stack:
+                local = clusters.start_one(stack, tmp, etcd, target.spec)
+                nodes = {node.node_id: node.pid for node in local.nodes}
+                phases = aio.run(_profile(etcd, target, nodes,
+                                          replication_counts.reader(local), seconds, tmp,
+                                          name))
+            files += _write(name, target, phases, list(nodes), seconds, output)
+    return files
+
+
+def _write(name: str, target: Target, phases: dict[str, Phase], nodes: list[str],
+           seconds: float, output: Path) -> list[Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    setup = (f"{target.what} on 3 nodes ({target.spec.name}), py-spy {RATE} Hz, "
+             f"{seconds:g} s per phase, CPU samples only; "
+             f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    files = []
+    for who, title in (("node", "the 3 nodes, summed"), ("client", "the bench process")):
+        lines = [f"# CPU profile of {name}: {title}", "", setup, ""]
+        for phase_name, phase in phases.items():
+            paths = [phase.stacks[n] for n in nodes] if who == "node" \
+                else [phase.stacks["client"]]
+            stacks = Stacks.read(paths)
+            cpu = ", ".join(f"{w} {1e3 * c:.3f} ms" for w, c in phase.cpu_per_op.items())
+            messages = phase.replication.get(replication_counts.MESSAGES, 0.0)
+            commands = phase.replication.get(replication_counts.COMMANDS, 0.0)
+            lines += [f"## {phase_name}: {phase.loops} loop(s), {phase.rate:,.0f} "
+                      f"{target.unit}s/s while sampled, {stacks.total:,} samples", "",
+                      f"CPU per {target.unit} (user + system): {cpu}", "",
+                      f"Replication per {target.unit}: {messages:.3f} messages sent, "
+                      f"{commands:.3f} commands", "", *stacks.tables(), ""]
+        path = output / f"{name}-{who}.txt"
+        path.write_text("\n".join(lines), encoding="utf-8")
+        files.append(path)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_profile",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("workloads", nargs="*", metavar="WORKLOAD",
+                   help=f"what to profile: {', '.join(TARGETS)} (default: all)")
+    p.add_argument("--seconds", type=float, default=10.0, help="sampled seconds per phase")
+    p.add_argument("--output", type=Path, default=OUTPUT, help=f"directory (default {OUTPUT})")
+    args = p.parse_args(argv)
+    if args.seconds < 1:
+        p.error("--seconds must be >= 1")
+    unknown = [name for name in args.workloads if name not in TARGETS]
+    if unknown:
+        p.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    with tempfile.TemporaryDirectory():
+        for path in run(args.workloads or list(TARGETS), args.seconds, args.output):
+            print(f"written {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
