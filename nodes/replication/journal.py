@@ -5,7 +5,8 @@ applying a command returns the rows that put its change on disk (`Write`,
 `Clear`), and the group queues them here with the command's position. A single
 flusher commits everything queued in one transaction (``synchronous=FULL`` in
 WAL mode: one fsync), so concurrent writes of all groups share each fsync
-(group commit), then reports the last ticket it made durable (``on_flushed``).
+(group commit), then reports the last ticket it made durable, and the groups
+whose writes that flush carried (``on_flushed``).
 Primaries count a write as committed, and replicas acknowledge it, only from
 then on. The journal knows groups by id only: it never calls into them.
 
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,8 +96,10 @@ class Journal:
         self._pending: list[_Queued] = []
         self._tickets = 0  # the last ticket handed out; the flusher's are in order
         self.flushed_ticket = 0
-        self.on_flushed: Callable[[int], None] | None = None
-        """Told the last durable ticket after each flush (the node's replication)."""
+        self.on_flushed: Callable[[int, Collection[int]], None] | None = None
+        """Told after each flush the last durable ticket and the ids of the groups
+        whose writes it carried (the node's replication): a node leads hundreds
+        of groups, and only those need looking at."""
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_fatal = on_fatal
@@ -186,7 +189,7 @@ class Journal:
         self.flushed_writes += len(queued)
         self.flushed_ticket = ticket
         if self.on_flushed is not None:
-            self.on_flushed(ticket)
+            self.on_flushed(ticket, positions.keys())
 
     def _commit(self, queued: list[_Queued],
                 positions: dict[int, tuple[int, int, int] | None]) -> None:

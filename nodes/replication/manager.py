@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,10 +183,13 @@ class Replication:
             log.info("read back durable copies of %d group(s) from %s", len(copies),
                      self.journal.path)
 
-    def _flushed(self, ticket: int) -> None:
-        """The journal made every write up to ``ticket`` durable."""
-        for group in self.groups.values():
-            if group.flushing:
+    def _flushed(self, ticket: int, group_ids: Collection[int]) -> None:
+        """The journal made every write up to ``ticket`` durable, those of the
+        groups ``group_ids`` among them (earlier flushes told the others)."""
+        groups = self.groups
+        for group_id in group_ids:
+            group = groups.get(group_id)
+            if group is not None and group.flushing:
                 group.mark_flushed(ticket)
 
     def _remove(self, group_id: int, why: str) -> None:

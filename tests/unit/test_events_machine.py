@@ -39,7 +39,7 @@ def _group(journal: Any, node: str = "a", primary: bool = True, durable: Any = N
 
     group = Group(5, node, {EVENTS: factory}, durable=durable, clock=CLOCK, journal=journal)
     if isinstance(journal, Journal):
-        journal.on_flushed = group.mark_flushed
+        journal.on_flushed = lambda ticket, _groups: group.mark_flushed(ticket)
     if primary:
         group.become_primary(1)
     return group

@@ -60,7 +60,7 @@ def journal_at(path: Path) -> Journal:
 
 def group_on(journal: Journal, durable: DurableCopy | None = None) -> Group:
     group = Group(3, "a", {KIND: lambda g: Notes(g, journal)}, durable=durable, journal=journal)
-    journal.on_flushed = group.mark_flushed
+    journal.on_flushed = lambda ticket, _groups: group.mark_flushed(ticket)
     return group
 
 

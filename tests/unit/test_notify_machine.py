@@ -297,7 +297,7 @@ async def test_a_restarted_node_reads_its_channels_inboxes_and_presence_back(
     journal.start()
     group = Group(7, "a", {NOTIFY: lambda g: NotifyMachine(g, journal)}, clock=clock,
                   journal=journal)
-    journal.on_flushed = group.mark_flushed
+    journal.on_flushed = lambda ticket, _groups: group.mark_flushed(ticket)
     group.become_primary(1)
     primary = _primary(group)
     short = npb.LogSettings(size=3, ttl_ns=10 * SECOND)
