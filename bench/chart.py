@@ -20,16 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # after the backend is chosen
 
-ROW_GOALS = {
-    "get.c64": 2.0,
-    "lock.r1.seq": 1.0,
-    "lock.r1.c16": 1.5,
-    "set.r1sync.c64": 0.85,
-    "events.append.client.c16": 0.6,
-    "scheduler.enqueue.c16": 1.5,
-    "scheduler.e2e.c16": 1.5,
-}
-"""The performance issue's goals, per comparison (a ratio at least this)."""
+from bench.report import GOALS
 
 MET, MISSED, NO_GOAL, GOAL = "#2e7d32", "#ef6c00", "#90a4ae", "#c62828"
 
@@ -38,9 +29,11 @@ def draw(results: dict[str, Any], path: Path) -> None:
     """Bars of every comparison's ratio (log scale, parity at 1), goals marked,
     and the memory-per-key ratio against Redis (lower is better) last."""
     rows: list[tuple[str, float, float | None, bool]] = []  # label, ratio, goal, higher wins
+    # The goals the run recorded (a results file from before they were kept: today's).
+    goals = {key: g["min_ratio"] for key, g in results.get("goals", {}).items()} or GOALS
     for key, c in results["comparisons"].items():
         rows.append((textwrap.fill(f"{c['label']} vs {c['baseline_label']}", 72), c["ratio"],
-                     ROW_GOALS.get(key), True))
+                     goals.get(key), True))
     growth = results.get("growth")
     if growth:
         rows.append((f"memory per cache key at {growth['keys']:,} keys vs Redis "
