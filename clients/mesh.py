@@ -88,10 +88,10 @@ class Mesh:
     ``tls`` (default: from ``MESH_TLS_CERT/KEY/CA``) turns on TLS: the CA to
     trust, and the client certificate when the nodes require one. ``token``
     (default ``$MESH_TOKEN``) is sent as ``authorization: Bearer`` on every call.
-    ``coalesce`` (default on): concurrent cache gets bound for one node in the
-    same loop turn travel as one MGet, sets as one MSet, event appends as one
-    AppendMany, lock acquires and releases as one AcquireBatch / ReleaseBatch,
-    job enqueues as one EnqueueBatch (see ``clients.coalesce``).
+    ``coalesce`` (default on): concurrent cache gets bound for one node travel
+    as one MGet, sets as one MSet, event appends as one AppendMany, lock
+    acquires and releases as one AcquireBatch / ReleaseBatch, job enqueues as
+    one EnqueueBatch and completions as one CompleteBatch (see ``clients.coalesce``).
     etcd itself is reached over TLS and with a user and password as the
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
