@@ -39,11 +39,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clients.errors import DeadlineExceededError, InvalidArgumentError
+from clients.errors import DeadlineExceededError, InvalidArgumentError, MeshError
 from clients.job_runtime import Handler, JobContext
 from clients.job_types import Payload, duration, encode
 from clients.retry import with_retries
@@ -57,6 +58,11 @@ if TYPE_CHECKING:
 __all__ = ["Saga", "SagaClient", "SagaState", "SagaType", "StepContext", "StepView"]
 
 SERVICE = "saga"
+REPORT_TIMEOUT = 5.0
+"""Seconds a worker's report of a finished step may take (it is only a hint)."""
+
+log = logging.getLogger(__name__)
+
 StepHandler = Callable[["StepContext"], Any]
 """An async function, or a plain one (run in a thread), returning the result."""
 
@@ -384,9 +390,22 @@ class SagaClient:
             handlers.update(t.handlers())
             queues.extend(q for q in t.queues() if q not in queues)
 
+        reports: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
+
+        async def report(saga_id: str, job_id: str) -> None:
+            try:
+                await self.report(saga_id, job_id, timeout=REPORT_TIMEOUT)
+            except MeshError as exc:  # the saga finds the outcome by itself
+                log.debug("report of job %s to saga %s failed: %s", job_id, saga_id, exc)
+
         async def ended(job: JobContext, succeeded: bool) -> None:
-            await self.report(pb.StepTask.FromString(job.payload).saga_id, job.id,
-                              timeout=5.0)
+            # A hint only: the saga reads the job's outcome from the scheduler, and
+            # checks every --saga-check-interval anyway. Sent in the background,
+            # so a saga primary that is failing over holds no slot of the pool.
+            task = asyncio.create_task(
+                report(pb.StepTask.FromString(job.payload).saga_id, job.id))
+            reports.add(task)
+            task.add_done_callback(reports.discard)
 
         return Worker(self._mesh, queues, handlers, concurrency=concurrency,
                       on_ended=ended, **options)
