@@ -11,10 +11,16 @@ and the caller's own bearer token: the owner checks that the call comes from a
 member, then authenticates the caller (tenancy is always the owner's decision).
 ``x-mesh-hops`` bounds forwarding when maps disagree for a moment; only nodes
 set it (the client port refuses it).
+
+An owner's peer address that answers as no member would (its port now taken by
+another process, or by another node's client port after a restart) is the
+owner being unreachable, not the caller's error: the caller gets UNAVAILABLE,
+which it retries once the map names where the slot went.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +35,8 @@ from nodes.replication.manager import Redirect, Replication
 from nodes.rpc import ForwardedError, metadata_of
 
 __all__ = ["HOPS_HEADER", "ROUTE_HEADER", "Forwarder", "wrong_owner"]
+
+log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-mesh-route"
 AUTH_HEADER = "authorization"
@@ -84,7 +92,7 @@ class Forwarder:
         try:
             return await call(request, **self._call_args(context))
         except grpc.aio.AioRpcError as exc:
-            raise ForwardedError(exc) from None
+            raise _forwarded(exc, target) from None
 
     async def stream(self, target: Redirect, path: str, request: message.Message,
                      response_type: type[message.Message],
@@ -99,7 +107,26 @@ class Forwarder:
             async for item in call(request, **self._call_args(context, fallback=None)):
                 yield item
         except grpc.aio.AioRpcError as exc:
-            raise ForwardedError(exc) from None
+            raise _forwarded(exc, target) from None
+
+
+def _forwarded(error: grpc.aio.AioRpcError, target: Redirect) -> Exception:
+    """The owner's answer for the caller, unless what answered is no member's peer
+    port: then UNAVAILABLE (see the module's docstring)."""
+    code = error.code()
+    stranger = code == grpc.StatusCode.UNIMPLEMENTED or (
+        code == grpc.StatusCode.INVALID_ARGUMENT  # a client port refusing our headers
+        and (error.details() or "").startswith("metadata x-mesh-"))
+    if not stranger:
+        return ForwardedError(error)
+    log.warning("%s at %s answered a forwarded call as no member would (%s): "
+                "the map is out of date or the port was taken", target.owner_node_id,
+                target.owner_peer_address, code.name)
+    return MeshStatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the owner of slot {target.slot} ({target.owner_node_id}) is not reachable at "
+        f"its peer address; retry", Reason.GROUP_UNAVAILABLE,
+        {"slot": str(target.slot), "owner_node_id": target.owner_node_id})
 
 
 def _hops(metadata: dict[str, str]) -> int:

@@ -22,6 +22,7 @@ import pytest
 from clients import Mesh, NewEvent
 from common.auth import bearer
 from common.clustermap import RoutingTable, wait_settled
+from common.errors import MeshStatusError, Reason
 from common.localmesh import Etcd, LocalMesh, ProcessError
 from common.peer import COORDINATOR, NODE, PEER_HEADER, PeerKey, PeerSigner
 from common.slots import slot_for
@@ -30,7 +31,10 @@ from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
+from nodes.forwarding import Forwarder
 from nodes.planes import LOCAL_HEADER, TENANT_HEADER
+from nodes.replication.manager import Redirect
+from nodes.rpc import ForwardedError
 from tests.cluster import TENANT, TOKEN, Writer, auth_flags, error_details, wait_converged
 from tests.conftest import module_cluster
 from tests.test_other_languages import grpcurl
@@ -165,6 +169,53 @@ async def test_clients_may_not_send_internal_headers(secured: LocalMesh, channel
         assert list(violations) == [f"metadata {header}"]
     # The same call without them is served.
     await stub.Get(cache_pb2.GetRequest(key="k"), timeout=5, metadata=(bearer(TOKEN),))
+
+
+class _Context:
+    """What the forwarder reads of the incoming call: a plain client's."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (bearer(TOKEN),)
+
+    def time_remaining(self) -> float:
+        return 5.0
+
+
+class _Channels:
+    """The channels a forwarder opens (a node's `Replication` does this)."""
+
+    def __init__(self, open_: Any) -> None:
+        self._open = open_
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return self._open(address)
+
+
+async def test_an_owner_address_that_answers_as_no_member_is_unavailable(
+        secured: LocalMesh, channels: Any) -> None:
+    """After a SIGKILL the owner's old peer port may be taken by another process
+    (here: another node's client port, which refuses the internal headers): a
+    forwarded call then fails UNAVAILABLE, which callers retry, not with the
+    stranger's INVALID_ARGUMENT."""
+    stranger = secured.nodes[1]
+    signer = PeerSigner(key_of(secured), NODE, secured.nodes[0].node_id)
+    forwarder = Forwarder(_Channels(channels), signer)  # type: ignore[arg-type]
+    gone = Redirect(slot=7, group_id=3, epoch=9, owner_node_id="node-gone",
+                    owner_address=stranger.address, owner_peer_address=stranger.address)
+    with pytest.raises(MeshStatusError) as info:
+        await forwarder.unary(gone, "/mesh.cache.v1.CacheService/Get",
+                              cache_pb2.GetRequest(key="k"), cache_pb2.GetResponse,
+                              _Context())
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.reason == Reason.GROUP_UNAVAILABLE
+    # What a member's peer port answers is passed on as it is.
+    owner = Redirect(slot=7, group_id=3, epoch=9, owner_node_id=stranger.node_id,
+                     owner_address=stranger.address, owner_peer_address=stranger.peer_address)
+    with pytest.raises(ForwardedError) as passed:
+        await forwarder.unary(owner, "/mesh.cache.v1.CacheService/Get",
+                              cache_pb2.GetRequest(key=""), cache_pb2.GetResponse,
+                              _Context())
+    assert passed.value.error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # -- the peer port ---------------------------------------------------------------------
