@@ -24,9 +24,9 @@ import datetime as dt
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
@@ -143,7 +143,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 Request = TypeVar("Request", pb.EnqueueRequest, pb.CompleteRequest)
 Answer = TypeVar("Answer", pb.EnqueueResponse, pb.CompleteResponse)
 _ALONE_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-"""A coalesced enqueue's own error after which it is sent again alone, with retries."""
+"""A coalesced call's own error after which it is sent again alone, with retries."""
 
 
 def _item_error(item: pb.ItemError, address: str, field: str) -> MeshError:
@@ -166,6 +166,68 @@ def _renumbered(violations: Mapping[str, str], field: str, index: int) -> dict[s
     return out
 
 
+class _Coalesced(Generic[Request, Answer]):
+    """One kind of call the client coalesces (``clients.coalesce``): sent alone as
+    ``method`` (with retries), or with the others for its node as one
+    ``batch_method`` whose ``batch(requests)`` request lists them in ``field``
+    and whose results carry each answer as ``outcome``. Only calls that are safe
+    to repeat: an item the node could not take goes again alone."""
+
+    def __init__(self, client: SchedulerClient, method: str, key: Callable[[Request], str],
+                 batch_method: str, batch: Callable[[list[Request]], Any], field: str,
+                 outcome: str, distinct: bool = False) -> None:
+        """``key(request)``: what routes it (a queue, a job id); ``distinct``: two
+        requests with the same key never share a batch (a batch names a job once)."""
+        self._client, self._method = client, method
+        self._key: Callable[[Request], str] = key
+        self._batch: Callable[[list[Request]], Any] = batch
+        self._batch_method, self._field, self._outcome = batch_method, field, outcome
+        self._coalescer: Coalescer[Request, Answer | pb.ItemError] = Coalescer(
+            self._one, self._many, MAX_BATCH, key=key if distinct else None)
+
+    async def __call__(self, request: Request, timeout: float | None) -> Answer:
+        """``request``'s answer: exactly what the call alone would have answered."""
+        client = self._client
+        owner = client._owner(self._key(request)) if client.coalesce else None
+        if owner is None:
+            return await self.alone(request, timeout)
+        loop = asyncio.get_running_loop()
+        budget = client._mesh.timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        try:
+            answer = await self._coalescer.call(owner, request, budget)
+        except BatchFailed as failed:
+            answer = None
+            if deadline - loop.time() <= 0:
+                raise failed.cause from None
+        if answer is not None and not isinstance(answer, pb.ItemError):
+            return answer
+        if answer is not None:
+            error = _item_error(answer, owner, self._field)
+            if error.code not in _ALONE_AGAIN and error.reason != "WRONG_OWNER":
+                raise error
+        # The batch failed, or the node could not take this item now (moved,
+        # unavailable): alone, with the call's own retries.
+        return await self.alone(request, max(0.0, deadline - loop.time()))
+
+    async def alone(self, request: Request, timeout: float | None) -> Answer:
+        answer: Answer = await self._client._call(self._key(request), self._method, request,
+                                                  timeout)
+        return answer
+
+    async def _one(self, address: str, request: Request, budget: float
+                   ) -> Answer | pb.ItemError:
+        return await self.alone(request, budget)
+
+    async def _many(self, address: str, requests: list[Request], budget: float
+                    ) -> list[Answer | pb.ItemError]:
+        reply = await self._client._rpc(address, self._batch_method, self._batch(requests),
+                                        budget)
+        outcome = self._outcome
+        return [getattr(item, outcome) if item.HasField(outcome) else item.error
+                for item in reply.results]
+
+
 class SchedulerClient:
     """The job scheduler, spread over the mesh's nodes. Every call takes ``timeout=``
     (the call's deadline; a job's own time limit is ``job_timeout``)."""
@@ -176,11 +238,15 @@ class SchedulerClient:
         self.coalesce = coalesce
         """Send concurrent enqueues for one node as one EnqueueBatch, and completes
         as one CompleteBatch (``clients.coalesce``)."""
-        self._enqueues: Coalescer[pb.EnqueueRequest, pb.EnqueueResponse | pb.ItemError] = \
-            Coalescer(self._enqueue_one, self._enqueue_many, MAX_BATCH)
-        self._completes: Coalescer[pb.CompleteRequest, pb.CompleteResponse | pb.ItemError] = \
-            Coalescer(self._complete_one, self._complete_many, MAX_BATCH,
-                      key=lambda request: request.job_id)
+        # Safe to repeat: an enqueue's request id answers the job a lost try made,
+        # and a repeated Complete finds its job completed.
+        self._enqueue = _Coalesced[pb.EnqueueRequest, pb.EnqueueResponse](
+            self, "Enqueue", lambda r: r.queue, "EnqueueBatch",
+            lambda rs: pb.EnqueueBatchRequest(jobs=rs), "jobs", "job")
+        self._complete = _Coalesced[pb.CompleteRequest, pb.CompleteResponse](
+            self, "Complete", lambda r: r.job_id, "CompleteBatch",
+            lambda rs: pb.CompleteBatchRequest(completes=rs), "completes", "completed",
+            distinct=True)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.SchedulerServiceStub, address, method, request,
@@ -244,64 +310,16 @@ class SchedulerClient:
         request = NewJob(queue, type, payload, priority, run_at, delay, max_attempts, backoff,
                          job_timeout, unique_key, unique_ttl, strict_unique, retention,
                          request_id).to_proto()
-        owner = self._owner(queue) if self.coalesce else None
-        if owner is None:
-            return _enqueue_result(await self._enqueue_alone(request, timeout))
-        return _enqueue_result(await self._coalesced(
-            self._enqueues, owner, request, timeout, self._enqueue_alone, "jobs"))
+        return _enqueue_result(await self._enqueue(request, timeout))
 
-    def _owner(self, queue: str) -> str | None:
-        """The address of ``queue``'s primary if the map names one, else None: such a
+    def _owner(self, key: str) -> str | None:
+        """The address of ``key``'s primary if the map names one, else None: such a
         call goes alone, through the path that waits for the cluster."""
         try:
-            target = self._mesh.route(SERVICE, queue)
+            target = self._mesh.route(SERVICE, key)
         except NoNodesError:
             return None
         return target.address if target.owner else None
-
-    async def _enqueue_alone(self, request: pb.EnqueueRequest, timeout: float | None
-                             ) -> pb.EnqueueResponse:
-        # Safe to repeat: the request id makes a repeat answer the first job.
-        r: pb.EnqueueResponse = await self._call(request.queue, "Enqueue", request, timeout)
-        return r
-
-    async def _enqueue_one(self, address: str, request: pb.EnqueueRequest, budget: float
-                           ) -> pb.EnqueueResponse | pb.ItemError:
-        return await self._enqueue_alone(request, budget)
-
-    async def _enqueue_many(self, address: str, requests: list[pb.EnqueueRequest],
-                            budget: float) -> list[pb.EnqueueResponse | pb.ItemError]:
-        r = await self._rpc(address, "EnqueueBatch", pb.EnqueueBatchRequest(jobs=requests),
-                            budget)
-        return [item.job if item.HasField("job") else item.error for item in r.results]
-
-    async def _coalesced(self, coalescer: Coalescer[Request, Answer | pb.ItemError],
-                         address: str, request: Request, timeout: float | None,
-                         alone: Callable[[Request, float | None], Awaitable[Answer]],
-                         field: str) -> Answer:
-        """``request``'s answer, joined with the other calls of its kind for its
-        owner made while that node was busy; exactly what the call alone would
-        have answered (``field``: the batch request's list, for error names)."""
-        loop = asyncio.get_running_loop()
-        budget = self._mesh.timeout if timeout is None else timeout
-        deadline = loop.time() + budget
-        try:
-            answer = await coalescer.call(address, request, budget)
-        except BatchFailed as failed:
-            answer = None
-            if deadline - loop.time() <= 0:
-                raise failed.cause from None
-        if answer is not None and not isinstance(answer, pb.ItemError):
-            return answer
-        if answer is not None:
-            error = _item_error(answer, address, field)
-            if error.code not in _ALONE_AGAIN and error.reason != "WRONG_OWNER":
-                raise error
-        # The batch failed, or the node could not take this item now (moved,
-        # unavailable): alone, with the call's own retries. A repeat is safe: an
-        # enqueue's request id answers the job the batch may have made, and a
-        # repeated Complete finds its job completed.
-        return await alone(request, max(0.0, deadline - loop.time()))
 
     async def enqueue_many(self, jobs: Iterable[NewJob], *, timeout: float | None = None
                            ) -> list[EnqueueResult | MeshError]:
@@ -570,30 +588,6 @@ class SchedulerClient:
         finish = r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
         return finish, [ClaimedJob.from_proto(j, lease) for j in r.next_jobs]
 
-    async def _complete(self, request: pb.CompleteRequest, timeout: float | None
-                        ) -> pb.CompleteResponse:
-        owner = self._owner(request.job_id) if self.coalesce else None
-        if owner is None:
-            return await self._complete_alone(request, timeout)
-        return await self._coalesced(self._completes, owner, request, timeout,
-                                     self._complete_alone, "completes")
-
-    async def _complete_alone(self, request: pb.CompleteRequest, timeout: float | None
-                              ) -> pb.CompleteResponse:
-        # Safe to repeat: a retried Complete of a completed job answers it again.
-        r: pb.CompleteResponse = await self._call(request.job_id, "Complete", request, timeout)
-        return r
-
-    async def _complete_one(self, address: str, request: pb.CompleteRequest, budget: float
-                            ) -> pb.CompleteResponse | pb.ItemError:
-        return await self._complete_alone(request, budget)
-
-    async def _complete_many(self, address: str, requests: list[pb.CompleteRequest],
-                             budget: float) -> list[pb.CompleteResponse | pb.ItemError]:
-        r = await self._rpc(address, "CompleteBatch",
-                            pb.CompleteBatchRequest(completes=requests), budget)
-        return [item.completed if item.HasField("completed") else item.error
-                for item in r.results]
 
     async def fail_and_claim(
         self, job_id: str, lease_token: int, error: str | BaseException, *,

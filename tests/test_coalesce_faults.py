@@ -207,14 +207,15 @@ async def test_concurrent_enqueues_each_get_their_own_answer_through_a_sigkill(
     seen = {q: await mesh.scheduler.enqueue(q, "first", request_id=f"seen-{q}")
             for q in queues}
     batched = 0
-    send_many = mesh.scheduler._enqueue_many
+    coalescer = mesh.scheduler._enqueue._coalescer
+    send_many = coalescer._send_many
 
     async def counted(address: str, requests: list[Any], budget: float) -> Any:
         nonlocal batched
         batched += len(requests)
         return await send_many(address, requests, budget)
 
-    mesh.scheduler._enqueues._send_many = counted
+    coalescer._send_many = counted
 
     tasks: list[asyncio.Task[tuple[str, Any]]] = []
     per_wave = CALLS // WAVES
