@@ -434,3 +434,35 @@ async def test_batch_calls_enqueue_many_heartbeat_many_and_complete_and_claim(
         nxt[0].job_id, nxt[0].lease_token, "no", retryable=False, queues=[first.queue],
         worker_id="w-chain", max_jobs=5)
     assert failed.state is JobState.DEAD and len(more) >= 1
+
+
+async def test_concurrent_enqueues_and_completes_coalesce_with_their_own_answers(
+        mesh: Mesh) -> None:
+    assert mesh.scheduler.coalesce
+    queues = _queues_on_every_node(mesh, "coalesce-client-")
+    # Enqueues made at once: one EnqueueBatch per node; each caller its own answer.
+    answers = await asyncio.gather(
+        *(mesh.scheduler.enqueue_result(q, "t", {"q": q}) for q in queues * 3),
+        mesh.scheduler.enqueue_result(queues[0], "t", priority=10),
+        return_exceptions=True)
+    *made, bad = answers
+    assert isinstance(bad, InvalidArgumentError)
+    assert list(bad.field_violations) == ["priority"]  # named as in its own Enqueue
+    assert all(isinstance(r, EnqueueResult) for r in made)
+    assert len({r.job_id for r in made if isinstance(r, EnqueueResult)}) == len(made)
+
+    # Completes made at once, one of a lease already lost: only that one fails.
+    claimed = [job for q in queues for job in await mesh.scheduler.claim(q, max_jobs=3)]
+    assert len(claimed) == len(made)
+    lost = claimed[2]
+    await mesh.scheduler.cancel(lost.job_id)
+    done = await asyncio.gather(
+        *(mesh.scheduler.complete(j.job_id, j.lease_token, f"r{i}")
+          for i, j in enumerate(claimed)), return_exceptions=True)
+    assert isinstance(done[2], LeaseLostError) and done[2].state == "CANCELLED"
+    for i, (job, answer) in enumerate(zip(claimed, done, strict=True)):
+        if job is lost:
+            continue
+        assert isinstance(answer, float), (i, answer)
+        got = await mesh.scheduler.get_job(job.job_id)
+        assert (got.state, got.result) == (JobState.SUCCEEDED, f"r{i}".encode())
