@@ -165,7 +165,6 @@ async def forward_shares(routes: Routes,
     await asyncio.gather(*(one(t, idx) for t, idx in routes.remote.values()))
 
 
-
 async def settle(routes: Routes, waits: dict[Group, tuple[int, list[int]]],
                  forward: Callable[[Redirect, list[int]], Awaitable[Any]],
                  answers: dict[int, Any], errors: dict[int, E], outcome: str, field: str,
