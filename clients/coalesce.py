@@ -18,6 +18,8 @@ is highest. A waiting batch leaves anyway when its shortest deadline is up.
 A batch that fails as a whole (its node went away, the map moved, one key was
 refused) fails with `BatchFailed`; each caller then goes on alone with its own
 retries and its own error, so coalescing never changes what a call returns.
+`CoalescedCall` is that whole path for a call whose batch form answers each
+item with its result or its own error (EnqueueBatch, CompleteBatch, AppendMany).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
+
+import grpc
 
 from clients.errors import MeshError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Answer = TypeVar("Answer")
+Refusal = TypeVar("Refusal")
 
 SendOne = Callable[[str, Item, float], Awaitable[Result]]
 """send_one(address, item, budget): the ordinary call, retries and all, for a call
@@ -219,3 +225,61 @@ class Coalescer(Generic[Item, Result]):
         for waiter, result in zip(waiters, results, strict=True):
             if not waiter.done():  # a caller that was cancelled meanwhile
                 waiter.set_result(result)
+
+
+ALONE_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+"""A batch item's own error after which it is sent again alone, with retries (as is
+WRONG_OWNER: the map moved)."""
+
+
+class CoalescedCall(Generic[Item, Answer, Refusal]):
+    """A call that coalesces, answered exactly as the call alone would answer it.
+
+    Only for calls that are safe to repeat (a request id, or a repeat that finds
+    the work done): an item whose node could not take it (moved, unavailable),
+    or whose batch failed as a whole, is sent again alone with its own retries.
+    """
+
+    def __init__(self, *, owner: Callable[[Item], str | None],
+                 alone: Callable[[Item, float | None], Awaitable[Answer]],
+                 many: SendMany[Item, Answer | Refusal], refusal: type[Refusal],
+                 error: Callable[[Refusal, str], MeshError], timeout: Callable[[], float],
+                 max_batch: int, key: Callable[[Item], Hashable] | None = None) -> None:
+        """``owner(item)``: the address of the node to batch it for, or None to send
+        it alone (no map, coalescing off); ``alone(item, timeout)``: the call of its
+        own; ``many``: one try of the batch call, whose items are answers or
+        ``refusal`` messages that ``error(refusal, address)`` turns into the error
+        the call alone would have raised; ``timeout()``: the client's default."""
+        self._owner = owner
+        self._alone = alone
+        self._refusal = refusal
+        self._error = error
+        self._timeout = timeout
+        self._coalescer: Coalescer[Item, Answer | Refusal] = Coalescer(
+            self._one, many, max_batch, key)
+
+    async def _one(self, address: str, item: Item, budget: float) -> Answer | Refusal:
+        return await self._alone(item, budget)
+
+    async def __call__(self, item: Item, timeout: float | None) -> Answer:
+        owner = self._owner(item)
+        if owner is None:
+            return await self._alone(item, timeout)
+        loop = asyncio.get_running_loop()
+        budget = self._timeout() if timeout is None else timeout
+        deadline = loop.time() + budget
+        answer: Answer | Refusal | None
+        try:
+            answer = await self._coalescer.call(owner, item, budget)
+        except BatchFailed as failed:
+            answer = None
+            if deadline - loop.time() <= 0:
+                raise failed.cause from None
+        if isinstance(answer, self._refusal):
+            error = self._error(answer, owner)
+            if error.code not in ALONE_AGAIN and error.reason != "WRONG_OWNER":
+                raise error
+        elif answer is not None:
+            return cast(Answer, answer)  # not a refusal: an answer
+        # The batch failed, or the node could not take this item now: alone.
+        return await self._alone(item, max(0.0, deadline - loop.time()))

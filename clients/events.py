@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from clients.coalesce import BatchFailed, Coalescer
+from clients.coalesce import CoalescedCall
 from clients.errors import (
     InvalidArgumentError,
     MeshError,
@@ -86,8 +86,6 @@ def _wrong_version(exc: VersionMismatchError) -> WrongExpectedVersionError:
 _BATCH = 1000
 """Appends of one AppendMany at most (the node's limit)."""
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_ALONE_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-"""An append's own error after which it is sent again alone, with retries."""
 
 
 def _item_error(item: pb.ItemError, address: str) -> MeshError:
@@ -97,7 +95,7 @@ def _item_error(item: pb.ItemError, address: str) -> MeshError:
                   else field: why for field, why in item.field_violations.items()}
     error = mesh_error(_CODES.get(item.code, grpc.StatusCode.UNKNOWN), item.message,
                        item.reason, item.metadata, violations, address)
-    return error
+    return _wrong_version(error) if isinstance(error, VersionMismatchError) else error
 
 
 class EventsClient:
@@ -108,9 +106,12 @@ class EventsClient:
         self.coalesce = coalesce
         """Send concurrent appends for one node as one AppendMany (``clients.coalesce``);
         two appends to one stream never share a call (their order matters)."""
-        self._appends: Coalescer[pb.AppendRequest, pb.AppendResponse | pb.ItemError] = \
-            Coalescer(self._append_one, self._append_many, _BATCH,
-                      key=lambda request: request.stream)
+        # Event ids make a repeat safe: an append sent again alone is a duplicate.
+        self._append = CoalescedCall[pb.AppendRequest, pb.AppendResponse, pb.ItemError](
+            owner=lambda r: self._owner(r.stream) if self.coalesce else None,
+            alone=self._append_alone, many=self._append_many, refusal=pb.ItemError,
+            error=_item_error, timeout=lambda: mesh.timeout, max_batch=_BATCH,
+            key=lambda r: r.stream)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.EventsServiceStub, address, method, request, budget)
@@ -146,11 +147,7 @@ class EventsClient:
         batch = [events] if isinstance(events, NewEvent) else list(events)
         request = pb.AppendRequest(stream=stream, events=[e.to_proto() for e in batch],
                                    **expected_fields(expected))
-        owner = self._owner(stream) if self.coalesce else None
-        if owner is None:
-            r = await self._append_alone(request, timeout)
-        else:
-            r = await self._append_coalesced(owner, request, timeout)
+        r = await self._append(request, timeout)
         return AppendResult(r.first_version, r.last_version, r.slot, r.position, r.duplicate)
 
     def _owner(self, stream: str) -> str | None:
@@ -167,42 +164,12 @@ class EventsClient:
                                                 writes=True)
         return r
 
-    async def _append_one(self, address: str, request: pb.AppendRequest, budget: float
-                          ) -> pb.AppendResponse | pb.ItemError:
-        return await self._append_alone(request, budget)
-
     async def _append_many(self, address: str, requests: list[pb.AppendRequest],
                            budget: float) -> list[pb.AppendResponse | pb.ItemError]:
         r = await self._rpc(address, "AppendMany", pb.AppendManyRequest(appends=requests),
                             budget)
         return [item.appended if item.HasField("appended") else item.error
                 for item in r.results]
-
-    async def _append_coalesced(self, address: str, request: pb.AppendRequest,
-                                timeout: float | None) -> pb.AppendResponse:
-        """The append's answer, joined with the other appends for its owner in this
-        loop turn; exactly what Append would have answered."""
-        loop = asyncio.get_running_loop()
-        budget = self._mesh.timeout if timeout is None else timeout
-        deadline = loop.time() + budget
-        try:
-            answer = await self._appends.call(address, request, budget)
-        except BatchFailed as failed:
-            answer = None
-            if deadline - loop.time() <= 0:
-                raise failed.cause from None
-        if isinstance(answer, pb.AppendResponse):
-            return answer
-        if answer is not None:
-            error = _item_error(answer, address)
-            if error.code not in _ALONE_AGAIN and error.reason != "WRONG_OWNER":
-                raise _wrong_version(error) if isinstance(error, VersionMismatchError) \
-                    else error
-        # The batch failed, or the node could not take this append now (moved,
-        # unavailable): alone, with the call's own retries (event ids make a
-        # repeat safe).
-        remaining = max(0.0, deadline - loop.time())
-        return await self._append_alone(request, remaining)
 
     async def delete_stream(self, stream: str, expected: ExpectedVersion = ANY, *,
                             timeout: float | None = None) -> int:

@@ -26,11 +26,12 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from clients.coalesce import BatchFailed, Coalescer
+from clients.coalesce import CoalescedCall
 from clients.errors import (
     InvalidArgumentError,
     MeshError,
@@ -140,10 +141,8 @@ def _claim_next(queues: Sequence[str], worker_id: str, max_jobs: int, lease: flo
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-Request = TypeVar("Request", pb.EnqueueRequest, pb.CompleteRequest)
-Answer = TypeVar("Answer", pb.EnqueueResponse, pb.CompleteResponse)
-_ALONE_AGAIN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-"""A coalesced call's own error after which it is sent again alone, with retries."""
+Request = TypeVar("Request", bound=Message)
+Answer = TypeVar("Answer", bound=Message)
 
 
 def _item_error(item: pb.ItemError, address: str, field: str) -> MeshError:
@@ -166,68 +165,6 @@ def _renumbered(violations: Mapping[str, str], field: str, index: int) -> dict[s
     return out
 
 
-class _Coalesced(Generic[Request, Answer]):
-    """One kind of call the client coalesces (``clients.coalesce``): sent alone as
-    ``method`` (with retries), or with the others for its node as one
-    ``batch_method`` whose ``batch(requests)`` request lists them in ``field``
-    and whose results carry each answer as ``outcome``. Only calls that are safe
-    to repeat: an item the node could not take goes again alone."""
-
-    def __init__(self, client: SchedulerClient, method: str, key: Callable[[Request], str],
-                 batch_method: str, batch: Callable[[list[Request]], Any], field: str,
-                 outcome: str, distinct: bool = False) -> None:
-        """``key(request)``: what routes it (a queue, a job id); ``distinct``: two
-        requests with the same key never share a batch (a batch names a job once)."""
-        self._client, self._method = client, method
-        self._key: Callable[[Request], str] = key
-        self._batch: Callable[[list[Request]], Any] = batch
-        self._batch_method, self._field, self._outcome = batch_method, field, outcome
-        self._coalescer: Coalescer[Request, Answer | pb.ItemError] = Coalescer(
-            self._one, self._many, MAX_BATCH, key=key if distinct else None)
-
-    async def __call__(self, request: Request, timeout: float | None) -> Answer:
-        """``request``'s answer: exactly what the call alone would have answered."""
-        client = self._client
-        owner = client._owner(self._key(request)) if client.coalesce else None
-        if owner is None:
-            return await self.alone(request, timeout)
-        loop = asyncio.get_running_loop()
-        budget = client._mesh.timeout if timeout is None else timeout
-        deadline = loop.time() + budget
-        try:
-            answer = await self._coalescer.call(owner, request, budget)
-        except BatchFailed as failed:
-            answer = None
-            if deadline - loop.time() <= 0:
-                raise failed.cause from None
-        if answer is not None and not isinstance(answer, pb.ItemError):
-            return answer
-        if answer is not None:
-            error = _item_error(answer, owner, self._field)
-            if error.code not in _ALONE_AGAIN and error.reason != "WRONG_OWNER":
-                raise error
-        # The batch failed, or the node could not take this item now (moved,
-        # unavailable): alone, with the call's own retries.
-        return await self.alone(request, max(0.0, deadline - loop.time()))
-
-    async def alone(self, request: Request, timeout: float | None) -> Answer:
-        answer: Answer = await self._client._call(self._key(request), self._method, request,
-                                                  timeout)
-        return answer
-
-    async def _one(self, address: str, request: Request, budget: float
-                   ) -> Answer | pb.ItemError:
-        return await self.alone(request, budget)
-
-    async def _many(self, address: str, requests: list[Request], budget: float
-                    ) -> list[Answer | pb.ItemError]:
-        reply = await self._client._rpc(address, self._batch_method, self._batch(requests),
-                                        budget)
-        outcome = self._outcome
-        return [getattr(item, outcome) if item.HasField(outcome) else item.error
-                for item in reply.results]
-
-
 class SchedulerClient:
     """The job scheduler, spread over the mesh's nodes. Every call takes ``timeout=``
     (the call's deadline; a job's own time limit is ``job_timeout``)."""
@@ -240,13 +177,40 @@ class SchedulerClient:
         as one CompleteBatch (``clients.coalesce``)."""
         # Safe to repeat: an enqueue's request id answers the job a lost try made,
         # and a repeated Complete finds its job completed.
-        self._enqueue = _Coalesced[pb.EnqueueRequest, pb.EnqueueResponse](
-            self, "Enqueue", lambda r: r.queue, "EnqueueBatch",
+        self._enqueue: CoalescedCall[pb.EnqueueRequest, pb.EnqueueResponse, pb.ItemError]
+        self._enqueue = self._coalesced(
+            "Enqueue", lambda r: r.queue, "EnqueueBatch",
             lambda rs: pb.EnqueueBatchRequest(jobs=rs), "jobs", "job")
-        self._complete = _Coalesced[pb.CompleteRequest, pb.CompleteResponse](
-            self, "Complete", lambda r: r.job_id, "CompleteBatch",
+        self._complete: CoalescedCall[pb.CompleteRequest, pb.CompleteResponse, pb.ItemError]
+        self._complete = self._coalesced(
+            "Complete", lambda r: r.job_id, "CompleteBatch",
             lambda rs: pb.CompleteBatchRequest(completes=rs), "completes", "completed",
             distinct=True)
+
+    def _coalesced(self, method: str, key: Callable[[Request], str], batch_method: str,
+                   batch: Callable[[list[Request]], Any], field: str, outcome: str,
+                   distinct: bool = False) -> CoalescedCall[Request, Answer, pb.ItemError]:
+        """``method`` (routed by ``key``), coalesced into ``batch_method`` calls whose
+        ``batch(requests)`` lists them in ``field`` and whose results carry each
+        answer as ``outcome``; ``distinct``: two requests of one key never share a
+        batch (a batch names a job once)."""
+
+        async def alone(request: Request, timeout: float | None) -> Answer:
+            answer: Answer = await self._call(key(request), method, request, timeout)
+            return answer
+
+        async def many(address: str, requests: list[Request], budget: float
+                       ) -> list[Answer | pb.ItemError]:
+            reply = await self._rpc(address, batch_method, batch(requests), budget)
+            return [getattr(item, outcome) if item.HasField(outcome) else item.error
+                    for item in reply.results]
+
+        return CoalescedCall(
+            owner=lambda r: self._owner(key(r)) if self.coalesce else None, alone=alone,
+            many=many, refusal=pb.ItemError,
+            error=lambda item, address: _item_error(item, address, field),
+            timeout=lambda: self._mesh.timeout, max_batch=MAX_BATCH,
+            key=key if distinct else None)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.SchedulerServiceStub, address, method, request,
