@@ -351,9 +351,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Ctx,
                        group: Group) -> pb.CompleteResponse:
         v.check_job_id(request.job_id)
-        if len(request.result) > self.limits.max_payload_bytes:
-            raise invalid_argument("result", f"is {len(request.result)} bytes; the limit "
-                                               f"is {self.limits.max_payload_bytes}")
+        v.check_result(request.result, self.limits)
         then = self._next(request)  # refused, if bad, before the job is finished
         own(group, request.job_id)
         finish_ns, seq, claimed = machine_of(group).decisions.complete(
@@ -374,9 +372,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         for i, c in enumerate(completes):
             try:
                 v.check_job_id(c.job_id)
-                if len(c.result) > self.limits.max_payload_bytes:
-                    raise invalid_argument("result", f"is {len(c.result)} bytes; the limit "
-                                                     f"is {self.limits.max_payload_bytes}")
+                v.check_result(c.result, self.limits)
                 nexts.append(self._next(c))
                 keys.append(c.job_id)
             except MeshStatusError as exc:

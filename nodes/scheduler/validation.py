@@ -74,6 +74,13 @@ def check_job_id(job_id: str) -> None:
         raise invalid_argument("job_id", f"must be at most {MAX_JOB_ID_BYTES} bytes")
 
 
+def check_result(result: bytes, limits: SchedulerLimits) -> None:
+    """A Complete's result: at most ``--scheduler-max-payload-bytes``."""
+    if len(result) > limits.max_payload_bytes:
+        raise invalid_argument("result", f"is {len(result)} bytes; the limit "
+                                         f"is {limits.max_payload_bytes}")
+
+
 def _seconds_ns(seconds: float) -> int:
     return int(seconds * _NS)
 
