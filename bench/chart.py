@@ -1,4 +1,5 @@
-"""A picture of results.json: every Mesh/baseline ratio as a bar, with its goal.
+"""A picture of results.json: every Mesh/baseline ratio as a bar, with its goal
+and, where one was measured, its floor (the same messages in raw gRPC).
 
 Written next to the results (``results.png``) by ``python -m bench``, so a
 reader sees at a glance where Mesh stands; ``python -m bench.chart`` redraws it
@@ -22,27 +23,29 @@ import matplotlib.pyplot as plt  # after the backend is chosen
 
 from bench.report import GOALS
 
-MET, MISSED, NO_GOAL, GOAL = "#2e7d32", "#ef6c00", "#90a4ae", "#c62828"
+MET, MISSED, NO_GOAL, GOAL, FLOOR = "#2e7d32", "#ef6c00", "#90a4ae", "#c62828", "black"
 
 
 def draw(results: dict[str, Any], path: Path) -> None:
-    """Bars of every comparison's ratio (log scale, parity at 1), goals marked,
-    and the memory-per-key ratio against Redis (lower is better) last."""
-    rows: list[tuple[str, float, float | None, bool]] = []  # label, ratio, goal, higher wins
+    """Bars of every comparison's ratio (log scale, parity at 1), goals and floors
+    marked, and the memory-per-key ratio against Redis (lower is better) last."""
+    # label, ratio, goal, floor, higher wins
+    rows: list[tuple[str, float, float | None, float | None, bool]] = []
     # The goals the run recorded (a results file from before they were kept: today's).
-    goals = {key: g["min_ratio"] for key, g in results.get("goals", {}).items()} or GOALS
+    recorded = results.get("goals", {})
+    goals = {key: g["min_ratio"] for key, g in recorded.items()} or GOALS
     for key, c in results["comparisons"].items():
         rows.append((textwrap.fill(f"{c['label']} vs {c['baseline_label']}", 72), c["ratio"],
-                     goals.get(key), True))
+                     goals.get(key), recorded.get(key, {}).get("floor_ratio"), True))
     growth = results.get("growth")
     if growth:
         rows.append((f"memory per cache key at {growth['keys']:,} keys vs Redis "
-                     "(lower is better)", growth["ratio"], growth["goal_ratio"], False))
+                     "(lower is better)", growth["ratio"], growth["goal_ratio"], None, False))
 
     height = 0.42 * len(rows) + 1.6
     figure, axes = plt.subplots(figsize=(12, height))
     positions = list(range(len(rows)))[::-1]
-    for y, (_, ratio, goal, higher) in zip(positions, rows, strict=True):
+    for y, (_, ratio, goal, floor, higher) in zip(positions, rows, strict=True):
         if goal is None:
             color = NO_GOAL
         else:
@@ -51,13 +54,16 @@ def draw(results: dict[str, Any], path: Path) -> None:
         axes.text(ratio * 1.03, y, f"{ratio:.2f}x", va="center", fontsize=7)
         if goal is not None:
             axes.plot([goal, goal], [y - 0.45, y + 0.45], color=GOAL, linewidth=2)
+        if floor is not None:
+            axes.plot([floor], [y], marker="D", markersize=4, color=FLOOR)
     axes.set_yticks(positions, [label for label, *_ in rows], fontsize=7)
     axes.set_xscale("log")
     ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16) if t <= max(r for _, r, *_ in rows) * 2]
     axes.set_xticks(ticks, [f"{t:g}" for t in ticks])
     axes.set_xlim(right=max(r for _, r, *_ in rows) * 1.6)
     axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xlabel("Mesh / baseline (log scale; 1 = parity; red tick = goal)")
+    axes.set_xlabel("Mesh / baseline (log scale; 1 = parity; red tick = goal; black diamond = "
+                    "floor: the same messages in raw gRPC, nothing of Mesh)")
     axes.set_title(f"Mesh benchmark, {results['timestamp']} "
                    f"({results['cpu_count']} CPUs{', quick run' if results['quick'] else ''})",
                    fontsize=10)

@@ -27,6 +27,9 @@ in the same interleaved rounds, at the same number of calls in flight:
   writers append faster than one subscription delivers (about 9,000 against
   3,000 events/s on a 2-CPU VM), so this is the subscription's own rate under
   that write load (it falls further behind as the round goes on).
+- ``floor.append.durable.c16``: the floor of a durable replicated append
+  (``bench.floor``): raw gRPC calls relayed to a peer, both sides committing
+  each replication message to sqlite, nothing of Mesh; 16 in flight.
 - ``subscribe.catchup``: Subscribe to a 500-event stream from the beginning,
   read to CaughtUp, cancel, subscribe again, ...; rated in events delivered/s
   (each received event is one operation; opening subscriptions is in the time).
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import aio, clusters, report, services, standalone
+from bench import aio, clusters, floor, report, services, standalone
 from bench.progress import Progress
 from bench.timing import Measurement, Op, Workload, combine, measure
 from clients import Mesh, NewEvent
@@ -72,6 +75,9 @@ WRITERS, WRITER_BATCH = 4, 100
 READY_TIMEOUT = 20.0
 """How long setup retries an Append whose group is not serving yet."""
 Metadata = tuple[tuple[str, str], ...] | None
+
+
+FLOOR = f"floor.append.durable.c{CONCURRENCY}"
 
 
 def workload_name(row: str) -> str:
@@ -267,7 +273,8 @@ class LiveFeed:
                 return
 
 
-def rows(s: Streams, echo: cache_pb2_grpc.CacheServiceStub, live: LiveFeed) -> list[Row]:
+def rows(s: Streams, echo: cache_pb2_grpc.CacheServiceStub, live: LiveFeed,
+         ring: floor.Ring) -> list[Row]:
     """Every row, in run order: each echo row, then the event rows it is the baseline of."""
     echo_request = cache_pb2.GetRequest(key="bench:000")
     catch_ups = CatchUps(s, "catchup")
@@ -309,6 +316,11 @@ def rows(s: Streams, echo: cache_pb2_grpc.CacheServiceStub, live: LiveFeed) -> l
                      f"durable, {CONCURRENCY} in flight on {CONCURRENCY} streams",
                      _client_appends(s, [f"client-{name}" for name in c16]), CONCURRENCY),
             "appends/s"),
+        Row(Workload(FLOOR, f"raw gRPC calls, each relayed to a peer and acknowledged, "
+                     f"both sides committing each replication message to sqlite (a durable "
+                     f"replicated append's messages and commits, nothing of Mesh), "
+                     f"{floor.SIZE} processes, {CONCURRENCY} in flight", ring.replicated(),
+                     CONCURRENCY), "appends/s"),
         Row(Workload(workload_name("read100.c16"),
                      f"raw stub Read of a {PAGE}-event page -> primary, {CONCURRENCY} in flight",
                      _reads(s, "read-page"), CONCURRENCY, PAGE), "reads/s"),
@@ -367,20 +379,23 @@ async def interleaved(work: list[Row], warmup: float, window: float, rounds: int
     return [combine(p) for p in parts.values()]
 
 
-async def _measure(etcd: str, echo: str, warmup: float, window: float, rounds: int
-                   ) -> list[Measurement]:
+async def _measure(etcd: str, echo: str, ring: list[str], warmup: float, window: float,
+                   rounds: int) -> list[Measurement]:
     async with (Mesh(etcd=etcd, cluster=SPEC.name) as mesh,
-                grpc.aio.insecure_channel(echo) as channel):
+                grpc.aio.insecure_channel(echo) as channel,
+                floor.connected(ring) as relay):
         s = Streams(mesh)
         await prepare(s)
         live = LiveFeed(s, "live", deadline=warmup + window + 60.0)
-        return await interleaved(rows(s, cache_pb2_grpc.CacheServiceStub(channel), live),
-                                 warmup, window, rounds)
+        return await interleaved(
+            rows(s, cache_pb2_grpc.CacheServiceStub(channel), live, relay),
+            warmup, window, rounds)
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start the cluster and an echo server, time every row, stop them all.
+    """Start the cluster, an echo server and the floor's durable ring, time every
+    row, stop them all.
 
     ``warmup`` and ``window`` are per workload over all ``rounds``.
     """
@@ -389,7 +404,8 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         echo_dir = workdir / "events-echo"
         echo_dir.mkdir()
         echo = services.start_echo(stack, echo_dir, 100)
-        return aio.run(_measure(etcd, echo, warmup / rounds, window / rounds, rounds))
+        ring = floor.start_ring(stack, workdir, "events-floor", durable=True)
+        return aio.run(_measure(etcd, echo, ring, warmup / rounds, window / rounds, rounds))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@ acquire, a compare-and-delete Txn to release) against that same etcd. Each
 workload loops acquire -> release, either on one lock (``seq``) or in 16 tasks
 on 16 distinct locks (``c16``), so no cycle ever waits for another. Workloads
 are interleaved in rounds (etcd, Mesh R=1, Mesh R=0, then again), like the
-other rows, so drift on the machine hits every side alike.
+other rows, so drift on the machine hits every side alike. With them runs the
+floor of a replicated cycle (``bench.floor``): two raw gRPC calls, each relayed
+to a peer and acknowledged, with nothing of Mesh behind them.
 
 ``python -m bench.locks`` runs only these rows (its own etcd) and prints their table.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import aetcd
 
-from bench import aio, clusters, replication_counts, report, standalone
+from bench import aio, clusters, floor, replication_counts, report, standalone
 from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 from common.etcd import client_for
@@ -43,9 +45,11 @@ ETCD_PREFIX = "bench-lock/"
 
 
 def workload_name(side: str, in_flight: int) -> str:
-    """``etcd.lock.seq``, ``cluster.lock.r1.c16``, ..."""
+    """``etcd.lock.seq``, ``floor.lock.seq``, ``cluster.lock.r1.c16``, ..."""
     shape = "seq" if in_flight == 1 else f"c{in_flight}"
-    return f"etcd.lock.{shape}" if side == "etcd" else f"cluster.lock.{side}.{shape}"
+    if side in ("etcd", "floor"):
+        return f"{side}.lock.{shape}"
+    return f"cluster.lock.{side}.{shape}"
 
 
 def _locks(in_flight: int) -> str:
@@ -54,10 +58,12 @@ def _locks(in_flight: int) -> str:
 
 @dataclass(frozen=True)
 class Clients:
-    """One typed client per Mesh variant and one aetcd client, all connected."""
+    """One typed client per Mesh variant, one aetcd client and the floor's ring,
+    all connected."""
 
     meshes: dict[str, Mesh]
     etcd: aetcd.Client
+    ring: floor.Ring
 
 
 def _cycles(names: list[str], cycle: Callable[[str], Awaitable[None]]) -> Op:
@@ -112,11 +118,16 @@ def workloads(c: Clients, counters: dict[str, Counters] | None = None) -> list[W
                 workload_name(variant, n),
                 f"mesh.locks acquire+release, {TITLES[variant]}, {_locks(n)}",
                 _cycles(names, _mesh_cycle(mesh)), n, counters=counters.get(variant)))
+        work.append(Workload(
+            workload_name("floor", n),
+            f"two raw gRPC calls, each relayed to a peer and acknowledged (a replicated "
+            f"acquire+release's messages, nothing of Mesh), {floor.SIZE} processes, "
+            f"{_locks(n)}", c.ring.cycles(n), n))
     return work
 
 
 @contextlib.asynccontextmanager
-async def connected(etcd: str) -> AsyncIterator[Clients]:
+async def connected(etcd: str, ring: list[str]) -> AsyncIterator[Clients]:
     """Connect every client and check that one cycle works on each side."""
     async with contextlib.AsyncExitStack() as stack:
         meshes = {variant: await stack.enter_async_context(Mesh(etcd=etcd, cluster=spec.name))
@@ -125,18 +136,20 @@ async def connected(etcd: str) -> AsyncIterator[Clients]:
         for variant, mesh in meshes.items():  # routes known and channels open
             await _mesh_cycle(mesh)(f"bench-lock:{variant}:check")
         await _etcd_cycle(client)(f"{ETCD_PREFIX}check")
-        yield Clients(meshes, client)
+        relay = await stack.enter_async_context(floor.connected(ring))
+        yield Clients(meshes, client, relay)
 
 
-async def _measure(etcd: str, warmup: float, window: float, rounds: int,
+async def _measure(etcd: str, ring: list[str], warmup: float, window: float, rounds: int,
                    counters: dict[str, Counters]) -> list[Measurement]:
-    async with connected(etcd) as c:
+    async with connected(etcd, ring) as c:
         return await interleaved(workloads(c, counters), warmup, window, rounds, "cycles/s")
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start both clusters on ``etcd``, time every lock workload, stop the clusters.
+    """Start both clusters on ``etcd`` and the floor's ring, time every lock
+    workload, stop them all.
 
     ``warmup`` and ``window`` are per workload over all ``rounds``.
     """
@@ -145,7 +158,9 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         counters = {variant: replication_counts.reader(local)
                     for variant, local, spec in zip(SPECS, started, SPECS.values(), strict=True)
                     if spec.replicas}
-        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds, counters))
+        ring = floor.start_ring(stack, workdir, "lock-floor")
+        return aio.run(_measure(etcd, ring, warmup / rounds, window / rounds, rounds,
+                                counters))
 
 
 def main(argv: list[str] | None = None) -> int:

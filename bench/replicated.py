@@ -7,6 +7,8 @@ interleaved in rounds, like the single-node rows, so drift on the machine hits
 every variant alike. Each Set writes a key never written before. The replicated
 Set workloads also count the replication messages their windows cost the
 cluster's nodes and the commands those carried (``bench.replication_counts``).
+At 64 in flight the floor of a replicated Set runs with them (``bench.floor``):
+raw gRPC calls relayed to a peer against calls echoed at once, nothing of Mesh.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from bench import aio, clusters, replication_counts
+from bench import aio, clusters, floor, replication_counts
 from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 
@@ -60,11 +62,19 @@ def _get_op(mesh: Mesh, linearizable: bool) -> Op:
     return lambda: mesh.cache.get(next(keys), linearizable=linearizable)
 
 
-def workloads(meshes: dict[str, Mesh], counters: dict[str, Counters] | None = None
-              ) -> list[Workload]:
+FLOOR_IN_FLIGHT = 64
+
+
+def floor_workload_name(replicated: bool) -> str:
+    return f"floor.set.{'replicated' if replicated else 'unreplicated'}.c{FLOOR_IN_FLIGHT}"
+
+
+def workloads(meshes: dict[str, Mesh], ring: floor.Ring,
+              counters: dict[str, Counters] | None = None) -> list[Workload]:
     """Every variant at every concurrency; the baseline first in each group. Then
-    Get on the R=1 sync cluster, default reads and linearizable ones. ``counters``:
-    the replication counters of each variant's cluster, read around its Set windows."""
+    Get on the R=1 sync cluster, default reads and linearizable ones; then the
+    floor's two rows on ``ring``. ``counters``: the replication counters of each
+    variant's cluster, read around its Set windows."""
     counters = counters or {}
     sets = [
         Workload(workload_name(variant, n),
@@ -79,7 +89,16 @@ def workloads(meshes: dict[str, Mesh], counters: dict[str, Counters] | None = No
                  n)
         for n in CONCURRENCY for linearizable in (False, True)
     ]
-    return sets + gets
+    floors = [
+        Workload(floor_workload_name(False), f"raw gRPC calls answered at once (an "
+                 f"unreplicated write's messages, nothing of Mesh), {floor.SIZE} processes, "
+                 f"{FLOOR_IN_FLIGHT} in flight", ring.unreplicated(), FLOOR_IN_FLIGHT),
+        Workload(floor_workload_name(True), f"raw gRPC calls, each relayed to a peer and "
+                 f"acknowledged (a replicated write's messages, nothing of Mesh), "
+                 f"{floor.SIZE} processes, {FLOOR_IN_FLIGHT} in flight", ring.replicated(),
+                 FLOOR_IN_FLIGHT),
+    ]
+    return sets + gets + floors
 
 
 @contextlib.asynccontextmanager
@@ -95,18 +114,20 @@ async def _connected(etcd: str) -> AsyncIterator[dict[str, Mesh]]:
         yield meshes
 
 
-async def _measure(etcd: str, warmup: float, window: float, rounds: int,
+async def _measure(etcd: str, ring: list[str], warmup: float, window: float, rounds: int,
                    counters: dict[str, Counters]) -> list[Measurement]:
-    async with _connected(etcd) as meshes:
-        return await interleaved(workloads(meshes, counters), warmup, window, rounds)
+    async with _connected(etcd) as meshes, floor.connected(ring) as relay:
+        return await interleaved(workloads(meshes, relay, counters), warmup, window, rounds)
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start the clusters, time every Set workload, stop the clusters."""
+    """Start the clusters and the floor's ring, time every workload, stop them all."""
     with contextlib.ExitStack() as stack:
         started = clusters.start(stack, workdir, etcd, list(SPECS.values()))
         counters = {variant: replication_counts.reader(local)
                     for variant, local, spec in zip(SPECS, started, SPECS.values(), strict=True)
                     if spec.replicas}
-        return aio.run(_measure(etcd, warmup / rounds, window / rounds, rounds, counters))
+        ring = floor.start_ring(stack, workdir, "set-floor")
+        return aio.run(_measure(etcd, ring, warmup / rounds, window / rounds, rounds,
+                                counters))

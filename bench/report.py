@@ -163,6 +163,28 @@ STACK_COMPARISONS = [
 """The full interceptor stack against a bare node timed with it, at the same calls in flight."""
 COMPARISONS += STACK_COMPARISONS + LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS \
     + SCHEDULER_BATCH_COMPARISONS
+RELAYED = "raw gRPC calls relayed to a peer (nothing of Mesh)"
+FLOOR_COMPARISONS = [
+    Comparison("floor.lock.seq", f"Floor of a replicated lock cycle: two {RELAYED}, "
+               "sequential", "cycles/s", "floor.lock.seq", "etcd.lock.seq", "etcd lock (aetcd)"),
+    Comparison("floor.lock.c16", f"Floor of a replicated lock cycle: two {RELAYED}, "
+               "16 loops", "cycles/s", "floor.lock.c16", "etcd.lock.c16", "etcd lock (aetcd)"),
+    Comparison("floor.set.c64", f"Floor of a replicated write: {RELAYED}, 64 in flight",
+               "calls/s", "floor.set.replicated.c64", "floor.set.unreplicated.c64",
+               "raw gRPC calls answered at once"),
+    Comparison("floor.append.c16", f"Floor of a durable replicated append: {RELAYED}, "
+               "both sides committing to sqlite, 16 in flight", "appends/s",
+               "floor.append.durable.c16", "echo.events.c16", ECHO),
+]
+"""Each goal row's messages sent by raw gRPC with nothing of Mesh (``bench.floor``),
+against the goal row's baseline (the Set floor: against the same calls unreplicated)."""
+FLOORS = {
+    "lock.r1.seq": "floor.lock.seq",
+    "lock.r1.c16": "floor.lock.c16",
+    "set.r1sync.c64": "floor.set.c64",
+    "events.append.client.c16": "floor.append.c16",
+}
+"""A goal -> its floor comparison: the ratio the same messages reach in raw gRPC."""
 
 
 def _rate(m: Measurement, unit: str) -> float:
@@ -190,13 +212,20 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
         for m in measurements
     }
     comparisons = _compare(by_name, COMPARISONS)
+    floors = _compare(by_name, _present(by_name, FLOOR_COMPARISONS))
     return {
         **environment,
         "workloads": workloads,
         "comparisons": comparisons,
-        "goals": goals(comparisons),
+        "floors": floors,
+        "goals": goals(comparisons, floors),
         **scenarios,
     }
+
+
+def _present(by_name: dict[str, Measurement], which: list[Comparison]) -> list[Comparison]:
+    """The comparisons of ``which`` whose two workloads ran."""
+    return [c for c in which if c.mesh in by_name and c.baseline in by_name]
 
 
 def _replication(m: Measurement) -> dict[str, Any]:
@@ -228,11 +257,22 @@ def _compare(by_name: dict[str, Measurement], which: list[Comparison]
     return comparisons
 
 
-def goals(comparisons: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each goal of ``GOALS`` whose comparison ran: its ratio, goal and whether met."""
-    return {key: {"min_ratio": goal, "ratio": comparisons[key]["ratio"],
-                  "met": comparisons[key]["ratio"] >= goal}
-            for key, goal in GOALS.items() if key in comparisons}
+def goals(comparisons: dict[str, dict[str, Any]],
+          floors: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Each goal of ``GOALS`` whose comparison ran: its ratio, goal and whether met,
+    and, where its floor ran, the floor's ratio and Mesh's share of it."""
+    floors = floors or {}
+    judged: dict[str, dict[str, Any]] = {}
+    for key, goal in GOALS.items():
+        if key not in comparisons:
+            continue
+        ratio = comparisons[key]["ratio"]
+        judged[key] = {"min_ratio": goal, "ratio": ratio, "met": ratio >= goal}
+        floor = floors.get(FLOORS.get(key, ""))
+        if floor is not None:
+            judged[key]["floor_ratio"] = floor["ratio"]
+            judged[key]["of_floor"] = round(ratio / floor["ratio"], 3)
+    return judged
 
 
 def _n(value: float) -> str:
@@ -252,6 +292,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *goal_lines(results["comparisons"], results["goals"]),
         *_scheduler_setup(results.get("scheduler")),
+        *_floor_table(results.get("floors", {})),
         "",
         "Raw numbers:",
         "",
@@ -278,21 +319,44 @@ def _comparison_table(comparisons: dict[str, dict[str, Any]]) -> list[str]:
 
 def goal_lines(comparisons: dict[str, dict[str, Any]], goals: dict[str, dict[str, Any]]
                ) -> list[str]:
-    """A line per goal: the row, its ratio, the goal, met or not."""
-    return [f"Goal: {comparisons[key]['label']} >= {g['min_ratio']}x "
-            f"{comparisons[key]['baseline_label']}: {g['ratio']:.2f}x, "
-            f"{'met' if g['met'] else 'NOT met'}." for key, g in goals.items()]
+    """A line per goal: the row, its ratio, the goal, met or not, and its floor."""
+    lines = []
+    for key, g in goals.items():
+        line = (f"Goal: {comparisons[key]['label']} >= {g['min_ratio']}x "
+                f"{comparisons[key]['baseline_label']}: {g['ratio']:.2f}x, "
+                f"{'met' if g['met'] else 'NOT met'}.")
+        if "floor_ratio" in g:
+            line += (f" Floor (the same messages in raw gRPC, nothing of Mesh): "
+                     f"{g['floor_ratio']:.2f}x; Mesh / floor {g['of_floor']:.2f}.")
+        lines.append(line)
+    return lines
+
+
+def _floor_table(floors: dict[str, dict[str, Any]]) -> list[str]:
+    if not floors:
+        return []
+    lines = ["", "Floors (`bench.floor`: three raw grpc.aio processes in a ring, each "
+             "relaying to the next; writes coalesced as the typed client coalesces them):", "",
+             "| floor | raw gRPC | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
+    for c in floors.values():
+        lines.append(f"| {c['label']} ({c['unit']}) vs {c['baseline_label']} "
+                     f"| {_n(c['mesh_rate'])} | {_n(c['baseline_rate'])} | {c['ratio']:.2f}x |")
+    return lines
 
 
 def _standalone_table(measurements: list[Measurement], comparisons_wanted: list[Comparison],
                       unit: str) -> str:
     """A rows module's own table (``python -m bench.<rows>``): ratios, the goals of
     those rows, then each workload's rate by round."""
-    comparisons = _compare({m.workload.name: m for m in measurements}, comparisons_wanted)
+    by_name = {m.workload.name: m for m in measurements}
+    comparisons = _compare(by_name, comparisons_wanted)
+    floors = _compare(by_name, _present(by_name, FLOOR_COMPARISONS))
     lines = [*_comparison_table(comparisons), ""]
-    reached = goal_lines(comparisons, goals(comparisons))
+    reached = goal_lines(comparisons, goals(comparisons, floors))
     if reached:
         lines += [*reached, ""]
+    if floors:
+        lines += [*_floor_table(floors)[1:], ""]
     for m in measurements:
         by_round = " / ".join(_n(r) for r in m.rounds)
         carried = f", {_n(m.keys_per_s)} events/s" if m.workload.batch > 1 else ""

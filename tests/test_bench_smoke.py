@@ -49,6 +49,8 @@ WORKLOADS = {
     "cluster.scheduler.enqueue.batch100.c16", "cluster.scheduler.e2e.nochain.c16",
     "cluster.scheduler.e2e.batch.c16", "cluster.scheduler.enqueue.client.c16",
     "cluster.scheduler.e2e.client.c16",
+    "floor.lock.seq", "floor.lock.c16", "floor.set.replicated.c64", "floor.set.unreplicated.c64",
+    "floor.append.durable.c16",
 }
 STACK_UNITS = {"stack.get.seq": "calls/s", "stack.get.c64": "calls/s"}
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
@@ -114,6 +116,7 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
 
     _check_replication_counts(results)
     assert set(results["goals"]) == set(report.GOALS)  # every goal of the issue is judged
+    _check_floors(results, run.stdout)
     _check_stack(results)
     _check_locks(results, run.stdout)
     _check_events(results)
@@ -134,6 +137,21 @@ def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     _check_gateway(results["gateway"])
     assert "| side | completed/s | p50 ms | p99 ms | vs hand-chained |" in run.stdout
     _check_saga(results["saga"])
+
+
+def _check_floors(results: dict[str, Any], stdout: str) -> None:
+    """Every floor is measured, and each goal with a floor is set against it."""
+    floors = results["floors"]
+    assert set(floors) == set(report.FLOORS.values())
+    for key, f in floors.items():
+        assert f["mesh"].startswith("floor.") and f["mesh_rate"] > 0, key
+        assert f["baseline_rate"] > 0 and f["ratio"] > 0, key
+    for goal, floor in report.FLOORS.items():
+        g = results["goals"][goal]
+        assert g["floor_ratio"] == floors[floor]["ratio"], goal
+        assert g["of_floor"] == pytest.approx(g["ratio"] / g["floor_ratio"], abs=0.001), goal
+    assert "| floor | raw gRPC | baseline | ratio |" in stdout
+    assert "Floor (the same messages in raw gRPC, nothing of Mesh):" in stdout
 
 
 REPLICATED = ("cluster.set.r1sync.seq", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",

@@ -1,0 +1,146 @@
+"""Floor rows: the messages of a replicated write in raw Python gRPC, nothing of Mesh.
+
+A Mesh write on a 3-node R=1 cluster costs at least what its messages cost: the
+client's call to the primary, one replication message to the replica, its ack,
+the answer. A ring of three ``bench.relay_server`` processes (each relays to the
+next, so every process is a primary and a replica, as every node is) sends
+exactly those messages with no state machine, log, auth, routing, metrics or
+retries behind them. Its client coalesces as Mesh's typed client does (a lone
+write goes at once; while a call to a process is open the next writes gather
+for one call) and each process's link to the next keeps one message in flight,
+as a node's replication link does. Timed in the same interleaved rounds as
+the Mesh rows they price, the floor rows say how much of a Mesh row's cost the
+transport alone is, and whether a goal is within reach of Python gRPC at all:
+
+- ``floor.lock.seq`` / ``floor.lock.c16``: two relayed writes in sequence on one
+  process per cycle (an acquire and a release, each a replicated write), from 1
+  loop or 16; rated in cycles/s, against etcd's lock as the Mesh lock rows are.
+- ``floor.set.replicated.c64`` against ``floor.set.unreplicated.c64``: relayed
+  writes against echoed ones (a write on R=1 against R=0), 64 in flight.
+- ``floor.append.durable.c16``: relayed writes on a ring whose two sides commit
+  every replication message to sqlite (as the event store's durable appends),
+  16 in flight; against the echo server, as the event rows are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from bench.relay_server import SERVICE, Batched, raw
+from bench.timing import Op
+from common.localmesh import Child, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 3
+"""Processes in a ring: one per node of the clusters the floor rows price."""
+PAYLOAD = b"f" * 100
+"""A write's request: 100 bytes, as the Mesh rows' values and events."""
+TIMEOUT = 10.0
+
+
+class Unary(Protocol):
+    """A raw unary method of the ring."""
+
+    def __call__(self, request: bytes, *, timeout: float) -> Awaitable[bytes]: ...
+
+
+def start_ring(stack: contextlib.ExitStack, workdir: Path, name: str,
+               durable: bool = False) -> list[str]:
+    """Start ``SIZE`` relay servers, each relaying to the next (stopped with
+    ``stack``); their addresses. ``durable``: each commits to sqlite in ``workdir``."""
+    ports = [free_port() for _ in range(SIZE)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    children = []
+    for i, port in enumerate(ports):
+        argv = [sys.executable, "-m", "bench.relay_server", "--listen", f"127.0.0.1:{port}",
+                "--next", f"127.0.0.1:{ports[(i + 1) % SIZE]}"]
+        if durable:
+            argv += ["--durable", str(workdir / f"{name}-{i}")]
+        child = Child(f"{name}-{i}", argv, workdir / f"{name}-{i}.log", env=env)
+        stack.callback(child.stop)
+        child.start()
+        children.append(child)
+    return [child.wait_for_line("READY ", 30.0).removeprefix("READY ").strip()
+            for child in children]
+
+
+def coalesced(unary: Unary) -> Batched[bytes]:
+    """Writes bound for one process, sent as the typed client sends them: a lone
+    write goes at once; while a call is open the next writes gather, and go
+    together in one call when it returns (their payloads concatenated)."""
+    async def send(payloads: list[bytes]) -> None:
+        await unary(b"".join(payloads), timeout=TIMEOUT)
+    return Batched(send)
+
+
+class Ring:
+    """A client of one ring: a channel to each process, and coalesced writes."""
+
+    def __init__(self, channels: list[grpc.aio.Channel]) -> None:
+        def method(channel: grpc.aio.Channel, name: str) -> Unary:
+            unary: Unary = channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=raw,
+                                               response_deserializer=raw)
+            return unary
+
+        self._calls = [method(channel, "Call") for channel in channels]
+        self._echoes = [method(channel, "Echo") for channel in channels]
+        # One coalescer per process and kind, as the typed client keeps them per
+        # node and method (a lock's acquires and its releases gather apart).
+        self._writes = [coalesced(call) for call in self._calls]
+        self._unreplicated = [coalesced(echo) for echo in self._echoes]
+        self._acquires = [coalesced(call) for call in self._calls]
+        self._releases = [coalesced(call) for call in self._calls]
+
+    async def check(self) -> None:
+        """One relayed call and one echo on every process (the streams open)."""
+        for call, echo in zip(self._calls, self._echoes, strict=True):
+            await call(PAYLOAD, timeout=TIMEOUT)
+            await echo(PAYLOAD, timeout=TIMEOUT)
+
+    def replicated(self) -> Op:
+        """A relayed write, on each process in turn."""
+        return self._spread(self._writes)
+
+    def unreplicated(self) -> Op:
+        """An echoed write, on each process in turn."""
+        return self._spread(self._unreplicated)
+
+    def cycles(self, in_flight: int) -> Op:
+        """Two relayed writes in sequence on one process (a lock's acquire and
+        release); each of the ``in_flight`` loops keeps to its own process, as a
+        loop's lock keeps to its primary."""
+        slots = list(range(in_flight))
+
+        async def op() -> None:
+            slot = slots.pop()
+            try:
+                process = slot % len(self._calls)
+                await self._acquires[process](PAYLOAD)
+                await self._releases[process](PAYLOAD)
+            finally:
+                slots.append(slot)
+        return op
+
+    @staticmethod
+    def _spread(writes: list[Batched[bytes]]) -> Op:
+        turn = itertools.cycle(writes)
+        return lambda: next(turn)(PAYLOAD)
+
+
+@contextlib.asynccontextmanager
+async def connected(addresses: list[str]) -> AsyncIterator[Ring]:
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [await stack.enter_async_context(grpc.aio.insecure_channel(address))
+                    for address in addresses]
+        ring = Ring(channels)
+        await ring.check()
+        yield ring

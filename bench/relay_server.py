@@ -1,0 +1,193 @@
+"""The transport floor of a replicated write: ``python -m bench.relay_server``.
+
+A bare grpc.aio server speaking raw bytes with nothing of Mesh in it (no state
+machine, log, auth, routing, metrics or retries), to price what the messages of
+a replicated write cost Python gRPC by themselves (``bench.floor``):
+
+- ``/floor.Relay/Echo`` (unary) answers at once: an unreplicated write's messages.
+- ``/floor.Relay/Call`` (unary) hands its request to the one ``Apply`` stream this
+  server keeps to ``--next`` and answers once that server acknowledges it: a
+  replicated write's messages (the client's call, one replication message, its
+  ack). Like a Mesh node's replication link, the stream keeps one message in
+  flight, and the requests that arrive meanwhile go out together in the next one.
+- ``/floor.Relay/Apply`` (bidi) acknowledges each message it reads.
+
+With ``--durable DIR`` both sides also commit one sqlite transaction per
+replication message (WAL, ``synchronous=FULL``, in a thread, as the node's
+journal does): the replica before acknowledging it, the sender while it waits
+for the ack. It prints ``READY <address>`` once it serves and stops on SIGTERM
+or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import grpc
+
+SERVICE = "floor.Relay"
+ACK = b"\x01"
+T = TypeVar("T")
+
+
+def raw(data: bytes) -> bytes:
+    """The (de)serializer of every method: the bytes as they are."""
+    return data
+
+
+class Batched(Generic[T]):
+    """One send in flight: items that arrive meanwhile gather, and go together in
+    the next (a Mesh node's replication link, its journal's group commit, the
+    typed client's coalescing all work so). Each caller waits for its own item's."""
+
+    def __init__(self, send: Callable[[list[T]], Awaitable[None]]) -> None:
+        self._send = send
+        self._queued: list[tuple[T, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, item: T) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((item, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    await self._send([item for item, _ in batch])
+                except Exception as exc:  # a bench fails loudly: every caller raises
+                    for _, future in batch:
+                        future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        future.set_result(None)
+        finally:
+            self._task = None
+
+
+class Disk:
+    """sqlite with group commit: one transaction at a time, in a thread, holding
+    every message queued meanwhile, a row each."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS messages (data BLOB NOT NULL)")
+        self.commit = Batched(self._flush)
+
+    async def _flush(self, messages: list[bytes]) -> None:
+        await asyncio.to_thread(self._transaction, messages)
+
+    def rows(self) -> int:
+        """Messages committed so far."""
+        return int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+    def _transaction(self, messages: list[bytes]) -> None:
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT INTO messages (data) VALUES (?)",
+                             [(message,) for message in messages])
+        self._db.execute("COMMIT")
+
+
+class Link:
+    """The one Apply stream to the next server; one message in flight, carrying
+    every request queued meanwhile."""
+
+    def __init__(self, address: str, disk: Disk | None) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._apply = self._channel.stream_stream(
+            f"/{SERVICE}/Apply", request_serializer=raw, response_deserializer=raw)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._disk = disk
+        self.send = Batched(self._message)
+
+    async def _message(self, requests: list[bytes]) -> None:
+        if self._call is None or self._call.done():
+            self._call = self._apply()
+        message = b"".join(requests)
+        await self._call.write(message)
+        if self._disk is None:
+            ack = await self._call.read()
+        else:
+            ack, _ = await asyncio.gather(self._call.read(), self._disk.commit(message))
+        if ack is grpc.aio.EOF:
+            raise ConnectionError("the next server ended the Apply stream")
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        await self._channel.close()
+
+
+def add_relay_service(server: grpc.aio.Server, link: Link | None, disk: Disk | None) -> None:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return ACK
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if link is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "started without --next")
+        else:
+            await link.send(request)
+        return ACK
+
+    async def apply(requests: AsyncIterator[bytes],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for message in requests:
+            if disk is not None:
+                await disk.commit(message)
+            yield ACK
+
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo, raw, raw),
+        "Call": grpc.unary_unary_rpc_method_handler(call, raw, raw),
+        "Apply": grpc.stream_stream_rpc_method_handler(apply, raw, raw),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+async def serve(listen: str, next_address: str | None, disk: Disk | None) -> None:
+    link = Link(next_address, disk) if next_address else None
+    server = grpc.aio.server()
+    add_relay_service(server, link, disk)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {listen.rpartition(':')[0]}:{port}", flush=True)
+    await stop.wait()
+    await server.stop(0)
+    if link is not None:
+        await link.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--next", dest="next_address", metavar="ADDRESS",
+                        help="the server Call relays to (omitted: Call is refused)")
+    parser.add_argument("--durable", type=Path, metavar="DIR",
+                        help="commit each replication message to sqlite in DIR on both sides")
+    args = parser.parse_args()
+    disk = None
+    if args.durable is not None:
+        args.durable.mkdir(parents=True, exist_ok=True)
+        disk = Disk(args.durable / "relay.db")
+    asyncio.run(serve(args.listen, args.next_address, disk))
+
+
+if __name__ == "__main__":
+    main()
