@@ -18,6 +18,10 @@ typed client and the baselines it is judged against:
   worker pool, complete) vs. Celery with a Redis broker in the same rounds
   (``scheduler``; ``celery_app`` is Celery's side, ``mesh_worker`` Mesh's worker
   process, ``counter`` how both count the jobs they ran);
+* the floor of each goal row (``floor``): the same messages (a coalesced call,
+  one replication message to a peer and its ack; for appends, sqlite commits on
+  both sides) sent by a ring of bare grpc.aio processes (``relay_server``) with
+  nothing of Mesh behind them, in the same rounds as the rows they price;
 * failover time after SIGKILL of a primary, and rebalance time when a 4th node
   joins 3 that hold 100k keys (with checks that no acknowledged write is lost).
 
