@@ -45,6 +45,9 @@ class LockPrimary:
         self._clock = clock
         self.queues: dict[str, WaitQueue] = {}
         self._timers: dict[str, Timer] = {}
+        # Leases handed to more than one call (a retry with the grant's request id
+        # gets the same lease) -> how many calls have it. See `abandon`.
+        self._handed: dict[str, int] = {}
         self.leading = False
 
     # -- role ----------------------------------------------------------------------
@@ -64,6 +67,7 @@ class LockPrimary:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._handed.clear()
         queues, self.queues = self.queues, {}
         for queue in queues.values():
             for waiter in queue:
@@ -84,6 +88,7 @@ class LockPrimary:
             lease = lock.by_request(request_id) if lock else None
             if lease is not None and lease.expire_ns > self._clock.wall_ns():
                 # A retry of a granted Acquire: the same lease.
+                self._handed[lease.lease_id] = self._handed.get(lease.lease_id, 1) + 1
                 return Grant(lease, self._group.log.last_seq)
             old = queue.by_request(request_id) if queue else None
             if queue is not None and old is not None:
@@ -124,7 +129,20 @@ class LockPrimary:
         return self._end(name, lease, lpb.LEASE_END_RELEASED)
 
     def abandon(self, name: str, lease: Lease) -> None:
-        """A lease was granted to a call that went away before hearing of it."""
+        """A lease was granted to a call that went away before hearing of it.
+
+        Unless another call was handed the same lease too: a client that lost
+        its first try sends the request id again, and the retry may be handed
+        the lease (and answer with it) before the first try's cancellation
+        arrives here. Ending the lease then would leave the client holding a
+        lease the primary no longer knows. It ends when every call it was
+        handed to went away (or as leases do: released or expired).
+        """
+        handed = self._handed.get(lease.lease_id, 1) - 1
+        if handed > 0:
+            self._handed[lease.lease_id] = handed
+            return
+        self._handed.pop(lease.lease_id, None)
         if self.leading and self.table.lease(name, lease.lease_id) is lease:
             self._end(name, lease, lpb.LEASE_END_ABANDONED)
 
@@ -167,6 +185,7 @@ class LockPrimary:
         return Grant(lease, proposal.seq)
 
     def _end(self, name: str, lease: Lease, why: lpb.LeaseEnd.ValueType) -> int:
+        self._handed.pop(lease.lease_id, None)
         timer = self._timers.pop(lease.lease_id, None)
         if timer is not None:
             timer.cancel()

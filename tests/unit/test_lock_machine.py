@@ -173,6 +173,38 @@ async def test_a_retry_with_the_same_request_id_takes_the_waiters_place() -> Non
     assert isinstance(behind.future.exception(), ServiceError)
 
 
+async def test_a_lease_handed_to_a_retry_outlives_the_first_try_going_away() -> None:
+    """A client lost its first try and sent the request id again; the retry was
+    handed the same lease (and may have answered with it) before the first try's
+    cancellation arrived. Abandoning the first try must not end the lease."""
+    primary = _group("a", epoch=1, primary=True)
+    m = _machine(primary)
+    first = _granted(_acquire(m, "r", request_id="req"))
+    retry = _granted(_acquire(m, "r", request_id="req"))
+    assert retry.lease is first.lease
+    m.abandon("r", first.lease)  # the first try's call was cancelled
+    assert m.table.lease("r", first.lease.lease_id) is first.lease
+    m.release("r", retry.lease.lease_id)  # the client, holding it, lets go
+    assert m.table.get("r") is None
+    primary.machines[LOCK].close()
+
+
+async def test_a_lease_ends_once_every_call_it_was_handed_to_went_away() -> None:
+    primary = _group("a", epoch=1, primary=True)
+    m = _machine(primary)
+    once = _granted(_acquire(m, "once", request_id="one"))
+    m.abandon("once", once.lease)
+    assert m.table.get("once") is None
+    later = _granted(_acquire(m, "once", request_id="one"))  # a retry after that
+    assert later.lease.lease_id != once.lease.lease_id
+    twice = _granted(_acquire(m, "twice", request_id="two"))
+    _granted(_acquire(m, "twice", request_id="two"))
+    m.abandon("twice", twice.lease)
+    m.abandon("twice", twice.lease)
+    assert m.table.get("twice") is None
+    primary.machines[LOCK].close()
+
+
 async def test_losing_the_primary_role_fails_waiters_and_stops_expiry() -> None:
     clock = ManualClock()
     primary = _group("a", epoch=1, primary=True, clock=clock)
