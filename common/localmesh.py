@@ -596,14 +596,16 @@ class LocalMesh:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def logs(self) -> str:
+    def logs(self, lines: int = 40) -> str:
+        """The last ``lines`` of each process's log (etcd's last 10)."""
         parts = []
         for coordinator in self.coordinators:
-            parts.append(f"--- {coordinator.coordinator_id} ---\n{coordinator.child.log_tail()}")
+            parts.append(f"--- {coordinator.coordinator_id} ---\n"
+                         f"{coordinator.child.log_tail(lines)}")
         for node in self.nodes:
-            parts.append(f"--- {node.node_id} ---\n{node.child.log_tail()}")
+            parts.append(f"--- {node.node_id} ---\n{node.child.log_tail(lines)}")
         for gateway in self.gateways:
-            parts.append(f"--- {gateway.name} ---\n{gateway.child.log_tail()}")
+            parts.append(f"--- {gateway.name} ---\n{gateway.child.log_tail(lines)}")
         if self.etcd is not None and self.etcd.child is not None:
             parts.append(f"--- etcd ---\n{self.etcd.child.log_tail(10)}")
         return "\n".join(parts)

@@ -82,6 +82,10 @@ def pytest_runtest_makereport(
     return report
 
 
+FAILED_LOG_LINES = 400
+"""Lines of each process's log a failed test prints (its cluster's ``local_mesh``)."""
+
+
 def _failed(request: pytest.FixtureRequest) -> bool:
     return any(getattr(request.node, f"rep_{w}", None) is not None
                and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
@@ -199,7 +203,9 @@ def local_mesh(
     finally:
         for local in started:
             if _failed(request):
-                print(f"\n===== process logs ({cluster_name}) =====\n{local.logs()}")
+                # Enough to see what led up to it: a failover logs a line per group.
+                print(f"\n===== process logs ({cluster_name}) =====\n"
+                      f"{local.logs(FAILED_LOG_LINES)}")
             local.kill()  # the test is over: no grace period to wait out
 
 
