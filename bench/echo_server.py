@@ -41,6 +41,12 @@ def add_echo_service(server: grpc.aio.Server, value_bytes: int) -> None:
 async def serve(listen: str, value_bytes: int) -> None:
     server = grpc.aio.server()
     add_echo_service(server, value_bytes)
+    await run_until_signalled(server, listen)
+
+
+async def run_until_signalled(server: grpc.aio.Server, listen: str) -> None:
+    """Serve on ``listen``, print ``READY <address>``, stop on SIGTERM or SIGINT
+    (the bench's baseline servers all run so)."""
     port = server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"could not bind {listen}")

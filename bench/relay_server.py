@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import grpc
+
+from bench.echo_server import run_until_signalled
 
 SERVICE = "floor.Relay"
 ACK = b"\x01"
@@ -159,17 +160,7 @@ async def serve(listen: str, next_address: str | None, disk: Disk | None) -> Non
     link = Link(next_address, disk) if next_address else None
     server = grpc.aio.server()
     add_relay_service(server, link, disk)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise RuntimeError(f"could not bind {listen}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY {listen.rpartition(':')[0]}:{port}", flush=True)
-    await stop.wait()
-    await server.stop(0)
+    await run_until_signalled(server, listen)
     if link is not None:
         await link.close()
 
