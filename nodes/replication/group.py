@@ -116,6 +116,7 @@ class Group:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         # Replica side.
         self.snapshotting = False
+        self._install: Generator[None, None, None] | None = None  # a snapshot going in
 
     # -- position ------------------------------------------------------------
 
@@ -212,6 +213,16 @@ class Group:
 
     def become_primary(self, epoch: int) -> None:
         """Take over at ``epoch``: continue the history from this copy's last command."""
+        install, self._install = self._install, None
+        if install is not None:
+            # Promoted halfway through installing a snapshot (the map may still
+            # count a replica in sync while it copies its primary's state): end the
+            # install before leading, so that this copy never serves, or is
+            # emptied of, half of it (see `installing`).
+            try:
+                install.close()
+            except Exception:  # a restore failed: the install's own handler would log it
+                log.exception("group %d: the snapshot being installed failed", self.group_id)
         changed = self.role != PRIMARY or epoch != self.epoch or self.fenced
         if changed:
             log.debug("group %d: primary at epoch %d from seq %d", self.group_id, epoch,
@@ -335,9 +346,14 @@ class Group:
         to load), so the caller can let the event loop run in between.
 
         The copy must refuse batches meanwhile (``snapshotting``). Closed before
-        the end, it is left empty at ``(0, 0)``: its primary then sends a whole
-        snapshot again.
+        the end (the group moved on, the stream broke, `become_primary`), it
+        restores the rest at once: it is never left half installed, nor empty.
         """
+        self._install = steps = self._installing(epoch, seq, chunks)
+        return steps
+
+    def _installing(self, epoch: int, seq: int, chunks: Iterable[tuple[int, int, bytes]]
+                    ) -> Generator[None, None, None]:
         by_service: dict[int, list[tuple[int, bytes]]] = {k: [] for k in self._factories}
         for service, slot, data in chunks:
             by_service.setdefault(service, []).append((slot, data))
@@ -348,14 +364,31 @@ class Group:
         self.restored = False
         self.volatile_seq = 0
         self.machines = {k: f(self) for k, f in self._factories.items()}
+        restoring = (step for service, machine in self.machines.items()
+                     for step in self._restore(machine, by_service.get(service, []),
+                                               epoch, seq))
         done = False
         try:
-            for service, machine in self.machines.items():
-                yield from self._restore(machine, by_service.get(service, []), epoch, seq)
+            for _ in restoring:
+                yield
             done = True
+        except GeneratorExit:
+            # Closed halfway: finish now, without yielding. This copy's earlier
+            # state is gone already and every chunk is here; the snapshot holds
+            # every write its primary acknowledged (this replica was one it waited
+            # for), and GetPosition has reported its position meanwhile. Emptied,
+            # a copy the map still counts in sync could be promoted, and lead the
+            # group with nothing. (The rest then holds the event loop while it
+            # loads: seconds for a million keys, only when an install is cut off.)
+            if not self.closed:
+                for _ in restoring:
+                    pass
+                done = True
+            raise
         finally:
+            self._install = None
             if not done and not self.closed:
-                self._forget()
+                self._forget()  # a restore failed: empty, it asks for a snapshot again
         log.info("group %d: installed a snapshot at (%d, %d)", self.group_id, epoch, seq)
 
     def _restore(self, machine: StateMachine, pieces: list[tuple[int, bytes]], epoch: int,
@@ -397,7 +430,14 @@ class Group:
                              chunks: Iterable[tuple[int, int, bytes]]
                              ) -> Generator[None, None, None]:
         """`install_in_memory` (once `takes_in_memory`), a piece at a time as
-        `installing`. Closed before the end, the copy still asks for a snapshot."""
+        `installing`. Closed before the end, the copy still asks for a snapshot
+        (and if made primary, its in-memory services start empty)."""
+        self._install = steps = self._installing_in_memory(epoch, seq, chunks)
+        return steps
+
+    def _installing_in_memory(self, epoch: int, seq: int,
+                              chunks: Iterable[tuple[int, int, bytes]]
+                              ) -> Generator[None, None, None]:
         by_service: dict[int, list[tuple[int, bytes]]] = {}
         for service, slot, data in chunks:
             by_service.setdefault(service, []).append((slot, data))
@@ -409,6 +449,7 @@ class Group:
                     yield from self._restore(machine, by_service.get(service, []), epoch, seq)
             done = True
         finally:
+            self._install = None
             if not done and not self.closed:
                 self._empty_in_memory()  # still `restored`: it asks again
         self.volatile_seq, self.volatile_epoch = seq, self.epoch

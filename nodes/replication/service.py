@@ -230,7 +230,7 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
                     for _ in steps:
                         await asyncio.sleep(0)
                         if moved_on():
-                            return  # closed halfway: the copy asks for a snapshot again
+                            return  # closed halfway: `Group.installing` says what is left
                 self._replication.count_snapshot(kind, size)
         except asyncio.CancelledError:
             raise

@@ -348,3 +348,68 @@ def test_in_memory_state_from_a_deposed_primary_is_copied_again() -> None:
     assert other.install_in_memory(2, 4, source.take_snapshot([cache])[2])
     other.become_primary(3)
     assert applied_by(other, cache) == [] and other.applied == (2, 2)
+
+
+class Pieces(Recorder):
+    """A Recorder whose snapshot is a piece per payload, restored additively (as
+    the cache's is): an install yields between pieces."""
+
+    additive_restore = True
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        return [(0, payload) for payload in self.applied]
+
+    def restore(self, chunks: Any) -> list[Persist]:
+        self.applied.extend(data for _, data in chunks)
+        return []
+
+
+def snapshot_of(*payloads: bytes) -> tuple[int, int, list[tuple[int, int, bytes]]]:
+    source = Group(1, "a", {rpb.SERVICE_KIND_CACHE: Pieces})
+    source.become_primary(2)
+    for payload in payloads:
+        source.propose(0, rpb.SERVICE_KIND_CACHE, payload)
+    epoch, seq, chunks = source.take_snapshot()
+    return epoch, seq, list(chunks)
+
+
+def test_a_snapshot_closed_halfway_is_finished_not_left_empty() -> None:
+    epoch, seq, chunks = snapshot_of(b"p", b"q", b"r")
+    replica = Group(1, "b", {rpb.SERVICE_KIND_CACHE: Pieces})
+    steps = replica.installing(epoch, seq, chunks)
+    next(steps)
+    assert applied(replica) == [b"p"]  # half of it
+    reported = replica.position()  # what GetPosition tells the coordinator meanwhile
+    # Its stream broke (the primary died: the install task is cancelled) or the
+    # epoch moved on. The map may still count this replica in sync: emptied, it
+    # could be promoted and lead with nothing.
+    steps.close()
+    assert replica.applied == (reported.applied_epoch, reported.applied_seq) == (2, 3)
+    assert applied(replica) == [b"p", b"q", b"r"]
+
+
+async def test_a_replica_made_primary_halfway_through_a_snapshot_finishes_it_first() -> None:
+    epoch, seq, chunks = snapshot_of(b"p", b"q", b"r")
+    replication = Replication("b", "b:1", {rpb.SERVICE_KIND_CACHE: Pieces},
+                              lambda: float("inf"), 5)
+    replica = replication.group_for_batch(batch(2, (0, 0)))
+    assert replica.apply_batch(batch(2, (0, 0), b"p")).status == rpb.ACK_STATUS_OK
+    # The primary asked for a snapshot (its log no longer reached this in-sync
+    # replica's position, say): the install is halfway when the primary dies
+    # and the coordinator promotes this copy, the in-sync one.
+    replica.snapshotting = True
+    steps = replica.installing(epoch, seq, chunks)
+    next(steps)
+    cmap = admin_pb2.ClusterMap(epoch=3)
+    cmap.groups.add(group_id=1, epoch=3, primary_node_id="b",
+                    slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
+    cmap.nodes.add(node_id="b", address="b:1", state=admin_pb2.NODE_STATE_ACTIVE)
+    replication.on_map(RoutingTable(cmap))
+    # It leads with the whole snapshot, never half of it...
+    assert replica.is_primary and replica.applied == (2, 3)
+    assert applied(replica) == [b"p", b"q", b"r"]
+    # ...and the install task, seeing it moved on, ends its steps: nothing undone.
+    steps.close()
+    assert replica.applied == (2, 3) and applied(replica) == [b"p", b"q", b"r"]
+    assert replica.propose(0, rpb.SERVICE_KIND_CACHE, b"s").seq == 4
+    await replication.close()
