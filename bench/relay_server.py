@@ -12,11 +12,11 @@ a replicated write cost Python gRPC by themselves (``bench.floor``):
   flight, and the requests that arrive meanwhile go out together in the next one.
 - ``/floor.Relay/Apply`` (bidi) acknowledges each message it reads.
 
-With ``--durable DIR`` both sides also commit one sqlite transaction per
-replication message (WAL, ``synchronous=FULL``, in a thread, as the node's
-journal does): the replica before acknowledging it, the sender while it waits
-for the ack. It prints ``READY <address>`` once it serves and stops on SIGTERM
-or SIGINT.
+With ``--durable DIR`` both sides also commit every replication message to
+sqlite, as the node's journal does (WAL, ``synchronous=FULL``, in a thread,
+one transaction at a time holding every message queued meanwhile): the
+replica before acknowledging it, the sender while it waits for the ack. It
+prints ``READY <address>`` once it serves and stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def raw(data: bytes) -> bytes:
 class Batched(Generic[T]):
     """One send in flight: items that arrive meanwhile gather, and go together in
     the next (a Mesh node's replication link, its journal's group commit, the
-    typed client's coalescing all work so). Each caller waits for its own item's."""
+    typed client's coalescing all work so). A caller's future ends with the send
+    that carried its item."""
 
     def __init__(self, send: Callable[[list[T]], Awaitable[None]]) -> None:
         self._send = send
