@@ -44,6 +44,10 @@ def _with_parent_death(argv: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
 
 
+BIND_ATTEMPTS = 3
+"""Tries of a single etcd whose ports ``free_port`` picked (see ``Etcd.start``)."""
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (the kernel's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -181,15 +185,33 @@ class Etcd:
         return f"http://127.0.0.1:{self.peer_port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        self.launch()
-        self.wait_ready(timeout)
+        # Ports picked here were free a moment ago, not reserved: another process
+        # (a parallel test's node binding port 0) can take one before etcd binds
+        # it. Then pick again, from an empty data dir, rather than fail every test
+        # that shares this etcd.
+        ours = not self.client_port and not self.peer_port
+        for attempt in range(BIND_ATTEMPTS):
+            self.launch()
+            try:
+                self.wait_ready(timeout)
+                return
+            except ProcessError as exc:
+                if not ours or attempt == BIND_ATTEMPTS - 1 or "address already in use" \
+                        not in str(exc):
+                    raise
+                self.client_port = self.peer_port = 0
+                shutil.rmtree(self._data_dir(), ignore_errors=True)
+
+    def _data_dir(self) -> Path:
+        suffix = "" if self.name == "mesh-dev" else f"-{self.name}"
+        return self.workdir / f"etcd-data{suffix}"
 
     def launch(self) -> None:
         """Start the process (its data dir is kept: a restarted member rejoins)."""
         self.client_port = self.client_port or free_port()
         self.peer_port = self.peer_port or free_port()
         suffix = "" if self.name == "mesh-dev" else f"-{self.name}"
-        data = self.workdir / f"etcd-data{suffix}"
+        data = self._data_dir()
         argv = [
             tool("etcd"), "--name", self.name, "--data-dir", str(data),
             "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",

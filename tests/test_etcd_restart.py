@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
+import pytest
+
 from clients import Mesh
+from common import localmesh
 from common.clustermap import wait_settled
 from common.localmesh import Etcd, LocalMesh
 from tests.cluster import Writer, wait_converged
@@ -54,3 +58,26 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
     finally:
         local.stop()
         etcd.stop()
+
+
+def test_an_etcd_whose_picked_port_was_taken_picks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``free_port`` only says a port was free a moment ago: when another process
+    binds it first, the harness's etcd starts on new ports instead of failing
+    every test that shares it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy, busy])  # the first client and peer ports: taken
+        real = localmesh.free_port
+        monkeypatch.setattr(localmesh, "free_port", lambda: next(picks, 0) or real())
+        etcd = Etcd(tmp_path)
+        try:
+            etcd.start()
+            assert busy not in (etcd.client_port, etcd.peer_port)
+            assert etcd.alive()
+        finally:
+            etcd.stop()
+
