@@ -37,9 +37,12 @@ RUN python -m build --outdir dist .
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="meshkit" \
       org.opencontainers.image.description="Mesh: a gRPC service mesh (nodes, coordinators, meshctl)"
+# GRPC_EXPERIMENTS: gRPC's sockets served by its poller, not EventEngine threads
+# (less CPU per message; see common/grpc_engine.py).
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    MESH_DATA_DIR=/var/lib/mesh
+    MESH_DATA_DIR=/var/lib/mesh \
+    GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener
 RUN groupadd --system --gid 10001 mesh \
  && useradd --system --uid 10001 --gid mesh --home-dir /var/lib/mesh --no-create-home \
             --shell /usr/sbin/nologin mesh \

@@ -33,3 +33,12 @@ whole clusters, ``maps`` waits for their maps, ``replicated``, ``failover`` and
 ``rebalance`` are the scenarios, ``stack``, ``locks``, ``events`` and ``scheduler``
 the service rows.
 """
+
+import os
+
+from common import grpc_engine
+
+# Before any bench module imports grpc: this process and every process it starts
+# (nodes, the echo and relay servers, the worker pools) run gRPC on the engine
+# Mesh's own processes run on, so Mesh and its gRPC baselines are measured alike.
+os.environ.update(grpc_engine.environment(os.environ))

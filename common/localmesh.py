@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.grpc_engine import environment as grpc_environment
 from common.package import PREFIX
 from common.peer import generate_secret
 
@@ -46,6 +47,12 @@ def _with_parent_death(argv: list[str]) -> list[str]:
 
 BIND_ATTEMPTS = 3
 """Tries of a single etcd whose ports ``free_port`` picked (see ``Etcd.start``)."""
+
+
+def _child_environment() -> dict[str, str]:
+    """The environment of a node, coordinator or gateway: this one, unbuffered
+    output, and gRPC on the engine Mesh's processes run on (`common.grpc_engine`)."""
+    return grpc_environment({**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def free_port() -> int:
@@ -532,7 +539,7 @@ class LocalMesh:
             "--lease-ttl", str(self.lease_ttl),
             "--data-dir", str(self.workdir / node_id), *self._secret_flags(), *extra,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = _child_environment()
         child = Child(node_id, argv, self.workdir / f"{node_id}.log", env=env)
         child.start()
         node = NodeProcess(node_id, child)
@@ -561,7 +568,7 @@ class LocalMesh:
             "--coordinator-id", coordinator_id, "--lease-ttl", str(self.lease_ttl),
             *self._secret_flags(), *extra,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = _child_environment()
         child = Child(coordinator_id, argv, self.workdir / f"{coordinator_id}.log", env=env)
         child.start()
         coordinator = CoordinatorProcess(coordinator_id, child)
@@ -576,7 +583,7 @@ class LocalMesh:
         name = f"gateway-{len(self.gateways) + 1}"
         argv = [sys.executable, "-m", f"{PREFIX}gateway", "--listen", "127.0.0.1:0",
                 "--etcd", self.etcd_endpoint, "--cluster", self.cluster, *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = _child_environment()
         child = Child(name, argv, self.workdir / f"{name}.log", env=env)
         child.start()
         gateway = GatewayProcess(name, child)

@@ -32,6 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients import Mesh, NewEvent
+from common import grpc_engine
 from common.localmesh import Etcd, LocalMesh, tool
 from mesh.replication.v1 import replication_pb2 as rpb
 from mesh.replication.v1 import replication_pb2_grpc as rpb_grpc
@@ -393,7 +394,8 @@ def test_every_flag_and_variable_exists() -> None:
         for name in env:
             if name.startswith("MESH_") and name not in env_known:
                 problems.append(f"{where}: {program} reads no {name}")
-            elif not name.startswith(("MESH_", "PYTHON", "PIP_")) and name not in HELPER_VARS:
+            elif (not name.startswith(("MESH_", "PYTHON", "PIP_"))
+                  and name not in {*HELPER_VARS, grpc_engine.VARIABLE}):
                 problems.append(f"{where}: unexpected variable {name}")
     # MESH_TOKEN is meshctl's (its help documents it), for the drains.
     assert "$MESH_TOKEN" in help_text(MESHCTL)
@@ -444,6 +446,18 @@ def test_systemd_units() -> None:
         lines = [line for line in (result.stdout + result.stderr).splitlines()
                  if line and "/opt/meshkit/bin/" not in line]
         assert not lines, "\n".join(lines)
+
+
+@pytest.mark.timeout(30)
+def test_processes_start_grpc_on_the_polling_engine() -> None:
+    """The image and the units start Mesh's processes with `common.grpc_engine`'s
+    setting (gRPC reads it only from the environment a process starts with); an
+    operator's own value in the unit's EnvironmentFile wins over ``Environment=``."""
+    setting = f"{grpc_engine.VARIABLE}={grpc_engine.EXPERIMENTS}"
+    for where, _argv, env in docker_invocations():
+        assert env.get(grpc_engine.VARIABLE) == grpc_engine.EXPERIMENTS, where
+    for name in UNITS:
+        assert unit_file(SYSTEMD / name)["Environment"] == [setting], name
 
 
 def _has(program: str) -> bool:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aetcd
@@ -15,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clients import Mesh
+from common import grpc_engine
 from common.etcd import client_for
 from common.localmesh import Etcd
 from common.membership import node_key
@@ -41,6 +44,15 @@ async def test_registers_in_etcd_with_its_address(etcd: Etcd, local_mesh: Any) -
     assert info["address"] == node.address
     assert set(info["services"]) == {"cache", "lock", "events", "scheduler", "notify", "saga"}
     assert info["version"] and info["pid"] == node.pid
+
+
+def test_starts_grpc_on_the_engine_mesh_runs_on(local_mesh: Any) -> None:
+    """gRPC takes its engine from the environment a process starts with, so the
+    node must be started with `common.grpc_engine`'s setting (or the operator's)."""
+    node = local_mesh(1).nodes[0]
+    environ = Path(f"/proc/{node.pid}/environ").read_bytes().split(b"\0")
+    wanted = os.environ.get(grpc_engine.VARIABLE, grpc_engine.EXPERIMENTS)
+    assert f"{grpc_engine.VARIABLE}={wanted}".encode() in environ
 
 
 async def test_health_reflection_and_every_service_implemented(local_mesh: Any) -> None:
