@@ -4,6 +4,8 @@ what any gRPC language sees (codes, reasons, named fields, FIFO, expiry)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -343,3 +345,28 @@ async def test_a_batch_sent_to_one_node_reaches_every_owner(local_mesh: Any) -> 
         stub = pb_grpc.LockServiceStub(channel)
         for name in names:
             assert not (await stub.Describe(pb.DescribeRequest(name=name))).holders
+
+
+async def test_a_batch_whose_caller_left_before_its_commit_ends_its_grants(
+        local_mesh: Any) -> None:
+    """A batch cancelled while its grants wait for their replica (here: paused)
+    never hands them out, so they must not stay held: each is ended once the
+    replica is back, for the locks led by the entry node and those it forwarded."""
+    local = local_mesh(2, replicas=1)
+    names = [f"left:{i}" for i in range(12)]
+    replica = local.nodes[1].pid
+    async with grpc.aio.insecure_channel(local.nodes[0].address) as channel:
+        stub = pb_grpc.LockServiceStub(channel)
+        os.kill(replica, signal.SIGSTOP)
+        try:
+            error = await _error(stub.AcquireBatch(pb.AcquireBatchRequest(
+                requests=[pb.AcquireRequest(name=n, ttl=_d(120)) for n in names]),
+                timeout=1.0))
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            os.kill(replica, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        for name in names:
+            while (await stub.Describe(pb.DescribeRequest(name=name), timeout=5)).holders:
+                assert time.monotonic() < deadline, f"{name} is still held"
+                await asyncio.sleep(0.05)

@@ -10,8 +10,8 @@ committed, so they never report a decision that could still be lost.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ClassVar, TypeAlias, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -115,6 +115,20 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     async def _acquire(self, request: pb.AcquireRequest, group: Group,
                        wait: float) -> pb.AcquireResponse:
         """An Acquire served here, waiting up to ``wait`` seconds in the queue."""
+        primary, name, outcome = self._decide_acquire(request, group, wait)
+        grant = await self._wait(primary, name, outcome, wait) \
+            if isinstance(outcome, Waiter) else outcome
+        try:
+            await group.wait_committed(grant.seq)
+        except asyncio.CancelledError:
+            primary.abandon(name, grant.lease)
+            raise
+        return _acquired(grant.lease)
+
+    def _decide_acquire(self, request: pb.AcquireRequest, group: Group,
+                        wait: float) -> tuple[LockPrimary, str, Grant | Waiter]:
+        """Check an Acquire and decide it: granted (proposed), or queued for up to
+        ``wait`` seconds; its primary and scoped name with it."""
         name = request.name
         v.check_name(name)
         v.check_owner(request.owner)
@@ -125,22 +139,22 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         shared = v.shared(request.mode, permits, max_permits)
         name = scoped(name)
         primary = _primary(group)
-        outcome = primary.acquire(
+        return primary, name, primary.acquire(
             name, owner=request.owner, permits=permits, max_permits=max_permits,
             ttl_ns=from_seconds(ttl), request_id=request.request_id,
             wait_ns=from_seconds(wait), shared=shared)
-        grant = await self._wait(primary, name, outcome, wait) \
-            if isinstance(outcome, Waiter) else outcome
-        try:
-            await group.wait_committed(grant.seq)
-        except asyncio.CancelledError:
-            primary.abandon(name, grant.lease)
-            raise
-        lease = grant.lease
-        response = pb.AcquireResponse(lease_id=lease.lease_id, fencing_token=lease.token,
-                                      expire_time=_timestamp(lease.expire_ns))
-        response.ttl.FromNanoseconds(lease.ttl_ns)
-        return response
+
+    def _acquire_now(self, request: pb.AcquireRequest,
+                     group: Group) -> Decision[pb.AcquireResponse]:
+        """A batch's Acquire: granted at once, else LOCK_TIMEOUT (batches never wait)."""
+        primary, name, outcome = self._decide_acquire(request, group, 0.0)
+        if isinstance(outcome, Waiter):  # a retry took its earlier try's place in the queue
+            primary.leave(name, outcome)
+            raise errors.lock_timeout(name, primary.table.token_bound(name),
+                                      len(primary.queues.get(name) or ()))
+        lease = outcome.lease
+        return Decision(outcome.seq, lambda: _acquired(lease),
+                        lambda: primary.abandon(name, lease))
 
     @staticmethod
     async def _wait(primary: LockPrimary, name: str, waiter: Waiter, wait: float) -> Grant:
@@ -166,18 +180,19 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
 
     @staticmethod
     async def _release(request: pb.ReleaseRequest, group: Group) -> pb.ReleaseResponse:
-        v.check_name(request.name)
-        v.check_lease_id(request.lease_id)
-        seq = _primary(group).release(scoped(request.name), request.lease_id)
-        await group.wait_committed(seq)
+        await group.wait_committed(_decide_release(request, group))
         return pb.ReleaseResponse()
+
+    @staticmethod
+    def _release_now(request: pb.ReleaseRequest, group: Group) -> Decision[pb.ReleaseResponse]:
+        return Decision(_decide_release(request, group), pb.ReleaseResponse)
 
     # -- batches -----------------------------------------------------------------
     #
-    # Every request of a batch led here is decided in the same turn of the loop
-    # (each in a task of its own, which runs until it waits for its commit), so
-    # all their commands leave for the replicas together; each then gets its own
-    # outcome. The requests for locks led elsewhere go on to their owners, one
+    # Every request of a batch led here is decided in turn, without awaiting, so
+    # all their commands leave for the replicas together; then the batch awaits
+    # their commits at once (futures, not a task per request), and each gets its
+    # own outcome. The requests for locks led elsewhere go on to their owners, one
     # batch per owner (a client whose map is current sends none).
 
     async def AcquireBatch(self, request: pb.AcquireBatchRequest,
@@ -185,8 +200,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         v.check_batch(request.requests, "requests")
         outcomes = await self._batch(
             request.requests, context, "AcquireBatch",
-            lambda items: pb.AcquireBatchRequest(requests=items),
-            lambda item, group: self._acquire(item, group, 0.0),
+            lambda items: pb.AcquireBatchRequest(requests=items), self._acquire_now,
             lambda granted: pb.AcquireOutcome(granted=granted),
             lambda error: pb.AcquireOutcome(error=error))
         return pb.AcquireBatchResponse(outcomes=outcomes)
@@ -196,51 +210,60 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         v.check_batch(request.requests, "requests")
         outcomes = await self._batch(
             request.requests, context, "ReleaseBatch",
-            lambda items: pb.ReleaseBatchRequest(requests=items), self._release,
+            lambda items: pb.ReleaseBatchRequest(requests=items), self._release_now,
             lambda _released: pb.ReleaseOutcome(),
             lambda error: pb.ReleaseOutcome(error=error))
         return pb.ReleaseBatchResponse(outcomes=outcomes)
 
     async def _batch(self, items: Sequence[Item], context: Ctx, method: str,
                      make: Callable[[list[Item]], Any],
-                     serve: Callable[[Item, Group], Awaitable[Answer]],
+                     decide: Callable[[Item, Group], Decision[Answer]],
                      done: Callable[[Answer], Outcome],
                      failed: Callable[[pb.BatchError], Outcome]) -> list[Outcome]:
-        """Each of ``items``: served by ``serve`` where its lock is led here, else
-        in a ``method`` batch (``make``) to its owner; an item's error (bad input,
-        no primary) is its outcome."""
+        """Each of ``items``: decided by ``decide`` where its lock is led here and
+        answered once committed, else in a ``method`` batch (``make``) to its owner;
+        an item's error (bad input, no primary, not committed) is its outcome."""
         outcomes: list[Outcome | None] = [None] * len(items)
-        local: dict[int, asyncio.Task[Answer]] = {}
+        decided: dict[int, Decision[Answer]] = {}
+        commits: dict[int, asyncio.Future[None]] = {}
         remote: dict[str, tuple[Redirect, list[int]]] = {}
         for i, item in enumerate(items):
             try:
                 target = self.owner(item.name, context)
+                if isinstance(target, Redirect):
+                    remote.setdefault(target.owner_address, (target, []))[1].append(i)
+                    continue
+                decision = decide(item, target)
+                commit = target.committing(decision.seq)
             except (MeshStatusError, ServiceError) as error:
                 outcomes[i] = failed(_batch_error(error, f"requests[{i}]"))
                 continue
-            if isinstance(target, Redirect):
-                remote.setdefault(target.owner_address, (target, []))[1].append(i)
-            else:
-                local[i] = asyncio.ensure_future(serve(item, target))
+            decided[i] = decision
+            if commit is not None:
+                commits[i] = commit
         forwards: dict[str, asyncio.Future[Any]] = {
             address: asyncio.ensure_future(
                 self.forward(target, method, make([items[i] for i in indexes]), context))
             for address, (target, indexes) in remote.items()}
-        pending: list[asyncio.Future[Any]] = [*local.values(), *forwards.values()]
+        pending: list[asyncio.Future[Any]] = [*commits.values(), *forwards.values()]
         try:
             if pending:
                 await asyncio.wait(pending)
         except asyncio.CancelledError:
             for future in pending:
-                future.cancel()  # a granted lease's commit wait is abandoned: released
+                future.cancel()
+            for decision in decided.values():
+                decision.abandon()  # a lease granted to a caller who never heard of it
             raise
-        for i, task in local.items():
-            if isinstance(failure := task.exception(), MeshStatusError | ServiceError):
+        for i, decision in decided.items():
+            commit = commits.get(i)
+            failure = commit.exception() if commit is not None else None
+            if failure is None:
+                outcomes[i] = done(decision.answer())
+            elif isinstance(failure, MeshStatusError | ServiceError):
                 outcomes[i] = failed(_batch_error(failure, f"requests[{i}]"))
-            elif failure is not None:
-                raise failure
             else:
-                outcomes[i] = done(task.result())
+                raise failure
         for address, forward in forwards.items():
             indexes = remote[address][1]
             if isinstance(failure := forward.exception(), ForwardedError):
@@ -301,6 +324,36 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         return pb.ValidateResponse(
             valid=any(lease.token == request.fencing_token for lease in leases),
             current_token=max((lease.token for lease in leases), default=0))
+
+
+class Decision(Generic[Answer]):
+    """A batch's request decided here: the ``seq`` of its command, its answer once
+    that is committed, and what to undo if the caller goes away first."""
+
+    __slots__ = ("abandon", "answer", "seq")
+    seq: int
+    answer: Callable[[], Answer]
+    abandon: Callable[[], None]
+
+    def __init__(self, seq: int, answer: Callable[[], Answer],
+                 abandon: Callable[[], None] = lambda: None) -> None:
+        self.seq = seq
+        self.answer = answer
+        self.abandon = abandon
+
+
+def _acquired(lease: Lease) -> pb.AcquireResponse:
+    response = pb.AcquireResponse(lease_id=lease.lease_id, fencing_token=lease.token,
+                                  expire_time=_timestamp(lease.expire_ns))
+    response.ttl.FromNanoseconds(lease.ttl_ns)
+    return response
+
+
+def _decide_release(request: pb.ReleaseRequest, group: Group) -> int:
+    """Check a Release and propose the lease's end; the command's seq."""
+    v.check_name(request.name)
+    v.check_lease_id(request.lease_id)
+    return _primary(group).release(scoped(request.name), request.lease_id)
 
 
 def _batch_error(error: MeshStatusError | ServiceError, item: str) -> pb.BatchError:

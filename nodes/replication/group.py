@@ -179,17 +179,27 @@ class Group:
 
     async def wait_committed(self, seq: int) -> None:
         """Return once command ``seq`` is held by every required replica."""
-        if seq <= self.commit_seq:
+        future = self.committing(seq)
+        if future is None:
             return
-        if not self.writable:
-            raise not_committed(self.group_id, "this node stopped being its primary")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((seq, future))
         if not tracing.enabled():
             await future
             return
         with tracing.span("mesh.replicate.commit", group=self.group_id, seq=seq):
             await future
+
+    def committing(self, seq: int) -> asyncio.Future[None] | None:
+        """A future done once command ``seq`` is held by every required replica
+        (None: it is already), or failed with `not_committed` if this node stops
+        leading first; raises `not_committed` if it already has. `wait_committed`
+        without a coroutine: a batch awaits the commits of its requests at once."""
+        if seq <= self.commit_seq:
+            return None
+        if not self.writable:
+            raise not_committed(self.group_id, "this node stopped being its primary")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        return future
 
     def advance_commit(self) -> None:
         commit = self.durable_seq
