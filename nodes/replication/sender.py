@@ -47,6 +47,9 @@ MAX_BATCH = 512
 WINDOW = 1
 """Messages a link keeps unacknowledged: what is proposed meanwhile waits for the
 next one, so concurrent writes to one replica share its messages and acks."""
+IDLE = 1.0
+"""Seconds a link may sit idle before it re-probes the groups whose snapshot
+install it never heard the end of."""
 
 
 class SendCounts:
@@ -208,6 +211,8 @@ class PeerLink:
         # batches whose ack has not come back (`WINDOW`).
         self._unacked: dict[int, int] = {}
         self._sent = 0
+        self._waiting_since: float | None = None  # loop time the send loop began to wait
+        self._idle: asyncio.TimerHandle | None = None
 
     def attach(self, tracker: ReplicaTracker) -> None:
         self._trackers[tracker.group.group_id] = tracker
@@ -274,40 +279,57 @@ class PeerLink:
             delay = min(delay * 2, 1.0)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
         reader.add_done_callback(lambda _: self._wakeup.set())
-        while not reader.done():
-            self._wakeup.clear()
-            if self._pending and len(self._unacked) < WINDOW:
-                pending, self._pending = self._pending, set()
-                self._sent += 1
-                message = self._sent
-                batches = []
-                for tracker in pending:
-                    batch = tracker.next_batch(self._local_address)
-                    if batch is not None:
-                        batches.append(batch)
-                        tracker.sent_in = message
-                if batches:
-                    self._unacked[message] = len(batches)
-                    counts = self.counts
-                    counts.messages += 1
-                    counts.batches += len(batches)
-                    counts.commands += sum(len(batch.commands) for batch in batches)
-                    await call.write(rpb.ReplicateRequest(batches=batches))
-                    continue  # more may have been appended while we wrote
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                # Idle for a second: re-probe trackers stuck in flight (a lost
-                # stream would have ended; this only unsticks an install whose
-                # Ack never came).
-                for tracker in self._trackers.values():
-                    if tracker.phase is Phase.INSTALLING:
-                        self._acked(tracker)
-                        tracker.reset()
-                        self._pending.add(tracker)
+        # One timer for the stream's life, not a timeout around every wait (that
+        # cost a few percent of a busy node's CPU): see `_idle_check`.
+        self._idle = loop.call_later(IDLE, self._idle_check)
+        try:
+            while not reader.done():
+                self._wakeup.clear()
+                if self._pending and len(self._unacked) < WINDOW:
+                    pending, self._pending = self._pending, set()
+                    self._sent += 1
+                    message = self._sent
+                    batches = []
+                    for tracker in pending:
+                        batch = tracker.next_batch(self._local_address)
+                        if batch is not None:
+                            batches.append(batch)
+                            tracker.sent_in = message
+                    if batches:
+                        self._unacked[message] = len(batches)
+                        counts = self.counts
+                        counts.messages += 1
+                        counts.batches += len(batches)
+                        counts.commands += sum(len(batch.commands) for batch in batches)
+                        await call.write(rpb.ReplicateRequest(batches=batches))
+                        continue  # more may have been appended while we wrote
+                self._waiting_since = loop.time()
+                await self._wakeup.wait()
+                self._waiting_since = None
+        finally:
+            self._waiting_since = None
+            self._idle.cancel()
         reader.result()  # raise the reader's error, if any
+
+    def _idle_check(self) -> None:
+        """Every ``IDLE`` seconds while a stream is open: if the link has waited
+        that long for something to send, re-probe the trackers stuck in flight (a
+        lost stream would have ended; this only unsticks an install whose Ack
+        never came)."""
+        loop = asyncio.get_running_loop()
+        since = self._waiting_since
+        quiet = 0.0 if since is None else loop.time() - since
+        if quiet >= IDLE:
+            for tracker in self._trackers.values():
+                if tracker.phase is Phase.INSTALLING:
+                    self._acked(tracker)
+                    tracker.reset()
+                    self._pending.add(tracker)
+            self._wakeup.set()
+            quiet = 0.0
+        self._idle = loop.call_later(IDLE - quiet, self._idle_check)
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         counts = self.counts

@@ -8,10 +8,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from common.peer import PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication import sender
 from nodes.replication.group import Group
-from nodes.replication.sender import PeerLink, ReplicaTracker, SendCounts
+from nodes.replication.sender import PeerLink, Phase, ReplicaTracker, SendCounts
 from tests.unit.test_replication_group import Recorder
 
 CACHE = rpb.SERVICE_KIND_CACHE
@@ -142,5 +145,33 @@ async def test_a_detached_group_does_not_hold_the_link() -> None:
         assert len(stream.written) == 3 and stream.written[2].batches[0].group_id == 2
         stream.responses.put_nowait(ack_all(replicas, stream.written[2]))
         await asyncio.wait_for(later.committed(), 1)
+    finally:
+        await link.close()
+
+
+async def test_an_install_never_acknowledged_is_probed_again_once_the_link_is_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica installing a snapshot acks its end later; if that ack never comes,
+    the link, idle for ``IDLE`` seconds, probes the group again."""
+    monkeypatch.setattr(sender, "IDLE", 0.05)
+    stream = Stream()
+    link = PeerLink("b", "b:1", Channel(stream), "a:1", PeerSigner(None, "node", "a"))
+    primary = Group(1, "a", {CACHE: Recorder})
+    try:
+        primary.become_primary(1)
+        tracker = primary.trackers["b"] = ReplicaTracker(primary, "b", link, in_sync=True)
+        await settle()
+        assert len(stream.written) == 1  # the first probe
+        stream.responses.put_nowait(rpb.ReplicateResponse(acks=[rpb.Ack(
+            group_id=1, epoch=1, status=rpb.ACK_STATUS_SNAPSHOTTING)]))
+        await settle()
+        assert tracker.phase is Phase.INSTALLING and len(stream.written) == 1
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(stream.written) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no second probe"
+            await asyncio.sleep(0.01)
+        (probe,) = stream.written[1].batches
+        assert probe.group_id == 1 and not probe.commands and not probe.install_snapshot
+        assert (tracker.phase, tracker.inflight) == (Phase.PROBE, True)
     finally:
         await link.close()
