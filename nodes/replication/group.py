@@ -153,7 +153,8 @@ class Group:
         command = rpb.Command(
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
             payload=payload, epoch=self.epoch)
-        command.issued_at.FromNanoseconds(self.clock.wall_ns())
+        issued = command.issued_at  # FromNanoseconds is Python, and this is hot
+        issued.seconds, issued.nanos = divmod(self.clock.wall_ns(), 1_000_000_000)
         if tracing.enabled():
             command.traceparent = tracing.traceparent()
         result = None

@@ -88,7 +88,8 @@ class CommandLog:
             raise ValueError(f"command seq {command.seq} does not follow {self.last_seq}")
         data = command.SerializeToString()
         entries = self._entries
-        entries.append((command.epoch, command.issued_at.ToNanoseconds(), data))
+        issued = command.issued_at  # its fields: ToNanoseconds is Python, and this is hot
+        entries.append((command.epoch, issued.seconds * 1_000_000_000 + issued.nanos, data))
         self._bytes += len(data) + ENTRY_OVERHEAD
         limit = self._budget.share
         while len(entries) > 1 and (len(entries) > self.capacity or self._bytes > limit):
