@@ -5,11 +5,11 @@ read or written crosses from an I/O thread to the completion-queue poller
 thread and on to the asyncio loop, and each crossing is a thread wake-up. Mesh's
 traffic is many small messages (calls, replication batches, acks), so those
 wake-ups cost more than the messages: on this project's two-core bench machine
-the kernel's context switches were a third of a node's CPU. The engine gRPC
-used before 1.80 (iomgr) reads and writes in the thread that polls the
-completion queue. With it, one cycle of the lock bench (16 in parallel, R=1,
-3 nodes) took 23% less CPU and 28% more cycles/s; the bare gRPC echo and relay
-servers gained alike.
+the kernel, mostly switching and waking threads, took a third of a node's CPU.
+The engine gRPC used before 1.80 (iomgr) reads and writes in the thread that
+polls the completion queue. With it, one cycle of the lock bench (16 in
+parallel, R=1, 3 nodes) took 23% less CPU and 28% more cycles/s; the bare gRPC
+echo and relay servers gained alike.
 
 gRPC reads the choice (the ``GRPC_EXPERIMENTS`` variable) once, when ``grpc`` is
 imported, so it has to be in a process's environment before it starts:
