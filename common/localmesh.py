@@ -373,20 +373,39 @@ class RedisServer:
         if binary is None:
             raise FileNotFoundError("redis-server not found: install Debian's redis-server "
                                     "(`make setup` does)")
-        self.port = self.port or free_port()
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)]
-        self.child = Child("redis-server", argv, self.workdir / "redis.log")
-        self.child.start()
+        # As for `Etcd.start`: a port ``free_port`` picked may be taken before
+        # redis binds it; then pick again.
+        ours = not self.port
+        for attempt in range(BIND_ATTEMPTS):
+            self.port = self.port or free_port()
+            argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(self.workdir)]
+            self.child = Child("redis-server", argv, self.workdir / "redis.log")
+            self.child.start()
+            try:
+                self._wait_ready(self.child, timeout)
+                return
+            except ProcessError as exc:
+                if not ours or attempt == BIND_ATTEMPTS - 1 or "Address already in use" \
+                        not in str(exc):
+                    raise
+                self.child.stop()
+                self.port = 0
+
+    def _wait_ready(self, child: Child, timeout: float) -> None:
+        """Until redis answers PING on our port (a PONG: not some other process that
+        took the port) while our child is alive."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.child.alive():
-                raise ProcessError(f"redis-server exited early:\n{self.child.log_tail()}")
+            if not child.alive():
+                raise ProcessError(f"redis-server exited early:\n{child.log_tail()}")
             with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), 0.2):
-                return
+                    ("127.0.0.1", self.port), 0.2) as connection:
+                connection.sendall(b"PING\r\n")
+                if connection.recv(16).startswith(b"+PONG") and child.alive():
+                    return
             time.sleep(0.05)
-        raise ProcessError(f"redis-server not ready after {timeout}s:\n{self.child.log_tail()}")
+        raise ProcessError(f"redis-server not ready after {timeout}s:\n{child.log_tail()}")
 
     def stop(self) -> None:
         if self.child is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from common import localmesh
 from common.errors import MeshStatusError, Reason
 from common.localmesh import RedisServer
 from nodes.ratelimit import GlobalLimiter, LocalLimiter, RateLimits
@@ -45,6 +47,26 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def test_a_redis_whose_picked_port_was_taken_picks_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the harness's etcd: a port picked free a moment ago and taken since (here
+    by a socket that accepts and never answers) is not mistaken for redis, and
+    redis starts on another."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy])
+        real = localmesh.free_port
+        monkeypatch.setattr(localmesh, "free_port", lambda: next(picks, 0) or real())
+        server = RedisServer(tmp_path)
+        try:
+            server.start()
+            assert server.port != busy and server.child is not None and server.child.alive()
+        finally:
+            server.stop()
 
 
 async def test_global_buckets_live_in_redis(redis_server: RedisServer) -> None:
