@@ -74,6 +74,9 @@ class GroupView:
     """Replica node id -> map epoch of its assignment to the group."""
     origin_epoch: int = 0
     """Epoch at which the group's history began (copies from before it are void)."""
+    lost_copies: tuple[str, ...] = ()
+    """For a group with no primary: the nodes whose copies held every acknowledged
+    write when its last member left (the coordinator revives it from one)."""
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -101,6 +104,7 @@ class RoutingTable:
                 slots=slot_count(group),
                 since={r.node_id: r.since_epoch for r in group.replicas},
                 origin_epoch=group.origin_epoch,
+                lost_copies=tuple(group.lost_copies),
             )
             for r in group.slot_ranges:
                 for slot in range(r.start, r.end + 1):

@@ -217,7 +217,8 @@ def _revive(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
     if revived:
         shown = ",".join(map(str, revived[:20])) + (",..." if len(revived) > 20 else "")
         log.warning("%d lost group(s) revived from the copies their last members kept: "
-                    "durable state is back, in-memory state starts empty (groups %s)",
+                    "durable state is back; in-memory state too from a node that never "
+                    "stopped, else it starts empty (groups %s)",
                     len(revived), shown)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clients import DeadlineExceededError, Mesh, UnavailableError
+from clients import DeadlineExceededError, Mesh, NewEvent, UnavailableError
 from clients.breaker import State
 from common.clustermap import wait_for_map, wait_settled
 from mesh.cache.v1 import cache_pb2 as pb
@@ -117,6 +117,45 @@ async def test_sigstopped_primary_is_fenced_and_never_diverges(
     table = await wait_settled(local.etcd_endpoint, local.cluster,
                                [n.node_id for n in local.nodes], timeout=40)
     await wait_converged(table, local)
+
+
+async def test_the_last_copy_outlives_its_nodes_lease_running_out(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    """A node alone with every group (its replica was killed) is paused past its
+    etcd lease: the map loses it and every group (no in-sync replica is left),
+    then it wakes up. Its copies are the only ones with the acknowledged writes,
+    so it keeps them (serving nothing meanwhile) and the coordinator revives
+    every group on it: a durable event, a cache value and a held lock are all
+    still there. (It used to drop the groups, its journal with them.)"""
+    local = local_mesh(2, lease_ttl=LEASE_TTL)
+    mesh = await mesh_client(timeout=15)
+    last, other = local.nodes
+    other.child.signal(signal.SIGKILL)
+    await wait_for_map(
+        local.etcd_endpoint, local.cluster,
+        lambda t: other.node_id not in t.addresses
+        and all(g.primary == last.node_id for g in t.groups.values()),
+        timeout=30, what="every group led by the last node")
+    await mesh.events.append("last-copy", NewEvent("Noted", b"kept", id="last-copy-1"))
+    await mesh.cache.set("last-copy", b"kept")
+    lease = await mesh.locks.acquire("last-copy", ttl=60)
+
+    last.child.signal(signal.SIGSTOP)
+    try:
+        await wait_for_map(local.etcd_endpoint, local.cluster,
+                           lambda t: last.node_id not in t.addresses,
+                           timeout=LEASE_TTL + 10, what="the paused node's groups lost")
+    finally:
+        last.child.signal(signal.SIGCONT)
+    await wait_for_map(local.etcd_endpoint, local.cluster,
+                       lambda t: all(g.primary == last.node_id for g in t.groups.values()),
+                       timeout=30, what="every group revived on the last node")
+
+    page = await mesh.events.read("last-copy")
+    assert [(e.id, e.data) for e in page.events] == [("last-copy-1", b"kept")]
+    assert await mesh.cache.get("last-copy") == b"kept"
+    await lease.release()  # the lease is still known: releasing it works
 
 
 @pytest.mark.parametrize("mode", ["sync"])

@@ -235,8 +235,12 @@ class Replication:
         joined = named == self.incarnation and \
             table.states.get(me) == admin_pb2.NODE_STATE_ACTIVE
         for group_id in [g for g in self.groups if g not in mine]:
-            if self._kept_for_revival(group_id, table) or (
-                    self.groups[group_id].restored and not joined):
+            if self._kept_for_revival(group_id, table):
+                group = self.groups[group_id]
+                if group.is_primary:  # serve nothing until the map names a primary
+                    group.step_down(table.groups[group_id].epoch, "the group lost its members")
+                continue
+            if self.groups[group_id].restored and not joined:
                 # Read back from disk: the coordinator may seat this node in
                 # the group again while it joins, and the copy then catches up
                 # from the log instead of a full snapshot.
@@ -276,12 +280,17 @@ class Replication:
                 self._map_waiters.remove(waiter)
 
     def _kept_for_revival(self, group_id: int, table: RoutingTable) -> bool:
-        """A copy read back from disk of a group that has no primary: it may be
-        the one the coordinator revives the group from."""
+        """A copy of a group that has no primary that the coordinator may revive
+        the group from: one read back from disk, or this node's own live copy
+        when the map names it among the group's last copies (its etcd lease ran
+        out while it held the last in-sync copy; a pause, a partition from
+        etcd). Dropping that one would lose every write it acknowledged, the
+        durable ones too: the journal forgets a group that leaves."""
         group = self.groups[group_id]
         view = table.groups.get(group_id)
-        return (group.restored and view is not None and not view.primary
-                and view.origin_epoch <= group.origin_epoch)
+        return (view is not None and not view.primary
+                and view.origin_epoch <= group.origin_epoch
+                and (group.restored or self.node_id in view.lost_copies))
 
     def group_for_batch(self, batch: rpb.CommandBatch) -> Group:
         """The group a replication batch is for, created empty if new here (the map

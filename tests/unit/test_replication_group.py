@@ -224,6 +224,38 @@ async def test_a_recreated_group_drops_the_copy_from_its_earlier_history() -> No
     await replication.close()
 
 
+async def test_a_live_last_copy_is_kept_while_its_group_is_lost() -> None:
+    """The map drops this node (its etcd lease ran out) and the group it alone
+    held has no primary, naming it among the last copies: the copy stays, whole
+    and serving nothing, and the revival leads from it. A lost group whose last
+    copies were elsewhere is dropped as before."""
+    def cmap(epoch: int, primary: str, lost: list[str]) -> admin_pb2.ClusterMap:
+        m = admin_pb2.ClusterMap(epoch=epoch)
+        m.groups.add(group_id=1, epoch=epoch, primary_node_id=primary, lost_copies=lost,
+                     slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
+        if primary:
+            m.nodes.add(node_id="a", address="a:1", state=admin_pb2.NODE_STATE_ACTIVE)
+        return m
+
+    replication = Replication("a", "a:1", {rpb.SERVICE_KIND_CACHE: Recorder},
+                              lambda: float("inf"), 5)
+    lost: list[set[int]] = []
+    replication.on_lost.append(lost.append)
+    replication.on_map(RoutingTable(cmap(1, "a", [])))
+    copy = replication.groups[1]
+    copy.propose(0, rpb.SERVICE_KIND_CACHE, b"acked")
+    replication.on_map(RoutingTable(cmap(2, "", ["a"])))
+    assert replication.groups[1] is copy and not copy.is_primary and lost == [{1}]
+    with pytest.raises(MeshStatusError):
+        await copy.wait_committed(copy.log.last_seq + 1)  # no writes meanwhile
+    replication.on_map(RoutingTable(cmap(3, "a", [])))  # revived here
+    assert replication.groups[1] is copy and copy.is_primary and copy.epoch == 3
+    assert applied(copy) == [b"acked"]
+    replication.on_map(RoutingTable(cmap(4, "", ["b"])))  # lost elsewhere: not ours
+    assert 1 not in replication.groups
+    await replication.close()
+
+
 async def test_a_read_barrier_commits_through_the_replicas_or_fails_if_deposed() -> None:
     primary = group("a")
     primary.become_primary(1)
