@@ -200,24 +200,35 @@ def test_snapshot_install_replaces_state_and_position() -> None:
     assert replica.apply_batch(batch(3, (3, 2), b"r")).status == rpb.ACK_STATUS_OK
 
 
-async def test_a_recreated_group_drops_the_copy_from_its_earlier_history() -> None:
-    def cmap(epoch: int, origin: int) -> admin_pb2.ClusterMap:
-        m = admin_pb2.ClusterMap(epoch=epoch)
-        m.groups.add(group_id=1, epoch=epoch, primary_node_id="a", origin_epoch=origin,
-                     slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
+def one_group(epoch: int, primary: str = "a", origin: int = 0,
+              lost: tuple[str, ...] = ()) -> RoutingTable:
+    """A map of one group over every slot, led by ``primary`` (node "a" is in the
+    map while it leads; no primary: a lost group, its last copies ``lost``)."""
+    m = admin_pb2.ClusterMap(epoch=epoch)
+    m.groups.add(group_id=1, epoch=epoch, primary_node_id=primary, origin_epoch=origin,
+                 lost_copies=lost, slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
+    if primary:
         m.nodes.add(node_id="a", address="a:1", state=admin_pb2.NODE_STATE_ACTIVE)
-        return m
+    return RoutingTable(m)
 
+
+def replication_on_a() -> tuple[Replication, list[set[int]]]:
+    """Node "a"'s groups, and the sets of groups it reports it stopped leading."""
     replication = Replication("a", "a:1", {rpb.SERVICE_KIND_CACHE: Recorder},
                               lambda: float("inf"), 5)
     lost: list[set[int]] = []
     replication.on_lost.append(lost.append)
-    replication.on_map(RoutingTable(cmap(1, 0)))
+    return replication, lost
+
+
+async def test_a_recreated_group_drops_the_copy_from_its_earlier_history() -> None:
+    replication, lost = replication_on_a()
+    replication.on_map(one_group(1))
     old = replication.groups[1]
     old.propose(0, rpb.SERVICE_KIND_CACHE, b"x")
-    replication.on_map(RoutingTable(cmap(2, 0)))  # same history: kept
+    replication.on_map(one_group(2))  # same history: kept
     assert replication.groups[1] is old
-    replication.on_map(RoutingTable(cmap(7, 7)))  # made again: starts empty
+    replication.on_map(one_group(7, origin=7))  # made again: starts empty
     new = replication.groups[1]
     assert new is not old and new.is_primary and new.applied == (0, 0)
     assert lost == [{1}]
@@ -229,29 +240,18 @@ async def test_a_live_last_copy_is_kept_while_its_group_is_lost() -> None:
     held has no primary, naming it among the last copies: the copy stays, whole
     and serving nothing, and the revival leads from it. A lost group whose last
     copies were elsewhere is dropped as before."""
-    def cmap(epoch: int, primary: str, lost: list[str]) -> admin_pb2.ClusterMap:
-        m = admin_pb2.ClusterMap(epoch=epoch)
-        m.groups.add(group_id=1, epoch=epoch, primary_node_id=primary, lost_copies=lost,
-                     slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
-        if primary:
-            m.nodes.add(node_id="a", address="a:1", state=admin_pb2.NODE_STATE_ACTIVE)
-        return m
-
-    replication = Replication("a", "a:1", {rpb.SERVICE_KIND_CACHE: Recorder},
-                              lambda: float("inf"), 5)
-    lost: list[set[int]] = []
-    replication.on_lost.append(lost.append)
-    replication.on_map(RoutingTable(cmap(1, "a", [])))
+    replication, lost = replication_on_a()
+    replication.on_map(one_group(1))
     copy = replication.groups[1]
     copy.propose(0, rpb.SERVICE_KIND_CACHE, b"acked")
-    replication.on_map(RoutingTable(cmap(2, "", ["a"])))
+    replication.on_map(one_group(2, primary="", lost=("a",)))
     assert replication.groups[1] is copy and not copy.is_primary and lost == [{1}]
     with pytest.raises(MeshStatusError):
         await copy.wait_committed(copy.log.last_seq + 1)  # no writes meanwhile
-    replication.on_map(RoutingTable(cmap(3, "a", [])))  # revived here
+    replication.on_map(one_group(3))  # revived here
     assert replication.groups[1] is copy and copy.is_primary and copy.epoch == 3
     assert applied(copy) == [b"acked"]
-    replication.on_map(RoutingTable(cmap(4, "", ["b"])))  # lost elsewhere: not ours
+    replication.on_map(one_group(4, primary="", lost=("b",)))  # lost elsewhere: not ours
     assert 1 not in replication.groups
     await replication.close()
 
