@@ -49,9 +49,10 @@ BIND_ATTEMPTS = 3
 """Tries of a single etcd whose ports ``free_port`` picked (see ``Etcd.start``)."""
 
 
-def _child_environment() -> dict[str, str]:
-    """The environment of a node, coordinator or gateway: this one, unbuffered
-    output, and gRPC on the engine Mesh's processes run on (`common.grpc_engine`)."""
+def child_environment() -> dict[str, str]:
+    """The environment of a node, coordinator or gateway started here (or on a
+    test's network-namespace host): this one, unbuffered output, and gRPC on the
+    engine Mesh's processes run on (`common.grpc_engine`)."""
     return grpc_environment({**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -558,7 +559,7 @@ class LocalMesh:
             "--lease-ttl", str(self.lease_ttl),
             "--data-dir", str(self.workdir / node_id), *self._secret_flags(), *extra,
         ]
-        env = _child_environment()
+        env = child_environment()
         child = Child(node_id, argv, self.workdir / f"{node_id}.log", env=env)
         child.start()
         node = NodeProcess(node_id, child)
@@ -587,7 +588,7 @@ class LocalMesh:
             "--coordinator-id", coordinator_id, "--lease-ttl", str(self.lease_ttl),
             *self._secret_flags(), *extra,
         ]
-        env = _child_environment()
+        env = child_environment()
         child = Child(coordinator_id, argv, self.workdir / f"{coordinator_id}.log", env=env)
         child.start()
         coordinator = CoordinatorProcess(coordinator_id, child)
@@ -602,7 +603,7 @@ class LocalMesh:
         name = f"gateway-{len(self.gateways) + 1}"
         argv = [sys.executable, "-m", f"{PREFIX}gateway", "--listen", "127.0.0.1:0",
                 "--etcd", self.etcd_endpoint, "--cluster", self.cluster, *extra]
-        env = _child_environment()
+        env = child_environment()
         child = Child(name, argv, self.workdir / f"{name}.log", env=env)
         child.start()
         gateway = GatewayProcess(name, child)

@@ -8,14 +8,13 @@ machines" gives per host (`etcd_argv`, `coordinator_argv`, `node_argv`).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.localmesh import Child, ProcessError, tool
+from common.localmesh import Child, ProcessError, child_environment, tool
 from common.peer import generate_secret
 from tests.hosts import Host, Network
 
@@ -120,7 +119,7 @@ class HostedMesh:
 
     def _launch(self, host: Host, argv: list[str]) -> Child:
         child = Child(host.name, host.argv(argv), self.workdir / f"{host.name}.log",
-                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                      env=child_environment())
         child.start()
         self.children[host.name] = child
         return child
