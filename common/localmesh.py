@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,22 @@ def _with_parent_death(argv: list[str]) -> list[str]:
 
 
 BIND_ATTEMPTS = 3
-"""Tries of a single etcd whose ports ``free_port`` picked (see ``Etcd.start``)."""
+"""Tries of a single etcd or a redis whose ports ``free_port`` picked (``_start_binding``)."""
+
+
+def _start_binding(start: Callable[[], None], again: Callable[[], None], *, picked: bool,
+                   taken: str) -> None:
+    """``start()`` a server on ports ``free_port`` ``picked``; if one was taken
+    meanwhile (``start`` raised a ProcessError whose log says ``taken``), ``again()``
+    forgets them and it starts on new ones, up to ``BIND_ATTEMPTS`` tries."""
+    for attempt in range(BIND_ATTEMPTS):
+        try:
+            start()
+            return
+        except ProcessError as exc:
+            if not picked or attempt == BIND_ATTEMPTS - 1 or taken not in str(exc):
+                raise
+            again()
 
 
 def child_environment() -> dict[str, str]:
@@ -197,18 +212,16 @@ class Etcd:
         # (a parallel test's node binding port 0) can take one before etcd binds
         # it. Then pick again, from an empty data dir, rather than fail every test
         # that shares this etcd.
-        ours = not self.client_port and not self.peer_port
-        for attempt in range(BIND_ATTEMPTS):
+        def start() -> None:
             self.launch()
-            try:
-                self.wait_ready(timeout)
-                return
-            except ProcessError as exc:
-                if not ours or attempt == BIND_ATTEMPTS - 1 or "address already in use" \
-                        not in str(exc):
-                    raise
-                self.client_port = self.peer_port = 0
-                shutil.rmtree(self._data_dir(), ignore_errors=True)
+            self.wait_ready(timeout)
+
+        def again() -> None:
+            self.client_port = self.peer_port = 0
+            shutil.rmtree(self._data_dir(), ignore_errors=True)
+
+        _start_binding(start, again, picked=not self.client_port and not self.peer_port,
+                       taken="address already in use")
 
     def _data_dir(self) -> Path:
         suffix = "" if self.name == "mesh-dev" else f"-{self.name}"
@@ -376,22 +389,20 @@ class RedisServer:
                                     "(`make setup` does)")
         # As for `Etcd.start`: a port ``free_port`` picked may be taken before
         # redis binds it; then pick again.
-        ours = not self.port
-        for attempt in range(BIND_ATTEMPTS):
+        def start() -> None:
             self.port = self.port or free_port()
             argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--dir", str(self.workdir)]
-            self.child = Child("redis-server", argv, self.workdir / "redis.log")
-            self.child.start()
-            try:
-                self._wait_ready(self.child, timeout)
-                return
-            except ProcessError as exc:
-                if not ours or attempt == BIND_ATTEMPTS - 1 or "Address already in use" \
-                        not in str(exc):
-                    raise
+            self.child = child = Child("redis-server", argv, self.workdir / "redis.log")
+            child.start()
+            self._wait_ready(child, timeout)
+
+        def again() -> None:
+            if self.child is not None:
                 self.child.stop()
-                self.port = 0
+            self.port = 0
+
+        _start_binding(start, again, picked=not self.port, taken="Address already in use")
 
     def _wait_ready(self, child: Child, timeout: float) -> None:
         """Until redis answers PING on our port (a PONG: not some other process that
