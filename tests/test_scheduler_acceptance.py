@@ -135,7 +135,9 @@ async def test_failures_retry_with_backoff_then_succeed_or_go_dead(mesh3: Any) -
     gaps = [at(b.start_time) - at(a.finish_time) for a, b in itertools.pairwise(attempts)]
     print(f"\nbackoff gaps {[round(g, 3) for g in gaps]} s, configured [0.4, 0.8] s")
     for gap, wanted in zip(gaps, (0.4, 0.8), strict=True):
-        assert wanted * 0.8 <= gap <= wanted * 1.2, gaps
+        # Never early, by the node's own stamps; the upper bound only tells 0.4 from
+        # 0.8 and leaves room for a loaded machine.
+        assert wanted <= gap < wanted * 1.9, gaps
 
     doomed = (await nodes.enqueue(queue, max_attempts=3, backoff=pb.Backoff(
         initial_delay=seconds(0.05), multiplier=1))).job_id
