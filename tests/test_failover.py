@@ -95,12 +95,16 @@ async def test_sigstopped_primary_is_fenced_and_never_diverges(
     accepted = []
     async with grpc.aio.insecure_channel(victim.address) as channel:
         stub = pb_grpc.CacheServiceStub(channel)
+        # Two seconds of tries and more than ten of them, however slowly a loaded
+        # machine lets the just-woken node answer (each within a generous deadline).
         deadline = time.monotonic() + 2.0
+        give_up = time.monotonic() + 30.0
         attempts = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or attempts <= 10:
+            assert time.monotonic() < give_up, f"only {attempts} tries in 30 s"
             attempts += 1
             try:
-                await stub.Set(pb.SetRequest(key=probe, value=b"stale"), timeout=1,
+                await stub.Set(pb.SetRequest(key=probe, value=b"stale"), timeout=5,
                                metadata=(("x-mesh-route", "client"),))
                 accepted.append(attempts)
             except grpc.aio.AioRpcError as exc:
@@ -207,7 +211,9 @@ async def test_a_killed_nodes_breaker_opens_and_no_call_overruns_its_deadline(
             # matters is that it ends by then, checked below.
             assert first_success is None, "a call failed after the failover"
         took = time.monotonic() - started
-        if took > deadline + 0.25:  # scheduling slack on a busy machine
+        # Slack for a busy machine (a late event-loop turn); a call that ignored its
+        # deadline would run on for the client's default timeout, seconds more.
+        if took > deadline + 1.0:
             overruns.append(took)
         states.add(breaker.state)
         if first_success is not None and time.monotonic() - first_success > 1.0:

@@ -138,8 +138,12 @@ async def test_cancelled_acquire_leaves_the_queue(mesh: Mesh) -> None:
 
 async def test_context_manager_refreshes_past_the_ttl(mesh: Mesh) -> None:
     name = "cm:lock"
-    async with mesh.lock(name, ttl=1.0) as lease:
-        await asyncio.sleep(2.5)
+    # A 3 s ttl: its refreshes (every second, each try allowed 0.5 s) ride out a
+    # slow node on a loaded machine, which a 1 s ttl's 0.2 s tries do not.
+    async with mesh.lock(name, ttl=3.0) as lease:
+        first_expiry = lease.expire_time  # the node's stamp, its wall clock
+        await asyncio.sleep(max(0.0, first_expiry - time.time()) + 0.5)
+        assert time.time() > first_expiry  # past the ttl it was granted with
         assert lease.held and not lease.lost.is_set()
         lease.check()
         [holder] = (await mesh.locks.describe(name)).holders
@@ -210,9 +214,13 @@ async def test_unrefreshed_lease_is_lost_locally_before_the_node_expires_it(mesh
 
 
 async def test_default_ttl_is_the_nodes(mesh: Mesh) -> None:
+    before = time.monotonic()
     lease = await mesh.locks.acquire("default:ttl")
+    after = time.monotonic()
     assert lease.ttl == pytest.approx(30.0)
-    assert 28.0 < lease.remaining <= 29.0
+    # Presumed lost a margin (1 s) before the ttl runs out, counted from the send.
+    assert before + 29.0 <= lease.deadline <= after + 29.0
+    assert lease.remaining <= 29.0
     await lease.release()
 
 
@@ -272,8 +280,9 @@ async def test_bad_arguments_name_the_field(mesh: Mesh) -> None:
 def test_sync_wrapper(shared_node: LocalMesh) -> None:
     name = "sync:lock"
     with SyncMesh(etcd=shared_node.etcd_endpoint, cluster=shared_node.cluster) as mesh:
-        with mesh.lock(name, ttl=1.0) as lease:
-            time.sleep(2.0)  # refreshed on the client's loop thread meanwhile
+        with mesh.lock(name, ttl=3.0) as lease:  # 3 s: refreshes ride out a slow node
+            # Refreshed on the client's loop thread meanwhile, past its first expiry.
+            time.sleep(max(0.0, lease.expire_time - time.time()) + 0.5)
             assert lease.held
             lease.check()
             [holder] = mesh.locks.describe(name).holders

@@ -128,10 +128,13 @@ async def test_cancelled_waiter_leaves_the_queue(stub: pb_grpc.LockServiceStub) 
 async def test_expiry_releases_and_wakes_the_next_waiter(
         stub: pb_grpc.LockServiceStub) -> None:
     first = await _acquire(stub, "rpc:expiry", ttl=1.0)
-    started = time.monotonic()
     second = await _acquire(stub, "rpc:expiry", wait=5.0)
-    waited = time.monotonic() - started
-    assert 0.5 < waited < 3.0
+    # By the node's own stamps, not by how fast the calls came back: the waiter is
+    # granted (its expire_time less its ttl) never before the first lease ran out,
+    # and soon after (the upper bound leaves room for a loaded machine).
+    expired = first.expire_time.ToNanoseconds()
+    granted = second.expire_time.ToNanoseconds() - second.ttl.ToNanoseconds()
+    assert expired <= granted < expired + 2_000_000_000, (granted - expired) / 1e9
     assert second.fencing_token > first.fencing_token
     error = await _error(stub.Refresh(pb.RefreshRequest(name="rpc:expiry",
                                                         lease_id=first.lease_id)))
@@ -140,12 +143,18 @@ async def test_expiry_releases_and_wakes_the_next_waiter(
 
 
 async def test_refresh_extends_and_keeps_the_token(stub: pb_grpc.LockServiceStub) -> None:
-    lease = await _acquire(stub, "rpc:refresh", ttl=1.0)
+    # Refreshed every 0.6 s, a 1.5 s lease outlives its first expiry; the gaps leave
+    # room for a slow call on a loaded machine.
+    lease = await _acquire(stub, "rpc:refresh", ttl=1.5)
+    expire = lease.expire_time.ToNanoseconds()
     for _ in range(3):
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.6)
         refreshed = await stub.Refresh(pb.RefreshRequest(name="rpc:refresh",
                                                          lease_id=lease.lease_id))
         assert refreshed.fencing_token == lease.fencing_token
+        assert refreshed.expire_time.ToNanoseconds() > expire  # extended from now
+        expire = refreshed.expire_time.ToNanoseconds()
+    assert time.time_ns() > lease.expire_time.ToNanoseconds()  # held past its first expiry
     longer = await stub.Refresh(pb.RefreshRequest(name="rpc:refresh", lease_id=lease.lease_id,
                                                   ttl=_d(60)))
     assert longer.expire_time.ToSeconds() > time.time() + 50

@@ -117,7 +117,12 @@ async def test_a_cancelled_call_is_counted_as_cancelled(shared_node: LocalMesh) 
         held = await stub.Acquire(lock_pb2.AcquireRequest(name="metrics:cancel"))
         call = stub.Acquire(lock_pb2.AcquireRequest(
             name="metrics:cancel", wait_timeout=duration_pb2.Duration(seconds=30)), timeout=35)
-        await asyncio.sleep(0.3)
+        # Cancelled once the node has it queued (a fixed pause could end, on a loaded
+        # machine, before the call even reached the node, which would then count nothing).
+        deadline = time.monotonic() + 10
+        while not (await stub.Describe(lock_pb2.DescribeRequest(name="metrics:cancel"))).waiters:
+            assert time.monotonic() < deadline, "the waiting Acquire never reached the node"
+            await asyncio.sleep(0.02)
         call.cancel()
         await stub.Release(lock_pb2.ReleaseRequest(name="metrics:cancel",
                                                    lease_id=held.lease_id))

@@ -207,11 +207,13 @@ async def test_heartbeats_keep_a_job_longer_than_its_lease(mesh: Mesh) -> None:
     job_id = await mesh.scheduler.enqueue(queue, "long")
 
     async def long(job: JobContext) -> str:
-        await asyncio.sleep(3.0)  # three leases
+        await asyncio.sleep(4.5)  # more than two leases
         return "finished"
 
-    async with Worker(mesh, queue, {"long": long}, lease=1.0, poll=0.5) as first, \
-            Worker(mesh, queue, {"long": long}, lease=1.0, poll=0.5) as second:
+    # 2 s leases: a heartbeat (every 0.67 s) slowed by a loaded machine does not
+    # let the lease run out, as one slowed by half a second could with 1 s leases.
+    async with Worker(mesh, queue, {"long": long}, lease=2.0, poll=0.5) as first, \
+            Worker(mesh, queue, {"long": long}, lease=2.0, poll=0.5) as second:
         await _until(lambda: _finished(mesh, job_id))
     job = await mesh.scheduler.get_job(job_id)
     assert job.state is JobState.SUCCEEDED and job.result == b"finished"
@@ -264,7 +266,13 @@ async def test_sigterm_on_a_worker_process(
         short = await mesh.scheduler.enqueue(queue, "sleep", {"seconds": 1.5})
         await worker.line(f"STARTED {short}")
         worker.signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)  # handled by now; the job runs another second
+        # Handled (the worker logs it; a loaded machine may be slow to run it), then
+        # a moment for its claims to be withdrawn; the job runs another second.
+        deadline = time.monotonic() + 10
+        while "SIGTERM, stopping" not in worker.errors.read_text():
+            assert time.monotonic() < deadline, worker.errors.read_text()[-3000:]
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
         later = await mesh.scheduler.enqueue(queue, "sleep", {"seconds": 0})
         await worker.line(f"DONE {short}")
         assert "succeeded=1" in await worker.line("STOPPED")

