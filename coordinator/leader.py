@@ -22,7 +22,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.election import Leadership
 from coordinator.mapstore import Deposed, MapConflict, MapStore
 from coordinator.positions import PositionProbe
-from coordinator.reconcile import Facts, initial_map, needed_positions, next_map
+from coordinator.reconcile import Facts, initial_map, needed_positions, next_map, restarted_nodes
 from mesh.admin.v1 import admin_pb2
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class LeaderDriver:
         if current is None:
             await self._create(registered)
             return
-        restarted = frozenset(n for n, info in registered.items()
-                              if n in self._seen and self._seen[n] != info.started_at)
+        restarted = restarted_nodes(current, registered, self._seen)
         need = needed_positions(current, registered, restarted)
         # The step is deterministic: with no facts to gather and the same inputs
         # as a round that changed nothing, it would change nothing again.

@@ -86,6 +86,24 @@ def initial_map(registered: Mapping[str, NodeInfo], group_count: int, replicas: 
     return cmap
 
 
+def restarted_nodes(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo],
+                    seen: Mapping[str, float]) -> frozenset[str]:
+    """Registered nodes whose process is not the one they were: a start time other
+    than this term's last round saw (``seen``), or an incarnation other than the
+    map's. Their copies lost their in-memory state, so their roles are lost.
+
+    The map's incarnation is what a new term knows: a node that restarted while
+    no coordinator led (both restarted together) has a start time no round of
+    this term saw, and used to keep leading with empty caches and lock tables.
+    """
+    recorded = {n.node_id: n.incarnation for n in current.nodes}
+    return frozenset(
+        node_id for node_id, info in registered.items()
+        if (node_id in seen and seen[node_id] != info.started_at)
+        or (info.incarnation and recorded.get(node_id, info.incarnation) not in (
+            "", info.incarnation)))
+
+
 def needed_positions(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo],
                      restarted: frozenset[str] = frozenset()) -> set[NodeGroup]:
     """The GetPosition calls the next step wants: the in-sync replicas of groups

@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import pytest
 
-from clients import DeadlineExceededError, Mesh, NewEvent, UnavailableError
+from clients import DeadlineExceededError, LockTimeoutError, Mesh, NewEvent, UnavailableError
 from clients.breaker import State
-from common.clustermap import wait_for_map, wait_settled
+from common.clustermap import read_map, wait_for_map, wait_settled
+from common.slots import slot_for
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 from tests.cluster import Writer, wait_converged
@@ -160,6 +161,42 @@ async def test_the_last_copy_outlives_its_nodes_lease_running_out(
     assert [(e.id, e.data) for e in page.events] == [("last-copy-1", b"kept")]
     assert await mesh.cache.get("last-copy") == b"kept"
     await lease.release()  # the lease is still known: releasing it works
+
+
+async def test_a_restart_no_coordinator_saw_still_hands_its_groups_over(
+    local_mesh: Any, mesh_client: Any
+) -> None:
+    """A primary restarts while no coordinator leads (both restarted together, say).
+    The new process read its durable copies back, but its in-memory ones (cache,
+    locks) are empty; the next coordinator term never saw the old process, yet
+    must still count the node as restarted: the lock's group fails over to its
+    in-sync replica, and the held lease is still held. (The map's incarnation of
+    the node tells; the term's own memory of start times did not, and the
+    restarted node went on leading with an empty lock table.)"""
+    local = local_mesh(3, lease_ttl=LEASE_TTL)
+    mesh = await mesh_client(timeout=15)
+    table = await read_map(local.etcd_endpoint, local.cluster)
+    assert table is not None
+    name = "unseen-restart"
+    group = table.group_of_slot(slot_for(name))
+    assert group is not None and group.in_sync
+    lease = await mesh.locks.acquire(name, ttl=120)
+    [restarted] = [n for n in local.nodes if n.node_id == group.primary]
+
+    assert local.coordinators[0].child.stop() == 0
+    restarted.child.signal(signal.SIGKILL)
+    await asyncio.to_thread(restarted.child.proc.wait)  # type: ignore[union-attr]
+    await asyncio.to_thread(local.start_node, restarted.node_id)
+    await asyncio.to_thread(local.start_coordinator)
+    table = await wait_for_map(
+        local.etcd_endpoint, local.cluster,
+        lambda t: t.groups[group.group_id].primary in group.in_sync,
+        timeout=30, what="the restarted primary's group on its replica")
+
+    with pytest.raises(LockTimeoutError):
+        await mesh.locks.acquire(name, ttl=5, wait=0, owner="another")
+    assert (await mesh.locks.describe(name)).holders[0].lease_id == lease.lease_id
+    await lease.release()
 
 
 @pytest.mark.parametrize("mode", ["sync"])

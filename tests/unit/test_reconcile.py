@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterable
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from coordinator.operations import (
     plan_rebalance,
     recover_lost,
 )
-from coordinator.reconcile import Facts, initial_map, needed_positions, next_map
+from coordinator.reconcile import Facts, initial_map, needed_positions, next_map, restarted_nodes
 from mesh.admin.v1 import admin_pb2
 from mesh.replication.v1 import replication_pb2 as rpb
 
@@ -228,6 +229,30 @@ def test_a_restarted_node_loses_its_roles_then_joins_again() -> None:
     assert group(new, 1).primary_node_id == "b" and "a" not in {n.node_id for n in new.nodes}
     again = next_map(new, reg, Facts(), 1)
     assert again is not None and node(again, "a").state == JOINING
+
+
+def test_a_restart_is_known_by_start_time_within_a_term_and_by_incarnation_across() -> None:
+    cmap = hand_map([(1, "a", [("b", True)])], nodes="ab", r=1)
+    reg = registered("a", "b")
+    cmap = next_map(cmap, {n: replace(i, incarnation=f"{n}-1") for n, i in reg.items()},
+                    Facts(), 1) or cmap
+    assert node(cmap, "a").incarnation == "a-1"
+    same = {n: replace(i, incarnation=f"{n}-1") for n, i in reg.items()}
+    assert restarted_nodes(cmap, same, {}) == frozenset()
+    assert restarted_nodes(cmap, same, {"a": 1.0, "b": 1.0}) == frozenset()
+    # This term saw "a" start at 1.0: a new start time is a restart.
+    later = {**same, "a": replace(same["a"], started_at=2.0)}
+    assert restarted_nodes(cmap, later, {"a": 1.0}) == {"a"}
+    # A new term saw nothing, but the map names the process it knew.
+    again = {**same, "a": replace(same["a"], incarnation="a-2", started_at=2.0)}
+    assert restarted_nodes(cmap, again, {}) == {"a"}
+    # Nodes the map does not hold yet, or that name no incarnation, are not restarts.
+    assert restarted_nodes(cmap, {**again, "c": replace(same["a"], node_id="c")}, {}) == {"a"}
+    assert restarted_nodes(cmap, {**same, "a": replace(same["a"], incarnation="")}, {}) == set()
+    # Counted as restarted, it loses its roles; the next round it joins again.
+    new = next_map(cmap, again, Facts(restarted=restarted_nodes(cmap, again, {})), 1)
+    assert new is not None and group(new, 1).primary_node_id == "b"
+    assert restarted_nodes(new, again, {}) == frozenset()
 
 
 def test_a_group_whose_members_all_leave_remembers_its_last_copies() -> None:
