@@ -185,7 +185,7 @@ async def test_a_restart_no_coordinator_saw_still_hands_its_groups_over(
 
     assert local.coordinators[0].child.stop() == 0
     restarted.child.signal(signal.SIGKILL)
-    await asyncio.to_thread(restarted.child.proc.wait)  # type: ignore[union-attr]
+    await asyncio.to_thread(restarted.child.proc.wait)
     await asyncio.to_thread(local.start_node, restarted.node_id)
     await asyncio.to_thread(local.start_coordinator)
     table = await wait_for_map(
