@@ -7,9 +7,15 @@ protobuf Timestamps/Durations exist only at the edges, converted with
 `to_seconds` and `from_seconds`.
 
 `SystemClock` is the real one. `ManualClock` is for tests: time moves only when
-the test calls `ManualClock.advance`, which runs the timers (`call_at`) and
-wakes the sleepers (`sleep`) that come due, in order, each at its own instant,
-so a test of a 30-second lease takes no real time at all.
+the test calls `ManualClock.advance`, which runs the timers (`call_at`,
+`call_after`) and wakes the sleepers (`sleep`) that come due, in order, each at
+its own instant, so a test of a 30-second lease takes no real time at all.
+`ManualClock.jump` steps the wall clock alone, as NTP or an operator may.
+
+Timers wait on elapsed time, as asyncio's do: `call_at` turns its wall instant
+into a delay when it is called, so a wall clock that steps afterwards moves no
+timer. Code whose correctness must survive such a step (a lock's expiry)
+measures with `monotonic_ns` and `call_after`.
 """
 
 from __future__ import annotations
@@ -64,6 +70,10 @@ class Clock(Protocol):
         """Run ``callback`` once `wall_ns` reaches ``wall_ns`` (on the event loop)."""
         ...
 
+    def call_after(self, ns: int, callback: Callable[[], object]) -> Timer:
+        """Run ``callback`` once ``ns`` nanoseconds have passed (on the event loop)."""
+        ...
+
     async def sleep(self, ns: int) -> None:
         """Wait ``ns`` nanoseconds of this clock's time."""
         ...
@@ -79,8 +89,10 @@ class SystemClock:
         return time.monotonic_ns()
 
     def call_at(self, wall_ns: int, callback: Callable[[], object]) -> Timer:
-        delay = max(wall_ns - time.time_ns(), 0)
-        return asyncio.get_running_loop().call_later(to_seconds(delay), callback)
+        return self.call_after(wall_ns - time.time_ns(), callback)
+
+    def call_after(self, ns: int, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(to_seconds(max(ns, 0)), callback)
 
     async def sleep(self, ns: int) -> None:
         await asyncio.sleep(to_seconds(max(ns, 0)))
@@ -110,23 +122,28 @@ class ManualClock:
     too if it is due before the end), then leaves the clock at the end. Sleepers
     are timers that resolve a future: their coroutines resume when the event
     loop next runs (``await asyncio.sleep(0)`` in the test, or `settle`).
+    Timers are kept on the monotonic clock, so `jump` moves none of them.
     """
 
     def __init__(self, wall_ns: int = 1_700_000_000 * SECOND, monotonic_ns: int = 0) -> None:
-        self._wall = wall_ns
-        self._offset = monotonic_ns - wall_ns  # both move together
-        self._timers: list[tuple[int, int, _ManualTimer]] = []
+        self._mono = monotonic_ns
+        self._offset = wall_ns - monotonic_ns  # wall = monotonic + offset, until a jump
+        self._timers: list[tuple[int, int, _ManualTimer]] = []  # by monotonic due time
         self._order = itertools.count()
 
     def wall_ns(self) -> int:
-        return self._wall
+        return self._mono + self._offset
 
     def monotonic_ns(self) -> int:
-        return self._wall + self._offset
+        return self._mono
 
     def call_at(self, wall_ns: int, callback: Callable[[], object]) -> Timer:
-        timer = _ManualTimer(wall_ns, callback)
-        heapq.heappush(self._timers, (wall_ns, next(self._order), timer))
+        return self.call_after(wall_ns - self.wall_ns(), callback)
+
+    def call_after(self, ns: int, callback: Callable[[], object]) -> Timer:
+        at = self._mono + max(ns, 0)
+        timer = _ManualTimer(at, callback)
+        heapq.heappush(self._timers, (at, next(self._order), timer))
         return timer
 
     async def sleep(self, ns: int) -> None:
@@ -136,7 +153,7 @@ class ManualClock:
             if not future.done():
                 future.set_result(None)
 
-        timer = self.call_at(self._wall + max(ns, 0), wake)
+        timer = self.call_after(ns, wake)
         try:
             await future
         finally:
@@ -151,21 +168,29 @@ class ManualClock:
         """The wall instant of the next pending timer, or None."""
         while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)
-        return self._timers[0][0] if self._timers else None
+        return self._timers[0][0] + self._offset if self._timers else None
 
     def set(self, wall_ns: int) -> None:
         """Move to ``wall_ns`` (not backwards), running what comes due."""
-        if wall_ns < self._wall:
+        if wall_ns < self.wall_ns():
             raise ValueError("a clock does not go back")
-        while (due := self.next_due()) is not None and due <= wall_ns:
+        end = wall_ns - self._offset
+        while self._timers and self._timers[0][0] <= end:
             _, _, timer = heapq.heappop(self._timers)
-            self._wall = max(self._wall, due)
+            if timer.cancelled:
+                continue
+            self._mono = max(self._mono, timer.at)
             timer.callback()
-        self._wall = wall_ns
+        self._mono = end
 
     def advance(self, ns: int) -> None:
         """Let ``ns`` nanoseconds pass, running what comes due."""
-        self.set(self._wall + ns)
+        self.set(self.wall_ns() + ns)
+
+    def jump(self, ns: int) -> None:
+        """Step the wall clock by ``ns`` (either way) with no time passing: what
+        NTP or an operator setting the date does. No timer runs or moves."""
+        self._offset += ns
 
     async def settle(self, ns: int = 0) -> None:
         """`advance` by ``ns``, then let the woken coroutines run until they wait again."""

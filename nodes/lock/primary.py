@@ -9,6 +9,13 @@ becomes primary it gives every lease a full ttl from that moment (etcd does
 the same on a leader change): the old primary's clock is not ours, and a lease
 must never end early because of a failover. The clock is the injected `Clock`
 (integer nanoseconds).
+
+Whether a lease still runs is judged on the monotonic clock: each lease's end
+is kept here as a monotonic instant, set whenever this primary grants, renews
+or refreshes it (the wall instant in the command is for clients and replicas).
+A wall clock stepped forward (NTP, an operator) would otherwise end every lease
+at once while its holder, timing its ttl on its own monotonic clock, still
+relies on it, and a second holder could be granted the lock.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class LockPrimary:
         self._clock = clock
         self.queues: dict[str, WaitQueue] = {}
         self._timers: dict[str, Timer] = {}
+        # Lease id -> the monotonic instant its lease ends on this primary.
+        self._ends: dict[str, int] = {}
         # Leases handed to more than one call (a retry with the grant's request id
         # gets the same lease) -> how many calls have it. See `abandon`.
         self._handed: dict[str, int] = {}
@@ -60,13 +69,14 @@ class LockPrimary:
             self._group.propose(0, LOCK, lpb.LockCommand(renewed=lpb.LeasesRenewed(
                 at_ns=self._clock.wall_ns())).SerializeToString())
         for name, lease in self.table.leases():
-            self._schedule(name, lease)
+            self._arm(name, lease)
 
     def stop(self) -> None:
         self.leading = False
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._ends.clear()
         self._handed.clear()
         queues, self.queues = self.queues, {}
         for queue in queues.values():
@@ -86,7 +96,7 @@ class LockPrimary:
             raise errors.permits_mismatch(name, size)
         if request_id:
             lease = lock.by_request(request_id) if lock else None
-            if lease is not None and lease.expire_ns > self._clock.wall_ns():
+            if lease is not None and self._runs(lease):
                 # A retry of a granted Acquire: the same lease.
                 self._handed[lease.lease_id] = self._handed.get(lease.lease_id, 1) + 1
                 return Grant(lease, self._group.log.last_seq)
@@ -153,13 +163,13 @@ class LockPrimary:
         proposal = self._propose(name, lpb.LockCommand(refresh=lpb.LeaseRefresh(
             name=name, lease_id=lease_id, ttl_seconds=to_seconds(ttl_ns),
             expire_at=to_seconds(self._clock.wall_ns() + ttl_ns))))
-        self._schedule(name, lease)
+        self._arm(name, lease)
         return lease, proposal.seq
 
     def live_lease(self, name: str, lease_id: str) -> Lease:
         """The lease, if it has not ended or expired (else LOCK_NOT_HELD)."""
         lease = self.table.lease(name, lease_id)
-        if lease is not None and lease.expire_ns <= self._clock.wall_ns():
+        if lease is not None and not self._runs(lease):
             self._expire(name, lease_id)  # its timer is due but has not run yet
             lease = None
         if lease is None:
@@ -170,8 +180,7 @@ class LockPrimary:
         lock = self.table.get(name)
         if lock is None:
             return []
-        now = self._clock.wall_ns()
-        return [lease for lease in lock.leases.values() if lease.expire_ns > now]
+        return [lease for lease in lock.leases.values() if self._runs(lease)]
 
     def _grant(self, name: str, max_permits: int, owner: str, permits: int, ttl_ns: int,
                request_id: str, shared: bool) -> Grant:
@@ -181,11 +190,12 @@ class LockPrimary:
         proposal = self._propose(name, lpb.LockCommand(grant=lpb.LeaseGrant(
             name=name, max_permits=max_permits, lease=decided.to_record())))
         lease: Lease = proposal.result  # as the command carries it, as replicas hold it
-        self._schedule(name, lease)
+        self._arm(name, lease)
         return Grant(lease, proposal.seq)
 
     def _end(self, name: str, lease: Lease, why: lpb.LeaseEnd.ValueType) -> int:
         self._handed.pop(lease.lease_id, None)
+        self._ends.pop(lease.lease_id, None)
         timer = self._timers.pop(lease.lease_id, None)
         if timer is not None:
             timer.cancel()
@@ -217,20 +227,33 @@ class LockPrimary:
 
     # -- expiry ------------------------------------------------------------------------
 
-    def _schedule(self, name: str, lease: Lease) -> None:
-        timer = self._timers.pop(lease.lease_id, None)
+    def _runs(self, lease: Lease) -> bool:
+        """Whether ``lease`` has not reached its end (on the monotonic clock)."""
+        end = self._ends.get(lease.lease_id)
+        if end is None:  # not armed by this primary (not leading): the command's end
+            return lease.expire_ns > self._clock.wall_ns()
+        return end > self._clock.monotonic_ns()
+
+    def _arm(self, name: str, lease: Lease) -> None:
+        """``lease`` was just granted, renewed or refreshed here: it ends one ttl from
+        now, as the wall instant this primary just wrote for it says."""
+        self._ends[lease.lease_id] = self._clock.monotonic_ns() + lease.ttl_ns
+        self._schedule(name, lease.lease_id, lease.ttl_ns)
+
+    def _schedule(self, name: str, lease_id: str, after_ns: int) -> None:
+        timer = self._timers.pop(lease_id, None)
         if timer is not None:
             timer.cancel()
-        lease_id = lease.lease_id
-        self._timers[lease_id] = self._clock.call_at(
-            lease.expire_ns, lambda: self._expire(name, lease_id))
+        self._timers[lease_id] = self._clock.call_after(
+            after_ns, lambda: self._expire(name, lease_id))
 
     def _expire(self, name: str, lease_id: str) -> None:
         self._timers.pop(lease_id, None)
         lease = self.table.lease(name, lease_id)
         if not self.leading or lease is None:
             return
-        if lease.expire_ns > self._clock.wall_ns():  # refreshed meanwhile
-            self._schedule(name, lease)
+        left = self._ends.get(lease_id, 0) - self._clock.monotonic_ns()
+        if left > 0:  # refreshed meanwhile, or a timer that fired early
+            self._schedule(name, lease_id, left)
             return
         self._end(name, lease, lpb.LEASE_END_EXPIRED)

@@ -45,6 +45,26 @@ def test_timers_run_in_order_each_at_its_instant() -> None:
         clock.set(start)
 
 
+def test_a_wall_clock_jump_moves_no_timer() -> None:
+    """Timers wait on elapsed time, as asyncio's do: stepping the wall clock either
+    way runs none early and holds none back, and `call_at` reads the wall clock
+    only when it is called."""
+    clock = ManualClock(wall_ns=1000 * SECOND, monotonic_ns=0)
+    seen: list[str] = []
+    clock.call_after(2 * SECOND, lambda: seen.append("after"))
+    clock.call_at(1003 * SECOND, lambda: seen.append("at"))
+    clock.jump(3600 * SECOND)
+    assert clock.wall_ns() == 4600 * SECOND and clock.monotonic_ns() == 0
+    assert clock.next_due() == 4602 * SECOND
+    clock.advance(SECOND)
+    assert seen == []
+    clock.jump(-7200 * SECOND)
+    clock.advance(SECOND)
+    assert seen == ["after"]
+    clock.advance(SECOND)
+    assert seen == ["after", "at"] and clock.monotonic_ns() == 3 * SECOND
+
+
 async def test_sleep_ends_when_the_test_advances_the_clock() -> None:
     clock = ManualClock()
     woke: list[int] = []

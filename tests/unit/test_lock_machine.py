@@ -134,6 +134,29 @@ async def test_waiters_fifo_and_expiry_hands_over() -> None:
     primary.machines[LOCK].close()
 
 
+async def test_a_wall_clock_step_neither_ends_a_lease_early_nor_keeps_it_late() -> None:
+    """Expiry is judged on the monotonic clock: the holder times its ttl on its own
+    monotonic clock, and a wall clock stepped forward must not hand its lock to
+    another while it still relies on it (nor one stepped back keep it held)."""
+    clock = ManualClock()
+    primary = _group("a", epoch=1, primary=True, clock=clock)
+    m = _machine(primary)
+    held = _granted(_acquire(m, "step", ttl=10.0))
+    clock.jump(3600 * SECOND)  # an hour ahead, at once
+    clock.advance(5 * SECOND)
+    assert isinstance(_acquire(m, "step", wait=30, owner="next"), Waiter)
+    assert m.live_leases("step") == [held.lease]
+    lease, _ = m.refresh("step", held.lease.lease_id, None)  # still the holder's
+    clock.jump(-7200 * SECOND)  # and now an hour behind where it began
+    clock.advance(9 * SECOND)
+    assert m.live_leases("step") == [lease]
+    clock.advance(1 * SECOND)  # ten seconds after the refresh: over, whatever the wall says
+    assert m.table.lease("step", held.lease.lease_id) is None and not m.queues
+    [next_lease] = m.live_leases("step")  # the waiter's, granted at the expiry
+    assert next_lease.owner == "next" and next_lease.token > held.lease.token
+    primary.machines[LOCK].close()
+
+
 async def test_queue_limit_and_leaving() -> None:
     primary = _group("a", epoch=1, primary=True)
     m = _machine(primary)
