@@ -102,6 +102,8 @@ class Node:
         self._registration: Registration | None = None
         self._etcd = client_for(config.etcd)
         self.drained = asyncio.Event()
+        # Why the node stopped by itself, if it failed (its disk refused writes).
+        self.failure: BaseException | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self._factories: dict[int, MachineFactory] = {}
         self.auth = Authenticator.from_files(config.auth_tokens, config.auth_jwt_secret,
@@ -113,7 +115,7 @@ class Node:
         self._classes = registry(config.plugins)
         if any(self._classes[name].durable for name in config.services):
             self.journal = Journal(Path(config.data_dir) / "durable.sqlite3",
-                                   on_fatal=lambda _exc: self.drained.set())
+                                   on_fatal=self._fail)
         self._add_services()
         self.replication = Replication(
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
@@ -260,6 +262,12 @@ class Node:
         with contextlib.suppress(Exception):
             await self._etcd.close()
 
+    def _fail(self, exc: BaseException) -> None:
+        """The journal cannot write: stop (exit status 1); acknowledged writes are
+        on disk, and nothing after the failed flush was acknowledged."""
+        self.failure = exc
+        self.drained.set()
+
     def ready_line(self) -> str:
         """The line printed on stdout once the node serves and is registered."""
         return "READY " + json.dumps(
@@ -289,3 +297,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> None:
     log.info("shutting down")
     await node.stop()
     log.info("stopped")
+    if node.failure is not None:
+        # Not a clean exit: supervisors (systemd's Restart=on-failure, Kubernetes)
+        # and whoever reads the exit status must see that it failed.
+        raise SystemExit(1)

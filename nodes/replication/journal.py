@@ -216,5 +216,8 @@ class Journal:
                 [(gid, *pos) for gid, pos in positions.items() if pos is not None])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite ends the transaction itself on some errors (a full disk among
+            # them): a ROLLBACK then fails too, and its error would hide the cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
