@@ -17,8 +17,13 @@ import aetcd.exceptions
 from common import logs
 from common.etcd import EtcdAccess, EtcdAccessError
 
-__all__ = ["add_etcd_flags", "add_server_flags", "env", "etcd_access", "etcd_endpoints",
-           "run_until_signalled"]
+__all__ = ["StartupError", "add_etcd_flags", "add_server_flags", "env", "etcd_access",
+           "etcd_endpoints", "run_until_signalled"]
+
+
+class StartupError(Exception):
+    """Something to fix before the process can start (a damaged data file, say):
+    `run_until_signalled` prints it as one line and exits 2, with no traceback."""
 
 
 def env(name: str, default: str) -> str:
@@ -114,12 +119,12 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
     try:
         asyncio.run(main())
     except Exception as exc:
-        refused = _etcd_refusal(exc)
+        refused = _found(exc, (EtcdAccessError, StartupError))
         if refused is not None:
             # A setting to fix, not a bug: one line, no traceback.
             print(f"error: {refused}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        unreachable = _etcd_refusal(exc, _UNREACHABLE)
+        unreachable = _found(exc, _UNREACHABLE)
         if unreachable is None:
             raise
         # etcd down or elsewhere at start-up: as plain, and exit 3 as meshctl does.
@@ -131,8 +136,8 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
-def _etcd_refusal(exc: BaseException, kinds: tuple[type[BaseException], ...] = (
-        EtcdAccessError,)) -> BaseException | None:
+def _found(exc: BaseException, kinds: tuple[type[BaseException], ...]
+           ) -> BaseException | None:
     """The error of ``kinds`` behind ``exc`` (itself, a cause or a group member), if any."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]

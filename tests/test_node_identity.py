@@ -69,3 +69,27 @@ def test_every_interface_needs_an_advertised_address(
         host, _, port = ready[name].rpartition(":")
         assert host == "127.0.0.1" and int(port) > 0, ready
     assert len({ready["address"], ready["peer_address"], ready["metrics"]}) == 3
+
+
+def test_a_damaged_journal_is_named_in_one_line_and_moving_it_aside_lets_the_node_start(
+        children: list[Child], etcd: Etcd, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    durable = ("--data-dir", str(data), "--services", "events")
+    first = _node(children, etcd, tmp_path, "first", *durable)
+    _ready(first)
+    assert first.stop() == 0
+    journal = data / "durable.sqlite3"
+    journal.write_bytes(b"no sqlite here " * 1000)
+    for suffix in ("-wal", "-shm"):
+        journal.with_name(journal.name + suffix).unlink(missing_ok=True)
+
+    damaged = _node(children, etcd, tmp_path, "damaged", *durable)
+    assert damaged.proc is not None and damaged.proc.wait(30) == 2
+    output = damaged.log_path.read_text()
+    assert "Traceback" not in output, output
+    [line] = [text for text in output.splitlines() if text.startswith("error: ")]
+    assert str(journal) in line and "file is not a database" in line and "move it aside" in line
+
+    journal.rename(data / "durable.sqlite3.damaged")
+    again = _node(children, etcd, tmp_path, "again", *durable)
+    _ready(again)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from common.process import StartupError
 from nodes.replication.machine import Clear, Persist
 
-__all__ = ["DurableCopy", "Journal", "JournalReader", "JournalWriter"]
+__all__ = ["DurableCopy", "Journal", "JournalError", "JournalReader", "JournalWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,26 @@ CREATE TABLE IF NOT EXISTS mesh_groups (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL
 )"""
+
+
+class JournalError(StartupError):
+    """The journal file cannot be opened or read at start-up (damaged, not sqlite)."""
+
+    def __init__(self, path: Path, cause: sqlite3.Error) -> None:
+        super().__init__(
+            f"{path} cannot be used as this node's journal ({cause}); if it is damaged, "
+            "move it aside (with its -wal and -shm files): the node then starts empty and "
+            "the other nodes copy its groups back to it")
+
+
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_IOERR)
+"""What a damaged file or failing disk answers (not a mistake in the SQL)."""
+
+
+def _damaged(path: Path, exc: sqlite3.DatabaseError) -> Exception:
+    """``exc`` as a JournalError if the file is at fault, else as it is."""
+    # Extended codes carry the primary one in their low byte (SQLITE_IOERR_FSYNC...).
+    return JournalError(path, exc) if (exc.sqlite_errorcode & 0xFF) in _DAMAGED else exc
 
 
 class JournalReader(Protocol):
@@ -88,10 +109,13 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used by one flush (or start-up read) at a time: the
         # flusher runs its transactions in a worker thread, one after the other.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(GROUPS_TABLE)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(GROUPS_TABLE)
+        except sqlite3.Error as exc:
+            raise JournalError(path, exc) from None
         self._tables: list[str] = []
         self._pending: list[_Queued] = []
         self._tickets = 0  # the last ticket handed out; the flusher's are in order
@@ -112,18 +136,24 @@ class Journal:
     def create_tables(self, schema: str, tables: Iterable[str]) -> None:
         """Run a service's ``CREATE ... IF NOT EXISTS`` script. Each table named in
         ``tables`` has a ``group_id`` column: `drop_group` empties it."""
-        self._db.executescript(schema)
+        try:
+            self._db.executescript(schema)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
         self._tables.extend(tables)
 
     def copies(self) -> list[DurableCopy]:
         """The groups this node holds a durable copy of."""
-        rows = self._db.execute(
+        rows = self.query(
             "SELECT group_id, origin_epoch, epoch, seq FROM mesh_groups ORDER BY group_id")
         return [DurableCopy(*row) for row in rows]
 
     def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read rows at start-up, before the node serves (synchronous)."""
-        return self._db.execute(sql, params).fetchall()
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
 
     # -- writing ---------------------------------------------------------------
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
+
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
-from nodes.replication.journal import DurableCopy, Journal
+from nodes.replication.journal import DurableCopy, Journal, JournalError
 from nodes.replication.machine import Applied, Clear, Persist, Write
 
 KIND = rpb.SERVICE_KIND_EVENTS
@@ -140,3 +143,14 @@ async def test_dropping_a_group_removes_its_rows_and_position(tmp_path: Path) ->
     journal = journal_at(tmp_path)
     assert journal.copies() == []
     assert journal.query("SELECT count(*) FROM notes") == [(0,)]
+
+
+def test_a_damaged_file_is_a_journal_error_and_a_bad_query_is_not(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.sqlite3"
+    damaged.write_bytes(b"no sqlite here " * 1000)
+    with pytest.raises(JournalError, match=r"file is not a database.*move it aside"):
+        Journal(damaged)
+    journal = Journal(tmp_path / "fine.sqlite3")
+    with pytest.raises(sqlite3.OperationalError):  # a mistake in the SQL stays one
+        journal.query("SELECT nothing FROM nowhere")
+    assert journal.copies() == []
