@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from pathlib import Path
 
 import pytest
 
-from clients import Mesh
+from clients import LockTimeoutError, Mesh, NewEvent
 from common import localmesh
-from common.clustermap import wait_settled
+from common.clustermap import RoutingTable, read_map, wait_settled
 from common.localmesh import Etcd, LocalMesh
 from tests.cluster import Writer, wait_converged
 from tests.conftest import start_cluster
@@ -52,6 +53,62 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
             await mesh.cache.set("after", b"restart")
             assert await mesh.cache.get("after") == b"restart"
             await wait_converged(table, local)
+    except BaseException:
+        print(f"\n===== process logs =====\n{local.logs()}")
+        raise
+    finally:
+        local.stop()
+        etcd.stop()
+
+
+async def _settled_and_still(endpoint: str, cluster: str, nodes: list[str]) -> RoutingTable:
+    """A settled map that no change follows for two seconds (the coordinator is
+    done reacting to what happened)."""
+    for _ in range(10):
+        table = await wait_settled(endpoint, cluster, nodes, timeout=60)
+        await asyncio.sleep(2)
+        now = await read_map(endpoint, cluster)
+        if now is not None and now.epoch == table.epoch:
+            return table
+    raise AssertionError(f"{cluster}: the map kept changing")
+
+
+async def test_every_lease_lost_at_once_to_a_paused_etcd_loses_nothing(tmp_path: Path) -> None:
+    """etcd paused (SIGSTOP) past every lease: when it runs again it ends them all
+    at once, the coordinator's leadership too. The nodes never stopped and
+    register again. Whether the next term sees them gone first (the map then
+    loses every node and group, and the coordinator revives each group on the
+    copies its members kept) or finds them back (the map stays), nothing is
+    lost: events, cache values and a held lock's lease."""
+    etcd = Etcd(tmp_path)
+    etcd.start()
+    local = LocalMesh(workdir=tmp_path, cluster="paused", lease_ttl=2, _owns_workdir=False)
+    local.etcd_endpoint = etcd.endpoint
+    try:
+        start_cluster(local, 3)
+        async with Mesh(etcd=etcd.endpoint, cluster="paused", timeout=20) as mesh:
+            for i in range(20):
+                await mesh.events.append(f"paused-{i % 4}", NewEvent("Kept", b"e", id=f"p{i}"))
+            await mesh.cache.mset({f"paused-{i}": b"v" for i in range(200)})
+            lease = await mesh.locks.acquire("paused", ttl=120)
+
+            assert etcd.child is not None
+            etcd.child.signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(6)  # three times the nodes' lease ttl
+            finally:
+                etcd.child.signal(signal.SIGCONT)
+            nodes = ["node-1", "node-2", "node-3"]
+            await _settled_and_still(etcd.endpoint, "paused", nodes)
+            found = set()
+            for stream in range(4):
+                found.update([e.id async for e in mesh.events.read_stream(f"paused-{stream}")])
+            assert found == {f"p{i}" for i in range(20)}
+            assert await mesh.cache.mget([f"paused-{i}" for i in range(200)]) == [b"v"] * 200
+            with pytest.raises(LockTimeoutError):
+                await mesh.locks.acquire("paused", ttl=5, wait=0, owner="another")
+            await lease.release()
+            await wait_converged(await _settled_and_still(etcd.endpoint, "paused", nodes), local)
     except BaseException:
         print(f"\n===== process logs =====\n{local.logs()}")
         raise
