@@ -9,6 +9,7 @@ them too, so no run leaves orphan processes behind.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -302,20 +303,30 @@ class EtcdCluster:
         return self.members[0].child if self.members else None
 
     def start(self, timeout: float = 30.0) -> None:
-        self.members = [Etcd(self.workdir, name=f"member{i + 1}", client_port=free_port(),
-                             peer_port=free_port()) for i in range(self.size)]
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        for member in self.members:
-            member.initial_cluster = initial
-        try:
-            # All at once: a member is healthy only once a quorum has met.
+        # As for one etcd (`Etcd.start`): a port picked here may be taken before
+        # its member binds it; then every member starts again on new ports (they
+        # must all know each other's), from empty data dirs.
+        def start() -> None:
+            self.members = [Etcd(self.workdir, name=f"member{i + 1}", client_port=free_port(),
+                                 peer_port=free_port()) for i in range(self.size)]
+            initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
             for member in self.members:
-                member.launch()
+                member.initial_cluster = initial
+            try:
+                # All at once: a member is healthy only once a quorum has met.
+                for member in self.members:
+                    member.launch()
+                for member in self.members:
+                    member.wait_ready(timeout)
+            except BaseException:
+                self.stop()
+                raise
+
+        def again() -> None:
             for member in self.members:
-                member.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+                shutil.rmtree(member._data_dir(), ignore_errors=True)
+
+        _start_binding(start, again, picked=True, taken="address already in use")
 
     def index_of(self, endpoint: str) -> int:
         """Which member serves ``endpoint`` (host:port, as a client reports it)."""
@@ -430,7 +441,9 @@ def _etcd_healthy(endpoint: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{endpoint}/health", timeout=0.5) as r:
             return bool(json.loads(r.read()).get("health") == "true")
-    except OSError:
+    except (OSError, http.client.HTTPException, ValueError):
+        # Not up yet, or not etcd at all: another process (a gRPC server) took the
+        # port and answered in its own protocol.
         return False
 
 

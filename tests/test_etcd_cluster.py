@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from clients import Mesh
+from common import localmesh
 from common.clustermap import leader_key, read_map
 from common.etcd import EtcdClient, PrefixFollower, client_for, renew_lease
 from common.localmesh import EtcdCluster, LocalMesh
@@ -299,3 +301,25 @@ def test_meshctl_up_starts_an_etcd_cluster(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_a_cluster_whose_picked_port_was_taken_picks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port ``free_port`` picked for a member can be taken before the member binds
+    it (a parallel test's node, answering in gRPC): every member then starts again
+    on new ports, rather than the cluster failing its test."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy])  # the first member's client port: taken
+        real = localmesh.free_port
+        monkeypatch.setattr(localmesh, "free_port", lambda: next(picks, 0) or real())
+        cluster = EtcdCluster(tmp_path, 3)
+        try:
+            cluster.start()
+            assert busy not in [m.client_port for m in cluster.members]
+            assert all(member.alive() for member in cluster.members)
+        finally:
+            cluster.stop()
