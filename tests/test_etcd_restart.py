@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +19,27 @@ from tests.cluster import Writer, wait_converged
 from tests.conftest import start_cluster
 
 
-async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _mesh_on_own_etcd(tmp_path: Path, cluster: str) -> Iterator[tuple[Etcd, LocalMesh]]:
+    """An etcd of the test's own (to stop or pause) and three nodes on it (R = 1,
+    2 s leases); every process's log printed if the test fails."""
     etcd = Etcd(tmp_path)
     etcd.start()
-    local = LocalMesh(workdir=tmp_path, cluster="restart", lease_ttl=2, _owns_workdir=False)
+    local = LocalMesh(workdir=tmp_path, cluster=cluster, lease_ttl=2, _owns_workdir=False)
     local.etcd_endpoint = etcd.endpoint
     try:
         start_cluster(local, 3)
+        yield etcd, local
+    except BaseException:
+        print(f"\n===== process logs =====\n{local.logs()}")
+        raise
+    finally:
+        local.stop()
+        etcd.stop()
+
+
+async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
+    with _mesh_on_own_etcd(tmp_path, "restart") as (etcd, local):
         async with Mesh(etcd=etcd.endpoint, cluster="restart", timeout=20) as mesh:
             await mesh.cache.mset({f"k{i}": b"v" for i in range(500)})
             writer = Writer(mesh)
@@ -53,12 +69,6 @@ async def test_mesh_recovers_when_etcd_restarts(tmp_path: Path) -> None:
             await mesh.cache.set("after", b"restart")
             assert await mesh.cache.get("after") == b"restart"
             await wait_converged(table, local)
-    except BaseException:
-        print(f"\n===== process logs =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
-        etcd.stop()
 
 
 async def _settled_and_still(endpoint: str, cluster: str, nodes: list[str]) -> RoutingTable:
@@ -80,12 +90,7 @@ async def test_every_lease_lost_at_once_to_a_paused_etcd_loses_nothing(tmp_path:
     loses every node and group, and the coordinator revives each group on the
     copies its members kept) or finds them back (the map stays), nothing is
     lost: events, cache values and a held lock's lease."""
-    etcd = Etcd(tmp_path)
-    etcd.start()
-    local = LocalMesh(workdir=tmp_path, cluster="paused", lease_ttl=2, _owns_workdir=False)
-    local.etcd_endpoint = etcd.endpoint
-    try:
-        start_cluster(local, 3)
+    with _mesh_on_own_etcd(tmp_path, "paused") as (etcd, local):
         async with Mesh(etcd=etcd.endpoint, cluster="paused", timeout=20) as mesh:
             for i in range(20):
                 await mesh.events.append(f"paused-{i % 4}", NewEvent("Kept", b"e", id=f"p{i}"))
@@ -109,12 +114,6 @@ async def test_every_lease_lost_at_once_to_a_paused_etcd_loses_nothing(tmp_path:
                 await mesh.locks.acquire("paused", ttl=5, wait=0, owner="another")
             await lease.release()
             await wait_converged(await _settled_and_still(etcd.endpoint, "paused", nodes), local)
-    except BaseException:
-        print(f"\n===== process logs =====\n{local.logs()}")
-        raise
-    finally:
-        local.stop()
-        etcd.stop()
 
 
 def test_an_etcd_whose_picked_port_was_taken_picks_again(
