@@ -97,11 +97,15 @@ def restarted_nodes(current: admin_pb2.ClusterMap, registered: Mapping[str, Node
     this term saw, and used to keep leading with empty caches and lock tables.
     """
     recorded = {n.node_id: n.incarnation for n in current.nodes}
-    return frozenset(
-        node_id for node_id, info in registered.items()
-        if (node_id in seen and seen[node_id] != info.started_at)
-        or (info.incarnation and recorded.get(node_id, info.incarnation) not in (
-            "", info.incarnation)))
+
+    def restarted(node_id: str, info: NodeInfo) -> bool:
+        if node_id in seen and seen[node_id] != info.started_at:
+            return True
+        known = recorded.get(node_id, "")  # "": not in the map, or from an older version
+        return bool(known and info.incarnation and known != info.incarnation)
+
+    return frozenset(node_id for node_id, info in registered.items()
+                     if restarted(node_id, info))
 
 
 def needed_positions(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo],
