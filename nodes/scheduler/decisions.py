@@ -217,27 +217,36 @@ class Decisions:
             raise errors.job_not_found(job_id)
         return job
 
-    def _live_lease(self, job_id: str, token: int, now: int) -> Job | None:
+    def _leading(self) -> Leader:
+        """This primary's timers (a group that stepped down has none: its
+        caller is told to go to the new primary)."""
+        leader = self.leader
+        if leader is None:
+            raise errors.primary_lost(self.group.group_id)
+        return leader
+
+    def _live_lease(self, job_id: str, token: int) -> Job | None:
         """The job if ``token`` is its running lease, not yet run out. A lease whose
-        deadline passed but whose timer has not run yet is ended here."""
+        end passed but whose timer has not run yet is ended here."""
         job = self.job(job_id)
         if job.state != LEASED or job.lease_token != token:
             return None
-        if job.deadline_ns <= now:
-            if self.leader is not None:
-                self.leader.expire([job], now)
+        leader = self._leading()
+        if leader.ended(job):
+            leader.expire([job])
             return None
         return job
 
     def heartbeat(self, job_id: str, token: int, extend_ns: int | None) -> tuple[Job, int]:
-        now = self.clock.wall_ns()
-        job = self._live_lease(job_id, token, now)
+        job = self._live_lease(job_id, token)
         if job is None:
             raise errors.lease_lost(self.job(job_id))
         lease_ns = extend_ns or job.lease_ns
+        # Never past the attempt's timeout, counted on the monotonic clock.
+        grant = min(lease_ns, self._leading().timeout_left(job))
         seq = self.propose(job.queue, spb.SchedulerCommand(extend=spb.ExtendLease(
             job_id=job_id, lease_token=token, lease_ns=lease_ns,
-            expire_ns=min(now + lease_ns, job.timeout_at_ns)))).seq
+            expire_ns=self.clock.wall_ns() + grant))).seq
         return job, seq
 
     def _end(self, job: Job, end: spb.EndAttempt, then: Next | None) -> tuple[int, list[Claimed]]:
@@ -262,7 +271,7 @@ class Decisions:
                  ) -> tuple[int, int, list[Claimed]]:
         """``(finish_ns, seq, claimed)``; a repeat of a Complete that took effect is
         answered the same (and claims afresh)."""
-        job = self._live_lease(job_id, token, self.clock.wall_ns())
+        job = self._live_lease(job_id, token)
         if job is None:
             job = self.job(job_id)
             attempt = job.attempt(token)
@@ -283,7 +292,7 @@ class Decisions:
     def fail(self, job_id: str, token: int, error: str, retryable: bool,
              retry_delay_ns: int | None, then: Next | None = None) -> Failed:
         now = self.clock.wall_ns()
-        job = self._live_lease(job_id, token, now)
+        job = self._live_lease(job_id, token)
         if job is None:
             job = self.job(job_id)
             attempt = job.attempt(token)

@@ -1,12 +1,21 @@
 """What only a group's primary runs: its timers and its waiting Claim calls.
 
-One asyncio timer per group, at the earliest pending wakeup: a delayed job
-coming due (wake the queue's waiters), a lease or attempt timeout running out
-(expire it: a replicated decision), a cron tick (fire it: a replicated
-decision). Finished jobs past retention are removed by the service's periodic
-sweep. Nothing here is replicated state: a new primary rebuilds it all from
-the group's state in `start`, and gives every running lease a full lease from
-its promotion (the old primary's clock is not ours, and no lease may end early
+Two timers per group. One waits on the wall clock for the earliest delayed
+job coming due (wake the queue's waiters) or cron tick (fire it: a replicated
+decision): those are instants a user named. The other waits on the monotonic
+clock for the earliest lease or attempt timeout to run out (expire it: a
+replicated decision): those are durations, and a wall clock stepped forward
+(NTP, an operator) must not end a lease its worker still relies on, nor a
+step back keep a crashed worker's job from coming back. Each leased job's
+ends are kept on this primary's monotonic clock (`Job.lease_end_mono`,
+`Job.timeout_mono`), set when the command that leased or extended it is
+applied here; the wall instants in the replicated state are what a reader
+sees. Finished jobs past retention are removed by the service's periodic
+sweep.
+
+Nothing here is replicated state: a new primary rebuilds it all from the
+group's state in `start`, and gives every running lease a full lease from its
+promotion (the old primary's clock is not ours, and no lease may end early
 because of a failover).
 """
 
@@ -35,7 +44,7 @@ __all__ = ["Leader"]
 
 log = logging.getLogger(__name__)
 
-_DUE, _LEASE, _CRON = 0, 1, 2
+_DUE, _CRON = 0, 1
 _SLACK_NS = 200_000
 """A wakeup this close is run now (the loop may wake a hair early)."""
 _REMOVE_BATCH = 10_000
@@ -43,7 +52,7 @@ _SKIP_COUNT_LIMIT = 10_000
 """Missed cron ticks counted one by one at most; beyond, the schedule jumps ahead."""
 
 Wakeup = tuple[int, int, int, tuple[str, ...]]
-"""(at_ns, tie-break, kind, key)."""
+"""(wall at_ns, tie-break, kind, key)."""
 
 
 class Leader:
@@ -56,11 +65,15 @@ class Leader:
         self._clock = clock
         self._heap: list[Wakeup] = []
         self._ties = itertools.count()
+        self._leases: list[tuple[int, str]] = []
+        """(monotonic instant, job id): when to look at a leased job's ends."""
         self._retained: list[tuple[int, str]] = []
         self._requests: list[tuple[int, str, str]] = []
         """(expire_ns, queue, request_id) of remembered request ids."""
         self._handle: Timer | None = None
         self._armed_ns = 0
+        self._lease_handle: Timer | None = None
+        self._lease_armed_ns = 0
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # no loop (unit tests): wakeups run through run_due
@@ -82,7 +95,7 @@ class Leader:
                 job.lease_expire_ns = max(job.lease_expire_ns,
                                           min(now + job.lease_ns, job.timeout_at_ns))
                 job.timer_ns = 0  # any earlier timer went with an earlier leadership
-                self.leased(job)
+                self.leased(job, now)
             elif job.state in (SUCCEEDED, CANCELLED):
                 self._retained.append((job.finish_ns + job.retention_ns, job.job_id))
         heapq.heapify(self._retained)
@@ -100,12 +113,12 @@ class Leader:
     def stop(self) -> None:
         """No longer the primary: cancel the timer, end waiting Claims."""
         self.stopped = True
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if self._serving is not None:
-            self._serving.cancel()
+        for handle in (self._handle, self._lease_handle, self._serving):
+            if handle is not None:
+                handle.cancel()
+        self._handle = self._lease_handle = None
         self._heap.clear()
+        self._leases.clear()
         self.end_waiters(errors.primary_lost(self._machine.group.group_id))
 
     def end_waiters(self, error: BaseException) -> None:
@@ -123,11 +136,36 @@ class Leader:
         else:
             self._push(job.run_ns, _DUE, (job.queue,))
 
-    def leased(self, job: Job) -> None:
-        deadline = job.deadline_ns
+    def leased(self, job: Job, now: int) -> None:
+        """``job`` was leased by a command issued at wall instant ``now`` (or this
+        primary took it over at ``now``): its lease and its attempt start here."""
+        mono = self._clock.monotonic_ns()
+        job.timeout_mono = mono + job.timeout_at_ns - now
+        self.extended(job, now, mono)
+
+    def extended(self, job: Job, now: int, mono: int | None = None) -> None:
+        """``job``'s lease was extended by a command issued at wall instant ``now``.
+
+        The command was applied here in the turn of the loop that issued it,
+        so ``lease_expire_ns - now`` is the lease it grants whatever the wall
+        clock did before or does after."""
+        if mono is None:
+            mono = self._clock.monotonic_ns()
+        job.lease_end_mono = mono + job.lease_expire_ns - now
+        deadline = min(job.lease_end_mono, job.timeout_mono)
         if not job.timer_ns or deadline < job.timer_ns:
             job.timer_ns = deadline
-            self._push(deadline, _LEASE, (job.job_id,))
+            heapq.heappush(self._leases, (deadline, job.job_id))
+            if self._lease_handle is None or deadline < self._lease_armed_ns:
+                self._arm_leases(deadline)
+
+    def ended(self, job: Job) -> bool:
+        """Whether ``job``'s lease or attempt has run out (on the monotonic clock)."""
+        return min(job.lease_end_mono, job.timeout_mono) <= self._clock.monotonic_ns()
+
+    def timeout_left(self, job: Job) -> int:
+        """Nanoseconds until ``job``'s running attempt times out."""
+        return job.timeout_mono - self._clock.monotonic_ns()
 
     def finished(self, job: Job) -> None:
         if job.state in (SUCCEEDED, CANCELLED):
@@ -199,41 +237,70 @@ class Leader:
         self._handle = self._clock.call_at(at_ns, self._fire)
         self._armed_ns = at_ns
 
+    def _arm_leases(self, at_mono: int) -> None:
+        if self._loop is None or self.stopped:
+            return
+        if self._lease_handle is not None:
+            self._lease_handle.cancel()
+        self._lease_handle = self._clock.call_after(
+            at_mono - self._clock.monotonic_ns(), self._fire_leases)
+        self._lease_armed_ns = at_mono
+
     def _fire(self) -> None:
         self._handle = None
         try:
-            self.run_due(self._clock.wall_ns())
+            self.run_due()
         except Exception:  # a bug must not stop the group's timers for good
             log.exception("group %d: scheduler timers failed", self._machine.group.group_id)
         if self._heap and self._handle is None:
             self._arm(self._heap[0][0])
 
-    def run_due(self, now: int) -> None:
-        """Run every wakeup due by ``now``."""
+    def _fire_leases(self) -> None:
+        self._lease_handle = None
+        try:
+            self.run_due()
+        except Exception:  # a bug must not stop the group's timers for good
+            log.exception("group %d: scheduler timers failed", self._machine.group.group_id)
+        if self._leases and self._lease_handle is None:
+            self._arm_leases(self._leases[0][0])
+
+    def run_due(self) -> None:
+        """Run every wakeup that has come due: leases and timeouts by the
+        monotonic clock, delayed jobs and cron ticks by the wall clock."""
         if self.stopped or not self._machine.group.writable:
             return
-        heap = self._heap
+        self._expire_due(self._clock.monotonic_ns())
+        self._wake_due(self._clock.wall_ns())
+
+    def _expire_due(self, mono: int) -> None:
+        leases = self._leases
+        jobs = self._machine.state.jobs
         expiring: list[Job] = []
+        while leases and leases[0][0] <= mono + _SLACK_NS:
+            at, job_id = heapq.heappop(leases)
+            job = jobs.get(job_id)
+            if job is None or job.state != LEASED or job.timer_ns != at:
+                continue  # ended, or a newer timer stands
+            job.timer_ns = 0
+            deadline = min(job.lease_end_mono, job.timeout_mono)
+            if deadline <= mono + _SLACK_NS:
+                expiring.append(job)
+            else:  # heartbeats moved it on
+                job.timer_ns = deadline
+                heapq.heappush(leases, (deadline, job_id))
+        if expiring:
+            self.expire(expiring)
+
+    def _wake_due(self, now: int) -> None:
+        heap = self._heap
         due_queues: set[str] = set()
         schedules: set[tuple[str, str]] = set()
-        jobs = self._machine.state.jobs
         while heap and heap[0][0] <= now + _SLACK_NS:
-            at, _, kind, key = heapq.heappop(heap)
+            _, _, kind, key = heapq.heappop(heap)
             if kind == _DUE:
                 due_queues.add(key[0])
-            elif kind == _LEASE:
-                job = jobs.get(key[0])
-                if job is None or job.state != LEASED or job.timer_ns != at:
-                    continue  # ended, or a newer timer stands
-                job.timer_ns = 0
-                if job.deadline_ns <= now + _SLACK_NS:
-                    expiring.append(job)
-                else:
-                    self.leased(job)  # heartbeats moved it on
             else:
                 schedules.add((key[0], key[1]))
-        if expiring:
-            self.expire(expiring, now)
         state = self._machine.state
         for name in due_queues:
             queue = state.queues.get(name)
@@ -251,15 +318,17 @@ class Leader:
 
     # -- decisions the clock makes -------------------------------------------------------
 
-    def expire(self, jobs: Sequence[Job], now: int) -> int:
+    def expire(self, jobs: Sequence[Job]) -> int:
         """End the attempts of leased jobs whose lease or timeout ran out; the seq."""
+        now = self._clock.wall_ns()
         ends = [self.deadline_end(job, now) for job in jobs]
         return self._machine.propose(jobs[0].queue, spb.SchedulerCommand(
             end=spb.EndAttempts(ends=ends))).seq
 
     def deadline_end(self, job: Job, now: int) -> spb.EndAttempt:
-        """How a leased job's attempt ends once its deadline passed."""
-        if now + _SLACK_NS >= job.timeout_at_ns:
+        """How a leased job's attempt ends once its deadline passed (``now``, the
+        wall instant a retry's delay counts from)."""
+        if self.timeout_left(job) <= _SLACK_NS:
             failures = job.attempt_count
             dead = failures >= job.max_attempts
             return spb.EndAttempt(

@@ -139,7 +139,7 @@ class SchedulerMachine:
                 leased.append(job)
         if self.leader is not None:
             for job in leased:
-                self.leader.leased(job)
+                self.leader.leased(job, now)
         return leased
 
     def _apply_extend(self, c: spb.ExtendLease, now: int, seq: int, epoch: int) -> Applied:
@@ -148,7 +148,7 @@ class SchedulerMachine:
             return NOTHING
         self.state.extend(job, c.lease_ns, c.expire_ns, seq)
         if self.leader is not None:
-            self.leader.leased(job)
+            self.leader.extended(job, now)
         return Applied(job, self._storage.jobs([job]))
 
     def _apply_end(self, c: spb.EndAttempts, now: int, seq: int, epoch: int) -> Applied:

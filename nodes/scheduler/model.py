@@ -121,16 +121,15 @@ class Job:
     """The last command that changed it (0: read back from disk or a snapshot)."""
     where: int = NOWHERE
     timer_ns: int = 0
-    """Primary only: when its lease timer fires (0: none armed)."""
+    """Primary only: when its lease timer fires, on the monotonic clock (0: none)."""
+    lease_end_mono: int = 0
+    """Primary only: when its lease ends, on this primary's monotonic clock."""
+    timeout_mono: int = 0
+    """Primary only: when its attempt times out, on this primary's monotonic clock."""
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
-
-    @property
-    def deadline_ns(self) -> int:
-        """While leased: when the attempt ends unless extended (lease or timeout)."""
-        return min(self.lease_expire_ns, self.timeout_at_ns)
 
     def attempt(self, token: int) -> Attempt | None:
         """The attempt that held lease ``token``, if still in the history."""

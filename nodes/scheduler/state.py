@@ -188,7 +188,7 @@ class SchedulerState:
     def _clear_lease(job: Job) -> None:
         job.worker_id = ""
         job.lease_token = job.lease_ns = job.lease_expire_ns = job.timeout_at_ns = 0
-        job.timer_ns = 0
+        job.timer_ns = job.lease_end_mono = job.timeout_mono = 0
 
     # -- request ids -----------------------------------------------------------------
 

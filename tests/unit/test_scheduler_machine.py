@@ -58,6 +58,15 @@ def _leader(m: SchedulerMachine) -> Leader:
     return m.leader
 
 
+def _due(m: SchedulerMachine, wall_ns: int) -> None:
+    """Let ``m``'s clock reach ``wall_ns`` (time passing), then run the primary's
+    timers' work as they would."""
+    clock = m.clock
+    assert isinstance(clock, ManualClock)
+    clock.set(wall_ns)
+    _leader(m).run_due()
+
+
 def _enqueue(m: SchedulerMachine, queue: str = "q", strict: bool = False, **fields: Any
              ) -> str:
     now = m.clock.wall_ns()
@@ -201,7 +210,7 @@ def test_expired_leases_do_not_spend_attempts_but_are_capped() -> None:
         _, token = _one(m, lease=1, now=start)
         tokens.append(token)
         assert job.attempt_count == 1
-        _leader(m).run_due(start + 2 * S)
+        _due(m, start + 2 * S)
         assert job.lease_losses == losses and job.attempt_count == 0
         assert job.state == (DEAD if losses == 3 else WAITING)
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
@@ -218,13 +227,13 @@ def test_a_timeout_counts_as_a_failed_attempt() -> None:
     start = m.clock.wall_ns()
     _one(m, lease=30, now=start)
     assert job.lease_expire_ns == job.timeout_at_ns  # the lease never passes the timeout
-    _leader(m).run_due(start + S)
+    _due(m, start + S)
     assert job.state == LEASED  # not yet
-    _leader(m).run_due(job.timeout_at_ns)
+    _due(m, job.timeout_at_ns)
     assert job.state == WAITING and job.attempt_count == 1
     assert job.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_TIMED_OUT
     _one(m, now=m.clock.wall_ns() + 60 * S)
-    _leader(m).run_due(job.timeout_at_ns)
+    _due(m, job.timeout_at_ns)
     assert job.state == DEAD
 
 
@@ -233,11 +242,59 @@ def test_a_late_complete_after_the_deadline_is_refused_and_expires_the_lease() -
     job_id = _enqueue(m)
     job = m.state.jobs[job_id]
     _, token = _one(m, lease=1)
-    job.lease_expire_ns = m.clock.wall_ns() - 1  # its timer has not run yet
+    clock = m.clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(S)  # no loop here: its timer has not run
     with pytest.raises(ServiceError) as exc:
         m.decisions.complete(job_id, token, b"")
     assert exc.value.reason.value == "LEASE_LOST"
     assert job.state == WAITING and job.lease_losses == 1
+
+
+def test_a_stepped_wall_clock_neither_ends_a_lease_early_nor_keeps_it_late() -> None:
+    """NTP or an operator may step the wall clock either way. A lease runs for
+    its length in elapsed time all the same: ended early, its job would go to a
+    second worker while the first still runs it; kept late, a crashed worker's
+    job would wait out the step."""
+    async def scenario() -> None:
+        clock = ManualClock()
+        m = _machine(_group(FakeJournal(), clock=clock))
+        job_id = _enqueue(m, timeout={"seconds": 60})
+        job = m.state.jobs[job_id]
+        _, token = _one(m, lease=10)
+        clock.jump(3600 * S)  # an hour forward
+        clock.advance(5 * S)  # the lease timer runs if it thinks it is due
+        assert job.state == LEASED
+        _, _ = m.decisions.heartbeat(job_id, token, None)  # still its lease: 10 s more
+        assert job.lease_expire_ns == clock.wall_ns() + 10 * S  # what readers see
+        clock.jump(-7200 * S)  # two hours back
+        clock.advance(10 * S - MILLISECOND)
+        assert job.state == LEASED
+        clock.advance(MILLISECOND)  # 10 s after the heartbeat: the timer ends it
+        assert job.state == WAITING and job.lease_losses == 1
+        assert job.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_LEASE_EXPIRED
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_timeout_counts_elapsed_time_across_a_wall_clock_step() -> None:
+    async def scenario() -> None:
+        clock = ManualClock()
+        m = _machine(_group(FakeJournal(), clock=clock))
+        job_id = _enqueue(m, timeout={"seconds": 20}, max_attempts=1)
+        job = m.state.jobs[job_id]
+        _, token = _one(m, lease=30)  # capped at the timeout
+        clock.jump(3600 * S)
+        clock.advance(5 * S)
+        m.decisions.heartbeat(job_id, token, None)  # 15 s of the attempt are left
+        assert job.lease_expire_ns == clock.wall_ns() + 15 * S
+        clock.jump(-7200 * S)
+        clock.advance(15 * S - MILLISECOND)
+        assert job.state == LEASED
+        clock.advance(MILLISECOND)
+        assert job.state == DEAD and job.attempts[-1].outcome == pb.ATTEMPT_OUTCOME_TIMED_OUT
+
+    asyncio.run(scenario())
 
 
 def test_an_abandoned_claim_puts_its_jobs_back_uncounted() -> None:
@@ -311,7 +368,7 @@ def test_leading_again_rearms_every_lease_timer() -> None:
     _one(m, lease=1)
     group.step_down(2, "test")
     group.become_primary(3)
-    _leader(m).run_due(m.clock.wall_ns() + 3 * S)
+    _due(m, m.clock.wall_ns() + 3 * S)
     job = m.state.jobs[job_id]
     assert job.state == WAITING and job.lease_losses == 1
 
@@ -364,11 +421,10 @@ def test_cron_fires_each_tick_once_with_catch_up_capped() -> None:
     record = v.cron_spec(request, limits, now)
     assert record.next_fire_ns == now + S
     schedule, _ = m.decisions.put_schedule(record, False)
-    leader = _leader(m)
-    leader.run_due(now + S)
-    leader.run_due(now + S)  # the same tick again: nothing
+    _due(m, now + S)
+    _due(m, now + S)  # the same tick again: nothing
     assert schedule.record.fired_total == 1 and schedule.record.last_tick_ns == now + S
-    leader.run_due(now + 10 * S)  # 9 ticks missed: the 3 oldest fire, 6 are skipped
+    _due(m, now + 10 * S)  # 9 ticks missed: the 3 oldest fire, 6 are skipped
     r = schedule.record
     assert (r.fired_total, r.skipped_total, r.next_fire_ns) == (4, 6, now + 11 * S)
     runs = sorted(j.run_ns for j in m.state.jobs.values())
@@ -377,7 +433,7 @@ def test_cron_fires_each_tick_once_with_catch_up_capped() -> None:
     # A new primary goes on after the last tick its copy holds: none twice.
     _replay(primary, replica)
     replica.become_primary(2)
-    _leader(_machine(replica)).run_due(now + 11 * S)
+    _due(_machine(replica), now + 11 * S)
     rr = _machine(replica).state.schedules[("q", "s")].record
     assert (rr.fired_total, rr.last_tick_ns) == (5, now + 11 * S)
     assert len({j.run_ns for j in _machine(replica).state.jobs.values()}) == 5
@@ -389,8 +445,8 @@ def test_cron_skips_a_tick_while_its_unique_key_is_held() -> None:
     request = pb.CreateScheduleRequest(queue="q", schedule_id="s", cron="* * * * * *",
                                        template=pb.JobTemplate(type="t", unique_key="one"))
     schedule, _ = m.decisions.put_schedule(v.cron_spec(request, LIMITS, now), False)
-    _leader(m).run_due(now + S)
-    _leader(m).run_due(now + 2 * S)
+    _due(m, now + S)
+    _due(m, now + 2 * S)
     assert (schedule.record.fired_total, schedule.record.skipped_total) == (1, 1)
     assert len(m.state.jobs) == 1
 
