@@ -48,7 +48,10 @@ RUN groupadd --system --gid 10001 mesh \
             --shell /usr/sbin/nologin mesh \
  && mkdir -p /var/lib/mesh && chown mesh:mesh /var/lib/mesh && chmod 0750 /var/lib/mesh
 COPY --from=build /src/dist/ /tmp/dist/
-RUN python -m pip install "$(ls /tmp/dist/meshkit-*-py3-none-any.whl)[server]" \
+# At the versions the checkout tests (constraints.txt, written by `make lock`).
+COPY constraints.txt /tmp/dist/
+RUN python -m pip install --constraint /tmp/dist/constraints.txt \
+        "$(ls /tmp/dist/meshkit-*-py3-none-any.whl)[server]" \
  && rm -rf /tmp/dist
 USER 10001:10001
 WORKDIR /var/lib/mesh

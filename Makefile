@@ -14,7 +14,7 @@ NODE_EXAMPLE := clients/node/node_modules/.package-lock.json
 BUF_STAMP := tools/buf/node_modules/.package-lock.json
 BUF := tools/buf/node_modules/.bin/buf
 
-.PHONY: dist setup bytecode generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools chromium
+.PHONY: dist setup bytecode lock generate run test test-fast test-integration test-chaos bench partitions lint clean redis-server netns-tools chromium
 
 setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools chromium bytecode
 
@@ -26,7 +26,7 @@ setup: $(STAMP) $(GEN) $(NODE_EXAMPLE) $(BUF_STAMP) redis-server netns-tools chr
 bytecode: $(STAMP) $(GEN)
 	$(PY) -m compileall -q -j 0 clients common coordinator gateway meshctl nodes generated bench tests tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The project itself is not installed (installed, it is `meshkit.*`): its
@@ -39,6 +39,13 @@ $(STAMP): pyproject.toml
 $(GEN): $(PROTOS) tools/generate.py | $(STAMP)
 	$(PY) tools/generate.py
 	touch $@
+
+# constraints.txt: the exact version of every Python package `make setup`
+# installs, resolved afresh from pyproject.toml (all extras) at the newest
+# releases. Run it to take upgrades, then `make test` and commit the file.
+lock: $(STAMP)
+	$(PY) -m uv pip compile pyproject.toml --all-extras --python-version 3.11 --upgrade \
+	  --quiet --custom-compile-command "make lock" -o constraints.txt
 
 generate: $(STAMP)
 	$(PY) tools/generate.py

@@ -2,8 +2,9 @@
 
 Installed, the code lives under `meshkit` (see setup.py); the checkout keeps its
 plain package names. So `make setup` installs the dependencies that
-pyproject.toml lists (base plus the extras given on the command line) and adds
-a .pth file putting the repository root and generated/ on sys.path.
+pyproject.toml lists (base plus the extras given on the command line), at the
+versions constraints.txt pins (`make lock` writes it), and adds a .pth file
+putting the repository root and generated/ on sys.path.
 
     python tools/checkout_env.py dev bench server etcd
 """
@@ -35,8 +36,11 @@ def main(argv: list[str]) -> int:
     # with PYTHONDONTWRITEBYTECODE set nothing would write the .pyc files later
     # and every process a test starts would compile its imports again.
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "uv"], check=True)
+    # Pinned: every checkout, CI run and benchmark gets the versions last tested
+    # together (a new grpcio has changed its engine's CPU cost before).
     subprocess.run([sys.executable, "-m", "uv", "pip", "install", "--quiet",
-                    "--python", sys.executable, "--compile-bytecode", *requirements(argv)],
+                    "--python", sys.executable, "--compile-bytecode",
+                    "--constraint", str(ROOT / "constraints.txt"), *requirements(argv)],
                    check=True)
     pth = Path(site.getsitepackages()[0]) / "mesh-checkout.pth"
     pth.write_text(f"{ROOT}\n{ROOT / 'generated'}\n", encoding="utf-8")
