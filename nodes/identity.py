@@ -6,6 +6,11 @@ suffix) is written to ``<data dir>/node_id`` and read back at every start. The
 data dir is locked (``flock`` on ``<data dir>/LOCK``) for as long as the process
 lives, so two nodes can never share one; the kernel drops the lock when the
 process dies, however it dies.
+
+Each process also records its incarnation there (``<data dir>/incarnation``):
+the etcd key a crashed predecessor left behind is this node's to take over at
+once, while a key written by anyone else is another process's (see
+`nodes.registration`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-__all__ = ["IdentityError", "claim"]
+__all__ = ["IdentityError", "claim", "succeed"]
 
 _held: list[IO[bytes]] = []
 """Lock files of the data dirs this process claimed: open as long as it runs."""
@@ -54,3 +59,14 @@ def claim(data_dir: Path, node_id: str = "") -> str:
         temporary.write_text(chosen + "\n")
         os.replace(temporary, path)  # never a half-written id
     return chosen
+
+
+def succeed(data_dir: Path, incarnation: str) -> str:
+    """Record ``incarnation`` as the process now running on ``data_dir`` (claimed
+    by this process) and return the one recorded before it ("" if none)."""
+    path = data_dir / "incarnation"
+    before = path.read_text().strip() if path.exists() else ""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(incarnation + "\n")
+    os.replace(temporary, path)
+    return before

@@ -29,6 +29,7 @@ from common.tracing import Tracing
 from mesh.replication.v1 import replication_pb2_grpc
 from nodes.config import NodeConfig
 from nodes.forwarding import Forwarder
+from nodes.identity import succeed
 from nodes.metrics import SentCollector, node_snapshot
 from nodes.planes import ClientPlaneGuard, PeerPlaneGuard
 from nodes.plugin import Service
@@ -110,6 +111,9 @@ class Node:
                                              config.auth_jwt)
         self.limiter = limiter_for(config.rate_limits, config.cluster)
         self.incarnation = uuid.uuid4().hex
+        # The process this one follows on the data dir: its registration is ours.
+        self._predecessor = succeed(Path(config.data_dir), self.incarnation) \
+            if config.data_dir else ""
         # Durable services share one journal: their writes share its fsyncs.
         self.journal: Journal | None = None
         self._classes = registry(config.plugins)
@@ -208,6 +212,7 @@ class Node:
         self._registration = Registration(
             self._etcd, node_key(self.config.cluster, self.config.node_id),
             info.to_json(), self.config.lease_ttl, before_valid=self.map.refresh,
+            ours=self._ours, on_taken=self._fail,
         )
         await self._registration.start()
         await self.map.start()
@@ -262,9 +267,19 @@ class Node:
         with contextlib.suppress(Exception):
             await self._etcd.close()
 
+    def _ours(self, registration: bytes) -> bool:
+        """Whether a registration found in etcd is this node's: this process's or
+        the one it follows on the data dir."""
+        try:
+            incarnation = NodeInfo.from_json(registration).incarnation
+        except (ValueError, KeyError, TypeError):  # not a node's registration
+            return False
+        return incarnation in (self.incarnation, self._predecessor) and bool(incarnation)
+
     def _fail(self, exc: BaseException) -> None:
-        """The journal cannot write: stop (exit status 1); acknowledged writes are
-        on disk, and nothing after the failed flush was acknowledged."""
+        """Stop (exit status 1): the journal cannot write (acknowledged writes are
+        on disk, and nothing after the failed flush was acknowledged), or another
+        process took this node's registration."""
         self.failure = exc
         self.drained.set()
 

@@ -6,6 +6,7 @@ is generated once and kept in the data dir.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from common.etcd import client_for
 from common.localmesh import Child, Etcd, ProcessError
+from common.membership import NodeInfo, node_key
 
 
 @pytest.fixture
@@ -52,6 +55,38 @@ def test_a_restarted_node_keeps_its_id_and_no_two_share_a_data_dir(
     assert first.stop() == 0
     again = _node(children, etcd, tmp_path, "again", "--data-dir", data)
     assert _ready(again)["node_id"] == node_id
+
+
+def _registered(etcd: Etcd, node_id: str) -> NodeInfo | None:
+    """What etcd holds under ``node_id``'s key now."""
+    async def get() -> NodeInfo | None:
+        client = client_for([etcd.endpoint])
+        try:
+            found = await asyncio.wait_for(client.get(node_key("identity", node_id)), 10)
+        finally:
+            await client.close()
+        return None if found is None else NodeInfo.from_json(found.value)
+
+    return asyncio.run(get())
+
+
+def test_a_second_live_process_with_a_nodes_id_is_refused(
+        children: list[Child], etcd: Etcd, tmp_path: Path) -> None:
+    """The same --node-id on two data dirs (a copied unit file, say): the second
+    process waits twice the lease ttl for the key to go, sees the first still renewing
+    it, and exits 2 saying so; the first keeps its registration."""
+    same = ("--node-id", "same", "--lease-ttl", "2")
+    first = _node(children, etcd, tmp_path, "first", *same, "--data-dir", str(tmp_path / "a"))
+    pid = int(_ready(first)["pid"])
+    second = _node(children, etcd, tmp_path, "second", *same, "--data-dir", str(tmp_path / "b"))
+    assert second.proc is not None and second.proc.wait(60) == 2
+    output = second.log_path.read_text()
+    assert "Traceback" not in output, output
+    [line] = [text for text in output.splitlines() if text.startswith("error: ")]
+    assert "held by another live process" in line and "--node-id" in line, line
+    registered = _registered(etcd, "same")
+    assert registered is not None and registered.pid == pid
+    assert first.alive()
 
 
 def test_every_interface_needs_an_advertised_address(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from common.clock import MILLISECOND, ManualClock, from_seconds, to_seconds
@@ -72,6 +73,30 @@ class FakeEtcd:
 
     async def put(self, key: bytes, value: bytes, lease: int) -> None:
         self.puts.append((key, lease))
+
+    # Registration's put: a transaction on the key being absent (no key is kept).
+    transactions = SimpleNamespace(mod=lambda key: _Compare(),
+                                   put=lambda key, value, lease: (key, lease))
+
+    async def get(self, key: bytes) -> None:
+        return None
+
+    lost_races: int = 0
+    """Transactions to refuse first, as if another process wrote the key meanwhile."""
+
+    async def transaction(self, compare: list[Any], success: list[Any], failure: list[Any]
+                          ) -> tuple[bool, list[Any]]:
+        assert compare == [("==", 0)]
+        if self.lost_races:
+            self.lost_races -= 1
+            return False, []
+        self.puts.extend(success)
+        return True, []
+
+
+class _Compare:
+    def __eq__(self, revision: object) -> Any:
+        return ("==", revision)
 
 
 async def _forever(_term: Leadership) -> None:
@@ -210,3 +235,11 @@ async def test_node_lease_gone_is_invalid_at_once_then_registered_again() -> Non
     assert registration.lease_id != first and etcd.granted == 2
     assert registration.valid_until == clock.now + 2
     assert registration.registered.is_set()
+
+
+async def test_node_registration_that_lost_a_race_looks_again_and_drops_its_lease() -> None:
+    etcd = FakeEtcd(ttl=2, lost_races=1)
+    registration = Registration(etcd, b"/unit/nodes/n1", b"{}", 2)
+    await registration._register()
+    assert etcd.revoked == [101]  # the lease of the lost transaction
+    assert registration.lease_id == 102 and etcd.puts == [(b"/unit/nodes/n1", 102)]
