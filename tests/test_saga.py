@@ -240,6 +240,39 @@ async def test_every_transition_is_an_event_and_sagas_are_listed(mesh: Mesh) -> 
     assert not [s async for s in mesh.sagas.list_sagas(state="RUNNING", saga_type="listed")]
 
 
+async def test_a_running_sagas_history_reaches_its_stream_before_it_ends(mesh: Mesh) -> None:
+    """History is appended on the driver's periodic pass, not only at the end: a
+    saga whose step is still running shows its start and dispatch in its stream."""
+    release = asyncio.Event()
+    t = SagaType("lingering", queue="lingering-q")
+
+    @t.step("wait")
+    async def wait(step: StepContext) -> None:
+        await release.wait()
+
+    await mesh.sagas.register(t)
+    async with mesh.sagas.worker(t, concurrency=2, lease=5, poll=1):
+        await mesh.sagas.start(t, "linger-1", {})
+        kinds: list[str] = []
+        for _ in range(200):
+            events = [e async for e in mesh.events.read_stream("saga-linger-1")]
+            kinds = [pb.HistoryEntry.FromString(e.data).kind for e in events]
+            if "step_dispatched" in kinds:
+                break
+            await asyncio.sleep(0.05)
+        assert kinds[:2] == ["started", "step_dispatched"], kinds
+        assert (await mesh.sagas.get("linger-1")).state == "RUNNING"
+        release.set()
+        saga = await mesh.sagas.result("linger-1", timeout=60)
+    assert saga.state == "COMPLETED"
+    for _ in range(100):  # the rest at once when it ended
+        events = [e async for e in mesh.events.read_stream("saga-linger-1")]
+        if len(events) == len(saga.history):
+            break
+        await asyncio.sleep(0.1)
+    assert [e.type for e in events] == [f"saga.{h[0]}" for h in saga.history]
+
+
 async def test_bad_input_names_the_field(trio: LocalMesh) -> None:
     async with grpc.aio.insecure_channel(trio.nodes[0].address) as channel:
         stub = pb_grpc.SagaServiceStub(channel)
