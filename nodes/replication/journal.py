@@ -6,7 +6,11 @@ applying a command returns the rows that put its change on disk (`Write`,
 flusher commits everything queued in one transaction (``synchronous=FULL`` in
 WAL mode: one fsync), so concurrent writes of all groups share each fsync
 (group commit), then reports the last ticket it made durable, and the groups
-whose writes that flush carried (``on_flushed``).
+whose writes that flush carried (``on_flushed``). The transactions run in a
+thread of the journal's own, handed each flush through a queue and answering
+on the event loop: with a flush every few appends, `asyncio.to_thread`'s
+executor and future chaining showed (16 appends in flight on 3 nodes, R=1:
+3,340 against 3,070 appends/s, alternating runs).
 Primaries count a write as committed, and replicas acknowledge it, only from
 then on. The journal knows groups by id only: it never calls into them.
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +106,24 @@ class _Queued:
     drop: bool = False  # the group left this node: its position row goes too
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """A flush for the committer thread, and the future it settles."""
+
+    done: asyncio.Future[None]
+    queued: list[_Queued]
+    positions: dict[int, tuple[int, int, int] | None]
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # the flusher was cancelled
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 class Journal:
     """Group-committed writes to ``DATA_DIR/durable.sqlite3``."""
 
@@ -108,7 +132,7 @@ class Journal:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used by one flush (or start-up read) at a time: the
-        # flusher runs its transactions in a worker thread, one after the other.
+        # flusher runs its transactions in the committer thread, one after the other.
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -129,6 +153,8 @@ class Journal:
         self._on_fatal = on_fatal
         self._closing = False
         self.flushes = 0  # for metrics: transactions committed
+        self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._committer: threading.Thread | None = None
         self.flushed_writes = 0
 
     # -- set-up (start-up only: synchronous) -----------------------------------
@@ -190,6 +216,10 @@ class Journal:
             self._task = None
         else:
             await self._flush()
+        if self._committer is not None:
+            self._commits.put(None)
+            await asyncio.to_thread(self._committer.join)
+            self._committer = None
         self._db.close()
 
     async def _run(self) -> None:
@@ -214,12 +244,35 @@ class Journal:
         for q in queued:
             positions[q.group_id] = None if q.drop else (q.origin_epoch, q.epoch, q.seq)
         ticket = self._tickets  # the last one queued is in this flush
-        await asyncio.to_thread(self._commit, queued, positions)
+        await self._in_committer(queued, positions)
         self.flushes += 1
         self.flushed_writes += len(queued)
         self.flushed_ticket = ticket
         if self.on_flushed is not None:
             self.on_flushed(ticket, positions.keys())
+
+    async def _in_committer(self, queued: list[_Queued],
+                            positions: dict[int, tuple[int, int, int] | None]) -> None:
+        """`_commit` in the committer thread; returns (or raises) when it has."""
+        loop = asyncio.get_running_loop()
+        if self._committer is None:
+            self._committer = threading.Thread(target=self._commit_each, args=(loop,),
+                                               name="journal", daemon=True)
+            self._committer.start()
+        done = loop.create_future()
+        self._commits.put(_Commit(done, queued, positions))
+        await done
+
+    def _commit_each(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The committer thread: each queued flush in turn, until None comes."""
+        while (job := self._commits.get()) is not None:
+            error: BaseException | None = None
+            try:
+                self._commit(job.queued, job.positions)
+            except BaseException as exc:  # the flusher raises it on the loop
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, job.done, error)
 
     def _commit(self, queued: list[_Queued],
                 positions: dict[int, tuple[int, int, int] | None]) -> None:
