@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator, Mapping
 
-from nodes.cache.model import Entry
+from nodes.cache.model import VERSION, Entry
 
 __all__ = ["ExpiryIndex"]
 
@@ -20,7 +20,7 @@ __all__ = ["ExpiryIndex"]
 class ExpiryIndex:
     """A heap of (expire_at, key, version) over a store's entries, deleted lazily.
 
-    An item is live while ``data[key].version == version``; any other item is
+    An item is live while ``data[key][VERSION] == version``; any other item is
     stale (its key was deleted, expired, evicted or rewritten since) and is
     skipped wherever it is met, and dropped by compaction.
     """
@@ -73,7 +73,7 @@ class ExpiryIndex:
         while heap:
             expire_at, key, version = heap[0]
             entry = data.get(key)
-            if entry is not None and entry.version == version:
+            if entry is not None and entry[VERSION] == version:
                 return expire_at
             heapq.heappop(heap)
         return None
@@ -89,7 +89,7 @@ class ExpiryIndex:
         while heap and heap[0][0] <= now:
             _, key, version = heapq.heappop(heap)
             entry = data.get(key)
-            if entry is not None and entry.version == version:
+            if entry is not None and entry[VERSION] == version:
                 return key, entry
         return None
 
@@ -111,7 +111,7 @@ class ExpiryIndex:
             if expire_at > now:
                 continue
             entry = data.get(key)
-            if entry is not None and entry.version == version:
+            if entry is not None and entry[VERSION] == version:
                 yield key, entry
             for child in (2 * index + 1, 2 * index + 2):
                 if child < size:
@@ -123,7 +123,7 @@ class ExpiryIndex:
         live = []
         for item in self._heap:
             entry = data.get(item[1])
-            if entry is not None and entry.version == item[2]:
+            if entry is not None and entry[VERSION] == item[2]:
                 live.append(item)
         heapq.heapify(live)
         self._heap = live

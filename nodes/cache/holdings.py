@@ -19,7 +19,7 @@ from nodes.cache.budget import Budget
 from nodes.cache.eviction import EvictionPolicy, make_policy
 from nodes.cache.expiry import ExpiryIndex
 from nodes.cache.feed import ChangeFeed
-from nodes.cache.model import Change, ChangeType, Entry
+from nodes.cache.model import EXPIRE_AT, VALUE, VERSION, Change, ChangeType, Entry
 from nodes.cache.room import entry_size
 
 __all__ = ["Holdings"]
@@ -101,12 +101,12 @@ class Holdings:
         revision = change.revision
         if revision > self._revision:
             self._revision = revision
-        entry = None
+        entry: Entry | None = None
         kind = change.type
         if kind is _SET:
             value = change.value
             expire_at = change.expire_at
-            entry = Entry(value, revision, expire_at)
+            entry = (value, revision, expire_at)
             self._data[key] = entry
             budget = self._budget
             size = entry_size(key, value)
@@ -115,12 +115,12 @@ class Holdings:
                 if expire_at is not None:
                     self._expiry.push(expire_at, key, revision)
             else:  # an overwrite, which the policy counts as a use
-                size -= entry_size(key, old.value)
+                size -= entry_size(key, old[VALUE])
                 if expire_at is not None:
                     # An old expiry's item just goes stale: the volatile count stays.
                     self._expiry.push(expire_at, key, revision,
-                                      replacing=old.expire_at is not None)
-                elif old.expire_at is not None:
+                                      replacing=old[EXPIRE_AT] is not None)
+                elif old[EXPIRE_AT] is not None:
                     self._expiry.discard()
             self._bytes += size
             budget.bytes += size
@@ -188,21 +188,21 @@ class Holdings:
     def _drop(self, key: str, entry: Entry) -> None:
         """Forget ``key`` (holding ``entry``) everywhere; no revision, no change."""
         del self._data[key]
-        size = entry_size(key, entry.value)
+        size = entry_size(key, entry[VALUE])
         self._bytes -= size
         self._budget.bytes -= size
         self._budget.entries -= 1
-        if entry.expire_at is not None:
+        if entry[EXPIRE_AT] is not None:
             self._expiry.discard()
         self._policy.on_remove(key)
 
     def _insert(self, key: str, entry: Entry) -> None:
         """Hold ``entry`` for a key that is not held; no limit check, no change."""
         self._data[key] = entry
-        size = entry_size(key, entry.value)
+        size = entry_size(key, entry[VALUE])
         self._bytes += size
         self._budget.bytes += size
         self._budget.entries += 1
-        self._policy.on_insert(key, entry.expire_at)
-        if entry.expire_at is not None:
-            self._expiry.push(entry.expire_at, key, entry.version)
+        self._policy.on_insert(key, entry[EXPIRE_AT])
+        if entry[EXPIRE_AT] is not None:
+            self._expiry.push(entry[EXPIRE_AT], key, entry[VERSION])

@@ -22,6 +22,7 @@ from common.slots import slot_for
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.cache.budget import Budget
+from nodes.cache.model import EXPIRE_AT, VALUE, VERSION
 from nodes.cache.store import CacheStore, Change, ChangeType, Entry
 from nodes.replication.machine import Applied
 
@@ -59,9 +60,9 @@ def _pieces(revision: int, items: dict[str, Entry]) -> Iterator[tuple[int, bytes
     sent = False
     for key, entry in items.items():
         piece.entries.append(cpb.SnapshotEntry(
-            key=key, value=entry.value, version=entry.version,
-            expire_at=_seconds(entry.expire_at)))
-        size += len(key) + len(entry.value) + 32
+            key=key, value=entry[VALUE], version=entry[VERSION],
+            expire_at=_seconds(entry[EXPIRE_AT])))
+        size += len(key) + len(entry[VALUE]) + 32
         if size >= SNAPSHOT_PIECE_BYTES:
             yield 0, piece.SerializeToString()
             sent = True
@@ -145,7 +146,7 @@ class CacheMachine:
         for _, data in chunks:
             piece = cpb.SnapshotPiece.FromString(data)
             revision = piece.revision
-            items.extend((e.key, Entry(e.value, e.version, _instant(e.expire_at)))
+            items.extend((e.key, (e.value, e.version, _instant(e.expire_at)))
                          for e in piece.entries)
         self.store.load(revision, items)
         return ()  # in memory: nothing to persist

@@ -14,7 +14,7 @@ from nodes.cache.budget import Budget
 from nodes.cache.errors import CacheFullError
 from nodes.cache.eviction import EvictionPolicy
 from nodes.cache.expiry import ExpiryIndex
-from nodes.cache.model import Entry
+from nodes.cache.model import VALUE, Entry
 
 __all__ = ["ENTRY_OVERHEAD", "Plan", "entry_size", "plan_room"]
 
@@ -69,7 +69,7 @@ def plan_room(
         old = data.get(key)
         if old is not None:
             entries -= 1
-            nbytes -= entry_size(key, old.value)
+            nbytes -= entry_size(key, old[VALUE])
     excess_entries = entries + new_entries - max_entries if max_entries else 0
     excess_bytes = nbytes + new_bytes - max_bytes if max_bytes else 0
 
@@ -80,7 +80,7 @@ def plan_room(
             if key not in batch:
                 expired.append((key, entry))
                 excess_entries -= 1
-                excess_bytes -= entry_size(key, entry.value)
+                excess_bytes -= entry_size(key, entry[VALUE])
 
     victims: Removals = []
     if excess_entries > 0 or excess_bytes > 0:
@@ -91,7 +91,7 @@ def plan_room(
             entry = data[key]
             victims.append((key, entry))
             excess_entries -= 1
-            excess_bytes -= entry_size(key, entry.value)
+            excess_bytes -= entry_size(key, entry[VALUE])
             if excess_entries <= 0 and excess_bytes <= 0:
                 break
     return Plan(expired, victims, max(excess_entries, 0), max(excess_bytes, 0))

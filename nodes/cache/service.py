@@ -26,6 +26,7 @@ from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 from nodes.cache import validation as v
 from nodes.cache.budget import Budget
 from nodes.cache.machine import CACHE, CacheMachine
+from nodes.cache.model import EXPIRE_AT, VALUE, VERSION
 from nodes.cache.store import (
     CacheStore,
     Entry,
@@ -60,11 +61,11 @@ def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
 
 
 def _found(entry: Entry) -> pb.GetResponse:
-    if entry.expire_at is None:
-        return pb.GetResponse(found=True, value=entry.value, version=entry.version)
+    if entry[EXPIRE_AT] is None:
+        return pb.GetResponse(found=True, value=entry[VALUE], version=entry[VERSION])
     return pb.GetResponse(
-        found=True, value=entry.value, version=entry.version,
-        expire_time=_timestamp(entry.expire_at),
+        found=True, value=entry[VALUE], version=entry[VERSION],
+        expire_time=_timestamp(entry[EXPIRE_AT]),
     )
 
 
@@ -190,9 +191,9 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             only_if_version=request.only_if_version,
         )
         await self._commit(group)
-        if entry.expire_at is None:
-            return pb.SetResponse(version=entry.version)
-        return pb.SetResponse(version=entry.version, expire_time=_timestamp(entry.expire_at))
+        if entry[EXPIRE_AT] is None:
+            return pb.SetResponse(version=entry[VERSION])
+        return pb.SetResponse(version=entry[VERSION], expire_time=_timestamp(entry[EXPIRE_AT]))
 
     @routed("key")
     async def Delete(self, request: pb.DeleteRequest, context: Ctx,

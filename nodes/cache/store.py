@@ -47,7 +47,7 @@ from nodes.cache.errors import (
     VersionMismatchError,
 )
 from nodes.cache.holdings import Holdings
-from nodes.cache.model import CacheStats, Change, ChangeType, Entry
+from nodes.cache.model import EXPIRE_AT, VALUE, VERSION, CacheStats, Change, ChangeType, Entry
 from nodes.cache.room import ENTRY_OVERHEAD, entry_size, plan_room
 
 __all__ = [
@@ -138,7 +138,7 @@ class CacheStore(Holdings):
         if entry is None:
             self._misses += 1
             return None
-        expire_at = entry.expire_at
+        expire_at = entry[EXPIRE_AT]
         if expire_at is not None and expire_at <= self._clock():
             self._misses += 1
             self._propose(Change(_EXPIRE, key, b"", self._revision + 1, None))
@@ -157,7 +157,7 @@ class CacheStore(Holdings):
         due_entries = due_bytes = 0
         for key, entry in self._expiry.iter_due(self._clock()):
             due_entries += 1
-            due_bytes += entry_size(key, entry.value)
+            due_bytes += entry_size(key, entry[VALUE])
         return CacheStats(
             entries=len(self._data) - due_entries,
             bytes=self._bytes - due_bytes,
@@ -193,11 +193,11 @@ class CacheStore(Holdings):
         now = self._clock()
         expire_at = _expire_at(ttl, now)
         old = self._data.get(key)
-        live = old is not None and (old.expire_at is None or old.expire_at > now)
+        live = old is not None and (old[EXPIRE_AT] is None or old[EXPIRE_AT] > now)
         if only_if_absent and live:
             raise KeyExistsError(key)
         if only_if_version:
-            current = old.version if old is not None and live else 0
+            current = old[VERSION] if old is not None and live else 0
             if current != only_if_version:
                 raise VersionMismatchError(key, current, only_if_version)
         entry = self._write_one(key, value, expire_at, old, now)
@@ -212,10 +212,10 @@ class CacheStore(Holdings):
             if only_if_version:
                 raise VersionMismatchError(key, 0, only_if_version)
             return False
-        expire_at = entry.expire_at
+        expire_at = entry[EXPIRE_AT]
         expired = expire_at is not None and expire_at <= self._clock()
         if only_if_version:
-            current = 0 if expired else entry.version
+            current = 0 if expired else entry[VERSION]
             if current != only_if_version:
                 raise VersionMismatchError(key, current, only_if_version)
         self._propose(Change(_EXPIRE if expired else _DELETE, key, b"", self._revision + 1, None))
@@ -247,7 +247,7 @@ class CacheStore(Holdings):
                 old = data.get(key)
                 if old is not None:
                     freed_entries += 1
-                    freed_bytes += entry_size(key, old.value)
+                    freed_bytes += entry_size(key, old[VALUE])
             if not budget.fits(
                 budget.entries - freed_entries + len(sizes),
                 budget.bytes - freed_bytes + sum(sizes.values()),
@@ -257,7 +257,7 @@ class CacheStore(Holdings):
         for index in winners:
             key, value, _ = items[index]
             old = data.get(key)  # room planning never picks the batch's own keys
-            if old is not None and old.expire_at is not None and old.expire_at <= now:
+            if old is not None and old[EXPIRE_AT] is not None and old[EXPIRE_AT] <= now:
                 revision += 1
                 plan.append(Change(_EXPIRE, key, b"", revision, None))
             revision += 1
@@ -267,7 +267,7 @@ class CacheStore(Holdings):
         for change in plan:
             entry = propose(change)
             if change.type is _SET:
-                versions[change.key] = entry.version
+                versions[change.key] = entry[VERSION]
         self._flush()
         return [versions[item[0]] for item in items]
 
@@ -284,20 +284,20 @@ class CacheStore(Holdings):
         expire_at = _expire_at(ttl, now)
         old = self._data.get(key)
         current = 0
-        if old is not None and (old.expire_at is None or old.expire_at > now):
-            raw = old.value
+        if old is not None and (old[EXPIRE_AT] is None or old[EXPIRE_AT] > now):
+            raw = old[VALUE]
             if _INTEGER.fullmatch(raw) is None:
                 raise NotAnIntegerError(key)
             current = int(raw)
             if not INT64_MIN <= current <= INT64_MAX:
                 raise NotAnIntegerError(key)
-            expire_at = old.expire_at
+            expire_at = old[EXPIRE_AT]
         result = current + delta
         if not INT64_MIN <= result <= INT64_MAX:
             raise IntegerOverflowError(key, current, delta)
         entry = self._write_one(key, b"%d" % result, expire_at, old, now)
         self._flush()
-        return result, entry.version
+        return result, entry[VERSION]
 
     # -- expiry --------------------------------------------------------------
 
@@ -333,10 +333,11 @@ class CacheStore(Holdings):
             if old is None:
                 fits = budget.fits(budget.entries + 1, budget.bytes + size)
             else:
-                fits = budget.fits(budget.entries, budget.bytes - entry_size(key, old.value) + size)
+                freed = entry_size(key, old[VALUE])
+                fits = budget.fits(budget.entries, budget.bytes - freed + size)
             if not fits:
                 plan = self._plan_room({key: size}, now)
-        if old is not None and old.expire_at is not None and old.expire_at <= now:
+        if old is not None and old[EXPIRE_AT] is not None and old[EXPIRE_AT] <= now:
             if plan is None:
                 plan = []
             plan.append(Change(_EXPIRE, key, b"", self._revision + len(plan) + 1, None))
@@ -381,7 +382,7 @@ class CacheStore(Holdings):
                 break
             victims.append(key)
             freed_entries += 1
-            freed_bytes += entry_size(key, self._data[key].value)
+            freed_bytes += entry_size(key, self._data[key][VALUE])
         propose = self._propose
         for key in victims:
             propose(Change(_EVICT, key, b"", self._revision + 1, None))

@@ -12,6 +12,7 @@ from common.errors import ServiceError
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.cache.budget import Budget
 from nodes.cache.machine import CACHE, CacheMachine, decode, encode
+from nodes.cache.model import EXPIRE_AT, VERSION
 from nodes.cache.store import (
     CacheFullError,
     CacheStore,
@@ -106,8 +107,8 @@ def test_the_operation_result_is_what_was_applied() -> None:
     store = _store(primary)
     entry = store.set("k", b"v", ttl=3 * SECOND)
     assert store.get("k") is entry
-    assert entry.version == store.revision == 1
-    assert _changes(primary) == [Change(ChangeType.SET, "k", b"v", 1, entry.expire_at)]
+    assert entry[VERSION] == store.revision == 1
+    assert _changes(primary) == [Change(ChangeType.SET, "k", b"v", 1, entry[EXPIRE_AT])]
     assert store.incr("n", 5) == (5, 2)
     assert store.mset([("x", b"1", None), ("y", b"2", None), ("x", b"3", None)]) == [4, 3, 4]
     seq = primary.log.last_seq
@@ -167,7 +168,7 @@ def test_a_write_over_an_expired_key_expires_it_first() -> None:
     store = _store(primary)
     store.set("k", b"1", ttl=SECOND)
     clock.advance(SECOND)
-    assert store.set("k", b"2").version == 3
+    assert store.set("k", b"2")[VERSION] == 3
     assert [c.type for c in _changes(primary, 1)] == [ChangeType.EXPIRE, ChangeType.SET]
     _replay(primary, replica)
     assert _store(replica).export() == store.export()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from typing import Any
 
@@ -16,6 +17,7 @@ from nodes.cache.eviction import (
     VolatileTTLPolicy,
     make_policy,
 )
+from nodes.cache.model import EXPIRE_AT, VALUE, VERSION
 from nodes.cache.store import (
     ENTRY_OVERHEAD,
     CacheError,
@@ -23,7 +25,6 @@ from nodes.cache.store import (
     CacheStore,
     Change,
     ChangeType,
-    Entry,
     IntegerOverflowError,
     KeyExistsError,
     NotAnIntegerError,
@@ -78,31 +79,47 @@ def test_get_missing_is_none_and_counts_a_miss() -> None:
 def test_set_then_get_returns_entry_with_version_equal_to_revision() -> None:
     store, _, rec = make()
     entry = store.set("a", b"1")
-    assert entry == Entry(value=b"1", version=1, expire_at=None)
+    assert entry == (b"1", 1, None)
     assert store.get("a") == entry
     assert store.revision == 1
     assert rec.changes == [Change(ChangeType.SET, "a", b"1", 1, None)]
     assert store.stats().hits == 1
 
 
+def test_the_garbage_collector_stops_walking_entries() -> None:
+    """Each full collection walks every object the collector tracks: held as
+    class instances, a million entries stalled a node for 100 ms. Held as
+    tuples of bytes and ints they are dropped from its lists at the first
+    collection that sees them (snapshot restores and replicas' copies alike)."""
+    store, _, _ = make()
+    store.set("a", b"1")
+    store.set("b", b"2", ttl=10 * S)
+    replica, _, _ = make()
+    replica.load(*store.export())
+    gc.collect()
+    for copy in (store, replica):
+        entries = [copy.get(key) for key in ("a", "b")]
+        assert all(e is not None and not gc.is_tracked(e) for e in entries), entries
+
+
 def test_overwrite_replaces_value_and_ttl() -> None:
     store, clock, _ = make()
     first = store.set("a", b"1", ttl=10 * S)
-    assert first.expire_at == T0 + 10 * S
+    assert first[EXPIRE_AT] == T0 + 10 * S
     second = store.set("a", b"2")
-    assert second.expire_at is None
-    assert second.version > first.version
+    assert second[EXPIRE_AT] is None
+    assert second[VERSION] > first[VERSION]
     clock.advance(100 * S)
     got = store.get("a")
-    assert got is not None and got.value == b"2"
+    assert got is not None and got[VALUE] == b"2"
     third = store.set("a", b"3", ttl=5 * S)
-    assert third.expire_at == T0 + 105 * S
+    assert third[EXPIRE_AT] == T0 + 105 * S
 
 
 @pytest.mark.parametrize("ttl", [None, 0, 0.0])
 def test_no_ttl_means_no_expiry(ttl: Any) -> None:
     store, clock, _ = make()
-    assert store.set("a", b"1", ttl=ttl).expire_at is None
+    assert store.set("a", b"1", ttl=ttl)[EXPIRE_AT] is None
     clock.advance(10**9 * S)
     assert store.get("a") is not None
     assert store.next_expiry() is None
@@ -277,14 +294,14 @@ def test_only_if_absent_treats_expired_key_as_absent() -> None:
     store.set("a", b"old", ttl=1 * S)
     clock.advance(1 * S)
     entry = store.set("a", b"new", only_if_absent=True)
-    assert entry.value == b"new"
+    assert entry[VALUE] == b"new"
     assert rec.kinds()[-2:] == [(ChangeType.EXPIRE, "a"), (ChangeType.SET, "a")]
     assert store.stats().expirations == 1
 
 
 def test_only_if_version_on_expired_key_mismatches_with_zero() -> None:
     store, clock, rec = make()
-    version = store.set("a", b"1", ttl=1 * S).version
+    version = store.set("a", b"1", ttl=1 * S)[VERSION]
     clock.advance(2 * S)
     with pytest.raises(VersionMismatchError) as info:
         store.set("a", b"2", only_if_version=version)
@@ -313,21 +330,21 @@ def test_only_if_absent_on_live_key_raises_and_changes_nothing() -> None:
     with pytest.raises(KeyExistsError):
         store.set("a", b"2", only_if_absent=True)
     got = store.get("a")
-    assert got is not None and got.value == b"1"
+    assert got is not None and got[VALUE] == b"1"
     assert store.revision == 1 and len(rec.changes) == 1
-    assert store.set("b", b"1", only_if_absent=True).version == 2
+    assert store.set("b", b"1", only_if_absent=True)[VERSION] == 2
 
 
 def test_only_if_version() -> None:
     store, _, _ = make()
-    v1 = store.set("a", b"1").version
-    v2 = store.set("a", b"2", only_if_version=v1).version
+    v1 = store.set("a", b"1")[VERSION]
+    v2 = store.set("a", b"2", only_if_version=v1)[VERSION]
     assert v2 > v1
     with pytest.raises(VersionMismatchError) as info:
         store.set("a", b"3", only_if_version=v1)
     assert info.value.current_version == v2
     got = store.get("a")
-    assert got is not None and got.value == b"2"
+    assert got is not None and got[VALUE] == b"2"
     with pytest.raises(VersionMismatchError) as info:
         store.set("missing", b"1", only_if_version=7)
     assert info.value.current_version == 0
@@ -336,8 +353,8 @@ def test_only_if_version() -> None:
 
 def test_conditional_delete() -> None:
     store, _, _ = make()
-    v1 = store.set("a", b"1").version
-    v2 = store.set("a", b"2").version
+    v1 = store.set("a", b"1")[VERSION]
+    v2 = store.set("a", b"2")[VERSION]
     with pytest.raises(VersionMismatchError) as info:
         store.delete("a", only_if_version=v1)
     assert info.value.current_version == v2
@@ -350,13 +367,13 @@ def test_conditional_delete() -> None:
 
 def test_versions_strictly_increase_and_are_not_reused_after_delete() -> None:
     store, _, _ = make()
-    seen = [store.set("a", b"1").version]
+    seen = [store.set("a", b"1")[VERSION]]
     store.delete("a")
-    seen.append(store.set("a", b"1").version)
-    seen.append(store.set("b", b"1").version)
+    seen.append(store.set("a", b"1")[VERSION])
+    seen.append(store.set("b", b"1")[VERSION])
     seen.append(store.incr("c", 1)[1])
     seen.extend(store.mset([("a", b"x", None), ("d", b"y", None)]))
-    seen.append(store.set("a", b"z").version)
+    seen.append(store.set("a", b"z")[VERSION])
     assert seen == [1, 3, 4, 5, 6, 7, 8]
     assert seen == sorted(set(seen))
 
@@ -382,8 +399,8 @@ def test_mset_duplicate_key_last_wins() -> None:
     store, _, rec = make()
     versions = store.mset([("a", b"first", None), ("b", b"x", None), ("a", b"last", 5 * S)])
     got = store.get("a")
-    assert got is not None and got.value == b"last" and got.expire_at == T0 + 5 * S
-    assert versions[0] == versions[2] == got.version
+    assert got is not None and got[VALUE] == b"last" and got[EXPIRE_AT] == T0 + 5 * S
+    assert versions[0] == versions[2] == got[VERSION]
     assert versions == [2, 1, 2]
     assert rec.kinds() == [(ChangeType.SET, "b"), (ChangeType.SET, "a")]
 
@@ -429,12 +446,12 @@ def test_incr_creates_at_zero_with_ttl() -> None:
     store, clock, _ = make()
     assert store.incr("n", 5, ttl=10 * S) == (5, 1)
     got = store.get("n")
-    assert got == Entry(b"5", 1, T0 + 10 * S)
+    assert got == (b"5", 1, T0 + 10 * S)
     clock.advance(10 * S)
     assert store.get("n") is None
     assert store.incr("n", -3) == (-3, 3)  # expired key starts over, without ttl
     got = store.get("n")
-    assert got is not None and got.expire_at is None and got.value == b"-3"
+    assert got is not None and got[EXPIRE_AT] is None and got[VALUE] == b"-3"
 
 
 def test_incr_existing_keeps_expiry_and_ignores_ttl() -> None:
@@ -442,7 +459,7 @@ def test_incr_existing_keeps_expiry_and_ignores_ttl() -> None:
     store.set("n", b"41", ttl=100 * S)
     assert store.incr("n", 1, ttl=5 * S) == (42, 2)
     got = store.get("n")
-    assert got == Entry(b"42", 2, T0 + 100 * S)
+    assert got == (b"42", 2, T0 + 100 * S)
     assert store.incr("n", -50) == (-8, 3)
     assert store.incr("n", 0) == (-8, 4)
 
@@ -471,7 +488,7 @@ def test_incr_non_integer_raises_and_changes_nothing(raw: bytes) -> None:
     with pytest.raises(NotAnIntegerError):
         store.incr("n", 1)
     got = store.get("n")
-    assert got is not None and got.value == raw and got.version == 1
+    assert got is not None and got[VALUE] == raw and got[VERSION] == 1
     assert len(rec.changes) == 1
 
 
@@ -490,7 +507,7 @@ def test_incr_accepts_boundaries_and_detects_overflow() -> None:
     with pytest.raises(IntegerOverflowError):
         store.incr("fresh", 1)
     got = store.get("fresh")
-    assert got is not None and got.value == str(INT64_MAX).encode()
+    assert got is not None and got[VALUE] == str(INT64_MAX).encode()
     assert len(rec.changes) == n_changes
     with pytest.raises(ValueError):
         store.incr("x", INT64_MAX + 1)
@@ -549,7 +566,7 @@ def test_entry_larger_than_max_bytes_is_rejected_without_evicting() -> None:
         store.set("a", b"x" * 1000)  # overwrite too: "a" keeps its old value
     assert rec.changes == [] and store.stats() == before
     got = store.get("a")
-    assert got is not None and got.value == b"x" * 100
+    assert got is not None and got[VALUE] == b"x" * 100
 
 
 def test_expired_keys_are_reclaimed_before_live_keys() -> None:
@@ -723,7 +740,7 @@ def test_noeviction_max_bytes_growth_of_existing_key() -> None:
         store.set("a", b"x" * 11)
     store.set("a", b"y" * 5)
     got = store.get("a")
-    assert got is not None and got.value == b"y" * 5
+    assert got is not None and got[VALUE] == b"y" * 5
 
 
 # -- listeners -----------------------------------------------------------------------
@@ -790,7 +807,7 @@ def test_failing_listener_does_not_break_the_operation_or_others(
 
     store.add_listener(boom)
     entry = store.set("a", b"1")
-    assert entry.version == 1
+    assert entry[VERSION] == 1
     assert [c.key for c in rec.changes] == ["a"]
     assert "listener" in caplog.text
 
@@ -945,8 +962,8 @@ def test_random_operations_keep_invariants(policy: str, seed: int) -> None:
             elif op < 0.6:
                 entry = store.get(key)
                 if entry is not None:
-                    assert replica[key] == (entry.value, entry.version, entry.expire_at)
-                    assert entry.expire_at is None or entry.expire_at > clock.wall_ns()
+                    assert replica[key] == (entry[VALUE], entry[VERSION], entry[EXPIRE_AT])
+                    assert entry[EXPIRE_AT] is None or entry[EXPIRE_AT] > clock.wall_ns()
             elif op < 0.7:
                 store.delete(key)
             elif op < 0.8:

@@ -6,6 +6,7 @@ import pytest
 
 from common.clock import SECOND, ManualClock
 from nodes.cache.budget import Budget
+from nodes.cache.model import VERSION
 from nodes.cache.store import CacheFullError, CacheStore, Change
 
 
@@ -57,7 +58,7 @@ def test_versions_keep_growing_after_a_promotion() -> None:
     for change in changes:
         replica.mirror(change)
     replica_clock.mirroring = False
-    assert replica.set("k", b"w").version > primary.revision
+    assert replica.set("k", b"w")[VERSION] > primary.revision
 
 
 def test_export_and_load_copy_state_and_revision() -> None:
