@@ -9,8 +9,8 @@ WAL mode: one fsync), so concurrent writes of all groups share each fsync
 whose writes that flush carried (``on_flushed``). The transactions run in a
 thread of the journal's own, handed each flush through a queue and answering
 on the event loop: with a flush every few appends, `asyncio.to_thread`'s
-executor and future chaining showed (16 appends in flight on 3 nodes, R=1:
-3,340 against 3,070 appends/s, alternating runs).
+executor and future chaining were a cost to see (16 appends in flight on 3
+nodes, R=1: 3,070 appends/s with it, 3,340 without, alternating runs).
 Primaries count a write as committed, and replicas acknowledge it, only from
 then on. The journal knows groups by id only: it never calls into them.
 
@@ -153,9 +153,9 @@ class Journal:
         self._on_fatal = on_fatal
         self._closing = False
         self.flushes = 0  # for metrics: transactions committed
+        self.flushed_writes = 0
         self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._committer: threading.Thread | None = None
-        self.flushed_writes = 0
 
     # -- set-up (start-up only: synchronous) -----------------------------------
 
