@@ -248,19 +248,21 @@ class Leader:
 
     def _fire(self) -> None:
         self._handle = None
+        self._ring()
+
+    def _fire_leases(self) -> None:
+        self._lease_handle = None
+        self._ring()
+
+    def _ring(self) -> None:
+        """A timer went off: run what is due, then set each timer that is not set
+        for what is left."""
         try:
             self.run_due()
         except Exception:  # a bug must not stop the group's timers for good
             log.exception("group %d: scheduler timers failed", self._machine.group.group_id)
         if self._heap and self._handle is None:
             self._arm(self._heap[0][0])
-
-    def _fire_leases(self) -> None:
-        self._lease_handle = None
-        try:
-            self.run_due()
-        except Exception:  # a bug must not stop the group's timers for good
-            log.exception("group %d: scheduler timers failed", self._machine.group.group_id)
         if self._leases and self._lease_handle is None:
             self._arm_leases(self._leases[0][0])
 
