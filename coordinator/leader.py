@@ -128,8 +128,14 @@ class LeaderDriver:
             return
         addresses = {n: info.peer_address or info.address for n, info in registered.items()}
         positions, absent = await self._probe.gather(need, addresses)
-        new = next_map(current, registered, Facts(positions, absent, restarted),
-                       self._config.replicas)
+        # In a thread: placing thousands of groups takes seconds of CPU (4096
+        # groups: 1-2 s for a node joining a few), and on the event loop it kept
+        # the leadership lease from being renewed, so the coordinator resigned
+        # in the middle of every such round. The loop still gets its turns (the
+        # GIL changes hands every few milliseconds); ``current`` is only read.
+        new = await asyncio.to_thread(next_map, current, registered,
+                                      Facts(positions, absent, restarted),
+                                      self._config.replicas)
         if new is not None:
             await self._write(new)
         self._idle_inputs = None if new is not None or need else inputs

@@ -289,3 +289,25 @@ async def test_drain_moves_every_role_away_and_the_node_leaves(
         out = (await asyncio.wait_for(shown.communicate(), 30))[0].decode()
         assert shown.returncode == 0, out
         assert expect in out and f"{drained.node_id} " not in out, out
+
+
+# -- large maps -------------------------------------------------------------------------
+
+
+async def test_a_leader_planning_thousands_of_groups_keeps_its_term(
+        bare_mesh: MeshFactory, etcd: Etcd) -> None:
+    """Placing 4096 groups when a node joins takes the coordinator a second or two
+    of CPU. On its event loop that kept the leadership lease from being renewed:
+    the leader resigned in the middle of the round, and again in every new term.
+    It keeps its one term now, and the new node gets its share of the groups."""
+    local = bare_mesh()
+    (coordinator,) = coordinators(local, 1, "--lease-ttl", "2", "--min-nodes", "3",
+                                  "--groups", "4096")
+    local.start_nodes(3)
+    await wait_map(etcd, local.cluster, lambda t: len(t.addresses) == 3, 30, "first map")
+    joined = local.start_node()
+    await wait_map(etcd, local.cluster,
+                   lambda t: any(g.primary == joined.node_id for g in t.groups.values()),
+                   60, "the new node to lead groups")
+    log = coordinator.child.log_path.read_text()
+    assert "resigning" not in log and "no longer leader" not in log, log[-3000:]
