@@ -13,9 +13,9 @@ changes nothing.
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +121,10 @@ class _Placer:
         # (primary, replica) -> groups. Spreading each node's replicas over many
         # primaries spreads the promotions, and so the load, when a node dies.
         self.pair: Counter[tuple[str, str]] = Counter()
+        # Node -> groups whose replica on it could move at no cost (see _refree).
+        self.free: defaultdict[str, set[int]] = defaultdict(set)
+        # Direct steps, kept between _path calls while only direct steps are taken.
+        self.lanes: list[_Lane] | None = None
 
     def run(self) -> dict[int, Assignment]:
         self._place_primaries()
@@ -241,9 +245,12 @@ class _Placer:
                                    self._excess(n), n),
                 )
                 self._add(g, x)
+        for g in self.gids:
+            self._refree(g, ())
         # First re-route only copies planned in this run, which touches no group that
         # was otherwise unchanged; then move kept replicas as well.
         for planned_only in (True, False):
+            self.lanes = None
             while any(self._excess(n) > 0 for n in self.nodes):
                 path = self._path(planned_only)
                 if path is None:
@@ -273,6 +280,21 @@ class _Placer:
             self.pair[self.primary[g], replace_with] += 1
         else:
             del reps[i]
+        self._refree(g, (x,))
+
+    def _refree(self, g: int, gone: Iterable[str]) -> None:
+        """File ``g`` under each replica of it that could move at no cost: a replica
+        planned in this run, when an eligible node that held ``g`` before is not a
+        member now. ``gone`` are nodes that just stopped being replicas of ``g``."""
+        reps = self.reps[g]
+        for n in (*gone, *reps):
+            self.free[n].discard(g)
+        before = self.before[g]
+        members = {self.primary[g], *reps}
+        if any(y in self.pq and y not in members for y in before):
+            for n in reps:
+                if n not in before:
+                    self.free[n].add(g)
 
     def _path(self, planned_only: bool) -> list[tuple[str, str, int]] | None:
         """Cheapest chain of replica hand-overs from an over- to an under-quota node.
@@ -283,18 +305,24 @@ class _Placer:
         of the over-quota nodes already has the under-quota node as a member. With
         ``planned_only`` only replicas that x did not hold before may move.
         """
-        sources = [n for n in self.nodes if self._excess(n) > 0]
-        under = [n for n in self.nodes if self._excess(n) < 0]
-        direct: tuple[int, int, int, str, str] | None = None
-        for x in sources:
-            for g, y, cost in self._steps(x, under, planned_only, 3):
-                cand = (cost, self.pair.get((self.primary[g], y), 0), g, x, y)
-                if direct is None or cand < direct:
-                    direct = cand
-        if direct is not None and direct[0] == 0:
+        direct = self._direct(planned_only)
+        if direct is not None and (direct[0] == 0 or not any(
+                self.free[n] for n in self.nodes if self._excess(n) >= 0)):
+            # A chain cheaper than a direct step has at least two steps and costs at
+            # most one, so one of its steps is free; and it passes no under-quota
+            # node, since it ends at the first it reaches. With no such free step
+            # (the usual case, as when a node joins), no chain is cheaper.
             return [(direct[3], direct[4], direct[2])]
         # Only a chain strictly cheaper than the best direct step can beat it.
-        limit = direct[0] if direct is not None else 2 * len(self.nodes)
+        chain = self._chain(planned_only, direct[0] if direct is not None else 2 * len(self.nodes))
+        if chain is not None or direct is None:
+            return chain
+        return [(direct[3], direct[4], direct[2])]
+
+    def _chain(self, planned_only: bool, limit: int) -> list[tuple[str, str, int]] | None:
+        """The cheapest chain from an over- to an under-quota node that costs less
+        than ``limit`` (Dijkstra over nodes, by cost then hops), or None."""
+        sources = [n for n in self.nodes if self._excess(n) > 0]
         dist: dict[str, tuple[int, int]] = {x: (0, 0) for x in sources}
         parent: dict[str, tuple[str, int]] = {}
         heap: list[tuple[int, int, str]] = [(0, 0, x) for x in sources]
@@ -326,9 +354,55 @@ class _Placer:
                     dist[y] = d
                     parent[y] = (x, g)
                     heapq.heappush(heap, (d[0], d[1], y))
-        if direct is None:
-            return None
-        return [(direct[3], direct[4], direct[2])]
+        return None
+
+    def _direct(self, planned_only: bool) -> tuple[int, int, int, str, str] | None:
+        """The cheapest direct step from an over- to an under-quota node, as
+        (cost, primary/target pairs, group, from, to); the least tuple wins ties.
+
+        Scanning every replica for every step made a join of one node to a
+        4096-group map cost seconds. So the steps are filed once in lanes, one per
+        (from, to, primary, cost) with its groups in order, and a heap holds each
+        lane by its first group. Over- and under-quota nodes only give and only take
+        replicas, and a chain's inner nodes are neither, so within one pass a step
+        only ever gets dearer (its pair count grows) or impossible (its source or
+        target is balanced, its group gone from the source or already on the
+        target), and no new one appears. So the heap's top, once checked against
+        the present state, is the least step a full scan would find.
+        """
+        if self.lanes is None:
+            sources = [n for n in self.nodes if self._excess(n) > 0]
+            under = [n for n in self.nodes if self._excess(n) < 0]
+            filed: defaultdict[tuple[str, str, str, int], list[int]] = defaultdict(list)
+            for x in sources:
+                for g, y, cost in self._steps(x, under, planned_only, 3):
+                    filed[x, y, self.primary[g], cost].append(g)
+            self.lanes = []
+            for (x, y, p, cost), groups in filed.items():
+                groups.sort(reverse=True)  # the next group is the last: pop() is cheap
+                pairs = self.pair.get((p, y), 0)
+                self.lanes.append(_Lane(cost, pairs, groups[-1], x, y, p, groups))
+            heapq.heapify(self.lanes)
+        lanes = self.lanes
+        while lanes:
+            lane = lanes[0]
+            if self._excess(lane.x) <= 0 or self._excess(lane.y) >= 0:
+                heapq.heappop(lanes)
+                continue
+            groups = lane.groups
+            while groups and (groups[-1] not in self.rgroups[lane.x]
+                              or lane.y in self.reps[groups[-1]]):
+                groups.pop()
+            if not groups:
+                heapq.heappop(lanes)
+                continue
+            pairs = self.pair.get((lane.p, lane.y), 0)
+            if (pairs, groups[-1]) != (lane.pairs, lane.g):
+                heapq.heapreplace(lanes, _Lane(lane.cost, pairs, groups[-1], lane.x, lane.y,
+                                               lane.p, groups))
+                continue
+            return lane.cost, pairs, lane.g, lane.x, lane.y
+        return None
 
     def _steps(
         self, x: str, targets: list[str], planned_only: bool, below: int
@@ -347,3 +421,20 @@ class _Placer:
             for y in ys:
                 if y != p and y not in reps:
                     yield g, y, kept + (y not in before)
+
+
+@dataclass(order=True, slots=True)
+class _Lane:
+    """Direct steps from ``x`` to ``y`` of groups whose primary is ``p``, at one cost.
+
+    Ordered by the step it offers next, (cost, pairs, g, x, y), as `_Placer._direct`
+    compares steps; (x, y, g) is unique to a lane, so nothing after it is compared.
+    """
+
+    cost: int
+    pairs: int
+    g: int
+    x: str
+    y: str
+    p: str = field(compare=False)
+    groups: list[int] = field(compare=False)

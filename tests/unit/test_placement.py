@@ -301,3 +301,52 @@ def test_a_returning_node_is_given_back_the_groups_it_kept_on_disk() -> None:
     assert led <= kept
     blind = {g for g, a in place(without, nodes, 1).items() if gone in _members(a)}
     assert len(blind - kept) > len(kept) // 3
+
+
+def test_each_replica_step_is_the_one_a_full_search_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_Placer._path` keeps its direct steps in lanes between calls and skips the
+    chain search when no free step exists; at every call, check both shortcuts
+    against a scan of every step and a chain search, over random maps."""
+    from coordinator import placement
+
+    calls = Counter[str]()
+    path = placement._Placer._path
+
+    def checked(self: placement._Placer, planned_only: bool) -> list[tuple[str, str, int]] | None:
+        sources = [n for n in self.nodes if self._excess(n) > 0]
+        under = [n for n in self.nodes if self._excess(n) < 0]
+        scanned = min(
+            ((cost, self.pair.get((self.primary[g], y), 0), g, x, y)
+             for x in sources for g, y, cost in self._steps(x, under, planned_only, 3)),
+            default=None,
+        )
+        chain = self._chain(planned_only, scanned[0]) if scanned and scanned[0] else None
+        got = path(self, planned_only)
+        if scanned is None:
+            calls["no direct step"] += 1
+            assert got == self._chain(planned_only, 2 * len(self.nodes))
+        elif chain is not None:
+            calls["a cheaper chain"] += 1
+            assert got == chain
+        else:
+            calls["direct"] += 1
+            assert got == [(scanned[3], scanned[4], scanned[2])]
+        return got
+
+    monkeypatch.setattr(placement._Placer, "_path", checked)
+    rnd = random.Random(11)
+    pool = _ids(6)
+    for _ in range(4000):
+        groups = rnd.choice([4, 8, 8, 64])
+        live = sorted(rnd.sample(pool, rnd.randint(2, 5)))
+        # Any map and any copies on disk: a chain cheaper than every direct step
+        # needs copies held off the map, and is rare even so.
+        current = {
+            g: Assignment(rnd.choice([*pool, ""]), tuple(rnd.sample(pool, rnd.randint(0, 3))))
+            for g in range(groups)
+        }
+        held = {g: rnd.sample(pool, rnd.randint(0, 3)) for g in range(groups)}
+        replicas = rnd.randint(1, 3)
+        _check(place(current, live, replicas, held), live, replicas)
+    # The maps led to all three kinds of turn.
+    assert len(calls) == 3, calls
