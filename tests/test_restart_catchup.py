@@ -26,9 +26,10 @@ pytestmark = pytest.mark.timeout(180)
 
 STREAMS = 4
 ROUNDS = 140  # 4 streams x 700 events of 4 kB: 2.8 MB per group, more than
-# a primary's command log keeps (its share of the node's 64 MiB, a few hundred kB),
-# so a new replica needs a full snapshot
+# a node's command logs keep here (LOG_BYTES for all its groups), so a replica
+# without the disk would need a full snapshot
 EVENT_BYTES = 4000
+LOG_BYTES = ["--replication-log-bytes", str(2 << 20)]
 
 
 async def _snapshots(address: str) -> dict[tuple[str, str], float]:
@@ -91,7 +92,7 @@ async def _kill_and_restart(local: Any, work: Workload, replicas: int) -> tuple[
                        lambda t: victim.node_id not in t.addresses, timeout=30)
     await work.write(4, "away")
     started = time.monotonic()
-    back = await asyncio.to_thread(local.start_node, victim.node_id)
+    back = await asyncio.to_thread(local.start_node, victim.node_id, LOG_BYTES)
     await wait_settled(local.etcd_endpoint, local.cluster, [*others, back.node_id],
                        replicas=replicas, timeout=60)
     caught_up = time.monotonic() - started
@@ -113,7 +114,7 @@ async def _kill_and_restart(local: Any, work: Workload, replicas: int) -> tuple[
 async def test_a_restarted_node_catches_up_from_its_disk(
         local_mesh: Any, mesh_client: Any) -> None:
     """Every node holds every group: the node gets all its groups back."""
-    local = local_mesh(3, lease_ttl=2, replicas=2)
+    local = local_mesh(3, LOG_BYTES, lease_ttl=2, replicas=2)
     work = Workload(await mesh_client())
     back, counts = await _kill_and_restart(local, work, replicas=2)
     full = counts[("mesh_replication_snapshots_total", "full")]
@@ -143,7 +144,7 @@ async def test_a_returning_node_is_seated_in_the_groups_it_kept(
     """More nodes than copies: while it was away its groups were copied to the
     others; back, it registers the groups its disk holds and the coordinator
     gives it those rather than others, so they catch up from the log."""
-    local = local_mesh(4, lease_ttl=2, replicas=1)
+    local = local_mesh(4, LOG_BYTES, lease_ttl=2, replicas=1)
     work = Workload(await mesh_client())
     _, counts = await _kill_and_restart(local, work, replicas=1)
     full = counts[("mesh_replication_snapshots_total", "full")]

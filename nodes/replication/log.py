@@ -1,10 +1,9 @@
 """A group's recent commands, kept to resend to a replica that fell behind.
 
 Every group a node holds keeps one, so together they are bounded: by a
-`LogBudget` of bytes shared by all of the node's logs (each may hold its equal
-share) and by a count per log. A replica whose position is older than the
-log's start, or not in the log's history at all, is rebuilt from a snapshot
-instead.
+`LogBudget` of bytes shared by all of the node's logs and by a count per log.
+A replica whose position is older than the log's start, or not in the log's
+history at all, is rebuilt from a snapshot instead.
 
 Commands are kept serialized. A protobuf message object costs over a kilobyte
 of arena on top of its fields, and a command taken from a received batch keeps
@@ -31,31 +30,60 @@ header, ints, the deque's slot), so that many small commands are counted true.""
 
 
 class LogBudget:
-    """Bytes shared by a node's command logs: each holds up to an equal share."""
+    """Bytes shared by a node's command logs.
 
-    __slots__ = ("logs", "total")
+    A log may grow past its equal share while the logs together fit in ``total``;
+    once they do not, logs past their share give entries back: the appending log
+    first, then the largest. So a busy group keeps a long log while idle ones
+    hold little, which matters more the more groups a node holds: split equally,
+    the default 64 MiB left each of a thousand groups 64 KiB, and a replica
+    away for a few seconds of one busy group's writes needed a full snapshot.
+    """
+
+    __slots__ = ("_logs", "total", "used")
 
     def __init__(self, total: int = DEFAULT_BUDGET) -> None:
         self.total = total
-        self.logs = 0
+        self.used = 0
+        """What every log's entries cost together, in bytes."""
+        self._logs: set[CommandLog] = set()
+
+    @property
+    def logs(self) -> int:
+        return len(self._logs)
 
     @property
     def share(self) -> int:
-        return self.total // max(self.logs, 1)
+        return self.total // max(len(self._logs), 1)
+
+    def join(self, log: CommandLog) -> None:
+        self._logs.add(log)
+
+    def leave(self, log: CommandLog) -> None:
+        self._logs.discard(log)
+
+    def reclaim(self, appender: CommandLog) -> None:
+        """Bring ``used`` back within ``total`` (after ``appender`` grew): the
+        appender gives back what it holds past its share, then the largest logs
+        all they hold past theirs."""
+        share = self.share
+        appender.trim(max(share, appender.size - (self.used - self.total)))
+        while self.used > self.total and self._logs:
+            largest = max(self._logs, key=lambda log: log.size)
+            if largest.size <= share or not largest.trim(share):
+                return  # every log within its share (or at its last entry)
 
 
 class CommandLog:
     """Commands ``base_seq + 1 .. last_seq``, oldest dropped first."""
 
-    __slots__ = ("_budget", "_bytes", "_entries", "_sharing", "base_epoch", "base_seq",
-                 "capacity")
+    __slots__ = ("_budget", "_bytes", "_entries", "base_epoch", "base_seq", "capacity")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, budget: LogBudget | None = None
                  ) -> None:
         self.capacity = capacity
         self._budget = budget if budget is not None else LogBudget()
-        self._budget.logs += 1
-        self._sharing = True
+        self._budget.join(self)
         self._bytes = 0  # what the entries cost, overhead included
         # (epoch, issued_at in ns, the serialized Command), seq = base_seq + 1 + index.
         self._entries: deque[tuple[int, int, bytes]] = deque()
@@ -64,10 +92,8 @@ class CommandLog:
         self.base_seq = 0
 
     def release(self) -> None:
-        """The group left the node: its share goes back to the others."""
-        if self._sharing:
-            self._sharing = False
-            self._budget.logs -= 1
+        """The group left the node: what it held goes back to the others."""
+        self._budget.leave(self)
         self.reset(self.last_epoch, self.last_seq)
 
     @property
@@ -90,12 +116,31 @@ class CommandLog:
         entries = self._entries
         issued = command.issued_at  # its fields: ToNanoseconds is Python, and this is hot
         entries.append((command.epoch, issued.seconds * 1_000_000_000 + issued.nanos, data))
-        self._bytes += len(data) + ENTRY_OVERHEAD
-        limit = self._budget.share
-        while len(entries) > 1 and (len(entries) > self.capacity or self._bytes > limit):
-            epoch, _, dropped = entries.popleft()
-            self._bytes -= len(dropped) + ENTRY_OVERHEAD
-            self.base_epoch, self.base_seq = epoch, self.base_seq + 1
+        cost = len(data) + ENTRY_OVERHEAD
+        self._bytes += cost
+        budget = self._budget
+        budget.used += cost
+        if len(entries) > self.capacity:
+            self._drop()
+        if budget.used > budget.total:
+            budget.reclaim(self)
+
+    def trim(self, limit: int) -> bool:
+        """Drop the oldest entries until they cost at most ``limit`` bytes (the
+        newest always stays); whether any was dropped."""
+        entries = self._entries
+        dropped = False
+        while len(entries) > 1 and self._bytes > limit:
+            self._drop()
+            dropped = True
+        return dropped
+
+    def _drop(self) -> None:
+        epoch, _, data = self._entries.popleft()
+        cost = len(data) + ENTRY_OVERHEAD
+        self._bytes -= cost
+        self._budget.used -= cost
+        self.base_epoch, self.base_seq = epoch, self.base_seq + 1
 
     def epoch_at(self, seq: int) -> int | None:
         """The epoch of command ``seq`` if the log still knows it (``base_seq`` too)."""
@@ -131,5 +176,6 @@ class CommandLog:
     def reset(self, epoch: int, seq: int) -> None:
         """Forget every entry; the history now starts at ``(epoch, seq)`` (a snapshot)."""
         self._entries.clear()
+        self._budget.used -= self._bytes
         self._bytes = 0
         self.base_epoch, self.base_seq = epoch, seq

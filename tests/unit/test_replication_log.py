@@ -3,6 +3,8 @@ shared by every group's log), and resets after snapshots."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from mesh.replication.v1 import replication_pb2 as rpb
@@ -66,6 +68,43 @@ def test_logs_share_the_nodes_budget_equally() -> None:
     for seq in range(21, 31):
         first.append(command(seq, size=100))
     assert first.last_seq - first.base_seq == 8
+
+
+def test_a_busy_log_takes_what_idle_ones_leave() -> None:
+    one = len(command(1, size=100).SerializeToString()) + ENTRY_OVERHEAD
+    budget = LogBudget(40 * one)
+    logs = [CommandLog(budget=budget) for _ in range(10)]  # a share is 4 entries
+    for log in logs:
+        log.append(command(1, size=100))
+    busy, other = logs[0], logs[1]
+    for seq in range(2, 101):
+        busy.append(command(seq, size=100))
+    # The nine others hold one entry each; the busy log has the rest of the budget.
+    assert busy.last_seq - busy.base_seq == 31 and budget.used == 40 * one
+    # The work moves to another group: the largest log gives back all it holds
+    # past its share, at once, so the newly busy one can grow.
+    for seq in range(2, 31):
+        other.append(command(seq, size=100))
+    assert busy.last_seq - busy.base_seq == 4
+    assert other.last_seq - other.base_seq == 40 - 4 - 8 and budget.used == 40 * one
+
+
+def test_the_budget_holds_whatever_the_logs_do() -> None:
+    rnd = random.Random(3)
+    budget = LogBudget(5000)
+    logs = [CommandLog(capacity=50, budget=budget) for _ in range(8)]
+    for _ in range(3000):
+        log = rnd.choice(logs)
+        if rnd.random() < 0.02:
+            log.reset(log.last_epoch, log.last_seq + 5)  # a snapshot
+        else:
+            log.append(command(log.last_seq + 1, size=rnd.choice([10, 50, 400])))
+        assert budget.used == sum(log.size for log in logs)
+        assert budget.used <= budget.total
+        assert all(log.last_seq - log.base_seq <= 50 for log in logs)
+    for log in logs[2:]:
+        log.release()
+    assert budget.used == logs[0].size + logs[1].size and budget.logs == 2
 
 
 def test_commands_come_back_as_they_went_in() -> None:
