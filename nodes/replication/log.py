@@ -32,20 +32,31 @@ header, ints, the deque's slot), so that many small commands are counted true.""
 class LogBudget:
     """Bytes shared by a node's command logs.
 
-    A log may grow past its equal share while the logs together fit in ``total``;
-    once they do not, logs past their share give entries back: the appending log
-    first, then the largest. So a busy group keeps a long log while idle ones
-    hold little, which matters more the more groups a node holds: split equally,
-    the default 64 MiB left each of a thousand groups 64 KiB, and a replica
-    away for a few seconds of one busy group's writes needed a full snapshot.
+    A log may grow past its equal share while the logs together fit. Once they
+    hold more than ``total + slack``, logs past their share give back, down to
+    it at most, until they hold ``total - slack``: first the logs not written
+    since the last such pass (so when the writes move to other groups, the logs
+    that no longer grow make room), then the written ones, the longest cut to
+    one length (so busy logs keep even lengths). A pass over the logs per
+    ``slack`` bytes appended, at most.
+    So a busy group keeps a long log while idle ones hold little, which
+    matters more the more groups a node holds: split equally, the default 64 MiB
+    left each of a thousand groups 64 KiB, and a replica away for a few seconds
+    of one busy group's writes needed a full snapshot.
     """
 
-    __slots__ = ("_logs", "total", "used")
+    __slots__ = ("_logs", "_passed_at", "appends", "limit", "slack", "total", "used")
 
     def __init__(self, total: int = DEFAULT_BUDGET) -> None:
         self.total = total
+        self.slack = total // 16
+        self.limit = total + self.slack
+        """A pass starts when ``used`` goes past this."""
         self.used = 0
         """What every log's entries cost together, in bytes."""
+        self.appends = 0
+        """Appends to any log so far: a clock for which logs were written lately."""
+        self._passed_at = 0  # ``appends`` at the last pass
         self._logs: set[CommandLog] = set()
 
     @property
@@ -62,28 +73,58 @@ class LogBudget:
     def leave(self, log: CommandLog) -> None:
         self._logs.discard(log)
 
-    def reclaim(self, appender: CommandLog) -> None:
-        """Bring ``used`` back within ``total`` (after ``appender`` grew): the
-        appender gives back what it holds past its share, then the largest logs
-        all they hold past theirs."""
+    def reclaim(self) -> None:
+        """``used`` is past ``limit``: logs give bytes back."""
         share = self.share
-        appender.trim(max(share, appender.size - (self.used - self.total)))
-        while self.used > self.total and self._logs:
-            largest = max(self._logs, key=lambda log: log.size)
-            if largest.size <= share or not largest.trim(share):
-                return  # every log within its share (or at its last entry)
+        since = self._passed_at
+        self._passed_at = self.appends
+        over = sorted((log for log in self._logs if log.size > share), key=_size, reverse=True)
+        idle = [log for log in over if log.last_append <= since]
+        goal = self.total - self.slack
+        for log in idle:
+            if self.used <= goal:
+                break
+            log.trim(max(share, log.size - (self.used - goal)))
+        if self.used > goal:
+            _level([log for log in over if log.last_append > since], share,
+                   self.used - goal)
+        # A log keeps its newest command, however large. If such commands alone
+        # hold more than the budget, the next pass waits for ``slack`` more bytes.
+        self.limit = max(self.total, self.used) + self.slack
+
+
+def _size(log: CommandLog) -> int:
+    return log.size
+
+
+def _level(logs: list[CommandLog], floor: int, needed: int) -> None:
+    """Free ``needed`` bytes from ``logs`` (largest first) by cutting the largest
+    to one length, no shorter than ``floor``: busy logs keep even lengths."""
+    held = 0
+    for k, log in enumerate(logs, 1):
+        held += log.size
+        below = max(logs[k].size if k < len(logs) else 0, floor)
+        if held - k * below >= needed:
+            level = max(floor, (held - needed) // k)
+            break
+    else:
+        k, level = len(logs), floor
+    for log in logs[:k]:
+        log.trim(level)
 
 
 class CommandLog:
     """Commands ``base_seq + 1 .. last_seq``, oldest dropped first."""
 
-    __slots__ = ("_budget", "_bytes", "_entries", "base_epoch", "base_seq", "capacity")
+    __slots__ = ("_budget", "_bytes", "_entries", "base_epoch", "base_seq", "capacity",
+                 "last_append")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, budget: LogBudget | None = None
                  ) -> None:
         self.capacity = capacity
         self._budget = budget if budget is not None else LogBudget()
         self._budget.join(self)
+        self.last_append = 0  # the budget's append count at this log's last one
         self._bytes = 0  # what the entries cost, overhead included
         # (epoch, issued_at in ns, the serialized Command), seq = base_seq + 1 + index.
         self._entries: deque[tuple[int, int, bytes]] = deque()
@@ -120,10 +161,12 @@ class CommandLog:
         self._bytes += cost
         budget = self._budget
         budget.used += cost
+        budget.appends += 1
+        self.last_append = budget.appends
         if len(entries) > self.capacity:
             self._drop()
-        if budget.used > budget.total:
-            budget.reclaim(self)
+        if budget.used > budget.limit:
+            budget.reclaim()
 
     def trim(self, limit: int) -> bool:
         """Drop the oldest entries until they cost at most ``limit`` bytes (the
