@@ -13,7 +13,18 @@ from typing import TYPE_CHECKING
 
 from mesh.events.v1 import events_replication_pb2 as epb
 from mesh.replication.v1 import replication_pb2 as rpb
-from nodes.events.model import StoredEvent, Stream
+from nodes.events.model import (
+    CREATED_NS,
+    EVENT_ID,
+    POSITION,
+    STREAM,
+    VERSION,
+    StoredEvent,
+    Stream,
+    event_of,
+    event_record,
+    event_size,
+)
 from nodes.events.storage import Storage
 from nodes.events.store import EventStore
 from nodes.replication.journal import JournalReader
@@ -73,7 +84,7 @@ class EventsMachine:
                 return NOTHING
             last = added[-1]
             return Applied(
-                AppendResult(added[0].version, last.version, stream.slot, last.position,
+                AppendResult(added[0][VERSION], last[VERSION], stream.slot, last[POSITION],
                              False, seq),
                 storage.appended(stream, log, added))
         if kind == "set_metadata":
@@ -108,8 +119,8 @@ class EventsMachine:
             last = log.last_position if log is not None else 0
             chunk, size, cut = epb.EventsSnapshotChunk(last_position=last), 0, False
             records = [(s.record(), len(s.stream_id) + 64) for s in by_slot.get(slot, ())]
-            events = [(e.to_record(), e.size + len(e.stream) + len(e.event_id) + 64)
-                      for e in (log.entries if log is not None else ()) if not e.removed]
+            events = [(event_record(e), event_size(e) + len(e[STREAM]) + len(e[EVENT_ID]) + 64)
+                      for e in (log.entries if log is not None else ()) if store.stored(e)]
             for record, cost in records + events:
                 if isinstance(record, epb.StreamRecord):
                     chunk.streams.append(record)
@@ -131,7 +142,7 @@ class EventsMachine:
             chunk = epb.EventsSnapshotChunk.FromString(data)
             slots.append((slot, chunk.last_position))
             streams.extend((slot, r) for r in chunk.streams)
-            events.extend(StoredEvent.of(r, slot) for r in chunk.events)
+            events.extend(event_of(r, slot) for r in chunk.events)
         self.store.clear()
         self.store.load(slots, streams, events)
         return self._storage.replace(self.store)
@@ -152,12 +163,12 @@ def first_kept(stream: Stream, commit_seq: int, now_ns: int) -> int:
     """The lowest committed version retention does not hide (the scavenger keeps
     it and everything above; events hidden out of order by a clock step wait)."""
     last = stream.committed_last(commit_seq)
-    version = max(stream.floor(last), stream.events[0].version if stream.events else 1)
+    version = max(stream.floor(last), stream.events[0][VERSION] if stream.events else 1)
     if stream.max_age_ns:
         oldest = now_ns - stream.max_age_ns
         while version <= last:
             event = stream.at(version)
-            if event is None or event.created_ns >= oldest:
+            if event is None or event[CREATED_NS] >= oldest:
                 break
             version += 1
     return min(version, last + 1)

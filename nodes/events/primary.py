@@ -18,7 +18,7 @@ from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_replication_pb2 as epb
 from nodes.events import errors
 from nodes.events.machine import EVENTS, AppendResult, EventsMachine, first_kept
-from nodes.events.model import Stream
+from nodes.events.model import POSITION, SEQ, VERSION, Stream
 from nodes.events.store import EventStore
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class EventsPrimary:
             stream = self.store.streams.get(stream_id)
             if stream is None or not stream.events:
                 continue
-            first = stream.events[0].version
+            first = stream.events[0][VERSION]
             keep = min(first_kept(stream, commit, now_ns), first + SCAVENGE_BATCH)
             if keep > first:
                 self._propose(stream_id, epb.EventsCommand(scavenge=epb.Scavenge(
@@ -129,14 +129,14 @@ class EventsPrimary:
         if len(hits) < len(found):
             raise errors.duplicate_event_id(
                 stream_id, f"{len(hits)} of the {len(found)} event ids are already in it")
-        first = hits[0].version
-        if any(f.version != first + i for i, f in enumerate(hits)):
+        first = hits[0][VERSION]
+        if any(f[VERSION] != first + i for i, f in enumerate(hits)):
             raise errors.duplicate_event_id(
                 stream_id, "the event ids are already in it, in another order or not "
                 "contiguous")
         last = hits[-1]
-        return AppendResult(first, last.version, stream.slot, last.position, True,
-                            max(f.seq for f in hits))
+        return AppendResult(first, last[VERSION], stream.slot, last[POSITION], True,
+                            max(f[SEQ] for f in hits))
 
     @staticmethod
     def _check_expected(stream_id: str, stream: Stream | None, expected: int,

@@ -17,7 +17,23 @@ from google.protobuf import timestamp_pb2
 from common import tenancy
 from common.tenancy import unscoped
 from mesh.events.v1 import events_pb2 as pb
-from nodes.events.model import SlotLog, StoredEvent, Stream
+from nodes.events.model import (
+    CONTENT_TYPE,
+    CREATED_NS,
+    DATA,
+    EVENT_ID,
+    METADATA,
+    POSITION,
+    SEQ,
+    SLOT,
+    STREAM,
+    TYPE,
+    VERSION,
+    SlotLog,
+    StoredEvent,
+    Stream,
+    event_size,
+)
 from nodes.events.store import EventStore
 
 __all__ = ["MAX_PAGE_BYTES", "Page", "View", "read_slot", "read_stream", "recorded"]
@@ -62,21 +78,20 @@ class View:
         return found
 
     def visible(self, event: StoredEvent) -> bool:
-        if event.removed or event.seq > self.commit_seq \
-                or not event.stream.startswith(self.tenant_prefix):
+        if event[SEQ] > self.commit_seq or not event[STREAM].startswith(self.tenant_prefix):
             return False
-        stream = self.store.streams.get(event.stream)
-        if stream is None:
+        stream = self.store.streams.get(event[STREAM])
+        if stream is None or not stream.holds(event):
             return False
         floor, last, oldest = self.bounds(stream)
-        return floor <= event.version <= last and event.created_ns >= oldest
+        return floor <= event[VERSION] <= last and event[CREATED_NS] >= oldest
 
 
 def read_stream(stream: Stream, view: View, from_version: int | None, backward: bool,
                 limit: int, max_bytes: int = MAX_PAGE_BYTES) -> Page:
     """A page of one stream's visible events."""
     floor, last, oldest = view.bounds(stream)
-    first = stream.events[0].version if stream.events else last + 1
+    first = stream.events[0][VERSION] if stream.events else last + 1
     low = max(floor, first)
     out: list[StoredEvent] = []
     size = scanned = 0
@@ -85,22 +100,22 @@ def read_stream(stream: Stream, view: View, from_version: int | None, backward: 
         while version <= last and len(out) < limit and scanned < MAX_SCAN:
             event = stream.at(version)
             scanned += 1
-            if event is not None and event.created_ns >= oldest:
-                if out and size + event.size > max_bytes:
+            if event is not None and event[CREATED_NS] >= oldest:
+                if out and size + event_size(event) > max_bytes:
                     break
                 out.append(event)
-                size += event.size
+                size += event_size(event)
             version += 1
         return Page(out, version, version > last)
     version = last if from_version is None else min(from_version, last)
     while version >= low and len(out) < limit and scanned < MAX_SCAN:
         event = stream.at(version)
         scanned += 1
-        if event is not None and event.created_ns >= oldest:
-            if out and size + event.size > max_bytes:
+        if event is not None and event[CREATED_NS] >= oldest:
+            if out and size + event_size(event) > max_bytes:
                 break
             out.append(event)
-            size += event.size
+            size += event_size(event)
         version -= 1
     return Page(out, max(version, 0), version < low)
 
@@ -118,33 +133,32 @@ def read_slot(log: SlotLog, view: View, from_position: int | None, backward: boo
             event = entries[i]
             scanned += 1
             if view.visible(event):
-                if out and size + event.size > max_bytes:
+                if out and size + event_size(event) > max_bytes:
                     break
                 out.append(event)
-                size += event.size
+                size += event_size(event)
             i += 1
         if i < end:
-            return Page(out, entries[i].position, False)
+            return Page(out, entries[i][POSITION], False)
         return Page(out, log.committed_last(view.commit_seq) + 1, True)
     i = end - 1 if from_position is None else min(log.index_after(from_position), end) - 1
     while i >= 0 and len(out) < limit and scanned < MAX_SCAN:
         event = entries[i]
         scanned += 1
         if view.visible(event):
-            if out and size + event.size > max_bytes:
+            if out and size + event_size(event) > max_bytes:
                 break
             out.append(event)
-            size += event.size
+            size += event_size(event)
         i -= 1
-    return Page(out, entries[i].position if i >= 0 else 0, i < 0)
+    return Page(out, entries[i][POSITION] if i >= 0 else 0, i < 0)
 
 
 def recorded(event: StoredEvent) -> pb.RecordedEvent:
     """The wire form of a stored event."""
-    seconds, nanos = divmod(event.created_ns, 1_000_000_000)
+    seconds, nanos = divmod(event[CREATED_NS], 1_000_000_000)
     return pb.RecordedEvent(
-        stream=unscoped(event.stream), version=event.version, slot=event.slot,
-        position=event.position,
-        id=event.event_id, type=event.type, data=event.data, metadata=event.metadata,
-        content_type=event.content_type or _OCTET_STREAM,
+        stream=unscoped(event[STREAM]), version=event[VERSION], slot=event[SLOT],
+        position=event[POSITION], id=event[EVENT_ID], type=event[TYPE], data=event[DATA],
+        metadata=event[METADATA], content_type=event[CONTENT_TYPE] or _OCTET_STREAM,
         create_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))

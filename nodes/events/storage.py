@@ -14,7 +14,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from mesh.events.v1 import events_replication_pb2 as epb
-from nodes.events.model import SlotLog, StoredEvent, Stream
+from nodes.events.model import (
+    CONTENT_TYPE,
+    CREATED_NS,
+    DATA,
+    EVENT_ID,
+    METADATA,
+    POSITION,
+    SLOT,
+    STREAM,
+    TYPE,
+    VERSION,
+    SlotLog,
+    StoredEvent,
+    Stream,
+)
 from nodes.events.store import EventStore
 from nodes.replication.journal import JournalReader
 from nodes.replication.machine import Clear, Persist, Write
@@ -97,7 +111,7 @@ class Storage:
             writes.append(Write(_UPSERT_STREAM,
                                 [self._stream_row(s) for s in store.streams.values()]))
         rows = [self._event_row(e) for log in store.slots.values() for e in log.entries
-                if not e.removed]
+                if store.stored(e)]
         if rows:
             writes.append(Write(_INSERT_EVENT, rows))
         return writes
@@ -113,9 +127,9 @@ class Storage:
             for stream, slot, last, count, age, truncate, meta, state in query(
                 "SELECT stream, slot, last_version, max_count, max_age_ns, truncate_before, "
                 "metadata_version, state FROM events_streams WHERE group_id = ?", gid)]
-        events = [
-            StoredEvent(stream, version, slot, position, event_id, type_, bytes(data),
-                        bytes(metadata), content_type, created_ns)
+        events: list[StoredEvent] = [
+            (stream, version, slot, position, event_id, type_, bytes(data), bytes(metadata),
+             content_type, created_ns, 0)
             for slot, position, stream, version, event_id, type_, data, metadata,
             content_type, created_ns in query(
                 "SELECT slot, position, stream, version, event_id, type, data, metadata, "
@@ -124,8 +138,8 @@ class Storage:
         store.load(slots, streams, events)
 
     def _event_row(self, e: StoredEvent) -> tuple[Any, ...]:
-        return (self._gid, e.slot, e.position, e.stream, e.version, e.event_id, e.type, e.data,
-                e.metadata, e.content_type, e.created_ns)
+        return (self._gid, e[SLOT], e[POSITION], e[STREAM], e[VERSION], e[EVENT_ID], e[TYPE],
+                e[DATA], e[METADATA], e[CONTENT_TYPE], e[CREATED_NS])
 
     def _stream_row(self, s: Stream) -> tuple[Any, ...]:
         return (self._gid, s.stream_id, s.slot, s.last_version, s.max_count, s.max_age_ns,

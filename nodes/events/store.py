@@ -13,7 +13,18 @@ from collections.abc import Iterable, Sequence
 from common.slots import slot_for
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_replication_pb2 as epb
-from nodes.events.model import DELETED, LIVE, TOMBSTONED, SlotLog, StoredEvent, Stream
+from nodes.events.model import (
+    DELETED,
+    EVENT_ID,
+    LIVE,
+    SLOT,
+    STREAM,
+    TOMBSTONED,
+    VERSION,
+    SlotLog,
+    StoredEvent,
+    Stream,
+)
 
 __all__ = ["EventStore"]
 
@@ -55,12 +66,12 @@ class EventStore:
         for e in events:
             version += 1
             position += 1
-            added.append(StoredEvent(stream_id, version, slot, position, e.id, e.type, e.data,
-                                     e.metadata, e.content_type, created_ns, seq))
+            added.append((stream_id, version, slot, position, e.id, e.type, e.data,
+                          e.metadata, e.content_type, created_ns, seq))
         stream.events.extend(added)
         ids = stream.ids
         for event in added:
-            ids[event.event_id] = event
+            ids[event[EVENT_ID]] = event
         log.entries.extend(added)
         stream.last_version, log.last_position = version, position
         if stream.state == DELETED:
@@ -103,20 +114,24 @@ class EventStore:
     def remove_before(self, stream: Stream, before_version: int) -> int:
         """Remove the stream's stored events below ``before_version``; how many."""
         events = stream.events
-        if not events or events[0].version >= before_version:
+        if not events or events[0][VERSION] >= before_version:
             return 0
-        count = min(before_version - events[0].version, len(events))
+        count = min(before_version - events[0][VERSION], len(events))
         ids = stream.ids
         for event in events[:count]:
-            event.removed = True
-            if ids.get(event.event_id) is event:
-                del ids[event.event_id]
-        del events[:count]
+            if ids.get(event[EVENT_ID]) is event:
+                del ids[event[EVENT_ID]]
+        del events[:count]  # and so the slot log's copies are no longer stored
         self.event_count -= count
         log = self.slots.get(stream.slot)
         if log is not None:
-            log.note_removed(count)
+            log.note_removed(count, self.stored)
         return count
+
+    def stored(self, event: StoredEvent) -> bool:
+        """Whether ``event`` (from a slot log) is still stored in its stream."""
+        stream = self.streams.get(event[STREAM])
+        return stream is not None and stream.holds(event)
 
     def _track(self, stream: Stream) -> None:
         if stream.retains:
@@ -142,10 +157,10 @@ class EventStore:
                 r.metadata_version, r.state)
             self._track(stream)
         for event in events:
-            stream = self.stream(event.stream)
+            stream = self.stream(event[STREAM])
             stream.events.append(event)
-            stream.ids[event.event_id] = event
-            self.slot_log(event.slot).entries.append(event)
+            stream.ids[event[EVENT_ID]] = event
+            self.slot_log(event[SLOT]).entries.append(event)
             self.event_count += 1
 
     def clear(self) -> None:

@@ -20,7 +20,7 @@ from common.clock import SYSTEM_CLOCK, Clock
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import errors
 from nodes.events.machine import EventsMachine
-from nodes.events.model import StoredEvent
+from nodes.events.model import POSITION, STREAM, StoredEvent
 from nodes.events.reads import View, read_stream, recorded
 from nodes.subscriptions import SHUTDOWN, Ended, Subscription, SubscriptionHub
 
@@ -124,9 +124,9 @@ async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
             live = False
         for slot, batch, view in work:
             for event in batch:
-                if event.stream.startswith(prefix) and view.visible(event):
+                if event[STREAM].startswith(prefix) and view.visible(event):
                     yield pb.SubscribeResponse(event=recorded(event))
-                cursors[slot] = advanced[slot] = event.position
+                cursors[slot] = advanced[slot] = event[POSITION]
                 scanned += 1
                 if scanned >= interval:
                     yield pb.SubscribeResponse(checkpoint=pb.Checkpoint(positions=advanced))

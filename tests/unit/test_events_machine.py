@@ -5,6 +5,7 @@ Time is a `ManualClock` (it stamps the commands; reads pass the instants they me
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from common.errors import ServiceError
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import machine as machine_module
 from nodes.events.machine import EVENTS, EventsMachine
+from nodes.events.model import CREATED_NS, POSITION, SEQ, STREAM, VERSION, event_record
 from nodes.events.primary import EventsPrimary
 from nodes.events.reads import View, read_slot, read_stream
 from nodes.events.storage import SCHEMA, TABLES
@@ -66,9 +68,17 @@ def _state(store: EventStore) -> tuple[Any, ...]:
                       s.truncate_before, s.metadata_version, s.state, sorted(s.ids))
                      for s in store.streams.values())
     logs = sorted((log.slot, log.last_position,
-                   [e.to_record().SerializeToString() for e in log.entries if not e.removed])
+                   [event_record(e).SerializeToString() for e in log.entries if store.stored(e)])
                   for log in store.slots.values())
     return streams, logs
+
+
+def _untracked(store: EventStore) -> None:
+    """The garbage collector leaves every stored event alone (see StoredEvent)."""
+    gc.collect()
+    events = [e for s in store.streams.values() for e in s.events]
+    events += [e for log in store.slots.values() for e in log.entries]
+    assert events and not any(gc.is_tracked(e) for e in events)
 
 
 def _replay(primary: Group, replica: Group, after: int = 0) -> None:
@@ -92,7 +102,9 @@ def test_append_numbers_versions_and_positions_and_replicas_agree() -> None:
     assert first.slot == second.slot == third.slot and not first.duplicate
     _replay(primary, replica)
     assert _state(_machine(replica).store) == _state(m.store)
-    created = {e.created_ns for e in m.store.streams["{t}-a"].events}
+    _untracked(m.store)
+    _untracked(_machine(replica).store)
+    created = {e[CREATED_NS] for e in m.store.streams["{t}-a"].events}
     issued = {c.issued_at.ToNanoseconds() for c in primary.log.since(0, 10)}
     assert created <= issued  # the command's time, not the applier's clock
 
@@ -156,11 +168,11 @@ def test_retention_hides_at_once_and_scavenging_removes() -> None:
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     stream = m.store.streams["s"]
     page = read_stream(stream, view, None, False, 100)
-    assert [e.version for e in page.events] == [4, 5, 6] and page.end
-    assert [e.version for e in read_stream(stream, view, None, True, 2).events] == [6, 5]
+    assert [e[VERSION] for e in page.events] == [4, 5, 6] and page.end
+    assert [e[VERSION] for e in read_stream(stream, view, None, True, 2).events] == [6, 5]
     assert len(stream.events) == 6  # hidden, not yet removed
     assert m.scavenge(CLOCK.wall_ns()) == 1
-    assert [e.version for e in stream.events] == [4, 5, 6] and set(stream.ids) == {"d", "e", "f"}
+    assert [e[VERSION] for e in stream.events] == [4, 5, 6] and set(stream.ids) == {"d", "e", "f"}
     assert any("DELETE FROM events_log" in sql for _, sql, _ in journal.writes)
     assert m.scavenge(CLOCK.wall_ns()) == 0  # nothing left to remove
     # max_age, on the primary's clock
@@ -182,7 +194,7 @@ def test_soft_delete_tombstone_and_the_slot_log() -> None:
     slot = m.store.streams["{k}x"].slot
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     page = read_slot(m.store.slots[slot], view, None, False, 100)
-    assert [(e.stream, e.position) for e in page.events] == [("{k}y", 3)]
+    assert [(e[STREAM], e[POSITION]) for e in page.events] == [("{k}y", 3)]
     assert m.append("{k}x", _events("d"), ANY, 0).first_version == 3
     assert m.tombstone("{k}y", ANY, 0)[0] == 1
     for call in (lambda: m.append("{k}y", _events("z"), ANY, 0),
@@ -193,7 +205,7 @@ def test_soft_delete_tombstone_and_the_slot_log() -> None:
         assert _code(exc) == (grpc.StatusCode.FAILED_PRECONDITION, "STREAM_DELETED")
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     page = read_slot(m.store.slots[slot], view, None, True, 100)
-    assert [(e.stream, e.version) for e in page.events] == [("{k}x", 3)]
+    assert [(e[STREAM], e[VERSION]) for e in page.events] == [("{k}x", 3)]
 
 
 def test_uncommitted_events_are_invisible() -> None:
@@ -202,9 +214,9 @@ def test_uncommitted_events_are_invisible() -> None:
     m.append("s", _events("a"), ANY, 0)
     m.append("s", _events("b", "c"), ANY, 0)
     stream = m.store.streams["s"]
-    seq_first = stream.events[0].seq
+    seq_first = stream.events[0][SEQ]
     view = View(m.store, seq_first, CLOCK.wall_ns())
-    assert [e.version for e in read_stream(stream, view, None, False, 10).events] == [1]
+    assert [e[VERSION] for e in read_stream(stream, view, None, False, 10).events] == [1]
     assert view.bounds(stream)[1] == 1
     assert m.store.slots[stream.slot].committed_last(seq_first) == 1
 
@@ -216,9 +228,9 @@ def test_pages_stop_at_the_byte_limit_but_hold_one_event() -> None:
     view = View(m.store, group.commit_seq, CLOCK.wall_ns())
     stream = m.store.streams["s"]
     page = read_stream(stream, view, None, False, 100, max_bytes=2500)
-    assert [e.version for e in page.events] == [1, 2] and page.next == 3 and not page.end
+    assert [e[VERSION] for e in page.events] == [1, 2] and page.next == 3 and not page.end
     page = read_stream(stream, view, 3, False, 100, max_bytes=10)
-    assert [e.version for e in page.events] == [3] and page.end
+    assert [e[VERSION] for e in page.events] == [3] and page.end
 
 
 def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,6 +249,7 @@ def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPa
     copy.install(group.log.last_epoch, group.log.last_seq,
                  [(EVENTS, slot, data) for slot, data in chunks])
     assert _state(_machine(copy).store) == _state(m.store)
+    _untracked(_machine(copy).store)
     assert journal.cleared == [TABLES]
     written = sum(len(rows) for _, sql, rows in journal.writes if "events_log" in sql)
     assert written == m.store.event_count
@@ -268,6 +281,7 @@ async def test_a_restarted_node_reads_its_events_back(tmp_path: Path) -> None:
     r = _primary(restored)
     assert _state(r.store) == _state(m.store)
     assert r.store.event_count == m.store.event_count
+    _untracked(r.store)
     restored.become_primary(2)
     retry = r.append("s", _events("a", "b"), EXACT, 9)  # the ids came back from disk
     assert retry.duplicate and retry.position == first.position
