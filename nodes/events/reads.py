@@ -18,16 +18,10 @@ from common import tenancy
 from common.tenancy import unscoped
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events.model import (
-    CONTENT_TYPE,
     CREATED_NS,
-    DATA,
-    EVENT_ID,
-    METADATA,
     POSITION,
     SEQ,
-    SLOT,
     STREAM,
-    TYPE,
     VERSION,
     SlotLog,
     StoredEvent,
@@ -156,9 +150,10 @@ def read_slot(log: SlotLog, view: View, from_position: int | None, backward: boo
 
 def recorded(event: StoredEvent) -> pb.RecordedEvent:
     """The wire form of a stored event."""
-    seconds, nanos = divmod(event[CREATED_NS], 1_000_000_000)
+    stream, version, slot, position, event_id, type_, data, metadata, content_type, \
+        created_ns, _ = event
+    seconds, nanos = divmod(created_ns, 1_000_000_000)
     return pb.RecordedEvent(
-        stream=unscoped(event[STREAM]), version=event[VERSION], slot=event[SLOT],
-        position=event[POSITION], id=event[EVENT_ID], type=event[TYPE], data=event[DATA],
-        metadata=event[METADATA], content_type=event[CONTENT_TYPE] or _OCTET_STREAM,
+        stream=unscoped(stream), version=version, slot=slot, position=position, id=event_id,
+        type=type_, data=data, metadata=metadata, content_type=content_type or _OCTET_STREAM,
         create_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))

@@ -14,21 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mesh.events.v1 import events_replication_pb2 as epb
-from nodes.events.model import (
-    CONTENT_TYPE,
-    CREATED_NS,
-    DATA,
-    EVENT_ID,
-    METADATA,
-    POSITION,
-    SLOT,
-    STREAM,
-    TYPE,
-    VERSION,
-    SlotLog,
-    StoredEvent,
-    Stream,
-)
+from nodes.events.model import SlotLog, StoredEvent, Stream
 from nodes.events.store import EventStore
 from nodes.replication.journal import JournalReader
 from nodes.replication.machine import Clear, Persist, Write
@@ -138,8 +124,10 @@ class Storage:
         store.load(slots, streams, events)
 
     def _event_row(self, e: StoredEvent) -> tuple[Any, ...]:
-        return (self._gid, e[SLOT], e[POSITION], e[STREAM], e[VERSION], e[EVENT_ID], e[TYPE],
-                e[DATA], e[METADATA], e[CONTENT_TYPE], e[CREATED_NS])
+        stream, version, slot, position, event_id, type_, data, metadata, content_type, \
+            created_ns, _ = e
+        return (self._gid, slot, position, stream, version, event_id, type_, data, metadata,
+                content_type, created_ns)
 
     def _stream_row(self, s: Stream) -> tuple[Any, ...]:
         return (self._gid, s.stream_id, s.slot, s.last_version, s.max_count, s.max_age_ns,

@@ -70,14 +70,21 @@ def test_logs_share_the_nodes_budget_equally() -> None:
     assert first.last_seq - first.base_seq == 8
 
 
-def test_a_busy_log_takes_what_idle_ones_leave() -> None:
+def _sixteen_logs() -> tuple[LogBudget, list[CommandLog]]:
+    """Sixteen logs of one 100-byte command each, on a budget of 64 such
+    commands: a share is 4. Seqs below 128 keep every entry the same size."""
     one = len(command(1, size=100).SerializeToString()) + ENTRY_OVERHEAD
     budget = LogBudget(64 * one)
-    logs = [CommandLog(budget=budget) for _ in range(16)]  # a share is 4 entries
+    logs = [CommandLog(budget=budget) for _ in range(16)]
     for log in logs:
         log.append(command(1, size=100))
+    return budget, logs
+
+
+def test_a_busy_log_takes_what_idle_ones_leave() -> None:
+    budget, logs = _sixteen_logs()
     busy, other = logs[0], logs[1]
-    for seq in range(2, 120):  # one-byte seqs: every entry costs the same
+    for seq in range(2, 120):
         busy.append(command(seq, size=100))
     # The fifteen others hold one entry each; the busy log holds the rest, give
     # or take the slack (4 entries): it gives back 8 whenever it is 4 over.
@@ -92,11 +99,7 @@ def test_a_busy_log_takes_what_idle_ones_leave() -> None:
 
 
 def test_logs_written_in_turn_keep_even_lengths() -> None:
-    one = len(command(1, size=100).SerializeToString()) + ENTRY_OVERHEAD
-    budget = LogBudget(64 * one)
-    logs = [CommandLog(budget=budget) for _ in range(16)]  # a share is 4 entries
-    for log in logs:
-        log.append(command(1, size=100))
+    _, logs = _sixteen_logs()
     busy = logs[:4]
     for seq in range(2, 120):
         for log in busy:
