@@ -168,15 +168,12 @@ class CommandLog:
         if budget.used > budget.limit:
             budget.reclaim()
 
-    def trim(self, limit: int) -> bool:
+    def trim(self, limit: int) -> None:
         """Drop the oldest entries until they cost at most ``limit`` bytes (the
-        newest always stays); whether any was dropped."""
+        newest always stays)."""
         entries = self._entries
-        dropped = False
         while len(entries) > 1 and self._bytes > limit:
             self._drop()
-            dropped = True
-        return dropped
 
     def _drop(self) -> None:
         epoch, _, data = self._entries.popleft()
