@@ -103,9 +103,10 @@ class Decisions:
                 if seen is not None:
                     # Answered once what made it is committed (and the job's
                     # latest change, which the answer shows).
-                    job = self.state.jobs.get(seen.job_id)
-                    seq = max(seen.seq, job.seq if job is not None else 0)
-                    return Enqueued(seen.job_id, job, False, seq, replayed=True)
+                    seen_id, _, seen_seq = seen
+                    job = self.state.jobs.get(seen_id)
+                    seq = max(seen_seq, job.seq if job is not None else 0)
+                    return Enqueued(seen_id, job, False, seq, replayed=True)
             if spec.unique_key:
                 holder = queue.holder(spec.unique_key, now)
                 if holder is not None:
@@ -143,9 +144,10 @@ class Decisions:
                     continue
                 seen = queue.requests.get(request_id) if queue is not None else None
                 if seen is not None:
-                    job = state.jobs.get(seen.job_id)
-                    outcomes.append(Enqueued(seen.job_id, job, False, max(
-                        seen.seq, job.seq if job is not None else 0), replayed=True))
+                    seen_id, _, seen_seq = seen
+                    job = state.jobs.get(seen_id)
+                    outcomes.append(Enqueued(seen_id, job, False, max(
+                        seen_seq, job.seq if job is not None else 0), replayed=True))
                     continue
             if spec.unique_key:
                 if (name, spec.unique_key) in by_key:

@@ -87,7 +87,7 @@ class Leader:
     def start(self, now: int) -> None:
         """Take over: wakeups for every lease, delayed job and schedule."""
         state = self._machine.state
-        for job in state.jobs.values():
+        for job in state.jobs.live():
             if job.state == LEASED:
                 # A full lease from our promotion (and as long before a timeout).
                 grace = now + min(job.lease_ns, job.timeout_ns)
@@ -96,12 +96,11 @@ class Leader:
                                           min(now + job.lease_ns, job.timeout_at_ns))
                 job.timer_ns = 0  # any earlier timer went with an earlier leadership
                 self.leased(job, now)
-            elif job.state in (SUCCEEDED, CANCELLED):
-                self._retained.append((job.finish_ns + job.retention_ns, job.job_id))
+        self._retained = list(state.jobs.retained())
         heapq.heapify(self._retained)
-        self._requests = [(r.expire_ns, queue.name, request_id)
+        self._requests = [(expire_ns, queue.name, request_id)
                           for queue in state.queues.values()
-                          for request_id, r in queue.requests.items()]
+                          for request_id, (_, expire_ns, _) in queue.requests.items()]
         heapq.heapify(self._requests)
         for queue in state.queues.values():
             due = queue.next_due()
@@ -172,7 +171,8 @@ class Leader:
             heapq.heappush(self._retained, (job.finish_ns + job.retention_ns, job.job_id))
 
     def remembered(self, queue: str, request_id: str, request: Request) -> None:
-        heapq.heappush(self._requests, (request.expire_ns, queue, request_id))
+        _, expire_ns, _ = request
+        heapq.heappush(self._requests, (expire_ns, queue, request_id))
 
     def scheduled(self, schedule: Schedule) -> None:
         self._push(schedule.record.next_fire_ns, _CRON, schedule.key)
@@ -407,7 +407,7 @@ class Leader:
             at, name, request_id = heapq.heappop(heap)
             queue = queues.get(name)
             request = queue.requests.get(request_id) if queue is not None else None
-            if request is not None and request.expire_ns == at:
+            if request is not None and request[1] == at:
                 gone.append(spb.RequestRecord(queue=name, request_id=request_id, expire_ns=at))
         if gone:
             self._machine.propose(gone[0].queue, spb.SchedulerCommand(

@@ -271,11 +271,11 @@ class SchedulerMachine:
             chunk.schedules.append(schedule.record)
             size += schedule.record.ByteSize()
         for queue in self.state.queues.values():
-            for request_id, request in queue.requests.items():
+            for request_id, (made, expire_ns, _) in queue.requests.items():
                 chunk.requests.append(spb.RequestRecord(
-                    queue=queue.name, request_id=request_id, job_id=request.job_id,
-                    expire_ns=request.expire_ns))
-                size += len(queue.name) + len(request_id) + len(request.job_id) + 16
+                    queue=queue.name, request_id=request_id, job_id=made,
+                    expire_ns=expire_ns))
+                size += len(queue.name) + len(request_id) + len(made) + 16
                 if size >= CHUNK_BYTES:
                     cut()
         for job in self.state.jobs.values():

@@ -14,7 +14,7 @@ from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 
 __all__ = ["CANCELLED", "DEAD", "FINISHED", "LEASED", "MAX_HISTORY", "SUCCEEDED", "WAITING",
-           "Attempt", "Backoff", "Job", "Request", "Schedule"]
+           "Attempt", "Backoff", "FrozenJob", "Job", "Request", "Schedule"]
 
 WAITING = pb.JOB_STATE_PENDING
 """Stored for PENDING and SCHEDULED alike: which one it is depends on run_ns."""
@@ -28,6 +28,14 @@ MAX_HISTORY = 100
 
 # Where a waiting job is indexed (Queue): not at all, ready, delayed.
 NOWHERE, READY, DELAYED = 0, 1, 2
+
+FrozenBackoff = tuple[int, int, float, float]
+FrozenAttempt = tuple[int, str, int, int, int, int, str, bool, int]
+FrozenJob = tuple[str, str, str, bytes, int, int, FrozenBackoff, int, int, int, int, int, str,
+                  int, int, int, int, str, int, int, int, int, int, bytes, str, str,
+                  tuple[FrozenAttempt, ...], int]
+"""A finished `Job` as a tuple of strings, bytes and numbers (`Job.frozen`): the
+garbage collector does not track it (see `nodes.scheduler.table`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +165,27 @@ class Job:
             last_error=self.last_error, attempts=[a.to_record() for a in self.attempts],
             schedule_id=self.schedule_id, lease_losses=self.lease_losses)
 
+    def frozen(self) -> FrozenJob:
+        """Every stored field and ``seq``, for `thawed` (the primary's bookkeeping of
+        a running lease is not kept: a finished job has none)."""
+        b = self.backoff
+        return (self.job_id, self.queue, self.type, self.payload, self.priority,
+                self.max_attempts, (b.initial_ns, b.max_ns, b.multiplier, b.jitter),
+                self.timeout_ns, self.retention_ns, self.enqueue_ns, self.run_ns, self.state,
+                self.unique_key, self.unique_expire_ns, self.order, self.attempt_count,
+                self.lease_losses, self.worker_id, self.lease_token, self.lease_ns,
+                self.lease_expire_ns, self.timeout_at_ns, self.finish_ns, self.result,
+                self.last_error, self.schedule_id,
+                tuple([(a.number, a.worker_id, a.start_ns, a.token, a.finish_ns, a.outcome,
+                        a.error, a.dead, a.next_run_ns) for a in self.attempts]), self.seq)
+
+    @classmethod
+    def thawed(cls, f: FrozenJob) -> Job:
+        """A new `Job` equal to the one ``f`` was made from."""
+        return cls(f[0], f[1], f[2], f[3], f[4], f[5], Backoff(*f[6]), f[7], f[8], f[9], f[10],
+                   f[11], f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19], f[20], f[21],
+                   f[22], f[23], f[24], f[25], [Attempt(*a) for a in f[26]], f[27])
+
     @classmethod
     def of(cls, r: spb.JobRecord) -> Job:
         return cls(
@@ -180,11 +209,8 @@ class Schedule:
         return self.record.queue, self.record.schedule_id
 
 
-@dataclass(slots=True, eq=False)
-class Request:
-    """A request id remembered by its queue: the job its Enqueue made, until when
-    it is kept, and the last command that changed it (0: read back)."""
-
-    job_id: str
-    expire_ns: int
-    seq: int = 0
+Request = tuple[str, int, int]
+"""A request id remembered by its queue: ``(job_id, expire_ns, seq)``, the job its
+Enqueue made, until when it is kept, and the last command that changed it (0:
+read back). A plain tuple: there is one per Enqueue in the retention window, and
+the garbage collector does not track tuples of strings and numbers."""

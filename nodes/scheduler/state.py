@@ -26,6 +26,7 @@ from nodes.scheduler.model import (
     Schedule,
 )
 from nodes.scheduler.queues import Queue
+from nodes.scheduler.table import JobTable
 
 __all__ = ["EPOCH_SHIFT", "SchedulerState", "lease_token"]
 
@@ -49,7 +50,7 @@ class SchedulerState:
     """Jobs, queues and schedules of one group."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, Job] = {}
+        self.jobs = JobTable()
         self.queues: dict[str, Queue] = {}
         self.schedules: dict[tuple[str, str], Schedule] = {}
 
@@ -63,7 +64,7 @@ class SchedulerState:
 
     def add(self, job: Job, now_ns: int) -> None:
         """A new waiting job (its unique key, if any, is taken)."""
-        self.jobs[job.job_id] = job
+        self.jobs.add(job)
         queue = self.queue(job.queue)
         queue.add_waiting(job, now_ns)
         if job.unique_key:
@@ -110,6 +111,7 @@ class SchedulerState:
             queue.totals.succeeded += 1
             queue.release_key(job)
             queue.count_in(job, 1)
+            self.jobs.finish(job)
             return
         if outcome in _REFUNDED:
             job.attempt_count -= 1
@@ -149,12 +151,15 @@ class SchedulerState:
         job.seq = seq
         queue.release_key(job)
         queue.count_in(job, 1)
+        self.jobs.finish(job)
         return True
 
     def requeue(self, job: Job, now_ns: int, seq: int, order: int) -> bool:
-        """A dead job is ready again with a fresh budget; False if not dead."""
+        """A dead job (as `JobTable.get` gives it) is ready again with a fresh
+        budget; False if not dead."""
         if job.state != DEAD:
             return False
+        self.jobs.revive(job)
         queue = self.queue(job.queue)
         queue.count_in(job, -1)
         job.state = WAITING
@@ -174,7 +179,7 @@ class SchedulerState:
         else:
             queue.count_in(job, -1)
         queue.release_key(job)
-        del self.jobs[job.job_id]
+        self.jobs.remove(job.job_id)
 
     def _die(self, job: Job, queue: Queue, now_ns: int, error: str) -> None:
         job.state = DEAD
@@ -183,6 +188,7 @@ class SchedulerState:
             job.last_error = error
         queue.release_key(job)
         queue.count_in(job, 1)
+        self.jobs.finish(job)
 
     @staticmethod
     def _clear_lease(job: Job) -> None:
@@ -195,7 +201,7 @@ class SchedulerState:
     def remember(self, queue: str, request_id: str, job_id: str, expire_ns: int,
                  seq: int) -> Request:
         """``request_id`` made ``job_id`` in ``queue`` (a replay answers it)."""
-        request = Request(job_id, expire_ns, seq)
+        request = (job_id, expire_ns, seq)
         self.queue(queue).requests[request_id] = request
         return request
 
@@ -205,7 +211,7 @@ class SchedulerState:
         if found is None:
             return False
         request = found.requests.get(request_id)
-        if request is None or request.expire_ns != expire_ns:
+        if request is None or request[1] != expire_ns:
             return False
         del found.requests[request_id]
         return True
@@ -227,7 +233,7 @@ class SchedulerState:
              requests: Iterable[spb.RequestRecord] = ()) -> None:
         """Add state read back from a snapshot or the disk, and index it."""
         for q in requests:
-            self.queue(q.queue).requests[q.request_id] = Request(q.job_id, q.expire_ns)
+            self.queue(q.queue).requests[q.request_id] = (q.job_id, q.expire_ns, 0)
         for r in queues:
             totals = self.queue(r.queue).totals
             totals.succeeded = r.succeeded_total
@@ -235,7 +241,7 @@ class SchedulerState:
             totals.lease_losses = r.lease_losses_total
         holders: dict[tuple[str, str], Job] = {}
         for job in jobs:
-            self.jobs[job.job_id] = job
+            self.jobs.add(job)
             queue = self.queue(job.queue)
             if job.state == WAITING:
                 queue.add_waiting(job, now_ns)

@@ -133,8 +133,9 @@ class Storage:
         return (self._gid, q.name, record.SerializeToString())
 
     def _request_row(self, queue: str, request_id: str, request: Request) -> tuple[Any, ...]:
-        record = spb.RequestRecord(queue=queue, request_id=request_id, job_id=request.job_id,
-                                   expire_ns=request.expire_ns)
+        job_id, expire_ns, _ = request
+        record = spb.RequestRecord(queue=queue, request_id=request_id, job_id=job_id,
+                                   expire_ns=expire_ns)
         return (self._gid, queue, request_id, record.SerializeToString())
 
     def _schedule_row(self, s: Schedule) -> tuple[Any, ...]:

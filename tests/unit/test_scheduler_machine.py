@@ -6,6 +6,7 @@ the tests pass the instants they mean, or advance it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from nodes.scheduler.claims import Claimed, claim
 from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.leader import Leader
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
-from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff
+from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff, Job
 from nodes.scheduler.state import EPOCH_SHIFT
 from nodes.scheduler.storage import SCHEMA, TABLES
 from tests.fakes import FakeJournal
@@ -107,9 +108,23 @@ def _state(m: SchedulerMachine) -> Any:
                      q.totals.lease_losses, q.n_ready + q.n_delayed, sorted(q.leased),
                      q.n_done, q.n_cancelled, q.dead,
                      sorted((k, j.job_id) for k, j in q.unique.items() if not j.finished),
-                     sorted((k, r.job_id, r.expire_ns) for k, r in q.requests.items()))
+                     sorted((k, r[0], r[1]) for k, r in q.requests.items()))
                     for q in m.state.queues.values())
     return jobs, schedules, queues
+
+
+def _untracked(m: SchedulerMachine) -> None:
+    """The garbage collector leaves every finished job and request id alone (see
+    `nodes.scheduler.table`). A collection untracks a tuple once what it holds is
+    untracked, one level per pass: a frozen job holds its attempts, which hold
+    each attempt (in a node, the young generations' passes do the inner levels)."""
+    for _ in range(3):
+        gc.collect()
+    finished = list(m.state.jobs._finished.values())
+    requests = [r for q in m.state.queues.values() for r in q.requests.values()]
+    assert finished and not any(gc.is_tracked(f) for f in finished)
+    assert not any(gc.is_tracked(r) for r in requests)
+    assert all(not j.finished for j in m.state.jobs.live())
 
 
 def test_claim_order_priority_then_run_time_then_fifo_and_replicas_agree() -> None:
@@ -190,7 +205,12 @@ def test_failures_retry_with_backoff_then_die_and_requeue_resets_the_budget() ->
     queue = m.state.queues["q"]
     assert queue.dead == [(job.finish_ns, job_id)] and queue.totals.failed_attempts == 3
     assert (job.last_error, [a.number for a in job.attempts]) == ("e3", [1, 2, 3])
+    thawed = m.state.jobs[job_id]  # frozen while dead: every field comes back
+    assert thawed is not job and thawed.to_record() == job.to_record()
+    assert (thawed.seq, thawed.backoff, thawed.attempts) == (job.seq, job.backoff, job.attempts)
+    assert Job.thawed(thawed.frozen()).frozen() == thawed.frozen()
     assert m.decisions.requeue("q", [])[:2] == (1, 0)
+    job = m.state.jobs[job_id]  # a finished job is kept frozen: requeued, a live one again
     assert job.state == WAITING and job.attempt_count == 0 and not queue.dead
     _, token = _one(m)
     assert m.decisions.fail(job_id, token, "fatal", False, None).state == DEAD  # not retryable
@@ -488,6 +508,7 @@ def test_snapshot_then_restore_gives_the_same_state(monkeypatch: pytest.MonkeyPa
     copy.install(group.log.last_epoch, group.log.last_seq,
                  [(SCHEDULER, slot, data) for slot, data in chunks])
     assert _state(_machine(copy)) == _state(m)
+    _untracked(_machine(copy))
     assert journal.cleared == [TABLES]
     assert sum(len(rows) for _, sql, rows in journal.writes
                if "scheduler_requests" in sql) == len(remembered)
@@ -530,6 +551,7 @@ async def test_a_restarted_node_reads_its_jobs_back(tmp_path: Path) -> None:
     restored = _group(journal, primary=False, durable=copy, clock=ManualClock(clock.wall_ns()))
     r = _machine(restored)
     assert _state(r) == _state(m)
+    _untracked(r)
     restored.become_primary(2)
     assert _enqueue(r, unique_key="k2") == ids[2]  # unique keys came back
     replay = _enqueue_request(r, "req", "other")  # and request ids
@@ -578,7 +600,9 @@ def test_a_request_id_makes_one_job_whatever_becomes_of_it() -> None:
     assert "u2" not in m.state.queues["q"].requests
     _replay(primary, replica)
     assert _state(_machine(replica)) == _state(m)
-    assert _machine(replica).state.queues["q"].requests["done"].job_id == ended["done"]
+    assert _machine(replica).state.queues["q"].requests["done"][0] == ended["done"]
+    _untracked(m)
+    _untracked(_machine(replica))
 
 
 def test_request_ids_are_forgotten_after_their_retention_by_a_command() -> None:
@@ -589,7 +613,7 @@ def test_request_ids_are_forgotten_after_their_retention_by_a_command() -> None:
     m = _machine(primary)
     start = m.clock.wall_ns()
     first = _enqueue_request(m, "r").job_id
-    assert m.state.queues["q"].requests["r"].expire_ns == start + 60 * S
+    assert m.state.queues["q"].requests["r"][1] == start + 60 * S
     leader = _leader(m)
     assert leader.forget(start + 59 * S) == 0
     assert _enqueue_request(m, "r").replayed
@@ -605,7 +629,7 @@ def test_request_ids_are_forgotten_after_their_retention_by_a_command() -> None:
     assert not second.replayed and second.job_id != first
     # A stale forget (an older expiry) leaves a newer remembering alone.
     assert not m.state.forget("q", "r", start + 60 * S)
-    assert m.state.queues["q"].requests["r"].job_id == second.job_id
+    assert m.state.queues["q"].requests["r"][0] == second.job_id
 
 
 def test_a_new_primary_forgets_what_the_old_one_remembered() -> None:
@@ -689,7 +713,7 @@ def test_an_enqueue_batch_is_one_command_and_answers_each_job() -> None:
     assert isinstance(fourth, Enqueued) and not fourth.duplicate
     assert isinstance(full, ServiceError) and full.reason.value == "QUEUE_FULL"  # 4 in q now
     assert all(slot_for(j.job_id) == slot_for(j.queue) for j in m.state.jobs.values())
-    assert m.state.queues["r"].requests["a"].job_id == a.job_id
+    assert m.state.queues["r"].requests["a"][0] == a.job_id
     _replay(primary, replica)
     assert _state(_machine(replica)) == _state(m)
     order = [j.job_id for c in _claim(m, "q", "r", n=10) for j in c.jobs]
