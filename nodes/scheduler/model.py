@@ -8,7 +8,8 @@ the primary's timer for its lease.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
@@ -63,7 +64,14 @@ class Backoff:
 
     @classmethod
     def of(cls, r: spb.BackoffRecord) -> Backoff:
-        return cls(r.initial_ns, r.max_ns, r.multiplier, r.jitter)
+        return shared_backoff(r.initial_ns, r.max_ns, r.multiplier, r.jitter)
+
+
+@functools.lru_cache(maxsize=1024)
+def shared_backoff(initial_ns: int, max_ns: int, multiplier: float, jitter: float) -> Backoff:
+    """One `Backoff` for all the jobs that retry alike (most take their queue's or
+    the node's defaults), not an object per job for the garbage collector to walk."""
+    return Backoff(initial_ns, max_ns, multiplier, jitter)
 
 
 @dataclass(slots=True)
@@ -123,7 +131,9 @@ class Job:
     result: bytes = b""
     last_error: str = ""
     schedule_id: str = ""
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: tuple[Attempt, ...] = ()
+    """Oldest first. A tuple, so that a job never attempted holds no container the
+    garbage collector tracks."""
     # Not stored:
     seq: int = 0
     """The last command that changed it (0: read back from disk or a snapshot)."""
@@ -182,9 +192,9 @@ class Job:
     @classmethod
     def thawed(cls, f: FrozenJob) -> Job:
         """A new `Job` equal to the one ``f`` was made from."""
-        return cls(f[0], f[1], f[2], f[3], f[4], f[5], Backoff(*f[6]), f[7], f[8], f[9], f[10],
-                   f[11], f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19], f[20], f[21],
-                   f[22], f[23], f[24], f[25], [Attempt(*a) for a in f[26]], f[27])
+        return cls(f[0], f[1], f[2], f[3], f[4], f[5], shared_backoff(*f[6]), f[7], f[8], f[9],
+                   f[10], f[11], f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19], f[20],
+                   f[21], f[22], f[23], f[24], f[25], tuple([Attempt(*a) for a in f[26]]), f[27])
 
     @classmethod
     def of(cls, r: spb.JobRecord) -> Job:
@@ -194,7 +204,7 @@ class Job:
             r.state, r.unique_key, r.unique_expire_ns, r.order, r.attempt_count,
             r.lease_losses, r.worker_id, r.lease_token, r.lease_ns, r.lease_expire_ns,
             r.timeout_at_ns, r.finish_ns, r.result, r.last_error, r.schedule_id,
-            [Attempt.of(a) for a in r.attempts])
+            tuple([Attempt.of(a) for a in r.attempts]))
 
 
 @dataclass(slots=True, eq=False)

@@ -2,7 +2,9 @@
 
 Waiting jobs sit in one of two kinds of heaps: a ready heap per priority, keyed
 by (run time, order), and one delayed heap keyed the same way for jobs whose
-run time had not come when they were indexed. Moving due jobs from the delayed
+run time had not come when they were indexed. An entry names its job by id (a
+tuple of numbers and a string, which the garbage collector does not track: a
+backlog of a million jobs is a million entries). Moving due jobs from the delayed
 heap to the ready ones (`promote`) changes no job, only where it is found, so
 the primary does it on its own clock without a command. Removing a job from a
 heap is lazy (its entry goes stale and is skipped when it reaches the top);
@@ -14,6 +16,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nodes.scheduler.model import (
     CANCELLED,
@@ -26,13 +29,16 @@ from nodes.scheduler.model import (
     Request,
 )
 
+if TYPE_CHECKING:
+    from nodes.scheduler.table import JobTable
+
 __all__ = ["PRIORITIES", "Queue", "Totals"]
 
 PRIORITIES = 10
 _COMPACT_AT = 1024
 
-Entry = tuple[int, int, Job]
-"""(run_ns, order, job): heap entry; live while the job is there with that order."""
+Entry = tuple[int, int, str]
+"""(run_ns, order, job_id): heap entry; live while the job is there with that order."""
 
 
 @dataclass(slots=True)
@@ -47,11 +53,12 @@ class Totals:
 class Queue:
     """The jobs of one queue name in one group, indexed."""
 
-    __slots__ = ("dead", "delayed", "leased", "n_cancelled", "n_delayed", "n_done",
+    __slots__ = ("_jobs", "dead", "delayed", "leased", "n_cancelled", "n_delayed", "n_done",
                  "n_ready", "name", "ready", "requests", "stale", "totals", "unique")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, jobs: JobTable) -> None:
         self.name = name
+        self._jobs = jobs
         self.ready: list[list[Entry]] = [[] for _ in range(PRIORITIES)]
         self.delayed: list[Entry] = []
         self.n_ready = self.n_delayed = self.n_done = self.n_cancelled = 0
@@ -73,7 +80,7 @@ class Queue:
 
     def add_waiting(self, job: Job, now_ns: int) -> None:
         """Index a waiting job: ready if its run time has come by ``now_ns``."""
-        entry = (job.run_ns, job.order, job)
+        entry = (job.run_ns, job.order, job.job_id)
         if job.run_ns <= now_ns:
             heapq.heappush(self.ready[job.priority], entry)
             job.where = READY
@@ -102,8 +109,8 @@ class Queue:
         moved = False
         while delayed and delayed[0][0] <= now_ns:
             entry = heapq.heappop(delayed)
-            job = entry[2]
-            if job.where != DELAYED or job.order != entry[1]:
+            job = self._holding(entry, DELAYED)
+            if job is None:
                 self.stale -= 1
                 continue
             heapq.heappush(self.ready[job.priority], entry)
@@ -117,9 +124,8 @@ class Queue:
         """Run time of the earliest delayed job, if any."""
         delayed = self.delayed
         while delayed:
-            run_ns, order, job = delayed[0]
-            if job.where == DELAYED and job.order == order:
-                return run_ns
+            if self._holding(delayed[0], DELAYED) is not None:
+                return delayed[0][0]
             heapq.heappop(delayed)
             self.stale -= 1
         return None
@@ -131,8 +137,9 @@ class Queue:
         for priority in range(PRIORITIES - 1, -1, -1):
             heap = self.ready[priority]
             while heap:
-                run_ns, order, job = heap[0]
-                if job.where == READY and job.order == order:
+                run_ns, order, _ = heap[0]
+                job = self._holding(heap[0], READY)
+                if job is not None:
                     return (-priority, run_ns, order), job
                 heapq.heappop(heap)
                 self.stale -= 1
@@ -149,22 +156,27 @@ class Queue:
         oldest: int | None = None
         for heap in self.ready:
             while heap:
-                run_ns, order, job = heap[0]
-                if job.where == READY and job.order == order:
+                if self._holding(heap[0], READY) is not None:
+                    run_ns = heap[0][0]
                     oldest = run_ns if oldest is None else min(oldest, run_ns)
                     break
                 heapq.heappop(heap)
                 self.stale -= 1
         return oldest
 
-    def _compact(self) -> None:
-        def live(entry: Entry, where: int) -> bool:
-            return entry[2].where == where and entry[2].order == entry[1]
+    def _holding(self, entry: Entry, where: int) -> Job | None:
+        """The job ``entry`` names if the entry is live (the job is still indexed
+        ``where``, with the entry's order), else None (a stale entry)."""
+        job = self._jobs.live_job(entry[2])
+        return job if job is not None and job.where == where and job.order == entry[1] \
+            else None
 
+    def _compact(self) -> None:
+        holding = self._holding
         for i, heap in enumerate(self.ready):
-            self.ready[i] = [e for e in heap if live(e, READY)]
+            self.ready[i] = [e for e in heap if holding(e, READY) is not None]
             heapq.heapify(self.ready[i])
-        self.delayed = [e for e in self.delayed if live(e, DELAYED)]
+        self.delayed = [e for e in self.delayed if holding(e, DELAYED) is not None]
         heapq.heapify(self.delayed)
         self.stale = 0
 

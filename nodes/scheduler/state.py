@@ -57,7 +57,7 @@ class SchedulerState:
     def queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = Queue(name)
+            queue = self.queues[name] = Queue(name, self.jobs)
         return queue
 
     # -- job changes -------------------------------------------------------------
@@ -81,9 +81,8 @@ class SchedulerState:
         job.lease_ns = lease_ns
         job.timeout_at_ns = now_ns + job.timeout_ns
         job.lease_expire_ns = min(now_ns + lease_ns, job.timeout_at_ns)
-        job.attempts.append(Attempt(job.attempt_count, worker_id, now_ns, token))
-        if len(job.attempts) > MAX_HISTORY:
-            del job.attempts[0]
+        job.attempts = (*job.attempts[1 - MAX_HISTORY:],
+                        Attempt(job.attempt_count, worker_id, now_ns, token))
         job.seq = seq
         queue.count_in(job, 1)
 

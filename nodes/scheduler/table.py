@@ -58,6 +58,10 @@ class JobTable:
             raise KeyError(job_id)
         return job
 
+    def live_job(self, job_id: str) -> Job | None:
+        """The unfinished job ``job_id``, itself (None if it finished or is unknown)."""
+        return self._live.get(job_id)
+
     def add(self, job: Job) -> None:
         """A new job, or one read back from a snapshot or the disk."""
         if job.finished:

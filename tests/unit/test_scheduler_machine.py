@@ -17,6 +17,7 @@ from common.clock import MILLISECOND, ManualClock
 from common.errors import MeshStatusError, ServiceError
 from common.slots import slot_for
 from mesh.scheduler.v1 import scheduler_pb2 as pb
+from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
@@ -26,8 +27,17 @@ from nodes.scheduler.claims import Claimed, claim
 from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.leader import Leader
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
-from nodes.scheduler.model import DEAD, LEASED, SUCCEEDED, WAITING, Backoff, Job
-from nodes.scheduler.state import EPOCH_SHIFT
+from nodes.scheduler.model import (
+    DEAD,
+    LEASED,
+    MAX_HISTORY,
+    SUCCEEDED,
+    WAITING,
+    Backoff,
+    Job,
+    shared_backoff,
+)
+from nodes.scheduler.state import EPOCH_SHIFT, SchedulerState
 from nodes.scheduler.storage import SCHEMA, TABLES
 from tests.fakes import FakeJournal
 
@@ -121,10 +131,17 @@ def _untracked(m: SchedulerMachine) -> None:
     for _ in range(3):
         gc.collect()
     finished = list(m.state.jobs._finished.values())
-    requests = [r for q in m.state.queues.values() for r in q.requests.values()]
+    queues = m.state.queues.values()
+    requests = [r for q in queues for r in q.requests.values()]
+    entries = [e for q in queues for heap in (*q.ready, q.delayed) for e in heap]
     assert finished and not any(gc.is_tracked(f) for f in finished)
     assert not any(gc.is_tracked(r) for r in requests)
-    assert all(not j.finished for j in m.state.jobs.live())
+    assert not any(gc.is_tracked(e) for e in entries)  # a backlog's index entries
+    live = list(m.state.jobs.live())
+    assert all(not j.finished for j in live)
+    # A waiting job is one object: its backoff is shared, its attempts (none yet) ().
+    assert all(not gc.is_tracked(j.attempts) for j in live if not j.attempts)
+    assert len({id(j.backoff) for j in live}) <= len({j.backoff for j in live})
 
 
 def test_claim_order_priority_then_run_time_then_fifo_and_replicas_agree() -> None:
@@ -718,3 +735,16 @@ def test_an_enqueue_batch_is_one_command_and_answers_each_job() -> None:
     assert _state(_machine(replica)) == _state(m)
     order = [j.job_id for c in _claim(m, "q", "r", n=10) for j in c.jobs]
     assert order[:4] == [held, known, first.job_id, a.job_id]  # FIFO within the command too
+
+
+def test_a_job_keeps_its_latest_attempts_only() -> None:
+    state = SchedulerState()
+    job = Job("{q}1-1", "q", "t", b"", 0, 1000, shared_backoff(S, S, 1.0, 0.0), S, S, 0, 0)
+    state.add(job, 0)
+    for n in range(1, MAX_HISTORY + 6):
+        state.lease(job, n, "w", n, S, n)
+        state.end(job, spb.EndAttempt(job_id=job.job_id, lease_token=n, run_ns=n,
+                                      outcome=pb.ATTEMPT_OUTCOME_FAILED), n, n, n)
+    assert job.state == WAITING and job.attempt_count == MAX_HISTORY + 5
+    assert [a.number for a in job.attempts] == list(range(6, MAX_HISTORY + 6))
+    assert all(a.outcome == pb.ATTEMPT_OUTCOME_FAILED for a in job.attempts)
