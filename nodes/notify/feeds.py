@@ -27,7 +27,7 @@ from common import heartbeat as hb
 from mesh.notify.v1 import notify_pb2 as pb
 from nodes.notify import errors
 from nodes.notify.machine import NotifyMachine
-from nodes.notify.model import CHANNEL, PRESENCE, Entry, LogKey
+from nodes.notify.model import CHANNEL, CREATED_NS, DATA, OFFSET, PRESENCE, Entry, LogKey
 from nodes.subscriptions import SHUTDOWN, Ended, Subscription, SubscriptionHub
 
 __all__ = [
@@ -89,23 +89,23 @@ class Feed:
 
 def publication(channel: str, entry: Entry) -> pb.Publication:
     """``entry`` of ``channel`` (as its tenant names it) on the wire."""
-    message = pb.Publication(channel=channel, offset=entry.offset, data=entry.data)
-    message.publish_time.FromNanoseconds(entry.created_ns)
+    message = pb.Publication(channel=channel, offset=entry[OFFSET], data=entry[DATA])
+    message.publish_time.FromNanoseconds(entry[CREATED_NS])
     return message
 
 
 def presence_event(channel: str, entry: Entry) -> pb.PresenceEvent:
     """A join or leave of ``channel``'s presence log on the wire."""
-    event = pb.PresenceEvent.FromString(entry.data)
+    event = pb.PresenceEvent.FromString(entry[DATA])
     event.channel = channel
-    event.time.FromNanoseconds(entry.created_ns)
+    event.time.FromNanoseconds(entry[CREATED_NS])
     return event
 
 
 def inbox_item(user: str, entry: Entry) -> pb.InboxItem:
     """``entry`` of ``user``'s inbox on the wire."""
-    item = pb.InboxItem(user=user, cursor=entry.offset, data=entry.data)
-    item.send_time.FromNanoseconds(entry.created_ns)
+    item = pb.InboxItem(user=user, cursor=entry[OFFSET], data=entry[DATA])
+    item.send_time.FromNanoseconds(entry[CREATED_NS])
     return item
 
 
@@ -168,7 +168,7 @@ def step(feed: Feed, buffer: int) -> tuple[list[pb.SubscribeResponse], bool]:
     entries = log.after(feed.cursor, last, BATCH)
     out.extend(feed.message(e) for e in entries)
     if entries:
-        feed.cursor = entries[-1].offset
+        feed.cursor = entries[-1][OFFSET]
     more = feed.cursor < last
     if not more:
         feed.live = True

@@ -21,7 +21,18 @@ from common.slots import slot_for
 from mesh.notify.v1 import notify_pb2 as pb
 from mesh.notify.v1 import notify_replication_pb2 as npb
 from mesh.replication.v1 import replication_pb2 as rpb
-from nodes.notify.model import CHANNEL, INBOX, PRESENCE, Entry, Log, LogKey
+from nodes.notify.model import (
+    CHANNEL,
+    DATA,
+    IDEMPOTENCY_ID,
+    INBOX,
+    OFFSET,
+    PRESENCE,
+    Entry,
+    Log,
+    LogKey,
+    entry_record,
+)
 from nodes.notify.presence import Member, PresenceTable
 from nodes.notify.storage import Storage
 from nodes.replication.journal import JournalReader
@@ -168,7 +179,7 @@ class NotifyMachine:
         entry = log.append(data, idempotency_id, command.issued_at.ToNanoseconds(),
                            command.seq)
         writes.extend(self._storage.appended(log, entry, earliest))
-        return Appended(entry.offset, log.epoch, command.seq)
+        return Appended(entry[OFFSET], log.epoch, command.seq)
 
     def _presence_event(self, channel: str, change: pb.PresenceChange.ValueType,
                         member: Member, expired: bool, command: rpb.Command,
@@ -198,8 +209,8 @@ class NotifyMachine:
                 record.CopyFrom(log.record())
                 size += len(log.name) + 64
                 for entry in log.entries:
-                    record.entries.append(entry.record())
-                    size += len(entry.data) + len(entry.idempotency_id) + 32
+                    record.entries.append(entry_record(entry))
+                    size += len(entry[DATA]) + len(entry[IDEMPOTENCY_ID]) + 32
                     if size >= CHUNK_BYTES:
                         chunks.append((slot, chunk.SerializeToString()))
                         chunk, size = npb.NotifySnapshotChunk(), 0
@@ -227,10 +238,10 @@ class NotifyMachine:
                         record.settings.size, record.settings.ttl_ns, record.last_offset,
                         record.read_cursor, record.last_append_ns)
                 for r in record.entries:
-                    entry = Entry(r.offset, r.data, r.idempotency_id, r.created_ns)
+                    entry: Entry = (r.offset, r.data, r.idempotency_id, r.created_ns, 0)
                     log.entries.append(entry)
-                    if entry.idempotency_id:
-                        log.ids[entry.idempotency_id] = entry
+                    if r.idempotency_id:
+                        log.ids[r.idempotency_id] = entry
         return self._storage.replace(self.logs.values(), self.presence)
 
     def role_changed(self) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Final
 
 from mesh.notify.v1 import notify_replication_pb2 as npb
 
-__all__ = ["CHANNEL", "INBOX", "PRESENCE", "Entry", "Log", "LogKey"]
+__all__ = ["CHANNEL", "CREATED_NS", "DATA", "IDEMPOTENCY_ID", "INBOX", "OFFSET", "PRESENCE",
+           "SEQ", "Entry", "Log", "LogKey", "entry_record"]
 
 CHANNEL = npb.LOG_KIND_CHANNEL
 INBOX = npb.LOG_KIND_INBOX
@@ -25,20 +27,24 @@ LogKey = tuple[int, str]
 """(kind, tenant-scoped name): where a log is kept in a group's state."""
 
 
-@dataclass(slots=True, eq=False)
-class Entry:
-    """One publication (or inbox notification), as every copy keeps it."""
+Entry = tuple[int, bytes, str, int, int]
+"""One publication (or inbox notification), as every copy keeps it: its offset,
+data, idempotency id, creation time and the seq of the command that wrote it (0
+when it came from a snapshot or the disk: committed). Read with the indexes
+below. A plain tuple, which the garbage collector does not track: an inbox keeps
+up to a thousand entries for a week, and a node may hold millions."""
 
-    offset: int
-    data: bytes
-    idempotency_id: str
-    created_ns: int
-    seq: int = 0
-    """The command that wrote it; 0 when it came from a snapshot (committed)."""
+OFFSET: Final = 0
+DATA: Final = 1
+IDEMPOTENCY_ID: Final = 2
+CREATED_NS: Final = 3
+SEQ: Final = 4
 
-    def record(self) -> npb.EntryRecord:
-        return npb.EntryRecord(offset=self.offset, data=self.data,
-                               idempotency_id=self.idempotency_id, created_ns=self.created_ns)
+
+def entry_record(entry: Entry) -> npb.EntryRecord:
+    offset, data, idempotency_id, created_ns, _ = entry
+    return npb.EntryRecord(offset=offset, data=data, idempotency_id=idempotency_id,
+                           created_ns=created_ns)
 
 
 @dataclass(slots=True, eq=False)
@@ -71,23 +77,24 @@ class Log:
     @property
     def earliest(self) -> int:
         """The oldest offset held (last + 1 when none is)."""
-        return self.entries[0].offset if self.entries else self.last_offset + 1
+        return self.entries[0][OFFSET] if self.entries else self.last_offset + 1
 
     def committed_last(self, commit_seq: int) -> int:
         """The last offset whose append is committed."""
         entries = self.entries
         i = len(entries)
-        while i and entries[i - 1].seq > commit_seq:
+        while i and entries[i - 1][SEQ] > commit_seq:
             i -= 1
-        return self.last_offset if i == len(entries) else entries[i].offset - 1
+        return self.last_offset if i == len(entries) else entries[i][OFFSET] - 1
 
     def after(self, offset: int, last: int, limit: int) -> list[Entry]:
         """Up to ``limit`` entries with offsets in (``offset``, ``last``]."""
         entries = self.entries
         if not entries:
             return []
-        start = max(offset + 1 - entries[0].offset, 0)
-        end = min(last - entries[0].offset + 1, len(entries), start + limit)
+        first = entries[0][OFFSET]
+        start = max(offset + 1 - first, 0)
+        end = min(last - first + 1, len(entries), start + limit)
         return [entries[i] for i in range(start, end)] if end > start else []
 
     def unread(self, commit_seq: int) -> int:
@@ -96,9 +103,9 @@ class Log:
         return max(0, last - max(self.read_cursor, self.earliest - 1))
 
     def append(self, data: bytes, idempotency_id: str, created_ns: int, seq: int) -> Entry:
-        entry = Entry(self.last_offset + 1, data, idempotency_id, created_ns, seq)
+        self.last_offset += 1
+        entry = (self.last_offset, data, idempotency_id, created_ns, seq)
         self.entries.append(entry)
-        self.last_offset = entry.offset
         self.last_append_ns = created_ns
         if idempotency_id:
             self.ids[idempotency_id] = entry
@@ -113,15 +120,16 @@ class Log:
     def trim_before(self, offset: int) -> int:
         """Drop entries with an offset below ``offset``; how many."""
         dropped = 0
-        while self.entries and self.entries[0].offset < offset:
+        while self.entries and self.entries[0][OFFSET] < offset:
             self.drop_oldest()
             dropped += 1
         return dropped
 
     def drop_oldest(self) -> None:
         entry = self.entries.popleft()
-        if entry.idempotency_id and self.ids.get(entry.idempotency_id) is entry:
-            del self.ids[entry.idempotency_id]
+        idempotency_id = entry[IDEMPOTENCY_ID]
+        if idempotency_id and self.ids.get(idempotency_id) is entry:
+            del self.ids[idempotency_id]
 
     def record(self) -> npb.LogRecord:
         """Its fields, without entries (snapshots add them)."""

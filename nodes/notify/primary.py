@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from common.slots import slot_for
 from mesh.notify.v1 import notify_replication_pb2 as npb
 from nodes.notify.machine import NOTIFY, Appended, NotifyMachine
-from nodes.notify.model import CHANNEL, INBOX, Log
+from nodes.notify.model import CHANNEL, CREATED_NS, INBOX, OFFSET, SEQ, Log
 from nodes.notify.presence import Member
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class NotifyPrimary:
         if log is not None and idempotency_id:
             entry = log.ids.get(idempotency_id)
             if entry is not None:
-                return Appended(entry.offset, log.epoch, entry.seq, duplicate=True)
+                return Appended(entry[OFFSET], log.epoch, entry[SEQ], duplicate=True)
         if log is None and settings is None:
             settings = defaults
         command = npb.AppendEntry(kind=kind, name=name, data=data,  # type: ignore[arg-type]
@@ -81,10 +81,10 @@ class NotifyPrimary:
         if idempotency_id:
             entry = current.ids.get(idempotency_id)
             if entry is not None:
-                return Appended(entry.offset, current.epoch, 0, duplicate=True)
+                return Appended(entry[OFFSET], current.epoch, 0, duplicate=True)
         # seq 0: nothing to wait for, it counts as committed at once.
         entry = current.append(data, idempotency_id, now_ns, 0)
-        return Appended(entry.offset, current.epoch, 0)
+        return Appended(entry[OFFSET], current.epoch, 0)
 
     def mark_read(self, name: str, cursor: int) -> tuple[int, int]:
         """Move an inbox's read cursor to ``cursor``; ``(read_cursor, seq)`` (no
@@ -155,11 +155,11 @@ def trim_of(log: Log, now_ns: int, lifetime_ns: int) -> npb.TrimLog | None:
             return npb.TrimLog(kind=log.kind, name=log.name, forget=True)  # type: ignore[arg-type]
         return None
     oldest = now_ns - log.ttl_ns
-    keep, limit = entries[0].offset, min(len(entries), TRIM_BATCH)
+    keep, limit = entries[0][OFFSET], min(len(entries), TRIM_BATCH)
     for i in range(limit):
-        if entries[i].created_ns >= oldest:
+        if entries[i][CREATED_NS] >= oldest:
             break
-        keep = entries[i].offset + 1
-    if keep == entries[0].offset:
+        keep = entries[i][OFFSET] + 1
+    if keep == entries[0][OFFSET]:
         return None
     return npb.TrimLog(kind=log.kind, name=log.name, before_offset=keep)  # type: ignore[arg-type]

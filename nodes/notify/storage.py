@@ -140,7 +140,7 @@ class Storage:
             log = logs.get((kind, name))
             if log is None:
                 continue  # a forgotten log's rows (removed in the same flush)
-            entry = Entry(offset, bytes(data), idempotency_id, created_ns)
+            entry: Entry = (offset, bytes(data), idempotency_id, created_ns, 0)
             log.entries.append(entry)
             if idempotency_id:
                 log.ids[idempotency_id] = entry
@@ -155,8 +155,8 @@ class Storage:
                 log.last_offset, log.read_cursor, log.last_append_ns)
 
     def _entry_row(self, log: Log, e: Entry) -> tuple[Any, ...]:
-        return (self._gid, log.kind, log.name, e.offset, e.data, e.idempotency_id,
-                e.created_ns)
+        offset, data, idempotency_id, created_ns, _ = e
+        return (self._gid, log.kind, log.name, offset, data, idempotency_id, created_ns)
 
     def _member_row(self, channel: str, m: Member) -> tuple[Any, ...]:
         return (self._gid, channel, m.client_id, m.user, m.info, m.ttl_ns, m.joined_ns,
