@@ -46,9 +46,10 @@ SendMany = Callable[[str, list[Item], float], Awaitable[Sequence[Result]]]
 """send_many(address, items, budget): one try of the batch call, a result per item."""
 
 MAX_IN_FLIGHT = 1
-"""Calls open to one node before a new batch waits for one of them to return. Two,
-not one: while a node answers one batch the next is already on its way, so the
-node never idles for a round trip (measured in ``bench.replicated``)."""
+"""Calls open to one node before a new batch waits for one of them to return. One:
+with more, replies that come back one at a time wake their callers one at a time
+and the batches shrink under load (see above); with one, R=1 Set at 64 in flight
+went from ~4,600 to ~10,800 calls/s (``bench.replicated``)."""
 
 _MIN_BUDGET = 0.001
 """The budget a call is sent with when its deadline passed while it waited: it
