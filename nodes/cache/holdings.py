@@ -12,10 +12,12 @@ changes. `export` / `load` copy a whole store.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 from common.clock import SYSTEM_CLOCK
 from nodes.cache.budget import Budget
+from nodes.cache.capture import Capture
 from nodes.cache.eviction import EvictionPolicy, make_policy
 from nodes.cache.expiry import ExpiryIndex
 from nodes.cache.feed import ChangeFeed
@@ -35,6 +37,7 @@ class Holdings:
     __slots__ = (
         "_budget",
         "_bytes",
+        "_captures",
         "_clock",
         "_data",
         "_evictions",
@@ -71,6 +74,7 @@ class Holdings:
         # Bound once, like _touch: the write path pays one attribute read for each.
         self._publish = self._feed.publish
         self._flush = self._feed.flush
+        self._captures: weakref.WeakSet[Capture] = weakref.WeakSet()  # snapshots being read
         self._bytes = 0  # everything held, expired-but-unswept included
         self._revision = 0
         self._hits = 0
@@ -98,6 +102,9 @@ class Holdings:
         """
         key = change.key
         old = self._data.get(key)
+        if self._captures:
+            for capture in self._captures:
+                capture.changing(key, old)
         revision = change.revision
         if revision > self._revision:
             self._revision = revision
@@ -149,11 +156,12 @@ class Holdings:
         """
         return self._revision, list(self._data.items())
 
-    def capture(self) -> tuple[int, dict[str, Entry]]:
-        """A consistent copy of the state, cheap enough for one loop step: a
-        shallow copy of the map (about 10 ms for a million keys; entries are
-        immutable), to be serialized a piece at a time after."""
-        return self._revision, self._data.copy()
+    def capture(self) -> Capture:
+        """The state now, to be read a piece at a time while changes go on (see
+        `Capture`): its keys are listed in this step, its entries read later."""
+        capture = Capture(self._revision, self._data)
+        self._captures.add(capture)
+        return capture
 
     def load(self, revision: int, items: Iterable[tuple[str, Entry]]) -> None:
         """Add entries of another copy (`export` output, or a piece of a snapshot)

@@ -22,6 +22,7 @@ from common.slots import slot_for
 from mesh.cache.v1 import cache_replication_pb2 as cpb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.cache.budget import Budget
+from nodes.cache.capture import Capture
 from nodes.cache.model import EXPIRE_AT, VALUE, VERSION
 from nodes.cache.store import CacheStore, Change, ChangeType, Entry
 from nodes.replication.machine import Applied
@@ -53,12 +54,13 @@ def _instant(seconds: float) -> int | None:
     return from_seconds(seconds) if seconds else None
 
 
-def _pieces(revision: int, items: dict[str, Entry]) -> Iterator[tuple[int, bytes]]:
-    """``items`` as snapshot pieces of about SNAPSHOT_PIECE_BYTES each (one, if empty)."""
+def _pieces(capture: Capture) -> Iterator[tuple[int, bytes]]:
+    """``capture`` as snapshot pieces of about SNAPSHOT_PIECE_BYTES each (one, if empty)."""
+    revision = capture.revision
     piece = cpb.SnapshotPiece(revision=revision)
     size = 0
     sent = False
-    for key, entry in items.items():
+    for key, entry in capture.items():
         piece.entries.append(cpb.SnapshotEntry(
             key=key, value=entry[VALUE], version=entry[VERSION],
             expire_at=_seconds(entry[EXPIRE_AT])))
@@ -135,10 +137,9 @@ class CacheMachine:
         return Applied(self.store.apply(change))  # the operation delivers to listeners
 
     def snapshot(self) -> Iterator[tuple[int, bytes]]:
-        # Captured now (a shallow copy), serialized a piece at a time as the
-        # stream asks: a million keys never hold the event loop in one step.
-        revision, items = self.store.capture()
-        return _pieces(revision, items)
+        # Captured now (its keys listed), read and serialized a piece at a time as
+        # the stream asks: a million keys never hold the event loop in one step.
+        return _pieces(self.store.capture())
 
     def restore(self, chunks: Iterable[tuple[int, bytes]]) -> tuple[()]:
         revision = 0

@@ -4,6 +4,8 @@ proposes each change to its group, which applies it at once through the same
 
 from __future__ import annotations
 
+import gc
+
 import grpc
 import pytest
 
@@ -228,15 +230,41 @@ def test_a_snapshot_is_the_state_when_taken_though_made_piece_by_piece() -> None
     taken = store.export()
     pieces = iter(primary.machines[CACHE].snapshot())
     first = next(pieces)
-    # Writes after the capture, while the rest is still being made.
+    # Writes after the capture, while the rest is still being made: the entries
+    # are read as their turn comes, so each must come out as it was.
     store.set("k00000", b"changed")
+    store.set("k03000", b"once")
+    store.set("k03000", b"twice")
     store.delete("k05999")
+    store.delete("k04000")
+    store.set("k04000", b"back")
     store.set("new", b"x")
+    store.delete("new")
+    store.set("newer", b"y")
     copy = _group("b", NoClock(), primary=False)
     rest = list(pieces)
     assert len(rest) >= 2
     copy.machines[CACHE].restore([first, *rest])
     assert _store(copy).export() == taken
+    gc.collect()
+    assert not store._captures  # read to the end: the store keeps no pre-images
+
+
+def test_a_snapshot_abandoned_halfway_or_of_a_dropped_store_ends() -> None:
+    primary = _group("a", ManualClock(wall_ns=T0))
+    store = _store(primary)
+    store.mset([(f"k{i:05d}", b"v" * 200, None) for i in range(6000)])
+    pieces = iter(primary.machines[CACHE].snapshot())
+    next(pieces)
+    assert len(store._captures) == 1
+    del pieces  # the stream ended halfway
+    assert not store._captures
+    store.set("k00001", b"w")  # and nothing more is kept for it
+    unread = iter(primary.machines[CACHE].snapshot())
+    next(unread)
+    store.release()  # the group left this node
+    with pytest.raises(RuntimeError, match="dropped"):
+        list(unread)
 
 
 def test_a_snapshot_installs_a_piece_at_a_time_and_one_closed_halfway_finishes_at_once(
