@@ -688,6 +688,10 @@ async def watch_prefix(
         call.cancel()
 
 
+_CANCEL_AGAIN = 0.2
+"""Seconds `PrefixFollower.close` waits for its loop to end before cancelling again."""
+
+
 class PrefixFollower:
     """Keeps a local view of an etcd prefix: one full read, then a watch from its
     revision. If the watch breaks (etcd restarted, compaction, network) it reads
@@ -722,14 +726,22 @@ class PrefixFollower:
             await self._read()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # Cancel until it has ended: a cancel can be lost on the way (on Python
+        # 3.11, asyncio.wait_for returns the result of a call that completes as
+        # the cancel arrives), and the loop would then follow on, with this
+        # close waiting for it forever.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_CANCEL_AGAIN)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
 
     async def _read(self) -> int:
-        result = await asyncio.wait_for(self._client.get_prefix(self._prefix), CALL_TIMEOUT)
+        async with asyncio.timeout(CALL_TIMEOUT):
+            result = await self._client.get_prefix(self._prefix)
         self._on_read([(kv.key, kv.value, int(kv.create_revision)) for kv in result])
         return int(result.header.revision) if result.header is not None else 0
 
