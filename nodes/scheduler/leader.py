@@ -35,7 +35,16 @@ from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
 from nodes.scheduler import cron, errors
 from nodes.scheduler.claims import ClaimWaiter, claim
-from nodes.scheduler.model import CANCELLED, LEASED, READY, SUCCEEDED, Job, Request, Schedule
+from nodes.scheduler.model import (
+    CANCELLED,
+    LEASED,
+    READY,
+    REQUEST_EXPIRE_NS,
+    SUCCEEDED,
+    Job,
+    Request,
+    Schedule,
+)
 
 if TYPE_CHECKING:
     from nodes.scheduler.machine import SchedulerMachine
@@ -407,7 +416,7 @@ class Leader:
             at, name, request_id = heapq.heappop(heap)
             queue = queues.get(name)
             request = queue.requests.get(request_id) if queue is not None else None
-            if request is not None and request[1] == at:
+            if request is not None and request[REQUEST_EXPIRE_NS] == at:
                 gone.append(spb.RequestRecord(queue=name, request_id=request_id, expire_ns=at))
         if gone:
             self._machine.propose(gone[0].queue, spb.SchedulerCommand(

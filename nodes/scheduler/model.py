@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Final
 
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 
-__all__ = ["CANCELLED", "DEAD", "FINISHED", "LEASED", "MAX_HISTORY", "SUCCEEDED", "WAITING",
-           "Attempt", "Backoff", "FrozenJob", "Job", "Request", "Schedule"]
+__all__ = [
+    "CANCELLED",
+    "DEAD",
+    "FINISHED",
+    "LEASED",
+    "MAX_HISTORY",
+    "REQUEST_EXPIRE_NS",
+    "SUCCEEDED",
+    "WAITING",
+    "Attempt",
+    "Backoff",
+    "FrozenJob",
+    "Job",
+    "Request",
+    "Schedule",
+]
 
 WAITING = pb.JOB_STATE_PENDING
 """Stored for PENDING and SCHEDULED alike: which one it is depends on run_ns."""
@@ -224,3 +239,6 @@ Request = tuple[str, int, int]
 Enqueue made, until when it is kept, and the last command that changed it (0:
 read back). A plain tuple: there is one per Enqueue in the retention window, and
 the garbage collector does not track tuples of strings and numbers."""
+
+REQUEST_EXPIRE_NS: Final = 1
+"""Where a `Request` keeps its ``expire_ns`` (the one field read alone)."""

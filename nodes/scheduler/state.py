@@ -18,6 +18,7 @@ from nodes.scheduler.model import (
     DEAD,
     LEASED,
     MAX_HISTORY,
+    REQUEST_EXPIRE_NS,
     SUCCEEDED,
     WAITING,
     Attempt,
@@ -210,7 +211,7 @@ class SchedulerState:
         if found is None:
             return False
         request = found.requests.get(request_id)
-        if request is None or request[1] != expire_ns:
+        if request is None or request[REQUEST_EXPIRE_NS] != expire_ns:
             return False
         del found.requests[request_id]
         return True
