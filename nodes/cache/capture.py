@@ -13,7 +13,7 @@ entry read late is the entry as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from nodes.cache.model import Entry
 
@@ -27,7 +27,7 @@ class Capture:
 
     __slots__ = ("__weakref__", "_before", "_data", "_keys", "revision")
 
-    def __init__(self, revision: int, data: dict[str, Entry]) -> None:
+    def __init__(self, revision: int, data: Mapping[str, Entry]) -> None:
         self.revision = revision
         self._data = data
         self._keys = list(data)

@@ -5,18 +5,22 @@ to evict. The store tells it about every write (`on_insert`, which also carries 
 key's expiry), read (`on_access`) and removal (`on_remove`), and asks it for
 victims in order (`candidates`) or just the first one (`victim`).
 
-All hooks are O(1) (amortised O(log n) for volatile-ttl, which keeps a heap).
-Policies are deterministic: the same sequence of calls yields the same victims, so
-replicas that replay the same commands agree.
+All hooks are O(1) (O(log shards) to find an LRU or LFU victim among a big
+store's shards, see `nodes/cache/recency.py`; volatile-ttl reads the store's
+expiry index). Policies are deterministic: the same calls yield the same victims,
+however a process happens to shard the keys. (Victims are chosen on a group's
+primary and reach its replicas as the changes that evict them.)
 """
 
 from __future__ import annotations
 
-import heapq
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
+
+from nodes.cache.expiry import ExpiryIndex
+from nodes.cache.keymap import KeyMap
+from nodes.cache.recency import RecencyOrder
 
 __all__ = [
     "POLICY_NAMES",
@@ -75,38 +79,23 @@ class EvictionPolicy(ABC):
         """The number of evictable keys."""
 
 
-class LRUPolicy(EvictionPolicy):
-    """Least recently used (read or written) first."""
+class LRUPolicy(RecencyOrder, EvictionPolicy):
+    """Least recently used (read or written) first: a `RecencyOrder` whose uses
+    are the store's reads and writes (its own methods, so a read costs one call)."""
 
-    __slots__ = ("_order",)
+    __slots__ = ()
 
     name = "lru"
 
-    def __init__(self) -> None:
-        # Oldest first; the values are unused.
-        self._order: OrderedDict[str, None] = OrderedDict()
-
     def on_insert(self, key: str, expire_at: int | None = None) -> None:
-        order = self._order
-        if key in order:
-            order.move_to_end(key)
-        else:
-            order[key] = None
+        self.use(key)
 
-    def on_access(self, key: str) -> None:
-        self._order.move_to_end(key)
-
-    def on_remove(self, key: str) -> None:
-        self._order.pop(key, None)
-
-    def victim(self) -> str | None:
-        return next(iter(self._order), None)
+    on_access = RecencyOrder.use
+    on_remove = RecencyOrder.discard
+    victim = RecencyOrder.oldest
 
     def candidates(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
+        return iter(self)
 
 
 class _Bucket:
@@ -120,7 +109,7 @@ class _Bucket:
 
     def __init__(self, freq: int) -> None:
         self.freq = freq
-        self.keys: OrderedDict[str, None] = OrderedDict()
+        self.keys = RecencyOrder()
         self.prev: _Bucket = self
         self.next: _Bucket = self
 
@@ -129,7 +118,7 @@ class LFUPolicy(EvictionPolicy):
     """Least frequently used first; ties go to the least recently used.
 
     O(1) for every hook (the constant-time LFU of Shah, Mitra and Matani): a
-    linked list of frequency buckets, each an OrderedDict in recency order.
+    linked list of frequency buckets, each a `RecencyOrder`.
     Removing an arbitrary key never requires a search for the next minimum.
     A write counts as a use, as a read does; a new key starts at frequency 1.
     """
@@ -140,7 +129,7 @@ class LFUPolicy(EvictionPolicy):
 
     def __init__(self) -> None:
         self._head = _Bucket(0)  # sentinel; head.next is the lowest frequency
-        self._bucket_of: dict[str, _Bucket] = {}
+        self._bucket_of: KeyMap[_Bucket] = KeyMap()
 
     @staticmethod
     def _insert_after(prev: _Bucket, freq: int) -> _Bucket:
@@ -165,7 +154,7 @@ class LFUPolicy(EvictionPolicy):
         first = head.next
         if first is head or first.freq != 1:
             first = self._insert_after(head, 1)
-        first.keys[key] = None
+        first.keys.use(key)
         self._bucket_of[key] = first
 
     def on_access(self, key: str) -> None:
@@ -177,8 +166,8 @@ class LFUPolicy(EvictionPolicy):
                 bucket.freq = freq  # alone in its bucket: bump it in place, order holds
                 return
             target = self._insert_after(bucket, freq)
-        del bucket.keys[key]
-        target.keys[key] = None
+        bucket.keys.discard(key)
+        target.keys.use(key)
         self._bucket_of[key] = target
         if not bucket.keys:
             self._unlink(bucket)
@@ -187,7 +176,7 @@ class LFUPolicy(EvictionPolicy):
         bucket = self._bucket_of.pop(key, None)
         if bucket is None:
             return
-        del bucket.keys[key]
+        bucket.keys.discard(key)
         if not bucket.keys:
             self._unlink(bucket)
 
@@ -195,7 +184,7 @@ class LFUPolicy(EvictionPolicy):
         first = self._head.next
         if first is self._head:
             return None
-        return next(iter(first.keys))
+        return first.keys.oldest()
 
     def candidates(self) -> Iterator[str]:
         head = self._head
@@ -214,76 +203,38 @@ class LFUPolicy(EvictionPolicy):
 
 
 class VolatileTTLPolicy(EvictionPolicy):
-    """Among keys with an expiry, the one expiring soonest first.
+    """Among keys with an expiry, the one expiring soonest first (equal expiries
+    by key). Keys without an expiry are never candidates.
 
-    Keys without an expiry are never candidates. A heap of
-    ``(expire_at, seq, key)`` with lazy deletion: an entry is live only while
-    ``seq`` is the key's current sequence number, so a key whose expiry changed
-    or that was removed leaves a stale entry that is skipped (and compacted away
-    once stale entries outnumber live ones). Equal expiries go to the key whose
-    expiry was set first.
+    It keeps nothing of its own: the store's `ExpiryIndex` already orders exactly
+    these keys (a heap and a map of its own cost every key with an expiry twice
+    and were compacted in one step).
     """
 
-    __slots__ = ("_current", "_heap", "_seq")
+    __slots__ = ("_expiry",)
 
     name = "volatile-ttl"
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, int, str]] = []
-        self._current: dict[str, int] = {}  # key -> seq of its live heap entry
-        self._seq = 0
+    def __init__(self, expiry: ExpiryIndex) -> None:
+        self._expiry = expiry
 
     def on_insert(self, key: str, expire_at: int | None = None) -> None:
-        if expire_at is None:
-            self.on_remove(key)
-            return
-        self._seq += 1
-        self._current[key] = self._seq
-        heapq.heappush(self._heap, (expire_at, self._seq, key))
-        if len(self._heap) > 2 * len(self._current) + 64:
-            self._compact()
+        pass
 
     def on_access(self, key: str) -> None:
         pass
 
     def on_remove(self, key: str) -> None:
-        if self._current.pop(key, None) is not None and not self._current:
-            self._heap.clear()
-
-    def _compact(self) -> None:
-        current = self._current
-        self._heap = [item for item in self._heap if current.get(item[2]) == item[1]]
-        heapq.heapify(self._heap)
+        pass
 
     def victim(self) -> str | None:
-        heap = self._heap
-        current = self._current
-        while heap:
-            _, seq, key = heap[0]
-            if current.get(key) == seq:
-                return key
-            heapq.heappop(heap)
-        return None
+        return self._expiry.soonest()
 
     def candidates(self) -> Iterator[str]:
-        # Drop stale entries from the top first (nothing iterates yet), then walk
-        # the heap tree best-first: yields in heap order without popping.
-        if self.victim() is None:
-            return
-        heap = self._heap
-        current = self._current
-        frontier: list[tuple[tuple[int, int, str], int]] = [(heap[0], 0)]
-        size = len(heap)
-        while frontier:
-            item, index = heapq.heappop(frontier)
-            if current.get(item[2]) == item[1]:
-                yield item[2]
-            for child in (2 * index + 1, 2 * index + 2):
-                if child < size:
-                    heapq.heappush(frontier, (heap[child], child))
+        return self._expiry.keys_in_order()
 
     def __len__(self) -> int:
-        return len(self._current)
+        return self._expiry.volatile
 
 
 class NoEvictionPolicy(EvictionPolicy):
@@ -320,11 +271,14 @@ POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 """The accepted policy names: "lru", "lfu", "volatile-ttl", "noeviction"."""
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    """A fresh policy by name (case-insensitive; "_" may stand for "-")."""
+def make_policy(name: str, expiry: ExpiryIndex) -> EvictionPolicy:
+    """A fresh policy by name (case-insensitive; "_" may stand for "-") for the
+    store whose expiry index is ``expiry``."""
     cls = _POLICIES.get(name.strip().lower().replace("_", "-"))
     if cls is None:
         raise ValueError(
             f"unknown eviction policy {name!r}; expected one of {', '.join(POLICY_NAMES)}"
         )
+    if cls is VolatileTTLPolicy:
+        return VolatileTTLPolicy(expiry)
     return cls()

@@ -21,6 +21,7 @@ from nodes.cache.capture import Capture
 from nodes.cache.eviction import EvictionPolicy, make_policy
 from nodes.cache.expiry import ExpiryIndex
 from nodes.cache.feed import ChangeFeed
+from nodes.cache.keymap import KeyMap
 from nodes.cache.model import EXPIRE_AT, VALUE, VERSION, Change, ChangeType, Entry
 from nodes.cache.room import entry_size
 
@@ -65,11 +66,11 @@ class Holdings:
         # Limits are checked against ``budget`` (shared by a node's stores) when
         # given, else against a budget of this store's own.
         self._budget = budget if budget is not None else Budget(max_entries, max_bytes)
-        self._policy: EvictionPolicy = make_policy(policy)
+        self._data: KeyMap[Entry] = KeyMap()
+        self._expiry = ExpiryIndex(self._data)  # reads _data: never rebind it
+        self._policy: EvictionPolicy = make_policy(policy, self._expiry)
         self._touch = self._policy.on_access
         self._clock = clock
-        self._data: dict[str, Entry] = {}
-        self._expiry = ExpiryIndex(self._data)  # reads _data: never rebind it
         self._feed = ChangeFeed()
         # Bound once, like _touch: the write path pays one attribute read for each.
         self._publish = self._feed.publish
@@ -128,7 +129,7 @@ class Holdings:
                     self._expiry.push(expire_at, key, revision,
                                       replacing=old[EXPIRE_AT] is not None)
                 elif old[EXPIRE_AT] is not None:
-                    self._expiry.discard()
+                    self._expiry.discard(key)
             self._bytes += size
             budget.bytes += size
             self._policy.on_insert(key, expire_at)
@@ -201,7 +202,7 @@ class Holdings:
         self._budget.bytes -= size
         self._budget.entries -= 1
         if entry[EXPIRE_AT] is not None:
-            self._expiry.discard()
+            self._expiry.discard(key)
         self._policy.on_remove(key)
 
     def _insert(self, key: str, entry: Entry) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
+from nodes.cache import keymap
 from nodes.cache.eviction import (
     POLICY_NAMES,
     LFUPolicy,
@@ -17,6 +18,8 @@ from nodes.cache.eviction import (
     VolatileTTLPolicy,
     make_policy,
 )
+from nodes.cache.expiry import ExpiryIndex
+from nodes.cache.keymap import KeyMap
 from nodes.cache.model import EXPIRE_AT, VALUE, VERSION
 from nodes.cache.store import (
     ENTRY_OVERHEAD,
@@ -36,6 +39,14 @@ MS = MILLISECOND
 T0 = 1_700_000_000 * S
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
+
+
+@pytest.fixture(autouse=True, params=["one shard", "4-key shards"])
+def shards(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs twice: on maps of one shard, as small stores are, and of
+    4-key shards, so that shards split in the middle of what each test does."""
+    if request.param == "4-key shards":
+        monkeypatch.setattr(keymap, "SHARD_KEYS", 4)
 
 
 def size(key: str, value: bytes) -> int:
@@ -840,20 +851,21 @@ def test_stats_counters() -> None:
 
 
 def test_make_policy_names() -> None:
+    expiry = ExpiryIndex(KeyMap())
     assert POLICY_NAMES == ("lru", "lfu", "volatile-ttl", "noeviction")
-    assert isinstance(make_policy("lru"), LRUPolicy)
-    assert isinstance(make_policy("LFU"), LFUPolicy)
-    assert isinstance(make_policy("volatile-ttl"), VolatileTTLPolicy)
-    assert isinstance(make_policy("volatile_ttl"), VolatileTTLPolicy)
-    assert isinstance(make_policy("noeviction"), NoEvictionPolicy)
+    assert isinstance(make_policy("lru", expiry), LRUPolicy)
+    assert isinstance(make_policy("LFU", expiry), LFUPolicy)
+    assert isinstance(make_policy("volatile-ttl", expiry), VolatileTTLPolicy)
+    assert isinstance(make_policy("volatile_ttl", expiry), VolatileTTLPolicy)
+    assert isinstance(make_policy("noeviction", expiry), NoEvictionPolicy)
     with pytest.raises(ValueError):
-        make_policy("allkeys-random")
-    assert make_policy("lru") is not make_policy("lru")
+        make_policy("allkeys-random", expiry)
+    assert make_policy("lru", expiry) is not make_policy("lru", expiry)
 
 
 def test_policies_with_no_keys_offer_no_victim() -> None:
     for name in POLICY_NAMES:
-        policy = make_policy(name)
+        policy = make_policy(name, ExpiryIndex(KeyMap()))
         assert policy.victim() is None
         assert list(policy.candidates()) == []
         policy.on_remove("unknown")  # ignored
@@ -892,32 +904,35 @@ def test_lfu_policy_order_and_frequency() -> None:
 
 
 def test_volatile_policy_order() -> None:
-    p = VolatileTTLPolicy()
-    p.on_insert("persistent", None)
-    p.on_insert("a", 30 * S)
-    p.on_insert("b", 10 * S)
-    p.on_insert("c", 20 * S)
-    p.on_insert("d", 10 * S)  # same expiry as b, set later
-    p.on_insert("a", 5 * S)
+    # The policy reads the store's expiry index: the store's writes drive it.
+    store, _, _ = make(policy="volatile-ttl")
+    p = store._policy
+    store.set("persistent", b"1")
+    store.set("a", b"1", ttl=30 * S)
+    store.set("b", b"1", ttl=10 * S)
+    store.set("c", b"1", ttl=20 * S)
+    store.set("d", b"1", ttl=10 * S)  # same expiry as b: by key
+    store.set("a", b"1", ttl=5 * S)
     assert list(p.candidates()) == ["a", "b", "d", "c"]
-    p.on_insert("a", None)
+    store.set("a", b"1")  # no expiry any more
     assert p.victim() == "b" and len(p) == 3
-    p.on_remove("b")
+    store.delete("b")
     assert p.victim() == "d"
     for _ in range(1000):
-        p.on_insert("c", 20 * S)
-    assert len(p._heap) < 200
+        store.set("c", b"1", ttl=20 * S)
+    assert len(store._expiry) < 200
     assert list(p.candidates()) == ["d", "c"]
 
 
 def test_volatile_policy_drops_stale_entries_before_walking() -> None:
-    p = VolatileTTLPolicy()
+    store, _, _ = make(policy="volatile-ttl")
     for i in range(1000):
-        p.on_insert(f"k{i}", i * S)
+        store.set(f"k{i}", b"1", ttl=(i + 1) * S)
     for i in range(999):
-        p.on_remove(f"k{i}")  # what eviction of the soonest keys leaves behind
-    assert list(p.candidates()) == ["k999"]
-    assert len(p._heap) == 1  # later walks do not pay for the removed keys again
+        store.delete(f"k{i}")  # what eviction of the soonest keys leaves behind
+    assert list(store._policy.candidates()) == ["k999"]
+    # Later walks do not pay for the removed keys again.
+    assert len(store._expiry) == 1
 
 
 def test_noeviction_policy() -> None:
