@@ -159,7 +159,7 @@ class Holdings:
 
     def capture(self) -> Capture:
         """The state now, to be read a piece at a time while changes go on (see
-        `Capture`): its keys are listed in this step, its entries read later."""
+        `Capture`): nothing is copied in this step."""
         capture = Capture(self._revision, self._data)
         self._captures.add(capture)
         return capture
@@ -176,6 +176,8 @@ class Holdings:
         room back to the budget. The store is not used afterwards."""
         self._budget.entries -= len(self._data)
         self._budget.bytes -= self._bytes
+        for capture in self._captures:
+            capture.dropped()
         self._data.clear()
         self._bytes = 0
 

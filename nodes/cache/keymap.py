@@ -49,7 +49,7 @@ class KeyMap(MutableMapping[str, V]):
     OrderedDict keeps each shard's order, and a split keeps it in both halves)."""
 
     __slots__ = ("_factory", "_high", "_len", "_limit", "_listeners", "_mask", "_next",
-                 "_shard_keys", "shards")
+                 "_shard_keys", "holds", "shards")
 
     def __init__(self, factory: Callable[[], dict[str, V]] = dict,
                  shard_keys: int | None = None) -> None:
@@ -69,6 +69,9 @@ class KeyMap(MutableMapping[str, V]):
         self._next = 0
         self._len = 0
         self._limit = shard_keys  # keys before the next split: shard_keys per shard
+        self.holds = 0
+        """While above zero no shard splits (a `Capture` is reading them in turn);
+        after, each new key splits one more shard until the map is back in shape."""
         self._listeners: list[Callable[[int, int], None]] = []
 
     def index(self, key: str) -> int:
@@ -116,7 +119,7 @@ class KeyMap(MutableMapping[str, V]):
             return
         shard[key] = value
         self._len += 1
-        if self._len > self._limit:
+        if self._len > self._limit and not self.holds:
             self._split()
 
     def __delitem__(self, key: str) -> None:

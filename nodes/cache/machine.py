@@ -34,7 +34,9 @@ __all__ = ["CACHE", "CacheMachine"]
 
 CACHE = rpb.SERVICE_KIND_CACHE
 _PRIMARY = rpb.GROUP_ROLE_PRIMARY
-SNAPSHOT_PIECE_BYTES = 512 * 1024
+SNAPSHOT_PIECE_BYTES = 128 * 1024
+"""About 1,000 entries of 100 bytes: made on the primary and installed on the copy
+in one step of the event loop each (installing 512 KiB took 25-80 ms here)."""
 
 _TO_WIRE = {
     ChangeType.SET: cpb.CHANGE_KIND_SET,

@@ -143,3 +143,50 @@ def test_a_sharded_store_expires_exactly_what_one_dict_would(
         assert len(heap) <= 2 * held + 64
     assert index._volatile == sum(index._live) == sum(
         1 for at in expiry.values() if at is not None)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_capture_read_between_random_writes_is_the_state_when_taken(
+        monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    monkeypatch.setattr(keymap, "SHARD_KEYS", 4)
+    rng = random.Random(seed)
+    store = CacheStore(clock=ManualClock(wall_ns=T0).wall_ns)
+    for i in range(2_000):
+        store.set(f"k{i}", b"%d" % i)
+    taken = dict(store.export()[1])
+    shards = len(store._data.shards)
+    capture = store.capture()
+    read: dict[str, tuple[bytes, int, int | None]] = {}
+    items = capture.items()
+    for entry in items:
+        key, value = entry
+        assert key not in read  # each key once
+        read[key] = value
+        for _ in range(rng.randrange(4)):  # writes between the reads
+            key = f"k{rng.randrange(3_000)}"  # a third of them new keys
+            if rng.random() < 0.7:
+                store.set(key, b"new")
+            else:
+                store.delete(key)
+    assert read == taken
+    assert len(store._data.shards) == shards  # held while the capture was read
+    store.set("one more", b"x")
+    assert len(store._data.shards) == shards + 1 and store._data.holds == 0
+
+
+def test_an_abandoned_capture_lets_the_map_split_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keymap, "SHARD_KEYS", 4)
+    store = CacheStore()
+    for i in range(100):
+        store.set(f"k{i}", b"v")
+    items = store.capture().items()
+    next(items)
+    shards = len(store._data.shards)
+    for i in range(100, 200):
+        store.set(f"k{i}", b"v")
+    assert len(store._data.shards) == shards and store._data.holds == 1
+    del items  # the snapshot stream ended halfway
+    assert store._data.holds == 0
+    for i in range(200, 300):
+        store.set(f"k{i}", b"v")
+    assert len(store._data.shards) == -(-300 // 4)  # caught up: one split per new key
