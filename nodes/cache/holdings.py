@@ -103,7 +103,7 @@ class Holdings:
         """
         key = change.key
         old = self._data.get(key)
-        if self._captures:
+        if self._data.holds:  # a capture is open (an int: cheaper than the WeakSet's len)
             for capture in self._captures:
                 capture.changing(key, old)
         revision = change.revision
