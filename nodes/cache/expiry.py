@@ -109,6 +109,13 @@ class ExpiryIndex:
                 return item[0]
         return None
 
+    def clear(self) -> None:
+        """Forget every item (the store's map was cleared)."""
+        self._heaps = [[] for _ in self._data.shards]
+        self._live = [0 for _ in self._data.shards]
+        self._volatile = self._items = 0
+        self._soonest = []
+
     def soonest(self) -> str | None:
         """The key that expires first (possibly already due), or None."""
         if self.next_expiry() is None:

@@ -11,6 +11,7 @@ import pytest
 
 from common.clock import SECOND, ManualClock
 from nodes.cache import keymap
+from nodes.cache.budget import Budget
 from nodes.cache.keymap import KeyMap
 from nodes.cache.model import EXPIRE_AT
 from nodes.cache.recency import RecencyOrder
@@ -190,3 +191,20 @@ def test_an_abandoned_capture_lets_the_map_split_again(monkeypatch: pytest.Monke
     for i in range(200, 300):
         store.set(f"k{i}", b"v")
     assert len(store._data.shards) == -(-300 // 4)  # caught up: one split per new key
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "volatile-ttl"])
+def test_a_released_store_gives_everything_back_at_once(
+        monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    # A store lives in reference cycles (its machine's propose): what release
+    # left behind would wait for a full garbage collection.
+    monkeypatch.setattr(keymap, "SHARD_KEYS", 4)
+    budget = Budget(0, 0)
+    store = CacheStore(policy=policy, budget=budget, clock=ManualClock(wall_ns=T0).wall_ns)
+    for i in range(500):
+        store.set(f"k{i}", b"v", ttl=60 * SECOND if i % 2 else None)
+    store.release()
+    assert (budget.entries, budget.bytes) == (0, 0)
+    assert len(store._data) == 0 and len(store._expiry) == 0
+    assert len(store._policy) == 0 and store._policy.victim() is None
+    assert store.next_expiry() is None
