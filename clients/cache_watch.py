@@ -427,8 +427,11 @@ class CacheWatch:
                     return
                 failures += 1
                 # Back off, unless the map changes first (the way out of a failover).
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel that lands as the event is set, and this loop would go on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._replan.wait(), _BACKOFF.delay(failures))
+                    async with asyncio.timeout(_BACKOFF.delay(failures)):
+                        await self._replan.wait()
                 await self._mesh.refresh(timeout=max(deadline - loop.time(), 0.0))
                 continue
             if self._dirty:  # something else broke or moved meanwhile: once more

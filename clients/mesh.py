@@ -439,8 +439,9 @@ class Mesh:
             until = loop.time() + max_wait
             while self._held.get(channel, 0) > 0 and loop.time() < until:
                 self._released.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._released.wait(), until - loop.time())
+                with contextlib.suppress(TimeoutError):  # not wait_for: it can lose a cancel
+                    async with asyncio.timeout(until - loop.time()):
+                        await self._released.wait()
         finally:
             self._held.pop(channel, None)
             await channel.close(grace=1.0)

@@ -209,8 +209,9 @@ class Election:
             if term is None:
                 # Someone leads: wait for the key to change, re-checking now and
                 # then in case a watch event was missed.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._ttl)
+                with contextlib.suppress(TimeoutError):  # (timeout: see leader.py)
+                    async with asyncio.timeout(self._ttl):
+                        await self._changed.wait()
                 continue
             crashed = await self._lead(term)
             if crashed:

@@ -63,8 +63,11 @@ class LeaderDriver:
             self.ready.set()
             while True:
                 await self.reconcile_once()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel that lands as the event is set, and this loop would go on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._config.reconcile_interval)
+                    async with asyncio.timeout(self._config.reconcile_interval):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             async with self._changed:

@@ -93,7 +93,10 @@ async def read(stream: Stream, tick: float) -> AsyncGenerator[message.Message | 
         yield stream.first
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), tick)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel that lands as an item arrives, and this loop would go on.
+                async with asyncio.timeout(tick):
+                    item = await queue.get()
             except TimeoutError:
                 if dead_after is not None and loop.time() - heard > dead_after:
                     silent = UnavailableError(
