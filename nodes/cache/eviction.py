@@ -48,6 +48,7 @@ class EvictionPolicy(ABC):
       It does not remove the key: the store evicts it and then calls on_remove.
     * ``candidates()`` every evictable key, best victim first, lazily. The store
       must not call the other hooks while iterating.
+    * ``clear()`` when the store drops every key at once (its group left).
     """
 
     __slots__ = ()
@@ -78,6 +79,10 @@ class EvictionPolicy(ABC):
     def __len__(self) -> int:
         """The number of evictable keys."""
 
+    @abstractmethod
+    def clear(self) -> None:
+        """Forget every key."""
+
 
 class LRUPolicy(RecencyOrder, EvictionPolicy):
     """Least recently used (read or written) first: a `RecencyOrder` whose uses
@@ -93,6 +98,7 @@ class LRUPolicy(RecencyOrder, EvictionPolicy):
     on_access = RecencyOrder.use
     on_remove = RecencyOrder.discard
     victim = RecencyOrder.oldest
+    clear = RecencyOrder.clear
 
     def candidates(self) -> Iterator[str]:
         return iter(self)
@@ -193,6 +199,17 @@ class LFUPolicy(EvictionPolicy):
             yield from bucket.keys
             bucket = bucket.next
 
+    def clear(self) -> None:
+        # Each bucket too: they link to each other in a ring, so dropped with
+        # their keys they would wait for the cyclic garbage collector.
+        head = self._head
+        bucket = head.next
+        while bucket is not head:
+            bucket.keys.clear()
+            bucket = bucket.next
+        head.next = head.prev = head
+        self._bucket_of.clear()
+
     def frequency(self, key: str) -> int:
         """How many times ``key`` was used (0 if untracked); for tests and stats."""
         bucket = self._bucket_of.get(key)
@@ -227,6 +244,9 @@ class VolatileTTLPolicy(EvictionPolicy):
     def on_remove(self, key: str) -> None:
         pass
 
+    def clear(self) -> None:
+        pass  # its keys are the expiry index's, cleared with it
+
     def victim(self) -> str | None:
         return self._expiry.soonest()
 
@@ -251,6 +271,9 @@ class NoEvictionPolicy(EvictionPolicy):
         pass
 
     def on_remove(self, key: str) -> None:
+        pass
+
+    def clear(self) -> None:
         pass
 
     def victim(self) -> str | None:

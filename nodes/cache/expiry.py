@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 
+from nodes.cache.firsts import ShardFirsts
 from nodes.cache.keymap import KeyMap
 from nodes.cache.model import VERSION, Entry
 
@@ -48,11 +49,11 @@ class ExpiryIndex:
         self._live: list[int] = [0 for _ in data.shards]  # live items per heap
         self._volatile = 0  # entries with an expiry: the live items of all heaps
         self._items = 0  # items of all heaps, stale ones included
-        # (an item, heap index): every heap holding items has one here that sorts
-        # no later than its first item; one left behind (its item taken or stale)
-        # is refreshed when it reaches the top. Whole items, not just expiries, so
-        # equal expiries come out by key whatever heaps their keys are in.
-        self._soonest: list[tuple[Item, int]] = []
+        # The heaps' first live items. Whole items, not just expiries, so equal
+        # expiries come out by key whatever heaps their keys are in.
+        self._soonest: ShardFirsts[Item] = ShardFirsts(
+            self._first, lambda: len(self._heaps),
+            lambda index: heap[0] if (heap := self._heaps[index]) else None)
         data.on_split(self._split)
 
     def __len__(self) -> int:
@@ -80,7 +81,7 @@ class ExpiryIndex:
         heapq.heappush(heap, item)
         self._items += 1
         if heap[0] is item:  # a new first of its heap
-            self._add_soonest(item, index)
+            self._soonest.add(item, index)
         if len(heap) > 2 * self._live[index] + 64:
             self._compact(index)
 
@@ -97,30 +98,20 @@ class ExpiryIndex:
 
         Drops the stale items it finds at the top of the heaps.
         """
-        soonest = self._soonest
-        while soonest:
-            item, index = soonest[0]
-            first = self._first(index)
-            if first is None:
-                heapq.heappop(soonest)
-            elif first is not item:
-                heapq.heapreplace(soonest, (first, index))
-            else:
-                return item[0]
-        return None
+        found = self._soonest.smallest()
+        return None if found is None else found[0][0]
 
     def clear(self) -> None:
         """Forget every item (the store's map was cleared)."""
         self._heaps = [[] for _ in self._data.shards]
         self._live = [0 for _ in self._data.shards]
         self._volatile = self._items = 0
-        self._soonest = []
+        self._soonest.clear()
 
     def soonest(self) -> str | None:
         """The key that expires first (possibly already due), or None."""
-        if self.next_expiry() is None:
-            return None
-        return self._heaps[self._soonest[0][1]][0][1]
+        found = self._soonest.smallest()
+        return None if found is None else found[0][1]
 
     def keys_in_order(self) -> Iterator[str]:
         """Every key with an expiry, soonest first (equal expiries by key); drops
@@ -128,20 +119,8 @@ class ExpiryIndex:
 
         Walks the heaps' trees together, best first: each key costs O(log n).
         """
-        heaps = self._heaps
-        data = self._data
-        frontier = [(heap[0], index, 0) for index, heap in enumerate(heaps)
-                    if self._first(index) is not None]
-        heapq.heapify(frontier)
-        while frontier:
-            item, index, at = heapq.heappop(frontier)
-            entry = data.get(item[1])
-            if entry is not None and entry[VERSION] == item[2]:
-                yield item[1]
-            heap = heaps[index]
-            for child in (2 * at + 1, 2 * at + 2):
-                if child < len(heap):
-                    heapq.heappush(frontier, (heap[child], index, child))
+        for item, _ in self._in_order():
+            yield item[1]
 
     def pop_due(self, now: int) -> tuple[str, Entry] | None:
         """Take the soonest live item due at ``now``, or None if nothing is due.
@@ -149,41 +128,24 @@ class ExpiryIndex:
         Only the index forgets the item: the caller must remove the entry from
         the store (and `discard` it), or it will never be reported again.
         """
-        expire_at = self.next_expiry()
-        if expire_at is None or expire_at > now:
+        found = self._soonest.smallest()
+        if found is None or found[0][0] > now:
             return None
-        heap = self._heaps[self._soonest[0][1]]
-        _, key, _ = heapq.heappop(heap)  # live: next_expiry just checked it
+        _, key, _ = heapq.heappop(self._heaps[found[1]])  # live: smallest() checked it
         self._items -= 1
         return key, self._data[key]
 
     def iter_due(self, now: int) -> Iterator[tuple[str, Entry]]:
-        """Every held key whose expiry is <= now; changes nothing but dropping the
-        stale items at the top of the heaps before walking.
+        """Every held key whose expiry is <= now, soonest first; changes nothing but
+        dropping the stale items at the top of the heaps before walking.
 
-        Walks only the part of each heap tree that is due: O(due keys + shards),
-        once the stale items at the top are dropped. Do not push while iterating.
+        Walks only the due part of the heaps' trees (and each heap's first item):
+        O(shards + due keys x log). Do not push while iterating.
         """
-        expire_at = self.next_expiry()
-        if expire_at is None or expire_at > now:
-            return
-        data = self._data
-        for index, heap in enumerate(self._heaps):
-            if not heap or heap[0][0] > now or self._first(index) is None:
-                continue
-            size = len(heap)
-            stack = [0] if heap[0][0] <= now else []
-            while stack:
-                at = stack.pop()
-                expire_at, key, version = heap[at]
-                if expire_at > now:
-                    continue
-                entry = data.get(key)
-                if entry is not None and entry[VERSION] == version:
-                    yield key, entry
-                for child in (2 * at + 1, 2 * at + 2):
-                    if child < size:
-                        stack.append(child)
+        for item, entry in self._in_order():
+            if item[0] > now:
+                return
+            yield item[1], entry
 
     # -- the heaps -------------------------------------------------------------
 
@@ -200,13 +162,23 @@ class ExpiryIndex:
             self._items -= 1
         return None
 
-    def _add_soonest(self, item: Item, index: int) -> None:
-        soonest = self._soonest
-        heapq.heappush(soonest, (item, index))
-        if len(soonest) > 2 * len(self._heaps) + 8:
-            # Left behind by heaps that since lost their first: start afresh.
-            self._soonest = [(heap[0], i) for i, heap in enumerate(self._heaps) if heap]
-            heapq.heapify(self._soonest)
+    def _in_order(self) -> Iterator[tuple[Item, Entry]]:
+        """Every live item with its entry, soonest first: the heaps' trees walked
+        together, best first (a child is never sooner than its parent)."""
+        heaps = self._heaps
+        data = self._data
+        frontier = [(heap[0], index, 0) for index, heap in enumerate(heaps)
+                    if self._first(index) is not None]
+        heapq.heapify(frontier)
+        while frontier:
+            item, index, at = heapq.heappop(frontier)
+            entry = data.get(item[1])
+            if entry is not None and entry[VERSION] == item[2]:
+                yield item, entry
+            heap = heaps[index]
+            for child in (2 * at + 1, 2 * at + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], index, child))
 
     def _compact(self, index: int) -> None:
         """Rebuild heap ``index`` from its live items only."""
@@ -221,7 +193,7 @@ class ExpiryIndex:
         heapq.heapify(heap)
         self._live[index] = len(heap)
         if heap:
-            self._add_soonest(heap[0], index)
+            self._soonest.add(heap[0], index)
 
     def _split(self, old: int, new: int) -> None:
         """The store's shard ``old`` split into ``old`` and ``new``: so do the heaps."""
@@ -248,4 +220,4 @@ class ExpiryIndex:
         self._live.append(len(move))
         for index in (old, new):
             if self._heaps[index]:
-                self._add_soonest(self._heaps[index][0], index)
+                self._soonest.add(self._heaps[index][0], index)

@@ -183,8 +183,7 @@ class Holdings:
         # The indexes too, now: the store sits in reference cycles (its machine's
         # propose), so what it still held would wait for a full collection.
         self._expiry.clear()
-        self._policy = make_policy(self._policy.name, self._expiry)
-        self._touch = self._policy.on_access
+        self._policy.clear()
 
     # -- listeners -----------------------------------------------------------
 

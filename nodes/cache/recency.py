@@ -4,7 +4,7 @@ One OrderedDict of a million keys rebuilt its table in one step of 150-210 ms
 as it grew or as evicted keys' slots ran out (see `nodes/cache/keymap.py`).
 `RecencyOrder` keeps a `KeyMap` of OrderedDict shards instead, each in its own
 order of use, and stamps every use with a counter, so the oldest key of all is
-the oldest of the shards' oldest: a small heap of the shards' first stamps
+the oldest of the shards' oldest: a `ShardFirsts` of the shards' first stamps
 finds it without visiting every shard. The order is exact, as one OrderedDict's
 was.
 """
@@ -15,6 +15,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from nodes.cache.firsts import ShardFirsts
 from nodes.cache.keymap import KeyMap
 
 __all__ = ["RecencyOrder"]
@@ -30,10 +31,8 @@ class RecencyOrder:
         self._keys: KeyMap[int] = KeyMap(OrderedDict, shard_keys)
         self._keys.on_split(self._split)
         self._stamp = 0
-        # (a stamp, shard index): every shard holding keys has an item here whose
-        # stamp is at most its first key's; items left behind by a use or a
-        # removal of that key are refreshed (or dropped) when they reach the top.
-        self._firsts: list[tuple[int, int]] = []
+        self._firsts: ShardFirsts[int] = ShardFirsts(self._first_stamp,
+                                                      lambda: len(self._keys.shards))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -53,28 +52,21 @@ class RecencyOrder:
             keys[key] = stamp  # may split a shard (see _split)
         else:
             keys[key] = stamp
-            self._add_first(stamp, keys.index(key))
+            self._firsts.add(stamp, keys.index(key))
 
     def discard(self, key: str) -> None:
         """Forget ``key``; one not held is ignored."""
         self._keys.pop(key, None)
 
+    def clear(self) -> None:
+        """Forget every key."""
+        self._keys.clear()
+        self._firsts.clear()
+
     def oldest(self) -> str | None:
         """The least recently used key, or None when empty."""
-        firsts = self._firsts
-        shards = self._keys.shards
-        while firsts:
-            stamp, index = firsts[0]
-            shard = shards[index]
-            if not shard:
-                heapq.heappop(firsts)
-                continue
-            key = next(iter(shard))
-            first = shard[key]
-            if first == stamp:
-                return key
-            heapq.heapreplace(firsts, (first, index))
-        return None
+        found = self._firsts.smallest()
+        return None if found is None else next(iter(self._keys.shards[found[1]]))
 
     def __iter__(self) -> Iterator[str]:
         """Every key, least recently used first. Do not change the order meanwhile."""
@@ -92,18 +84,13 @@ class RecencyOrder:
             if key != first:
                 yield key
 
-    def _add_first(self, stamp: int, index: int) -> None:
-        firsts = self._firsts
-        heapq.heappush(firsts, (stamp, index))
-        if len(firsts) > 2 * len(self._keys.shards) + 8:
-            # Shards emptied and filled again left items behind: start afresh.
-            self._firsts = [(next(iter(shard.values())), i)
-                            for i, shard in enumerate(self._keys.shards) if shard]
-            heapq.heapify(self._firsts)
+    def _first_stamp(self, index: int) -> int | None:
+        shard = self._keys.shards[index]
+        return next(iter(shard.values())) if shard else None
 
     def _split(self, old: int, new: int) -> None:
         # Shard `old` kept some of its keys in their order, so its first stamp did
-        # not go down and its item still bounds it; the new shard needs one.
-        shard = self._keys.shards[new]
-        if shard:
-            self._add_first(next(iter(shard.values())), new)
+        # not go down and its entry still bounds it; the new shard needs one.
+        stamp = self._first_stamp(new)
+        if stamp is not None:
+            self._firsts.add(stamp, new)

@@ -105,7 +105,7 @@ def test_recency_items_stay_bounded_when_a_shard_empties_and_fills_again() -> No
     for _ in range(10_000):  # never asked for the oldest: nothing else drops items
         order.use("only")
         order.discard("only")
-    assert len(order._firsts) <= 2 * len(order._keys.shards) + 9
+    assert len(order._firsts._heap) <= 2 * len(order._keys.shards) + 9
 
 
 def test_a_sharded_store_expires_exactly_what_one_dict_would(
