@@ -42,10 +42,14 @@ CALL_TIMEOUT = 3
 
 # Reconnect fast once etcd is back: gRPC's default backoff grows to minutes, and
 # a node that reconnects later than its lease TTL after an etcd restart loses
-# its lease (and its groups fail over) for nothing.
+# its lease (and its groups fail over) for nothing. gRPC reads the *minimum*
+# backoff as the time one connection attempt may take (TCP, TLS and the HTTP/2
+# SETTINGS exchange): 2 s is plenty for a loaded host or a distant member, and
+# still starts a new attempt soon after a cut heals. (At 100 ms, an attempt to
+# a busy etcd failed with "timed out before receiving SETTINGS frame".)
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 2_000,
     "grpc.max_reconnect_backoff_ms": 500,
 }
 

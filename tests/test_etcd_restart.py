@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from clients import LockTimeoutError, Mesh, NewEvent
 from common import localmesh
 from common.clustermap import RoutingTable, read_map, wait_settled
+from common.etcd import client_for
 from common.localmesh import Etcd, LocalMesh
 from tests.cluster import Writer, wait_converged
 from tests.conftest import start_cluster
@@ -98,7 +99,7 @@ async def test_every_lease_lost_at_once_to_a_paused_etcd_loses_nothing(tmp_path:
             lease = await mesh.locks.acquire("paused", ttl=120)
 
             assert etcd.child is not None
-            etcd.child.signal(signal.SIGSTOP)
+            etcd.child.pause()
             try:
                 await asyncio.sleep(6)  # three times the nodes' lease ttl
             finally:
@@ -137,3 +138,57 @@ def test_an_etcd_whose_picked_port_was_taken_picks_again(
         finally:
             etcd.stop()
 
+
+
+@contextlib.asynccontextmanager
+async def _slow_to_answer(upstream: str, delay: float) -> AsyncIterator[str]:
+    """A loopback TCP relay to ``upstream`` that holds each connection's first
+    answer back ``delay`` seconds, as a loaded host or a distant member does;
+    yields its own address."""
+    host, port = upstream.rsplit(":", 1)
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   hold: float) -> None:
+        try:
+            first = await reader.read(65536)
+            await asyncio.sleep(hold)
+            while first:
+                writer.write(first)
+                await writer.drain()
+                first = await reader.read(65536)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        for task in (asyncio.create_task(pump(reader, up_writer, 0.0)),
+                     asyncio.create_task(pump(up_reader, writer, delay))):
+            pumps.add(task)
+            task.add_done_callback(pumps.discard)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(pumps):
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+@pytest.mark.timeout(30)
+async def test_an_etcd_slow_to_answer_a_new_connection_is_still_reached(etcd: Etcd) -> None:
+    """A connection attempt may take its time (TCP, TLS, HTTP/2's SETTINGS): the
+    first call through an etcd whose answers start 0.5 s late succeeds. (gRPC
+    bounds an attempt by the channel's minimum reconnect backoff, which was
+    100 ms: a busy etcd made a starting coordinator exit "cannot reach etcd".)"""
+    async with _slow_to_answer(etcd.endpoint, 0.5) as slow:
+        client = client_for(slow)
+        try:
+            await client.put(b"/slow-handshake/k", b"v")
+            assert (await client.get(b"/slow-handshake/k")).value == b"v"
+        finally:
+            await client.close()
