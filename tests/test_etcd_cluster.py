@@ -136,7 +136,7 @@ async def test_a_member_that_answers_nothing_is_left(
     frozen = etcd_cluster.members[on]
     assert frozen.child is not None
     moves = client.moves
-    frozen.child.signal(signal.SIGSTOP)
+    frozen.child.pause()
     try:
         await _renew_within(client, lease.id, 2.0)
         # It moved (a frozen member answers nothing, so the renewal that got

@@ -82,7 +82,7 @@ async def test_sigstopped_primary_is_fenced_and_never_diverges(
     writer.start()
     await asyncio.sleep(1.0)
 
-    victim.child.signal(signal.SIGSTOP)
+    victim.child.pause()
     try:
         # Wait until every group it led has a new primary.
         await wait_for_map(
@@ -147,7 +147,7 @@ async def test_the_last_copy_outlives_its_nodes_lease_running_out(
     await mesh.cache.set("last-copy", b"kept")
     lease = await mesh.locks.acquire("last-copy", ttl=60)
 
-    last.child.signal(signal.SIGSTOP)
+    last.child.pause()
     try:
         await wait_for_map(local.etcd_endpoint, local.cluster,
                            lambda t: last.node_id not in t.addresses,

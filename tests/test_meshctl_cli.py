@@ -314,7 +314,7 @@ def test_bad_token_stuck_drain_and_lost_stream(secured: LocalMesh) -> None:
     # A drain whose moves cannot finish (their targets are frozen) fails at --timeout.
     others = [n.child for n in secured.nodes[1:]]
     for child in others:
-        child.signal(signal.SIGSTOP)
+        child.pause()
     try:
         stuck = _as(secured, ADMIN, "drain", secured.nodes[0].node_id, "--timeout", "1.5")
     finally:

@@ -53,7 +53,7 @@ def test_a_node_woken_to_find_another_process_registered_as_it_stops(
     same = ("--node-id", "paused", "--lease-ttl", "2")
     first = _node(children, etcd, tmp_path, "first", *same, "--data-dir", str(tmp_path / "a"))
     _ready(first)
-    first.signal(signal.SIGSTOP)
+    first.pause()
     second = _node(children, etcd, tmp_path, "second", *same,
                    "--data-dir", str(tmp_path / "b"))
     pid = int(_ready(second)["pid"])  # the first's lease ran out meanwhile

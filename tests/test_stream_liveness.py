@@ -200,7 +200,7 @@ async def test_a_paused_node_is_noticed_by_heartbeats_and_streams_resume(
         await mesh.cache.set(key, b"before")
         await asyncio.sleep(1.0)  # some heartbeats on the idle watch
 
-        victim.child.signal(signal.SIGSTOP)
+        victim.child.pause()
         stopped = time.monotonic()
         try:
             noticed: dict[str, float] = {}
