@@ -38,6 +38,7 @@ from nodes.registration import Registration
 from nodes.replication.journal import Journal
 from nodes.replication.machine import MachineFactory
 from nodes.replication.manager import Replication
+from nodes.replication.sender import message_limit
 from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service
 from nodes.services import registry
@@ -47,11 +48,13 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
-def grpc_options(config: NodeConfig) -> list[tuple[str, int]]:
-    """Channel options shared by the server (and mirrored by clients)."""
+def grpc_options(config: NodeConfig, max_message_bytes: int = 0) -> list[tuple[str, int]]:
+    """Channel options shared by the server (and mirrored by clients);
+    ``max_message_bytes`` (default ``config.max_message_bytes``): the message limit."""
+    limit = max_message_bytes or config.max_message_bytes
     return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
         # Ping idle connections so a dead peer is noticed in seconds, not at the
         # next call; accept client pings as often as every 5 s.
         ("grpc.keepalive_time_ms", 10_000),
@@ -87,7 +90,7 @@ class Node:
             interceptors=[ClientPlaneGuard(), *self.tracing.server_interceptors()],
         )
         self.peer_server = grpc.aio.server(
-            options=grpc_options(config),
+            options=grpc_options(config, message_limit(config.max_message_bytes)),
             interceptors=[PeerPlaneGuard(config.peer_key,
                                          lambda reason: refused.labels(reason).inc()),
                           *self.tracing.server_interceptors()],
@@ -125,7 +128,8 @@ class Node:
             config.node_id, "", self._factories, self._lease_valid_until, config.lease_ttl,
             interceptors=self.tracing.client_interceptors(), tls=config.tls,
             journal=self.journal, incarnation=self.incarnation, signer=self.signer,
-            clock=clock, log_bytes=config.replication_log_bytes)
+            clock=clock, log_bytes=config.replication_log_bytes,
+            max_message_bytes=message_limit(config.max_message_bytes))
         self.replication.on_drained = self.drained.set
         self.metrics.registry.register(SentCollector(self.replication.sent))
         self.map = MapFollower(self._etcd, config.cluster)

@@ -30,15 +30,24 @@ from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.log import DEFAULT_BUDGET, LogBudget
 from nodes.replication.machine import MachineFactory, StateMachine
-from nodes.replication.sender import PeerLink, ReplicaTracker, SendCounts
+from nodes.replication.sender import PeerLink, ReplicaTracker, SendCounts, message_limit
 
 __all__ = ["Redirect", "Replication"]
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of the channels to other nodes' peer ports (``max_message_bytes``:
+    the peer plane's message limit, `sender.message_limit`)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *_CHANNEL_OPTIONS,
+    ]
+
+
+_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -74,9 +83,12 @@ class Replication:
         interceptors: Sequence[Any] = (), tls: Tls | None = None,
         journal: Journal | None = None, incarnation: str = "",
         signer: PeerSigner | None = None, clock: Clock = SYSTEM_CLOCK,
-        log_bytes: int = DEFAULT_BUDGET,
+        log_bytes: int = DEFAULT_BUDGET, max_message_bytes: int = message_limit(32 << 20),
     ) -> None:
+        """``max_message_bytes``: the peer plane's message limit (`message_limit` of
+        the largest client request)."""
         self.node_id = node_id
+        self._channel_options = channel_options(max_message_bytes)
         # Every group's command log draws on this one budget.
         self._log_budget = LogBudget(log_bytes)
         self._clock = clock  # the groups' (they stamp the commands they issue)
@@ -160,7 +172,7 @@ class Replication:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = open_channel(
-                address, self._tls, CHANNEL_OPTIONS, self._interceptors)
+                address, self._tls, self._channel_options, self._interceptors)
         return channel
 
     # -- following the map -----------------------------------------------------

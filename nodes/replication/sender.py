@@ -6,11 +6,12 @@ every group this node leads and that node replicates. Each group's
 it waits goes out in the next batch, and a refusal never has later batches
 racing it. The link itself keeps at most `WINDOW` messages unacknowledged:
 while one is out, the writes of every group towards that replica gather, and
-the next message carries them all (one batch per group) and comes back as one
-acknowledgement. Without that limit each concurrent write, arriving in a call
-of its own, went out in a message of its own as soon as it was proposed (1.4
-commands per message at 64 Sets in flight on 3 nodes; 2.2 with it). Waiting
-only delays a send: a write is still answered once its replicas acknowledged it.
+the next message carries them all (one batch per group, up to `MESSAGE_BYTES`
+of commands) and comes back as one acknowledgement. Without that limit each
+concurrent write, arriving in a call of its own, went out in a message of its
+own as soon as it was proposed (1.4 commands per message at 64 Sets in flight
+on 3 nodes; 2.2 with it). Waiting only delays a send: a write is still
+answered once its replicas acknowledged it.
 
 A tracker starts by probing (an empty batch at the primary's position). The
 replica's answer says where it is: in the log's history -> stream from there;
@@ -43,13 +44,27 @@ __all__ = ["PeerLink", "ReplicaTracker", "SendCounts"]
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
-"""Commands per batch: big enough to catch up fast, small enough to stay < 1 MiB."""
+"""Commands per batch: big enough to catch up fast."""
+MESSAGE_BYTES = 4 << 20
+"""Command bytes a message gathers before it leaves: past them a batch takes no
+more commands and a message no more batches (each takes one at least); the rest
+go in the next message. Without a bound, writes of big values that gathered
+while a message was out (or a replica paused) made a message larger than the
+replica accepts, and the stream broke on the same message again and again."""
 WINDOW = 1
 """Messages a link keeps unacknowledged: what is proposed meanwhile waits for the
 next one, so concurrent writes to one replica share its messages and acks."""
 IDLE = 1.0
 """Seconds a link may sit idle before it re-probes the groups whose snapshot
 install it never heard the end of."""
+
+
+def message_limit(max_request_bytes: int) -> int:
+    """The largest message a link sends when no client request is larger than
+    ``max_request_bytes``: the peer plane's limit. A command holds what one
+    request carries, with its records (which are smaller than that again), and
+    a message stops gathering past `MESSAGE_BYTES`."""
+    return MESSAGE_BYTES + 2 * max_request_bytes
 
 
 class SendCounts:
@@ -89,6 +104,7 @@ class ReplicaTracker:
         self.phase = Phase.PROBE
         self.inflight = False
         self.sent_in = 0  # the link's message its batch in flight went in (0: none)
+        self.sent_bytes = 0  # the command bytes of the last batch made
         self.keep_durable = False  # the snapshot to ask for spares the durable services
         link.attach(self)
 
@@ -117,8 +133,9 @@ class ReplicaTracker:
                                    in_sync=self.in_sync, lag_commands=lag,
                                    lag_seconds=lag_seconds, since_epoch=self.since_epoch)
 
-    def next_batch(self, address: str) -> rpb.CommandBatch | None:
-        """The batch to send now, if any (at most one in flight)."""
+    def next_batch(self, address: str, room: int = MESSAGE_BYTES) -> rpb.CommandBatch | None:
+        """The batch to send now, if any (at most one in flight), with commands
+        until they pass ``room`` bytes (one at least): ``sent_bytes``."""
         group = self.group
         glog = group.log
         if self.inflight or (self.phase is Phase.STREAM and self.next_seq > glog.last_seq) \
@@ -127,6 +144,7 @@ class ReplicaTracker:
         batch = rpb.CommandBatch(group_id=group.group_id, epoch=group.epoch,
                                  primary_node_id=group.node_id, primary_address=address,
                                  in_sync=self.in_sync)
+        self.sent_bytes = 0
         if self.phase is Phase.PROBE:
             batch.prev_epoch, batch.prev_seq = glog.last_epoch, glog.last_seq
         elif self.phase is Phase.SNAPSHOT:
@@ -137,11 +155,15 @@ class ReplicaTracker:
             prev_epoch = glog.epoch_at(self.next_seq - 1)
             if prev_epoch is None:  # the log no longer reaches back that far
                 self.phase = Phase.SNAPSHOT
-                return self.next_batch(address)
+                return self.next_batch(address, room)
             batch.prev_epoch, batch.prev_seq = prev_epoch, self.next_seq - 1
-            commands = batch.commands
+            commands, size = batch.commands, 0
             for data in glog.serialized_since(self.next_seq - 1, MAX_BATCH):
                 commands.add().MergeFromString(data)  # parsed straight into the batch
+                size += len(data)
+                if size >= room:
+                    break
+            self.sent_bytes = size
         batch.commit_seq = group.commit_seq
         self.inflight = True
         return batch
@@ -292,11 +314,16 @@ class PeerLink:
                     self._sent += 1
                     message = self._sent
                     batches = []
+                    room = MESSAGE_BYTES
                     for tracker in pending:
-                        batch = tracker.next_batch(self._local_address)
+                        if room <= 0:  # full: the rest go in the next message
+                            self._pending.add(tracker)
+                            continue
+                        batch = tracker.next_batch(self._local_address, room)
                         if batch is not None:
                             batches.append(batch)
                             tracker.sent_in = message
+                            room -= tracker.sent_bytes
                     if batches:
                         self._unacked[message] = len(batches)
                         counts = self.counts

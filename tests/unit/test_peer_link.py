@@ -1,0 +1,129 @@
+"""A replication link's messages stay within the peer plane's limit, whatever
+gathered for the replica: a real `PeerLink` and its trackers, against a stream
+that acknowledges every batch at once (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from common.peer import NODE, PeerSigner
+from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication.group import Group
+from nodes.replication.sender import MESSAGE_BYTES, PeerLink, ReplicaTracker
+from tests.unit.test_replication_group import Recorder
+
+MIB = 1 << 20
+
+
+class Replica:
+    """The Replicate stream's other end: keeps every message and acknowledges each
+    batch at once (a probe as a replica that holds nothing yet)."""
+
+    def __init__(self) -> None:
+        self.messages: list[rpb.ReplicateRequest] = []
+        self.wrote = asyncio.Event()
+        self._answers: asyncio.Queue[rpb.ReplicateResponse] = asyncio.Queue()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Replica:  # the stub's Replicate
+        return self
+
+    async def write(self, request: rpb.ReplicateRequest) -> None:
+        self.messages.append(request)
+        self.wrote.set()
+        acks = []
+        for batch in request.batches:
+            if batch.commands:
+                last = batch.commands[-1]
+                acks.append(rpb.Ack(group_id=batch.group_id, applied_epoch=last.epoch,
+                                    applied_seq=last.seq, status=rpb.ACK_STATUS_OK))
+            else:
+                acks.append(rpb.Ack(group_id=batch.group_id,
+                                    status=rpb.ACK_STATUS_POSITION_MISMATCH))
+        self._answers.put_nowait(rpb.ReplicateResponse(acks=acks))
+
+    def __aiter__(self) -> Replica:
+        return self
+
+    async def __anext__(self) -> rpb.ReplicateResponse:
+        return await self._answers.get()
+
+    def cancel(self) -> None:
+        pass
+
+    def received(self, group_id: int) -> list[int]:
+        return [c.seq for m in self.messages for b in m.batches if b.group_id == group_id
+                for c in b.commands]
+
+
+class Channel:
+    """Hands the stub the replica for every method."""
+
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+
+    def __getattr__(self, method: str) -> Any:
+        return lambda *args, **kwargs: self._replica
+
+
+class Link:
+    """Stands in for a PeerLink where a test drives the tracker by hand."""
+
+    def attach(self, tracker: ReplicaTracker) -> None:
+        pass
+
+    def detach(self, tracker: ReplicaTracker) -> None:
+        pass
+
+    def wake(self, tracker: ReplicaTracker) -> None:
+        pass
+
+
+def primary(group_id: int, commands: int, size: int) -> Group:
+    group = Group(group_id, "a", {rpb.SERVICE_KIND_CACHE: Recorder})
+    group.become_primary(2)
+    for i in range(commands):
+        group.propose(0, rpb.SERVICE_KIND_CACHE, bytes([i]) * size)
+    return group
+
+
+@pytest.mark.timeout(30)
+async def test_what_gathered_for_a_replica_goes_in_messages_of_bounded_size() -> None:
+    # 3 groups with 6 MiB each waiting for the replica: one message of all of
+    # it would be 18 MiB (and, in real use, past any limit the replica sets).
+    replica = Replica()
+    link = PeerLink("b", "b:1", Channel(replica), "a:1", PeerSigner(None, NODE, "a"))
+    groups = [primary(g, 6, MIB) for g in (1, 2, 3)]
+    for group in groups:
+        ReplicaTracker(group, "b", link, in_sync=True)
+    try:
+        async with asyncio.timeout(10):
+            while sum(len(replica.received(g)) for g in (1, 2, 3)) < 18:
+                replica.wrote.clear()
+                await replica.wrote.wait()
+    finally:
+        await link.close()
+    for g in (1, 2, 3):
+        assert replica.received(g) == [1, 2, 3, 4, 5, 6]  # each once, in order
+    sizes = [sum(c.ByteSize() for b in m.batches for c in b.commands)
+             for m in replica.messages]
+    assert max(sizes) < MESSAGE_BYTES + MIB + 1024  # past the bound by one command at most
+    assert sum(sizes) > 18 * MIB
+
+
+def test_a_batch_stops_taking_commands_past_its_room() -> None:
+    group = primary(1, 5, MIB)
+    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    tracker.next_batch("a:1")  # the probe
+    tracker.on_ack(rpb.Ack(group_id=1, status=rpb.ACK_STATUS_POSITION_MISMATCH))
+    first = tracker.next_batch("a:1", room=2 * MIB)
+    assert first is not None and [c.seq for c in first.commands] == [1, 2]
+    assert tracker.sent_bytes >= 2 * MIB
+    tracker.on_ack(rpb.Ack(group_id=1, applied_epoch=2, applied_seq=2,
+                           status=rpb.ACK_STATUS_OK))
+    # No room left still sends one command: a command never waits forever.
+    second = tracker.next_batch("a:1", room=1)
+    assert second is not None and [c.seq for c in second.commands] == [3]
+
