@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from common.errors import ServiceError
+from common.errors import MeshStatusError, ServiceError
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.scheduler import errors
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from nodes.scheduler.leader import Leader
     from nodes.scheduler.machine import SchedulerMachine
 
-__all__ = ["Decisions", "Enqueued", "Failed", "Next"]
+__all__ = ["Completed", "Decisions", "Enqueued", "Failed", "Next"]
 
 _BATCH = 10_000
 
@@ -55,6 +55,10 @@ class Failed:
     attempts: int
     seq: int
     claimed: list[Claimed] = field(default_factory=list)
+
+
+Completed = tuple[int, int, list[Claimed]]
+"""What a Complete did: the finish time, the seq to wait for, the next jobs leased."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,20 +274,79 @@ class Decisions:
         return seq, claimed
 
     def complete(self, job_id: str, token: int, result: bytes, then: Next | None = None
-                 ) -> tuple[int, int, list[Claimed]]:
+                 ) -> Completed:
         """``(finish_ns, seq, claimed)``; a repeat of a Complete that took effect is
         answered the same (and claims afresh)."""
-        job = self._live_lease(job_id, token)
-        if job is None:
-            job = self.job(job_id)
-            attempt = job.attempt(token)
-            if attempt is not None and attempt.outcome == pb.ATTEMPT_OUTCOME_SUCCEEDED:
-                return attempt.finish_ns, job.seq, self._claim(then)
-            raise errors.lease_lost(job)
-        seq, claimed = self._end(job, spb.EndAttempt(
-            job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED,
-            result=result), then)
-        return job.finish_ns, seq, claimed
+        answer = self.complete_many([(job_id, token, result, then)])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def complete_many(self, items: Sequence[tuple[str, int, bytes, Next | None]]
+                      ) -> list[Completed | ServiceError | MeshStatusError]:
+        """Each ``(job_id, token, result, then)`` as `complete` answers it, the
+        attempts ended, and this group's next jobs leased, by one command: a
+        command per Complete cost a worker's batch of completions a log entry,
+        an apply, a queue-counter row and an ack each on both copies."""
+        now = self.clock.wall_ns()
+        answers: list[Completed | ServiceError | MeshStatusError | None] = [None] * len(items)
+        ends: list[spb.EndAttempt] = []
+        ending: list[tuple[int, Job]] = []
+        for k, (job_id, token, result, then) in enumerate(items):
+            try:
+                job = self._live_lease(job_id, token)
+                if job is None:
+                    job = self.job(job_id)
+                    attempt = job.attempt(token)
+                    if attempt is None or attempt.outcome != pb.ATTEMPT_OUTCOME_SUCCEEDED:
+                        raise errors.lease_lost(job)
+                    answers[k] = (attempt.finish_ns, job.seq, self._claim(then))
+                    continue
+            except (ServiceError, MeshStatusError) as exc:
+                answers[k] = exc
+                continue
+            ends.append(spb.EndAttempt(job_id=job_id, lease_token=token,
+                                       outcome=pb.ATTEMPT_OUTCOME_SUCCEEDED, result=result))
+            ending.append((k, job))
+        if ends:
+            self._end_many(items, ending, ends, now, answers)
+        return [answer for answer in answers if answer is not None]
+
+    def _end_many(self, items: Sequence[tuple[str, int, bytes, Next | None]],
+                  ending: list[tuple[int, Job]], ends: list[spb.EndAttempt], now: int,
+                  answers: list[Completed | ServiceError | MeshStatusError | None]) -> None:
+        """Propose ``ends`` and the next jobs the ``ending`` items ask for, this
+        group's leased in the same command (if they share a worker and a lease
+        length, as one pool's do), other groups' in their own."""
+        mine: dict[int, list[Job]] = {}
+        others: dict[int, dict[SchedulerMachine, list[Job]]] = {}
+        lease: tuple[str, int] | None = None
+        for k, _ in ending:
+            then = items[k][3]
+            if then is None:
+                continue
+            picked = pick(then.sources, then.max_jobs, now)
+            jobs = picked.pop(self._machine, [])
+            if jobs and lease in (None, (then.worker_id, then.lease_ns)):
+                lease = (then.worker_id, then.lease_ns)
+                mine[k] = jobs
+            elif jobs:
+                picked[self._machine] = jobs  # another worker's: a command of its own
+            others[k] = picked
+        command = spb.EndAttempts(ends=ends)
+        if lease is not None:
+            command.lease.CopyFrom(spb.LeaseJobs(
+                job_ids=[job.job_id for jobs in mine.values() for job in jobs],
+                worker_id=lease[0], lease_ns=lease[1]))
+        seq = self.propose(ending[0][1].queue, spb.SchedulerCommand(end=command)).seq
+        token = lease_token(self.group.epoch, seq)
+        for k, job in ending:
+            claimed = [Claimed(self._machine, seq, mine[k], token)] if k in mine else []
+            then = items[k][3]
+            if then is not None:
+                claimed += [machine.decisions.lease(jobs, then.worker_id, then.lease_ns)
+                            for machine, jobs in others[k].items()]
+            answers[k] = (job.finish_ns, seq, claimed)
 
     def _claim(self, then: Next | None) -> list[Claimed]:
         if then is None:

@@ -383,16 +383,23 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         finished: dict[int, tuple[int, list[Claimed]]] = {}
         waits: dict[Group, tuple[int, list[int]]] = {}
         for group, indexes in routes.local.values():
-            decide, top, done = machine_of(group).decisions, 0, []
+            top, done, mine = 0, [], []
             for i in indexes:
-                c = completes[i]
                 try:
-                    own(group, c.job_id)
-                    finish_ns, seq, claimed = decide.complete(c.job_id, c.lease_token, c.result,
-                                                              nexts[i])
+                    own(group, completes[i].job_id)
                 except REFUSALS as exc:
                     errors_[i] = item_error(exc, f"completes[{i}].")
                     continue
+                mine.append(i)
+            # The group's completions end by one command (`complete_many`).
+            outcomes = machine_of(group).decisions.complete_many(
+                [(completes[i].job_id, completes[i].lease_token, completes[i].result, nexts[i])
+                 for i in mine])
+            for i, outcome in zip(mine, outcomes, strict=True):
+                if isinstance(outcome, REFUSALS):
+                    errors_[i] = item_error(outcome, f"completes[{i}].")
+                    continue
+                finish_ns, seq, claimed = outcome
                 finished[i] = (finish_ns, claimed)
                 top = max(top, seq)
                 done.append(i)

@@ -697,6 +697,43 @@ def test_a_complete_or_fail_leases_the_next_jobs_in_the_same_command() -> None:
     assert _state(_machine(replica)) == _state(m)
 
 
+def test_a_batch_of_completes_is_one_command_and_answers_each() -> None:
+    primary, replica = _group(FakeJournal()), _group(FakeJournal(), "b", primary=False)
+    m = _machine(primary)
+    ids = [_enqueue(m, priority=9 - i) for i in range(6)]
+    (lease,) = _claim(m, n=3)
+    first, second, third = (j.job_id for j in lease.jobs)
+    token = lease.token
+    done, _, _ = m.decisions.complete(third, token, b"before")  # a repeat, below
+    q = m.state.queues["q"]
+    then = Next([(m, q)], "w", 2, 20 * S)
+    other = Next([(m, q)], "w-other", 1, 20 * S)  # another worker: its own command
+    seq = primary.log.last_seq
+    answers = m.decisions.complete_many([
+        (first, token, b"1", then), (second, token + 1, b"x", None),  # a stale token
+        (third, token, b"again", None), ("nope", token, b"", None),
+        (second, token, b"2", other)])
+    ok, stale, repeat, missing, by_other = answers
+    assert primary.log.last_seq == seq + 2  # the ends and w's lease; w-other's lease
+    assert isinstance(stale, ServiceError) and stale.reason.value == "LEASE_LOST"
+    assert isinstance(missing, ServiceError) and missing.reason.value == "JOB_NOT_FOUND"
+    assert not isinstance(ok, Exception) and not isinstance(by_other, Exception)
+    assert not isinstance(repeat, Exception)
+    assert repeat[:2] == (done, m.state.jobs[third].seq)  # answered as the first time
+    finish, end_seq, (mine,) = ok
+    assert end_seq == seq + 1 == by_other[1] and mine.seq == end_seq
+    assert [j.job_id for j in mine.jobs] == ids[3:5] and finish > 0
+    assert all(j.state == LEASED and j.worker_id == "w" and j.lease_token == mine.token
+               for j in mine.jobs)
+    (theirs,) = by_other[2]
+    assert [j.job_id for j in theirs.jobs] == [ids[5]] and theirs.seq == seq + 2
+    assert theirs.jobs[0].worker_id == "w-other"
+    assert all(m.state.jobs[i].state == SUCCEEDED for i in (first, second, third))
+    assert m.state.jobs[second].attempts[-1].token == token
+    _replay(primary, replica)
+    assert _state(_machine(replica)) == _state(m)
+
+
 def test_an_enqueue_batch_is_one_command_and_answers_each_job() -> None:
     limits = SchedulerLimits(max_queue_jobs=4)
     primary = _group(FakeJournal(), limits=limits)
