@@ -245,19 +245,21 @@ class CoalescedCall(Generic[Item, Answer, Refusal]):
                  alone: Callable[[Item, float | None], Awaitable[Answer]],
                  many: SendMany[Item, Answer | Refusal], refusal: type[Refusal],
                  error: Callable[[Refusal, str], MeshError], timeout: Callable[[], float],
-                 max_batch: int, key: Callable[[Item], Hashable] | None = None) -> None:
+                 max_batch: int, key: Callable[[Item], Hashable] | None = None,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         """``owner(item)``: the address of the node to batch it for, or None to send
         it alone (no map, coalescing off); ``alone(item, timeout)``: the call of its
         own; ``many``: one try of the batch call, whose items are answers or
         ``refusal`` messages that ``error(refusal, address)`` turns into the error
-        the call alone would have raised; ``timeout()``: the client's default."""
+        the call alone would have raised; ``timeout()``: the client's default;
+        ``key`` and ``max_in_flight`` as `Coalescer` takes them."""
         self._owner = owner
         self._alone = alone
         self._refusal = refusal
         self._error = error
         self._timeout = timeout
         self._coalescer: Coalescer[Item, Answer | Refusal] = Coalescer(
-            self._one, many, max_batch, key)
+            self._one, many, max_batch, key, max_in_flight)
 
     async def _one(self, address: str, item: Item, budget: float) -> Answer | Refusal:
         return await self._alone(item, budget)

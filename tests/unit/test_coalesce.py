@@ -147,6 +147,45 @@ async def test_calls_made_while_a_node_is_busy_gather_into_the_next_batch() -> N
     assert node.manys == [("a", [1, 2, 3, 4], approx(5.0))]
 
 
+class OpenCalls(SlowNode):
+    """A SlowNode that counts the calls open on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = 0
+
+    async def one(self, address: str, item: int, budget: float) -> int:
+        self.open += 1
+        try:
+            return await super().one(address, item, budget)
+        finally:
+            self.open -= 1
+
+    async def many(self, address: str, items: list[int], budget: float) -> Sequence[int]:
+        self.open += 1
+        try:
+            return await super().many(address, items, budget)
+        finally:
+            self.open -= 1
+
+
+async def test_with_two_calls_allowed_a_batch_leaves_while_one_is_open() -> None:
+    node = OpenCalls()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100, max_in_flight=2)
+    first = asyncio.create_task(c.call("a", 0, 5.0))
+    await asyncio.sleep(0.01)
+    assert node.open == 1  # the lone first call
+    second = [asyncio.create_task(c.call("a", i, 5.0)) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    assert node.open == 2  # went at once, beside it
+    third = [asyncio.create_task(c.call("a", i, 5.0)) for i in (3, 4)]
+    await asyncio.sleep(0.01)
+    assert node.open == 2  # waits for one of them
+    node.release.set()
+    assert await asyncio.gather(first, *second, *third) == [0, 10, 20, 30, 40]
+    assert [items for _, items, _ in node.manys] == [[1, 2], [3, 4]]
+
+
 async def test_a_waiting_batch_leaves_when_its_deadline_is_up() -> None:
     node = SlowNode()
     c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100, max_in_flight=1)
