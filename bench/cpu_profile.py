@@ -9,14 +9,19 @@ process's memory: it needs root or ptrace rights). The workloads:
 - ``lock``: acquire+release cycles (``bench.locks``), 1 and 16 locks;
 - ``set``: cache Sets of new keys, R=1 sync (``bench.replicated``), 1 and 64 in flight;
 - ``append``: event appends of one event through the typed client on 16 streams
-  (``bench.events``), 1 and 16 in flight.
+  (``bench.events``), 1 and 16 in flight;
+- ``enqueue``: job enqueues of 100 bytes through the typed client into one queue
+  no worker reads (``bench.scheduler``), 1 and 16 in flight;
+- ``e2e``: the same enqueues, 16 in flight, into a queue a worker pool of 16
+  (``bench.mesh_worker``, a process of its own, profiled too) claims, runs and
+  completes, as ``bench.scheduler``'s end-to-end rows.
 
 It writes, per phase, the share of samples each function spends on CPU itself
 (self) and under it (cumulative), the nodes summed, to
-``bench/profiles/<workload>-node.txt`` and the client's to
-``<workload>-client.txt``, with each process's CPU per operation (user +
-system, from /proc) and, for the replicated workloads, replication messages
-and commands per operation. Samples count only the thread holding the GIL
+``bench/profiles/<workload>-node.txt``, the client's to ``<workload>-client.txt``
+and a worker's to ``<workload>-worker.txt``, with each process's CPU per
+operation (user + system, from /proc) and, for the replicated workloads,
+replication messages and commands per operation. Samples count only the thread holding the GIL
 (py-spy ``--gil``), so the shares say where the Python CPU goes, not where
 calls wait; time in C extensions (gRPC's Cython core, protobuf's upb) is
 charged to the Python function that called them (often asyncio's
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import shutil
@@ -41,9 +47,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import aio, clusters, events, locks, replicated, replication_counts
+from bench import (
+    aio,
+    clusters,
+    counter,
+    events,
+    locks,
+    replicated,
+    replication_counts,
+    scheduler,
+    services,
+)
 from bench.timing import Op
 from clients import Mesh, NewEvent
+from common.localmesh import Child
 
 OUTPUT = Path(__file__).resolve().parent / "profiles"
 RATE = 200
@@ -138,6 +155,16 @@ def _append_ops(mesh: Mesh, loop: int) -> Op:
                                                        id=f"p{next(ids)}"))
 
 
+def _enqueue_ops(mesh: Mesh, loop: int) -> Op:
+    return lambda: mesh.scheduler.enqueue(scheduler.ENQUEUE_QUEUE, scheduler.JOB_TYPE,
+                                          scheduler.PAYLOAD)
+
+
+def _e2e_ops(mesh: Mesh, loop: int) -> Op:
+    return lambda: mesh.scheduler.enqueue(scheduler.E2E_QUEUE, scheduler.JOB_TYPE,
+                                          scheduler.PAYLOAD)
+
+
 @dataclass(frozen=True)
 class Target:
     """A workload to profile: its cluster, its operation, and its phases."""
@@ -148,6 +175,9 @@ class Target:
     ops: Ops
     phases: dict[str, int]
     """Phase name -> loops in parallel."""
+    worker: str = ""
+    """A queue a `bench.mesh_worker` pool works while the phases run (profiled as
+    ``worker``), or none."""
 
 
 TARGETS = {
@@ -158,6 +188,13 @@ TARGETS = {
     "append": Target("mesh.events.append of 1 event, one stream per loop, R=1 durable "
                      "(as bench.events)", "append", events.SPEC, _append_ops,
                      {"seq": 1, "c16": 16}),
+    "enqueue": Target("mesh.scheduler.enqueue of a 100-byte job into one queue, R=1 "
+                      "durable (as bench.scheduler)", "enqueue", scheduler.SPEC, _enqueue_ops,
+                      {"seq": 1, "c16": 16}),
+    "e2e": Target("mesh.scheduler.enqueue of a 100-byte job into one queue, R=1 durable, "
+                  "worked by a pool of 16 in a process of its own (as bench.scheduler's "
+                  "end-to-end rows)", "enqueue", scheduler.SPEC, _e2e_ops,
+                  {"c16": scheduler.CONCURRENCY}, worker=scheduler.E2E_QUEUE),
 }
 
 
@@ -168,16 +205,21 @@ class Phase:
 
     loops: int
     rate: float
+    ran: float
+    """Jobs/s the worker ran meanwhile (0: no worker)."""
     cpu_per_op: dict[str, float]
     replication: dict[str, float]
     stacks: dict[str, Path]
 
 
 Counts = Callable[[], Awaitable[dict[str, float]]]
+Ran = Callable[[], int]
+"""How many jobs the worker has run so far."""
 
 
 async def _phase(mesh: Mesh, target: Target, loops: int, seconds: float,
-                 pids: dict[str, int], counts: Counts, workdir: Path, name: str) -> Phase:
+                 pids: dict[str, int], counts: Counts, ran: Ran, workdir: Path, name: str
+                 ) -> Phase:
     """Run ``loops`` loops of ``target``'s operation while py-spy samples ``pids``."""
     ops = [target.ops(mesh, i) for i in range(loops)]
     done = 0
@@ -195,10 +237,11 @@ async def _phase(mesh: Mesh, target: Target, loops: int, seconds: float,
     spies = {who: _record(pid, seconds, outputs[who]) for who, pid in pids.items()}
     cpu = {who: _cpu_seconds(pid) for who, pid in pids.items()}
     before = await counts()
-    first, started = done, time.perf_counter()
+    first, ran_first, started = done, ran(), time.perf_counter()
     await asyncio.gather(*(asyncio.to_thread(spy.wait) for spy in spies.values()))
     n = max(done - first, 1)
-    rate = (done - first) / (time.perf_counter() - started)
+    took = time.perf_counter() - started
+    rate, ran_rate = (done - first) / took, (ran() - ran_first) / took
     per_op = {who: (_cpu_seconds(pid) - cpu[who]) / n for who, pid in pids.items()}
     after = await counts()
     running = False
@@ -208,17 +251,36 @@ async def _phase(mesh: Mesh, target: Target, loops: int, seconds: float,
             error = spy.stderr.read().decode() if spy.stderr else ""
             raise RuntimeError(f"py-spy on {who} failed ({spy.returncode}): {error}")
     replication = {key: (after[key] - before[key]) / n for key in replication_counts.SERIES}
-    return Phase(loops, rate, per_op, replication, outputs)
+    return Phase(loops, rate, ran_rate, per_op, replication, outputs)
 
 
-async def _profile(etcd: str, target: Target, node_pids: dict[str, int], counts: Counts,
-                   seconds: float, workdir: Path, name: str) -> dict[str, Phase]:
+async def _profile(etcd: str, target: Target, pids: dict[str, int], counts: Counts,
+                   ran: Ran, seconds: float, workdir: Path, name: str) -> dict[str, Phase]:
     async with Mesh(etcd=etcd, cluster=target.spec.name) as mesh:
         await target.ops(mesh, -1)()  # routes known, channels open
-        pids = {**node_pids, "client": os.getpid()}
-        return {phase: await _phase(mesh, target, loops, seconds, pids, counts, workdir,
+        pids = {**pids, "client": os.getpid()}
+        return {phase: await _phase(mesh, target, loops, seconds, pids, counts, ran, workdir,
                                     f"{name}-{phase}")
                 for phase, loops in target.phases.items()}
+
+
+def _start_worker(stack: contextlib.ExitStack, workdir: Path, etcd: str, target: Target
+                  ) -> tuple[int, Ran]:
+    """A `bench.mesh_worker` pool on ``target.worker``: its pid and its jobs run."""
+    counters = workdir / f"{target.worker}-counters"
+    counters.mkdir()
+    worker = Child("profile-worker", [
+        sys.executable, "-m", "bench.mesh_worker", "--etcd", etcd,
+        "--cluster", target.spec.name, "--queue", target.worker,
+        "--concurrency", str(scheduler.WORKER_CONCURRENCY), "--counters", str(counters)],
+        workdir / "profile-worker.log", env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(services.ROOT), os.environ.get("PYTHONPATH")]))})
+    stack.callback(worker.stop)
+    worker.start()
+    worker.wait_for_line("READY", scheduler.READY_TIMEOUT)
+    total = counter.Total(counters)
+    stack.callback(total.close)
+    return worker.pid, lambda: total.value
 
 
 def run(names: Sequence[str], seconds: float, output: Path) -> list[Path]:
@@ -226,13 +288,18 @@ def run(names: Sequence[str], seconds: float, output: Path) -> list[Path]:
     files = []
     with clusters.scratch_etcd("mesh-cpu-profile-") as (tmp, etcd):
         for name in names:
+            # A cluster of its own per workload (two may share a spec).
             target = TARGETS[name]
+            target = dataclasses.replace(target, spec=dataclasses.replace(
+                target.spec, name=f"{target.spec.name}-{name}"))
             with contextlib.ExitStack() as stack:
                 local = clusters.start_one(stack, tmp, etcd, target.spec)
                 nodes = {node.node_id: node.pid for node in local.nodes}
-                phases = aio.run(_profile(etcd, target, nodes,
-                                          replication_counts.reader(local), seconds, tmp,
-                                          name))
+                pids, ran = dict(nodes), (lambda: 0)
+                if target.worker:
+                    pids["worker"], ran = _start_worker(stack, tmp, etcd, target)
+                phases = aio.run(_profile(etcd, target, pids, replication_counts.reader(local),
+                                          ran, seconds, tmp, name))
             files += _write(name, target, phases, list(nodes), seconds, output)
     return files
 
@@ -244,17 +311,21 @@ def _write(name: str, target: Target, phases: dict[str, Phase], nodes: list[str]
              f"{seconds:g} s per phase, CPU samples only; "
              f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     files = []
-    for who, title in (("node", "the 3 nodes, summed"), ("client", "the bench process")):
+    whose = [("node", "the 3 nodes, summed"), ("client", "the bench process")]
+    if target.worker:
+        whose.append(("worker", "the worker pool's process"))
+    for who, title in whose:
         lines = [f"# CPU profile of {name}: {title}", "", setup, ""]
         for phase_name, phase in phases.items():
             paths = [phase.stacks[n] for n in nodes] if who == "node" \
-                else [phase.stacks["client"]]
+                else [phase.stacks[who]]
             stacks = Stacks.read(paths)
             cpu = ", ".join(f"{w} {1e3 * c:.3f} ms" for w, c in phase.cpu_per_op.items())
             messages = phase.replication.get(replication_counts.MESSAGES, 0.0)
             commands = phase.replication.get(replication_counts.COMMANDS, 0.0)
+            worked = f", the worker ran {phase.ran:,.0f} jobs/s" if target.worker else ""
             lines += [f"## {phase_name}: {phase.loops} loop(s), {phase.rate:,.0f} "
-                      f"{target.unit}s/s while sampled, {stacks.total:,} samples", "",
+                      f"{target.unit}s/s while sampled{worked}, {stacks.total:,} samples", "",
                       f"CPU per {target.unit} (user + system): {cpu}", "",
                       f"Replication per {target.unit}: {messages:.3f} messages sent, "
                       f"{commands:.3f} commands", "", *stacks.tables(), ""]
