@@ -13,7 +13,7 @@ from common.peer import NODE, PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
 from nodes.replication.sender import MESSAGE_BYTES, PeerLink, ReplicaTracker
-from tests.unit.test_replication_group import Recorder
+from tests.unit.test_replication_group import Link, Recorder
 
 MIB = 1 << 20
 
@@ -66,19 +66,6 @@ class Channel:
 
     def __getattr__(self, method: str) -> Any:
         return lambda *args, **kwargs: self._replica
-
-
-class Link:
-    """Stands in for a PeerLink where a test drives the tracker by hand."""
-
-    def attach(self, tracker: ReplicaTracker) -> None:
-        pass
-
-    def detach(self, tracker: ReplicaTracker) -> None:
-        pass
-
-    def wake(self, tracker: ReplicaTracker) -> None:
-        pass
 
 
 def primary(group_id: int, commands: int, size: int) -> Group:
