@@ -225,8 +225,10 @@ class PeerLink:
         self._local_address = local_address
         self._trackers: dict[int, ReplicaTracker] = {}
         # Trackers that may have something to send: a write wakes only its
-        # group's tracker, not every group this link carries.
-        self._pending: set[ReplicaTracker] = set()
+        # group's tracker, not every group this link carries. In the order they
+        # are to go (a dict as an ordered set): those a full message left out
+        # come first in the next, so a busy group cannot starve the others.
+        self._pending: dict[ReplicaTracker, None] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Messages sent on this stream and not yet acknowledged: message number ->
@@ -246,7 +248,7 @@ class PeerLink:
     def detach(self, tracker: ReplicaTracker) -> None:
         if self._trackers.get(tracker.group.group_id) is tracker:
             del self._trackers[tracker.group.group_id]
-        self._pending.discard(tracker)
+        self._pending.pop(tracker, None)
         self._acked(tracker)  # its ack may never be read now
         self._wakeup.set()
 
@@ -266,7 +268,7 @@ class PeerLink:
         return len(self._trackers)
 
     def wake(self, tracker: ReplicaTracker) -> None:
-        self._pending.add(tracker)
+        self._pending[tracker] = None
         self._wakeup.set()
 
     async def close(self) -> None:
@@ -296,7 +298,7 @@ class PeerLink:
                 for tracker in self._trackers.values():
                     tracker.reset()
                 self._unacked.clear()
-                self._pending.update(self._trackers.values())
+                self._pending.update(dict.fromkeys(self._trackers.values()))
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
 
@@ -310,14 +312,14 @@ class PeerLink:
             while not reader.done():
                 self._wakeup.clear()
                 if self._pending and len(self._unacked) < WINDOW:
-                    pending, self._pending = self._pending, set()
+                    pending, self._pending = self._pending, {}
                     self._sent += 1
                     message = self._sent
                     batches = []
                     room = MESSAGE_BYTES
                     for tracker in pending:
-                        if room <= 0:  # full: the rest go in the next message
-                            self._pending.add(tracker)
+                        if room <= 0:  # full: the rest go first in the next message
+                            self._pending[tracker] = None
                             continue
                         batch = tracker.next_batch(self._local_address, room)
                         if batch is not None:
@@ -353,7 +355,7 @@ class PeerLink:
                 if tracker.phase is Phase.INSTALLING:
                     self._acked(tracker)
                     tracker.reset()
-                    self._pending.add(tracker)
+                    self._pending[tracker] = None
             self._wakeup.set()
             quiet = 0.0
         self._idle = loop.call_later(IDLE - quiet, self._idle_check)

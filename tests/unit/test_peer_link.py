@@ -114,3 +114,24 @@ def test_a_batch_stops_taking_commands_past_its_room() -> None:
     second = tracker.next_batch("a:1", room=1)
     assert second is not None and [c.seq for c in second.commands] == [3]
 
+
+
+@pytest.mark.timeout(30)
+async def test_a_busy_group_does_not_keep_a_quiet_one_out_of_full_messages() -> None:
+    # The busy group's 20 MiB fill five messages; the quiet group's command,
+    # left out of the first full one, goes first in the next.
+    replica = Replica()
+    link = PeerLink("b", "b:1", Channel(replica), "a:1", PeerSigner(None, NODE, "a"))
+    busy, quiet = primary(1, 20, MIB), primary(2, 1, 100)
+    for group in (busy, quiet):
+        ReplicaTracker(group, "b", link, in_sync=True)
+    try:
+        async with asyncio.timeout(10):
+            while len(replica.received(1)) < 20 or not replica.received(2):
+                replica.wrote.clear()
+                await replica.wrote.wait()
+    finally:
+        await link.close()
+    first = next(i for i, m in enumerate(replica.messages)
+                 if any(b.group_id == 2 and b.commands for b in m.batches))
+    assert first <= 2  # the probes; the first full message; then this one
