@@ -273,8 +273,7 @@ def _start_worker(stack: contextlib.ExitStack, workdir: Path, etcd: str, target:
         sys.executable, "-m", "bench.mesh_worker", "--etcd", etcd,
         "--cluster", target.spec.name, "--queue", target.worker,
         "--concurrency", str(scheduler.WORKER_CONCURRENCY), "--counters", str(counters)],
-        workdir / "profile-worker.log", env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(services.ROOT), os.environ.get("PYTHONPATH")]))})
+        workdir / "profile-worker.log", env=services.python_env())
     stack.callback(worker.stop)
     worker.start()
     worker.wait_for_line("READY", scheduler.READY_TIMEOUT)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -34,11 +33,11 @@ from typing import Protocol
 
 import grpc
 
+from bench import services
 from bench.relay_server import SERVICE, Batched, raw
 from bench.timing import Op
 from common.localmesh import Child, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = 3
 """Processes in a ring: one per node of the clusters the floor rows price."""
 PAYLOAD = b"f" * 100
@@ -57,8 +56,7 @@ def start_ring(stack: contextlib.ExitStack, workdir: Path, name: str,
     """Start ``SIZE`` relay servers, each relaying to the next (stopped with
     ``stack``); their addresses. ``durable``: each commits to sqlite in ``workdir``."""
     ports = [free_port() for _ in range(SIZE)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = services.python_env()
     children = []
     for i, port in enumerate(ports):
         argv = [sys.executable, "-m", "bench.relay_server", "--listen", f"127.0.0.1:{port}",

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import threading
 import time
@@ -523,9 +522,7 @@ async def _measure(s: Setup, warmup: float, window: float, rounds: int
 
 
 def _python_child(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Child:
-    path = os.pathsep.join(filter(None, [str(services.ROOT), os.environ.get("PYTHONPATH")]))
-    return Child(name, [sys.executable, *argv], log,
-                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env})
+    return Child(name, [sys.executable, *argv], log, env=services.python_env(**env))
 
 
 def _logs_on_error(children: list[Child]) -> Callable[..., bool]:

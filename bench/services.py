@@ -23,6 +23,13 @@ CLUSTER = "bench"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment of a Python child the benchmark starts (``python -m
+    bench.x``): this one's, unbuffered, with the checkout importable; plus ``extra``."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Where the benchmark's servers listen."""
@@ -43,9 +50,7 @@ def _started(stack: contextlib.ExitStack, child: Child) -> Child:
 def start_echo(stack: contextlib.ExitStack, workdir: Path, value_bytes: int) -> str:
     argv = [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0",
             "--value-bytes", str(value_bytes)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    child = _started(stack, Child("echo-server", argv, workdir / "echo.log", env=env))
+    child = _started(stack, Child("echo-server", argv, workdir / "echo.log", env=python_env()))
     return child.wait_for_line("READY ", 30.0).removeprefix("READY ").strip()
 
 

@@ -310,7 +310,9 @@ class Decisions:
             ending.append((k, job))
         if ends:
             self._end_many(items, ending, ends, now, answers)
-        return [answer for answer in answers if answer is not None]
+        done = [answer for answer in answers if answer is not None]
+        assert len(done) == len(items), "every item answered"
+        return done
 
     def _end_many(self, items: Sequence[tuple[str, int, bytes, Next | None]],
                   ending: list[tuple[int, Job]], ends: list[spb.EndAttempt], now: int,
