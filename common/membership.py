@@ -46,6 +46,9 @@ class NodeInfo:
     copies: tuple[int, ...] = ()
     """Groups it read back from its disk at start-up: seating it in those again
     costs a catch-up from the log instead of a full copy."""
+    stalled: tuple[str, ...] = ()
+    """Nodes replicating groups it leads that stopped answering it (`nodes.stalls`):
+    the coordinator gives those groups other replicas."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -64,6 +67,7 @@ class NodeInfo:
             incarnation=str(data.get("incarnation", "")),
             peer_address=str(data.get("peer_address", "")),
             copies=tuple(int(g) for g in data.get("copies", ())),
+            stalled=tuple(str(n) for n in data.get("stalled", ())),
         )
 
 

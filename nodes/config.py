@@ -182,6 +182,9 @@ class NodeConfig:
     """Services kept outside Mesh, as ``module:Class`` (`nodes.services.registry`)."""
     data_dir: str = ""
     lease_ttl: int = 5
+    replica_stall_timeout: float = 5.0
+    """Seconds a replica may leave this node's replication messages unanswered
+    before the coordinator is asked to replace it (`nodes.stalls`)."""
     shutdown_grace: float = 10.0
     drain_delay: float = 1.0
     max_concurrent_rpcs: int = 1000
@@ -246,6 +249,12 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
                         f"./{DEFAULT_DATA_DIR})")
     p.add_argument("--lease-ttl", type=int, default=int(env("LEASE_TTL", str(d.lease_ttl))),
                    help="etcd registration lease, seconds (MESH_LEASE_TTL)")
+    p.add_argument("--replica-stall-timeout", type=float,
+                   default=float(env("REPLICA_STALL_TIMEOUT", str(d.replica_stall_timeout))),
+                   help="seconds a replica may leave this node's replication unanswered "
+                        "(a cut link, a hung disk) before the coordinator replaces it in the "
+                        "groups this node leads, whose writes wait for it meanwhile "
+                        "(MESH_REPLICA_STALL_TIMEOUT)")
     p.add_argument("--shutdown-grace", type=float,
                    default=float(env("SHUTDOWN_GRACE", str(d.shutdown_grace))),
                    help="seconds in-flight calls get to finish on SIGTERM (MESH_SHUTDOWN_GRACE)")
@@ -344,6 +353,8 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         p.error(f"--services: unknown {', '.join(unknown)}")
     if a.lease_ttl < 1:
         p.error("--lease-ttl must be at least 1 second")
+    if not a.replica_stall_timeout > 0:
+        p.error("--replica-stall-timeout must be positive")
     if a.replication_log_bytes < 0:
         p.error("--replication-log-bytes must be 0 or more")
     if not 0 < a.lock_min_ttl <= a.lock_default_ttl <= a.lock_max_ttl:
@@ -391,6 +402,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         services=services, plugins=plugins,
         data_dir=a.data_dir,
         lease_ttl=a.lease_ttl,
+        replica_stall_timeout=a.replica_stall_timeout,
         shutdown_grace=a.shutdown_grace,
         drain_delay=a.drain_delay,
         max_concurrent_rpcs=a.max_concurrent_rpcs,

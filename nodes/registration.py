@@ -101,6 +101,26 @@ class Registration:
                 delay = min(delay * 2, 1.0)
         self._task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
 
+    async def update(self, value: bytes) -> bool:
+        """Write ``value`` in place of the key's value, under the same lease. False
+        if the key is not under our lease now (lost, or another process wrote it):
+        the next registration writes ``value``."""
+        self._value = value
+        lease_id = self._lease_id
+        if lease_id is None:
+            return False
+        found = await asyncio.wait_for(self._etcd.get(self._key), CALL_TIMEOUT)
+        # Our lease on it proves it ours: a lease id is granted once.
+        if found is None or int(found.lease) != lease_id:
+            return False
+        tx = self._etcd.transactions
+        ok, _ = await asyncio.wait_for(self._etcd.transaction(
+            compare=[tx.mod(self._key) == int(found.mod_revision)],
+            success=[tx.put(self._key, value, lease=lease_id)],
+            failure=[],
+        ), CALL_TIMEOUT)
+        return bool(ok)
+
     async def close(self) -> None:
         """Stop renewing and revoke the lease, so the key disappears at once."""
         self.valid_until = 0.0  # from now on the node relies on no lease

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -42,6 +43,7 @@ from nodes.replication.sender import message_limit
 from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service
 from nodes.services import registry
+from nodes.stalls import Stalls
 from nodes.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,8 @@ class Node:
         self.peer_port = 0
         self.peer_address = ""
         self._registration: Registration | None = None
+        self._info: NodeInfo | None = None
+        self._stalls: Stalls | None = None
         self._etcd = client_for(config.etcd)
         self.drained = asyncio.Event()
         # Why the node stopped by itself, if it failed (its disk refused writes).
@@ -206,7 +210,7 @@ class Node:
         self.map.on_change(lambda _table: map_loaded.set())
         self._ready_task = asyncio.create_task(self._serving_when(map_loaded))
 
-        info = NodeInfo(
+        self._info = info = NodeInfo(
             node_id=self.config.node_id, address=self.address,
             services=self.config.services, version=VERSION,
             pid=os.getpid(), started_at=time.time(), metrics=self.metrics.address,
@@ -220,6 +224,20 @@ class Node:
         )
         await self._registration.start()
         await self.map.start()
+        self._stalls = Stalls(lambda: self.replication.links, self._incarnations,
+                              self._publish_stalled, config.replica_stall_timeout)
+        self._stalls.start()
+
+    def _incarnations(self) -> dict[str, str]:
+        table = self.replication.table
+        return table.incarnations if table is not None else {}
+
+    async def _publish_stalled(self, stalled: tuple[str, ...]) -> bool:
+        """Name ``stalled`` in this node's registration (`nodes.stalls`)."""
+        if self._registration is None or self._info is None:
+            return False
+        self._info = replace(self._info, stalled=stalled)
+        return await self._registration.update(self._info.to_json())
 
     async def _serving_when(self, map_loaded: asyncio.Event) -> None:
         """SERVING once a map is in, and for as long as the etcd lease is certainly
@@ -244,6 +262,8 @@ class Node:
         if self._ready_task is not None:
             self._ready_task.cancel()
         await self.health.enter_graceful_shutdown()
+        if self._stalls is not None:
+            await self._stalls.close()
         if self._registration is not None:
             await self._registration.close()
         # Keep serving while clients learn (from etcd) that this node is gone:

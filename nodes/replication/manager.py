@@ -162,6 +162,11 @@ class Replication:
         return [machine for group in self.groups.values() if group.is_primary
                 and (machine := group.machines.get(kind)) is not None]
 
+    @property
+    def links(self) -> Mapping[str, PeerLink]:
+        """The replication link to each node replicating a group this node leads."""
+        return self._links
+
     def count_snapshot(self, kind: str, size: int) -> None:
         """A snapshot of ``size`` bytes was installed here."""
         self.snapshots[kind] += 1

@@ -237,6 +237,13 @@ class PeerLink:
         self._sent = 0
         self._waiting_since: float | None = None  # loop time the send loop began to wait
         self._idle: asyncio.TimerHandle | None = None
+        # Loop time since which the replica owes us an answer: a message it has
+        # not acknowledged, or (``_broken``) a stream that broke or would not open
+        # since its last answer. See `unanswered_for`.
+        self._owed_since: float | None = None
+        self._broken = False
+        self.answered_at = 0.0
+        """Loop time of the replica's last answer on this link (0: none yet)."""
 
     def attach(self, tracker: ReplicaTracker) -> None:
         self._trackers[tracker.group.group_id] = tracker
@@ -266,6 +273,15 @@ class PeerLink:
 
     def __len__(self) -> int:
         return len(self._trackers)
+
+    def unanswered_for(self, now: float) -> float:
+        """Seconds the replica has owed this link an answer at loop time ``now`` (0:
+        it owes none). Long means it stopped acknowledging: cut off, stopped, or
+        its disk hung, while the groups it holds in sync wait for it."""
+        since = self._owed_since
+        if since is None or not (self._unacked or self._broken):
+            return 0.0  # (what was owed went with trackers that left)
+        return max(now - since, 0.0)
 
     def wake(self, tracker: ReplicaTracker) -> None:
         self._pending[tracker] = None
@@ -298,6 +314,9 @@ class PeerLink:
                 for tracker in self._trackers.values():
                     tracker.reset()
                 self._unacked.clear()
+                self._broken = True
+                if self._owed_since is None:
+                    self._owed_since = asyncio.get_running_loop().time()
                 self._pending.update(dict.fromkeys(self._trackers.values()))
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
@@ -327,6 +346,8 @@ class PeerLink:
                             tracker.sent_in = message
                             room -= tracker.sent_bytes
                     if batches:
+                        if self._owed_since is None:
+                            self._owed_since = loop.time()
                         self._unacked[message] = len(batches)
                         counts = self.counts
                         counts.messages += 1
@@ -362,7 +383,9 @@ class PeerLink:
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         counts = self.counts
+        loop = asyncio.get_running_loop()
         async for response in call:
+            self.answered_at = now = loop.time()
             counts.responses += 1
             counts.acks += len(response.acks)
             for ack in response.acks:
@@ -371,4 +394,7 @@ class PeerLink:
                     self._acked(tracker)
                     tracker.on_ack(ack)
                     self.wake(tracker)
+            # Still owed: the messages sent since the one just answered.
+            self._owed_since = now if self._unacked else None
+            self._broken = False
         raise ConnectionError("the replica ended the stream")

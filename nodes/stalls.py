@@ -1,0 +1,115 @@
+"""Telling the coordinator which replicas stopped answering this node.
+
+A primary waits for every in-sync replica's acknowledgement before it answers a
+write. A replica that stops answering while both nodes keep their etcd leases
+(the link between the two cut, its disk hung) so stops the writes of every group
+it holds for this node, and nothing in the map would ever change: membership
+says both are fine. `Stalls` looks at the links to this node's replicas every
+`INTERVAL`; a node that has owed an answer for ``threshold`` seconds goes into
+this node's registration (`NodeInfo.stalled`), and the coordinator seats another
+replica in its place in the groups this node leads. The groups take no write
+until the new copy is in sync: an acknowledged write is always held by as many
+copies as the map names (dropping the silent replica at once, as Kafka shrinks
+its ISR, would acknowledge writes held by one node).
+
+A node stays reported until its link answers again, it leaves the map or
+restarts (a new process, whatever is wrong with the old one), or for ``hold``
+seconds after its link last showed it silent: once replaced, this node has no
+link to it, and the coordinator would otherwise seat it here again, and again,
+while the cut lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 1.0
+"""Seconds between looks at the links."""
+HOLD = 30.0
+"""Seconds a replica stays reported after its link last showed it silent."""
+
+
+class Link(Protocol):
+    """What `Stalls` reads of a `PeerLink`."""
+
+    answered_at: float
+
+    def unanswered_for(self, now: float) -> float: ...
+
+
+class Stalls:
+    """Which replicas of this node stopped answering it, kept published."""
+
+    def __init__(self, links: Callable[[], Mapping[str, Link]],
+                 incarnations: Callable[[], Mapping[str, str]],
+                 publish: Callable[[tuple[str, ...]], Awaitable[bool]], threshold: float,
+                 hold: float = HOLD, interval: float = INTERVAL) -> None:
+        """``links``: node id -> link to it, now; ``incarnations``: node id -> its
+        process's incarnation, for the nodes in the map now. ``publish`` writes
+        the stalled set (True once written). ``threshold``: seconds of silence
+        that count."""
+        self._links = links
+        self._incarnations = incarnations
+        self._publish = publish
+        self._threshold = threshold
+        self._hold = hold
+        self._interval = interval
+        # node -> (when its link last was silent too long, its incarnation then)
+        self._seen: dict[str, tuple[float, str]] = {}
+        self._last: float | None = None
+        self._published: tuple[str, ...] = ()
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self, now: float) -> tuple[str, ...]:
+        """The nodes to report at loop time ``now``."""
+        links = self._links()
+        incarnations = self._incarnations()
+        # After a gap much longer than the interval this process did not run
+        # (paused, its loop blocked): the acks that came meanwhile are not read
+        # yet, so silence says nothing this time.
+        awake = self._last is not None and now - self._last <= 3 * self._interval
+        self._last = now
+        if awake:
+            for node_id, link in links.items():
+                if node_id in incarnations and link.unanswered_for(now) >= self._threshold:
+                    if node_id not in self._seen:
+                        log.warning("replica %s has answered nothing for %.1f s: asking the "
+                                    "coordinator to replace it in the groups this node "
+                                    "leads", node_id, link.unanswered_for(now))
+                    self._seen[node_id] = (now, incarnations.get(node_id, ""))
+        for node_id, (seen, incarnation) in list(self._seen.items()):
+            back = links.get(node_id)
+            if (back is not None and back.answered_at > seen) or now - seen > self._hold \
+                    or incarnations.get(node_id) != incarnation:
+                del self._seen[node_id]
+                log.info("replica %s is no longer reported as stalled", node_id)
+        return tuple(sorted(self._seen))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="stalls")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._interval)
+            stalled = self.check(loop.time())
+            if stalled == self._published:
+                continue
+            try:
+                if await self._publish(stalled):
+                    self._published = stalled
+            except Exception as exc:  # etcd away: the next round tries again
+                log.warning("could not publish stalled replicas %s: %r", list(stalled), exc)
