@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 
@@ -31,6 +31,7 @@ class Assignment:
 def place(
     current: Mapping[int, Assignment], nodes: Iterable[str], replicas: int,
     held: Mapping[int, Iterable[str]] | None = None,
+    avoid: Mapping[int, Collection[str]] | None = None,
 ) -> dict[int, Assignment]:
     """Where every group of ``current`` should live on ``nodes`` with ``replicas`` copies.
 
@@ -39,14 +40,18 @@ def place(
     primaries and of roles in total, while keeping as many current roles as possible.
     ``held`` names, per group, nodes that hold a copy of it on disk without being a
     member (a node that restarted): placing the group there counts as cheap as
-    keeping a member, since that copy catches up from the log.
+    keeping a member, since that copy catches up from the log. ``avoid`` names,
+    per group, nodes not to seat in it (replicas its primary cannot reach): they
+    lose their roles there, and get one back only when no other node can take it
+    (a group keeps its copies, whatever its availability).
     """
     if replicas < 0:
         raise ValueError(f"replicas must be >= 0, got {replicas}")
     node_list = sorted({n for n in nodes if n})
     if not node_list:
         return {g: Assignment("", ()) for g in sorted(current)}
-    return _Placer(current, node_list, min(replicas, len(node_list) - 1), held or {}).run()
+    return _Placer(current, node_list, min(replicas, len(node_list) - 1), held or {},
+                   avoid or {}).run()
 
 
 def _members(a: Assignment) -> set[str]:
@@ -92,10 +97,12 @@ class _Placer:
     """One run of `place`: mutable working state over sorted groups and nodes."""
 
     def __init__(self, current: Mapping[int, Assignment], nodes: list[str], r: int,
-                 held: Mapping[int, Iterable[str]]) -> None:
+                 held: Mapping[int, Iterable[str]],
+                 avoid: Mapping[int, Collection[str]]) -> None:
         self.nodes = nodes
         self.r = r
         self.gids = sorted(current)
+        self.avoid = avoid
         eligible = set(nodes)
         self.before: dict[int, frozenset[str]] = {}
         self.primary: dict[int, str] = {}
@@ -103,13 +110,15 @@ class _Placer:
         for g in self.gids:
             a = current[g]
             p = a.primary if a.primary in eligible else ""
+            shunned = avoid.get(g, ())
             reps: list[str] = []
             for x in a.replicas:
-                if x in eligible and x != p and x not in reps:
+                if x in eligible and x != p and x not in reps and x not in shunned:
                     reps.append(x)
             self.primary[g] = p
             self.reps[g] = reps
-            self.before[g] = frozenset(_members(a) | eligible.intersection(held.get(g, ())))
+            self.before[g] = frozenset(
+                (_members(a) | eligible.intersection(held.get(g, ()))) - set(shunned))
         self.promoted: set[int] = set()
         self.pcount = Counter({n: 0 for n in nodes})
         self.pcount.update(p for p in self.primary.values() if p)
@@ -188,7 +197,8 @@ class _Placer:
         possible, else one that holds a copy."""
         under = [n for n in self.nodes if self.pcount[n] < self.pq[n]]
         before = self.before[g]
-        return min(under, key=lambda n: (n not in self.reps[g], n not in before,
+        shunned = self.avoid.get(g, ())
+        return min(under, key=lambda n: (n in shunned, n not in self.reps[g], n not in before,
                                          self.pcount[n] - self.pq[n], n))
 
     def _held_by_under(self, g: int) -> bool:
@@ -236,13 +246,14 @@ class _Placer:
             while len(self.reps[g]) > self.r:
                 x = max(self.reps[g], key=lambda n: (self._excess(n), self.pair[p, n], n))
                 self._remove(g, x)
+            shunned = self.avoid.get(g, ())
             while len(self.reps[g]) < self.r:
                 taken = {p, *self.reps[g]}
                 before = self.before[g]
                 x = min(
                     (n for n in self.nodes if n not in taken),
-                    key=lambda n: (self._excess(n) >= 0, n not in before, self.pair[p, n],
-                                   self._excess(n), n),
+                    key=lambda n: (n in shunned, self._excess(n) >= 0, n not in before,
+                                   self.pair[p, n], self._excess(n), n),
                 )
                 self._add(g, x)
         for g in self.gids:
@@ -415,11 +426,12 @@ class _Placer:
                 continue
             p = self.primary[g]
             reps = self.reps[g]
+            shunned = self.avoid.get(g, ())
             # A step to a node that held g before costs one less; when only those fit
             # under the bound, look at them alone (the common, cheap case).
             ys = targets if kept + 1 < below else [y for y in targets if y in before]
             for y in ys:
-                if y != p and y not in reps:
+                if y != p and y not in reps and y not in shunned:
                     yield g, y, kept + (y not in before)
 
 

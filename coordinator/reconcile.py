@@ -8,8 +8,9 @@ a. membership: registered nodes missing from the map join as JOINING; map
    (never a replica that is not in sync: with none left the group has no
    primary and is unavailable until an operator calls RecoverLostGroups);
 b. planning: ``place()`` over JOINING and ACTIVE nodes, starting from where
-   each group is going (its target, else its members); a group whose desired
-   members differ from its current ones gets that as its ``target``;
+   each group is going (its target, else its members), and seating no replica
+   the group's primary reports silent (``NodeInfo.stalled``); a group whose
+   desired members differ from its current ones gets that as its ``target``;
 c. progress: target members join their group as catching-up replicas, become
    in sync when the group's primary reports so, and once every target member
    is the primary or an in-sync replica the group flips to its target;
@@ -287,7 +288,12 @@ def _plan(new: admin_pb2.ClusterMap, replicas: int,
         if node.state == admin_pb2.NODE_STATE_JOINING and info is not None:
             for group_id in info.copies:
                 held.setdefault(group_id, []).append(node.node_id)
-    desired = place(assignments(new.groups, use_targets=True), eligible, replicas, held)
+    # Replicas a primary reports silent (`nodes.stalls`) are replaced in the
+    # groups it leads: their writes wait for them until the new copy is in sync.
+    avoid = {g.group_id: info.stalled for g in new.groups
+             if (info := registered.get(g.primary_node_id)) is not None and info.stalled}
+    desired = place(assignments(new.groups, use_targets=True), eligible, replicas, held, avoid)
+    replacing: list[str] = []
     for group in new.groups:
         want = desired.get(group.group_id)
         if want is None or not group.primary_node_id:
@@ -298,6 +304,13 @@ def _plan(new: admin_pb2.ClusterMap, replicas: int,
         going = target(group)
         if going is None or not same(going, want):
             set_target(group, want)
+            silent = set(avoid.get(group.group_id, ())).intersection(members(group).replicas)
+            if silent:
+                replacing.append(f"{group.group_id} ({','.join(sorted(silent))})")
+    if replacing:
+        log.warning("%d group(s) get other replicas in place of replicas their primary reports "
+                    "silent; they take writes again once the new copies are in sync: %s",
+                    len(replacing), " ".join(replacing[:20]) + (" ..." * (len(replacing) > 20)))
 
 
 def _progress(new: admin_pb2.ClusterMap, facts: Facts, epoch: int) -> None:

@@ -350,3 +350,28 @@ def test_each_replica_step_is_the_one_a_full_search_finds(monkeypatch: pytest.Mo
         _check(place(current, live, replicas, held), live, replicas)
     # The maps led to all three kinds of turn.
     assert len(calls) == 3, calls
+
+
+def test_avoided_nodes_lose_their_roles_in_a_group_and_get_none_back() -> None:
+    # "a" reports "b" silent: the groups "a" leads replicate to "c" or "d" instead,
+    # and balancing never seats "b" back in them.
+    nodes = _ids(4)
+    a, b = nodes[0], nodes[1]
+    current = place(_empty(64), nodes, 1)
+    led = [g for g, where in current.items() if where.primary == a]
+    avoid = {g: (b,) for g in led}
+    result = place(current, nodes, 1, avoid=avoid)
+    _check(result, nodes, 1)
+    for g in led:
+        assert result[g].primary == a and b not in result[g].replicas
+    moved = [g for g in led if b in current[g].replicas]
+    assert moved, "some group led by a had its replica on b"
+    # Only what must move moves: the groups a leads on b, and what rebalancing needs.
+    assert role_moves(current, result) <= 2 * len(moved)
+
+
+def test_an_avoided_node_keeps_its_role_when_no_other_node_can_take_it() -> None:
+    # Two nodes: dropping the silent replica would leave one copy; it stays.
+    current = place(_empty(8), ["a", "b"], 1)
+    avoid = {g: ("b",) for g, where in current.items() if where.primary == "a"}
+    assert place(current, ["a", "b"], 1, avoid=avoid) == current

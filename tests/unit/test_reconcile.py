@@ -422,3 +422,43 @@ def test_recover_lost_needs_a_node() -> None:
     with pytest.raises(MeshStatusError) as info:
         recover_lost(cmap, 1)
     assert info.value.reason == Reason.NOT_ENOUGH_NODES
+
+
+# -- a replica its primary cannot reach --------------------------------------------------
+
+
+def test_a_replica_its_primary_reports_silent_is_replaced_in_the_groups_it_leads() -> None:
+    reg = registered("a", "b", "c")
+    cmap = initial_map(reg, group_count=12, replicas=1)
+    cut = {g.group_id for g in cmap.groups
+           if g.primary_node_id == "a" and g.replicas[0].node_id == "b"}
+    assert cut
+    # "a" can no longer reach "b", and both keep their etcd leases.
+    reg["a"] = replace(reg["a"], stalled=("b",))
+    planned = next_map(cmap, reg, Facts(), 1)
+    assert planned is not None
+    for gid in cut:
+        g = group(planned, gid)
+        assert g.target.primary_node_id == "a" and list(g.target.replica_node_ids) == ["c"]
+        # Until "c" is in sync, "b" stays in sync: the group's writes wait (its
+        # acknowledged writes are never held by fewer copies than the map says).
+        assert [(r.node_id, r.in_sync) for r in g.replicas] == [("b", True), ("c", False)]
+        assert g.epoch == group(cmap, gid).epoch
+    settled = settle(planned, reg, 1)
+    assert_invariants(settled)
+    for g in settled.groups:
+        assert len(g.replicas) == 1 and g.replicas[0].in_sync
+        if g.primary_node_id == "a":
+            assert g.replicas[0].node_id != "b"
+    for gid in cut:
+        assert group(settled, gid).replicas[0].node_id == "c"
+    # No primary moved (rebalancing may hand "b" replicas of groups others lead).
+    assert all(group(settled, g.group_id).primary_node_id == g.primary_node_id
+               for g in cmap.groups)
+
+
+def test_a_silent_replica_with_no_node_to_take_its_place_stays() -> None:
+    reg = registered("a", "b")
+    cmap = initial_map(reg, group_count=4, replicas=1)
+    reg["a"] = replace(reg["a"], stalled=("b",))
+    assert next_map(cmap, reg, Facts(), 1) is None
