@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import Mesh, MeshError
-from common.clustermap import RoutingTable, read_map, wait_settled
+from common.clustermap import RoutingTable, read_map, wait_for_map, wait_settled
 from common.slots import slot_for
 from coordinator.client import find_leader
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
@@ -366,3 +366,52 @@ async def test_an_isolated_etcd_member_or_leader_does_not_disturb_the_mesh(
         assert await writer.lost() == []
         record(f"etcd_{which}_isolated", acked_during=acked_during,
                errors=len(writer.errors), failovers=after - before)
+
+
+def _key_in_group(table: RoutingTable, group_id: int, prefix: str) -> str:
+    for i in range(100_000):
+        key = f"{prefix}-{i}"
+        view = table.group_of_slot(slot_for(key))
+        if view is not None and view.group_id == group_id:
+            return key
+    raise AssertionError(f"no key of group {group_id} found")
+
+
+async def test_a_long_cut_between_a_primary_and_its_replica_moves_the_replica(
+        hosted: HostedMesh, client: Mesh) -> None:
+    """Scenario 7 (last: the mesh rebalances 30 s after it heals): the link between
+    a primary and its in-sync replica cut for good under writes, both nodes keeping
+    their etcd leases. The group's writes wait for the replica until the primary
+    reports it silent (5 s, the nodes' default) and the coordinator seats the third
+    node in its place; then they go on while the cut lasts. Nothing acknowledged is
+    lost, then or after the heal."""
+    table = await _map(hosted)
+    view = next(g for g in table.groups.values() if g.primary == "n1" and g.replicas)
+    silent = view.replicas[0]
+    third = next(n for n in NODES if n not in ("n1", silent))
+    key = _key_in_group(table, view.group_id, "long-cut")
+    writer = Writer(client, prefix="longcut")
+    writer.start()
+    await writer.acked_at_least(20)
+    hosted.network.cut("n1", silent)
+    cut = time.monotonic()
+    try:
+        await asyncio.sleep(1.0)
+        window = await _first_success_after(client, key, cut, 40)
+        now = (await _map(hosted)).groups[view.group_id]
+        print(f"\nn1 <-> {silent} cut for good: group {view.group_id} took writes again "
+              f"after {window:.2f} s, its replicas now {list(now.replicas)}")
+        assert now.primary == "n1" and list(now.replicas) == [third]
+        # Soon no group pairs the two: each reported the other.
+        cut_pair = frozenset(("n1", silent))
+        await wait_for_map(hosted.etcd, hosted.cluster, lambda t: all(
+            frozenset((g.primary, *g.replicas)) != cut_pair for g in t.groups.values()),
+            30, "no group led by one of the cut nodes and replicated by the other")
+        acked = len(writer.acked)
+        await asyncio.sleep(2.0)
+        assert len(writer.acked) > acked + 20, "writes stopped again while the cut lasts"
+        assert await client.cache.get(key) is not None
+    finally:
+        hosted.network.heal_all()
+    await _after_heal(hosted, client, writer)
+    record("primary_replica_cut", writes_again_s=window, acked=len(writer.acked))
