@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +26,8 @@ class NodeStatus:
     keys: int | None
     metrics: dict[str, float] = field(default_factory=dict)
     """Sums of the node's metric families, by name ({} if it serves none)."""
+    silent: tuple[str, ...] = ()
+    """Replica nodes it reports as not answering it (`NodeInfo.stalled`)."""
 
 
 async def collect(mesh: Mesh, timeout: float = 2.0) -> list[NodeStatus]:
@@ -50,7 +52,8 @@ async def collect(mesh: Mesh, timeout: float = 2.0) -> list[NodeStatus]:
         return NodeStatus(node_id, address, services, health, keys)
 
     async def with_metrics(info: NodeInfo) -> NodeStatus:
-        status = await one(info.node_id, info.address, info.services)
+        status = replace(await one(info.node_id, info.address, info.services),
+                         silent=info.stalled)
         if info.metrics:
             with contextlib.suppress(OSError):
                 status.metrics.update(await asyncio.to_thread(scrape, info.metrics, timeout))
@@ -82,6 +85,10 @@ def format_status(rows: list[NodeStatus]) -> list[str]:
         rpcs = _figure(r.metrics, "mesh_rpc_requests_total")
         lines.append(f"{r.node_id:<16} {r.address:<22} {r.health:<12} {keys:>8} {leases:>7} "
                      f"{rpcs:>9}  {','.join(r.services)}")
+    for r in rows:
+        if r.silent:
+            lines.append(f"{r.node_id}: not answered by {', '.join(r.silent)}; the groups it "
+                         "leads get other replicas (their writes wait until those are in sync)")
     return lines
 
 
@@ -93,7 +100,7 @@ def node_dict(r: NodeStatus) -> dict[str, object]:
 
     return {"node_id": r.node_id, "address": r.address, "services": list(r.services),
             "health": r.health, "keys": r.keys, "lock_leases": figure("mesh_lock_leases"),
-            "rpcs": figure("mesh_rpc_requests_total")}
+            "rpcs": figure("mesh_rpc_requests_total"), "silent_replicas": list(r.silent)}
 
 
 async def print_status(mesh: Mesh) -> int:

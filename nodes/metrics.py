@@ -51,8 +51,9 @@ class SentCollector(Collector):
             yield CounterMetricFamily(name, text, value=getattr(self._counts, field))
 
 def node_snapshot(replication: Replication, services: Iterable[Service] = (),
-                  limiter: Limiter | None = None) -> Snapshot:
-    """The node's gauges and counters, now."""
+                  limiter: Limiter | None = None, silent: Iterable[str] = ()) -> Snapshot:
+    """The node's gauges and counters, now (``silent``: the replica nodes it
+    reports as not answering, `nodes.stalls`)."""
     table = replication.table
     groups = {"primary": 0, "replica": 0}
     slots = {"primary": 0, "replica": 0}
@@ -84,6 +85,10 @@ def node_snapshot(replication: Replication, services: Iterable[Service] = (),
             "mesh_replication_lag_seconds": (
                 "Age of the oldest command a replica of a led group still lacks",
                 one(lag_seconds)),
+            "mesh_replica_silent": (
+                "1 for each node replicating groups this node leads that stopped answering "
+                "it, reported to the coordinator to be replaced",
+                {(("node", n),): 1.0 for n in silent}),
             "mesh_map_epoch": ("Cluster map epoch this node follows",
                                one(float(table.epoch if table is not None else 0))),
             **_limiter_gauges(limiter),

@@ -81,7 +81,8 @@ class Node:
         self.clock = clock  # the only time its services' state code reads
         self.tracing = Tracing(config.tracing, f"mesh-node {config.node_id}")
         self.metrics = Metrics(
-            lambda: node_snapshot(self.replication, self.services.values(), self.limiter))
+            lambda: node_snapshot(self.replication, self.services.values(), self.limiter,
+                                  self._stalls.reported if self._stalls is not None else ()))
         refused = Counter("mesh_peer_refused", "Calls refused on the internal plane, by "
                           "reason (a missing, malformed, forged or expired credential; a "
                           "sender the map does not allow)", ["reason"],

@@ -64,6 +64,8 @@ class Stalls:
         self._seen: dict[str, tuple[float, str]] = {}
         self._last: float | None = None
         self._published: tuple[str, ...] = ()
+        self.reported: tuple[str, ...] = ()
+        """The nodes the last look found silent (or still held)."""
         self._task: asyncio.Task[None] | None = None
 
     def check(self, now: float) -> tuple[str, ...]:
@@ -89,7 +91,8 @@ class Stalls:
                     or incarnations.get(node_id) != incarnation:
                 del self._seen[node_id]
                 log.info("replica %s is no longer reported as stalled", node_id)
-        return tuple(sorted(self._seen))
+        self.reported = tuple(sorted(self._seen))
+        return self.reported
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="stalls")

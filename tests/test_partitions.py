@@ -27,11 +27,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import Mesh, MeshError
 from common.clustermap import RoutingTable, read_map, wait_for_map, wait_settled
+from common.etcd import client_for
+from common.membership import NodeInfo, node_key
 from common.slots import slot_for
 from coordinator.client import find_leader
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from meshctl.status import scrape
 from tests.cluster import Writer, wait_converged
-from tests.hosted import HostedMesh
+from tests.hosted import METRICS_PORT, HostedMesh
 from tests.hosts import CLIENT, Network
 from tests.test_events_client import _streams_on_every_node
 from tests.test_stream_liveness import Appender, Collector, _check_exactly_once
@@ -368,6 +371,16 @@ async def test_an_isolated_etcd_member_or_leader_does_not_disturb_the_mesh(
                errors=len(writer.errors), failovers=after - before)
 
 
+async def _registered(hosted: HostedMesh, node_id: str) -> NodeInfo:
+    etcd = client_for(hosted.etcd)
+    try:
+        found = await etcd.get(node_key(hosted.cluster, node_id))
+    finally:
+        await etcd.close()
+    assert found is not None, f"{node_id} is not registered"
+    return NodeInfo.from_json(found.value)
+
+
 def _key_in_group(table: RoutingTable, group_id: int, prefix: str) -> str:
     for i in range(100_000):
         key = f"{prefix}-{i}"
@@ -402,6 +415,17 @@ async def test_a_long_cut_between_a_primary_and_its_replica_moves_the_replica(
         print(f"\nn1 <-> {silent} cut for good: group {view.group_id} took writes again "
               f"after {window:.2f} s, its replicas now {list(now.replicas)}")
         assert now.primary == "n1" and list(now.replicas) == [third]
+        # What an operator sees: n1's registration and its /metrics name the silent one.
+        registered = await _registered(hosted, "n1")
+        assert silent in registered.stalled
+        metrics = f"{hosted.network.hosts['n1'].address}:{METRICS_PORT}"
+        for _ in range(30):  # the gauges are summed up once a second
+            figures = await asyncio.to_thread(scrape, metrics, 2.0)
+            if figures.get("mesh_replica_silent", 0) >= 1:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("n1's mesh_replica_silent never named the silent replica")
         # Soon no group pairs the two: each reported the other.
         cut_pair = frozenset(("n1", silent))
         await wait_for_map(hosted.etcd, hosted.cluster, lambda t: all(

@@ -28,6 +28,7 @@ from mesh.admin.v1 import admin_pb2
 from meshctl import output
 from meshctl.cli import main, version
 from meshctl.context import Settings
+from meshctl.status import NodeStatus, format_status, node_dict
 
 
 def _record(message: str, *args: object, exc: bool = False, **extra: object) -> str:
@@ -205,3 +206,13 @@ def test_main_returns_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "host:port" in capsys.readouterr().err
     assert main(["topology", "--help"]) == 0
     assert "--watch" in capsys.readouterr().out
+
+
+def test_status_names_the_replicas_a_node_reports_silent() -> None:
+    rows = [NodeStatus("n1", "10.0.0.1:50051", ("cache",), "SERVING", 3, silent=("n2",)),
+            NodeStatus("n2", "10.0.0.2:50051", ("cache",), "SERVING", 4)]
+    lines = format_status(rows)
+    assert len(lines) == 4
+    assert lines[3].startswith("n1: not answered by n2;")
+    assert node_dict(rows[0])["silent_replicas"] == ["n2"]
+    assert node_dict(rows[1])["silent_replicas"] == []
