@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 
@@ -48,10 +49,14 @@ class PositionProbe:
             stub = self._stubs[address] = replication_pb2_grpc.ReplicationServiceStub(channel)
         return stub
 
-    async def ask(self, address: str, group_id: int
+    async def ask(self, address: str, group_id: int,
+                  skip: Callable[[], bool] = lambda: False,
                   ) -> replication_pb2.GetPositionResponse | bool | None:
-        """The node's position; False if it holds nothing of the group; None if unknown."""
+        """The node's position; False if it holds nothing of the group; None if unknown
+        (or ``skip()`` says so once the call's turn comes)."""
         async with self._limit:
+            if skip():
+                return None
             try:
                 reply: replication_pb2.GetPositionResponse = await self._stub(address).GetPosition(
                     replication_pb2.GetPositionRequest(group_id=group_id), timeout=self._timeout,
@@ -65,9 +70,31 @@ class PositionProbe:
 
     async def gather(self, pairs: Iterable[NodeGroup], addresses: Mapping[str, str]
                      ) -> tuple[Positions, frozenset[NodeGroup]]:
-        """Positions of every pair whose node answered, and the pairs answered NOT_FOUND."""
-        wanted = [(n, g) for n, g in pairs if n in addresses]
-        replies = await asyncio.gather(*(self.ask(addresses[n], g) for n, g in wanted))
+        """Positions of every pair whose node answered, and the pairs answered NOT_FOUND.
+
+        A node that leaves one call unanswered is not asked the rest of this
+        round (they are unknown too): a paused node's timeouts, 32 a second,
+        used to hold every round for seconds, and the other nodes' calls queued
+        behind them. The calls go to the nodes in turn for the same reason.
+        """
+        by_node: dict[str, list[NodeGroup]] = {}
+        for node_id, group_id in pairs:
+            if node_id in addresses:
+                by_node.setdefault(node_id, []).append((node_id, group_id))
+        wanted = [pair for turn in itertools.zip_longest(*by_node.values()) for pair in turn
+                  if pair is not None]
+        silent: set[str] = set()
+
+        async def ask(node_id: str, group_id: int
+                      ) -> replication_pb2.GetPositionResponse | bool | None:
+            if node_id in silent:
+                return None
+            reply = await self.ask(addresses[node_id], group_id, skip=lambda: node_id in silent)
+            if reply is None:
+                silent.add(node_id)
+            return reply
+
+        replies = await asyncio.gather(*(ask(n, g) for n, g in wanted))
         positions: Positions = {}
         absent: set[NodeGroup] = set()
         for pair, reply in zip(wanted, replies, strict=True):
