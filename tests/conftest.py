@@ -40,6 +40,7 @@ CHAOS = frozenset({
     "test_lock_acceptance.py", "test_scheduler_acceptance.py", "test_notify_failover.py",
     "test_gateway_ws.py", "test_gateway_browser.py", "test_saga_acceptance.py",
     "test_disk_full.py", "test_node_takeover.py", "test_big_writes.py",
+    "test_silent_replica.py",
 })
 """Files whose point is a fault: processes killed or paused, links cut, etcd lost."""
 
