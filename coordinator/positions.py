@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import grpc
 
@@ -51,9 +51,11 @@ class PositionProbe:
 
     async def ask(self, address: str, group_id: int,
                   skip: Callable[[], bool] = lambda: False,
+                  timed_out: Callable[[], None] = lambda: None,
                   ) -> replication_pb2.GetPositionResponse | bool | None:
         """The node's position; False if it holds nothing of the group; None if unknown
-        (or ``skip()`` says so once the call's turn comes)."""
+        (or ``skip()`` says so once the call's turn comes). ``timed_out`` is called
+        when the node left the call unanswered."""
         async with self._limit:
             if skip():
                 return None
@@ -65,6 +67,8 @@ class PositionProbe:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return False
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    timed_out()
                 log.debug("GetPosition(%d) on %s: %s", group_id, address, exc.code().name)
                 return None
 
@@ -85,14 +89,10 @@ class PositionProbe:
                   if pair is not None]
         silent: set[str] = set()
 
-        async def ask(node_id: str, group_id: int
-                      ) -> replication_pb2.GetPositionResponse | bool | None:
-            if node_id in silent:
-                return None
-            reply = await self.ask(addresses[node_id], group_id, skip=lambda: node_id in silent)
-            if reply is None:
-                silent.add(node_id)
-            return reply
+        def ask(node_id: str, group_id: int
+                ) -> Awaitable[replication_pb2.GetPositionResponse | bool | None]:
+            return self.ask(addresses[node_id], group_id, skip=lambda: node_id in silent,
+                            timed_out=lambda: silent.add(node_id))
 
         replies = await asyncio.gather(*(ask(n, g) for n, g in wanted))
         positions: Positions = {}
