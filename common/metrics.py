@@ -10,7 +10,6 @@ immutable `Snapshot`, and the scrape reads the latest one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.addresses import Endpoint
+from common.tasks import cancel
 
 __all__ = ["Metrics", "RpcMetrics", "Snapshot", "one"]
 
@@ -133,10 +133,7 @@ class Metrics:
             await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         server = self._server
         if server is not None:
             # shutdown() waits for the serving thread: not on the event loop.

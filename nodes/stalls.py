@@ -22,10 +22,11 @@ while the cut lasts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
+
+from common.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,8 @@ class Stalls:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="stalls")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

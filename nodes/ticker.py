@@ -11,12 +11,12 @@ due, at least every ``tick_interval_ns`` and sooner if a tick asks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from common.clock import MILLISECOND, Clock
+from common.tasks import cancel
 
 if TYPE_CHECKING:
     from nodes.plugin import Service
@@ -47,11 +47,8 @@ class Ticker:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="ticker")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     def tick(self, now: int) -> int:
         """Tick the services due at ``now``; when the next one is due."""
