@@ -41,9 +41,10 @@ def place(
     ``held`` names, per group, nodes that hold a copy of it on disk without being a
     member (a node that restarted): placing the group there counts as cheap as
     keeping a member, since that copy catches up from the log. ``avoid`` names,
-    per group, nodes not to seat in it (replicas its primary cannot reach): they
-    lose their roles there, and get one back only when no other node can take it
-    (a group keeps its copies, whatever its availability).
+    per group, nodes not to seat in it (nodes its primary cannot reach, so they
+    could never catch up): they lose their replica roles there, get one back only
+    when no other node can take it (a group keeps its copies, whatever its
+    availability), and are never made its primary; balance gives way.
     """
     if replicas < 0:
         raise ValueError(f"replicas must be >= 0, got {replicas}")
@@ -186,7 +187,9 @@ class _Placer:
                 if self.pcount[a] <= self.pq[a]:
                     break
                 if not swap:
-                    self._set_primary(g, self._neediest(g))
+                    b = self._neediest(g)
+                    if b not in self.avoid.get(g, ()):  # it could never catch up
+                        self._set_primary(g, b)
                     continue
                 under = [n for n in self.reps[g] if self.pcount[n] < self.pq[n]]
                 if under:

@@ -115,18 +115,44 @@ def needed_positions(current: admin_pb2.ClusterMap, registered: Mapping[str, Nod
     whose primary left, the primaries of groups with catching-up replicas, and
     the returning holders of lost groups' last copies."""
     live = set(registered) - restarted
+    cut_off = cut_off_primaries(registered)
     need: set[NodeGroup] = set()
     for group in current.groups:
         primary = group.primary_node_id
         if not primary:
             need.update((n, group.group_id) for n in group.lost_copies if n in live)
             continue
-        if primary not in live:
+        if primary not in live or _unreachable_group(group, registered, cut_off):
             need.update((r.node_id, group.group_id) for r in group.replicas
                         if r.in_sync and r.node_id in live)
         elif any(not r.in_sync for r in group.replicas):
             need.add((primary, group.group_id))
     return need
+
+
+def cut_off_primaries(registered: Mapping[str, NodeInfo]) -> frozenset[str]:
+    """Nodes that two or more others report silent (`NodeInfo.stalled`): then the
+    fault is most likely theirs, not one link's (a blocked peer port, a NIC
+    down), and the groups they lead may fail over (see `_unreachable_group`).
+    One report says nothing of whose fault it is: a cut between two nodes has
+    each report the other, and the replica is replaced instead."""
+    reporters: dict[str, int] = {}
+    for info in registered.values():
+        for node_id in set(info.stalled):
+            reporters[node_id] = reporters.get(node_id, 0) + 1
+    return frozenset(n for n, count in reporters.items() if count >= 2 and n in registered)
+
+
+def _unreachable_group(group: admin_pb2.Group, registered: Mapping[str, NodeInfo],
+                       cut_off: frozenset[str]) -> bool:
+    """Whether ``group``'s primary is cut off and reaches none of its in-sync
+    replicas: no other replica can catch up from it, so only a failover to one of
+    them lets the group take writes again."""
+    primary = group.primary_node_id
+    if primary not in cut_off:
+        return False
+    in_sync = [r.node_id for r in group.replicas if r.in_sync]
+    return bool(in_sync) and set(in_sync) <= set(registered[primary].stalled)
 
 
 def next_map(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], facts: Facts,
@@ -139,6 +165,7 @@ def next_map(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], 
     live = {n for n in registered if n not in facts.restarted}
     _join(new, registered, live, now)
     _depart(new, live, facts, epoch)
+    _fail_over_cut_off(new, registered, facts, epoch)
     _revive(new, live, facts, epoch)
     _plan(new, replicas, registered)
     _progress(new, facts, epoch)
@@ -206,6 +233,34 @@ def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
         log.error("%d group(s) lost their primary and have no in-sync replica left: their "
                   "slots are unavailable until a node that held them comes back with its "
                   "durable copy, or `meshctl recover` (groups %s)", len(lost), shown)
+
+
+def _fail_over_cut_off(new: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo],
+                       facts: Facts, epoch: int) -> None:
+    """Promote an in-sync replica in the groups whose primary reaches none of them
+    and is itself reported silent by others (`cut_off_primaries`). It is a
+    failover like a departure's, with the primary still registered: the new
+    epoch fences it, and it keeps no role in the group."""
+    cut_off = cut_off_primaries(registered)
+    if not cut_off:
+        return
+    moved: list[str] = []
+    for group in new.groups:
+        if not _unreachable_group(group, registered, cut_off):
+            continue
+        if all((r.node_id, group.group_id) in facts.absent
+               for r in group.replicas if r.in_sync):
+            continue  # none holds the group (restarted empty): keep the primary we have
+        old = group.primary_node_id
+        if _promote(group, {old}, facts, epoch):
+            going = target(group)
+            if going is not None and old in (going.primary, *going.replicas):
+                set_target(group, None)  # planned again from the members left
+            moved.append(f"{group.group_id} ({old} -> {group.primary_node_id})")
+    if moved:
+        log.warning("%d group(s) fail over: their primary reaches none of their in-sync "
+                    "replicas and other nodes report it silent too: %s", len(moved),
+                    " ".join(moved[:20]) + (" ..." * (len(moved) > 20)))
 
 
 def _revive(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int) -> None:

@@ -462,3 +462,40 @@ def test_a_silent_replica_with_no_node_to_take_its_place_stays() -> None:
     cmap = initial_map(reg, group_count=4, replicas=1)
     reg["a"] = replace(reg["a"], stalled=("b",))
     assert next_map(cmap, reg, Facts(), 1) is None
+
+
+def test_a_primary_cut_off_from_every_replica_fails_over_while_still_registered() -> None:
+    # "a" reaches neither "b" nor "c" (a blocked peer port), but etcd and clients
+    # still reach it: the two report it silent, and it reports them.
+    reg = registered("a", "b", "c")
+    cmap = initial_map(reg, group_count=12, replicas=1)
+    led = {g.group_id: g.replicas[0].node_id for g in cmap.groups if g.primary_node_id == "a"}
+    reg["a"] = replace(reg["a"], stalled=("b", "c"))
+    reg["b"] = replace(reg["b"], stalled=("a",))
+    reg["c"] = replace(reg["c"], stalled=("a",))
+    assert needed_positions(cmap, reg) >= {(r, g) for g, r in led.items()}
+    moved = next_map(cmap, reg, Facts(), 1)
+    assert moved is not None
+    for gid, replica in led.items():
+        g = group(moved, gid)
+        # Its in-sync replica leads, at a new epoch (which fences "a").
+        assert g.primary_node_id == replica and g.epoch == moved.epoch
+        assert "a" not in [r.node_id for r in g.replicas]
+    settled = settle(moved, reg, 1)
+    assert_invariants(settled)
+    for g in settled.groups:
+        members = {g.primary_node_id, *(r.node_id for r in g.replicas)}
+        assert "a" not in members  # every node that leads a group reports it silent
+        assert len(g.replicas) == 1 and g.replicas[0].in_sync
+
+
+def test_one_silent_link_replaces_the_replica_and_never_fails_over() -> None:
+    # Each end of one cut link reports the other: whose fault it is is unknown.
+    reg = registered("a", "b", "c")
+    cmap = initial_map(reg, group_count=12, replicas=1)
+    reg["a"] = replace(reg["a"], stalled=("b",))
+    reg["b"] = replace(reg["b"], stalled=("a",))
+    settled = settle(cmap, reg, 1)
+    for g in settled.groups:
+        assert g.primary_node_id == group(cmap, g.group_id).primary_node_id
+        assert frozenset((g.primary_node_id, g.replicas[0].node_id)) != {"a", "b"}
