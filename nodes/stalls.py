@@ -14,9 +14,10 @@ its ISR, would acknowledge writes held by one node).
 
 A node stays reported until its link answers again, it leaves the map or
 restarts (a new process, whatever is wrong with the old one), or for ``hold``
-seconds after its link last showed it silent: once replaced, this node has no
-link to it, and the coordinator would otherwise seat it here again, and again,
-while the cut lasts.
+seconds (three thresholds) after its link last showed it silent: once replaced,
+this node has no link to it, and the coordinator would otherwise seat it here
+again at once. (Seated again while the cut lasts, it is reported again; it
+holds no in-sync copy meanwhile, so no write waits for it.)
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 1.0
 """Seconds between looks at the links."""
-HOLD = 30.0
-"""Seconds a replica stays reported after its link last showed it silent."""
+HOLD = 3
+"""A replica stays reported this many stall thresholds after its link last
+showed it silent."""
 
 
 class Link(Protocol):
@@ -50,16 +52,16 @@ class Stalls:
     def __init__(self, links: Callable[[], Mapping[str, Link]],
                  incarnations: Callable[[], Mapping[str, str]],
                  publish: Callable[[tuple[str, ...]], Awaitable[bool]], threshold: float,
-                 hold: float = HOLD, interval: float = INTERVAL) -> None:
+                 hold: float | None = None, interval: float = INTERVAL) -> None:
         """``links``: node id -> link to it, now; ``incarnations``: node id -> its
         process's incarnation, for the nodes in the map now. ``publish`` writes
         the stalled set (True once written). ``threshold``: seconds of silence
-        that count."""
+        that count; ``hold``: see the module (default `HOLD` thresholds)."""
         self._links = links
         self._incarnations = incarnations
         self._publish = publish
         self._threshold = threshold
-        self._hold = hold
+        self._hold = HOLD * threshold if hold is None else hold
         self._interval = interval
         # node -> (when its link last was silent too long, its incarnation then)
         self._seen: dict[str, tuple[float, str]] = {}
