@@ -240,7 +240,12 @@ def _fail_over_cut_off(new: admin_pb2.ClusterMap, registered: Mapping[str, NodeI
     """Promote an in-sync replica in the groups whose primary reaches none of them
     and is itself reported silent by others (`cut_off_primaries`). It is a
     failover like a departure's, with the primary still registered: the new
-    epoch fences it, and it keeps no role in the group."""
+    epoch fences it, and it keeps no role in the group.
+
+    Only a replica that is not cut off itself is promoted: when every node is
+    cut from the others (each reported by two), no failover would give a group
+    a replica again, and it would go on acknowledging writes on one copy; it
+    waits for the heal instead."""
     cut_off = cut_off_primaries(registered)
     if not cut_off:
         return
@@ -248,11 +253,11 @@ def _fail_over_cut_off(new: admin_pb2.ClusterMap, registered: Mapping[str, NodeI
     for group in new.groups:
         if not _unreachable_group(group, registered, cut_off):
             continue
-        if all((r.node_id, group.group_id) in facts.absent
+        if all((r.node_id, group.group_id) in facts.absent or r.node_id in cut_off
                for r in group.replicas if r.in_sync):
-            continue  # none holds the group (restarted empty): keep the primary we have
+            continue  # none to promote (cut off too, or restarted empty): keep waiting
         old = group.primary_node_id
-        if _promote(group, {old}, facts, epoch):
+        if _promote(group, {old, *cut_off}, facts, epoch):
             going = target(group)
             if going is not None and old in (going.primary, *going.replicas):
                 set_target(group, None)  # planned again from the members left

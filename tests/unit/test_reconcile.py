@@ -499,3 +499,13 @@ def test_one_silent_link_replaces_the_replica_and_never_fails_over() -> None:
     for g in settled.groups:
         assert g.primary_node_id == group(cmap, g.group_id).primary_node_id
         assert frozenset((g.primary_node_id, g.replicas[0].node_id)) != {"a", "b"}
+
+
+def test_when_every_node_is_cut_from_the_others_nothing_fails_over() -> None:
+    # Each reported by both others: a failover would leave the group on one copy
+    # with no replica it can reach. It waits for the heal.
+    reg = registered("a", "b", "c")
+    cmap = initial_map(reg, group_count=12, replicas=1)
+    for n in ("a", "b", "c"):
+        reg[n] = replace(reg[n], stalled=tuple(sorted({"a", "b", "c"} - {n})))
+    assert next_map(cmap, reg, Facts(), 1) is None
