@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.clustermap import group_ranges
@@ -180,6 +180,11 @@ def next_map(current: admin_pb2.ClusterMap, registered: Mapping[str, NodeInfo], 
     return new
 
 
+def _first(items: Sequence[object], sep: str, limit: int = 20) -> str:
+    """The first ``limit`` of ``items`` for a log line, "..." marking the rest."""
+    return sep.join(map(str, items[:limit])) + (f"{sep}..." if len(items) > limit else "")
+
+
 def _same_content(a: admin_pb2.ClusterMap, b: admin_pb2.ClusterMap) -> bool:
     a2, b2 = admin_pb2.ClusterMap(), admin_pb2.ClusterMap()
     a2.CopyFrom(a)
@@ -229,7 +234,7 @@ def _depart(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
     for node_id in sorted(gone):
         log.info("node %s left the map", node_id)
     if lost:
-        shown = ",".join(map(str, lost[:20])) + (",..." if len(lost) > 20 else "")
+        shown = _first(lost, ",")
         log.error("%d group(s) lost their primary and have no in-sync replica left: their "
                   "slots are unavailable until a node that held them comes back with its "
                   "durable copy, or `meshctl recover` (groups %s)", len(lost), shown)
@@ -265,7 +270,7 @@ def _fail_over_cut_off(new: admin_pb2.ClusterMap, registered: Mapping[str, NodeI
     if moved:
         log.warning("%d group(s) fail over: their primary reaches none of their in-sync "
                     "replicas and other nodes report it silent too: %s", len(moved),
-                    " ".join(moved[:20]) + (" ..." * (len(moved) > 20)))
+                    _first(moved, " "))
 
 
 def _revive(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int) -> None:
@@ -298,7 +303,7 @@ def _revive(new: admin_pb2.ClusterMap, live: set[str], facts: Facts, epoch: int)
         revived.append(gid)
         log.debug("group %d: revived on %s from %s, epoch %d", gid, chosen, where, epoch)
     if revived:
-        shown = ",".join(map(str, revived[:20])) + (",..." if len(revived) > 20 else "")
+        shown = _first(revived, ",")
         log.warning("%d lost group(s) revived from the copies their last members kept: "
                     "durable state is back; in-memory state too from a node that never "
                     "stopped, else it starts empty (groups %s)",
@@ -370,7 +375,7 @@ def _plan(new: admin_pb2.ClusterMap, replicas: int,
     if replacing:
         log.warning("%d group(s) get other replicas in place of replicas their primary reports "
                     "silent; they take writes again once the new copies are in sync: %s",
-                    len(replacing), " ".join(replacing[:20]) + (" ..." * (len(replacing) > 20)))
+                    len(replacing), _first(replacing, " "))
 
 
 def _progress(new: admin_pb2.ClusterMap, facts: Facts, epoch: int) -> None:

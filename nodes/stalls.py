@@ -87,7 +87,7 @@ class Stalls:
                         log.warning("replica %s has answered nothing for %.1f s: asking the "
                                     "coordinator to replace it in the groups this node "
                                     "leads", node_id, link.unanswered_for(now))
-                    self._seen[node_id] = (now, incarnations.get(node_id, ""))
+                    self._seen[node_id] = (now, incarnations[node_id])
         for node_id, (seen, incarnation) in list(self._seen.items()):
             back = links.get(node_id)
             if (back is not None and back.answered_at > seen) or now - seen > self._hold \

@@ -24,7 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import Mesh
 from clients.errors import MeshError
 from common.clustermap import RoutingTable
+from common.etcd import client_for
 from common.localmesh import LocalMesh, _with_parent_death
+from common.membership import NodeInfo, node_key
 from common.peer import COORDINATOR, PeerKey, PeerSigner
 from common.tls import Tls, open_channel
 from mesh.replication.v1 import replication_pb2 as rpb
@@ -67,6 +69,16 @@ BACKGROUND = ["nice", "-n", "10"]
 """Prefix for a test's CPU-heavy commands whose speed it does not judge (the
 bench smoke run, pip installs): when tests run side by side, the cores go first
 to those whose processes must answer within leases and timeouts."""
+
+
+async def registration(etcd: str, cluster: str, node_id: str) -> NodeInfo | None:
+    """What etcd holds under ``node_id``'s key in ``cluster`` now (None: nothing)."""
+    client = client_for(etcd)
+    try:
+        found = await asyncio.wait_for(client.get(node_key(cluster, node_id)), 10)
+    finally:
+        await client.close()
+    return None if found is None else NodeInfo.from_json(found.value)
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from common.etcd import client_for
 from common.localmesh import Child, Etcd, ProcessError
-from common.membership import NodeInfo, node_key
+from common.membership import NodeInfo
+from tests.cluster import registration
 
 
 @pytest.fixture
@@ -59,15 +59,7 @@ def test_a_restarted_node_keeps_its_id_and_no_two_share_a_data_dir(
 
 def _registered(etcd: Etcd, node_id: str) -> NodeInfo | None:
     """What etcd holds under ``node_id``'s key now."""
-    async def get() -> NodeInfo | None:
-        client = client_for([etcd.endpoint])
-        try:
-            found = await asyncio.wait_for(client.get(node_key("identity", node_id)), 10)
-        finally:
-            await client.close()
-        return None if found is None else NodeInfo.from_json(found.value)
-
-    return asyncio.run(get())
+    return asyncio.run(registration(etcd.endpoint, "identity", node_id))
 
 
 def test_a_second_live_process_with_a_nodes_id_is_refused(

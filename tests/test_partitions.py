@@ -27,13 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import Mesh, MeshError
 from common.clustermap import RoutingTable, read_map, wait_for_map, wait_settled
-from common.etcd import client_for
-from common.membership import NodeInfo, node_key
+from common.membership import NodeInfo
 from common.slots import slot_for
 from coordinator.client import find_leader
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from meshctl.status import scrape
-from tests.cluster import Writer, wait_converged
+from tests.cluster import Writer, registration, wait_converged
 from tests.hosted import METRICS_PORT, HostedMesh
 from tests.hosts import CLIENT, Network
 from tests.test_events_client import _streams_on_every_node
@@ -372,13 +371,9 @@ async def test_an_isolated_etcd_member_or_leader_does_not_disturb_the_mesh(
 
 
 async def _registered(hosted: HostedMesh, node_id: str) -> NodeInfo:
-    etcd = client_for(hosted.etcd)
-    try:
-        found = await etcd.get(node_key(hosted.cluster, node_id))
-    finally:
-        await etcd.close()
+    found = await registration(hosted.etcd, hosted.cluster, node_id)
     assert found is not None, f"{node_id} is not registered"
-    return NodeInfo.from_json(found.value)
+    return found
 
 
 def _key_in_group(table: RoutingTable, group_id: int, prefix: str) -> str:
