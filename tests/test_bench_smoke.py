@@ -214,8 +214,10 @@ def _check_events(results: dict[str, Any]) -> None:
         assert workloads[name]["in_flight"] == 16, name
     for name in ("cluster.events.append100.seq", "cluster.events.read100.seq"):
         assert workloads[name]["keys_per_op"] == 100, name
+        # Both rates are rounded to 0.1: the ops rate's rounding moves 100 times it
+        # by up to 5 (1% of a rate under 5 ops/s, seen on a loaded machine).
         assert workloads[name]["keys_per_s"] == pytest.approx(
-            100 * workloads[name]["ops_per_s"], rel=0.01), name
+            100 * workloads[name]["ops_per_s"], rel=0.01, abs=5.05), name
 
 
 def _check_scheduler(results: dict[str, Any], stdout: str) -> None:
