@@ -4,7 +4,6 @@ access log, no lifespan), on a free port. Prints ``READY {"url": ...}``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 
@@ -13,6 +12,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from bench import aio
 
 
 async def hello(request: Request) -> Response:
@@ -34,4 +35,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    aio.run(serve())

@@ -15,6 +15,7 @@ import signal
 
 import grpc
 
+from bench import aio
 from mesh.cache.v1 import cache_pb2 as pb
 
 SERVICE = "mesh.cache.v1.CacheService"
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--value-bytes", type=int, default=100)
     args = parser.parse_args()
-    asyncio.run(serve(args.listen, args.value_bytes))
+    aio.run(serve(args.listen, args.value_bytes))
 
 
 if __name__ == "__main__":

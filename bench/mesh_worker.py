@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import sys
 
-from bench import counter
+from bench import aio, counter
 from clients import Mesh
 from clients.worker import JobContext, Worker
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counters", required=True, help="directory of the job counters")
     p.add_argument("--no-chain", action="store_true",
                    help="complete jobs without leasing the next one in the same call")
-    asyncio.run(serve(p.parse_args(argv)))
+    aio.run(serve(p.parse_args(argv)))
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from bench import aio
 from bench.echo_server import run_until_signalled
 
 SERVICE = "floor.Relay"
@@ -178,7 +179,7 @@ def main() -> None:
     if args.durable is not None:
         args.durable.mkdir(parents=True, exist_ok=True)
         disk = Disk(args.durable / "relay.db")
-    asyncio.run(serve(args.listen, args.next_address, disk))
+    aio.run(serve(args.listen, args.next_address, disk))
 
 
 if __name__ == "__main__":

@@ -279,11 +279,16 @@ def _n(value: float) -> str:
     return f"{value:,.0f}" if math.isfinite(value) else "-"
 
 
+def _loop(results: dict[str, Any]) -> str:
+    """The run's event loop, as 'on uvloop 0.23.0, ' (runs that did not record it: asyncio)."""
+    return f"on {results.get('event_loop', 'asyncio')}, "
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The summary table, the raw numbers, and the environment."""
     lines = [
         f"## Mesh benchmark: {results['cpu_count']} CPUs, Python {results['python']}, "
-        f"grpcio {results['grpcio']}, redis-server {results['redis_server']}, "
+        f"grpcio {results['grpcio']}, {_loop(results)}redis-server {results['redis_server']}, "
         f"{results['window_s']:g} s per workload after {results['warmup_s']:g} s warmup, "
         f"in {results['rounds']} interleaved round(s) "
         f"(1-minute load average before the run: {results['loadavg_1m_before']:.2f})",

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import aetcd.exceptions
 
-from common import logs
+from common import event_loop, logs
 from common.etcd import EtcdAccess, EtcdAccessError
 
 __all__ = ["StartupError", "add_etcd_flags", "add_server_flags", "env", "etcd_access",
@@ -34,8 +34,8 @@ def env(name: str, default: str) -> str:
 def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str, ...],
                      cluster: str, what: str) -> None:
     """--listen, --advertise, --etcd, --cluster, --tls-*, --tracing,
-    --metrics-listen/--metrics-advertise and --log-level/--log-format, as every
-    server process takes them."""
+    --metrics-listen/--metrics-advertise, --log-level/--log-format and --event-loop,
+    as every server process takes them."""
     p.add_argument("--listen", default=env("LISTEN", listen),
                    help="host:port to bind; port 0 picks a free one (MESH_LISTEN)")
     p.add_argument("--advertise", default=env("ADVERTISE", ""),
@@ -64,6 +64,7 @@ def add_server_flags(p: argparse.ArgumentParser, *, listen: str, etcd: tuple[str
                         "the --advertise host, else the --metrics-listen address "
                         "(MESH_METRICS_ADVERTISE)")
     logs.add_log_flags(p)
+    event_loop.add_event_loop_flag(p)
 
 
 def add_etcd_flags(p: argparse.ArgumentParser) -> None:
@@ -100,12 +101,14 @@ def etcd_endpoints(raw: str) -> tuple[str, ...]:
 
 
 def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
-                        log_level: str = "info", log_format: str = "text") -> None:
-    """Log to stderr (``log_format``: text or json) and run ``serve(stop)``; SIGTERM
-    or SIGINT sets ``stop``."""
+                        log_level: str = "info", log_format: str = "text",
+                        loop: str = "auto") -> None:
+    """Log to stderr (``log_format``: text or json) and run ``serve(stop)`` on the
+    event loop ``loop`` (`common.event_loop`); SIGTERM or SIGINT sets ``stop``."""
     try:
         logs.configure(log_level, log_format)
-    except ValueError as exc:  # a bad MESH_LOG_* value: argparse checks only flags
+        runs_on = event_loop.chosen(loop)
+    except ValueError as exc:  # a bad MESH_* value: argparse checks only flags
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
@@ -117,7 +120,7 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
         await serve(stop)
 
     try:
-        asyncio.run(main())
+        event_loop.run(main(), runs_on)
     except Exception as exc:
         refused = _found(exc, (EtcdAccessError, StartupError))
         if refused is not None:

@@ -10,7 +10,7 @@ from coordinator.server import serve
 def main() -> None:
     config = parse_args()
     run_until_signalled(lambda stop: serve(config, stop), log_level=config.log_level,
-                        log_format=config.log_format)
+                        log_format=config.log_format, loop=config.event_loop)
 
 
 if __name__ == "__main__":

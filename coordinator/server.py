@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import event_loop
 from common.addresses import Endpoint
 from common.auth import Authenticator
 from common.clustermap import MapFollower, leader_key
@@ -158,7 +159,8 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
         await coordinator.stop()
         raise
     print(coordinator.ready_line(), flush=True)
-    log.info("coordinator %s serving on %s", config.coordinator_id, coordinator.address)
+    log.info("coordinator %s serving on %s (%s event loop)", config.coordinator_id,
+             coordinator.address, event_loop.running())
     await stop.wait()
     log.info("shutting down")
     await coordinator.stop()

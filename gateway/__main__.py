@@ -135,7 +135,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     run_until_signalled(lambda stop: serve(config, stop), log_level=config.log_level,
-                        log_format=config.log_format)
+                        log_format=config.log_format, loop=config.event_loop)
 
 
 if __name__ == "__main__":

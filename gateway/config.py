@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from common import logs
+from common import event_loop, logs
 from common.etcd import EtcdAccess
 from common.process import add_etcd_flags, env, etcd_access
 from common.tls import Tls
@@ -37,6 +37,8 @@ class GatewayConfig:
     forwarded_allow_ips: str = ""
     log_level: str = "info"
     log_format: str = "text"
+    event_loop: str = "auto"
+    """auto, uvloop or asyncio (common.event_loop)."""
 
 
 def _positive(text: str) -> float:
@@ -128,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
                         "trusted for the client IP; empty: none "
                         "(MESH_GATEWAY_FORWARDED_ALLOW_IPS)")
     logs.add_log_flags(p)
+    event_loop.add_event_loop_flag(p)
     return p
 
 
@@ -156,4 +159,4 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
                                     max_subscriptions=a.ws_max_subscriptions,
                                     resume_timeout=a.ws_resume_timeout),
         forwarded_allow_ips=a.forwarded_allow_ips,
-        log_level=a.log_level, log_format=a.log_format)
+        log_level=a.log_level, log_format=a.log_format, event_loop=a.event_loop)

@@ -27,7 +27,7 @@ def main() -> None:
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
     run_until_signalled(lambda stop: serve(config, stop), log_level=config.log_level,
-                        log_format=config.log_format)
+                        log_format=config.log_format, loop=config.event_loop)
 
 
 if __name__ == "__main__":

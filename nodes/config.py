@@ -217,6 +217,8 @@ class NodeConfig:
     log_level: str = "info"
     log_format: str = "text"
     """text, or json: one object per line (common.logs)."""
+    event_loop: str = "auto"
+    """auto, uvloop or asyncio (common.event_loop)."""
 
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -413,6 +415,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NodeConfig:
         tls=_tls(p, a),
         log_level=a.log_level,
         log_format=a.log_format,
+        event_loop=a.event_loop,
         auth_tokens=a.auth_tokens,
         auth_jwt_secret=a.auth_jwt_secret,
         auth_jwt=jwt_policy(p, a),

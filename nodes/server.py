@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
+from common import event_loop
 from common.addresses import Endpoint
 from common.auth import Authenticator
 from common.clock import SYSTEM_CLOCK, Clock
@@ -328,7 +329,8 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> None:
         await node.stop()
         raise
     print(node.ready_line(), flush=True)
-    log.info("node %s serving %s on %s", config.node_id, ",".join(config.services), node.address)
+    log.info("node %s serving %s on %s (%s event loop)", config.node_id,
+             ",".join(config.services), node.address, event_loop.running())
     stopping = asyncio.ensure_future(stop.wait())
     drained = asyncio.ensure_future(node.drained.wait())
     await asyncio.wait({stopping, drained}, return_when=asyncio.FIRST_COMPLETED)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from clients import Mesh
 from common import grpc_engine
+from common.clustermap import wait_settled
 from common.etcd import client_for
 from common.localmesh import Etcd
 from common.membership import node_key
@@ -53,6 +54,29 @@ def test_starts_grpc_on_the_engine_mesh_runs_on(local_mesh: Any) -> None:
     environ = Path(f"/proc/{node.pid}/environ").read_bytes().split(b"\0")
     wanted = os.environ.get(grpc_engine.VARIABLE, grpc_engine.EXPERIMENTS)
     assert f"{grpc_engine.VARIABLE}={wanted}".encode() in environ
+
+
+async def test_runs_on_uvloop_and_serves_beside_a_node_on_asyncios_loop(
+    local_mesh: Any, mesh_client: Connect
+) -> None:
+    """A node runs on uvloop unless told otherwise (`common.event_loop`); one started
+    with ``--event-loop asyncio`` replicates with it both ways."""
+    local = local_mesh(1)
+    local.start_node(extra=["--event-loop", "asyncio"])
+    await wait_settled(local.etcd_endpoint, local.cluster,
+                       [n.node_id for n in local.nodes], replicas=1)
+    loops = [n.child.log_path.read_text(encoding="utf-8") for n in local.nodes]
+    assert "(uvloop event loop)" in loops[0]
+    assert "(asyncio event loop)" in loops[1]
+    # R=1 sync on two nodes: every group has its copy on the other one, so each
+    # write below is acknowledged only after the other node applied it; as each
+    # leads some of the groups, writes cross from either loop to the other.
+    client = await mesh_client()
+    keys = {f"loop:{i}": f"v{i}".encode() for i in range(200)}
+    await client.cache.mset(keys)
+    assert await client.cache.mget(list(keys)) == list(keys.values())
+    led = [s.entries for s in await client.cache.stats()]
+    assert sum(led) == 200 and min(led) > 0, led
 
 
 async def test_health_reflection_and_every_service_implemented(local_mesh: Any) -> None:

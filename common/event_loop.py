@@ -1,0 +1,64 @@
+"""The asyncio event loop a Mesh server process runs on: uvloop where it is installed.
+
+gRPC's asyncio API runs on any asyncio loop, and much of a node's CPU goes to
+the loop itself: every gRPC completion (a call arriving, a message read or
+written) comes back to Python as a loop callback. uvloop (libuv, in Cython)
+schedules those callbacks and polls its sockets for less CPU than the standard
+library's loop (the README's benchmark notes give the measured difference).
+``--event-loop asyncio`` keeps the standard loop, as does ``auto`` when uvloop
+is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["LOOPS", "add_event_loop_flag", "chosen", "run", "running"]
+
+T = TypeVar("T")
+
+LOOPS = ("auto", "uvloop", "asyncio")
+"""``auto``: uvloop if it is installed, else asyncio's own loop."""
+
+
+def add_event_loop_flag(p: argparse.ArgumentParser) -> None:
+    """--event-loop, with its MESH_EVENT_LOOP fallback."""
+    p.add_argument("--event-loop", type=str.lower, choices=LOOPS,
+                   default=os.environ.get("MESH_EVENT_LOOP", "auto").lower(),
+                   help="the asyncio loop to run on: uvloop, asyncio's own, or auto "
+                        "(uvloop if installed) (MESH_EVENT_LOOP; default %(default)s)")
+
+
+def chosen(name: str) -> str:
+    """The loop ``name`` (one of `LOOPS`) runs on here: ``uvloop`` or ``asyncio``.
+
+    Raises ValueError for an unknown name, or for ``uvloop`` when it is not installed.
+    """
+    if name not in LOOPS:
+        raise ValueError(f"event loop {name!r}: must be one of {', '.join(LOOPS)}")
+    installed = importlib.util.find_spec("uvloop") is not None
+    if name == "uvloop" and not installed:
+        raise ValueError("event loop 'uvloop': uvloop is not installed "
+                         "(pip install uvloop, or --event-loop asyncio)")
+    if name == "auto":
+        return "uvloop" if installed else "asyncio"
+    return name
+
+
+def run(main: Coroutine[Any, Any, T], loop: str) -> T:
+    """``asyncio.run(main)`` on the loop ``loop`` (as `chosen` returns it)."""
+    if loop == "uvloop":
+        import uvloop  # only here: the client and the tests never need it
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def running() -> str:
+    """The running loop's kind, for a process's start-up line: ``uvloop`` or ``asyncio``."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
