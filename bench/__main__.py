@@ -100,8 +100,8 @@ async def run(args: argparse.Namespace, endpoints: Endpoints, load_before: float
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "protobuf": standalone.version("protobuf"),
-        "event_loop": aio.LOOP + (f" {standalone.version('uvloop')}" if aio.LOOP == "uvloop"
-                                  else ""),
+        "server_event_loop": aio.SERVER_LOOP + (
+            f" {standalone.version('uvloop')}" if aio.SERVER_LOOP == "uvloop" else ""),
         "redis_py": standalone.version("redis"),
         "redis_server": str(info.get("redis_version", "unknown")),
         "cpu_count": os.cpu_count(),

@@ -1,9 +1,13 @@
-"""``run``: ``asyncio.run`` for a benchmark step, leaving no gRPC state behind.
+"""``run`` and ``serve``: ``asyncio.run`` for the benchmark's processes.
 
-Every process of the benchmark (its own, the baselines' servers, the floors'
-relays, the worker pool) runs on the event loop Mesh's servers choose by
-default (`common.event_loop`: uvloop where installed), so each side of a ratio
-runs on the same loop.
+Two loops, as in a deployment: the servers (Mesh's nodes, and the baselines'
+own Python servers: the echo server, the floors' relays, the ASGI floor) run
+on the loop Mesh's server processes choose, ``MESH_EVENT_LOOP`` or by default
+uvloop where installed (`common.event_loop`); the clients (this process, with
+every side's client library in it, and the worker pool) run on asyncio's own
+loop, as a program does unless it picks another. So both sides of a ratio
+share their client's loop, and a Python baseline server runs on the same loop
+as Mesh's.
 
 The benchmark runs many event loops one after the other. A grpc.aio channel that
 outlives its loop (closed, but not yet freed: clients sit in reference cycles)
@@ -14,7 +18,9 @@ each loop frees such channels, so gRPC shuts its poller down between loops.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -22,13 +28,18 @@ from common import event_loop
 
 T = TypeVar("T")
 
-LOOP = event_loop.chosen("auto")
-"""The event loop every benchmark process runs on."""
+SERVER_LOOP = event_loop.chosen(os.environ.get("MESH_EVENT_LOOP", "auto").lower())
+"""The loop of the benchmark's server processes (Mesh's nodes read the same variable)."""
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(coro)`` (on `LOOP`), then a garbage collection."""
+    """``asyncio.run(coro)`` for a client-side step, then a garbage collection."""
     try:
-        return event_loop.run(coro, LOOP)
+        return asyncio.run(coro)
     finally:
         gc.collect()
+
+
+def serve(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` of a baseline's server process, on `SERVER_LOOP`."""
+    return event_loop.run(coro, SERVER_LOOP)

@@ -35,4 +35,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    aio.run(serve())
+    aio.serve(serve())

@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--value-bytes", type=int, default=100)
     args = parser.parse_args()
-    aio.run(serve(args.listen, args.value_bytes))
+    aio.serve(serve(args.listen, args.value_bytes))
 
 
 if __name__ == "__main__":

@@ -146,9 +146,12 @@ class Prober:
 
 
 async def _probe(etcd: str, key: str) -> None:
-    """The prober's loop (``--probe``): until SIGTERM."""
+    """The prober's loop (``--probe``): until SIGTERM, which ends it between two
+    reads (an exception raised wherever the signal lands could stall the exit)."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with Mesh(etcd=etcd, cluster=SPEC.name, timeout=5) as mesh:
-        while True:
+        while not stop.is_set():
             started = time.monotonic()
             try:
                 await mesh.cache.get(key)
@@ -213,7 +216,6 @@ def main() -> int:
     p.add_argument("--etcd", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         aio.run(_probe(args.etcd, args.probe))
         return 0
     with clusters.scratch_etcd("mesh-growth-") as (tmp, etcd):

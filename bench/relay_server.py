@@ -179,7 +179,7 @@ def main() -> None:
     if args.durable is not None:
         args.durable.mkdir(parents=True, exist_ok=True)
         disk = Disk(args.durable / "relay.db")
-    aio.run(serve(args.listen, args.next_address, disk))
+    aio.serve(serve(args.listen, args.next_address, disk))
 
 
 if __name__ == "__main__":

@@ -280,8 +280,9 @@ def _n(value: float) -> str:
 
 
 def _loop(results: dict[str, Any]) -> str:
-    """The run's event loop, as 'on uvloop 0.23.0, ' (runs that did not record it: asyncio)."""
-    return f"on {results.get('event_loop', 'asyncio')}, "
+    """The servers' event loop, as 'servers on uvloop 0.23.0, ' (runs that did not
+    record it ran everything on asyncio's)."""
+    return f"servers on {results.get('server_event_loop', 'asyncio')}, "
 
 
 def markdown(results: dict[str, Any]) -> str:
