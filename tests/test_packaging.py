@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
     "version"]
 SERVER_ONLY = ["jwt", "redis", "prometheus_client", "opentelemetry.sdk", "click", "rich",
-               "grpc_health", "grpc_reflection"]
+               "grpc_health", "grpc_reflection", "uvloop"]
 """Modules of `[server]`'s dependencies: none may come with the base install."""
 INSTALL_TIMEOUT = 240.0
 
