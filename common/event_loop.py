@@ -4,7 +4,7 @@ gRPC's asyncio API runs on any asyncio loop, and much of a node's CPU goes to
 the loop itself: every gRPC completion (a call arriving, a message read or
 written) comes back to Python as a loop callback. uvloop (libuv, in Cython)
 schedules those callbacks and polls its sockets for less CPU than the standard
-library's loop (the README's benchmark notes give the measured difference).
+library's loop (the README's "The event loop" gives the measured difference).
 ``--event-loop asyncio`` keeps the standard loop, as does ``auto`` when uvloop
 is not installed.
 """
