@@ -24,9 +24,10 @@ operation (user + system, from /proc) and, for the replicated workloads,
 replication messages and commands per operation. Samples count only the thread holding the GIL
 (py-spy ``--gil``), so the shares say where the Python CPU goes, not where
 calls wait; time in C extensions (gRPC's Cython core, protobuf's upb) is
-charged to the Python function that called them (often asyncio's
-``Handle._run``, for gRPC's callbacks, and ``_StreamRequestMixin._write`` for
-a stream's writes).
+charged to the Python function that called them: for gRPC's callbacks the
+loop's (``Runner.run`` on uvloop, whose loop is compiled, asyncio's
+``Handle._run`` on asyncio's loop), and ``_StreamRequestMixin._write`` for a
+stream's writes.
 """
 
 from __future__ import annotations
