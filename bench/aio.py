@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -28,7 +27,7 @@ from common import event_loop
 
 T = TypeVar("T")
 
-SERVER_LOOP = event_loop.chosen(os.environ.get("MESH_EVENT_LOOP", "auto").lower())
+SERVER_LOOP = event_loop.chosen(event_loop.from_environment())
 """The loop of the benchmark's server processes (Mesh's nodes read the same variable)."""
 
 

@@ -18,18 +18,27 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LOOPS", "add_event_loop_flag", "chosen", "run", "running"]
+__all__ = ["LOOPS", "VARIABLE", "add_event_loop_flag", "chosen", "from_environment", "run",
+           "running"]
 
 T = TypeVar("T")
 
 LOOPS = ("auto", "uvloop", "asyncio")
 """``auto``: uvloop if it is installed, else asyncio's own loop."""
 
+VARIABLE = "MESH_EVENT_LOOP"
+"""The environment variable the servers' ``--event-loop`` and the benchmark read."""
+
+
+def from_environment() -> str:
+    """The loop ``MESH_EVENT_LOOP`` names (lower-cased), else ``auto``."""
+    return os.environ.get(VARIABLE, "auto").lower()
+
 
 def add_event_loop_flag(p: argparse.ArgumentParser) -> None:
     """--event-loop, with its MESH_EVENT_LOOP fallback."""
     p.add_argument("--event-loop", type=str.lower, choices=LOOPS,
-                   default=os.environ.get("MESH_EVENT_LOOP", "auto").lower(),
+                   default=from_environment(),
                    help="the asyncio loop to run on: uvloop, asyncio's own, or auto "
                         "(uvloop if installed) (MESH_EVENT_LOOP; default %(default)s)")
 
