@@ -92,10 +92,42 @@ class SystemClock:
         return self.call_after(wall_ns - time.time_ns(), callback)
 
     def call_after(self, ns: int, callback: Callable[[], object]) -> Timer:
-        return asyncio.get_running_loop().call_later(to_seconds(max(ns, 0)), callback)
+        return _LoopTimer(time.monotonic_ns() + max(ns, 0), callback)
 
     async def sleep(self, ns: int) -> None:
         await asyncio.sleep(to_seconds(max(ns, 0)))
+
+
+class _LoopTimer:
+    """A timer on the running loop that never runs its callback before its
+    monotonic instant.
+
+    uvloop's timers count whole milliseconds from the time its loop cached at the
+    start of the iteration, so one may fire up to about a millisecond early; a
+    scheduler's "never before its run time" must not depend on the loop. An
+    early one sets itself again for what is left, rounded up to a millisecond
+    (less would make uvloop wake at once, round after round).
+    """
+
+    __slots__ = ("_at", "_callback", "_handle")
+
+    def __init__(self, at_mono_ns: int, callback: Callable[[], object]) -> None:
+        self._at = at_mono_ns
+        self._callback = callback
+        left = max(at_mono_ns - time.monotonic_ns(), 0)
+        self._handle = asyncio.get_running_loop().call_later(to_seconds(left), self._fire)
+
+    def _fire(self) -> None:
+        left = self._at - time.monotonic_ns()
+        if left > 0:
+            whole_ms = -(-left // MILLISECOND) * MILLISECOND
+            self._handle = asyncio.get_running_loop().call_later(to_seconds(whole_ms),
+                                                                 self._fire)
+            return
+        self._callback()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 SYSTEM_CLOCK: Clock = SystemClock()

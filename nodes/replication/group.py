@@ -144,17 +144,21 @@ class Group:
 
     # -- primary -------------------------------------------------------------
 
-    def propose(self, slot: int, service: int, payload: bytes) -> Proposal:
+    def propose(self, slot: int, service: int, payload: bytes,
+                issued_ns: int | None = None) -> Proposal:
         """Issue the next command (primary only) and apply it here at once, as a
         replica will; its result is in the `Proposal`. (A durable machine's
         writes are queued before the commit point is computed.) Nothing may
         await between checking the state a command depends on and proposing it.
+        ``issued_ns``: the instant the command carries, when its decision counted
+        from one it read (a retry's delay from the failure it stamps); else now.
         """
         command = rpb.Command(
             seq=self.log.last_seq + 1, slot=slot, service=service,  # type: ignore[arg-type]
             payload=payload, epoch=self.epoch)
         issued = command.issued_at  # FromNanoseconds is Python, and this is hot
-        issued.seconds, issued.nanos = divmod(self.clock.wall_ns(), 1_000_000_000)
+        issued.seconds, issued.nanos = divmod(
+            self.clock.wall_ns() if issued_ns is None else issued_ns, 1_000_000_000)
         if tracing.enabled():
             command.traceparent = tracing.traceparent()
         result = None

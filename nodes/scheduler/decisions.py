@@ -91,8 +91,9 @@ class Decisions:
         """The group's timers and long polls, while this node leads it."""
         return self._machine.leader
 
-    def propose(self, queue: str, command: spb.SchedulerCommand) -> Proposal:
-        return self._machine.propose(queue, command)
+    def propose(self, queue: str, command: spb.SchedulerCommand,
+                issued_ns: int | None = None) -> Proposal:
+        return self._machine.propose(queue, command, issued_ns)
 
     # -- jobs --------------------------------------------------------------------
 
@@ -255,17 +256,20 @@ class Decisions:
             expire_ns=self.clock.wall_ns() + grant))).seq
         return job, seq
 
-    def _end(self, job: Job, end: spb.EndAttempt, then: Next | None) -> tuple[int, list[Claimed]]:
-        """Propose the end of ``job``'s attempt; with ``then``, lease the next jobs
-        too: this group's in the same command, other groups' in their own."""
+    def _end(self, job: Job, end: spb.EndAttempt, then: Next | None,
+             now: int) -> tuple[int, list[Claimed]]:
+        """Propose the end of ``job``'s attempt, stamped ``now`` (the instant a retry's
+        delay counts from, so the attempt's finish time is that instant); with
+        ``then``, lease the next jobs too: this group's in the same command, other
+        groups' in their own."""
         command = spb.EndAttempts(ends=[end])
-        picked = pick(then.sources, then.max_jobs, self.clock.wall_ns()) if then else {}
+        picked = pick(then.sources, then.max_jobs, now) if then else {}
         mine = picked.pop(self._machine, [])
         if then is not None and mine:
             command.lease.CopyFrom(spb.LeaseJobs(job_ids=[j.job_id for j in mine],
                                                  worker_id=then.worker_id,
                                                  lease_ns=then.lease_ns))
-        seq = self.propose(job.queue, spb.SchedulerCommand(end=command)).seq
+        seq = self.propose(job.queue, spb.SchedulerCommand(end=command), now).seq
         claimed = [Claimed(self._machine, seq, mine, lease_token(self.group.epoch, seq))] \
             if mine else []
         if then is not None:
@@ -376,7 +380,7 @@ class Decisions:
             run_ns = now + delay
         seq, claimed = self._end(job, spb.EndAttempt(
             job_id=job_id, lease_token=token, outcome=pb.ATTEMPT_OUTCOME_FAILED, error=error,
-            dead=dead, run_ns=run_ns), then)
+            dead=dead, run_ns=run_ns), then, now)
         return Failed(job.state, run_ns, failures, seq, claimed)
 
     def cancel(self, job_id: str) -> tuple[bool, Job, int]:

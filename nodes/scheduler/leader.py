@@ -334,7 +334,7 @@ class Leader:
         now = self._clock.wall_ns()
         ends = [self.deadline_end(job, now) for job in jobs]
         return self._machine.propose(jobs[0].queue, spb.SchedulerCommand(
-            end=spb.EndAttempts(ends=ends))).seq
+            end=spb.EndAttempts(ends=ends)), now).seq
 
     def deadline_end(self, job: Job, now: int) -> spb.EndAttempt:
         """How a leased job's attempt ends once its deadline passed (``now``, the

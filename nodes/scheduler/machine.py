@@ -321,9 +321,11 @@ class SchedulerMachine:
 
     # -- proposing (primary) ------------------------------------------------------
 
-    def propose(self, queue: str, command: spb.SchedulerCommand) -> Proposal:
-        """Apply a command here and send it to the replicas."""
-        return self._group.propose(slot_for(queue), SCHEDULER, command.SerializeToString())
+    def propose(self, queue: str, command: spb.SchedulerCommand,
+                issued_ns: int | None = None) -> Proposal:
+        """Apply a command here and send it to the replicas (`Group.propose`)."""
+        return self._group.propose(slot_for(queue), SCHEDULER, command.SerializeToString(),
+                                   issued_ns)
 
 
 _APPLIERS: dict[str, Applier] = {

@@ -4,9 +4,12 @@ in order, each at its own instant; the unit conversions are exact enough."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 
 import pytest
 
+from common import event_loop
 from common.clock import (
     MILLISECOND,
     SECOND,
@@ -104,3 +107,38 @@ def test_seconds_round_trip() -> None:
         assert to_seconds(from_seconds(seconds)) == seconds
     assert from_seconds(9.999) == 9_999 * MILLISECOND
     assert from_seconds(-1.5) == -1500 * MILLISECOND
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_system_timers_never_fire_early_on_either_loop(loop: str) -> None:
+    """uvloop's own timers count whole milliseconds from a cached time and fire up
+    to about a millisecond early; the clock's timers wait out what is left."""
+
+    async def fired_early() -> tuple[int, int]:
+        early = cancelled_ran = 0
+        done = asyncio.get_running_loop().create_future()
+        pending = 0
+
+        def fire(target: int) -> None:
+            nonlocal early, pending
+            early += time.monotonic_ns() < target
+            pending -= 1
+            if pending == 0:
+                done.set_result(None)
+
+        def ran_anyway() -> None:
+            nonlocal cancelled_ran
+            cancelled_ran += 1
+
+        for i in range(300):
+            delay = (i % 30) * MILLISECOND // 10  # 0 to 2.9 ms
+            pending += 1
+            SYSTEM_CLOCK.call_after(delay, functools.partial(fire, time.monotonic_ns() + delay))
+            SYSTEM_CLOCK.call_after(delay, ran_anyway).cancel()
+            if i % 10 == 0:
+                await asyncio.sleep(0)  # timers set from different loop iterations
+        await done
+        await asyncio.sleep(0.01)
+        return early, cancelled_ran
+
+    assert event_loop.run(fired_early(), loop) == (0, 0)

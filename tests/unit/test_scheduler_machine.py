@@ -236,6 +236,27 @@ def test_failures_retry_with_backoff_then_die_and_requeue_resets_the_budget() ->
     assert job_id not in m.state.jobs
 
 
+class _Ticking(ManualClock):
+    """A clock that moves a microsecond at every reading, as a real one does."""
+
+    reads = 0
+
+    def wall_ns(self) -> int:
+        self.reads += 1
+        return super().wall_ns() + self.reads * 1_000
+
+
+def test_a_retry_waits_its_whole_delay_from_the_failure_it_stamps() -> None:
+    """The attempt's finish time is the instant its retry's delay counts from, so
+    the next attempt can never start less than the delay after it."""
+    m = _machine(_group(FakeJournal(), clock=_Ticking()))
+    job_id = _enqueue(m, max_attempts=3)
+    _, token = _one(m)
+    failed = m.decisions.fail(job_id, token, "boom", True, 400 * MILLISECOND)
+    (attempt,) = m.state.jobs[job_id].attempts
+    assert failed.run_ns - attempt.finish_ns == 400 * MILLISECOND
+
+
 def test_expired_leases_do_not_spend_attempts_but_are_capped() -> None:
     limits = SchedulerLimits(max_lease_losses=3)
     m = _machine(_group(FakeJournal(), limits=limits))
