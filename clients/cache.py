@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
 from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
 from clients.coalesce import BatchFailed, Coalescer, SendOne
-from clients.errors import MeshError, NoNodesError
+from clients.errors import InternalError, MeshError, NoNodesError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -28,6 +29,9 @@ Result = TypeVar("Result")
 TTL = float | timedelta | None
 
 _BATCH = 1000
+_LAST_CALL = 0.001
+"""Seconds a continued MGet gets at least, its deadline passed (it then fails as
+DeadlineExceededError, as any call out of time)."""
 
 # send(address, indexes, budget): one batch call to one node for keys[i] for i in indexes.
 Send = Callable[[str, list[int], float], Awaitable[None]]
@@ -185,8 +189,27 @@ class CacheClient:
 
     async def _get_many(self, address: str, keys: list[str], budget: float
                         ) -> Sequence[pb.GetResponse]:
-        r = await self._rpc(address, "MGet", pb.MGetRequest(keys=keys), budget)
-        return list(r.results)
+        return await self._mget(address, keys, budget)
+
+    async def _mget(self, address: str, keys: Sequence[str], budget: float
+                    ) -> list[pb.GetResponse]:
+        """The node's results for ``keys``, within ``budget`` seconds: in more than one
+        MGet when their values are more than one answer may hold (the node
+        answers those that fit, and says so)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        results: list[pb.GetResponse] = []
+        while True:
+            r = await self._rpc(address, "MGet", pb.MGetRequest(
+                keys=keys[len(results):], max_answer_bytes=self._mesh.max_message_bytes),
+                budget)
+            results.extend(r.results)
+            if not r.truncated or len(results) >= len(keys):
+                return results
+            if not r.results:  # never: a node answers at least one key
+                raise InternalError(f"{address} answered an MGet with no results",
+                                    code=grpc.StatusCode.INTERNAL)
+            budget = max(deadline - loop.time(), _LAST_CALL)
 
     async def set(
         self, key: str, value: Value, *, ttl: TTL = None, only_if_absent: bool = False,
@@ -293,13 +316,14 @@ class CacheClient:
     async def mget(
         self, keys: Sequence[str], *, timeout: float | None = None
     ) -> list[bytes | None]:
-        """Values for ``keys``, in order (None where missing). Nodes are asked in parallel."""
+        """Values for ``keys``, in order (None where missing). Nodes are asked in
+        parallel; a node's share whose values are more than one answer holds comes
+        in parts."""
         results: list[bytes | None] = [None] * len(keys)
 
         async def fetch(address: str, indexes: list[int], budget: float) -> None:
-            request = pb.MGetRequest(keys=[keys[i] for i in indexes])
-            r = await self._rpc(address, "MGet", request, budget)
-            for i, item in zip(indexes, r.results, strict=True):
+            found = await self._mget(address, [keys[i] for i in indexes], budget)
+            for i, item in zip(indexes, found, strict=True):
                 results[i] = item.value if item.found else None
 
         await self._batched(keys, fetch, timeout)

@@ -63,9 +63,12 @@ def _node_silent(error: MeshError) -> bool:
     return isinstance(error, DeadlineExceededError) or (
         isinstance(error, UnavailableError) and not error.reason)
 
+MAX_MESSAGE_BYTES = 32 << 20
+"""The largest message this client sends or takes (a node's default limit too)."""
+
 _CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 32 << 20),
-    ("grpc.max_send_message_length", 32 << 20),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -96,6 +99,9 @@ class Mesh:
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
     """
+
+    max_message_bytes = MAX_MESSAGE_BYTES
+    """The largest message this client's channels send or take."""
 
     def __init__(
         self,

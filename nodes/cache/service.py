@@ -46,6 +46,12 @@ Ctx: TypeAlias = grpc.aio.ServicerContext
 
 _EXPIRE_BATCH = 1000
 """Most keys one tick expires in a group before requests get their turn."""
+_RESULT_BYTES = 48
+"""Bytes an MGet result takes in the answer besides its value, at most: its own
+framing, ``found``, the value's tag and length, the version and an expiry."""
+_ANSWER_BYTES = 16
+"""Bytes an MGet answer takes besides its results (``truncated``), with room to spare."""
+_NOT_FOUND = pb.GetResponse()
 _POLICIES = {
     "lru": pb.EVICTION_POLICY_LRU,
     "lfu": pb.EVICTION_POLICY_LFU,
@@ -79,8 +85,10 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     tick_interval_ns = SECOND  # expiry sweeps: sooner when a key is due (see `tick`)
 
     def __init__(self, limits: CacheLimits, *, sync_replication: bool = True,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, max_message_bytes: int = 32 << 20) -> None:
+        """``max_message_bytes``: the node's message limit (an MGet answer stays within it)."""
         self.limits = limits
+        self.max_message_bytes = max_message_bytes
         self.clock = clock
         self.budget = Budget(limits.max_entries, limits.max_bytes)
         self.budget.donors = self._primary_stores
@@ -92,7 +100,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
     def create(cls, config: NodeConfig, journal: Journal | None,
                clock: Clock = SYSTEM_CLOCK) -> CacheService:
         return cls(config.cache, sync_replication=config.cache.replication == "sync",
-                   clock=clock)
+                   clock=clock, max_message_bytes=config.max_message_bytes)
 
     def machine(self, group: Group) -> CacheMachine:
         """The cache's state machine for a group (the replication layer's factory)."""
@@ -209,19 +217,39 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         v.check_batch(keys, "keys")
         for i, key in enumerate(keys):
             v.check_key(key, f"keys[{i}]")
+        room = self._answer_room(request.max_answer_bytes)
         local, remote = self.split(keys, context)
-        results: list[pb.GetResponse] = [pb.GetResponse()] * len(keys)
+        answers: list[Entry | pb.GetResponse | None] = [None] * len(keys)  # None: unanswered
         for group, indexes in local.values():
             get = _store(group).get
             for i in indexes:
-                entry = get(scoped(keys[i]))
-                results[i] = pb.GetResponse() if entry is None else _found(entry)
+                answers[i] = get(scoped(keys[i])) or _NOT_FOUND
         for target, indexes in remote.values():
-            share = pb.MGetRequest(keys=[keys[i] for i in indexes])
+            share = pb.MGetRequest(keys=[keys[i] for i in indexes],
+                                  max_answer_bytes=max(room, 1))
             answer = await self.forward(target, "MGet", share, context)
-            for i, result in zip(indexes, answer.results, strict=True):
-                results[i] = result
-        return pb.MGetResponse(results=results)
+            # A truncated answer holds a prefix of the share.
+            for i, result in zip(indexes, answer.results, strict=False):
+                answers[i] = result
+        # The results that fit, in key order: values are only copied into the
+        # answer once they are known to fit in it.
+        results: list[pb.GetResponse] = []
+        for answer in answers:
+            if answer is None:
+                break  # a forwarded share stopped short: the caller asks again from here
+            size = _RESULT_BYTES + (answer.ByteSize() if isinstance(answer, pb.GetResponse)
+                                    else len(answer[VALUE]))
+            if size > room and results:
+                break
+            room -= size
+            results.append(answer if isinstance(answer, pb.GetResponse) else _found(answer))
+        return pb.MGetResponse(results=results, truncated=len(results) < len(keys))
+
+    def _answer_room(self, requested: int) -> int:
+        """Bytes an MGet answer's results may take: within the caller's limit and
+        this node's (the answer's own fields aside)."""
+        limit = self.max_message_bytes
+        return (min(requested, limit) if requested else limit) - _ANSWER_BYTES
 
     async def MSet(self, request: pb.MSetRequest, context: Ctx) -> pb.MSetResponse:
         entries = request.entries

@@ -1,0 +1,100 @@
+"""MGets whose values are more than one message may hold, on three real nodes: a
+node answers the results that fit, in key order, and says the answer is
+truncated; the typed client asks again for the rest, so ``mget`` and coalesced
+gets of large values return every value (before, the answer was refused as
+larger than the message limit)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from clients import Mesh
+from common.localmesh import LocalMesh
+from mesh.cache.v1 import cache_pb2 as pb
+from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
+from tests.test_cache_pipeline import _calls
+
+Connect = Callable[..., Awaitable[Mesh]]
+MIB = 1 << 20
+
+
+def _keys(mesh: Mesh, prefix: str, count: int, *, at: str, here: bool = True) -> list[str]:
+    """``count`` keys led by the node at ``at`` (``here``) or by the others."""
+    keys: list[str] = []
+    i = 0
+    while len(keys) < count:
+        key = f"{prefix}:{i}"
+        if (mesh.route("cache", key).address == at) == here:
+            keys.append(key)
+        i += 1
+    return keys
+
+
+@pytest.fixture
+def stub_at(channel_at: Callable[[str], grpc.aio.Channel]
+            ) -> Callable[[str], pb_grpc.CacheServiceStub]:
+    return lambda address: pb_grpc.CacheServiceStub(channel_at(address))
+
+
+async def test_an_mget_of_more_than_a_message_returns_every_value_in_order(
+    shared_cluster: LocalMesh, mesh_client: Connect
+) -> None:
+    mesh = await mesh_client(cluster=shared_cluster.cluster)
+    owner = shared_cluster.nodes[0].address
+    # 36 MiB of values on one node: more than the 32 MiB one answer may hold.
+    keys = _keys(mesh, "parts", 36, at=owner)
+    for i, key in enumerate(keys):
+        await mesh.cache.set(key, bytes([i]) * MIB)
+    missing = _keys(mesh, "parts-missing", 1, at=owner)
+    asked = [*keys, *missing, keys[0]]
+    expected = [bytes([i]) * MIB for i in range(len(keys))] + [None, bytes([0]) * MIB]
+
+    before = await asyncio.to_thread(_calls, shared_cluster, "MGet")
+    assert await mesh.cache.mget(asked) == expected
+    after = await asyncio.to_thread(_calls, shared_cluster, "MGet")
+    assert after - before >= 2  # answered in parts
+
+    # Concurrent gets coalesce into one MGet; it too comes back in parts, and
+    # no get has to go alone.
+    gets = await asyncio.to_thread(_calls, shared_cluster, "Get")
+    assert await asyncio.gather(*(mesh.cache.get(k) for k in asked)) == expected
+    assert await asyncio.to_thread(_calls, shared_cluster, "Get") == gets
+
+
+async def test_a_node_answers_what_fits_in_key_order_and_says_it_is_truncated(
+    shared_cluster: LocalMesh, mesh_client: Connect, stub_at: Any
+) -> None:
+    mesh = await mesh_client(cluster=shared_cluster.cluster)
+    node = shared_cluster.nodes[0].address
+    here = _keys(mesh, "fits-here", 2, at=node)
+    elsewhere = _keys(mesh, "fits-away", 3, at=node, here=False)
+    value = b"v" * 100_000
+    await mesh.cache.mset([(k, value) for k in here + elsewhere])
+    stub = stub_at(node)
+
+    # Led here and forwarded shares alike: a prefix of the keys, in their order.
+    keys = [here[0], elsewhere[0], here[1], elsewhere[1]]
+    answer = await stub.MGet(pb.MGetRequest(keys=keys, max_answer_bytes=250_000))
+    assert [r.value for r in answer.results] == [value, value] and answer.truncated
+    rest = await stub.MGet(pb.MGetRequest(keys=keys[2:], max_answer_bytes=250_000))
+    assert [r.value for r in rest.results] == [value, value] and not rest.truncated
+
+    # A share forwarded whole to its owner comes back truncated as well.
+    answer = await stub.MGet(pb.MGetRequest(keys=elsewhere, max_answer_bytes=250_000))
+    assert len(answer.results) == 2 and answer.truncated
+
+    # However small the limit, at least one result: the caller always gets on.
+    answer = await stub.MGet(pb.MGetRequest(keys=keys, max_answer_bytes=1))
+    assert [r.value for r in answer.results] == [value] and answer.truncated
+
+    # Within the limit (or none given: the node's own), the whole answer.
+    for limit in (0, 1_000_000):
+        answer = await stub.MGet(pb.MGetRequest(keys=[*keys, "fits:missing"],
+                                                max_answer_bytes=limit))
+        assert [r.found for r in answer.results] == [True] * 4 + [False]
+        assert not answer.truncated
