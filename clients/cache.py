@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
 from clients.coalesce import BatchFailed, Coalescer, SendOne
-from clients.errors import InternalError, MeshError, NoNodesError
+from clients.errors import InternalError, InvalidArgumentError, MeshError, NoNodesError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -29,12 +29,35 @@ Result = TypeVar("Result")
 TTL = float | timedelta | None
 
 _BATCH = 1000
+_ENTRY_BYTES = 6
+"""Bytes an entry takes in an MSet request besides its own: its tag and length."""
+_MSET_BYTES = 1024
+"""Room left in an MSet request for what is not an entry, with much to spare."""
 _LAST_CALL = 0.001
 """Seconds a continued MGet gets at least, its deadline passed (it then fails as
 DeadlineExceededError, as any call out of time)."""
 
 # send(address, indexes, budget): one batch call to one node for keys[i] for i in indexes.
 Send = Callable[[str, list[int], float], Awaitable[None]]
+
+
+def _parts(indexes: list[int], groups: Sequence[int], sizes: Sequence[int], limit: int
+           ) -> list[list[int]]:
+    """One node's MSet entries (``indexes``) in parts of at most ``limit`` bytes,
+    a group's entries never split: MSet is atomic per group."""
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for i in indexes:
+        by_group[groups[i]].append(i)
+    parts: list[list[int]] = [[]]
+    room = limit
+    for group in by_group.values():
+        size = sum(sizes[i] for i in group)
+        if size > room and parts[-1]:
+            parts.append([])
+            room = limit
+        parts[-1].extend(group)
+        room -= size
+    return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +134,9 @@ class CacheClient:
         self._reads: Coalescer[str, pb.GetResponse] = Coalescer(
             self._get_one, self._get_many, _BATCH)
         self._writes: Coalescer[pb.MSetEntry, int] = Coalescer(
-            self._set_one, self._set_many, _BATCH, key=lambda entry: entry.key)
+            self._set_one, self._set_many, _BATCH, key=lambda entry: entry.key,
+            size=lambda entry: entry.ByteSize() + _ENTRY_BYTES,
+            max_bytes=mesh.max_message_bytes - _MSET_BYTES)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.CacheServiceStub, address, method, request, budget)
@@ -335,22 +360,57 @@ class CacheClient:
     ) -> list[int]:
         """Write many keys; returns their versions in order.
 
-        Atomic per node (all of a node's keys or none), not across nodes.
+        Atomic per group (the keys of some slots, led by one node: all of a
+        group's keys or none), not across groups. A node's share larger than a
+        message (32 MiB) goes as several MSets, each holding whole groups;
+        one group's keys over 32 MiB in one call are refused (InvalidArgumentError).
         """
         pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
         keys = [k for k, _ in pairs]
         versions = [0] * len(pairs)
         duration = _duration(ttl)
+        entries = [pb.MSetEntry(key=key, value=_bytes(value), ttl=duration)
+                   for key, value in pairs]
+        sizes = [entry.ByteSize() + _ENTRY_BYTES for entry in entries]
+        limit = self._mesh.max_message_bytes - _MSET_BYTES
+        groups = self._groups(keys, sizes, limit) if sum(sizes) > limit else None
 
         async def store(address: str, indexes: list[int], budget: float) -> None:
-            entries = [pb.MSetEntry(key=pairs[i][0], value=_bytes(pairs[i][1]), ttl=duration)
-                       for i in indexes]
-            r = await self._rpc(address, "MSet", pb.MSetRequest(entries=entries), budget)
-            for i, version in zip(indexes, r.versions, strict=True):
-                versions[i] = version
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + budget
+            parts = [indexes] if groups is None else _parts(indexes, groups, sizes, limit)
+            for part in parts:
+                r = await self._rpc(address, "MSet", pb.MSetRequest(
+                    entries=[entries[i] for i in part]), budget)
+                for i, version in zip(part, r.versions, strict=True):
+                    versions[i] = version
+                budget = max(deadline - loop.time(), _LAST_CALL)
 
         await self._batched(keys, store, timeout)
         return versions
+
+    def _groups(self, keys: Sequence[str], sizes: Sequence[int], limit: int) -> list[int]:
+        """Each key's group (as the map has it; 0: no map), once no group's keys
+        are more than ``limit`` bytes (else InvalidArgumentError, before anything is sent)."""
+        groups = [self._group(key) for key in keys]
+        totals: dict[int, int] = defaultdict(int)
+        for group, size in zip(groups, sizes, strict=True):
+            totals[group] += size
+        group, size = max(totals.items(), key=lambda item: item[1])
+        if size > limit:
+            raise InvalidArgumentError(
+                f"items: {size:,} bytes for keys written together atomically (one group's"
+                f"{'' if group else ', or every key while no map is known'}), more than one "
+                f"message holds ({limit:,}); write them in more than one call",
+                field_violations={"items": "more than one message for one group"})
+        return groups
+
+    def _group(self, key: str) -> int:
+        """The group of ``key``'s slot as the map has it (0: no map)."""
+        try:
+            return self._mesh.route("cache", key).group_id
+        except NoNodesError:
+            return 0
 
     def pipeline(self) -> CachePipeline:
         """Commands queued and sent together, batched by owner node, like redis-py's

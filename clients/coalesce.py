@@ -73,6 +73,8 @@ class _Batch(Generic[Item, Result]):
     """Loop time: the shortest of its callers' deadlines."""
     keys: set[Hashable] = field(default_factory=set)
     """The items' keys, when equal keys must not share a batch."""
+    size: int = 0
+    """The items' bytes in the batch call, when batches are bounded in bytes."""
     turn: asyncio.Future[None] | None = None
     """Set while the batch waits for a free call to its node."""
 
@@ -99,14 +101,20 @@ class Coalescer(Generic[Item, Result]):
 
     def __init__(self, send_one: SendOne[Item, Result], send_many: SendMany[Item, Result],
                  max_batch: int, key: Callable[[Item], Hashable] | None = None,
-                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 max_in_flight: int = MAX_IN_FLIGHT,
+                 size: Callable[[Item], int] | None = None, max_bytes: int = 0) -> None:
         """``key``: items with equal keys never share a batch (the second goes alone),
         for calls whose batch form would merge them (MSet keeps a repeated key's
         last value and gives every occurrence its version). ``max_in_flight``:
-        calls open to one node before a new batch waits (see the module's text)."""
+        calls open to one node before a new batch waits (see the module's text).
+        ``size``: an item's bytes in the batch call, which then holds at most
+        ``max_bytes`` of them (a message's limit; an item that would pass it
+        starts the next batch)."""
         self._send_one = send_one
         self._send_many = send_many
         self._max_batch = max_batch
+        self._size = size
+        self._max_bytes = max_bytes
         self._key = key
         self._max_in_flight = max_in_flight
         self._pending: dict[str, _Batch[Item, Result]] = {}
@@ -119,18 +127,20 @@ class Coalescer(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         batch = self._pending.get(address)
-        if batch is not None and len(batch.items) < self._max_batch:
-            if self._key is None:
-                return await self._join(batch, item, deadline)
-            key = self._key(item)
-            if key in batch.keys:
-                return await self._send_alone(address, item, deadline)
-            batch.keys.add(key)
+        size = 0 if self._size is None else self._size(item)
+        if batch is not None and len(batch.items) < self._max_batch and (
+                not size or batch.size + size <= self._max_bytes):
+            if self._key is not None:
+                key = self._key(item)
+                if key in batch.keys:
+                    return await self._send_alone(address, item, deadline)
+                batch.keys.add(key)
+            batch.size += size
             return await self._join(batch, item, deadline)
         # The first call of the turn opens the batch, then yields once: every other
         # task that is ready in this turn runs, and those bound for this node join.
         opener: asyncio.Future[Result] = loop.create_future()
-        batch = self._pending[address] = _Batch([item], [opener], deadline)
+        batch = self._pending[address] = _Batch([item], [opener], deadline, size=size)
         if self._key is not None:
             batch.keys.add(self._key(item))
         try:

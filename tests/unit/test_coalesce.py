@@ -76,6 +76,19 @@ async def test_a_batch_carries_its_shortest_deadline_and_splits_at_max_batch() -
     assert node.manys == [("a", [0, 1, 2], approx(2.0)), ("a", [3, 4], approx(1.0))]
 
 
+async def test_a_batch_bounded_in_bytes_never_holds_more() -> None:
+    node = Node()
+    c: Coalescer[int, int] = Coalescer(node.one, node.many, max_batch=100,
+                                       size=lambda i: i, max_bytes=10)
+    assert await asyncio.gather(*(c.call("a", i, 5.0) for i in (4, 6, 1, 3))) == [
+        40, 60, 10, 30]
+    # 4 and 6 fill the first batch; 1 would pass 10 bytes, so it opens the next.
+    assert node.manys == [("a", [4, 6], approx(5.0)), ("a", [1, 3], approx(5.0))]
+    # An item larger than any batch may be goes as the ordinary call.
+    assert await c.call("a", 12, 5.0) == 120
+    assert node.ones == [("a", 12, approx(5.0))]
+
+
 async def test_a_failed_batch_tells_every_caller_to_go_alone() -> None:
     error = unavailable()
     node = Node(fail=error)

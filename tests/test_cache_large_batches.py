@@ -1,8 +1,9 @@
-"""MGets whose values are more than one message may hold, on three real nodes: a
-node answers the results that fit, in key order, and says the answer is
-truncated; the typed client asks again for the rest, so ``mget`` and coalesced
-gets of large values return every value (before, the answer was refused as
-larger than the message limit)."""
+"""Batches whose values are more than one message (32 MiB) may hold, on three
+real nodes. An MGet: the node answers the results that fit, in key order, and
+says the answer is truncated; the typed client asks again for the rest. An
+MSet: the typed client sends a node's share in parts of whole groups, and
+coalesced sets in batches that fit. (Before, such calls were refused as larger
+than the message limit.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clients import Mesh
+from clients import InvalidArgumentError, Mesh
 from common.localmesh import LocalMesh
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -98,3 +99,40 @@ async def test_a_node_answers_what_fits_in_key_order_and_says_it_is_truncated(
                                                 max_answer_bytes=limit))
         assert [r.found for r in answer.results] == [True] * 4 + [False]
         assert not answer.truncated
+
+
+async def test_an_mset_of_more_than_a_message_goes_in_parts_of_whole_groups(
+    shared_cluster: LocalMesh, mesh_client: Connect
+) -> None:
+    mesh = await mesh_client(cluster=shared_cluster.cluster)
+    owner = shared_cluster.nodes[1].address
+    keys = _keys(mesh, "mset-parts", 36, at=owner)
+    values = [bytes([i]) * MIB for i in range(len(keys))]
+    before = await asyncio.to_thread(_calls, shared_cluster, "MSet")
+    versions = await mesh.cache.mset(list(zip(keys, values, strict=True)))
+    assert len(versions) == len(keys) and all(v > 0 for v in versions)
+    assert await asyncio.to_thread(_calls, shared_cluster, "MSet") - before >= 2
+    assert await mesh.cache.mget(keys) == values
+
+    # Coalesced sets: batches that fit, none refused and sent again alone.
+    sets = await asyncio.to_thread(_calls, shared_cluster, "Set")
+    before = await asyncio.to_thread(_calls, shared_cluster, "MSet")
+    again = [bytes([255 - i]) * MIB for i in range(len(keys))]
+    versions = await asyncio.gather(*(mesh.cache.set(k, v)
+                                      for k, v in zip(keys, again, strict=True)))
+    assert all(v > 0 for v in versions)
+    assert await asyncio.to_thread(_calls, shared_cluster, "Set") == sets
+    assert await asyncio.to_thread(_calls, shared_cluster, "MSet") - before >= 2
+    assert await mesh.cache.mget(keys) == again
+
+
+async def test_an_mset_of_one_group_over_a_message_is_refused_naming_items(
+    shared_cluster: LocalMesh, mesh_client: Connect
+) -> None:
+    mesh = await mesh_client(cluster=shared_cluster.cluster)
+    # One hash tag: one slot, so one group (which MSet writes atomically).
+    items = [(f"{{one-group}}:{i}", b"x" * MIB) for i in range(34)]
+    with pytest.raises(InvalidArgumentError) as refused:
+        await mesh.cache.mset(items)
+    assert "items" in refused.value.field_violations
+    assert await mesh.cache.get(items[0][0]) is None  # nothing written
