@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
-from clients.coalesce import BatchFailed, Coalescer, SendOne
+from clients.coalesce import BATCH_BYTES, BatchFailed, Coalescer, SendOne, in_batch
 from clients.errors import InternalError, InvalidArgumentError, MeshError, NoNodesError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
@@ -29,10 +29,6 @@ Result = TypeVar("Result")
 TTL = float | timedelta | None
 
 _BATCH = 1000
-_ENTRY_BYTES = 6
-"""Bytes an entry takes in an MSet request besides its own: its tag and length."""
-_MSET_BYTES = 1024
-"""Room left in an MSet request for what is not an entry, with much to spare."""
 _LAST_CALL = 0.001
 """Seconds a continued MGet gets at least, its deadline passed (it then fails as
 DeadlineExceededError, as any call out of time)."""
@@ -135,8 +131,7 @@ class CacheClient:
             self._get_one, self._get_many, _BATCH)
         self._writes: Coalescer[pb.MSetEntry, int] = Coalescer(
             self._set_one, self._set_many, _BATCH, key=lambda entry: entry.key,
-            size=lambda entry: entry.ByteSize() + _ENTRY_BYTES,
-            max_bytes=mesh.max_message_bytes - _MSET_BYTES)
+            size=in_batch, max_bytes=mesh.max_message_bytes - BATCH_BYTES)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.CacheServiceStub, address, method, request, budget)
@@ -371,8 +366,8 @@ class CacheClient:
         duration = _duration(ttl)
         entries = [pb.MSetEntry(key=key, value=_bytes(value), ttl=duration)
                    for key, value in pairs]
-        sizes = [entry.ByteSize() + _ENTRY_BYTES for entry in entries]
-        limit = self._mesh.max_message_bytes - _MSET_BYTES
+        sizes = [in_batch(entry) for entry in entries]
+        limit = self._mesh.max_message_bytes - BATCH_BYTES
         groups = self._groups(keys, sizes, limit) if sum(sizes) > limit else None
 
         async def store(address: str, indexes: list[int], budget: float) -> None:

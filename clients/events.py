@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from clients.coalesce import CoalescedCall
+from clients.coalesce import BATCH_BYTES, CoalescedCall, in_batch
 from clients.errors import (
     InvalidArgumentError,
     MeshError,
@@ -111,7 +111,8 @@ class EventsClient:
             owner=lambda r: self._owner(r.stream) if self.coalesce else None,
             alone=self._append_alone, many=self._append_many, refusal=pb.ItemError,
             error=_item_error, timeout=lambda: mesh.timeout, max_batch=_BATCH,
-            key=lambda r: r.stream)
+            key=lambda r: r.stream, size=in_batch,
+            max_bytes=mesh.max_message_bytes - BATCH_BYTES)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.EventsServiceStub, address, method, request, budget)

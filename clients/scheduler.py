@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from clients.coalesce import MAX_IN_FLIGHT, CoalescedCall
+from clients.coalesce import BATCH_BYTES, MAX_IN_FLIGHT, CoalescedCall, chunks, in_batch
 from clients.errors import (
     InvalidArgumentError,
     MeshError,
@@ -220,7 +220,8 @@ class SchedulerClient:
             many=many, refusal=pb.ItemError,
             error=lambda item, address: _item_error(item, address, field),
             timeout=lambda: self._mesh.timeout, max_batch=MAX_BATCH,
-            key=key if distinct else None, max_in_flight=max_in_flight)
+            key=key if distinct else None, max_in_flight=max_in_flight,
+            size=in_batch, max_bytes=self._mesh.max_message_bytes - BATCH_BYTES)
 
     async def _rpc(self, address: str, method: str, request: Any, budget: float) -> Any:
         return await self._mesh.call(pb_grpc.SchedulerServiceStub, address, method, request,
@@ -326,15 +327,17 @@ class SchedulerClient:
                     for i, r in zip(indexes, reply.results, strict=True)]
 
         await self._per_owner([r.queue for r in requests], chunk, timeout, "jobs", out,
-                              _enqueue_result)
+                              _enqueue_result, [in_batch(r) for r in requests])
         return [r for r in out if r is not None]
 
     async def _per_owner(self, keys: list[str], send: Any, timeout: float | None,
-                         field: str, out: list[Any], parse: Any) -> None:
-        """Items by the node leading their key, one batch call per node and chunk,
-        all at once; items the node could not take (UNAVAILABLE, WRONG_OWNER) go
-        again, re-routed, until ``timeout``. Fills ``out[i]`` with ``parse(answer)``
-        or the item's MeshError (a whole call that failed: its error, for each of
+                         field: str, out: list[Any], parse: Any,
+                         sizes: Sequence[int]) -> None:
+        """Items by the node leading their key, one batch call per node and chunk
+        (of at most MAX_BATCH items and a message's bytes: ``sizes``), all at
+        once; items the node could not take (UNAVAILABLE, WRONG_OWNER) go again,
+        re-routed, until ``timeout``. Fills ``out[i]`` with ``parse(answer)`` or
+        the item's MeshError (a whole call that failed: its error, for each of
         its items)."""
         budget = self._mesh.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
@@ -346,16 +349,17 @@ class SchedulerClient:
             for i in todo:
                 target = self._mesh.route(SERVICE, keys[i])
                 groups.setdefault(target.address if target.owner else None, []).append(i)
-            chunks = [indexes[k:k + MAX_BATCH] for indexes in groups.values()
-                      for k in range(0, len(indexes), MAX_BATCH)]
-            addresses = [address for address, indexes in groups.items()
-                         for _ in range(0, len(indexes), MAX_BATCH)]
+            limit = self._mesh.max_message_bytes - BATCH_BYTES
+            cut = {address: chunks(indexes, MAX_BATCH, sizes, limit)
+                   for address, indexes in groups.items()}
+            batches = [batch for address in cut for batch in cut[address]]
+            addresses = [address for address in cut for _ in cut[address]]
             left = max(0.01, give_up - loop.time())
             answers = await asyncio.gather(
-                *(send(a, c, left) for a, c in zip(addresses, chunks, strict=True)),
+                *(send(a, c, left) for a, c in zip(addresses, batches, strict=True)),
                 return_exceptions=True)
             todo, moved = [], False
-            for indexes, answer in zip(chunks, answers, strict=True):
+            for indexes, answer in zip(batches, answers, strict=True):
                 if isinstance(answer, MeshError):
                     for i in indexes:
                         out[i] = answer
@@ -522,7 +526,7 @@ class SchedulerClient:
                     for i, r in zip(indexes, reply.results, strict=True)]
 
         await self._per_owner([r.job_id for r in requests], chunk, timeout, "leases", out,
-                              _expiry)
+                              _expiry, [in_batch(r) for r in requests])
         return out
 
     async def heartbeat(self, job_id: str, lease_token: int, *, extend: float | None = None,

@@ -126,6 +126,8 @@ def test_error_description_keeps_the_end_of_the_traceback() -> None:
 class FakeMesh:
     """What SchedulerClient uses of a Mesh: nodes per queue from ``owners``."""
 
+    max_message_bytes = 32 << 20
+
     def __init__(self, owners: dict[str, str] | None = None) -> None:
         self.timeout = 1.0
         self.epoch = 0
