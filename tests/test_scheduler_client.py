@@ -474,3 +474,30 @@ async def test_concurrent_enqueues_and_completes_coalesce_with_their_own_answers
         assert isinstance(answer, float), (i, answer)
         got = await mesh.scheduler.get_job(job.job_id)
         assert (got.state, got.result) == (JobState.SUCCEEDED, f"r{i}".encode())
+
+
+async def test_jobs_whose_payloads_fill_more_than_a_message_are_enqueued_and_run(
+        mesh: Mesh) -> None:
+    # 40 jobs of ~1 MB in one queue (one node): 40 MB, more than the 32 MiB a
+    # message holds. The batch goes in parts; the node leases only what its
+    # answer can carry (before, the answer was refused after its jobs were
+    # leased, and they sat leased until the lease ran out).
+    queue = "big-payloads"
+    results = await mesh.scheduler.enqueue_many(
+        [NewJob(queue, "size", bytes([i]) * 1_000_000) for i in range(40)])
+    assert all(isinstance(r, EnqueueResult) for r in results)
+    claimed = await mesh.scheduler.claim(queue, max_jobs=40)
+    assert 0 < len(claimed) < 40
+    for job in claimed:
+        await mesh.scheduler.complete(job.job_id, job.lease_token, b"")
+
+    async def size(job: JobContext) -> bytes:
+        return str(len(job.payload)).encode()
+
+    async with Worker(mesh, [queue], {"size": size}, concurrency=40, poll=0.2) as worker:
+        await _until(lambda: _done(worker, 40 - len(claimed)))
+    assert worker.stats.lost == 0
+    for result in results:
+        assert isinstance(result, EnqueueResult)
+        stored = await mesh.scheduler.get_job(result.job_id)
+        assert stored.state is JobState.SUCCEEDED and len(stored.attempts) == 1

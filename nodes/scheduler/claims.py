@@ -24,9 +24,35 @@ if TYPE_CHECKING:
     from nodes.scheduler.leader import Leader
     from nodes.scheduler.machine import SchedulerMachine
 
-__all__ = ["ClaimWaiter", "Claimed", "claim", "pick"]
+__all__ = ["ClaimWaiter", "Claimed", "Room", "claim", "pick"]
 
 Source = tuple["SchedulerMachine", Queue]
+
+_JOB_BYTES = 128
+"""Bytes a claimed job takes in an answer besides its payload and names, at most."""
+
+
+class Room:
+    """Bytes of claimed jobs one answer may still carry (a Claim's, or a batch's,
+    shared by its items), so that it fits in a message: large payloads would
+    otherwise make an answer the node cannot send, after leasing its jobs. The
+    first job always fits, so a claim never stays empty for want of room."""
+
+    __slots__ = ("left", "taken")
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.taken = False
+
+    def fits(self, job: Job) -> bool:
+        """Whether ``job`` fits; if it does, its bytes are taken."""
+        size = len(job.payload) + 4 * (len(job.job_id) + len(job.queue) + len(job.type)) \
+            + _JOB_BYTES  # (4: a character's UTF-8 bytes at most)
+        if size > self.left and self.taken:
+            return False
+        self.left -= size
+        self.taken = True
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +65,10 @@ class Claimed:
     token: int
 
 
-def pick(sources: Sequence[Source], max_jobs: int, now: int
+def pick(sources: Sequence[Source], max_jobs: int, now: int, room: Room
          ) -> dict[SchedulerMachine, list[Job]]:
-    """Take up to ``max_jobs`` ready jobs out of the queues' indexes, best first."""
+    """Take up to ``max_jobs`` ready jobs out of the queues' indexes, best first,
+    while they fit in ``room``."""
     for _, queue in sources:
         if queue.delayed:
             queue.promote(now)
@@ -56,16 +83,18 @@ def pick(sources: Sequence[Source], max_jobs: int, now: int
         if best is None:
             break
         _, job, (machine, queue) = best
+        if not room.fits(job):
+            break
         queue.take(job)
         picked.setdefault(machine, []).append(job)
         count += 1
     return picked
 
 
-def claim(sources: Sequence[Source], worker_id: str, max_jobs: int, lease_ns: int, now: int
-          ) -> list[Claimed]:
-    """Lease up to ``max_jobs`` ready jobs to ``worker_id``."""
-    picked = pick(sources, max_jobs, now)
+def claim(sources: Sequence[Source], worker_id: str, max_jobs: int, lease_ns: int, now: int,
+          room: Room) -> list[Claimed]:
+    """Lease up to ``max_jobs`` ready jobs to ``worker_id``, as many as fit in ``room``."""
+    picked = pick(sources, max_jobs, now, room)
     return [machine.decisions.lease(jobs, worker_id, lease_ns)
             for machine, jobs in picked.items()]
 
@@ -77,6 +106,7 @@ class ClaimWaiter:
     worker_id: str
     max_jobs: int
     lease_ns: int
+    room: Room
     future: asyncio.Future[list[Claimed]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     places: list[tuple[Leader, list[str]]] = field(default_factory=list)

@@ -20,7 +20,7 @@ from common.errors import MeshStatusError, ServiceError
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.scheduler import errors
-from nodes.scheduler.claims import Claimed, Source, claim, pick
+from nodes.scheduler.claims import Claimed, Room, Source, claim, pick
 from nodes.scheduler.model import DEAD, LEASED, WAITING, Job, Schedule
 from nodes.scheduler.state import lease_token
 
@@ -70,6 +70,8 @@ class Next:
     worker_id: str
     max_jobs: int
     lease_ns: int
+    room: Room
+    """What the answer may still carry (a batch's items share one)."""
 
 
 class Decisions:
@@ -263,7 +265,7 @@ class Decisions:
         ``then``, lease the next jobs too: this group's in the same command, other
         groups' in their own."""
         command = spb.EndAttempts(ends=[end])
-        picked = pick(then.sources, then.max_jobs, now) if then else {}
+        picked = pick(then.sources, then.max_jobs, now, then.room) if then else {}
         mine = picked.pop(self._machine, [])
         if then is not None and mine:
             command.lease.CopyFrom(spb.LeaseJobs(job_ids=[j.job_id for j in mine],
@@ -331,7 +333,7 @@ class Decisions:
             then = items[k][3]
             if then is None:
                 continue
-            picked = pick(then.sources, then.max_jobs, now)
+            picked = pick(then.sources, then.max_jobs, now, then.room)
             jobs = picked.pop(self._machine, [])
             if jobs and lease in (None, (then.worker_id, then.lease_ns)):
                 lease = (then.worker_id, then.lease_ns)
@@ -358,7 +360,7 @@ class Decisions:
         if then is None:
             return []
         return claim(then.sources, then.worker_id, then.max_jobs, then.lease_ns,
-                     self.clock.wall_ns())
+                     self.clock.wall_ns(), then.room)
 
     def fail(self, job_id: str, token: int, error: str, retryable: bool,
              retry_delay_ns: int | None, then: Next | None = None) -> Failed:

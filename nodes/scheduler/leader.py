@@ -226,7 +226,7 @@ class Leader:
                            if leader is self for name in names
                            if (queue := state.queues.get(name)) is not None]
                 claimed = claim(sources, waiter.worker_id, waiter.max_jobs, waiter.lease_ns,
-                                now)
+                                now, waiter.room)
                 if not claimed:
                     break  # nothing ready any more in this queue
                 waiter.grant(claimed)

@@ -38,7 +38,7 @@ from nodes.replication.manager import Redirect, Replication
 from nodes.routing import routed
 from nodes.scheduler import errors
 from nodes.scheduler import validation as v
-from nodes.scheduler.claims import Claimed, ClaimWaiter, claim
+from nodes.scheduler.claims import Claimed, ClaimWaiter, Room, claim
 from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
 from nodes.scheduler.model import DEAD
@@ -97,8 +97,10 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     descriptor = pb.DESCRIPTOR.services_by_name["SchedulerService"]
 
     def __init__(self, limits: SchedulerLimits, journal: Journal,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, max_message_bytes: int = 32 << 20) -> None:
+        """``max_message_bytes``: the node's message limit (claimed jobs stay within it)."""
         self.limits = limits
+        self.max_message_bytes = max_message_bytes
         self.clock = clock
         self._journal = journal
         journal.create_tables(SCHEMA, TABLES)
@@ -107,7 +109,8 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
     @classmethod
     def create(cls, config: NodeConfig, journal: Journal | None,
                clock: Clock = SYSTEM_CLOCK) -> SchedulerService:
-        return cls(config.scheduler, needs_journal(journal, cls.name), clock)
+        return cls(config.scheduler, needs_journal(journal, cls.name), clock,
+                   config.max_message_bytes)
 
     def machine(self, group: Group) -> SchedulerMachine:
         """The scheduler state machine for a group (the replication layer's factory)."""
@@ -242,21 +245,23 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         sources = [(m, queue) for group, names in local.items()
                    for m in (machine_of(group),) for name in names
                    if (queue := m.state.queues.get(name)) is not None]
-        claimed = claim(sources, request.worker_id, max_jobs, lease_ns, self.clock.wall_ns())
+        room = self._room()
+        claimed = claim(sources, request.worker_id, max_jobs, lease_ns, self.clock.wall_ns(),
+                        room)
         if not claimed and wait_ns:
             remaining = context.time_remaining()
             if remaining is not None:
                 wait_ns = min(wait_ns, int(remaining * 1e9) - _DEADLINE_MARGIN_NS)
             if wait_ns > 0:
                 claimed = await self._wait(local, request.worker_id, max_jobs, lease_ns,
-                                           wait_ns)
+                                           wait_ns, room)
         return pb.ClaimResponse(jobs=await _committed(claimed))
 
     @staticmethod
     async def _wait(local: dict[Group, list[str]], worker_id: str, max_jobs: int,
-                    lease_ns: int, wait_ns: int) -> list[Claimed]:
+                    lease_ns: int, wait_ns: int, room: Room) -> list[Claimed]:
         """Wait (long poll) until jobs are leased to this call, or time runs out."""
-        waiter = ClaimWaiter(worker_id, max_jobs, lease_ns)
+        waiter = ClaimWaiter(worker_id, max_jobs, lease_ns, room)
         for group, names in local.items():
             leader = machine_of(group).leader
             if leader is None:
@@ -277,9 +282,16 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             return []
         return future.result()
 
-    def _next(self, request: pb.CompleteRequest | pb.FailRequest) -> Next | None:
+    def _room(self) -> Room:
+        """The room for claimed jobs in one answer: three quarters of a message,
+        the rest left for what else a batch's answer holds."""
+        return Room(self.max_message_bytes * 3 // 4)
+
+    def _next(self, request: pb.CompleteRequest | pb.FailRequest, room: Room | None = None
+              ) -> Next | None:
         """A Complete's or Fail's ``next``, checked: what is ready in those of its
-        queues this node leads (unset: None)."""
+        queues this node leads (unset: None), within ``room`` (a batch's, shared;
+        else its own)."""
         if not request.HasField("next"):
             return None
         assert self.forwarder is not None
@@ -289,7 +301,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                    if isinstance(group := resolve(slot_for(name)), Group) and group.writable
                    for m in (machine_of(group),)
                    if (queue := m.state.queues.get(scoped(name))) is not None]
-        return Next(sources, worker_id, most, lease_ns)
+        return Next(sources, worker_id, most, lease_ns, room if room is not None else self._room())
 
     @routed("job_id")
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx,
@@ -369,11 +381,12 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         errors_: dict[int, pb.ItemError] = {}
         nexts: list[Next | None] = []
         keys: list[str | None] = []
+        room = self._room()  # the next jobs of every item: one answer
         for i, c in enumerate(completes):
             try:
                 v.check_job_id(c.job_id)
                 v.check_result(c.result, self.limits)
-                nexts.append(self._next(c))
+                nexts.append(self._next(c, room))
                 keys.append(c.job_id)
             except MeshStatusError as exc:
                 errors_[i] = item_error(exc, f"completes[{i}].")

@@ -23,7 +23,7 @@ from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.scheduler import machine as machine_module
 from nodes.scheduler import validation as v
-from nodes.scheduler.claims import Claimed, claim
+from nodes.scheduler.claims import Claimed, ClaimWaiter, Room, claim
 from nodes.scheduler.decisions import Enqueued, Next
 from nodes.scheduler.leader import Leader
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
@@ -94,9 +94,14 @@ def _enqueue_request(m: SchedulerMachine, request_id: str, queue: str = "q",
 
 
 def _claim(m: SchedulerMachine, *queues: str, n: int = 1, lease: float = 30,
-           worker: str = "w", now: int | None = None) -> list[Claimed]:
+           worker: str = "w", now: int | None = None, room: int = 24 << 20
+           ) -> list[Claimed]:
     sources = [(m, m.state.queues[q]) for q in queues or ("q",) if q in m.state.queues]
-    return claim(sources, worker, n, int(lease * S), now or m.clock.wall_ns())
+    return claim(sources, worker, n, int(lease * S), now or m.clock.wall_ns(), _room(room))
+
+
+def _room(size: int = 24 << 20) -> Room:
+    return Room(size)
 
 
 def _one(m: SchedulerMachine, **kwargs: Any) -> tuple[str, int]:
@@ -435,8 +440,7 @@ def test_stepping_down_ends_waiting_claims() -> None:
     async def scenario() -> None:
         group = _group(FakeJournal())
         m = _machine(group)
-        from nodes.scheduler.claims import ClaimWaiter
-        waiter = ClaimWaiter("w", 1, 30 * S)
+        waiter = ClaimWaiter("w", 1, 30 * S, _room())
         _leader(m).add_waiter(waiter, ["q"])
         group.step_down(2, "test")
         assert m.leader is None
@@ -448,10 +452,9 @@ def test_stepping_down_ends_waiting_claims() -> None:
 
 
 async def test_waiters_are_served_in_order_when_jobs_come() -> None:
-    from nodes.scheduler.claims import ClaimWaiter
     clock = ManualClock()
     m = _machine(_group(FakeJournal(), clock=clock))
-    first, second = ClaimWaiter("a", 5, 30 * S), ClaimWaiter("b", 5, 30 * S)
+    first, second = ClaimWaiter("a", 5, 30 * S, _room()), ClaimWaiter("b", 5, 30 * S, _room())
     _leader(m).add_waiter(first, ["q"])
     _leader(m).add_waiter(second, ["q", "r"])
     job_id = _enqueue(m)
@@ -701,7 +704,7 @@ def test_a_complete_or_fail_leases_the_next_jobs_in_the_same_command() -> None:
     other = _enqueue(m, "r")
     job_id, token = _one(m)
     assert job_id == ids[0]
-    then = Next([(m, m.state.queues["q"]), (m, m.state.queues["r"])], "w2", 2, 20 * S)
+    then = Next([(m, m.state.queues["q"]), (m, m.state.queues["r"])], "w2", 2, 20 * S, _room())
     seq = primary.log.last_seq
     _, done_seq, claimed = m.decisions.complete(job_id, token, b"ok", then)
     assert done_seq == seq + 1 == primary.log.last_seq  # the end and the lease: one command
@@ -711,7 +714,7 @@ def test_a_complete_or_fail_leases_the_next_jobs_in_the_same_command() -> None:
                for j in lease.jobs)
     assert m.state.jobs[job_id].state == SUCCEEDED
     failed = m.decisions.fail(ids[1], lease.token, "no", True, None,
-                              Next([(m, m.state.queues["q"])], "w2", 5, 20 * S))
+                              Next([(m, m.state.queues["q"])], "w2", 5, 20 * S, _room()))
     assert [j.job_id for c in failed.claimed for j in c.jobs] == [ids[3]]  # not the retry
     assert m.state.jobs[ids[1]].state == WAITING and other in m.state.jobs
     _replay(primary, replica)
@@ -727,8 +730,8 @@ def test_a_batch_of_completes_is_one_command_and_answers_each() -> None:
     token = lease.token
     done, _, _ = m.decisions.complete(third, token, b"before")  # a repeat, below
     q = m.state.queues["q"]
-    then = Next([(m, q)], "w", 2, 20 * S)
-    other = Next([(m, q)], "w-other", 1, 20 * S)  # another worker: its own command
+    then = Next([(m, q)], "w", 2, 20 * S, _room())
+    other = Next([(m, q)], "w-other", 1, 20 * S, _room())  # another worker: its own command
     seq = primary.log.last_seq
     answers = m.decisions.complete_many([
         (first, token, b"1", then), (second, token + 1, b"x", None),  # a stale token
@@ -806,3 +809,30 @@ def test_a_job_keeps_its_latest_attempts_only() -> None:
     assert job.state == WAITING and job.attempt_count == MAX_HISTORY + 5
     assert [a.number for a in job.attempts] == list(range(6, MAX_HISTORY + 6))
     assert all(a.outcome == pb.ATTEMPT_OUTCOME_FAILED for a in job.attempts)
+
+
+def test_a_claim_takes_only_the_jobs_that_fit_in_one_answer() -> None:
+    m = _machine(_group(FakeJournal()))
+    ids = [_enqueue(m, payload=b"p" * 10_000) for _ in range(3)]
+    # 10 kB payloads (and their names) in 25 kB of room: two fit, the third waits.
+    (lease,) = _claim(m, n=3, room=25_000)
+    assert [j.job_id for j in lease.jobs] == ids[:2]
+    assert m.state.jobs[ids[2]].state == WAITING
+    # A job larger than the whole room still goes: a claim never stays empty for it.
+    (lease,) = _claim(m, n=3, room=100)
+    assert [j.job_id for j in lease.jobs] == ids[2:]
+
+
+def test_a_batch_of_completes_shares_one_answers_room_for_the_next_jobs() -> None:
+    m = _machine(_group(FakeJournal()))
+    ids = [_enqueue(m, payload=b"p" * 10_000, priority=9 - i) for i in range(6)]
+    (lease,) = _claim(m, n=2)
+    q = m.state.queues["q"]
+    room = _room(25_000)
+    answers = m.decisions.complete_many([
+        (job.job_id, lease.token, b"", Next([(m, q)], "w", 2, 20 * S, room))
+        for job in lease.jobs])
+    claimed = [j.job_id for answer in answers if not isinstance(answer, Exception)
+               for c in answer[2] for j in c.jobs]
+    assert claimed == ids[2:4]  # two fit the one answer, not two for each Complete
+    assert all(m.state.jobs[i].state == WAITING for i in ids[4:])
