@@ -8,9 +8,10 @@ reports a change a failover could still undo.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, TypeAlias, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from common import pagetoken, tenancy
 from common.tenancy import scoped
@@ -31,6 +32,21 @@ __all__ = ["Reads"]
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
 _SETTLE_TRIES = 3
+MAX_PAGE_BYTES = 4 << 20
+"""Bytes of jobs or schedules a page holds at most (besides the first, always
+there): payloads of up to a MiB each would otherwise make a page of 1,000 too
+large to send."""
+V = TypeVar("V", bound=Message)
+
+
+def _within_page(views: list[V]) -> list[V]:
+    """The first of ``views`` that fit in `MAX_PAGE_BYTES` (at least one)."""
+    size = 0
+    for n, view in enumerate(views):
+        size += view.ByteSize()
+        if n and size > MAX_PAGE_BYTES:
+            return views[:n]
+    return views
 
 
 def _machine(group: Group) -> SchedulerMachine:
@@ -123,10 +139,10 @@ class Reads(Routed):
         ids = queue.dead_after(after, size + 1)
         now = self.clock.wall_ns()
         jobs = [machine.state.jobs[i] for i in ids[:size]]
-        response = pb.ListDeadLettersResponse(jobs=[job_view(j, now) for j in jobs],
-                                              total=len(queue.dead))
-        if len(ids) > size:
-            last = jobs[-1]
+        views = _within_page([job_view(j, now) for j in jobs])
+        response = pb.ListDeadLettersResponse(jobs=views, total=len(queue.dead))
+        if len(ids) > len(views):
+            last = jobs[len(views) - 1]
             response.next_page_token = pagetoken.encode(_DEAD_LETTERS, last.finish_ns,
                                                         last.job_id)
         return response
@@ -140,8 +156,8 @@ class Reads(Routed):
         machine = await self._settled_queue(group, request)
         found = sorted((sid, s) for (queue, sid), s in machine.state.schedules.items()
                        if queue == request.queue and sid > after_id)
-        response = pb.ListSchedulesResponse(
-            schedules=[schedule_view(s) for _, s in found[:size]])
-        if len(found) > size:
-            response.next_page_token = pagetoken.encode(_SCHEDULES, found[size - 1][0])
+        views = _within_page([schedule_view(s) for _, s in found[:size]])
+        response = pb.ListSchedulesResponse(schedules=views)
+        if len(found) > len(views):
+            response.next_page_token = pagetoken.encode(_SCHEDULES, found[len(views) - 1][0])
         return response
