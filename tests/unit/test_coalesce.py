@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import grpc
 import pytest
 
-from clients.coalesce import BatchFailed, Coalescer
+from clients.coalesce import BatchFailed, Coalescer, chunks
 from clients.errors import InvalidArgumentError, MeshError, UnavailableError
 
 pytestmark = pytest.mark.timeout(10)
@@ -243,3 +243,11 @@ def test_a_pipeline_cuts_a_wave_where_a_key_repeats() -> None:
     assert [[c.key for c in wave] for wave in _waves(commands)] == [
         ["a", "b"], ["a", "c", "b"], ["b"]]
     assert _waves([]) == []
+
+
+def test_chunks_cut_by_count_and_by_bytes() -> None:
+    assert chunks([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    sizes = [4, 6, 1, 12, 3]
+    # 12 is more than any chunk holds: alone, never dropped.
+    assert chunks([0, 1, 2, 3, 4], 10, sizes, 10) == [[0, 1], [2], [3], [4]]
+    assert chunks([], 10, sizes, 10) == []
