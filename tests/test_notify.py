@@ -685,3 +685,24 @@ async def test_pattern_subscriptions_carry_presence_events_of_new_channels(
         joined, left = await take(sub, 2)
     assert isinstance(joined, PresenceEvent) and isinstance(left, PresenceEvent)
     assert (joined.channel, joined.joined, left.joined) == ("pt.rooms.a", True, False)
+
+
+async def test_pages_of_history_and_inbox_stop_at_3_mib_for_any_grpc_client(stub: Stub) -> None:
+    # 20 payloads of ~256 KiB: 5 MiB, more than the 4 MiB a gRPC client (this
+    # plain stub too) takes by default. A page stops at 3 MiB; the rest follows.
+    data = b"d" * ((256 << 10) - 64)
+    for _ in range(20):
+        await stub.Publish(pb.PublishRequest(channel="rpc-big", data=data))
+        await stub.Send(pb.SendRequest(user="rpc-big-user", data=data))
+    history = await stub.History(pb.HistoryRequest(channel="rpc-big", limit=100))
+    offsets = [p.offset for p in history.publications]
+    assert 0 < len(offsets) < 20 and sum(len(p.data) for p in history.publications) <= 3 << 20
+    rest = await stub.History(pb.HistoryRequest(channel="rpc-big", after_offset=offsets[-1],
+                                                limit=100))
+    assert offsets + [p.offset for p in rest.publications] == list(range(1, 21))
+    inbox = await stub.ReadInbox(pb.ReadInboxRequest(user="rpc-big-user", limit=100))
+    cursors = [item.cursor for item in inbox.items]
+    assert 0 < len(cursors) < 20 and inbox.last_cursor == 20
+    rest_items = await stub.ReadInbox(pb.ReadInboxRequest(
+        user="rpc-big-user", after_cursor=cursors[-1], limit=100))
+    assert cursors + [item.cursor for item in rest_items.items] == list(range(1, 21))

@@ -29,10 +29,10 @@ from nodes.events.model import (
     event_size,
 )
 from nodes.events.store import EventStore
+from nodes.pages import MAX_PAGE_BYTES
 
-__all__ = ["MAX_PAGE_BYTES", "Page", "View", "read_slot", "read_stream", "recorded"]
+__all__ = ["Page", "View", "read_slot", "read_stream", "recorded"]
 
-MAX_PAGE_BYTES = 4 << 20
 MAX_SCAN = 10_000
 """Entries one page looks at, at most (hidden ones included)."""
 _OCTET_STREAM = "application/octet-stream"

@@ -46,6 +46,7 @@ from nodes.notify.patterns import PatternWatch
 from nodes.notify.presence import Member
 from nodes.notify.primary import NotifyPrimary
 from nodes.notify.storage import SCHEMA, TABLES
+from nodes.pages import within_page
 from nodes.plugin import needs_journal
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
@@ -231,8 +232,8 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         if log is None or last == 0:  # nothing (committed) yet
             return pb.HistoryResponse()
         return pb.HistoryResponse(
-            publications=[publication(request.channel, e)
-                          for e in log.after(request.after_offset, last, limit)],
+            publications=within_page([publication(request.channel, e)
+                                      for e in log.after(request.after_offset, last, limit)]),
             epoch=log.epoch, last_offset=last, earliest_offset=min(log.earliest, last + 1))
 
     # -- inboxes ---------------------------------------------------------------------
@@ -266,8 +267,8 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
             return pb.ReadInboxResponse()
         commit = group.commit_seq
         last = log.committed_last(commit)
-        items = [inbox_item(request.user, e)
-                 for e in log.after(request.after_cursor, last, limit)]
+        items = within_page([inbox_item(request.user, e)
+                             for e in log.after(request.after_cursor, last, limit)])
         return pb.ReadInboxResponse(items=items, read_cursor=log.read_cursor,
                                     unread_count=log.unread(commit), last_cursor=last,
                                     epoch=log.epoch)

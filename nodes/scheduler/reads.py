@@ -8,14 +8,14 @@ reports a change a failover could still undo.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import grpc
-from google.protobuf.message import Message
 
 from common import pagetoken, tenancy
 from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
+from nodes.pages import within_page
 from nodes.replication.group import Group
 from nodes.routing import Routed, routed
 from nodes.scheduler import errors
@@ -32,21 +32,6 @@ __all__ = ["Reads"]
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
 _SETTLE_TRIES = 3
-MAX_PAGE_BYTES = 4 << 20
-"""Bytes of jobs or schedules a page holds at most (besides the first, always
-there): payloads of up to a MiB each would otherwise make a page of 1,000 too
-large to send."""
-V = TypeVar("V", bound=Message)
-
-
-def _within_page(views: list[V]) -> list[V]:
-    """The first of ``views`` that fit in `MAX_PAGE_BYTES` (at least one)."""
-    size = 0
-    for n, view in enumerate(views):
-        size += view.ByteSize()
-        if n and size > MAX_PAGE_BYTES:
-            return views[:n]
-    return views
 
 
 def _machine(group: Group) -> SchedulerMachine:
@@ -139,7 +124,7 @@ class Reads(Routed):
         ids = queue.dead_after(after, size + 1)
         now = self.clock.wall_ns()
         jobs = [machine.state.jobs[i] for i in ids[:size]]
-        views = _within_page([job_view(j, now) for j in jobs])
+        views = within_page([job_view(j, now) for j in jobs])
         response = pb.ListDeadLettersResponse(jobs=views, total=len(queue.dead))
         if len(ids) > len(views):
             last = jobs[len(views) - 1]
@@ -156,7 +141,7 @@ class Reads(Routed):
         machine = await self._settled_queue(group, request)
         found = sorted((sid, s) for (queue, sid), s in machine.state.schedules.items()
                        if queue == request.queue and sid > after_id)
-        views = _within_page([schedule_view(s) for _, s in found[:size]])
+        views = within_page([schedule_view(s) for _, s in found[:size]])
         response = pb.ListSchedulesResponse(schedules=views)
         if len(found) > len(views):
             response.next_page_token = pagetoken.encode(_SCHEDULES, found[len(views) - 1][0])
