@@ -350,3 +350,27 @@ def _token(local: LocalMesh, tenant: str) -> str:
     secret = (local.workdir / "jwt-secret").read_bytes()
     return jwt.encode({"tenant": tenant, "exp": int(time.time()) + 600}, secret,
                       algorithm="HS256")
+
+
+async def test_pages_of_sagas_stop_at_3_mib_and_none_is_skipped(trio: LocalMesh,
+                                                                 mesh: Mesh) -> None:
+    # 80 sagas with inputs of ~60 kB: 4.8 MB, more than the 4 MiB a plain gRPC
+    # client takes. Pages stop at 3 MiB, and merging the nodes' pages skips none.
+    t = order_type("big-inputs", Effects())
+    await mesh.sagas.register(t)  # no worker: the sagas stay running
+    ids = sorted(f"big-{i:02}" for i in range(80))
+    for saga_id in ids:
+        await mesh.sagas.start(t, saga_id, {"blob": "x" * 60_000})
+    async with grpc.aio.insecure_channel(trio.nodes[0].address) as channel:
+        stub = pb_grpc.SagaServiceStub(channel)
+        page = await stub.ListSagas(pb.ListSagasRequest(type="big-inputs", page_size=1000))
+        assert 0 < len(page.sagas) < 80 and page.next_page_token
+        listed = [s.saga_id for s in page.sagas]
+        while page.next_page_token:
+            page = await stub.ListSagas(pb.ListSagasRequest(
+                type="big-inputs", page_size=1000, page_token=page.next_page_token))
+            listed += [s.saga_id for s in page.sagas]
+    assert listed == ids
+    paged = [s.saga_id async for s in mesh.sagas.list_sagas(saga_type="big-inputs",
+                                                            page_size=7)]
+    assert paged == ids

@@ -26,6 +26,7 @@ from mesh.saga.v1 import saga_replication_pb2 as spb
 from nodes.config import NodeConfig, SagaLimits
 from nodes.forwarding import Forwarder
 from nodes.internal_client import InternalClient
+from nodes.pages import within_page
 from nodes.planes import LOCAL_HEADER
 from nodes.plugin import needs_journal
 from nodes.replication.group import Group
@@ -340,9 +341,16 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
             raise ForwardedError(exc) from None
         sagas = sorted((s for answer in answers for s in answer.sagas),
                        key=lambda s: s.saga_id)
-        response = pb.ListSagasResponse(sagas=sagas[:size])
-        if len(sagas) > size or any(answer.next_page_token for answer in answers):
-            response.next_page_token = pagetoken.encode(_LIST, sagas[:size][-1].saga_id)
+        # A node whose page was cut (by count or by bytes) may hold sagas just after
+        # its last one: the merged page stops there, or the next would skip them.
+        ends = [answer.sagas[-1].saga_id for answer in answers
+                if answer.next_page_token and answer.sagas]
+        if ends:
+            sagas = [s for s in sagas if s.saga_id <= min(ends)]
+        page = within_page(sagas[:size])
+        response = pb.ListSagasResponse(sagas=page)
+        if page and (len(sagas) > len(page) or ends):
+            response.next_page_token = pagetoken.encode(_LIST, page[-1].saga_id)
         return response
 
     async def _list_here(self, request: pb.ListSagasRequest, after_id: str,
@@ -369,8 +377,9 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                     continue
                 found.append(record)
         found.sort(key=lambda r: unscoped(r.saga.saga_id))
-        response = pb.ListSagasResponse(sagas=[_view(r, history=False) for r in found[:size]])
-        if len(found) > size:
+        page = within_page([_view(r, history=False) for r in found[:size]])
+        response = pb.ListSagasResponse(sagas=page)
+        if len(found) > len(page):
             response.next_page_token = pagetoken.encode(
-                _LIST, unscoped(found[size - 1].saga.saga_id))
+                _LIST, unscoped(found[len(page) - 1].saga.saga_id))
         return response
