@@ -36,6 +36,15 @@ def _keys(mesh: Mesh, prefix: str, count: int, *, at: str, here: bool = True) ->
     return keys
 
 
+def _over_a_message(mesh: Mesh, local: LocalMesh, prefix: str, node: int
+                    ) -> tuple[str, list[str], list[bytes]]:
+    """A node's address, and 36 keys it leads with a distinct value of 1 MiB each:
+    36 MiB, more than the 32 MiB one message may hold."""
+    owner = local.nodes[node].address
+    keys = _keys(mesh, prefix, 36, at=owner)
+    return owner, keys, [bytes([i]) * MIB for i in range(len(keys))]
+
+
 @pytest.fixture
 def stub_at(channel_at: Callable[[str], grpc.aio.Channel]
             ) -> Callable[[str], pb_grpc.CacheServiceStub]:
@@ -46,14 +55,12 @@ async def test_an_mget_of_more_than_a_message_returns_every_value_in_order(
     shared_cluster: LocalMesh, mesh_client: Connect
 ) -> None:
     mesh = await mesh_client(cluster=shared_cluster.cluster)
-    owner = shared_cluster.nodes[0].address
-    # 36 MiB of values on one node: more than the 32 MiB one answer may hold.
-    keys = _keys(mesh, "parts", 36, at=owner)
-    for i, key in enumerate(keys):
-        await mesh.cache.set(key, bytes([i]) * MIB)
+    owner, keys, values = _over_a_message(mesh, shared_cluster, "parts", 0)
+    for key, value in zip(keys, values, strict=True):
+        await mesh.cache.set(key, value)
     missing = _keys(mesh, "parts-missing", 1, at=owner)
     asked = [*keys, *missing, keys[0]]
-    expected = [bytes([i]) * MIB for i in range(len(keys))] + [None, bytes([0]) * MIB]
+    expected = [*values, None, values[0]]
 
     before = await asyncio.to_thread(_calls, shared_cluster, "MGet")
     assert await mesh.cache.mget(asked) == expected
@@ -105,9 +112,7 @@ async def test_an_mset_of_more_than_a_message_goes_in_parts_of_whole_groups(
     shared_cluster: LocalMesh, mesh_client: Connect
 ) -> None:
     mesh = await mesh_client(cluster=shared_cluster.cluster)
-    owner = shared_cluster.nodes[1].address
-    keys = _keys(mesh, "mset-parts", 36, at=owner)
-    values = [bytes([i]) * MIB for i in range(len(keys))]
+    _, keys, values = _over_a_message(mesh, shared_cluster, "mset-parts", 1)
     before = await asyncio.to_thread(_calls, shared_cluster, "MSet")
     versions = await mesh.cache.mset(list(zip(keys, values, strict=True)))
     assert len(versions) == len(keys) and all(v > 0 for v in versions)
