@@ -13,7 +13,14 @@ import grpc
 from google.protobuf import duration_pb2
 
 from clients.cache_watch import CacheWatch
-from clients.coalesce import BATCH_BYTES, BatchFailed, Coalescer, SendOne, in_batch
+from clients.coalesce import (
+    BATCH_BYTES,
+    MIN_BUDGET,
+    BatchFailed,
+    Coalescer,
+    SendOne,
+    in_batch,
+)
 from clients.errors import InternalError, InvalidArgumentError, MeshError, NoNodesError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
@@ -29,9 +36,6 @@ Result = TypeVar("Result")
 TTL = float | timedelta | None
 
 _BATCH = 1000
-_LAST_CALL = 0.001
-"""Seconds a continued MGet gets at least, its deadline passed (it then fails as
-DeadlineExceededError, as any call out of time)."""
 
 # send(address, indexes, budget): one batch call to one node for keys[i] for i in indexes.
 Send = Callable[[str, list[int], float], Awaitable[None]]
@@ -229,7 +233,7 @@ class CacheClient:
             if not r.results:  # never: a node answers at least one key
                 raise InternalError(f"{address} answered an MGet with no results",
                                     code=grpc.StatusCode.INTERNAL)
-            budget = max(deadline - loop.time(), _LAST_CALL)
+            budget = max(deadline - loop.time(), MIN_BUDGET)
 
     async def set(
         self, key: str, value: Value, *, ttl: TTL = None, only_if_absent: bool = False,
@@ -379,7 +383,7 @@ class CacheClient:
                     entries=[entries[i] for i in part]), budget)
                 for i, version in zip(part, r.versions, strict=True):
                     versions[i] = version
-                budget = max(deadline - loop.time(), _LAST_CALL)
+                budget = max(deadline - loop.time(), MIN_BUDGET)
 
         await self._batched(keys, store, timeout)
         return versions

@@ -79,7 +79,7 @@ def chunks(indexes: Sequence[int], max_items: int, sizes: Sequence[int] | None =
     return out if out[-1] else []
 
 
-_MIN_BUDGET = 0.001
+MIN_BUDGET = 0.001
 """The budget a call is sent with when its deadline passed while it waited: it
 then fails the way a call out of time does, with the caller's own error."""
 
@@ -234,7 +234,7 @@ class Coalescer(Generic[Item, Result]):
     async def _send_alone(self, address: str, item: Item, deadline: float) -> Result:
         flights = self._started(address)
         try:
-            budget = max(deadline - asyncio.get_running_loop().time(), _MIN_BUDGET)
+            budget = max(deadline - asyncio.get_running_loop().time(), MIN_BUDGET)
             return await self._send_one(address, item, budget)
         finally:
             self._ended(address, flights)
@@ -242,7 +242,7 @@ class Coalescer(Generic[Item, Result]):
     async def _send(self, address: str, batch: _Batch[Item, Result]) -> None:
         waiters = batch.waiters
         flights = self._started(address)
-        budget = max(batch.deadline - asyncio.get_running_loop().time(), _MIN_BUDGET)
+        budget = max(batch.deadline - asyncio.get_running_loop().time(), MIN_BUDGET)
         try:
             results = await self._send_many(address, batch.items, budget)
         except MeshError as error:
