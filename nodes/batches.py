@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import message
 from google.rpc import error_details_pb2, status_pb2
 
+from common import tracing
 from common.errors import MeshStatusError, ServiceError, capped, status_of
 from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
@@ -138,15 +139,35 @@ async def commit_all(waits: dict[Group, tuple[int, list[int]]],
                      errors: dict[int, E], kind: type[E] | None = None) -> None:
     """Wait until each group's changes are committed; a group that cannot commit
     them (its primary role lost) fails its items (UNAVAILABLE: outcome unknown)."""
-    async def one(group: Group, seq: int, indexes: list[int]) -> None:
-        try:
-            await group.wait_committed(seq)
-        except REFUSALS as exc:
-            problem = item_error(exc, kind=kind)
-            for i in indexes:
-                errors[i] = problem
+    # The groups' commit futures, awaited one after another: the wait is the
+    # slowest group's either way, and a task per group cost a busy node more
+    # CPU than anything else in a batch's wait.
+    pending: list[tuple[asyncio.Future[None], list[int]]] = []
+    try:
+        for group, (seq, indexes) in waits.items():
+            try:
+                future = group.committing(seq)
+            except REFUSALS as exc:
+                _fail(indexes, exc, errors, kind)
+                continue
+            if future is not None:
+                pending.append((future, indexes))
+        with tracing.span("mesh.replicate.commit", groups=len(pending)):
+            for future, indexes in pending:
+                try:
+                    await future
+                except REFUSALS as exc:
+                    _fail(indexes, exc, errors, kind)
+    finally:
+        for future, _ in pending:  # cancelled: let the groups drop the others
+            future.cancel()
 
-    await asyncio.gather(*(one(g, seq, idx) for g, (seq, idx) in waits.items()))
+
+def _fail(indexes: list[int], exc: MeshStatusError | ServiceError, errors: dict[int, E],
+          kind: type[E] | None) -> None:
+    problem = item_error(exc, kind=kind)
+    for i in indexes:
+        errors[i] = problem
 
 
 async def forward_shares(routes: Routes,
@@ -183,6 +204,9 @@ async def settle(routes: Routes, waits: dict[Group, tuple[int, list[int]]],
             else:
                 errors[i] = renumbered(result.error, field, k, i)
 
+    if not routes.remote:  # the common case: no task needed
+        await commit_all(waits, errors, kind)
+        return
     await asyncio.gather(commit_all(waits, errors, kind),
                          forward_shares(routes, send, errors, kind))
 

@@ -9,7 +9,6 @@ group it reads commits, and ends it when such a group stops being led here
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from typing import TYPE_CHECKING
 
@@ -72,7 +71,7 @@ class SubscriptionHub:
         self._by_group: dict[int, set[Subscription]] = {}
         self._count = 0
         self._ids = itertools.count(1)
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[None]] = set()
         """Waits for commits whose writer went away before them (`notify_when_committed`)."""
 
     def __len__(self) -> int:
@@ -114,25 +113,27 @@ class SubscriptionHub:
     def notify_when_committed(self, group: Group, seq: int) -> None:
         """Wake ``group``'s subscriptions once ``seq`` commits: for a write whose
         call went away before its commit, so nobody else will."""
-        if seq <= group.commit_seq:
+        try:
+            future = group.committing(seq)
+        except MeshStatusError:  # the group left: end_group ran
+            return
+        if future is None:
             self.notify(group.group_id)
             return
+        group_id = group.group_id
 
-        async def notify() -> None:
-            with contextlib.suppress(MeshStatusError):  # the group left: end_group ran
-                await group.wait_committed(seq)
-                self.notify(group.group_id)
+        def committed(future: asyncio.Future[None]) -> None:
+            self._pending.discard(future)
+            # Failed: the group left (end_group ran); cancelled: the node stops.
+            if not future.cancelled() and future.exception() is None:
+                self.notify(group_id)
 
-        task = asyncio.get_running_loop().create_task(notify())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # A callback, not a task: this runs for every write batch.
+        self._pending.add(future)
+        future.add_done_callback(committed)
 
     async def shutdown(self) -> None:
         """The node stops: end every subscription, stop waiting for commits."""
         self.end_all()
-        tasks = list(self._pending)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for future in list(self._pending):
+            future.cancel()

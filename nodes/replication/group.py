@@ -527,11 +527,18 @@ class Group:
 
     async def wait_durable(self, seq: int) -> None:
         """Return once commands up to ``seq`` are durable here (or the group left)."""
+        future = self.durable(seq)
+        if future is not None:
+            await future
+
+    def durable(self, seq: int) -> asyncio.Future[None] | None:
+        """A future done once commands up to ``seq`` are durable here (or the group
+        left); None if they are already. `wait_durable` without a coroutine."""
         if self.durable_seq >= seq or self.dropped:
-            return
+            return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._durable_waiters.append((seq, future))
-        await future
+        return future
 
     def _release_durable_waiters(self, all_of_them: bool = False) -> None:
         if not self._durable_waiters:

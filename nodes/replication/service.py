@@ -38,14 +38,20 @@ MAP_WAIT = 3.0
 """Seconds a batch from an epoch (or group) this node's map has not shown yet
 waits for the map to catch up before it is refused."""
 
-AckQueue = asyncio.Queue["list[rpb.Ack] | asyncio.Task[list[rpb.Ack]] | None"]
-"""A Replicate stream's acknowledgements, in order; a task stands for acks that
-wait for the journal."""
+Acks = tuple["list[rpb.Ack]", "list[asyncio.Future[None]]"]
+"""Acknowledgements, and what they wait for first: the journal's flushes."""
+
+AckQueue = asyncio.Queue["Acks | None"]
+"""A Replicate stream's acknowledgements, in order (None: the stream ended)."""
 
 
-async def _acks_of(item: list[rpb.Ack] | asyncio.Task[list[rpb.Ack]] | None
-                   ) -> list[rpb.Ack] | None:
-    return await item if isinstance(item, asyncio.Task) else item
+async def _acks_of(item: Acks | None) -> list[rpb.Ack] | None:
+    if item is None:
+        return None
+    acks, flushes = item
+    for flush in flushes:
+        await flush
+    return acks
 
 
 def _not_permitted(why: str) -> MeshStatusError:
@@ -160,22 +166,17 @@ class ReplicationService(rpb_grpc.ReplicationServiceServicer):
         return rpb.Ack(group_id=batch.group_id, epoch=seen, status=rpb.ACK_STATUS_STALE_EPOCH,
                        seen_epoch=seen)
 
-    def _when_durable(self, acks: list[rpb.Ack]) -> list[rpb.Ack] | asyncio.Task[list[rpb.Ack]]:
-        """``acks`` as soon as what they acknowledge is durable here: at once for
-        in-memory services, after the journal's next flush for durable ones.
-        (Later batches keep being applied meanwhile, and share that flush.)"""
+    def _when_durable(self, acks: list[rpb.Ack]) -> Acks:
+        """``acks``, with what must be durable here before they go: nothing for
+        in-memory services, the journal's next flush for durable ones. (Later
+        batches keep being applied meanwhile, and share that flush.) Futures,
+        not a task: a task per message cost the replica more than its wait."""
         groups = self._replication.groups
-        waits = [group.wait_durable(ack.applied_seq) for ack in acks
-                 if ack.status == rpb.ACK_STATUS_OK
-                 and (group := groups.get(ack.group_id)) is not None
-                 and group.durable_seq < ack.applied_seq]
-        if not waits:
-            return acks
-
-        async def later() -> list[rpb.Ack]:
-            await asyncio.gather(*waits)
-            return acks
-        return asyncio.ensure_future(later())
+        flushes = [future for ack in acks
+                   if ack.status == rpb.ACK_STATUS_OK
+                   and (group := groups.get(ack.group_id)) is not None
+                   and (future := group.durable(ack.applied_seq)) is not None]
+        return acks, flushes
 
     def _apply(self, batch: rpb.CommandBatch, acks: AckQueue,
                installs: set[asyncio.Task[None]]) -> rpb.Ack:
