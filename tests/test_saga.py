@@ -374,3 +374,40 @@ async def test_pages_of_sagas_stop_at_3_mib_and_none_is_skipped(trio: LocalMesh,
     paged = [s.saga_id async for s in mesh.sagas.list_sagas(saga_type="big-inputs",
                                                             page_size=7)]
     assert paged == ids
+
+
+async def test_a_task_whose_job_would_pass_the_payload_limit_fails_loudly(mesh: Mesh) -> None:
+    """A task's job carries the saga's input and every result so far. Once they
+    pass the scheduler's payload limit (1 MiB here) the scheduler refuses the
+    job, every time: the task fails, naming the limit, instead of the saga
+    waiting for ever for a job that can never exist. Here step c's action is
+    refused, and so is the compensation of b (it carries the same results),
+    which parks the saga in NEEDS_ATTENTION, as any compensation that cannot
+    run does."""
+    effects = Effects()
+    t = SagaType("heavy", queue="heavy-q")
+
+    def act(step_name: str):  # type: ignore[no-untyped-def]
+        async def run(step: StepContext) -> Any:
+            effects.record(step, step_name)
+            return "x" * 600_000
+        return run
+
+    def undo(step_name: str):  # type: ignore[no-untyped-def]
+        async def run(step: StepContext) -> None:
+            effects.record(step, f"undo-{step_name}")
+        return run
+
+    for name in ("a", "b", "c"):
+        t.step(name)(act(name))
+        t.compensate(name)(undo(name))
+    [saga] = await _run(mesh, t, ["heavy-1"], wait=30)
+    assert saga.state == "NEEDS_ATTENTION", saga
+    assert effects.done["heavy-1"] == ["a", "b"]
+    assert [(s.name, s.action, s.compensation) for s in saga.steps] == [
+        ("a", "SUCCEEDED", "WAITING"), ("b", "SUCCEEDED", "FAILED"), ("c", "FAILED", "SKIPPED")]
+    refused = [(kind, step) for kind, step, detail in saga.history
+               if "the scheduler refused its job: payload: is" in detail
+               and "the limit is 1048576" in detail]
+    assert ("step_failed", "c") in refused and ("compensation_failed", "b") in refused
+    assert "compensation of step 'b' failed" in saga.error

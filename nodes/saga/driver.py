@@ -341,12 +341,27 @@ class Driver:
         if spec.HasField("attempt_timeout"):
             request.timeout.CopyFrom(spec.attempt_timeout)
         self.calls += 1
-        response = await self._client_or_fail().call(
-            spec.queue, SCHEDULER + "Enqueue", request, schedpb.EnqueueResponse, record.tenant)
+        try:
+            response = await self._client_or_fail().call(
+                spec.queue, SCHEDULER + "Enqueue", request, schedpb.EnqueueResponse,
+                record.tenant)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # The same request is refused every time (its payload is fixed: the
+            # saga's input and the results so far, which can pass the scheduler's
+            # payload limit): the task fails now instead of waiting for ever.
+            response = None
+            refusal = exc.details() or "refused"
         group = machine.group
         record = machine.sagas.get(saga_id)
         if record is None or not group.writable or progress.task(
                 record.saga, step, phase).state != pb.TASK_STATE_DISPATCHING:
+            return
+        if response is None:
+            _propose(group, saga_id, spb.SagaCommand(ended=spb.TaskEnded(
+                saga_id=saga_id, step=step, phase=phase, state=pb.TASK_STATE_FAILED,
+                error=f"the scheduler refused its job: {refusal}")))
             return
         self._due[(group.group_id, saga_id, step, phase)] = _Due(
             self.clock.wall_ns() + self._check_ns)

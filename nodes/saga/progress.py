@@ -92,14 +92,16 @@ def dispatched(record: spb.SagaRecord, step: int, phase: pb.Phase.ValueType, job
 
 
 def ended(record: spb.SagaRecord, change: spb.TaskEnded, now_ns: int) -> bool:
-    """A task's job ended (or its step timed out); False for a stale report (the
-    task is not running that job any more)."""
+    """A task's job ended (or its step timed out), or, without a job id, the
+    scheduler refused the job of a task being dispatched; False for a stale
+    report (the task is not running that job, or not being dispatched, any more)."""
     saga = record.saga
     if change.step >= len(saga.steps):
         return False
     step = saga.steps[change.step]
     t = task(saga, change.step, change.phase)
-    if t.state != pb.TASK_STATE_RUNNING or t.job_id != change.job_id:
+    expected = pb.TASK_STATE_RUNNING if change.job_id else pb.TASK_STATE_DISPATCHING
+    if t.state != expected or t.job_id != change.job_id:
         return False
     t.end_time.FromNanoseconds(now_ns)
     t.error = change.error

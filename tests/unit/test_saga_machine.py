@@ -120,6 +120,22 @@ def test_a_compensation_that_fails_parks_the_saga_once_its_stage_ended() -> None
     assert _states(record, COMPENSATION)["a"] == pb.TASK_STATE_WAITING  # never undone
 
 
+def test_a_refused_job_fails_only_a_task_being_dispatched() -> None:
+    """Without a job id, TaskEnded is the scheduler's refusal of a task's job: it
+    ends a task in DISPATCHING, and is stale for one already running a job."""
+    record = _record(["a"], ["b"])
+    refused = spb.TaskEnded(saga_id="s1", step=0, phase=ACTION, state=FAILED,
+                            error="the scheduler refused its job: payload: too big")
+    assert progress.ended(record, refused, 2)
+    assert record.saga.state == pb.SAGA_STATE_COMPENSATED  # nothing ran: nothing to undo
+    assert _states(record) == {"a": FAILED, "b": pb.TASK_STATE_WAITING}
+    assert record.saga.error == "step 'a': the scheduler refused its job: payload: too big"
+    running = _record(["a"])
+    assert progress.dispatched(running, 0, ACTION, "ja", 2)
+    assert not progress.ended(running, refused, 3)  # a late refusal: the job exists
+    assert _states(running) == {"a": pb.TASK_STATE_RUNNING}
+
+
 def test_steps_without_compensation_and_cancel() -> None:
     record = _record(["a"], ["b"], undo=False)
     _run_and_end(record, 0, SUCCEEDED)
