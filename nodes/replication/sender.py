@@ -55,8 +55,8 @@ WINDOW = 1
 """Messages a link keeps unacknowledged: what is proposed meanwhile waits for the
 next one, so concurrent writes to one replica share its messages and acks."""
 IDLE = 1.0
-"""Seconds a link may sit idle before it re-probes the groups whose snapshot
-install it never heard the end of."""
+"""Seconds a link may sit idle before it sends a heartbeat and re-probes the
+groups whose snapshot install it never heard the end of."""
 
 
 def message_limit(max_request_bytes: int) -> int:
@@ -242,6 +242,8 @@ class PeerLink:
         # since its last answer. See `unanswered_for`.
         self._owed_since: float | None = None
         self._broken = False
+        self._heartbeat_due = False
+        self._heartbeating = False  # a heartbeat is out and nothing has answered since
         self.answered_at = 0.0
         """Loop time of the replica's last answer on this link (0: none yet)."""
 
@@ -279,7 +281,7 @@ class PeerLink:
         it owes none). Long means it stopped acknowledging: cut off, stopped, or
         its disk hung, while the groups it holds in sync wait for it."""
         since = self._owed_since
-        if since is None or not (self._unacked or self._broken):
+        if since is None or not (self._unacked or self._broken or self._heartbeating):
             return 0.0  # (what was owed went with trackers that left)
         return max(now - since, 0.0)
 
@@ -355,6 +357,10 @@ class PeerLink:
                         counts.commands += sum(len(batch.commands) for batch in batches)
                         await call.write(rpb.ReplicateRequest(batches=batches))
                         continue  # more may have been appended while we wrote
+                if self._heartbeat_due:
+                    self._heartbeat_due = False
+                    if not self._unacked:
+                        await self._heartbeat(call, loop)
                 self._waiting_since = loop.time()
                 await self._wakeup.wait()
                 self._waiting_since = None
@@ -363,15 +369,30 @@ class PeerLink:
             self._idle.cancel()
         reader.result()  # raise the reader's error, if any
 
+    async def _heartbeat(self, call: grpc.aio.StreamStreamCall,
+                         loop: asyncio.AbstractEventLoop) -> None:
+        """An empty message, which the replica answers like any other: on a link
+        with nothing to send, a replica that stopped answering is then noticed
+        as on a busy one (`unanswered_for`). Without it, a primary cut off from
+        its peers was reported only by the peers that happened to write to a
+        group it replicates, and its own groups failed over later (twice as
+        late in ``tests/test_partitions.py``'s cut-off scenario when the
+        writes all waited on its groups)."""
+        self._heartbeating = True
+        if self._owed_since is None:
+            self._owed_since = loop.time()
+        await call.write(rpb.ReplicateRequest())
+
     def _idle_check(self) -> None:
         """Every ``IDLE`` seconds while a stream is open: if the link has waited
-        that long for something to send, re-probe the trackers stuck in flight (a
-        lost stream would have ended; this only unsticks an install whose Ack
-        never came)."""
+        that long for something to send, send a heartbeat (when nothing is owed
+        already) and re-probe the trackers stuck in flight (a lost stream would
+        have ended; this only unsticks an install whose Ack never came)."""
         loop = asyncio.get_running_loop()
         since = self._waiting_since
         quiet = 0.0 if since is None else loop.time() - since
         if quiet >= IDLE:
+            self._heartbeat_due = bool(self._trackers)
             for tracker in self._trackers.values():
                 if tracker.phase is Phase.INSTALLING:
                     self._acked(tracker)
@@ -396,5 +417,5 @@ class PeerLink:
                     self.wake(tracker)
             # Still owed: the messages sent since the one just answered.
             self._owed_since = now if self._unacked else None
-            self._broken = False
+            self._broken = self._heartbeating = False
         raise ConnectionError("the replica ended the stream")

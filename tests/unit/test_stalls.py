@@ -11,6 +11,7 @@ import pytest
 
 from common.peer import NODE, PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.replication import sender
 from nodes.replication.sender import PeerLink, ReplicaTracker
 from nodes.stalls import Stalls
 from tests.unit.test_peer_link import Channel, Replica, primary
@@ -66,6 +67,39 @@ async def test_a_link_counts_how_long_its_replica_has_owed_an_answer() -> None:
         replica.answering.set()  # healed: the answer comes, nothing is owed
         await _until(lambda: not link.unanswered_for(loop.time()))
         assert link.answered_at >= sent
+    finally:
+        await link.close()
+
+
+@pytest.mark.timeout(30)
+async def test_an_idle_link_heartbeats_and_owes_from_an_unanswered_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link with nothing to send still learns that its replica went silent: it
+    sends an empty message every ``IDLE`` seconds, which the replica answers
+    like any other. (Before, an idle link never owed anything, and a replica
+    cut off from it was never reported by this node.)"""
+    monkeypatch.setattr(sender, "IDLE", 0.1)
+    loop = asyncio.get_running_loop()
+    replica = SilentReplica()
+    link = PeerLink("b", "b:1", Channel(replica), "a:1", PeerSigner(None, NODE, "a"))
+    group = primary(1, 1, 10)
+    group.trackers["b"] = ReplicaTracker(group, "b", link, in_sync=True)
+
+    def heartbeats() -> int:
+        return sum(1 for m in replica.messages if not m.batches)
+
+    try:
+        await _until(lambda: heartbeats() >= 2)  # idle, and answered
+        assert not link.unanswered_for(loop.time())
+        replica.answering.clear()  # the link is cut
+        cut = loop.time()
+        before = heartbeats()
+        await _until(lambda: heartbeats() > before)
+        await asyncio.sleep(0.3)
+        owed = link.unanswered_for(loop.time())
+        assert 0.3 <= owed <= loop.time() - cut, owed
+        replica.answering.set()  # healed
+        await _until(lambda: not link.unanswered_for(loop.time()))
     finally:
         await link.close()
 
