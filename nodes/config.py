@@ -183,8 +183,9 @@ class NodeConfig:
     data_dir: str = ""
     lease_ttl: int = 5
     replica_stall_timeout: float = 5.0
-    """Seconds a replica may leave this node's replication messages unanswered
-    before the coordinator is asked to replace it (`nodes.stalls`)."""
+    """Seconds a node may leave this node's replication messages (or heartbeats)
+    unanswered before this node reports it to the coordinator, which replaces
+    it in the groups led here (`nodes.stalls`)."""
     shutdown_grace: float = 10.0
     drain_delay: float = 1.0
     max_concurrent_rpcs: int = 1000

@@ -52,8 +52,8 @@ class SentCollector(Collector):
 
 def node_snapshot(replication: Replication, services: Iterable[Service] = (),
                   limiter: Limiter | None = None, silent: Iterable[str] = ()) -> Snapshot:
-    """The node's gauges and counters, now (``silent``: the replica nodes it
-    reports as not answering, `nodes.stalls`)."""
+    """The node's gauges and counters, now (``silent``: the nodes it reports as
+    not answering, `nodes.stalls`)."""
     table = replication.table
     groups = {"primary": 0, "replica": 0}
     slots = {"primary": 0, "replica": 0}
@@ -86,8 +86,8 @@ def node_snapshot(replication: Replication, services: Iterable[Service] = (),
                 "Age of the oldest command a replica of a led group still lacks",
                 one(lag_seconds)),
             "mesh_replica_silent": (
-                "1 for each node replicating groups this node leads that stopped answering "
-                "it, reported to the coordinator to be replaced",
+                "1 for each node that stopped answering this one (a replica of groups "
+                "led here, or any other node of the map), reported to the coordinator",
                 {(("node", n),): 1.0 for n in silent}),
             "mesh_map_epoch": ("Cluster map epoch this node follows",
                                one(float(table.epoch if table is not None else 0))),

@@ -4,20 +4,24 @@ A primary waits for every in-sync replica's acknowledgement before it answers a
 write. A replica that stops answering while both nodes keep their etcd leases
 (the link between the two cut, its disk hung) so stops the writes of every group
 it holds for this node, and nothing in the map would ever change: membership
-says both are fine. `Stalls` looks at the links to this node's replicas every
-`INTERVAL`; a node that has owed an answer for ``threshold`` seconds goes into
-this node's registration (`NodeInfo.stalled`), and the coordinator seats another
-replica in its place in the groups this node leads. The groups take no write
+says both are fine. `Stalls` looks at this node's links every `INTERVAL`; a
+node that has owed an answer for ``threshold`` seconds goes into this node's
+registration (`NodeInfo.stalled`), and the coordinator seats another replica in
+its place in the groups this node leads. The groups take no write
 until the new copy is in sync: an acknowledged write is always held by as many
 copies as the map names (dropping the silent replica at once, as Kafka shrinks
 its ISR, would acknowledge writes held by one node).
 
+Every node keeps a link to every other node of the map, and an idle link
+heartbeats, so a node is reported by every node it stopped answering, whether
+or not it holds a copy of a group they lead. Two reports make the fault the
+reported node's own (`coordinator.reconcile.cut_off_primaries`): the groups it
+leads fail over even though it keeps its etcd lease.
+
 A node stays reported until its link answers again, it leaves the map or
 restarts (a new process, whatever is wrong with the old one), or for ``hold``
-seconds (three thresholds) after its link last showed it silent: once replaced,
-this node has no link to it, and the coordinator would otherwise seat it here
-again at once. (Seated again while the cut lasts, it is reported again; it
-holds no in-sync copy meanwhile, so no write waits for it.)
+seconds (three thresholds) after its link last showed it silent, should the
+link go away meanwhile.
 """
 
 from __future__ import annotations

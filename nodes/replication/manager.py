@@ -268,8 +268,7 @@ class Replication:
         if lost:
             for callback in self.on_lost:
                 callback(lost)
-        for node_id in [n for n, link in self._links.items() if not len(link)]:
-            self._in_background(self._links.pop(node_id).close())
+        self._link_every_node(table)
         if self.table is None or self.table.epoch != table.epoch:
             led = sum(1 for g in self.groups.values() if g.is_primary)
             log.info("map epoch %d: leading %d groups, replica of %d%s", table.epoch, led,
@@ -340,6 +339,23 @@ class Replication:
             elif node_id in view.in_sync:
                 tracker.in_sync = True
         group.advance_commit()
+
+    def _link_every_node(self, table: RoutingTable) -> None:
+        """A started link to every other node ``table`` names, and none to the
+        nodes it no longer does. An idle link heartbeats, so this node notices
+        and reports (`nodes.stalls`) any node that stops answering it, not only
+        one holding a copy of a group led here: a node cut off from its peers
+        needs two of them to report it before its groups fail over, and a peer
+        leading no group copied there used to report it only once the
+        coordinator happened to seat such a copy (twice as late in
+        ``tests/test_partitions.py``'s cut-off scenario)."""
+        me = self.node_id
+        wanted = {n: a for n, a in table.peer_addresses.items() if n != me and a}
+        for node_id in [n for n, link in self._links.items()
+                        if n not in wanted and not len(link)]:
+            self._in_background(self._links.pop(node_id).close())
+        for node_id, address in wanted.items():
+            self._link(node_id, address).start()
 
     def _link(self, node_id: str, address: str) -> PeerLink:
         link = self._links.get(node_id)

@@ -1,7 +1,8 @@
-"""The primary's side of replication: one stream per replica node, one tracker per group.
+"""The primary's side of replication: one stream per node, one tracker per group.
 
 A `PeerLink` holds one Replicate stream to one node and carries the batches of
-every group this node leads and that node replicates. Each group's
+every group this node leads and that node replicates (and heartbeats when idle:
+every other node of the map has one, `Replication._link_every_node`). Each group's
 `ReplicaTracker` keeps one batch in flight at a time: everything appended while
 it waits goes out in the next batch, and a refusal never has later batches
 racing it. The link itself keeps at most `WINDOW` messages unacknowledged:
@@ -212,7 +213,11 @@ class ReplicaTracker:
 
 
 class PeerLink:
-    """One Replicate stream to one node, shared by every group it replicates for us."""
+    """One Replicate stream to one node, shared by every group it replicates for us.
+
+    Every other node of the map has one, carrying groups or not: idle, it
+    heartbeats, so a node that stops answering this one is noticed (`nodes.stalls`)
+    whether or not it holds a copy of a group this node leads."""
 
     def __init__(self, node_id: str, address: str, channel: grpc.aio.Channel,
                  local_address: str, signer: PeerSigner,
@@ -247,11 +252,15 @@ class PeerLink:
         self.answered_at = 0.0
         """Loop time of the replica's last answer on this link (0: none yet)."""
 
-    def attach(self, tracker: ReplicaTracker) -> None:
-        self._trackers[tracker.group.group_id] = tracker
+    def start(self) -> None:
+        """Open the stream (it reopens by itself until `close`)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"replicate-to-{self.node_id}")
+
+    def attach(self, tracker: ReplicaTracker) -> None:
+        self._trackers[tracker.group.group_id] = tracker
+        self.start()
         self.wake(tracker)
 
     def detach(self, tracker: ReplicaTracker) -> None:
@@ -372,12 +381,11 @@ class PeerLink:
     async def _heartbeat(self, call: grpc.aio.StreamStreamCall,
                          loop: asyncio.AbstractEventLoop) -> None:
         """An empty message, which the replica answers like any other: on a link
-        with nothing to send, a replica that stopped answering is then noticed
-        as on a busy one (`unanswered_for`). Without it, a primary cut off from
-        its peers was reported only by the peers that happened to write to a
-        group it replicates, and its own groups failed over later (twice as
-        late in ``tests/test_partitions.py``'s cut-off scenario when the
-        writes all waited on its groups)."""
+        with nothing to send, a node that stopped answering is then noticed as
+        on a busy one (`unanswered_for`). Without it, a primary cut off from its
+        peers was reported only by the peers that happened to write to a group
+        it replicates, and its own groups failed over later (twice as late in
+        ``tests/test_partitions.py``'s cut-off scenario)."""
         self._heartbeating = True
         if self._owed_since is None:
             self._owed_since = loop.time()
@@ -392,7 +400,7 @@ class PeerLink:
         since = self._waiting_since
         quiet = 0.0 if since is None else loop.time() - since
         if quiet >= IDLE:
-            self._heartbeat_due = bool(self._trackers)
+            self._heartbeat_due = True
             for tracker in self._trackers.values():
                 if tracker.phase is Phase.INSTALLING:
                     self._acked(tracker)

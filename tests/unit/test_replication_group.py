@@ -445,3 +445,23 @@ async def test_a_replica_made_primary_halfway_through_a_snapshot_finishes_it_fir
     assert replica.applied == (2, 3) and applied(replica) == [b"p", b"q", b"r"]
     assert replica.propose(0, rpb.SERVICE_KIND_CACHE, b"s").seq == 4
     await replication.close()
+
+
+async def test_a_node_keeps_a_link_to_every_other_node_of_the_map() -> None:
+    """One for each node the map names, carrying groups or not (idle, it heartbeats:
+    `nodes.stalls` then hears of any node gone silent), and none once the map
+    drops the node. The links reach nothing here; they only have to exist."""
+    replication, _ = replication_on_a()
+    m = admin_pb2.ClusterMap(epoch=1)
+    m.groups.add(group_id=1, epoch=1, primary_node_id="a",
+                 slot_ranges=[admin_pb2.SlotRange(start=0, end=16383)])
+    for node in "abc":
+        m.nodes.add(node_id=node, address=f"{node}:1", state=admin_pb2.NODE_STATE_ACTIVE)
+    replication.on_map(RoutingTable(m))
+    assert sorted(replication.links) == ["b", "c"]  # the group has no replica on either
+    assert not any(len(link) for link in replication.links.values())
+    del m.nodes[2]
+    m.epoch = 2
+    replication.on_map(RoutingTable(m))
+    assert sorted(replication.links) == ["b"]
+    await replication.close()
