@@ -222,3 +222,52 @@ async def test_a_full_batch_of_one_queue_is_enqueued_in_order(stub: Stub) -> Non
     assert stats.ready == 1000
     claimed = await _claim(stub, queue, max_jobs=100)
     assert [j.payload for j in claimed] == [str(i).encode() for i in range(100)]  # FIFO
+
+
+async def test_a_batch_led_by_two_nodes_leases_only_the_next_jobs_its_answer_carries(
+        shared_cluster: LocalMesh) -> None:
+    # Two completions, one led by the node called and one forwarded to another,
+    # each leasing the next jobs of ~1 MB of its own queue: 18 MB each, more
+    # than the 32 MiB one answer holds together. The node called gives the
+    # forwarded share the room its own answer has left. (Before, each node
+    # filled a room of its own; the joined answer was refused after the jobs
+    # were leased, and they sat leased until their lease ran out.)
+    table = await read_map(shared_cluster.etcd_endpoint, shared_cluster.cluster)
+    assert table is not None
+    here = shared_cluster.nodes[0]
+    mine = table.key_led_by(here.node_id, "split-next")
+    theirs = next(q for i in range(100) if (q := f"split-next-x{i}")
+                  and (g := table.group_of_slot(slot_for(q))) and g.primary != here.node_id)
+    channel = grpc.aio.insecure_channel(
+        here.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    try:
+        stub = Stub(channel)
+        current: list[pb.ClaimedJob] = []
+        big: dict[str, str] = {}  # job id -> queue
+        for queue in (mine, theirs):
+            await stub.Enqueue(_job(queue))
+            current += await _claim(stub, queue, worker="w-split")
+            reply = await stub.EnqueueBatch(pb.EnqueueBatchRequest(
+                jobs=[_job(queue, payload=bytes([i]) * 1_000_000) for i in range(18)]))
+            big.update((r.job.job_id, queue) for r in reply.results)
+        assert len(current) == 2 and len(big) == 36
+        completes = [pb.CompleteRequest(
+            job_id=job.job_id, lease_token=job.lease_token,
+            next=pb.ClaimNext(queues=[job.queue], worker_id="w-split", max_jobs=100))
+            for job in current]
+        answer = await stub.CompleteBatch(pb.CompleteBatchRequest(completes=completes))
+        carried = {}
+        for job, result in zip(current, answer.results, strict=True):
+            assert result.HasField("completed"), result
+            for nxt in result.completed.next_jobs:
+                assert nxt.queue == job.queue
+                carried[nxt.job_id] = nxt
+        assert 0 < len(carried) < 36
+        assert sum(len(j.payload) for j in carried.values()) < 32 << 20
+        # Every job leased is in the answer; the rest wait in their queues.
+        for job_id in big:
+            got = (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).job
+            expected = pb.JOB_STATE_LEASED if job_id in carried else pb.JOB_STATE_PENDING
+            assert got.state == expected, (job_id, got.state)
+    finally:
+        await channel.close()

@@ -36,13 +36,15 @@ class Room:
     """Bytes of claimed jobs one answer may still carry (a Claim's, or a batch's,
     shared by its items), so that it fits in a message: large payloads would
     otherwise make an answer the node cannot send, after leasing its jobs. The
-    first job always fits, so a claim never stays empty for want of room."""
+    first job always fits, so a claim never stays empty for want of room,
+    unless ``strict``: the room a forwarded share of a batch is given, which
+    must hold with the forwarder's own answer in one message."""
 
     __slots__ = ("left", "taken")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, strict: bool = False) -> None:
         self.left = size
-        self.taken = False
+        self.taken = strict  # (as if a job were taken: the next must fit)
 
     def fits(self, job: Job) -> bool:
         """Whether ``job`` fits; if it does, its bytes are taken."""

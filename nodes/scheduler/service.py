@@ -282,10 +282,12 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             return []
         return future.result()
 
-    def _room(self) -> Room:
+    def _room(self, given: int = 0) -> Room:
         """The room for claimed jobs in one answer: three quarters of a message,
-        the rest left for what else a batch's answer holds."""
-        return Room(self.max_message_bytes * 3 // 4)
+        the rest left for what else a batch's answer holds; at most ``given``
+        bytes if set (a forwarded share's: no job passes it)."""
+        room = self.max_message_bytes * 3 // 4
+        return Room(min(given, room), strict=True) if given else Room(room)
 
     def _next(self, request: pb.CompleteRequest | pb.FailRequest, room: Room | None = None
               ) -> Next | None:
@@ -381,7 +383,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
         errors_: dict[int, pb.ItemError] = {}
         nexts: list[Next | None] = []
         keys: list[str | None] = []
-        room = self._room()  # the next jobs of every item: one answer
+        room = self._room(request.max_next_bytes)  # the next jobs of every item: one answer
         for i, c in enumerate(completes):
             try:
                 v.check_job_id(c.job_id)
@@ -419,7 +421,13 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
             waits[group] = (top, done)
 
         def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
-            share = pb.CompleteBatchRequest(completes=[completes[i] for i in indexes])
+            # What this answer has left once the local completions claimed their
+            # next jobs, shared by the shares: each owner fills its own answer,
+            # and this one carries them all. (Before, each owner took a room
+            # of its own: together past a message, refused after leasing.)
+            left = max(room.left // len(routes.remote), 1)
+            share = pb.CompleteBatchRequest(completes=[completes[i] for i in indexes],
+                                            max_next_bytes=left)
             return self.forward(target, "CompleteBatch", share, context)
 
         answers: dict[int, pb.CompleteResponse] = {}

@@ -818,6 +818,10 @@ def test_a_claim_takes_only_the_jobs_that_fit_in_one_answer() -> None:
     (lease,) = _claim(m, n=3, room=25_000)
     assert [j.job_id for j in lease.jobs] == ids[:2]
     assert m.state.jobs[ids[2]].state == WAITING
+    # A strict room (a forwarded share's) takes nothing past it, not even a first job.
+    assert claim([(m, m.state.queues["q"])], "w", 3, 30 * S, m.clock.wall_ns(),
+                 Room(100, strict=True)) == []
+    assert m.state.jobs[ids[2]].state == WAITING
     # A job larger than the whole room still goes: a claim never stays empty for it.
     (lease,) = _claim(m, n=3, room=100)
     assert [j.job_id for j in lease.jobs] == ids[2:]
