@@ -4,15 +4,28 @@
 person at a terminal, ``json`` for a log shipper (one object per line with
 ``time``, ``level``, ``logger``, ``message`` and, when there is one,
 ``exception``). Both fall back to ``MESH_LOG_LEVEL`` and ``MESH_LOG_FORMAT``.
+
+A server process (``background=True``) never writes a record from the thread
+that logs it: the event loop would stop while stderr is a pipe nobody reads
+(a stuck log shipper, a paused terminal), and with it every call and the
+etcd lease. Records go through a bounded queue to a writer thread; past
+`QUEUED` waiting records they are dropped and counted, and the count is
+written once the writer moves again.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import copy
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -79,26 +92,129 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+QUEUED = 10_000
+"""Records a background writer holds at most; more are dropped (and counted)."""
+STOP_WAIT = 2.0
+"""Seconds a stopping process waits for its writer to write what is queued."""
+
+
+class _Queued(logging.handlers.QueueHandler):
+    """Puts records in the writer's queue; never blocks: drops them when it is full."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
+        super().__init__(records)
+        self._records = records
+        self._lock = threading.Lock()
+        self._dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The message is made now (its arguments may change later) and a
+        # traceback is rendered now (its frames would be held), but the record
+        # is otherwise kept whole for the writer's formatter: the JSON format
+        # keeps the traceback in "exception", not in the message.
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        with self._lock:  # (any thread may log)
+            try:
+                self._note_dropped()
+                self._records.put_nowait(record)
+            except queue.Full:
+                self._dropped += 1
+
+    def _note_dropped(self) -> None:
+        """Queue a record of the records dropped since the last one, where they were."""
+        if self._dropped:
+            self._records.put_nowait(_dropped(self._dropped))
+            self._dropped = 0
+
+    def closing(self, timeout: float) -> None:
+        """The last chance to say how many were dropped (waiting for room)."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            with contextlib.suppress(queue.Full):
+                self._records.put(_dropped(dropped), timeout=timeout)
+
+
+def _dropped(count: int) -> logging.LogRecord:
+    return logging.makeLogRecord({
+        "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+        "msg": f"{count} log records dropped: the log's reader fell behind"})
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The thread writing a `_Queued` handler's records."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord | None], source: _Queued,
+                 handler: logging.Handler) -> None:
+        super().__init__(records, handler)
+        self._records = records
+        self._source = source
+
+    def stop(self) -> None:
+        """Write what is queued, waiting `STOP_WAIT` seconds at most (a log reader
+        that stopped for good must not keep the process from exiting)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._source.closing(STOP_WAIT)
+        try:
+            self._records.put(None, timeout=STOP_WAIT)  # the listener's sentinel
+        except queue.Full:
+            return
+        thread.join(STOP_WAIT)
+        self._thread = None
+
+
 _installed: list[logging.Handler] = []
 """The handler `configure` installed last (the only one it replaces)."""
+_writers: list[_Writer] = []
 
 
-def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None,
+              *, background: bool = False) -> None:
     """Send every logger's records at ``level`` and above to ``stream`` (default: stderr)
-    as ``fmt``. Replaces the handler an earlier call installed (calling it twice is
-    harmless) and leaves others alone (pytest's, an embedding program's)."""
+    as ``fmt``; from a writer thread if ``background`` (servers: see above).
+    Replaces the handler an earlier call installed (calling it twice is harmless)
+    and leaves others alone (pytest's, an embedding program's)."""
     if level.lower() not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
     if fmt.lower() not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None \
+        else _StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt.lower() == "json"
                          else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     while _installed:
         root.removeHandler(_installed.pop())
+    while _writers:
+        _writers.pop().stop()
+    if background:
+        records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUED)
+        queued = _Queued(records)
+        writer = _Writer(records, queued, handler)
+        writer.start()
+        _writers.append(writer)
+        handler = queued
     root.addHandler(handler)
     _installed.append(handler)
     root.setLevel(level.upper())
     # Warnings (deprecations from libraries) then go through the same handler.
     logging.captureWarnings(True)
+
+
+@atexit.register
+def _flush() -> None:
+    while _writers:
+        _writers.pop().stop()

@@ -106,7 +106,7 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
     """Log to stderr (``log_format``: text or json) and run ``serve(stop)`` on the
     event loop ``loop`` (`common.event_loop`); SIGTERM or SIGINT sets ``stop``."""
     try:
-        logs.configure(log_level, log_format)
+        logs.configure(log_level, log_format, background=True)
         runs_on = event_loop.chosen(loop)
     except ValueError as exc:  # a bad MESH_* value: argparse checks only flags
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import html
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -23,7 +25,14 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from common.localmesh import Etcd, GatewayProcess, LocalMesh, NodeProcess, RedisServer
+from common.localmesh import (
+    Etcd,
+    GatewayProcess,
+    LocalMesh,
+    NodeProcess,
+    RedisServer,
+    child_environment,
+)
 from gateway.__main__ import public_services
 from gateway.rules import routes_of
 from tests.conftest import module_cluster, non_owner
@@ -492,3 +501,39 @@ def _owner(cluster: LocalMesh, key: str) -> NodeProcess:
     others = set(non_owner(cluster, key))
     [owner] = [n for n in cluster.nodes if n.address not in others]
     return owner
+
+
+def test_a_log_reader_that_stops_reading_never_stops_the_gateway(cluster: LocalMesh) -> None:
+    # Its stderr a small pipe nobody reads (a stuck log shipper, a paused
+    # terminal): the gateway logs every request, and once the pipe is full a
+    # write from its event loop would stop the loop, and every request with it
+    # (it did). It goes on answering; the lines wait in memory, up to
+    # `common.logs.QUEUED` of them (past that they are dropped and counted).
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4096)  # about 40 access lines
+    argv = [sys.executable, "-m", "gateway", "--listen", "127.0.0.1:0",
+            "--etcd", cluster.etcd_endpoint, "--cluster", cluster.cluster]
+    gateway = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=writer,
+                               env=child_environment())
+    os.close(writer)
+    try:
+        assert gateway.stdout is not None
+        ready = gateway.stdout.readline().decode()
+        assert ready.startswith("READY "), ready
+        url = json.loads(ready.removeprefix("READY "))["url"]
+        with httpx.Client(base_url=url, timeout=5) as client:
+            for _ in range(300):
+                assert client.get("/healthz").status_code == 200
+        # Read again: every line comes out, and the gateway stops cleanly.
+        gateway.terminate()
+        with os.fdopen(reader, "rb") as log:
+            reader = -1
+            text = log.read().decode(errors="replace")
+        assert gateway.wait(15) == 0, text[-2000:]
+        assert text.count("GET /healthz") == 300, text[-2000:]
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+        if reader >= 0:
+            os.close(reader)

@@ -6,6 +6,7 @@ import enum
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -98,6 +99,43 @@ def test_configure_replaces_handlers_and_filters_by_level(root_logging: None) ->
     logs.configure("DEBUG", "text", text)
     logging.getLogger("b").debug("plain")
     assert text.getvalue().rstrip().endswith("DEBUG b: plain")
+
+
+class _Stuck(io.StringIO):
+    """A stream whose writes wait until ``released`` (a log reader that stopped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.released = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        assert self.released.wait(10)
+        return super().write(text)
+
+
+def test_a_server_logs_from_a_writer_thread_and_drops_what_a_stuck_reader_cannot_take(
+        root_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "QUEUED", 5)
+    stream = _Stuck()
+    logs.configure("info", "json", stream, background=True)
+    log = logging.getLogger("mesh.test")
+    log.info("first %s", "record")
+    assert stream.writing.wait(10)  # the writer holds it, waiting on the stream
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed")
+    for i in range(20):
+        log.info("record %d", i)  # returns at once: 4 more wait, 16 are dropped
+    stream.released.set()
+    logs._flush()  # as at exit: what is queued is written
+    entries = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [e["message"] for e in entries] == [
+        "first record", "failed", *(f"record {i}" for i in range(4)),
+        "16 log records dropped: the log's reader fell behind"]
+    assert "RuntimeError: boom" in entries[1]["exception"]  # apart, as written at once
 
 
 def test_configure_refuses_unknown_levels_and_formats(root_logging: None) -> None:
