@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TextIO
 
 import aetcd.exceptions
 
@@ -18,7 +19,17 @@ from common import event_loop, logs
 from common.etcd import EtcdAccess, EtcdAccessError
 
 __all__ = ["StartupError", "add_etcd_flags", "add_server_flags", "env", "etcd_access",
-           "etcd_endpoints", "run_until_signalled"]
+           "etcd_endpoints", "run_until_signalled", "say"]
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Write ``line`` (a READY line on stdout, an ``error:`` on stderr) in one
+    write. `print` makes two, the text and its newline, and the log's writer
+    thread (`common.logs`) could put a line between them where stdout and
+    stderr share a file: the READY line would no longer parse."""
+    out = stream if stream is not None else sys.stdout
+    out.write(line + "\n")
+    out.flush()
 
 
 class StartupError(Exception):
@@ -109,7 +120,7 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
         logs.configure(log_level, log_format, background=True)
         runs_on = event_loop.chosen(loop)
     except ValueError as exc:  # a bad MESH_* value: argparse checks only flags
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        say(f"error: {exc}", sys.stderr)
         raise SystemExit(2) from None
 
     async def main() -> None:
@@ -125,14 +136,14 @@ def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]], *,
         refused = _found(exc, (EtcdAccessError, StartupError))
         if refused is not None:
             # A setting to fix, not a bug: one line, no traceback.
-            print(f"error: {refused}", file=sys.stderr, flush=True)
+            say(f"error: {refused}", sys.stderr)
             raise SystemExit(2) from None
         unreachable = _found(exc, _UNREACHABLE)
         if unreachable is None:
             raise
         # etcd down or elsewhere at start-up: as plain, and exit 3 as meshctl does.
-        print(f"error: cannot reach etcd (check --etcd / MESH_ETCD_ENDPOINTS): "
-              f"{' '.join(str(unreachable).split())}", file=sys.stderr, flush=True)
+        say(f"error: cannot reach etcd (check --etcd / MESH_ETCD_ENDPOINTS): "
+            f"{' '.join(str(unreachable).split())}", sys.stderr)
         raise SystemExit(3) from None
 
 

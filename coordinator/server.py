@@ -21,6 +21,7 @@ from common.clustermap import MapFollower, leader_key
 from common.etcd import client_for
 from common.metrics import Metrics, Snapshot
 from common.peer import COORDINATOR, PeerSigner
+from common.process import say
 from common.tls import Tls, bind
 from common.tracing import Tracing
 from coordinator.admin import MUTATIONS, AdminService
@@ -158,7 +159,7 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
     except BaseException:
         await coordinator.stop()
         raise
-    print(coordinator.ready_line(), flush=True)
+    say(coordinator.ready_line())
     log.info("coordinator %s serving on %s (%s event loop)", config.coordinator_id,
              coordinator.address, event_loop.running())
     await stop.wait()

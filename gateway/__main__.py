@@ -21,7 +21,7 @@ from google.protobuf import descriptor
 import mesh
 from clients import Mesh
 from clients.errors import NoNodesError
-from common.process import run_until_signalled
+from common.process import run_until_signalled, say
 from gateway.app import Gateway, GatewayMetrics, create_app
 from gateway.config import GatewayConfig, parse_args
 from gateway.limits import EdgeLimiter
@@ -90,7 +90,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
     try:
         await cluster.start()
     except NoNodesError as exc:
-        print(f"error: {exc} (check --etcd / MESH_ETCD_ENDPOINTS)", file=sys.stderr, flush=True)
+        say(f"error: {exc} (check --etcd / MESH_ETCD_ENDPOINTS)", sys.stderr)
         raise SystemExit(3) from None
     limiter = EdgeLimiter(config.limits, config.cluster)
     try:
@@ -103,8 +103,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
         try:
             sock = _bind(config.listen)
         except (OSError, ValueError) as exc:
-            print(f"error: cannot listen on {config.listen}: {exc}", file=sys.stderr,
-                  flush=True)
+            say(f"error: cannot listen on {config.listen}: {exc}", sys.stderr)
             raise SystemExit(2) from None
         server = _Server(uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off",
@@ -120,8 +119,8 @@ async def serve(config: GatewayConfig, stop: asyncio.Event) -> None:
             return
         host, port = sock.getsockname()[:2]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        print("READY " + json.dumps({"address": address, "url": f"http://{address}",
-                                     "pid": os.getpid()}), flush=True)
+        say("READY " + json.dumps({"address": address, "url": f"http://{address}",
+                                   "pid": os.getpid()}))
         stopping = asyncio.get_running_loop().create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True

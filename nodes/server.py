@@ -26,6 +26,7 @@ from common.etcd import client_for
 from common.membership import NodeInfo, node_key
 from common.metrics import Metrics
 from common.peer import NODE, PeerSigner
+from common.process import say
 from common.tls import bind
 from common.tracing import Tracing
 from mesh.replication.v1 import replication_pb2_grpc
@@ -328,7 +329,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> None:
         # garbage collector after the event loop has closed, they fail noisily.
         await node.stop()
         raise
-    print(node.ready_line(), flush=True)
+    say(node.ready_line())
     log.info("node %s serving %s on %s (%s event loop)", config.node_id,
              ",".join(config.services), node.address, event_loop.running())
     stopping = asyncio.ensure_future(stop.wait())

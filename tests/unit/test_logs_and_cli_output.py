@@ -25,6 +25,7 @@ from clients.errors import (
 )
 from common import logs
 from common.etcd import EtcdAccessError
+from common.process import say
 from mesh.admin.v1 import admin_pb2
 from meshctl import output
 from meshctl.cli import main, version
@@ -136,6 +137,22 @@ def test_a_server_logs_from_a_writer_thread_and_drops_what_a_stuck_reader_cannot
         "first record", "failed", *(f"record {i}" for i in range(4)),
         "16 log records dropped: the log's reader fell behind"]
     assert "RuntimeError: boom" in entries[1]["exception"]  # apart, as written at once
+
+
+def test_a_ready_line_is_one_write() -> None:
+    # print() writes a line and its newline apart, and the log's writer thread
+    # could write between them into a file stdout and stderr share: `make run`
+    # failed to parse a gateway's READY line so.
+    class Writes(io.StringIO):
+        calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    out = Writes()
+    say('READY {"address": "127.0.0.1:1"}', out)
+    assert out.calls == ['READY {"address": "127.0.0.1:1"}\n']
 
 
 def test_configure_refuses_unknown_levels_and_formats(root_logging: None) -> None:
