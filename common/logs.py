@@ -9,8 +9,8 @@ A server process (``background=True``) never writes a record from the thread
 that logs it: the event loop would stop while stderr is a pipe nobody reads
 (a stuck log shipper, a paused terminal), and with it every call and the
 etcd lease. Records go through a bounded queue to a writer thread; past
-`QUEUED` waiting records they are dropped and counted, and the count is
-written once the writer moves again.
+`QUEUED` waiting records they are dropped and counted, and a warning with
+the count takes their place once the queue has room (or at exit).
 """
 
 from __future__ import annotations
