@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 from starlette.responses import JSONResponse
 
 from clients.errors import InvalidArgumentError, MeshError
-from common.errors import DOMAIN
+from common.errors import DOMAIN, MAX_MESSAGE_CHARS, capped
 
 __all__ = ["HTTP_STATUS", "GatewayError", "error_response", "http_status", "status_json"]
 
@@ -51,10 +51,15 @@ class GatewayError(MeshError):
                  violations: Mapping[str, str] | None = None,
                  retry_after: float | None = None, headers: Mapping[str, str] | None = None,
                  status: int | None = None) -> None:
-        """``status``: the HTTP status when the code's own does not fit (405, 413, 415)."""
-        super().__init__(message, code=code, reason=reason, metadata=metadata)
+        """``status``: the HTTP status when the code's own does not fit (405, 413, 415).
+
+        The message and details are capped as a node caps its own: they may quote
+        the caller's input (a path, a parameter's or field's name), which only the
+        HTTP server's own limits bound, and an answer must not echo it back whole."""
+        super().__init__(capped(message, MAX_MESSAGE_CHARS), code=code, reason=reason,
+                         metadata={capped(k): capped(v) for k, v in (metadata or {}).items()})
         self.status = status
-        self.violations = dict(violations or {})
+        self.violations = {capped(f): capped(d) for f, d in (violations or {}).items()}
         self.retry_after = retry_after
         self.headers = dict(headers or {})
 
@@ -73,20 +78,24 @@ def status_json(error: MeshError) -> dict[str, Any]:
     """``error`` as a google.rpc.Status in JSON (proto field names)."""
     code = error.code or grpc.StatusCode.UNAVAILABLE
     details = []
+    # Capped again, as a node's status is: the last gate for every error shown,
+    # the client library's own included.
     if error.reason:
         details.append(_pack(error_details_pb2.ErrorInfo(
-            reason=error.reason, domain=DOMAIN, metadata=error.metadata)))
+            reason=error.reason, domain=DOMAIN,
+            metadata={capped(k): capped(v) for k, v in error.metadata.items()})))
     violations = error.violations if isinstance(error, GatewayError) else (
         error.field_violations if isinstance(error, InvalidArgumentError) else {})
     if violations:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+            error_details_pb2.BadRequest.FieldViolation(field=capped(f), description=capped(d))
             for f, d in violations.items()])))
     if error.retry_after is not None:
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
         details.append(_pack(retry))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=capped(error.message, MAX_MESSAGE_CHARS),
+                               details=details)
     result: dict[str, Any] = json_format.MessageToDict(
         status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return result

@@ -301,6 +301,35 @@ async def test_bad_input_is_refused_at_the_edge(
     assert await asyncio.to_thread(_public_calls, cluster) == before
 
 
+async def test_an_edge_refusal_never_echoes_the_callers_input_whole(
+    http: httpx.AsyncClient
+) -> None:
+    """A refusal may quote what it refuses (a path, a parameter's or field's name),
+    but capped: a 40,000-character name must not come back three times over (nor
+    a 3,000-character one, in a body this gateway's 4 KiB limit lets through)."""
+    long, mid = "q" * 40_000, "q" * 3_000
+    cases: list[tuple[httpx.Response, int, str]] = [
+        (await http.get(f"/v1/{long}"), 404, "path"),
+        (await http.post(f"/v1/{long}/x"), 404, "path"),
+        (await http.get("/v1/cache/k", params={long: "1"}), 400, long),
+        (await http.put("/v1/cache/k", json={mid: 1}), 400, mid),
+        (await http.post("/v1/streams/s:append", json={"events": [{mid: 1}]}), 400,
+         f"events[0].{mid}"),
+        (await http.put("/v1/cache/k", content=b"x",
+                        headers={"content-type": "text/" + "p" * 8_000}), 415, "content-type"),
+    ]
+    for response, status, field in cases:
+        assert response.status_code == status, (field[:20], response.text[:200])
+        assert len(response.content) < 2_000, (field[:20], len(response.content))
+        body = response.json()
+        named = detail(body, "BadRequest")["field_violations"][0]["field"]
+        assert named == field or (named.endswith("\u2026") and field.startswith(named[:-1])), \
+            named[:40]
+    # Input within bounds still comes back as it was.
+    short = await http.get("/v1/cache/k", params={"colour": "red"})
+    assert short.json()["message"] == "colour: unknown query parameter"
+
+
 async def test_cors_preflight_and_health(http: httpx.AsyncClient) -> None:
     preflight = await http.options("/v1/cache/k", headers={
         "origin": "http://app.example", "access-control-request-method": "PUT",

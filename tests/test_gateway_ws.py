@@ -216,6 +216,13 @@ async def test_bad_frames_get_errors_naming_the_field(gateway: GatewayProcess) -
         await ws.send(sent)
         error = await frame(ws, "error")
         assert error["error"]["code"] == 3 and field_of(error["error"]) == field, (sent, error)
+    # A long name is quoted capped, not whole (the frame's limit is 4 KiB here).
+    await ws.send(json.dumps({"type": "subscribe", "id": "x", "rpc": "notify.Subscribe",
+                              "request": {"c" * 3_000: []}}))
+    error = await frame(ws, "error")
+    named = field_of(error["error"])
+    assert named.startswith("request.ccc") and named.endswith("\u2026") and len(named) == 200
+    assert len(json.dumps(error)) < 2_000
     # A frame over --max-body-bytes closes the socket (1009, message too big).
     await ws.send("x" * 5000)
     with pytest.raises(Exception):  # noqa: B017 - websockets' ConnectionClosed

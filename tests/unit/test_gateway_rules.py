@@ -14,9 +14,10 @@ import pytest
 from google.protobuf import duration_pb2
 
 from clients.errors import VersionMismatchError
+from common.errors import MAX_MESSAGE_CHARS
 from gateway import sse
 from gateway.__main__ import public_services
-from gateway.errors import error_response, status_json
+from gateway.errors import GatewayError, error_response, status_json
 from gateway.positions import WatchPosition
 from gateway.rules import RouteTable, parse_template, routes_of
 from gateway.transcode import FieldError, request_of, to_json
@@ -125,6 +126,18 @@ def test_error_bodies_are_rpc_statuses() -> None:
     assert body["details"][1]["retry_delay"] == "0.200s"
     response = error_response(error)
     assert response.status_code == 409 and response.headers["retry-after"] == "1"
+
+
+def test_an_error_body_quotes_input_capped() -> None:
+    long = "x" * 10_000
+    body = status_json(GatewayError(grpc.StatusCode.NOT_FOUND, f"no route for GET /{long}",
+                                    "ROUTE_NOT_FOUND", metadata={"path": long},
+                                    violations={long: long}))
+    assert len(body["message"]) == MAX_MESSAGE_CHARS and body["message"].endswith("\u2026")
+    assert body["details"][0]["metadata"] == {"path": "x" * 199 + "\u2026"}
+    violation = body["details"][1]["field_violations"][0]
+    assert violation["field"] == violation["description"] == "x" * 199 + "\u2026"
+    assert len(json.dumps(body)) < 2_000
 
 
 class _SilentCall:
