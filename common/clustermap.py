@@ -35,8 +35,8 @@ DEFAULT_GROUP_COUNT = 1024
 vBuckets, enough that up to ~100 nodes lead within 7.4% of the mean primaries
 (1.016x at 20 nodes, 1.025x at 50; 256 groups gave 1.17x at 50), cheap enough
 on 3 nodes: in alternating runs the scheduler, lock and event rows read the
-same as with 256, for 0.7% more idle CPU and ~8 MB more RSS per node. Past
-~100 nodes choose 4096 (`--groups`)."""
+same as with 256, for ~8 MB more RSS per node and an idle node's CPU at 1.4%
+of a core instead of 0.7%. Past ~100 nodes choose 4096 (`--groups`)."""
 
 
 def map_key(cluster: str) -> bytes:
