@@ -51,15 +51,10 @@ class GatewayError(MeshError):
                  violations: Mapping[str, str] | None = None,
                  retry_after: float | None = None, headers: Mapping[str, str] | None = None,
                  status: int | None = None) -> None:
-        """``status``: the HTTP status when the code's own does not fit (405, 413, 415).
-
-        The message and details are capped as a node caps its own: they may quote
-        the caller's input (a path, a parameter's or field's name), which only the
-        HTTP server's own limits bound, and an answer must not echo it back whole."""
-        super().__init__(capped(message, MAX_MESSAGE_CHARS), code=code, reason=reason,
-                         metadata={capped(k): capped(v) for k, v in (metadata or {}).items()})
+        """``status``: the HTTP status when the code's own does not fit (405, 413, 415)."""
+        super().__init__(message, code=code, reason=reason, metadata=metadata)
         self.status = status
-        self.violations = {capped(f): capped(d) for f, d in (violations or {}).items()}
+        self.violations = dict(violations or {})
         self.retry_after = retry_after
         self.headers = dict(headers or {})
 
@@ -78,8 +73,10 @@ def status_json(error: MeshError) -> dict[str, Any]:
     """``error`` as a google.rpc.Status in JSON (proto field names)."""
     code = error.code or grpc.StatusCode.UNAVAILABLE
     details = []
-    # Capped again, as a node's status is: the last gate for every error shown,
-    # the client library's own included.
+    # Every answer's error passes here (HTTP, SSE, WebSocket), so here it is
+    # capped, as a node caps its own: it may quote the caller's input (a path,
+    # a parameter's or field's name), which only the HTTP server's own limits
+    # bound, and an answer must not echo that back whole.
     if error.reason:
         details.append(_pack(error_details_pb2.ErrorInfo(
             reason=error.reason, domain=DOMAIN,
