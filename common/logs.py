@@ -29,7 +29,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "add_log_flags", "configure"]
+__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "add_log_flags", "configure", "loggable"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("text", "json")
@@ -63,6 +63,26 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value if isinstance(value, str | int | float | bool | None) \
                     else repr(value)
         return json.dumps(entry, ensure_ascii=False)
+
+
+MAX_LOGGED_CHARS = 512
+"""Characters of one piece of outside input (a request path, an id a client chose)
+that a log line quotes at most."""
+
+
+def loggable(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """Outside input fit to quote in a log line: cut to ``limit`` characters, the last
+    an ellipsis if cut, and control characters escaped (``\\n``, ``\\x1b``).
+
+    Text logs are read a line at a time: a decoded ``%0A`` in a path would let a
+    caller forge a line, and an unbounded one flood the log (the JSON format
+    escapes, but does not cut)."""
+    quoted = text[:limit]
+    if not quoted.isprintable():
+        quoted = repr(quoted)[1:-1]
+    if len(quoted) < len(text) or len(quoted) > limit:
+        quoted = quoted[:limit - 1] + "\u2026"
+    return quoted
 
 
 def _default(name: str, default: str) -> str:

@@ -11,8 +11,9 @@ rate limits (429 with ``Retry-After``), the content type (415 unless JSON or
 curl's default), the body size
 (413 naming ``body``; a ``Content-Length`` over the limit is refused before
 reading), then the transcoding (400 naming the field). One access-log line
-per request (logger ``gateway.access``) gives method, path, route, status,
-duration and client; never the token.
+per request (logger ``gateway.access``) gives method, path (capped, control
+characters escaped: `common.logs.loggable`), route, status, duration and
+client; never the token.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from clients.errors import MeshError
+from common.logs import loggable
 from common.metrics import LATENCY_BUCKETS
 from gateway import sse
 from gateway.errors import GatewayError, error_response
@@ -206,8 +208,8 @@ class AccessLog:
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.duration.labels(route).observe(elapsed)
             client = scope.get("client") or ("", 0)
-            access.info("%s %s %s %d %.1fms %s", scope["method"], scope["path"], route,
-                        status, elapsed * 1000, client[0])
+            access.info("%s %s %s %d %.1fms %s", scope["method"], loggable(scope["path"]),
+                        route, status, elapsed * 1000, client[0])
 
 
 _OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/live"})

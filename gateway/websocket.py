@@ -58,6 +58,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from clients.errors import DeadlineExceededError, MeshError
 from clients.retry import Verdict, classify
+from common.logs import loggable
 from gateway.errors import GatewayError, status_json
 from gateway.positions import CursorError, Position, position_for
 from gateway.rules import Route
@@ -297,7 +298,7 @@ class _Socket:
             del self.subscriptions[sid]
         if not task.cancelled() and task.exception() is not None:
             # Most often: a send on a socket the client has just closed.
-            log.debug("subscription %s ended: %r", sid, task.exception())
+            log.debug("subscription %s ended: %r", loggable(sid), task.exception())
 
     async def _follow(self, sid: str, call: Call, position: Position) -> None:
         """Deliver one subscription, re-opening it after a failure; see the module doc."""
@@ -334,7 +335,7 @@ class _Socket:
                 if not (position.resumable and _resumable(exc)):
                     await self.refuse(exc, sid, position.cursor())
                     return
-                log.info("subscription %s: its stream from %s failed (%s); resuming", sid,
+                log.info("subscription %s: its stream from %s failed (%s); resuming", loggable(sid),
                          stream.address, exc.reason or exc.code)
                 failing_since = loop.time()
             finally:

@@ -330,6 +330,29 @@ async def test_an_edge_refusal_never_echoes_the_callers_input_whole(
     assert short.json()["message"] == "colour: unknown query parameter"
 
 
+async def test_the_access_log_quotes_a_path_on_one_capped_line(
+    http: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    """The access log quotes the decoded path: a ``%0A`` in it must not start a line
+    of the caller's making, nor a 40,000-character path make a 40 kB line."""
+    forged = "2026-12-05 12:00:00,000 INFO gateway.access: GET /v1/admin"
+    await http.get("/v1/cache/forgery-probe%0A" + forged.replace(" ", "%20"))
+    await http.get("/v1/cache/long-probe-" + "q" * 40_000)
+    for _ in range(100):  # lines are written by the gateway's log thread
+        lines = gateway.child.log_tail(200).splitlines()
+        probes = [line for line in lines if "forgery-probe" in line or "long-probe" in line]
+        if len(probes) == 2:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"the access lines never came: {probes}")
+    assert not any(line.startswith(forged) for line in lines)
+    [escaped] = [line for line in probes if "forgery-probe" in line]
+    assert "forgery-probe\\n" + forged in escaped
+    [long] = [line for line in probes if "long-probe" in line]
+    assert 500 < len(long) < 700 and "\u2026" in long
+
+
 async def test_cors_preflight_and_health(http: httpx.AsyncClient) -> None:
     preflight = await http.options("/v1/cache/k", headers={
         "origin": "http://app.example", "access-control-request-method": "PUT",

@@ -48,6 +48,19 @@ def _record(message: str, *args: object, exc: bool = False, **extra: object) -> 
     return logs.JsonFormatter().format(record)
 
 
+def test_outside_input_is_quoted_on_one_capped_line() -> None:
+    assert logs.loggable("/v1/cache/k") == "/v1/cache/k"
+    assert logs.loggable("/v1/caf\u00e9 x") == "/v1/caf\u00e9 x"  # printable stays as it is
+    forged = logs.loggable("/v1/k\n2026-12-05 INFO gateway.access: GET /\x1b[2J")
+    assert forged == "/v1/k\\n2026-12-05 INFO gateway.access: GET /\\x1b[2J"
+    assert "\n" not in forged and "\x1b" not in forged
+    long = logs.loggable("q" * 40_000)
+    assert len(long) == logs.MAX_LOGGED_CHARS and long.endswith("\u2026")
+    # Escaping makes a line longer: the bound holds after it.
+    assert len(logs.loggable("\x00" * 1_000)) == logs.MAX_LOGGED_CHARS
+    assert logs.loggable("abcdef", 4) == "abc\u2026"
+
+
 def test_json_formatter_writes_one_object_per_line() -> None:
     line = _record("moved %d groups\nto %s", 3, "node-2")
     assert "\n" not in line
