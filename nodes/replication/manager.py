@@ -162,6 +162,11 @@ class Replication:
         return [machine for group in self.groups.values() if group.is_primary
                 and (machine := group.machines.get(kind)) is not None]
 
+    def led_in(self, group_id: int, kind: int) -> StateMachine | None:
+        """Service ``kind``'s machine in group ``group_id``, if this node leads it now."""
+        group = self.groups.get(group_id)
+        return group.machines.get(kind) if group is not None and group.is_primary else None
+
     @property
     def links(self) -> Mapping[str, PeerLink]:
         """The replication link to each node replicating a group this node leads."""

@@ -133,6 +133,7 @@ class Driver:
         self.clock = clock
         self._client: InternalClient | None = None
         self._led: Callable[[], list[SagaMachine]] = list
+        self._led_in: Callable[[int], SagaMachine | None] = lambda _gid: None
         self._check_ns = from_seconds(limits.check_interval)
         self._due: dict[TaskKey, _Due] = {}
         """When a RUNNING task's job is next read (absent: at first sight)."""
@@ -148,8 +149,11 @@ class Driver:
         self.calls = 0
         """Scheduler and event store calls made (for metrics)."""
 
-    def start(self, client: InternalClient, led: Callable[[], list[SagaMachine]]) -> None:
-        self._client, self._led = client, led
+    def start(self, client: InternalClient, led: Callable[[], list[SagaMachine]],
+              led_in: Callable[[int], SagaMachine | None]) -> None:
+        """``led``: the saga machines of every group led here; ``led_in(group_id)``:
+        that group's, if led here."""
+        self._client, self._led, self._led_in = client, led, led_in
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
@@ -208,10 +212,11 @@ class Driver:
                             self._examine(machine, saga_id, now, publish=True)
                     self._dirty.clear()
                 else:
+                    # Looked up group by group: a node leads hundreds of groups,
+                    # and this runs on every change of a saga.
                     dirty, self._dirty = self._dirty, set()
-                    machines = {m.group.group_id: m for m in self._led()}
                     for gid, saga_id in dirty:
-                        led = machines.get(gid)
+                        led = self._led_in(gid)
                         if led is not None:
                             self._examine(led, saga_id, now, publish=False)
             except Exception:  # a bug must not stop every saga of the node
