@@ -1,0 +1,74 @@
+"""The saga driver's wake-ups, with fakes for the groups (no node, no I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from nodes.config import SagaLimits
+from nodes.internal_client import InternalClient
+from nodes.replication.group import Group
+from nodes.saga import driver as driver_module
+from nodes.saga.driver import Driver
+from nodes.saga.machine import SagaMachine
+
+
+class _Group:
+    def __init__(self, group_id: int) -> None:
+        self.group_id = group_id
+        self.writable = True
+
+
+class _Machine:
+    def __init__(self, group: _Group) -> None:
+        self.group = group
+
+
+async def test_a_changed_saga_is_examined_in_its_own_group_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change wakes the driver for that saga only, found through its group's id:
+    a node leads hundreds of groups, and listing them all on every change of every
+    saga cost sagas a seventh of their rate."""
+    # One periodic pass (the first), then only wake-ups by changes.
+    monkeypatch.setattr(driver_module, "SCAN_SECONDS", 3600.0)
+    groups = {gid: _Group(gid) for gid in range(1, 6)}
+    machines = {gid: _Machine(g) for gid, g in groups.items()}
+    listed = asyncio.Event()
+    asked: list[int] = []
+    examined: list[tuple[Any, str, bool]] = []
+    seen = asyncio.Event()
+
+    def led() -> list[SagaMachine]:
+        listed.set()  # the periodic pass
+        return []
+
+    def led_in(group_id: int) -> SagaMachine | None:
+        asked.append(group_id)
+        return cast(SagaMachine, machines.get(group_id))
+
+    driver = Driver(SagaLimits())
+
+    def examine(machine: Any, saga_id: str, now: int, *, publish: bool) -> None:
+        examined.append((machine, saga_id, publish))
+        seen.set()
+
+    driver._examine = examine  # type: ignore[method-assign]
+    driver.start(cast(InternalClient, object()), led, led_in)
+    try:
+        # The first pass after a wake-up is a periodic one: it lists the led groups.
+        driver.changed(cast(Group, groups[1]), "s-1")
+        await asyncio.wait_for(listed.wait(), 5)
+        driver.changed(cast(Group, groups[3]), "s-3")
+        await asyncio.wait_for(seen.wait(), 5)
+        assert asked == [3]
+        assert examined == [(machines[3], "s-3", False)]
+        # A group no longer led here (led_in says None) is skipped.
+        seen.clear()
+        driver.changed(cast(Group, _Group(9)), "s-9")
+        driver.changed(cast(Group, groups[4]), "s-4")
+        await asyncio.wait_for(seen.wait(), 5)
+        assert 9 in asked and examined[-1] == (machines[4], "s-4", False)
+    finally:
+        await driver.close()
