@@ -409,8 +409,7 @@ async def test_a_long_cut_between_a_primary_and_its_replica_moves_the_replica(
     their etcd leases. The group's writes wait for the replica until the primary
     reports it silent (5 s, the nodes' default) and the coordinator seats the third
     node in its place (as replica, or as primary with n1 its replica); then they go
-    on while the cut lasts. Nothing acknowledged is
-    lost, then or after the heal."""
+    on while the cut lasts. Nothing acknowledged is lost, then or after the heal."""
     table = await _map(hosted)
     view = next(g for g in table.groups.values() if g.primary == "n1" and g.replicas)
     silent = view.replicas[0]
