@@ -29,6 +29,8 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from common.errors import capped
+
 __all__ = ["FORMATS", "LEVELS", "JsonFormatter", "add_log_flags", "configure", "loggable"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -77,12 +79,10 @@ def loggable(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
     Text logs are read a line at a time: a decoded ``%0A`` in a path would let a
     caller forge a line, and an unbounded one flood the log (the JSON format
     escapes, but does not cut)."""
-    quoted = text[:limit]
+    quoted = text[:limit + 1]  # one more than fits, so that `capped` marks the cut
     if not quoted.isprintable():
         quoted = repr(quoted)[1:-1]
-    if len(quoted) < len(text) or len(quoted) > limit:
-        quoted = quoted[:limit - 1] + "\u2026"
-    return quoted
+    return capped(quoted, limit)
 
 
 def _default(name: str, default: str) -> str:
