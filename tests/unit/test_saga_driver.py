@@ -7,6 +7,8 @@ from typing import Any, cast
 
 import pytest
 
+from mesh.saga.v1 import saga_pb2 as pb
+from mesh.saga.v1 import saga_replication_pb2 as spb
 from nodes.config import SagaLimits
 from nodes.internal_client import InternalClient
 from nodes.replication.group import Group
@@ -72,3 +74,51 @@ async def test_a_changed_saga_is_examined_in_its_own_group_alone(
         assert 9 in asked and examined[-1] == (machines[4], "s-4", False)
     finally:
         await driver.close()
+
+
+def _record(saga_id: str, entry_times_ns: list[int], state: int) -> spb.SagaRecord:
+    record = spb.SagaRecord()
+    record.saga.saga_id = saga_id
+    record.saga.state = state  # type: ignore[assignment]
+    for i, t in enumerate(entry_times_ns):
+        entry = record.saga.history.add(index=i + 1, kind="step_dispatched")
+        entry.time.FromNanoseconds(t)
+    return record
+
+
+def test_a_running_saga_appends_its_history_once_it_waited_and_an_ended_one_at_once(
+) -> None:
+    """The periodic pass appends a running saga's history only once its oldest
+    unpublished entry is `PUBLISH_AFTER_NS` old: a saga that ends sooner appends it
+    in one call, when it ends, instead of a call per pass and one at the end."""
+    now = 100 * driver_module.PUBLISH_AFTER_NS
+    young = now - driver_module.PUBLISH_AFTER_NS // 2
+    old = now - driver_module.PUBLISH_AFTER_NS
+    group = _Group(1)
+    machine = _Machine(group)
+    machine.sagas = {  # type: ignore[attr-defined]
+        "young": _record("young", [old, young], pb.SAGA_STATE_RUNNING),
+        "old": _record("old", [old, young], pb.SAGA_STATE_RUNNING),
+        "ended": _record("ended", [young, young], pb.SAGA_STATE_COMPLETED),
+        "done": _record("done", [old], pb.SAGA_STATE_COMPLETED),
+    }
+    machine.sagas["young"].published = 1  # type: ignore[attr-defined]
+    machine.sagas["done"].published = 1  # type: ignore[attr-defined]
+    driver = Driver(SagaLimits())
+    spawned: list[tuple[str, str]] = []
+
+    def spawn(gid: int, saga_id: str, what: str, now: int, work: Any) -> None:
+        spawned.append((saga_id, what))
+
+    driver._spawn = spawn  # type: ignore[method-assign]
+
+    def examine(saga_id: str, publish: bool) -> list[str]:
+        spawned.clear()
+        driver._examine(cast(SagaMachine, machine), saga_id, now, publish=publish)
+        return [what for _, what in spawned]
+
+    assert examine("young", publish=True) == []  # its unpublished entry is young
+    assert examine("old", publish=True) == ["publish"]
+    assert examine("old", publish=False) == []  # a wake-up by a change: not yet
+    assert examine("ended", publish=False) == ["publish"]  # ended: at once
+    assert examine("done", publish=True) == []  # nothing left to append
