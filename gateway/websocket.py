@@ -298,7 +298,7 @@ class _Socket:
             del self.subscriptions[sid]
         if not task.cancelled() and task.exception() is not None:
             # Most often: a send on a socket the client has just closed.
-            log.debug("subscription %s ended: %r", loggable(sid), task.exception())
+            log.debug("subscription %s ended: %s", loggable(sid), loggable(repr(task.exception())))
 
     async def _follow(self, sid: str, call: Call, position: Position) -> None:
         """Deliver one subscription, re-opening it after a failure; see the module doc."""
