@@ -3,14 +3,19 @@
 Each process serves ``/metrics`` on its own port (``--metrics-listen``) from
 prometheus-client's HTTP server thread. That thread must never walk the event
 loop's live structures, so state that is not a plain counter (slots led,
-replication lag, leases...) is summed up on the loop once a second into an
-immutable `Snapshot`, and the scrape reads the latest one.
+replication lag, leases...) is summed up on the loop into an immutable
+`Snapshot`: when a scrape asks for it, at most once per ``interval``, and the
+scrape reads that. Nothing is summed while nobody scrapes: at 4096 groups a
+snapshot a second cost an idle node 1.5% of a core.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -19,11 +24,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.addresses import Endpoint
-from common.tasks import cancel
 
 __all__ = ["Metrics", "RpcMetrics", "Snapshot", "one"]
 
 log = logging.getLogger(__name__)
+
+SCRAPE_WAIT = 2.0
+"""Seconds a scrape waits for the loop to take a snapshot; past that (the loop is
+stuck) it gets the last one, so a scrape never hangs on a busy node."""
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
@@ -80,7 +88,7 @@ class _SnapshotCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        snapshot = self._metrics.snapshot
+        snapshot = self._metrics.current()
         for name, (text, values) in snapshot.gauges.items():
             yield _family(GaugeMetricFamily, name, text, values)
         for name, (text, values) in snapshot.counters.items():
@@ -107,33 +115,63 @@ class Metrics:
         self.address = ""
         self._take = take_snapshot
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._taken_at: float | None = None  # time.monotonic() of the last snapshot
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._taking = threading.Lock()  # concurrent scrapes: one takes, the rest reuse it
         self._server: object | None = None
         self.registry.register(_SnapshotCollector(self))
 
     def serve(self, listen: str, advertise: str = "") -> str:
         """Serve ``/metrics`` on ``host:port`` (port 0: a free one); returns the address
-        others scrape (``advertise``, see `common.addresses`)."""
+        others scrape (``advertise``, see `common.addresses`). Call it on the loop
+        whose state the snapshots sum up."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), host or "127.0.0.1", self.registry)
         self._server = server
         self.address = Endpoint(listen, advertise).address(server.server_port)
-        if self._take is not None:
-            self._task = asyncio.get_running_loop().create_task(self._refresh(),
-                                                                name="metrics-snapshot")
         return self.address
 
-    async def _refresh(self) -> None:
-        assert self._take is not None
-        while True:
+    def current(self) -> Snapshot:
+        """The snapshot for a scrape (from any thread): taken on the loop now if the
+        last is older than ``interval``; the last one if the loop does not take it
+        within `SCRAPE_WAIT` seconds or is gone."""
+        loop = self._loop
+        if self._take is None or loop is None:
+            return self.snapshot
+        with self._taking:
+            taken_at = self._taken_at
+            if taken_at is not None and time.monotonic() - taken_at < self._interval:
+                return self.snapshot
+            if threading.get_ident() == self._loop_thread:
+                self._retake()  # a scrape on the loop itself (a test's)
+                return self.snapshot
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def take() -> None:
+                if done.set_running_or_notify_cancel():
+                    self._retake()
+                    done.set_result(None)
+
             try:
-                self.snapshot = self._take()
-            except Exception:  # a bug in a gauge must not stop the others
-                log.exception("metrics snapshot failed")
-            await asyncio.sleep(self._interval)
+                loop.call_soon_threadsafe(take)
+                done.result(timeout=SCRAPE_WAIT)
+            except (RuntimeError, concurrent.futures.TimeoutError):  # loop closed, or stuck
+                done.cancel()
+            return self.snapshot
+
+    def _retake(self) -> None:
+        """On the loop: sum up a new snapshot (a failing gauge keeps the last one)."""
+        assert self._take is not None
+        try:
+            self.snapshot = self._take()
+        except Exception:  # a bug in a gauge must not stop the others
+            log.exception("metrics snapshot failed")
+        self._taken_at = time.monotonic()
 
     async def close(self) -> None:
-        await cancel(self._task)
         server = self._server
         if server is not None:
             # shutdown() waits for the serving thread: not on the event loop.
