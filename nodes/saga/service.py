@@ -108,10 +108,8 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         self._replication = replication
         self.start_routing(forwarder)
         self._client = InternalClient(replication)
-        self.driver.start(self._client,
-                          lambda: cast(list[SagaMachine], replication.led(SAGA)),
-                          lambda group_id: cast(SagaMachine | None,
-                                                replication.led_in(group_id, SAGA)))
+        self.driver.start(self._client, lambda group_id: cast(
+            SagaMachine | None, replication.led_in(group_id, SAGA)))
 
     async def close(self) -> None:
         await self.driver.close()

@@ -26,6 +26,8 @@ class _Group:
 class _Machine:
     def __init__(self, group: _Group) -> None:
         self.group = group
+        self.active: set[str] = set()
+        self.unpublished: set[str] = set()
 
 
 async def test_a_changed_saga_is_examined_in_its_own_group_alone(
@@ -37,14 +39,10 @@ async def test_a_changed_saga_is_examined_in_its_own_group_alone(
     monkeypatch.setattr(driver_module, "SCAN_SECONDS", 3600.0)
     groups = {gid: _Group(gid) for gid in range(1, 6)}
     machines = {gid: _Machine(g) for gid, g in groups.items()}
-    listed = asyncio.Event()
+    machines[1].active.add("s-1")
     asked: list[int] = []
     examined: list[tuple[Any, str, bool]] = []
     seen = asyncio.Event()
-
-    def led() -> list[SagaMachine]:
-        listed.set()  # the periodic pass
-        return []
 
     def led_in(group_id: int) -> SagaMachine | None:
         asked.append(group_id)
@@ -57,21 +55,73 @@ async def test_a_changed_saga_is_examined_in_its_own_group_alone(
         seen.set()
 
     driver._examine = examine  # type: ignore[method-assign]
-    driver.start(cast(InternalClient, object()), led, led_in)
+    driver.start(cast(InternalClient, object()), led_in)
     try:
-        # The first pass after a wake-up is a periodic one: it lists the led groups.
+        # The first pass after a wake-up is a periodic one: it walks the groups
+        # whose sagas changed, here the one.
         driver.changed(cast(Group, groups[1]), "s-1")
-        await asyncio.wait_for(listed.wait(), 5)
+        await asyncio.wait_for(seen.wait(), 5)
+        assert asked == [1] and examined == [(machines[1], "s-1", True)]
+        seen.clear()
+        asked.clear()
         driver.changed(cast(Group, groups[3]), "s-3")
         await asyncio.wait_for(seen.wait(), 5)
         assert asked == [3]
-        assert examined == [(machines[3], "s-3", False)]
+        assert examined[-1] == (machines[3], "s-3", False)
         # A group no longer led here (led_in says None) is skipped.
         seen.clear()
         driver.changed(cast(Group, _Group(9)), "s-9")
         driver.changed(cast(Group, groups[4]), "s-4")
         await asyncio.wait_for(seen.wait(), 5)
         assert 9 in asked and examined[-1] == (machines[4], "s-4", False)
+    finally:
+        await driver.close()
+
+
+async def test_the_periodic_pass_walks_only_the_groups_with_sagas_in_flight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timeouts, due checks and history are looked for in the groups whose sagas
+    changed while led here, until they have nothing in flight: an idle node that
+    leads thousands of groups walks none of them."""
+    monkeypatch.setattr(driver_module, "SCAN_SECONDS", 0.01)  # every pass a periodic one
+    groups = {gid: _Group(gid) for gid in range(1, 6)}
+    machines = {gid: _Machine(g) for gid, g in groups.items()}
+    machines[2].active.add("a")
+    machines[4].unpublished.add("b")
+    asked: list[int] = []
+    examined: list[tuple[Any, str, bool]] = []
+
+    def led_in(group_id: int) -> SagaMachine | None:
+        asked.append(group_id)
+        return cast(SagaMachine, machines.get(group_id))
+
+    async def passes(n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0.015)
+
+    driver = Driver(SagaLimits())
+    driver._examine = lambda machine, saga_id, now, *, publish: examined.append(  # type: ignore[method-assign]
+        (machine, saga_id, publish))
+    driver.start(cast(InternalClient, object()), led_in)
+    try:
+        await passes(3)
+        assert asked == [] and examined == []  # nothing changed: nothing walked
+        driver.changed(cast(Group, groups[2]), "a")
+        driver.changed(cast(Group, groups[4]), "b")
+        await passes(5)
+        assert set(asked) == {2, 4}
+        assert (machines[2], "a", True) in examined and (machines[4], "b", True) in examined
+        # Its sagas ended and are published: the group drops out of the walk.
+        machines[2].active.clear()
+        await passes(3)
+        asked.clear()
+        await passes(5)
+        assert set(asked) == {4}
+        # A group that is no longer led here leaves it at once.
+        driver.forget_group(cast(Group, groups[4]))
+        asked.clear()
+        await passes(5)
+        assert asked == []
     finally:
         await driver.close()
 
