@@ -126,12 +126,9 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         replicas never judge time themselves)."""
         machine = _machine(group)
         cutoff = now_ns - from_seconds(self.limits.retention)
-        gone = [saga_id for saga_id, record in machine.sagas.items()
-                if saga_id not in machine.active and record.saga.HasField("end_time")
-                and record.saga.end_time.ToNanoseconds() <= cutoff]
-        for i in range(0, len(gone), _FORGET_BATCH):
+        while gone := machine.ended_before(cutoff, _FORGET_BATCH):
             group.propose(0, SAGA, spb.SagaCommand(forgotten=spb.SagasForgotten(
-                saga_ids=gone[i:i + _FORGET_BATCH])).SerializeToString())
+                saga_ids=gone)).SerializeToString())
         return None
 
     def metrics(self, replication: Replication) -> Snapshot:

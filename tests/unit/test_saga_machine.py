@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from common.clock import SECOND, ManualClock
 from mesh.saga.v1 import saga_pb2 as pb
 from mesh.saga.v1 import saga_replication_pb2 as spb
 from mesh.scheduler.v1 import scheduler_pb2 as schedpb
+from nodes.config import SagaLimits
 from nodes.replication.group import Group
+from nodes.replication.journal import Journal
 from nodes.replication.machine import Clear, Persist, Write
 from nodes.saga import progress
 from nodes.saga.driver import job_outcome, request_id, step_task
 from nodes.saga.machine import SAGA, SagaMachine
+from nodes.saga.service import SagaService
 from nodes.saga.storage import SCHEMA, Storage
 from tests.fakes import FakeJournal
 
@@ -255,3 +258,58 @@ def test_the_disk_copy_reads_back() -> None:
 
     sagas, found = storage.load(Reader())
     assert sagas == [record] and found == [types]
+
+
+def _finish(group: Group, clock: ManualClock, saga_id: str) -> None:
+    """Start a one-step saga and run it to COMPLETED (ending at the clock's time)."""
+    record = progress.new_record(saga_id, _definition(["a"], undo=False), 1, b"", "")
+    _propose(group, spb.SagaCommand(started=spb.SagaStarted(record=record)))
+    _propose(group, spb.SagaCommand(dispatched=spb.TaskDispatched(
+        saga_id=saga_id, step=0, phase=ACTION, job_id=f"j-{saga_id}")))
+    _propose(group, spb.SagaCommand(ended=spb.TaskEnded(
+        saga_id=saga_id, step=0, phase=ACTION, job_id=f"j-{saga_id}", state=SUCCEEDED)))
+    assert _machine(group).sagas[saga_id].saga.state == pb.SAGA_STATE_COMPLETED
+
+
+def test_the_retention_sweep_takes_only_the_sagas_that_expired_oldest_first() -> None:
+    """The primary's sweep finds the sagas past their retention in a heap by end
+    time: what has not expired is not looked at, a saga is taken once, a saga
+    that ends later is found too; a replica, which never sweeps, drops the
+    entries of what the primary forgot (its heap does not grow for ever)."""
+    clock = ManualClock(100 * SECOND)
+    primary, replica = _group(clock, FakeJournal()), _group(clock, FakeJournal(), False)
+    machine = _machine(primary)
+    for i in range(5):  # s0 ends at 100 s, s1 at 101 s, ...
+        _finish(primary, clock, f"s{i}")
+        clock.advance(SECOND)
+    running = progress.new_record("r", _definition(["a"]), 1, b"", "")
+    _propose(primary, spb.SagaCommand(started=spb.SagaStarted(record=running)))
+
+    assert machine.ended_before(99 * SECOND, 10) == []
+    assert machine.ended_before(102 * SECOND, 2) == ["s0", "s1"]  # oldest first, 2 at most
+    assert machine.ended_before(102 * SECOND, 10) == ["s2"]  # each taken once
+    _finish(primary, clock, "late")  # ends at 105 s
+    assert machine.ended_before(105 * SECOND, 10) == ["s3", "s4", "late"]
+    assert machine.ended_before(10**6 * SECOND, 10) == []  # "r" is still running
+
+    _propose(primary, spb.SagaCommand(forgotten=spb.SagasForgotten(
+        saga_ids=["s0", "s1", "s2"])))
+    for command in primary.log.since(0, 1000):
+        _machine(replica).apply(command)
+    theirs = _machine(replica)
+    assert set(theirs.sagas) == {"s3", "s4", "late", "r"}
+    assert sorted(saga_id for _, saga_id in theirs._ended) == ["late", "s3", "s4"]
+    assert theirs.ended_before(10**6 * SECOND, 10) == ["s3", "s4", "late"]
+
+
+def test_the_service_forgets_the_sagas_past_their_retention() -> None:
+    clock = ManualClock(100 * SECOND)
+    primary = _group(clock, FakeJournal())
+    for i in range(3):  # s0 ends at 100 s, s1 at 101 s, s2 at 102 s
+        _finish(primary, clock, f"s{i}")
+        clock.advance(SECOND)
+    service = SagaService(SagaLimits(retention=10.0), cast(Journal, FakeJournal()), clock)
+    service.tick(primary, 111 * SECOND)
+    assert set(_machine(primary).sagas) == {"s2"}
+    service.tick(primary, 113 * SECOND)
+    assert not _machine(primary).sagas
