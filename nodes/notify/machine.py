@@ -12,6 +12,7 @@ channels are neither replicated nor written: they live on the primary alone.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from mesh.notify.v1 import notify_replication_pb2 as npb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.notify.model import (
     CHANNEL,
+    CREATED_NS,
     DATA,
     IDEMPOTENCY_ID,
     INBOX,
@@ -68,6 +70,17 @@ def epoch_of(command: rpb.Command) -> str:
     return f"{command.epoch:x}.{command.seq:x}"
 
 
+def trim_due(log: Log, lifetime_ns: int) -> int | None:
+    """When retention by age may first act on ``log``: its oldest entry's ttl
+    runs out, or (empty) a channel's lifetime since its last append; None for
+    an empty inbox, which is never forgotten."""
+    if log.entries:
+        return log.entries[0][CREATED_NS] + log.ttl_ns
+    if log.kind != INBOX:
+        return log.last_append_ns + lifetime_ns
+    return None
+
+
 class NotifyMachine:
     """The channels, inboxes and presence of one group on this node."""
 
@@ -90,6 +103,8 @@ class NotifyMachine:
         self.leading = False
         self.created = 0
         """Channels ever created here (pattern subscriptions rescan when it grows)."""
+        self._trim_due: list[tuple[int, int, str]] | None = None
+        self._lifetime_ns = 0
         if group.restored:  # read back from disk at start-up
             logs, members = self._storage.load(journal)
             self.logs = {log.key: log for log in logs}
@@ -166,6 +181,9 @@ class NotifyMachine:
         """Append to log ``(kind, name)`` (created if new, its settings replaced if
         given); the rows go to ``writes``."""
         log = self.logs.get((kind, name))
+        # When retention by age may act sooner than it was due: a new log, an
+        # empty one, a shorter ttl (a later due is found when the early one comes).
+        sooner = log is None or not log.entries
         if log is None:
             if settings is None:  # the primary always sends a new log's settings
                 settings = npb.LogSettings(size=1, ttl_ns=0)
@@ -173,13 +191,39 @@ class NotifyMachine:
                                                 settings.size, settings.ttl_ns)
             self.created += 1
         elif settings is not None:
+            sooner = sooner or settings.ttl_ns < log.ttl_ns
             log.size, log.ttl_ns = settings.size, settings.ttl_ns
             log.changed_seq = command.seq
         earliest = log.earliest
         entry = log.append(data, idempotency_id, command.issued_at.ToNanoseconds(),
                            command.seq)
         writes.extend(self._storage.appended(log, entry, earliest))
+        if sooner and self._trim_due is not None:
+            self.trim_later(log)
         return Appended(entry[OFFSET], log.epoch, command.seq)
+
+    # -- retention by age (the primary's) -------------------------------------------
+
+    def trim_schedule(self, lifetime_ns: int) -> list[tuple[int, int, str]]:
+        """``(when, kind, name)`` of the replicated logs that retention by age
+        (entries past their ttl, a channel idle past ``lifetime_ns``) may have to
+        trim, a heap: an entry may come early (its log is looked at again), never
+        late. Built by the primary's first trim pass and kept after; a copy that
+        is not primary has none, and a new primary builds it again. Walking
+        every log each pass instead cost in proportion to all the logs held,
+        inboxes never forgotten included."""
+        if self._trim_due is None or lifetime_ns != self._lifetime_ns:
+            self._lifetime_ns = lifetime_ns
+            self._trim_due = []
+            for log in self.logs.values():
+                self.trim_later(log)
+        return self._trim_due
+
+    def trim_later(self, log: Log) -> None:
+        """Put ``log`` in the schedule at its due time, if it has one."""
+        due = trim_due(log, self._lifetime_ns)
+        if due is not None and self._trim_due is not None:
+            heapq.heappush(self._trim_due, (due, log.kind, log.name))
 
     def _presence_event(self, channel: str, change: pb.PresenceChange.ValueType,
                         member: Member, expired: bool, command: rpb.Command,
@@ -222,6 +266,7 @@ class NotifyMachine:
         return chunks
 
     def restore(self, chunks: Iterable[tuple[int, bytes]]) -> list[Persist]:
+        self._trim_due = None
         self.logs.clear()
         self.presence.clear()
         self.created += 1
@@ -246,6 +291,7 @@ class NotifyMachine:
 
     def role_changed(self) -> None:
         group = self._group
+        self._trim_due = None  # a new primary builds it from its state
         if group.writable and not self.leading:
             self.leading = True
             if self.presence.channels:
@@ -264,6 +310,7 @@ class NotifyMachine:
         Its rows stay on disk: whether they go is the replication layer's call."""
         if self._on_leave is not None:
             self._on_leave(self._group.group_id)
+        self._trim_due = None
         self.logs.clear()
         self.presence.clear()
         self.ephemeral.clear()

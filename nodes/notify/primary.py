@@ -10,12 +10,13 @@ settings. Ephemeral channels are the one thing decided and kept here alone.
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from typing import TYPE_CHECKING
 
 from common.slots import slot_for
 from mesh.notify.v1 import notify_replication_pb2 as npb
-from nodes.notify.machine import NOTIFY, Appended, NotifyMachine
+from nodes.notify.machine import NOTIFY, Appended, NotifyMachine, trim_due
 from nodes.notify.model import CHANNEL, CREATED_NS, INBOX, OFFSET, SEQ, Log
 from nodes.notify.presence import Member
 
@@ -124,13 +125,30 @@ class NotifyPrimary:
 
     def trim(self, now_ns: int, lifetime_ns: int) -> int:
         """Propose the removal of entries older than their log's ttl, and of idle
-        channels with nothing left past ``lifetime_ns``; how many commands."""
+        channels with nothing left past ``lifetime_ns``; how many commands. The
+        replicated logs are found through the machine's `trim_schedule`, so a
+        pass costs what is due, not every log held."""
         issued = 0
-        for log in list(self.machine.logs.values()):
-            command = trim_of(log, now_ns, lifetime_ns)
-            if command is not None:
-                self._propose(log.name, npb.NotifyCommand(trim=command))
-                issued += 1
+        machine = self.machine
+        logs = machine.logs
+        schedule = machine.trim_schedule(lifetime_ns)
+        later: list[Log] = []  # looked at again in a later pass
+        while schedule and schedule[0][0] <= now_ns:
+            _, kind, name = heapq.heappop(schedule)
+            log = logs.get((kind, name))
+            if log is None:
+                continue  # forgotten meanwhile
+            due = trim_due(log, lifetime_ns)
+            if due is not None and due <= now_ns:
+                command = trim_of(log, now_ns, lifetime_ns)
+                if command is not None:
+                    self._propose(name, npb.NotifyCommand(trim=command))  # applied at once
+                    issued += 1
+                    if command.forget:
+                        continue
+            later.append(log)
+        for log in later:
+            machine.trim_later(log)
         # Ephemeral channels are trimmed in place: nothing of them is replicated.
         ephemeral = self.machine.ephemeral
         for log in list(ephemeral.values()):

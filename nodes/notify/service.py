@@ -148,9 +148,9 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
     def tick(self, group: Group, now_ns: int) -> int | None:
         primary = _primary(group)
         # Retention by age is judged here, on the primary's clock, and each
-        # removal replicated as a command: replicas never read their clock. It
-        # walks every log, so once per trim interval, however often presence
-        # brings the ticker back.
+        # removal replicated as a command: replicas never read their clock. Once
+        # per trim interval, however often presence brings the ticker back (a
+        # pass looks at the logs due, and at every ephemeral channel).
         if now_ns >= self._next_trim.get(group.group_id, 0):
             self._next_trim[group.group_id] = now_ns + self.tick_interval_ns
             primary.trim(now_ns, from_seconds(self.limits.channel_lifetime))

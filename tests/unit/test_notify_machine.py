@@ -19,6 +19,7 @@ from mesh.notify.v1 import notify_pb2 as pb
 from mesh.notify.v1 import notify_replication_pb2 as npb
 from nodes.config import NotifyLimits, _notify_flags, _notify_limits
 from nodes.notify import machine as machine_module
+from nodes.notify import primary as primary_module
 from nodes.notify.feeds import SubscriptionHub, follow, open_feed, step
 from nodes.notify.machine import NOTIFY, NotifyMachine
 from nodes.notify.model import CHANNEL, CREATED_NS, INBOX, OFFSET, SEQ, LogKey
@@ -360,3 +361,49 @@ def test_node_flags_and_variables_set_the_limits_and_refuse_nonsense(
                 ["--notify-trim-interval", "-1"]):
         with pytest.raises(SystemExit):
             _notify_limits(p, p.parse_args(bad))
+
+
+def test_a_trim_pass_looks_only_at_the_logs_that_are_due(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention by age finds the logs to trim through a schedule by due time: a
+    pass over a group holding many inboxes (never forgotten) and idle logs looks
+    at none that is not due, and still trims each log when it is (a new entry in
+    an empty log, a shorter ttl, a channel idle past its lifetime)."""
+    looked: list[str] = []
+    real_trim_of = primary_module.trim_of
+
+    def counting(log: Any, now_ns: int, lifetime_ns: int) -> npb.TrimLog | None:
+        looked.append(log.name)
+        return real_trim_of(log, now_ns, lifetime_ns)
+
+    monkeypatch.setattr(primary_module, "trim_of", counting)
+    lifetime = 3600 * SECOND
+    clock = ManualClock()
+    group = _group(clock)
+    primary = _primary(group)
+    inboxes = npb.LogSettings(size=10, ttl_ns=100 * SECOND)
+    for i in range(200):
+        primary.append(INBOX, f"user-{i}", b"hi", "", None, inboxes)
+    clock.advance(101 * SECOND)
+    assert primary.trim(clock.wall_ns(), lifetime) == 200  # every inbox's entry expired
+    looked.clear()
+    _publish(group, "c", b"a", settings=npb.LogSettings(size=10, ttl_ns=50 * SECOND))
+    clock.advance(10 * SECOND)
+    assert primary.trim(clock.wall_ns(), lifetime) == 0
+    assert looked == []  # 200 empty inboxes and a channel not yet due: none looked at
+    # A shorter ttl makes the channel due sooner; a new entry in an empty inbox, too.
+    _publish(group, "c", b"b", settings=npb.LogSettings(size=10, ttl_ns=5 * SECOND))
+    primary.append(INBOX, "user-7", b"again", "", None, inboxes)
+    clock.advance(6 * SECOND)
+    assert primary.trim(clock.wall_ns(), lifetime) == 1  # "c": both entries, 16 s and 6 s old
+    assert not _machine(group).logs[(CHANNEL, "c")].entries
+    assert set(looked) == {"c"}
+    clock.advance(95 * SECOND)
+    assert primary.trim(clock.wall_ns(), lifetime) == 1  # user-7's entry, 101 s old
+    assert not _machine(group).logs[(INBOX, "user-7")].entries
+    # Empty and idle past its lifetime, the channel is forgotten; the inboxes stay.
+    clock.advance(lifetime)
+    looked.clear()
+    assert primary.trim(clock.wall_ns(), lifetime) == 1
+    assert (CHANNEL, "c") not in _machine(group).logs and looked == ["c"]
+    assert sum(1 for kind, _ in _machine(group).logs if kind == INBOX) == 200
