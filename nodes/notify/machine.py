@@ -291,7 +291,8 @@ class NotifyMachine:
 
     def role_changed(self) -> None:
         group = self._group
-        self._trim_due = None  # a new primary builds it from its state
+        self._trim_due = None  # a new primary builds these from its state
+        self.presence.forget_schedule()
         if group.writable and not self.leading:
             self.leading = True
             if self.presence.channels:

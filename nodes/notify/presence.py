@@ -10,6 +10,7 @@ whose heartbeats were lost in the failover are not all dropped at once.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -49,6 +50,13 @@ class PresenceTable:
         self.channels: dict[str, dict[str, Member]] = {}
         self.changed_seq: dict[str, int] = {}
         """Channel -> the last command that changed its presence (reads wait for it)."""
+        self._expiries: list[tuple[int, str, str]] | None = None
+        """(expiry, channel, client id), a heap, for the primary's tick: built
+        when it first asks, a new entry at each join after; an entry whose
+        member left or renewed is passed over. None until asked, and again after
+        `forget_schedule` (a role change), so a copy that never expires anyone
+        keeps none. Walking every member, twice a tick, cost 0.65 ms per 10,000
+        members present, and the tick comes back up to 20 times a second."""
 
     def __len__(self) -> int:
         return sum(len(members) for members in self.channels.values())
@@ -65,6 +73,8 @@ class PresenceTable:
             member.user, member.info, member.ttl_ns = j.user, j.info, j.ttl_ns
             member.expires_ns = at_ns + j.ttl_ns
         self.changed_seq[j.channel] = seq
+        if self._expiries is not None:
+            heapq.heappush(self._expiries, (member.expires_ns, j.channel, j.client_id))
         return member, new
 
     def leave(self, channel: str, client_ids: Iterable[str], expired_at: int | None,
@@ -89,20 +99,41 @@ class PresenceTable:
         for members in self.channels.values():
             for member in members.values():
                 member.expires_ns = max(member.expires_ns, at_ns + member.ttl_ns)
+        self._expiries = None  # every expiry moved: built again when next asked
 
     def expired(self, now_ns: int) -> dict[str, list[str]]:
-        """Channel -> the clients expired at ``now_ns``."""
-        found: dict[str, list[str]] = {}
-        for channel, members in self.channels.items():
-            gone = [m.client_id for m in members.values() if m.expires_ns <= now_ns]
-            if gone:
-                found[channel] = gone
-        return found
+        """Channel -> the clients expired at ``now_ns``, taken off the schedule (the
+        primary proposes their leave, which applies at once)."""
+        heap = self._schedule()
+        found: dict[str, dict[str, None]] = {}  # (ordered sets: an entry may be twice)
+        while heap and heap[0][0] <= now_ns:
+            expires_ns, channel, client_id = heapq.heappop(heap)
+            if self._expires_at(expires_ns, channel, client_id):
+                found.setdefault(channel, {})[client_id] = None
+        return {channel: list(gone) for channel, gone in found.items()}
 
     def next_expiry(self) -> int | None:
         """The earliest expiry of any member (None: nobody is present)."""
-        return min((m.expires_ns for members in self.channels.values()
-                    for m in members.values()), default=None)
+        heap = self._schedule()
+        while heap and not self._expires_at(*heap[0]):
+            heapq.heappop(heap)  # left or renewed since
+        return heap[0][0] if heap else None
+
+    def forget_schedule(self) -> None:
+        """Drop the expiry schedule (the role changed: only a primary keeps one)."""
+        self._expiries = None
+
+    def _schedule(self) -> list[tuple[int, str, str]]:
+        if self._expiries is None:
+            self._expiries = [(m.expires_ns, channel, m.client_id)
+                              for channel, members in self.channels.items()
+                              for m in members.values()]
+            heapq.heapify(self._expiries)
+        return self._expiries
+
+    def _expires_at(self, expires_ns: int, channel: str, client_id: str) -> bool:
+        member = self.channels.get(channel, {}).get(client_id)
+        return member is not None and member.expires_ns == expires_ns
 
     def records(self, channels: Iterable[str]) -> list[npb.PresenceRecord]:
         return [npb.PresenceRecord(channel=c, members=[m.record()
@@ -110,6 +141,7 @@ class PresenceTable:
                 for c in channels if c in self.channels]
 
     def load(self, record: npb.PresenceRecord) -> None:
+        self._expiries = None
         members = self.channels.setdefault(record.channel, {})
         for r in record.members:
             members[r.client_id] = Member(r.client_id, r.user, r.info, r.ttl_ns,
@@ -118,3 +150,4 @@ class PresenceTable:
     def clear(self) -> None:
         self.channels.clear()
         self.changed_seq.clear()
+        self._expiries = None

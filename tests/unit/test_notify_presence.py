@@ -4,6 +4,7 @@ the next is due), a new primary renews everyone, snapshots carry it."""
 
 from __future__ import annotations
 
+import random
 from typing import cast
 
 from common.clock import SECOND, ManualClock
@@ -13,6 +14,7 @@ from nodes.config import NotifyLimits
 from nodes.notify.feeds import open_feed, step
 from nodes.notify.machine import NOTIFY, NotifyMachine
 from nodes.notify.model import PRESENCE
+from nodes.notify.presence import PresenceTable
 from nodes.notify.primary import NotifyPrimary
 from nodes.notify.service import NotifyService
 from nodes.replication.group import Group
@@ -122,3 +124,47 @@ def test_joins_and_leaves_are_events_in_the_channels_presence_log() -> None:
         ("room", pb.PRESENCE_CHANGE_LEAVE, "c1", True),
     ]
     assert events[-1].time.ToNanoseconds() == clock.wall_ns()
+
+
+def test_the_expiry_schedule_agrees_with_every_member_walked() -> None:
+    """The primary finds expired members and the next expiry through a heap
+    (walking every member twice a tick cost 0.65 ms per 10,000 present, up to
+    20 times a second). Under random joins, heartbeats that renew or shorten a
+    ttl, leaves, expiries and role changes, it answers as walking every member
+    does."""
+    rng = random.Random(7)
+    table = PresenceTable()
+    expirations = 0
+    now = 1_000 * SECOND
+
+    def walked_expired() -> dict[str, set[str]]:
+        return {channel: {c for c, m in members.items() if m.expires_ns <= now}
+                for channel, members in table.channels.items()
+                if any(m.expires_ns <= now for m in members.values())}
+
+    def walked_next() -> int | None:
+        return min((m.expires_ns for members in table.channels.values()
+                    for m in members.values()), default=None)
+
+    for seq in range(1, 3001):
+        action = rng.random()
+        channel, client = f"ch{rng.randrange(5)}", f"c{rng.randrange(40)}"
+        if action < 0.5:
+            table.join(npb.PresenceJoin(channel=channel, client_id=client, user="u",
+                                        ttl_ns=rng.randrange(1, 30) * SECOND), now, seq)
+        elif action < 0.6:
+            table.leave(channel, [client], None, seq)
+        elif action < 0.62:
+            table.forget_schedule()  # a role change
+        elif action < 0.63:
+            table.renew(now)  # a new primary renews everyone
+        else:
+            now += rng.randrange(0, 3) * SECOND
+            assert table.next_expiry() == walked_next()
+            want = walked_expired()
+            got = table.expired(now)
+            assert {channel: set(ids) for channel, ids in got.items()} == want
+            for channel, ids in got.items():  # the primary's leave, applied at once
+                assert table.leave(channel, ids, now, seq)
+                expirations += len(ids)
+    assert expirations > 100
