@@ -141,12 +141,14 @@ class Metrics:
         loop = self._loop
         if self._take is None or loop is None:
             return self.snapshot
+        if threading.get_ident() == self._loop_thread:
+            # Collected on the loop itself (a test's): take it here, and never
+            # wait for the lock a scrape holds while it waits for this loop.
+            if self._stale():
+                self._retake()
+            return self.snapshot
         with self._taking:
-            taken_at = self._taken_at
-            if taken_at is not None and time.monotonic() - taken_at < self._interval:
-                return self.snapshot
-            if threading.get_ident() == self._loop_thread:
-                self._retake()  # a scrape on the loop itself (a test's)
+            if not self._stale():
                 return self.snapshot
             done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -161,6 +163,10 @@ class Metrics:
             except (RuntimeError, concurrent.futures.TimeoutError):  # loop closed, or stuck
                 done.cancel()
             return self.snapshot
+
+    def _stale(self) -> bool:
+        taken_at = self._taken_at
+        return taken_at is None or time.monotonic() - taken_at >= self._interval
 
     def _retake(self) -> None:
         """On the loop: sum up a new snapshot (a failing gauge keeps the last one)."""

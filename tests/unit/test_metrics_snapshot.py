@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client import generate_latest
 
 from common import metrics as metrics_module
 from common.metrics import Metrics, Snapshot, one
@@ -67,5 +68,15 @@ async def test_a_scrape_of_a_stuck_loop_gets_the_last_snapshot_without_hanging(
         # It came back with the last snapshot while the loop was still stuck.
         assert answered < unstuck and "mesh_test_takes 1.0" in text
         assert count == 1  # and the take it asked for never ran late
+    finally:
+        await metrics.close()
+
+
+async def test_a_collection_on_the_loop_itself_takes_the_snapshot_there() -> None:
+    metrics = Metrics(lambda: Snapshot(gauges={"mesh_test_here": ("on the loop", one(1))}))
+    address = metrics.serve("127.0.0.1:0")
+    try:
+        assert b"mesh_test_here 1.0" in generate_latest(metrics.registry)
+        assert "mesh_test_here 1.0" in await asyncio.to_thread(_scrape, address)
     finally:
         await metrics.close()
