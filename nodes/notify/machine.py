@@ -81,6 +81,36 @@ def trim_due(log: Log, lifetime_ns: int) -> int | None:
     return None
 
 
+class TrimSchedule:
+    """Logs by when retention by age may first act on them (`trim_due`), a heap:
+    an entry may come early (its log is looked at again), never late, so a trim
+    pass costs what is due, not every log held. Walking every log each pass
+    cost in proportion to all of them, inboxes (never forgotten) included:
+    55 ms a second for 100,000."""
+
+    def __init__(self, lifetime_ns: int, logs: Iterable[Log] = ()) -> None:
+        self.lifetime_ns = lifetime_ns
+        self._heap: list[tuple[int, int, str]] = []
+        for log in logs:
+            self.add(log)
+
+    def add(self, log: Log) -> None:
+        """Put ``log`` in at its due time, if it has one."""
+        due = trim_due(log, self.lifetime_ns)
+        if due is not None:
+            heapq.heappush(self._heap, (due, log.kind, log.name))
+
+    def due(self, now_ns: int) -> list[LogKey]:
+        """The logs with an entry due by ``now_ns``, each once, taken out: the
+        caller looks at each and `add`s back what it keeps."""
+        heap = self._heap
+        found: dict[LogKey, None] = {}
+        while heap and heap[0][0] <= now_ns:
+            _, kind, name = heapq.heappop(heap)
+            found[(kind, name)] = None
+        return list(found)
+
+
 class NotifyMachine:
     """The channels, inboxes and presence of one group on this node."""
 
@@ -103,8 +133,10 @@ class NotifyMachine:
         self.leading = False
         self.created = 0
         """Channels ever created here (pattern subscriptions rescan when it grows)."""
-        self._trim_due: list[tuple[int, int, str]] | None = None
-        self._lifetime_ns = 0
+        self._trims: TrimSchedule | None = None
+        """The replicated logs' trim schedule: the primary's, built by its first
+        trim pass; a copy that is not primary has none."""
+        self._ephemeral_trims: TrimSchedule | None = None
         if group.restored:  # read back from disk at start-up
             logs, members = self._storage.load(journal)
             self.logs = {log.key: log for log in logs}
@@ -198,32 +230,32 @@ class NotifyMachine:
         entry = log.append(data, idempotency_id, command.issued_at.ToNanoseconds(),
                            command.seq)
         writes.extend(self._storage.appended(log, entry, earliest))
-        if sooner and self._trim_due is not None:
-            self.trim_later(log)
+        if sooner and self._trims is not None:
+            self._trims.add(log)
         return Appended(entry[OFFSET], log.epoch, command.seq)
 
     # -- retention by age (the primary's) -------------------------------------------
 
-    def trim_schedule(self, lifetime_ns: int) -> list[tuple[int, int, str]]:
-        """``(when, kind, name)`` of the replicated logs that retention by age
-        (entries past their ttl, a channel idle past ``lifetime_ns``) may have to
-        trim, a heap: an entry may come early (its log is looked at again), never
-        late. Built by the primary's first trim pass and kept after; a copy that
-        is not primary has none, and a new primary builds it again. Walking
-        every log each pass instead cost in proportion to all the logs held,
-        inboxes never forgotten included."""
-        if self._trim_due is None or lifetime_ns != self._lifetime_ns:
-            self._lifetime_ns = lifetime_ns
-            self._trim_due = []
-            for log in self.logs.values():
-                self.trim_later(log)
-        return self._trim_due
+    def trim_schedule(self, lifetime_ns: int) -> TrimSchedule:
+        """The replicated logs' `TrimSchedule` (built on first use; a new primary
+        builds it again from its state)."""
+        trims = self._trims
+        if trims is None or trims.lifetime_ns != lifetime_ns:
+            trims = self._trims = TrimSchedule(lifetime_ns, self.logs.values())
+        return trims
 
-    def trim_later(self, log: Log) -> None:
-        """Put ``log`` in the schedule at its due time, if it has one."""
-        due = trim_due(log, self._lifetime_ns)
-        if due is not None and self._trim_due is not None:
-            heapq.heappush(self._trim_due, (due, log.kind, log.name))
+    def ephemeral_schedule(self, lifetime_ns: int) -> TrimSchedule:
+        """The ephemeral channels' `TrimSchedule`, as `trim_schedule`."""
+        trims = self._ephemeral_trims
+        if trims is None or trims.lifetime_ns != lifetime_ns:
+            trims = self._ephemeral_trims = TrimSchedule(lifetime_ns, self.ephemeral.values())
+        return trims
+
+    def ephemeral_sooner(self, log: Log) -> None:
+        """Ephemeral channel ``log`` is new, got an entry while empty or a shorter
+        ttl: retention may act on it sooner than scheduled."""
+        if self._ephemeral_trims is not None:
+            self._ephemeral_trims.add(log)
 
     def _presence_event(self, channel: str, change: pb.PresenceChange.ValueType,
                         member: Member, expired: bool, command: rpb.Command,
@@ -266,7 +298,7 @@ class NotifyMachine:
         return chunks
 
     def restore(self, chunks: Iterable[tuple[int, bytes]]) -> list[Persist]:
-        self._trim_due = None
+        self._trims = None
         self.logs.clear()
         self.presence.clear()
         self.created += 1
@@ -291,7 +323,7 @@ class NotifyMachine:
 
     def role_changed(self) -> None:
         group = self._group
-        self._trim_due = None  # a new primary builds these from its state
+        self._trims = self._ephemeral_trims = None  # a new primary builds them again
         self.presence.forget_schedule()
         if group.writable and not self.leading:
             self.leading = True
@@ -311,7 +343,7 @@ class NotifyMachine:
         Its rows stay on disk: whether they go is the replication layer's call."""
         if self._on_leave is not None:
             self._on_leave(self._group.group_id)
-        self._trim_due = None
+        self._trims = self._ephemeral_trims = None
         self.logs.clear()
         self.presence.clear()
         self.ephemeral.clear()

@@ -10,13 +10,12 @@ settings. Ephemeral channels are the one thing decided and kept here alone.
 
 from __future__ import annotations
 
-import heapq
 import uuid
 from typing import TYPE_CHECKING
 
 from common.slots import slot_for
 from mesh.notify.v1 import notify_replication_pb2 as npb
-from nodes.notify.machine import NOTIFY, Appended, NotifyMachine, trim_due
+from nodes.notify.machine import NOTIFY, Appended, NotifyMachine
 from nodes.notify.model import CHANNEL, CREATED_NS, INBOX, OFFSET, SEQ, Log
 from nodes.notify.presence import Member
 
@@ -71,6 +70,7 @@ class NotifyPrimary:
         if (CHANNEL, name) in machine.logs:  # it was replicated: forget that history
             self._propose(name, npb.NotifyCommand(trim=npb.TrimLog(
                 kind=CHANNEL, name=name, forget=True)))
+        sooner = current is None or not current.entries
         if current is None:
             settings = settings or defaults
             current = machine.ephemeral[name] = Log(
@@ -78,6 +78,7 @@ class NotifyPrimary:
                 settings.ttl_ns)
             machine.created += 1
         elif settings is not None:
+            sooner = sooner or settings.ttl_ns < current.ttl_ns
             current.size, current.ttl_ns = settings.size, settings.ttl_ns
         if idempotency_id:
             entry = current.ids.get(idempotency_id)
@@ -85,6 +86,8 @@ class NotifyPrimary:
                 return Appended(entry[OFFSET], current.epoch, 0, duplicate=True)
         # seq 0: nothing to wait for, it counts as committed at once.
         entry = current.append(data, idempotency_id, now_ns, 0)
+        if sooner:
+            machine.ephemeral_sooner(current)
         return Appended(entry[OFFSET], current.epoch, 0)
 
     def mark_read(self, name: str, cursor: int) -> tuple[int, int]:
@@ -126,37 +129,37 @@ class NotifyPrimary:
     def trim(self, now_ns: int, lifetime_ns: int) -> int:
         """Propose the removal of entries older than their log's ttl, and of idle
         channels with nothing left past ``lifetime_ns``; how many commands. The
-        replicated logs are found through the machine's `trim_schedule`, so a
-        pass costs what is due, not every log held."""
+        logs due are found through the machine's `TrimSchedule`s, so a pass
+        costs what is due, not every log held."""
         issued = 0
         machine = self.machine
         logs = machine.logs
         schedule = machine.trim_schedule(lifetime_ns)
-        later: list[Log] = []  # looked at again in a later pass
-        while schedule and schedule[0][0] <= now_ns:
-            _, kind, name = heapq.heappop(schedule)
-            log = logs.get((kind, name))
+        for key in schedule.due(now_ns):
+            log = logs.get(key)
             if log is None:
                 continue  # forgotten meanwhile
-            due = trim_due(log, lifetime_ns)
-            if due is not None and due <= now_ns:
-                command = trim_of(log, now_ns, lifetime_ns)
-                if command is not None:
-                    self._propose(name, npb.NotifyCommand(trim=command))  # applied at once
-                    issued += 1
-                    if command.forget:
-                        continue
-            later.append(log)
-        for log in later:
-            machine.trim_later(log)
+            command = trim_of(log, now_ns, lifetime_ns)  # None: it came early
+            if command is not None:
+                self._propose(log.name, npb.NotifyCommand(trim=command))  # applied at once
+                issued += 1
+                if command.forget:
+                    continue
+            schedule.add(log)
         # Ephemeral channels are trimmed in place: nothing of them is replicated.
-        ephemeral = self.machine.ephemeral
-        for log in list(ephemeral.values()):
+        ephemeral = machine.ephemeral
+        schedule = machine.ephemeral_schedule(lifetime_ns)
+        for _, name in schedule.due(now_ns):
+            log = ephemeral.get(name)
+            if log is None:
+                continue
             command = trim_of(log, now_ns, lifetime_ns)
             if command is not None and command.forget:
-                del ephemeral[log.name]
-            elif command is not None:
+                del ephemeral[name]
+                continue
+            if command is not None:
                 log.trim_before(command.before_offset)
+            schedule.add(log)
         return issued
 
     def _propose(self, name: str, command: npb.NotifyCommand) -> Proposal:

@@ -407,3 +407,17 @@ def test_a_trim_pass_looks_only_at_the_logs_that_are_due(
     assert primary.trim(clock.wall_ns(), lifetime) == 1
     assert (CHANNEL, "c") not in _machine(group).logs and looked == ["c"]
     assert sum(1 for kind, _ in _machine(group).logs if kind == INBOX) == 200
+    # Ephemeral channels (the primary's alone, trimmed in place) go by their own
+    # schedule: only the one due is looked at, and idle past its lifetime it goes.
+    looked.clear()
+    short = npb.LogSettings(size=10, ttl_ns=5 * SECOND)
+    for i in range(50):
+        primary.publish(f"e{i}", b"x", "", None, True, DEFAULTS, clock.wall_ns())
+    primary.publish("brief", b"x", "", short, True, DEFAULTS, clock.wall_ns())
+    clock.advance(6 * SECOND)
+    assert primary.trim(clock.wall_ns(), lifetime) == 0  # nothing replicated to trim
+    assert looked == ["brief"] and not _machine(group).ephemeral["brief"].entries
+    clock.advance(lifetime)
+    primary.trim(clock.wall_ns(), lifetime)
+    assert "brief" not in _machine(group).ephemeral
+    assert all(not log.entries for log in _machine(group).ephemeral.values())  # 600 s ttl
