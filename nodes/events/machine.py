@@ -7,6 +7,7 @@ on disk (`Storage`). The primary's checks live in `nodes.events.primary`.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,6 +53,57 @@ class AppendResult:
     seq: int
 
 
+def scavenge_due(stream: Stream) -> int | None:
+    """When retention may first hide some of ``stream``'s stored events (and the
+    scavenger remove them): 0 when its count or truncation already does, else
+    its oldest event's age limit; None when nothing can."""
+    events = stream.events
+    if not events or not stream.retains:
+        return None
+    if stream.floor(stream.last_version) > events[0][VERSION]:
+        return 0
+    if stream.max_age_ns:
+        return events[0][CREATED_NS] + stream.max_age_ns
+    return None
+
+
+class ScavengeSchedule:
+    """Streams by when the scavenger may have something to remove from them
+    (`scavenge_due`), a heap: an entry may come early (the stream is looked at
+    again), never late, so a pass costs what is due, not every stream with a
+    retention setting (each looked at every pass before)."""
+
+    def __init__(self, streams: Iterable[Stream] = ()) -> None:
+        self._heap: list[tuple[int, str]] = []
+        self._at: dict[str, int] = {}  # stream -> its earliest entry in the heap
+        for stream in streams:
+            self.add(stream)
+
+    def add(self, stream: Stream, not_before: int = 0) -> None:
+        """Put ``stream`` in at its due time (``not_before`` at the earliest), unless
+        it is in already at that time or sooner."""
+        due = scavenge_due(stream)
+        if due is None:
+            return
+        due = max(due, not_before)
+        at = self._at.get(stream.stream_id)
+        if at is None or due < at:
+            self._at[stream.stream_id] = due
+            heapq.heappush(self._heap, (due, stream.stream_id))
+
+    def due(self, now_ns: int) -> list[str]:
+        """The streams due by ``now_ns``, each once, taken out: the caller looks at
+        each and `add`s it back."""
+        heap, at = self._heap, self._at
+        found: dict[str, None] = {}
+        while heap and heap[0][0] <= now_ns:
+            due, stream_id = heapq.heappop(heap)
+            if at.get(stream_id) == due:
+                del at[stream_id]
+            found[stream_id] = None
+        return list(found)
+
+
 class EventsMachine:
     """The event store of one group on this node."""
 
@@ -65,6 +117,9 @@ class EventsMachine:
         self._on_leave = on_leave
         self.store = EventStore()
         self._storage = Storage(group.group_id)
+        self._scavenges: ScavengeSchedule | None = None
+        """The primary's, built by its first scavenging pass; a copy that is
+        not primary has none."""
         if group.restored:  # read back from disk at start-up
             self._storage.load(journal, self.store)
 
@@ -82,6 +137,8 @@ class EventsMachine:
                                               command.issued_at.ToNanoseconds())
             if not added:
                 return NOTHING
+            if self._scavenges is not None:
+                self._scavenges.add(stream)  # (in already, mostly: a dict lookup)
             last = added[-1]
             return Applied(
                 AppendResult(added[0][VERSION], last[VERSION], stream.slot, last[POSITION],
@@ -91,9 +148,13 @@ class EventsMachine:
             m = change.set_metadata
             stream = store.set_metadata(m.stream, m.max_count, m.max_age_ns,
                                         m.truncate_before, seq)
+            if self._scavenges is not None:
+                self._scavenges.add(stream)
             return Applied(stream.metadata_version, [storage.stream_changed(stream)])
         if kind == "delete":
             stream = store.soft_delete(change.delete.stream, seq)
+            if self._scavenges is not None:
+                self._scavenges.add(stream)
             return Applied(stream.last_version, [storage.stream_changed(stream)])
         if kind == "tombstone":
             stream = store.tombstone(change.tombstone.stream, seq)
@@ -143,11 +204,22 @@ class EventsMachine:
             slots.append((slot, chunk.last_position))
             streams.extend((slot, r) for r in chunk.streams)
             events.extend(event_of(r, slot) for r in chunk.events)
+        self._scavenges = None
         self.store.clear()
         self.store.load(slots, streams, events)
         return self._storage.replace(self.store)
 
+    def scavenge_schedule(self) -> ScavengeSchedule:
+        """The `ScavengeSchedule` of the streams with retention settings (built on
+        first use; a new primary builds it again from its state)."""
+        if self._scavenges is None:
+            store = self.store
+            self._scavenges = ScavengeSchedule(
+                store.streams[stream_id] for stream_id in store.retained)
+        return self._scavenges
+
     def role_changed(self) -> None:
+        self._scavenges = None
         if not self._group.writable and self._on_leave is not None:
             self._on_leave(self._group.group_id)
 
@@ -156,6 +228,7 @@ class EventsMachine:
         Its rows stay on disk: whether they go is the replication layer's call."""
         if self._on_leave is not None:
             self._on_leave(self._group.group_id)
+        self._scavenges = None
         self.store.clear()
 
 

@@ -99,16 +99,21 @@ class EventsPrimary:
         """Propose commands removing events that retention hides; how many commands."""
         commit = self.group.commit_seq
         issued = 0
-        for stream_id in list(self.store.retained):
-            stream = self.store.streams.get(stream_id)
+        streams = self.store.streams
+        schedule = self.machine.scavenge_schedule()
+        for stream_id in schedule.due(now_ns):
+            stream = streams.get(stream_id)
             if stream is None or not stream.events:
-                continue
+                continue  # (an append puts it back)
             first = stream.events[0][VERSION]
             keep = min(first_kept(stream, commit, now_ns), first + SCAVENGE_BATCH)
             if keep > first:
                 self._propose(stream_id, epb.EventsCommand(scavenge=epb.Scavenge(
-                    stream=stream_id, before_version=keep)))
+                    stream=stream_id, before_version=keep)))  # applied at once
                 issued += 1
+            # Still due (more than a batch, or hidden but not yet committed):
+            # the next pass, not this one again.
+            schedule.add(stream, not_before=now_ns + 1)
         return issued
 
     def _propose(self, stream_id: str, command: epb.EventsCommand) -> Proposal:

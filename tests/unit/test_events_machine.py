@@ -16,6 +16,7 @@ from common.clock import ManualClock
 from common.errors import ServiceError
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import machine as machine_module
+from nodes.events import primary as primary_module
 from nodes.events.machine import EVENTS, EventsMachine
 from nodes.events.model import CREATED_NS, POSITION, SEQ, STREAM, VERSION, event_record
 from nodes.events.primary import EventsPrimary
@@ -357,3 +358,44 @@ def test_a_group_that_stops_leading_ends_its_subscriptions() -> None:
     group.close("test")
     assert left == [group.group_id] * 2
     assert group.machines == {}
+
+
+def test_a_scavenging_pass_looks_only_at_the_streams_due(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scavenger finds the streams with something to remove through a schedule
+    by due time: a pass looks at no stream whose retention hides nothing yet
+    (each stream with a retention setting was looked at every pass before), and
+    each stream still goes when it is due: over its count at once, by age at
+    its oldest event's limit."""
+    looked: list[str] = []
+    real_first_kept = machine_module.first_kept
+
+    def counting(stream: Any, commit_seq: int, now_ns: int) -> int:
+        looked.append(stream.stream_id)
+        return real_first_kept(stream, commit_seq, now_ns)
+
+    monkeypatch.setattr(primary_module, "first_kept", counting)
+    group = _group(FakeJournal())
+    m = _primary(group)
+    now, second, hour = CLOCK.wall_ns(), 10**9, 3600 * 10**9
+    for i in range(100):
+        m.append(f"aged-{i}", _events(f"a{i}"), ANY, 0)
+        m.set_metadata(f"aged-{i}", (0, hour, 0), None)
+    m.append("counted", _events("x", "y", "z"), ANY, 0)
+    m.set_metadata("counted", (2, 0, 0), None)
+    assert m.scavenge(now + second) == 1 and looked == ["counted"]
+    looked.clear()
+    assert m.scavenge(now + 2 * second) == 0 and looked == []  # nothing due
+    m.append("counted", _events("w"), ANY, 0)  # over its count again: due at once
+    assert m.scavenge(now + 3 * second) == 1 and looked == ["counted"]
+    assert [e[VERSION] for e in m.store.streams["counted"].events] == [3, 4]
+    looked.clear()
+    assert m.scavenge(now + hour + second) == 100 and len(looked) == 100
+    assert not any(m.store.streams[f"aged-{i}"].events for i in range(100))
+    looked.clear()
+    assert m.scavenge(now + 2 * hour) == 0 and looked == []
+    # A new primary builds the schedule from its state and misses nothing.
+    m.append("aged-0", _events("b0"), ANY, 0)
+    group.step_down(2, "another primary")
+    group.become_primary(3)
+    assert m.scavenge(now + 3 * hour) == 1 and looked == ["aged-0"]
