@@ -28,7 +28,7 @@ async def test_a_snapshot_is_taken_per_scrape_at_most_once_per_interval() -> Non
         taken.append(time.monotonic())
         return Snapshot(gauges={"mesh_test_takes": ("snapshots taken", one(len(taken)))})
 
-    metrics = Metrics(take, interval=0.3)
+    metrics = Metrics(take, interval=60.0)
     address = metrics.serve("127.0.0.1:0")
     try:
         await asyncio.sleep(0.5)
@@ -37,7 +37,8 @@ async def test_a_snapshot_is_taken_per_scrape_at_most_once_per_interval() -> Non
         assert "mesh_test_takes 1.0" in first and len(taken) == 1
         await asyncio.to_thread(_scrape, address)  # within the interval: the same one
         assert len(taken) == 1
-        await asyncio.sleep(0.35)
+        assert metrics._taken_at is not None
+        metrics._taken_at -= 61.0  # the interval has passed (without waiting for it)
         later = await asyncio.to_thread(_scrape, address)
         assert "mesh_test_takes 2.0" in later and len(taken) == 2
     finally:
@@ -62,7 +63,7 @@ async def test_a_scrape_of_a_stuck_loop_gets_the_last_snapshot_without_hanging(
             return _scrape(address), time.monotonic()
 
         scrape = asyncio.get_running_loop().run_in_executor(None, timed_scrape)
-        time.sleep(1.0)  # noqa: ASYNC251 (the loop stuck on purpose, as a bug would)
+        time.sleep(2.0)  # noqa: ASYNC251 (the loop stuck on purpose, as a bug would)
         unstuck = time.monotonic()
         text, answered = await scrape
         # It came back with the last snapshot while the loop was still stuck.
