@@ -7,13 +7,13 @@ on disk (`Storage`). The primary's checks live in `nodes.events.primary`.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mesh.events.v1 import events_replication_pb2 as epb
 from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.due_schedule import DueSchedule
 from nodes.events.model import (
     CREATED_NS,
     EVENT_ID,
@@ -67,41 +67,22 @@ def scavenge_due(stream: Stream) -> int | None:
     return None
 
 
-class ScavengeSchedule:
+class ScavengeSchedule(DueSchedule[str]):
     """Streams by when the scavenger may have something to remove from them
-    (`scavenge_due`), a heap: an entry may come early (the stream is looked at
-    again), never late, so a pass costs what is due, not every stream with a
+    (`scavenge_due`), so a pass costs what is due, not every stream with a
     retention setting (each looked at every pass before)."""
 
     def __init__(self, streams: Iterable[Stream] = ()) -> None:
-        self._heap: list[tuple[int, str]] = []
-        self._at: dict[str, int] = {}  # stream -> its earliest entry in the heap
+        super().__init__()
         for stream in streams:
-            self.add(stream)
+            self.put(stream)
 
-    def add(self, stream: Stream, not_before: int = 0) -> None:
-        """Put ``stream`` in at its due time (``not_before`` at the earliest), unless
-        it is in already at that time or sooner."""
+    def put(self, stream: Stream, not_before: int = 0) -> None:
+        """Put ``stream`` in at its due time (``not_before`` at the earliest), if
+        it has one."""
         due = scavenge_due(stream)
-        if due is None:
-            return
-        due = max(due, not_before)
-        at = self._at.get(stream.stream_id)
-        if at is None or due < at:
-            self._at[stream.stream_id] = due
-            heapq.heappush(self._heap, (due, stream.stream_id))
-
-    def due(self, now_ns: int) -> list[str]:
-        """The streams due by ``now_ns``, each once, taken out: the caller looks at
-        each and `add`s it back."""
-        heap, at = self._heap, self._at
-        found: dict[str, None] = {}
-        while heap and heap[0][0] <= now_ns:
-            due, stream_id = heapq.heappop(heap)
-            if at.get(stream_id) == due:
-                del at[stream_id]
-            found[stream_id] = None
-        return list(found)
+        if due is not None:
+            self.add(stream.stream_id, max(due, not_before))
 
 
 class EventsMachine:
@@ -138,7 +119,7 @@ class EventsMachine:
             if not added:
                 return NOTHING
             if self._scavenges is not None:
-                self._scavenges.add(stream)  # (in already, mostly: a dict lookup)
+                self._scavenges.put(stream)  # (in already, mostly: a dict lookup)
             last = added[-1]
             return Applied(
                 AppendResult(added[0][VERSION], last[VERSION], stream.slot, last[POSITION],
@@ -149,12 +130,12 @@ class EventsMachine:
             stream = store.set_metadata(m.stream, m.max_count, m.max_age_ns,
                                         m.truncate_before, seq)
             if self._scavenges is not None:
-                self._scavenges.add(stream)
+                self._scavenges.put(stream)
             return Applied(stream.metadata_version, [storage.stream_changed(stream)])
         if kind == "delete":
             stream = store.soft_delete(change.delete.stream, seq)
             if self._scavenges is not None:
-                self._scavenges.add(stream)
+                self._scavenges.put(stream)
             return Applied(stream.last_version, [storage.stream_changed(stream)])
         if kind == "tombstone":
             stream = store.tombstone(change.tombstone.stream, seq)

@@ -113,7 +113,7 @@ class EventsPrimary:
                 issued += 1
             # Still due (more than a batch, or hidden but not yet committed):
             # the next pass, not this one again.
-            schedule.add(stream, not_before=now_ns + 1)
+            schedule.put(stream, not_before=now_ns + 1)
         return issued
 
     def _propose(self, stream_id: str, command: epb.EventsCommand) -> Proposal:

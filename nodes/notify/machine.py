@@ -12,7 +12,6 @@ channels are neither replicated nor written: they live on the primary alone.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from common.slots import slot_for
 from mesh.notify.v1 import notify_pb2 as pb
 from mesh.notify.v1 import notify_replication_pb2 as npb
 from mesh.replication.v1 import replication_pb2 as rpb
+from nodes.due_schedule import DueSchedule
 from nodes.notify.model import (
     CHANNEL,
     CREATED_NS,
@@ -81,34 +81,23 @@ def trim_due(log: Log, lifetime_ns: int) -> int | None:
     return None
 
 
-class TrimSchedule:
-    """Logs by when retention by age may first act on them (`trim_due`), a heap:
-    an entry may come early (its log is looked at again), never late, so a trim
-    pass costs what is due, not every log held. Walking every log each pass
-    cost in proportion to all of them, inboxes (never forgotten) included:
+class TrimSchedule(DueSchedule[LogKey]):
+    """Logs by when retention by age may first act on them (`trim_due`), so a
+    trim pass costs what is due, not every log held. Walking every log each
+    pass cost in proportion to all of them, inboxes (never forgotten) included:
     55 ms a second for 100,000."""
 
     def __init__(self, lifetime_ns: int, logs: Iterable[Log] = ()) -> None:
+        super().__init__()
         self.lifetime_ns = lifetime_ns
-        self._heap: list[tuple[int, int, str]] = []
         for log in logs:
-            self.add(log)
+            self.put(log)
 
-    def add(self, log: Log) -> None:
+    def put(self, log: Log) -> None:
         """Put ``log`` in at its due time, if it has one."""
         due = trim_due(log, self.lifetime_ns)
         if due is not None:
-            heapq.heappush(self._heap, (due, log.kind, log.name))
-
-    def due(self, now_ns: int) -> list[LogKey]:
-        """The logs with an entry due by ``now_ns``, each once, taken out: the
-        caller looks at each and `add`s back what it keeps."""
-        heap = self._heap
-        found: dict[LogKey, None] = {}
-        while heap and heap[0][0] <= now_ns:
-            _, kind, name = heapq.heappop(heap)
-            found[(kind, name)] = None
-        return list(found)
+            self.add(log.key, due)
 
 
 class NotifyMachine:
@@ -231,7 +220,7 @@ class NotifyMachine:
                            command.seq)
         writes.extend(self._storage.appended(log, entry, earliest))
         if sooner and self._trims is not None:
-            self._trims.add(log)
+            self._trims.put(log)
         return Appended(entry[OFFSET], log.epoch, command.seq)
 
     # -- retention by age (the primary's) -------------------------------------------
@@ -255,7 +244,7 @@ class NotifyMachine:
         """Ephemeral channel ``log`` is new, got an entry while empty or a shorter
         ttl: retention may act on it sooner than scheduled."""
         if self._ephemeral_trims is not None:
-            self._ephemeral_trims.add(log)
+            self._ephemeral_trims.put(log)
 
     def _presence_event(self, channel: str, change: pb.PresenceChange.ValueType,
                         member: Member, expired: bool, command: rpb.Command,

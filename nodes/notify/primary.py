@@ -145,7 +145,7 @@ class NotifyPrimary:
                 issued += 1
                 if command.forget:
                     continue
-            schedule.add(log)
+            schedule.put(log)
         # Ephemeral channels are trimmed in place: nothing of them is replicated.
         ephemeral = machine.ephemeral
         schedule = machine.ephemeral_schedule(lifetime_ns)
@@ -159,7 +159,7 @@ class NotifyPrimary:
                 continue
             if command is not None:
                 log.trim_before(command.before_offset)
-            schedule.add(log)
+            schedule.put(log)
         return issued
 
     def _propose(self, name: str, command: npb.NotifyCommand) -> Proposal:
