@@ -336,16 +336,20 @@ async def test_the_access_log_quotes_a_path_on_one_capped_line(
     """The access log quotes the decoded path: a ``%0A`` in it must not start a line
     of the caller's making, nor a 40,000-character path make a 40 kB line."""
     forged = "2026-12-05 12:00:00,000 INFO gateway.access: GET /v1/admin"
-    await http.get("/v1/cache/forgery-probe%0A" + forged.replace(" ", "%20"))
-    await http.get("/v1/cache/long-probe-" + "q" * 40_000)
-    for _ in range(100):  # lines are written by the gateway's log thread
+    forgery = await http.get("/v1/cache/forgery-probe%0A" + forged.replace(" ", "%20"))
+    long_path = await http.get("/v1/cache/long-probe-" + "q" * 40_000)
+    # Lines are written by the gateway's log thread: on a loaded machine (the whole
+    # suite in three workers on two cores) 5 s once was not enough for the second.
+    for _ in range(400):
         lines = gateway.child.log_tail(200).splitlines()
         probes = [line for line in lines if "forgery-probe" in line or "long-probe" in line]
         if len(probes) == 2:
             break
         await asyncio.sleep(0.05)
     else:
-        raise AssertionError(f"the access lines never came: {probes}")
+        raise AssertionError(
+            f"the access lines never came (answers {forgery.status_code} and "
+            f"{long_path.status_code}): {probes}; the log's last lines: {lines[-5:]}")
     assert not any(line.startswith(forged) for line in lines)
     [escaped] = [line for line in probes if "forgery-probe" in line]
     assert "forgery-probe\\n" + forged in escaped
