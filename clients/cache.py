@@ -133,6 +133,8 @@ class CacheClient:
         """Send concurrent gets for one node as one MGet (see ``clients.coalesce``)."""
         self._reads: Coalescer[str, pb.GetResponse] = Coalescer(
             self._get_one, self._get_many, _BATCH)
+        self._linearizable_reads: Coalescer[str, pb.GetResponse] = Coalescer(
+            self._get_one_linearizable, self._get_many_linearizable, _BATCH)
         self._writes: Coalescer[pb.MSetEntry, int] = Coalescer(
             self._set_one, self._set_many, _BATCH, key=lambda entry: entry.key,
             size=in_batch, max_bytes=mesh.max_message_bytes - BATCH_BYTES)
@@ -158,7 +160,8 @@ class CacheClient:
                   timeout: float | None = None) -> bytes | None:
         """The value of ``key``, or None if it is missing or expired. ``linearizable``:
         never stale and never a write not yet committed, for about the cost of a
-        replicated write (see ReadConsistency in cache.proto)."""
+        replicated write (see ReadConsistency in cache.proto); concurrent ones
+        bound for one node share a linearizable MGet, as plain gets share one."""
         r = await self._read(key, linearizable, timeout)
         return r.value if r.found else None
 
@@ -173,9 +176,12 @@ class CacheClient:
         loop turn when it can be (MGet reads as a plain Get does). ``coalesce``:
         None follows the client's setting (a pipeline always batches)."""
         batch = self.coalesce if coalesce is None else coalesce
-        owner = self._owner(key) if batch and not linearizable else None
+        owner = self._owner(key) if batch else None
         if owner is None:
             return await self._get_alone(key, linearizable, timeout)
+        if linearizable:  # a linearizable MGet: one no-op per group, not per key
+            return await self._coalesced(self._linearizable_reads, owner, key, timeout,
+                                         self._get_one_linearizable)
         return await self._coalesced(self._reads, owner, key, timeout, self._get_one)
 
     def _owner(self, key: str) -> str | None:
@@ -211,22 +217,38 @@ class CacheClient:
     async def _get_one(self, address: str, key: str, budget: float) -> pb.GetResponse:
         return await self._get_alone(key, False, budget)
 
+    async def _get_one_linearizable(self, address: str, key: str, budget: float
+                                    ) -> pb.GetResponse:
+        return await self._get_alone(key, True, budget)
+
     async def _get_many(self, address: str, keys: list[str], budget: float
                         ) -> Sequence[pb.GetResponse]:
         return await self._mget(address, keys, budget)
 
-    async def _mget(self, address: str, keys: Sequence[str], budget: float
-                    ) -> list[pb.GetResponse]:
+    async def _get_many_linearizable(self, address: str, keys: list[str], budget: float
+                                     ) -> Sequence[pb.GetResponse]:
+        return await self._mget(address, keys, budget, linearizable=True)
+
+    async def _mget(self, address: str, keys: Sequence[str], budget: float, *,
+                    linearizable: bool = False) -> list[pb.GetResponse]:
         """The node's results for ``keys``, within ``budget`` seconds: in more than one
         MGet when their values are more than one answer may hold (the node
         answers those that fit, and says so)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         results: list[pb.GetResponse] = []
+        consistency = _consistency(linearizable)
         while True:
             r = await self._rpc(address, "MGet", pb.MGetRequest(
-                keys=keys[len(results):], max_answer_bytes=self._mesh.max_message_bytes),
-                budget)
+                keys=keys[len(results):], max_answer_bytes=self._mesh.max_message_bytes,
+                consistency=consistency), budget)
+            if r.consistency != consistency:
+                # A node from before MGet's consistency (a rolling upgrade) read
+                # them as it always did: ask it key by key, as Get honours it.
+                results.extend(await asyncio.gather(*(
+                    self._rpc(address, "Get", _get(key, linearizable), budget)
+                    for key in keys[len(results):])))
+                return results
             results.extend(r.results)
             if not r.truncated or len(results) >= len(keys):
                 return results
@@ -338,15 +360,19 @@ class CacheClient:
         await with_retries(self._mesh, attempt, timeout=timeout, safe=True, follow_hints=False)
 
     async def mget(
-        self, keys: Sequence[str], *, timeout: float | None = None
+        self, keys: Sequence[str], *, linearizable: bool = False,
+        timeout: float | None = None,
     ) -> list[bytes | None]:
         """Values for ``keys``, in order (None where missing). Nodes are asked in
         parallel; a node's share whose values are more than one answer holds comes
-        in parts."""
+        in parts. ``linearizable``: each key's value as ``get(linearizable=True)``
+        reads it (not one snapshot of all the keys), for one no-op write per
+        group instead of one per key."""
         results: list[bytes | None] = [None] * len(keys)
 
         async def fetch(address: str, indexes: list[int], budget: float) -> None:
-            found = await self._mget(address, [keys[i] for i in indexes], budget)
+            found = await self._mget(address, [keys[i] for i in indexes], budget,
+                                     linearizable=linearizable)
             for i, item in zip(indexes, found, strict=True):
                 results[i] = item.value if item.found else None
 
@@ -450,6 +476,10 @@ class CacheClient:
         return list(await asyncio.gather(*(one(n.node_id, n.address) for n in nodes)))
 
 
+def _consistency(linearizable: bool) -> pb.ReadConsistency.ValueType:
+    return (pb.READ_CONSISTENCY_LINEARIZABLE if linearizable
+            else pb.READ_CONSISTENCY_UNSPECIFIED)
+
+
 def _get(key: str, linearizable: bool) -> pb.GetRequest:
-    return pb.GetRequest(key=key, consistency=pb.READ_CONSISTENCY_LINEARIZABLE if linearizable
-                         else pb.READ_CONSISTENCY_UNSPECIFIED)
+    return pb.GetRequest(key=key, consistency=_consistency(linearizable))

@@ -106,8 +106,10 @@ class SyncCache:
              timeout: float | None = None) -> int:
         return self._loop.run(self._cache.incr(key, delta, ttl=ttl, timeout=timeout))
 
-    def mget(self, keys: Sequence[str], *, timeout: float | None = None) -> list[bytes | None]:
-        return self._loop.run(self._cache.mget(keys, timeout=timeout))
+    def mget(self, keys: Sequence[str], *, linearizable: bool = False,
+             timeout: float | None = None) -> list[bytes | None]:
+        return self._loop.run(self._cache.mget(keys, linearizable=linearizable,
+                                               timeout=timeout))
 
     def mset(self, items: Mapping[str, Value] | Sequence[tuple[str, Value]], *, ttl: TTL = None,
              timeout: float | None = None) -> list[int]:

@@ -148,7 +148,7 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     writer = Writer(client, prefix="etcdcut")
     writer.start()
     direct: dict[str, bytes] = {}  # acknowledged by n2 itself, asked directly
-    last_ok = last_read = last_linearizable = 0.0
+    last_ok = last_read = last_linearizable = last_linearizable_mget = 0.0
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -180,6 +180,14 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
                 last_linearizable = time.monotonic() - cut
             except grpc.aio.AioRpcError:
                 pass
+            try:
+                answer = await stub.MGet(cache_pb2.MGetRequest(
+                    keys=[key], consistency=cache_pb2.READ_CONSISTENCY_LINEARIZABLE),
+                    timeout=0.5, metadata=routed)
+                assert answer.consistency == cache_pb2.READ_CONSISTENCY_LINEARIZABLE
+                last_linearizable_mget = time.monotonic() - cut
+            except grpc.aio.AioRpcError:
+                pass
             if moved_at is None:
                 current = await read_map(hosted.etcd, hosted.cluster)
                 group = current.group_of_slot(slot_for(key)) if current else None
@@ -191,18 +199,22 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
         status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status
     assert moved_at is not None, "the map never moved the cut node's slots"
     print(f"\nnode cut from etcd: its last acknowledged write {last_ok:.2f} s, its last "
-          f"read {last_read:.2f} s and its last linearizable read {last_linearizable:.2f} s "
+          f"read {last_read:.2f} s, its last linearizable read {last_linearizable:.2f} s "
+          f"and MGet {last_linearizable_mget:.2f} s "
           f"after the cut; its slots moved after {moved_at:.2f} s; "
           f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
     assert last_ok < moved_at, "two primaries acknowledged writes at once"
     assert last_read < moved_at, "a deposed primary answered a read (stale)"
     assert last_linearizable < moved_at, "a deposed primary answered a linearizable read"
+    assert last_linearizable_mget < moved_at, "a deposed primary answered a linearizable MGet"
+    assert last_linearizable_mget > 0, "no linearizable MGet was answered before the cut took"
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     await _after_heal(hosted, client, writer)
     if key in direct:  # the last value n2 acknowledged, or a later one, survives
         assert await client.cache.get(key) is not None
     record("cut_from_etcd", last_write_s=last_ok, last_read_s=last_read,
-           last_linearizable_read_s=last_linearizable, moved_s=moved_at,
+           last_linearizable_read_s=last_linearizable,
+           last_linearizable_mget_s=last_linearizable_mget, moved_s=moved_at,
            acked=len(writer.acked))
 
 

@@ -8,8 +8,9 @@ Requests for slots led elsewhere are redirected or forwarded (nodes/forwarding.p
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar, TypeAlias, cast
 
 import grpc
@@ -38,7 +39,7 @@ from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.machine import ServiceKind
 from nodes.replication.manager import Replication
-from nodes.routing import Routed, routed
+from nodes.routing import Local, Routed, routed
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ _POLICIES = {
     "volatile-ttl": pb.EVICTION_POLICY_VOLATILE_TTL,
     "noeviction": pb.EVICTION_POLICY_NOEVICTION,
 }
+
+
+async def _barriers(local: Local, keys: Sequence[str]) -> None:
+    """A linearizable read's first step (`Group.barrier`) in every group of
+    ``local`` at once: their no-ops travel to each replica in one message."""
+    waits = [future for group, indexes in local.values()
+             if (future := group.barrier_future(slot_for(keys[indexes[0]]))) is not None]
+    if not waits:
+        return
+    outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    for outcome in outcomes:  # every future retrieved, then the first failure raised
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
@@ -217,20 +231,39 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         v.check_batch(keys, "keys")
         for i, key in enumerate(keys):
             v.check_key(key, f"keys[{i}]")
+        consistency = request.consistency
+        if consistency not in (pb.READ_CONSISTENCY_UNSPECIFIED,
+                               pb.READ_CONSISTENCY_LINEARIZABLE):
+            raise invalid_argument("consistency", "unknown read consistency")
+        linearizable = consistency == pb.READ_CONSISTENCY_LINEARIZABLE
         room = self._answer_room(request.max_answer_bytes)
         local, remote = self.split(keys, context)
+        if linearizable:
+            await _barriers(local, keys)
         answers: list[Entry | pb.GetResponse | None] = [None] * len(keys)  # None: unanswered
+        read_at: list[tuple[Group, int]] = []
         for group, indexes in local.values():
             get = _store(group).get
             for i in indexes:
                 answers[i] = get(scoped(keys[i])) or _NOT_FOUND
+            read_at.append((group, group.log.last_seq))
         for target, indexes in remote.values():
             share = pb.MGetRequest(keys=[keys[i] for i in indexes],
-                                  max_answer_bytes=max(room, 1))
+                                   max_answer_bytes=max(room, 1), consistency=consistency)
             answer = await self.forward(target, "MGet", share, context)
+            if answer.consistency != consistency:
+                # The owner predates MGet's consistency (a rolling upgrade): ask
+                # it key by key, as Get has always honoured it.
+                answer = pb.MGetResponse(results=[
+                    await self.forward(target, "Get", pb.GetRequest(
+                        key=key, consistency=consistency), context)
+                    for key in share.keys])
             # A truncated answer holds a prefix of the share.
             for i, result in zip(indexes, answer.results, strict=False):
                 answers[i] = result
+        if linearizable:  # what was read may be applied here but not yet committed
+            for group, seq in read_at:
+                await group.wait_committed(seq)
         # The results that fit, in key order: values are only copied into the
         # answer once they are known to fit in it.
         results: list[pb.GetResponse] = []
@@ -243,7 +276,8 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
                 break
             room -= size
             results.append(answer if isinstance(answer, pb.GetResponse) else _found(answer))
-        return pb.MGetResponse(results=results, truncated=len(results) < len(keys))
+        return pb.MGetResponse(results=results, truncated=len(results) < len(keys),
+                               consistency=consistency)
 
     def _answer_room(self, requested: int) -> int:
         """Bytes an MGet answer's results may take: within the caller's limit and

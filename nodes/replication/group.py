@@ -182,6 +182,12 @@ class Group:
         committed before the call. A command of no service changes no state."""
         await self.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").committed()
 
+    def barrier_future(self, slot: int) -> asyncio.Future[None] | None:
+        """`barrier` without a coroutine, for a call that fences many groups at
+        once: the no-op is issued now; the future is done once it is committed
+        (None: it already is, as on a group without replicas)."""
+        return self.committing(self.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").seq)
+
     async def wait_committed(self, seq: int) -> None:
         """Return once command ``seq`` is held by every required replica."""
         future = self.committing(seq)

@@ -1,0 +1,98 @@
+"""The client's linearizable MGet against a node from before MGet's consistency.
+
+Such a node ignores ``MGetRequest.consistency`` and reads as it always did; it
+leaves ``MGetResponse.consistency`` unspecified, which is how the client tells.
+The node here is a grpc.aio server in this process standing for that old
+version: stale values from MGet, fresh ones from Get (which has always honoured
+its consistency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from clients import Mesh
+from common.clustermap import group_ranges
+from mesh.admin.v1 import admin_pb2
+from mesh.cache.v1 import cache_pb2 as pb
+from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(20)
+
+LINEARIZABLE = pb.READ_CONSISTENCY_LINEARIZABLE
+
+
+class OldNode(pb_grpc.CacheServiceServicer):
+    """A cache node that predates ``MGetRequest.consistency``."""
+
+    def __init__(self) -> None:
+        self.mgets: list[int] = []  # keys per MGet
+        self.gets: list[tuple[str, int]] = []  # (key, consistency) per Get
+
+    async def MGet(self, request: pb.MGetRequest, context: grpc.aio.ServicerContext
+                   ) -> pb.MGetResponse:
+        self.mgets.append(len(request.keys))
+        return pb.MGetResponse(results=[pb.GetResponse(found=True, value=b"stale " + k.encode())
+                                        for k in request.keys])
+
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+                  ) -> pb.GetResponse:
+        self.gets.append((request.key, request.consistency))
+        return pb.GetResponse(found=True, value=b"fresh " + request.key.encode())
+
+
+@pytest.fixture
+async def old_node() -> AsyncIterator[tuple[OldNode, str]]:
+    server = grpc.aio.server()
+    node = OldNode()  # type: ignore[abstract]  # serves MGet and Get only
+    pb_grpc.add_CacheServiceServicer_to_server(node, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield node, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+def one_node_map(address: str) -> bytes:
+    """A map whose one group, every slot, is led by the node at ``address``."""
+    ((start, end),) = group_ranges(1)
+    cmap = admin_pb2.ClusterMap(epoch=1)
+    cmap.groups.append(admin_pb2.Group(group_id=1, epoch=1, primary_node_id="n1",
+                                       slot_ranges=[admin_pb2.SlotRange(start=start, end=end)]))
+    cmap.nodes.append(admin_pb2.Node(node_id="n1", address=address,
+                                     state=admin_pb2.NODE_STATE_ACTIVE))
+    return cmap.SerializeToString()
+
+
+async def test_a_linearizable_mget_that_an_old_node_ignored_is_asked_again_key_by_key(
+        old_node: tuple[OldNode, str]) -> None:
+    node, address = old_node
+    async with Mesh(addresses=[address], timeout=5) as mesh:
+        assert await mesh.cache.mget(["a", "b"], linearizable=True) == [b"fresh a", b"fresh b"]
+        assert node.mgets == [2] and sorted(node.gets) == [("a", LINEARIZABLE),
+                                                           ("b", LINEARIZABLE)]
+        # A plain MGet asked for nothing the old node did not give.
+        node.gets.clear()
+        assert await mesh.cache.mget(["a"]) == [b"stale a"]
+        assert node.gets == []
+
+
+async def test_coalesced_linearizable_gets_never_take_an_old_nodes_plain_read(
+        old_node: tuple[OldNode, str]) -> None:
+    node, address = old_node
+    mesh = Mesh(etcd="127.0.0.1:1", timeout=5)
+    try:
+        assert mesh.follower is not None
+        mesh.follower.offer(one_node_map(address))
+        keys = [f"k{i}" for i in range(10)]
+        values = await asyncio.gather(*(mesh.cache.get(k, linearizable=True) for k in keys))
+        assert values == [b"fresh " + k.encode() for k in keys]
+        assert node.mgets == [10]  # one batch, whose answer was not linearizable
+        assert sorted(node.gets) == sorted((k, LINEARIZABLE) for k in keys)
+    finally:
+        await mesh.close()
