@@ -82,6 +82,10 @@ def test_requests_merge_path_query_and_body() -> None:
     assert request_of(get.route, get.variables, [
         ("consistency", "READ_CONSISTENCY_LINEARIZABLE")], b"") == cache_pb2.GetRequest(
         key="k", consistency=cache_pb2.READ_CONSISTENCY_LINEARIZABLE)
+    mget = find("POST", "/v1/cache:mget")
+    assert request_of(mget.route, {}, [], b'{"keys": ["a", "b"], '
+                      b'"consistency": "READ_CONSISTENCY_LINEARIZABLE"}') == cache_pb2.MGetRequest(
+        keys=["a", "b"], consistency=cache_pb2.READ_CONSISTENCY_LINEARIZABLE)
 
 
 @pytest.mark.parametrize(("method", "path", "query", "body", "field"), [
