@@ -45,10 +45,11 @@ class CachePipeline:
     def __len__(self) -> int:
         return len(self._commands)
 
-    def get(self, key: str) -> CachePipeline:
-        """Queue a get: its result is the value, or None."""
+    def get(self, key: str, *, linearizable: bool = False) -> CachePipeline:
+        """Queue a get: its result is the value, or None. ``linearizable``: as
+        ``mesh.cache.get`` takes it (such gets travel as linearizable MGets)."""
         async def run() -> bytes | None:
-            r = await self._cache._read(key, False, self._timeout, coalesce=True)
+            r = await self._cache._read(key, linearizable, self._timeout, coalesce=True)
             return r.value if r.found else None
         return self._add(key, run)
 

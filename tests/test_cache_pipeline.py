@@ -53,6 +53,13 @@ async def test_a_pipeline_batches_by_node_and_keeps_each_result(
     assert 0 < after["MSet"] - before["MSet"] <= 10
     assert 0 < after["MGet"] - before["MGet"] <= 10
 
+    # Linearizable gets batch too, as linearizable MGets.
+    for key in keys[:100]:
+        p.get(key, linearizable=True)
+    assert await p.execute() == [f"v{i}".encode() for i in range(100)]
+    last = {m: await asyncio.to_thread(_calls, shared_cluster, m) for m in ("Get", "MGet")}
+    assert last["Get"] == after["Get"] and 0 < last["MGet"] - after["MGet"] <= 10
+
 
 async def test_one_keys_commands_apply_in_order_and_errors_stay_in_place(
     shared_cluster: LocalMesh, mesh_client: Connect

@@ -64,8 +64,17 @@ _POLICIES = {
 async def _barriers(local: Local, keys: Sequence[str]) -> None:
     """A linearizable read's first step (`Group.barrier`) in every group of
     ``local`` at once: their no-ops travel to each replica in one message."""
-    waits = [future for group, indexes in local.values()
-             if (future := group.barrier_future(slot_for(keys[indexes[0]]))) is not None]
+    waits: list[asyncio.Future[None]] = []
+    try:
+        for group, indexes in local.values():
+            future = group.barrier_future(slot_for(keys[indexes[0]]))
+            if future is not None:
+                waits.append(future)
+    except BaseException:
+        # A group this node no longer leads: the no-ops already issued are
+        # committed or fail unobserved, their outcomes taken here.
+        asyncio.gather(*waits, return_exceptions=True)
+        raise
     if not waits:
         return
     outcomes = await asyncio.gather(*waits, return_exceptions=True)
