@@ -1,16 +1,18 @@
-"""The client's linearizable MGet against a node from before MGet's consistency.
+"""A linearizable MGet asked of a node from before MGet's consistency, by the
+typed client and by a node forwarding a share.
 
 Such a node ignores ``MGetRequest.consistency`` and reads as it always did; it
-leaves ``MGetResponse.consistency`` unspecified, which is how the client tells.
-The node here is a grpc.aio server in this process standing for that old
-version: stale values from MGet, fresh ones from Get (which has always honoured
-its consistency).
+leaves ``MGetResponse.consistency`` unspecified, which is how the caller tells.
+`OldNode` stands for that version (stale values from MGet, fresh ones from Get,
+which has always honoured its consistency): a grpc.aio server in this process
+for the client, the other end of a forwarder for a node's `CacheService`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -20,6 +22,9 @@ from common.clustermap import group_ranges
 from mesh.admin.v1 import admin_pb2
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
+from nodes.cache.service import CacheService
+from nodes.config import CacheLimits
+from nodes.replication.manager import Redirect
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -96,3 +101,38 @@ async def test_coalesced_linearizable_gets_never_take_an_old_nodes_plain_read(
         assert sorted(node.gets) == sorted((k, LINEARIZABLE) for k in keys)
     finally:
         await mesh.close()
+
+
+class OldOwner:
+    """The forwarder of a node whose every slot is led by a node from before MGet's
+    consistency: it answers as `OldNode` does."""
+
+    def __init__(self) -> None:
+        self.node = OldNode()  # type: ignore[abstract]  # serves MGet and Get only
+
+    def resolve(self, slot: int, context: object) -> Redirect:
+        return Redirect(slot=slot, group_id=1, epoch=1, owner_node_id="old",
+                        owner_address="old:7000", owner_peer_address="old:7001")
+
+    async def unary(self, target: Redirect, path: str, request: Any, response_type: type,
+                    context: Any) -> Any:
+        method = path.rsplit("/", 1)[1]
+        answer = await getattr(self.node, method)(request, context)
+        assert isinstance(answer, response_type)
+        return answer
+
+
+async def test_a_node_forwarding_a_linearizable_mget_to_an_old_owner_asks_it_key_by_key(
+        ) -> None:
+    service = CacheService(CacheLimits())
+    owner = OldOwner()
+    service.start_routing(owner)  # type: ignore[arg-type]
+    context: Any = None  # only handed to the forwarder
+    answer = await service.MGet(pb.MGetRequest(keys=["a", "b"], consistency=LINEARIZABLE),
+                                context)
+    assert answer.consistency == LINEARIZABLE
+    assert [r.value for r in answer.results] == [b"fresh a", b"fresh b"]
+    assert owner.node.mgets == [2]
+    assert sorted(owner.node.gets) == [("a", LINEARIZABLE), ("b", LINEARIZABLE)]
+    plain = await service.MGet(pb.MGetRequest(keys=["a"]), context)
+    assert [r.value for r in plain.results] == [b"stale a"] and len(owner.node.gets) == 2
