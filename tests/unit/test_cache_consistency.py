@@ -11,6 +11,7 @@ for the client, the other end of a forwarder for a node's `CacheService`.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,12 +20,16 @@ import pytest
 
 from clients import Mesh
 from common.clustermap import group_ranges
+from common.errors import MeshStatusError
 from mesh.admin.v1 import admin_pb2
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
-from nodes.cache.service import CacheService
+from nodes.cache.service import CacheService, _barriers
 from nodes.config import CacheLimits
+from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
+from nodes.replication.sender import ReplicaTracker
+from tests.unit.test_replication_group import Link
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -136,3 +141,28 @@ async def test_a_node_forwarding_a_linearizable_mget_to_an_old_owner_asks_it_key
     assert sorted(owner.node.gets) == [("a", LINEARIZABLE), ("b", LINEARIZABLE)]
     plain = await service.MGet(pb.MGetRequest(keys=["a"]), context)
     assert [r.value for r in plain.results] == [b"stale a"] and len(owner.node.gets) == 2
+
+
+async def test_a_linearizable_mget_over_a_deposed_group_fails_leaving_no_outcome_unread(
+        ) -> None:
+    """The no-op already issued in a group led here is awaited by nobody once a
+    later group turns out deposed: its failure must still be taken, or asyncio
+    reports an exception never retrieved."""
+    unread: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: unread.append(str(context.get("message"))))
+    led = Group(1, "a", {})
+    led.become_primary(1)
+    led.trackers = {"b": ReplicaTracker(led, "b", Link(), in_sync=True)}  # type: ignore[arg-type]
+    deposed = Group(2, "a", {})
+    deposed.become_primary(1)
+    deposed.trackers = {"b": ReplicaTracker(deposed, "b", Link(), in_sync=True)}  # type: ignore[arg-type]
+    deposed.fence(2)  # a replica saw a newer epoch
+    with pytest.raises(MeshStatusError) as info:
+        await _barriers({1: (led, [0]), 2: (deposed, [1])}, ["k1", "k2"])
+    assert info.value.reason == "NOT_COMMITTED"
+    led.fail_waiters("a newer primary took over")  # its no-op never commits
+    del led, info  # the traceback holds the no-op's future too
+    gc.collect()
+    await asyncio.sleep(0)
+    assert unread == []
