@@ -31,6 +31,7 @@ from common.membership import NodeInfo
 from common.slots import slot_for
 from coordinator.client import find_leader
 from mesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from mesh.lock.v1 import lock_pb2, lock_pb2_grpc
 from meshctl.status import scrape
 from tests.cluster import Writer, registration, wait_converged
 from tests.hosted import METRICS_PORT, HostedMesh
@@ -148,9 +149,11 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     writer = Writer(client, prefix="etcdcut")
     writer.start()
     direct: dict[str, bytes] = {}  # acknowledged by n2 itself, asked directly
-    last_ok = last_read = last_linearizable = last_linearizable_mget = 0.0
+    last_ok = last_read = last_linearizable = last_linearizable_mget = last_valid = 0.0
+    lease = await client.locks.acquire(key, ttl=30)  # its lock lives in n2's group too
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
+        locks = lock_pb2_grpc.LockServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         routed = (("x-mesh-route", "client"),)  # no forwarding: n2's own answer
         for member in ETCD:
@@ -188,6 +191,13 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
                 last_linearizable_mget = time.monotonic() - cut
             except grpc.aio.AioRpcError:
                 pass
+            try:
+                check = await locks.Validate(lock_pb2.ValidateRequest(
+                    name=key, fencing_token=lease.token), timeout=0.5, metadata=routed)
+                if check.valid:
+                    last_valid = time.monotonic() - cut
+            except grpc.aio.AioRpcError:
+                pass
             if moved_at is None:
                 current = await read_map(hosted.etcd, hosted.cluster)
                 group = current.group_of_slot(slot_for(key)) if current else None
@@ -200,7 +210,7 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     assert moved_at is not None, "the map never moved the cut node's slots"
     print(f"\nnode cut from etcd: its last acknowledged write {last_ok:.2f} s, its last "
           f"read {last_read:.2f} s, its last linearizable read {last_linearizable:.2f} s "
-          f"and MGet {last_linearizable_mget:.2f} s "
+          f"and MGet {last_linearizable_mget:.2f} s, its last Validate {last_valid:.2f} s "
           f"after the cut; its slots moved after {moved_at:.2f} s; "
           f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
     assert last_ok < moved_at, "two primaries acknowledged writes at once"
@@ -208,13 +218,18 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     assert last_linearizable < moved_at, "a deposed primary answered a linearizable read"
     assert last_linearizable_mget < moved_at, "a deposed primary answered a linearizable MGet"
     assert last_linearizable_mget > 0, "no linearizable MGet was answered before the cut took"
+    assert last_valid < moved_at, "a deposed primary validated a fencing token"
+    assert last_valid > 0, "no Validate was answered before the cut took"
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     await _after_heal(hosted, client, writer)
     if key in direct:  # the last value n2 acknowledged, or a later one, survives
         assert await client.cache.get(key) is not None
+    assert lease.held  # a lease is never lost to a failover
+    await lease.release()
     record("cut_from_etcd", last_write_s=last_ok, last_read_s=last_read,
            last_linearizable_read_s=last_linearizable,
-           last_linearizable_mget_s=last_linearizable_mget, moved_s=moved_at,
+           last_linearizable_mget_s=last_linearizable_mget, last_validate_s=last_valid,
+           moved_s=moved_at,
            acked=len(writer.acked))
 
 

@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds
 from common.errors import MeshStatusError, ServiceError, capped
 from common.metrics import Snapshot, one
+from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
@@ -319,11 +320,17 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
                        group: Group) -> pb.ValidateResponse:
         name = request.name
         v.check_name(name)
-        await group.wait_committed(group.log.last_seq)
+        # A fencing check must not rest on clocks: like a linearizable read, it
+        # first commits a no-op through the replicas, which refuse a deposed
+        # primary's epoch, so a primary that lost the lock's group to another
+        # never calls a token valid that the new one may have ended.
+        await group.barrier(slot_for(name))
         leases = _primary(group).live_leases(scoped(name))
-        return pb.ValidateResponse(
+        answer = pb.ValidateResponse(
             valid=any(lease.token == request.fencing_token for lease in leases),
             current_token=max((lease.token for lease in leases), default=0))
+        await group.wait_committed(group.log.last_seq)  # what it read, committed
+        return answer
 
 
 class Decision(Generic[Answer]):

@@ -8,18 +8,23 @@ Time is a `ManualClock`: a lease expires when the test advances it.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
-from common.errors import ServiceError
+from common.errors import MeshStatusError, ServiceError
+from mesh.lock.v1 import lock_pb2 as lock_pb
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.config import LockLimits
 from nodes.lock.machine import LOCK, LockMachine
 from nodes.lock.primary import LockPrimary
+from nodes.lock.service import LockService
 from nodes.lock.table import EPOCH_SHIFT, LeaseCount, LockTable
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
+from nodes.replication.sender import ReplicaTracker
+from tests.unit.test_replication_group import Link
 
 LIMITS = LockLimits(max_waiters=3)
 
@@ -299,3 +304,47 @@ def test_snapshot_round_trip() -> None:
     restored.load(snapshot)
     assert restored.last_token == 0 and not restored.locks
     assert rpb.SERVICE_KIND_LOCK == LOCK
+
+
+class _Here:
+    """A forwarder whose every slot is led by ``group`` here."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def resolve(self, slot: int, context: object) -> Group:
+        return self.group
+
+
+async def test_validate_commits_through_the_replicas_so_a_deposed_primary_never_answers(
+        ) -> None:
+    """Validate is a fencing check: it must not rest on the primary's clock. It
+    commits a no-op through the in-sync replicas first; one that knows a newer
+    epoch refuses it, and Validate fails instead of calling the token valid."""
+    primary = _group("a", epoch=3, primary=True)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    token = _granted(_acquire(_machine(primary), "fenced")).lease.token
+    service = LockService(LIMITS)
+    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    context: Any = None  # only handed to the forwarder
+    request = lock_pb.ValidateRequest(name="fenced", fencing_token=token)
+
+    def acked() -> rpb.Ack:
+        return rpb.Ack(group_id=7, epoch=3, applied_epoch=3,
+                       applied_seq=primary.log.last_seq, status=rpb.ACK_STATUS_OK)
+
+    check = asyncio.ensure_future(service.Validate(request, context))
+    await asyncio.sleep(0)
+    assert not check.done()  # waits for the replica
+    tracker.on_ack(acked())
+    answer = await asyncio.wait_for(check, 1)
+    assert answer.valid and answer.current_token == token
+
+    deposed = asyncio.ensure_future(service.Validate(request, context))
+    await asyncio.sleep(0)
+    tracker.on_ack(rpb.Ack(group_id=7, status=rpb.ACK_STATUS_STALE_EPOCH, seen_epoch=4))
+    with pytest.raises(MeshStatusError) as info:
+        await deposed
+    assert info.value.reason == "NOT_COMMITTED"
+    primary.machines[LOCK].close()
