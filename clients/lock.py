@@ -407,7 +407,8 @@ class LockClient:
                         r.fencing_token)
 
     async def validate(self, name: str, token: int, *, timeout: float | None = None) -> bool:
-        """True if ``token`` belongs to a live lease of ``name``."""
+        """True if ``token`` belongs to a live lease of ``name``: linearizable (the
+        primary commits a no-op through its replicas first), whatever the clocks."""
         request = pb.ValidateRequest(name=name, fencing_token=token)
         r = await self._call(name, "Validate", request, timeout)
         return bool(r.valid)
