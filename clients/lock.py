@@ -408,7 +408,8 @@ class LockClient:
 
     async def validate(self, name: str, token: int, *, timeout: float | None = None) -> bool:
         """True if ``token`` belongs to a live lease of ``name``: linearizable (the
-        primary commits a no-op through its replicas first), whatever the clocks."""
+        primary commits a no-op through its replicas first, so a deposed one
+        never answers)."""
         request = pb.ValidateRequest(name=name, fencing_token=token)
         r = await self._call(name, "Validate", request, timeout)
         return bool(r.valid)

@@ -318,9 +318,10 @@ class _Here:
 
 async def test_validate_commits_through_the_replicas_so_a_deposed_primary_never_answers(
         ) -> None:
-    """Validate is a fencing check: it must not rest on the primary's clock. It
-    commits a no-op through the in-sync replicas first; one that knows a newer
-    epoch refuses it, and Validate fails instead of calling the token valid."""
+    """Validate is a fencing check: that its node still leads must not rest on
+    that node's clock. It commits a no-op through the in-sync replicas first; one
+    that knows a newer epoch refuses it, and Validate fails instead of calling
+    the token valid."""
     primary = _group("a", epoch=3, primary=True)
     tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
     primary.trackers = {"b": tracker}
