@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import ClassVar, TypeAlias, cast
 
 import grpc
@@ -35,11 +35,11 @@ from nodes.cache.store import (
 from nodes.cache.watch import WatchHub
 from nodes.config import CacheLimits, NodeConfig
 from nodes.forwarding import Forwarder, wrong_owner
-from nodes.replication.group import Group
+from nodes.replication.group import Group, barriers
 from nodes.replication.journal import Journal
 from nodes.replication.machine import ServiceKind
 from nodes.replication.manager import Replication
-from nodes.routing import Local, Routed, routed
+from nodes.routing import Routed, routed
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +59,6 @@ _POLICIES = {
     "volatile-ttl": pb.EVICTION_POLICY_VOLATILE_TTL,
     "noeviction": pb.EVICTION_POLICY_NOEVICTION,
 }
-
-
-async def _barriers(local: Local, keys: Sequence[str]) -> None:
-    """A linearizable read's first step (`Group.barrier`) in every group of
-    ``local`` at once: their no-ops travel to each replica in one message."""
-    waits: list[asyncio.Future[None]] = []
-    try:
-        for group, indexes in local.values():
-            future = group.barrier_future(slot_for(keys[indexes[0]]))
-            if future is not None:
-                waits.append(future)
-    except BaseException:
-        # A group this node no longer leads: the no-ops already issued are
-        # committed or fail unobserved, their outcomes taken here.
-        asyncio.gather(*waits, return_exceptions=True)
-        raise
-    if not waits:
-        return
-    outcomes = await asyncio.gather(*waits, return_exceptions=True)
-    for outcome in outcomes:  # every future retrieved, then the first failure raised
-        if isinstance(outcome, BaseException):
-            raise outcome
 
 
 def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
@@ -248,7 +226,8 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         room = self._answer_room(request.max_answer_bytes)
         local, remote = self.split(keys, context)
         if linearizable:
-            await _barriers(local, keys)
+            await barriers((group, slot_for(keys[indexes[0]]))
+                           for group, indexes in local.values())
         answers: list[Entry | pb.GetResponse | None] = [None] * len(keys)  # None: unanswered
         read_at: list[tuple[Group, int]] = []
         for group, indexes in local.values():
@@ -263,10 +242,10 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             if answer.consistency != consistency:
                 # The owner predates MGet's consistency (a rolling upgrade): ask
                 # it key by key, as Get has always honoured it.
-                answer = pb.MGetResponse(results=[
-                    await self.forward(target, "Get", pb.GetRequest(
+                answer = pb.MGetResponse(results=await asyncio.gather(*(
+                    self.forward(target, "Get", pb.GetRequest(
                         key=key, consistency=consistency), context)
-                    for key in share.keys])
+                    for key in share.keys)))
             # A truncated answer holds a prefix of the share.
             for i, result in zip(indexes, answer.results, strict=False):
                 answers[i] = result

@@ -182,12 +182,6 @@ class Group:
         committed before the call. A command of no service changes no state."""
         await self.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").committed()
 
-    def barrier_future(self, slot: int) -> asyncio.Future[None] | None:
-        """`barrier` without a coroutine, for a call that fences many groups at
-        once: the no-op is issued now; the future is done once it is committed
-        (None: it already is, as on a group without replicas)."""
-        return self.committing(self.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").seq)
-
     async def wait_committed(self, seq: int) -> None:
         """Return once command ``seq`` is held by every required replica."""
         future = self.committing(seq)
@@ -558,3 +552,27 @@ class Group:
             else:
                 waiting.append((seq, future))
         self._durable_waiters = waiting
+
+
+async def barriers(fences: Iterable[tuple[Group, int]]) -> None:
+    """`Group.barrier` in each ``(group, slot)`` at once, for a read that spans
+    groups: their no-ops travel to each replica in one message. The first
+    failure is raised once every no-op issued has its outcome taken."""
+    waits: list[asyncio.Future[None]] = []
+    try:
+        for group, slot in fences:
+            future = group.committing(
+                group.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").seq)
+            if future is not None:  # None: committed already (no replica to wait for)
+                waits.append(future)
+    except BaseException:
+        # A group this node no longer leads: the no-ops already issued are
+        # committed or fail unobserved, their outcomes taken here.
+        asyncio.gather(*waits, return_exceptions=True)
+        raise
+    if not waits:
+        return
+    outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome

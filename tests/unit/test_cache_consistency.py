@@ -24,9 +24,9 @@ from common.errors import MeshStatusError
 from mesh.admin.v1 import admin_pb2
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
-from nodes.cache.service import CacheService, _barriers
+from nodes.cache.service import CacheService
 from nodes.config import CacheLimits
-from nodes.replication.group import Group
+from nodes.replication.group import Group, barriers
 from nodes.replication.manager import Redirect
 from nodes.replication.sender import ReplicaTracker
 from tests.unit.test_replication_group import Link
@@ -159,7 +159,7 @@ async def test_a_linearizable_mget_over_a_deposed_group_fails_leaving_no_outcome
     deposed.trackers = {"b": ReplicaTracker(deposed, "b", Link(), in_sync=True)}  # type: ignore[arg-type]
     deposed.fence(2)  # a replica saw a newer epoch
     with pytest.raises(MeshStatusError) as info:
-        await _barriers({1: (led, [0]), 2: (deposed, [1])}, ["k1", "k2"])
+        await barriers([(led, 0), (deposed, 0)])
     assert info.value.reason == "NOT_COMMITTED"
     led.fail_waiters("a newer primary took over")  # its no-op never commits
     del led, info  # the traceback holds the no-op's future too
