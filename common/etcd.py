@@ -34,6 +34,8 @@ import aetcd.watcher
 import grpc
 from aetcd import rpc
 
+from common.tasks import cancel
+
 log = logging.getLogger(__name__)
 
 # Every etcd call made through a client from here is bounded by this many seconds.
@@ -692,10 +694,6 @@ async def watch_prefix(
         call.cancel()
 
 
-_CANCEL_AGAIN = 0.2
-"""Seconds `PrefixFollower.close` waits for its loop to end before cancelling again."""
-
-
 class PrefixFollower:
     """Keeps a local view of an etcd prefix: one full read, then a watch from its
     revision. If the watch breaks (etcd restarted, compaction, network) it reads
@@ -731,17 +729,8 @@ class PrefixFollower:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        # Cancel until it has ended: a cancel can be lost on the way (on Python
-        # 3.11, asyncio.wait_for returns the result of a call that completes as
-        # the cancel arrives), and the loop would then follow on, with this
-        # close waiting for it forever.
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=_CANCEL_AGAIN)
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            task.result()
+        with contextlib.suppress(Exception):
+            await cancel(task)  # cancelled again until it ends: see `cancel`
 
     async def _read(self) -> int:
         async with asyncio.timeout(CALL_TIMEOUT):

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
+
+CANCEL_AGAIN = 0.2
+"""Seconds `cancel` waits for the task to end before cancelling it again."""
 
 
 async def cancel(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` (None: there is none) and wait for it to end, so nothing it
-    does can happen after this returns."""
+    does can happen after this returns; raises the error it ended with, if any.
+
+    A cancel can be lost on the way: on Python 3.11 `asyncio.wait_for` returns the
+    result of a call that completes as the cancel arrives, and the task goes on
+    (a node's lease renewal loop did, and its shutdown waited for it forever). So
+    the task is cancelled again until it has ended.
+    """
     if task is None:
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN)
+    if not task.cancelled():
+        task.result()

@@ -27,6 +27,7 @@ is gone ends it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ import aetcd.exceptions
 
 from common.etcd import CALL_TIMEOUT, renew_lease
 from common.process import StartupError
+from common.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,8 @@ class Registration:
         """Stop renewing and revoke the lease, so the key disappears at once."""
         self.valid_until = 0.0  # from now on the node relies on no lease
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await cancel(self._task)  # a renewal may swallow one cancel
             self._task = None
         if self._lease_id is not None:
             try:

@@ -41,6 +41,7 @@ import grpc
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds
 from common.errors import MeshStatusError
 from common.slots import slot_for
+from common.tasks import cancel
 from common.tenancy import unscoped
 from mesh.events.v1 import events_pb2 as epb
 from mesh.saga.v1 import saga_pb2 as pb
@@ -170,8 +171,8 @@ class Driver:
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            with contextlib.suppress(Exception):
+                await cancel(t)  # again until it ends: a call's wait_for may swallow one
 
     # -- what wakes it -------------------------------------------------------
 
