@@ -35,6 +35,7 @@ from clients.errors import (
 )
 from clients.lease import Lease, LostCallback, keep_alive
 from clients.retry import Verdict, classify, with_retries
+from common.tasks import cancel
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
 
@@ -438,8 +439,8 @@ class LockClient:
         try:
             yield lease
         finally:
-            refresher.cancel()
-            await asyncio.wait([refresher])
+            with contextlib.suppress(Exception):
+                await cancel(refresher)  # again until it ends: a refresh may swallow one
             lost = lease._expired()
             try:
                 await self.release(lease, timeout=timeout)

@@ -31,6 +31,7 @@ from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 from common.clock import SYSTEM_CLOCK, Clock, from_seconds, to_seconds
 from common.clustermap import leader_key
 from common.etcd import PrefixFollower, renew_lease
+from common.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ class Election:
         """Stop campaigning; a leader resigns at once (its lease is revoked)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._tasks:
+            with contextlib.suppress(Exception):
+                await cancel(task)  # again until it ends: a renewal may swallow one
         self._tasks = []
         await self._observer.close()
 
@@ -261,7 +264,11 @@ class Election:
             self.leadership = None
             for task in (work, keep, lost, expiry):
                 task.cancel()
-            await asyncio.gather(work, keep, lost, expiry, return_exceptions=True)
+            for task in (work, keep, lost, expiry):
+                # Again until it ends: a renewal that swallowed its cancel would
+                # keep the lease, and with it a term nobody works in, alive.
+                with contextlib.suppress(Exception):
+                    await cancel(task)
             await self._revoke(term.lease_id)
             log.info("no longer leader (revision %d)", term.create_revision)
         return crashed
