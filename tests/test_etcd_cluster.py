@@ -9,6 +9,7 @@ calls at most a reconnect's worth of retries.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -265,11 +266,13 @@ async def _survive_member_losses(local: LocalMesh, cluster: EtcdCluster, etcd: E
 
 def test_meshctl_up_starts_an_etcd_cluster(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
+    # Its data and state file under the test's directory, even if it must be killed.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     with open(log, "wb") as out:
         up = subprocess.Popen(
             [*MESHCTL, "up", "--nodes", "1", "--etcd-members", "3", "--lease-ttl", "2",
              "--cluster", "upcluster", "--no-status"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
         while "Ctrl-C stops the mesh." not in log.read_text():
@@ -285,7 +288,7 @@ def test_meshctl_up_starts_an_etcd_cluster(tmp_path: Path) -> None:
         def ctl(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*MESHCTL, "--etcd", exported.group(1), "--cluster",
                                    "upcluster", *args], capture_output=True, text=True,
-                                  timeout=30)
+                                  timeout=30, env=env)
 
         # The first member, the one every command starts on, dies: all goes on.
         subprocess.run(["kill", "-KILL", members[0][1]], check=True)

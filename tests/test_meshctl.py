@@ -49,11 +49,14 @@ class Up:
 
     def __init__(self, tmp: Path, nodes: int) -> None:
         self.log = tmp / "up.log"
+        # Its data directory and state file go under the test's own directory: a
+        # launcher that is SIGKILLed (one test does it) cannot remove them itself.
+        self.env = {**os.environ, "TMPDIR": str(tmp)}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [*MESHCTL, "up", "--nodes", str(nodes), "--etcd-port", "0",
                  "--lease-ttl", "2", "--cluster", "uptest"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             )
         deadline = time.monotonic() + 60
         while "Ctrl-C stops the mesh." not in self.text():
@@ -70,7 +73,7 @@ class Up:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*MESHCTL, "--etcd", self.etcd, "--cluster", "uptest", *args],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True, text=True, timeout=30, env=self.env,
         )
 
 
