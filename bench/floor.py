@@ -128,6 +128,16 @@ class Ring:
                 slots.append(slot)
         return op
 
+    def echo_cycles(self) -> Op:
+        """Two echoed writes in sequence on the first process, from one loop: the
+        sequential cycle without its relay (``bench.locks`` prices a hop by it)."""
+        echo = self._unreplicated[0]
+
+        async def op() -> None:
+            await echo(PAYLOAD)
+            await echo(PAYLOAD)
+        return op
+
     @staticmethod
     def _spread(writes: list[Batched[bytes]]) -> Op:
         turn = itertools.cycle(writes)

@@ -11,6 +11,12 @@ other rows, so drift on the machine hits every side alike. With them runs the
 floor of a replicated cycle (``bench.floor``): two raw gRPC calls, each relayed
 to a peer and acknowledged, with nothing of Mesh behind them.
 
+The sequential cycle is also timed three more ways, so that its distance from
+the floor splits into parts (``report.lock_seq_split``): through the generated
+stubs straight to the lock's primary (``stub.lock.r1.seq``, ``stub.lock.r0.seq``:
+Mesh's nodes without the typed client), and as two raw echoes, the floor's
+calls without their relay (``floor.echo.seq``).
+
 ``python -m bench.locks`` runs only these rows (its own etcd) and prints their table.
 """
 
@@ -18,16 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aetcd
+from google.protobuf import duration_pb2
 
 from bench import aio, clusters, floor, replication_counts, report, standalone
 from bench.timing import Measurement, Op, Workload, interleaved
 from clients import Mesh
 from common.etcd import client_for
+from mesh.lock.v1 import lock_pb2 as pb
+from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
 
 TTL = 10.0
 """Lease ttl of every acquire, seconds (aetcd takes whole seconds)."""
@@ -50,6 +60,15 @@ def workload_name(side: str, in_flight: int) -> str:
     if side in ("etcd", "floor"):
         return f"{side}.lock.{shape}"
     return f"cluster.lock.{side}.{shape}"
+
+
+def stub_name(variant: str) -> str:
+    """``stub.lock.r1.seq``: the sequential cycle through the generated stubs."""
+    return f"stub.lock.{variant}.seq"
+
+
+FLOOR_ECHO = "floor.echo.seq"
+"""Two raw echoes in sequence: the floor's cycle without its relay."""
 
 
 def _locks(in_flight: int) -> str:
@@ -88,6 +107,25 @@ def _mesh_cycle(mesh: Mesh) -> Callable[[str], Awaitable[None]]:
     return cycle
 
 
+def _stub_cycle(mesh: Mesh, name: str) -> Op:
+    """Acquire and release ``name`` through the generated stub, on the channel and
+    with the metadata the typed client uses, at the primary it routes to: the
+    requests the typed client sends, without its coalescing, retries, breaker or
+    lease bookkeeping."""
+    stub = pb_grpc.LockServiceStub(mesh.channel(mesh.route("lock", name).address))
+    metadata = mesh.call_metadata()
+    ttl = duration_pb2.Duration(seconds=int(TTL))
+    wait = duration_pb2.Duration(seconds=int(WAIT))
+
+    async def cycle() -> None:
+        granted = await stub.Acquire(pb.AcquireRequest(
+            name=name, owner="bench", ttl=ttl, permits=1, max_permits=1,
+            request_id=uuid.uuid4().hex, wait_timeout=wait), timeout=TTL, metadata=metadata)
+        await stub.Release(pb.ReleaseRequest(name=name, lease_id=granted.lease_id),
+                           timeout=TTL, metadata=metadata)
+    return cycle
+
+
 def _etcd_cycle(client: aetcd.Client) -> Callable[[str], Awaitable[None]]:
     async def cycle(name: str) -> None:
         lock = client.lock(name.encode(), ttl=int(TTL))
@@ -123,6 +161,14 @@ def workloads(c: Clients, counters: dict[str, Counters] | None = None) -> list[W
             f"two raw gRPC calls, each relayed to a peer and acknowledged (a replicated "
             f"acquire+release's messages, nothing of Mesh), {floor.SIZE} processes, "
             f"{_locks(n)}", c.ring.cycles(n), n))
+    for variant, mesh in c.meshes.items():
+        work.append(Workload(
+            stub_name(variant),
+            f"LockService Acquire+Release through the generated stub at the lock's primary "
+            f"(no typed client), {TITLES[variant]}, 1 lock, 1 loop",
+            _stub_cycle(mesh, f"bench-lock:{variant}:stub")))
+    work.append(Workload(FLOOR_ECHO, "two raw gRPC calls answered at once (the floor's "
+                         "cycle without its relay), 1 loop", c.ring.echo_cycles()))
     return work
 
 

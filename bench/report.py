@@ -187,6 +187,53 @@ FLOORS = {
 """A goal -> its floor comparison: the ratio the same messages reach in raw gRPC."""
 
 
+SEQ_SPLIT = {
+    "typed": "cluster.lock.r1.seq", "stub": "stub.lock.r1.seq",
+    "stub_unreplicated": "stub.lock.r0.seq",
+    "floor": "floor.lock.seq", "floor_echo": "floor.echo.seq",
+}
+"""The workloads `lock_seq_split` reads (``bench.locks``)."""
+
+
+def lock_seq_split(by_name: dict[str, Measurement]) -> dict[str, float] | None:
+    """Where a sequential R=1 lock call's time goes, in microseconds per call
+    (half a cycle), by difference between workloads timed in the same rounds:
+
+    - ``floor_us``: the floor's relayed call (its messages in raw gRPC);
+    - ``node_us``: the node's handling of a call, apart from replication (the
+      stub's unreplicated call against a raw echo);
+    - ``replication_us``: a replicated write's hop beyond the floor's (the stub's
+      replicated call less its unreplicated one, against the floor's relay less
+      its echo);
+    - ``client_us``: the typed client's own work (typed client against the stub).
+
+    They add up to ``mesh_us``, the typed client's call. None if any did not run.
+    A difference of two rates carries both their noise: read parts of a few tens
+    of microseconds as roughly that."""
+    if not all(name in by_name for name in SEQ_SPLIT.values()):
+        return None
+    us = {key: 1e6 / (2 * by_name[name].ops_per_s) for key, name in SEQ_SPLIT.items()}
+    return {
+        "mesh_us": round(us["typed"], 1),
+        "floor_us": round(us["floor"], 1),
+        "node_us": round(us["stub_unreplicated"] - us["floor_echo"], 1),
+        "replication_us": round((us["stub"] - us["stub_unreplicated"])
+                                - (us["floor"] - us["floor_echo"]), 1),
+        "client_us": round(us["typed"] - us["stub"], 1),
+    }
+
+
+def lock_seq_lines(split: dict[str, float] | None) -> list[str]:
+    """The split as one line of text (none if it did not run)."""
+    if split is None:
+        return []
+    return ["", f"Where a sequential R=1 lock call's time goes (us per call, by difference "
+                f"between rows of this run): {split['mesh_us']:.0f} in all = the floor's "
+                f"relayed call {split['floor_us']:.0f} + the node's handling "
+                f"{split['node_us']:.0f} + replication beyond the floor's hop "
+                f"{split['replication_us']:.0f} + the typed client {split['client_us']:.0f}."]
+
+
 def _rate(m: Measurement, unit: str) -> float:
     # keys/s and events/s count what each operation carries (Workload.batch).
     return m.keys_per_s if unit in ("keys/s", "events/s", "jobs/s") else m.ops_per_s
@@ -213,12 +260,14 @@ def build(measurements: list[Measurement], environment: dict[str, Any],
     }
     comparisons = _compare(by_name, COMPARISONS)
     floors = _compare(by_name, _present(by_name, FLOOR_COMPARISONS))
+    split = lock_seq_split(by_name)
     return {
         **environment,
         "workloads": workloads,
         "comparisons": comparisons,
         "floors": floors,
         "goals": goals(comparisons, floors),
+        **({"lock_seq_split": split} if split is not None else {}),
         **scenarios,
     }
 
@@ -299,6 +348,7 @@ def markdown(results: dict[str, Any]) -> str:
         *goal_lines(results["comparisons"], results["goals"]),
         *_scheduler_setup(results.get("scheduler")),
         *_floor_table(results.get("floors", {})),
+        *lock_seq_lines(results.get("lock_seq_split")),
         "",
         "Raw numbers:",
         "",
@@ -363,6 +413,9 @@ def _standalone_table(measurements: list[Measurement], comparisons_wanted: list[
         lines += [*reached, ""]
     if floors:
         lines += [*_floor_table(floors)[1:], ""]
+    split = lock_seq_lines(lock_seq_split(by_name))
+    if split:
+        lines += [*split[1:], ""]
     for m in measurements:
         by_round = " / ".join(_n(r) for r in m.rounds)
         carried = f", {_n(m.keys_per_s)} events/s" if m.workload.batch > 1 else ""

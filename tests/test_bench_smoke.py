@@ -50,7 +50,7 @@ WORKLOADS = {
     "cluster.scheduler.e2e.batch.c16", "cluster.scheduler.enqueue.client.c16",
     "cluster.scheduler.e2e.client.c16",
     "floor.lock.seq", "floor.lock.c16", "floor.set.replicated.c64", "floor.set.unreplicated.c64",
-    "floor.append.durable.c16",
+    "floor.append.durable.c16", "stub.lock.r1.seq", "stub.lock.r0.seq", "floor.echo.seq",
 }
 STACK_UNITS = {"stack.get.seq": "calls/s", "stack.get.c64": "calls/s"}
 LOCK_COMPARISONS = {"lock.r1.seq", "lock.r1.c16", "lock.r0.seq", "lock.r0.c16"}
@@ -152,6 +152,13 @@ def _check_floors(results: dict[str, Any], stdout: str) -> None:
         assert g["of_floor"] == pytest.approx(g["ratio"] / g["floor_ratio"], abs=0.001), goal
     assert "| floor | raw gRPC | baseline | ratio |" in stdout
     assert "Floor (the same messages in raw gRPC, nothing of Mesh):" in stdout
+    # The sequential lock call split into parts (quick windows: any sign), which
+    # add up to the typed client's call.
+    split = results["lock_seq_split"]
+    assert split["mesh_us"] > 0 and split["floor_us"] > 0
+    parts = split["floor_us"] + split["node_us"] + split["replication_us"] + split["client_us"]
+    assert parts == pytest.approx(split["mesh_us"], abs=0.5)
+    assert "Where a sequential R=1 lock call's time goes" in stdout
 
 
 REPLICATED = ("cluster.set.r1sync.seq", "cluster.set.r1sync.c64", "cluster.set.r1async.c64",

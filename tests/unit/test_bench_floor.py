@@ -11,6 +11,7 @@ import pytest
 
 from bench import floor, report
 from bench.relay_server import ACK, Batched, Disk, Link, add_relay_service
+from bench.timing import Measurement, Workload
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -94,3 +95,29 @@ def test_a_goal_is_set_against_its_floor() -> None:
     assert "floor_ratio" not in goals["set.r1sync.c64"]  # its floor did not run
     assert set(report.FLOORS) <= set(report.GOALS)
     assert set(report.FLOORS.values()) == {c.key for c in report.FLOOR_COMPARISONS}
+
+
+def _timed(name: str, ops_per_s: float) -> Measurement:
+    return Measurement(Workload(name, name, _never), ops=int(ops_per_s * 10), seconds=10.0)
+
+
+async def _never() -> None:
+    raise AssertionError("not run")
+
+
+def test_a_sequential_lock_call_splits_into_parts_that_add_up() -> None:
+    # Cycles/s (two calls each): a 1,000 us typed call, an 800 us stub call, a
+    # 500 us unreplicated stub call; the floor: 600 us relayed, 400 us echoed.
+    rates = {"cluster.lock.r1.seq": 500.0, "stub.lock.r1.seq": 625.0,
+             "stub.lock.r0.seq": 1000.0, "floor.lock.seq": 1e6 / 1200,
+             "floor.echo.seq": 1250.0}
+    by_name = {name: _timed(name, rate) for name, rate in rates.items()}
+    split = report.lock_seq_split(by_name)
+    assert split == {"mesh_us": 1000.0, "floor_us": 600.0, "node_us": 100.0,
+                     "replication_us": 100.0, "client_us": 200.0}
+    assert split["floor_us"] + split["node_us"] + split["replication_us"] \
+        + split["client_us"] == split["mesh_us"]
+    assert "1000 in all" in report.lock_seq_lines(split)[1]
+    del by_name["floor.echo.seq"]  # a part did not run: no split
+    assert report.lock_seq_split(by_name) is None
+    assert report.lock_seq_lines(None) == []
