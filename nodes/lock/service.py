@@ -225,8 +225,8 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         answered once committed, else in a ``method`` batch (``make``) to its owner;
         an item's error (bad input, no primary, not committed) is its outcome."""
         outcomes: list[Outcome | None] = [None] * len(items)
-        decided: dict[int, Decision[Answer]] = {}
-        commits: dict[int, asyncio.Future[None]] = {}
+        decided: dict[int, tuple[Group, Decision[Answer]]] = {}
+        last: dict[Group, int] = {}  # each group's last command proposed here
         remote: dict[str, tuple[Redirect, list[int]]] = {}
         for i, item in enumerate(items):
             try:
@@ -235,31 +235,42 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
                     remote.setdefault(target.owner_address, (target, []))[1].append(i)
                     continue
                 decision = decide(item, target)
-                commit = target.committing(decision.seq)
             except (MeshStatusError, ServiceError) as error:
                 outcomes[i] = failed(_batch_error(error, f"requests[{i}]"))
                 continue
-            decided[i] = decision
-            if commit is not None:
-                commits[i] = commit
+            decided[i] = (target, decision)
+            last[target] = max(last.get(target, 0), decision.seq)
+        # A group commits its commands in order: waiting for its last one is
+        # waiting for them all (a future per group, not per item). If it fails,
+        # the commands it had committed before (seq <= commit_seq) still stand.
+        commits: dict[Group, asyncio.Future[None] | BaseException] = {}
+        for group, seq in last.items():
+            try:
+                future = group.committing(seq)
+            except (MeshStatusError, ServiceError) as error:
+                commits[group] = error
+                continue
+            if future is not None:
+                commits[group] = future
         forwards: dict[str, asyncio.Future[Any]] = {
             address: asyncio.ensure_future(
                 self.forward(target, method, make([items[i] for i in indexes]), context))
             for address, (target, indexes) in remote.items()}
-        pending: list[asyncio.Future[Any]] = [*commits.values(), *forwards.values()]
+        pending: list[asyncio.Future[Any]] = [
+            *(c for c in commits.values() if isinstance(c, asyncio.Future)), *forwards.values()]
         try:
             if pending:
                 await asyncio.wait(pending)
         except asyncio.CancelledError:
             for future in pending:
                 future.cancel()
-            for decision in decided.values():
+            for _, decision in decided.values():
                 decision.abandon()  # a lease granted to a caller who never heard of it
             raise
-        for i, decision in decided.items():
-            commit = commits.get(i)
-            failure = commit.exception() if commit is not None else None
-            if failure is None:
+        for i, (group, decision) in decided.items():
+            commit = commits.get(group)
+            failure = commit.exception() if isinstance(commit, asyncio.Future) else commit
+            if failure is None or decision.seq <= group.commit_seq:
                 outcomes[i] = done(decision.answer())
             elif isinstance(failure, MeshStatusError | ServiceError):
                 outcomes[i] = failed(_batch_error(failure, f"requests[{i}]"))

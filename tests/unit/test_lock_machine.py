@@ -349,3 +349,33 @@ async def test_validate_commits_through_the_replicas_so_a_deposed_primary_never_
         await deposed
     assert info.value.reason == "NOT_COMMITTED"
     primary.machines[LOCK].close()
+
+
+async def test_a_batch_whose_group_is_deposed_keeps_the_grants_committed_before() -> None:
+    """A batch waits for its group's last command only (commands commit in order);
+    when the group is lost after committing part of the batch, the grants that
+    were committed are answered as granted and only the rest fail NOT_COMMITTED."""
+    primary = _group("a", epoch=3, primary=True)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    service = LockService(LIMITS)
+    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    context: Any = None  # only handed to the forwarder
+    request = lock_pb.AcquireBatchRequest(requests=[
+        lock_pb.AcquireRequest(name=name, owner="o", request_id=f"r-{name}")
+        for name in ("first", "second")])
+
+    batch = asyncio.ensure_future(service.AcquireBatch(request, context))
+    await asyncio.sleep(0)
+    assert not batch.done()  # waits for the replica
+    second = primary.log.last_seq  # the batch's two grants: second - 1, second
+    tracker.on_ack(rpb.Ack(group_id=7, epoch=3, applied_epoch=3, applied_seq=second - 1,
+                           status=rpb.ACK_STATUS_OK))
+    await asyncio.sleep(0)
+    assert not batch.done()  # the first is committed, the second is not
+    tracker.on_ack(rpb.Ack(group_id=7, status=rpb.ACK_STATUS_STALE_EPOCH, seen_epoch=4))
+    answer = await asyncio.wait_for(batch, 1)
+    granted, lost = answer.outcomes
+    assert granted.HasField("granted") and granted.granted.lease_id
+    assert lost.HasField("error") and lost.error.reason == "NOT_COMMITTED"
+    primary.machines[LOCK].close()
