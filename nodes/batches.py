@@ -25,8 +25,8 @@ from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
 from nodes.rpc import ForwardedError
 
-__all__ = ["MAX_BATCH", "REFUSALS", "Routes", "answer_all", "commit_all", "forward_shares",
-           "item_error", "renumbered", "route_items", "settle"]
+__all__ = ["MAX_BATCH", "REFUSALS", "Routes", "Waits", "answer_all", "commit_all",
+           "forward_shares", "item_error", "renumbered", "route_items", "settle"]
 
 MAX_BATCH = 1000
 """Items of one batch call at most."""
@@ -135,39 +135,50 @@ def route_items(keys: Sequence[str | None], resolve: Callable[[str], Group | Red
     return routes
 
 
-async def commit_all(waits: dict[Group, tuple[int, list[int]]],
-                     errors: dict[int, E], kind: type[E] | None = None) -> None:
-    """Wait until each group's changes are committed; a group that cannot commit
-    them (its primary role lost) fails its items (UNAVAILABLE: outcome unknown)."""
-    # The groups' commit futures, awaited one after another: the wait is the
-    # slowest group's either way, and a task per group cost a busy node more
-    # CPU than anything else in a batch's wait.
-    pending: list[tuple[asyncio.Future[None], list[int]]] = []
+Waits = dict[Group, list[tuple[int, int]]]
+"""A batch's commands proposed here: each group's items, as (index, seq of the
+item's command); items sharing one command share its seq."""
+
+
+async def commit_all(waits: Waits, errors: dict[int, E], kind: type[E] | None = None) -> None:
+    """Wait until each group's changes are committed. A group that cannot commit
+    them all (its primary role lost) fails the items it had not committed yet
+    (UNAVAILABLE, NOT_COMMITTED: outcome unknown); those it had stand."""
+    # A group commits in order: waiting for its last command is waiting for
+    # them all, one future per group. The futures are awaited one after
+    # another: the wait is the slowest group's either way, and a task per
+    # group cost a busy node more CPU than anything else in a batch's wait.
+    pending: list[tuple[asyncio.Future[None], Group, list[tuple[int, int]]]] = []
     try:
-        for group, (seq, indexes) in waits.items():
+        for group, items in waits.items():
+            if not items:
+                continue
             try:
-                future = group.committing(seq)
+                future = group.committing(max(seq for _, seq in items))
             except REFUSALS as exc:
-                _fail(indexes, exc, errors, kind)
+                _fail(group, items, exc, errors, kind)
                 continue
             if future is not None:
-                pending.append((future, indexes))
+                pending.append((future, group, items))
         with tracing.span("mesh.replicate.commit", groups=len(pending)):
-            for future, indexes in pending:
+            for future, group, items in pending:
                 try:
                     await future
                 except REFUSALS as exc:
-                    _fail(indexes, exc, errors, kind)
+                    _fail(group, items, exc, errors, kind)
     finally:
-        for future, _ in pending:  # cancelled: let the groups drop the others
+        for future, _, _ in pending:  # cancelled: let the groups drop the others
             future.cancel()
 
 
-def _fail(indexes: list[int], exc: MeshStatusError | ServiceError, errors: dict[int, E],
-          kind: type[E] | None) -> None:
+def _fail(group: Group, items: list[tuple[int, int]], exc: MeshStatusError | ServiceError,
+          errors: dict[int, E], kind: type[E] | None) -> None:
+    """The error of each of ``items`` the group had not committed when it failed
+    (its commit point only moves forward, so the others are held by its replicas)."""
     problem = item_error(exc, kind=kind)
-    for i in indexes:
-        errors[i] = problem
+    for i, seq in items:
+        if seq > group.commit_seq:
+            errors[i] = problem
 
 
 async def forward_shares(routes: Routes,
@@ -186,7 +197,7 @@ async def forward_shares(routes: Routes,
     await asyncio.gather(*(one(t, idx) for t, idx in routes.remote.values()))
 
 
-async def settle(routes: Routes, waits: dict[Group, tuple[int, list[int]]],
+async def settle(routes: Routes, waits: Waits,
                  forward: Callable[[Redirect, list[int]], Awaitable[Any]],
                  answers: dict[int, Any], errors: dict[int, E], outcome: str, field: str,
                  kind: type[E] | None = None) -> None:

@@ -25,7 +25,7 @@ from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
-from nodes.batches import answer_all, item_error, route_items, settle
+from nodes.batches import Waits, answer_all, item_error, route_items, settle
 from nodes.config import EventsLimits, NodeConfig
 from nodes.events import errors
 from nodes.events import validation as v
@@ -199,10 +199,10 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         routes = route_items(checked, lambda stream: self.owner(stream, context), errors_,
                              pb.ItemError)
         answers: dict[int, pb.AppendResponse] = {}
-        waits: dict[Group, tuple[int, list[int]]] = {}
+        waits: Waits = {}
         for group, indexes in routes.local.values():
             # Proposed back to back: replication carries them together.
-            top, done = 0, []
+            top, done = 0, waits.setdefault(group, [])
             for i in indexes:
                 a = appends[i]
                 try:
@@ -217,8 +217,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                     first_version=result.first_version, last_version=result.last_version,
                     slot=result.slot, position=result.position, duplicate=result.duplicate)
                 top = max(top, result.seq)
-                done.append(i)
-            waits[group] = (top, done)
+                done.append((i, result.seq))
             # Subscribers hear of the appends once committed, even if this call
             # goes away first.
             self.hub.notify_when_committed(group, top)

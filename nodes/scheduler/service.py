@@ -27,7 +27,7 @@ from common.tenancy import scoped
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
-from nodes.batches import MAX_BATCH, REFUSALS, answer_all, item_error, route_items, settle
+from nodes.batches import MAX_BATCH, REFUSALS, Waits, answer_all, item_error, route_items, settle
 from nodes.config import NodeConfig, SchedulerLimits
 from nodes.forwarding import Forwarder, wrong_owner
 from nodes.plugin import needs_journal
@@ -198,7 +198,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                               for i, spec in enumerate(specs)],
                              lambda queue: self.owner(queue, context), errors_)
         answers: dict[int, pb.EnqueueResponse] = {}
-        waits: dict[Group, tuple[int, list[int]]] = {}
+        waits: Waits = {}
         for group, indexes in routes.local.values():
             items = []
             for i in indexes:
@@ -208,16 +208,14 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 items.append((spec, jobs[i].strict_unique, jobs[i].request_id))
             # The group's share in one command (one per job would flood the
             # replication log with a big batch).
-            top, done = 0, []
+            done = waits.setdefault(group, [])
             for i, result in zip(indexes, machine_of(group).decisions.enqueue_batch(items, now),
                                  strict=True):
                 if isinstance(result, ServiceError):
                     errors_[i] = item_error(result, f"jobs[{i}].")
                     continue
                 answers[i] = _enqueued(result, now)
-                top = max(top, result.seq)
-                done.append(i)
-            waits[group] = (top, done)
+                done.append((i, result.seq))
 
         def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
             share = pb.EnqueueBatchRequest(jobs=[jobs[i] for i in indexes])
@@ -337,9 +335,9 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 keys.append(None)
         routes = route_items(keys, lambda job_id: self.owner(job_id, context), errors_)
         answers: dict[int, pb.HeartbeatResponse] = {}
-        waits: dict[Group, tuple[int, list[int]]] = {}
+        waits: Waits = {}
         for group, indexes in routes.local.values():
-            decide, top, done = machine_of(group).decisions, 0, []
+            decide, done = machine_of(group).decisions, waits.setdefault(group, [])
             for i in indexes:
                 lease = leases[i]
                 try:
@@ -350,9 +348,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                     continue
                 answers[i] = pb.HeartbeatResponse(
                     lease_expire_time=timestamp(job.lease_expire_ns))
-                top = max(top, seq)
-                done.append(i)
-            waits[group] = (top, done)
+                done.append((i, seq))
 
         def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
             share = pb.HeartbeatBatchRequest(leases=[leases[i] for i in indexes])
@@ -396,9 +392,9 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                 keys.append(None)
         routes = route_items(keys, lambda job_id: self.owner(job_id, context), errors_)
         finished: dict[int, tuple[int, list[Claimed]]] = {}
-        waits: dict[Group, tuple[int, list[int]]] = {}
+        waits: Waits = {}
         for group, indexes in routes.local.values():
-            top, done, mine = 0, [], []
+            done, mine = waits.setdefault(group, []), []
             for i in indexes:
                 try:
                     own(group, completes[i].job_id)
@@ -416,9 +412,7 @@ class SchedulerService(Reads, pb_grpc.SchedulerServiceServicer):
                     continue
                 finish_ns, seq, claimed = outcome
                 finished[i] = (finish_ns, claimed)
-                top = max(top, seq)
-                done.append(i)
-            waits[group] = (top, done)
+                done.append((i, seq))
 
         def forward(target: Redirect, indexes: list[int]) -> Awaitable[Any]:
             # What this answer has left once the local completions claimed their
