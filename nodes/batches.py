@@ -25,8 +25,8 @@ from nodes.replication.group import Group
 from nodes.replication.manager import Redirect
 from nodes.rpc import ForwardedError
 
-__all__ = ["MAX_BATCH", "REFUSALS", "Routes", "Waits", "answer_all", "commit_all",
-           "forward_shares", "item_error", "renumbered", "route_items", "settle"]
+__all__ = ["MAX_BATCH", "REFUSALS", "Refusal", "Routes", "Waits", "answer_all", "commit_all",
+           "forward_shares", "item_error", "renumbered", "route_items", "settle", "uncommitted"]
 
 MAX_BATCH = 1000
 """Items of one batch call at most."""
@@ -103,6 +103,7 @@ def _forwarded(error: grpc.aio.AioRpcError, cls: Any) -> Any:
 
 REFUSALS = (MeshStatusError, ServiceError)
 """What refuses one item (and becomes its error) rather than the whole call."""
+Refusal = MeshStatusError | ServiceError
 
 
 @dataclass
@@ -140,14 +141,16 @@ Waits = dict[Group, list[tuple[int, int]]]
 item's command); items sharing one command share its seq."""
 
 
-async def commit_all(waits: Waits, errors: dict[int, E], kind: type[E] | None = None) -> None:
-    """Wait until each group's changes are committed. A group that cannot commit
-    them all (its primary role lost) fails the items it had not committed yet
-    (UNAVAILABLE, NOT_COMMITTED: outcome unknown); those it had stand."""
+async def uncommitted(waits: Waits) -> dict[int, Refusal]:
+    """Wait until each group's changes are committed; the items a group could not
+    commit (it stopped being their primary first), each with why (UNAVAILABLE,
+    NOT_COMMITTED: outcome unknown). The items it had committed before stand:
+    its commit point only moves forward, so its replicas hold them."""
     # A group commits in order: waiting for its last command is waiting for
     # them all, one future per group. The futures are awaited one after
     # another: the wait is the slowest group's either way, and a task per
     # group cost a busy node more CPU than anything else in a batch's wait.
+    refused: dict[int, Refusal] = {}
     pending: list[tuple[asyncio.Future[None], Group, list[tuple[int, int]]]] = []
     try:
         for group, items in waits.items():
@@ -156,7 +159,7 @@ async def commit_all(waits: Waits, errors: dict[int, E], kind: type[E] | None = 
             try:
                 future = group.committing(max(seq for _, seq in items))
             except REFUSALS as exc:
-                _fail(group, items, exc, errors, kind)
+                refused.update((i, exc) for i, seq in items if seq > group.commit_seq)
                 continue
             if future is not None:
                 pending.append((future, group, items))
@@ -165,20 +168,17 @@ async def commit_all(waits: Waits, errors: dict[int, E], kind: type[E] | None = 
                 try:
                     await future
                 except REFUSALS as exc:
-                    _fail(group, items, exc, errors, kind)
+                    refused.update((i, exc) for i, seq in items if seq > group.commit_seq)
     finally:
         for future, _, _ in pending:  # cancelled: let the groups drop the others
             future.cancel()
+    return refused
 
 
-def _fail(group: Group, items: list[tuple[int, int]], exc: MeshStatusError | ServiceError,
-          errors: dict[int, E], kind: type[E] | None) -> None:
-    """The error of each of ``items`` the group had not committed when it failed
-    (its commit point only moves forward, so the others are held by its replicas)."""
-    problem = item_error(exc, kind=kind)
-    for i, seq in items:
-        if seq > group.commit_seq:
-            errors[i] = problem
+async def commit_all(waits: Waits, errors: dict[int, E], kind: type[E] | None = None) -> None:
+    """`uncommitted`, with each refused item's error (a ``kind``) in ``errors``."""
+    for i, refusal in (await uncommitted(waits)).items():
+        errors[i] = item_error(refusal, kind=kind)
 
 
 async def forward_shares(routes: Routes,

@@ -23,6 +23,7 @@ from common.slots import slot_for
 from common.tenancy import scoped
 from mesh.lock.v1 import lock_pb2 as pb
 from mesh.lock.v1 import lock_pb2_grpc as pb_grpc
+from nodes.batches import Waits, uncommitted
 from nodes.config import LockLimits, NodeConfig
 from nodes.forwarding import Forwarder
 from nodes.lock import errors
@@ -192,9 +193,10 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
     #
     # Every request of a batch led here is decided in turn, without awaiting, so
     # all their commands leave for the replicas together; then the batch awaits
-    # their commits at once (futures, not a task per request), and each gets its
-    # own outcome. The requests for locks led elsewhere go on to their owners, one
-    # batch per owner (a client whose map is current sends none).
+    # their commits as every batch call does (`nodes.batches.uncommitted`: a
+    # future per group), and each gets its own outcome. The requests for locks
+    # led elsewhere go on to their owners, one batch per owner (a client whose
+    # map is current sends none).
 
     async def AcquireBatch(self, request: pb.AcquireBatchRequest,
                            context: Ctx) -> pb.AcquireBatchResponse:
@@ -225,8 +227,8 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         answered once committed, else in a ``method`` batch (``make``) to its owner;
         an item's error (bad input, no primary, not committed) is its outcome."""
         outcomes: list[Outcome | None] = [None] * len(items)
-        decided: dict[int, tuple[Group, Decision[Answer]]] = {}
-        last: dict[Group, int] = {}  # each group's last command proposed here
+        decided: dict[int, Decision[Answer]] = {}
+        waits: Waits = {}
         remote: dict[str, tuple[Redirect, list[int]]] = {}
         for i, item in enumerate(items):
             try:
@@ -238,44 +240,27 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
             except (MeshStatusError, ServiceError) as error:
                 outcomes[i] = failed(_batch_error(error, f"requests[{i}]"))
                 continue
-            decided[i] = (target, decision)
-            last[target] = max(last.get(target, 0), decision.seq)
-        # A group commits its commands in order: waiting for its last one is
-        # waiting for them all (a future per group, not per item). If it fails,
-        # the commands it had committed before (seq <= commit_seq) still stand.
-        commits: dict[Group, asyncio.Future[None] | BaseException] = {}
-        for group, seq in last.items():
-            try:
-                future = group.committing(seq)
-            except (MeshStatusError, ServiceError) as error:
-                commits[group] = error
-                continue
-            if future is not None:
-                commits[group] = future
+            decided[i] = decision
+            waits.setdefault(target, []).append((i, decision.seq))
         forwards: dict[str, asyncio.Future[Any]] = {
             address: asyncio.ensure_future(
                 self.forward(target, method, make([items[i] for i in indexes]), context))
             for address, (target, indexes) in remote.items()}
-        pending: list[asyncio.Future[Any]] = [
-            *(c for c in commits.values() if isinstance(c, asyncio.Future)), *forwards.values()]
         try:
-            if pending:
-                await asyncio.wait(pending)
-        except asyncio.CancelledError:
-            for future in pending:
-                future.cancel()
-            for _, decision in decided.values():
-                decision.abandon()  # a lease granted to a caller who never heard of it
+            refused = await uncommitted(waits)
+            if forwards:
+                await asyncio.wait(forwards.values())
+        except BaseException as exc:
+            for forward in forwards.values():
+                forward.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                for decision in decided.values():
+                    decision.abandon()  # a lease granted to a caller who never heard of it
             raise
-        for i, (group, decision) in decided.items():
-            commit = commits.get(group)
-            failure = commit.exception() if isinstance(commit, asyncio.Future) else commit
-            if failure is None or decision.seq <= group.commit_seq:
-                outcomes[i] = done(decision.answer())
-            elif isinstance(failure, MeshStatusError | ServiceError):
-                outcomes[i] = failed(_batch_error(failure, f"requests[{i}]"))
-            else:
-                raise failure
+        for i, decision in decided.items():
+            refusal = refused.get(i)
+            outcomes[i] = done(decision.answer()) if refusal is None \
+                else failed(_batch_error(refusal, f"requests[{i}]"))
         for address, forward in forwards.items():
             indexes = remote[address][1]
             if isinstance(failure := forward.exception(), ForwardedError):
