@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import ClassVar, TypeAlias, cast
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from typing import Any, ClassVar, TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -38,7 +38,7 @@ from nodes.forwarding import Forwarder, wrong_owner
 from nodes.replication.group import Group, barriers
 from nodes.replication.journal import Journal
 from nodes.replication.machine import ServiceKind
-from nodes.replication.manager import Replication
+from nodes.replication.manager import Redirect, Replication
 from nodes.routing import Routed, routed
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,8 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             for i in indexes:
                 answers[i] = get(scoped(keys[i])) or _NOT_FOUND
             read_at.append((group, group.log.last_seq))
-        for target, indexes in remote.values():
+
+        async def ask(target: Redirect, indexes: list[int]) -> None:
             share = pb.MGetRequest(keys=[keys[i] for i in indexes],
                                    max_answer_bytes=max(room, 1), consistency=consistency)
             answer = await self.forward(target, "MGet", share, context)
@@ -249,6 +250,11 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             # A truncated answer holds a prefix of the share.
             for i, result in zip(indexes, answer.results, strict=False):
                 answers[i] = result
+
+        # The owners are asked at once: a caller that does not route by itself
+        # (grpcurl, a plain stub) sends keys of every node, and one after
+        # another its wait grew with the cluster.
+        await _each(ask(target, indexes) for target, indexes in remote.values())
         if linearizable:  # what was read may be applied here but not yet committed
             for group, seq in read_at:
                 await group.wait_committed(seq)
@@ -292,11 +298,14 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             written.append((group, group.log.last_seq))
             for i, version in zip(indexes, share, strict=True):
                 versions[i] = version
-        for target, indexes in remote.values():
+
+        async def write(target: Redirect, indexes: list[int]) -> None:
             forwarded = pb.MSetRequest(entries=[entries[i] for i in indexes])
             answer = await self.forward(target, "MSet", forwarded, context)
             for i, version in zip(indexes, answer.versions, strict=True):
                 versions[i] = version
+
+        await _each(write(target, indexes) for target, indexes in remote.values())
         for group, seq in written:
             await self._commit(group, seq)
         return pb.MSetResponse(versions=versions)
@@ -356,6 +365,20 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             revision=max((s.revision for s in stats), default=0),
             watchers=len(self.watches),
         )
+
+
+async def _each(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Await ``calls`` (the remote shares of one multi-key call) together; the
+    first failure is raised once every one has ended, so that nothing is still
+    being sent on the caller's behalf when it hears of it."""
+    pending = list(calls)
+    if len(pending) <= 1:  # the common case: a caller that routes sends none
+        for call in pending:
+            await call
+        return
+    for outcome in await asyncio.gather(*pending, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _store(group: Group) -> CacheStore:
