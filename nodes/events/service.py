@@ -279,10 +279,11 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         start = request.from_version if request.HasField("from_version") else None
         page = read_stream(stream, view, start, backward, limit)
         last = view.bounds(stream)[1]
-        return pb.ReadResponse(
-            events=[recorded(e) for e in page.events], next_version=page.next,
-            end_of_stream=page.end, last_version=last,
-            stream_exists=last > 0 and stream.state == LIVE)
+        response = pb.ReadResponse(next_version=page.next, end_of_stream=page.end,
+                                   last_version=last,
+                                   stream_exists=last > 0 and stream.state == LIVE)
+        recorded(page.events, response.events)
+        return response
 
     @by_slot("slot")
     async def ReadAll(self, request: pb.ReadAllRequest, context: Ctx,
@@ -296,9 +297,11 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         view = View(store, group.commit_seq, self.clock.wall_ns())
         start = request.from_position if request.HasField("from_position") else None
         page = read_slot(slot_log, view, start, backward, limit)
-        return pb.ReadAllResponse(
-            events=[recorded(e) for e in page.events], next_position=page.next,
-            end_of_log=page.end, last_position=slot_log.committed_last(group.commit_seq))
+        response = pb.ReadAllResponse(
+            next_position=page.next, end_of_log=page.end,
+            last_position=slot_log.committed_last(group.commit_seq))
+        recorded(page.events, response.events)
+        return response
 
     @routed("stream")
     async def GetStreamMetadata(self, request: pb.GetStreamMetadataRequest, context: Ctx,

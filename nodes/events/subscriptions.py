@@ -21,7 +21,7 @@ from mesh.events.v1 import events_pb2 as pb
 from nodes.events import errors
 from nodes.events.machine import EventsMachine
 from nodes.events.model import POSITION, STREAM, StoredEvent
-from nodes.events.reads import View, read_stream, recorded
+from nodes.events.reads import View, read_stream, record
 from nodes.subscriptions import SHUTDOWN, Ended, Subscription, SubscriptionHub
 
 __all__ = ["SHUTDOWN", "Ended", "SlotTarget", "Subscription", "SubscriptionHub",
@@ -31,6 +31,13 @@ BATCH = 512
 """Entries read per slot (or stream) per step, between checks of the subscription."""
 
 _FELL_BEHIND = pb.SubscribeResponse(fell_behind=pb.FellBehind())
+
+
+def _delivery(event: StoredEvent) -> pb.SubscribeResponse:
+    """The message delivering ``event``, its event filled in place (not copied)."""
+    message = pb.SubscribeResponse()
+    record(message.event, event)
+    return message
 
 
 def _heartbeat() -> pb.SubscribeResponse:
@@ -70,7 +77,7 @@ async def follow_stream(sub: Subscription, machine: EventsMachine, stream_id: st
                 yield _FELL_BEHIND
                 live = False
             for event in page.events:
-                yield pb.SubscribeResponse(event=recorded(event))
+                yield _delivery(event)
             # Hidden versions count as passed, but never beyond what is committed.
             cursor = max(cursor, min(page.next - 1, last))
             if not page.end:
@@ -125,7 +132,7 @@ async def follow_slots(sub: Subscription, targets: Sequence[SlotTarget],
         for slot, batch, view in work:
             for event in batch:
                 if event[STREAM].startswith(prefix) and view.visible(event):
-                    yield pb.SubscribeResponse(event=recorded(event))
+                    yield _delivery(event)
                 cursors[slot] = advanced[slot] = event[POSITION]
                 scanned += 1
                 if scanned >= interval:

@@ -14,13 +14,14 @@ import pytest
 
 from common.clock import ManualClock
 from common.errors import ServiceError
+from common.tenancy import SEPARATOR
 from mesh.events.v1 import events_pb2 as pb
 from nodes.events import machine as machine_module
 from nodes.events import primary as primary_module
 from nodes.events.machine import EVENTS, EventsMachine
 from nodes.events.model import CREATED_NS, POSITION, SEQ, STREAM, VERSION, event_record
 from nodes.events.primary import EventsPrimary
-from nodes.events.reads import View, read_slot, read_stream
+from nodes.events.reads import View, read_slot, read_stream, record, recorded
 from nodes.events.storage import SCHEMA, TABLES
 from nodes.events.store import EventStore
 from nodes.events.subscriptions import SlotTarget, SubscriptionHub, follow_slots, follow_stream
@@ -399,3 +400,22 @@ def test_a_scavenging_pass_looks_only_at_the_streams_due(
     group.step_down(2, "another primary")
     group.become_primary(3)
     assert m.scavenge(now + 3 * hour) == 1 and looked == ["aged-0"]
+
+
+def test_a_stored_event_is_written_into_its_messages_wire_form_in_place() -> None:
+    """`record` fills a response's own RecordedEvent: every field, the tenant's
+    prefix taken off the stream, the default content type, the instant split."""
+    tenant_stream = f"acme{SEPARATOR}order-7"
+    stored = (tenant_stream, 3, 41, 900, "e-3", "Shipped", b"{}", b"m", "",
+              1_733_440_000_123_456_789, 12)
+    page = pb.ReadResponse()
+    recorded([stored, (*stored[:8], "application/json", *stored[9:])], page.events)
+    first, second = page.events
+    assert (first.stream, first.version, first.slot, first.position, first.id, first.type,
+            first.data, first.metadata) == ("order-7", 3, 41, 900, "e-3", "Shipped", b"{}", b"m")
+    assert first.content_type == "application/octet-stream"
+    assert second.content_type == "application/json"
+    assert (first.create_time.seconds, first.create_time.nanos) == (1_733_440_000, 123_456_789)
+    delivery = pb.SubscribeResponse()
+    record(delivery.event, stored)
+    assert delivery.event == first
