@@ -132,6 +132,19 @@ async def test_mget_mset(mesh: Mesh) -> None:
     assert await mesh.cache.mget(["mm:t", "mm:b"]) == [None, b"2"]
 
 
+async def test_an_mget_answers_each_key_as_a_get_does(
+        mesh: Mesh, shared_node: LocalMesh, channel_at: Callable[[str], grpc.aio.Channel]
+) -> None:
+    await mesh.cache.set("mge:ttl", b"x", ttl=60)
+    await mesh.cache.set("mge:plain", b"y")
+    stub = pb_grpc.CacheServiceStub(channel_at(shared_node.nodes[0].address))
+    keys = ["mge:ttl", "mge:missing", "mge:plain"]
+    many = await stub.MGet(pb.MGetRequest(keys=keys), timeout=5)
+    ones = [await stub.Get(pb.GetRequest(key=k), timeout=5) for k in keys]
+    assert list(many.results) == ones and not many.truncated
+    assert ones[0].HasField("expire_time") and ones[0].version > 0 and not ones[1].found
+
+
 async def test_large_mget_is_split_into_batches(mesh: Mesh) -> None:
     keys = [f"big:{i}" for i in range(2500)]
     await mesh.cache.mset({k: k for k in keys})

@@ -68,12 +68,18 @@ def _timestamp(at_ns: int) -> timestamp_pb2.Timestamp:
 
 
 def _found(entry: Entry) -> pb.GetResponse:
-    if entry[EXPIRE_AT] is None:
-        return pb.GetResponse(found=True, value=entry[VALUE], version=entry[VERSION])
-    return pb.GetResponse(
-        found=True, value=entry[VALUE], version=entry[VERSION],
-        expire_time=_timestamp(entry[EXPIRE_AT]),
-    )
+    response = pb.GetResponse()
+    _found_into(response, entry)
+    return response
+
+
+def _found_into(response: pb.GetResponse, entry: Entry) -> None:
+    """Write a found entry into ``response`` (an MGet answer's own result, say)."""
+    response.found = True
+    response.value = entry[VALUE]
+    response.version = entry[VERSION]
+    if entry[EXPIRE_AT] is not None:
+        response.expire_time.FromNanoseconds(entry[EXPIRE_AT])
 
 
 class CacheService(Routed, pb_grpc.CacheServiceServicer):
@@ -259,8 +265,11 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             for group, seq in read_at:
                 await group.wait_committed(seq)
         # The results that fit, in key order: values are only copied into the
-        # answer once they are known to fit in it.
-        results: list[pb.GetResponse] = []
+        # answer once they are known to fit in it, and an entry read here is
+        # written into the answer's own result (a GetResponse built first would
+        # be copied again: twice the work for a 100-key answer).
+        response = pb.MGetResponse(consistency=consistency)
+        results = response.results
         for answer in answers:
             if answer is None:
                 break  # a forwarded share stopped short: the caller asks again from here
@@ -269,9 +278,12 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             if size > room and results:
                 break
             room -= size
-            results.append(answer if isinstance(answer, pb.GetResponse) else _found(answer))
-        return pb.MGetResponse(results=results, truncated=len(results) < len(keys),
-                               consistency=consistency)
+            if isinstance(answer, pb.GetResponse):  # a forwarded share's, or not found
+                results.append(answer)
+            else:
+                _found_into(results.add(), answer)
+        response.truncated = len(results) < len(keys)
+        return response
 
     def _answer_room(self, requested: int) -> int:
         """Bytes an MGet answer's results may take: within the caller's limit and
