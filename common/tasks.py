@@ -1,8 +1,10 @@
-"""Ending a background task: cancel it, then wait until it has ended."""
+"""Ending a background task (cancel it, then wait until it has ended), and awaiting
+several at once without leaving any running."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 CANCEL_AGAIN = 0.2
@@ -25,3 +27,17 @@ async def cancel(task: asyncio.Task[Any] | None) -> None:
         await asyncio.wait({task}, timeout=CANCEL_AGAIN)
     if not task.cancelled():
         task.result()
+
+
+async def together(awaitables: Iterable[Awaitable[Any]]) -> None:
+    """Await ``awaitables`` at once; the first failure is raised once every one has
+    ended, so nothing started for the caller is still running when it hears of
+    it. One (or none) is simply awaited: no task."""
+    pending = list(awaitables)
+    if len(pending) <= 1:
+        for one in pending:
+            await one
+        return
+    for outcome in await asyncio.gather(*pending, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine, Iterable
-from typing import Any, ClassVar, TypeAlias, cast
+from collections.abc import AsyncIterator
+from typing import ClassVar, TypeAlias, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -21,6 +21,7 @@ from common.clock import SECOND, SYSTEM_CLOCK, Clock
 from common.errors import invalid_argument
 from common.metrics import Snapshot, one
 from common.slots import slot_for
+from common.tasks import together
 from common.tenancy import scoped
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -260,7 +261,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
         # The owners are asked at once: a caller that does not route by itself
         # (grpcurl, a plain stub) sends keys of every node, and one after
         # another its wait grew with the cluster.
-        await _each(ask(target, indexes) for target, indexes in remote.values())
+        await together(ask(target, indexes) for target, indexes in remote.values())
         if linearizable:  # what was read may be applied here but not yet committed
             for group, seq in read_at:
                 await group.wait_committed(seq)
@@ -317,7 +318,7 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             for i, version in zip(indexes, answer.versions, strict=True):
                 versions[i] = version
 
-        await _each(write(target, indexes) for target, indexes in remote.values())
+        await together(write(target, indexes) for target, indexes in remote.values())
         for group, seq in written:
             await self._commit(group, seq)
         return pb.MSetResponse(versions=versions)
@@ -377,20 +378,6 @@ class CacheService(Routed, pb_grpc.CacheServiceServicer):
             revision=max((s.revision for s in stats), default=0),
             watchers=len(self.watches),
         )
-
-
-async def _each(calls: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Await ``calls`` (the remote shares of one multi-key call) together; the
-    first failure is raised once every one has ended, so that nothing is still
-    being sent on the caller's behalf when it hears of it."""
-    pending = list(calls)
-    if len(pending) <= 1:  # the common case: a caller that routes sends none
-        for call in pending:
-            await call
-        return
-    for outcome in await asyncio.gather(*pending, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
 
 
 def _store(group: Group) -> CacheStore:

@@ -24,6 +24,7 @@ import grpc
 from common import tracing
 from common.clock import SYSTEM_CLOCK, Clock
 from common.errors import MeshStatusError, Reason
+from common.tasks import together
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.log import CommandLog, LogBudget
 from nodes.replication.machine import MachineFactory, Persist, StateMachine
@@ -570,9 +571,4 @@ async def barriers(fences: Iterable[tuple[Group, int]]) -> None:
         # committed or fail unobserved, their outcomes taken here.
         asyncio.gather(*waits, return_exceptions=True)
         raise
-    if not waits:
-        return
-    outcomes = await asyncio.gather(*waits, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
+    await together(waits)
