@@ -29,29 +29,32 @@ MET, MISSED, NO_GOAL, GOAL, FLOOR = "#2e7d32", "#ef6c00", "#90a4ae", "#c62828", 
 def draw(results: dict[str, Any], path: Path) -> None:
     """Bars of every comparison's ratio (log scale, parity at 1), goals and floors
     marked, and the memory-per-key ratio against Redis (lower is better) last."""
-    # label, ratio, goal, floor, higher wins
-    rows: list[tuple[str, float, float | None, float | None, bool]] = []
+    # label, ratio, goal, floor, higher wins, round-by-round ratios
+    rows: list[tuple[str, float, float | None, float | None, bool, list[float]]] = []
     # The goals the run recorded (a results file from before they were kept: today's).
     recorded = results.get("goals", {})
     goals = {key: g["min_ratio"] for key, g in recorded.items()} or GOALS
     for key, c in results["comparisons"].items():
         rows.append((textwrap.fill(f"{c['label']} vs {c['baseline_label']}", 72), c["ratio"],
-                     goals.get(key), recorded.get(key, {}).get("floor_ratio"), True))
+                     goals.get(key), recorded.get(key, {}).get("floor_ratio"), True,
+                     c.get("round_ratios", [])))
     growth = results.get("growth")
     if growth:
         rows.append((f"memory per cache key at {growth['keys']:,} keys vs Redis "
-                     "(lower is better)", growth["ratio"], growth["goal_ratio"], None, False))
+                     "(lower is better)", growth["ratio"], growth["goal_ratio"], None, False, []))
 
     height = 0.42 * len(rows) + 1.6
     figure, axes = plt.subplots(figsize=(12, height))
     positions = list(range(len(rows)))[::-1]
-    for y, (_, ratio, goal, floor, higher) in zip(positions, rows, strict=True):
+    for y, (_, ratio, goal, floor, higher, rounds) in zip(positions, rows, strict=True):
         if goal is None:
             color = NO_GOAL
         else:
             color = MET if (ratio >= goal if higher else ratio <= goal) else MISSED
         axes.barh(y, ratio, color=color, height=0.7)
-        axes.text(ratio * 1.03, y, f"{ratio:.2f}x", va="center", fontsize=7)
+        if rounds:  # how far the ratio moved from round to round
+            axes.plot([min(rounds), max(rounds)], [y, y], color=FLOOR, linewidth=0.8)
+        axes.text(max([ratio, *rounds]) * 1.03, y, f"{ratio:.2f}x", va="center", fontsize=7)
         if goal is not None:
             axes.plot([goal, goal], [y - 0.45, y + 0.45], color=GOAL, linewidth=2)
         if floor is not None:
@@ -63,7 +66,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
     axes.set_xlim(right=max(r for _, r, *_ in rows) * 1.6)
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xlabel("Mesh / baseline (log scale; 1 = parity; red tick = goal; black diamond = "
-                    "floor: the same messages in raw gRPC, nothing of Mesh)")
+                    "floor: the same messages in raw gRPC, nothing of Mesh; thin line: the "
+                    "ratio's range over the run's rounds)")
     axes.set_title(f"Mesh benchmark, {results['timestamp']} "
                    f"({results['cpu_count']} CPUs{', quick run' if results['quick'] else ''})",
                    fontsize=10)

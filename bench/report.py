@@ -239,6 +239,19 @@ def _rate(m: Measurement, unit: str) -> float:
     return m.keys_per_s if unit in ("keys/s", "events/s", "jobs/s") else m.ops_per_s
 
 
+def round_ratios(mesh: Measurement, baseline: Measurement, unit: str) -> list[float]:
+    """Mesh's rate over the baseline's, round by round (the workloads take turns in
+    each round, so a round's pair ran minutes apart at most); [] unless both ran
+    the same two or more rounds. Their spread shows how far a ratio moves from one
+    round to the next, so a goal row near its line reads as such."""
+    if len(mesh.rounds) < 2 or len(mesh.rounds) != len(baseline.rounds):
+        return []
+    keys = unit in ("keys/s", "events/s", "jobs/s")
+    scale = mesh.workload.batch / baseline.workload.batch if keys else 1.0
+    return [round(m / b * scale, 3) for m, b in zip(mesh.rounds, baseline.rounds, strict=True)
+            if b > 0]
+
+
 def build(measurements: list[Measurement], environment: dict[str, Any],
           scenarios: dict[str, Any]) -> dict[str, Any]:
     """The machine-readable results: environment, every workload, every ratio, and
@@ -300,6 +313,9 @@ def _compare(by_name: dict[str, Measurement], which: list[Comparison]
             "baseline_rate": round(baseline, 1),
             "ratio": round(mesh / baseline, 3),
         }
+        rounds = round_ratios(by_name[c.mesh], by_name[c.baseline], c.unit)
+        if rounds:
+            comparisons[c.key]["round_ratios"] = rounds
         per = _replication(by_name[c.mesh]).get("commands_per_replication_message")
         if per is not None:
             comparisons[c.key]["mesh_commands_per_replication_message"] = per
@@ -317,6 +333,10 @@ def goals(comparisons: dict[str, dict[str, Any]],
             continue
         ratio = comparisons[key]["ratio"]
         judged[key] = {"min_ratio": goal, "ratio": ratio, "met": ratio >= goal}
+        rounds = comparisons[key].get("round_ratios")
+        if rounds:
+            judged[key]["rounds_met"] = sum(r >= goal for r in rounds)
+            judged[key]["rounds"] = len(rounds)
         floor = floors.get(FLOORS.get(key, ""))
         if floor is not None:
             judged[key]["floor_ratio"] = floor["ratio"]
@@ -381,6 +401,10 @@ def goal_lines(comparisons: dict[str, dict[str, Any]], goals: dict[str, dict[str
         line = (f"Goal: {comparisons[key]['label']} >= {g['min_ratio']}x "
                 f"{comparisons[key]['baseline_label']}: {g['ratio']:.2f}x, "
                 f"{'met' if g['met'] else 'NOT met'}.")
+        rounds = comparisons[key].get("round_ratios")
+        if rounds:
+            line += (f" Round by round {min(rounds):.2f}x-{max(rounds):.2f}x, "
+                     f"{g['rounds_met']} of {g['rounds']} at or past the goal.")
         if "floor_ratio" in g:
             line += (f" Floor (the same messages in raw gRPC, nothing of Mesh): "
                      f"{g['floor_ratio']:.2f}x; Mesh / floor {g['of_floor']:.2f}.")

@@ -97,6 +97,31 @@ def test_a_goal_is_set_against_its_floor() -> None:
     assert set(report.FLOORS.values()) == {c.key for c in report.FLOOR_COMPARISONS}
 
 
+def test_a_goal_row_reports_its_ratio_round_by_round() -> None:
+    # Three interleaved rounds of 1 s; 16 locks in parallel against etcd's lock.
+    mesh = Measurement(Workload("cluster.lock.r1.c16", "", _never, 16), ops=4_590,
+                       seconds=3.0, rounds=(1_560.0, 1_470.0, 1_560.0))
+    etcd = Measurement(Workload("etcd.lock.c16", "", _never, 16), ops=3_000,
+                       seconds=3.0, rounds=(1_000.0, 1_000.0, 1_000.0))
+    by_name = {m.workload.name: m for m in (mesh, etcd)}
+    comparisons = report._compare(by_name, [c for c in report.COMPARISONS
+                                            if c.key == "lock.r1.c16"])
+    assert comparisons["lock.r1.c16"]["ratio"] == 1.53
+    assert comparisons["lock.r1.c16"]["round_ratios"] == [1.56, 1.47, 1.56]
+    goals = report.goals(comparisons)
+    assert goals["lock.r1.c16"]["met"] and goals["lock.r1.c16"]["rounds_met"] == 2
+    line, = report.goal_lines(comparisons, goals)
+    assert line.endswith("met. Round by round 1.47x-1.56x, 2 of 3 at or past the goal.")
+    # keys/s rows scale each round by what an operation carries; one round: no spread
+    mget = Measurement(Workload("m", "", _never, batch=100), ops=10, seconds=1.0,
+                       rounds=(10.0, 20.0))
+    pipe = Measurement(Workload("p", "", _never, batch=50), ops=10, seconds=1.0,
+                       rounds=(10.0, 10.0))
+    assert report.round_ratios(mget, pipe, "keys/s") == [2.0, 4.0]
+    assert report.round_ratios(mget, pipe, "calls/s") == [1.0, 2.0]
+    assert report.round_ratios(_timed("a", 1.0), _timed("b", 1.0), "calls/s") == []
+
+
 def _timed(name: str, ops_per_s: float) -> Measurement:
     return Measurement(Workload(name, name, _never), ops=int(ops_per_s * 10), seconds=10.0)
 
