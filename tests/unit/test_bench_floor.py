@@ -112,7 +112,7 @@ def test_a_goal_row_reports_its_ratio_round_by_round() -> None:
     assert goals["lock.r1.c16"]["met"] and goals["lock.r1.c16"]["rounds_met"] == 2
     line, = report.goal_lines(comparisons, goals)
     assert line.endswith("met. Round by round 1.47x-1.56x, 2 of 3 at or past the goal.")
-    # keys/s rows scale each round by what an operation carries; one round: no spread
+    # keys/s rows scale each round by what an operation carries; under two rounds: none
     mget = Measurement(Workload("m", "", _never, batch=100), ops=10, seconds=1.0,
                        rounds=(10.0, 20.0))
     pipe = Measurement(Workload("p", "", _never, batch=50), ops=10, seconds=1.0,
@@ -120,6 +120,8 @@ def test_a_goal_row_reports_its_ratio_round_by_round() -> None:
     assert report.round_ratios(mget, pipe, "keys/s") == [2.0, 4.0]
     assert report.round_ratios(mget, pipe, "calls/s") == [1.0, 2.0]
     assert report.round_ratios(_timed("a", 1.0), _timed("b", 1.0), "calls/s") == []
+    one = Measurement(Workload("o", "", _never), ops=10, seconds=1.0, rounds=(10.0,))
+    assert report.round_ratios(one, one, "calls/s") == []
 
 
 def _timed(name: str, ops_per_s: float) -> Measurement:
