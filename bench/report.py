@@ -234,9 +234,12 @@ def lock_seq_lines(split: dict[str, float] | None) -> list[str]:
                 f"{split['replication_us']:.0f} + the typed client {split['client_us']:.0f}."]
 
 
+PER_ITEM = ("keys/s", "events/s", "jobs/s")
+"""Units that count what each operation carries (``Workload.batch``), not operations."""
+
+
 def _rate(m: Measurement, unit: str) -> float:
-    # keys/s and events/s count what each operation carries (Workload.batch).
-    return m.keys_per_s if unit in ("keys/s", "events/s", "jobs/s") else m.ops_per_s
+    return m.keys_per_s if unit in PER_ITEM else m.ops_per_s
 
 
 def round_ratios(mesh: Measurement, baseline: Measurement, unit: str) -> list[float]:
@@ -246,8 +249,7 @@ def round_ratios(mesh: Measurement, baseline: Measurement, unit: str) -> list[fl
     round to the next, so a goal row near its line reads as such."""
     if len(mesh.rounds) < 2 or len(mesh.rounds) != len(baseline.rounds):
         return []
-    keys = unit in ("keys/s", "events/s", "jobs/s")
-    scale = mesh.workload.batch / baseline.workload.batch if keys else 1.0
+    scale = mesh.workload.batch / baseline.workload.batch if unit in PER_ITEM else 1.0
     return [round(m / b * scale, 3) for m, b in zip(mesh.rounds, baseline.rounds, strict=True)
             if b > 0]
 
