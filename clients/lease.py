@@ -77,7 +77,7 @@ class Lease:
         self.ttl = ttl
         self.permits = permits
         self.expire_time = expire_time
-        self.lost = asyncio.Event()
+        self._lost: asyncio.Event | None = None
         self.lost_reason: str | None = None
         self.renewed_at = sent
         """When (``time.monotonic``) the last successful Acquire or Refresh was sent."""
@@ -88,7 +88,6 @@ class Lease:
         self._callbacks: list[LostCallback] = []
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        self._arm()
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self.lost_reason else "held"
@@ -99,6 +98,19 @@ class Lease:
     def held(self) -> bool:
         """Not released and not lost (nor past its local deadline)."""
         return not self._released and not self._expired()
+
+    @property
+    def lost(self) -> asyncio.Event:
+        """Set the moment the lease is lost. Made on first use, and only then is
+        the deadline watched by a timer: a lease acquired and released with
+        nobody watching needs none (``held`` and ``check()`` read the clock)."""
+        if self._lost is None:
+            self._lost = asyncio.Event()
+            if self._expired():
+                self._lost.set()
+            elif not self._released:
+                self._watch()
+        return self._lost
 
     @property
     def released(self) -> bool:
@@ -157,7 +169,8 @@ class Lease:
         self.expire_time = expire_time
         self.renewed_at = sent
         self.deadline = local_deadline(sent, ttl)
-        self._arm()
+        if self._lost is not None:
+            self._arm()
 
     def _lose(self, reason: str) -> None:
         if self.lost_reason is not None or self._released:
@@ -177,15 +190,29 @@ class Lease:
         if self._timer is not None:
             self._timer.cancel()
 
+    def _watch(self) -> None:
+        """Arm the deadline's timer, from any thread."""
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._arm()
+        else:
+            self._loop.call_soon_threadsafe(self._arm)
+
     def _arm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._released or self.lost_reason is not None:
+            return  # nothing left to watch (it may have ended before a thread's _watch)
         self._timer = self._loop.call_later(max(0.0, self.remaining), self._expired)
 
     def _signal(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self.lost.set()
+        if self._lost is not None:
+            self._lost.set()
         self._run_callbacks(self._callbacks)
 
     def _run_callbacks(self, callbacks: list[LostCallback]) -> None:

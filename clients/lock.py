@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,9 +95,21 @@ def _seconds(ts: timestamp_pb2.Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
+_owner: tuple[int, str] = (0, "")
+
+
 def default_owner() -> str:
     """``host:pid``, the owner shown by Describe when none is given."""
-    return f"{socket.gethostname()[:200]}:{os.getpid()}"
+    global _owner
+    pid = os.getpid()
+    if _owner[0] != pid:  # asked once per process (a forked child asks again)
+        _owner = (pid, f"{socket.gethostname()[:200]}:{pid}")
+    return _owner[1]
+
+
+def _request_id() -> str:
+    """128 random bits in hex, as ``uuid4().hex`` without making a UUID on every acquire."""
+    return os.urandom(16).hex()
 
 
 def _not_held(lease: Lease, what: str) -> LockNotHeldError:
@@ -226,7 +237,7 @@ class LockClient:
             mode=pb.LOCK_MODE_SHARED if shared else pb.LOCK_MODE_UNSPECIFIED)
         # One id for every try of this grant: a retry after an unknown outcome
         # (a batch's included) gets back the lease an earlier try may have been given.
-        request.request_id = uuid.uuid4().hex
+        request.request_id = _request_id()
         if (address := self._owner(name)) is not None:
             sent = time.monotonic()
             granted = await self._batched(self._acquires, address, request, budget)
@@ -234,13 +245,13 @@ class LockClient:
                 lease = await self._confirm(request, granted, sent, ttl, budget)
                 if lease is not None:
                     return lease
-                request.request_id = uuid.uuid4().hex  # that grant is gone: a new one
+                request.request_id = _request_id()  # that grant is gone: a new one
             elif wait == 0 and isinstance(granted.error, LockTimeoutError):
                 raise granted.error  # a try-lock: the batch's answer is the answer
         first = True
         while True:
             if not first:
-                request.request_id = uuid.uuid4().hex
+                request.request_id = _request_id()
             first = False
             sent = time.monotonic()
             while True:

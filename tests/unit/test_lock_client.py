@@ -201,6 +201,8 @@ async def test_on_lost_runs_once_and_a_failing_callback_is_only_logged(
 
 async def test_check_from_another_thread_signals_on_the_loop() -> None:
     stale = Lease(FakeLeases(), "orders", "L1", 1, 2.0, 1, 0.0, time.monotonic())
+    ran_on: list[threading.Thread] = []
+    stale.on_lost(lambda _: ran_on.append(threading.current_thread()))  # watched from now
     stale._timer.cancel()  # type: ignore[union-attr]  # only the thread may notice
     stale.deadline = time.monotonic() - 1
     errors: list[BaseException] = []
@@ -216,6 +218,31 @@ async def test_check_from_another_thread_signals_on_the_loop() -> None:
     await asyncio.to_thread(thread.join)
     assert len(errors) == 1
     await asyncio.wait_for(stale.lost.wait(), 5)
+    assert ran_on == [threading.current_thread()]
+
+
+async def test_only_a_watched_lease_has_a_timer() -> None:
+    """Acquire-and-release with nobody watching sets no timer; asking for ``lost``
+    (or registering ``on_lost``) starts watching the deadline."""
+    quiet = lease(FakeLeases(), ttl=30.0)
+    assert quiet._timer is None and quiet.held
+    await quiet.release()
+    assert not quiet.lost.is_set() and quiet._timer is None
+
+    watched = lease(FakeLeases(), ttl=30.0)
+    assert not watched.lost.is_set()
+    assert watched._timer is not None
+    timer = watched._timer
+    await watched.release()
+    assert timer.cancelled()
+
+
+async def test_lost_first_asked_from_another_thread_is_set_on_time() -> None:
+    soon = lease(FakeLeases(), ttl=3.0, age=2.0)  # deadline in about 0.7 s
+    lost = await asyncio.to_thread(lambda: soon.lost)  # the timer is armed on the loop
+    assert not lost.is_set()
+    await asyncio.wait_for(lost.wait(), 5)
+    assert soon.lost_reason and not soon.held
 
 
 # -- background refresh ---------------------------------------------------------------
