@@ -20,7 +20,7 @@ relies on it, and a second holder could be granted the lock.
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import TYPE_CHECKING
 
 from common.clock import Clock, Timer, to_seconds
@@ -185,7 +185,8 @@ class LockPrimary:
     def _grant(self, name: str, max_permits: int, owner: str, permits: int, ttl_ns: int,
                request_id: str, shared: bool) -> Grant:
         now = self._clock.wall_ns()
-        decided = Lease(uuid.uuid4().hex, owner, self.table.next_token(self._group.epoch),
+        # 128 random bits: a uuid4().hex without making the UUID.
+        decided = Lease(os.urandom(16).hex(), owner, self.table.next_token(self._group.epoch),
                         permits, ttl_ns, now + ttl_ns, now, request_id, shared)
         proposal = self._propose(name, lpb.LockCommand(grant=lpb.LeaseGrant(
             name=name, max_permits=max_permits, lease=decided.to_record())))
