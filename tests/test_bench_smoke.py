@@ -80,12 +80,15 @@ COMPARISONS = {
 QUICK_REBALANCE_KEYS = 2000
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)
 def test_quick_bench_writes_every_workload_and_ratio(tmp_path: Path) -> None:
     output = tmp_path / "results.json"
+    # About 90 s on an idle machine; niced, beside the suite's other workers on
+    # two cores, it has taken more than 240 s (it starts first, so a long run
+    # still ends before the suite does).
     run = subprocess.run(
         [*BACKGROUND, sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=480,
     )
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert "| workload | Mesh | baseline | ratio | commands per replication message |" \
