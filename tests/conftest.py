@@ -46,16 +46,20 @@ CHAOS = frozenset({
 
 
 SLOW_FIRST = (
-    "test_saga_acceptance.py", "test_partitions.py", "test_bench_smoke.py", "test_meshctl_cli.py",
+    "test_saga_acceptance.py", "test_partitions.py", "test_meshctl_cli.py",
     "test_lock_acceptance.py", "test_scheduler_acceptance.py", "test_failover.py",
-    "test_restart_catchup.py", "test_events_acceptance.py", "test_node_lifecycle.py",
-    "test_packaging.py", "test_meshctl.py", "test_cache_eviction.py", "test_etcd_cluster.py",
+    "test_bench_smoke.py", "test_restart_catchup.py", "test_events_acceptance.py",
+    "test_node_lifecycle.py", "test_packaging.py", "test_meshctl.py",
+    "test_cache_eviction.py", "test_etcd_cluster.py",
 )
 """The costliest files, heaviest first (worker seconds, from ``--durations=0``).
 `make test` hands whole files to its workers in collection order
-(``--dist loadfile --no-loadscope-reorder``), so starting these first keeps one
-long file from being the last thing running. A stale list costs time, never
-correctness."""
+(``--dist loadfile --no-loadscope-reorder``; each worker starts with two), so
+starting these first keeps one long file from being the last thing running.
+Except the quick bench: it keeps both cores busy for a minute or more, and
+started beside the two heaviest fault files on a slow VM they starved each
+other's processes past their etcd leases; it starts once a few files ended.
+A stale list costs time, never correctness."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -152,7 +152,9 @@ async def test_primary_killed_while_held_and_awaited(
             await lease.release()
 
     invoke = time.monotonic()
-    held = await mesh.locks.acquire(name, ttl=6.0, owner="holder")
+    # Not refreshed until the failover settled: the ttl must outlast the failover
+    # (about 3 s, and more on a slow machine), or the lease is presumed lost.
+    held = await mesh.locks.acquire(name, ttl=20.0, owner="holder")
     history.append(Op("holder", "acquire", invoke, time.monotonic(), held.token))
     waiters = [asyncio.create_task(waiter(f"w{i}", 3)) for i in range(3)]
     await _queued(mesh, name, 3)

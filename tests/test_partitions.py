@@ -150,7 +150,9 @@ async def test_a_node_cut_from_etcd_stops_serving_and_says_so(
     writer.start()
     direct: dict[str, bytes] = {}  # acknowledged by n2 itself, asked directly
     last_ok = last_read = last_linearizable = last_linearizable_mget = last_valid = 0.0
-    lease = await client.locks.acquire(key, ttl=30)  # its lock lives in n2's group too
+    # Its lock lives in n2's group too. Not refreshed: the ttl outlasts the whole
+    # scenario (well over 30 s on a slow machine), so only a failover could lose it.
+    lease = await client.locks.acquire(key, ttl=120)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         locks = lock_pb2_grpc.LockServiceStub(channel)
