@@ -152,7 +152,7 @@ def message_of(route: Route, values: dict[str, Any]) -> message.Message:
     try:
         json_format.ParseDict(values, request)
     except json_format.ParseError as exc:
-        raise _field_error(str(exc)) from None
+        raise _field_error(str(exc), input_type) from None
     return request
 
 
@@ -194,8 +194,10 @@ _AT = re.compile(r" at ([\w.\[\]]+)\.?$")
 _PREFIX = re.compile(r"^Failed to parse (\w+) field: ")
 
 
-def _field_error(text: str) -> FieldError:
-    """A FieldError naming the field a json_format.ParseError is about.
+def _field_error(text: str, input_type: descriptor.Descriptor) -> FieldError:
+    """A FieldError naming the field a json_format.ParseError is about, and saying
+    what that field takes (`_expected`): the error's own text may quote Python's
+    exceptions ("invalid literal for int() with base 10"), no answer for a caller.
 
     Its messages name the field in one of three ways, depending on the error: a
     ``has no field named "x" at "Msg.path"``, a trailing ``at Msg.path`` or
@@ -216,7 +218,76 @@ def _field_error(text: str) -> FieldError:
         rest = rest[: at.start()]
     else:
         path = ".".join(chain) or "body"
-    return FieldError(path, "invalid value: " + (rest.rstrip(".") or "wrong type"))
+    if path == "body":
+        return FieldError(path, "not a valid request")
+    return FieldError(path, _expected(_field_at(input_type, path), whole=_WHOLE.search(first)))
+
+
+_SEGMENT = re.compile(r"(\w+)(?:\[[^\]]*\])*(?:\.|$)")
+_WHOLE = re.compile(r"must be in (\[\]|a dict)")
+"""json_format's words when a list or map field was given something else."""
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+_WELL_KNOWN = {
+    "google.protobuf.Duration": 'a duration in seconds such as "1.5s"',
+    "google.protobuf.Timestamp": 'an RFC 3339 time such as "2026-01-31T12:00:00Z"',
+    "google.protobuf.FieldMask": "field paths separated by commas",
+}
+
+
+def _field_at(message_type: descriptor.Descriptor | None, path: str) -> FieldDescriptor | None:
+    """The field ``path`` names (``events[1].id``, ``labels[k]``), if it does."""
+    field = None
+    at = 0
+    while at < len(path):
+        segment = _SEGMENT.match(path, at)
+        if segment is None or message_type is None:
+            return None
+        field = message_type.fields_by_name.get(segment.group(1))
+        if field is None:
+            return None
+        message_type = field.message_type
+        if message_type is not None and message_type.GetOptions().map_entry \
+                and segment.end() < len(path):  # into a map's value
+            message_type = message_type.fields_by_name["value"].message_type
+        at = segment.end()
+    return field
+
+
+def _expected(field: FieldDescriptor | None, whole: object = None) -> str:
+    """What ``field`` takes, in words a caller can act on (never the input itself)."""
+    if field is None:
+        return "invalid value"
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        return "expected an object" if whole else _expected(entry.fields_by_name["value"])
+    if field.is_repeated and whole:
+        return "expected a list"
+    if entry is not None:
+        return "expected " + _WELL_KNOWN.get(entry.full_name, "an object")
+    if field.enum_type is not None:
+        names = [v.name for v in field.enum_type.values]
+        return "expected one of " + ", ".join(names)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return "expected true or false"
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return "expected a string"
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return "expected base64 text"
+    if field.type in _INT_RANGES:
+        low, high = _INT_RANGES[field.type]
+        return f"expected an integer from {low} to {high}"
+    return "expected a number"
 
 
 def to_json(response: message.Message) -> dict[str, Any]:

@@ -115,6 +115,28 @@ def test_bad_input_names_the_field(method: str, path: str, query: list[tuple[str
     assert caught.value.field == field
 
 
+@pytest.mark.parametrize(("method", "path", "body", "field", "expected"), [
+    ("POST", "/v1/locks/x:acquire", b'{"ttl": "soon"}', "ttl",
+     'expected a duration in seconds such as "1.5s"'),
+    ("POST", "/v1/locks/x:acquire", b'{"permits": "many"}', "permits",
+     "expected an integer from 0 to 4294967295"),
+    ("PUT", "/v1/cache/k", b'{"value": 5}', "value", "expected base64 text"),
+    ("POST", "/v1/streams/s:append", b'{"events": "e"}', "events", "expected a list"),
+    ("POST", "/v1/streams/s:append", b'{"events": [{"id": 5}]}', "events.id",
+     "expected a string"),
+    ("POST", "/v1/cache:mget", b'{"keys": ["a"], "consistency": "NOPE"}', "consistency",
+     "expected one of READ_CONSISTENCY_UNSPECIFIED, READ_CONSISTENCY_LINEARIZABLE"),
+])
+def test_a_bad_value_says_what_the_field_takes(method: str, path: str, body: bytes,
+                                                field: str, expected: str) -> None:
+    """Not json_format's own words, which quote Python's exceptions ("invalid
+    literal for int() with base 10", "object of type 'int' has no len()")."""
+    match = find(method, path)
+    with pytest.raises(FieldError) as caught:
+        request_of(match.route, match.variables, [], body)
+    assert (caught.value.field, caught.value.description) == (field, expected)
+
+
 def test_responses_keep_proto_names_and_defaults() -> None:
     assert to_json(cache_pb2.GetResponse(version=7)) == {
         "found": False, "value": "", "version": "7"}
