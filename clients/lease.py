@@ -176,14 +176,7 @@ class Lease:
         if self.lost_reason is not None or self._released:
             return
         self.lost_reason = reason
-        try:
-            on_loop = asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._signal()
-        else:
-            self._loop.call_soon_threadsafe(self._signal)
+        self._on_loop(self._signal)
 
     def _mark_released(self) -> None:
         self._released = True
@@ -192,14 +185,19 @@ class Lease:
 
     def _watch(self) -> None:
         """Arm the deadline's timer, from any thread."""
+        self._on_loop(self._arm)
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` now if this is the client's loop, else soon on that loop
+        (``held``, ``check()`` and ``lost`` may be used from other threads)."""
         try:
-            on_loop = asyncio.get_running_loop() is self._loop
+            here = asyncio.get_running_loop() is self._loop
         except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._arm()
+            here = False
+        if here:
+            callback()
         else:
-            self._loop.call_soon_threadsafe(self._arm)
+            self._loop.call_soon_threadsafe(callback)
 
     def _arm(self) -> None:
         if self._timer is not None:
