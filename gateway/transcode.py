@@ -220,7 +220,8 @@ def _field_error(text: str, input_type: descriptor.Descriptor) -> FieldError:
         path = ".".join(chain) or "body"
     if path == "body":
         return FieldError(path, "not a valid request")
-    return FieldError(path, _expected(_field_at(input_type, path), whole=_WHOLE.search(first)))
+    whole = _WHOLE.search(first) is not None
+    return FieldError(path, _expected(_field_at(input_type, path), whole))
 
 
 _SEGMENT = re.compile(r"(\w+)(?:\[[^\]]*\])*(?:\.|$)")
@@ -264,8 +265,9 @@ def _field_at(message_type: descriptor.Descriptor | None, path: str) -> FieldDes
     return field
 
 
-def _expected(field: FieldDescriptor | None, whole: object = None) -> str:
-    """What ``field`` takes, in words a caller can act on (never the input itself)."""
+def _expected(field: FieldDescriptor | None, whole: bool = False) -> str:
+    """What ``field`` takes, in words a caller can act on (never the input itself);
+    ``whole``: the list or map itself was wrong, not one of its items."""
     if field is None:
         return "invalid value"
     entry = field.message_type
