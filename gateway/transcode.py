@@ -152,7 +152,7 @@ def message_of(route: Route, values: dict[str, Any]) -> message.Message:
     try:
         json_format.ParseDict(values, request)
     except json_format.ParseError as exc:
-        raise _field_error(str(exc), input_type) from None
+        raise _field_error(str(exc), input_type, values) from None
     return request
 
 
@@ -194,7 +194,8 @@ _AT = re.compile(r" at ([\w.\[\]]+)\.?$")
 _PREFIX = re.compile(r"^Failed to parse (\w+) field: ")
 
 
-def _field_error(text: str, input_type: descriptor.Descriptor) -> FieldError:
+def _field_error(text: str, input_type: descriptor.Descriptor,
+                 values: dict[str, Any]) -> FieldError:
     """A FieldError naming the field a json_format.ParseError is about, and saying
     what that field takes (`_expected`): the error's own text may quote Python's
     exceptions ("invalid literal for int() with base 10"), no answer for a caller.
@@ -217,11 +218,41 @@ def _field_error(text: str, input_type: descriptor.Descriptor) -> FieldError:
         path = at.group(1).rstrip(".").split(".", 1)[1]
         rest = rest[: at.start()]
     else:
-        path = ".".join(chain) or "body"
+        path = _indexed(input_type, chain, values) if chain else "body"
     if path == "body":
         return FieldError(path, "not a valid request")
     whole = _WHOLE.search(first) is not None
     return FieldError(path, _expected(_field_at(input_type, path), whole))
+
+
+def _indexed(message_type: descriptor.Descriptor | None, chain: list[str],
+             values: Any) -> str:
+    """``chain`` (json_format's ``Failed to parse f field:`` names) as a path with
+    the index of the first item of each list on the way that fails alone:
+    ``events[1].id``, where the chain says only ``events.id``."""
+    parts = []
+    for i, name in enumerate(chain):
+        field = message_type.fields_by_name.get(name) if message_type is not None else None
+        value = values.get(name) if isinstance(values, dict) else None
+        message_type = field.message_type if field is not None else None
+        if field is None or message_type is None or message_type.GetOptions().map_entry \
+                or not isinstance(value, list) or i == len(chain) - 1:
+            parts.append(name)
+            values = value
+            continue
+        item_class = message_factory.GetMessageClass(message_type)
+        bad = next((k for k, item in enumerate(value) if not _parses(item, item_class)), None)
+        parts.append(name if bad is None else f"{name}[{bad}]")
+        values = value[bad] if bad is not None else None
+    return ".".join(parts)
+
+
+def _parses(item: Any, item_class: type[message.Message]) -> bool:
+    try:
+        json_format.ParseDict(item, item_class())
+    except json_format.ParseError:
+        return False
+    return True
 
 
 _SEGMENT = re.compile(r"(\w+)(?:\[[^\]]*\])*(?:\.|$)")

@@ -104,6 +104,7 @@ def test_requests_merge_path_query_and_body() -> None:
     ("GET", "/v1/cache/k", [], b"{}", "body"),
     ("GET", "/v1/cache/k", [("key", "other")], b"", "key"),
     ("POST", "/v1/streams/s:append", [], b'{"events": [{}, {"bad": 1}]}', "events[1].bad"),
+    ("POST", "/v1/streams/s:append", [], b'{"events": [{}, {"data": 7}]}', "events[1].data"),
     ("GET", "/v1/streams/s", [("max_count", "many")], b"", "max_count"),
     ("GET", "/v1/streams/s", [("max_count", "1"), ("max_count", "2")], b"", "max_count"),
 ])
@@ -122,8 +123,10 @@ def test_bad_input_names_the_field(method: str, path: str, query: list[tuple[str
      "expected an integer from 0 to 4294967295"),
     ("PUT", "/v1/cache/k", b'{"value": 5}', "value", "expected base64 text"),
     ("POST", "/v1/streams/s:append", b'{"events": "e"}', "events", "expected a list"),
-    ("POST", "/v1/streams/s:append", b'{"events": [{"id": 5}]}', "events.id",
+    ("POST", "/v1/streams/s:append", b'{"events": [{"id": 5}]}', "events[0].id",
      "expected a string"),
+    ("POST", "/v1/locks:acquireBatch", b'{"requests": [{"name": "a"}, {"permits": "x"}]}',
+     "requests[1].permits", "expected an integer from 0 to 4294967295"),
     ("POST", "/v1/cache:mget", b'{"keys": ["a"], "consistency": "NOPE"}', "consistency",
      "expected one of READ_CONSISTENCY_UNSPECIFIED, READ_CONSISTENCY_LINEARIZABLE"),
 ])
