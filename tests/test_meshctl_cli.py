@@ -294,7 +294,11 @@ def secured(etcd: Etcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lo
         tokens.write_text(f"{ADMIN} ops admin\n")
         return ["--auth-tokens", str(tokens)]
 
-    yield from module_cluster(etcd, tmp_path_factory, "clisecured", 3, flags, coordinator=True)
+    # The stuck drain below pauses two nodes while meshctl starts and calls: a
+    # lease longer than that (seconds, on a loaded machine) keeps them eligible,
+    # so the drain is accepted and runs into its --timeout.
+    yield from module_cluster(etcd, tmp_path_factory, "clisecured", 3, flags, coordinator=True,
+                              lease_ttl=15)
 
 
 def _as(local: LocalMesh, token: str, *args: str, timeout: float = 60
