@@ -179,14 +179,7 @@ def _no_stray_booleans(value: Any, message_type: descriptor.Descriptor, path: st
                 else:
                     _no_stray_booleans(one, f.message_type, at)
             elif isinstance(one, bool) and f.type != FieldDescriptor.TYPE_BOOL:
-                raise FieldError(at, f"expected a {_kind(f)}, not {str(one).lower()}")
-
-
-def _kind(f: FieldDescriptor) -> str:
-    if f.enum_type is not None:
-        return "name of " + f.enum_type.name
-    return "string" if f.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES) \
-        else "number"
+                raise FieldError(at, f"{_expected(f)} (not {str(one).lower()})")
 
 
 _UNKNOWN = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')
