@@ -134,14 +134,18 @@ class ReplicaTracker:
                                    in_sync=self.in_sync, lag_commands=lag,
                                    lag_seconds=lag_seconds, since_epoch=self.since_epoch)
 
+    def ready(self) -> bool:
+        """Whether there is a batch to send now (at most one is in flight)."""
+        return not (self.inflight or self.phase is Phase.INSTALLING
+                    or (self.phase is Phase.STREAM and self.next_seq > self.group.log.last_seq))
+
     def next_batch(self, address: str, room: int = MESSAGE_BYTES) -> rpb.CommandBatch | None:
         """The batch to send now, if any (at most one in flight), with commands
         until they pass ``room`` bytes (one at least): ``sent_bytes``."""
+        if not self.ready():
+            return None
         group = self.group
         glog = group.log
-        if self.inflight or (self.phase is Phase.STREAM and self.next_seq > glog.last_seq) \
-                or self.phase is Phase.INSTALLING:
-            return None
         batch = rpb.CommandBatch(group_id=group.group_id, epoch=group.epoch,
                                  primary_node_id=group.node_id, primary_address=address,
                                  in_sync=self.in_sync)
@@ -422,7 +426,13 @@ class PeerLink:
                 if tracker is not None:
                     self._acked(tracker)
                     tracker.on_ack(ack)
-                    self.wake(tracker)
+                    # Only with something to send: a lone write's ack woke the
+                    # send loop for nothing. (What makes a tracker ready later,
+                    # a proposal, a broken stream, the idle check, wakes it then.)
+                    if tracker.ready():
+                        self._pending[tracker] = None
+            if self._pending:  # these, or others that waited for the window
+                self._wakeup.set()
             # Still owed: the messages sent since the one just answered.
             self._owed_since = now if self._unacked else None
             self._broken = self._heartbeating = False

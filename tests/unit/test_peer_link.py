@@ -12,7 +12,7 @@ import pytest
 from common.peer import NODE, PeerSigner
 from mesh.replication.v1 import replication_pb2 as rpb
 from nodes.replication.group import Group
-from nodes.replication.sender import MESSAGE_BYTES, PeerLink, ReplicaTracker
+from nodes.replication.sender import MESSAGE_BYTES, PeerLink, Phase, ReplicaTracker
 from tests.unit.test_replication_group import Link, Recorder
 
 MIB = 1 << 20
@@ -135,3 +135,61 @@ async def test_a_busy_group_does_not_keep_a_quiet_one_out_of_full_messages() -> 
     first = next(i for i, m in enumerate(replica.messages)
                  if any(b.group_id == 2 and b.commands for b in m.batches))
     assert first <= 2  # the probes; the first full message; then this one
+
+
+class HeldReplica(Replica):
+    """A replica whose acknowledgements wait while ``held``, until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = False
+        self._kept: list[rpb.ReplicateResponse] = []
+
+    async def write(self, request: rpb.ReplicateRequest) -> None:
+        await super().write(request)
+        if self.held:
+            self._kept.append(self._answers.get_nowait())
+
+    def release(self) -> None:
+        self.held = False
+        for answer in self._kept:
+            self._answers.put_nowait(answer)
+        self._kept.clear()
+
+
+@pytest.mark.timeout(30)
+async def test_a_write_that_waited_for_the_window_goes_when_an_idle_group_is_acked() -> None:
+    # Group 1's message holds the link's one-message window; group 2's write
+    # waits for it. The ack frees the window while group 1 has nothing more to
+    # send: group 2's write must still go (an ack wakes the send loop for any
+    # tracker waiting, not only for its own group).
+    replica = HeldReplica()
+    link = PeerLink("b", "b:1", Channel(replica), "a:1", PeerSigner(None, NODE, "a"))
+    one, two = primary(1, 0, 0), primary(2, 0, 0)
+    for group in (one, two):
+        group.trackers["b"] = ReplicaTracker(group, "b", link, in_sync=True)
+    try:
+        async with asyncio.timeout(10):
+            for _ in range(100):  # the probes, answered at once
+                if all(g.trackers["b"].phase is Phase.STREAM for g in (one, two)):
+                    break
+                await asyncio.sleep(0)
+            assert all(g.trackers["b"].phase is Phase.STREAM for g in (one, two))
+            replica.held = True
+            first = one.propose(0, rpb.SERVICE_KIND_CACHE, b"x")
+            while not replica.received(1):
+                replica.wrote.clear()
+                await replica.wrote.wait()
+            second = two.propose(0, rpb.SERVICE_KIND_CACHE, b"y")
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert replica.received(2) == []  # the window is full
+            replica.release()
+            await first.committed()
+            for _ in range(20):  # loop turns, no network: the next send is due now
+                await asyncio.sleep(0)
+            assert replica.received(2) == [1]  # on the ack, not at the idle heartbeat
+            await second.committed()
+    finally:
+        await link.close()
+    assert replica.received(1) == [1] and replica.received(2) == [1]
