@@ -21,6 +21,7 @@ from clients.coalesce import (
     SendOne,
     in_batch,
 )
+from clients.durations import duration
 from clients.errors import InternalError, InvalidArgumentError, MeshError, NoNodesError
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
@@ -89,12 +90,8 @@ def _bytes(value: Value) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def _duration(ttl: TTL) -> duration_pb2.Duration | None:
-    if ttl is None:
-        return None
-    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
-    whole = int(seconds) if seconds >= 0 else -int(-seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
+def _ttl(ttl: TTL) -> duration_pb2.Duration | None:
+    return None if ttl is None else duration(ttl, "ttl")
 
 
 def _entry(r: pb.GetResponse) -> CacheEntry | None:
@@ -272,10 +269,10 @@ class CacheClient:
                    only_if_version: int, timeout: float | None, coalesce: bool) -> int:
         owner = self._owner(key) if coalesce else None
         if owner is not None and not only_if_absent and not only_if_version:
-            entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_duration(ttl))
+            entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_ttl(ttl))
             return await self._coalesced(self._writes, owner, entry, timeout, self._set_one)
         request = pb.SetRequest(
-            key=key, value=_bytes(value), ttl=_duration(ttl),
+            key=key, value=_bytes(value), ttl=_ttl(ttl),
             only_if_absent=only_if_absent, only_if_version=only_if_version,
         )
         # An unconditional set is idempotent; a conditional one is not (a retry
@@ -310,7 +307,7 @@ class CacheClient:
 
         Not retried: a retry after a lost reply would add twice.
         """
-        request = pb.IncrRequest(key=key, delta=delta, ttl=_duration(ttl))
+        request = pb.IncrRequest(key=key, delta=delta, ttl=_ttl(ttl))
         r = await self._call(key, "Incr", request, timeout, False)
         return int(r.value)
 
@@ -393,8 +390,8 @@ class CacheClient:
         pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
         keys = [k for k, _ in pairs]
         versions = [0] * len(pairs)
-        duration = _duration(ttl)
-        entries = [pb.MSetEntry(key=key, value=_bytes(value), ttl=duration)
+        expiry = _ttl(ttl)
+        entries = [pb.MSetEntry(key=key, value=_bytes(value), ttl=expiry)
                    for key, value in pairs]
         sizes = [in_batch(entry) for entry in entries]
         limit = self._mesh.max_message_bytes - BATCH_BYTES

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from clients.durations import duration
 from clients.errors import (
     DeadlineExceededError,
     InternalError,
@@ -40,7 +41,7 @@ from clients.errors import (
 from clients.event_subscription import retryable
 from clients.retry import Backoff, with_retries
 from clients.watchdog import Watchdog, cancelled_under_us
-from common.heartbeat import WATCHDOG_INTERVALS, as_duration
+from common.heartbeat import WATCHDOG_INTERVALS
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
 
@@ -121,7 +122,9 @@ class CacheWatch:
         self._keys = keys
         self._prefixes = prefixes
         self._timeout = timeout
-        self._heartbeat_interval = heartbeat_interval
+        # Checked here, where the caller passed it (not when a stream opens).
+        self._heartbeat_interval = None if heartbeat_interval is None \
+            else duration(heartbeat_interval, "heartbeat_interval")
         self._queue: asyncio.Queue[CacheEvent | BaseException | _Closed] = asyncio.Queue()
         self._streams: dict[str, _Stream] = {}
         self._lock = asyncio.Lock()
@@ -244,7 +247,7 @@ class CacheWatch:
                ) -> _Stream:
         request = pb.WatchRequest(keys=keys, prefixes=prefixes)
         if self._heartbeat_interval is not None:
-            request.heartbeat_interval.CopyFrom(as_duration(self._heartbeat_interval))
+            request.heartbeat_interval.CopyFrom(self._heartbeat_interval)
         else:  # present and zero: the node's own interval
             request.heartbeat_interval.SetInParent()
         stub = self._mesh.stub(pb_grpc.CacheServiceStub, address)

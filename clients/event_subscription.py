@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from clients.durations import duration
 from clients.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -59,7 +60,7 @@ from clients.event_types import (
 )
 from clients.retry import Backoff, Verdict, classify
 from clients.watchdog import Watchdog, cancelled_under_us
-from common.heartbeat import WATCHDOG_INTERVALS, as_duration
+from common.heartbeat import WATCHDOG_INTERVALS
 from common.slots import SLOT_COUNT, slot_for
 from mesh.events.v1 import events_pb2 as pb
 from mesh.events.v1 import events_pb2_grpc as pb_grpc
@@ -166,7 +167,9 @@ class Subscription:
         self._markers = include_markers
         self._checkpoint_interval = checkpoint_interval
         self._timeout = timeout
-        self._heartbeat_interval = heartbeat_interval
+        # Checked here, where the caller passed it (not when a stream opens).
+        self._heartbeat_interval = None if heartbeat_interval is None \
+            else duration(heartbeat_interval, "heartbeat_interval")
         self._slots = (frozenset({slot_for(target.stream)}) if target.stream is not None
                        else ALL_SLOTS)
         # What the pumps have received: where a broken part resumes.
@@ -411,7 +414,7 @@ class Subscription:
 
     def _ask_heartbeats(self, request: pb.SubscribeRequest) -> pb.SubscribeRequest:
         if self._heartbeat_interval is not None:  # else the node's own setting
-            request.heartbeat_interval.CopyFrom(as_duration(self._heartbeat_interval))
+            request.heartbeat_interval.CopyFrom(self._heartbeat_interval)
         return request
 
     async def _pump(self, part: _Part) -> None:

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
+from clients.durations import duration
 from clients.errors import InvalidArgumentError
 from mesh.events.v1 import events_pb2 as pb
 
@@ -92,12 +93,6 @@ def seconds(ts: timestamp_pb2.Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
-def duration(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(value * 1e9))
-    return d
-
-
 @dataclass(frozen=True, slots=True)
 class RecordedEvent:
     """An event as stored. ``create_time``: Unix seconds of its commit (primary's clock)."""
@@ -170,7 +165,7 @@ class StreamMetadata:
     def to_proto(self) -> pb.StreamMetadata:
         return pb.StreamMetadata(
             max_count=self.max_count, truncate_before=self.truncate_before,
-            max_age=duration(self.max_age) if self.max_age else None)
+            max_age=duration(self.max_age, "metadata.max_age") if self.max_age else None)
 
 
 # -- subscription markers ------------------------------------------------------------

@@ -146,6 +146,9 @@ class EventsClient:
         DuplicateEventIdError, StreamDeletedError (tombstoned), InvalidArgumentError.
         """
         batch = [events] if isinstance(events, NewEvent) else list(events)
+        for i, event in enumerate(batch):
+            if not isinstance(event, NewEvent):
+                raise TypeError(f"events[{i}]: a NewEvent, not {type(event).__name__}")
         request = pb.AppendRequest(stream=stream, events=[e.to_proto() for e in batch],
                                    **expected_fields(expected))
         r = await self._append(request, timeout)

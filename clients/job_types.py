@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
-
+from clients.durations import duration, timestamp
 from clients.errors import InvalidArgumentError
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 
@@ -32,18 +31,6 @@ def encode(payload: Payload | None) -> bytes:
     if isinstance(payload, str):
         return payload.encode()
     return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def duration(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(value * 1e9))
-    return d
-
-
-def timestamp(value: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(round(value * 1e9))
-    return ts
 
 
 def _time(message: Any, name: str) -> float | None:
@@ -123,12 +110,13 @@ class JobBackoff:
     multiplier: float = 0.0
     jitter: float = 0.0
 
-    def to_proto(self) -> pb.Backoff:
+    def to_proto(self, field: str = "backoff") -> pb.Backoff:
+        """The wire form; ``field``: where it goes in the request (for errors)."""
         b = pb.Backoff(multiplier=self.multiplier, jitter=self.jitter)
         if self.initial:
-            b.initial_delay.CopyFrom(duration(self.initial))
+            b.initial_delay.CopyFrom(duration(self.initial, f"{field}.initial_delay"))
         if self.maximum:
-            b.max_delay.CopyFrom(duration(self.maximum))
+            b.max_delay.CopyFrom(duration(self.maximum, f"{field}.max_delay"))
         return b
 
     @classmethod
@@ -167,17 +155,17 @@ class NewJob:
             unique_key=self.unique_key, strict_unique=self.strict_unique,
             request_id=self.request_id or str(uuid.uuid4()))
         if self.run_at is not None:
-            request.run_at.CopyFrom(timestamp(_unix(self.run_at)))
+            request.run_at.CopyFrom(timestamp(_unix(self.run_at), "run_at"))
         elif self.delay is not None:
-            request.delay.CopyFrom(duration(self.delay))
+            request.delay.CopyFrom(duration(self.delay, "delay"))
         if self.backoff is not None:
             request.backoff.CopyFrom(self.backoff.to_proto())
         if self.job_timeout:
-            request.timeout.CopyFrom(duration(self.job_timeout))
+            request.timeout.CopyFrom(duration(self.job_timeout, "timeout"))
         if self.unique_ttl:
-            request.unique_ttl.CopyFrom(duration(self.unique_ttl))
+            request.unique_ttl.CopyFrom(duration(self.unique_ttl, "unique_ttl"))
         if self.retention:
-            request.retention.CopyFrom(duration(self.retention))
+            request.retention.CopyFrom(duration(self.retention, "retention"))
         return request
 
 
@@ -187,7 +175,7 @@ def _unix(when: float | dt.datetime) -> float:
             raise InvalidArgumentError("run_at: a datetime needs a time zone",
                                        field_violations={"run_at": "naive datetime"})
         return when.timestamp()
-    return float(when)
+    return when
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,13 +367,13 @@ class JobTemplate:
                            priority=self.priority, max_attempts=self.max_attempts,
                            unique_key=self.unique_key)
         if self.backoff is not None:
-            t.backoff.CopyFrom(self.backoff.to_proto())
+            t.backoff.CopyFrom(self.backoff.to_proto("template.backoff"))
         if self.timeout:
-            t.timeout.CopyFrom(duration(self.timeout))
+            t.timeout.CopyFrom(duration(self.timeout, "template.timeout"))
         if self.unique_ttl:
-            t.unique_ttl.CopyFrom(duration(self.unique_ttl))
+            t.unique_ttl.CopyFrom(duration(self.unique_ttl, "template.unique_ttl"))
         if self.retention:
-            t.retention.CopyFrom(duration(self.retention))
+            t.retention.CopyFrom(duration(self.retention, "template.retention"))
         return t
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from clients.coalesce import BatchFailed, Coalescer
+from clients.durations import duration, seconds
 from clients.errors import (
     InvalidArgumentError,
     LockLostError,
@@ -83,12 +85,6 @@ class LockInfo:
     max_permits: int
     available_permits: int
     fencing_token: int
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
 
 
 def _seconds(ts: timestamp_pb2.Timestamp) -> float:
@@ -220,19 +216,27 @@ class LockClient:
     ) -> Lease:
         """Take ``permits`` of the lock ``name`` (a semaphore of ``max_permits``).
 
-        ``wait``: None waits as long as it takes, 0 tries once, otherwise up to
-        ``wait`` seconds, then LockTimeoutError. ``ttl``: None takes the node's
-        default. ``shared``: a read lease of a plain lock, held alongside other
-        readers but never a writer. ``timeout`` bounds each call apart from its waiting.
+        ``wait``: None (or ``math.inf``) waits as long as it takes, 0 tries once,
+        otherwise up to ``wait`` seconds, then LockTimeoutError. ``ttl``: None
+        takes the node's default. ``shared``: a read lease of a plain lock, held
+        alongside other readers but never a writer. ``timeout`` bounds each call
+        apart from its waiting.
         """
-        if wait is not None and wait < 0:
-            raise InvalidArgumentError("wait: must not be negative",
-                                       field_violations={"wait_timeout": "must not be negative"})
+        if wait == math.inf:
+            wait = None
+        if wait is not None:
+            wait = seconds(wait, "wait_timeout")
+            if wait < 0:
+                raise InvalidArgumentError(
+                    "wait_timeout: must not be negative",
+                    field_violations={"wait_timeout": "must not be negative"})
+        if ttl is not None:
+            ttl = seconds(ttl, "ttl")
         budget = self._mesh.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         give_up = None if wait is None else loop.time() + wait
         request = pb.AcquireRequest(
-            name=name, owner=owner or default_owner(), ttl=_duration(ttl) if ttl else None,
+            name=name, owner=owner or default_owner(), ttl=duration(ttl, "ttl") if ttl else None,
             permits=permits, max_permits=max_permits,
             mode=pb.LOCK_MODE_SHARED if shared else pb.LOCK_MODE_UNSPECIFIED)
         # One id for every try of this grant: a retry after an unknown outcome
@@ -282,7 +286,8 @@ class LockClient:
             address = address or self._mesh.route("lock", request.name).address
             # The deadline (left) stays `budget` longer than the wait: the node
             # answers LOCK_TIMEOUT just before the deadline, not after it.
-            request.wait_timeout.CopyFrom(_duration(max(0.0, wait_end - loop.time())))
+            request.wait_timeout.CopyFrom(
+                duration(max(0.0, wait_end - loop.time()), "wait_timeout"))
             response: pb.AcquireResponse = await self._rpc(address, "Acquire", request, left)
             return response
 
@@ -334,7 +339,7 @@ class LockClient:
         """Refresh, with the send time of the try that succeeded."""
         sent = 0.0
         request = pb.RefreshRequest(name=name, lease_id=lease_id,
-                                    ttl=_duration(ttl) if ttl else None)
+                                    ttl=duration(ttl, "ttl") if ttl else None)
 
         async def attempt(budget: float, address: str | None) -> pb.RefreshResponse:
             nonlocal sent

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from clients.durations import duration, seconds
 from clients.errors import InvalidArgumentError
 from clients.notify_subscription import NotifySubscription
 from clients.notify_types import (
@@ -169,9 +170,9 @@ class NotifyClient:
                    timeout: float | None = None) -> PresenceHandle:
         """Put ``client_id`` in ``channel``'s presence; the handle keeps it there
         (joining again every ttl/3) until ``leave()`` or the end of ``async with``."""
+        ttl = seconds(ttl, "ttl")  # also the handle's pace of re-joining
         request = pb.JoinRequest(channel=channel, client_id=client_id, user=user,
-                                 info=as_bytes(info))
-        request.ttl.FromNanoseconds(round(ttl * 1e9))
+                                 info=as_bytes(info), ttl=duration(ttl, "ttl"))
 
         async def join() -> float:
             r = await self._call(channel, "Join", request, timeout)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from clients.durations import duration
 from clients.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -48,7 +49,7 @@ from clients.notify_types import ChannelState, InboxItem, NotifyItem, Position, 
 from clients.presence import PresenceEvent
 from clients.retry import Backoff, Verdict, classify
 from clients.watchdog import Watchdog, cancelled_under_us
-from common.heartbeat import WATCHDOG_INTERVALS, as_duration
+from common.heartbeat import WATCHDOG_INTERVALS
 from common.slots import SLOT_COUNT, slot_for
 from mesh.notify.v1 import notify_pb2 as pb
 from mesh.notify.v1 import notify_pb2_grpc as pb_grpc
@@ -121,7 +122,9 @@ class NotifySubscription:
         self._presence_events = presence_events
         self._states = include_states
         self._timeout = timeout
-        self._heartbeat_interval = heartbeat_interval
+        # Checked here, where the caller passed it (not when a stream opens).
+        self._heartbeat_interval = None if heartbeat_interval is None \
+            else duration(heartbeat_interval, "heartbeat_interval")
         self.inbox = inbox
         wanted: dict[Key, Position | None] = {(False, c): p for c, p in since.items()}
         if inbox:
@@ -335,7 +338,7 @@ class NotifySubscription:
     def _request(self, part: _Part) -> pb.SubscribeRequest:
         request = pb.SubscribeRequest(buffer=self._buffer)
         if self._heartbeat_interval is not None:
-            request.heartbeat_interval.CopyFrom(as_duration(self._heartbeat_interval))
+            request.heartbeat_interval.CopyFrom(self._heartbeat_interval)
         keys = {u for u in part.keys if not isinstance(u, int)}
         slots = part.slots
         if slots:

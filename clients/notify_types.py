@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clients.durations import duration
 from clients.presence import PresenceEvent
 from mesh.notify.v1 import notify_pb2 as pb
 
@@ -28,7 +29,7 @@ def history_options(size: int, ttl: float | None, ephemeral: bool | None = None
         return None
     options = pb.HistoryOptions(size=size, ephemeral=bool(ephemeral))
     if ttl is not None:
-        options.ttl.FromNanoseconds(round(ttl * 1e9))
+        options.ttl.CopyFrom(duration(ttl, "options.ttl"))
     return options
 
 

@@ -50,7 +50,12 @@ class Router:
         self._turn = itertools.count()
 
     def for_key(self, key: str | bytes) -> Target:
-        return self.for_slot(slot_for(key))
+        try:
+            slot = slot_for(key)
+        except (AttributeError, TypeError):  # None, an int: not a key at all
+            raise TypeError(f"a key, lock, stream, queue or channel name is a str, "
+                            f"not {type(key).__name__}") from None
+        return self.for_slot(slot)
 
     def for_slot(self, slot: int) -> Target:
         table = self.table

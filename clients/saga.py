@@ -44,9 +44,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from clients.durations import duration
 from clients.errors import DeadlineExceededError, InvalidArgumentError, MeshError
 from clients.job_runtime import Handler, JobContext
-from clients.job_types import Payload, duration, encode
+from clients.job_types import Payload, encode
 from clients.retry import with_retries
 from mesh.saga.v1 import saga_pb2 as pb
 from mesh.saga.v1 import saga_pb2_grpc as pb_grpc
@@ -246,15 +247,17 @@ class SagaType:
             while len(out.stages) <= s.stage:
                 out.stages.add()
             step = out.stages[s.stage].steps.add(name=s.name)
+            at = f"stages[{s.stage}].steps[{len(out.stages[s.stage].steps) - 1}]"
             step.action.queue, step.action.type = s.queue, self.action_type(s.name)
             step.action.max_attempts = s.max_attempts
             if s.attempt_timeout is not None:
-                step.action.attempt_timeout.CopyFrom(duration(s.attempt_timeout))
+                step.action.attempt_timeout.CopyFrom(
+                    duration(s.attempt_timeout, f"{at}.action.attempt_timeout"))
             if s.compensation is not None:
                 step.compensation.queue = s.queue
                 step.compensation.type = self.compensation_type(s.name)
             if s.timeout is not None:
-                step.timeout.CopyFrom(duration(s.timeout))
+                step.timeout.CopyFrom(duration(s.timeout, f"{at}.timeout"))
         return out
 
     def queues(self) -> list[str]:
@@ -328,7 +331,7 @@ class SagaClient:
         at most 60, for it to end)."""
         request = pb.GetSagaRequest(saga_id=saga_id)
         if wait:
-            request.wait.CopyFrom(duration(min(wait, 60.0)))
+            request.wait.CopyFrom(duration(min(wait, 60.0), "wait"))
         budget = None if timeout is None else timeout
         if wait:
             budget = max(budget or 0.0, wait + self._mesh.timeout)

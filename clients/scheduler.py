@@ -32,6 +32,7 @@ import grpc
 from google.protobuf.message import Message
 
 from clients.coalesce import BATCH_BYTES, MAX_IN_FLIGHT, CoalescedCall, chunks, in_batch
+from clients.durations import duration
 from clients.errors import (
     InvalidArgumentError,
     MeshError,
@@ -54,7 +55,6 @@ from clients.job_types import (
     QueueStats,
     Schedule,
     SchedulePage,
-    duration,
     encode,
 )
 from clients.retry import Backoff, with_retries
@@ -127,13 +127,31 @@ def _expiry(r: pb.HeartbeatResponse) -> float | None:
         "lease_expire_time") else None
 
 
+def _enqueue_requests(jobs: Iterable[NewJob]) -> list[pb.EnqueueRequest]:
+    """Each job's request. A job no request can carry (a NaN delay) is refused
+    before anything is sent, naming it as a node names the jobs it refuses:
+    ``jobs[3].delay``."""
+    requests = []
+    for i, job in enumerate(jobs):
+        if not isinstance(job, NewJob):
+            raise TypeError(f"jobs[{i}]: a NewJob, not {type(job).__name__}")
+        try:
+            requests.append(job.to_proto())
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(
+                f"jobs[{i}].{exc.message}",
+                field_violations={f"jobs[{i}].{field}": why
+                                  for field, why in exc.field_violations.items()}) from None
+    return requests
+
+
 def _fail_request(job_id: str, lease_token: int, error: str | BaseException, retryable: bool,
                   retry_delay: float | None) -> pb.FailRequest:
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     request = pb.FailRequest(job_id=job_id, lease_token=lease_token, error=text,
                              retryable=retryable)
     if retry_delay is not None:
-        request.retry_delay.CopyFrom(duration(retry_delay))
+        request.retry_delay.CopyFrom(duration(retry_delay, "retry_delay"))
     return request
 
 
@@ -146,7 +164,7 @@ def _claim_next(queues: Sequence[str], worker_id: str, max_jobs: int, lease: flo
                 ) -> pb.ClaimNext:
     return pb.ClaimNext(queues=list(queues), worker_id=worker_id or default_worker_id(),
                         max_jobs=max(1, min(max_jobs, MAX_CLAIM)),
-                        lease_duration=duration(lease))
+                        lease_duration=duration(lease, "lease_duration"))
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -308,7 +326,7 @@ class SchedulerClient:
         answer was lost, or that the node could not take yet (its map moved, a
         failover), are sent again until ``timeout``, and never enqueued twice.
         """
-        requests = [job.to_proto() for job in jobs]
+        requests = _enqueue_requests(jobs)
         out: list[EnqueueResult | MeshError | None] = [None] * len(requests)
 
         async def chunk(address: str | None, indexes: list[int], budget: float
@@ -474,9 +492,9 @@ class SchedulerClient:
         ``owners``). Raises Regroup when our map says they no longer are."""
         names = list(queues)
         request = pb.ClaimRequest(queues=names, worker_id=worker_id, max_jobs=max_jobs,
-                                  lease_duration=duration(lease))
+                                  lease_duration=duration(lease, "lease_duration"))
         if wait > 0:
-            request.wait.CopyFrom(duration(wait))
+            request.wait.CopyFrom(duration(wait, "wait"))
         budget = self._mesh.timeout if timeout is None else timeout
 
         async def attempt(left: float, address: str | None) -> pb.ClaimResponse:
@@ -506,7 +524,7 @@ class SchedulerClient:
         for job_id, token in leases:
             request = pb.HeartbeatRequest(job_id=job_id, lease_token=token)
             if extend:
-                request.extend.CopyFrom(duration(extend))
+                request.extend.CopyFrom(duration(extend, "extend"))
             requests.append(request)
         out: list[float | MeshError | None] = [None] * len(requests)
 
@@ -536,7 +554,7 @@ class SchedulerClient:
         LeaseLostError if the lease is no longer ours."""
         request = pb.HeartbeatRequest(job_id=job_id, lease_token=lease_token)
         if extend:
-            request.extend.CopyFrom(duration(extend))
+            request.extend.CopyFrom(duration(extend, "extend"))
         r = await self._call(job_id, "Heartbeat", request, timeout)
         return r.lease_expire_time.ToNanoseconds() / 1e9 if r.HasField(
             "lease_expire_time") else None
