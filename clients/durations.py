@@ -29,6 +29,15 @@ def duration(value: Seconds, field: str) -> duration_pb2.Duration:
 
     Negative values go through (the node says what the field allows); beyond
     100 years either way, or not finite, is refused here."""
+    if isinstance(value, float | int) and value.__class__ is not bool \
+            and 0 <= value <= MAX_DURATION_SECONDS:
+        # The common case, on every call's path: no checks left to make (NaN
+        # fails the comparison), and the constructor is protobuf's C.
+        whole = int(value)
+        nanos = round((value - whole) * 1e9)
+        if nanos == 1_000_000_000:
+            whole, nanos = whole + 1, 0
+        return duration_pb2.Duration(seconds=whole, nanos=nanos)
     secs = seconds(value, field)
     if secs > MAX_DURATION_SECONDS:
         raise _invalid(field, "must be at most 100 years")
