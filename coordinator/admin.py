@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 LAG_TIMEOUT = 2.0
 """GetTopology waits at most this long for replica lag; the map comes without it after."""
+FUTURE_GRACE = 2.0
+"""How long WatchTopology waits for an epoch ahead of the leader's map to appear
+(a map being written as the call came) before refusing it."""
 DRAIN_WAIT_DEFAULT = 300.0
 """How long Drain(wait) waits when the call has no deadline."""
 MUTATIONS = frozenset({"Drain", "Rebalance", "RecoverLostGroups"})
@@ -119,8 +122,10 @@ class AdminService:
     async def WatchTopology(self, request: admin_pb2.WatchTopologyRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[admin_pb2.WatchTopologyResponse]:
-        await self._driver(context)
+        driver = await self._driver(context)
         last = request.after_epoch
+        if last > (driver.current.epoch if driver.current is not None else 0):
+            await self._refuse_future(last)
         while True:
             if not self._election.is_leader:
                 raise self._not_leader(grpc.StatusCode.UNAVAILABLE, "leadership lost")
@@ -129,6 +134,19 @@ class AdminService:
             if table is not None and table.epoch > last:
                 last = table.epoch
                 yield admin_pb2.WatchTopologyResponse(cluster_map=table.proto)
+
+    async def _refuse_future(self, epoch: int) -> None:
+        """Refuse a watch from an epoch this cluster never reached, after a moment
+        for a map being written right now. A caller can only already have maps
+        this cluster's leaders wrote: one ahead of them is another cluster's, or
+        from before its etcd was reset, and waiting for a map past it would leave
+        the stream silent for as long as the cluster takes to get there, if ever."""
+        if await self._follower.wait_for(partial(_newer, epoch=epoch - 1), FUTURE_GRACE):
+            return
+        table = self._follower.table
+        raise invalid_argument("after_epoch", (
+            f"is ahead of this cluster's map (epoch {table.epoch if table else 0}): a map of "
+            "another cluster, or of this one before its store was reset; watch from 0"))
 
     async def ListNodes(self, request: admin_pb2.ListNodesRequest,
                         context: grpc.aio.ServicerContext) -> admin_pb2.ListNodesResponse:

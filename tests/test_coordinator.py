@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clients.errors import MeshError, from_rpc_error
+from clients.errors import InvalidArgumentError, MeshError, from_rpc_error
 from common.clustermap import DEFAULT_GROUP_COUNT, RoutingTable, leader_key, map_key, wait_for_map
 from common.etcd import client_for
 from common.localmesh import CoordinatorProcess, Etcd, LocalMesh
@@ -249,6 +249,12 @@ async def test_admin_validation_and_status(
     first = await watch.read()
     assert first.cluster_map.epoch >= 1 and len(first.cluster_map.groups) == DEFAULT_GROUP_COUNT
     watch.cancel()
+    # A watch from an epoch this cluster never reached says so, not nothing forever.
+    ahead = stub.WatchTopology(admin_pb2.WatchTopologyRequest(
+        after_epoch=first.cluster_map.epoch + 1000), timeout=10)
+    error = await call_error(ahead.read())
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(error, InvalidArgumentError) and "after_epoch" in error.field_violations
     status = await stub.Status(admin_pb2.StatusRequest(), timeout=3)
     assert status.slots_covered == 16384 and status.nodes == 2
     nodes = await stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=3)
