@@ -51,6 +51,8 @@ def duration(value: Seconds, field: str) -> duration_pb2.Duration:
 def timestamp(value: float, field: str) -> timestamp_pb2.Timestamp:
     """``value`` seconds since the Unix epoch as the Timestamp of ``field``: within
     [1970-01-01, 2200-01-01) UTC, as every node requires."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{field}: Unix seconds, not {type(value).__name__}")
     secs = seconds(value, field)
     if not 0 <= secs < MAX_TIMESTAMP_SECONDS:
         raise _invalid(field, "must lie between 1970-01-01 and 2200-01-01 UTC")

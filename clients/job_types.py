@@ -175,6 +175,8 @@ def _unix(when: float | dt.datetime) -> float:
             raise InvalidArgumentError("run_at: a datetime needs a time zone",
                                        field_violations={"run_at": "naive datetime"})
         return when.timestamp()
+    if isinstance(when, bool) or not isinstance(when, int | float):
+        raise TypeError(f"run_at: an aware datetime or Unix seconds, not {type(when).__name__}")
     return when
 
 

@@ -64,6 +64,13 @@ def test_seconds_of_the_wrong_type_are_a_type_error_naming_the_field(value: obje
         seconds(value, "wait")  # type: ignore[arg-type]
 
 
+def test_a_run_time_of_the_wrong_type_says_what_a_run_time_is() -> None:
+    with pytest.raises(TypeError, match=r"^run_at: Unix seconds, not timedelta$"):
+        timestamp(timedelta(seconds=5), "run_at")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^run_at: an aware datetime or Unix seconds, not str$"):
+        NewJob("q", "t", run_at="tomorrow").to_proto()  # type: ignore[arg-type]
+
+
 def test_a_key_that_is_not_a_string_is_a_type_error() -> None:
     router = Router(None, [("n1", "127.0.0.1:1")])
     assert router.for_key("k").address == "127.0.0.1:1"
