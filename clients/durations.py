@@ -16,7 +16,12 @@ from datetime import timedelta
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from clients.errors import InvalidArgumentError
-from common.bounds import MAX_DURATION_SECONDS, MAX_TIMESTAMP_SECONDS
+from common.bounds import (
+    DURATION_RANGE,
+    MAX_DURATION_SECONDS,
+    MAX_TIMESTAMP_SECONDS,
+    TIMESTAMP_RANGE,
+)
 
 __all__ = ["Seconds", "duration", "seconds", "timestamp"]
 
@@ -40,7 +45,7 @@ def duration(value: Seconds, field: str) -> duration_pb2.Duration:
         return duration_pb2.Duration(seconds=whole, nanos=nanos)
     secs = seconds(value, field)
     if secs > MAX_DURATION_SECONDS:
-        raise _invalid(field, "must be at most 100 years")
+        raise _invalid(field, DURATION_RANGE)
     if secs < -MAX_DURATION_SECONDS:
         raise _invalid(field, "must not be negative")
     d = duration_pb2.Duration()
@@ -55,7 +60,7 @@ def timestamp(value: float, field: str) -> timestamp_pb2.Timestamp:
         raise TypeError(f"{field}: Unix seconds, not {type(value).__name__}")
     secs = seconds(value, field)
     if not 0 <= secs < MAX_TIMESTAMP_SECONDS:
-        raise _invalid(field, "must lie between 1970-01-01 and 2200-01-01 UTC")
+        raise _invalid(field, TIMESTAMP_RANGE)
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(_nanoseconds(value, secs))
     return ts

@@ -23,9 +23,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from common.errors import invalid_argument
 
-__all__ = ["MAX_DURATION_NS", "MAX_DURATION_SECONDS", "MAX_TIMESTAMP_NS",
-           "MAX_TIMESTAMP_SECONDS", "NS_PER_SECOND", "check_bytes", "duration_ns",
-           "duration_seconds", "timestamp_ns", "too_long"]
+__all__ = ["DURATION_RANGE", "MAX_DURATION_NS", "MAX_DURATION_SECONDS", "MAX_TIMESTAMP_NS",
+           "MAX_TIMESTAMP_SECONDS", "NS_PER_SECOND", "TIMESTAMP_RANGE", "check_bytes",
+           "duration_ns", "duration_seconds", "timestamp_ns", "too_long"]
 
 NS_PER_SECOND = 1_000_000_000
 MAX_TIMESTAMP_SECONDS = 7_258_118_400
@@ -34,8 +34,9 @@ MAX_TIMESTAMP_NS = MAX_TIMESTAMP_SECONDS * NS_PER_SECOND
 MAX_DURATION_SECONDS = 36_525 * 86_400
 """100 years of 365.25 days (36,525 days)."""
 MAX_DURATION_NS = MAX_DURATION_SECONDS * NS_PER_SECOND
-_TIMESTAMP_RANGE = "must lie between 1970-01-01 and 2200-01-01 UTC"
-_DURATION_RANGE = "must be at most 100 years"
+TIMESTAMP_RANGE = "must lie between 1970-01-01 and 2200-01-01 UTC"
+DURATION_RANGE = "must be at most 100 years"
+"""What a node (and the typed client, before sending) says of a value past the bounds."""
 
 
 def timestamp_ns(field: str, ts: timestamp_pb2.Timestamp) -> int:
@@ -43,7 +44,7 @@ def timestamp_ns(field: str, ts: timestamp_pb2.Timestamp) -> int:
     if not 0 <= ts.nanos < NS_PER_SECOND:
         raise invalid_argument(field, "nanos must lie in [0, 1e9)")
     if not 0 <= ts.seconds < MAX_TIMESTAMP_SECONDS:
-        raise invalid_argument(field, _TIMESTAMP_RANGE)
+        raise invalid_argument(field, TIMESTAMP_RANGE)
     return ts.seconds * NS_PER_SECOND + ts.nanos
 
 
@@ -56,10 +57,10 @@ def duration_ns(field: str, d: duration_pb2.Duration) -> int:
     # Compare in seconds first: d.seconds may be near 2**63, and the product is
     # only computed once it is known to be small.
     if d.seconds > MAX_DURATION_SECONDS:
-        raise invalid_argument(field, _DURATION_RANGE)
+        raise invalid_argument(field, DURATION_RANGE)
     ns = d.seconds * NS_PER_SECOND + d.nanos
     if ns > MAX_DURATION_NS:
-        raise invalid_argument(field, _DURATION_RANGE)
+        raise invalid_argument(field, DURATION_RANGE)
     return ns
 
 
