@@ -36,7 +36,7 @@ import grpc
 from bench import services
 from bench.relay_server import SERVICE, Batched, raw
 from bench.timing import Op
-from common.localmesh import Child, free_port
+from common.localmesh import Child, free_ports
 
 SIZE = 3
 """Processes in a ring: one per node of the clusters the floor rows price."""
@@ -55,7 +55,7 @@ def start_ring(stack: contextlib.ExitStack, workdir: Path, name: str,
                durable: bool = False) -> list[str]:
     """Start ``SIZE`` relay servers, each relaying to the next (stopped with
     ``stack``); their addresses. ``durable``: each commits to sqlite in ``workdir``."""
-    ports = [free_port() for _ in range(SIZE)]
+    ports = free_ports(SIZE)
     env = services.python_env()
     children = []
     for i, port in enumerate(ports):

@@ -92,9 +92,20 @@ def child_environment() -> dict[str, str]:
 
 def free_port() -> int:
     """A TCP port that was free a moment ago (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that were free a moment ago. Picked with all
+    their sockets open at once: one after the other, the kernel may hand out a
+    port it just gave (three etcd members once got two equal peer ports)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def tool(name: str) -> str:
@@ -259,8 +270,10 @@ class Etcd:
 
     def launch(self) -> None:
         """Start the process (its data dir is kept: a restarted member rejoins)."""
-        self.client_port = self.client_port or free_port()
-        self.peer_port = self.peer_port or free_port()
+        if not self.client_port or not self.peer_port:
+            client, peer = free_ports(2)
+            self.client_port = self.client_port or client
+            self.peer_port = self.peer_port or peer
         suffix = "" if self.name == "mesh-dev" else f"-{self.name}"
         data = self._data_dir()
         argv = [
@@ -336,8 +349,9 @@ class EtcdCluster:
         # its member binds it; then every member starts again on new ports (they
         # must all know each other's), from empty data dirs.
         def start() -> None:
-            self.members = [Etcd(self.workdir, name=f"member{i + 1}", client_port=free_port(),
-                                 peer_port=free_port()) for i in range(self.size)]
+            ports = free_ports(2 * self.size)
+            self.members = [Etcd(self.workdir, name=f"member{i + 1}", client_port=ports[2 * i],
+                                 peer_port=ports[2 * i + 1]) for i in range(self.size)]
             initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
             for member in self.members:
                 member.initial_cluster = initial

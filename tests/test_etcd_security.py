@@ -25,7 +25,7 @@ import pytest
 from clients import Mesh
 from common.clustermap import wait_settled
 from common.etcd import EtcdAccess, EtcdAccessError, client_for
-from common.localmesh import Child, LocalMesh, ProcessError, free_port, tool
+from common.localmesh import Child, LocalMesh, ProcessError, free_port, free_ports, tool
 from coordinator.client import admin_client
 from mesh.admin.v1 import admin_pb2
 from meshctl.__main__ import main as meshctl
@@ -95,7 +95,7 @@ def secure_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd
     make_cert(d, "client", "ca")
     (d / "password").write_text(PASSWORD + "\n")
     (d / "wrong-password").write_text("guessed\n")
-    port, peer_port = free_port(), free_port()
+    port, peer_port = free_ports(2)
     client_url, peer_url = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
     child = Child("etcd", [
         tool("etcd"), "--name", "secure", "--data-dir", str(d / "data"),

@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from common.localmesh import Etcd, free_port
+from common.localmesh import Etcd, free_ports
 from common.peer import generate_secret
 from tests.cluster import BACKGROUND
 
@@ -326,12 +326,13 @@ def test_installed_mesh_round_trip(installed: Installed, etcd: Etcd,
     secret.write_text(generate_secret() + "\n")
     common = ["--etcd", etcd.endpoint, "--cluster", cluster, "--lease-ttl", "5",
               "--cluster-secret-file", str(secret), "--metrics-listen", "127.0.0.1:0"]
+    coordinator_port, node_port, peer_port = free_ports(3)
     coordinator = children.start("coordinator", [
-        installed.server / "meshkit-coordinator", "--listen", f"127.0.0.1:{free_port()}",
+        installed.server / "meshkit-coordinator", "--listen", f"127.0.0.1:{coordinator_port}",
         "--coordinator-id", "coord-pkg", "--replicas", "0", "--min-nodes", "1", *common])
     node = children.start("node", [
         installed.server / "python", "-m", "meshkit.nodes", "--node-id", "node-pkg",
-        "--listen", f"127.0.0.1:{free_port()}", "--peer-listen", f"127.0.0.1:{free_port()}",
+        "--listen", f"127.0.0.1:{node_port}", "--peer-listen", f"127.0.0.1:{peer_port}",
         "--data-dir", str(installed.work / "node-pkg"), *common])
     children.ready(coordinator)
     address = children.ready(node)["address"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.addresses import Endpoint, host_of
+from common.localmesh import free_ports
 from nodes.identity import IdentityError, claim
 
 
@@ -56,3 +57,9 @@ def test_an_id_that_is_not_the_data_dirs_is_refused(tmp_path: Path) -> None:
     (tmp_path / "e" / "node_id").write_text("node-1\n")
     with pytest.raises(IdentityError, match="holds the state of node 'node-1'"):
         claim(tmp_path / "e", "node-2")
+
+
+def test_ports_picked_together_are_distinct() -> None:
+    # One after the other the kernel may hand out a port it just gave back.
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(0 < p < 65536 for p in ports)
