@@ -159,7 +159,8 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         stream = _machine(group).store.streams.get(stream_id)
         if stream is not None and stream.changed_seq > group.commit_seq:
             await group.wait_committed(stream.changed_seq)
-            stream = _machine(group).store.streams.get(stream_id)
+            machine = cast(EventsMachine, group.still_led(EVENTS))
+            stream = machine.store.streams.get(stream_id)
         return stream
 
     # -- writes ------------------------------------------------------------------

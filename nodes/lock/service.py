@@ -296,7 +296,7 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
         v.check_name(name)
         await group.wait_committed(group.log.last_seq)
         name = scoped(name)
-        primary = _primary(group)
+        primary = cast(LockMachine, group.still_led(LOCK)).primary
         lock = primary.table.get(name)
         queue = primary.queues.get(name)
         leases = primary.live_leases(name)

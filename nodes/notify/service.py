@@ -180,7 +180,7 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         log = _machine(group).logs.get((kind, name))
         if log is not None and log.changed_seq > group.commit_seq:
             await group.wait_committed(log.changed_seq)
-            log = _machine(group).logs.get((kind, name))
+            log = cast(NotifyMachine, group.still_led(NOTIFY)).logs.get((kind, name))
         return log
 
     # -- channels ------------------------------------------------------------------
@@ -249,10 +249,12 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         user = scoped(request.user)
         result = _primary(group).append(INBOX, user, request.data, request.idempotency_id,
                                         settings, self._defaults[INBOX])
+        # Taken before the await: the group may leave this node (its machine
+        # with it) between the commit and this call's turn, and the write stands.
+        log = _machine(group).logs.get((INBOX, user))
         await self._committed(group, result.seq)
         if not result.duplicate:
             self.published_total += 1
-        log = _machine(group).logs.get((INBOX, user))
         unread = log.unread(group.commit_seq) if log is not None else 0
         return pb.SendResponse(cursor=result.offset, epoch=result.epoch,
                                duplicate=result.duplicate, unread_count=unread)
@@ -279,9 +281,9 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         v.check_name(request.user, "user")
         user = scoped(request.user)
         read_cursor, seq = _primary(group).mark_read(user, request.cursor)
+        log = _machine(group).logs.get((INBOX, user))  # before the await, as in Send
         if seq:
             await group.wait_committed(seq)
-        log = _machine(group).logs.get((INBOX, user))
         unread = log.unread(group.commit_seq) if log is not None else 0
         return pb.AckInboxResponse(read_cursor=read_cursor, unread_count=unread)
 
@@ -330,6 +332,8 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
         seq = _machine(group).presence.changed_seq.get(channel, 0)
         if seq > group.commit_seq:
             await group.wait_committed(seq)
+            return dict(cast(NotifyMachine, group.still_led(NOTIFY))
+                        .presence.channels.get(channel, {}))
         return dict(_machine(group).presence.channels.get(channel, {}))
 
     # -- subscriptions ---------------------------------------------------------------

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from nodes.replication.journal import DurableCopy, JournalWriter
     from nodes.replication.sender import ReplicaTracker
 
-__all__ = ["Group", "Proposal", "not_committed"]
+__all__ = ["Group", "Proposal", "barriers", "not_committed", "stopped_leading"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ def not_committed(group_id: int, why: str) -> MeshStatusError:
         f"group {group_id}: the write was applied here but not acknowledged by its "
         f"replicas before {why}; it may or may not have taken effect",
         Reason.NOT_COMMITTED, {"group_id": str(group_id)},
+    )
+
+
+def stopped_leading(group_id: int) -> MeshStatusError:
+    return MeshStatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"group {group_id} is no longer led by this node (it changed hands while the "
+        "call waited); retry at its new primary",
+        Reason.GROUP_UNAVAILABLE, {"group_id": str(group_id)},
     )
 
 
@@ -129,6 +138,15 @@ class Group:
     def writable(self) -> bool:
         return self.role == PRIMARY and not self.fenced
 
+    def still_led(self, kind: int) -> StateMachine:
+        """Service ``kind``'s machine, for a read resuming after an await: raises
+        `stopped_leading` if this node no longer leads the group. The group may
+        have left the node meanwhile, its machines with it, or stayed as a
+        replica whose state another primary now decides."""
+        if not self.writable:
+            raise stopped_leading(self.group_id)
+        return self.machines[kind]
+
     @property
     def applied(self) -> tuple[int, int]:
         """``(epoch, seq)`` of the last command in this copy's state."""
@@ -180,8 +198,14 @@ class Group:
         read's first step): every in-sync replica took a command of this epoch
         after the call began, so this node still led the group then (a deposed
         primary's commands are refused), and a read made after it sees every write
-        committed before the call. A command of no service changes no state."""
+        committed before the call. A command of no service changes no state.
+
+        Raises `stopped_leading` if the group was handed over (or left this
+        node, its state with it) between the commit and the caller's turn: the
+        read would find another copy's state, or none."""
         await self.propose(slot, rpb.SERVICE_KIND_UNSPECIFIED, b"").committed()
+        if not self.writable:
+            raise stopped_leading(self.group_id)
 
     async def wait_committed(self, seq: int) -> None:
         """Return once command ``seq`` is held by every required replica."""
@@ -559,6 +583,7 @@ async def barriers(fences: Iterable[tuple[Group, int]]) -> None:
     """`Group.barrier` in each ``(group, slot)`` at once, for a read that spans
     groups: their no-ops travel to each replica in one message. The first
     failure is raised once every no-op issued has its outcome taken."""
+    fences = list(fences)
     waits: list[asyncio.Future[None]] = []
     try:
         for group, slot in fences:
@@ -572,3 +597,6 @@ async def barriers(fences: Iterable[tuple[Group, int]]) -> None:
         asyncio.gather(*waits, return_exceptions=True)
         raise
     await together(waits)
+    for group, _ in fences:
+        if not group.writable:
+            raise stopped_leading(group.group_id)

@@ -158,10 +158,7 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         """The group's sagas after an await: UNAVAILABLE (retry) if this node
         stopped leading the group meanwhile, whose machine is then gone (the
         group left) or no longer the primary's state."""
-        machine = group.machines.get(SAGA)
-        if group.closed or not group.writable or not isinstance(machine, SagaMachine):
-            raise errors.group_changed(group.group_id)
-        return machine
+        return cast(SagaMachine, group.still_led(SAGA))
 
     def _internal(self) -> InternalClient:
         assert self._client is not None, "start() first"

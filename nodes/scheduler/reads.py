@@ -54,6 +54,7 @@ async def _settled_job(group: Group, job_id: str) -> Job:
         if job.seq <= group.commit_seq:
             break
         await group.wait_committed(job.seq)
+        machine = cast(SchedulerMachine, group.still_led(SCHEDULER))
         job = machine.decisions.job(job_id)
     return job
 
@@ -90,7 +91,7 @@ class Reads(Routed):
         v.check_name(request.queue, "queue")
         await group.wait_committed(group.log.last_seq)
         request.queue = scoped(request.queue)  # served here: the caller's tenant's queue
-        return _machine(group)
+        return cast(SchedulerMachine, group.still_led(SCHEDULER))
 
     @routed("queue")
     async def Stats(self, request: pb.StatsRequest, context: Ctx,

@@ -24,6 +24,7 @@ from common.errors import MeshStatusError
 from mesh.admin.v1 import admin_pb2
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
+from nodes.cache.machine import CACHE
 from nodes.cache.service import CacheService
 from nodes.config import CacheLimits
 from nodes.replication.group import Group, barriers
@@ -166,3 +167,42 @@ async def test_a_linearizable_mget_over_a_deposed_group_fails_leaving_no_outcome
     gc.collect()
     await asyncio.sleep(0)
     assert unread == []
+
+
+class LeadsEverySlot:
+    """The forwarder of a node that leads every slot itself, in one group."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def resolve(self, slot: int, context: object) -> Group:
+        return self.group
+
+
+@pytest.mark.parametrize("read", ["Get", "MGet"])
+async def test_a_linearizable_read_whose_group_leaves_as_its_barrier_commits_is_refused(
+        read: str) -> None:
+    """The no-op commits, and before the read's turn the map hands the group to
+    another node, which takes its state along: the read must not look at the
+    emptied copy (it did, and failed INTERNAL on a missing machine) but refuse
+    in a way the client retries at the new primary."""
+    service = CacheService(CacheLimits())
+    group = Group(1, "a", {CACHE: service.machine})
+    group.become_primary(1)
+    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    group.trackers = {"b": tracker}
+    service.start_routing(LeadsEverySlot(group))  # type: ignore[arg-type]
+    context: Any = None
+    request = pb.GetRequest(key="a", consistency=LINEARIZABLE) if read == "Get" \
+        else pb.MGetRequest(keys=["a", "b"], consistency=LINEARIZABLE)
+    call = asyncio.ensure_future(getattr(service, read)(request, context))
+    await asyncio.sleep(0)  # the barrier's no-op is proposed
+    assert group.log.last_seq == 1 and not call.done()
+    tracker.acked_seq = 1
+    group.advance_commit()  # the replica holds it...
+    group.close("the map moved the group to another node")  # ...and the group is gone
+    with pytest.raises(MeshStatusError) as info:
+        await call
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.reason == "GROUP_UNAVAILABLE"
+    assert info.value.metadata == {"group_id": "1"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
 
 from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
@@ -314,6 +315,30 @@ class _Here:
 
     def resolve(self, slot: int, context: object) -> Group:
         return self.group
+
+
+async def test_describe_whose_group_leaves_while_it_waits_is_refused_not_internal() -> None:
+    """Describe waits for the writes it may see to commit; if the group is handed
+    to another node as they do, what is left here is not the lock's state (the
+    group's machines went with it): UNAVAILABLE to retry, never INTERNAL."""
+    primary = _group("a", epoch=3, primary=True)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    _acquire(_machine(primary), "moving")  # proposed, not yet committed
+    service = LockService(LIMITS)
+    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    context: Any = None  # only handed to the forwarder
+    describe = asyncio.ensure_future(
+        service.Describe(lock_pb.DescribeRequest(name="moving"), context))
+    await asyncio.sleep(0)
+    assert not describe.done()  # waits for the grant to commit
+    tracker.on_ack(rpb.Ack(group_id=7, epoch=3, applied_epoch=3,
+                           applied_seq=primary.log.last_seq, status=rpb.ACK_STATUS_OK))
+    primary.close("the map moved the group to another node")
+    with pytest.raises(MeshStatusError) as info:
+        await describe
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.reason == "GROUP_UNAVAILABLE"
 
 
 async def test_validate_commits_through_the_replicas_so_a_deposed_primary_never_answers(

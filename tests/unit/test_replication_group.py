@@ -285,6 +285,26 @@ async def test_a_read_barrier_commits_through_the_replicas_or_fails_if_deposed()
     assert replica.applied == (1, 1) and applied(replica) == []
 
 
+async def test_a_read_resuming_after_its_group_changed_hands_is_refused() -> None:
+    """What a handler reads after an await comes from `still_led`: the group it
+    was given may have been handed over (or left the node, machines and all)
+    while it waited, even if what it waited for committed first."""
+    primary = group("a")
+    primary.become_primary(1)
+    assert primary.still_led(rpb.SERVICE_KIND_CACHE) is primary.machines[rpb.SERVICE_KIND_CACHE]
+    primary.step_down(2, "node b leads epoch 2")  # still a replica here
+    with pytest.raises(MeshStatusError) as info:
+        primary.still_led(rpb.SERVICE_KIND_CACHE)
+    assert info.value.reason == "GROUP_UNAVAILABLE" and info.value.metadata == {"group_id": "1"}
+
+    gone = group("a")
+    gone.become_primary(1)
+    gone.close("the map moved it to another node")
+    with pytest.raises(MeshStatusError) as info:
+        gone.still_led(rpb.SERVICE_KIND_CACHE)
+    assert info.value.reason == "GROUP_UNAVAILABLE"
+
+
 class DurableRecorder(Recorder):
     """A Recorder standing for a durable service (its state survives a restart)."""
 
