@@ -95,12 +95,21 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         return cls(config.saga, needs_journal(journal, cls.name), clock)
 
     def machine(self, group: Group) -> SagaMachine:
-        return SagaMachine(group, self._journal, self._changed, self.driver.forget_group)
+        return SagaMachine(group, self._journal, self._changed, self._left)
 
     def _changed(self, group: Group, saga_id: str) -> None:
         self.driver.changed(group, saga_id)
         for event in self._waiters.get(saga_id, ()):
             event.set()
+
+    def _left(self, group: Group) -> None:
+        """The group is no longer led here: its work goes, and GetSaga calls
+        waiting on its sagas end now (each sees the group is not led) rather
+        than when their wait runs out. Rare enough to wake every waiter."""
+        self.driver.forget_group(group)
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -149,8 +158,9 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
     # -- helpers -------------------------------------------------------------------
 
     async def _settled(self, group: Group, key: str) -> None:
-        """Return once the latest change to ``key`` (a saga or a type) is committed."""
-        seq = _machine(group).changed.get(key, 0)
+        """Return once the latest change to ``key`` (a saga or a type) is committed;
+        UNAVAILABLE if the group is no longer led here (callers may have awaited)."""
+        seq = self._still_led(group).changed.get(key, 0)
         if seq > group.commit_seq:
             await group.wait_committed(seq)
 
@@ -295,8 +305,10 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                                            reason=v.reason_text(request.reason)))
                 .SerializeToString())
             await proposal.committed()
-        else:
-            await self._settled(group, saga_id)
+            # The cancel changed this record in place and stands: answered from
+            # it even if the group left this node as it committed.
+            return pb.CancelSagaResponse(saga=_view(record))
+        await self._settled(group, saga_id)
         record = self._still_led(group).sagas.get(saga_id)
         if record is None:
             raise errors.saga_not_found(saga_id)
@@ -359,6 +371,8 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
             group = machine.group if isinstance(machine, SagaMachine) else None
             if group is not None and group.log.last_seq > group.commit_seq:
                 await group.wait_committed(group.log.last_seq)
+        for machine in led:  # one that left meanwhile was emptied: a page would skip its sagas
+            cast(SagaMachine, machine).group.still_led(SAGA)
         for machine in led:
             for saga_id, record in cast(SagaMachine, machine).sagas.items():
                 if prefix and not saga_id.startswith(prefix):

@@ -6,11 +6,16 @@ commands)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Sequence
 from typing import Any, cast
 
+import grpc
+import pytest
+
 from common.clock import SECOND, ManualClock
+from common.errors import MeshStatusError
 from mesh.saga.v1 import saga_pb2 as pb
 from mesh.saga.v1 import saga_replication_pb2 as spb
 from mesh.scheduler.v1 import scheduler_pb2 as schedpb
@@ -18,12 +23,14 @@ from nodes.config import SagaLimits
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.machine import Clear, Persist, Write
+from nodes.replication.sender import ReplicaTracker
 from nodes.saga import progress
 from nodes.saga.driver import job_outcome, request_id, step_task
 from nodes.saga.machine import SAGA, SagaMachine
 from nodes.saga.service import SagaService
 from nodes.saga.storage import SCHEMA, Storage
 from tests.fakes import FakeJournal
+from tests.unit.test_replication_group import Link
 
 SUCCEEDED, FAILED, UNKNOWN = pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_UNKNOWN
 ACTION, COMPENSATION = pb.PHASE_ACTION, pb.PHASE_COMPENSATION
@@ -313,3 +320,59 @@ def test_the_service_forgets_the_sagas_past_their_retention() -> None:
     assert set(_machine(primary).sagas) == {"s2"}
     service.tick(primary, 113 * SECOND)
     assert not _machine(primary).sagas
+
+
+class _Here:
+    """A forwarder whose every slot is led by ``group`` here."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def resolve(self, slot: int, context: object) -> Group:
+        return self.group
+
+
+def _serving(clock: ManualClock) -> tuple[SagaService, Group]:
+    """A saga service leading one group, with saga ``s1`` running in it."""
+    journal = FakeJournal()
+    service = SagaService(SagaLimits(), cast(Journal, journal), clock)
+    group = Group(5, "n", {SAGA: service.machine}, clock=clock, journal=journal)
+    group.become_primary(2)
+    service.start_routing(_Here(group))  # type: ignore[arg-type]
+    definition = _definition(["a"])
+    _propose(group, spb.SagaCommand(registered=spb.TypeRegistered(definition=definition)))
+    _propose(group, spb.SagaCommand(started=spb.SagaStarted(
+        record=progress.new_record("s1", definition, 1, b"in", "acme"))))
+    return service, group
+
+
+async def test_a_get_saga_waiting_on_a_group_that_leaves_ends_at_once_to_be_retried() -> None:
+    """It waited out its whole wait, then failed INTERNAL on the emptied copy."""
+    service, group = _serving(ManualClock(100 * SECOND))
+    context: Any = None
+    request = pb.GetSagaRequest(saga_id="s1")
+    request.wait.FromSeconds(60)
+    call = asyncio.ensure_future(service.GetSaga(request, context))
+    await asyncio.sleep(0)
+    assert not call.done()  # the saga runs: it waits for its end
+    group.close("the map moved the group to another node")
+    with pytest.raises(MeshStatusError) as info:
+        await asyncio.wait_for(call, 5)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.reason == "GROUP_UNAVAILABLE"
+
+
+async def test_a_cancel_whose_group_leaves_as_it_commits_is_answered() -> None:
+    """The cancel took effect: it must not be reported as something to retry."""
+    service, group = _serving(ManualClock(100 * SECOND))
+    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    group.trackers = {"b": tracker}
+    context: Any = None
+    call = asyncio.ensure_future(service.CancelSaga(pb.CancelSagaRequest(saga_id="s1"), context))
+    await asyncio.sleep(0)
+    assert not call.done()  # waits for the replica
+    tracker.acked_seq = group.log.last_seq
+    group.advance_commit()
+    group.close("the map moved the group to another node")
+    answer = await asyncio.wait_for(call, 5)
+    assert answer.saga.state == pb.SAGA_STATE_COMPENSATING and answer.saga.cancel_requested
