@@ -3,8 +3,8 @@
 A lock lives in the group that owns its name's slot, and only that group's
 primary serves it. Every change is answered once committed (held by every
 in-sync replica): a holder never learns of a lease a failover could forget.
-Describe and Validate first wait until everything the primary did so far is
-committed, so they never report a decision that could still be lost.
+Describe and Validate answer once everything they read is committed, so they
+never report a decision that could still be lost.
 """
 
 from __future__ import annotations
@@ -294,15 +294,14 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
                        group: Group) -> pb.DescribeResponse:
         name = request.name
         v.check_name(name)
-        await group.wait_committed(group.log.last_seq)
         name = scoped(name)
-        primary = cast(LockMachine, group.still_led(LOCK)).primary
+        primary = _primary(group)
         lock = primary.table.get(name)
         queue = primary.queues.get(name)
         leases = primary.live_leases(name)
         size = lock.max_permits if lock else queue.max_permits if queue else 1
         shared = any(lease.shared for lease in leases)
-        return pb.DescribeResponse(
+        answer = pb.DescribeResponse(
             holders=[_holder(lease) for lease in leases],
             waiters=[pb.Waiter(owner=w.owner, permits=w.permits, since=_timestamp(w.since_ns),
                                give_up_time=_timestamp(w.give_up_ns), mode=_mode(w.shared))
@@ -310,6 +309,10 @@ class LockService(Routed, pb_grpc.LockServiceServicer):
             max_permits=size,
             available_permits=0 if shared else size - sum(lease.permits for lease in leases),
             fencing_token=primary.table.token_bound(name))
+        # What it read, committed: read first, so that nothing decided while it
+        # waits (and not yet committed) is in the answer.
+        await group.wait_committed(group.log.last_seq)
+        return answer
 
     @routed("name")
     async def Validate(self, request: pb.ValidateRequest, context: Ctx,

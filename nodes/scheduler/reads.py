@@ -1,14 +1,14 @@
 """The scheduler's reads (part of `SchedulerService`): GetJob, Stats and the lists.
 
 Reads show committed state only. GetJob waits until the latest command that
-changed the job is committed; Stats and the lists wait until everything the
-primary did before the call is committed (as lock Describe does): a read never
-reports a change a failover could still undo.
+changed the job is committed; Stats and the lists read, then wait until
+everything the primary did before they read is committed (as lock Describe
+does): a read never reports a change a failover could still undo.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -64,6 +64,8 @@ _SCHEDULES = "scheduler.ListSchedules"
 
 
 _QueueRequest: TypeAlias = pb.StatsRequest | pb.ListDeadLettersRequest | pb.ListSchedulesRequest
+_Answer = TypeVar("_Answer", pb.StatsResponse, pb.ListDeadLettersResponse,
+                  pb.ListSchedulesResponse)
 
 
 def _page_after(token: str) -> tuple[int, str] | None:
@@ -86,21 +88,29 @@ class Reads(Routed):
         return pb.GetJobResponse(job=job_view(job, self.clock.wall_ns()))
 
     @staticmethod
-    async def _settled_queue(group: Group, request: _QueueRequest) -> SchedulerMachine:
-        """The queue's machine once the primary's changes so far are committed."""
+    def _queue_machine(group: Group, request: _QueueRequest) -> SchedulerMachine:
+        """The machine holding the request's queue (the caller reads it, then
+        waits for what it read to be committed: `_committed`)."""
         v.check_name(request.queue, "queue")
-        await group.wait_committed(group.log.last_seq)
         request.queue = scoped(request.queue)  # served here: the caller's tenant's queue
-        return cast(SchedulerMachine, group.still_led(SCHEDULER))
+        return _machine(group)
+
+    @staticmethod
+    async def _committed(group: Group, answer: _Answer) -> _Answer:
+        """``answer`` once everything the primary did before it was read is
+        committed: read first, so that nothing decided during the wait (and not
+        yet committed) is in it."""
+        await group.wait_committed(group.log.last_seq)
+        return answer
 
     @routed("queue")
     async def Stats(self, request: pb.StatsRequest, context: Ctx,
                     group: Group) -> pb.StatsResponse:
-        machine = await self._settled_queue(group, request)
+        machine = self._queue_machine(group, request)
         schedules = sum(1 for queue, _ in machine.state.schedules if queue == request.queue)
         queue = machine.state.queues.get(request.queue)
         if queue is None:
-            return pb.StatsResponse(schedules=schedules)
+            return await self._committed(group, pb.StatsResponse(schedules=schedules))
         queue.promote(self.clock.wall_ns())
         response = pb.StatsResponse(
             ready=queue.n_ready, delayed=queue.n_delayed, leased=len(queue.leased),
@@ -111,17 +121,17 @@ class Reads(Routed):
         oldest = queue.oldest_ready()
         if oldest is not None:
             response.oldest_ready_time.CopyFrom(timestamp(oldest))
-        return response
+        return await self._committed(group, response)
 
     @routed("queue")
     async def ListDeadLetters(self, request: pb.ListDeadLettersRequest, context: Ctx,
                               group: Group) -> pb.ListDeadLettersResponse:
         after = _page_after(request.page_token)
         size = v.page_size(request.page_size)
-        machine = await self._settled_queue(group, request)
+        machine = self._queue_machine(group, request)
         queue = machine.state.queues.get(request.queue)
         if queue is None:
-            return pb.ListDeadLettersResponse()
+            return await self._committed(group, pb.ListDeadLettersResponse())
         ids = queue.dead_after(after, size + 1)
         now = self.clock.wall_ns()
         jobs = [machine.state.jobs[i] for i in ids[:size]]
@@ -131,7 +141,7 @@ class Reads(Routed):
             last = jobs[len(views) - 1]
             response.next_page_token = pagetoken.encode(_DEAD_LETTERS, last.finish_ns,
                                                         last.job_id)
-        return response
+        return await self._committed(group, response)
 
     @routed("queue")
     async def ListSchedules(self, request: pb.ListSchedulesRequest, context: Ctx,
@@ -139,11 +149,11 @@ class Reads(Routed):
         after = pagetoken.decode(request.page_token, _SCHEDULES, (str,))
         after_id: str = "" if after is None else after[0]
         size = v.page_size(request.page_size)
-        machine = await self._settled_queue(group, request)
+        machine = self._queue_machine(group, request)
         found = sorted((sid, s) for (queue, sid), s in machine.state.schedules.items()
                        if queue == request.queue and sid > after_id)
         views = within_page([schedule_view(s) for _, s in found[:size]])
         response = pb.ListSchedulesResponse(schedules=views)
         if len(found) > len(views):
             response.next_page_token = pagetoken.encode(_SCHEDULES, found[len(views) - 1][0])
-        return response
+        return await self._committed(group, response)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
 import pytest
 
 from common.clock import MILLISECOND, SECOND, ManualClock, from_seconds
@@ -317,14 +316,15 @@ class _Here:
         return self.group
 
 
-async def test_describe_whose_group_leaves_while_it_waits_is_refused_not_internal() -> None:
-    """Describe waits for the writes it may see to commit; if the group is handed
-    to another node as they do, what is left here is not the lock's state (the
-    group's machines went with it): UNAVAILABLE to retry, never INTERNAL."""
+async def test_describe_answers_what_it_read_once_that_is_committed() -> None:
+    """Describe reads, then waits for what it read to commit: a grant not yet
+    held by the replicas is not reported before it is, and once it is the answer
+    stands even if the group is handed to another node as it commits (it read
+    the machine, gone with the group, once, before the await: never INTERNAL)."""
     primary = _group("a", epoch=3, primary=True)
     tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
     primary.trackers = {"b": tracker}
-    _acquire(_machine(primary), "moving")  # proposed, not yet committed
+    _acquire(_machine(primary), "moving", owner="o")  # proposed, not yet committed
     service = LockService(LIMITS)
     service.start_routing(_Here(primary))  # type: ignore[arg-type]
     context: Any = None  # only handed to the forwarder
@@ -335,10 +335,25 @@ async def test_describe_whose_group_leaves_while_it_waits_is_refused_not_interna
     tracker.on_ack(rpb.Ack(group_id=7, epoch=3, applied_epoch=3,
                            applied_seq=primary.log.last_seq, status=rpb.ACK_STATUS_OK))
     primary.close("the map moved the group to another node")
-    with pytest.raises(MeshStatusError) as info:
-        await describe
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE
-    assert info.value.reason == "GROUP_UNAVAILABLE"
+    answer = await asyncio.wait_for(describe, 1)
+    assert [h.owner for h in answer.holders] == ["o"]
+
+    # A grant decided while it waits is not in the answer: it is not committed.
+    primary = _group("a", epoch=3, primary=True)
+    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    primary.trackers = {"b": tracker}
+    _acquire(_machine(primary), "other", owner="o")
+    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    describe = asyncio.ensure_future(
+        service.Describe(lock_pb.DescribeRequest(name="later"), context))
+    await asyncio.sleep(0)
+    waited_for = primary.log.last_seq
+    _acquire(_machine(primary), "later", owner="p")
+    tracker.on_ack(rpb.Ack(group_id=7, epoch=3, applied_epoch=3,
+                           applied_seq=waited_for, status=rpb.ACK_STATUS_OK))
+    answer = await asyncio.wait_for(describe, 1)
+    assert not answer.holders and answer.available_permits == 1
+    primary.machines[LOCK].close()
 
 
 async def test_validate_commits_through_the_replicas_so_a_deposed_primary_never_answers(
