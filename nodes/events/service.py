@@ -154,14 +154,13 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
             raise
         self.hub.notify(group.group_id)
 
-    async def _settled(self, group: Group, stream_id: str) -> Stream | None:
-        """The stream once its latest settings/state change is committed."""
-        stream = _machine(group).store.streams.get(stream_id)
-        if stream is not None and stream.changed_seq > group.commit_seq:
-            await group.wait_committed(stream.changed_seq)
-            machine = cast(EventsMachine, group.still_led(EVENTS))
-            stream = machine.store.streams.get(stream_id)
-        return stream
+    @staticmethod
+    async def _settled(group: Group, stream: Stream) -> None:
+        """Return once ``stream``'s settings and state, as just read, are
+        committed. Callers read first, then wait: a change made during the wait
+        (not yet committed) is not in their answer, and nothing is read from a
+        group that may have left this node meanwhile."""
+        await group.wait_committed(stream.changed_seq)
 
     # -- writes ------------------------------------------------------------------
 
@@ -271,12 +270,14 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
         v.check_stream(request.stream)
         backward = v.direction(request.direction)
         limit = v.page_size(request.max_count)
-        stream = await self._settled(group, scoped(request.stream))
+        store = _machine(group).store
+        stream = store.streams.get(scoped(request.stream))
         if stream is None:
             return pb.ReadResponse(end_of_stream=True)
         if stream.tombstoned:
+            await self._settled(group, stream)
             raise errors.stream_deleted(request.stream)
-        view = View(_machine(group).store, group.commit_seq, self.clock.wall_ns())
+        view = View(store, group.commit_seq, self.clock.wall_ns())
         start = request.from_version if request.HasField("from_version") else None
         page = read_stream(stream, view, start, backward, limit)
         last = view.bounds(stream)[1]
@@ -284,6 +285,7 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
                                    last_version=last,
                                    stream_exists=last > 0 and stream.state == LIVE)
         recorded(page.events, response.events)
+        await self._settled(group, stream)
         return response
 
     @by_slot("slot")
@@ -308,17 +310,20 @@ class EventsService(Routed, pb_grpc.EventsServiceServicer):
     async def GetStreamMetadata(self, request: pb.GetStreamMetadataRequest, context: Ctx,
                                 group: Group) -> pb.GetStreamMetadataResponse:
         v.check_stream(request.stream)
-        stream = await self._settled(group, scoped(request.stream))
+        stream = _machine(group).store.streams.get(scoped(request.stream))
         if stream is None:
             return pb.GetStreamMetadataResponse()
         if stream.tombstoned:
+            await self._settled(group, stream)
             raise errors.stream_deleted(request.stream)
         metadata = pb.StreamMetadata(max_count=stream.max_count,
                                      truncate_before=stream.truncate_before)
         if stream.max_age_ns:
             metadata.max_age.FromNanoseconds(stream.max_age_ns)
-        return pb.GetStreamMetadataResponse(metadata=metadata,
-                                            metadata_version=stream.metadata_version)
+        answer = pb.GetStreamMetadataResponse(metadata=metadata,
+                                              metadata_version=stream.metadata_version)
+        await self._settled(group, stream)
+        return answer
 
     # -- subscriptions -------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from nodes.notify.feeds import (
     publication,
 )
 from nodes.notify.machine import NOTIFY, NotifyMachine
-from nodes.notify.model import CHANNEL, INBOX, PRESENCE, Log, LogKey
+from nodes.notify.model import CHANNEL, INBOX, PRESENCE, LogKey
 from nodes.notify.patterns import PatternWatch
 from nodes.notify.presence import Member
 from nodes.notify.primary import NotifyPrimary
@@ -175,14 +175,6 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
             raise
         self.hub.notify(group.group_id)
 
-    async def _settled(self, group: Group, kind: int, name: str) -> Log | None:
-        """The log once its latest cursor/settings change is committed."""
-        log = _machine(group).logs.get((kind, name))
-        if log is not None and log.changed_seq > group.commit_seq:
-            await group.wait_committed(log.changed_seq)
-            log = cast(NotifyMachine, group.still_led(NOTIFY)).logs.get((kind, name))
-        return log
-
     # -- channels ------------------------------------------------------------------
 
     @routed("channel")
@@ -211,16 +203,20 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
                          group: Group) -> pb.GetChannelResponse:
         v.check_name(request.channel, "channel")
         name = scoped(request.channel)
-        ephemeral = _machine(group).ephemeral.get(name)
-        log = ephemeral or await self._settled(group, CHANNEL, name)
+        machine = _machine(group)
+        ephemeral = machine.ephemeral.get(name)
+        log = ephemeral or machine.logs.get((CHANNEL, name))
         last = log.committed_last(group.commit_seq) if log is not None else 0
         if log is None or last == 0:  # nothing (committed) yet
             return pb.GetChannelResponse()
         options = _options(npb.LogSettings(size=log.size, ttl_ns=log.ttl_ns))
         options.ephemeral = ephemeral is not None
-        return pb.GetChannelResponse(
+        answer = pb.GetChannelResponse(
             epoch=log.epoch, last_offset=last, earliest_offset=min(log.earliest, last + 1),
             options=options)
+        if ephemeral is None:  # its settings as read, committed (read first: see _present)
+            await group.wait_committed(log.changed_seq)
+        return answer
 
     @routed("channel")
     async def History(self, request: pb.HistoryRequest, context: Ctx,
@@ -264,16 +260,18 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
                         group: Group) -> pb.ReadInboxResponse:
         v.check_name(request.user, "user")
         limit = v.page_size(request.limit)
-        log = await self._settled(group, INBOX, scoped(request.user))
+        log = _machine(group).logs.get((INBOX, scoped(request.user)))
         if log is None:
             return pb.ReadInboxResponse()
         commit = group.commit_seq
         last = log.committed_last(commit)
         items = within_page([inbox_item(request.user, e)
                              for e in log.after(request.after_cursor, last, limit)])
-        return pb.ReadInboxResponse(items=items, read_cursor=log.read_cursor,
-                                    unread_count=log.unread(commit), last_cursor=last,
-                                    epoch=log.epoch)
+        answer = pb.ReadInboxResponse(items=items, read_cursor=log.read_cursor,
+                                      unread_count=log.unread(commit), last_cursor=last,
+                                      epoch=log.epoch)
+        await group.wait_committed(log.changed_seq)  # its cursor as read, committed
+        return answer
 
     @routed("user")
     async def AckInbox(self, request: pb.AckInboxRequest, context: Ctx,
@@ -328,13 +326,13 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
                                                      if m.user}))
 
     async def _present(self, group: Group, channel: str) -> dict[str, Member]:
-        """``channel``'s members once its latest presence change is committed."""
-        seq = _machine(group).presence.changed_seq.get(channel, 0)
-        if seq > group.commit_seq:
-            await group.wait_committed(seq)
-            return dict(cast(NotifyMachine, group.still_led(NOTIFY))
-                        .presence.channels.get(channel, {}))
-        return dict(_machine(group).presence.channels.get(channel, {}))
+        """``channel``'s members, once what was read is committed. Read first, then
+        wait: a change made during the wait (not yet committed) is not in the
+        answer, and nothing is read from a group that may have left meanwhile."""
+        presence = _machine(group).presence
+        members = dict(presence.channels.get(channel, {}))
+        await group.wait_committed(presence.changed_seq.get(channel, 0))
+        return members
 
     # -- subscriptions ---------------------------------------------------------------
 

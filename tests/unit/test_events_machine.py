@@ -16,18 +16,22 @@ from common.clock import ManualClock
 from common.errors import ServiceError
 from common.tenancy import SEPARATOR
 from mesh.events.v1 import events_pb2 as pb
+from nodes.config import EventsLimits
 from nodes.events import machine as machine_module
 from nodes.events import primary as primary_module
 from nodes.events.machine import EVENTS, EventsMachine
 from nodes.events.model import CREATED_NS, POSITION, SEQ, STREAM, VERSION, event_record
 from nodes.events.primary import EventsPrimary
 from nodes.events.reads import View, read_slot, read_stream, record, recorded
+from nodes.events.service import EventsService
 from nodes.events.storage import SCHEMA, TABLES
 from nodes.events.store import EventStore
 from nodes.events.subscriptions import SlotTarget, SubscriptionHub, follow_slots, follow_stream
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
+from nodes.replication.sender import ReplicaTracker
 from tests.fakes import FakeJournal
+from tests.unit.test_replication_group import Link
 
 ANY = pb.EXPECTED_STATE_ANY
 NO_STREAM = pb.EXPECTED_STATE_NO_STREAM
@@ -419,3 +423,47 @@ def test_a_stored_event_is_written_into_its_messages_wire_form_in_place() -> Non
     delivery = pb.SubscribeResponse()
     record(delivery.event, stored)
     assert delivery.event == first
+
+
+class _Here:
+    """A forwarder whose every slot is led by ``group`` here."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def resolve(self, slot: int, context: object) -> Group:
+        return self.group
+
+
+async def test_stream_metadata_is_read_then_answered_once_committed() -> None:
+    """GetStreamMetadata reads, then waits for the stream's settings as read to
+    commit: settings changed during the wait (not yet committed) are not in the
+    answer, and a group that leaves as the wait ends is not read again."""
+    journal = FakeJournal()
+    service = EventsService(EventsLimits(), journal)  # type: ignore[arg-type]
+    group = Group(5, "a", {EVENTS: service.machine}, clock=CLOCK, journal=journal)
+    group.become_primary(1)
+    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    group.trackers = {"b": tracker}
+    service.start_routing(_Here(group))  # type: ignore[arg-type]
+    primary = EventsPrimary(group, _machine(group))
+    primary.set_metadata("s", (3, 0, 0), None)  # proposed, not yet committed
+    context: Any = None
+    request = pb.GetStreamMetadataRequest(stream="s")
+    call = asyncio.ensure_future(service.GetStreamMetadata(request, context))
+    await asyncio.sleep(0)
+    assert not call.done()  # waits for the settings it read to commit
+    read_at = group.log.last_seq
+    primary.set_metadata("s", (5, 0, 0), 1)  # changed during the wait
+    tracker.acked_seq = read_at
+    group.advance_commit()
+    answer = await asyncio.wait_for(call, 1)
+    assert answer.metadata.max_count == 3 and answer.metadata_version == 1
+
+    call = asyncio.ensure_future(service.GetStreamMetadata(request, context))
+    await asyncio.sleep(0)
+    tracker.acked_seq = group.log.last_seq
+    group.advance_commit()
+    group.close("the map moved the group to another node")
+    answer = await asyncio.wait_for(call, 1)
+    assert answer.metadata.max_count == 5 and answer.metadata_version == 2
