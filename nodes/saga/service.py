@@ -10,7 +10,7 @@ committed state.
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar, TypeAlias, cast
+from typing import ClassVar, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -44,6 +44,7 @@ from nodes.saga.storage import SCHEMA, TABLES
 __all__ = ["SagaService"]
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+_Answer = TypeVar("_Answer")
 
 _LIST = "sagas"
 _TICK_SECONDS = 60.0
@@ -157,12 +158,14 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
 
     # -- helpers -------------------------------------------------------------------
 
-    async def _settled(self, group: Group, key: str) -> None:
-        """Return once the latest change to ``key`` (a saga or a type) is committed;
-        UNAVAILABLE if the group is no longer led here (callers may have awaited)."""
-        seq = self._still_led(group).changed.get(key, 0)
-        if seq > group.commit_seq:
-            await group.wait_committed(seq)
+    @staticmethod
+    async def _settled(group: Group, key: str, answer: _Answer) -> _Answer:
+        """``answer``, just read from ``key``'s state (a saga or a type), once
+        that state is committed. Read first, then wait: a change made during the
+        wait (not yet committed) is not in it, and nothing is read from a group
+        that may have left this node meanwhile."""
+        await group.wait_committed(_machine(group).changed.get(key, 0))
+        return answer
 
     def _still_led(self, group: Group) -> SagaMachine:
         """The group's sagas after an await: UNAVAILABLE (retry) if this node
@@ -190,8 +193,8 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
         definition.name = scoped(definition.name)
         latest = _machine(group).type_version(definition.name, 0)
         if latest is not None and latest[0] == definition:
-            await self._settled(group, definition.name)
-            return pb.RegisterSagaTypeResponse(version=latest[1], unchanged=True)
+            return await self._settled(group, definition.name, pb.RegisterSagaTypeResponse(
+                version=latest[1], unchanged=True))
         proposal = group.propose(slot_for(definition.name), SAGA, spb.SagaCommand(
             registered=spb.TypeRegistered(definition=definition)).SerializeToString())
         version: int = await proposal.committed()
@@ -202,14 +205,14 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                           group: Group) -> pb.GetSagaTypeResponse:
         v.check_id(request.name, "name")
         name = scoped(request.name)
-        await self._settled(group, name)
-        found = self._still_led(group).type_version(name, request.version)
+        found = _machine(group).type_version(name, request.version)
         if found is None:
             raise errors.type_not_found(name, request.version)
         definition = pb.SagaDefinition()
         definition.CopyFrom(found[0])
         definition.name = unscoped(definition.name)
-        return pb.GetSagaTypeResponse(definition=definition, version=found[1])
+        return await self._settled(group, name, pb.GetSagaTypeResponse(
+            definition=definition, version=found[1]))
 
     # -- sagas -------------------------------------------------------------------------
 
@@ -252,8 +255,8 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                 request.version and request.version != saga.version):
             raise errors.saga_exists(saga_id, f"type {unscoped(saga.type)!r} version "
                                               f"{saga.version} and another input")
-        await self._settled(group, saga_id)
-        return pb.StartSagaResponse(saga=_view(existing), existed=True)
+        return await self._settled(group, saga_id, pb.StartSagaResponse(
+            saga=_view(existing), existed=True))
 
     @routed("saga_id")
     async def GetSaga(self, request: pb.GetSagaRequest, context: Ctx,
@@ -280,13 +283,12 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
                     waiting.discard(event)
                     if not waiting:
                         del self._waiters[saga_id]
-        await self._settled(group, saga_id)
         # (The wait ends early when the group stops being led here: its machine
         # is then not the primary's, or gone, and is no answer.)
         record = self._still_led(group).sagas.get(saga_id)
         if record is None:
             raise errors.saga_not_found(saga_id)
-        return pb.GetSagaResponse(saga=_view(record))
+        return await self._settled(group, saga_id, pb.GetSagaResponse(saga=_view(record)))
 
     @routed("saga_id")
     async def CancelSaga(self, request: pb.CancelSagaRequest, context: Ctx,
@@ -308,11 +310,7 @@ class SagaService(Routed, pb_grpc.SagaServiceServicer):
             # The cancel changed this record in place and stands: answered from
             # it even if the group left this node as it committed.
             return pb.CancelSagaResponse(saga=_view(record))
-        await self._settled(group, saga_id)
-        record = self._still_led(group).sagas.get(saga_id)
-        if record is None:
-            raise errors.saga_not_found(saga_id)
-        return pb.CancelSagaResponse(saga=_view(record))
+        return await self._settled(group, saga_id, pb.CancelSagaResponse(saga=_view(record)))
 
     @routed("saga_id")
     async def ReportStep(self, request: pb.ReportStepRequest, context: Ctx,

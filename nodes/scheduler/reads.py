@@ -1,9 +1,10 @@
 """The scheduler's reads (part of `SchedulerService`): GetJob, Stats and the lists.
 
-Reads show committed state only. GetJob waits until the latest command that
-changed the job is committed; Stats and the lists read, then wait until
-everything the primary did before they read is committed (as lock Describe
-does): a read never reports a change a failover could still undo.
+Reads show committed state only: each reads, then waits until what it read is
+committed (GetJob the latest command that changed the job; Stats and the lists
+everything the primary did before they read, as lock Describe does), so a read
+never reports a change a failover could still undo, nor one made while it
+waited.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from nodes.routing import Routed, routed
 from nodes.scheduler import errors
 from nodes.scheduler import validation as v
 from nodes.scheduler.machine import SCHEDULER, SchedulerMachine
-from nodes.scheduler.model import Job
 from nodes.scheduler.views import job_view, schedule_view, timestamp
 
 if TYPE_CHECKING:
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["Reads"]
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
-
-_SETTLE_TRIES = 3
-
 
 def _machine(group: Group) -> SchedulerMachine:
     return cast(SchedulerMachine, group.machines[SCHEDULER])
@@ -43,20 +40,6 @@ def own(group: Group, job_id: str) -> None:
     job = _machine(group).state.jobs.get(job_id)
     if job is not None and not tenancy.visible(job.queue):
         raise errors.job_not_found(job_id)
-
-
-async def _settled_job(group: Group, job_id: str) -> Job:
-    """The job once its latest change is committed (a few tries under constant
-    change; then as it is)."""
-    machine = _machine(group)
-    job = machine.decisions.job(job_id)
-    for _ in range(_SETTLE_TRIES):
-        if job.seq <= group.commit_seq:
-            break
-        await group.wait_committed(job.seq)
-        machine = cast(SchedulerMachine, group.still_led(SCHEDULER))
-        job = machine.decisions.job(job_id)
-    return job
 
 
 _DEAD_LETTERS = "scheduler.ListDeadLetters"
@@ -84,8 +67,10 @@ class Reads(Routed):
                      group: Group) -> pb.GetJobResponse:
         v.check_job_id(request.job_id)
         own(group, request.job_id)
-        job = await _settled_job(group, request.job_id)
-        return pb.GetJobResponse(job=job_view(job, self.clock.wall_ns()))
+        job = _machine(group).decisions.job(request.job_id)
+        answer = pb.GetJobResponse(job=job_view(job, self.clock.wall_ns()))
+        await group.wait_committed(job.seq)  # the job as read, committed
+        return answer
 
     @staticmethod
     def _queue_machine(group: Group, request: _QueueRequest) -> SchedulerMachine:

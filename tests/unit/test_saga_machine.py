@@ -376,3 +376,24 @@ async def test_a_cancel_whose_group_leaves_as_it_commits_is_answered() -> None:
     group.close("the map moved the group to another node")
     answer = await asyncio.wait_for(call, 5)
     assert answer.saga.state == pb.SAGA_STATE_COMPENSATING and answer.saga.cancel_requested
+
+
+async def test_get_saga_answers_what_it_read_once_that_is_committed() -> None:
+    """A change made while GetSaga waits for the saga as read to commit (here a
+    cancel) is not in its answer: it is not committed when the answer is."""
+    service, group = _serving(ManualClock(100 * SECOND))
+    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    group.trackers = {"b": tracker}
+    _propose(group, spb.SagaCommand(dispatched=spb.TaskDispatched(
+        saga_id="s1", step=0, phase=ACTION, job_id="j0")))  # not yet committed
+    context: Any = None
+    call = asyncio.ensure_future(service.GetSaga(pb.GetSagaRequest(saga_id="s1"), context))
+    await asyncio.sleep(0)
+    assert not call.done()  # waits for the dispatch it read to commit
+    read_at = group.log.last_seq
+    _propose(group, spb.SagaCommand(cancel=spb.CancelRequested(saga_id="s1")))
+    tracker.acked_seq = read_at
+    group.advance_commit()
+    answer = await asyncio.wait_for(call, 1)
+    assert answer.saga.state == pb.SAGA_STATE_RUNNING and not answer.saga.cancel_requested
+    assert answer.saga.steps[0].action.job_id == "j0"
