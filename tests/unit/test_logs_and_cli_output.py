@@ -115,6 +115,34 @@ def test_configure_replaces_handlers_and_filters_by_level(root_logging: None) ->
     assert text.getvalue().rstrip().endswith("DEBUG b: plain")
 
 
+def test_a_stream_whose_client_left_is_one_info_line_not_a_grpc_traceback(
+        root_logging: None) -> None:
+    """gRPC logs a server stream's write that failed because the client had gone
+    (ExecuteBatchError) at ERROR with a traceback; it is how subscriptions end."""
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    stream = io.StringIO()
+    logs.configure("info", "text", stream)
+    core = logging.getLogger("grpc._cython.cygrpc")
+    for error in (ExecuteBatchError("Failed execute_batch"), RuntimeError("a real bug")):
+        try:
+            raise error
+        except Exception:
+            core.exception("%s raised in core by servicer method [%s]",
+                           type(error).__name__, "/mesh.notify.v1.NotifyService/Subscribe")
+    gone, *bug = stream.getvalue().splitlines()
+    assert gone.endswith("INFO grpc._cython.cygrpc: /mesh.notify.v1.NotifyService/Subscribe: "
+                         "the stream's client left before a message could be sent to it")
+    assert "ERROR" in bug[0] and "Traceback (most recent call last):" in bug
+    assert bug[-1] == "RuntimeError: a real bug"
+    logs.configure("warning", "text", stream := io.StringIO())
+    try:
+        raise ExecuteBatchError("Failed execute_batch")
+    except Exception:
+        core.exception("ExecuteBatchError raised in core by servicer method [/a.B/C]")
+    assert stream.getvalue() == ""  # INFO, below the threshold
+
+
 class _Stuck(io.StringIO):
     """A stream whose writes wait until ``released`` (a log reader that stopped)."""
 
