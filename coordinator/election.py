@@ -204,7 +204,7 @@ class Election:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("campaign failed (%s); retrying", exc)
+                log.warning("campaign failed (%s); retrying", str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
                 continue
@@ -294,7 +294,7 @@ class Election:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("leadership lease renewal failed (%s)", exc)
+                log.warning("leadership lease renewal failed (%s)", str(exc) or type(exc).__name__)
                 wait = min(interval, 0.1)  # likely on another etcd member by now
 
     async def _expire(self, term: Leadership) -> None:

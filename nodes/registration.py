@@ -208,7 +208,7 @@ class Registration:
                     self._on_taken(exc)
                 return
             except Exception as exc:
-                log.warning("lease renewal failed (%s); retrying", exc)
+                log.warning("lease renewal failed (%s); retrying", str(exc) or type(exc).__name__)
                 # Soon: the etcd client has likely moved to another member already.
                 wait = min(interval, 0.1)
 
