@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ __all__ = ["LOOPS", "VARIABLE", "add_event_loop_flag", "chosen", "from_environme
            "running"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 LOOPS = ("auto", "uvloop", "asyncio")
 """``auto``: uvloop if it is installed, else asyncio's own loop."""
@@ -60,12 +63,44 @@ def chosen(name: str) -> str:
 
 
 def run(main: Coroutine[Any, Any, T], loop: str) -> T:
-    """``asyncio.run(main)`` on the loop ``loop`` (as `chosen` returns it)."""
+    """``asyncio.run(main)`` on the loop ``loop`` (as `chosen` returns it), with
+    `handle_exception` as the loop's exception handler."""
     if loop == "uvloop":
         import uvloop  # only here: the client and the tests never need it
 
-        return uvloop.run(main)
-    return asyncio.run(main)
+        return uvloop.run(_handled(main))
+    return asyncio.run(_handled(main))
+
+
+async def _handled(main: Coroutine[Any, Any, T]) -> T:
+    asyncio.get_running_loop().set_exception_handler(handle_exception)
+    return await main
+
+
+def handle_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's default handler, except for a TLS connection its peer reset
+    during the handshake: the loop's TLS layer fails a future nobody awaits,
+    and the default handler logs that as an ERROR with a traceback ("Future
+    exception was never retrieved"). A peer that went away is no error of this
+    process (a node killed, a network cut): one INFO line says so."""
+    error = context.get("exception")
+    if isinstance(error, ConnectionError) and _raised_in_tls_layer(error):
+        log.info("a TLS connection was closed by its peer during the handshake (%s)",
+                 type(error).__name__)
+        return
+    loop.default_exception_handler(context)
+
+
+def _raised_in_tls_layer(error: BaseException) -> bool:
+    """Whether ``error`` was raised in the loop's TLS protocol (uvloop's or asyncio's
+    ``sslproto``), not in Mesh's code."""
+    frames = error.__traceback__
+    while frames is not None:
+        if frames.tb_frame.f_code.co_filename.endswith("sslproto.pyx") \
+                or frames.tb_frame.f_code.co_filename.endswith("sslproto.py"):
+            return True
+        frames = frames.tb_next
+    return False
 
 
 def running() -> str:
