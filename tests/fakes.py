@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodes.replication.machine import Clear, Persist
+
+if TYPE_CHECKING:
+    from nodes.replication.group import Group
+
+
+class Here:
+    """A service's forwarder on a node that leads every slot itself, in ``group``
+    (give it to ``start_routing``: the handlers then get that group)."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def resolve(self, slot: int, context: object) -> Group:
+        return self.group
 
 
 class FakeJournal:

@@ -30,7 +30,8 @@ from nodes.config import CacheLimits
 from nodes.replication.group import Group, barriers
 from nodes.replication.manager import Redirect
 from nodes.replication.sender import ReplicaTracker
-from tests.unit.test_replication_group import Link
+from tests.fakes import Here
+from tests.unit.test_replication_group import Link, acked, replica_of
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -169,16 +170,6 @@ async def test_a_linearizable_mget_over_a_deposed_group_fails_leaving_no_outcome
     assert unread == []
 
 
-class LeadsEverySlot:
-    """The forwarder of a node that leads every slot itself, in one group."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def resolve(self, slot: int, context: object) -> Group:
-        return self.group
-
-
 @pytest.mark.parametrize("read", ["Get", "MGet"])
 async def test_a_linearizable_read_whose_group_leaves_as_its_barrier_commits_is_refused(
         read: str) -> None:
@@ -189,17 +180,15 @@ async def test_a_linearizable_read_whose_group_leaves_as_its_barrier_commits_is_
     service = CacheService(CacheLimits())
     group = Group(1, "a", {CACHE: service.machine})
     group.become_primary(1)
-    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    group.trackers = {"b": tracker}
-    service.start_routing(LeadsEverySlot(group))  # type: ignore[arg-type]
+    tracker = replica_of(group)
+    service.start_routing(Here(group))  # type: ignore[arg-type]
     context: Any = None
     request = pb.GetRequest(key="a", consistency=LINEARIZABLE) if read == "Get" \
         else pb.MGetRequest(keys=["a", "b"], consistency=LINEARIZABLE)
     call = asyncio.ensure_future(getattr(service, read)(request, context))
     await asyncio.sleep(0)  # the barrier's no-op is proposed
     assert group.log.last_seq == 1 and not call.done()
-    tracker.acked_seq = 1
-    group.advance_commit()  # the replica holds it...
+    acked(tracker, 1)  # the replica holds it...
     group.close("the map moved the group to another node")  # ...and the group is gone
     with pytest.raises(MeshStatusError) as info:
         await call

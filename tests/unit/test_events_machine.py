@@ -29,9 +29,8 @@ from nodes.events.store import EventStore
 from nodes.events.subscriptions import SlotTarget, SubscriptionHub, follow_slots, follow_stream
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.sender import ReplicaTracker
-from tests.fakes import FakeJournal
-from tests.unit.test_replication_group import Link
+from tests.fakes import FakeJournal, Here
+from tests.unit.test_replication_group import acked, replica_of
 
 ANY = pb.EXPECTED_STATE_ANY
 NO_STREAM = pb.EXPECTED_STATE_NO_STREAM
@@ -425,15 +424,6 @@ def test_a_stored_event_is_written_into_its_messages_wire_form_in_place() -> Non
     assert delivery.event == first
 
 
-class _Here:
-    """A forwarder whose every slot is led by ``group`` here."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def resolve(self, slot: int, context: object) -> Group:
-        return self.group
-
 
 async def test_stream_metadata_is_read_then_answered_once_committed() -> None:
     """GetStreamMetadata reads, then waits for the stream's settings as read to
@@ -443,9 +433,8 @@ async def test_stream_metadata_is_read_then_answered_once_committed() -> None:
     service = EventsService(EventsLimits(), journal)  # type: ignore[arg-type]
     group = Group(5, "a", {EVENTS: service.machine}, clock=CLOCK, journal=journal)
     group.become_primary(1)
-    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    group.trackers = {"b": tracker}
-    service.start_routing(_Here(group))  # type: ignore[arg-type]
+    tracker = replica_of(group)
+    service.start_routing(Here(group))  # type: ignore[arg-type]
     primary = EventsPrimary(group, _machine(group))
     primary.set_metadata("s", (3, 0, 0), None)  # proposed, not yet committed
     context: Any = None
@@ -455,15 +444,13 @@ async def test_stream_metadata_is_read_then_answered_once_committed() -> None:
     assert not call.done()  # waits for the settings it read to commit
     read_at = group.log.last_seq
     primary.set_metadata("s", (5, 0, 0), 1)  # changed during the wait
-    tracker.acked_seq = read_at
-    group.advance_commit()
+    acked(tracker, read_at)
     answer = await asyncio.wait_for(call, 1)
     assert answer.metadata.max_count == 3 and answer.metadata_version == 1
 
     call = asyncio.ensure_future(service.GetStreamMetadata(request, context))
     await asyncio.sleep(0)
-    tracker.acked_seq = group.log.last_seq
-    group.advance_commit()
+    acked(tracker)
     group.close("the map moved the group to another node")
     answer = await asyncio.wait_for(call, 1)
     assert answer.metadata.max_count == 5 and answer.metadata_version == 2

@@ -23,8 +23,8 @@ from nodes.lock.service import LockService
 from nodes.lock.table import EPOCH_SHIFT, LeaseCount, LockTable
 from nodes.lock.waiters import Grant, Waiter
 from nodes.replication.group import Group
-from nodes.replication.sender import ReplicaTracker
-from tests.unit.test_replication_group import Link
+from tests.fakes import Here
+from tests.unit.test_replication_group import replica_of
 
 LIMITS = LockLimits(max_waiters=3)
 
@@ -306,15 +306,6 @@ def test_snapshot_round_trip() -> None:
     assert rpb.SERVICE_KIND_LOCK == LOCK
 
 
-class _Here:
-    """A forwarder whose every slot is led by ``group`` here."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def resolve(self, slot: int, context: object) -> Group:
-        return self.group
-
 
 async def test_describe_answers_what_it_read_once_that_is_committed() -> None:
     """Describe reads, then waits for what it read to commit: a grant not yet
@@ -322,11 +313,10 @@ async def test_describe_answers_what_it_read_once_that_is_committed() -> None:
     stands even if the group is handed to another node as it commits (it read
     the machine, gone with the group, once, before the await: never INTERNAL)."""
     primary = _group("a", epoch=3, primary=True)
-    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    primary.trackers = {"b": tracker}
+    tracker = replica_of(primary)
     _acquire(_machine(primary), "moving", owner="o")  # proposed, not yet committed
     service = LockService(LIMITS)
-    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    service.start_routing(Here(primary))  # type: ignore[arg-type]
     context: Any = None  # only handed to the forwarder
     describe = asyncio.ensure_future(
         service.Describe(lock_pb.DescribeRequest(name="moving"), context))
@@ -340,10 +330,9 @@ async def test_describe_answers_what_it_read_once_that_is_committed() -> None:
 
     # A grant decided while it waits is not in the answer: it is not committed.
     primary = _group("a", epoch=3, primary=True)
-    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    primary.trackers = {"b": tracker}
+    tracker = replica_of(primary)
     _acquire(_machine(primary), "other", owner="o")
-    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    service.start_routing(Here(primary))  # type: ignore[arg-type]
     describe = asyncio.ensure_future(
         service.Describe(lock_pb.DescribeRequest(name="later"), context))
     await asyncio.sleep(0)
@@ -363,11 +352,10 @@ async def test_validate_commits_through_the_replicas_so_a_deposed_primary_never_
     that knows a newer epoch refuses it, and Validate fails instead of calling
     the token valid."""
     primary = _group("a", epoch=3, primary=True)
-    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    primary.trackers = {"b": tracker}
+    tracker = replica_of(primary)
     token = _granted(_acquire(_machine(primary), "fenced")).lease.token
     service = LockService(LIMITS)
-    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    service.start_routing(Here(primary))  # type: ignore[arg-type]
     context: Any = None  # only handed to the forwarder
     request = lock_pb.ValidateRequest(name="fenced", fencing_token=token)
 
@@ -396,10 +384,9 @@ async def test_a_batch_whose_group_is_deposed_keeps_the_grants_committed_before(
     when the group is lost after committing part of the batch, the grants that
     were committed are answered as granted and only the rest fail NOT_COMMITTED."""
     primary = _group("a", epoch=3, primary=True)
-    tracker = ReplicaTracker(primary, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    primary.trackers = {"b": tracker}
+    tracker = replica_of(primary)
     service = LockService(LIMITS)
-    service.start_routing(_Here(primary))  # type: ignore[arg-type]
+    service.start_routing(Here(primary))  # type: ignore[arg-type]
     context: Any = None  # only handed to the forwarder
     request = lock_pb.AcquireBatchRequest(requests=[
         lock_pb.AcquireRequest(name=name, owner="o", request_id=f"r-{name}")

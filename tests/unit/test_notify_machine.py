@@ -28,9 +28,8 @@ from nodes.notify.service import NotifyService
 from nodes.notify.storage import SCHEMA, TABLES
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.sender import ReplicaTracker
-from tests.fakes import FakeJournal
-from tests.unit.test_replication_group import Link
+from tests.fakes import FakeJournal, Here
+from tests.unit.test_replication_group import acked, replica_of
 
 DEFAULTS = npb.LogSettings(size=100, ttl_ns=600 * SECOND)
 
@@ -425,15 +424,6 @@ def test_a_trim_pass_looks_only_at_the_logs_that_are_due(
     assert all(not log.entries for log in _machine(group).ephemeral.values())  # 600 s ttl
 
 
-class _Here:
-    """A forwarder whose every slot is led by ``group`` here."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def resolve(self, slot: int, context: object) -> Group:
-        return self.group
-
 
 async def test_a_send_whose_group_leaves_as_it_commits_is_still_answered() -> None:
     """The message is committed: the answer's unread count must not be read from
@@ -444,15 +434,13 @@ async def test_a_send_whose_group_leaves_as_it_commits_is_still_answered() -> No
     service = NotifyService(NotifyLimits(), cast(Journal, journal), clock)
     group = Group(7, "a", {NOTIFY: service.machine}, clock=clock, journal=journal)
     group.become_primary(3)
-    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    group.trackers = {"b": tracker}
-    service.start_routing(_Here(group))  # type: ignore[arg-type]
+    tracker = replica_of(group)
+    service.start_routing(Here(group))  # type: ignore[arg-type]
     context: Any = None
     send = asyncio.ensure_future(service.Send(pb.SendRequest(user="u", data=b"hi"), context))
     await asyncio.sleep(0)
     assert not send.done()  # waits for the replica
-    tracker.acked_seq = group.log.last_seq
-    group.advance_commit()
+    acked(tracker)
     group.close("the map moved the group to another node")
     answer = await asyncio.wait_for(send, 1)
     assert answer.cursor == 1 and answer.unread_count == 1

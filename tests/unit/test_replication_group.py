@@ -62,6 +62,19 @@ class Link:
         pass
 
 
+def replica_of(group: Group) -> ReplicaTracker:
+    """An in-sync replica "b" of ``group``: its commits wait for what `acked` gives."""
+    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
+    group.trackers = {"b": tracker}
+    return tracker
+
+
+def acked(tracker: ReplicaTracker, seq: int | None = None) -> None:
+    """The replica holds every command up to ``seq`` (default: all): they commit."""
+    tracker.acked_seq = tracker.group.log.last_seq if seq is None else seq
+    tracker.group.advance_commit()
+
+
 def group(node: str = "a") -> Group:
     return Group(1, node, {rpb.SERVICE_KIND_CACHE: Recorder})
 

@@ -23,14 +23,13 @@ from nodes.config import SagaLimits
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
 from nodes.replication.machine import Clear, Persist, Write
-from nodes.replication.sender import ReplicaTracker
 from nodes.saga import progress
 from nodes.saga.driver import job_outcome, request_id, step_task
 from nodes.saga.machine import SAGA, SagaMachine
 from nodes.saga.service import SagaService
 from nodes.saga.storage import SCHEMA, Storage
-from tests.fakes import FakeJournal
-from tests.unit.test_replication_group import Link
+from tests.fakes import FakeJournal, Here
+from tests.unit.test_replication_group import acked, replica_of
 
 SUCCEEDED, FAILED, UNKNOWN = pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_UNKNOWN
 ACTION, COMPENSATION = pb.PHASE_ACTION, pb.PHASE_COMPENSATION
@@ -322,15 +321,6 @@ def test_the_service_forgets_the_sagas_past_their_retention() -> None:
     assert not _machine(primary).sagas
 
 
-class _Here:
-    """A forwarder whose every slot is led by ``group`` here."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def resolve(self, slot: int, context: object) -> Group:
-        return self.group
-
 
 def _serving(clock: ManualClock) -> tuple[SagaService, Group]:
     """A saga service leading one group, with saga ``s1`` running in it."""
@@ -338,7 +328,7 @@ def _serving(clock: ManualClock) -> tuple[SagaService, Group]:
     service = SagaService(SagaLimits(), cast(Journal, journal), clock)
     group = Group(5, "n", {SAGA: service.machine}, clock=clock, journal=journal)
     group.become_primary(2)
-    service.start_routing(_Here(group))  # type: ignore[arg-type]
+    service.start_routing(Here(group))  # type: ignore[arg-type]
     definition = _definition(["a"])
     _propose(group, spb.SagaCommand(registered=spb.TypeRegistered(definition=definition)))
     _propose(group, spb.SagaCommand(started=spb.SagaStarted(
@@ -365,14 +355,12 @@ async def test_a_get_saga_waiting_on_a_group_that_leaves_ends_at_once_to_be_retr
 async def test_a_cancel_whose_group_leaves_as_it_commits_is_answered() -> None:
     """The cancel took effect: it must not be reported as something to retry."""
     service, group = _serving(ManualClock(100 * SECOND))
-    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    group.trackers = {"b": tracker}
+    tracker = replica_of(group)
     context: Any = None
     call = asyncio.ensure_future(service.CancelSaga(pb.CancelSagaRequest(saga_id="s1"), context))
     await asyncio.sleep(0)
     assert not call.done()  # waits for the replica
-    tracker.acked_seq = group.log.last_seq
-    group.advance_commit()
+    acked(tracker)
     group.close("the map moved the group to another node")
     answer = await asyncio.wait_for(call, 5)
     assert answer.saga.state == pb.SAGA_STATE_COMPENSATING and answer.saga.cancel_requested
@@ -382,8 +370,7 @@ async def test_get_saga_answers_what_it_read_once_that_is_committed() -> None:
     """A change made while GetSaga waits for the saga as read to commit (here a
     cancel) is not in its answer: it is not committed when the answer is."""
     service, group = _serving(ManualClock(100 * SECOND))
-    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    group.trackers = {"b": tracker}
+    tracker = replica_of(group)
     _propose(group, spb.SagaCommand(dispatched=spb.TaskDispatched(
         saga_id="s1", step=0, phase=ACTION, job_id="j0")))  # not yet committed
     context: Any = None
@@ -392,8 +379,7 @@ async def test_get_saga_answers_what_it_read_once_that_is_committed() -> None:
     assert not call.done()  # waits for the dispatch it read to commit
     read_at = group.log.last_seq
     _propose(group, spb.SagaCommand(cancel=spb.CancelRequested(saga_id="s1")))
-    tracker.acked_seq = read_at
-    group.advance_commit()
+    acked(tracker, read_at)
     answer = await asyncio.wait_for(call, 1)
     assert answer.saga.state == pb.SAGA_STATE_RUNNING and not answer.saga.cancel_requested
     assert answer.saga.steps[0].action.job_id == "j0"

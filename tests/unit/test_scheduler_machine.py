@@ -21,7 +21,6 @@ from mesh.scheduler.v1 import scheduler_replication_pb2 as spb
 from nodes.config import SchedulerLimits
 from nodes.replication.group import Group
 from nodes.replication.journal import Journal
-from nodes.replication.sender import ReplicaTracker
 from nodes.scheduler import machine as machine_module
 from nodes.scheduler import validation as v
 from nodes.scheduler.claims import Claimed, ClaimWaiter, Room, claim
@@ -41,8 +40,8 @@ from nodes.scheduler.model import (
 from nodes.scheduler.service import SchedulerService
 from nodes.scheduler.state import EPOCH_SHIFT, SchedulerState
 from nodes.scheduler.storage import SCHEMA, TABLES
-from tests.fakes import FakeJournal
-from tests.unit.test_replication_group import Link
+from tests.fakes import FakeJournal, Here
+from tests.unit.test_replication_group import acked, replica_of
 
 S = 1_000_000_000
 LIMITS = SchedulerLimits()
@@ -845,15 +844,6 @@ def test_a_batch_of_completes_shares_one_answers_room_for_the_next_jobs() -> Non
     assert all(m.state.jobs[i].state == WAITING for i in ids[4:])
 
 
-class _Here:
-    """A forwarder whose every slot is led by ``group`` here."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-
-    def resolve(self, slot: int, context: object) -> Group:
-        return self.group
-
 
 async def test_stats_reads_then_waits_so_a_job_enqueued_meanwhile_is_not_counted() -> None:
     """Stats answers once what it read is committed; a job decided while it
@@ -864,9 +854,8 @@ async def test_stats_reads_then_waits_so_a_job_enqueued_meanwhile_is_not_counted
     service = SchedulerService(LIMITS, journal, clock)  # type: ignore[arg-type]
     group = Group(5, "a", {SCHEDULER: service.machine}, clock=clock, journal=journal)
     group.become_primary(1)
-    tracker = ReplicaTracker(group, "b", Link(), in_sync=True)  # type: ignore[arg-type]
-    group.trackers = {"b": tracker}
-    service.start_routing(_Here(group))  # type: ignore[arg-type]
+    tracker = replica_of(group)
+    service.start_routing(Here(group))  # type: ignore[arg-type]
     _enqueue(_machine(group))  # proposed, not yet committed
     context: Any = None
     stats = asyncio.ensure_future(service.Stats(pb.StatsRequest(queue="q"), context))
@@ -874,15 +863,13 @@ async def test_stats_reads_then_waits_so_a_job_enqueued_meanwhile_is_not_counted
     assert not stats.done()  # waits for the first job to commit
     read_at = group.log.last_seq
     _enqueue(_machine(group))  # decided during the wait
-    tracker.acked_seq = read_at
-    group.advance_commit()
+    acked(tracker, read_at)
     answer = await asyncio.wait_for(stats, 1)
     assert answer.ready == 1
     # The same read as the group leaves this node at the end of its wait: what
     # it read is committed, and nothing is read after the await.
     stats = asyncio.ensure_future(service.Stats(pb.StatsRequest(queue="q"), context))
     await asyncio.sleep(0)
-    tracker.acked_seq = group.log.last_seq
-    group.advance_commit()
+    acked(tracker)
     group.close("the map moved the group to another node")
     assert (await asyncio.wait_for(stats, 1)).ready == 2
