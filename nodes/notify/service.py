@@ -11,8 +11,8 @@ after every node restarted, finds every publication that was acknowledged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import ClassVar, TypeAlias, cast
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import ClassVar, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -57,6 +57,7 @@ from nodes.routing import Routed, routed
 __all__ = ["NotifyService"]
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+_Answer = TypeVar("_Answer")
 
 PRESENCE_GRAIN = 50 * MILLISECOND
 """Expiries closer together than this are handled by one tick."""
@@ -313,26 +314,28 @@ class NotifyService(Routed, pb_grpc.NotifyServiceServicer):
     async def Presence(self, request: pb.PresenceRequest, context: Ctx,
                        group: Group) -> pb.PresenceResponse:
         v.check_name(request.channel, "channel")
-        members = await self._present(group, scoped(request.channel))
-        return pb.PresenceResponse(members=[m.to_proto() for _, m in sorted(members.items())])
+        return await self._present(group, scoped(request.channel), lambda members: (
+            pb.PresenceResponse(members=[m.to_proto() for _, m in sorted(members.items())])))
 
     @routed("channel")
     async def PresenceStats(self, request: pb.PresenceStatsRequest, context: Ctx,
                             group: Group) -> pb.PresenceStatsResponse:
         v.check_name(request.channel, "channel")
-        members = await self._present(group, scoped(request.channel))
-        return pb.PresenceStatsResponse(
-            num_clients=len(members), num_users=len({m.user for m in members.values()
-                                                     if m.user}))
+        return await self._present(group, scoped(request.channel), lambda members: (
+            pb.PresenceStatsResponse(num_clients=len(members), num_users=len(
+                {m.user for m in members.values() if m.user}))))
 
-    async def _present(self, group: Group, channel: str) -> dict[str, Member]:
-        """``channel``'s members, once what was read is committed. Read first, then
-        wait: a change made during the wait (not yet committed) is not in the
-        answer, and nothing is read from a group that may have left meanwhile."""
+    @staticmethod
+    async def _present(group: Group, channel: str,
+                       answer: Callable[[Mapping[str, Member]], _Answer]) -> _Answer:
+        """The ``answer`` made from ``channel``'s members, once what it read is
+        committed. Made first, then the wait: a change made during the wait (not
+        yet committed; members change in place) is not in it, and nothing is
+        read from a group that may have left meanwhile."""
         presence = _machine(group).presence
-        members = dict(presence.channels.get(channel, {}))
+        made = answer(presence.channels.get(channel, {}))
         await group.wait_committed(presence.changed_seq.get(channel, 0))
-        return members
+        return made
 
     # -- subscriptions ---------------------------------------------------------------
 
