@@ -424,7 +424,6 @@ def test_a_stored_event_is_written_into_its_messages_wire_form_in_place() -> Non
     assert delivery.event == first
 
 
-
 async def test_stream_metadata_is_read_then_answered_once_committed() -> None:
     """GetStreamMetadata reads, then waits for the stream's settings as read to
     commit: settings changed during the wait (not yet committed) are not in the

@@ -306,7 +306,6 @@ def test_snapshot_round_trip() -> None:
     assert rpb.SERVICE_KIND_LOCK == LOCK
 
 
-
 async def test_describe_answers_what_it_read_once_that_is_committed() -> None:
     """Describe reads, then waits for what it read to commit: a grant not yet
     held by the replicas is not reported before it is, and once it is the answer

@@ -424,7 +424,6 @@ def test_a_trim_pass_looks_only_at_the_logs_that_are_due(
     assert all(not log.entries for log in _machine(group).ephemeral.values())  # 600 s ttl
 
 
-
 async def test_a_send_whose_group_leaves_as_it_commits_is_still_answered() -> None:
     """The message is committed: the answer's unread count must not be read from
     a group that left this node meanwhile (its machine is gone), nor the write

@@ -115,7 +115,6 @@ def test_a_batch_stops_taking_commands_past_its_room() -> None:
     assert second is not None and [c.seq for c in second.commands] == [3]
 
 
-
 @pytest.mark.timeout(30)
 async def test_a_busy_group_does_not_keep_a_quiet_one_out_of_full_messages() -> None:
     # The busy group's 20 MiB fill five messages; the quiet group's command,

@@ -390,7 +390,6 @@ def test_epochs_only_grow_and_group_epochs_follow_primary_changes() -> None:
         cmap = new
 
 
-
 # -- RecoverLostGroups ------------------------------------------------------------------
 
 

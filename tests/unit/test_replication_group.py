@@ -299,9 +299,10 @@ async def test_a_read_barrier_commits_through_the_replicas_or_fails_if_deposed()
 
 
 async def test_a_read_resuming_after_its_group_changed_hands_is_refused() -> None:
-    """What a handler reads after an await comes from `still_led`: the group it
-    was given may have been handed over (or left the node, machines and all)
-    while it waited, even if what it waited for committed first."""
+    """A handler that must read after an await (a read barrier, a long poll)
+    takes the machine from `still_led`: the group it was given may have been
+    handed over (or left the node, machines and all) while it waited, even if
+    what it waited for committed first."""
     primary = group("a")
     primary.become_primary(1)
     assert primary.still_led(rpb.SERVICE_KIND_CACHE) is primary.machines[rpb.SERVICE_KIND_CACHE]

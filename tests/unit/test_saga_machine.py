@@ -321,7 +321,6 @@ def test_the_service_forgets_the_sagas_past_their_retention() -> None:
     assert not _machine(primary).sagas
 
 
-
 def _serving(clock: ManualClock) -> tuple[SagaService, Group]:
     """A saga service leading one group, with saga ``s1`` running in it."""
     journal = FakeJournal()

@@ -844,7 +844,6 @@ def test_a_batch_of_completes_shares_one_answers_room_for_the_next_jobs() -> Non
     assert all(m.state.jobs[i].state == WAITING for i in ids[4:])
 
 
-
 async def test_stats_reads_then_waits_so_a_job_enqueued_meanwhile_is_not_counted() -> None:
     """Stats answers once what it read is committed; a job decided while it
     waits (not committed when it answers) is not in it, and the answer stands
