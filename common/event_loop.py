@@ -96,8 +96,7 @@ def _raised_in_tls_layer(error: BaseException) -> bool:
     ``sslproto``), not in Mesh's code."""
     frames = error.__traceback__
     while frames is not None:
-        if frames.tb_frame.f_code.co_filename.endswith("sslproto.pyx") \
-                or frames.tb_frame.f_code.co_filename.endswith("sslproto.py"):
+        if frames.tb_frame.f_code.co_filename.endswith(("sslproto.pyx", "sslproto.py")):
             return True
         frames = frames.tb_next
     return False
