@@ -65,6 +65,9 @@ class Reason(enum.StrEnum):
     NOT_COMMITTED = "NOT_COMMITTED"
     OWNERSHIP_EXPIRED = "OWNERSHIP_EXPIRED"
     TOO_MANY_HOPS = "TOO_MANY_HOPS"
+    # Sessions (mesh.session.v1).
+    TOO_MANY_CALLS = "TOO_MANY_CALLS"
+    UNKNOWN_METHOD = "UNKNOWN_METHOD"
     NOT_A_MEMBER = "NOT_A_MEMBER"
     GROUP_NOT_FOUND = "GROUP_NOT_FOUND"
     # The internal plane.

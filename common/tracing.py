@@ -112,12 +112,21 @@ def traceparent() -> str:
 
 
 @contextlib.contextmanager
-def span(name: str, parent: str = "", **attributes: str | int) -> Iterator[None]:
-    """A span named ``name`` (a child of ``parent``, a traceparent, if given); nothing
-    when this process does not trace."""
+def span(name: str, parent: str = "", server: bool = False,
+         **attributes: str | int) -> Iterator[None]:
+    """A span named ``name`` (a child of ``parent``, a traceparent, if given; of the
+    server kind if ``server``, as a call's span); nothing when this process does not
+    trace."""
     if _tracer is None:
         yield
         return
+    from opentelemetry.context import Context
+    from opentelemetry.trace import SpanKind
+
     context = propagate.extract({"traceparent": parent}) if parent else None
-    with _tracer.start_as_current_span(name, context=context, attributes=attributes):
+    if server and context is None:  # a call's root span, not the current one's child
+        context = Context()
+    kind = SpanKind.SERVER if server else SpanKind.INTERNAL
+    with _tracer.start_as_current_span(name, context=context, kind=kind,
+                                       attributes=attributes):
         yield

@@ -24,6 +24,7 @@ from common.errors import MeshStatusError, Reason, ServiceError, invalid_argumen
 from common.metrics import RpcMetrics
 from nodes.planes import TENANT_HEADER
 from nodes.ratelimit import Limiter
+from nodes.session import Calls
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,14 @@ def add_service(
     server: grpc.aio.Server, servicer: object, service: descriptor.ServiceDescriptor,
     rpc: RpcMetrics | None = None, auth: Authenticator | None = None,
     limiter: Limiter | None = None, admin_methods: Collection[str] = (),
+    calls: Calls | None = None,
 ) -> None:
     """Serve every unary and server-streaming method of ``service`` from ``servicer``,
     counting each call in ``rpc``, authenticating it with ``auth`` and admitting it
     through ``limiter`` (after authentication: limits are per tenant), if given.
-    With ``auth``, the methods named in ``admin_methods`` need the admin role."""
+    With ``auth``, the methods named in ``admin_methods`` need the admin role.
+    The unary methods' handlers also go into ``calls``, if given: what a session
+    (`nodes.session`) calls."""
     unknown = set(admin_methods) - {m.name for m in service.methods}
     if unknown:  # a typo here would silently leave a mutation open to every token
         raise ValueError(f"{service.full_name} has no method {', '.join(sorted(unknown))}")
@@ -260,6 +264,8 @@ def add_service(
                 unary = _measured_unary(unary, name, rpc)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 unary, response_serializer=serialize)
+            if calls is not None:
+                calls.add(name, unary, serialize)
     # Generic handlers only, not also "registered methods": grpc.aio's server keeps
     # one pending request future per registered method and waits on all of them
     # for every incoming call, so with the ~60 methods of a node's services each

@@ -45,6 +45,8 @@ from nodes.replication.sender import message_limit
 from nodes.replication.service import ReplicationService
 from nodes.rpc import add_service
 from nodes.services import registry
+from nodes.session import ENVELOPE_BYTES, Calls, Sessions
+from nodes.session import SERVICE as SESSION_SERVICE
 from nodes.stalls import Stalls
 from nodes.ticker import Ticker
 
@@ -58,7 +60,8 @@ def grpc_options(config: NodeConfig, max_message_bytes: int = 0) -> list[tuple[s
     limit = max_message_bytes or config.max_message_bytes
     return [
         ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        # An answer within the limit still fits once wrapped for a session.
+        ("grpc.max_send_message_length", limit + ENVELOPE_BYTES),
         # Ping idle connections so a dead peer is noticed in seconds, not at the
         # next call; accept client pings as often as every 5 s.
         ("grpc.keepalive_time_ms", 10_000),
@@ -102,6 +105,9 @@ class Node:
         )
         self.signer = PeerSigner(config.peer_key, NODE, config.node_id)
         self.health = health.aio.HealthServicer()
+        self.calls = Calls()
+        self.sessions = Sessions(self.calls, config.max_concurrent_rpcs)
+        self.server.add_generic_rpc_handlers((self.sessions.handler(),))
         self.services: dict[str, Service] = {}
         self._ticker: Ticker | None = None
         self.port = 0
@@ -151,7 +157,7 @@ class Node:
 
     def _add_services(self) -> None:
         names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME]
+                 reflection.SERVICE_NAME, SESSION_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in self.config.services:
             service = self.services[name] = self._classes[name].create(
@@ -172,7 +178,8 @@ class Node:
         decision), but the forwarding node already took their rate-limit tokens.
         """
         descriptor = service.descriptor
-        add_service(self.server, service, descriptor, self.metrics.rpc, self.auth, self.limiter)
+        add_service(self.server, service, descriptor, self.metrics.rpc, self.auth, self.limiter,
+                    calls=self.calls)
         add_service(self.peer_server, service, descriptor, self.metrics.rpc, self.auth, None)
         return str(descriptor.full_name)
 
@@ -283,6 +290,7 @@ class Node:
         await self.map.close()
         await self.replication.close()
         self._replication_service.close()
+        self.sessions.stop()
         await asyncio.gather(self.server.stop(self.config.shutdown_grace),
                              self.peer_server.stop(self.config.shutdown_grace))
         if self.journal is not None:

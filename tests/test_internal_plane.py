@@ -42,7 +42,7 @@ from tests.test_other_languages import grpcurl
 PUBLIC = {
     "mesh.cache.v1.CacheService", "mesh.lock.v1.LockService", "mesh.events.v1.EventsService",
     "mesh.scheduler.v1.SchedulerService", "mesh.notify.v1.NotifyService",
-    "mesh.saga.v1.SagaService",
+    "mesh.saga.v1.SagaService", "mesh.session.v1.SessionService",
     "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
 }
 

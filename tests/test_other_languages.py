@@ -96,6 +96,7 @@ async def test_grpcurl_lists_every_public_service_and_nothing_internal(address: 
         "mesh.scheduler.v1.SchedulerService",
         "mesh.notify.v1.NotifyService",
         "mesh.saga.v1.SagaService",
+        "mesh.session.v1.SessionService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
