@@ -31,6 +31,7 @@ from clients.notify import NotifyClient
 from clients.router import Router, Target
 from clients.saga import SagaClient
 from clients.scheduler import SchedulerClient
+from clients.session import ENVELOPE_BYTES, Session, SessionChannel
 from common.auth import bearer
 from common.clustermap import MapFollower, RoutingTable
 from common.etcd import EtcdAccess, client_for
@@ -67,7 +68,8 @@ MAX_MESSAGE_BYTES = 32 << 20
 """The largest message this client sends or takes (a node's default limit too)."""
 
 _CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A node's answer as large as its limit, with a session's envelope around it.
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + ENVELOPE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -95,6 +97,9 @@ class Mesh:
     as one MGet, sets as one MSet, event appends as one AppendMany, lock
     acquires and releases as one AcquireBatch / ReleaseBatch, job enqueues as
     one EnqueueBatch and completions as one CompleteBatch (see ``clients.coalesce``).
+    ``sessions`` (default on, unless tracing): unary calls to each node travel
+    as messages of one stream, which costs less than a call each (see
+    ``clients.session``); off, each is a gRPC call of its own.
     etcd itself is reached over TLS and with a user and password as the
     ``MESH_ETCD_CACERT/CERT/KEY/USER/PASSWORD_FILE`` variables say, or as an
     `EtcdAccess` given as ``etcd`` says.
@@ -114,6 +119,7 @@ class Mesh:
         tls: Tls | None = None,
         token: str | None = None,
         coalesce: bool = True,
+        sessions: bool = True,
     ) -> None:
         self.timeout = timeout
         token = token if token is not None else os.environ.get("MESH_TOKEN", "")
@@ -144,6 +150,10 @@ class Mesh:
         self._topology_listeners: list[Callable[[], None]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._stubs: dict[tuple[object, str], object] = {}
+        # A traced call's span context travels in its own metadata: with a
+        # tracer, every call goes as itself.
+        self._use_sessions = sessions and not self._interceptors
+        self._sessions: dict[grpc.aio.Channel, Session] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self.closed = False
@@ -206,7 +216,7 @@ class Mesh:
         self._stubs.clear()
         for channel in channels.values():
             with contextlib.suppress(Exception):
-                await channel.close()
+                await self._close_channel(channel, grace=None)
         for task in list(self._closing):
             task.cancel()  # _retire then closes its channel at once
         await asyncio.gather(*self._closing, return_exceptions=True)
@@ -363,7 +373,16 @@ class Mesh:
         key = (stub_class, address)
         stub = self._stubs.get(key)
         if stub is None:
-            stub = self._stubs[key] = stub_class(self.channel(address))
+            channel = self.channel(address)
+            if self._use_sessions:
+                session = self._sessions.get(channel)
+                if session is None:
+                    session = self._sessions[channel] = Session(
+                        channel, address, self.call_metadata())
+                stub = stub_class(SessionChannel(channel, session))
+            else:
+                stub = stub_class(channel)
+            self._stubs[key] = stub
         return stub  # type: ignore[return-value]
 
     async def refresh(self, timeout: float | None = None) -> None:
@@ -450,7 +469,15 @@ class Mesh:
                         await self._released.wait()
         finally:
             self._held.pop(channel, None)
-            await channel.close(grace=1.0)
+            await self._close_channel(channel, grace=1.0)
+
+    async def _close_channel(self, channel: grpc.aio.Channel, grace: float | None) -> None:
+        """Close ``channel``, its session first: the node answers the session's calls
+        in flight (within ``grace``), then ends it."""
+        session = self._sessions.pop(channel, None)
+        if session is not None:
+            session.close()
+        await channel.close(grace=grace)
 
 
 _UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,

@@ -11,7 +11,8 @@ The rules (``with_retries``):
   refusal counts as UNAVAILABLE-not-executed.
 - UNAVAILABLE: back off (exponential, full jitter), re-read the map, try again.
   Any call is retried when the node said it did not execute it (NO_MAP,
-  GROUP_UNAVAILABLE, OWNERSHIP_EXPIRED, TOO_MANY_HOPS, a refused redirect);
+  GROUP_UNAVAILABLE, OWNERSHIP_EXPIRED, TOO_MANY_HOPS, SHUTTING_DOWN, a refused
+  redirect);
   when the outcome is unknown (a connection error, NOT_COMMITTED) only calls
   that are safe to repeat are.
 - CIRCUIT_OPEN (the node's breaker is open, see ``clients.breaker``): nothing
@@ -42,7 +43,7 @@ MAX_HOPS = 3
 
 NOT_EXECUTED_REASONS = frozenset({
     "NO_MAP", "GROUP_UNAVAILABLE", "OWNERSHIP_EXPIRED", "TOO_MANY_HOPS", "WRONG_OWNER",
-    CIRCUIT_OPEN,
+    "SHUTTING_DOWN", CIRCUIT_OPEN,
 })
 """UNAVAILABLE reasons that promise the call had no effect (WRONG_OWNER: after
 the hop limit, re-raised as UNAVAILABLE)."""

@@ -25,12 +25,13 @@ from common.slots import slot_for
 SET = "/mesh.cache.v1.CacheService/Set"
 
 
-def _node_spans(directory: Path, trace_id: str) -> list[dict[str, Any]]:
+def _node_spans(directory: Path, trace_id: str | None) -> list[dict[str, Any]]:
+    """The nodes' spans of the trace ``trace_id`` (None: of every trace)."""
     spans = []
     for path in directory.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             span = json.loads(line)
-            if span["context"]["trace_id"] == trace_id:
+            if trace_id in (None, span["context"]["trace_id"]):
                 spans.append(span)
     return spans
 
@@ -82,3 +83,25 @@ async def test_a_forwarded_replicated_write_is_one_trace(local_mesh: Any, tmp_pa
     services = [s["resource"]["attributes"]["service.name"]
                 for s in (entry_server, owner, apply)]
     assert len(set(services)) == 3, services  # entry, owner and replica: three nodes
+
+    # A client that does not trace calls through a session: the node still
+    # gives the call a span of its own, the root of the call's trace on the nodes.
+    untraced = Mesh(addresses=[entry])
+    await untraced.start()
+    try:
+        await untraced.cache.set(key, b"untraced")
+    finally:
+        await untraced.close()
+    deadline = time.monotonic() + 10
+    while True:
+        roots = [s for s in await asyncio.to_thread(_node_spans, spans_dir, None)
+                 if s["name"] == SET and s["kind"] == "SpanKind.SERVER"
+                 and s["parent_id"] is None]
+        if roots:
+            spans = await asyncio.to_thread(_node_spans, spans_dir,
+                                            roots[0]["context"]["trace_id"])
+            forward = by(SET, "SpanKind.CLIENT", roots[0]["context"]["span_id"])
+            if forward and by(SET, "SpanKind.SERVER", forward["context"]["span_id"]):
+                break
+        assert time.monotonic() < deadline, json.dumps(roots, indent=1)
+        await asyncio.sleep(0.2)
