@@ -4,7 +4,8 @@ One run measures, on this machine and under the same load, the cache through the
 typed client and the baselines it is judged against:
 
 * cache GET through ``mesh.cache.get`` vs. a raw grpc.aio echo server that answers
-  the same method with the same messages (the limit of one Python gRPC hop);
+  the same method with the same messages (one Python gRPC unary call; the typed
+  client sends its calls as messages of a session stream, which cost less);
 * MGet of 100 keys through ``mesh.cache.mget`` vs. redis-py pipelines of 100 GETs;
 * redis-py GET, for orientation;
 * Set on 3-node clusters with R=1 (sync, async) vs. R=0, the cost of replication;
@@ -18,8 +19,9 @@ typed client and the baselines it is judged against:
   worker pool, complete) vs. Celery with a Redis broker in the same rounds
   (``scheduler``; ``celery_app`` is Celery's side, ``mesh_worker`` Mesh's worker
   process, ``counter`` how both count the jobs they ran);
-* the floor of each goal row (``floor``): the same messages (a coalesced call,
-  one replication message to a peer and its ack; for appends, sqlite commits on
+* the floor of each goal row (``floor``): the same messages (a coalesced call as
+  a message of a session stream, one replication message to a peer and its ack;
+  for appends, sqlite commits on
   both sides) sent by a ring of bare grpc.aio processes (``relay_server``) with
   nothing of Mesh behind them, in the same rounds as the rows they price;
 * failover time after SIGKILL of a primary, and rebalance time when a 4th node

@@ -28,7 +28,8 @@ in the same interleaved rounds, at the same number of calls in flight:
   3,000 events/s on a 2-CPU VM), so this is the subscription's own rate under
   that write load (it falls further behind as the round goes on).
 - ``floor.append.durable.c16``: the floor of a durable replicated append
-  (``bench.floor``): raw gRPC calls relayed to a peer, both sides committing
+  (``bench.floor``): raw gRPC calls (messages of one stream) relayed to a peer,
+  both sides committing
   each replication message to sqlite, nothing of Mesh; 16 in flight.
 - ``subscribe.catchup``: Subscribe to a 500-event stream from the beginning,
   read to CaughtUp, cancel, subscribe again, ...; rated in events delivered/s

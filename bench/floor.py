@@ -5,10 +5,11 @@ client's call to the primary, one replication message to the replica, its ack,
 the answer. A ring of three ``bench.relay_server`` processes (each relays to the
 next, so every process is a primary and a replica, as every node is) sends
 exactly those messages with no state machine, log, auth, routing, metrics or
-retries behind them. Its client coalesces as Mesh's typed client does (a lone
-write goes at once; while a call to a process is open the next writes gather
-for one call) and each process's link to the next keeps one message in flight,
-as a node's replication link does. Timed in the same interleaved rounds as
+retries behind them. Its client sends its calls to each process as messages of
+one stream and coalesces them as Mesh's typed client does (a lone write goes at
+once; while a call to a process is open the next writes gather for one call),
+and each process's link to the next keeps one message in flight, as a node's
+replication link does. Timed in the same interleaved rounds as
 the Mesh rows they price, the floor rows say how much of a Mesh row's cost the
 transport alone is, and whether a goal is within reach of Python gRPC at all:
 
@@ -24,9 +25,11 @@ transport alone is, and whether a goal is within reach of Python gRPC at all:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Protocol
@@ -80,17 +83,68 @@ def coalesced(unary: Unary) -> Batched[bytes]:
     return Batched(send)
 
 
+class Session:
+    """Calls to one process as messages of its ``Session`` stream, sent and
+    matched to their answers as the typed client's session does
+    (``clients.session``): an outbox the stream's request iterator drains, and
+    a reader that ends each call's future by its id."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._open = channel.stream_stream(f"/{SERVICE}/Session", request_serializer=raw,
+                                           response_deserializer=raw)
+        self._stream: grpc.aio.StreamStreamCall | None = None
+        self._pending: dict[bytes, asyncio.Future[None]] = {}
+        self._ids = itertools.count()
+        self._outbox: deque[bytes] = deque()
+        self._queued = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    def method(self, kind: bytes) -> Unary:
+        async def call(request: bytes, *, timeout: float) -> bytes:
+            if self._stream is None:
+                self._stream = self._open(self._requests())
+                self._reader = asyncio.create_task(self._read(self._stream))
+            ident = next(self._ids).to_bytes(8, "big")
+            future = self._pending[ident] = asyncio.get_running_loop().create_future()
+            self._outbox.append(kind + ident + request)
+            self._queued.set()
+            async with asyncio.timeout(timeout):
+                await future
+            return b""
+        return call
+
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._outbox:
+                yield self._outbox.popleft()
+            self._queued.clear()
+            await self._queued.wait()
+
+    async def _read(self, stream: grpc.aio.StreamStreamCall) -> None:
+        try:
+            async for ident in stream:
+                future = self._pending.pop(ident, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+        except grpc.aio.AioRpcError as exc:  # a bench fails loudly: every caller raises
+            for future in self._pending.values():
+                future.set_exception(exc)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
 class Ring:
-    """A client of one ring: a channel to each process, and coalesced writes."""
+    """A client of one ring: a session to each process, and coalesced writes."""
 
     def __init__(self, channels: list[grpc.aio.Channel]) -> None:
-        def method(channel: grpc.aio.Channel, name: str) -> Unary:
-            unary: Unary = channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=raw,
-                                               response_deserializer=raw)
-            return unary
-
-        self._calls = [method(channel, "Call") for channel in channels]
-        self._echoes = [method(channel, "Echo") for channel in channels]
+        self.sessions = [Session(channel) for channel in channels]
+        self._calls = [session.method(b"C") for session in self.sessions]
+        self._echoes = [session.method(b"E") for session in self.sessions]
         # One coalescer per process and kind, as the typed client keeps them per
         # node and method (a lock's acquires and its releases gather apart).
         self._writes = [coalesced(call) for call in self._calls]
@@ -150,5 +204,7 @@ async def connected(addresses: list[str]) -> AsyncIterator[Ring]:
         channels = [await stack.enter_async_context(grpc.aio.insecure_channel(address))
                     for address in addresses]
         ring = Ring(channels)
+        for session in ring.sessions:
+            stack.push_async_callback(session.close)
         await ring.check()
         yield ring

@@ -13,9 +13,10 @@ to a peer and acknowledged, with nothing of Mesh behind them.
 
 The sequential cycle is also timed three more ways, so that its distance from
 the floor splits into parts (``report.lock_seq_split``): through the generated
-stubs straight to the lock's primary (``stub.lock.r1.seq``, ``stub.lock.r0.seq``:
-Mesh's nodes without the typed client), and as two raw echoes, the floor's
-calls without their relay (``floor.echo.seq``).
+stubs over the typed client's session straight to the lock's primary
+(``stub.lock.r1.seq``, ``stub.lock.r0.seq``: Mesh's nodes without the typed
+client), and as two raw echoes, the floor's calls without their relay
+(``floor.echo.seq``).
 
 ``python -m bench.locks`` runs only these rows (its own etcd) and prints their table.
 """
@@ -108,11 +109,11 @@ def _mesh_cycle(mesh: Mesh) -> Callable[[str], Awaitable[None]]:
 
 
 def _stub_cycle(mesh: Mesh, name: str) -> Op:
-    """Acquire and release ``name`` through the generated stub, on the channel and
-    with the metadata the typed client uses, at the primary it routes to: the
-    requests the typed client sends, without its coalescing, retries, breaker or
-    lease bookkeeping."""
-    stub = pb_grpc.LockServiceStub(mesh.channel(mesh.route("lock", name).address))
+    """Acquire and release ``name`` through the generated stub, over the session
+    and with the metadata the typed client uses, at the primary it routes to: the
+    requests the typed client sends, as it sends them, without its coalescing,
+    retries, breaker or lease bookkeeping."""
+    stub = mesh.stub(pb_grpc.LockServiceStub, mesh.route("lock", name).address)
     metadata = mesh.call_metadata()
     ttl = duration_pb2.Duration(seconds=int(TTL))
     wait = duration_pb2.Duration(seconds=int(WAIT))
@@ -164,11 +165,12 @@ def workloads(c: Clients, counters: dict[str, Counters] | None = None) -> list[W
     for variant, mesh in c.meshes.items():
         work.append(Workload(
             stub_name(variant),
-            f"LockService Acquire+Release through the generated stub at the lock's primary "
-            f"(no typed client), {TITLES[variant]}, 1 lock, 1 loop",
+            f"LockService Acquire+Release through the generated stub over the session, at "
+            f"the lock's primary (no typed client), {TITLES[variant]}, 1 lock, 1 loop",
             _stub_cycle(mesh, f"bench-lock:{variant}:stub")))
-    work.append(Workload(FLOOR_ECHO, "two raw gRPC calls answered at once (the floor's "
-                         "cycle without its relay), 1 loop", c.ring.echo_cycles()))
+    work.append(Workload(FLOOR_ECHO, "two raw gRPC calls (messages of one stream) answered "
+                         "at once (the floor's cycle without its relay), 1 loop",
+                         c.ring.echo_cycles()))
     return work
 
 

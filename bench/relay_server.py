@@ -11,6 +11,10 @@ a replicated write cost Python gRPC by themselves (``bench.floor``):
   ack). Like a Mesh node's replication link, the stream keeps one message in
   flight, and the requests that arrive meanwhile go out together in the next one.
 - ``/floor.Relay/Apply`` (bidi) acknowledges each message it reads.
+- ``/floor.Relay/Session`` (bidi) takes both calls as messages of one stream,
+  as the typed client sends its calls to a node (``clients.session``): each
+  message is a kind (``C`` a Call, ``E`` an Echo), an 8-byte id and the
+  request; each answer is the id, once that call is done.
 
 With ``--durable DIR`` both sides also commit every replication message to
 sqlite, as the node's journal does (WAL, ``synchronous=FULL``, in a thread,
@@ -150,10 +154,44 @@ def add_relay_service(server: grpc.aio.Server, link: Link | None, disk: Disk | N
                 await disk.commit(message)
             yield ACK
 
+    async def session(requests: AsyncIterator[bytes],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        reading = True
+
+        async def run(message: bytes) -> None:
+            if message[:1] == b"C" and link is not None:
+                await link.send(message[9:])
+            answers.put_nowait(message[1:9])
+
+        def ended(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if not reading and not running:
+                answers.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            async for message in requests:
+                task = asyncio.create_task(run(message))
+                running.add(task)
+                task.add_done_callback(ended)
+            reading = False
+            if not running:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(echo, raw, raw),
         "Call": grpc.unary_unary_rpc_method_handler(call, raw, raw),
         "Apply": grpc.stream_stream_rpc_method_handler(apply, raw, raw),
+        "Session": grpc.stream_stream_rpc_method_handler(session, raw, raw),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 

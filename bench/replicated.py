@@ -90,10 +90,12 @@ def workloads(meshes: dict[str, Mesh], ring: floor.Ring,
         for n in CONCURRENCY for linearizable in (False, True)
     ]
     floors = [
-        Workload(floor_workload_name(False), f"raw gRPC calls answered at once (an "
+        Workload(floor_workload_name(False), f"raw gRPC calls (messages of one stream) "
+                 f"answered at once (an "
                  f"unreplicated write's messages, nothing of Mesh), {floor.SIZE} processes, "
                  f"{FLOOR_IN_FLIGHT} in flight", ring.unreplicated(), FLOOR_IN_FLIGHT),
-        Workload(floor_workload_name(True), f"raw gRPC calls, each relayed to a peer and "
+        Workload(floor_workload_name(True), f"raw gRPC calls (messages of one stream), "
+                 f"each relayed to a peer and "
                  f"acknowledged (a replicated write's messages, nothing of Mesh), "
                  f"{floor.SIZE} processes, {FLOOR_IN_FLIGHT} in flight", ring.replicated(),
                  FLOOR_IN_FLIGHT),

@@ -163,7 +163,7 @@ STACK_COMPARISONS = [
 """The full interceptor stack against a bare node timed with it, at the same calls in flight."""
 COMPARISONS += STACK_COMPARISONS + LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS \
     + SCHEDULER_BATCH_COMPARISONS
-RELAYED = "raw gRPC calls relayed to a peer (nothing of Mesh)"
+RELAYED = "raw gRPC calls (messages of one stream) relayed to a peer (nothing of Mesh)"
 FLOOR_COMPARISONS = [
     Comparison("floor.lock.seq", f"Floor of a replicated lock cycle: two {RELAYED}, "
                "sequential", "cycles/s", "floor.lock.seq", "etcd.lock.seq", "etcd lock (aetcd)"),
@@ -171,7 +171,7 @@ FLOOR_COMPARISONS = [
                "16 loops", "cycles/s", "floor.lock.c16", "etcd.lock.c16", "etcd lock (aetcd)"),
     Comparison("floor.set.c64", f"Floor of a replicated write: {RELAYED}, 64 in flight",
                "calls/s", "floor.set.replicated.c64", "floor.set.unreplicated.c64",
-               "raw gRPC calls answered at once"),
+               "raw gRPC calls (messages of one stream) answered at once"),
     Comparison("floor.append.c16", f"Floor of a durable replicated append: {RELAYED}, "
                "both sides committing to sqlite, 16 in flight", "appends/s",
                "floor.append.durable.c16", "echo.events.c16", ECHO),
@@ -205,7 +205,8 @@ def lock_seq_split(by_name: dict[str, Measurement]) -> dict[str, float] | None:
     - ``replication_us``: a replicated write's hop beyond the floor's (the stub's
       replicated call less its unreplicated one, against the floor's relay less
       its echo);
-    - ``client_us``: the typed client's own work (typed client against the stub).
+    - ``client_us``: the typed client's own work (typed client against the stub,
+      both over the session).
 
     They add up to ``mesh_us``, the typed client's call. None if any did not run.
     A difference of two rates carries both their noise: read parts of a few tens
@@ -418,7 +419,8 @@ def _floor_table(floors: dict[str, dict[str, Any]]) -> list[str]:
     if not floors:
         return []
     lines = ["", "Floors (`bench.floor`: three raw grpc.aio processes in a ring, each "
-             "relaying to the next; writes coalesced as the typed client coalesces them):", "",
+             "relaying to the next; calls sent as messages of one stream per process and "
+             "coalesced, as the typed client sends them):", "",
              "| floor | raw gRPC | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
     for c in floors.values():
         lines.append(f"| {c['label']} ({c['unit']}) vs {c['baseline_label']} "
