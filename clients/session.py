@@ -55,11 +55,12 @@ def _error(code: grpc.StatusCode, details: str,
                                 details=details)
 
 
-def _not_read(address: str) -> grpc.aio.AioRpcError:
-    """A call the node never read: it stopped first (the retries' not-executed)."""
+def _not_read(address: str, why: str = "stopped before reading the call"
+              ) -> grpc.aio.AioRpcError:
+    """A call the node never read: it stopped first, or the client retired its
+    session (the retries' not-executed)."""
     info = error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain="mesh")
-    status = status_pb2.Status(code=code_pb2.UNAVAILABLE,
-                               message=f"{address} stopped before reading the call")
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=f"{address} {why}")
     status.details.add().Pack(info)
     return _error(grpc.StatusCode.UNAVAILABLE, status.message,
                   ((_DETAILS_KEY, status.SerializeToString()),))
@@ -104,8 +105,8 @@ class Session:
         (Unsupported if the node serves no sessions)."""
         if self.unsupported:
             raise Unsupported()
-        if self.closed:
-            raise _error(grpc.StatusCode.CANCELLED, "the client closed its channel")
+        if self.closed:  # the node left the map; a retry finds its successor
+            raise _not_read(self.address, "left: the call was not sent")
         if timeout is not None and timeout <= 0:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         if self._stream is None:

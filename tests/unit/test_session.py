@@ -218,6 +218,20 @@ async def test_a_stopping_node_answers_calls_in_flight_and_refuses_new_ones(
     assert node.cache.started == ["slow"]
 
 
+async def test_a_closed_session_sends_nothing_and_says_so(node: Node) -> None:
+    async with grpc.aio.insecure_channel(node.address) as channel:
+        stub, session = stub_for(channel, node.address)
+        slow = asyncio.create_task(stub.Get(cache_pb2.GetRequest(key="slow"), timeout=5))
+        await until(lambda: node.cache.started == ["slow"])
+        session.close()  # as the client does when the node leaves the map
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Get(cache_pb2.GetRequest(key="later"), timeout=5)
+        node.cache.release.set()
+        assert (await slow).found  # a call in flight is still answered
+    assert classify(from_rpc_error(info.value)) is Verdict.NOT_EXECUTED
+    assert node.cache.started == ["slow"]
+
+
 async def test_a_broken_session_leaves_its_calls_in_flight_unknown(node: Node) -> None:
     async with grpc.aio.insecure_channel(node.address) as channel:
         stub, _ = stub_for(channel, node.address)
