@@ -121,10 +121,11 @@ async def test_a_call_answers_as_its_unary_call(node: Node) -> None:
     assert by_session.value.details() == by_call.value.details()
     assert error_details(by_session.value) == error_details(by_call.value) == (
         "KEY_EXISTS", {"key": "missing"}, {})
-    counted = node.registry.get_sample_value(
+    # Metrics count a session's call under its own method, as the unary one
+    # (which the server counts just after its status is on its way).
+    await until(lambda: node.registry.get_sample_value(
         "mesh_rpc_requests_total",
-        {"method": "/mesh.cache.v1.CacheService/Get", "code": "ALREADY_EXISTS"})
-    assert counted == 2  # metrics count a session's calls under their own method
+        {"method": "/mesh.cache.v1.CacheService/Get", "code": "ALREADY_EXISTS"}) == 2)
 
 
 async def test_calls_run_at_once_and_end_in_any_order(node: Node) -> None:
@@ -151,8 +152,7 @@ async def test_a_deadline_ends_the_call_and_stops_its_handler(node: Node) -> Non
 async def test_a_cancelled_call_stops_its_handler(node: Node) -> None:
     async with grpc.aio.insecure_channel(node.address) as channel:
         stub, _ = stub_for(channel, node.address)
-        call = asyncio.create_task(stub.Get(cache_pb2.GetRequest(key="slow"), timeout=5))
-        await until(lambda: node.cache.started == ["slow"])
+        call = await held_call(stub, node)
         call.cancel()
         await until(lambda: node.cache.stopped == ["slow"])
         assert (await stub.Get(cache_pb2.GetRequest(key="k"), timeout=5)).found
@@ -183,9 +183,7 @@ async def test_calls_past_the_nodes_limit_are_resource_exhausted() -> None:
     try:
         async with grpc.aio.insecure_channel(node.address) as channel:
             stub, _ = stub_for(channel, node.address)
-            held = [asyncio.create_task(stub.Get(cache_pb2.GetRequest(key=f"slow{i}"),
-                                                 timeout=5)) for i in range(2)]
-            await until(lambda: len(node.cache.started) == 2)
+            held = [await held_call(stub, node, f"slow{i}") for i in range(2)]
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Get(cache_pb2.GetRequest(key="k"), timeout=5)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -201,8 +199,7 @@ async def test_a_stopping_node_answers_calls_in_flight_and_refuses_new_ones(
         node: Node) -> None:
     async with grpc.aio.insecure_channel(node.address) as channel:
         stub, _ = stub_for(channel, node.address)
-        slow = asyncio.create_task(stub.Get(cache_pb2.GetRequest(key="slow"), timeout=5))
-        await until(lambda: node.cache.started == ["slow"])
+        slow = await held_call(stub, node)
         node.sessions.stop()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Get(cache_pb2.GetRequest(key="k"), timeout=5)
@@ -221,8 +218,7 @@ async def test_a_stopping_node_answers_calls_in_flight_and_refuses_new_ones(
 async def test_a_closed_session_sends_nothing_and_says_so(node: Node) -> None:
     async with grpc.aio.insecure_channel(node.address) as channel:
         stub, session = stub_for(channel, node.address)
-        slow = asyncio.create_task(stub.Get(cache_pb2.GetRequest(key="slow"), timeout=5))
-        await until(lambda: node.cache.started == ["slow"])
+        slow = await held_call(stub, node)
         session.close()  # as the client does when the node leaves the map
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Get(cache_pb2.GetRequest(key="later"), timeout=5)
@@ -235,8 +231,7 @@ async def test_a_closed_session_sends_nothing_and_says_so(node: Node) -> None:
 async def test_a_broken_session_leaves_its_calls_in_flight_unknown(node: Node) -> None:
     async with grpc.aio.insecure_channel(node.address) as channel:
         stub, _ = stub_for(channel, node.address)
-        slow = asyncio.create_task(stub.Get(cache_pb2.GetRequest(key="slow"), timeout=5))
-        await until(lambda: node.cache.started == ["slow"])
+        slow = await held_call(stub, node)
         await node.server.stop(0)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await slow
@@ -311,6 +306,15 @@ async def test_a_broken_protocol_ends_the_session_naming_the_field(node: Node) -
     assert duplicate.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert list(error_details(duplicate.value)[2]) == ["call_id"]
     await until(lambda: node.cache.stopped == ["slow"])  # its call ended with it
+
+
+async def held_call(stub: cache_pb2_grpc.CacheServiceStub, node: Node, key: str = "slow"
+                    ) -> asyncio.Task[cache_pb2.GetResponse]:
+    """A Get of ``key`` ("slow...") the node's handler holds until
+    ``node.cache.release`` is set, once the handler runs."""
+    call = asyncio.create_task(stub.Get(cache_pb2.GetRequest(key=key), timeout=5))
+    await until(lambda: key in node.cache.started)
+    return call
 
 
 async def until(condition: Any, timeout: float = 5.0) -> None:
