@@ -97,11 +97,16 @@ def _metadata_entries(pairs: Sequence[tuple[str, str | bytes]]) -> list[session_
                                   else value) for key, value in pairs]
 
 
+def _ended(call_id: int, code: grpc.StatusCode, details: str,
+           trailing: Sequence[tuple[str, str | bytes]] = ()) -> session_pb2.OpenResponse:
+    """The answer of a call that failed with this status."""
+    return session_pb2.OpenResponse(call_id=call_id, code=code.value[0], message=details,
+                                    trailing_metadata=_metadata_entries(trailing))
+
+
 def _failed(call_id: int, error: MeshStatusError) -> session_pb2.OpenResponse:
     status = error.to_status()
-    return session_pb2.OpenResponse(
-        call_id=call_id, code=status.code.value[0], message=status.details,
-        trailing_metadata=_metadata_entries(status.trailing_metadata))
+    return _ended(call_id, status.code, status.details, status.trailing_metadata)
 
 
 class _Admission:
@@ -185,15 +190,20 @@ class _Session:
         if call_id in self._running:
             raise invalid_argument("call_id", f"call {call_id} is already in flight on "
                                    "this session")
-        refusal = self._refusal(request)
+        entry = self._calls.get(request.method)
+        timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") \
+            else None
+        refusal = self._refusal(entry is None, timeout)
         if refusal is not None:
             self._answers.put_nowait(_failed(call_id, refusal))
             return
-        task = self._running[call_id] = asyncio.create_task(self._run(request))
+        assert entry is not None
+        task = self._running[call_id] = asyncio.create_task(
+            self._run(call_id, request.method, request.request, entry, timeout))
         self._admission.running += 1
         task.add_done_callback(self._admission.done)
 
-    def _refusal(self, request: session_pb2.OpenRequest) -> MeshStatusError | None:
+    def _refusal(self, unknown: bool, timeout: float | None) -> MeshStatusError | None:
         if self._stopping:
             return MeshStatusError(grpc.StatusCode.UNAVAILABLE,
                                    "the node is stopping; call another", Reason.SHUTTING_DOWN)
@@ -202,23 +212,18 @@ class _Session:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the node has {self._admission.limit} calls in flight (its limit); back off",
                 Reason.TOO_MANY_CALLS)
-        if self._calls.get(request.method) is None:
+        if unknown:
             return MeshStatusError(grpc.StatusCode.UNIMPLEMENTED,
                                    "method: not a unary method of this node's public services",
                                    Reason.UNKNOWN_METHOD)
-        if request.HasField("timeout"):
-            seconds = request.timeout.ToNanoseconds() / 1e9
-            if not 0 < seconds <= MAX_TIMEOUT:
-                return invalid_argument("timeout", f"must be positive and at most "
-                                        f"{MAX_TIMEOUT:.0f} s")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            return invalid_argument("timeout", f"must be positive and at most "
+                                    f"{MAX_TIMEOUT:.0f} s")
         return None
 
-    async def _run(self, request: session_pb2.OpenRequest) -> None:
-        call_id = request.call_id
-        handler, serialize = cast(tuple[Handler, Callable[[Any], bytes]],
-                                  self._calls.get(request.method))
-        timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") \
-            else None
+    async def _run(self, call_id: int, method: str, raw: bytes,
+                   entry: tuple[Handler, Callable[[Any], bytes]], timeout: float | None) -> None:
+        handler, serialize = entry
         loop = asyncio.get_running_loop()
         context = CallContext(self._metadata,
                               None if timeout is None else loop.time() + timeout)
@@ -227,27 +232,21 @@ class _Session:
             # A call's own span, as gRPC's server interceptor makes for a unary
             # call (a traced client calls without a session: its span context
             # travels in each call's metadata).
-            with tracing.span(request.method, server=True):
+            with tracing.span(method, server=True):
                 async with asyncio.timeout(timeout):
-                    response = await handler(request.request,
-                                             cast(grpc.aio.ServicerContext, context))
+                    response = await handler(raw, cast(grpc.aio.ServicerContext, context))
             answer = session_pb2.OpenResponse(call_id=call_id, response=serialize(response))
         except grpc.aio.AbortError:
-            code, details, trailing = context.status or (
-                grpc.StatusCode.INTERNAL, "internal error", ())
-            answer = session_pb2.OpenResponse(
-                call_id=call_id, code=code.value[0], message=details,
-                trailing_metadata=_metadata_entries(trailing))
+            answer = _ended(call_id, *(context.status or (
+                grpc.StatusCode.INTERNAL, "internal error", ())))
         except TimeoutError:
-            answer = session_pb2.OpenResponse(
-                call_id=call_id, code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
-                message="Deadline Exceeded")
+            answer = _ended(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         except asyncio.CancelledError:
             # The client cancelled the call (it expects no answer) or the
             # session ended.
             raise
         except Exception:  # the handlers turn every error into a status; a bug
-            log.exception("%s failed in a session", request.method)
+            log.exception("%s failed in a session", method)
             answer = _failed(call_id, MeshStatusError(
                 grpc.StatusCode.INTERNAL, "internal error (logged by the node)",
                 Reason.INTERNAL))
