@@ -21,9 +21,9 @@ typed client and the baselines it is judged against:
   process, ``counter`` how both count the jobs they ran);
 * the floor of each goal row (``floor``): the same messages (a coalesced call as
   a message of a session stream, one replication message to a peer and its ack;
-  for appends, sqlite commits on
-  both sides) sent by a ring of bare grpc.aio processes (``relay_server``) with
-  nothing of Mesh behind them, in the same rounds as the rows they price;
+  for appends, sqlite commits on both sides) sent by three bare grpc.aio
+  processes (``relay_server``), each relaying a write to one of the other two,
+  with nothing of Mesh behind them, in the same rounds as the rows they price;
 * failover time after SIGKILL of a primary, and rebalance time when a 4th node
   joins 3 that hold 100k keys (with checks that no acknowledged write is lost).
 

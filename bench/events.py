@@ -28,7 +28,7 @@ in the same interleaved rounds, at the same number of calls in flight:
   3,000 events/s on a 2-CPU VM), so this is the subscription's own rate under
   that write load (it falls further behind as the round goes on).
 - ``floor.append.durable.c16``: the floor of a durable replicated append
-  (``bench.floor``): raw gRPC calls (messages of one stream) relayed to a peer,
+  (``bench.floor``): raw gRPC calls (messages of one stream) relayed to one of two peers,
   both sides committing
   each replication message to sqlite, nothing of Mesh; 16 in flight.
 - ``subscribe.catchup``: Subscribe to a 500-event stream from the beginning,
@@ -275,7 +275,7 @@ class LiveFeed:
 
 
 def rows(s: Streams, echo: cache_pb2_grpc.CacheServiceStub, live: LiveFeed,
-         ring: floor.Ring) -> list[Row]:
+         relays: floor.Relays) -> list[Row]:
     """Every row, in run order: each echo row, then the event rows it is the baseline of."""
     echo_request = cache_pb2.GetRequest(key="bench:000")
     catch_ups = CatchUps(s, "catchup")
@@ -317,10 +317,10 @@ def rows(s: Streams, echo: cache_pb2_grpc.CacheServiceStub, live: LiveFeed,
                      f"durable, {CONCURRENCY} in flight on {CONCURRENCY} streams",
                      _client_appends(s, [f"client-{name}" for name in c16]), CONCURRENCY),
             "appends/s"),
-        Row(Workload(FLOOR, f"raw gRPC calls, each relayed to a peer and acknowledged, "
+        Row(Workload(FLOOR, f"raw gRPC calls, each relayed to one of two peers and acknowledged, "
                      f"both sides committing each replication message to sqlite (a durable "
                      f"replicated append's messages and commits, nothing of Mesh), "
-                     f"{floor.SIZE} processes, {CONCURRENCY} in flight", ring.replicated(),
+                     f"{floor.SIZE} processes, {CONCURRENCY} in flight", relays.replicated(),
                      CONCURRENCY), "appends/s"),
         Row(Workload(workload_name("read100.c16"),
                      f"raw stub Read of a {PAGE}-event page -> primary, {CONCURRENCY} in flight",
@@ -380,11 +380,11 @@ async def interleaved(work: list[Row], warmup: float, window: float, rounds: int
     return [combine(p) for p in parts.values()]
 
 
-async def _measure(etcd: str, echo: str, ring: list[str], warmup: float, window: float,
+async def _measure(etcd: str, echo: str, relays: list[str], warmup: float, window: float,
                    rounds: int) -> list[Measurement]:
     async with (Mesh(etcd=etcd, cluster=SPEC.name) as mesh,
                 grpc.aio.insecure_channel(echo) as channel,
-                floor.connected(ring) as relay):
+                floor.connected(relays) as relay):
         s = Streams(mesh)
         await prepare(s)
         live = LiveFeed(s, "live", deadline=warmup + window + 60.0)
@@ -395,7 +395,7 @@ async def _measure(etcd: str, echo: str, ring: list[str], warmup: float, window:
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start the cluster, an echo server and the floor's durable ring, time every
+    """Start the cluster, an echo server and the floor's durable relays, time every
     row, stop them all.
 
     ``warmup`` and ``window`` are per workload over all ``rounds``.
@@ -405,8 +405,8 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         echo_dir = workdir / "events-echo"
         echo_dir.mkdir()
         echo = services.start_echo(stack, echo_dir, 100)
-        ring = floor.start_ring(stack, workdir, "events-floor", durable=True)
-        return aio.run(_measure(etcd, echo, ring, warmup / rounds, window / rounds, rounds))
+        relays = floor.start_relays(stack, workdir, "events-floor", durable=True)
+        return aio.run(_measure(etcd, echo, relays, warmup / rounds, window / rounds, rounds))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,23 +2,27 @@
 
 A Mesh write on a 3-node R=1 cluster costs at least what its messages cost: the
 client's call to the primary, one replication message to the replica, its ack,
-the answer. A ring of three ``bench.relay_server`` processes (each relays to the
-next, so every process is a primary and a replica, as every node is) sends
+the answer. Three ``bench.relay_server`` processes, each relaying to the other
+two (so every process is a primary and a replica, as every node is), send
 exactly those messages with no state machine, log, auth, routing, metrics or
-retries behind them. Its client sends its calls to each process as messages of
-one stream and coalesces them as Mesh's typed client does (a lone write goes at
-once; while a call to a process is open the next writes gather for one call),
-and each process's link to the next keeps one message in flight, as a node's
-replication link does. Timed in the same interleaved rounds as
-the Mesh rows they price, the floor rows say how much of a Mesh row's cost the
-transport alone is, and whether a goal is within reach of Python gRPC at all:
+retries behind them. A node's groups have their replicas on every other node,
+so its concurrent writes go out on a replication link to each: here too each
+write names its peer, and a process's writes alternate between its two (a
+loop's lock keeps to one, as a lock's group keeps its replica). The client
+sends its calls to each process as messages of one stream and coalesces them
+as Mesh's typed client does (a lone write goes at once; while a call to a
+process is open the next writes gather for one call), and each link keeps one
+message in flight, as a node's replication link does. Timed in the same
+interleaved rounds as the Mesh rows they price, the floor rows say how much of
+a Mesh row's cost the transport alone is, and whether a goal is within reach of
+Python gRPC at all:
 
 - ``floor.lock.seq`` / ``floor.lock.c16``: two relayed writes in sequence on one
   process per cycle (an acquire and a release, each a replicated write), from 1
   loop or 16; rated in cycles/s, against etcd's lock as the Mesh lock rows are.
 - ``floor.set.replicated.c64`` against ``floor.set.unreplicated.c64``: relayed
   writes against echoed ones (a write on R=1 against R=0), 64 in flight.
-- ``floor.append.durable.c16``: relayed writes on a ring whose two sides commit
+- ``floor.append.durable.c16``: relayed writes on processes whose two sides commit
   every replication message to sqlite (as the event store's durable appends),
   16 in flight; against the echo server, as the event rows are.
 """
@@ -37,33 +41,43 @@ from typing import Protocol
 import grpc
 
 from bench import services
-from bench.relay_server import SERVICE, Batched, raw
+from bench.relay_server import SERVICE, WRITE, Batched, raw
 from bench.timing import Op
 from common.localmesh import Child, free_ports
 
 SIZE = 3
-"""Processes in a ring: one per node of the clusters the floor rows price."""
-PAYLOAD = b"f" * 100
-"""A write's request: 100 bytes, as the Mesh rows' values and events."""
+"""Relay processes: one per node of the clusters the floor rows price."""
+PEERS = SIZE - 1
+"""The peers each process relays to: every other process, as a node replicates to."""
+
+
+def payload(peer: int) -> bytes:
+    """A write's request for the ``peer``-th peer of its process: ``WRITE`` (100)
+    bytes, as the Mesh rows' values and events; its first byte names the peer."""
+    return bytes([peer]) + b"f" * (WRITE - 1)
+
+
+PAYLOADS = [payload(peer) for peer in range(PEERS)]
 TIMEOUT = 10.0
 
 
 class Unary(Protocol):
-    """A raw unary method of the ring."""
+    """A raw unary method of the relays."""
 
     def __call__(self, request: bytes, *, timeout: float) -> Awaitable[bytes]: ...
 
 
-def start_ring(stack: contextlib.ExitStack, workdir: Path, name: str,
+def start_relays(stack: contextlib.ExitStack, workdir: Path, name: str,
                durable: bool = False) -> list[str]:
-    """Start ``SIZE`` relay servers, each relaying to the next (stopped with
+    """Start ``SIZE`` relay servers, each relaying to the other ones (stopped with
     ``stack``); their addresses. ``durable``: each commits to sqlite in ``workdir``."""
     ports = free_ports(SIZE)
     env = services.python_env()
     children = []
     for i, port in enumerate(ports):
-        argv = [sys.executable, "-m", "bench.relay_server", "--listen", f"127.0.0.1:{port}",
-                "--next", f"127.0.0.1:{ports[(i + 1) % SIZE]}"]
+        argv = [sys.executable, "-m", "bench.relay_server", "--listen", f"127.0.0.1:{port}"]
+        for peer in range(1, SIZE):
+            argv += ["--next", f"127.0.0.1:{ports[(i + peer) % SIZE]}"]
         if durable:
             argv += ["--durable", str(workdir / f"{name}-{i}")]
         child = Child(f"{name}-{i}", argv, workdir / f"{name}-{i}.log", env=env)
@@ -138,8 +152,8 @@ class Session:
                 await self._reader
 
 
-class Ring:
-    """A client of one ring: a session to each process, and coalesced writes."""
+class Relays:
+    """A client of the relays: a session to each process, and coalesced writes."""
 
     def __init__(self, channels: list[grpc.aio.Channel]) -> None:
         self.sessions = [Session(channel) for channel in channels]
@@ -155,8 +169,9 @@ class Ring:
     async def check(self) -> None:
         """One relayed call and one echo on every process (the streams open)."""
         for call, echo in zip(self._calls, self._echoes, strict=True):
-            await call(PAYLOAD, timeout=TIMEOUT)
-            await echo(PAYLOAD, timeout=TIMEOUT)
+            for write in PAYLOADS:
+                await call(write, timeout=TIMEOUT)
+            await echo(PAYLOADS[0], timeout=TIMEOUT)
 
     def replicated(self) -> Op:
         """A relayed write, on each process in turn."""
@@ -168,16 +183,16 @@ class Ring:
 
     def cycles(self, in_flight: int) -> Op:
         """Two relayed writes in sequence on one process (a lock's acquire and
-        release); each of the ``in_flight`` loops keeps to its own process, as a
-        loop's lock keeps to its primary."""
+        release); each of the ``in_flight`` loops keeps to its own process and
+        peer, as a loop's lock keeps to its group's primary and replica."""
         slots = list(range(in_flight))
 
         async def op() -> None:
             slot = slots.pop()
             try:
-                process = slot % len(self._calls)
-                await self._acquires[process](PAYLOAD)
-                await self._releases[process](PAYLOAD)
+                process, peer = slot % SIZE, slot // SIZE % PEERS
+                await self._acquires[process](PAYLOADS[peer])
+                await self._releases[process](PAYLOADS[peer])
             finally:
                 slots.append(slot)
         return op
@@ -188,23 +203,29 @@ class Ring:
         echo = self._unreplicated[0]
 
         async def op() -> None:
-            await echo(PAYLOAD)
-            await echo(PAYLOAD)
+            await echo(PAYLOADS[0])
+            await echo(PAYLOADS[0])
         return op
 
     @staticmethod
     def _spread(writes: list[Batched[bytes]]) -> Op:
-        turn = itertools.cycle(writes)
-        return lambda: next(turn)(PAYLOAD)
+        """Each write to the next process in turn, and a process's writes to its
+        peers in turn."""
+        turn = itertools.cycle([(write, data) for data in PAYLOADS for write in writes])
+
+        def op() -> Awaitable[None]:
+            write, data = next(turn)
+            return write(data)
+        return op
 
 
 @contextlib.asynccontextmanager
-async def connected(addresses: list[str]) -> AsyncIterator[Ring]:
+async def connected(addresses: list[str]) -> AsyncIterator[Relays]:
     async with contextlib.AsyncExitStack() as stack:
         channels = [await stack.enter_async_context(grpc.aio.insecure_channel(address))
                     for address in addresses]
-        ring = Ring(channels)
-        for session in ring.sessions:
+        relays = Relays(channels)
+        for session in relays.sessions:
             stack.push_async_callback(session.close)
-        await ring.check()
-        yield ring
+        await relays.check()
+        yield relays

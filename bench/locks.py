@@ -78,12 +78,12 @@ def _locks(in_flight: int) -> str:
 
 @dataclass(frozen=True)
 class Clients:
-    """One typed client per Mesh variant, one aetcd client and the floor's ring,
+    """One typed client per Mesh variant, one aetcd client and the floor's relays,
     all connected."""
 
     meshes: dict[str, Mesh]
     etcd: aetcd.Client
-    ring: floor.Ring
+    relays: floor.Relays
 
 
 def _cycles(names: list[str], cycle: Callable[[str], Awaitable[None]]) -> Op:
@@ -159,9 +159,9 @@ def workloads(c: Clients, counters: dict[str, Counters] | None = None) -> list[W
                 _cycles(names, _mesh_cycle(mesh)), n, counters=counters.get(variant)))
         work.append(Workload(
             workload_name("floor", n),
-            f"two raw gRPC calls, each relayed to a peer and acknowledged (a replicated "
+            f"two raw gRPC calls, each relayed to one of two peers and acknowledged (a replicated "
             f"acquire+release's messages, nothing of Mesh), {floor.SIZE} processes, "
-            f"{_locks(n)}", c.ring.cycles(n), n))
+            f"{_locks(n)}", c.relays.cycles(n), n))
     for variant, mesh in c.meshes.items():
         work.append(Workload(
             stub_name(variant),
@@ -170,12 +170,12 @@ def workloads(c: Clients, counters: dict[str, Counters] | None = None) -> list[W
             _stub_cycle(mesh, f"bench-lock:{variant}:stub")))
     work.append(Workload(FLOOR_ECHO, "two raw gRPC calls (messages of one stream) answered "
                          "at once (the floor's cycle without its relay), 1 loop",
-                         c.ring.echo_cycles()))
+                         c.relays.echo_cycles()))
     return work
 
 
 @contextlib.asynccontextmanager
-async def connected(etcd: str, ring: list[str]) -> AsyncIterator[Clients]:
+async def connected(etcd: str, relays: list[str]) -> AsyncIterator[Clients]:
     """Connect every client and check that one cycle works on each side."""
     async with contextlib.AsyncExitStack() as stack:
         meshes = {variant: await stack.enter_async_context(Mesh(etcd=etcd, cluster=spec.name))
@@ -184,19 +184,19 @@ async def connected(etcd: str, ring: list[str]) -> AsyncIterator[Clients]:
         for variant, mesh in meshes.items():  # routes known and channels open
             await _mesh_cycle(mesh)(f"bench-lock:{variant}:check")
         await _etcd_cycle(client)(f"{ETCD_PREFIX}check")
-        relay = await stack.enter_async_context(floor.connected(ring))
+        relay = await stack.enter_async_context(floor.connected(relays))
         yield Clients(meshes, client, relay)
 
 
-async def _measure(etcd: str, ring: list[str], warmup: float, window: float, rounds: int,
+async def _measure(etcd: str, relays: list[str], warmup: float, window: float, rounds: int,
                    counters: dict[str, Counters]) -> list[Measurement]:
-    async with connected(etcd, ring) as c:
+    async with connected(etcd, relays) as c:
         return await interleaved(workloads(c, counters), warmup, window, rounds, "cycles/s")
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start both clusters on ``etcd`` and the floor's ring, time every lock
+    """Start both clusters on ``etcd`` and the floor's relays, time every lock
     workload, stop them all.
 
     ``warmup`` and ``window`` are per workload over all ``rounds``.
@@ -206,8 +206,8 @@ def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         counters = {variant: replication_counts.reader(local)
                     for variant, local, spec in zip(SPECS, started, SPECS.values(), strict=True)
                     if spec.replicas}
-        ring = floor.start_ring(stack, workdir, "lock-floor")
-        return aio.run(_measure(etcd, ring, warmup / rounds, window / rounds, rounds,
+        relays = floor.start_relays(stack, workdir, "lock-floor")
+        return aio.run(_measure(etcd, relays, warmup / rounds, window / rounds, rounds,
                                 counters))
 
 

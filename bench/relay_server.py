@@ -5,11 +5,15 @@ machine, log, auth, routing, metrics or retries), to price what the messages of
 a replicated write cost Python gRPC by themselves (``bench.floor``):
 
 - ``/floor.Relay/Echo`` (unary) answers at once: an unreplicated write's messages.
-- ``/floor.Relay/Call`` (unary) hands its request to the one ``Apply`` stream this
-  server keeps to ``--next`` and answers once that server acknowledges it: a
-  replicated write's messages (the client's call, one replication message, its
-  ack). Like a Mesh node's replication link, the stream keeps one message in
-  flight, and the requests that arrive meanwhile go out together in the next one.
+- ``/floor.Relay/Call`` (unary) relays its request's writes (``WRITE`` bytes each,
+  as many as the caller coalesced) on the ``Apply`` streams this server keeps to
+  its peers (``--next``, once per peer) and answers once every peer that got some
+  acknowledged them: a replicated write's messages (the client's call, one
+  replication message, its ack). A write's first byte picks its peer, as a
+  write's group picks its replica: a Mesh node's groups have their replicas on
+  every other node, so a node's concurrent writes go out on a link to each.
+  Like a Mesh node's replication link, each stream keeps one message in
+  flight, and the writes that arrive meanwhile go out together in the next one.
 - ``/floor.Relay/Apply`` (bidi) acknowledges each message it reads.
 - ``/floor.Relay/Session`` (bidi) takes both calls as messages of one stream,
   as the typed client sends its calls to a node (``clients.session``): each
@@ -39,6 +43,8 @@ from bench.echo_server import run_until_signalled
 
 SERVICE = "floor.Relay"
 ACK = b"\x01"
+WRITE = 100
+"""Bytes of one write in a Call's request; its first byte picks the peer."""
 T = TypeVar("T")
 
 
@@ -107,7 +113,7 @@ class Disk:
 
 
 class Link:
-    """The one Apply stream to the next server; one message in flight, carrying
+    """The one Apply stream to a peer; one message in flight, carrying
     every request queued meanwhile."""
 
     def __init__(self, address: str, disk: Disk | None) -> None:
@@ -117,11 +123,14 @@ class Link:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._disk = disk
         self.send = Batched(self._message)
+        self.messages = 0
+        """Messages sent so far."""
 
     async def _message(self, requests: list[bytes]) -> None:
         if self._call is None or self._call.done():
             self._call = self._apply()
         message = b"".join(requests)
+        self.messages += 1
         await self._call.write(message)
         if self._disk is None:
             ack = await self._call.read()
@@ -136,15 +145,30 @@ class Link:
         await self._channel.close()
 
 
-def add_relay_service(server: grpc.aio.Server, link: Link | None, disk: Disk | None) -> None:
+def add_relay_service(server: grpc.aio.Server, links: list[Link], disk: Disk | None) -> None:
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return ACK
 
-    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        if link is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "started without --next")
+    async def relay(request: bytes) -> None:
+        """Each write to the peer its first byte picks; the writes for one peer
+        as one item of its link."""
+        if len(links) == 1:
+            await links[0].send(request)
+            return
+        by_peer: dict[int, list[bytes]] = {}
+        for at in range(0, len(request), WRITE):
+            write = request[at:at + WRITE]
+            by_peer.setdefault(write[0] % len(links), []).append(write)
+        sends = [links[peer].send(b"".join(writes)) for peer, writes in by_peer.items()]
+        if len(sends) == 1:
+            await sends[0]
         else:
-            await link.send(request)
+            await asyncio.gather(*sends)
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if not links:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "started without --next")
+        await relay(request)
         return ACK
 
     async def apply(requests: AsyncIterator[bytes],
@@ -161,8 +185,8 @@ def add_relay_service(server: grpc.aio.Server, link: Link | None, disk: Disk | N
         reading = True
 
         async def run(message: bytes) -> None:
-            if message[:1] == b"C" and link is not None:
-                await link.send(message[9:])
+            if message[:1] == b"C" and links:
+                await relay(message[9:])
             answers.put_nowait(message[1:9])
 
         def ended(task: asyncio.Task[None]) -> None:
@@ -196,20 +220,21 @@ def add_relay_service(server: grpc.aio.Server, link: Link | None, disk: Disk | N
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-async def serve(listen: str, next_address: str | None, disk: Disk | None) -> None:
-    link = Link(next_address, disk) if next_address else None
+async def serve(listen: str, peers: list[str], disk: Disk | None) -> None:
+    links = [Link(address, disk) for address in peers]
     server = grpc.aio.server()
-    add_relay_service(server, link, disk)
+    add_relay_service(server, links, disk)
     await run_until_signalled(server, listen)
-    if link is not None:
+    for link in links:
         await link.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:0")
-    parser.add_argument("--next", dest="next_address", metavar="ADDRESS",
-                        help="the server Call relays to (omitted: Call is refused)")
+    parser.add_argument("--next", dest="peers", metavar="ADDRESS", action="append",
+                        default=[], help="a server Call relays writes to (once per peer; "
+                        "omitted: Call is refused)")
     parser.add_argument("--durable", type=Path, metavar="DIR",
                         help="commit each replication message to sqlite in DIR on both sides")
     args = parser.parse_args()
@@ -217,7 +242,7 @@ def main() -> None:
     if args.durable is not None:
         args.durable.mkdir(parents=True, exist_ok=True)
         disk = Disk(args.durable / "relay.db")
-    aio.serve(serve(args.listen, args.next_address, disk))
+    aio.serve(serve(args.listen, args.peers, disk))
 
 
 if __name__ == "__main__":

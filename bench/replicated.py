@@ -8,7 +8,7 @@ every variant alike. Each Set writes a key never written before. The replicated
 Set workloads also count the replication messages their windows cost the
 cluster's nodes and the commands those carried (``bench.replication_counts``).
 At 64 in flight the floor of a replicated Set runs with them (``bench.floor``):
-raw gRPC calls relayed to a peer against calls echoed at once, nothing of Mesh.
+raw gRPC calls relayed to one of two peers against calls echoed at once, nothing of Mesh.
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ def floor_workload_name(replicated: bool) -> str:
     return f"floor.set.{'replicated' if replicated else 'unreplicated'}.c{FLOOR_IN_FLIGHT}"
 
 
-def workloads(meshes: dict[str, Mesh], ring: floor.Ring,
+def workloads(meshes: dict[str, Mesh], relays: floor.Relays,
               counters: dict[str, Counters] | None = None) -> list[Workload]:
     """Every variant at every concurrency; the baseline first in each group. Then
     Get on the R=1 sync cluster, default reads and linearizable ones; then the
-    floor's two rows on ``ring``. ``counters``: the replication counters of each
+    floor's two rows on ``relays``. ``counters``: the replication counters of each
     variant's cluster, read around its Set windows."""
     counters = counters or {}
     sets = [
@@ -93,11 +93,11 @@ def workloads(meshes: dict[str, Mesh], ring: floor.Ring,
         Workload(floor_workload_name(False), f"raw gRPC calls (messages of one stream) "
                  f"answered at once (an "
                  f"unreplicated write's messages, nothing of Mesh), {floor.SIZE} processes, "
-                 f"{FLOOR_IN_FLIGHT} in flight", ring.unreplicated(), FLOOR_IN_FLIGHT),
+                 f"{FLOOR_IN_FLIGHT} in flight", relays.unreplicated(), FLOOR_IN_FLIGHT),
         Workload(floor_workload_name(True), f"raw gRPC calls (messages of one stream), "
-                 f"each relayed to a peer and "
+                 f"each relayed to one of two peers and "
                  f"acknowledged (a replicated write's messages, nothing of Mesh), "
-                 f"{floor.SIZE} processes, {FLOOR_IN_FLIGHT} in flight", ring.replicated(),
+                 f"{floor.SIZE} processes, {FLOOR_IN_FLIGHT} in flight", relays.replicated(),
                  FLOOR_IN_FLIGHT),
     ]
     return sets + gets + floors
@@ -116,20 +116,20 @@ async def _connected(etcd: str) -> AsyncIterator[dict[str, Mesh]]:
         yield meshes
 
 
-async def _measure(etcd: str, ring: list[str], warmup: float, window: float, rounds: int,
+async def _measure(etcd: str, relays: list[str], warmup: float, window: float, rounds: int,
                    counters: dict[str, Counters]) -> list[Measurement]:
-    async with _connected(etcd) as meshes, floor.connected(ring) as relay:
+    async with _connected(etcd) as meshes, floor.connected(relays) as relay:
         return await interleaved(workloads(meshes, relay, counters), warmup, window, rounds)
 
 
 def run(workdir: Path, etcd: str, warmup: float, window: float, rounds: int
         ) -> list[Measurement]:
-    """Start the clusters and the floor's ring, time every workload, stop them all."""
+    """Start the clusters and the floor's relays, time every workload, stop them all."""
     with contextlib.ExitStack() as stack:
         started = clusters.start(stack, workdir, etcd, list(SPECS.values()))
         counters = {variant: replication_counts.reader(local)
                     for variant, local, spec in zip(SPECS, started, SPECS.values(), strict=True)
                     if spec.replicas}
-        ring = floor.start_ring(stack, workdir, "set-floor")
-        return aio.run(_measure(etcd, ring, warmup / rounds, window / rounds, rounds,
+        relays = floor.start_relays(stack, workdir, "set-floor")
+        return aio.run(_measure(etcd, relays, warmup / rounds, window / rounds, rounds,
                                 counters))

@@ -163,7 +163,7 @@ STACK_COMPARISONS = [
 """The full interceptor stack against a bare node timed with it, at the same calls in flight."""
 COMPARISONS += STACK_COMPARISONS + LOCK_COMPARISONS + EVENT_COMPARISONS + SCHEDULER_COMPARISONS \
     + SCHEDULER_BATCH_COMPARISONS
-RELAYED = "raw gRPC calls (messages of one stream) relayed to a peer (nothing of Mesh)"
+RELAYED = "raw gRPC calls (messages of one stream) relayed to one of two peers (nothing of Mesh)"
 FLOOR_COMPARISONS = [
     Comparison("floor.lock.seq", f"Floor of a replicated lock cycle: two {RELAYED}, "
                "sequential", "cycles/s", "floor.lock.seq", "etcd.lock.seq", "etcd lock (aetcd)"),
@@ -418,8 +418,9 @@ def goal_lines(comparisons: dict[str, dict[str, Any]], goals: dict[str, dict[str
 def _floor_table(floors: dict[str, dict[str, Any]]) -> list[str]:
     if not floors:
         return []
-    lines = ["", "Floors (`bench.floor`: three raw grpc.aio processes in a ring, each "
-             "relaying to the next; calls sent as messages of one stream per process and "
+    lines = ["", "Floors (`bench.floor`: three raw grpc.aio processes, each relaying a "
+             "write to one of the other two, as a node's groups have their replicas on "
+             "both other nodes; calls sent as messages of one stream per process and "
              "coalesced, as the typed client sends them):", "",
              "| floor | raw gRPC | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
     for c in floors.values():

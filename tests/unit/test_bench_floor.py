@@ -54,34 +54,40 @@ async def test_a_failed_send_reaches_each_of_its_callers_and_the_next_send_goes(
     assert calls == 2
 
 
-async def test_a_ring_of_two_in_process_servers_relays_and_commits(tmp_path: Path) -> None:
-    """Call is answered once the next server acknowledged (and both sides
-    committed) its message; Echo at once."""
+async def test_three_in_process_servers_relay_to_both_peers_and_commit(tmp_path: Path) -> None:
+    """Call is answered once the peers its writes name acknowledged (and both
+    sides committed) their messages; a process's writes go to both of its
+    peers; Echo answers at once."""
     servers, addresses = [], []
-    for _ in range(2):
+    for _ in range(floor.SIZE):
         server = grpc.aio.server()
         port = server.add_insecure_port("127.0.0.1:0")
         servers.append(server)
         addresses.append(f"127.0.0.1:{port}")
-    disks = [Disk(tmp_path / f"relay-{i}.db") for i in range(2)]
-    links = [Link(addresses[(i + 1) % 2], disks[i]) for i in range(2)]
-    for server, link, disk in zip(servers, links, disks, strict=True):
-        add_relay_service(server, link, disk)
+    disks = [Disk(tmp_path / f"relay-{i}.db") for i in range(floor.SIZE)]
+    links = [[Link(addresses[(i + peer) % floor.SIZE], disks[i])
+              for peer in range(1, floor.SIZE)] for i in range(floor.SIZE)]
+    for server, own, disk in zip(servers, links, disks, strict=True):
+        add_relay_service(server, own, disk)
         await server.start()
     try:
-        async with floor.connected(addresses) as ring:
-            writes = ring.replicated()
+        async with floor.connected(addresses) as relays:
+            before = [link.messages for own in links for link in own]
+            writes = relays.replicated()
             await asyncio.gather(*(writes() for _ in range(20)))
-            await ring.unreplicated()()
-            await ring.cycles(4)()
+            after = [link.messages for own in links for link in own]
+            assert all(a > b for a, b in zip(after, before, strict=True))
+            await relays.unreplicated()()
+            await relays.cycles(4)()
         async with grpc.aio.insecure_channel(addresses[0]) as channel:
             echo = channel.unary_unary("/floor.Relay/Echo")
             assert await echo(b"x") == ACK
         for disk in disks:  # every message committed on the sender and the receiver
             assert disk.rows() > 0
     finally:
-        for link in links:
-            await link.close()
+        for own in links:
+            for link in own:
+                await link.close()
         for server in servers:
             await server.stop(0)
 
