@@ -68,7 +68,7 @@ class Unary(Protocol):
 
 
 def start_relays(stack: contextlib.ExitStack, workdir: Path, name: str,
-               durable: bool = False) -> list[str]:
+                 durable: bool = False) -> list[str]:
     """Start ``SIZE`` relay servers, each relaying to the other ones (stopped with
     ``stack``); their addresses. ``durable``: each commits to sqlite in ``workdir``."""
     ports = free_ports(SIZE)
