@@ -28,9 +28,9 @@ in the same interleaved rounds, at the same number of calls in flight:
   3,000 events/s on a 2-CPU VM), so this is the subscription's own rate under
   that write load (it falls further behind as the round goes on).
 - ``floor.append.durable.c16``: the floor of a durable replicated append
-  (``bench.floor``): raw gRPC calls (messages of one stream) relayed to one of two peers,
-  both sides committing
-  each replication message to sqlite, nothing of Mesh; 16 in flight.
+  (``bench.floor``): raw gRPC calls (messages of one stream) relayed to one of
+  two peers, both sides committing each replication message to sqlite, nothing
+  of Mesh; 16 in flight.
 - ``subscribe.catchup``: Subscribe to a 500-event stream from the beginning,
   read to CaughtUp, cancel, subscribe again, ...; rated in events delivered/s
   (each received event is one operation; opening subscriptions is in the time).
