@@ -23,6 +23,7 @@ from clients.coalesce import (
 )
 from clients.durations import duration
 from clients.errors import InternalError, InvalidArgumentError, MeshError, NoNodesError
+from clients.requests import build
 from clients.retry import Verdict, WrongOwner, classify, with_retries
 from mesh.cache.v1 import cache_pb2 as pb
 from mesh.cache.v1 import cache_pb2_grpc as pb_grpc
@@ -271,10 +272,9 @@ class CacheClient:
         if owner is not None and not only_if_absent and not only_if_version:
             entry = pb.MSetEntry(key=key, value=_bytes(value), ttl=_ttl(ttl))
             return await self._coalesced(self._writes, owner, entry, timeout, self._set_one)
-        request = pb.SetRequest(
+        request = build(pb.SetRequest)(
             key=key, value=_bytes(value), ttl=_ttl(ttl),
-            only_if_absent=only_if_absent, only_if_version=only_if_version,
-        )
+            only_if_absent=only_if_absent, only_if_version=only_if_version)
         # An unconditional set is idempotent; a conditional one is not (a retry
         # after a lost reply would fail its own condition), so it is not retried.
         retry = not only_if_absent and not only_if_version
@@ -296,7 +296,7 @@ class CacheClient:
         self, key: str, *, only_if_version: int = 0, timeout: float | None = None
     ) -> bool:
         """Remove ``key``; True if it existed."""
-        request = pb.DeleteRequest(key=key, only_if_version=only_if_version)
+        request = build(pb.DeleteRequest)(key=key, only_if_version=only_if_version)
         r = await self._call(key, "Delete", request, timeout, not only_if_version)
         return bool(r.deleted)
 
@@ -307,7 +307,7 @@ class CacheClient:
 
         Not retried: a retry after a lost reply would add twice.
         """
-        request = pb.IncrRequest(key=key, delta=delta, ttl=_ttl(ttl))
+        request = build(pb.IncrRequest)(key=key, delta=delta, ttl=_ttl(ttl))
         r = await self._call(key, "Incr", request, timeout, False)
         return int(r.value)
 

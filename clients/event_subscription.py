@@ -58,6 +58,7 @@ from clients.event_types import (
     merge_positions,
     to_ranges,
 )
+from clients.requests import build
 from clients.retry import Backoff, Verdict, classify
 from clients.watchdog import Watchdog, cancelled_under_us
 from common.heartbeat import WATCHDOG_INTERVALS
@@ -396,9 +397,10 @@ class Subscription:
         anchored = slots <= self._anchored
         start = BEGINNING.value if anchored else self._start.value
         if self.target.stream is not None:
-            return self._ask_heartbeats(pb.SubscribeRequest(
+            return self._ask_heartbeats(build(pb.SubscribeRequest)(
                 stream=self.target.stream, start=start, after_version=self._fetched_version))
-        request = pb.SubscribeRequest(start=start, checkpoint_interval=self._checkpoint_interval)
+        request = build(pb.SubscribeRequest)(
+            start=start, checkpoint_interval=self._checkpoint_interval)
         self._ask_heartbeats(request)
         if self.target.category is not None:
             request.category = self.target.category

@@ -17,6 +17,7 @@ from google.protobuf import timestamp_pb2
 
 from clients.durations import duration
 from clients.errors import InvalidArgumentError
+from clients.requests import build
 from mesh.events.v1 import events_pb2 as pb
 
 JSON = "application/json"
@@ -85,8 +86,8 @@ class NewEvent:
         data, is_json = _encode(self.data)
         metadata, _ = _encode(self.metadata)
         content_type = self.content_type or (JSON if is_json else "")
-        return pb.EventData(id=self.id, type=self.type, data=data, metadata=metadata,
-                            content_type=content_type)
+        return build(pb.EventData)(
+            id=self.id, type=self.type, data=data, metadata=metadata, content_type=content_type)
 
 
 def seconds(ts: timestamp_pb2.Timestamp) -> float:
@@ -163,7 +164,7 @@ class StreamMetadata:
     """0 if never set, then +1 per set_stream_metadata."""
 
     def to_proto(self) -> pb.StreamMetadata:
-        return pb.StreamMetadata(
+        return build(pb.StreamMetadata)(
             max_count=self.max_count, truncate_before=self.truncate_before,
             max_age=duration(self.max_age, "metadata.max_age") if self.max_age else None)
 

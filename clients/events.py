@@ -53,6 +53,7 @@ from clients.event_types import (
     StreamMetadata,
     expected_fields,
 )
+from clients.requests import build
 from clients.retry import with_retries
 from common.slots import SLOT_COUNT
 from mesh.events.v1 import events_pb2 as pb
@@ -149,8 +150,8 @@ class EventsClient:
         for i, event in enumerate(batch):
             if not isinstance(event, NewEvent):
                 raise TypeError(f"events[{i}]: a NewEvent, not {type(event).__name__}")
-        request = pb.AppendRequest(stream=stream, events=[e.to_proto() for e in batch],
-                                   **expected_fields(expected))
+        request = build(pb.AppendRequest)(
+            stream=stream, events=[e.to_proto() for e in batch], **expected_fields(expected))
         r = await self._append(request, timeout)
         return AppendResult(r.first_version, r.last_version, r.slot, r.position, r.duplicate)
 
@@ -179,7 +180,7 @@ class EventsClient:
                             timeout: float | None = None) -> int:
         """Soft-delete ``stream`` (an append recreates it, versions going on); returns
         its last version (0: it did not exist)."""
-        request = pb.DeleteStreamRequest(stream=stream, **expected_fields(expected))
+        request = build(pb.DeleteStreamRequest)(stream=stream, **expected_fields(expected))
         r = await self._call(stream, "DeleteStream", request, timeout,
                              safe=expected is ANY, writes=True)
         return int(r.last_version)
@@ -189,7 +190,7 @@ class EventsClient:
         """Hard-delete ``stream`` for ever (later reads and appends raise
         StreamDeletedError); returns its last version. Not retried after an unknown
         outcome: a second tombstone fails with StreamDeletedError."""
-        request = pb.TombstoneStreamRequest(stream=stream, **expected_fields(expected))
+        request = build(pb.TombstoneStreamRequest)(stream=stream, **expected_fields(expected))
         r = await self._call(stream, "TombstoneStream", request, timeout, safe=False,
                              writes=True)
         return int(r.last_version)
@@ -215,9 +216,9 @@ class EventsClient:
         new version. With ``expected_metadata_version`` (0: never set), raises
         VersionMismatchError (``current_version``) if they changed meanwhile."""
         settings = StreamMetadata(max_count, max_age, truncate_before)
-        request = pb.SetStreamMetadataRequest(stream=stream, metadata=settings.to_proto())
-        if expected_metadata_version is not None:
-            request.expected_metadata_version = expected_metadata_version
+        request = build(pb.SetStreamMetadataRequest)(
+            stream=stream, metadata=settings.to_proto(),
+            expected_metadata_version=expected_metadata_version)
         r = await self._call(stream, "SetStreamMetadata", request, timeout,
                              safe=expected_metadata_version is None)
         return int(r.metadata_version)
@@ -230,11 +231,9 @@ class EventsClient:
     ) -> ReadPage:
         """One page of ``stream`` from ``from_version`` (inclusive; None: its first
         event, or its last when ``backward``). A missing stream reads as empty."""
-        request = pb.ReadRequest(stream=stream, max_count=max_count,
-                                 direction=pb.READ_DIRECTION_BACKWARD if backward
-                                 else pb.READ_DIRECTION_FORWARD)
-        if from_version is not None:
-            request.from_version = from_version
+        request = build(pb.ReadRequest)(
+            stream=stream, max_count=max_count, from_version=from_version,
+            direction=pb.READ_DIRECTION_BACKWARD if backward else pb.READ_DIRECTION_FORWARD)
         r = await self._call(stream, "Read", request, timeout)
         return ReadPage([RecordedEvent.from_proto(e) for e in r.events], r.next_version,
                         r.end_of_stream, r.last_version, r.stream_exists)
@@ -260,11 +259,9 @@ class EventsClient:
     ) -> ReadPage:
         """One page of ``slot``'s log (every stream of the slot, by position), from
         ``from_position`` inclusive."""
-        request = pb.ReadAllRequest(slot=slot, max_count=max_count,
-                                    direction=pb.READ_DIRECTION_BACKWARD if backward
-                                    else pb.READ_DIRECTION_FORWARD)
-        if from_position is not None:
-            request.from_position = from_position
+        request = build(pb.ReadAllRequest)(
+            slot=slot, max_count=max_count, from_position=from_position,
+            direction=pb.READ_DIRECTION_BACKWARD if backward else pb.READ_DIRECTION_FORWARD)
 
         async def attempt(budget: float, address: str | None) -> Any:
             address = address or self._mesh.route_slot(SERVICE, slot).address

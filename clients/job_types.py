@@ -16,6 +16,7 @@ from typing import Any
 
 from clients.durations import duration, timestamp
 from clients.errors import InvalidArgumentError
+from clients.requests import build
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 
 Payload = bytes | str | Mapping[str, Any] | list[Any]
@@ -149,11 +150,10 @@ class NewJob:
         if self.run_at is not None and self.delay is not None:
             raise InvalidArgumentError("give run_at or delay, not both",
                                        field_violations={"when": "both run_at and delay"})
-        request = pb.EnqueueRequest(
+        request = build(pb.EnqueueRequest)(
             queue=self.queue, type=self.type, payload=encode(self.payload),
-            priority=self.priority, max_attempts=self.max_attempts,
-            unique_key=self.unique_key, strict_unique=self.strict_unique,
-            request_id=self.request_id or str(uuid.uuid4()))
+            priority=self.priority, max_attempts=self.max_attempts, unique_key=self.unique_key,
+            strict_unique=self.strict_unique, request_id=self.request_id or str(uuid.uuid4()))
         if self.run_at is not None:
             request.run_at.CopyFrom(timestamp(_unix(self.run_at), "run_at"))
         elif self.delay is not None:
@@ -365,9 +365,9 @@ class JobTemplate:
     retention: float | None = None
 
     def to_proto(self) -> pb.JobTemplate:
-        t = pb.JobTemplate(type=self.type, payload=encode(self.payload),
-                           priority=self.priority, max_attempts=self.max_attempts,
-                           unique_key=self.unique_key)
+        t = build(pb.JobTemplate)(
+            type=self.type, payload=encode(self.payload), priority=self.priority,
+            max_attempts=self.max_attempts, unique_key=self.unique_key)
         if self.backoff is not None:
             t.backoff.CopyFrom(self.backoff.to_proto("template.backoff"))
         if self.timeout:

@@ -35,6 +35,7 @@ from clients.errors import (
     from_batch_error,
 )
 from clients.lease import Lease, LostCallback, keep_alive
+from clients.requests import build
 from clients.retry import Verdict, classify, with_retries
 from common.tasks import cancel
 from mesh.lock.v1 import lock_pb2 as pb
@@ -235,7 +236,7 @@ class LockClient:
         budget = self._mesh.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         give_up = None if wait is None else loop.time() + wait
-        request = pb.AcquireRequest(
+        request = build(pb.AcquireRequest)(
             name=name, owner=owner or default_owner(), ttl=duration(ttl, "ttl") if ttl else None,
             permits=permits, max_permits=max_permits,
             mode=pb.LOCK_MODE_SHARED if shared else pb.LOCK_MODE_UNSPECIFIED)
@@ -427,7 +428,7 @@ class LockClient:
         """True if ``token`` belongs to a live lease of ``name``: linearizable (the
         primary commits a no-op through its replicas first, so a deposed one
         never answers)."""
-        request = pb.ValidateRequest(name=name, fencing_token=token)
+        request = build(pb.ValidateRequest)(name=name, fencing_token=token)
         r = await self._call(name, "Validate", request, timeout)
         return bool(r.valid)
 

@@ -34,6 +34,7 @@ from clients.notify_types import (
     history_options,
 )
 from clients.presence import PresenceHandle, PresenceMember, PresenceStats
+from clients.requests import build
 from clients.retry import with_retries
 from mesh.notify.v1 import notify_pb2 as pb
 from mesh.notify.v1 import notify_pb2_grpc as pb_grpc
@@ -90,8 +91,8 @@ class NotifyClient:
     async def history(self, channel: str, after_offset: int = 0, *, limit: int = 100,
                       timeout: float | None = None) -> HistoryPage:
         """A page of what ``channel``'s history holds after ``after_offset``."""
-        r = await self._call(channel, "History", pb.HistoryRequest(
-            channel=channel, after_offset=after_offset, limit=limit), timeout)
+        request = build(pb.HistoryRequest)(channel=channel, after_offset=after_offset, limit=limit)
+        r = await self._call(channel, "History", request, timeout)
         return HistoryPage([Publication.from_proto(p, r.epoch) for p in r.publications],
                            r.epoch, r.last_offset, r.earliest_offset)
 
@@ -150,8 +151,8 @@ class NotifyClient:
     async def read_inbox(self, user: str, after_cursor: int = 0, *, limit: int = 100,
                          timeout: float | None = None) -> InboxPage:
         """A page of ``user``'s notifications after ``after_cursor``, oldest first."""
-        r = await self._call(user, "ReadInbox", pb.ReadInboxRequest(
-            user=user, after_cursor=after_cursor, limit=limit), timeout)
+        request = build(pb.ReadInboxRequest)(user=user, after_cursor=after_cursor, limit=limit)
+        r = await self._call(user, "ReadInbox", request, timeout)
         return InboxPage([InboxItem.from_proto(i, r.epoch) for i in r.items], r.read_cursor,
                          r.unread_count, r.last_cursor, r.epoch)
 
@@ -159,8 +160,8 @@ class NotifyClient:
                         timeout: float | None = None) -> tuple[int, int]:
         """Mark ``user``'s notifications up to ``cursor`` as read; returns
         ``(read_cursor, unread_count)``."""
-        r = await self._call(user, "AckInbox", pb.AckInboxRequest(user=user, cursor=cursor),
-                             timeout)
+        request = build(pb.AckInboxRequest)(user=user, cursor=cursor)
+        r = await self._call(user, "AckInbox", request, timeout)
         return r.read_cursor, r.unread_count
 
     # -- presence --------------------------------------------------------------------

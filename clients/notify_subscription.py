@@ -47,6 +47,7 @@ from clients.event_subscription import ALL_SLOTS, retryable
 from clients.event_types import to_ranges
 from clients.notify_types import ChannelState, InboxItem, NotifyItem, Position, Publication
 from clients.presence import PresenceEvent
+from clients.requests import build
 from clients.retry import Backoff, Verdict, classify
 from clients.watchdog import Watchdog, cancelled_under_us
 from common.heartbeat import WATCHDOG_INTERVALS
@@ -336,7 +337,7 @@ class NotifySubscription:
                     part.call.cancel()
 
     def _request(self, part: _Part) -> pb.SubscribeRequest:
-        request = pb.SubscribeRequest(buffer=self._buffer)
+        request = build(pb.SubscribeRequest)(buffer=self._buffer)
         if self._heartbeat_interval is not None:
             request.heartbeat_interval.CopyFrom(self._heartbeat_interval)
         keys = {u for u in part.keys if not isinstance(u, int)}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from clients.durations import duration
 from clients.presence import PresenceEvent
+from clients.requests import build
 from mesh.notify.v1 import notify_pb2 as pb
 
 __all__ = ["ChannelInfo", "ChannelState", "HistoryPage", "InboxItem", "InboxPage", "NotifyItem",
@@ -27,7 +28,7 @@ def history_options(size: int, ttl: float | None, ephemeral: bool | None = None
     """The wire options, or None when none is given (keep what the log has)."""
     if not size and ttl is None and ephemeral is None:
         return None
-    options = pb.HistoryOptions(size=size, ephemeral=bool(ephemeral))
+    options = build(pb.HistoryOptions)(size=size, ephemeral=bool(ephemeral))
     if ttl is not None:
         options.ttl.CopyFrom(duration(ttl, "options.ttl"))
     return options
@@ -42,7 +43,7 @@ class Position:
     epoch: str
 
     def to_proto(self) -> pb.StreamPosition:
-        return pb.StreamPosition(offset=self.offset, epoch=self.epoch)
+        return build(pb.StreamPosition)(offset=self.offset, epoch=self.epoch)
 
 
 @dataclass(frozen=True, slots=True)

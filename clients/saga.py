@@ -48,6 +48,7 @@ from clients.durations import duration
 from clients.errors import DeadlineExceededError, InvalidArgumentError, MeshError
 from clients.job_runtime import Handler, JobContext
 from clients.job_types import Payload, encode
+from clients.requests import build, under
 from clients.retry import with_retries
 from mesh.saga.v1 import saga_pb2 as pb
 from mesh.saga.v1 import saga_pb2_grpc as pb_grpc
@@ -248,8 +249,11 @@ class SagaType:
                 out.stages.add()
             step = out.stages[s.stage].steps.add(name=s.name)
             at = f"stages[{s.stage}].steps[{len(out.stages[s.stage].steps) - 1}]"
-            step.action.queue, step.action.type = s.queue, self.action_type(s.name)
-            step.action.max_attempts = s.max_attempts
+            try:
+                step.action.CopyFrom(build(pb.JobSpec)(
+                    queue=s.queue, type=self.action_type(s.name), max_attempts=s.max_attempts))
+            except InvalidArgumentError as exc:
+                raise under(f"{at}.action", exc) from None
             if s.attempt_timeout is not None:
                 step.action.attempt_timeout.CopyFrom(
                     duration(s.attempt_timeout, f"{at}.action.attempt_timeout"))
@@ -321,8 +325,9 @@ class SagaClient:
         """Start saga ``saga_id`` (idempotent: the same id, type and input return
         the existing saga) with ``input`` (bytes, str or JSON)."""
         name = saga_type.name if isinstance(saga_type, SagaType) else saga_type
-        r = await self._call(saga_id, "StartSaga", pb.StartSagaRequest(
-            saga_id=saga_id, type=name, version=version, input=encode(input)), timeout)
+        request = build(pb.StartSagaRequest)(
+            saga_id=saga_id, type=name, version=version, input=encode(input))
+        r = await self._call(saga_id, "StartSaga", request, timeout)
         return Saga.from_proto(r.saga)
 
     async def get(self, saga_id: str, *, wait: float = 0.0,
@@ -368,9 +373,9 @@ class SagaClient:
         token = ""
         while True:
             target = self._mesh.any_node(SERVICE).address
-            r = await self._call("", "ListSagas", pb.ListSagasRequest(
-                state=value, type=saga_type, page_size=page_size, page_token=token),  # type: ignore[arg-type]
-                timeout, address=target)
+            request = build(pb.ListSagasRequest)(
+                state=value, type=saga_type, page_size=page_size, page_token=token)  # type: ignore[arg-type]
+            r = await self._call("", "ListSagas", request, timeout, address=target)
             for s in r.sagas:
                 yield Saga.from_proto(s)
             token = r.next_page_token

@@ -57,6 +57,7 @@ from clients.job_types import (
     SchedulePage,
     encode,
 )
+from clients.requests import build, under
 from clients.retry import Backoff, with_retries
 from mesh.scheduler.v1 import scheduler_pb2 as pb
 from mesh.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
@@ -138,18 +139,15 @@ def _enqueue_requests(jobs: Iterable[NewJob]) -> list[pb.EnqueueRequest]:
         try:
             requests.append(job.to_proto())
         except InvalidArgumentError as exc:
-            raise InvalidArgumentError(
-                f"jobs[{i}].{exc.message}",
-                field_violations={f"jobs[{i}].{field}": why
-                                  for field, why in exc.field_violations.items()}) from None
+            raise under(f"jobs[{i}]", exc) from None
     return requests
 
 
 def _fail_request(job_id: str, lease_token: int, error: str | BaseException, retryable: bool,
                   retry_delay: float | None) -> pb.FailRequest:
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    request = pb.FailRequest(job_id=job_id, lease_token=lease_token, error=text,
-                             retryable=retryable)
+    request = build(pb.FailRequest)(
+        job_id=job_id, lease_token=lease_token, error=text, retryable=retryable)
     if retry_delay is not None:
         request.retry_delay.CopyFrom(duration(retry_delay, "retry_delay"))
     return request
@@ -162,9 +160,10 @@ def _fail_result(r: pb.FailResponse) -> FailResult:
 
 def _claim_next(queues: Sequence[str], worker_id: str, max_jobs: int, lease: float
                 ) -> pb.ClaimNext:
-    return pb.ClaimNext(queues=list(queues), worker_id=worker_id or default_worker_id(),
-                        max_jobs=max(1, min(max_jobs, MAX_CLAIM)),
-                        lease_duration=duration(lease, "lease_duration"))
+    return build(pb.ClaimNext)(
+        queues=list(queues), worker_id=worker_id or default_worker_id(),
+        max_jobs=max(1, min(max_jobs, MAX_CLAIM)),
+        lease_duration=duration(lease, "lease_duration"))
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -491,8 +490,9 @@ class SchedulerClient:
         """One Claim for ``queues``, which must be led by one node (a group from
         ``owners``). Raises Regroup when our map says they no longer are."""
         names = list(queues)
-        request = pb.ClaimRequest(queues=names, worker_id=worker_id, max_jobs=max_jobs,
-                                  lease_duration=duration(lease, "lease_duration"))
+        request = build(pb.ClaimRequest)(
+            queues=names, worker_id=worker_id, max_jobs=max_jobs,
+            lease_duration=duration(lease, "lease_duration"))
         if wait > 0:
             request.wait.CopyFrom(duration(wait, "wait"))
         budget = self._mesh.timeout if timeout is None else timeout
@@ -522,7 +522,7 @@ class SchedulerClient:
         no longer ours)."""
         requests = []
         for job_id, token in leases:
-            request = pb.HeartbeatRequest(job_id=job_id, lease_token=token)
+            request = build(pb.HeartbeatRequest)(job_id=job_id, lease_token=token)
             if extend:
                 request.extend.CopyFrom(duration(extend, "extend"))
             requests.append(request)
@@ -552,7 +552,7 @@ class SchedulerClient:
         """Extend a running job's lease by ``extend`` seconds from now (None: by its
         current length); returns the new expiry (primary's clock). Raises
         LeaseLostError if the lease is no longer ours."""
-        request = pb.HeartbeatRequest(job_id=job_id, lease_token=lease_token)
+        request = build(pb.HeartbeatRequest)(job_id=job_id, lease_token=lease_token)
         if extend:
             request.extend.CopyFrom(duration(extend, "extend"))
         r = await self._call(job_id, "Heartbeat", request, timeout)
@@ -563,8 +563,8 @@ class SchedulerClient:
                        timeout: float | None = None) -> float | None:
         """Finish a job successfully, keeping ``result`` with it; returns the finish
         time. Raises LeaseLostError if the lease is no longer ours."""
-        request = pb.CompleteRequest(job_id=job_id, lease_token=lease_token,
-                                     result=encode(result))
+        request = build(pb.CompleteRequest)(
+            job_id=job_id, lease_token=lease_token, result=encode(result))
         r = await self._complete(request, timeout)
         return r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
 
@@ -577,9 +577,9 @@ class SchedulerClient:
         now in those of ``queues`` that its node leads (no wait). Returns the
         finish time and the new jobs. A retried call claims again: jobs leased
         for a try whose answer was lost come back when their lease expires."""
-        request = pb.CompleteRequest(job_id=job_id, lease_token=lease_token,
-                                     result=encode(result),
-                                     next=_claim_next(queues, worker_id, max_jobs, lease))
+        request = build(pb.CompleteRequest)(
+            job_id=job_id, lease_token=lease_token, result=encode(result),
+            next=_claim_next(queues, worker_id, max_jobs, lease))
         r = await self._complete(request, timeout)
         finish = r.finish_time.ToNanoseconds() / 1e9 if r.HasField("finish_time") else None
         return finish, [ClaimedJob.from_proto(j, lease) for j in r.next_jobs]
@@ -637,8 +637,8 @@ class SchedulerClient:
     async def list_dead_letters(self, queue: str, *, page_size: int = 0, page_token: str = "",
                                 timeout: float | None = None) -> DeadLetterPage:
         """One page of ``queue``'s dead jobs, oldest death first (0: 50 per page)."""
-        request = pb.ListDeadLettersRequest(queue=queue, page_size=page_size,
-                                            page_token=page_token)
+        request = build(pb.ListDeadLettersRequest)(
+            queue=queue, page_size=page_size, page_token=page_token)
         r = await self._call(queue, "ListDeadLetters", request, timeout)
         return DeadLetterPage([Job.from_proto(j) for j in r.jobs], r.next_page_token, r.total)
 
@@ -701,8 +701,8 @@ class SchedulerClient:
     async def list_schedules(self, queue: str, *, page_size: int = 0, page_token: str = "",
                              timeout: float | None = None) -> SchedulePage:
         """One page of ``queue``'s schedules, by id."""
-        request = pb.ListSchedulesRequest(queue=queue, page_size=page_size,
-                                          page_token=page_token)
+        request = build(pb.ListSchedulesRequest)(
+            queue=queue, page_size=page_size, page_token=page_token)
         r = await self._call(queue, "ListSchedules", request, timeout)
         return SchedulePage([Schedule.from_proto(s) for s in r.schedules], r.next_page_token)
 
