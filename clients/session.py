@@ -82,9 +82,38 @@ class Unsupported(Exception):
     """The node serves no sessions (an older node): call it directly."""
 
 
+class _Stream:
+    """One Open stream and what is its own: the outbox its request iterator
+    drains (a message for the next stream must not be taken by this one's) and
+    its calls in flight (a stream the node is closing ends while the next one
+    carries new calls)."""
+
+    def __init__(self) -> None:
+        self.outbox: deque[session_pb2.OpenRequest | None] = deque()
+        self.queued = asyncio.Event()
+        self.pending: dict[int, asyncio.Future[session_pb2.OpenResponse]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        """Reads the answers."""
+
+    def send(self, message: session_pb2.OpenRequest | None) -> None:
+        """Queue ``message``; None closes the client's side after what is queued."""
+        self.outbox.append(message)
+        self.queued.set()
+
+    async def requests(self) -> AsyncIterator[session_pb2.OpenRequest]:
+        while True:
+            while self.outbox:
+                message = self.outbox.popleft()
+                if message is None:  # close(), the node closing, or the end: half-close
+                    return
+                yield message
+            self.queued.clear()
+            await self.queued.wait()
+
+
 class Session:
-    """One stream to one node, carrying unary calls; opened on first use and
-    again after it ends."""
+    """Streams to one node carrying unary calls: one at a time takes new calls,
+    opened on first use and again after it ends or the node closes it."""
 
     def __init__(self, channel: grpc.aio.Channel, address: str,
                  metadata: Sequence[tuple[str, str]] | None) -> None:
@@ -92,11 +121,11 @@ class Session:
         self.address = address
         self.metadata = tuple(metadata or ())
         self._ids = itertools.count(1)
-        self._stream: grpc.aio.StreamStreamCall | None = None
-        self._pending: dict[int, asyncio.Future[session_pb2.OpenResponse]] = {}
-        self._outbox: deque[session_pb2.OpenRequest | None] = deque()
-        self._queued = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
+        """The stream new calls go on."""
+        self._streams: set[_Stream] = set()
+        """Every stream still open, the ones the node is closing too (the loop
+        keeps only weak references to their readers)."""
         self.unsupported = False
         self.closed = False
 
@@ -109,25 +138,24 @@ class Session:
             raise _not_read(self.address, "left: the call was not sent")
         if timeout is not None and timeout <= 0:
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        if self._stream is None:
-            self._open()
+        stream = self._stream or self._open()
         call_id = next(self._ids)
         future: asyncio.Future[session_pb2.OpenResponse] = \
             asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
+        stream.pending[call_id] = future
         message = session_pb2.OpenRequest(call_id=call_id, method=method, request=request)
         if timeout is not None:
             message.timeout.FromNanoseconds(
                 max(1, int(min(timeout, MAX_TIMEOUT) * 1e9)))
-        self._send(message)
+        stream.send(message)
         try:
             async with asyncio.timeout(timeout):
                 answer = await future
         except TimeoutError:
-            self._cancel(call_id)
+            self._cancel(stream, call_id)
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except asyncio.CancelledError:
-            self._cancel(call_id)
+            self._cancel(stream, call_id)
             raise
         if answer.code == 0:
             return answer.response
@@ -141,49 +169,39 @@ class Session:
         the stream. New calls fail."""
         self.closed = True
         if self._stream is not None:
-            self._outbox.append(None)
-            self._queued.set()
+            self._stream.send(None)
 
-    def _open(self) -> None:
+    def _open(self) -> _Stream:
         open_stream = self._channel.stream_stream(
             OPEN, request_serializer=session_pb2.OpenRequest.SerializeToString,
             response_deserializer=session_pb2.OpenResponse.FromString)
-        # Each stream has an outbox of its own: a message queued for the next
-        # stream must not be taken by the last one's request iterator.
-        self._outbox = deque()
-        self._queued = asyncio.Event()
-        self._stream = stream = open_stream(self._requests(self._outbox, self._queued),
-                                            metadata=self.metadata)
-        self._reader = asyncio.get_running_loop().create_task(
-            self._read(stream, self._outbox, self._queued))
-
-    def _send(self, message: session_pb2.OpenRequest) -> None:
-        self._outbox.append(message)
-        self._queued.set()
-
-    def _cancel(self, call_id: int) -> None:
-        if self._pending.pop(call_id, None) is not None and self._stream is not None:
-            self._send(session_pb2.OpenRequest(call_id=call_id, cancel=True))
+        self._stream = stream = _Stream()
+        self._streams.add(stream)
+        call = open_stream(stream.requests(), metadata=self.metadata)
+        stream.reader = asyncio.get_running_loop().create_task(self._read(stream, call))
+        return stream
 
     @staticmethod
-    async def _requests(outbox: deque[session_pb2.OpenRequest | None],
-                        queued: asyncio.Event) -> AsyncIterator[session_pb2.OpenRequest]:
-        while True:
-            while outbox:
-                message = outbox.popleft()
-                if message is None:  # close(), or the stream ended: half-close
-                    return
-                yield message
-            queued.clear()
-            await queued.wait()
+    def _cancel(stream: _Stream, call_id: int) -> None:
+        if stream.pending.pop(call_id, None) is not None:
+            stream.send(session_pb2.OpenRequest(call_id=call_id, cancel=True))
 
-    async def _read(self, stream: grpc.aio.StreamStreamCall,
-                    outbox: deque[session_pb2.OpenRequest | None],
-                    queued: asyncio.Event) -> None:
+    def _retire(self, stream: _Stream) -> None:
+        """No new calls on ``stream``; the client's side closes after what is queued."""
+        if self._stream is stream:
+            self._stream = None
+        stream.send(None)
+
+    async def _read(self, stream: _Stream, call: grpc.aio.StreamStreamCall) -> None:
         failure: grpc.aio.AioRpcError | None = None
         try:
-            async for answer in stream:
-                future = self._pending.pop(answer.call_id, None)
+            async for answer in call:
+                if answer.closing:
+                    # The node is stopping: it refuses what it reads from now on
+                    # and ends the stream once our side is closed.
+                    self._retire(stream)
+                    continue
+                future = stream.pending.pop(answer.call_id, None)
                 if future is not None and not future.done():
                     future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
@@ -194,11 +212,9 @@ class Session:
             failure = _error(grpc.StatusCode.CANCELLED, "the session was cancelled")
             raise
         finally:
-            outbox.append(None)  # ends this stream's request iterator
-            queued.set()
-            if self._stream is stream:
-                self._stream = None
-            pending, self._pending = self._pending, {}
+            self._retire(stream)  # (ends this stream's request iterator)
+            self._streams.discard(stream)
+            pending, stream.pending = stream.pending, {}
             for future in pending.values():
                 if future.done():
                     continue

@@ -14,8 +14,12 @@ The protocol's promises, which the client relies on:
   client cancelled it;
 - the stream ends with OK only after every call read has been answered, so a
   call still unanswered at that point was never read (not executed);
-- a stopping node answers new calls UNAVAILABLE (SHUTTING_DOWN, not executed)
-  and ends each session once its calls in flight have been answered.
+- a stopping node says so (``closing``), answers the calls it reads from then
+  on UNAVAILABLE (SHUTTING_DOWN, not executed), and ends each session once the
+  client has closed its side (it does at once) and the calls in flight have
+  been answered. Ending a stream the client still writes to could break it for
+  the client (gRPC may report INTERNAL), and the calls it had sent meanwhile
+  would have an unknown outcome instead of a refusal.
 """
 
 from __future__ import annotations
@@ -104,6 +108,10 @@ def _ended(call_id: int, code: grpc.StatusCode, details: str,
                                     trailing_metadata=_metadata_entries(trailing))
 
 
+_CLOSING = session_pb2.OpenResponse(closing=True)
+"""A stopping node's word to the client: close your side, call on a new stream."""
+
+
 def _failed(call_id: int, error: MeshStatusError) -> session_pb2.OpenResponse:
     status = error.to_status()
     return _ended(call_id, status.code, status.details, status.trailing_metadata)
@@ -158,9 +166,12 @@ class _Session:
                 task.cancel()
 
     def stop(self) -> None:
-        """Refuse new calls; end once the calls in flight are answered."""
+        """Refuse new calls and tell the client; end once it has closed its side
+        and the calls in flight are answered."""
+        if self._stopping:
+            return
         self._stopping = True
-        self._end_if_idle()
+        self._answers.put_nowait(_CLOSING)
 
     async def _read(self) -> None:
         try:
@@ -255,7 +266,7 @@ class _Session:
             self._end_if_idle()
 
     def _end_if_idle(self) -> None:
-        if (self._stopping or not self._reading) and not self._running:
+        if not self._reading and not self._running:
             self._answers.put_nowait(None)
 
 
@@ -272,7 +283,8 @@ class Sessions:
 
     def stop(self) -> None:
         """Refuse new calls (not executed) from now on, and end each session once
-        its calls in flight are answered."""
+        its client has closed its side and its calls in flight are answered (the
+        server's grace period ends those whose client does not)."""
         self._stopping = True
         for session in self._open:
             session.stop()
