@@ -70,7 +70,8 @@ class Stalls:
         # node -> (when its link last was silent too long, its incarnation then)
         self._seen: dict[str, tuple[float, str]] = {}
         self._last: float | None = None
-        self._published: tuple[str, ...] = ()
+        self._published: tuple[str, ...] | None = ()
+        """What the registration is known to hold (None: not known)."""
         self.reported: tuple[str, ...] = ()
         """The nodes the last look found silent (or still held)."""
         self._task: asyncio.Task[None] | None = None
@@ -115,6 +116,13 @@ class Stalls:
             stalled = self.check(loop.time())
             if stalled == self._published:
                 continue
+            # A write that failed may still have landed (etcd answered after the
+            # deadline), and one refused for a lost registration is what the
+            # next registration writes: either way what the registration holds
+            # is not known, so the next round writes the set again even if it
+            # is back to what was last known. (Comparing with the old set left
+            # a replica reported for ever once it had answered again.)
+            self._published = None
             try:
                 if await self._publish(stalled):
                     self._published = stalled

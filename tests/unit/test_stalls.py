@@ -196,3 +196,41 @@ async def test_stalls_publishes_changes_only_and_retries_a_failed_write() -> Non
     finally:
         await stalls.close()
     assert written == [("b",), ()]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("failure", ["timeout", "not registered"])
+async def test_a_write_whose_fate_is_unknown_is_made_again_once_the_set_is_back(
+        failure: str) -> None:
+    """A write that timed out may have landed, and one refused while the node's
+    registration was lost is what its next registration holds: when the set
+    then goes back to the last one known written, it is written again, or the
+    registration would name a replica that answers again for ever."""
+    links = {"b": FakeLink(owed=9.0)}
+    registration: list[tuple[str, ...]] = [()]
+    written: list[tuple[str, ...]] = []
+    first = True
+
+    async def publish(stalled: tuple[str, ...]) -> bool:
+        nonlocal first
+        registration[0] = stalled  # (it lands, or the next registration writes it)
+        if first:
+            first = False
+            if failure == "timeout":
+                raise TimeoutError()
+            return False
+        written.append(stalled)
+        return True
+
+    stalls = Stalls(lambda: links, lambda: {"b": "b1"}, publish, threshold=5.0,
+                    interval=0.01)
+    stalls.start()
+    try:
+        await _until(lambda: not first)
+        links["b"].answered_at = 1e12  # answering again before the write is retried
+        links["b"].owed = 0.0
+        await _until(lambda: bool(written))
+        await asyncio.sleep(0.1)
+    finally:
+        await stalls.close()
+    assert registration == [()]
