@@ -477,15 +477,19 @@ async def test_concurrent_enqueues_and_completes_coalesce_with_their_own_answers
 
 
 async def test_jobs_whose_payloads_fill_more_than_a_message_are_enqueued_and_run(
-        mesh: Mesh) -> None:
+        shared_cluster: LocalMesh, mesh_client: Connect) -> None:
     # 40 jobs of ~1 MB in one queue (one node): 40 MB, more than the 32 MiB a
     # message holds. The batch goes in parts; the node leases only what its
     # answer can carry (before, the answer was refused after its jobs were
-    # leased, and they sat leased until the lease ran out).
+    # leased, and they sat leased until the lease ran out). 40 MB written
+    # durably on two nodes can take longer than the default 5 s on a loaded
+    # machine (a full make test once): the calls get 30.
+    mesh = await mesh_client(cluster=shared_cluster.cluster, timeout=30)
     queue = "big-payloads"
     results = await mesh.scheduler.enqueue_many(
         [NewJob(queue, "size", bytes([i]) * 1_000_000) for i in range(40)])
-    assert all(isinstance(r, EnqueueResult) for r in results)
+    assert all(isinstance(r, EnqueueResult) for r in results), [
+        repr(r)[:300] for r in results if not isinstance(r, EnqueueResult)]
     claimed = await mesh.scheduler.claim(queue, max_jobs=40)
     assert 0 < len(claimed) < 40
     for job in claimed:
