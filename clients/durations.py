@@ -45,9 +45,9 @@ def duration(value: Seconds, field: str) -> duration_pb2.Duration:
         return duration_pb2.Duration(seconds=whole, nanos=nanos)
     secs = seconds(value, field)
     if secs > MAX_DURATION_SECONDS:
-        raise _invalid(field, DURATION_RANGE)
+        raise InvalidArgumentError.of_field(field, DURATION_RANGE)
     if secs < -MAX_DURATION_SECONDS:
-        raise _invalid(field, "must not be negative")
+        raise InvalidArgumentError.of_field(field, "must not be negative")
     d = duration_pb2.Duration()
     d.FromNanoseconds(_nanoseconds(value, secs))
     return d
@@ -60,7 +60,7 @@ def timestamp(value: float, field: str) -> timestamp_pb2.Timestamp:
         raise TypeError(f"{field}: Unix seconds, not {type(value).__name__}")
     secs = seconds(value, field)
     if not 0 <= secs < MAX_TIMESTAMP_SECONDS:
-        raise _invalid(field, TIMESTAMP_RANGE)
+        raise InvalidArgumentError.of_field(field, TIMESTAMP_RANGE)
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(_nanoseconds(value, secs))
     return ts
@@ -76,7 +76,7 @@ def seconds(value: Seconds, field: str) -> float:
         raise TypeError(f"{field}: a number of seconds or a timedelta, "
                         f"not {type(value).__name__}")
     if not math.isfinite(value):
-        raise _invalid(field, "must be a finite number of seconds")
+        raise InvalidArgumentError.of_field(field, "must be a finite number of seconds")
     return float(value)
 
 
@@ -90,7 +90,3 @@ def _nanoseconds(value: Seconds, secs: float) -> int:
     # nearest 256 ns.
     whole = math.floor(secs)
     return whole * 1_000_000_000 + round((secs - whole) * 1e9)
-
-
-def _invalid(field: str, why: str) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{field}: {why}", field_violations={field: why})

@@ -82,6 +82,11 @@ class InvalidArgumentError(MeshError):
         super().__init__(message, code=code, reason=reason, metadata=metadata)
         self.field_violations: dict[str, str] = dict(field_violations or {})
 
+    @classmethod
+    def of_field(cls, field: str, why: str) -> InvalidArgumentError:
+        """``field: why``, naming ``field`` as a node names it."""
+        return cls(f"{field}: {why}", field_violations={field: why})
+
 
 class ConflictError(MeshError):
     """A conditional write did not apply: read the current state and decide again."""

@@ -228,9 +228,7 @@ class LockClient:
         if wait is not None:
             wait = seconds(wait, "wait_timeout")
             if wait < 0:
-                raise InvalidArgumentError(
-                    "wait_timeout: must not be negative",
-                    field_violations={"wait_timeout": "must not be negative"})
+                raise InvalidArgumentError.of_field("wait_timeout", "must not be negative")
         if ttl is not None:
             ttl = seconds(ttl, "ttl")
         budget = self._mesh.timeout if timeout is None else timeout

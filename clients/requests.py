@@ -74,7 +74,7 @@ def _refusal(cls: type[Message], fields: dict[str, Any]) -> Exception | None:
                 return None
             span = _RANGES.get(field.type)
             why = f"must be from {span[0]} to {span[1]}" if span else "is not a value it takes"
-            return InvalidArgumentError(f"{name}: {why}", field_violations={name: why})
+            return InvalidArgumentError.of_field(name, why)
         except TypeError:
             field = _field(cls, name)
             if field is None:

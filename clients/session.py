@@ -93,7 +93,8 @@ class _Stream:
         self.queued = asyncio.Event()
         self.pending: dict[int, asyncio.Future[session_pb2.OpenResponse]] = {}
         self.reader: asyncio.Task[None] | None = None
-        """Reads the answers."""
+        """Reads the answers (held here: the loop keeps only weak references to
+        tasks, and the session keeps its open streams)."""
 
     def send(self, message: session_pb2.OpenRequest | None) -> None:
         """Queue ``message``; None closes the client's side after what is queued."""
@@ -124,8 +125,7 @@ class Session:
         self._stream: _Stream | None = None
         """The stream new calls go on."""
         self._streams: set[_Stream] = set()
-        """Every stream still open, the ones the node is closing too (the loop
-        keeps only weak references to their readers)."""
+        """Every stream still open, the ones the node is closing too."""
         self.unsupported = False
         self.closed = False
 
